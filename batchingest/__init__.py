@@ -1,0 +1,8 @@
+"""batchingest: a filesystem-backed batch ingest service."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("batchingest")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0"
