@@ -21,6 +21,8 @@ def _setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # watchfiles reports every batch of changes at INFO; that is our business, not the log's
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -74,7 +76,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_serve_arguments(p_serve)
     p_serve.set_defaults(func=cmd_serve)
     p_status = sub.add_parser("status", help="jobs per state in a jobs root")
-    p_status.add_argument("--root", type=Path, default=None, help="the jobs root [BATCHINGEST_ROOT]")
+    p_status.add_argument(
+        "--root", type=Path, default=None, help="the jobs root [BATCHINGEST_ROOT]"
+    )
     p_status.set_defaults(func=cmd_status)
     args = parser.parse_args(argv)
     return int(args.func(args))

@@ -7,6 +7,7 @@ nothing to do and nothing done, means the default task list `["start"]`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -106,10 +107,8 @@ def write_atomic(path: Path, content: bytes, *, durable: bool = True) -> None:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise
     if durable:
         dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)

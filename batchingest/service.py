@@ -71,8 +71,9 @@ async def serve(cfg: Config) -> None:
         sock = bind(cfg.host, cfg.port)
         app = create_app(cfg, store)
         server = _Server(
-            uvicorn.Config(app, log_config=None, access_log=False, lifespan="off",
-                           timeout_graceful_shutdown=5)  # fmt: skip
+            uvicorn.Config(
+                app, log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=5
+            )
         )
         runners.append(asyncio.create_task(server.serve(sockets=[sock]), name="api"))
         log.info("HTTP API on http://%s:%d", cfg.host, cfg.port)

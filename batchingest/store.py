@@ -23,6 +23,7 @@ machines sharing one root (a dead client's locks expire with its NFS lease).
 
 from __future__ import annotations
 
+import builtins
 import ctypes
 import errno
 import fcntl
@@ -40,8 +41,13 @@ log = logging.getLogger("batchingest.store")
 STATES = ("data", "queue", "processing", "success", "error")
 FINAL_STATES = ("success", "error")
 # The API and JOB listings speak of statuses; only data/ differs from its folder name.
-STATUS_OF_STATE = {"data": "ready", "queue": "queue", "processing": "processing",
-                   "success": "success", "error": "error"}  # fmt: skip
+STATUS_OF_STATE = {
+    "data": "ready",
+    "queue": "queue",
+    "processing": "processing",
+    "success": "success",
+    "error": "error",
+}
 STATE_OF_STATUS = {v: k for k, v in STATUS_OF_STATE.items()}
 
 LOCK_FILE = ".lock"
@@ -123,8 +129,7 @@ def rename_noreplace(src: Path, dst: Path) -> None:
     check then rename, which is only racy against another writer of the same name.
     """
     if _renameat2 is not None:
-        rc = _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst),
-                        _RENAME_NOREPLACE)  # fmt: skip
+        rc = _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE)
         if rc == 0:
             return
         err = ctypes.get_errno()
@@ -241,7 +246,7 @@ class Store:
         jobs.sort(key=lambda j: (j.name, STATES.index(j.state)))
         return jobs
 
-    def queued(self) -> list[str]:
+    def queued(self) -> builtins.list[str]:
         """Names of jobs in queue/, oldest first (folder mtime, then name).
 
         Anything in queue/ that is not a job (a stray file, a bad name) is logged once
@@ -361,13 +366,13 @@ class Store:
         finally:
             hold.release()
 
-    def recover(self) -> list[str]:
+    def recover(self) -> builtins.list[str]:
         """Return jobs in processing/ that no live process holds to queue/.
 
         A job is only taken back while its lock is ours, so a job run by a live processor
         (here or on another machine), or still held by an orphaned task, is left alone.
         """
-        recovered: list[str] = []
+        recovered: builtins.list[str] = []
         for entry in self._entries("processing"):
             if not valid_name(entry.name):
                 continue

@@ -1,0 +1,265 @@
+"""The processor: watch queue/, claim jobs, run their task lists, finish them.
+
+Coordination happens on the event loop (waking on file-system events or the poll
+timer, handing names to workers); each job runs in a worker thread, since a job is
+mostly waiting on a child process and a few small synchronous file operations.
+
+Safety rests on the store: a claim is a rename guarded by the job's lock, so any number
+of processors, on one machine or several, can share a root and each job runs once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+
+import watchfiles
+
+from batchingest import jobfile
+from batchingest.config import Config
+from batchingest.runner import LOG_FILE, TaskProcess, base_env, log_line, run_task
+from batchingest.store import Hold, Store
+
+log = logging.getLogger("batchingest.processor")
+
+
+class Processor:
+    def __init__(self, cfg: Config, store: Store) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.env = base_env(cfg.task_env())
+        self._pool = ThreadPoolExecutor(cfg.workers, thread_name_prefix="batchingest-worker")
+        self._pending: deque[str] = deque()
+        self._in_flight: set[str] = set()
+        # names we could not claim though they sit in queue/ (held by an orphaned task,
+        # say): not retried before the given monotonic time, so we never spin on them
+        self._backoff: dict[str, float] = {}
+        self._rescan = True
+        self._wake = asyncio.Event()
+        self._scan_lock = asyncio.Lock()
+        self._stopping = threading.Event()
+        self._running: dict[str, TaskProcess] = {}
+        self._running_lock = threading.Lock()
+
+    # -- the loop ---------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        recovered = await asyncio.to_thread(self.store.recover)
+        if recovered:
+            log.info("recovered %d job(s) left in processing/", len(recovered))
+        helpers = [
+            asyncio.create_task(self._watch(stop), name="watch-queue"),
+            asyncio.create_task(self._tick(stop), name="poll-queue"),
+        ]
+        workers = [asyncio.create_task(self._worker(stop)) for _ in range(self.cfg.workers)]
+        log.info(
+            "processor running with %d worker(s), tasks in %s", self.cfg.workers, self.cfg.tasks_dir
+        )
+        await stop.wait()
+        self._stopping.set()
+        self._wake.set()
+        _, unfinished = await asyncio.wait(workers, timeout=self.cfg.grace or None)
+        if unfinished:
+            with self._running_lock:
+                running = list(self._running.items())
+            for name, process in running:
+                log.warning("stopping task of %s: grace of %gs is over", name, self.cfg.grace)
+                process.stop(interrupted=True)
+            await asyncio.wait(workers)
+        for task in helpers:
+            task.cancel()
+        await asyncio.gather(*helpers, return_exceptions=True)
+        self._pool.shutdown(wait=True)
+
+    async def _watch(self, stop: asyncio.Event) -> None:
+        """Wake the workers when something arrives in queue/ (inotify, or polling)."""
+        queue_dir = self.store.state_dir("queue")
+
+        def arrivals(change: watchfiles.Change, path: str) -> bool:
+            return change != watchfiles.Change.deleted
+
+        while not stop.is_set():
+            try:
+                async for _ in watchfiles.awatch(
+                    queue_dir,
+                    watch_filter=arrivals,
+                    recursive=False,
+                    debounce=200,
+                    step=1,
+                    stop_event=stop,
+                    force_polling=self.cfg.force_polling or None,
+                    poll_delay_ms=max(50, int(self.cfg.poll_interval * 1000)),
+                ):
+                    self._rescan = True
+                    self._wake.set()
+            except Exception as e:  # the poll timer still covers us
+                log.warning("watching %s failed (%s); relying on polling", queue_dir, e)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 10)
+
+    async def _tick(self, stop: asyncio.Event) -> None:
+        """Rescan on a timer (events can be missed, NFS has none) and recover dead holders."""
+        while not stop.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.cfg.poll_interval)
+            if stop.is_set():
+                return
+            try:
+                await asyncio.to_thread(self.store.recover)
+            except OSError as e:
+                log.warning("recovery scan failed: %s", e)
+            self._rescan = True
+            self._wake.set()
+
+    async def _next(self) -> str | None:
+        while not self._stopping.is_set():
+            while self._pending:
+                name = self._pending.popleft()
+                if name not in self._in_flight:
+                    self._in_flight.add(name)
+                    return name
+            if self._rescan:
+                async with self._scan_lock:
+                    if self._rescan and not self._pending:
+                        self._rescan = False
+                        names = await asyncio.to_thread(self.store.queued)
+                        now = time.monotonic()
+                        fresh = [
+                            n
+                            for n in names
+                            if n not in self._in_flight and self._backoff.get(n, 0) <= now
+                        ]
+                        self._pending.extend(fresh)
+                        # more may arrive while we work through these: look again after
+                        self._rescan = bool(fresh)
+                continue
+            self._wake.clear()
+            await self._wake.wait()
+        return None
+
+    async def _worker(self, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._stopping.is_set():
+            name = await self._next()
+            if name is None:
+                return
+            try:
+                claimed = await loop.run_in_executor(self._pool, self.process, name)
+            except Exception:
+                log.exception("processing %s failed", name)
+                claimed = True
+            finally:
+                self._in_flight.discard(name)
+            if claimed:
+                self._backoff.pop(name, None)
+            elif (self.store.state_dir("queue") / name).is_dir():
+                self._backoff[name] = time.monotonic() + self.cfg.poll_interval
+
+    # -- one job (worker thread) ----------------------------------------------------
+
+    def process(self, name: str) -> bool:
+        """Claim and run one queued job; False if it was not ours to take."""
+        if self._stopping.is_set():
+            return False
+        hold = self.store.claim(name)
+        if hold is None:
+            return False
+        t0 = time.monotonic()
+        log.info("job %s picked up", name)
+        state = "error"
+        try:
+            state = self._run_job(hold)
+        except Exception as e:
+            log.exception("job %s: internal error", name)
+            with contextlib.suppress(OSError):
+                self._log(hold, f"internal error, job stopped: {e}")
+        finally:
+            job = self.store.finish(hold, state)
+        log.info(
+            "job %s finished: %s in %.3fs%s",
+            name,
+            job.status,
+            time.monotonic() - t0,
+            f" (as {job.name})" if job.name != name else "",
+        )
+        return True
+
+    def _log(self, hold: Hold, text: str) -> None:
+        fd = os.open(
+            hold.path / LOG_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644
+        )
+        try:
+            log_line(fd, text)
+        finally:
+            os.close(fd)
+
+    def _run_job(self, hold: Hold) -> str:
+        """Run the job's remaining tasks; return the state it should go to."""
+        path = hold.path
+        log_fd = os.open(
+            path / LOG_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644
+        )
+        try:
+            try:
+                job = jobfile.load(path)
+            except jobfile.JobFileError as e:
+                log_line(
+                    log_fd,
+                    f"cannot run this job: {e}. JOB was left as it is; fix it "
+                    "and queue the job again.",
+                )
+                log.warning("job %s: %s", hold.name, e)
+                return "error"
+            while job.todo:
+                if self._stopping.is_set():
+                    log_line(
+                        log_fd, f"service stopping: job goes back to queue/ at task {job.todo[0]}"
+                    )
+                    return "queue"
+                task = job.todo[0]
+                process = TaskProcess()
+                with self._running_lock:
+                    self._running[hold.name] = process
+                try:
+                    result = run_task(
+                        task,
+                        job_dir=path,
+                        job_name=hold.name,
+                        tasks_dir=self.cfg.tasks_dir,
+                        env=self.env,
+                        log_fd=log_fd,
+                        hold_fd=hold.fd,
+                        timeout=self.cfg.task_timeout,
+                        process=process,
+                    )
+                finally:
+                    with self._running_lock:
+                        self._running.pop(hold.name, None)
+                if result.interrupted:
+                    log_line(log_fd, f"service stopping: job goes back to queue/ at task {task}")
+                    return "queue"
+                entry: dict[str, object] = {
+                    "Name": task,
+                    "Start": result.start,
+                    "Finish": result.finish,
+                    "Status": "ok" if result.ok else "error",
+                }
+                if not result.ok:
+                    entry["ExitCode"] = result.exit_code
+                    entry["Reason"] = result.reason
+                job.finished.append(entry)
+                if result.ok:
+                    job.todo.pop(0)
+                    job.todo.extend(result.added)
+                jobfile.save(path, job)
+                if not result.ok:
+                    return "error"
+            return "success"
+        finally:
+            os.close(log_fd)

@@ -1,0 +1,253 @@
+"""Running one task of a job: resolve it, start it, wait, read its control file.
+
+The task interface is the original service's, kept exactly because existing task
+scripts rely on it: the working directory is the job folder; the environment is the
+service's plus JOBPATH, JOBNAME and JOBCONTROL (a fresh empty file); stdout and stderr
+are appended to the job's LOG; exit status 0 means success. After a successful task,
+each non-blank line of JOBCONTROL must be `addtask:NAME`.
+
+A task runs in its own process group, so a timeout or a stop can kill everything it
+started. It also dies with the service (PR_SET_PDEATHSIG), and it inherits the job's
+lock: anything it leaves behind keeps the job held until it exits, so a re-run never
+starts beside an orphan.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from batchingest.config import SECRET_ENV
+from batchingest.jobfile import now_rfc3339
+from batchingest.store import valid_name
+from batchingest.tasks import BUILTIN
+
+CONTROL_FILE = ".jobcontrol"
+LOG_FILE = "LOG"
+# Seconds a task gets between SIGTERM and SIGKILL when it is stopped.
+KILL_AFTER = 5.0
+
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def base_env(extra: Mapping[str, str]) -> dict[str, str]:
+    """The service's environment without its secrets, plus settings for built-in tasks."""
+    env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
+    env.update(extra)
+    return env
+
+
+class UnknownTask(Exception):
+    pass
+
+
+def resolve(task: str, tasks_dir: Path) -> list[str]:
+    """The command for a task name: TASKS/NAME, else a built-in, else UnknownTask."""
+    if not valid_name(task):
+        raise UnknownTask(f"invalid task name {task!r}")
+    path = tasks_dir / task
+    if path.is_file():
+        if not os.access(path, os.X_OK):
+            raise UnknownTask(f"task {task} ({path}) is not executable")
+        return [str(path)]
+    module = BUILTIN.get(task)
+    if module is not None:
+        return [sys.executable, "-m", f"batchingest.tasks.{module}"]
+    raise UnknownTask(f"unknown task {task}")
+
+
+@dataclass
+class TaskResult:
+    task: str
+    start: str
+    finish: str
+    ok: bool
+    exit_code: int | None = None
+    reason: str = ""
+    added: list[str] = field(default_factory=list)
+    # stopped because the service is stopping: not the task's fault, not recorded as done
+    interrupted: bool = False
+    seconds: float = 0.0
+
+
+def log_line(log_fd: int, text: str) -> None:
+    """Append one timestamped line from the service to a job's LOG."""
+    os.write(log_fd, f"{now_rfc3339()} batchingest: {text}\n".encode(errors="replace"))
+
+
+class TaskProcess:
+    """One running task; `stop()` may be called from another thread."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.interrupted = False
+        self.timed_out = False
+        self._lock = threading.Lock()
+        self._killer: threading.Timer | None = None
+
+    def _signal_group(self, sig: int) -> None:
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, sig)
+
+    def stop(self, *, interrupted: bool = False, timed_out: bool = False) -> None:
+        """SIGTERM the task's process group, SIGKILL it KILL_AFTER seconds later."""
+        with self._lock:
+            self.interrupted |= interrupted
+            self.timed_out |= timed_out
+            if self.proc is None or self.proc.returncode is not None:
+                return
+            self._signal_group(signal.SIGTERM)
+            if self._killer is None:
+                self._killer = threading.Timer(KILL_AFTER, self._signal_group, (signal.SIGKILL,))
+                self._killer.daemon = True
+                self._killer.start()
+
+    def run(
+        self,
+        argv: list[str],
+        *,
+        job_dir: Path,
+        job_name: str,
+        env: Mapping[str, str],
+        log_fd: int,
+        hold_fd: int,
+        timeout: float | None,
+    ) -> int:
+        control = job_dir / CONTROL_FILE
+        control.write_bytes(b"")
+        child_env = dict(env)
+        child_env.update(JOBPATH=str(job_dir), JOBNAME=job_name, JOBCONTROL=str(control))
+        with self._lock:
+            if self.interrupted:
+                return -signal.SIGTERM
+            self.proc = subprocess.Popen(
+                argv,
+                cwd=job_dir,
+                env=child_env,
+                stdin=subprocess.DEVNULL,
+                stdout=log_fd,
+                stderr=log_fd,
+                pass_fds=(hold_fd,),
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+        timer = None
+        if timeout:
+            timer = threading.Timer(timeout, lambda: self.stop(timed_out=True))
+            timer.daemon = True
+            timer.start()
+        try:
+            code = self.proc.wait()
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if self._killer is not None:
+                self._killer.cancel()
+            # whatever the task left running in its group goes with it
+            self._signal_group(signal.SIGKILL)
+        return code
+
+
+def read_control(path: Path) -> tuple[list[str], str]:
+    """Tasks added through the control file, or an error naming the offending line."""
+    added: list[str] = []
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return added, ""
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line:
+            continue
+        verb, sep, arg = line.partition(":")
+        if verb == "addtask" and sep and valid_name(arg.strip()):
+            added.append(arg.strip())
+        else:
+            return added, f"bad control line {number}: {line[:500]!r} (expected addtask:NAME)"
+    return added, ""
+
+
+def run_task(
+    task: str,
+    *,
+    job_dir: Path,
+    job_name: str,
+    tasks_dir: Path,
+    env: Mapping[str, str],
+    log_fd: int,
+    hold_fd: int,
+    timeout: float | None,
+    process: TaskProcess,
+) -> TaskResult:
+    """Run one task of a job to the end and say how it went; LOG gets marker lines."""
+    start, t0 = now_rfc3339(), time.monotonic()
+    log_line(log_fd, f"---- task {task}: begin ----")
+    code: int | None = None
+    added: list[str] = []
+    reason = ""
+    try:
+        argv = resolve(task, tasks_dir)
+    except UnknownTask as e:
+        reason = str(e)
+    else:
+        try:
+            code = process.run(
+                argv,
+                job_dir=job_dir,
+                job_name=job_name,
+                env=env,
+                log_fd=log_fd,
+                hold_fd=hold_fd,
+                timeout=timeout,
+            )
+        except OSError as e:
+            reason = f"cannot start task {task}: {e.strerror or e}"
+        else:
+            if process.interrupted:
+                reason = "stopped because the service is stopping"
+            elif process.timed_out:
+                reason = f"timed out after {timeout:g} s"
+            elif code < 0:
+                reason = f"killed by signal {signal.Signals(-code).name}"
+            elif code != 0:
+                reason = f"exit status {code}"
+            else:
+                added, reason = read_control(job_dir / CONTROL_FILE)
+    with contextlib.suppress(FileNotFoundError):
+        (job_dir / CONTROL_FILE).unlink()
+    seconds = time.monotonic() - t0
+    result = TaskResult(
+        task,
+        start,
+        now_rfc3339(),
+        ok=not reason,
+        exit_code=code,
+        reason=reason,
+        added=added,
+        interrupted=process.interrupted,
+        seconds=seconds,
+    )
+    if result.ok:
+        more = f", added {', '.join(added)}" if added else ""
+        log_line(log_fd, f"---- task {task}: ok{more} ({seconds:.3f} s) ----")
+    elif result.interrupted:
+        log_line(log_fd, f"---- task {task}: interrupted, {reason} ({seconds:.3f} s) ----")
+    else:
+        log_line(log_fd, f"---- task {task}: error, {reason} ({seconds:.3f} s) ----")
+    return result
