@@ -1,0 +1,34 @@
+# Sourced by scripts/*: make .venv with Python 3.11+ and install the project into it.
+# Usage: ensure_venv [extras]   e.g. ensure_venv test
+set -euo pipefail
+
+find_python() {
+    for py in "${PYTHON:-}" python3.13 python3.12 python3.11 python3; do
+        [ -n "$py" ] || continue
+        if command -v "$py" >/dev/null 2>&1 &&
+            "$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+            echo "$py"
+            return 0
+        fi
+    done
+    echo "batchingest needs Python 3.11 or newer (set PYTHON=/path/to/python3.11)" >&2
+    return 1
+}
+
+ensure_venv() {
+    local extras="${1:-}"
+    local spec="."
+    [ -n "$extras" ] && spec=".[$extras]"
+    if [ ! -x .venv/bin/python ]; then
+        "$(find_python)" -m venv .venv
+    fi
+    # reinstall only when pyproject.toml or the wanted extras change
+    local stamp=".venv/.installed-${extras:-base}"
+    local want
+    want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+    if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+        .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip >&2 || true
+        .venv/bin/python -m pip install --quiet --disable-pip-version-check -e "$spec" >&2
+        echo "$want" >"$stamp"
+    fi
+}

@@ -1,0 +1,139 @@
+"""Processor benchmarks: pickup latency and job throughput.
+
+Pickup latency: from the rename into queue/ to the first instruction of the job's first
+task (bash's $EPOCHREALTIME, no fork). Throughput: 500 queued jobs, each running `true`,
+for --workers 1, 2 and 4, next to the same number of bare fork+exec of `true` from one
+Python loop in the same run (the floor a processor cannot beat).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RUNS = int(os.environ.get("BENCH_RUNS", "3"))
+JOBS = 500
+LATENCY_SAMPLES = 60
+
+
+def start_service(root: Path, *args: str) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "batchingest.cli", "serve", "--root", str(root), "--no-api",
+         "--log-level", "warning", *args],
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(1.0)  # started and idle
+    return proc
+
+
+def stop_service(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    proc.wait(30)
+
+
+def fresh_root(base: Path) -> Path:
+    root = Path(tempfile.mkdtemp(dir=base))
+    for state in ("data", "queue", "processing", "success", "error", "tasks"):
+        (root / state).mkdir()
+    return root
+
+
+def pickup_latency(base: Path) -> list[float]:
+    root = fresh_root(base)
+    task = root / "tasks" / "start"
+    task.write_text('#!/bin/bash\necho "$EPOCHREALTIME" > "$JOBPATH/t0"\n')
+    task.chmod(0o755)
+    proc = start_service(root)
+    samples = []
+    try:
+        for i in range(LATENCY_SAMPLES):
+            job = root / f".j{i}"
+            job.mkdir()
+            t0 = time.time()
+            os.rename(job, root / "queue" / f"j{i}")
+            done = root / "success" / f"j{i}" / "t0"
+            deadline = time.monotonic() + 10
+            while not done.exists() and time.monotonic() < deadline:
+                time.sleep(0.002)
+            samples.append(float(done.read_text()) - t0)
+            time.sleep(0.05)  # idle between jobs
+    finally:
+        stop_service(proc)
+        shutil.rmtree(root, ignore_errors=True)
+    return samples
+
+
+def throughput(base: Path, workers: int) -> float:
+    root = fresh_root(base)
+    os.symlink(shutil.which("true") or "/bin/true", root / "tasks" / "true")
+    for i in range(JOBS):
+        job = root / f".j{i:04d}"
+        job.mkdir()
+        (job / "JOB").write_text('{"Todo": ["true"]}')
+    proc = start_service(root, "--workers", str(workers))
+    try:
+        t0 = time.monotonic()
+        for i in range(JOBS):
+            os.rename(root / f".j{i:04d}", root / "queue" / f"j{i:04d}")
+        success = root / "success"
+        while len(os.listdir(success)) < JOBS:
+            time.sleep(0.005)
+        elapsed = time.monotonic() - t0
+    finally:
+        stop_service(proc)
+        shutil.rmtree(root, ignore_errors=True)
+    return JOBS / elapsed
+
+
+def fork_exec_floor() -> float:
+    true = shutil.which("true") or "/bin/true"
+    t0 = time.monotonic()
+    for _ in range(JOBS):
+        subprocess.run([true], check=True)
+    return JOBS / (time.monotonic() - t0)
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+def main() -> None:
+    base = Path(tempfile.mkdtemp(prefix="batchingest-bench-"))
+    try:
+        lat_runs = [pickup_latency(base) for _ in range(RUNS)]
+        p50 = statistics.median(pct(s, 0.5) for s in lat_runs) * 1000
+        p99 = statistics.median(pct(s, 0.99) for s in lat_runs) * 1000
+        lo = min(min(s) for s in lat_runs) * 1000
+        hi = max(max(s) for s in lat_runs) * 1000
+        print("## Processor")
+        print()
+        print(f"{RUNS} runs, medians; {os.cpu_count()} cores")
+        print()
+        print("| measure | batchingest | compared with | target |")
+        print("|---|---|---|---|")
+        print(f"| pickup latency p50 | {p50:.1f} ms | Go service (5 s poll): 2,300 ms | <= 20 ms |")
+        print(f"| pickup latency p99 | {p99:.1f} ms (range {lo:.1f}-{hi:.1f}) "
+              "| Go service: 600-4,900 ms | <= 100 ms |")
+        for workers in (1, 2, 4):
+            rates, floors = [], []
+            for _ in range(RUNS):
+                floors.append(fork_exec_floor())
+                rates.append(throughput(base, workers))
+            rate, floor = statistics.median(rates), statistics.median(floors)
+            target = ">= 300 jobs/s and >= 50% of floor" if workers == 2 else ""
+            print(f"| throughput, --workers {workers} | {rate:.0f} jobs/s "
+                  f"({100 * rate / floor:.0f}% of floor) | fork+exec floor {floor:.0f}/s; "
+                  f"Go: 555/s | {target} |")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
