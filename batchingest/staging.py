@@ -1,0 +1,402 @@
+"""DTS staging: file ids, the manifest and progress files of a staging job, its status.
+
+A staging request is an ordinary job named by a UUID whose JOB is `{"Todo": ["stage"]}`.
+Two files in the job folder carry the staging-specific state:
+
+- `MANIFEST.json` (written once by the API): the files to stage, each an id, its path
+  relative to the archive (the staged copy lands at the same relative path under the
+  staging area) and its size when requested.
+- `PROGRESS.json` (rewritten atomically by the stage task, at most every half second and
+  at the end): files and bytes staged so far and, after a failure, the error message.
+  The status endpoint reads only this small file, so polling stays cheap however large
+  the request.
+
+Both are plain files an operator can read with `cat`. The archive and staging roots are
+never taken from the manifest: the stage task uses its own settings and re-checks every
+path, so a hand-made manifest cannot read or write outside the two areas.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import stat
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from batchingest.jobfile import write_atomic
+
+log = logging.getLogger("batchingest.staging")
+
+MANIFEST = "MANIFEST.json"
+PROGRESS = "PROGRESS.json"
+LOG_FILE = "LOG"
+MANIFEST_VERSION = 1
+# Hidden temporary copies in the staging area carry this prefix so a later run can tell
+# them from anything else and remove the leftovers of a killed copy.
+TEMP_PREFIX = ".batchingest-stage-"
+TEMP_SUFFIX = ".tmp"
+MAX_PATH = 4096
+MAX_COMPONENT = 255
+
+
+class StagingError(Exception):
+    """Staging cannot be carried out as asked (bad manifest, unreadable catalog...)."""
+
+
+class InvalidPath(ValueError):
+    """A relative path that breaks the path rules."""
+
+
+def check_relpath(rel: str) -> str:
+    """Validate an archive-relative path and return it unchanged.
+
+    The rules are those of paths inside a job: relative, '/'-separated, no empty, '.'
+    or '..' component, no hidden component (hidden names are the service's own, e.g.
+    temporary copies), no backslash, no control characters, valid UTF-8, at most 4096
+    bytes and 255 bytes per component. A path passing them cannot climb out of the folder it is
+    joined to (symbolic links are checked separately, when resolving).
+    """
+    if not isinstance(rel, str) or not rel:
+        raise InvalidPath("empty path")
+    try:
+        raw = rel.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidPath("not valid UTF-8") from None
+    if len(raw) > MAX_PATH:
+        raise InvalidPath(f"longer than {MAX_PATH} bytes")
+    if any(ord(c) < 0x20 or c == "\x7f" for c in rel):
+        raise InvalidPath("contains a control character")
+    if "\\" in rel:
+        raise InvalidPath("contains a backslash")
+    if rel.startswith("/"):
+        raise InvalidPath("absolute path")
+    for part in rel.split("/"):
+        if part == "":
+            raise InvalidPath("empty path component")
+        if part in (".", ".."):
+            raise InvalidPath(f"'{part}' path component")
+        if part.startswith("."):
+            raise InvalidPath("hidden path component")
+        if len(part.encode("utf-8")) > MAX_COMPONENT:
+            raise InvalidPath(f"path component longer than {MAX_COMPONENT} bytes")
+    return rel
+
+
+def is_within(path: str, root: str) -> bool:
+    """True if the real path `path` is inside the real folder `root` (not root itself)."""
+    return path.startswith(root.rstrip("/") + "/")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One file of a staging request."""
+
+    id: str
+    path: str  # relative to the archive and to the staging area
+    size: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "path": self.path, "size": self.size}
+
+
+class RealDirs:
+    """Real paths of folders under one root, cached, with the "inside the root" check.
+
+    Resolving 10,000 ids in 100 folders then costs about one realpath per folder plus
+    one lstat per file.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = os.path.realpath(root)
+        self._cache: dict[str, str | None] = {}
+
+    def real_dir(self, rel_dir: str) -> str | None:
+        """The real path of root/rel_dir if it stays inside the root, else None."""
+        if rel_dir == "":
+            return self.root
+        if rel_dir not in self._cache:
+            real = os.path.realpath(os.path.join(self.root, rel_dir))
+            self._cache[rel_dir] = real if is_within(real, self.root) else None
+        return self._cache[rel_dir]
+
+    def forget(self, rel_dir: str) -> None:
+        self._cache.pop(rel_dir, None)
+
+    def real_file(self, rel: str) -> str | None:
+        """The real path of root/rel if it stays inside the root (it may not exist)."""
+        parent, name = os.path.split(rel)
+        real_parent = self.real_dir(parent)
+        if real_parent is None:
+            return None
+        path = os.path.join(real_parent, name)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return path
+        if stat.S_ISLNK(st.st_mode):
+            real = os.path.realpath(path)
+            return real if is_within(real, self.root) else None
+        return path
+
+
+def stat_source(dirs: RealDirs, rel: str) -> os.stat_result | None:
+    """The stat of the archive file at rel, or None if it is not a regular file inside."""
+    real = dirs.real_file(rel)
+    if real is None:
+        return None
+    try:
+        st = os.stat(real)
+    except OSError:
+        return None
+    return st if stat.S_ISREG(st.st_mode) else None
+
+
+class Catalog:
+    """A tab-separated `id<TAB>relative/path` file, reloaded when it changes on disk.
+
+    Blank lines and lines starting with '#' are skipped; so are lines whose path breaks
+    the path rules (logged once per load). A later line for the same id wins.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._signature: tuple[int, int, int] | None = None
+        self._ids: dict[str, str] = {}
+
+    def ids(self) -> dict[str, str]:
+        """The current id -> path map; raises StagingError if the file cannot be read."""
+        with self._lock:
+            try:
+                st = os.stat(self.path)
+            except OSError as e:
+                raise StagingError(f"catalog {self.path} cannot be read: {e.strerror}") from e
+            signature = (st.st_mtime_ns, st.st_size, st.st_ino)
+            if signature != self._signature:
+                try:
+                    raw = self.path.read_bytes()
+                except OSError as e:
+                    raise StagingError(f"catalog {self.path} cannot be read: {e.strerror}") from e
+                self._ids = parse_catalog(raw, str(self.path))
+                self._signature = signature
+                log.info("catalog %s loaded: %d ids", self.path, len(self._ids))
+            return self._ids
+
+
+def parse_catalog(raw: bytes, where: str = "catalog") -> dict[str, str]:
+    ids: dict[str, str] = {}
+    bad = 0
+    first_bad = ""
+    for number, line in enumerate(raw.decode("utf-8", "replace").splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        file_id, tab, rel = line.partition("\t")
+        try:
+            if not tab or not file_id:
+                raise InvalidPath("not id<TAB>path")
+            ids[file_id] = check_relpath(rel)
+        except InvalidPath as e:
+            bad += 1
+            first_bad = first_bad or f"line {number}: {e}"
+    if bad:
+        log.warning("%s: skipped %d bad lines (first: %s)", where, bad, first_bad)
+    return ids
+
+
+class Resolver:
+    """Turns request ids into manifest entries: archive-relative paths or catalog ids."""
+
+    def __init__(self, archive: Path, catalog: Path | None = None) -> None:
+        self.archive = archive
+        self.catalog = Catalog(catalog) if catalog is not None else None
+
+    def resolve(self, ids: Iterable[str]) -> tuple[list[Entry], list[str], list[str]]:
+        """Return (entries, invalid, unresolved).
+
+        `invalid` are ids that can never be paths (in path mode: absolute, '..', hidden...);
+        `unresolved` are ids naming no regular file inside the archive. Duplicate ids,
+        and ids naming the same file, give one entry.
+        """
+        mapping = self.catalog.ids() if self.catalog is not None else None
+        dirs = RealDirs(self.archive)  # fresh per request: the archive may change
+        entries: list[Entry] = []
+        invalid: list[str] = []
+        unresolved: list[str] = []
+        seen_ids: set[str] = set()
+        seen_paths: set[str] = set()
+        for file_id in ids:
+            if file_id in seen_ids:
+                continue
+            seen_ids.add(file_id)
+            if mapping is None:
+                try:
+                    rel = check_relpath(file_id)
+                except InvalidPath:
+                    invalid.append(file_id)
+                    continue
+            else:
+                found = mapping.get(file_id)
+                if found is None:
+                    unresolved.append(file_id)
+                    continue
+                rel = found
+            st = stat_source(dirs, rel)
+            if st is None:
+                unresolved.append(file_id)
+                continue
+            if rel in seen_paths:
+                continue
+            seen_paths.add(rel)
+            entries.append(Entry(file_id, rel, st.st_size))
+        return entries, invalid, unresolved
+
+
+# -- manifest and progress -------------------------------------------------------------
+
+
+def manifest_bytes(entries: list[Entry], archive: Path, staging: Path, request: str) -> bytes:
+    """The manifest, one file per line so that it stays readable and diffable."""
+    head = {
+        "version": MANIFEST_VERSION,
+        "request_id": request,
+        "archive": str(archive),
+        "staging": str(staging),
+        "files_total": len(entries),
+        "bytes_total": sum(e.size for e in entries),
+    }
+    lines = [json.dumps(e.to_json(), ensure_ascii=False) for e in entries]
+    text = json.dumps(head, ensure_ascii=False)[:-1] + ', "files": [\n'
+    text += ",\n".join(lines) + "\n]}\n"
+    return text.encode()
+
+
+def load_manifest(job_dir: Path) -> list[Entry]:
+    """Read and check a job's manifest; StagingError says what is wrong."""
+    try:
+        data = json.loads((job_dir / MANIFEST).read_bytes())
+    except FileNotFoundError:
+        raise StagingError(f"no {MANIFEST} in the job folder") from None
+    except (OSError, ValueError) as e:
+        raise StagingError(f"{MANIFEST} cannot be read: {e}") from None
+    files = data.get("files") if isinstance(data, dict) else None
+    if not isinstance(files, list):
+        raise StagingError(f"{MANIFEST} has no list 'files'")
+    entries: list[Entry] = []
+    for i, item in enumerate(files):
+        if not isinstance(item, dict):
+            raise StagingError(f"{MANIFEST} files[{i}] is not an object")
+        rel, size, file_id = item.get("path"), item.get("size", 0), item.get("id", "")
+        if not isinstance(rel, str) or not isinstance(size, int) or not isinstance(file_id, str):
+            raise StagingError(f"{MANIFEST} files[{i}] needs a string path and integer size")
+        try:
+            check_relpath(rel)
+        except InvalidPath as e:
+            raise StagingError(f"{MANIFEST} files[{i}] path {rel[:300]!r}: {e}") from None
+        entries.append(Entry(file_id, rel, size))
+    return entries
+
+
+@dataclass
+class Progress:
+    files_total: int = 0
+    files_staged: int = 0
+    bytes_total: int = 0
+    bytes_staged: int = 0
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "files_total": self.files_total,
+            "files_staged": self.files_staged,
+            "bytes_total": self.bytes_total,
+            "bytes_staged": self.bytes_staged,
+            "error": self.error,
+        }
+
+
+def write_progress(job_dir: Path, progress: Progress, *, durable: bool = False) -> None:
+    write_atomic(
+        job_dir / PROGRESS, (json.dumps(progress.to_json()) + "\n").encode(), durable=durable
+    )
+
+
+def read_progress(job_dir: Path) -> Progress | None:
+    """The job's progress, or None if there is none or it is unreadable."""
+    try:
+        data = json.loads((job_dir / PROGRESS).read_bytes())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    p = Progress()
+    for name in ("files_total", "files_staged", "bytes_total", "bytes_staged"):
+        value = data.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            setattr(p, name, value)
+    error = data.get("error")
+    p.error = error if isinstance(error, str) else None
+    return p
+
+
+def last_log_line(job_dir: Path, limit: int = 8192) -> str | None:
+    """The last line a task wrote to the job's LOG, reading only its tail.
+
+    The service's own `---- task X: error, exit status 1 ----` markers say less than
+    the task's last words, so they are used only when the task said nothing.
+    """
+    try:
+        with open(job_dir / LOG_FILE, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - limit))
+            tail = f.read()
+    except OSError:
+        return None
+    marker = None
+    for line in reversed(tail.decode("utf-8", "replace").splitlines()):
+        line = line.strip()
+        if not line:
+            continue
+        if " batchingest: ---- " in line:
+            if line.endswith(": begin ----"):
+                break  # the failed task said nothing itself
+            marker = marker or line
+            continue
+        return line[:2000]
+    return marker[:2000] if marker else None
+
+
+# The DTS knows "ready" (done) and keeps polling anything else, so a failure says "failed".
+STATUS_OF_STATE = {
+    "data": "staging",
+    "queue": "staging",
+    "processing": "staging",
+    "success": "ready",
+    "error": "failed",
+}
+
+
+def status(job_dir: Path, state: str) -> dict[str, Any]:
+    """The DTS status document of a staging job in the given state."""
+    progress = read_progress(job_dir) or Progress()
+    result: dict[str, Any] = {"status": STATUS_OF_STATE[state]}
+    if state == "success":
+        # The job finished every task: all files are there, whatever a replacement
+        # stage task wrote (or did not write) as progress.
+        progress.files_staged = progress.files_total
+        progress.bytes_staged = progress.bytes_total
+    result.update(
+        files_total=progress.files_total,
+        files_staged=min(progress.files_staged, progress.files_total),
+        bytes_total=progress.bytes_total,
+        bytes_staged=min(progress.bytes_staged, progress.bytes_total),
+    )
+    if state == "error":
+        result["message"] = (
+            progress.error or last_log_line(job_dir) or "staging failed (no message in the LOG)"
+        )
+    return result

@@ -1,0 +1,493 @@
+"""The built-in `stage` task: copy a staging job's files from the archive to the staging area.
+
+Run as `python -m batchingest.tasks.stage` in the job folder, like any task. Reads
+`MANIFEST.json`, writes `PROGRESS.json`, explains every file on stdout (the job's LOG).
+
+Every copy goes to a hidden temporary file beside its target (`.batchingest-stage-*.tmp`,
+flock-ed while in use) and is renamed into place only once complete and on disk, so the
+staging area never shows a partial file under a real name, even after `kill -9` or a power
+cut. Files already staged (same size and modification time) are not copied again, which
+is also how a re-queued job finishes the rest. Leftover temporary files of a killed copy
+are removed when the task next runs in that folder.
+
+Durability without an fsync per file: small files are copied in batches; a batch's
+temporary files are flushed with one `syncfs` of the staging file system and only then
+renamed. Large files get their own fsync. On file systems without syncfs each temporary
+file is fsync-ed before its rename. A final syncfs makes the renames durable before the
+task reports success.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import hashlib
+import os
+import stat
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from batchingest.staging import (
+    TEMP_PREFIX,
+    TEMP_SUFFIX,
+    Entry,
+    Progress,
+    RealDirs,
+    StagingError,
+    is_within,
+    load_manifest,
+    read_progress,
+    write_progress,
+)
+
+PROGRESS_EVERY = 0.5
+LARGE = 8 << 20  # files this big are flushed on their own
+BATCH_FILES = 256
+BATCH_BYTES = 64 << 20
+CHUNK = 1 << 30
+# A temporary file this old and not locked is a dead copy of some other job.
+STALE_AFTER = 60.0
+# Errors that are about the staging area, not one source file: stop at once.
+TARGET_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_syncfs = getattr(_libc, "syncfs", None)
+
+
+class SourceError(Exception):
+    """One archive file cannot be staged (vanished, unreadable, changed, mismatch)."""
+
+
+class TargetError(Exception):
+    """The staging area cannot take files (full, read-only, outside): stop everything."""
+
+
+def syncfs(path: str) -> bool:
+    """Flush the file system holding path; False if this system has no syncfs."""
+    if _syncfs is None:
+        return False
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if _syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            if err in (errno.ENOSYS, errno.EINVAL):
+                return False
+            raise OSError(err, os.strerror(err), path)
+    finally:
+        os.close(fd)
+    return True
+
+
+def copy_fd(src: int, dst: int, size: int) -> None:
+    """Copy size bytes with the kernel's fast paths: copy_file_range, sendfile, read/write."""
+    done = 0
+    method = "copy_file_range" if hasattr(os, "copy_file_range") else "sendfile"
+    while True:
+        try:
+            if method == "copy_file_range":
+                n = os.copy_file_range(src, dst, max(CHUNK, size - done))
+            elif method == "sendfile":
+                n = os.sendfile(dst, src, None, max(CHUNK, size - done))
+            else:
+                data = os.read(src, 1 << 20)
+                n = len(data)
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(dst, view) :]
+        except OSError as e:
+            if (
+                method != "readwrite"
+                and done == 0
+                and e.errno
+                in (
+                    errno.EXDEV,
+                    errno.ENOSYS,
+                    errno.EINVAL,
+                    errno.EOPNOTSUPP,
+                    errno.ENOTSUP,
+                    errno.EBADF,
+                    errno.EPERM,
+                )
+            ):
+                method = "sendfile" if method == "copy_file_range" else "readwrite"
+                continue
+            raise
+        if n == 0:
+            return
+        done += n
+
+
+def sha256_fd(fd: int) -> str:
+    h = hashlib.sha256()
+    os.lseek(fd, 0, os.SEEK_SET)
+    while chunk := os.read(fd, 1 << 20):
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def temp_name(job: str) -> str:
+    return f"{TEMP_PREFIX}{job}.{uuid.uuid4().hex}{TEMP_SUFFIX}"
+
+
+def remove_leftovers(folder: str, job: str) -> int:
+    """Remove dead temporary copies in folder: ours, or anyone's unlocked and stale."""
+    removed = 0
+    try:
+        it = os.scandir(folder)
+    except OSError:
+        return 0
+    with it:
+        for entry in it:
+            if not (entry.name.startswith(TEMP_PREFIX) and entry.name.endswith(TEMP_SUFFIX)):
+                continue
+            mine = entry.name.startswith(f"{TEMP_PREFIX}{job}.")
+            try:
+                fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                # a live copy holds its lock; the age check covers the instant between
+                # its creation and its lock
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if mine or time.time() - os.fstat(fd).st_mtime > STALE_AFTER:
+                    os.unlink(entry.path)
+                    removed += 1
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+    return removed
+
+
+@dataclass
+class Pending:
+    """A complete temporary copy waiting for the batch's flush before its rename."""
+
+    tmp: str
+    target: str
+    entry: Entry
+
+
+@dataclass
+class Stager:
+    archive: Path
+    staging: Path
+    job: str
+    verify: bool
+    progress: Progress
+    out: list[str] = field(default_factory=list)  # LOG lines not yet written
+    errors: list[str] = field(default_factory=list)
+    abort: threading.Event = field(default_factory=threading.Event)
+    copied: int = 0
+    skipped: int = 0
+
+    def __post_init__(self) -> None:
+        self.lock = threading.Lock()
+        self.sources = RealDirs(self.archive)
+        self.targets = RealDirs(self.staging)
+        # folders known to exist in the staging area (dict updates are atomic under the GIL)
+        self.made: dict[str, str] = {}
+        self.have_syncfs = True
+
+    # -- helpers shared by the worker threads ------------------------------------------
+
+    def say(self, line: str) -> None:
+        with self.lock:
+            self.out.append(line)
+
+    def flush_log(self) -> None:
+        with self.lock:
+            lines, self.out = self.out, []
+        if lines:
+            sys.stdout.write("\n".join(lines) + "\n")
+            sys.stdout.flush()
+
+    def save(self, job_dir: Path) -> None:
+        with self.lock:
+            snapshot = Progress(**vars(self.progress))
+        write_progress(job_dir, snapshot)
+
+    def done(self, entry: Entry, how: str) -> None:
+        with self.lock:
+            self.progress.files_staged += 1
+            self.progress.bytes_staged += entry.size
+            if how == "copied":
+                self.copied += 1
+            else:
+                self.skipped += 1
+            self.out.append(f"{how} {entry.path} ({entry.size} bytes)")
+
+    def fail(self, entry: Entry, reason: str) -> None:
+        with self.lock:
+            self.errors.append(f"{entry.path}: {reason}")
+            self.out.append(f"ERROR {entry.path}: {reason}")
+
+    def target_dir(self, rel: str) -> str:
+        """The real folder the target of rel goes into, created if need be, inside staging."""
+        parent = os.path.dirname(rel)
+        real = self.made.get(parent)
+        if real is not None:
+            return real
+        real = self.targets.real_dir(parent)
+        if real is not None and not os.path.isdir(real):
+            try:
+                os.makedirs(os.path.join(self.targets.root, parent), exist_ok=True)
+            except OSError as e:
+                raise TargetError(f"cannot create staging folder {parent}: {e.strerror}") from e
+            self.targets.forget(parent)
+            real = self.targets.real_dir(parent)
+        if real is None or not os.path.isdir(real):
+            raise TargetError(f"staging folder of {rel} leads outside the staging area")
+        self.made[parent] = real
+        return real
+
+    def open_source(self, rel: str) -> tuple[int, os.stat_result]:
+        real = self.sources.real_file(rel)
+        if real is None:
+            raise SourceError("leads outside the archive (symbolic link)")
+        try:
+            fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except FileNotFoundError:
+            raise SourceError("vanished from the archive (No such file or directory)") from None
+        except OSError as e:
+            raise SourceError(f"cannot be read from the archive ({e.strerror})") from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise SourceError("is no longer a regular file in the archive")
+        return fd, st
+
+    # -- one file ----------------------------------------------------------------------
+
+    def prepare(self, entry: Entry, batched: bool) -> Pending | None:
+        """Copy one file to a temporary file; None if it is already staged."""
+        folder = self.target_dir(entry.path)
+        target = os.path.join(folder, os.path.basename(entry.path))
+        src, st = self.open_source(entry.path)
+        try:
+            try:
+                tst = os.lstat(target)
+                if (
+                    stat.S_ISREG(tst.st_mode)
+                    and tst.st_size == st.st_size
+                    and tst.st_mtime_ns == st.st_mtime_ns
+                ):
+                    self.done(entry, "already staged")
+                    return None
+            except FileNotFoundError:
+                pass
+            tmp = os.path.join(folder, temp_name(self.job))
+            try:
+                dst = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            except OSError as e:
+                raise TargetError(f"cannot create a file in {folder}: {e.strerror}") from None
+            try:
+                fcntl.flock(dst, fcntl.LOCK_EX)
+                try:
+                    copy_fd(src, dst, st.st_size)
+                except OSError as e:
+                    if e.errno in TARGET_ERRNOS:
+                        raise TargetError(f"staging area: {e.strerror}") from None
+                    raise SourceError(f"cannot be copied ({e.strerror})") from None
+                after = os.fstat(src)
+                if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
+                    raise SourceError("changed in the archive while being copied")
+                if os.fstat(dst).st_size != st.st_size:
+                    raise SourceError("copy is shorter than the archive file")
+                if self.verify:
+                    a, b = sha256_fd(src), sha256_fd(dst)
+                    if a != b:
+                        raise SourceError(f"SHA-256 mismatch: archive {a}, copy {b}")
+                os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
+                if not batched or not self.have_syncfs:
+                    os.fsync(dst)
+            except BaseException:
+                os.close(dst)
+                _unlink(tmp)
+                raise
+            os.close(dst)
+            return Pending(tmp, target, entry)
+        finally:
+            os.close(src)
+
+    def commit(self, pending: list[Pending]) -> None:
+        for p in pending:
+            try:
+                os.rename(p.tmp, p.target)
+            except OSError as e:
+                _unlink(p.tmp)
+                self.fail(p.entry, f"cannot be put in place in the staging area ({e.strerror})")
+                continue
+            self.done(p.entry, "copied")
+
+    # -- a batch, run by one worker thread --------------------------------------------
+
+    def run_batch(self, batch: list[Entry]) -> None:
+        pending: list[Pending] = []
+        batched = len(batch) > 1
+        try:
+            for entry in batch:
+                if self.abort.is_set():
+                    return
+                try:
+                    p = self.prepare(entry, batched)
+                except SourceError as e:
+                    self.fail(entry, str(e))
+                    continue
+                except TargetError as e:
+                    self.fail(entry, str(e))
+                    self.abort.set()
+                    return
+                except OSError as e:
+                    self.fail(entry, f"{e.strerror or e}")
+                    if e.errno in TARGET_ERRNOS:
+                        self.abort.set()
+                        return
+                    continue
+                if p is not None:
+                    pending.append(p)
+            if pending and batched and self.have_syncfs:
+                try:
+                    self.have_syncfs = syncfs(os.path.dirname(pending[0].target))
+                except OSError as e:
+                    self.fail(pending[0].entry, f"staging area: {e.strerror}")
+                    self.abort.set()
+                    return
+                if not self.have_syncfs:
+                    for p in pending:
+                        _fsync_path(p.tmp)
+            self.commit(pending)
+            pending = []
+        finally:
+            for p in pending:
+                _unlink(p.tmp)
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def batches(entries: list[Entry]) -> Iterator[list[Entry]]:
+    """Large files alone, small ones together (up to BATCH_FILES files / BATCH_BYTES)."""
+    batch: list[Entry] = []
+    size = 0
+    for e in entries:
+        if e.size >= LARGE:
+            yield [e]
+            continue
+        batch.append(e)
+        size += e.size
+        if len(batch) >= BATCH_FILES or size >= BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _env_path(name: str) -> Path:
+    value = os.environ.get(name)
+    if not value:
+        raise StagingError(f"{name} is not set: the service has no staging configured")
+    path = Path(value)
+    if not path.is_dir():
+        raise StagingError(f"{name}={value} is not a folder")
+    return path
+
+
+def run(job_dir: Path) -> int:
+    """Stage the job's manifest; return the exit status."""
+    job = os.environ.get("JOBNAME") or job_dir.name
+    try:
+        archive = _env_path("BATCHINGEST_ARCHIVE")
+        staging = _env_path("BATCHINGEST_STAGING")
+        entries = load_manifest(job_dir)
+    except StagingError as e:
+        print(f"ERROR stage: {e}", flush=True)
+        progress = read_progress(job_dir) or Progress()
+        progress.error = str(e)
+        write_progress(job_dir, progress, durable=True)
+        return 2
+    parallel = max(1, int(os.environ.get("BATCHINGEST_STAGE_PARALLEL") or 4))
+    verify = os.environ.get("BATCHINGEST_STAGE_VERIFY", "0") not in ("0", "", "false")
+    progress = Progress(files_total=len(entries), bytes_total=sum(e.size for e in entries))
+    write_progress(job_dir, progress)
+    stager = Stager(archive, staging, job, verify, progress)
+    started = time.monotonic()
+    print(
+        f"stage: {len(entries)} files, {progress.bytes_total} bytes, from {archive} "
+        f"to {staging}, {parallel} at a time{', verifying SHA-256' if verify else ''}",
+        flush=True,
+    )
+
+    # leftovers of a killed copy, looked for only in the folders this job stages into
+    real_staging = os.path.realpath(staging)
+    removed = 0
+    for parent in sorted({os.path.dirname(e.path) for e in entries}):
+        folder = os.path.realpath(os.path.join(staging, parent))
+        if folder == real_staging or is_within(folder, real_staging):
+            removed += remove_leftovers(folder, job)
+    if removed:
+        print(f"stage: removed {removed} temporary files left by an interrupted copy", flush=True)
+
+    with ThreadPoolExecutor(parallel, thread_name_prefix="stage") as pool:
+        futures: set[Future[None]] = {pool.submit(stager.run_batch, b) for b in batches(entries)}
+        last = time.monotonic()
+        while futures:
+            finished, futures = wait(futures, timeout=PROGRESS_EVERY, return_when=FIRST_COMPLETED)
+            for f in finished:
+                exc = f.exception()
+                if exc is not None:  # a bug, not a file problem: stop and say so
+                    stager.errors.append(f"internal error: {exc!r}")
+                    stager.abort.set()
+            if time.monotonic() - last >= PROGRESS_EVERY:
+                stager.flush_log()
+                stager.save(job_dir)
+                last = time.monotonic()
+    stager.flush_log()
+    if not stager.errors:
+        try:
+            syncfs(str(staging))  # the renames themselves
+        except OSError as e:
+            stager.errors.append(f"staging area: {e.strerror}")
+    elapsed = time.monotonic() - started
+    if stager.errors:
+        first = stager.errors[0]
+        more = f" (and {len(stager.errors) - 1} more)" if len(stager.errors) > 1 else ""
+        progress.error = f"{first}{more}"
+        write_progress(job_dir, progress, durable=True)
+        staged = f"{progress.files_staged} of {progress.files_total} files staged"
+        print(f"ERROR stage failed after {elapsed:.1f}s: {progress.error}; {staged}", flush=True)
+        return 1
+    write_progress(job_dir, progress, durable=True)
+    print(
+        f"stage: done in {elapsed:.1f}s: {stager.copied} copied, {stager.skipped} already "
+        f"staged, {progress.bytes_staged} bytes",
+        flush=True,
+    )
+    return 0
+
+
+def main() -> None:
+    job_dir = Path(os.environ.get("JOBPATH") or os.getcwd())
+    sys.exit(run(job_dir))
+
+
+if __name__ == "__main__":
+    main()
