@@ -281,7 +281,9 @@ class Store:
     def _final_target(self, state: str, name: str) -> Iterator[str]:
         yield name
         for i in range(1, _MAX_SUFFIX + 1):
-            yield f"{name}-{i:03d}"
+            suffix = f"-{i:03d}"
+            # a long name is shortened so NAME-NNN stays a valid name (and a legal file name)
+            yield name[: 255 - len(suffix)] + suffix
 
     def _move(self, name: str, src: str, dst: str) -> Job:
         """Rename src/NAME to dst/NAME; in a final state take the first free NAME-NNN."""
