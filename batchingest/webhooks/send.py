@@ -1,0 +1,228 @@
+"""One webhook URL: parsing, credentials, the allow-list, signing, one POST attempt."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import ipaddress
+import re
+import socket
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import httpx
+
+import batchingest
+
+SNIPPET = 1024
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class BadTarget(ValueError):
+    """The URL cannot be used (bad syntax, unknown scheme, refused by the allow-list)."""
+
+
+@dataclass(frozen=True)
+class Target:
+    url: httpx.URL  # what is requested: no credentials, query kept
+    shown: str  # for logs: any password replaced by ***
+    auth: str | None = field(default=None, repr=False)  # Authorization header value
+    secrets: tuple[str, ...] = field(default=(), repr=False)  # never to be logged
+
+    @property
+    def host(self) -> str:
+        return self.url.host
+
+    @property
+    def port(self) -> int:
+        return self.url.port or (443 if self.url.scheme == "https" else 80)
+
+
+def parse_target(raw: str) -> Target:
+    """Parse a WEBHOOK line; a URL without a scheme is taken as http://."""
+    text = raw if "://" in raw else "http://" + raw
+    try:
+        url = httpx.URL(text)
+    except (httpx.InvalidURL, ValueError) as e:
+        userinfo = re.search(r"://([^/@]*)@", text)
+        hidden = userinfo.group(1).split(":", 1)[1:] if userinfo else []
+        raise BadTarget(f"not a valid URL: {redact(str(e), hidden)}") from None
+    if url.scheme not in ("http", "https"):
+        raise BadTarget(f"scheme {url.scheme!r} is not http or https")
+    if not url.host:
+        raise BadTarget("URL has no host")
+    clean = url.copy_with(username=None, password=None, fragment=None)
+    auth = None
+    secrets: tuple[str, ...] = ()
+    shown = str(clean)
+    if url.userinfo:
+        user, password = url.username, url.password
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        auth = f"Basic {token}"
+        raw_user = url.userinfo.split(b":", 1)[0].decode("ascii", errors="replace")
+        shown = (
+            str(clean).replace("://", f"://{raw_user}:***@", 1)
+            if password
+            else (str(clean).replace("://", f"://{raw_user}@", 1))
+        )
+        raw_pass = url.userinfo.partition(b":")[2].decode("ascii", errors="replace")
+        secrets = tuple(s for s in {password, raw_pass, token} if s)
+    return Target(clean, shown, auth, secrets)
+
+
+def redact(text: str, secrets: Iterable[str]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
+
+
+# -- allow-list --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AllowList:
+    names: frozenset[str]
+    suffixes: tuple[str, ...]  # from "*.example.org": ".example.org"
+    networks: tuple[IPNetwork, ...]
+
+    @classmethod
+    def parse(cls, entries: Iterable[str]) -> AllowList | None:
+        """None when no entry is given: every host is allowed."""
+        names: set[str] = set()
+        suffixes: list[str] = []
+        networks: list[IPNetwork] = []
+        for entry in (e.strip() for e in entries):
+            if not entry:
+                continue
+            try:
+                networks.append(ipaddress.ip_network(entry, strict=False))
+                continue
+            except ValueError:
+                pass
+            name = entry.lower().rstrip(".")
+            if name.startswith("*."):
+                suffixes.append(name[1:])
+            else:
+                names.add(name)
+        if not (names or suffixes or networks):
+            return None
+        return cls(frozenset(names), tuple(suffixes), tuple(networks))
+
+    def names_host(self, host: str) -> bool:
+        h = host.lower().rstrip(".")
+        return h in self.names or any(h.endswith(s) for s in self.suffixes)
+
+    def covers(self, addr: IPAddress) -> bool:
+        return any(addr.version == n.version and addr in n for n in self.networks)
+
+    async def check(self, host: str, port: int) -> str | None:
+        """Where a request to host may go: None for "as named", else the address to use.
+
+        A host listed by name is trusted as such. Otherwise every address it resolves to
+        must lie in a listed range, and the request then goes to the address checked, so
+        a name that resolves differently a moment later (DNS rebinding) cannot slip by.
+        Raises BadTarget when refused; OSError when the name does not resolve.
+        """
+        if self.names_host(host):
+            return None
+        try:
+            addrs: list[IPAddress] = [ipaddress.ip_address(host)]
+        except ValueError:
+            infos = await asyncio.get_running_loop().getaddrinfo(
+                host, port, type=socket.SOCK_STREAM
+            )
+            addrs = list(dict.fromkeys(ipaddress.ip_address(i[4][0]) for i in infos))
+        outside = [a for a in addrs if not self.covers(a)]
+        if outside or not addrs:
+            where = f" resolves to {outside[0]}" if outside and str(outside[0]) != host else ""
+            raise BadTarget(f"host {host}{where} is not in --webhook-allow")
+        return str(addrs[0])
+
+
+# -- one attempt ---------------------------------------------------------------------
+
+
+def sign(secret: str, timestamp: str, body: bytes) -> str:
+    mac = hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256)
+    return "sha256=" + mac.hexdigest()
+
+
+@dataclass
+class Result:
+    status: int | None = None  # None: no HTTP answer
+    error: str = ""
+    snippet: str = ""
+    retry_after: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status is not None and 200 <= self.status < 300
+
+    @property
+    def retryable(self) -> bool:
+        return self.status is None or self.status == 429 or self.status >= 500
+
+
+def _retry_after(value: str | None) -> float | None:
+    try:
+        return max(0.0, float(value)) if value else None
+    except ValueError:
+        return None  # an HTTP date: rare for webhooks, the backoff applies
+
+
+async def post(
+    client: httpx.AsyncClient,
+    target: Target,
+    body: bytes,
+    *,
+    event_id: str,
+    secret: str | None,
+    timeout: float,
+    address: str | None = None,
+) -> Result:
+    """POST body once; never raises for network trouble, reports it in the Result."""
+    headers = {
+        "Content-Type": "application/json",
+        "User-Agent": f"batchingest/{batchingest.__version__}",
+        "X-Batchingest-Event-Id": event_id,
+    }
+    if target.auth:
+        headers["Authorization"] = target.auth
+    if secret:
+        ts = str(int(time.time()))
+        headers["X-Batchingest-Timestamp"] = ts
+        headers["X-Batchingest-Signature"] = sign(secret, ts, body)
+    url = target.url
+    extensions: dict[str, str] = {}
+    if address is not None:
+        # connect to the checked address; Host header and TLS name stay the URL's
+        headers["Host"] = url.netloc.decode("ascii")
+        if url.scheme == "https":
+            extensions["sni_hostname"] = url.host
+        url = url.copy_with(host=address)
+    try:
+        async with asyncio.timeout(timeout):
+            async with client.stream(
+                "POST", url, content=body, headers=headers, extensions=extensions
+            ) as resp:
+                chunk = b""
+                async for part in resp.aiter_bytes():
+                    chunk += part
+                    if len(chunk) >= SNIPPET:
+                        break
+                snippet = chunk[:SNIPPET].decode("utf-8", errors="replace")
+                return Result(
+                    resp.status_code,
+                    snippet=redact(snippet, target.secrets),
+                    retry_after=_retry_after(resp.headers.get("Retry-After")),
+                )
+    except TimeoutError:
+        return Result(error=f"timed out after {timeout:g}s")
+    except (httpx.HTTPError, OSError) as e:
+        name = type(e).__name__
+        detail = redact(str(e), target.secrets) or name
+        return Result(error=f"{name}: {detail}" if detail != name else name)

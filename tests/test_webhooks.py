@@ -1,0 +1,412 @@
+"""Webhook delivery in-process: a real Store moving real job folders, Webhooks on an
+asyncio loop in a thread (as the service runs it), real HTTP receivers on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import threading
+import time
+import urllib.parse
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from service import wait_for
+from webhook_receiver import Receiver, Silent, verify
+
+import batchingest
+from batchingest.config import Config
+from batchingest.store import Store
+from batchingest.webhooks import Webhooks
+from batchingest.webhooks.events import lane_key, read_urls
+from batchingest.webhooks.send import AllowList, BadTarget, parse_target
+
+
+@contextmanager
+def running(store: Store, backoff: float = 0.01, **cfg: Any) -> Iterator[Webhooks]:
+    """Webhooks attached to the store and delivering on a loop in a background thread."""
+    hooks = Webhooks(Config(root=store.root, **cfg), store)
+    hooks.backoff = backoff
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    stop: list[asyncio.Event] = []
+
+    async def main() -> None:
+        stop.append(asyncio.Event())
+        hooks.attach()
+        started.set()
+        await hooks.run(stop[0])
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
+    thread.start()
+    assert started.wait(10)
+    try:
+        yield hooks
+    finally:
+        loop.call_soon_threadsafe(stop[0].set)
+        thread.join(10)
+        assert not thread.is_alive(), "webhooks did not stop promptly"
+        loop.close()
+
+
+def new_job(store: Store, name: str, webhook: str, job: str | None = None) -> Path:
+    path = store.create(name)[0].path
+    (path / "WEBHOOK").write_text(webhook)
+    if job is not None:
+        (path / "JOB").write_text(job)
+    return path
+
+
+def run_through(store: Store, name: str, final: str = "success") -> str:
+    """queue -> processing -> final, as the API and a processor would move it."""
+    store.queue(name)
+    hold = store.claim(name)
+    assert hold is not None
+    return store.finish(hold, final).name
+
+
+def outbox(root: Path) -> list[str]:
+    return sorted(p.name for p in (root / ".outbox").glob("*.json"))
+
+
+def failed(root: Path) -> list[dict[str, Any]]:
+    return [
+        json.loads(p.read_bytes().split(b"\n", 1)[0])
+        for p in sorted((root / ".outbox" / "failed").glob("*.json"))
+    ]
+
+
+def job_log(store: Store, name: str, lines: int = 1) -> str:
+    """The job's LOG once it has at least `lines` webhook lines (written after a POST)."""
+
+    def read() -> str:
+        path = store.get(name).path / "LOG"
+        text = path.read_text() if path.exists() else ""
+        return text if text.count(" webhook ") >= lines else ""
+
+    return str(wait_for(read, 5, what=f"{lines} webhook lines in the LOG of {name}"))
+
+
+# -- events and bodies ----------------------------------------------------------------
+
+
+def test_queue_processing_success_in_order_with_bodies(store: Store) -> None:
+    with Receiver() as rx, running(store):
+        new_job(store, "j1", f"# comment\n\n{rx.url}/hook\n", json.dumps({"Todo": ["a", "b"]}))
+        run_through(store, "j1")
+        receipts = rx.wait(3)
+        log = job_log(store, "j1", 3)
+        assert len(rx.receipts) == 3
+    bodies = [r.json for r in receipts]
+    assert [b["job_state"] for b in bodies] == ["queue", "processing", "success"]
+    assert [b["previous_state"] for b in bodies] == ["ready", "queue", "processing"]
+    for r, b in zip(receipts, bodies, strict=True):
+        assert r.path == "/hook"
+        assert r.headers["content-type"] == "application/json"
+        assert r.headers["x-batchingest-event-id"] == b["event_id"]
+        assert b["job_name"] == "j1"
+        assert b["version"] == batchingest.__version__
+        assert b["host"] and b["time"].endswith("Z")
+        assert b["tasks"] == ["a", "b"]
+        assert "job_log" not in b
+        assert "x-batchingest-signature" not in r.headers
+    assert len({b["event_id"] for b in bodies}) == 3
+    assert outbox(store.root) == []
+    assert log.count("attempt 1/6: HTTP 200 'thanks'") == 3
+
+
+def test_error_event_carries_the_log_and_caps_it(store: Store) -> None:
+    with Receiver() as rx, running(store):
+        path = new_job(store, "small", rx.url)
+        (path / "LOG").write_text("task start: exit 3\n")
+        new_job(store, "big", rx.url)
+        big = b"x" * (1 << 20) + b"THE-END\n"
+        (store.get("big").path / "LOG").write_bytes(b"FIRST-LINE\n" + big)
+        run_through(store, "small", "error")
+        run_through(store, "big", "error")
+        rx.wait(6)
+    errors = {e["job_name"]: e for e in rx.events() if e["job_state"] == "error"}
+    assert errors["small"]["job_log"] == "task start: exit 3\n"
+    assert errors["small"]["job_log_truncated"] is False
+    cut = errors["big"]
+    assert cut["job_log_truncated"] is True
+    assert cut["job_log"].startswith("[LOG is")
+    assert "FIRST-LINE" not in cut["job_log"]
+    assert cut["job_log"].endswith("THE-END\n")
+    assert len(cut["job_log"].encode()) < (1 << 20) + 200
+    assert all("job_log" not in e for e in rx.events() if e["job_state"] != "error")
+
+
+def test_renamed_on_arrival_keeps_order_and_reports_final_name(store: Store) -> None:
+    store.create("dup")
+    run_through(store, "dup")  # success/dup is taken now
+    with Receiver() as rx, running(store):
+        (store.root / "data" / "dup").mkdir()  # a second job of the same name
+        (store.root / "data" / "dup" / "WEBHOOK").write_text(rx.url)
+        final = run_through(store, "dup")
+        assert final == "dup-001"
+        rx.wait(3)
+    assert [(e["job_name"], e["job_state"]) for e in rx.events()] == [
+        ("dup", "queue"), ("dup", "processing"), ("dup-001", "success")]  # fmt: skip
+
+
+def test_no_webhook_file_no_event_and_edits_take_effect(store: Store) -> None:
+    with Receiver() as rx, Receiver() as rx2, running(store):
+        store.create("plain")
+        run_through(store, "plain")
+        assert outbox(store.root) == []
+        path = new_job(store, "edit", rx.url)
+        store.queue("edit")
+        hold = store.claim("edit")
+        assert hold is not None
+        (path.parent.parent / "processing" / "edit" / "WEBHOOK").write_text(f"{rx2.url}/2\n")
+        store.finish(hold, "success")
+        rx.wait(2)
+        rx2.wait(1)
+    assert [e["job_state"] for e in rx.events()] == ["queue", "processing"]
+    assert [e["job_state"] for e in rx2.events()] == ["success"]
+    assert rx2.receipts[0].path == "/2"
+
+
+def test_broken_job_file_still_gets_events(store: Store) -> None:
+    with Receiver() as rx, running(store):
+        new_job(store, "broken", rx.url, job="{not json")
+        run_through(store, "broken", "error")
+        rx.wait(3)
+    assert [e["tasks"] for e in rx.events()] == [[], [], []]
+
+
+def test_several_urls_each_get_every_event(store: Store) -> None:
+    with Receiver() as a, Receiver() as b, running(store):
+        new_job(store, "multi", f"{a.url}/x\n{b.url}/y\n")
+        run_through(store, "multi")
+        a.wait(3)
+        b.wait(3)
+    assert [e["event_id"] for e in a.events()] == [e["event_id"] for e in b.events()]
+
+
+# -- URLs and credentials -----------------------------------------------------------------
+
+
+def test_basic_auth_query_and_no_scheme(store: Store, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="batchingest")
+    with Receiver() as rx, running(store):
+        url = f"alice:s3cr%3At@127.0.0.1:{rx.port}/hook?q=1&r=two"
+        new_job(store, "auth", url)
+        store.queue("auth")
+        (receipt,) = rx.wait(1)
+        log = job_log(store, "auth")
+    assert receipt.path == "/hook?q=1&r=two"
+    kind, token = receipt.headers["authorization"].split()
+    assert kind == "Basic"
+    assert base64.b64decode(token).decode() == "alice:s3cr:t"
+    assert f"POST http://alice:***@127.0.0.1:{rx.port}/hook?q=1&r=two attempt 1/6" in log
+    for text in (log, caplog.text):
+        assert "s3cr" not in text and token not in text
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    user=st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1),
+    password=st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=4),
+)
+def test_credentials_decoded_and_never_shown(user: str, password: str) -> None:
+    q = urllib.parse.quote
+    target = parse_target(f"https://{q(user, safe='')}:{q(password, safe='')}@h.example/p?a=1")
+    assert target.url.userinfo == b""
+    assert str(target.url) == "https://h.example/p?a=1"
+    assert base64.b64decode(target.auth.split()[1]).decode() == f"{user}:{password}"
+    # shown is exactly scheme, the user, ***, the rest: no room for the password
+    prefix, _, rest = target.shown.rpartition("@")
+    assert rest == "h.example/p?a=1"
+    assert prefix.startswith("https://") and prefix.endswith(":***")
+    assert urllib.parse.unquote(prefix[len("https://") : -len(":***")]) == user
+
+
+def test_target_parsing() -> None:
+    assert str(parse_target("example.org:81/x").url) == "http://example.org:81/x"
+    assert parse_target("https://bob@h/x").shown == "https://bob@h/x"
+    assert parse_target("https://bob@h/x").auth == "Basic " + base64.b64encode(b"bob:").decode()
+    for bad in ("ftp://h/x", "http:///x"):
+        with pytest.raises(BadTarget):
+            parse_target(bad)
+    assert read_urls(b"  a\n#b\n\n c \r\n") == ["a", "c"]
+    assert lane_key("job-001") == lane_key("job") == "job"
+    assert lane_key("job-1") == "job-1"
+
+
+# -- retries, order, failure ---------------------------------------------------------
+
+
+def test_500_twice_then_200_three_receipts_one_event_id(store: Store) -> None:
+    with Receiver([500, 503]) as rx, running(store):
+        new_job(store, "flaky", rx.url)
+        started = time.monotonic()
+        store.queue("flaky")
+        receipts = rx.wait(3)
+        took = time.monotonic() - started
+        wait_for(lambda: outbox(store.root) == [], 5, what="outbox to empty")
+    assert len({r.json["event_id"] for r in receipts}) == 1
+    assert len({r.body for r in receipts}) == 1
+    assert took < 2
+    log = job_log(store, "flaky", 3)
+    assert "attempt 1/6: HTTP 500" in log and "attempt 2/6: HTTP 503" in log
+    assert "attempt 3/6: HTTP 200" in log
+
+
+def test_later_event_waits_for_earlier_of_same_job(store: Store) -> None:
+    with Receiver([500, 500, 500]) as rx, running(store):
+        new_job(store, "ordered", rx.url)
+        run_through(store, "ordered")
+        rx.wait(6)
+    states = [e["job_state"] for e in rx.events()]
+    assert states == ["queue"] * 4 + ["processing", "success"]
+
+
+def test_4xx_is_not_retried_and_is_kept_as_failed(store: Store) -> None:
+    with Receiver([404]) as rx, running(store):
+        new_job(store, "gone", rx.url)
+        store.queue("gone")
+        rx.wait(1)
+        wait_for(lambda: failed(store.root), 5, what="failed record")
+        time.sleep(0.1)
+        assert len(rx.receipts) == 1
+    (rec,) = failed(store.root)
+    assert rec["failure"] == "HTTP 404" and rec["state"] == "queue"
+    assert outbox(store.root) == []
+    assert "gave up: HTTP 404" in job_log(store, "gone")
+
+
+def test_retries_run_out(store: Store, caplog: pytest.LogCaptureFixture) -> None:
+    with Receiver(default=500) as rx, running(store, webhook_retries=2):
+        new_job(store, "down", rx.url)
+        store.queue("down")
+        wait_for(lambda: failed(store.root), 5, what="failed record")
+        assert len(rx.receipts) == 3
+    log = job_log(store, "down")
+    assert "attempt 3/3: HTTP 500" in log and "gave up: HTTP 500" in log
+    assert "failed for good" in caplog.text
+
+
+def test_429_honours_retry_after(store: Store) -> None:
+    with Receiver([429], headers={"Retry-After": "1"}) as rx, running(store):
+        new_job(store, "busy", rx.url)
+        store.queue("busy")
+        first, second = rx.wait(2)
+    assert 0.95 <= second.at - first.at < 2
+
+
+def test_timeout_is_retried(store: Store) -> None:
+    with Silent() as dead, running(store, webhook_timeout=0.2, webhook_retries=1):
+        new_job(store, "slow", dead.url)
+        store.queue("slow")
+        wait_for(lambda: failed(store.root), 5, what="failed record")
+    log = job_log(store, "slow")
+    assert "attempt 1/2: timed out after 0.2s" in log
+    assert "attempt 2/2: timed out" in log
+
+
+def test_dead_receiver_does_not_slow_moves(store: Store) -> None:
+    with Silent() as dead, running(store, webhook_timeout=30):
+        for i in range(20):
+            new_job(store, f"d{i}", dead.url)
+        started = time.monotonic()
+        for i in range(20):
+            run_through(store, f"d{i}")
+        took = time.monotonic() - started
+    assert took < 2
+    assert len(outbox(store.root)) == 60  # still pending, kept for the next start
+
+
+# -- durability -----------------------------------------------------------------------
+
+
+def test_events_written_before_move_returns_and_delivered_on_start(store: Store) -> None:
+    hooks = Webhooks(Config(root=store.root), store)
+    hooks.attach()  # listening, but not delivering: as if the service died right away
+    with Receiver() as rx:
+        new_job(store, "later", rx.url)
+        run_through(store, "later")
+        assert len(outbox(store.root)) == 3
+        store.listeners.clear()
+        with running(store):
+            rx.wait(3)
+            wait_for(lambda: outbox(store.root) == [], 5, what="outbox to empty")
+    assert [e["job_state"] for e in rx.events()] == ["queue", "processing", "success"]
+
+
+def test_unreadable_outbox_file_is_set_aside(store: Store) -> None:
+    (store.root / ".outbox").mkdir()
+    (store.root / ".outbox" / "garbage.json").write_text("nope")
+    with running(store):
+        wait_for(lambda: (store.root / ".outbox" / "failed" / "garbage.json").exists(), 5)
+
+
+# -- signing ----------------------------------------------------------------------------
+
+
+def test_signature_verifies_only_with_the_right_secret(store: Store) -> None:
+    with Receiver() as rx, running(store, webhook_secret="topsecret"):
+        new_job(store, "signed", rx.url)
+        store.queue("signed")
+        (r,) = rx.wait(1)
+        log = job_log(store, "signed")
+    assert r.headers["x-batchingest-signature"].startswith("sha256=")
+    assert abs(int(r.headers["x-batchingest-timestamp"]) - time.time()) < 60
+    assert verify("topsecret", r.headers, r.body)
+    assert not verify("wrong", r.headers, r.body)
+    assert not verify("topsecret", r.headers, r.body + b" ")
+    assert "topsecret" not in log
+
+
+# -- allow-list -------------------------------------------------------------------------
+
+
+def test_allow_list_refuses_and_records(store: Store, caplog: pytest.LogCaptureFixture) -> None:
+    with Receiver() as rx, running(store, webhook_allow=["10.0.0.0/8", "hooks.example.org"]):
+        new_job(store, "blocked", f"http://u:pw-never-shown@localhost:{rx.port}/x")
+        store.queue("blocked")
+        wait_for(lambda: failed(store.root), 5, what="refusal")
+        time.sleep(0.1)
+        assert rx.receipts == []
+    (rec,) = failed(store.root)
+    assert "not in --webhook-allow" in rec["failure"]
+    log = job_log(store, "blocked")
+    assert "refused: host localhost resolves to 127.0.0.1 is not in --webhook-allow" in log
+    assert "refused" in caplog.text
+    assert "pw-never-shown" not in log and "pw-never-shown" not in caplog.text
+
+
+def test_allow_list_by_range_and_by_name(store: Store) -> None:
+    with Receiver() as rx, running(store, webhook_allow=["127.0.0.0/8"]):
+        new_job(store, "by-range", f"localhost:{rx.port}/r")
+        store.queue("by-range")
+        (r,) = rx.wait(1)
+        assert r.headers["host"] == f"localhost:{rx.port}"  # pinned address, same Host
+    with Receiver() as rx, running(store, webhook_allow=["LocalHost"]):
+        new_job(store, "by-name", f"localhost:{rx.port}/n")
+        store.queue("by-name")
+        rx.wait(1)
+
+
+def test_allow_list_parsing() -> None:
+    assert AllowList.parse([]) is None
+    allow = AllowList.parse(["10.0.0.0/8", "*.example.org", "a.test", "::1"])
+    assert allow is not None
+    assert allow.names_host("x.example.org") and allow.names_host("A.TEST.")
+    assert not allow.names_host("example.org.evil") and not allow.names_host("b.test")
+    loop = asyncio.new_event_loop()
+    try:
+        assert loop.run_until_complete(allow.check("10.1.2.3", 80)) == "10.1.2.3"
+        assert loop.run_until_complete(allow.check("::1", 80)) == "::1"
+        with pytest.raises(BadTarget):
+            loop.run_until_complete(allow.check("192.168.0.1", 80))
+    finally:
+        loop.close()

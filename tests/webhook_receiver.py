@@ -1,0 +1,121 @@
+"""Real HTTP webhook receivers on loopback ports, recording every request, for tests."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+@dataclass
+class Receipt:
+    path: str  # with the query
+    headers: dict[str, str]  # lower-case names
+    body: bytes
+    at: float
+
+    @property
+    def json(self) -> dict[str, Any]:
+        return json.loads(self.body)  # type: ignore[no-any-return]
+
+
+class Receiver:
+    """A threaded HTTP server answering POSTs with scripted statuses (then `default`)."""
+
+    def __init__(
+        self,
+        statuses: Iterable[int] = (),
+        default: int = 200,
+        port: int = 0,
+        answer: bytes = b"thanks",
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.statuses = list(statuses)
+        self.default = default
+        self.answer = answer
+        self.extra_headers = headers or {}
+        self.receipts: list[Receipt] = []
+        self._lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", "0"))
+                body = self.rfile.read(length)
+                hdrs = {k.lower(): v for k, v in self.headers.items()}
+                with receiver._lock:
+                    receiver.receipts.append(Receipt(self.path, hdrs, body, time.monotonic()))
+                    status = receiver.statuses.pop(0) if receiver.statuses else receiver.default
+                self.send_response(status)
+                for k, v in receiver.extra_headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(receiver.answer)))
+                self.end_headers()
+                self.wfile.write(receiver.answer)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        ThreadingHTTPServer.allow_reuse_address = True
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.server.daemon_threads = True
+        self.port = int(self.server.server_address[1])
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def events(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [r.json for r in self.receipts]
+
+    def wait(self, count: int, timeout: float = 20) -> list[Receipt]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if len(self.receipts) >= count:
+                    return list(self.receipts)
+            time.sleep(0.01)
+        raise AssertionError(f"expected {count} webhook POSTs, got {len(self.receipts)}")
+
+    def __enter__(self) -> Receiver:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class Silent:
+    """A port that accepts connections (the kernel does) but never answers."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(512)
+        self.port = int(self.sock.getsockname()[1])
+        self.url = f"http://127.0.0.1:{self.port}/hook"
+
+    def __enter__(self) -> Silent:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+
+def verify(secret: str, headers: dict[str, str], body: bytes, tolerance: float = 300) -> bool:
+    """The receiver-side check documented in the README, verbatim in spirit."""
+    ts = headers["x-batchingest-timestamp"]
+    sent = headers["x-batchingest-signature"]
+    mac = hmac.new(secret.encode(), ts.encode() + b"." + body, hashlib.sha256)
+    fresh = abs(time.time() - int(ts)) < tolerance
+    return fresh and hmac.compare_digest(sent, "sha256=" + mac.hexdigest())
