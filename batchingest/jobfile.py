@@ -78,6 +78,10 @@ def parse(raw: bytes) -> JobFile:
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise JobFileError(f"JOB is not valid JSON: {e}") from None
+    except (ValueError, RecursionError) as e:
+        # json raises these for valid-looking input it will not decode: an integer of
+        # more than 4300 digits, or arrays nested thousands deep
+        raise JobFileError(f"JOB cannot be read as JSON: {e}") from None
     return validate(data)
 
 
@@ -96,7 +100,9 @@ def write_atomic(path: Path, content: bytes, *, durable: bool = True) -> None:
     """Replace path with content so that a crash leaves the old or the new file, never a mix.
 
     The temporary file is hidden and lives beside the target, so the rename stays within
-    one file system and no listing ever shows it.
+    one file system and no listing ever shows it. The data is fsync-ed before the rename,
+    so a rename that survives a power loss always points at complete content; the folder
+    itself is not fsync-ed: losing the rename loses the last update, never the file.
     """
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -110,12 +116,6 @@ def write_atomic(path: Path, content: bytes, *, durable: bool = True) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    if durable:
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
 
 def save(job_dir: Path, job: JobFile) -> None:

@@ -14,10 +14,13 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
+import tempfile
 import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import watchfiles
 
@@ -25,6 +28,10 @@ from batchingest import jobfile
 from batchingest.config import Config
 from batchingest.runner import LOG_FILE, TaskProcess, base_env, log_line, run_task
 from batchingest.store import Hold, Store
+
+# Control files live in memory when we can: they are tiny, short-lived and per task, and
+# creating files in the jobs root is the slowest part of running a trivial task.
+_CONTROL_BASE = "/dev/shm"
 
 log = logging.getLogger("batchingest.processor")
 
@@ -46,6 +53,8 @@ class Processor:
         self._stopping = threading.Event()
         self._running: dict[str, TaskProcess] = {}
         self._running_lock = threading.Lock()
+        shm = _CONTROL_BASE if os.access(_CONTROL_BASE, os.W_OK) else None
+        self._control_dir = Path(tempfile.mkdtemp(prefix="batchingest-control-", dir=shm))
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -76,6 +85,7 @@ class Processor:
             task.cancel()
         await asyncio.gather(*helpers, return_exceptions=True)
         self._pool.shutdown(wait=True)
+        shutil.rmtree(self._control_dir, ignore_errors=True)
 
     async def _watch(self, stop: asyncio.Event) -> None:
         """Wake the workers when something arrives in queue/ (inotify, or polling)."""
@@ -232,6 +242,7 @@ class Processor:
                         job_dir=path,
                         job_name=hold.name,
                         tasks_dir=self.cfg.tasks_dir,
+                        control=self._control_dir / f"{hold.name}.control",
                         env=self.env,
                         log_fd=log_fd,
                         hold_fd=hold.fd,

@@ -7,15 +7,16 @@ are appended to the job's LOG; exit status 0 means success. After a successful t
 each non-blank line of JOBCONTROL must be `addtask:NAME`.
 
 A task runs in its own process group, so a timeout or a stop can kill everything it
-started. It also dies with the service (PR_SET_PDEATHSIG), and it inherits the job's
-lock: anything it leaves behind keeps the job held until it exits, so a re-run never
-starts beside an orphan.
+started. It inherits the job's lock: if the service dies (kill -9, a crash), whatever
+the task still runs keeps the job held until it exits, so the re-run that recovery
+starts never runs beside an orphan of the first run. (Killing the task with the service
+through PR_SET_PDEATHSIG would need a pre-exec hook, which makes every spawn several
+times slower, and would still miss the task's own children.)
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 import subprocess
@@ -31,17 +32,9 @@ from batchingest.jobfile import now_rfc3339
 from batchingest.store import valid_name
 from batchingest.tasks import BUILTIN
 
-CONTROL_FILE = ".jobcontrol"
 LOG_FILE = "LOG"
 # Seconds a task gets between SIGTERM and SIGKILL when it is stopped.
 KILL_AFTER = 5.0
-
-_PR_SET_PDEATHSIG = 1
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def base_env(extra: Mapping[str, str]) -> dict[str, str]:
@@ -124,13 +117,14 @@ class TaskProcess:
         *,
         job_dir: Path,
         job_name: str,
+        control: Path,
         env: Mapping[str, str],
         log_fd: int,
         hold_fd: int,
         timeout: float | None,
     ) -> int:
-        control = job_dir / CONTROL_FILE
-        control.write_bytes(b"")
+        # a fresh empty control file for every task
+        os.close(os.open(control, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600))
         child_env = dict(env)
         child_env.update(JOBPATH=str(job_dir), JOBNAME=job_name, JOBCONTROL=str(control))
         with self._lock:
@@ -145,7 +139,6 @@ class TaskProcess:
                 stderr=log_fd,
                 pass_fds=(hold_fd,),
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
             )
         timer = None
         if timeout:
@@ -189,6 +182,7 @@ def run_task(
     job_dir: Path,
     job_name: str,
     tasks_dir: Path,
+    control: Path,
     env: Mapping[str, str],
     log_fd: int,
     hold_fd: int,
@@ -211,6 +205,7 @@ def run_task(
                 argv,
                 job_dir=job_dir,
                 job_name=job_name,
+                control=control,
                 env=env,
                 log_fd=log_fd,
                 hold_fd=hold_fd,
@@ -228,9 +223,9 @@ def run_task(
             elif code != 0:
                 reason = f"exit status {code}"
             else:
-                added, reason = read_control(job_dir / CONTROL_FILE)
+                added, reason = read_control(control)
     with contextlib.suppress(FileNotFoundError):
-        (job_dir / CONTROL_FILE).unlink()
+        control.unlink()
     seconds = time.monotonic() - t0
     result = TaskResult(
         task,

@@ -16,7 +16,9 @@ from service import Service, make_job, wait_for, write_task
 pytestmark = pytest.mark.e2e
 
 
-def drop(root: Path, name: str, job: str | None = None, files: dict[str, str] | None = None) -> None:
+def drop(
+    root: Path, name: str, job: str | None = None, files: dict[str, str] | None = None
+) -> None:
     """Assemble a job under a hidden name and `mv` it into queue/, as an operator would."""
     os.rename(make_job(root, name, job, files), root / "queue" / name)
 
@@ -38,8 +40,12 @@ def job_json(path: Path) -> dict:  # type: ignore[type-arg]
 
 def test_job_runs_start_and_added_tasks(root: Path) -> None:
     tasks = root / "tasks"
-    write_task(tasks, "start", 'echo "start in $PWD for $JOBNAME at $JOBPATH"\n'
-               'echo addtask:second >> "$JOBCONTROL"\necho >> "$JOBCONTROL"\n')
+    write_task(
+        tasks,
+        "start",
+        'echo "start in $PWD for $JOBNAME at $JOBPATH"\n'
+        'echo addtask:second >> "$JOBCONTROL"\necho >> "$JOBCONTROL"\n',
+    )
     write_task(tasks, "second", 'echo second ran; echo addtask:third >> "$JOBCONTROL"\n')
     write_task(tasks, "third", "echo third ran >&2\n")
     with Service(root, api=False) as svc:
@@ -171,8 +177,11 @@ def test_sigterm_mid_task_returns_job_to_queue(root: Path) -> None:
 
 
 def test_sigterm_lets_a_task_finish_within_grace(root: Path) -> None:
-    write_task(root / "tasks", "start",
-               'touch "$JOBPATH/started"; sleep 1; echo addtask:next >> "$JOBCONTROL"\n')
+    write_task(
+        root / "tasks",
+        "start",
+        'touch "$JOBPATH/started"; sleep 1; echo addtask:next >> "$JOBCONTROL"\n',
+    )
     write_task(root / "tasks", "next", "true\n")
     svc = Service(root, "--grace", "20", api=False).start()
     drop(root, "g")
@@ -214,8 +223,9 @@ def test_kill_9_mid_task_resumes_after_restart_and_orphan_never_overlaps(
     lines = runs.read_text().split("\n")
     events = [line.split() for line in lines if line]
     kinds = [e[0] for e in events]
-    assert kinds == ["begin", "orphan-end", "begin", "end"], kinds
-    assert float(events[2][1]) >= float(events[1][1])
+    # the first run (orphaned) ends completely before the re-run begins
+    assert kinds == ["begin", "orphan-end", "end", "begin", "end"], kinds
+    assert float(events[3][1]) >= float(events[2][1])
     data = job_json(root / "success" / "k")
     assert data["Extra"] == "kept"
     assert [f["Name"] for f in data["Finished"]] == ["first", "work"]
@@ -232,8 +242,11 @@ def test_two_processors_run_each_of_200_jobs_once(root: Path, tmp_path: Path) ->
         names = [f"job-{i:03d}" for i in range(200)]
         for name in names:
             drop(root, name)
-        wait_for(lambda: len(list((root / "success").iterdir())) == 200, timeout=120,
-                 what="200 jobs in success/")
+        wait_for(
+            lambda: len(list((root / "success").iterdir())) == 200,
+            timeout=120,
+            what="200 jobs in success/",
+        )
     finally:
         a.stop()
         b.stop()
@@ -249,9 +262,18 @@ def test_unusable_root_is_a_clear_error(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")
     out = subprocess.run(
-        [sys.executable, "-m", "batchingest.cli", "serve", "--root", str(blocker / "root"),
-         "--no-api"],
-        capture_output=True, text=True, timeout=30,
+        [
+            sys.executable,
+            "-m",
+            "batchingest.cli",
+            "serve",
+            "--root",
+            str(blocker / "root"),
+            "--no-api",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert out.returncode == 2
     assert "not usable" in out.stderr
@@ -261,15 +283,26 @@ def test_status_and_version(root: Path) -> None:
     (root / "error" / "broken").mkdir()
     (root / "data" / "a").mkdir()
     (root / "processing" / "busy").mkdir()
-    out = subprocess.run([sys.executable, "-m", "batchingest.cli", "status", "--root", str(root)],
-                         capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        [sys.executable, "-m", "batchingest.cli", "status", "--root", str(root)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert out.returncode == 0
     assert "broken" in out.stdout and "busy" in out.stdout
-    lines = {line.split()[0]: line.split()[1] for line in out.stdout.splitlines()
-             if len(line.split()) == 2 and line.split()[1].isdigit()}
+    lines = {
+        line.split()[0]: line.split()[1]
+        for line in out.stdout.splitlines()
+        if len(line.split()) == 2 and line.split()[1].isdigit()
+    }
     assert lines["ready"] == "1" and lines["error"] == "1" and lines["total"] == "3"
-    v = subprocess.run([sys.executable, "-m", "batchingest.cli", "--version"],
-                       capture_output=True, text=True, timeout=30)
+    v = subprocess.run(
+        [sys.executable, "-m", "batchingest.cli", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert v.stdout.startswith("batchingest ")
 
 
