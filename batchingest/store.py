@@ -418,7 +418,8 @@ class Store:
                     continue
                 raise JobBusy(f"job {name!r} is held by a processor")
             try:
-                target = trash / f"{name}.{uuid.uuid4().hex}"
+                # shortened: NAME plus the suffix must stay a legal file name
+                target = trash / f"{name[:200]}.{uuid.uuid4().hex}"
                 try:
                     os.rename(job.path, target)
                 except FileNotFoundError:

@@ -615,3 +615,10 @@ def test_no_listing_shows_a_half_deleted_job(store: Store) -> None:
         watcher.join()
     assert seen_partial == []
     assert store.list() == []
+
+
+def test_delete_longest_name(store: Store) -> None:
+    name = "y" * 255
+    put(store, "error", name)
+    assert store.delete(name) is True
+    assert store.find(name) is None
