@@ -31,6 +31,7 @@ import logging
 import os
 import re
 import shutil
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -428,4 +429,64 @@ class Store:
                 os.close(fd)
             shutil.rmtree(target, ignore_errors=True)
             return True
+        raise JobBusy(f"job {name!r} keeps changing state")
+
+    # -- additions for the HTTP API ---------------------------------------------------
+
+    def job_names(self, state: str) -> builtins.list[str]:
+        """Sorted names of the jobs in one state, reused while the folder is unchanged.
+
+        Paging `GET /jobs?limit=100` over 10,000 jobs must not rescan every entry: the
+        listing is kept with the folder's (inode, nlink, mtime, ctime) and reused while
+        those are the same. A listing is only kept when the folder had not changed for a
+        second before the scan began, so two changes within one timestamp tick cannot
+        hide behind an unchanged mtime.
+        """
+        cache: dict[str, tuple[tuple[int, int, int, int], builtins.list[str]]]
+        cache = self.__dict__.setdefault("_names_cache", {})
+        path = self.state_dir(state)
+        started = time.time_ns()
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return []
+        key = (st.st_ino, st.st_nlink, st.st_mtime_ns, st.st_ctime_ns)
+        hit = cache.get(state)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        names = [e.name for e in self._entries(state) if valid_name(e.name) and e.is_dir()]
+        names.sort()  # callers share this list: never change it
+        if started - max(st.st_mtime_ns, st.st_ctime_ns) > 1_000_000_000:
+            cache[state] = (key, names)
+        else:
+            cache.pop(state, None)
+        return names
+
+    def hold_unqueued(self, name: str) -> Hold | None:
+        """Hold a job that is in data/, success/ or error/ while its files are changed.
+
+        With the job's lock taken no processor can claim it and nobody can delete it,
+        so an upload renamed into place under the hold is complete before any task
+        sees the job, even if it is queued meanwhile. None if the job is queued,
+        processing or held by someone else; JobNotFound if there is none.
+        """
+        for _ in range(3):
+            job = self.get(name)
+            if job.state in ("queue", "processing"):
+                return None
+            fd = _lock(job.path)
+            if fd is None:
+                if job.path.exists():
+                    return None
+                continue  # moved meanwhile: look again
+            now = self.find(name)
+            if (
+                now is not None
+                and now.state not in ("queue", "processing")
+                and _same_file(fd, now.path / LOCK_FILE)
+            ):
+                return Hold(name, now.path, fd)
+            os.close(fd)
+            if now is not None and now.state in ("queue", "processing"):
+                return None
         raise JobBusy(f"job {name!r} keeps changing state")

@@ -1,0 +1,194 @@
+"""The HTTP API application: routes, authentication, request ids and JSON errors.
+
+`create_app(cfg, store)` does all its setup at once (tokens, routes), so the app runs
+under uvicorn with `lifespan="off"`. Authentication, request ids and the last-resort
+500 live in one plain ASGI middleware: it sits on every request, so it must be cheap.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from batchingest import __version__
+from batchingest.api import auth, files, jobs, openapi
+from batchingest.api.errors import ApiError
+from batchingest.api.paths import unsafe_url_path
+from batchingest.config import Config
+from batchingest.store import Store
+
+log = logging.getLogger("batchingest.api")
+
+REQUEST_ID = "batchingest.request_id"  # scope key
+_CLIENT_ID = re.compile(rb"[A-Za-z0-9._:-]{1,64}")
+PUBLIC_PATHS = frozenset({"/healthz"})
+
+_HTTP_CODES = {
+    400: "BadRequest",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "NotFound",
+    405: "MethodNotAllowed",
+    409: "Conflict",
+    413: "PayloadTooLarge",
+    416: "RangeNotSatisfiable",
+    500: "InternalError",
+    503: "ServiceUnavailable",
+}
+
+
+def _new_request_id() -> str:
+    return os.urandom(8).hex()
+
+
+def error_body(
+    scope: Scope, status: int, code: str, message: str, extra: dict[str, Any] | None = None
+) -> Response:
+    """The one JSON shape of every error, with X-Error-Code."""
+    body: dict[str, Any] = {
+        "code": code,
+        "message": message,
+        "request_id": scope.get(REQUEST_ID, ""),
+        "resource": scope.get("path", ""),
+    }
+    if extra:
+        for key, value in extra.items():
+            body.setdefault(key, value)
+    response = jobs.json_response(body, status)
+    response.headers["X-Error-Code"] = code
+    return response
+
+
+class ApiMiddleware:
+    """Request ids, token checks and a JSON 500 for anything unexpected."""
+
+    def __init__(self, app: ASGIApp, checker: auth.TokenChecker) -> None:
+        self.app = app
+        self.checker = checker
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = None
+        for key, value in scope["headers"]:
+            if key == b"x-request-id" and _CLIENT_ID.fullmatch(value):
+                request_id = value.decode()
+        request_id = request_id or _new_request_id()
+        scope[REQUEST_ID] = request_id
+        rid_header = (b"x-request-id", request_id.encode())
+        started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                message["headers"] = [*message.get("headers", ()), rid_header]
+            await send(message)
+
+        path: str = scope["path"]
+        if path not in PUBLIC_PATHS and not self.checker.check(scope["headers"]):
+            response = error_body(
+                scope,
+                401,
+                "Unauthorized",
+                "a valid token is required (X-Api-Token or Authorization)",
+            )
+            response.headers["WWW-Authenticate"] = 'Bearer realm="batchingest"'
+            await response(scope, receive, send_with_id)
+            return
+        if (path.startswith("/jobs/") or path.startswith("/dts/")) and unsafe_url_path(path):
+            response = error_body(
+                scope,
+                400,
+                "InvalidPath",
+                "paths must not contain '.' or '..' segments, NUL or '\\'",
+            )
+            await response(scope, receive, send_with_id)
+            return
+        try:
+            await self.app(scope, receive, send_with_id)
+        except ClientDisconnect:
+            log.info("request %s: client went away", request_id)
+        except Exception:
+            log.exception("request %s %s %s failed", request_id, scope["method"], path)
+            if not started:
+                response = error_body(
+                    scope,
+                    500,
+                    "InternalError",
+                    f"internal error; see the service log for {request_id}",
+                )
+                await response(scope, receive, send_with_id)
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    response = error_body(request.scope, exc.status, exc.code, exc.message, exc.extra)
+    for key, value in exc.headers.items():
+        response.headers[key] = value
+    return response
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    status = exc.status_code
+    code = _HTTP_CODES.get(status, "HTTPError")
+    if status == 404:
+        message = f"no route {request.url.path}"
+    elif status == 405:
+        message = f"{request.method} is not allowed here"
+    else:
+        message = str(exc.detail)
+    response = error_body(request.scope, status, code, message)
+    for key, value in (exc.headers or {}).items():
+        response.headers[key] = value
+    return response
+
+
+def _staging_routes(cfg: Config, store: Store) -> tuple[list[BaseRoute], dict[str, Any]]:
+    try:
+        from batchingest.api import staging as staging_api
+    except ImportError:
+        return [], {}
+    return list(staging_api.routes(cfg, store)), dict(getattr(staging_api, "OPENAPI_PATHS", {}))
+
+
+def create_app(cfg: Config, store: Store) -> Starlette:
+    checker = auth.TokenChecker(auth.load_tokens(cfg, store))
+    staging_routes, staging_paths = _staging_routes(cfg, store)
+    spec = openapi.spec(__version__, staging_paths)
+    spec_body = jobs.json_response(spec).body
+
+    async def index(request: Request) -> Response:
+        return jobs.json_response({"name": "batchingest", "version": __version__})
+
+    async def healthz(request: Request) -> Response:
+        return jobs.json_response({"status": "ok"})
+
+    async def openapi_json(request: Request) -> Response:
+        return Response(spec_body, media_type="application/json")
+
+    routes: list[BaseRoute] = [
+        Route("/", index, methods=["GET"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/openapi.json", openapi_json, methods=["GET"]),
+        *jobs.routes(cfg, store),
+        *files.routes(cfg, store),
+        *staging_routes,
+    ]
+    return Starlette(
+        routes=routes,
+        middleware=[Middleware(ApiMiddleware, checker=checker)],
+        exception_handlers={ApiError: _api_error, HTTPException: _http_error},
+    )

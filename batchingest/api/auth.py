@@ -1,0 +1,100 @@
+"""API tokens: where they come from and how a request proves it has one.
+
+Tokens come from `BATCHINGEST_TOKENS` / `--tokens` and `--token-file`. With none
+configured the service makes one and keeps it in `ROOT/.api-token` (mode 0600), so a
+fresh service is usable at once and never open. Tokens are compared in constant time
+against every configured token, and are never logged.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import secrets
+from pathlib import Path
+
+from batchingest.config import Config
+from batchingest.store import Store
+
+log = logging.getLogger("batchingest.api")
+
+TOKEN_FILE_NAME = "api-token"  # store.service_path(...) -> ROOT/.api-token
+
+
+class TokenError(Exception):
+    """The configured tokens cannot be used (unreadable token file, ...)."""
+
+
+def read_token_file(path: Path) -> list[str]:
+    """One token per line; blank lines and lines starting with '#' are skipped."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise TokenError(f"cannot read token file {path}: {e}") from e
+    tokens = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            tokens.append(line)
+    return tokens
+
+
+def _generated_token(store: Store) -> str:
+    """Reuse ROOT/.api-token if it holds a token, else write a new one there (0600)."""
+    path = store.service_path(TOKEN_FILE_NAME)
+    try:
+        existing = read_token_file(path)
+    except TokenError:
+        existing = []
+    if existing:
+        log.info("no API token configured: using the one in %s", path)
+        return existing[0]
+    token = secrets.token_urlsafe(32)
+    tmp = path.with_name(f"{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, (token + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    log.warning("no API token configured: generated one in %s (mode 0600)", path)
+    return token
+
+
+def load_tokens(cfg: Config, store: Store) -> list[bytes]:
+    tokens = [t for t in cfg.tokens if t]
+    if cfg.token_file is not None:
+        tokens += read_token_file(cfg.token_file)
+    if not tokens:
+        tokens = [_generated_token(store)]
+    return [t.encode() for t in tokens]
+
+
+class TokenChecker:
+    """Finds the token in a request's raw ASGI headers and checks it."""
+
+    def __init__(self, tokens: list[bytes]) -> None:
+        if not tokens:
+            raise ValueError("at least one token is needed")
+        self.tokens = tokens
+
+    def valid(self, candidate: bytes) -> bool:
+        ok = False
+        # no early exit: the time taken must not tell which token came close
+        for token in self.tokens:
+            ok |= hmac.compare_digest(candidate, token)
+        return ok
+
+    def check(self, headers: list[tuple[bytes, bytes]]) -> bool:
+        for key, value in headers:
+            if key == b"x-api-token":
+                if self.valid(value.strip()):
+                    return True
+            elif key == b"authorization":
+                scheme, _, rest = value.strip().partition(b" ")
+                # "Token" is how DTS clients send theirs
+                if scheme.lower() in (b"bearer", b"token") and self.valid(rest.strip()):
+                    return True
+        return False

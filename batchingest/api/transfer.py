@@ -1,0 +1,213 @@
+"""Moving file bytes over HTTP: streamed uploads to hidden temporary files, and downloads.
+
+Both directions move large chunks through a worker thread (hashing and pread/write
+release the GIL), with the next chunk's disk work overlapping the network work of the
+current one, so the event loop stays free and memory stays at a few chunks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import os
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from email.utils import formatdate
+
+from anyio import to_thread
+from starlette.types import Receive, Scope, Send
+
+from batchingest.api.errors import ApiError
+
+WRITE_CHUNK = 4 << 20
+READ_CHUNK = 1 << 20
+
+
+# -- uploads ---------------------------------------------------------------------------
+
+
+@dataclass
+class Upload:
+    size: int
+    sha256: bytes
+
+
+def expected_sha256(header: str | None) -> bytes | None:
+    """The sha-256 member of an RFC 9530 `Content-Digest` header, if any.
+
+    Other algorithms are ignored, as the RFC allows; a malformed sha-256 value is a 400.
+    """
+    if not header:
+        return None
+    for member in header.split(","):
+        key, sep, value = member.strip().partition("=")
+        if not sep or key.strip().lower() != "sha-256":
+            continue
+        value = value.strip()
+        if len(value) < 2 or value[0] != ":" or value[-1] != ":":
+            raise ApiError(400, "InvalidDigest", "Content-Digest sha-256 must be :<base64>:")
+        try:
+            digest = base64.b64decode(value[1:-1], validate=True)
+        except (binascii.Error, ValueError):
+            raise ApiError(400, "InvalidDigest", "Content-Digest sha-256 is not base64") from None
+        if len(digest) != 32:
+            raise ApiError(400, "InvalidDigest", "Content-Digest sha-256 is not 32 bytes")
+        return digest
+    return None
+
+
+def too_large(limit: int) -> ApiError:
+    return ApiError(413, "PayloadTooLarge", f"uploads are limited to {limit} bytes")
+
+
+def _write_all(fd: int, data: bytes, hasher: hashlib._Hash) -> None:
+    hasher.update(data)
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+async def receive_into(fd: int, chunks: AsyncIterator[bytes], max_upload: int) -> Upload:
+    """Write a request body into fd, hashing it; raise too_large past max_upload.
+
+    Network chunks (~64 KiB from uvicorn) are gathered into WRITE_CHUNK pieces; one piece
+    is hashed and written in a thread while the next one is being received.
+    """
+    hasher = hashlib.sha256()
+    size = 0
+    parts: list[bytes] = []
+    gathered = 0
+    pending: asyncio.Future[None] | None = None
+    try:
+        async for chunk in chunks:
+            if not chunk:
+                continue
+            size += len(chunk)
+            if max_upload and size > max_upload:
+                raise too_large(max_upload)
+            parts.append(chunk)
+            gathered += len(chunk)
+            if gathered >= WRITE_CHUNK:
+                if pending is not None:
+                    await pending
+                data = b"".join(parts)
+                parts.clear()
+                gathered = 0
+                pending = asyncio.ensure_future(to_thread.run_sync(_write_all, fd, data, hasher))
+        if pending is not None:
+            await pending
+            pending = None
+        if parts:
+            await to_thread.run_sync(_write_all, fd, b"".join(parts), hasher)
+    finally:
+        if pending is not None:
+            # let the thread finish with fd before the caller closes it
+            await asyncio.shield(pending)
+    return Upload(size, hasher.digest())
+
+
+# -- downloads ---------------------------------------------------------------------------
+
+
+def http_date(ts: float) -> str:
+    return formatdate(ts, usegmt=True)
+
+
+def etag_of(st: os.stat_result) -> str:
+    return f'"{st.st_mtime_ns:x}-{st.st_size:x}"'
+
+
+_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """(start, end exclusive) of a single byte range, or None to send everything.
+
+    Several ranges or a syntax we do not know are ignored (the whole file is sent, as
+    RFC 9110 allows); a range beyond the end is a 416.
+    """
+    if not header:
+        return None
+    m = _RANGE.fullmatch(header.strip())
+    if m is None or (not m.group(1) and not m.group(2)):
+        return None
+    first, last = m.group(1), m.group(2)
+    if first:
+        start = int(first)
+        end = min(int(last) + 1, size) if last else size
+        if last and int(last) < start:
+            return None
+    else:
+        start, end = max(size - int(last), 0), size
+        if int(last) == 0:
+            start = size
+    if start >= size:
+        raise ApiError(
+            416,
+            "RangeNotSatisfiable",
+            f"range {header.strip()!r} is outside the file of {size} bytes",
+            headers={"Content-Range": f"bytes */{size}"},
+        )
+    return start, end
+
+
+class FileBody:
+    """An ASGI response streaming [start, end) of an open file descriptor, then closing it."""
+
+    def __init__(
+        self, fd: int, status: int, headers: list[tuple[bytes, bytes]], start: int, end: int
+    ) -> None:
+        self.fd = fd
+        self.status = status
+        self.headers = headers
+        self.start = start
+        self.end = end
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await send(
+                {"type": "http.response.start", "status": self.status, "headers": self.headers}
+            )
+            if scope["method"] == "HEAD" or self.start >= self.end:
+                await send({"type": "http.response.body", "body": b""})
+                return
+            await self._stream(receive, send)
+        finally:
+            os.close(self.fd)
+
+    async def _stream(self, receive: Receive, send: Send) -> None:
+        gone = asyncio.Event()
+
+        async def watch() -> None:
+            # uvicorn drops body messages to a vanished client silently; notice it here
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            offset = self.start
+            n = min(READ_CHUNK, self.end - offset)
+            nxt: asyncio.Future[bytes] = asyncio.ensure_future(
+                to_thread.run_sync(os.pread, self.fd, n, offset)
+            )
+            while True:
+                data = await nxt
+                if not data:
+                    raise OSError("file shrank while it was being sent")
+                offset += len(data)
+                more = offset < self.end
+                if more:
+                    n = min(READ_CHUNK, self.end - offset)
+                    nxt = asyncio.ensure_future(to_thread.run_sync(os.pread, self.fd, n, offset))
+                await send({"type": "http.response.body", "body": data, "more_body": more})
+                if not more or gone.is_set():
+                    if more:
+                        await nxt
+                    return
+        finally:
+            watcher.cancel()
