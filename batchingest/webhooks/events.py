@@ -45,7 +45,8 @@ def lane_key(job_name: str) -> str:
     lane. Two different jobs NAME and NAME-001 then share a lane, which only costs
     parallelism, never order.
     """
-    return _SUFFIX.sub("", job_name)
+    # cut to the length the store keeps of a long name when it adds a suffix
+    return _SUFFIX.sub("", job_name)[:249]
 
 
 def read_log_tail(job_dir: Path, cap: int = LOG_CAP) -> tuple[str, bool]:
