@@ -96,8 +96,8 @@ def _non_negative_int(value: str) -> int:
 
 def _seconds(value: str) -> float:
     s = float(value)
-    if s < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative: {value}")
+    if not s >= 0:  # written so that nan, which compares false to everything, is refused too
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, not negative: {value}")
     return s
 
 
@@ -161,7 +161,8 @@ def config_from_args(
     for flag, kind, default, _help in _OPTIONS:
         attr = flag.replace("-", "_")
         value = getattr(args, attr, None)
-        if value is None and env_name(flag) in environ:
+        # an empty variable counts as unset: BATCHINGEST_ROOT= must not mean "the current folder"
+        if value is None and environ.get(env_name(flag), "") != "":
             raw = environ[env_name(flag)]
             try:
                 value = _bool(raw) if kind is bool else kind(raw)  # type: ignore[operator]

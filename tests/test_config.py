@@ -1,0 +1,211 @@
+"""Settings: flags, BATCHINGEST_* environment variables, defaults and bad values."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from batchingest.config import SECRET_ENV, Config, env_name, parse_serve_args
+
+
+def parse(*argv: str, **env: str) -> Config:
+    return parse_serve_args(list(argv), environ=env)
+
+
+def test_defaults(tmp_path: Path) -> None:
+    cfg = parse("--root", str(tmp_path))
+    assert cfg.root == tmp_path
+    assert (cfg.workers, cfg.poll_interval, cfg.grace) == (2, 2.0, 30.0)
+    assert cfg.task_timeout is None and cfg.force_polling is False
+    assert cfg.api and cfg.processor
+    assert cfg.tasks is None and cfg.tasks_dir == tmp_path / "tasks"
+    assert cfg.tokens == [] and cfg.webhook_allow == []
+    assert not cfg.staging_enabled
+
+
+def test_env_names() -> None:
+    assert env_name("root") == "BATCHINGEST_ROOT"
+    assert env_name("poll-interval") == "BATCHINGEST_POLL_INTERVAL"
+    assert "BATCHINGEST_TOKENS" in SECRET_ENV
+
+
+def test_root_is_required() -> None:
+    with pytest.raises(SystemExit) as e:
+        parse()
+    assert "--root (or BATCHINGEST_ROOT) is required" in str(e.value.code)
+
+
+def test_root_from_env_is_made_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    cfg = parse(BATCHINGEST_ROOT="jobs", BATCHINGEST_TASKS="t")
+    assert cfg.root == tmp_path / "jobs"
+    assert cfg.tasks == tmp_path / "t" and cfg.tasks_dir == tmp_path / "t"
+
+
+def test_flags_win_over_env(tmp_path: Path) -> None:
+    cfg = parse(
+        "--root",
+        str(tmp_path / "flag"),
+        "--workers",
+        "7",
+        "--poll-interval",
+        "0.25",
+        BATCHINGEST_ROOT=str(tmp_path / "env"),
+        BATCHINGEST_WORKERS="3",
+        BATCHINGEST_POLL_INTERVAL="9",
+        BATCHINGEST_GRACE="4.5",
+    )
+    assert cfg.root == tmp_path / "flag"
+    assert cfg.workers == 7 and cfg.poll_interval == 0.25
+    assert cfg.grace == 4.5  # no flag given: the environment counts
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("1", True),
+        ("true", True),
+        ("YES", True),
+        (" on ", True),
+        ("0", False),
+        ("false", False),
+        ("No", False),
+        ("off", False),
+        ("", False),
+    ],
+)
+def test_booleans_from_env(value: str, expected: bool) -> None:
+    cfg = parse(
+        BATCHINGEST_ROOT="/r", BATCHINGEST_FORCE_POLLING=value, BATCHINGEST_STAGE_VERIFY=value
+    )
+    assert cfg.force_polling is expected and cfg.stage_verify is expected
+
+
+def test_boolean_flags() -> None:
+    cfg = parse("--root", "/r", "--force-polling", "--no-api", BATCHINGEST_FORCE_POLLING="0")
+    assert cfg.force_polling is True  # the switch on the command line wins
+    assert cfg.api is False and cfg.processor is True
+    cfg = parse("--root", "/r", BATCHINGEST_NO_PROCESSOR="true")
+    assert cfg.api is True and cfg.processor is False
+
+
+def test_no_api_and_no_processor_together_is_refused() -> None:
+    with pytest.raises(SystemExit) as e:
+        parse("--root", "/r", "--no-api", BATCHINGEST_NO_PROCESSOR="1")
+    assert "leave nothing to run" in str(e.value.code)
+
+
+@pytest.mark.parametrize(
+    ("var", "value", "reason"),
+    [
+        ("BATCHINGEST_FORCE_POLLING", "maybe", "not a boolean: 'maybe'"),
+        ("BATCHINGEST_WORKERS", "0", "must be at least 1"),
+        ("BATCHINGEST_WORKERS", "two", "invalid literal"),
+        ("BATCHINGEST_POLL_INTERVAL", "-1", "not negative: -1"),
+        ("BATCHINGEST_POLL_INTERVAL", "nan", "must be a number of seconds, not negative: nan"),
+        ("BATCHINGEST_GRACE", "soon", "could not convert"),
+        ("BATCHINGEST_PORT", "http", "invalid literal"),
+        ("BATCHINGEST_MAX_UPLOAD", "-5", "must not be negative"),
+        ("BATCHINGEST_WEBHOOK_RETRIES", "-1", "must not be negative"),
+        ("BATCHINGEST_STAGE_PARALLEL", "0", "must be at least 1"),
+    ],
+)
+def test_bad_env_values_exit_with_a_clear_message(var: str, value: str, reason: str) -> None:
+    with pytest.raises(SystemExit) as e:
+        parse(BATCHINGEST_ROOT="/r", **{var: value})
+    message = str(e.value.code)
+    assert message.startswith(f"batchingest: bad {var}: ")
+    assert reason in message
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--workers", "0"),
+        ("--workers", "x"),
+        ("--grace", "-3"),
+        ("--task-timeout", "nan"),
+        ("--port", "eighty"),
+    ],
+)
+def test_bad_flag_values_exit(flag: str, value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        parse("--root", "/r", flag, value)
+    assert e.value.code == 2
+    assert f"argument {flag}" in capsys.readouterr().err
+
+
+def test_empty_env_values_count_as_unset(tmp_path: Path) -> None:
+    """`BATCHINGEST_ROOT= batchingest serve` must not quietly serve the current folder."""
+    with pytest.raises(SystemExit, match="is required"):
+        parse(BATCHINGEST_ROOT="")
+    cfg = parse(
+        "--root",
+        str(tmp_path),
+        BATCHINGEST_TASKS="",
+        BATCHINGEST_WORKERS="",
+        BATCHINGEST_WEBHOOK_SECRET="",
+    )
+    assert cfg.tasks is None and cfg.tasks_dir == tmp_path / "tasks"
+    assert cfg.workers == 2 and cfg.webhook_secret is None
+
+
+def test_lists_and_secrets(tmp_path: Path) -> None:
+    cfg = parse(
+        "--root",
+        str(tmp_path),
+        "--webhook-allow",
+        "example.org, 10.0.0.0/8,",
+        BATCHINGEST_TOKENS=" a ,b,,c ",
+        BATCHINGEST_WEBHOOK_SECRET="s3cret",
+    )
+    assert cfg.tokens == ["a", "b", "c"]
+    assert cfg.webhook_allow == ["example.org", "10.0.0.0/8"]
+    # secrets stay out of the printed settings (and so out of logs)
+    assert "s3cret" not in repr(cfg) and "'a'" not in repr(cfg)
+
+
+def test_task_env(tmp_path: Path) -> None:
+    cfg = parse("--root", str(tmp_path))
+    assert cfg.task_env() == {"BATCHINGEST_STAGE_PARALLEL": "4", "BATCHINGEST_STAGE_VERIFY": "0"}
+    cfg = parse(
+        "--root",
+        str(tmp_path),
+        "--archive",
+        "/arch",
+        "--staging",
+        "/stage",
+        "--stage-verify",
+        BATCHINGEST_STAGE_PARALLEL="8",
+    )
+    assert cfg.staging_enabled
+    assert cfg.task_env() == {
+        "BATCHINGEST_ARCHIVE": "/arch",
+        "BATCHINGEST_STAGING": "/stage",
+        "BATCHINGEST_STAGE_PARALLEL": "8",
+        "BATCHINGEST_STAGE_VERIFY": "1",
+    }
+
+
+def test_command_line_errors(tmp_path: Path) -> None:
+    """The real command: a missing root and a bad env value are one clear line, exit != 0."""
+    env = {"PATH": "/usr/bin:/bin"}
+    run = [sys.executable, "-m", "batchingest.cli", "serve"]
+    p = subprocess.run(run, env=env, capture_output=True, text=True, timeout=30)
+    assert p.returncode != 0
+    assert "--root (or BATCHINGEST_ROOT) is required" in p.stderr
+    assert "Traceback" not in p.stderr
+    p = subprocess.run(
+        run,
+        env={**env, "BATCHINGEST_ROOT": str(tmp_path), "BATCHINGEST_WORKERS": "-2"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert p.returncode != 0
+    assert "bad BATCHINGEST_WORKERS: must be at least 1: -2" in p.stderr
+    assert "Traceback" not in p.stderr
+    assert not (tmp_path / "queue").exists()  # nothing was started
