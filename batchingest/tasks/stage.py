@@ -24,12 +24,13 @@ import ctypes
 import errno
 import fcntl
 import hashlib
+import itertools
 import os
+import secrets
 import stat
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -86,11 +87,26 @@ def syncfs(path: str) -> bool:
     return True
 
 
-def copy_fd(src: int, dst: int, size: int) -> None:
-    """Copy size bytes with the kernel's fast paths: copy_file_range, sendfile, read/write."""
+_FALLBACK_ERRNOS = (
+    errno.EXDEV,
+    errno.ENOSYS,
+    errno.EINVAL,
+    errno.EOPNOTSUPP,
+    errno.ENOTSUP,
+    errno.EBADF,
+    errno.EPERM,
+)
+
+
+def copy_fd(src: int, dst: int, size: int) -> int:
+    """Copy with the kernel's fast paths (copy_file_range, sendfile, else read/write).
+
+    Stops after `size` bytes, saving the end-of-file probe on small files; the caller
+    checks that the source did not change meanwhile. Returns the bytes copied.
+    """
     done = 0
     method = "copy_file_range" if hasattr(os, "copy_file_range") else "sendfile"
-    while True:
+    while size > 0:
         try:
             if method == "copy_file_range":
                 n = os.copy_file_range(src, dst, max(CHUNK, size - done))
@@ -103,26 +119,14 @@ def copy_fd(src: int, dst: int, size: int) -> None:
                 while view:
                     view = view[os.write(dst, view) :]
         except OSError as e:
-            if (
-                method != "readwrite"
-                and done == 0
-                and e.errno
-                in (
-                    errno.EXDEV,
-                    errno.ENOSYS,
-                    errno.EINVAL,
-                    errno.EOPNOTSUPP,
-                    errno.ENOTSUP,
-                    errno.EBADF,
-                    errno.EPERM,
-                )
-            ):
+            if method != "readwrite" and done == 0 and e.errno in _FALLBACK_ERRNOS:
                 method = "sendfile" if method == "copy_file_range" else "readwrite"
                 continue
             raise
-        if n == 0:
-            return
         done += n
+        if n == 0 or done >= size:
+            return done
+    return 0
 
 
 def sha256_fd(fd: int) -> str:
@@ -133,8 +137,13 @@ def sha256_fd(fd: int) -> str:
     return h.hexdigest()
 
 
+_temp_ids = itertools.count()
+_RUN = f"{os.getpid()}-{secrets.token_hex(4)}"
+
+
 def temp_name(job: str) -> str:
-    return f"{TEMP_PREFIX}{job}.{uuid.uuid4().hex}{TEMP_SUFFIX}"
+    """A temporary name unique to this run (no random numbers per file: it's a hot path)."""
+    return f"{TEMP_PREFIX}{job}.{_RUN}-{next(_temp_ids)}{TEMP_SUFFIX}"
 
 
 def remove_leftovers(folder: str, job: str) -> int:
@@ -292,7 +301,7 @@ class Stager:
             try:
                 fcntl.flock(dst, fcntl.LOCK_EX)
                 try:
-                    copy_fd(src, dst, st.st_size)
+                    copied = copy_fd(src, dst, st.st_size)
                 except OSError as e:
                     if e.errno in TARGET_ERRNOS:
                         raise TargetError(f"staging area: {e.strerror}") from None
@@ -300,7 +309,7 @@ class Stager:
                 after = os.fstat(src)
                 if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
                     raise SourceError("changed in the archive while being copied")
-                if os.fstat(dst).st_size != st.st_size:
+                if copied != st.st_size:
                     raise SourceError("copy is shorter than the archive file")
                 if self.verify:
                     a, b = sha256_fd(src), sha256_fd(dst)

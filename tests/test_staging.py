@@ -1,0 +1,214 @@
+"""Staging ids, paths, catalog, manifest, progress and status (no service needed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import string
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from batchingest.staging import (
+    MANIFEST,
+    Catalog,
+    InvalidPath,
+    Progress,
+    Resolver,
+    StagingError,
+    check_relpath,
+    last_log_line,
+    load_manifest,
+    manifest_bytes,
+    read_progress,
+    status,
+    write_progress,
+)
+
+
+@pytest.fixture
+def areas(tmp_path: Path) -> tuple[Path, Path]:
+    archive, staging = tmp_path / "archive", tmp_path / "staging"
+    (archive / "p" / "q").mkdir(parents=True)
+    staging.mkdir()
+    (archive / "p" / "q" / "a.fastq").write_bytes(b"A" * 10)
+    (archive / "top.txt").write_bytes(b"top")
+    (tmp_path / "secret.txt").write_text("outside")
+    return archive, staging
+
+
+# -- path rules -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["", "/etc/passwd", "../x", "a/../../x", "a/..", "./a", "a/./b", "a//b", "a/", ".hidden",
+     "a/.b/c", "a\x00b", "a\nb", "a\\b", "x" * 256, "a/" * 2100 + "b"],
+)  # fmt: skip
+def test_bad_paths_are_refused(bad: str) -> None:
+    with pytest.raises(InvalidPath):
+        check_relpath(bad)
+
+
+@pytest.mark.parametrize("good", ["a", "a/b/c.txt", "proj1/reads/a.fastq", "a b/c-d_e.f", "é/ü"])
+def test_good_paths_pass(good: str) -> None:
+    assert check_relpath(good) == good
+
+
+_segment = st.text(alphabet=string.ascii_letters + string.digits + "._- ", min_size=1, max_size=8)
+_weird = st.sampled_from(["..", ".", "", "/", "\\", "\x00", "~", "%2e%2e", "..."])
+_path = st.lists(st.one_of(_segment, _weird), min_size=1, max_size=6).map("/".join)
+
+
+@given(rel=st.one_of(_path, st.text(max_size=40)), absolute=st.booleans())
+@settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_no_id_resolves_outside_the_archive(
+    areas: tuple[Path, Path], rel: str, absolute: bool
+) -> None:
+    archive, _ = areas
+    file_id = "/" + rel if absolute else rel
+    entries, invalid, unresolved = Resolver(archive).resolve([file_id])
+    for e in entries:
+        real = os.path.realpath(archive / e.path)
+        assert real.startswith(os.path.realpath(archive) + "/")
+        assert Path(real).is_file()
+        assert e.path == file_id
+    assert len(entries) + len(invalid) + len(unresolved) == 1
+    if absolute or ".." in file_id.split("/"):
+        assert not entries
+
+
+def test_symlinks_leading_outside_do_not_resolve(areas: tuple[Path, Path]) -> None:
+    archive, _ = areas
+    outside = archive.parent / "secret.txt"
+    (archive / "link.txt").symlink_to(outside)
+    (archive / "dirlink").symlink_to(archive.parent)
+    (archive / "inside.txt").symlink_to(archive / "top.txt")
+    (archive / "p" / "dirin").symlink_to(archive / "p" / "q")
+    ids = ["link.txt", "dirlink/secret.txt", "inside.txt", "p/dirin/a.fastq", "p", "p/q"]
+    entries, invalid, unresolved = Resolver(archive).resolve(ids)
+    assert [e.path for e in entries] == ["inside.txt", "p/dirin/a.fastq"]
+    assert invalid == []
+    # folders are not regular files
+    assert unresolved == ["link.txt", "dirlink/secret.txt", "p", "p/q"]
+
+
+def test_resolve_dedupes_and_reports(areas: tuple[Path, Path]) -> None:
+    archive, _ = areas
+    entries, invalid, unresolved = Resolver(archive).resolve(
+        ["top.txt", "p/q/a.fastq", "top.txt", "../etc/passwd", "/etc/passwd", "nope"]
+    )
+    assert [(e.id, e.path, e.size) for e in entries] == [
+        ("top.txt", "top.txt", 3),
+        ("p/q/a.fastq", "p/q/a.fastq", 10),
+    ]
+    assert invalid == ["../etc/passwd", "/etc/passwd"]
+    assert unresolved == ["nope"]
+
+
+# -- catalog ----------------------------------------------------------------------------------
+
+
+def test_catalog_ids_and_reload(areas: tuple[Path, Path], tmp_path: Path) -> None:
+    archive, _ = areas
+    catalog = tmp_path / "catalog.tsv"
+    catalog.write_text(
+        "# id\tpath\n615a383dcc4ff44f36ca5ba2\tp/q/a.fastq\n\nbad\t../../etc/passwd\n"
+        "hidden\t.x\nnotab\n61412246cc4ff44f36c8913f\ttop.txt\n"
+    )
+    r = Resolver(archive, catalog)
+    entries, invalid, unresolved = r.resolve(
+        ["615a383dcc4ff44f36ca5ba2", "61412246cc4ff44f36c8913f", "bad", "hidden", "top.txt"]
+    )
+    assert [(e.id, e.path) for e in entries] == [
+        ("615a383dcc4ff44f36ca5ba2", "p/q/a.fastq"),
+        ("61412246cc4ff44f36c8913f", "top.txt"),
+    ]
+    # catalog ids are opaque: paths are not ids, bad catalog lines are skipped
+    assert invalid == []
+    assert unresolved == ["bad", "hidden", "top.txt"]
+
+    catalog.write_text("new-id\ttop.txt\n")
+    os.utime(catalog, ns=(time.time_ns(), time.time_ns() + 10**9))
+    entries, _, unresolved = r.resolve(["new-id", "615a383dcc4ff44f36ca5ba2"])
+    assert [e.path for e in entries] == ["top.txt"]
+    assert unresolved == ["615a383dcc4ff44f36ca5ba2"]
+
+
+def test_missing_catalog_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(StagingError, match="catalog"):
+        Catalog(tmp_path / "none.tsv").ids()
+
+
+# -- manifest, progress, status -------------------------------------------------------------
+
+
+def test_manifest_round_trip(areas: tuple[Path, Path], tmp_path: Path) -> None:
+    archive, staging = areas
+    entries, _, _ = Resolver(archive).resolve(["top.txt", "p/q/a.fastq"])
+    job = tmp_path / "job"
+    job.mkdir()
+    (job / MANIFEST).write_bytes(manifest_bytes(entries, archive, staging, "rid"))
+    data = json.loads((job / MANIFEST).read_bytes())
+    assert data["files_total"] == 2 and data["bytes_total"] == 13
+    assert data["archive"] == str(archive) and data["request_id"] == "rid"
+    assert load_manifest(job) == entries
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["", "[]", '{"files": 1}', '{"files": [1]}', '{"files": [{"path": "../x", "size": 1}]}',
+     '{"files": [{"path": "/etc/passwd", "size": 1}]}', '{"files": [{"path": "a", "size": "1"}]}'],
+)  # fmt: skip
+def test_bad_manifests_are_refused(tmp_path: Path, content: str) -> None:
+    (tmp_path / MANIFEST).write_text(content)
+    with pytest.raises(StagingError, match="MANIFEST"):
+        load_manifest(tmp_path)
+
+
+def test_status_of_each_state(tmp_path: Path) -> None:
+    write_progress(tmp_path, Progress(3, 1, 300, 100))
+    for state in ("data", "queue", "processing"):
+        assert status(tmp_path, state) == {
+            "status": "staging",
+            "files_total": 3,
+            "files_staged": 1,
+            "bytes_total": 300,
+            "bytes_staged": 100,
+        }
+    ready = status(tmp_path, "success")
+    assert ready["status"] == "ready" and ready["files_staged"] == 3
+    assert ready["bytes_staged"] == 300
+    # no error recorded: the task's last LOG line, not the service's marker
+    (tmp_path / "LOG").write_text(
+        "2026-01-01T00:00:00.000Z batchingest: ---- task stage: begin ----\n"
+        "tape library says no\n\n"
+        "2026-01-01T00:00:01.000Z batchingest: ---- task stage: error, exit status 3 ----\n"
+    )
+    failed = status(tmp_path, "error")
+    assert failed["status"] == "failed" and failed["message"] == "tape library says no"
+    write_progress(tmp_path, Progress(3, 1, 300, 100, error="p/a: vanished from the archive"))
+    assert status(tmp_path, "error")["message"] == "p/a: vanished from the archive"
+
+
+def test_last_log_line_falls_back_to_the_marker(tmp_path: Path) -> None:
+    assert last_log_line(tmp_path) is None
+    (tmp_path / "LOG").write_text(
+        "old output\nT batchingest: ---- task stage: begin ----\n"
+        "T batchingest: ---- task stage: error, timed out after 5 s (5.0 s) ----\n"
+    )
+    assert last_log_line(tmp_path) == (
+        "T batchingest: ---- task stage: error, timed out after 5 s (5.0 s) ----"
+    )
+
+
+def test_garbage_progress_reads_as_none(tmp_path: Path) -> None:
+    (tmp_path / "PROGRESS.json").write_text("{not json")
+    assert read_progress(tmp_path) is None
+    (tmp_path / "PROGRESS.json").write_text('{"files_total": -1, "files_staged": "x"}')
+    p = read_progress(tmp_path)
+    assert p is not None and p.files_total == 0 and p.files_staged == 0
+    assert status(tmp_path, "queue")["files_total"] == 0

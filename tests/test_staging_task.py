@@ -1,0 +1,249 @@
+"""The built-in stage task, run as a real process the way the processor runs it."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from service import wait_for
+
+from batchingest.staging import MANIFEST, TEMP_PREFIX, Resolver, manifest_bytes, read_progress
+
+
+class Area:
+    def __init__(self, tmp: Path) -> None:
+        self.archive = tmp / "archive"
+        self.staging = tmp / "staging"
+        self.job = tmp / "root" / "processing" / "job1"
+        for d in (self.archive, self.staging, self.job):
+            d.mkdir(parents=True)
+
+    def add(self, rel: str, data: bytes) -> Path:
+        path = self.archive / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        return path
+
+    def manifest(self, ids: list[str]) -> None:
+        entries, invalid, unresolved = Resolver(self.archive).resolve(ids)
+        assert not invalid and not unresolved
+        (self.job / MANIFEST).write_bytes(
+            manifest_bytes(entries, self.archive, self.staging, "job1")
+        )
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(JOBPATH=str(self.job), JOBNAME="job1", JOBCONTROL=str(self.job / ".ctl"),
+                   BATCHINGEST_ARCHIVE=str(self.archive), BATCHINGEST_STAGING=str(self.staging),
+                   BATCHINGEST_STAGE_PARALLEL="4", BATCHINGEST_STAGE_VERIFY="0")  # fmt: skip
+        env.update(extra)
+        return env
+
+    def start(self, **extra: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "batchingest.tasks.stage"], cwd=self.job, env=self.env(**extra),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+
+    def run(self, **extra: str) -> tuple[int, str]:
+        p = self.start(**extra)
+        out, _ = p.communicate(timeout=120)
+        return p.returncode, out
+
+    def temps(self) -> list[Path]:
+        return [p for p in self.staging.rglob("*") if p.name.startswith(TEMP_PREFIX)]
+
+
+@pytest.fixture
+def area(tmp_path: Path) -> Area:
+    return Area(tmp_path)
+
+
+def test_stages_files_identically_and_skips_them_next_time(area: Area) -> None:
+    ids = [f"d{i % 3}/sub/f{i}.dat" for i in range(20)] + ["top.bin"]
+    for i, rel in enumerate(ids):
+        area.add(rel, os.urandom(1000 * i + 1))
+    big = area.add("big/large.bin", os.urandom(9 << 20))  # copied alone, fsync-ed
+    os.utime(big, ns=(1_000_000_000_123, 1_500_000_000_123_456_789))
+    area.manifest([*ids, "big/large.bin"])
+
+    code, out = area.run(BATCHINGEST_STAGE_VERIFY="1")
+    assert code == 0, out
+    assert "verifying SHA-256" in out
+    for rel in [*ids, "big/large.bin"]:
+        src, dst = area.archive / rel, area.staging / rel
+        assert dst.read_bytes() == src.read_bytes()
+        assert dst.stat().st_mtime_ns == src.stat().st_mtime_ns
+        assert f"copied {rel} " in out
+    assert area.temps() == []
+    progress = read_progress(area.job)
+    assert progress is not None and progress.error is None
+    assert progress.files_staged == progress.files_total == 22
+    assert (
+        progress.bytes_staged
+        == progress.bytes_total
+        == sum((area.archive / r).stat().st_size for r in [*ids, "big/large.bin"])
+    )
+
+    inodes = {rel: (area.staging / rel).stat().st_ino for rel in ids}
+    changed = area.add(ids[0], b"new content")  # the archive file changed: copy again
+    code, out = area.run()
+    assert code == 0, out
+    assert (area.staging / ids[0]).read_bytes() == b"new content"
+    assert f"copied {ids[0]} " in out
+    for rel in ids[1:]:
+        assert (area.staging / rel).stat().st_ino == inodes[rel]
+        assert f"already staged {rel} " in out
+    assert changed.exists()
+
+
+def test_vanished_file_fails_naming_it_and_rerun_finishes(area: Area) -> None:
+    for i in range(10):
+        area.add(f"a/f{i}", b"x" * (i + 1))
+    area.manifest([f"a/f{i}" for i in range(10)])
+    gone = area.archive / "a" / "f3"
+    saved = gone.read_bytes()
+    gone.unlink()
+
+    code, out = area.run()
+    assert code == 1
+    assert "a/f3: vanished from the archive" in out
+    progress = read_progress(area.job)
+    assert progress is not None and progress.error is not None
+    assert progress.error.startswith("a/f3: vanished from the archive")
+    assert progress.files_staged == 9
+    assert not (area.staging / "a" / "f3").exists()
+    assert (area.staging / "a" / "f9").read_bytes() == b"x" * 10
+
+    inode = (area.staging / "a" / "f9").stat().st_ino
+    gone.write_bytes(saved)
+    code, out = area.run()
+    assert code == 0, out
+    assert out.count("\nalready staged a/") == 9 and "copied a/f3 " in out
+    assert (area.staging / "a" / "f9").stat().st_ino == inode
+    progress = read_progress(area.job)
+    assert progress is not None and progress.error is None and progress.files_staged == 10
+
+
+def test_leftover_temporary_files_are_removed(area: Area) -> None:
+    area.add("d/f", b"data")
+    area.manifest(["d/f"])
+    (area.staging / "d").mkdir()
+    mine = area.staging / "d" / f"{TEMP_PREFIX}job1.123-0.tmp"
+    stale = area.staging / "d" / f"{TEMP_PREFIX}otherjob.9-9.tmp"
+    fresh = area.staging / "d" / f"{TEMP_PREFIX}otherjob.9-10.tmp"
+    live = area.staging / "d" / f"{TEMP_PREFIX}job1.9-11.tmp"
+    for p in (mine, stale, fresh, live):
+        p.write_bytes(b"partial")
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    with open(live, "rb") as held:  # a copy still running elsewhere holds its lock
+        fcntl.flock(held, fcntl.LOCK_EX)
+        code, out = area.run()
+    assert code == 0, out
+    assert "removed 2 temporary files" in out
+    assert not mine.exists() and not stale.exists()
+    assert fresh.exists() and live.exists()
+    assert (area.staging / "d" / "f").read_bytes() == b"data"
+
+
+def test_killed_mid_copy_leaves_no_partial_file_and_rerun_finishes(area: Area) -> None:
+    rels = [f"k/f{i}.bin" for i in range(6)]
+    for rel in rels:
+        area.add(rel, os.urandom(48 << 20))
+    area.manifest(rels)
+    p = area.start(BATCHINGEST_STAGE_PARALLEL="2", BATCHINGEST_STAGE_VERIFY="1")
+    wait_for(area.temps, timeout=60, interval=0.001, what="a copy in flight")
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    # under its real name a file is complete or absent
+    for rel in rels:
+        dst = area.staging / rel
+        if dst.exists():
+            assert dst.read_bytes() == (area.archive / rel).read_bytes()
+    code, out = area.run()
+    assert code == 0, out
+    assert area.temps() == []
+    for rel in rels:
+        assert (area.staging / rel).read_bytes() == (area.archive / rel).read_bytes()
+
+
+def test_staging_folder_leading_outside_is_refused(area: Area, tmp_path: Path) -> None:
+    area.add("esc/f", b"data")
+    area.manifest(["esc/f"])
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (area.staging / "esc").symlink_to(outside)
+    code, out = area.run()
+    assert code == 1
+    assert "esc/f: staging folder of esc/f leads outside the staging area" in out
+    assert list(outside.iterdir()) == []
+
+
+def test_archive_symlink_swapped_in_after_the_request_is_refused(
+    area: Area, tmp_path: Path
+) -> None:
+    area.add("s/f", b"data")
+    area.manifest(["s/f"])
+    (area.archive / "s" / "f").unlink()
+    (tmp_path / "secret").write_text("secret")
+    (area.archive / "s" / "f").symlink_to(tmp_path / "secret")
+    code, out = area.run()
+    assert code == 1
+    assert "s/f: leads outside the archive" in out
+    assert not (area.staging / "s" / "f").exists()
+
+
+@pytest.mark.parametrize(
+    ("manifest", "expect"),
+    [(None, "no MANIFEST.json"),
+     ('{"files": [{"id": "x", "path": "../../etc/passwd", "size": 1}]}', "'..' path component"),
+     ('{"files": [{"id": "x", "path": "/etc/passwd", "size": 1}]}', "absolute path")],
+)  # fmt: skip
+def test_bad_manifest_fails_before_copying(area: Area, manifest: str | None, expect: str) -> None:
+    if manifest is not None:
+        (area.job / MANIFEST).write_text(manifest)
+    code, out = area.run()
+    assert code == 2
+    assert expect in out
+    progress = read_progress(area.job)
+    assert progress is not None and progress.error is not None and expect in progress.error
+    assert list(area.staging.iterdir()) == []
+
+
+def test_without_staging_settings_it_fails_clearly(area: Area) -> None:
+    area.add("f", b"x")
+    area.manifest(["f"])
+    env = area.env()
+    del env["BATCHINGEST_STAGING"]
+    p = subprocess.run([sys.executable, "-m", "batchingest.tasks.stage"], cwd=area.job, env=env,
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert p.returncode == 2
+    assert "BATCHINGEST_STAGING is not set" in p.stdout
+
+
+def test_full_staging_area_fails_naming_the_file(area: Area) -> None:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(area.staging)],
+                      capture_output=True).returncode != 0:  # fmt: skip
+        pytest.skip("cannot mount a small tmpfs here")
+    try:
+        area.add("s/small", b"s" * 1000)
+        area.add("s/huge", os.urandom(3 << 20))
+        area.manifest(["s/small", "s/huge"])
+        code, out = area.run(BATCHINGEST_STAGE_PARALLEL="1")
+        assert code == 1
+        assert "s/huge: staging area: No space left on device" in out
+        progress = read_progress(area.job)
+        assert progress is not None and progress.error is not None
+        assert "No space left on device" in progress.error
+        assert area.temps() == []
+        assert not (area.staging / "s" / "huge").exists()
+    finally:
+        subprocess.run(["umount", "-l", str(area.staging)], check=False)
+    json.loads((area.job / "PROGRESS.json").read_text())
