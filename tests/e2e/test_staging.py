@@ -1,0 +1,289 @@
+"""DTS staging end to end: the real service, real HTTP, real copies."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from service import TOKEN, Service, wait_for
+
+from batchingest.staging import TEMP_PREFIX
+
+
+class Setup:
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.root = base / "root"
+        self.archive = base / "archive"
+        self.staging = base / "staging"
+        self.archive.mkdir(parents=True)
+        self.staging.mkdir()
+
+    def add(self, rel: str, data: bytes) -> Path:
+        path = self.archive / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        return path
+
+    def args(self, *more: str) -> tuple[str, ...]:
+        return ("--archive", str(self.archive), "--staging", str(self.staging), *more)
+
+    def temps(self) -> list[Path]:
+        return [p for p in self.staging.rglob("*") if p.name.startswith(TEMP_PREFIX)]
+
+    def jobs(self) -> list[str]:
+        return sorted(
+            p.name
+            for state in ("data", "queue", "processing", "success", "error")
+            for p in (self.root / state).glob("*")
+            if not p.name.startswith(".")
+        )
+
+
+def status(client: httpx.Client, rid: str) -> dict[str, Any]:
+    r = client.get("/dts/staging", params={"id": rid})
+    assert r.status_code == 200, r.text
+    return dict(r.json())
+
+
+def wait_status(client: httpx.Client, rid: str, want: str, timeout: float = 60) -> dict[str, Any]:
+    def check() -> dict[str, Any] | None:
+        s = status(client, rid)
+        assert s["status"] in ("staging", want), s
+        return s if s["status"] == want else None
+
+    return dict(wait_for(check, timeout=timeout, interval=0.05, what=f"status {want}"))
+
+
+def post(client: httpx.Client, ids: list[str], **kw: Any) -> httpx.Response:
+    return client.post("/dts/staging", json={"ids": ids}, **kw)
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Setup, Service]]:
+    setup = Setup(tmp_path_factory.mktemp("staging"))
+    with Service(setup.root, *setup.args()) as svc:
+        yield setup, svc
+
+
+def test_request_poll_ready_bytes_identical(shared: tuple[Setup, Service]) -> None:
+    setup, svc = shared
+    ids = [f"proj1/reads/r{i}.fastq" for i in range(30)] + ["proj1/top.txt"]
+    for i, rel in enumerate(ids):
+        setup.add(rel, os.urandom(5000 + i))
+    # the DTS sends `Authorization: Token <token>`
+    with httpx.Client(base_url=svc.url, headers={"Authorization": f"Token {TOKEN}"}) as c:
+        r = post(c, [*ids, ids[0]])  # a duplicate is staged once
+        assert r.status_code == 201, r.text
+        rid = r.json()["request_id"]
+        assert uuid.UUID(rid).version == 4 and str(uuid.UUID(rid)) == rid
+        first = status(c, rid)
+        assert first["files_total"] == 31
+        assert first["bytes_total"] == sum(5000 + i for i in range(31))
+        done = wait_status(c, rid, "ready")
+        total = first["bytes_total"]
+        assert done == {"status": "ready", "files_total": 31, "files_staged": 31,
+                        "bytes_total": total, "bytes_staged": total}  # fmt: skip
+        assert c.get(f"/dts/staging/{rid}").json() == done
+        assert c.get(f"/dts/staging/{rid.upper()}").json() == done
+        job = c.get(f"/jobs/{rid}")
+        assert job.status_code == 200 and job.json()["Status"] == "success"
+    for rel in ids:
+        assert (setup.staging / rel).read_bytes() == (setup.archive / rel).read_bytes()
+        assert (setup.staging / rel).stat().st_mtime_ns == (setup.archive / rel).stat().st_mtime_ns
+    assert setup.temps() == []
+    log = (setup.root / "success" / rid / "LOG").read_text()
+    assert "copied proj1/top.txt " in log
+
+
+def test_already_staged_file_is_not_copied_again(shared: tuple[Setup, Service]) -> None:
+    setup, svc = shared
+    setup.add("again/a.bin", os.urandom(100_000))
+    with svc.client() as c:
+        rid1 = post(c, ["again/a.bin"]).json()["request_id"]
+        wait_status(c, rid1, "ready")
+        before = (setup.staging / "again" / "a.bin").stat()
+        rid2 = post(c, ["again/a.bin"]).json()["request_id"]
+        assert rid2 != rid1
+        wait_status(c, rid2, "ready")
+    after = (setup.staging / "again" / "a.bin").stat()
+    assert (after.st_ino, after.st_mtime_ns, after.st_ctime_ns) == (
+        before.st_ino,
+        before.st_mtime_ns,
+        before.st_ctime_ns,
+    )
+    assert "already staged again/a.bin" in (setup.root / "success" / rid2 / "LOG").read_text()
+
+
+def test_unknown_ids_are_listed_and_nothing_is_created(shared: tuple[Setup, Service]) -> None:
+    setup, svc = shared
+    setup.add("known/k.txt", b"k")
+    before = setup.jobs()
+    with svc.client() as c:
+        r = post(c, ["known/k.txt", "missing/one", "known", "missing/two"])
+    assert r.status_code == 404, r.text
+    body = r.json()
+    assert body["code"] == "FilesNotFound"
+    assert body["unresolved"] == ["missing/one", "known", "missing/two"]
+    assert setup.jobs() == before
+
+
+@pytest.mark.parametrize(
+    "bad", ["../archive/known/k.txt", "/etc/passwd", "known/../known/k.txt", ".hidden"]
+)
+def test_paths_leaving_the_archive_are_rejected(shared: tuple[Setup, Service], bad: str) -> None:
+    setup, svc = shared
+    setup.add("known/k.txt", b"k")
+    before = setup.jobs()
+    with svc.client() as c:
+        r = post(c, ["known/k.txt", bad])
+    assert r.status_code == 400, r.text
+    assert r.json()["code"] == "InvalidId" and r.json()["invalid"] == [bad]
+    assert setup.jobs() == before
+
+
+def test_every_malformed_body_is_a_400(shared: tuple[Setup, Service]) -> None:
+    setup, svc = shared
+    before = setup.jobs()
+    bodies: list[bytes] = [
+        b"", b"not json", b"{", b"[]", b'"ids"', b"null", b"{}", b'{"id": ["a"]}',
+        b'{"ids": "a"}', b'{"ids": []}', b'{"ids": [""]}', b'{"ids": [1]}', b'{"ids": [null]}',
+        b'{"ids": [["a"]]}', b'{"ids": {"a": 1}}', b"\xff\xfe",
+    ]  # fmt: skip
+    with svc.client() as c:
+        for body in bodies:
+            r = c.post("/dts/staging", content=body, headers={"Content-Type": "application/json"})
+            assert r.status_code == 400, (body, r.text)
+            assert r.json()["code"] == "InvalidRequest" and r.json()["message"]
+        too_many = post(c, [f"f{i}" for i in range(10_001)])
+        assert too_many.status_code == 400 and "at most 10000" in too_many.json()["message"]
+        assert post(c, ["x"], headers={"X-Api-Token": "wrong"}).status_code == 401
+    assert setup.jobs() == before
+
+
+def test_status_of_missing_or_garbage_ids(shared: tuple[Setup, Service]) -> None:
+    _, svc = shared
+    with svc.client() as c:
+        assert c.get("/dts/staging").status_code == 400
+        assert c.get("/dts/staging", params={"id": ""}).status_code == 400
+        for garbage in ("nope", "../../etc", "1234", "4b86e181-8c83-447e-aada"):
+            r = c.get("/dts/staging", params={"id": garbage})
+            assert r.status_code == 400 and r.json()["code"] == "InvalidRequestId", r.text
+        assert c.get("/dts/staging/not-a-uuid").status_code == 400
+        missing = str(uuid.uuid4())
+        r = c.get("/dts/staging", params={"id": missing})
+        assert r.status_code == 404 and r.json()["code"] == "StagingRequestNotFound"
+        assert c.get(f"/dts/staging/{missing}").status_code == 404
+
+
+def test_idempotency_key_returns_the_same_request(shared: tuple[Setup, Service]) -> None:
+    setup, svc = shared
+    setup.add("idem/i.txt", b"i")
+    setup.add("idem/j.txt", b"j")
+    key = {"Idempotency-Key": f"key-{uuid.uuid4()}"}
+    with svc.client() as c:
+        r1 = post(c, ["idem/i.txt"], headers=key)
+        jobs_after_first = setup.jobs()
+        r2 = post(c, ["idem/i.txt"], headers=key)
+        assert r1.status_code == r2.status_code == 201
+        assert r1.json()["request_id"] == r2.json()["request_id"]
+        assert setup.jobs() == jobs_after_first
+        assert post(c, ["idem/j.txt"], headers=key).status_code == 422
+        other = post(c, ["idem/i.txt"], headers={"Idempotency-Key": f"other-{uuid.uuid4()}"})
+        assert other.json()["request_id"] != r1.json()["request_id"]
+        wait_status(c, r1.json()["request_id"], "ready")
+    # kept in a hidden service folder, never as a job
+    assert any((setup.root / ".idempotency").iterdir())
+
+
+def test_openapi_lists_the_staging_routes(shared: tuple[Setup, Service]) -> None:
+    _, svc = shared
+    with svc.client() as c:
+        paths = c.get("/openapi.json").json()["paths"]
+    assert "post" in paths["/dts/staging"] and "get" in paths["/dts/staging/{id}"]
+
+
+# -- with their own service -------------------------------------------------------------------
+
+
+def test_catalog_ids_reloaded_when_the_catalog_changes(tmp_path: Path) -> None:
+    setup = Setup(tmp_path)
+    setup.add("proj/x.fastq", b"x" * 100)
+    setup.add("proj/y.fastq", b"y" * 200)
+    catalog = tmp_path / "catalog.tsv"
+    catalog.write_text("615a383dcc4ff44f36ca5ba2\tproj/x.fastq\n")
+    with Service(setup.root, *setup.args("--catalog", str(catalog))) as svc, svc.client() as c:
+        r = post(c, ["615a383dcc4ff44f36ca5ba2"])
+        assert r.status_code == 201, r.text
+        wait_status(c, r.json()["request_id"], "ready")
+        assert (setup.staging / "proj" / "x.fastq").read_bytes() == b"x" * 100
+        # paths are not ids when a catalog is used
+        r = post(c, ["proj/y.fastq", "61412246cc4ff44f36c8913f"])
+        assert r.status_code == 404
+        assert r.json()["unresolved"] == ["proj/y.fastq", "61412246cc4ff44f36c8913f"]
+
+        catalog.write_text(catalog.read_text() + "61412246cc4ff44f36c8913f\tproj/y.fastq\n")
+        r = post(c, ["61412246cc4ff44f36c8913f"])
+        assert r.status_code == 201, r.text
+        wait_status(c, r.json()["request_id"], "ready")
+    assert (setup.staging / "proj" / "y.fastq").read_bytes() == b"y" * 200
+
+
+def test_not_configured_answers_503(tmp_path: Path) -> None:
+    with Service(tmp_path / "root") as svc, svc.client() as c:
+        for r in (post(c, ["a"]), c.get("/dts/staging", params={"id": str(uuid.uuid4())})):
+            assert r.status_code == 503 and r.json()["code"] == "StagingNotConfigured"
+
+
+def test_file_removed_after_the_request_fails_naming_it(tmp_path: Path) -> None:
+    setup = Setup(tmp_path)
+    for i in range(5):
+        setup.add(f"gone/f{i}.dat", os.urandom(1000))
+    # the API alone takes the request; the processor starts after the file is gone
+    api = Service(setup.root, *setup.args("--no-processor")).start()
+    try:
+        with api.client() as c:
+            rid = post(c, [f"gone/f{i}.dat" for i in range(5)]).json()["request_id"]
+            assert status(c, rid)["status"] == "staging"
+            (setup.archive / "gone" / "f2.dat").unlink()
+            with Service(setup.root, *setup.args(), api=False):
+                failed = wait_status(c, rid, "failed")
+            assert "gone/f2.dat" in failed["message"]
+            assert "vanished" in failed["message"]
+            assert failed["files_staged"] == 4 and failed["files_total"] == 5
+            assert c.get(f"/jobs/{rid}").json()["Status"] == "error"
+    finally:
+        api.stop()
+
+
+def test_service_killed_mid_copy_then_restarted_finishes(tmp_path: Path) -> None:
+    setup = Setup(tmp_path)
+    rels = [f"big/f{i}.bin" for i in range(4)]
+    for rel in rels:
+        setup.add(rel, os.urandom(64 << 20))
+    svc = Service(setup.root, *setup.args("--stage-parallel", "2", "--stage-verify")).start()
+    try:
+        with svc.client() as c:
+            rid = post(c, rels).json()["request_id"]
+        wait_for(setup.temps, timeout=60, interval=0.001, what="a copy in flight")
+        svc.kill()
+    finally:
+        svc.stop()
+    # the task died with the service: what has a real name is complete
+    time.sleep(0.2)
+    for rel in rels:
+        dst = setup.staging / rel
+        if dst.exists():
+            assert dst.read_bytes() == (setup.archive / rel).read_bytes()
+    with Service(setup.root, *setup.args()) as svc2, svc2.client() as c:
+        done = wait_status(c, rid, "ready", timeout=120)
+    assert done["files_staged"] == 4
+    assert setup.temps() == []
+    for rel in rels:
+        assert (setup.staging / rel).read_bytes() == (setup.archive / rel).read_bytes()
