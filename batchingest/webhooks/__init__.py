@@ -158,7 +158,11 @@ class Webhooks:
         self._loop = asyncio.get_running_loop()
         self.outbox.mkdir(exist_ok=True)
         self.failed.mkdir(exist_ok=True)
-        limits = httpx.Limits(max_connections=CONCURRENCY * 2, max_keepalive_connections=16)
+        httpx_log = logging.getLogger("httpx")
+        if httpx_log.level == logging.NOTSET:
+            # our own line per attempt says more; httpx would add one per request at info
+            httpx_log.setLevel(logging.WARNING)
+        limits = httpx.Limits(max_connections=CONCURRENCY, max_keepalive_connections=CONCURRENCY)
         # trust_env off: no proxy or .netrc from the environment can change where (or
         # with which credentials) an event goes, or get around the allow-list
         async with httpx.AsyncClient(
@@ -211,8 +215,10 @@ class Webhooks:
                 rec = lane.items.pop(0)  # the first may have changed while waiting
                 try:
                     await self._deliver(rec)
-                except Exception:
-                    log.exception("webhook delivery of %s failed unexpectedly", rec.file)
+                except Exception as e:
+                    # no traceback: its message might quote the URL with its password
+                    log.error("webhook delivery of %s failed unexpectedly: %s", rec.file,
+                              type(e).__name__)  # fmt: skip
                 finally:
                     self._known.discard(rec.file)
         finally:

@@ -1,0 +1,169 @@
+"""Webhook benchmarks: what the listener costs a state move, and delivery rate.
+
+Moves: 300 jobs taken through queue -> processing -> success with the store, (a) with no
+listener, (b) with webhooks attached but no WEBHOOK file (the common case), (c) with a
+WEBHOOK file of one URL (each move writes and fsyncs one outbox file). Next to it in the
+same run: bare renames, and bare renames plus a write+fsync of a small file (the floor of
+(c)). Delivery: 500 events pending in the outbox at start, delivered to a local receiver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from batchingest.config import Config
+from batchingest.store import Store
+from batchingest.webhooks import Webhooks
+
+RUNS = int(os.environ.get("BENCH_RUNS", "3"))
+JOBS = 300
+EVENTS = 500
+
+
+def moves(mode: str, base: Path) -> float:
+    """Seconds for JOBS jobs x 3 moves."""
+    root = base / f"root-{mode}-{time.monotonic_ns()}"
+    store = Store(root)
+    store.init()
+    if mode in ("attached", "webhook"):
+        Webhooks(Config(root=root), store).attach()
+    for i in range(JOBS):
+        path = root / "data" / f"j{i}"
+        path.mkdir()
+        if mode == "webhook":
+            (path / "WEBHOOK").write_text("http://127.0.0.1:9/hook\n")
+    started = time.perf_counter()
+    if mode in ("rename", "rename+fsync"):
+        for i in range(JOBS):
+            for a, b in (("data", "queue"), ("queue", "processing"), ("processing", "success")):
+                os.rename(root / a / f"j{i}", root / b / f"j{i}")
+                if mode == "rename+fsync":
+                    p = root / f".f{i}{b}"
+                    with open(p, "wb") as f:
+                        f.write(b"x" * 400)
+                        os.fsync(f.fileno())
+    else:
+        for i in range(JOBS):
+            store.queue(f"j{i}")
+            hold = store.claim(f"j{i}")
+            assert hold is not None
+            store.finish(hold, "success")
+    took = time.perf_counter() - started
+    shutil.rmtree(root)
+    return took
+
+
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 256  # the default 5 resets a burst of new connections
+    daemon_threads = True
+
+
+class _Quiet(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def delivery(base: Path) -> float:
+    """Seconds to deliver EVENTS events pending in the outbox (one URL, 100 jobs)."""
+    server = _Server(("127.0.0.1", 0), _Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/hook\n"
+    root = base / f"root-delivery-{time.monotonic_ns()}"
+    store = Store(root)
+    store.init()
+    hooks = Webhooks(Config(root=root), store)
+    hooks.attach()
+    for i in range(100):
+        path = root / "data" / f"j{i}"
+        path.mkdir()
+        (path / "WEBHOOK").write_text(url)
+    done = 0
+    while done < EVENTS:  # queue <-> error moves: 5 events per job
+        for i in range(100):
+            j = store.find(f"j{i}")
+            assert j is not None
+            if j.state == "queue":
+                hold = store.claim(j.name)
+                assert hold is not None
+                store.finish(hold, "error")
+                done += 2
+            else:
+                store.queue(j.name)
+                done += 1
+            if done >= EVENTS:
+                break
+    store.listeners.clear()
+    outbox = root / ".outbox"
+    pending = len(list(outbox.glob("*.json")))
+
+    async def main() -> float:
+        stop = asyncio.Event()
+        started = time.perf_counter()
+        runner = asyncio.create_task(hooks.run(stop))
+        while any(outbox.glob("*.json")):
+            await asyncio.sleep(0.01)
+        took = time.perf_counter() - started
+        stop.set()
+        await runner
+        return took
+
+    took = asyncio.run(main())
+    server.shutdown()
+    shutil.rmtree(root)
+    return took / pending * EVENTS
+
+
+def main() -> None:
+    base = Path(tempfile.mkdtemp(prefix="bench-webhooks-"))
+    try:
+        modes = ["rename", "none", "attached", "rename+fsync", "webhook"]
+        results: dict[str, list[float]] = {m: [] for m in modes}
+        rates: list[float] = []
+        for _ in range(RUNS):
+            for m in modes:
+                results[m].append(moves(m, base))
+            rates.append(delivery(base))
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    n = JOBS * 3
+    py = sys.version.split()[0]
+    print(f"## webhooks ({RUNS} runs, medians, {os.cpu_count()} cores, Python {py})")
+    print()
+    print("| state moves | moves/s | vs |")
+    print("|---|---:|---|")
+    label = {
+        "rename": "bare rename(2) (floor)",
+        "none": "store, no listener",
+        "attached": "store + webhooks, no WEBHOOK file",
+        "rename+fsync": "bare rename + 400 B write+fsync (floor of next)",
+        "webhook": "store + webhooks, WEBHOOK with 1 URL",
+    }
+    floor = {"none": "rename", "attached": "none", "webhook": "rename+fsync"}
+    med = {m: statistics.median(v) for m, v in results.items()}
+    for m in modes:
+        vs = f"{med[floor[m]] / med[m]:.2f}x of {label[floor[m]]}" if m in floor else ""
+        print(f"| {label[m]} | {n / med[m]:,.0f} | {vs} |")
+    print()
+    print(f"Delivery: {EVENTS} events from the outbox to a local threaded http.server: "
+          f"{EVENTS / statistics.median(rates):,.0f} events/s")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
