@@ -26,7 +26,7 @@ from batchingest.config import Config
 from batchingest.store import Store
 from batchingest.webhooks import Webhooks
 from batchingest.webhooks.events import lane_key, read_urls
-from batchingest.webhooks.send import AllowList, BadTarget, parse_target
+from batchingest.webhooks.send import AllowList, BadTarget, parse_target, sign
 
 
 @contextmanager
@@ -363,6 +363,11 @@ def test_signature_verifies_only_with_the_right_secret(store: Store) -> None:
     assert verify("topsecret", r.headers, r.body)
     assert not verify("wrong", r.headers, r.body)
     assert not verify("topsecret", r.headers, r.body + b" ")
+    # a correctly signed but old request is refused by the recipe: no replays
+    old = str(int(r.headers["x-batchingest-timestamp"]) - 3600)
+    stale = {**r.headers, "x-batchingest-timestamp": old,
+             "x-batchingest-signature": sign("topsecret", old, r.body)}  # fmt: skip
+    assert not verify("topsecret", stale, r.body)
     assert "topsecret" not in log
 
 
