@@ -42,6 +42,7 @@ class Config:
     webhook_retries: int = 5
     webhook_secret: str | None = field(default=None, repr=False)
     webhook_allow: list[str] = field(default_factory=list)
+    webhook_backoff: float | None = None
     # staging
     archive: Path | None = None
     staging: Path | None = None
@@ -126,6 +127,7 @@ _OPTIONS: list[tuple[str, object, object, str]] = [
     ("webhook-retries", _non_negative_int, 5, "retries of a failed webhook delivery"),
     ("webhook-secret", str, None, "HMAC secret to sign webhook POSTs with"),
     ("webhook-allow", _csv, [], "comma-separated host names / CIDR ranges webhooks may reach"),
+    ("webhook-backoff", _seconds, None, "seconds before the first webhook retry, doubling (10)"),
     ("archive", Path, None, "archive folder staged files are copied from"),
     ("staging", Path, None, "staging area files are copied into"),
     ("catalog", Path, None, "tab-separated file of id<TAB>relative/path"),
