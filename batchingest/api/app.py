@@ -11,6 +11,7 @@ import logging
 import os
 import re
 from typing import Any
+from urllib.parse import unquote
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -23,7 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from batchingest import __version__
 from batchingest.api import auth, files, jobs, openapi
 from batchingest.api.errors import ApiError
-from batchingest.api.paths import unsafe_url_path
+from batchingest.api.paths import job_name, unsafe_url_path
 from batchingest.config import Config
 from batchingest.store import Store
 
@@ -107,14 +108,9 @@ class ApiMiddleware:
             response.headers["WWW-Authenticate"] = 'Bearer realm="batchingest"'
             await response(scope, receive, send_with_id)
             return
-        if (path.startswith("/jobs/") or path.startswith("/dts/")) and unsafe_url_path(path):
-            response = error_body(
-                scope,
-                400,
-                "InvalidPath",
-                "paths must not contain '.' or '..' segments, NUL or '\\'",
-            )
-            await response(scope, receive, send_with_id)
+        refusal = _refuse_path(scope, path)
+        if refusal is not None:
+            await refusal(scope, receive, send_with_id)
             return
         try:
             await self.app(scope, receive, send_with_id)
@@ -130,6 +126,31 @@ class ApiMiddleware:
                     f"internal error; see the service log for {request_id}",
                 )
                 await response(scope, receive, send_with_id)
+
+
+def _refuse_path(scope: Scope, path: str) -> Response | None:
+    """400 for traversal attempts and bad job ids, before any routing.
+
+    The job id is taken from the raw path, so that an encoded slash (`a%2Ffiles`)
+    cannot turn one id into an id plus a route.
+    """
+    if not (path.startswith("/jobs/") or path.startswith("/dts/")):
+        return None
+    if unsafe_url_path(path):
+        return error_body(
+            scope, 400, "InvalidPath", "paths must not contain '.' or '..' segments, NUL or '\\'"
+        )
+    if path.startswith("/jobs/"):
+        raw: bytes = scope.get("raw_path") or path.encode()
+        segment = raw[6:].split(b"/", 1)[0]
+        if segment:
+            try:
+                job_name(unquote(segment.decode("ascii"), errors="strict"))
+            except (UnicodeDecodeError, ValueError):
+                return error_body(scope, 400, "InvalidName", "the job id is not valid")
+            except ApiError as e:
+                return error_body(scope, e.status, e.code, e.message)
+    return None
 
 
 async def _api_error(request: Request, exc: Exception) -> Response:
@@ -180,11 +201,11 @@ def create_app(cfg: Config, store: Store) -> Starlette:
         return Response(spec_body, media_type="application/json")
 
     routes: list[BaseRoute] = [
+        *jobs.routes(cfg, store),
+        *files.routes(cfg, store),
         Route("/", index, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/openapi.json", openapi_json, methods=["GET"]),
-        *jobs.routes(cfg, store),
-        *files.routes(cfg, store),
         *staging_routes,
     ]
     return Starlette(

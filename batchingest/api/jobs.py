@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import heapq
 import json
+import os
 from collections.abc import Iterator
 from itertools import islice, repeat
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
@@ -41,7 +43,7 @@ def json_response(data: Any, status: int = 200, headers: dict[str, str] | None =
 
 
 def find_job(store: Store, name: str) -> Job:
-    job = store.find(name)
+    job = store.lookup(name)
     if job is None:
         raise ApiError(404, "JobNotFound", f"no job named {name!r}")
     return job
@@ -51,12 +53,33 @@ def job_info(job: Job) -> dict[str, Any]:
     """Name, Status, and Todo/Finished as the processor would read them from JOB."""
     info: dict[str, Any] = {"Name": job.name, "Status": job.status}
     try:
-        jf = jobfile.load(job.path)
+        jf = _load_job_file(job.path)
     except (jobfile.JobFileError, OSError) as e:
         info.update(Todo=None, Finished=None, JobError=str(e))
     else:
         info.update(Todo=jf.todo, Finished=jf.finished)
     return info
+
+
+def _load_job_file(job_dir: Path) -> jobfile.JobFile:
+    """jobfile.load with bare os calls: this runs on every GET /jobs/{id}."""
+    try:
+        # O_NONBLOCK: a FIFO named JOB must not hang the event loop
+        flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK
+        fd = os.open(f"{job_dir}/{jobfile.JOB_FILE}", flags)
+    except FileNotFoundError:
+        return jobfile.JobFile()
+    try:
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+    except IsADirectoryError:
+        raise jobfile.JobFileError("JOB is a folder, not a file") from None
+    except BlockingIOError:
+        raise jobfile.JobFileError("JOB is not a regular file") from None
+    finally:
+        os.close(fd)
+    return jobfile.parse(b"".join(chunks))
 
 
 def _states(param: str | None) -> list[str]:
@@ -148,9 +171,10 @@ def routes(cfg: Config, store: Store) -> list[BaseRoute]:
         return json_response(job_info(job), 202 if moved else 200)
 
     return [
+        # the hottest route first: routes are tried in order
+        by_method("/jobs/{id}", {"GET": get_job, "PUT": put_job, "DELETE": delete_job}),
         Route("/jobs", list_jobs, methods=["GET"]),
         Route("/jobs/", list_jobs, methods=["GET"]),
-        by_method("/jobs/{id}", {"GET": get_job, "PUT": put_job, "DELETE": delete_job}),
         Route("/jobs/{id}/queue", queue_job, methods=["POST"]),
     ]
 

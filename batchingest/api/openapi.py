@@ -139,6 +139,32 @@ def _paths() -> dict[str, Any]:
         "parameters": [_ID],
         "responses": {"200": _json(_NAMES, "names"), **_errors("InvalidName", "JobNotFound")},
     }
+    jobs_get = {
+        "summary": "every job, sorted by name",
+        "parameters": [
+            {
+                "name": "status",
+                "in": "query",
+                "schema": {"type": "string"},
+                "description": "comma-separated statuses, e.g. queue,error",
+            },
+            {"name": "limit", "in": "query", "schema": {"type": "integer"}},
+            {"name": "offset", "in": "query", "schema": {"type": "integer"}},
+        ],
+        "responses": {
+            "200": {
+                **_json({"type": "array", "items": _JOB}, "jobs"),
+                "headers": {
+                    "X-Total-Count": {"schema": {"type": "integer"}},
+                    "Link": {
+                        "schema": {"type": "string"},
+                        "description": '<...>; rel="next" when paging',
+                    },
+                },
+            },
+            **_errors("InvalidParameter"),
+        },
+    }
     return {
         "/": {
             "get": {
@@ -159,34 +185,8 @@ def _paths() -> dict[str, Any]:
                 "responses": {"200": {"description": "OpenAPI 3.1"}},
             }
         },
-        "/jobs": {
-            "get": {
-                "summary": "every job, sorted by name",
-                "parameters": [
-                    {
-                        "name": "status",
-                        "in": "query",
-                        "schema": {"type": "string"},
-                        "description": "comma-separated statuses, e.g. queue,error",
-                    },
-                    {"name": "limit", "in": "query", "schema": {"type": "integer"}},
-                    {"name": "offset", "in": "query", "schema": {"type": "integer"}},
-                ],
-                "responses": {
-                    "200": {
-                        **_json({"type": "array", "items": _JOB}, "jobs"),
-                        "headers": {
-                            "X-Total-Count": {"schema": {"type": "integer"}},
-                            "Link": {
-                                "schema": {"type": "string"},
-                                "description": '<...>; rel="next" when paging',
-                            },
-                        },
-                    },
-                    **_errors("InvalidParameter"),
-                },
-            }
-        },
+        "/jobs": {"get": jobs_get},
+        "/jobs/": {"get": jobs_get},
         "/jobs/{id}": {
             "get": {
                 "summary": "a job's status and task lists (HEAD too)",

@@ -23,7 +23,7 @@ from starlette.types import Receive, Scope, Send
 from batchingest.api.errors import ApiError
 
 WRITE_CHUNK = 4 << 20
-READ_CHUNK = 1 << 20
+READ_CHUNK = 4 << 20
 
 
 # -- uploads ---------------------------------------------------------------------------

@@ -1,0 +1,733 @@
+"""The HTTP API app in-process: every route and status, auth, error shape, OpenAPI.
+
+Requests go straight to the ASGI app with an exact path (see `call`), against a real
+jobs root on disk. Behaviour that needs a real server and real sockets (streaming,
+disconnects, concurrency, the processor) is in tests/e2e/test_api_e2e.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
+
+import pytest
+from service import TOKEN
+from starlette.routing import Route
+from starlette.types import ASGIApp
+
+from batchingest.api import auth
+from batchingest.api.app import create_app
+from batchingest.config import Config
+from batchingest.store import Store
+
+# -- calling the app with an exact path ------------------------------------------------
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def call(
+    app: ASGIApp,
+    method: str,
+    raw_path: str,
+    body: bytes = b"",
+    token: str | None = TOKEN,
+    headers: dict[str, str] | None = None,
+) -> Reply:
+    """One request, sent as given: httpx (and TestClient) would normalise `..` away.
+
+    The path is percent-decoded exactly as uvicorn does before it reaches the app.
+    """
+    path, _, query = raw_path.partition("?")
+    raw_headers = [(b"host", b"test")]
+    if token is not None:
+        raw_headers.append((b"x-api-token", token.encode()))
+    for key, value in (headers or {}).items():
+        raw_headers.append((key.lower().encode(), value.encode()))
+    raw_headers.append((b"content-length", str(len(body)).encode()))
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": unquote(path),
+        "raw_path": path.encode(),
+        "query_string": query.encode(),
+        "root_path": "",
+        "headers": raw_headers,
+        "server": ("127.0.0.1", 80),
+        "client": ("127.0.0.1", 1234),
+    }
+    delivered = False
+    messages: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.sleep(3600)
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        messages.append(message)
+
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), 30))  # type: ignore[arg-type]
+    start = messages[0]
+    return Reply(
+        status=start["status"],
+        headers={k.decode().lower(): v.decode() for k, v in start["headers"]},
+        body=b"".join(m.get("body", b"") for m in messages[1:]),
+    )
+
+
+def make_app(root: Path, **settings: Any) -> tuple[ASGIApp, Store]:
+    settings.setdefault("tokens", [TOKEN])
+    cfg = Config(root=root, **settings)
+    store = Store(root)
+    return create_app(cfg, store), store
+
+
+@pytest.fixture
+def api(root: Path) -> tuple[ASGIApp, Store]:
+    return make_app(root)
+
+
+def assert_error(reply: Reply, status: int, code: str) -> dict[str, Any]:
+    assert reply.status == status, (reply.status, reply.body)
+    body = reply.json()
+    assert body["code"] == code
+    assert reply.headers["x-error-code"] == code
+    assert body["request_id"] == reply.headers["x-request-id"]
+    assert body["message"]
+    assert body["resource"].startswith("/")
+    return body  # type: ignore[no-any-return]
+
+
+# -- auth ---------------------------------------------------------------------------------
+
+EVERY_ROUTE = [
+    ("GET", "/"),
+    ("GET", "/openapi.json"),
+    ("GET", "/jobs"),
+    ("GET", "/jobs?limit=1"),
+    ("GET", "/jobs/j"),
+    ("HEAD", "/jobs/j"),
+    ("PUT", "/jobs/j"),
+    ("DELETE", "/jobs/j"),
+    ("POST", "/jobs/j/queue"),
+    ("GET", "/jobs/j/files"),
+    ("GET", "/jobs/j/files/"),
+    ("GET", "/jobs/j/files/a"),
+    ("HEAD", "/jobs/j/files/a"),
+    ("PUT", "/jobs/j/files/a"),
+    ("DELETE", "/jobs/j/files/a"),
+    ("GET", "/no/such/route"),
+    ("POST", "/jobs"),
+    ("GET", "/dts/anything"),
+    ("GET", "/jobs/%2e%2e"),
+]
+
+
+@pytest.mark.parametrize(("method", "path"), EVERY_ROUTE)
+def test_every_route_needs_a_token(api: tuple[ASGIApp, Store], method: str, path: str) -> None:
+    app, store = api
+    store.create("j")
+    (store.get("j").path / "a").write_text("keep")
+    for token, headers in [
+        (None, {}),
+        ("wrong", {}),
+        (None, {"Authorization": "Bearer wrong"}),
+        (None, {"Authorization": f"Basic {TOKEN}"}),
+        (TOKEN + "x", {}),
+        ("", {}),
+    ]:
+        reply = call(app, method, path, token=token, headers=headers)
+        if method != "HEAD":
+            assert_error(reply, 401, "Unauthorized")
+        assert reply.status == 401
+        assert reply.headers["www-authenticate"].startswith("Bearer")
+    # nothing was changed by the refused requests
+    assert store.get("j").state == "data"
+    assert (store.get("j").path / "a").read_text() == "keep"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"X-Api-Token": TOKEN},
+        {"Authorization": f"Bearer {TOKEN}"},
+        {"Authorization": f"bearer  {TOKEN}"},
+        {"Authorization": f"Token {TOKEN}"},
+    ],
+)
+def test_accepted_token_forms(api: tuple[ASGIApp, Store], headers: dict[str, str]) -> None:
+    app, _ = api
+    reply = call(app, "GET", "/jobs", token=None, headers=headers)
+    assert reply.status == 200
+    assert reply.json() == []
+
+
+def test_healthz_needs_no_token(api: tuple[ASGIApp, Store]) -> None:
+    app, _ = api
+    reply = call(app, "GET", "/healthz", token=None)
+    assert reply.status == 200
+    assert reply.json() == {"status": "ok"}
+    assert reply.headers["x-request-id"]
+
+
+def test_any_of_several_tokens(root: Path, tmp_path: Path) -> None:
+    token_file = tmp_path / "tokens"
+    token_file.write_text("# service A\nfile-token-1\n\n  file-token-2  \n#not-a-token\n")
+    app, _ = make_app(root, tokens=["env-token"], token_file=token_file)
+    for good in ("env-token", "file-token-1", "file-token-2"):
+        assert call(app, "GET", "/jobs", token=good).status == 200
+    for bad in ("#not-a-token", "# service A", "file-token", "env-token2"):
+        assert call(app, "GET", "/jobs", token=bad).status == 401
+
+
+def test_missing_token_file_is_an_error(root: Path, tmp_path: Path) -> None:
+    with pytest.raises(auth.TokenError, match="cannot read token file"):
+        make_app(root, tokens=[], token_file=tmp_path / "absent")
+
+
+def test_generated_token_when_none_configured(root: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO")
+    app, store = make_app(root, tokens=[])
+    path = store.service_path("api-token")
+    token = path.read_text().strip()
+    assert len(token) >= 32
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert token not in caplog.text
+    assert str(path) in caplog.text
+    assert call(app, "GET", "/jobs", token=token).status == 200
+    assert call(app, "GET", "/jobs", token=TOKEN).status == 401
+    # a restart keeps the same token, so clients configured with it keep working
+    app2, _ = make_app(root, tokens=[])
+    assert call(app2, "GET", "/jobs", token=token).status == 200
+    # hidden: never a job
+    assert call(app, "GET", "/jobs", token=token).json() == []
+
+
+# -- request ids and the error shape ---------------------------------------------------------
+
+
+def test_request_ids(api: tuple[ASGIApp, Store]) -> None:
+    app, _ = api
+    ids = {call(app, "GET", "/jobs").headers["x-request-id"] for _ in range(20)}
+    assert len(ids) == 20
+    # a sane id from a proxy is kept, so logs line up; anything else is replaced
+    assert (
+        call(app, "GET", "/", headers={"X-Request-Id": "abc-123"}).headers["x-request-id"]
+        == "abc-123"
+    )
+    odd = call(app, "GET", "/", headers={"X-Request-Id": "a b\x7f"}).headers["x-request-id"]
+    assert odd != "a b\x7f"
+
+
+def test_unknown_route_and_wrong_method(api: tuple[ASGIApp, Store]) -> None:
+    app, _ = api
+    body = assert_error(call(app, "GET", "/nothing/here"), 404, "NotFound")
+    assert body["resource"] == "/nothing/here"
+    reply = call(app, "POST", "/jobs/x")
+    assert_error(reply, 405, "MethodNotAllowed")
+    assert set(reply.headers["allow"].split(", ")) == {"GET", "HEAD", "PUT", "DELETE"}
+    assert_error(call(app, "PATCH", "/jobs/x/files/a"), 405, "MethodNotAllowed")
+    assert_error(call(app, "GET", "/jobs/x/queue"), 405, "MethodNotAllowed")
+
+
+def test_unexpected_failure_is_a_json_500(
+    api: tuple[ASGIApp, Store], caplog: pytest.LogCaptureFixture
+) -> None:
+    app, _ = api
+
+    async def boom(request: object) -> None:
+        raise RuntimeError("surprise")
+
+    app.router.routes.append(Route("/boom", boom))  # type: ignore[attr-defined]
+    reply = call(app, "GET", "/boom")
+    body = assert_error(reply, 500, "InternalError")
+    assert body["request_id"] in body["message"]
+    assert body["request_id"] in caplog.text and "surprise" in caplog.text
+
+
+# -- /, /openapi.json -------------------------------------------------------------------
+
+
+def test_index(api: tuple[ASGIApp, Store]) -> None:
+    app, _ = api
+    body = call(app, "GET", "/").json()
+    assert body["name"] == "batchingest"
+    assert isinstance(body["version"], str) and body["version"]
+
+
+def test_openapi_documents_every_route(api: tuple[ASGIApp, Store]) -> None:
+    app, _ = api
+    spec = call(app, "GET", "/openapi.json").json()
+    assert spec["openapi"].startswith("3.")
+    documented = {(path, method.upper()) for path, ops in spec["paths"].items() for method in ops}
+    for route in app.routes:  # type: ignore[attr-defined]
+        assert isinstance(route, Route)
+        path = route.path.replace("{path:path}", "{path}")
+        for method in route.methods or ():
+            if method == "HEAD":
+                continue
+            assert (path, method) in documented, (path, method)
+    codes = set(spec["components"]["schemas"]["Error"]["properties"]["code"]["enum"])
+    assert {"Unauthorized", "JobNotFound", "InvalidPath", "JobBusy", "DigestMismatch"} <= codes
+
+
+# -- /jobs ------------------------------------------------------------------------------
+
+
+def test_list_jobs_empty_is_an_array(api: tuple[ASGIApp, Store]) -> None:
+    app, _ = api
+    reply = call(app, "GET", "/jobs")
+    assert reply.status == 200
+    assert reply.body == b"[]"
+    assert reply.headers["content-type"] == "application/json"
+    assert reply.headers["x-total-count"] == "0"
+
+
+def test_list_jobs_sorted_with_statuses(api: tuple[ASGIApp, Store], root: Path) -> None:
+    app, store = api
+    for name in ("b", "a", "c", "A", "d-1", "e"):
+        store.create(name)
+    store.queue("b")
+    store.move("c", "data", "success")
+    store.move("d-1", "data", "error")
+    store.move("e", "data", "processing")
+    (root / "data" / ".hidden-temp").mkdir()
+    (root / "data" / "not-a-job-file").write_text("")
+    (root / "success" / "bad name").mkdir()
+    jobs = call(app, "GET", "/jobs").json()
+    assert jobs == [
+        {"Name": "A", "Status": "ready"},
+        {"Name": "a", "Status": "ready"},
+        {"Name": "b", "Status": "queue"},
+        {"Name": "c", "Status": "success"},
+        {"Name": "d-1", "Status": "error"},
+        {"Name": "e", "Status": "processing"},
+    ]
+    assert call(app, "GET", "/jobs/").json() == jobs
+
+
+def test_list_jobs_filter(api: tuple[ASGIApp, Store]) -> None:
+    app, store = api
+    for name in ("a", "b", "c", "d"):
+        store.create(name)
+    store.queue("a")
+    store.move("b", "data", "error")
+    store.move("c", "data", "success")
+    reply = call(app, "GET", "/jobs?status=queue,error")
+    assert [j["Name"] for j in reply.json()] == ["a", "b"]
+    assert reply.headers["x-total-count"] == "2"
+    assert call(app, "GET", "/jobs?status=ready").json() == [{"Name": "d", "Status": "ready"}]
+    assert_error(call(app, "GET", "/jobs?status=done"), 400, "InvalidParameter")
+
+
+def test_list_jobs_paging(api: tuple[ASGIApp, Store]) -> None:
+    app, store = api
+    names = [f"job-{i:02d}" for i in range(25)]
+    for i, name in enumerate(names):
+        store.create(name)
+        if i % 3 == 1:
+            store.move(name, "data", "success")
+    seen: list[str] = []
+    url = "/jobs?limit=10"
+    pages = 0
+    while url:
+        reply = call(app, "GET", url)
+        assert reply.status == 200
+        assert reply.headers["x-total-count"] == "25"
+        seen += [j["Name"] for j in reply.json()]
+        pages += 1
+        link = reply.headers.get("link")
+        url = link.split(">")[0].lstrip("<") if link else ""
+        if url:
+            assert link.endswith('rel="next"')  # type: ignore[union-attr]
+    assert pages == 3
+    assert seen == names
+    assert [j["Name"] for j in call(app, "GET", "/jobs?offset=20").json()] == names[20:]
+    assert call(app, "GET", "/jobs?limit=5&offset=100").json() == []
+    assert_error(call(app, "GET", "/jobs?limit=-1"), 400, "InvalidParameter")
+    assert_error(call(app, "GET", "/jobs?offset=x"), 400, "InvalidParameter")
+
+
+def test_list_sees_changes_at_once(api: tuple[ASGIApp, Store]) -> None:
+    app, store = api
+    for i in range(5):
+        store.create(f"j{i}")
+        assert len(call(app, "GET", "/jobs?limit=100").json()) == i + 1
+    store.delete("j0")
+    assert [j["Name"] for j in call(app, "GET", "/jobs?limit=100").json()] == [
+        "j1",
+        "j2",
+        "j3",
+        "j4",
+    ]
+
+
+# -- /jobs/{id} -------------------------------------------------------------------------------
+
+
+def test_job_lifecycle(api: tuple[ASGIApp, Store], root: Path) -> None:
+    app, store = api
+    assert_error(call(app, "GET", "/jobs/j"), 404, "JobNotFound")
+    assert call(app, "HEAD", "/jobs/j").status == 404
+    reply = call(app, "PUT", "/jobs/j", b"ignored body")
+    assert reply.status == 201
+    assert reply.headers["location"] == "/jobs/j"
+    assert reply.json() == {"Name": "j", "Status": "ready", "Todo": ["start"], "Finished": []}
+    assert (root / "data" / "j").is_dir()
+    assert os.listdir(root / "data" / "j") == []
+    # idempotent: 200, nothing changes, in every state
+    (root / "data" / "j" / "f").write_text("x")
+    assert call(app, "PUT", "/jobs/j").status == 200
+    assert (root / "data" / "j" / "f").read_text() == "x"
+    store.move("j", "data", "success")
+    reply = call(app, "PUT", "/jobs/j")
+    assert reply.status == 200
+    assert reply.json()["Status"] == "success"
+    assert not (root / "data" / "j").exists()
+    assert call(app, "GET", "/jobs/j").json()["Status"] == "success"
+    head = call(app, "HEAD", "/jobs/j")
+    assert head.status == 200
+    assert int(head.headers["content-length"]) > 0
+    assert call(app, "DELETE", "/jobs/j").status == 204
+    assert not (root / "success" / "j").exists()
+    assert call(app, "DELETE", "/jobs/j").status == 204
+    assert_error(call(app, "GET", "/jobs/j"), 404, "JobNotFound")
+
+
+def test_job_info_reads_job_file(api: tuple[ASGIApp, Store]) -> None:
+    app, store = api
+    job, _ = store.create("j")
+    (job.path / "JOB").write_text('{"Todo": ["b", "c"], "Finished": [{"task": "a"}], "x": 1}')
+    assert call(app, "GET", "/jobs/j").json() == {
+        "Name": "j",
+        "Status": "ready",
+        "Todo": ["b", "c"],
+        "Finished": [{"task": "a"}],
+    }
+    (job.path / "JOB").write_text("{broken")
+    body = call(app, "GET", "/jobs/j").json()
+    assert body["Todo"] is None and "not valid JSON" in body["JobError"]
+
+
+def test_delete_busy_job(api: tuple[ASGIApp, Store], root: Path) -> None:
+    app, store = api
+    store.create("j")
+    store.move("j", "data", "processing")
+    assert_error(call(app, "DELETE", "/jobs/j"), 409, "JobBusy")
+    assert (root / "processing" / "j").is_dir()
+    # a held job (a processor's lock) in queue/ is busy too
+    store.create("k")
+    store.queue("k")
+    hold = store.claim("k")
+    assert hold is not None
+    try:
+        assert_error(call(app, "DELETE", "/jobs/k"), 409, "JobBusy")
+    finally:
+        hold.release()
+    # queued but not held: deleting is fine
+    store.create("q")
+    store.queue("q")
+    assert call(app, "DELETE", "/jobs/q").status == 204
+    assert not (root / "queue" / "q").exists()
+
+
+def test_queue(api: tuple[ASGIApp, Store], root: Path) -> None:
+    app, store = api
+    assert_error(call(app, "POST", "/jobs/nope/queue"), 404, "JobNotFound")
+    for state in ("data", "error", "success"):
+        name = f"from-{state}"
+        store.create(name)
+        if state != "data":
+            store.move(name, "data", state)
+        reply = call(app, "POST", f"/jobs/{name}/queue")
+        assert reply.status == 202
+        assert reply.json()["Status"] == "queue"
+        assert (root / "queue" / name).is_dir()
+        # again: already queued, no effect
+        reply = call(app, "POST", f"/jobs/{name}/queue")
+        assert reply.status == 200
+        assert reply.json()["Status"] == "queue"
+    store.create("p")
+    store.move("p", "data", "processing")
+    reply = call(app, "POST", "/jobs/p/queue")
+    assert reply.status == 200
+    assert reply.json()["Status"] == "processing"
+    assert (root / "processing" / "p").is_dir()
+
+
+BAD_NAMES = [".", "..", "%2e%2e", "%2E%2e", ".hidden", "a%2Fb", "a b", "%00", "a%00b",
+             "%5C..", "..%5C", "x" * 256, "%C3%A9", "a%5Cb", "-%2e%2e-%2F"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+@pytest.mark.parametrize(
+    ("method", "suffix"),
+    [("GET", ""), ("PUT", ""), ("DELETE", ""), ("POST", "/queue"), ("GET", "/files"),
+     ("GET", "/files/a"), ("PUT", "/files/a"), ("DELETE", "/files/a")],
+)  # fmt: skip
+def test_invalid_job_names(
+    api: tuple[ASGIApp, Store], root: Path, name: str, method: str, suffix: str
+) -> None:
+    app, _ = api
+    before = sorted(p.name for p in root.iterdir())
+    reply = call(app, method, f"/jobs/{name}{suffix}", b"x")
+    assert reply.status == 400, (reply.status, reply.body)
+    assert reply.json()["code"] in ("InvalidName", "InvalidPath")
+    assert sorted(p.name for p in root.iterdir()) == before
+    assert all(not any((root / s).iterdir()) for s in ("data", "queue", "success", "error"))
+
+
+# -- files ---------------------------------------------------------------------------------------
+
+
+def visible(path: Path) -> list[str]:
+    """Entries of a folder as the API shows them: the job's .lock and temporaries hidden."""
+    return sorted(n for n in os.listdir(path) if not n.startswith("."))
+
+
+def digest_header(data: bytes) -> str:
+    return "sha-256=:" + base64.b64encode(hashlib.sha256(data).digest()).decode() + ":"
+
+
+def test_file_roundtrip(api: tuple[ASGIApp, Store], root: Path) -> None:
+    app, store = api
+    store.create("j")
+    assert_error(call(app, "PUT", "/jobs/nope/files/a", b"x"), 404, "JobNotFound")
+    assert_error(call(app, "GET", "/jobs/nope/files"), 404, "JobNotFound")
+    data = os.urandom(10_000)
+    reply = call(app, "PUT", "/jobs/j/files/sub/dir/f.bin", data)
+    assert reply.status == 201
+    assert reply.json() == {
+        "path": "sub/dir/f.bin",
+        "size": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
+    assert reply.headers["location"] == "/jobs/j/files/sub/dir/f.bin"
+    assert (root / "data" / "j" / "sub" / "dir" / "f.bin").read_bytes() == data
+    reply = call(app, "PUT", "/jobs/j/files/sub/dir/f.bin", b"new", headers={
+        "Content-Digest": digest_header(b"new")})  # fmt: skip
+    assert reply.status == 200
+    got = call(app, "GET", "/jobs/j/files/sub/dir/f.bin")
+    assert got.status == 200
+    assert got.body == b"new"
+    assert got.headers["content-type"] == "application/octet-stream"
+    assert got.headers["content-length"] == "3"
+    assert got.headers["etag"].startswith('"')
+    assert got.headers["last-modified"].endswith("GMT")
+    assert call(app, "GET", "/jobs/j/files").json() == ["sub"]
+    assert call(app, "GET", "/jobs/j/files/").json() == ["sub"]
+    assert call(app, "GET", "/jobs/j/files/sub").json() == ["dir"]
+    assert call(app, "GET", "/jobs/j/files/sub/").json() == ["dir"]
+    assert_error(call(app, "GET", "/jobs/j/files/absent"), 404, "FileNotFound")
+    assert_error(call(app, "GET", "/jobs/j/files/sub/dir/f.bin/x"), 404, "FileNotFound")
+    # no temporary files left behind
+    assert visible(root / "data" / "j" / "sub" / "dir") == ["f.bin"]
+
+
+def test_listing_hides_hidden_and_sorts(api: tuple[ASGIApp, Store]) -> None:
+    app, store = api
+    job, _ = store.create("j")
+    for name in ("b", "a", "C", ".upload-123", ".lock", "_x"):
+        (job.path / name).write_text("")
+    (job.path / "dir").mkdir()
+    assert call(app, "GET", "/jobs/j/files").json() == ["C", "_x", "a", "b", "dir"]
+
+
+def test_head_and_ranges(api: tuple[ASGIApp, Store]) -> None:
+    app, store = api
+    job, _ = store.create("j")
+    data = bytes(range(256)) * 4
+    (job.path / "f").write_bytes(data)
+    head = call(app, "HEAD", "/jobs/j/files/f")
+    assert head.status == 200 and head.body == b""
+    assert head.headers["content-length"] == "1024"
+    assert head.headers["accept-ranges"] == "bytes"
+    etag = head.headers["etag"]
+    cases = {
+        "bytes=0-9": (206, data[:10], "bytes 0-9/1024"),
+        "bytes=1000-": (206, data[1000:], "bytes 1000-1023/1024"),
+        "bytes=-24": (206, data[-24:], "bytes 1000-1023/1024"),
+        "bytes=1020-5000": (206, data[1020:], "bytes 1020-1023/1024"),
+        "bytes=0-0,5-6": (200, data, None),
+        "items=0-4": (200, data, None),
+        "bytes=-0": (416, None, "bytes */1024"),
+    }
+    for value, (status, body, content_range) in cases.items():
+        reply = call(app, "GET", "/jobs/j/files/f", headers={"Range": value})
+        assert reply.status == status, value
+        if body is not None:
+            assert reply.body == body, value
+            assert reply.headers["content-length"] == str(len(body))
+        assert reply.headers.get("content-range") == content_range, value
+    assert_error(
+        call(app, "GET", "/jobs/j/files/f", headers={"Range": "bytes=1024-"}),
+        416,
+        "RangeNotSatisfiable",
+    )
+    # If-Range with a stale validator: the whole file
+    stale = call(app, "GET", "/jobs/j/files/f", headers={"Range": "bytes=0-1", "If-Range": '"x"'})
+    assert stale.status == 200 and stale.body == data
+    fresh = call(app, "GET", "/jobs/j/files/f", headers={"Range": "bytes=0-1", "If-Range": etag})
+    assert fresh.status == 206 and fresh.body == data[:2]
+    assert call(app, "GET", "/jobs/j/files/f", headers={"If-None-Match": etag}).status == 304
+    empty = job.path / "empty"
+    empty.write_bytes(b"")
+    reply = call(app, "GET", "/jobs/j/files/empty")
+    assert reply.status == 200 and reply.body == b"" and reply.headers["content-length"] == "0"
+
+
+def test_digest_mismatch_changes_nothing(api: tuple[ASGIApp, Store]) -> None:
+    app, store = api
+    job, _ = store.create("j")
+    (job.path / "f").write_bytes(b"old")
+    reply = call(app, "PUT", "/jobs/j/files/f", b"new", headers={
+        "Content-Digest": digest_header(b"other")})  # fmt: skip
+    assert_error(reply, 400, "DigestMismatch")
+    assert (job.path / "f").read_bytes() == b"old"
+    reply = call(app, "PUT", "/jobs/j/files/g", b"new", headers={
+        "Content-Digest": "sha-512=:AAAA:, sha-256=" + digest_header(b"x")[8:]})  # fmt: skip
+    assert_error(reply, 400, "DigestMismatch")
+    assert not (job.path / "g").exists()
+    for bad in ("sha-256=abc", "sha-256=:!!!:", "sha-256=:AAAA:"):
+        reply = call(app, "PUT", "/jobs/j/files/g", b"x", headers={"Content-Digest": bad})
+        assert_error(reply, 400, "InvalidDigest")
+    assert visible(job.path) == ["f"]
+    # an algorithm we do not check is ignored, as RFC 9530 allows
+    ok = call(app, "PUT", "/jobs/j/files/g", b"x", headers={"Content-Digest": "sha-512=:AA==:"})
+    assert ok.status == 201
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"not json", "not valid JSON"),
+        (b"[]", "JSON object"),
+        (b'{"Todo": "start"}', "list of task names"),
+        (b'{"Todo": ["ok", "../bad"]}', "not a valid task name"),
+        (b'{"Todo": [1]}', "not a valid task name"),
+        (b'{"Finished": {}}', "Finished must be a list"),
+        (b"\xff\xfe", "not valid JSON"),
+    ],
+)
+def test_job_file_validated(api: tuple[ASGIApp, Store], content: bytes, reason: str) -> None:
+    app, store = api
+    job, _ = store.create("j")
+    (job.path / "JOB").write_text('{"Todo": ["start"]}')
+    body = assert_error(call(app, "PUT", "/jobs/j/files/JOB", content), 400, "InvalidJobFile")
+    assert reason in body["message"]
+    assert (job.path / "JOB").read_text() == '{"Todo": ["start"]}'
+    assert visible(job.path) == ["JOB"]
+
+
+def test_valid_job_file_and_job_elsewhere(api: tuple[ASGIApp, Store]) -> None:
+    app, store = api
+    store.create("j")
+    assert call(app, "PUT", "/jobs/j/files/JOB", b'{"Todo": ["a", "b"], "Z": 1}').status == 201
+    assert call(app, "GET", "/jobs/j").json()["Todo"] == ["a", "b"]
+    # only the top-level JOB is the job's task list
+    assert call(app, "PUT", "/jobs/j/files/sub/JOB", b"anything").status == 201
+
+
+def test_max_upload(root: Path) -> None:
+    app, store = make_app(root, max_upload=10)
+    job, _ = store.create("j")
+    assert call(app, "PUT", "/jobs/j/files/ok", b"0123456789").status == 201
+    assert_error(call(app, "PUT", "/jobs/j/files/big", b"0123456789a"), 413, "PayloadTooLarge")
+    assert visible(job.path) == ["ok"]
+
+
+def test_upload_conflicts(api: tuple[ASGIApp, Store]) -> None:
+    app, store = api
+    job, _ = store.create("j")
+    (job.path / "dir").mkdir()
+    (job.path / "file").write_text("x")
+    assert_error(call(app, "PUT", "/jobs/j/files/dir", b"x"), 409, "IsADirectory")
+    assert_error(call(app, "PUT", "/jobs/j/files/file/x", b"x"), 409, "NotADirectory")
+    assert (job.path / "file").read_text() == "x"
+
+
+def test_delete_files(api: tuple[ASGIApp, Store]) -> None:
+    app, store = api
+    job, _ = store.create("j")
+    (job.path / "f").write_text("x")
+    (job.path / "empty").mkdir()
+    (job.path / "full" / "deep").mkdir(parents=True)
+    (job.path / "full" / "deep" / "g").write_text("y")
+    assert call(app, "DELETE", "/jobs/j/files/f").status == 204
+    assert not (job.path / "f").exists()
+    assert call(app, "DELETE", "/jobs/j/files/f").status == 204
+    assert call(app, "DELETE", "/jobs/j/files/nothing/here").status == 204
+    assert call(app, "DELETE", "/jobs/j/files/empty").status == 204
+    assert not (job.path / "empty").exists()
+    assert_error(call(app, "DELETE", "/jobs/j/files/full"), 409, "NotEmpty")
+    assert (job.path / "full" / "deep" / "g").exists()
+    assert call(app, "DELETE", "/jobs/j/files/full?recursive=true").status == 204
+    assert not (job.path / "full").exists()
+    assert job.path.is_dir()
+    assert_error(call(app, "DELETE", "/jobs/nope/files/f"), 404, "JobNotFound")
+
+
+@pytest.mark.parametrize("state", ["queue", "processing"])
+def test_busy_job_files_are_read_only(api: tuple[ASGIApp, Store], root: Path, state: str) -> None:
+    app, store = api
+    job, _ = store.create("j")
+    (job.path / "LOG").write_text("line 1\n")
+    (job.path / "d").mkdir()
+    store.move("j", "data", state)
+    path = root / state / "j"
+    assert_error(call(app, "PUT", "/jobs/j/files/new", b"x"), 409, "JobBusy")
+    assert_error(call(app, "PUT", "/jobs/j/files/LOG", b"x"), 409, "JobBusy")
+    assert_error(call(app, "DELETE", "/jobs/j/files/LOG"), 409, "JobBusy")
+    assert_error(call(app, "DELETE", "/jobs/j/files/d"), 409, "JobBusy")
+    assert visible(path) == ["LOG", "d"]
+    # reading is fine in every state
+    assert call(app, "GET", "/jobs/j/files/LOG").body == b"line 1\n"
+    assert call(app, "GET", "/jobs/j/files").json() == ["LOG", "d"]
+
+
+@pytest.mark.parametrize("state", ["data", "success", "error"])
+def test_idle_job_files_can_change(api: tuple[ASGIApp, Store], root: Path, state: str) -> None:
+    app, store = api
+    store.create("j")
+    if state != "data":
+        store.move("j", "data", state)
+    assert call(app, "PUT", "/jobs/j/files/new", b"x").status == 201
+    assert (root / state / "j" / "new").read_bytes() == b"x"
+    assert call(app, "DELETE", "/jobs/j/files/new").status == 204
+    assert not (root / state / "j" / "new").exists()
+    assert visible(root / state / "j") == []
+
+
+def test_held_job_files_are_read_only(api: tuple[ASGIApp, Store]) -> None:
+    """A processor that holds a job (its lock) blocks changes even before the rename."""
+    app, store = api
+    store.create("j")
+    store.queue("j")
+    hold = store.claim("j")
+    assert hold is not None
+    try:
+        assert_error(call(app, "PUT", "/jobs/j/files/x", b"x"), 409, "JobBusy")
+    finally:
+        hold.release()
