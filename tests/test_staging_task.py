@@ -60,13 +60,31 @@ class Area:
     def temps(self) -> list[Path]:
         return [p for p in self.staging.rglob("*") if p.name.startswith(TEMP_PREFIX)]
 
+    def in_flight(self) -> list[str]:
+        return copies_in_flight(self.staging)
+
+
+def copies_in_flight(staging: Path) -> list[str]:
+    """Files under staging some process has open: named or unnamed (O_TMPFILE) copies."""
+    found = []
+    for fd in Path("/proc").glob("[0-9]*/fd/*"):
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        # an unnamed copy reads as "STAGING/dir/#inode (deleted)"
+        if target.startswith(f"{staging}/") and target.endswith(" (deleted)"):
+            found.append(target)
+    return found
+
 
 @pytest.fixture
 def area(tmp_path: Path) -> Area:
     return Area(tmp_path)
 
 
-def test_stages_files_identically_and_skips_them_next_time(area: Area) -> None:
+@pytest.mark.parametrize("unnamed", ["1", "0"])
+def test_stages_files_identically_and_skips_them_next_time(area: Area, unnamed: str) -> None:
     ids = [f"d{i % 3}/sub/f{i}.dat" for i in range(20)] + ["top.bin"]
     for i, rel in enumerate(ids):
         area.add(rel, os.urandom(1000 * i + 1))
@@ -74,7 +92,7 @@ def test_stages_files_identically_and_skips_them_next_time(area: Area) -> None:
     os.utime(big, ns=(1_000_000_000_123, 1_500_000_000_123_456_789))
     area.manifest([*ids, "big/large.bin"])
 
-    code, out = area.run(BATCHINGEST_STAGE_VERIFY="1")
+    code, out = area.run(BATCHINGEST_STAGE_VERIFY="1", BATCHINGEST_STAGE_UNNAMED=unnamed)
     assert code == 0, out
     assert "verifying SHA-256" in out
     for rel in [*ids, "big/large.bin"]:
@@ -94,7 +112,7 @@ def test_stages_files_identically_and_skips_them_next_time(area: Area) -> None:
 
     inodes = {rel: (area.staging / rel).stat().st_ino for rel in ids}
     changed = area.add(ids[0], b"new content")  # the archive file changed: copy again
-    code, out = area.run()
+    code, out = area.run(BATCHINGEST_STAGE_UNNAMED=unnamed)
     assert code == 0, out
     assert (area.staging / ids[0]).read_bytes() == b"new content"
     assert f"copied {ids[0]} " in out
@@ -153,25 +171,36 @@ def test_leftover_temporary_files_are_removed(area: Area) -> None:
     assert (area.staging / "d" / "f").read_bytes() == b"data"
 
 
-def test_killed_mid_copy_leaves_no_partial_file_and_rerun_finishes(area: Area) -> None:
+@pytest.mark.parametrize("unnamed", ["1", "0"])
+def test_killed_mid_copy_leaves_no_partial_file_and_rerun_finishes(
+    area: Area, unnamed: str
+) -> None:
     rels = [f"k/f{i}.bin" for i in range(6)]
     for rel in rels:
-        area.add(rel, os.urandom(48 << 20))
+        area.add(rel, os.urandom(32 << 20))
     area.manifest(rels)
-    p = area.start(BATCHINGEST_STAGE_PARALLEL="2", BATCHINGEST_STAGE_VERIFY="1")
-    wait_for(area.temps, timeout=60, interval=0.001, what="a copy in flight")
+    p = area.start(BATCHINGEST_STAGE_PARALLEL="2", BATCHINGEST_STAGE_VERIFY="1",
+                   BATCHINGEST_STAGE_UNNAMED=unnamed)  # fmt: skip
+    in_flight = area.in_flight if unnamed == "1" else area.temps
+    wait_for(in_flight, timeout=60, interval=0.001, what="a copy in flight")
     p.send_signal(signal.SIGKILL)
     p.wait()
+    # unnamed copies vanish with the process; named ones stay hidden until the next run
+    leftovers = area.temps()
+    if unnamed == "1":
+        assert leftovers == []
     # under its real name a file is complete or absent
     for rel in rels:
         dst = area.staging / rel
         if dst.exists():
             assert dst.read_bytes() == (area.archive / rel).read_bytes()
-    code, out = area.run()
+    code, out = area.run(BATCHINGEST_STAGE_UNNAMED=unnamed)
     assert code == 0, out
     assert area.temps() == []
     for rel in rels:
         assert (area.staging / rel).read_bytes() == (area.archive / rel).read_bytes()
+    if leftovers:
+        assert f"removed {len(leftovers)} temporary files" in out
 
 
 def test_staging_folder_leading_outside_is_refused(area: Area, tmp_path: Path) -> None:

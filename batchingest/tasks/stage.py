@@ -146,6 +146,52 @@ def temp_name(job: str) -> str:
     return f"{TEMP_PREFIX}{job}.{_RUN}-{next(_temp_ids)}{TEMP_SUFFIX}"
 
 
+_linkat = getattr(_libc, "linkat", None)
+_AT_FDCWD = -100
+_AT_EMPTY_PATH = 0x1000
+
+
+def link_fd(fd: int, target: str, how: str) -> None:
+    """Give the unnamed (O_TMPFILE) file fd the name target; FileExistsError if taken."""
+    if how == "empty-path":
+        assert _linkat is not None
+        if _linkat(fd, b"", _AT_FDCWD, os.fsencode(target), _AT_EMPTY_PATH) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), target)
+    else:
+        os.link(f"/proc/self/fd/{fd}", target, follow_symlinks=True)
+
+
+def probe_unnamed(folder: str) -> str | None:
+    """How unnamed temporary files get a name in folder's file system, or None.
+
+    O_TMPFILE then linkat(2) creates a file with one directory operation instead of the
+    two of create-then-rename, and a killed copy leaves nothing behind. linkat with
+    AT_EMPTY_PATH needs CAP_DAC_READ_SEARCH; the /proc/self/fd form does not, but fails
+    across some container mounts. Without either (NFS, old kernels), hidden named files.
+    """
+    if not hasattr(os, "O_TMPFILE"):
+        return None
+    try:
+        fd = os.open(folder, os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return None
+    try:
+        for how in ("empty-path", "proc"):
+            if how == "empty-path" and _linkat is None:
+                continue
+            name = os.path.join(folder, temp_name("probe"))
+            try:
+                link_fd(fd, name, how)
+            except OSError:
+                continue
+            _unlink(name)
+            return how
+        return None
+    finally:
+        os.close(fd)
+
+
 def remove_leftovers(folder: str, job: str) -> int:
     """Remove dead temporary copies in folder: ours, or anyone's unlocked and stale."""
     removed = 0
@@ -178,11 +224,29 @@ def remove_leftovers(folder: str, job: str) -> int:
 
 @dataclass
 class Pending:
-    """A complete temporary copy waiting for the batch's flush before its rename."""
+    """A complete copy waiting for its batch's flush before it gets its real name.
 
-    tmp: str
+    Either an unnamed O_TMPFILE inode kept open (fd) or a named hidden file (tmp).
+    """
+
     target: str
     entry: Entry
+    fd: int = -1
+    tmp: str = ""
+
+    def discard(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # an unnamed file disappears with its last descriptor
+            self.fd = -1
+        if self.tmp:
+            _unlink(self.tmp)
+            self.tmp = ""
+
+
+@dataclass
+class Folder:
+    real: str
+    unnamed: bool  # O_TMPFILE and linkat work here
 
 
 @dataclass
@@ -203,14 +267,14 @@ class Stager:
         self.sources = RealDirs(self.archive)
         self.targets = RealDirs(self.staging)
         # folders known to exist in the staging area (dict updates are atomic under the GIL)
-        self.made: dict[str, str] = {}
+        self.made: dict[str, Folder] = {}
         self.have_syncfs = True
+        # BATCHINGEST_STAGE_UNNAMED=0 forces hidden named temporary files
+        unnamed = os.environ.get("BATCHINGEST_STAGE_UNNAMED", "1") not in ("0", "false", "no")
+        self.linker = probe_unnamed(self.targets.root) if unnamed else None
+        self.staging_dev = os.stat(self.targets.root).st_dev
 
     # -- helpers shared by the worker threads ------------------------------------------
-
-    def say(self, line: str) -> None:
-        with self.lock:
-            self.out.append(line)
 
     def flush_log(self) -> None:
         with self.lock:
@@ -239,12 +303,12 @@ class Stager:
             self.errors.append(f"{entry.path}: {reason}")
             self.out.append(f"ERROR {entry.path}: {reason}")
 
-    def target_dir(self, rel: str) -> str:
+    def target_dir(self, rel: str) -> Folder:
         """The real folder the target of rel goes into, created if need be, inside staging."""
         parent = os.path.dirname(rel)
-        real = self.made.get(parent)
-        if real is not None:
-            return real
+        folder = self.made.get(parent)
+        if folder is not None:
+            return folder
         real = self.targets.real_dir(parent)
         if real is not None and not os.path.isdir(real):
             try:
@@ -255,8 +319,10 @@ class Stager:
             real = self.targets.real_dir(parent)
         if real is None or not os.path.isdir(real):
             raise TargetError(f"staging folder of {rel} leads outside the staging area")
-        self.made[parent] = real
-        return real
+        # another file system mounted inside the staging area gets its own chance to fail
+        unnamed = self.linker is not None and os.stat(real).st_dev == self.staging_dev
+        folder = self.made[parent] = Folder(real, unnamed)
+        return folder
 
     def open_source(self, rel: str) -> tuple[int, os.stat_result]:
         real = self.sources.real_file(rel)
@@ -274,12 +340,30 @@ class Stager:
             raise SourceError("is no longer a regular file in the archive")
         return fd, st
 
+    def create(self, folder: Folder, target: str) -> Pending:
+        """An empty temporary file for target: unnamed if possible, else hidden and locked."""
+        p = Pending(target, Entry("", "", 0))
+        if folder.unnamed:
+            try:
+                p.fd = os.open(folder.real, os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, 0o644)
+                return p
+            except OSError:
+                folder.unnamed = False
+        p.tmp = os.path.join(folder.real, temp_name(self.job))
+        try:
+            p.fd = os.open(p.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise TargetError(f"cannot create a file in {folder.real}: {e.strerror}") from None
+        # the lock tells remove_leftovers in another job's task that this copy is alive
+        fcntl.flock(p.fd, fcntl.LOCK_EX)
+        return p
+
     # -- one file ----------------------------------------------------------------------
 
     def prepare(self, entry: Entry, batched: bool) -> Pending | None:
         """Copy one file to a temporary file; None if it is already staged."""
         folder = self.target_dir(entry.path)
-        target = os.path.join(folder, os.path.basename(entry.path))
+        target = os.path.join(folder.real, os.path.basename(entry.path))
         src, st = self.open_source(entry.path)
         try:
             try:
@@ -293,15 +377,11 @@ class Stager:
                     return None
             except FileNotFoundError:
                 pass
-            tmp = os.path.join(folder, temp_name(self.job))
+            p = self.create(folder, target)
+            p.entry = entry
             try:
-                dst = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-            except OSError as e:
-                raise TargetError(f"cannot create a file in {folder}: {e.strerror}") from None
-            try:
-                fcntl.flock(dst, fcntl.LOCK_EX)
                 try:
-                    copied = copy_fd(src, dst, st.st_size)
+                    copied = copy_fd(src, p.fd, st.st_size)
                 except OSError as e:
                     if e.errno in TARGET_ERRNOS:
                         raise TargetError(f"staging area: {e.strerror}") from None
@@ -312,29 +392,41 @@ class Stager:
                 if copied != st.st_size:
                     raise SourceError("copy is shorter than the archive file")
                 if self.verify:
-                    a, b = sha256_fd(src), sha256_fd(dst)
+                    a, b = sha256_fd(src), sha256_fd(p.fd)
                     if a != b:
                         raise SourceError(f"SHA-256 mismatch: archive {a}, copy {b}")
-                os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
+                os.utime(p.fd, ns=(st.st_atime_ns, st.st_mtime_ns))
                 if not batched or not self.have_syncfs:
-                    os.fsync(dst)
+                    os.fsync(p.fd)
             except BaseException:
-                os.close(dst)
-                _unlink(tmp)
+                p.discard()
                 raise
-            os.close(dst)
-            return Pending(tmp, target, entry)
+            return p
         finally:
             os.close(src)
 
     def commit(self, pending: list[Pending]) -> None:
+        """Give flushed copies their real names; a rename or link never shows a partial file."""
         for p in pending:
             try:
-                os.rename(p.tmp, p.target)
+                if p.tmp:
+                    os.rename(p.tmp, p.target)
+                    p.tmp = ""
+                else:
+                    assert self.linker is not None
+                    try:
+                        link_fd(p.fd, p.target, self.linker)
+                    except FileExistsError:
+                        # an older copy is there: replace it in one rename
+                        p.tmp = os.path.join(os.path.dirname(p.target), temp_name(self.job))
+                        link_fd(p.fd, p.tmp, self.linker)
+                        os.rename(p.tmp, p.target)
+                        p.tmp = ""
             except OSError as e:
-                _unlink(p.tmp)
                 self.fail(p.entry, f"cannot be put in place in the staging area ({e.strerror})")
                 continue
+            finally:
+                p.discard()
             self.done(p.entry, "copied")
 
     # -- a batch, run by one worker thread --------------------------------------------
@@ -366,31 +458,23 @@ class Stager:
             if pending and batched and self.have_syncfs:
                 try:
                     self.have_syncfs = syncfs(os.path.dirname(pending[0].target))
+                    if not self.have_syncfs:
+                        for p in pending:
+                            os.fsync(p.fd)
                 except OSError as e:
                     self.fail(pending[0].entry, f"staging area: {e.strerror}")
                     self.abort.set()
                     return
-                if not self.have_syncfs:
-                    for p in pending:
-                        _fsync_path(p.tmp)
             self.commit(pending)
             pending = []
         finally:
             for p in pending:
-                _unlink(p.tmp)
+                p.discard()
 
 
 def _unlink(path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-
-
-def _fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def batches(entries: list[Entry]) -> Iterator[list[Entry]]:

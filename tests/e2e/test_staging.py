@@ -37,6 +37,19 @@ class Setup:
     def temps(self) -> list[Path]:
         return [p for p in self.staging.rglob("*") if p.name.startswith(TEMP_PREFIX)]
 
+    def in_flight(self) -> list[str]:
+        """Files under staging some process has open: named or unnamed (O_TMPFILE) copies."""
+        found = []
+        for fd in Path("/proc").glob("[0-9]*/fd/*"):
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            # an unnamed copy reads as "STAGING/dir/#inode (deleted)"
+            if target.startswith(f"{self.staging}/") and target.endswith(" (deleted)"):
+                found.append(target)
+        return found
+
     def jobs(self) -> list[str]:
         return sorted(
             p.name
@@ -271,7 +284,8 @@ def test_service_killed_mid_copy_then_restarted_finishes(tmp_path: Path) -> None
     try:
         with svc.client() as c:
             rid = post(c, rels).json()["request_id"]
-        wait_for(setup.temps, timeout=60, interval=0.001, what="a copy in flight")
+        wait_for(lambda: setup.in_flight() or setup.temps(), timeout=60, interval=0.001,
+                 what="a copy in flight")  # fmt: skip
         svc.kill()
     finally:
         svc.stop()
