@@ -96,16 +96,21 @@ def load(job_dir: Path) -> JobFile:
     return parse(raw)
 
 
-def write_atomic(path: Path, content: bytes, *, durable: bool = True) -> None:
+def write_atomic(
+    path: Path, content: bytes, *, durable: bool = True, mode: int | None = None
+) -> None:
     """Replace path with content so that a crash leaves the old or the new file, never a mix.
 
     The temporary file is hidden and lives beside the target, so the rename stays within
     one file system and no listing ever shows it. The data is fsync-ed before the rename,
     so a rename that survives a power loss always points at complete content; the folder
     itself is not fsync-ed: losing the rename loses the last update, never the file.
+    The file is private (0600) unless a mode is given.
     """
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        if mode is not None:
+            os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(content)
             if durable:
@@ -119,4 +124,5 @@ def write_atomic(path: Path, content: bytes, *, durable: bool = True) -> None:
 
 
 def save(job_dir: Path, job: JobFile) -> None:
-    write_atomic(job_dir / JOB_FILE, job.dumps())
+    # JOB is read by curators and other accounts' tools, like every file of a job
+    write_atomic(job_dir / JOB_FILE, job.dumps(), mode=0o644)

@@ -355,6 +355,9 @@ class Store:
         fd = _lock(src)
         if fd is None:
             return None
+        if not _same_file(fd, src / LOCK_FILE):
+            os.close(fd)  # the folder we locked has moved on meanwhile
+            return None
         try:
             self._move(name, "queue", "processing")
         except (FileNotFoundError, FileExistsError, OSError):
