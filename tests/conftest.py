@@ -7,7 +7,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from batchingest.store import Store  # noqa: E402
+from batchingest.store import Store
 
 
 @pytest.fixture

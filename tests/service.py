@@ -126,7 +126,9 @@ def wait_for(predicate, timeout: float = 30, interval: float = 0.02, what: str =
         time.sleep(interval)
 
 
-def make_job(parent: Path, name: str, job: str | None = None, files: dict[str, str] | None = None) -> Path:
+def make_job(
+    parent: Path, name: str, job: str | None = None, files: dict[str, str] | None = None
+) -> Path:
     """A job folder assembled under a hidden name, as an operator would before `mv`."""
     path = parent / f".build-{name}"
     path.mkdir(parents=True)

@@ -24,8 +24,18 @@ LATENCY_SAMPLES = 60
 
 def start_service(root: Path, *args: str) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "batchingest.cli", "serve", "--root", str(root), "--no-api",
-         "--log-level", "warning", *args],
+        [
+            sys.executable,
+            "-m",
+            "batchingest.cli",
+            "serve",
+            "--root",
+            str(root),
+            "--no-api",
+            "--log-level",
+            "warning",
+            *args,
+        ],
         stderr=subprocess.DEVNULL,
     )
     time.sleep(1.0)  # started and idle
@@ -101,7 +111,7 @@ def fork_exec_floor() -> float:
 
 def pct(values: list[float], q: float) -> float:
     values = sorted(values)
-    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
 def main() -> None:
@@ -119,8 +129,10 @@ def main() -> None:
         print("| measure | batchingest | compared with | target |")
         print("|---|---|---|---|")
         print(f"| pickup latency p50 | {p50:.1f} ms | Go service (5 s poll): 2,300 ms | <= 20 ms |")
-        print(f"| pickup latency p99 | {p99:.1f} ms (range {lo:.1f}-{hi:.1f}) "
-              "| Go service: 600-4,900 ms | <= 100 ms |")
+        print(
+            f"| pickup latency p99 | {p99:.1f} ms (range {lo:.1f}-{hi:.1f}) "
+            "| Go service: 600-4,900 ms | <= 100 ms |"
+        )
         for workers in (1, 2, 4):
             rates, floors = [], []
             for _ in range(RUNS):
@@ -128,9 +140,11 @@ def main() -> None:
                 rates.append(throughput(base, workers))
             rate, floor = statistics.median(rates), statistics.median(floors)
             target = ">= 300 jobs/s and >= 50% of floor" if workers == 2 else ""
-            print(f"| throughput, --workers {workers} | {rate:.0f} jobs/s "
-                  f"({100 * rate / floor:.0f}% of floor) | fork+exec floor {floor:.0f}/s; "
-                  f"Go: 555/s | {target} |")
+            print(
+                f"| throughput, --workers {workers} | {rate:.0f} jobs/s "
+                f"({100 * rate / floor:.0f}% of floor) | fork+exec floor {floor:.0f}/s; "
+                f"Go: 555/s | {target} |"
+            )
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
