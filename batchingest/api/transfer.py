@@ -23,7 +23,8 @@ from starlette.types import Receive, Scope, Send
 from batchingest.api.errors import ApiError
 
 WRITE_CHUNK = 4 << 20
-READ_CHUNK = 4 << 20
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+READ_CHUNK = 1 << 20
 
 
 # -- uploads ---------------------------------------------------------------------------
@@ -63,12 +64,18 @@ def too_large(limit: int) -> ApiError:
     return ApiError(413, "PayloadTooLarge", f"uploads are limited to {limit} bytes")
 
 
-def _write_all(fd: int, data: bytes, hasher: hashlib._Hash) -> None:
-    hasher.update(data)
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
+def _write_all(fd: int, parts: list[bytes], hasher: hashlib._Hash) -> None:
+    """Hash and write the pieces as they came, with writev: joining them would copy."""
+    for part in parts:
+        hasher.update(part)
+    views = [memoryview(p) for p in parts]
+    while views:
+        n = os.writev(fd, views[:_IOV_MAX])
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if n:
+            views[0] = views[0][n:]
 
 
 async def receive_into(fd: int, chunks: AsyncIterator[bytes], max_upload: int) -> Upload:
@@ -94,15 +101,14 @@ async def receive_into(fd: int, chunks: AsyncIterator[bytes], max_upload: int) -
             if gathered >= WRITE_CHUNK:
                 if pending is not None:
                     await pending
-                data = b"".join(parts)
-                parts.clear()
+                batch, parts = parts, []
                 gathered = 0
-                pending = asyncio.ensure_future(to_thread.run_sync(_write_all, fd, data, hasher))
+                pending = asyncio.ensure_future(to_thread.run_sync(_write_all, fd, batch, hasher))
         if pending is not None:
             await pending
             pending = None
         if parts:
-            await to_thread.run_sync(_write_all, fd, b"".join(parts), hasher)
+            await to_thread.run_sync(_write_all, fd, parts, hasher)
     finally:
         if pending is not None:
             # let the thread finish with fd before the caller closes it
