@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -276,3 +277,20 @@ def test_full_staging_area_fails_naming_the_file(area: Area) -> None:
     finally:
         subprocess.run(["umount", "-l", str(area.staging)], check=False)
     json.loads((area.job / "PROGRESS.json").read_text())
+
+
+def test_many_small_files_under_a_low_descriptor_limit(area: Area) -> None:
+    rels = [f"m/d{i % 7}/f{i}" for i in range(700)]
+    for i, rel in enumerate(rels):
+        area.add(rel, str(i).encode())
+    area.manifest(rels)
+
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (400, 400))
+
+    p = subprocess.run([sys.executable, "-m", "batchingest.tasks.stage"], cwd=area.job,
+                       env=area.env(BATCHINGEST_STAGE_PARALLEL="4"), preexec_fn=low_limit,
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert p.returncode == 0, p.stdout + p.stderr
+    for i, rel in enumerate(rels):
+        assert (area.staging / rel).read_bytes() == str(i).encode()

@@ -26,6 +26,7 @@ import fcntl
 import hashlib
 import itertools
 import os
+import resource
 import secrets
 import stat
 import sys
@@ -477,8 +478,8 @@ def _unlink(path: str) -> None:
         os.unlink(path)
 
 
-def batches(entries: list[Entry]) -> Iterator[list[Entry]]:
-    """Large files alone, small ones together (up to BATCH_FILES files / BATCH_BYTES)."""
+def batches(entries: list[Entry], most: int = BATCH_FILES) -> Iterator[list[Entry]]:
+    """Large files alone, small ones together (up to `most` files / BATCH_BYTES)."""
     batch: list[Entry] = []
     size = 0
     for e in entries:
@@ -487,11 +488,29 @@ def batches(entries: list[Entry]) -> Iterator[list[Entry]]:
             continue
         batch.append(e)
         size += e.size
-        if len(batch) >= BATCH_FILES or size >= BATCH_BYTES:
+        if len(batch) >= most or size >= BATCH_BYTES:
             yield batch
             batch, size = [], 0
     if batch:
         yield batch
+
+
+def batch_size(parallel: int) -> int:
+    """Files per batch such that every thread's open copies fit the descriptor limit.
+
+    An unnamed copy stays open until its batch is flushed, so raise the soft limit as
+    far as allowed and size batches to it.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = parallel * BATCH_FILES + 256
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return BATCH_FILES
+    return max(1, min(BATCH_FILES, (soft - 256) // parallel))
 
 
 def _env_path(name: str) -> Path:
@@ -540,7 +559,10 @@ def run(job_dir: Path) -> int:
         print(f"stage: removed {removed} temporary files left by an interrupted copy", flush=True)
 
     with ThreadPoolExecutor(parallel, thread_name_prefix="stage") as pool:
-        futures: set[Future[None]] = {pool.submit(stager.run_batch, b) for b in batches(entries)}
+        most = batch_size(parallel)
+        futures: set[Future[None]] = {
+            pool.submit(stager.run_batch, b) for b in batches(entries, most)
+        }
         last = time.monotonic()
         while futures:
             finished, futures = wait(futures, timeout=PROGRESS_EVERY, return_when=FIRST_COMPLETED)
