@@ -41,7 +41,12 @@ class Processor:
         self.cfg = cfg
         self.store = store
         self.env = base_env(cfg.task_env())
-        self._pool = ThreadPoolExecutor(cfg.workers, thread_name_prefix="batchingest-worker")
+        # --workers bounds the jobs running tasks; a few more threads let finished jobs do
+        # their last JOB fsync and final rename while the next tasks already run, which
+        # is what keeps a disk with slow fsync busy rather than idle
+        self._threads = 2 * cfg.workers + 2
+        self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="batchingest-worker")
+        self._slots = threading.BoundedSemaphore(cfg.workers)
         self._pending: deque[str] = deque()
         self._in_flight: set[str] = set()
         # names we could not claim though they sit in queue/ (held by an orphaned task,
@@ -66,7 +71,7 @@ class Processor:
             asyncio.create_task(self._watch(stop), name="watch-queue"),
             asyncio.create_task(self._tick(stop), name="poll-queue"),
         ]
-        workers = [asyncio.create_task(self._worker(stop)) for _ in range(self.cfg.workers)]
+        workers = [asyncio.create_task(self._worker(stop)) for _ in range(self._threads)]
         log.info(
             "processor running with %d worker(s), tasks in %s", self.cfg.workers, self.cfg.tasks_dir
         )
@@ -175,16 +180,22 @@ class Processor:
 
     def process(self, name: str) -> bool:
         """Claim and run one queued job; False if it was not ours to take."""
-        if self._stopping.is_set():
-            return False
-        hold = self.store.claim(name)
-        if hold is None:
-            return False
+        with _Slot(self._slots) as slot:
+            if self._stopping.is_set():
+                return False
+            hold = self.store.claim(name)
+            if hold is None:
+                return False
+            self._run(hold, slot)
+        return True
+
+    def _run(self, hold: Hold, slot: _Slot) -> None:
+        name = hold.name
         t0 = time.monotonic()
         log.info("job %s picked up", name)
         state = "error"
         try:
-            state = self._run_job(hold)
+            state = self._run_job(hold, slot)
         except Exception as e:
             log.exception("job %s: internal error", name)
             with contextlib.suppress(OSError):
@@ -198,7 +209,6 @@ class Processor:
             time.monotonic() - t0,
             f" (as {job.name})" if job.name != name else "",
         )
-        return True
 
     def _log(self, hold: Hold, text: str) -> None:
         fd = os.open(
@@ -209,7 +219,7 @@ class Processor:
         finally:
             os.close(fd)
 
-    def _run_job(self, hold: Hold) -> str:
+    def _run_job(self, hold: Hold, slot: _Slot) -> str:
         """Run the job's remaining tasks; return the state it should go to."""
         path = hold.path
         log_fd = os.open(
@@ -268,9 +278,32 @@ class Processor:
                 if result.ok:
                     job.todo.pop(0)
                     job.todo.extend(result.added)
+                if not result.ok or not job.todo:
+                    slot.release()  # the job runs no more tasks: its slot is free
                 jobfile.save(path, job)
                 if not result.ok:
                     return "error"
             return "success"
         finally:
             os.close(log_fd)
+
+
+class _Slot:
+    """One of the --workers task slots; released early once a job runs no more tasks."""
+
+    def __init__(self, slots: threading.BoundedSemaphore) -> None:
+        self._slots = slots
+        self._held = False
+
+    def __enter__(self) -> _Slot:
+        self._slots.acquire()
+        self._held = True
+        return self
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._slots.release()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
