@@ -1,7 +1,7 @@
 """Staging benchmarks: copy throughput against cp, and the status endpoint under load.
 
 All figures come from one running service (`--archive`, `--staging` on the same file
-system as the copies made by cp), medians of BENCH_RUNS runs (default 3):
+system as the copies made by cp), medians of BENCH_RUNS runs (default 5: this is disk-bound and noisy):
 
 - one 2 GiB file: POST /dts/staging to `ready`, against `cp` of the same file into the
   same file system, and `cp` followed by an fsync of the copy (`sync FILE`; the stage
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import httpx
 
-RUNS = int(os.environ.get("BENCH_RUNS", "3"))
+RUNS = int(os.environ.get("BENCH_RUNS", "5"))
 BIG_MIB = int(os.environ.get("BENCH_BIG_MIB", "2048"))
 FILES, FOLDERS, SMALL = 10_000, 100, 4096
 TOKEN = "bench-token-0123456789"
