@@ -13,7 +13,9 @@ import binascii
 import hashlib
 import os
 import re
+from collections import deque
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from email.utils import formatdate
 
@@ -23,6 +25,7 @@ from starlette.types import Receive, Scope, Send
 from batchingest.api.errors import ApiError
 
 WRITE_CHUNK = 4 << 20
+IN_FLIGHT = 2
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 READ_CHUNK = 1 << 20
 
@@ -64,10 +67,13 @@ def too_large(limit: int) -> ApiError:
     return ApiError(413, "PayloadTooLarge", f"uploads are limited to {limit} bytes")
 
 
-def _write_all(fd: int, parts: list[bytes], hasher: hashlib._Hash) -> None:
-    """Hash and write the pieces as they came, with writev: joining them would copy."""
+def _hash_all(hasher: hashlib._Hash, parts: list[bytes]) -> None:
     for part in parts:
-        hasher.update(part)
+        hasher.update(part)  # releases the GIL for large pieces
+
+
+def _write_all(fd: int, parts: list[bytes]) -> None:
+    """Write the pieces as they came, with writev: joining them would copy."""
     views = [memoryview(p) for p in parts]
     while views:
         n = os.writev(fd, views[:_IOV_MAX])
@@ -81,14 +87,24 @@ def _write_all(fd: int, parts: list[bytes], hasher: hashlib._Hash) -> None:
 async def receive_into(fd: int, chunks: AsyncIterator[bytes], max_upload: int) -> Upload:
     """Write a request body into fd, hashing it; raise too_large past max_upload.
 
-    Network chunks (~64 KiB from uvicorn) are gathered into WRITE_CHUNK pieces; one piece
-    is hashed and written in a thread while the next one is being received.
+    Network chunks are gathered into WRITE_CHUNK batches. Each batch is hashed by one
+    thread and written by another, both in order, while the next batches arrive: SHA-256
+    and the copy into the page cache then overlap each other and the network. At most
+    IN_FLIGHT batches wait, which bounds memory.
     """
+    loop = asyncio.get_running_loop()
     hasher = hashlib.sha256()
+    hashing = ThreadPoolExecutor(1, thread_name_prefix="upload-hash")
+    writing = ThreadPoolExecutor(1, thread_name_prefix="upload-write")
+    in_flight: deque[asyncio.Future[None]] = deque()
+
+    def submit(batch: list[bytes]) -> None:
+        in_flight.append(loop.run_in_executor(hashing, _hash_all, hasher, batch))
+        in_flight.append(loop.run_in_executor(writing, _write_all, fd, batch))
+
     size = 0
     parts: list[bytes] = []
     gathered = 0
-    pending: asyncio.Future[None] | None = None
     try:
         async for chunk in chunks:
             if not chunk:
@@ -99,20 +115,20 @@ async def receive_into(fd: int, chunks: AsyncIterator[bytes], max_upload: int) -
             parts.append(chunk)
             gathered += len(chunk)
             if gathered >= WRITE_CHUNK:
-                if pending is not None:
-                    await pending
-                batch, parts = parts, []
-                gathered = 0
-                pending = asyncio.ensure_future(to_thread.run_sync(_write_all, fd, batch, hasher))
-        if pending is not None:
-            await pending
-            pending = None
+                while len(in_flight) >= 2 * IN_FLIGHT:
+                    await in_flight.popleft()
+                submit(parts)
+                parts, gathered = [], 0
         if parts:
-            await to_thread.run_sync(_write_all, fd, parts, hasher)
+            submit(parts)
+        while in_flight:
+            await in_flight.popleft()
     finally:
-        if pending is not None:
-            # let the thread finish with fd before the caller closes it
-            await asyncio.shield(pending)
+        if in_flight:
+            # the threads must be done with fd before the caller closes it
+            await asyncio.shield(asyncio.gather(*in_flight, return_exceptions=True))
+        hashing.shutdown(wait=False)
+        writing.shutdown(wait=False)
     return Upload(size, hasher.digest())
 
 

@@ -3,6 +3,7 @@
 Starts the real service (`batchingest serve --no-processor`) on a temporary jobs root and
 measures, medians of several runs:
 - upload of a 1 GiB file with `curl -T` next to `cp` of the same file on the same disk,
+  and next to the same curl against a bare socket server (the floor curl itself sets),
   and download with `curl -o` (to the same disk) next to the same `cp`; the page cache is
   written back (`sync`) before each timed copy so one run's dirty pages do not slow the next;
 - the service's peak RSS during the uploads and during the downloads (VmHWM, reset
@@ -22,16 +23,18 @@ import multiprocessing
 import os
 import re
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 
-from service import TOKEN, Service  # noqa: E402
+from service import TOKEN, Service
 
 RUNS = int(os.environ.get("BENCH_RUNS", "3"))
 SIZE = int(os.environ.get("BENCH_SIZE_MIB", "1024")) << 20
@@ -70,6 +73,59 @@ def make_file(path: Path, size: int) -> None:
             left -= len(chunk)
 
 
+class RawPeer:
+    """The floor for curl on this machine: a bare socket server that only moves bytes.
+
+    GET answers with sendfile(2) of a file, PUT reads the body with recv_into and drops
+    it; no HTTP library, no hashing, no disk writes. Measured in the same run, it shows
+    how much of each transfer time is curl and the loopback itself.
+    """
+
+    def __init__(self, source: Path) -> None:
+        self.source = source
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                self._one(conn)
+
+    def _one(self, conn: socket.socket) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += conn.recv(65536)
+        head, _, rest = head.partition(b"\r\n\r\n")
+        if head.startswith(b"GET"):
+            size = self.source.stat().st_size
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+            with open(self.source, "rb") as f:
+                conn.sendfile(f)
+            return
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":")[1])
+        if b"100-continue" in head.lower():
+            conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+        got = len(rest)
+        buf = bytearray(4 << 20)
+        while got < length:
+            n = conn.recv_into(buf)
+            if not n:
+                return
+            got += n
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 def transfers(svc: Service, work: Path) -> dict[str, object]:
     assert svc.proc is not None
     pid = svc.proc.pid
@@ -80,13 +136,15 @@ def transfers(svc: Service, work: Path) -> dict[str, object]:
     url = f"{svc.url}/jobs/bench/files/big.bin"
     auth = ["-H", f"X-Api-Token: {TOKEN}"]
     curl = ["curl", "-sS", "--fail", *auth]
-    cp_up, up, cp_down, down = [], [], [], []
+    peer = RawPeer(src)
+    raw_url = f"http://127.0.0.1:{peer.port}/x"
+    cp_up, up, raw_up, cp_down, down, raw_down, down_null = [], [], [], [], [], [], []
     can_reset = reset_peak(pid)
-    up_rss = 0.0
     for _ in range(RUNS):
         cp_up.append(timed(["cp", str(src), str(work / "copy.bin")]))
         (work / "copy.bin").unlink()
         up.append(timed([*curl, "-o", "/dev/null", "-T", str(src), url]))
+        raw_up.append(timed([*curl, "-o", "/dev/null", "-T", str(src), raw_url]))
     up_rss = peak_rss_mb(pid)
     reset_peak(pid)
     for _ in range(RUNS):
@@ -94,7 +152,11 @@ def transfers(svc: Service, work: Path) -> dict[str, object]:
         (work / "copy.bin").unlink()
         down.append(timed([*curl, "-o", str(work / "down.bin"), url]))
         (work / "down.bin").unlink()
+        down_null.append(timed([*curl, "-o", "/dev/null", url]))
+        raw_down.append(timed([*curl, "-o", str(work / "down.bin"), raw_url]))
+        (work / "down.bin").unlink()
     down_rss = peak_rss_mb(pid)
+    peer.close()
     src.unlink()
     mib = SIZE / (1 << 20)
     return {
@@ -102,6 +164,9 @@ def transfers(svc: Service, work: Path) -> dict[str, object]:
         "up": statistics.median(up),
         "cp_down": statistics.median(cp_down),
         "down": statistics.median(down),
+        "raw_up": statistics.median(raw_up),
+        "raw_down": statistics.median(raw_down),
+        "down_null": statistics.median(down_null),
         "mib": mib,
         "up_rss": up_rss,
         "down_rss": down_rss,
@@ -218,6 +283,18 @@ def main() -> None:
     print(
         f"| download `curl -o` | {rate(t['down'])} | cp {rate(t['cp_down'])}: "
         f"**{down_ratio:.2f}x cp** | >= 0.6x cp |"
+    )
+    print(
+        f"| download `curl -o /dev/null` | {rate(t['down_null'])} | "
+        f"{float(t['cp_down']) / float(t['down_null']):.2f}x cp |  |"  # type: ignore[arg-type]
+    )
+    print(
+        f"| floor: `curl -T` into a bare socket | {rate(t['raw_up'])} | "
+        f"{float(t['cp_up']) / float(t['raw_up']):.2f}x cp |  |"  # type: ignore[arg-type]
+    )
+    print(
+        f"| floor: `curl -o` from sendfile(2) | {rate(t['raw_down'])} | "
+        f"{float(t['cp_down']) / float(t['raw_down']):.2f}x cp |  |"  # type: ignore[arg-type]
     )
     print(f"| peak RSS during uploads{t['rss_note']} | {t['up_rss']:.0f} MB | | < 150 MB |")
     print(f"| peak RSS during downloads{t['rss_note']} | {t['down_rss']:.0f} MB | | < 150 MB |")
