@@ -1,7 +1,8 @@
 """Staging benchmarks: copy throughput against cp, and the status endpoint under load.
 
 All figures come from one running service (`--archive`, `--staging` on the same file
-system as the copies made by cp), medians of BENCH_RUNS runs (default 5: this is disk-bound and noisy):
+system as the copies made by cp), medians of BENCH_RUNS runs (default 5: disk-bound
+figures are noisy):
 
 - one 2 GiB file: POST /dts/staging to `ready`, against `cp` of the same file into the
   same file system, and `cp` followed by an fsync of the copy (`sync FILE`; the stage
