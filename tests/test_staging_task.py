@@ -90,6 +90,7 @@ def test_stages_files_identically_and_skips_them_next_time(area: Area, unnamed: 
     for i, rel in enumerate(ids):
         area.add(rel, os.urandom(1000 * i + 1))
     big = area.add("big/large.bin", os.urandom(9 << 20))  # copied alone, fsync-ed
+    big.chmod(0o640)
     os.utime(big, ns=(1_000_000_000_123, 1_500_000_000_123_456_789))
     area.manifest([*ids, "big/large.bin"])
 
@@ -100,6 +101,7 @@ def test_stages_files_identically_and_skips_them_next_time(area: Area, unnamed: 
         src, dst = area.archive / rel, area.staging / rel
         assert dst.read_bytes() == src.read_bytes()
         assert dst.stat().st_mtime_ns == src.stat().st_mtime_ns
+        assert dst.stat().st_mode == src.stat().st_mode
         assert f"copied {rel} " in out
     assert area.temps() == []
     progress = read_progress(area.job)

@@ -388,18 +388,21 @@ class Stager:
         os.ftruncate(dst, 0)  # no copy_file_range here: start again the plain way
         return copy_fd(src, dst, size)
 
-    def create(self, folder: Folder, target: str) -> Pending:
-        """An empty temporary file for target: unnamed if possible, else hidden and locked."""
+    def create(self, folder: Folder, target: str, mode: int) -> Pending:
+        """An empty temporary file for target: unnamed if possible, else hidden and locked.
+
+        Its permissions are the source's less the umask, as with cp.
+        """
         p = Pending(target, Entry("", "", 0))
         if folder.unnamed:
             try:
-                p.fd = os.open(folder.real, os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, 0o644)
+                p.fd = os.open(folder.real, os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, mode)
                 return p
             except OSError:
                 folder.unnamed = False
         p.tmp = os.path.join(folder.real, temp_name(self.job))
         try:
-            p.fd = os.open(p.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            p.fd = os.open(p.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
         except OSError as e:
             raise TargetError(f"cannot create a file in {folder.real}: {e.strerror}") from None
         # the lock tells remove_leftovers in another job's task that this copy is alive
@@ -425,7 +428,7 @@ class Stager:
                     return None
             except FileNotFoundError:
                 pass
-            p = self.create(folder, target)
+            p = self.create(folder, target, stat.S_IMODE(st.st_mode) & 0o777)
             p.entry = entry
             try:
                 try:
