@@ -731,3 +731,15 @@ def test_held_job_files_are_read_only(api: tuple[ASGIApp, Store]) -> None:
         assert_error(call(app, "PUT", "/jobs/j/files/x", b"x"), 409, "JobBusy")
     finally:
         hold.release()
+
+
+def test_fifos_never_hang_the_server(api: tuple[ASGIApp, Store]) -> None:
+    """A task may leave a named pipe behind; reading it would block the event loop."""
+    app, store = api
+    job, _ = store.create("j")
+    os.mkfifo(job.path / "pipe")
+    os.mkfifo(job.path / "JOB")
+    assert_error(call(app, "GET", "/jobs/j/files/pipe"), 404, "FileNotFound")
+    info = call(app, "GET", "/jobs/j").json()
+    assert info["Todo"] is None and info["JobError"]
+    assert call(app, "GET", "/jobs/j/files").json() == ["JOB", "pipe"]

@@ -57,7 +57,8 @@ def routes(cfg: Config, store: Store) -> list[BaseRoute]:
         job = find_job(store, name)
         target = resolve(job.path, parts)
         try:
-            fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
+            # O_NONBLOCK: a FIFO in a job folder must not hang the server
+            fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except (FileNotFoundError, NotADirectoryError):
             raise _not_found(parts) from None
         try:
@@ -109,10 +110,7 @@ def routes(cfg: Config, store: Store) -> list[BaseRoute]:
         expected = transfer.expected_sha256(request.headers.get("content-digest"))
         target = _place(job.path, parts)
         rel = target.relative_to(resolve(job.path, []))
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-        except (FileExistsError, NotADirectoryError):
-            raise ApiError(409, "NotADirectory", "a parent of this path is a file") from None
+        _make_parents(resolve(job.path, []), rel, name)
         if target.is_dir():
             raise ApiError(409, "IsADirectory", f"{'/'.join(parts)!r} is a folder")
         dir_fd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -164,6 +162,26 @@ def routes(cfg: Config, store: Store) -> list[BaseRoute]:
         Route("/jobs/{id}/files", read, methods=["GET"]),
         by_method("/jobs/{id}/files/{path:path}", {"GET": read, "PUT": upload, "DELETE": delete}),
     ]
+
+
+def _make_parents(base: Path, rel: Path, name: str) -> None:
+    """Create the folders above rel inside base, but never base itself.
+
+    mkdir(parents=True) would bring back a job folder deleted meanwhile, making a job out
+    of nothing; here a vanished job folder is a 404.
+    """
+    folder = base
+    for part in rel.parts[:-1]:
+        folder = folder / part
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            if not folder.is_dir():
+                raise ApiError(409, "NotADirectory", "a parent of this path is a file") from None
+        except NotADirectoryError:
+            raise ApiError(409, "NotADirectory", "a parent of this path is a file") from None
+        except FileNotFoundError:
+            raise ApiError(404, "JobNotFound", f"job {name!r} was deleted meanwhile") from None
 
 
 def _place(job_dir: Path, parts: list[str]) -> Path:
