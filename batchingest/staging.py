@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import stat
 import threading
 from collections.abc import Iterable
@@ -42,6 +43,9 @@ TEMP_PREFIX = ".batchingest-stage-"
 TEMP_SUFFIX = ".tmp"
 MAX_PATH = 4096
 MAX_COMPONENT = 255
+
+
+_BAD_CHAR = re.compile(r"[\x00-\x1f\x7f\\]")
 
 
 class StagingError(Exception):
@@ -69,10 +73,11 @@ def check_relpath(rel: str) -> str:
         raise InvalidPath("not valid UTF-8") from None
     if len(raw) > MAX_PATH:
         raise InvalidPath(f"longer than {MAX_PATH} bytes")
-    if any(ord(c) < 0x20 or c == "\x7f" for c in rel):
-        raise InvalidPath("contains a control character")
-    if "\\" in rel:
-        raise InvalidPath("contains a backslash")
+    bad = _BAD_CHAR.search(rel)
+    if bad:
+        raise InvalidPath(
+            "contains a backslash" if bad[0] == "\\" else "contains a control character"
+        )
     if rel.startswith("/"):
         raise InvalidPath("absolute path")
     for part in rel.split("/"):
@@ -146,11 +151,17 @@ class RealDirs:
 
 def stat_source(dirs: RealDirs, rel: str) -> os.stat_result | None:
     """The stat of the archive file at rel, or None if it is not a regular file inside."""
-    real = dirs.real_file(rel)
-    if real is None:
+    parent, name = os.path.split(rel)
+    real_parent = dirs.real_dir(parent)
+    if real_parent is None:
         return None
     try:
-        st = os.stat(real)
+        st = os.lstat(os.path.join(real_parent, name))
+        if stat.S_ISLNK(st.st_mode):  # rare: follow it, and only if it stays inside
+            real = dirs.real_file(rel)
+            if real is None:
+                return None
+            st = os.stat(real)
     except OSError:
         return None
     return st if stat.S_ISREG(st.st_mode) else None

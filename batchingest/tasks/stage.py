@@ -258,6 +258,19 @@ def remove_leftovers(folder: str, job: str) -> int:
     return removed
 
 
+def already_staged(target: str, st: os.stat_result) -> bool:
+    """The target is a regular file of the source's size and modification time."""
+    try:
+        tst = os.lstat(target)
+    except FileNotFoundError:
+        return False
+    return (
+        stat.S_ISREG(tst.st_mode)
+        and tst.st_size == st.st_size
+        and tst.st_mtime_ns == st.st_mtime_ns
+    )
+
+
 @dataclass
 class Pending:
     """A complete copy waiting for its batch's flush before it gets its real name.
@@ -283,6 +296,7 @@ class Pending:
 class Folder:
     real: str
     unnamed: bool  # O_TMPFILE and linkat work here
+    fresh: bool = False  # created by this run: nothing in it can be staged already
 
 
 @dataclass
@@ -347,7 +361,9 @@ class Stager:
         if folder is not None:
             return folder
         real = self.targets.real_dir(parent)
+        fresh = False
         if real is not None and not os.path.isdir(real):
+            fresh = True
             try:
                 os.makedirs(os.path.join(self.targets.root, parent), exist_ok=True)
             except OSError as e:
@@ -358,7 +374,7 @@ class Stager:
             raise TargetError(f"staging folder of {rel} leads outside the staging area")
         # another file system mounted inside the staging area gets its own chance to fail
         unnamed = self.linker is not None and os.stat(real).st_dev == self.staging_dev
-        folder = self.made[parent] = Folder(real, unnamed)
+        folder = self.made[parent] = Folder(real, unnamed, fresh)
         return folder
 
     def open_source(self, rel: str) -> tuple[int, os.stat_result]:
@@ -417,17 +433,10 @@ class Stager:
         target = os.path.join(folder.real, os.path.basename(entry.path))
         src, st = self.open_source(entry.path)
         try:
-            try:
-                tst = os.lstat(target)
-                if (
-                    stat.S_ISREG(tst.st_mode)
-                    and tst.st_size == st.st_size
-                    and tst.st_mtime_ns == st.st_mtime_ns
-                ):
-                    self.done(entry, "already staged")
-                    return None
-            except FileNotFoundError:
-                pass
+            # a folder this run created holds nothing yet: saves a lookup per file
+            if not folder.fresh and already_staged(target, st):
+                self.done(entry, "already staged")
+                return None
             p = self.create(folder, target, stat.S_IMODE(st.st_mode) & 0o777)
             p.entry = entry
             try:
