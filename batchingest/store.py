@@ -459,7 +459,8 @@ class Store:
             return hit[1]
         names = [e.name for e in self._entries(state) if valid_name(e.name) and e.is_dir()]
         names.sort()  # callers share this list: never change it
-        if started - max(st.st_mtime_ns, st.st_ctime_ns) > 1_000_000_000:
+        # any entry change sets mtime to now, so an old mtime cannot hide a later one
+        if started - st.st_mtime_ns > 1_000_000_000:
             cache[state] = (key, names)
         else:
             cache.pop(state, None)

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -743,3 +744,21 @@ def test_fifos_never_hang_the_server(api: tuple[ASGIApp, Store]) -> None:
     info = call(app, "GET", "/jobs/j").json()
     assert info["Todo"] is None and info["JobError"]
     assert call(app, "GET", "/jobs/j/files").json() == ["JOB", "pipe"]
+
+
+def test_job_names_reused_only_while_unchanged(api: tuple[ASGIApp, Store], root: Path) -> None:
+    """Paging must not rescan a large, settled state folder, yet never show a stale list."""
+    app, store = api
+    for i in range(3):
+        (root / "success" / f"old-{i}").mkdir()
+    past = time.time() - 10
+    os.utime(root / "success", (past, past))
+    first = store.job_names("success")
+    assert first == ["old-0", "old-1", "old-2"]
+    assert store.job_names("success") is first  # reused: no rescan
+    (root / "success" / "new").mkdir()
+    assert store.job_names("success") == ["new", "old-0", "old-1", "old-2"]
+    # a folder changed within the last second is always rescanned
+    assert store.job_names("success") is not store.job_names("success")
+    names = [j["Name"] for j in call(app, "GET", "/jobs?limit=2&offset=1").json()]
+    assert names == ["old-0", "old-1"]
