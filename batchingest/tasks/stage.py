@@ -3,18 +3,20 @@
 Run as `python -m batchingest.tasks.stage` in the job folder, like any task. Reads
 `MANIFEST.json`, writes `PROGRESS.json`, explains every file on stdout (the job's LOG).
 
-Every copy goes to a hidden temporary file beside its target (`.batchingest-stage-*.tmp`,
-flock-ed while in use) and is renamed into place only once complete and on disk, so the
-staging area never shows a partial file under a real name, even after `kill -9` or a power
-cut. Files already staged (same size and modification time) are not copied again, which
-is also how a re-queued job finishes the rest. Leftover temporary files of a killed copy
-are removed when the task next runs in that folder.
+Every copy goes to a temporary file in its target folder and gets its real name only once
+complete and on disk, so the staging area never shows a partial file under a real name,
+even after `kill -9` or a power cut. The temporary file is unnamed (O_TMPFILE, then
+linkat) where the file system allows it, so a killed copy leaves nothing; elsewhere it is
+a hidden `.batchingest-stage-JOB.N.tmp`, flock-ed while in use, renamed into place, and
+removed by the next run in that folder if a copy was killed. Files already staged (same
+size and modification time) are not copied again, which is also how a re-queued job
+finishes the rest.
 
 Durability without an fsync per file: small files are copied in batches; a batch's
-temporary files are flushed with one `syncfs` of the staging file system and only then
-renamed. Large files get their own fsync. On file systems without syncfs each temporary
-file is fsync-ed before its rename. A final syncfs makes the renames durable before the
-task reports success.
+copies are flushed with one `syncfs` of the staging file system and only then named.
+Large files get their own fsync (after copying in pieces on several threads, each
+piece's writeback started at once). Without syncfs each copy is fsync-ed before it is
+named. A final syncfs makes the names durable before the task reports success.
 """
 
 from __future__ import annotations
