@@ -7,7 +7,7 @@ import asyncio
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from batchingest import __version__
@@ -25,13 +25,23 @@ def _setup_logging(level: str) -> None:
     logging.getLogger("watchfiles").setLevel(logging.WARNING)
 
 
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop where it is installed: a faster loop for the HTTP API, same semantics."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop  # type: ignore[no-any-return]
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from batchingest.service import StartError, serve
 
     cfg = config_from_args(args)
     _setup_logging(cfg.log_level)
     try:
-        asyncio.run(serve(cfg))
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            runner.run(serve(cfg))
     except StartError as e:
         logging.getLogger("batchingest").error("%s", e)
         print(f"batchingest: {e}", file=sys.stderr)
