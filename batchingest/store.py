@@ -170,6 +170,9 @@ class Store:
         self.root = Path(root).absolute()
         self.listeners: list[Listener] = []
         self._warned: set[str] = set()
+        self._state_prefixes = tuple(f"{self.root / state}/" for state in STATES)
+        # state -> (folder identity, sorted names): see job_names()
+        self._names_cache: dict[str, tuple[tuple[int, int, int, int], list[str]]] = {}
 
     # -- layout -----------------------------------------------------------------
 
@@ -207,13 +210,15 @@ class Store:
     # -- finding and listing -----------------------------------------------------
 
     def find(self, name: str) -> Job | None:
-        """The job's current state, or None. Checks twice to see through a move in flight."""
+        """The job's current state, or None. Checks twice to see through a move in flight.
+
+        On the API's hot path (`GET /jobs/{id}`): plain string paths, one stat per state.
+        """
         check_name(name)
         for _ in range(2):
-            for state in STATES:
-                path = self.state_dir(state) / name
-                if path.is_dir():
-                    return Job(name, state, path)
+            for state, base in zip(STATES, self._state_prefixes, strict=True):
+                if os.path.isdir(base + name):
+                    return Job(name, state, Path(base + name))
         return None
 
     def get(self, name: str) -> Job:
@@ -434,7 +439,7 @@ class Store:
             return True
         raise JobBusy(f"job {name!r} keeps changing state")
 
-    # -- additions for the HTTP API ---------------------------------------------------
+    # -- for the HTTP API --------------------------------------------------------------
 
     def job_names(self, state: str) -> builtins.list[str]:
         """Sorted names of the jobs in one state, reused while the folder is unchanged.
@@ -445,8 +450,7 @@ class Store:
         second before the scan began, so two changes within one timestamp tick cannot
         hide behind an unchanged mtime.
         """
-        cache: dict[str, tuple[tuple[int, int, int, int], builtins.list[str]]]
-        cache = self.__dict__.setdefault("_names_cache", {})
+        cache = self._names_cache
         path = self.state_dir(state)
         started = time.time_ns()
         try:
@@ -494,20 +498,3 @@ class Store:
             if now is not None and now.state in ("queue", "processing"):
                 return None
         raise JobBusy(f"job {name!r} keeps changing state")
-
-    def lookup(self, name: str) -> Job | None:
-        """find() for the API's hot path: the same answer, with plain string paths.
-
-        `GET /jobs/{id}` should answer in microseconds; building a Path per state
-        costs more than the stat calls themselves.
-        """
-        check_name(name)
-        dirs: tuple[str, ...] | None = self.__dict__.get("_state_strs")
-        if dirs is None:
-            dirs = tuple(f"{self.state_dir(state)}/" for state in STATES)
-            self.__dict__["_state_strs"] = dirs
-        for _ in range(2):
-            for state, base in zip(STATES, dirs, strict=True):
-                if os.path.isdir(base + name):
-                    return Job(name, state, Path(base + name))
-        return None

@@ -43,7 +43,7 @@ def json_response(data: Any, status: int = 200, headers: dict[str, str] | None =
 
 
 def find_job(store: Store, name: str) -> Job:
-    job = store.lookup(name)
+    job = store.find(name)
     if job is None:
         raise ApiError(404, "JobNotFound", f"no job named {name!r}")
     return job
