@@ -19,7 +19,6 @@ import tempfile
 import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import watchfiles
@@ -45,16 +44,16 @@ class Processor:
         # their last JOB fsync and final rename while the next tasks already run, which
         # is what keeps a disk with slow fsync busy rather than idle
         self._threads = 2 * cfg.workers + 2
-        self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="batchingest-worker")
         self._slots = threading.BoundedSemaphore(cfg.workers)
+        # what the worker threads share, all under _cond
+        self._cond = threading.Condition()
         self._pending: deque[str] = deque()
         self._in_flight: set[str] = set()
         # names we could not claim though they sit in queue/ (held by an orphaned task,
         # say): not retried before the given monotonic time, so we never spin on them
         self._backoff: dict[str, float] = {}
         self._rescan = True
-        self._wake = asyncio.Event()
-        self._scan_lock = asyncio.Lock()
+        self._scanning = False
         self._stopping = threading.Event()
         self._running: dict[str, TaskProcess] = {}
         self._running_lock = threading.Lock()
@@ -64,6 +63,7 @@ class Processor:
     # -- the loop ---------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Process jobs until stop is set, then stop gracefully (see --grace)."""
         recovered = await asyncio.to_thread(self.store.recover)
         if recovered:
             log.info("recovered %d job(s) left in processing/", len(recovered))
@@ -71,26 +71,44 @@ class Processor:
             asyncio.create_task(self._watch(stop), name="watch-queue"),
             asyncio.create_task(self._tick(stop), name="poll-queue"),
         ]
-        workers = [asyncio.create_task(self._worker(stop)) for _ in range(self._threads)]
+        # Plain threads rather than one event-loop round trip per job: a job is mostly
+        # blocking system calls, and handing each one back to the loop costs more than
+        # the job itself when tasks are short.
+        threads = [
+            threading.Thread(target=self._work, name=f"batchingest-worker-{i}", daemon=True)
+            for i in range(self._threads)
+        ]
+        for thread in threads:
+            thread.start()
         log.info(
             "processor running with %d worker(s), tasks in %s", self.cfg.workers, self.cfg.tasks_dir
         )
         await stop.wait()
         self._stopping.set()
-        self._wake.set()
-        _, unfinished = await asyncio.wait(workers, timeout=self.cfg.grace or None)
-        if unfinished:
+        self._wake()
+
+        def join_all(deadline: float | None) -> bool:
+            for thread in threads:
+                thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            return not any(thread.is_alive() for thread in threads)
+
+        grace = time.monotonic() + self.cfg.grace
+        if not await asyncio.to_thread(join_all, grace):
             with self._running_lock:
                 running = list(self._running.items())
             for name, process in running:
                 log.warning("stopping task of %s: grace of %gs is over", name, self.cfg.grace)
                 process.stop(interrupted=True)
-            await asyncio.wait(workers)
+            await asyncio.to_thread(join_all, None)
         for task in helpers:
             task.cancel()
         await asyncio.gather(*helpers, return_exceptions=True)
-        self._pool.shutdown(wait=True)
         shutil.rmtree(self._control_dir, ignore_errors=True)
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._rescan = True
+            self._cond.notify_all()
 
     async def _watch(self, stop: asyncio.Event) -> None:
         """Wake the workers when something arrives in queue/ (inotify, or polling)."""
@@ -111,8 +129,7 @@ class Processor:
                     force_polling=self.cfg.force_polling or None,
                     poll_delay_ms=max(50, int(self.cfg.poll_interval * 1000)),
                 ):
-                    self._rescan = True
-                    self._wake.set()
+                    self._wake()
             except Exception as e:  # the poll timer still covers us
                 log.warning("watching %s failed (%s); relying on polling", queue_dir, e)
                 with contextlib.suppress(asyncio.TimeoutError):
@@ -129,52 +146,57 @@ class Processor:
                 await asyncio.to_thread(self.store.recover)
             except OSError as e:
                 log.warning("recovery scan failed: %s", e)
-            self._rescan = True
-            self._wake.set()
+            self._wake()
 
-    async def _next(self) -> str | None:
-        while not self._stopping.is_set():
-            while self._pending:
-                name = self._pending.popleft()
-                if name not in self._in_flight:
-                    self._in_flight.add(name)
-                    return name
-            if self._rescan:
-                async with self._scan_lock:
-                    if self._rescan and not self._pending:
-                        self._rescan = False
-                        names = await asyncio.to_thread(self.store.queued)
-                        now = time.monotonic()
-                        fresh = [
-                            n
-                            for n in names
-                            if n not in self._in_flight and self._backoff.get(n, 0) <= now
-                        ]
-                        self._pending.extend(fresh)
-                        # more may arrive while we work through these: look again after
-                        self._rescan = bool(fresh)
-                continue
-            self._wake.clear()
-            await self._wake.wait()
+    def _next(self) -> str | None:
+        """The next queued name for this worker thread; None once stopping."""
+        with self._cond:
+            while not self._stopping.is_set():
+                while self._pending:
+                    name = self._pending.popleft()
+                    if name not in self._in_flight:
+                        self._in_flight.add(name)
+                        return name
+                if self._rescan and not self._scanning:
+                    self._rescan = False
+                    self._scanning = True
+                    self._cond.release()  # others may take work while we list the folder
+                    try:
+                        names = self.store.queued()
+                    finally:
+                        self._cond.acquire()
+                        self._scanning = False
+                    now = time.monotonic()
+                    fresh = [
+                        n
+                        for n in names
+                        if n not in self._in_flight and self._backoff.get(n, 0) <= now
+                    ]
+                    self._pending.extend(fresh)
+                    # more may arrive while we work through these: look again after
+                    self._rescan = self._rescan or bool(fresh)
+                    self._cond.notify_all()
+                    continue
+                self._cond.wait()
         return None
 
-    async def _worker(self, stop: asyncio.Event) -> None:
-        loop = asyncio.get_running_loop()
-        while not self._stopping.is_set():
-            name = await self._next()
+    def _work(self) -> None:
+        while True:
+            name = self._next()
             if name is None:
                 return
             try:
-                claimed = await loop.run_in_executor(self._pool, self.process, name)
+                claimed = self.process(name)
             except Exception:
                 log.exception("processing %s failed", name)
                 claimed = True
-            finally:
+            retry_later = not claimed and (self.store.state_dir("queue") / name).is_dir()
+            with self._cond:
                 self._in_flight.discard(name)
-            if claimed:
-                self._backoff.pop(name, None)
-            elif (self.store.state_dir("queue") / name).is_dir():
-                self._backoff[name] = time.monotonic() + self.cfg.poll_interval
+                if retry_later:
+                    self._backoff[name] = time.monotonic() + self.cfg.poll_interval
+                else:
+                    self._backoff.pop(name, None)
 
     # -- one job (worker thread) ----------------------------------------------------
 
