@@ -315,3 +315,20 @@ def test_pickup_is_event_driven(root: Path) -> None:
         drop(root, "fast")
         wait_landed(root, "fast", timeout=10)
         assert time.monotonic() - t0 < 5
+
+
+def test_port_in_use_is_a_clear_error(root: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run(
+            [sys.executable, "-m", "batchingest.cli", "serve", "--root", str(root),
+             "--host", "127.0.0.1", "--port", str(port)],
+            capture_output=True, text=True, timeout=30,
+            env={**os.environ, "BATCHINGEST_TOKENS": "t"},
+        )  # fmt: skip
+    assert out.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in out.stderr
