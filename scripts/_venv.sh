@@ -27,8 +27,15 @@ ensure_venv() {
     local want
     want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
     if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-        .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip >&2 || true
-        .venv/bin/python -m pip install --quiet --disable-pip-version-check -e "$spec" >&2
+        echo "installing batchingest${extras:+ with $extras extras} into .venv ..." >&2
+        # quiet unless it fails: then the whole pip output says why
+        if ! { .venv/bin/python -m pip install --disable-pip-version-check --upgrade pip &&
+            .venv/bin/python -m pip install --disable-pip-version-check -e "$spec"; } \
+            >.venv/install.log 2>&1; then
+            cat .venv/install.log >&2
+            echo "installing into .venv failed (log: .venv/install.log)" >&2
+            return 1
+        fi
         echo "$want" >"$stamp"
     fi
 }
