@@ -180,9 +180,12 @@ def config_from_args(
     cfg = Config(**values)  # type: ignore[arg-type]
     cfg.api = not no_api
     cfg.processor = not no_processor
+    # Tasks run in the job folder, not where the service started: every path is absolute.
     cfg.root = Path(cfg.root).absolute()
-    if cfg.tasks is not None:
-        cfg.tasks = Path(cfg.tasks).absolute()
+    for attr in ("tasks", "token_file", "archive", "staging", "catalog"):
+        value = getattr(cfg, attr)
+        if value is not None:
+            setattr(cfg, attr, Path(value).absolute())
     return cfg
 
 

@@ -274,7 +274,7 @@ class Processor:
                         job_dir=path,
                         job_name=hold.name,
                         tasks_dir=self.cfg.tasks_dir,
-                        control=self._control_dir / f"{hold.name}.control",
+                        control=self._control_dir / f"{threading.get_ident()}.control",
                         env=self.env,
                         log_fd=log_fd,
                         hold_fd=hold.fd,

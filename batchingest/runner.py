@@ -224,7 +224,7 @@ def run_task(
                 reason = f"exit status {code}"
             else:
                 added, reason = read_control(control)
-    with contextlib.suppress(FileNotFoundError):
+    with contextlib.suppress(OSError):
         control.unlink()
     seconds = time.monotonic() - t0
     result = TaskResult(

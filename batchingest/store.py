@@ -31,6 +31,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -155,6 +156,15 @@ def _lock(path: Path) -> int | None:
     return fd
 
 
+def _is_real_dir(path: str) -> bool:
+    """A folder, not a symbolic link to one: a link in a state folder is never a job, or
+    the API would serve and write wherever it points."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
 def _same_file(fd: int, path: Path) -> bool:
     try:
         a, b = os.fstat(fd), os.stat(path)
@@ -217,7 +227,7 @@ class Store:
         check_name(name)
         for _ in range(2):
             for state, base in zip(STATES, self._state_prefixes, strict=True):
-                if os.path.isdir(base + name):
+                if _is_real_dir(base + name):
                     return Job(name, state, Path(base + name))
         return None
 
@@ -247,7 +257,7 @@ class Store:
         for state in STATES if states is None else states:
             base = self.state_dir(state)
             for entry in self._entries(state):
-                if valid_name(entry.name) and entry.is_dir():
+                if valid_name(entry.name) and entry.is_dir(follow_symlinks=False):
                     jobs.append(Job(entry.name, state, base / entry.name))
         jobs.sort(key=lambda j: (j.name, STATES.index(j.state)))
         return jobs
@@ -261,7 +271,7 @@ class Store:
         found: list[tuple[float, str]] = []
         for entry in self._entries("queue"):
             try:
-                is_dir = entry.is_dir()
+                is_dir = entry.is_dir(follow_symlinks=False)
                 mtime = entry.stat().st_mtime if is_dir else 0.0
             except FileNotFoundError:
                 continue  # claimed by someone else meanwhile
@@ -461,7 +471,11 @@ class Store:
         hit = cache.get(state)
         if hit is not None and hit[0] == key:
             return hit[1]
-        names = [e.name for e in self._entries(state) if valid_name(e.name) and e.is_dir()]
+        names = [
+            e.name
+            for e in self._entries(state)
+            if valid_name(e.name) and e.is_dir(follow_symlinks=False)
+        ]
         names.sort()  # callers share this list: never change it
         # any entry change sets mtime to now, so an old mtime cannot hide a later one
         if started - st.st_mtime_ns > 1_000_000_000:

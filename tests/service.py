@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -130,7 +131,8 @@ def make_job(
     parent: Path, name: str, job: str | None = None, files: dict[str, str] | None = None
 ) -> Path:
     """A job folder assembled under a hidden name, as an operator would before `mv`."""
-    path = parent / f".build-{name}"
+    # hidden and short: a 255-character job name leaves no room for a prefix
+    path = parent / f".build-{uuid.uuid4().hex[:12]}"
     path.mkdir(parents=True)
     if job is not None:
         (path / "JOB").write_text(job)

@@ -209,3 +209,16 @@ def test_command_line_errors(tmp_path: Path) -> None:
     assert "bad BATCHINGEST_WORKERS: must be at least 1: -2" in p.stderr
     assert "Traceback" not in p.stderr
     assert not (tmp_path / "queue").exists()  # nothing was started
+
+
+def test_paths_become_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tasks run in the job folder, so relative paths from the command line must not leak."""
+    monkeypatch.chdir(tmp_path)
+    cfg = parse_serve_args(
+        ["--root", "r", "--archive", "a", "--staging", "s", "--catalog", "c.tsv",
+         "--token-file", "t", "--tasks", "k"],
+        environ={},
+    )  # fmt: skip
+    for value in (cfg.root, cfg.archive, cfg.staging, cfg.catalog, cfg.token_file, cfg.tasks):
+        assert value is not None and value.is_absolute() and value.parent == tmp_path
+    assert cfg.task_env()["BATCHINGEST_ARCHIVE"] == str(tmp_path / "a")

@@ -623,3 +623,17 @@ def test_delete_longest_name(store: Store) -> None:
     put(store, "error", name)
     assert store.delete(name) is True
     assert store.find(name) is None
+
+
+def test_a_symlink_in_a_state_folder_is_never_a_job(store: Store, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_text("s")
+    os.symlink(outside, store.state_dir("data") / "evil")
+    os.symlink(outside, store.state_dir("queue") / "evil2")
+    assert store.find("evil") is None
+    assert store.list() == []
+    assert store.job_names("data") == []
+    assert store.queued() == []
+    assert store.delete("evil") is False
+    assert (outside / "secret").read_text() == "s"

@@ -198,8 +198,9 @@ def test_kill_9_mid_task_resumes_after_restart_and_orphan_never_overlaps(
     root: Path, tmp_path: Path
 ) -> None:
     runs = tmp_path / "runs.log"
-    # The task's own shell dies with the service; the inner shell is an orphan that keeps
-    # running (and holding the job) for a while. The re-run must not start before it ends.
+    # The task outlives the killed service as an orphan that keeps running (and, through
+    # the inherited lock, holding the job) for a while. The re-run must not start before
+    # the orphan has ended.
     write_task(root / "tasks", "first", "true\n")
     write_task(
         root / "tasks",
@@ -332,3 +333,22 @@ def test_port_in_use_is_a_clear_error(root: Path) -> None:
         )  # fmt: skip
     assert out.returncode == 2
     assert f"cannot listen on 127.0.0.1:{port}" in out.stderr
+
+
+def test_longest_job_name_runs(root: Path) -> None:
+    name = "n" * 255
+    write_task(root / "tasks", "start", 'echo addtask:second >> "$JOBCONTROL"\n')
+    write_task(root / "tasks", "second", "true\n")
+    with Service(root, api=False):
+        drop(root, name)
+        assert wait_landed(root, name) == "success"
+    assert job_json(root / "success" / name)["Todo"] == []
+
+
+def test_stage_replaced_by_a_site_task(root: Path) -> None:
+    """A `stage` executable in the tasks folder runs instead of the built-in one."""
+    write_task(root / "tasks", "stage", 'echo "site stage for $JOBNAME"\n')
+    with Service(root, api=False):
+        drop(root, "s", job='{"Todo": ["stage"]}')
+        assert wait_landed(root, "s") == "success"
+    assert "site stage for s" in (root / "success/s/LOG").read_text()
