@@ -49,10 +49,12 @@ def call(
     body: bytes = b"",
     token: str | None = TOKEN,
     headers: dict[str, str] | None = None,
+    parts: list[bytes] | None = None,
 ) -> Reply:
     """One request, sent as given: httpx (and TestClient) would normalise `..` away.
 
     The path is percent-decoded exactly as uvicorn does before it reaches the app.
+    With parts, the body is those chunks without a Content-Length, as a chunked upload.
     """
     path, _, query = raw_path.partition("?")
     raw_headers = [(b"host", b"test")]
@@ -60,7 +62,9 @@ def call(
         raw_headers.append((b"x-api-token", token.encode()))
     for key, value in (headers or {}).items():
         raw_headers.append((key.lower().encode(), value.encode()))
-    raw_headers.append((b"content-length", str(len(body)).encode()))
+    if parts is None:
+        raw_headers.append((b"content-length", str(len(body)).encode()))
+    messages_in = [body] if parts is None else parts
     scope = {
         "type": "http",
         "asgi": {"version": "3.0"},
@@ -75,14 +79,15 @@ def call(
         "server": ("127.0.0.1", 80),
         "client": ("127.0.0.1", 1234),
     }
-    delivered = False
+    delivered = 0
     messages: list[dict[str, Any]] = []
 
     async def receive() -> dict[str, Any]:
         nonlocal delivered
-        if not delivered:
-            delivered = True
-            return {"type": "http.request", "body": body, "more_body": False}
+        if delivered < len(messages_in):
+            delivered += 1
+            more = delivered < len(messages_in)
+            return {"type": "http.request", "body": messages_in[delivered - 1], "more_body": more}
         await asyncio.sleep(3600)
         return {"type": "http.disconnect"}
 
@@ -615,6 +620,15 @@ def test_digest_mismatch_changes_nothing(api: tuple[ASGIApp, Store]) -> None:
         reply = call(app, "PUT", "/jobs/j/files/g", b"x", headers={"Content-Digest": bad})
         assert_error(reply, 400, "InvalidDigest")
     assert visible(job.path) == ["f"]
+    # the folders a failed upload made are gone again; those that were there stay
+    (job.path / "was").mkdir()
+    for path in ("new/deep/g.txt", "was/new/deep/g.txt"):
+        reply = call(app, "PUT", f"/jobs/j/files/{path}", b"new", headers={
+            "Content-Digest": digest_header(b"other")})  # fmt: skip
+        assert_error(reply, 400, "DigestMismatch")
+    assert visible(job.path) == ["f", "was"]
+    assert os.listdir(job.path / "was") == []
+    assert call(app, "GET", "/jobs/j/files").json() == ["f", "was"]
     # an algorithm we do not check is ignored, as RFC 9530 allows
     ok = call(app, "PUT", "/jobs/j/files/g", b"x", headers={"Content-Digest": "sha-512=:AA==:"})
     assert ok.status == 201
@@ -656,6 +670,10 @@ def test_max_upload(root: Path) -> None:
     job, _ = store.create("j")
     assert call(app, "PUT", "/jobs/j/files/ok", b"0123456789").status == 201
     assert_error(call(app, "PUT", "/jobs/j/files/big", b"0123456789a"), 413, "PayloadTooLarge")
+    assert visible(job.path) == ["ok"]
+    # refused while streaming (no Content-Length to refuse it up front): no folders left
+    reply = call(app, "PUT", "/jobs/j/files/new/deep/big", parts=[b"01234", b"56789", b"a"])
+    assert_error(reply, 413, "PayloadTooLarge")
     assert visible(job.path) == ["ok"]
 
 

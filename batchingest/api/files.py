@@ -109,16 +109,11 @@ def routes(cfg: Config, store: Store) -> list[BaseRoute]:
             raise transfer.too_large(max_upload)
         expected = transfer.expected_sha256(request.headers.get("content-digest"))
         target = _place(job.path, parts)
-        rel = target.relative_to(resolve(job.path, []))
-        _make_parents(resolve(job.path, []), rel, name)
-        if target.is_dir():
-            raise ApiError(409, "IsADirectory", f"{'/'.join(parts)!r} is a folder")
-        dir_fd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        tmp = f".upload-{secrets.token_hex(8)}"
+        base = resolve(job.path, [])
+        rel = target.relative_to(base)
+        made: list[Path] = []  # folders this request created, removed again if it fails
         try:
-            fd = os.open(
-                tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644, dir_fd=dir_fd
-            )
+            dir_fd, fd, tmp = _start_temp(base, rel, name, made)
             try:
                 try:
                     got = await transfer.receive_into(fd, request.stream(), max_upload)
@@ -136,12 +131,13 @@ def routes(cfg: Config, store: Store) -> list[BaseRoute]:
             except BaseException:
                 _unlink(tmp, dir_fd)
                 raise
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            finally:
+                os.close(dir_fd)
+        except BaseException as e:
+            _remove_made(made)
+            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise ApiError(507, "InsufficientStorage", "no space left for this file") from e
             raise
-        finally:
-            os.close(dir_fd)
         path = "/".join(rel.parts)
         body = {"path": path, "size": got.size, "sha256": got.sha256.hex()}
         headers = {"Location": f"/jobs/{name}/files/{quote(path)}"} if created else None
@@ -164,8 +160,41 @@ def routes(cfg: Config, store: Store) -> list[BaseRoute]:
     ]
 
 
-def _make_parents(base: Path, rel: Path, name: str) -> None:
-    """Create the folders above rel inside base, but never base itself.
+def _start_temp(base: Path, rel: Path, name: str, made: list[Path]) -> tuple[int, int, str]:
+    """Make the folders above rel and an empty hidden temporary file in the last one.
+
+    Returns the folder's descriptor, the file's descriptor and the file's name. A failed
+    upload beside this one may remove an empty folder this one just found (it removes
+    the folders it made): then the folder is made again.
+    """
+    target = base / rel
+    for _ in range(3):
+        _make_parents(base, rel, name, made)
+        if target.is_dir():
+            raise ApiError(409, "IsADirectory", f"{'/'.join(rel.parts)!r} is a folder")
+        try:
+            dir_fd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        tmp = f".upload-{secrets.token_hex(8)}"
+        try:
+            fd = os.open(
+                tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644, dir_fd=dir_fd
+            )
+        except FileNotFoundError:
+            os.close(dir_fd)
+            continue
+        except BaseException:
+            os.close(dir_fd)
+            raise
+        return dir_fd, fd, tmp
+    if not base.is_dir():
+        raise ApiError(404, "JobNotFound", f"job {name!r} was deleted meanwhile")
+    raise ApiError(409, "Conflict", "the folders of this path keep disappearing")
+
+
+def _make_parents(base: Path, rel: Path, name: str, made: list[Path]) -> None:
+    """Create the folders above rel inside base, but never base itself; add them to made.
 
     mkdir(parents=True) would bring back a job folder deleted meanwhile, making a job out
     of nothing; here a vanished job folder is a 404.
@@ -175,6 +204,7 @@ def _make_parents(base: Path, rel: Path, name: str) -> None:
         folder = folder / part
         try:
             folder.mkdir()
+            made.append(folder)
         except FileExistsError:
             if not folder.is_dir():
                 raise ApiError(409, "NotADirectory", "a parent of this path is a file") from None
@@ -182,6 +212,17 @@ def _make_parents(base: Path, rel: Path, name: str) -> None:
             raise ApiError(409, "NotADirectory", "a parent of this path is a file") from None
         except FileNotFoundError:
             raise ApiError(404, "JobNotFound", f"job {name!r} was deleted meanwhile") from None
+
+
+def _remove_made(made: list[Path]) -> None:
+    """Remove the folders a failed upload created, deepest first, so nothing changed.
+
+    rmdir removes only empty folders: one that another upload put a file in meanwhile
+    stays, and so do its parents. Folders that existed before are never in made.
+    """
+    for folder in sorted(set(made), key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
 
 
 def _place(job_dir: Path, parts: list[str]) -> Path:

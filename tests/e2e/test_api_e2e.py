@@ -226,6 +226,15 @@ def test_dropped_connection_leaves_no_partial_file(api: Service, root: Path) -> 
     with api.client() as c:
         assert c.get("/jobs/j/files/sub").json() == ["f"]
     wait_for(lambda: sorted(os.listdir(folder)) == ["f"], what="no trace of the upload")
+    # nor do the folders it made for the file
+    up = SlowUpload(api, "/jobs/j/files/sub/new/deep/g.txt", 1000)
+    up.send(b"x" * 10)
+    wait_for(lambda: (folder / "new" / "deep").is_dir(), what="the upload's folders")
+    up.close()
+    wait_for(lambda: sorted(os.listdir(folder)) == ["f"], what="no folders left by the upload")
+    with api.client() as c:
+        assert c.get("/jobs/j/files").json() == ["sub"]
+        assert c.get("/jobs/j/files/sub").json() == ["f"]
     assert "Traceback" not in api.log()
 
 
@@ -280,6 +289,8 @@ def test_max_upload_streamed(root: Path) -> None:
         assert r.status_code == 413
         assert r.json()["code"] == "PayloadTooLarge"
         r = c.put("/jobs/j/files/big2", content=b"x" * 1_000_001)
+        assert r.status_code == 413
+        r = c.put("/jobs/j/files/new/deep/big", content=chunks(b"x" * 2_000_000, 100_000))
         assert r.status_code == 413
         assert c.put("/jobs/j/files/ok", content=b"x" * 1_000_000).status_code == 201
         assert c.get("/jobs/j/files").json() == ["ok"]
