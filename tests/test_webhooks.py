@@ -23,8 +23,8 @@ from webhook_receiver import Receiver, Silent, verify
 
 import batchingest
 from batchingest.config import Config
-from batchingest.store import Store
-from batchingest.webhooks import Webhooks
+from batchingest.store import Job, Store
+from batchingest.webhooks import Webhooks, _Announced
 from batchingest.webhooks.events import lane_key, read_urls
 from batchingest.webhooks.send import AllowList, BadTarget, parse_target, sign
 
@@ -173,6 +173,113 @@ def test_no_webhook_file_no_event_and_edits_take_effect(store: Store) -> None:
     assert [e["job_state"] for e in rx.events()] == ["queue", "processing"]
     assert [e["job_state"] for e in rx2.events()] == ["success"]
     assert rx2.receipts[0].path == "/2"
+
+
+def claim_and_finish(store: Store, name: str, final: str = "success") -> str:
+    """processing -> final of a job already in queue/, as a processor would move it."""
+    hold = store.claim(name)
+    assert hold is not None
+    return store.finish(hold, final).name
+
+
+def test_hand_queued_job_announces_queue_before_processing(store: Store) -> None:
+    with Receiver() as rx, running(store):
+        path = new_job(store, "byhand", rx.url, json.dumps({"Todo": ["a"]}))
+        path.rename(store.root / "queue" / "byhand")  # an operator's `mv`: no store move
+        assert outbox(store.root) == []
+        claim_and_finish(store, "byhand", "error")
+        # and again, from error/ back into queue/ by hand
+        (store.root / "error" / "byhand").rename(store.root / "queue" / "byhand")
+        claim_and_finish(store, "byhand")
+        rx.wait(6)
+        wait_for(lambda: outbox(store.root) == [], 5, what="outbox to empty")
+    events = rx.events()
+    assert [(e["job_state"], e["previous_state"]) for e in events] == [
+        ("queue", None), ("processing", "queue"), ("error", "processing"),
+        ("queue", None), ("processing", "queue"), ("success", "processing")]  # fmt: skip
+    assert len({e["event_id"] for e in events}) == 6
+    assert events[0]["tasks"] == ["a"]
+
+
+def test_api_queued_job_announces_queue_once(store: Store) -> None:
+    with Receiver() as rx, running(store):
+        new_job(store, "once", rx.url)
+        store.create("plain")  # no WEBHOOK: still remembered as queued
+        store.queue("plain")
+        (store.root / "queue" / "plain" / "WEBHOOK").write_text(rx.url)
+        run_through(store, "once")
+        claim_and_finish(store, "plain")
+        rx.wait(5)
+        wait_for(lambda: outbox(store.root) == [], 5, what="outbox to empty")
+    assert by_job(rx.events()) == {
+        "once": ["queue", "processing", "success"], "plain": ["processing", "success"]}  # fmt: skip
+
+
+def test_unqueued_then_hand_queued_is_announced_again(store: Store) -> None:
+    with Receiver() as rx, running(store):
+        new_job(store, "back", rx.url)
+        store.queue("back")
+        store.move("back", "queue", "data")
+        (store.root / "data" / "back").rename(store.root / "queue" / "back")
+        claim_and_finish(store, "back")
+        rx.wait(4)
+        wait_for(lambda: outbox(store.root) == [], 5, what="outbox to empty")
+    assert [(e["job_state"], e["previous_state"]) for e in rx.events()] == [
+        ("queue", "ready"), ("queue", None),
+        ("processing", "queue"), ("success", "processing")]  # fmt: skip
+
+
+def test_late_queue_listener_after_claim_adds_no_second_queue_event(store: Store) -> None:
+    """store.queue's listener may run only after a processor thread claimed the job."""
+    with Receiver() as rx, running(store) as hooks:
+        path = new_job(store, "race", rx.url)
+        path.rename(store.root / "queue" / "race")
+        hold = store.claim("race")
+        assert hold is not None
+        # the queue move's own notice, arriving late: already announced by the claim
+        hooks.on_change(Job("race", "queue", store.root / "queue" / "race"), "data")
+        store.finish(hold, "success")
+        rx.wait(3)
+        wait_for(lambda: outbox(store.root) == [], 5, what="outbox to empty")
+    assert [e["job_state"] for e in rx.events()] == ["queue", "processing", "success"]
+
+
+def test_recovered_job_is_not_announced_twice(store: Store) -> None:
+    with Receiver() as rx, running(store):
+        new_job(store, "orphan", rx.url)
+        store.queue("orphan")
+        hold = store.claim("orphan")
+        assert hold is not None
+        hold.release()  # its processor died
+        assert store.recover() == ["orphan"]
+        claim_and_finish(store, "orphan")
+        rx.wait(5)
+        wait_for(lambda: outbox(store.root) == [], 5, what="outbox to empty")
+    assert [(e["job_state"], e["previous_state"]) for e in rx.events()] == [
+        ("queue", "ready"), ("processing", "queue"), ("queue", "processing"),
+        ("processing", "queue"), ("success", "processing")]  # fmt: skip
+
+
+def test_announced_map_is_bounded_and_forgets_finished_jobs() -> None:
+    seen = _Announced(limit=2)
+    assert seen.events("a", "queue", "data") == [("queue", "data")]
+    assert seen.events("a", "processing", "queue") == [("processing", "queue")]
+    assert seen.events("a", "success", "processing") == [("success", "processing")]
+    assert seen.events("b", "queue", "data") == [("queue", "data")]
+    assert seen.events("c", "queue", "data") == [("queue", "data")]
+    assert seen.events("d", "queue", "data") == [("queue", "data")]
+    # b was the oldest of three: forgotten, so its claim announces the queueing again
+    assert seen.events("b", "processing", "queue") == [("queue", None), ("processing", "queue")]
+    assert seen.events("d", "processing", "queue") == [("processing", "queue")]
+    # b's entry pushed out c, the oldest then
+    assert seen._last == {"b": "processing+queue", "d": "processing"}
+
+
+def by_job(events: list[dict[str, Any]]) -> dict[str, list[str]]:
+    states: dict[str, list[str]] = {}
+    for e in events:
+        states.setdefault(e["job_name"], []).append(e["job_state"])
+    return states
 
 
 def test_broken_job_file_still_gets_events(store: Store) -> None:

@@ -10,6 +10,12 @@ events one after the other, retrying each until it is delivered or finally faile
 different lanes run in parallel (bounded). A delivered event's file is removed; a finally
 failed one is moved to ROOT/.outbox/failed with the reason. Whatever is left in the outbox
 when the service stops or dies is delivered on the next start.
+
+A job an operator moves into queue/ by hand makes no store move, so no `queue` event.
+When such a job is claimed we notice that this service has not announced it as queued
+and write a `queue` event (previous_state null) just before the `processing` one. What
+was last announced is kept in memory only (see _Announced): one dict look-up per move,
+no I/O, so the listener stays cheap for the many jobs without a WEBHOOK file.
 """
 
 from __future__ import annotations
@@ -53,12 +59,52 @@ DEFAULT_BACKOFF = 10.0  # seconds before the first retry, doubling: 5 retries sp
 MAX_DELAY = 300.0
 MAX_RETRY_AFTER = 300.0  # a receiver asking for a longer pause gets the usual backoff
 CONCURRENCY = 32
+# jobs whose last announced state we remember; only queued and processing jobs are kept,
+# so this bounds memory only when many queued jobs are deleted without being processed
+ANNOUNCED_MAX = 65536
+# a claim that wrote the hand-queued job's `queue` event itself
+_CLAIMED_UNANNOUNCED = "processing+queue"
 
 
 @dataclass
 class _Lane:
     items: list[Record] = field(default_factory=list)
     task: asyncio.Task[None] | None = None
+
+
+class _Announced:
+    """Job name -> the state this service last announced for it (any thread).
+
+    Only `queue` matters: a claim of a job not announced as queued means the job came in
+    by hand. Final states and data/ drop the entry, which keeps the map to active jobs.
+    """
+
+    def __init__(self, limit: int = ANNOUNCED_MAX) -> None:
+        self._last: dict[str, str] = {}
+        self._limit = limit
+        self._lock = threading.Lock()
+
+    def events(self, name: str, state: str, old_state: str | None) -> list[tuple[str, str | None]]:
+        """The events (state, previous state) a move of `name` calls for, oldest first."""
+        events: list[tuple[str, str | None]] = [(state, old_state)]
+        with self._lock:
+            last = self._last.pop(name, None)
+            keep: str | None = state
+            if state == "processing" and old_state == "queue" and last != "queue":
+                events.insert(0, ("queue", None))
+                keep = _CLAIMED_UNANNOUNCED
+            elif state == "queue" and old_state != "processing" and last == _CLAIMED_UNANNOUNCED:
+                # The listener of a store.queue() ran only after a processor had claimed
+                # the job and announced its queueing already: do not announce it twice.
+                events, keep = [], last
+            elif state not in ("queue", "processing"):
+                keep = None
+            if keep is not None:
+                self._last[name] = keep
+                if len(self._last) > self._limit:
+                    # the oldest entry goes; at worst its job gets a second queue event
+                    del self._last[next(iter(self._last))]
+        return events
 
 
 def _backoff_base(cfg: Config) -> float:
@@ -91,6 +137,7 @@ class Webhooks:
         self._writing: dict[str, list[int]] = {}
         self._lock = threading.Lock()
         self._last_seq = 0
+        self._announced = _Announced()
 
     # -- the listener (any thread) ------------------------------------------------
 
@@ -103,7 +150,9 @@ class Webhooks:
 
     def on_change(self, job: Job, old_state: str | None) -> None:
         """Record the event of a state change in the outbox before the move is reported."""
-        if job.state not in EVENT_STATES:
+        # every move counts here, WEBHOOK or not: one may be added before the next move
+        events = self._announced.events(job.name, job.state, old_state)
+        if job.state not in EVENT_STATES or not events:
             return
         path = job.path
         try:
@@ -128,23 +177,28 @@ class Webhooks:
             return
         key = lane_key(job.name)
         with self._lock:
-            seq = self._last_seq = max(time.time_ns(), self._last_seq + 1)
-            self._writing.setdefault(key, []).append(seq)
+            seqs = []
+            for _ in events:
+                self._last_seq = max(time.time_ns(), self._last_seq + 1)
+                seqs.append(self._last_seq)
+            self._writing.setdefault(key, []).extend(seqs)
         records: list[Record] = []
         try:
-            event_id = str(uuid.uuid4())
-            body = build_body(job.name, job.state, old_state, path, event_id, now_rfc3339())
-            for i, url in enumerate(urls):
-                rec = Record(seq, i, event_id, job.name, key, job.state, url)
-                write_atomic(self.outbox / rec.file, rec.dumps(body))
-                records.append(rec)
+            for seq, (state, previous) in zip(seqs, events, strict=True):
+                event_id = str(uuid.uuid4())
+                body = build_body(job.name, state, previous, path, event_id, now_rfc3339())
+                for i, url in enumerate(urls):
+                    rec = Record(seq, i, event_id, job.name, key, state, url)
+                    write_atomic(self.outbox / rec.file, rec.dumps(body))
+                    records.append(rec)
         except OSError as e:
             log.error("%s: cannot write webhook event to the outbox: %s", job.name, e)
         finally:
             with self._lock:
-                seqs = self._writing[key]
-                seqs.remove(seq)
-                if not seqs:
+                writing = self._writing[key]
+                for seq in seqs:
+                    writing.remove(seq)
+                if not writing:
                     del self._writing[key]
         loop = self._loop
         if loop is not None and records:

@@ -48,6 +48,8 @@ def test_all_four_events_through_the_api(root: Path) -> None:
             assert c.put(f"/jobs/{name}/files/JOB", content=job).status_code in (200, 201)
             assert c.post(f"/jobs/{name}/queue").status_code in (200, 202)
         rx.wait(6)
+        wait_for(lambda: outbox(root) == [], 10, what="outbox to empty")
+    # queued through the API: exactly one queue event each, not a second one at the claim
     states = by_job(rx.events())
     assert states == {"good": ["queue", "processing", "success"],
                       "failing": ["queue", "processing", "error"]}  # fmt: skip
@@ -63,16 +65,19 @@ def test_all_four_events_through_the_api(root: Path) -> None:
     assert paths == {"/hook?job=good", "/hook?job=failing"}
 
 
-def test_hand_dropped_job_gets_processing_and_final_events(root: Path) -> None:
-    """`mv` into queue/ makes no store move, so (as documented) it has no queue event."""
+def test_hand_queued_job_gets_queue_processing_and_final_events(root: Path) -> None:
+    """`mv` into queue/ makes no store move: the claim announces the queueing first."""
     write_task(root / "tasks", "start", "echo ok\n")
     with Receiver() as rx, Service(root, api=False, env=FAST):
         drop(root, "dropped", f"{rx.url}/h")
-        rx.wait(2)
+        rx.wait(3)
         wait_for(lambda: outbox(root) == [], 10, what="outbox to empty")
-    assert [e["job_state"] for e in rx.events()] == ["processing", "success"]
+    events = rx.events()
+    assert [(e["job_state"], e["previous_state"]) for e in events] == [
+        ("queue", None), ("processing", "queue"), ("success", "processing")]  # fmt: skip
+    assert len({e["event_id"] for e in events}) == 3
     log = (root / "success" / "dropped" / "LOG").read_text()
-    assert log.count("attempt 1/6: HTTP 200") == 2
+    assert log.count("attempt 1/6: HTTP 200") == 3
 
 
 def test_dead_receiver_does_not_delay_jobs(root: Path) -> None:
@@ -90,14 +95,14 @@ def test_dead_receiver_does_not_delay_jobs(root: Path) -> None:
         without = batch("plain", None)
         with_dead = batch("dead", dead.url)
         wait_for(
-            lambda: len(outbox(root)) == 40, 10, what="40 pending events"
-        )  # processing and success of each, still pending
+            lambda: len(outbox(root)) == 60, 10, what="60 pending events"
+        )  # queue, processing and success of each, still pending
         stopped = time.monotonic()
         assert svc.stop() == 0
         assert time.monotonic() - stopped < 10  # hanging deliveries do not hold up a stop
     print(f"20 jobs: {without:.2f}s without webhooks, {with_dead:.2f}s with a dead one")
     assert with_dead < 2 * without + 1, (without, with_dead)
-    assert len(outbox(root)) == 40  # kept for the next start
+    assert len(outbox(root)) == 60  # kept for the next start
 
 
 def test_receiver_down_across_kill_and_restart_gets_everything(root: Path) -> None:
@@ -112,18 +117,18 @@ def test_receiver_down_across_kill_and_restart_gets_everything(root: Path) -> No
             drop(root, name, f"http://127.0.0.1:{port}/hook")
         wait_for(lambda: landed(root, names), 30, what="jobs to finish")
         # the last event is written just after its job lands
-        wait_for(lambda: len(outbox(root)) == 6, 10, what="six pending events")
+        wait_for(lambda: len(outbox(root)) == 9, 10, what="nine pending events")
         wait_for(lambda: "ConnectError" in (root / "success" / "k1" / "LOG").read_text(), 10)
     finally:
         svc.kill()
-    assert len(outbox(root)) == 6
+    assert len(outbox(root)) == 9
     with Receiver(port=port) as rx:
         with Service(root, *args, api=False, env=env):
-            rx.wait(6)
+            rx.wait(9)
             wait_for(lambda: outbox(root) == [], 10, what="outbox to empty")
         events = rx.events()
-    assert by_job(events) == {n: ["processing", "success"] for n in names}
-    assert len({e["event_id"] for e in events}) == 6
+    assert by_job(events) == {n: ["queue", "processing", "success"] for n in names}
+    assert len({e["event_id"] for e in events}) == 9
     assert not list((root / ".outbox" / "failed").iterdir())
 
 
@@ -135,7 +140,7 @@ def test_secrets_never_logged_and_signature_verifies(root: Path) -> None:
     with Receiver([500, 502], answer=password.encode()) as rx:
         with Service(root, "--log-level", "debug", api=False, env=env) as svc:
             drop(root, "secret", f"http://user:{password}@127.0.0.1:{rx.port}/s")
-            rx.wait(4)
+            rx.wait(5)  # queue (after 500, 502), processing, success
             wait_for(lambda: outbox(root) == [], 10, what="outbox to empty")
             service_log = svc.log()
         job_log = (root / "success" / "secret" / "LOG").read_text()
@@ -156,9 +161,9 @@ def test_allow_list_refusal(root: Path) -> None:
         args = ("--webhook-allow", "192.0.2.0/24,hooks.example.org")
         with Service(root, *args, api=False, env=FAST) as svc:
             drop(root, "fenced", f"http://localhost:{rx.port}/x")
-            wait_for(lambda: len(list((root / ".outbox" / "failed").glob("*.json"))) == 2, 20)
+            wait_for(lambda: len(list((root / ".outbox" / "failed").glob("*.json"))) == 3, 20)
             service_log = svc.log()
         assert rx.receipts == []
     log = (root / "success" / "fenced" / "LOG").read_text()
-    assert log.count("refused: host localhost resolves to 127.0.0.1 is not in --webhook-allow") == 2
+    assert log.count("refused: host localhost resolves to 127.0.0.1 is not in --webhook-allow") == 3
     assert "not in --webhook-allow" in service_log
