@@ -153,6 +153,57 @@ def test_vanished_file_fails_naming_it_and_rerun_finishes(area: Area) -> None:
     assert progress is not None and progress.error is None and progress.files_staged == 10
 
 
+# The stage task with a copy that damages one byte of files named *bad*, as failing
+# storage or a faulty copy path would: size and times stay right, only SHA-256 sees it.
+CORRUPTING_STAGE = """
+import os
+from batchingest.tasks import stage
+
+real_copy = stage.Stager.copy
+
+def copy(self, src, dst, size):
+    copied = real_copy(self, src, dst, size)
+    if "bad" in os.path.basename(os.readlink(f"/proc/self/fd/{src}")):
+        first = os.pread(dst, 1, 0)
+        os.pwrite(dst, bytes([first[0] ^ 0xFF]), 0)
+    return copied
+
+stage.Stager.copy = copy
+stage.main()
+"""
+
+
+@pytest.mark.parametrize("unnamed", ["1", "0"])
+def test_verify_mismatch_fails_naming_the_file_and_keeps_no_copy(area: Area, unnamed: str) -> None:
+    rels = ["v/good.dat", "v/bad.dat", "v/big-bad.bin"]
+    area.add(rels[0], os.urandom(5000))
+    area.add(rels[1], os.urandom(5000))
+    area.add(rels[2], os.urandom(9 << 20))  # copied alone, in pieces
+    area.manifest(rels)
+    env = area.env(BATCHINGEST_STAGE_VERIFY="1", BATCHINGEST_STAGE_UNNAMED=unnamed)
+    p = subprocess.run([sys.executable, "-c", CORRUPTING_STAGE], cwd=area.job, env=env,
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    out = p.stdout
+    assert p.returncode == 1, out + p.stderr
+    for rel in rels[1:]:
+        assert f"ERROR {rel}: SHA-256 mismatch: archive " in out
+        assert not (area.staging / rel).exists()
+    assert "ERROR stage failed" in out
+    assert area.temps() == [] and area.in_flight() == []
+    assert (area.staging / rels[0]).read_bytes() == (area.archive / rels[0]).read_bytes()
+    progress = read_progress(area.job)
+    assert progress is not None and progress.error is not None
+    assert "SHA-256 mismatch" in progress.error and "(and 1 more)" in progress.error
+    assert progress.files_staged == 1
+
+    # with a sound copy, running again stages the rest
+    code, out = area.run(BATCHINGEST_STAGE_VERIFY="1", BATCHINGEST_STAGE_UNNAMED=unnamed)
+    assert code == 0, out
+    assert f"already staged {rels[0]} " in out
+    for rel in rels:
+        assert (area.staging / rel).read_bytes() == (area.archive / rel).read_bytes()
+
+
 def test_leftover_temporary_files_are_removed(area: Area) -> None:
     area.add("d/f", b"data")
     area.manifest(["d/f"])

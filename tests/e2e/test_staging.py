@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-import time
+import signal
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -275,6 +276,27 @@ def test_file_removed_after_the_request_fails_naming_it(tmp_path: Path) -> None:
         api.stop()
 
 
+def task_processes(rid: str) -> list[int]:
+    """Processes of the job's task: their environment names the job (a UUID, so unique)."""
+    want = f"JOBNAME={rid}".encode()
+    pids = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if want in environ.read_bytes().split(b"\0"):
+                pids.append(int(environ.parent.name))
+        except OSError:
+            continue
+    return pids
+
+
+def dead(pid: int) -> bool:
+    """Gone, or a zombie: its descriptors, and so its unnamed copies, are closed."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z"
+    except OSError:
+        return True
+
+
 def test_service_killed_mid_copy_then_restarted_finishes(tmp_path: Path) -> None:
     setup = Setup(tmp_path)
     rels = [f"big/f{i}.bin" for i in range(4)]
@@ -286,11 +308,23 @@ def test_service_killed_mid_copy_then_restarted_finishes(tmp_path: Path) -> None
             rid = post(c, rels).json()["request_id"]
         wait_for(lambda: setup.in_flight() or setup.temps(), timeout=60, interval=0.001,
                  what="a copy in flight")  # fmt: skip
+        tasks = task_processes(rid)
+        assert tasks, "the stage task is running"
         svc.kill()
+        # The task runs in its own session and would finish the copy as an orphan, holding
+        # the job meanwhile; a crash of the whole machine stops it too: kill its group.
+        killed = 0
+        for pid in tasks:
+            with contextlib.suppress(ProcessLookupError):
+                group = os.getpgid(pid)
+                assert group != os.getpgrp()
+                os.killpg(group, signal.SIGKILL)
+                killed += 1
+        assert killed, "the stage task was still copying"
+        wait_for(lambda: all(dead(pid) for pid in tasks), what="the stage task to die")
     finally:
         svc.stop()
-    # the task died with the service: what has a real name is complete
-    time.sleep(0.2)
+    # the copy was interrupted: what has a real name is complete, the rest is absent
     for rel in rels:
         dst = setup.staging / rel
         if dst.exists():
@@ -298,6 +332,8 @@ def test_service_killed_mid_copy_then_restarted_finishes(tmp_path: Path) -> None
     with Service(setup.root, *setup.args()) as svc2, svc2.client() as c:
         done = wait_status(c, rid, "ready", timeout=120)
     assert done["files_staged"] == 4
-    assert setup.temps() == []
+    assert setup.temps() == [] and setup.in_flight() == []
+    log = (setup.root / "success" / rid / "LOG").read_text()
+    assert log.count("stage: done") == 1, log  # only the run after the restart finished
     for rel in rels:
         assert (setup.staging / rel).read_bytes() == (setup.archive / rel).read_bytes()
