@@ -148,3 +148,17 @@ def write_task(tasks: Path, name: str, script: str) -> Path:
     path.write_text("#!/bin/sh\n" + script)
     path.chmod(0o755)
     return path
+
+
+def copies_in_flight(staging: Path) -> list[str]:
+    """Files under staging some process has open: named or unnamed (O_TMPFILE) copies."""
+    found = []
+    for fd in Path("/proc").glob("[0-9]*/fd/*"):
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        # an unnamed copy reads as "STAGING/dir/#inode (deleted)"
+        if target.startswith(f"{staging}/") and target.endswith(" (deleted)"):
+            found.append(target)
+    return found

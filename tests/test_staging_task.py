@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from service import wait_for
+from service import copies_in_flight, wait_for
 
 from batchingest.staging import MANIFEST, TEMP_PREFIX, Resolver, manifest_bytes, read_progress
 
@@ -63,20 +63,6 @@ class Area:
 
     def in_flight(self) -> list[str]:
         return copies_in_flight(self.staging)
-
-
-def copies_in_flight(staging: Path) -> list[str]:
-    """Files under staging some process has open: named or unnamed (O_TMPFILE) copies."""
-    found = []
-    for fd in Path("/proc").glob("[0-9]*/fd/*"):
-        try:
-            target = os.readlink(fd)
-        except OSError:
-            continue
-        # an unnamed copy reads as "STAGING/dir/#inode (deleted)"
-        if target.startswith(f"{staging}/") and target.endswith(" (deleted)"):
-            found.append(target)
-    return found
 
 
 @pytest.fixture

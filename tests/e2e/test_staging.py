@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
-from service import TOKEN, Service, wait_for
+from service import TOKEN, Service, copies_in_flight, wait_for
 
 from batchingest.staging import TEMP_PREFIX
 
@@ -39,17 +39,7 @@ class Setup:
         return [p for p in self.staging.rglob("*") if p.name.startswith(TEMP_PREFIX)]
 
     def in_flight(self) -> list[str]:
-        """Files under staging some process has open: named or unnamed (O_TMPFILE) copies."""
-        found = []
-        for fd in Path("/proc").glob("[0-9]*/fd/*"):
-            try:
-                target = os.readlink(fd)
-            except OSError:
-                continue
-            # an unnamed copy reads as "STAGING/dir/#inode (deleted)"
-            if target.startswith(f"{self.staging}/") and target.endswith(" (deleted)"):
-                found.append(target)
-        return found
+        return copies_in_flight(self.staging)
 
     def jobs(self) -> list[str]:
         return sorted(
