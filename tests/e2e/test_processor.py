@@ -352,3 +352,12 @@ def test_stage_replaced_by_a_site_task(root: Path) -> None:
         drop(root, "s", job='{"Todo": ["stage"]}')
         assert wait_landed(root, "s") == "success"
     assert "site stage for s" in (root / "success/s/LOG").read_text()
+
+
+def test_force_polling_finds_jobs_without_events(root: Path) -> None:
+    write_task(root / "tasks", "start", "true\n")
+    with Service(root, "--force-polling", "--poll-interval", "0.2", api=False):
+        for i in range(3):
+            drop(root, f"p{i}")
+        for i in range(3):
+            assert wait_landed(root, f"p{i}", timeout=20) == "success"
