@@ -484,23 +484,31 @@ class Store:
             cache.pop(state, None)
         return names
 
-    def hold_unqueued(self, name: str) -> Hold | None:
+    def hold_unqueued(self, name: str, wait: float = 5.0) -> Hold | None:
         """Hold a job that is in data/, success/ or error/ while its files are changed.
 
         With the job's lock taken no processor can claim it and nobody can delete it,
         so an upload renamed into place under the hold is complete before any task
-        sees the job, even if it is queued meanwhile. None if the job is queued,
-        processing or held by someone else; JobNotFound if there is none.
+        sees the job, even if it is queued meanwhile. Another holder of an unqueued job
+        is another upload committing or a delete, both brief, so we wait up to `wait`
+        seconds for it. None if the job is queued, processing or still held after that;
+        JobNotFound if there is none.
         """
-        for _ in range(3):
+        deadline = time.monotonic() + wait
+        moves = 0
+        while moves < 3:
             job = self.get(name)
             if job.state in ("queue", "processing"):
                 return None
             fd = _lock(job.path)
             if fd is None:
-                if job.path.exists():
+                if not job.path.exists():
+                    moves += 1  # moved meanwhile: look again
+                elif time.monotonic() >= deadline:
                     return None
-                continue  # moved meanwhile: look again
+                else:
+                    time.sleep(0.002)
+                continue
             now = self.find(name)
             if (
                 now is not None
@@ -511,4 +519,5 @@ class Store:
             os.close(fd)
             if now is not None and now.state in ("queue", "processing"):
                 return None
+            moves += 1
         raise JobBusy(f"job {name!r} keeps changing state")

@@ -356,3 +356,20 @@ def test_disk_full_leaves_previous_content(tmp_path: Path) -> None:
             assert hidden(root / "data" / "j") == []
             # and the space is free again
             assert c.put("/jobs/j/files/g", content=b"y" * 100_000).status_code == 201
+
+
+def test_upload_waits_for_a_brief_holder_instead_of_409(api: Service, root: Path) -> None:
+    """Uploads of different files to one job commit one at a time under the job's lock;
+    one that meets another's commit waits for it rather than failing."""
+    import fcntl
+
+    with api.client() as c:
+        assert c.put("/jobs/j").status_code == 201
+        fd = os.open(root / "data" / "j" / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as another upload committing would
+        threading.Timer(0.5, os.close, (fd,)).start()
+        t0 = time.monotonic()
+        r = c.put("/jobs/j/files/a.txt", content=b"a")
+        assert r.status_code == 201, r.text
+        assert time.monotonic() - t0 >= 0.4
+        assert (root / "data" / "j" / "a.txt").read_bytes() == b"a"
