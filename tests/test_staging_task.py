@@ -185,9 +185,30 @@ def test_verify_mismatch_fails_naming_the_file_and_keeps_no_copy(area: Area, unn
     # with a sound copy, running again stages the rest
     code, out = area.run(BATCHINGEST_STAGE_VERIFY="1", BATCHINGEST_STAGE_UNNAMED=unnamed)
     assert code == 0, out
-    assert f"already staged {rels[0]} " in out
+    assert f"already staged, SHA-256 verified {rels[0]} " in out
     for rel in rels:
         assert (area.staging / rel).read_bytes() == (area.archive / rel).read_bytes()
+
+
+def test_verify_recopies_a_damaged_copy_that_looks_staged(area: Area) -> None:
+    """Same size and mtime are not enough with --stage-verify: the bytes are compared."""
+    area.add("d/f.dat", os.urandom(6000))
+    area.manifest(["d/f.dat"])
+    code, out = area.run()
+    assert code == 0, out
+    staged = area.staging / "d" / "f.dat"
+    st = staged.stat()
+    with open(staged, "r+b") as f:  # bit rot: same size, same mtime
+        first = f.read(1)
+        f.seek(0)
+        f.write(bytes([first[0] ^ 0xFF]))
+    os.utime(staged, ns=(st.st_atime_ns, st.st_mtime_ns))
+    code, out = area.run()
+    assert code == 0 and "already staged d/f.dat" in out  # without verify: trusted
+    code, out = area.run(BATCHINGEST_STAGE_VERIFY="1")
+    assert code == 0, out
+    assert "d/f.dat: staged copy differs from the archive (SHA-256); copying again" in out
+    assert staged.read_bytes() == (area.archive / "d" / "f.dat").read_bytes()
 
 
 def test_leftover_temporary_files_are_removed(area: Area) -> None:

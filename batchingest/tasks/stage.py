@@ -175,6 +175,19 @@ def sha256_fd(fd: int) -> str:
     return h.hexdigest()
 
 
+def staged_copy_matches(src: int, target: str) -> bool:
+    """Whether an existing staged file has the archive file's SHA-256."""
+    try:
+        fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        return sha256_fd(src) == sha256_fd(fd)
+    finally:
+        os.close(fd)
+        os.lseek(src, 0, os.SEEK_SET)  # the copy that may follow reads from the start
+
+
 _temp_ids = itertools.count()
 _RUN = f"{os.getpid()}-{secrets.token_hex(4)}"
 
@@ -437,8 +450,16 @@ class Stager:
         try:
             # a folder this run created holds nothing yet: saves a lookup per file
             if not folder.fresh and already_staged(target, st):
-                self.done(entry, "already staged")
-                return None
+                if not self.verify:
+                    self.done(entry, "already staged")
+                    return None
+                # with --stage-verify a copy that merely looks right is not trusted
+                if staged_copy_matches(src, target):
+                    self.done(entry, "already staged, SHA-256 verified")
+                    return None
+                with self.lock:
+                    self.out.append(f"{entry.path}: staged copy differs from the archive "
+                                    "(SHA-256); copying again")  # fmt: skip
             p = self.create(folder, target, stat.S_IMODE(st.st_mode) & 0o777)
             p.entry = entry
             try:
