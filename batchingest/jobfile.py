@@ -86,14 +86,27 @@ def parse(raw: bytes) -> JobFile:
 
 
 def load(job_dir: Path) -> JobFile:
-    """Read a job's JOB file; the default task list if there is none."""
+    """Read a job's JOB file; the default task list if there is none.
+
+    Bare os calls, as this runs for every job processed and every `GET /jobs/{id}`;
+    O_NONBLOCK so that a FIFO named JOB cannot hang a worker or the event loop.
+    """
     try:
-        raw = (job_dir / JOB_FILE).read_bytes()
+        flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK
+        fd = os.open(f"{job_dir}/{JOB_FILE}", flags)
     except FileNotFoundError:
         return JobFile()
+    try:
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
     except IsADirectoryError:
         raise JobFileError("JOB is a folder, not a file") from None
-    return parse(raw)
+    except BlockingIOError:
+        raise JobFileError("JOB is not a regular file") from None
+    finally:
+        os.close(fd)
+    return parse(b"".join(chunks))
 
 
 def write_atomic(

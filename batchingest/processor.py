@@ -25,7 +25,7 @@ import watchfiles
 
 from batchingest import jobfile
 from batchingest.config import Config
-from batchingest.runner import LOG_FILE, TaskProcess, base_env, log_line, run_task
+from batchingest.runner import TaskProcess, append_log, base_env, log_line, open_log, run_task
 from batchingest.store import Hold, Store
 
 # Control files live in memory when we can: they are tiny, short-lived and per task, and
@@ -221,7 +221,7 @@ class Processor:
         except Exception as e:
             log.exception("job %s: internal error", name)
             with contextlib.suppress(OSError):
-                self._log(hold, f"internal error, job stopped: {e}")
+                append_log(hold.path, f"internal error, job stopped: {e}")
         finally:
             job = self.store.finish(hold, state)
         log.info(
@@ -232,21 +232,10 @@ class Processor:
             f" (as {job.name})" if job.name != name else "",
         )
 
-    def _log(self, hold: Hold, text: str) -> None:
-        fd = os.open(
-            hold.path / LOG_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644
-        )
-        try:
-            log_line(fd, text)
-        finally:
-            os.close(fd)
-
     def _run_job(self, hold: Hold, slot: _Slot) -> str:
         """Run the job's remaining tasks; return the state it should go to."""
         path = hold.path
-        log_fd = os.open(
-            path / LOG_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644
-        )
+        log_fd = open_log(path)
         try:
             try:
                 job = jobfile.load(path)

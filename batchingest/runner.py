@@ -77,9 +77,23 @@ class TaskResult:
     seconds: float = 0.0
 
 
+def open_log(job_dir: Path) -> int:
+    """The job's LOG, opened for appending (created if need be)."""
+    return os.open(job_dir / LOG_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+
+
 def log_line(log_fd: int, text: str) -> None:
     """Append one timestamped line from the service to a job's LOG."""
     os.write(log_fd, f"{now_rfc3339()} batchingest: {text}\n".encode(errors="replace"))
+
+
+def append_log(job_dir: Path, text: str) -> None:
+    """log_line for a job whose LOG is not open; OSError if the job folder is gone."""
+    fd = open_log(job_dir)
+    try:
+        log_line(fd, text)
+    finally:
+        os.close(fd)
 
 
 class TaskProcess:

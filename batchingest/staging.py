@@ -30,12 +30,12 @@ from pathlib import Path
 from typing import Any
 
 from batchingest.jobfile import write_atomic
+from batchingest.runner import LOG_FILE
 
 log = logging.getLogger("batchingest.staging")
 
 MANIFEST = "MANIFEST.json"
 PROGRESS = "PROGRESS.json"
-LOG_FILE = "LOG"
 MANIFEST_VERSION = 1
 # Hidden temporary copies in the staging area carry this prefix so a later run can tell
 # them from anything else and remove the leftovers of a killed copy.

@@ -247,18 +247,49 @@ class Store:
         except FileNotFoundError:
             return
 
+    def job_names(self, state: str) -> builtins.list[str]:
+        """Sorted names of the jobs in one state, reused while the folder is unchanged.
+
+        Paging `GET /jobs?limit=100` over 10,000 jobs must not rescan every entry: the
+        listing is kept with the folder's (inode, nlink, mtime, ctime) and reused while
+        those are the same. A listing is only kept when the folder had not changed for a
+        second before the scan began, so two changes within one timestamp tick cannot
+        hide behind an unchanged mtime.
+        """
+        cache = self._names_cache
+        path = self.state_dir(state)
+        started = time.time_ns()
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return []
+        key = (st.st_ino, st.st_nlink, st.st_mtime_ns, st.st_ctime_ns)
+        hit = cache.get(state)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        names = [
+            e.name
+            for e in self._entries(state)
+            if valid_name(e.name) and e.is_dir(follow_symlinks=False)
+        ]
+        names.sort()  # callers share this list: never change it
+        # any entry change sets mtime to now, so an old mtime cannot hide a later one
+        if started - st.st_mtime_ns > 1_000_000_000:
+            cache[state] = (key, names)
+        else:
+            cache.pop(state, None)
+        return names
+
     def list(self, states: Iterable[str] | None = None) -> list[Job]:
         """Jobs in the given states (all by default), sorted by name.
 
-        Uses only directory entries (d_type), never a stat per job, so listing 10,000
-        jobs stays cheap.
+        Built from job_names(): directory entries (d_type) only, never a stat per job,
+        so listing 10,000 jobs stays cheap.
         """
         jobs: list[Job] = []
         for state in STATES if states is None else states:
             base = self.state_dir(state)
-            for entry in self._entries(state):
-                if valid_name(entry.name) and entry.is_dir(follow_symlinks=False):
-                    jobs.append(Job(entry.name, state, base / entry.name))
+            jobs.extend(Job(name, state, base / name) for name in self.job_names(state))
         jobs.sort(key=lambda j: (j.name, STATES.index(j.state)))
         return jobs
 
@@ -294,7 +325,7 @@ class Store:
             except Exception:
                 log.exception("state change listener failed for %s", job.name)
 
-    def _final_target(self, state: str, name: str) -> Iterator[str]:
+    def _final_target(self, name: str) -> Iterator[str]:
         yield name
         for i in range(1, _MAX_SUFFIX + 1):
             suffix = f"-{i:03d}"
@@ -304,7 +335,7 @@ class Store:
     def _move(self, name: str, src: str, dst: str) -> Job:
         """Rename src/NAME to dst/NAME; in a final state take the first free NAME-NNN."""
         source = self.job_path(src, name)
-        for target_name in self._final_target(dst, name) if dst in FINAL_STATES else [name]:
+        for target_name in self._final_target(name) if dst in FINAL_STATES else [name]:
             target = self.state_dir(dst) / target_name
             try:
                 rename_noreplace(source, target)
@@ -450,39 +481,6 @@ class Store:
         raise JobBusy(f"job {name!r} keeps changing state")
 
     # -- for the HTTP API --------------------------------------------------------------
-
-    def job_names(self, state: str) -> builtins.list[str]:
-        """Sorted names of the jobs in one state, reused while the folder is unchanged.
-
-        Paging `GET /jobs?limit=100` over 10,000 jobs must not rescan every entry: the
-        listing is kept with the folder's (inode, nlink, mtime, ctime) and reused while
-        those are the same. A listing is only kept when the folder had not changed for a
-        second before the scan began, so two changes within one timestamp tick cannot
-        hide behind an unchanged mtime.
-        """
-        cache = self._names_cache
-        path = self.state_dir(state)
-        started = time.time_ns()
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            return []
-        key = (st.st_ino, st.st_nlink, st.st_mtime_ns, st.st_ctime_ns)
-        hit = cache.get(state)
-        if hit is not None and hit[0] == key:
-            return hit[1]
-        names = [
-            e.name
-            for e in self._entries(state)
-            if valid_name(e.name) and e.is_dir(follow_symlinks=False)
-        ]
-        names.sort()  # callers share this list: never change it
-        # any entry change sets mtime to now, so an old mtime cannot hide a later one
-        if started - st.st_mtime_ns > 1_000_000_000:
-            cache[state] = (key, names)
-        else:
-            cache.pop(state, None)
-        return names
 
     def hold_unqueued(self, name: str, wait: float = 5.0) -> Hold | None:
         """Hold a job that is in data/, success/ or error/ while its files are changed.

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import hmac
 import logging
-import os
 import secrets
 from pathlib import Path
 
 from batchingest.config import Config
+from batchingest.jobfile import write_atomic
 from batchingest.store import Store
 
 log = logging.getLogger("batchingest.api")
@@ -51,14 +51,7 @@ def _generated_token(store: Store) -> str:
         log.info("no API token configured: using the one in %s", path)
         return existing[0]
     token = secrets.token_urlsafe(32)
-    tmp = path.with_name(f"{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, (token + "\n").encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    write_atomic(path, (token + "\n").encode())  # private: 0600
     log.warning("no API token configured: generated one in %s (mode 0600)", path)
     return token
 

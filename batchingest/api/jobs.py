@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import heapq
 import json
-import os
 from collections.abc import Iterator
 from itertools import islice, repeat
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
@@ -53,33 +51,12 @@ def job_info(job: Job) -> dict[str, Any]:
     """Name, Status, and Todo/Finished as the processor would read them from JOB."""
     info: dict[str, Any] = {"Name": job.name, "Status": job.status}
     try:
-        jf = _load_job_file(job.path)
+        jf = jobfile.load(job.path)
     except (jobfile.JobFileError, OSError) as e:
         info.update(Todo=None, Finished=None, JobError=str(e))
     else:
         info.update(Todo=jf.todo, Finished=jf.finished)
     return info
-
-
-def _load_job_file(job_dir: Path) -> jobfile.JobFile:
-    """jobfile.load with bare os calls: this runs on every GET /jobs/{id}."""
-    try:
-        # O_NONBLOCK: a FIFO named JOB must not hang the event loop
-        flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK
-        fd = os.open(f"{job_dir}/{jobfile.JOB_FILE}", flags)
-    except FileNotFoundError:
-        return jobfile.JobFile()
-    try:
-        chunks = []
-        while chunk := os.read(fd, 1 << 16):
-            chunks.append(chunk)
-    except IsADirectoryError:
-        raise jobfile.JobFileError("JOB is a folder, not a file") from None
-    except BlockingIOError:
-        raise jobfile.JobFileError("JOB is not a regular file") from None
-    finally:
-        os.close(fd)
-    return jobfile.parse(b"".join(chunks))
 
 
 def _states(param: str | None) -> list[str]:

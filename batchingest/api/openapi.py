@@ -88,34 +88,21 @@ def _errors(*codes: str) -> dict[str, Any]:
     }
 
 
-_ID = {
-    "name": "id",
-    "in": "path",
-    "required": True,
-    "schema": {"type": "string"},
-    "description": "job name: 1-255 of A-Z a-z 0-9 . _ -, not starting with '.'",
-}
-_PATH = {
-    "name": "path",
-    "in": "path",
-    "required": True,
-    "schema": {"type": "string"},
-    "description": "file path inside the job folder, '/' separated",
-}
-_DIGEST = {
-    "name": "Content-Digest",
-    "in": "header",
-    "required": False,
-    "schema": {"type": "string"},
-    "description": "RFC 9530, e.g. sha-256=:<base64>:",
-}
-_RANGE = {
-    "name": "Range",
-    "in": "header",
-    "required": False,
-    "schema": {"type": "string"},
-    "description": "one byte range, e.g. bytes=0-99",
-}
+def _param(name: str, where: str, description: str) -> dict[str, Any]:
+    """A string parameter: required in the path, optional elsewhere."""
+    return {
+        "name": name,
+        "in": where,
+        "required": where == "path",
+        "schema": {"type": "string"},
+        "description": description,
+    }
+
+
+_ID = _param("id", "path", "job name: 1-255 of A-Z a-z 0-9 . _ -, not starting with '.'")
+_PATH = _param("path", "path", "file path inside the job folder, '/' separated")
+_DIGEST = _param("Content-Digest", "header", "RFC 9530, e.g. sha-256=:<base64>:")
+_RANGE = _param("Range", "header", "one byte range, e.g. bytes=0-99")
 
 
 def _paths() -> dict[str, Any]:

@@ -36,10 +36,10 @@ import httpx
 
 from batchingest.config import Config
 from batchingest.jobfile import now_rfc3339, write_atomic
+from batchingest.runner import append_log
 from batchingest.store import InvalidName, Job, Store
 from batchingest.webhooks.events import (
     EVENT_STATES,
-    LOG_FILE,
     WEBHOOK_FILE,
     Record,
     build_body,
@@ -394,13 +394,9 @@ class Webhooks:
         if job is None:
             return
         try:
-            fd = os.open(job.path / LOG_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            append_log(job.path, line)
         except OSError:
             return  # the job moved or went away meanwhile: the service log has it
-        try:
-            os.write(fd, f"{now_rfc3339()} batchingest: {line}\n".encode(errors="replace"))
-        finally:
-            os.close(fd)
 
     def _bury(self, path: Path, rec: Record | None, reason: str) -> None:
         """Keep a finally failed delivery in outbox/failed, with the reason."""

@@ -16,10 +16,10 @@ from typing import Any
 
 import batchingest
 from batchingest import jobfile
+from batchingest.runner import LOG_FILE
 from batchingest.store import STATUS_OF_STATE
 
 WEBHOOK_FILE = "WEBHOOK"
-LOG_FILE = "LOG"
 LOG_CAP = 1 << 20
 # Entering these states is announced; entering data/ is not (nothing happened yet).
 EVENT_STATES = frozenset(("queue", "processing", "success", "error"))
