@@ -298,10 +298,19 @@ class StagingApi:
         # Small reads only (a few stats, one small file), so it runs on the loop directly.
         self._enabled()
         name = request_name(raw)
-        job = self.store.find(name)
-        if job is None or not (job.path / MANIFEST).is_file():
-            raise ApiError(404, "StagingRequestNotFound", f"no staging request {name}")
-        return JSONResponse(status(job.path, job.state))
+        # The job may move (queue -> processing -> success) between finding it and
+        # reading its files: only an answer read from a folder still in place counts.
+        for _ in range(3):
+            job = self.store.find(name)
+            if job is None:
+                break
+            has_manifest = (job.path / MANIFEST).is_file()
+            answer = status(job.path, job.state) if has_manifest else None
+            if job.path.is_dir():
+                if answer is None:
+                    break  # a job, but not a staging request
+                return JSONResponse(answer)
+        raise ApiError(404, "StagingRequestNotFound", f"no staging request {name}")
 
 
 def routes(cfg: Config, store: Store) -> list[BaseRoute]:
