@@ -37,6 +37,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 log = logging.getLogger("batchingest.store")
 
@@ -112,6 +113,8 @@ class Hold:
             os.close(self.fd)  # closing drops the flock
             self.fd = -1
 
+
+T = TypeVar("T")
 
 # A state change listener gets the job in its new state and the state it came from.
 Listener = Callable[[Job, str | None], None]
@@ -230,6 +233,23 @@ class Store:
                 if _is_real_dir(base + name):
                     return Job(name, state, Path(base + name))
         return None
+
+    def read(self, name: str, read: Callable[[Job], T]) -> tuple[Job, T] | None:
+        """Find a job and read from its folder; None if there is no such job.
+
+        A job can change state between being found and being read (a processor claims
+        it, finishes it), and a read from the old path then sees nothing. The answer
+        only counts if the folder read from was still in place afterwards; otherwise
+        the job is looked up again.
+        """
+        for _ in range(3):
+            job = self.find(name)
+            if job is None:
+                return None
+            value = read(job)
+            if _is_real_dir(str(job.path)):
+                return job, value
+        raise JobBusy(f"job {name!r} keeps changing state")
 
     def get(self, name: str) -> Job:
         job = self.find(name)

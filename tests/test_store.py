@@ -641,3 +641,24 @@ def test_a_symlink_in_a_state_folder_is_never_a_job(store: Store, tmp_path: Path
     assert store.queued() == []
     assert store.delete("evil") is False
     assert (outside / "secret").read_text() == "s"
+
+
+def test_read_looks_again_when_the_job_moves_during_the_read(store: Store) -> None:
+    store.create("j")
+    store.queue("j")
+    seen: list[str] = []
+
+    def read(job: Job) -> str:
+        seen.append(job.state)
+        if len(seen) == 1:  # a processor claims it while we read the queued folder
+            hold = store.claim("j")
+            assert hold is not None
+            hold.release()
+        return job.state
+
+    found = store.read("j", read)
+    assert found is not None
+    job, value = found
+    assert seen == ["queue", "processing"]
+    assert job.state == value == "processing"
+    assert store.read("nope", read) is None

@@ -118,8 +118,14 @@ def routes(cfg: Config, store: Store) -> list[BaseRoute]:
         return Response(_listing(page), 200, headers, media_type="application/json")
 
     async def get_job(request: Request) -> Response:
-        job = find_job(store, job_name(request.path_params["id"]))
-        return json_response(job_info(job))
+        name = job_name(request.path_params["id"])
+        try:
+            found = store.read(name, job_info)
+        except JobBusy as e:
+            raise ApiError(409, "JobBusy", str(e)) from None
+        if found is None:
+            raise ApiError(404, "JobNotFound", f"no job named {name!r}")
+        return json_response(found[1])
 
     async def put_job(request: Request) -> Response:
         name = job_name(request.path_params["id"])

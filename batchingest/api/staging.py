@@ -37,7 +37,7 @@ from batchingest.staging import (
     status,
     write_progress,
 )
-from batchingest.store import Store
+from batchingest.store import Job, JobBusy, Store
 
 log = logging.getLogger("batchingest.api.staging")
 
@@ -298,19 +298,20 @@ class StagingApi:
         # Small reads only (a few stats, one small file), so it runs on the loop directly.
         self._enabled()
         name = request_name(raw)
-        # The job may move (queue -> processing -> success) between finding it and
-        # reading its files: only an answer read from a folder still in place counts.
-        for _ in range(3):
-            job = self.store.find(name)
-            if job is None:
-                break
-            has_manifest = (job.path / MANIFEST).is_file()
-            answer = status(job.path, job.state) if has_manifest else None
-            if job.path.is_dir():
-                if answer is None:
-                    break  # a job, but not a staging request
-                return JSONResponse(answer)
-        raise ApiError(404, "StagingRequestNotFound", f"no staging request {name}")
+        try:
+            found = self.store.read(name, _status_of)
+        except JobBusy as e:
+            raise ApiError(409, "JobBusy", str(e)) from None
+        if found is None or found[1] is None:
+            raise ApiError(404, "StagingRequestNotFound", f"no staging request {name}")
+        return JSONResponse(found[1])
+
+
+def _status_of(job: Job) -> dict[str, Any] | None:
+    """The status document of a staging job; None for a job that is not one."""
+    if not (job.path / MANIFEST).is_file():
+        return None
+    return status(job.path, job.state)
 
 
 def routes(cfg: Config, store: Store) -> list[BaseRoute]:
