@@ -24,7 +24,6 @@ machines sharing one root (a dead client's locks expire with its NFS lease).
 from __future__ import annotations
 
 import builtins
-import ctypes
 import errno
 import fcntl
 import logging
@@ -38,6 +37,9 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
+
+from batchingest import fs
+from batchingest.fs import rename_noreplace
 
 log = logging.getLogger("batchingest.store")
 
@@ -120,31 +122,6 @@ T = TypeVar("T")
 Listener = Callable[[Job, str | None], None]
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_renameat2 = getattr(_libc, "renameat2", None)
-_AT_FDCWD = -100
-_RENAME_NOREPLACE = 1
-
-
-def rename_noreplace(src: Path, dst: Path) -> None:
-    """Rename src to dst, failing with FileExistsError if dst exists (even an empty dir).
-
-    Plain rename(2) silently replaces an empty target directory; renameat2 with
-    RENAME_NOREPLACE refuses atomically. File systems without it (NFS) fall back to a
-    check then rename, which is only racy against another writer of the same name.
-    """
-    if _renameat2 is not None:
-        rc = _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE)
-        if rc == 0:
-            return
-        err = ctypes.get_errno()
-        if err not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
-            raise OSError(err, os.strerror(err), str(src), None, str(dst))
-    if os.path.lexists(dst):
-        raise FileExistsError(errno.EEXIST, "target exists", str(dst))
-    os.rename(src, dst)
-
-
 def _lock(path: Path) -> int | None:
     """Open and flock path/.lock without blocking; None if someone else holds it."""
     try:
@@ -186,6 +163,23 @@ class Store:
         self._state_prefixes = tuple(f"{self.root / state}/" for state in STATES)
         # state -> (folder identity, sorted names): see job_names()
         self._names_cache: dict[str, tuple[tuple[int, int, int, int], list[str]]] = {}
+        self._root_fd = -1
+
+    @property
+    def root_fd(self) -> int:
+        """A descriptor of the root, opened once: job folders are opened beneath it."""
+        if self._root_fd < 0:
+            self._root_fd = fs.open_root(self.root)
+        return self._root_fd
+
+    def open_job(self, job: Job) -> int:
+        """A descriptor for the job's folder, opened without following any link.
+
+        Every file of a job is then reached through this descriptor (batchingest.fs), so
+        a link planted in the job, or a folder swapped for one, leads nowhere.
+        FileNotFoundError if the job has moved on meanwhile.
+        """
+        return fs.open_dir(self.root_fd, f"{job.state}/{job.name}")
 
     # -- layout -----------------------------------------------------------------
 
@@ -358,7 +352,7 @@ class Store:
         for target_name in self._final_target(name) if dst in FINAL_STATES else [name]:
             target = self.state_dir(dst) / target_name
             try:
-                rename_noreplace(source, target)
+                rename_noreplace(str(source), str(target))
             except FileExistsError:
                 continue
             except OSError as e:

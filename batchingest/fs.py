@@ -1,0 +1,487 @@
+"""The one access layer for files inside the jobs root and endpoint folders.
+
+Everything inside a job folder (or an endpoint folder) is user input: jobs arrive by
+`cp -r`, which keeps symbolic links, and by upload. So service code never opens such a
+file by a path string. It opens a *directory descriptor* once and works relative to
+it, and every open here
+
+- resolves beneath that directory and never follows a symbolic link: `openat2` with
+  RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS where the kernel has it (Linux 5.6+), else one
+  `openat(O_NOFOLLOW)` per path component, which refuses the same things;
+- opens with O_NONBLOCK and checks with `fstat` that it got a regular file (or a
+  folder) before reading, so a FIFO or a device can neither hang a thread nor be read;
+- reads at most a stated number of bytes (`read_file(limit=...)`), so a 96 MiB JOB or
+  a JOB linked to /dev/zero is a clear error instead of a stall.
+
+A path is checked once, while it is opened; what was opened is then used only through
+the descriptors, never by the path string again, so swapping a folder for a link
+between a check and a use (a rename exchange) changes nothing.
+
+The other low-level helpers the service needs (renameat2 RENAME_NOREPLACE, atomic
+replace, syncfs) live here too, so that this is the only module making raw system
+calls on user folders.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import platform
+import secrets
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+# openat2(2): the syscall number is 437 on every architecture that has it.
+_SYS_OPENAT2 = 437 if platform.system() == "Linux" else None
+_RESOLVE_NO_MAGICLINKS = 0x02
+_RESOLVE_NO_SYMLINKS = 0x04
+_RESOLVE_BENEATH = 0x08
+_RESOLVE = _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+_renameat2 = getattr(_libc, "renameat2", None)
+_syncfs = getattr(_libc, "syncfs", None)
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+
+# Flags every open of user content carries.
+_SAFE = os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+
+
+class UnsafePath(OSError):
+    """A path leads through a symbolic link, out of its folder, or is malformed."""
+
+
+class NotRegular(OSError):
+    """The name exists but is not a regular file (a folder, FIFO, device, socket, link)."""
+
+
+class TooLarge(OSError):
+    """The file is bigger than the limit this kind of file is read with."""
+
+
+def _errno_error(err: int, name: str) -> OSError:
+    if err == errno.ELOOP:
+        return UnsafePath(err, "a symbolic link is in the way (links are never followed)", name)
+    if err == errno.EXDEV:
+        return UnsafePath(err, "the path leads outside its folder", name)
+    return OSError(err, os.strerror(err), name)
+
+
+_openat2_works: bool | None = None if _SYS_OPENAT2 is not None else False
+
+
+def _openat2(dir_fd: int, rel: str, flags: int, mode: int) -> int | None:
+    """openat2 beneath dir_fd without links; None where the kernel lacks the call."""
+    global _openat2_works
+    if _openat2_works is False:
+        return None
+    how = _OpenHow(
+        flags, mode if flags & (os.O_CREAT | getattr(os, "O_TMPFILE", 0)) else 0, _RESOLVE
+    )
+    fd = _syscall(_SYS_OPENAT2, dir_fd, os.fsencode(rel), ctypes.byref(how), ctypes.sizeof(how))
+    if fd >= 0:
+        _openat2_works = True
+        return int(fd)
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EPERM) and _openat2_works is None:
+        # no openat2 here (old kernel, or a seccomp filter that says EPERM/ENOSYS)
+        _openat2_works = False
+        return None
+    raise _errno_error(err, rel)
+
+
+def split(rel: str) -> list[str]:
+    """The components of a relative path; UnsafePath for '', '/', '.', '..' or NUL."""
+    if not rel or rel.startswith("/") or "\x00" in rel:
+        raise UnsafePath(errno.EINVAL, "not a relative path", rel)
+    parts = rel.split("/")
+    for part in parts:
+        if part in ("", ".", ".."):
+            raise UnsafePath(errno.EINVAL, "empty, '.' or '..' path component", rel)
+    return parts
+
+
+def open_beneath(dir_fd: int, rel: str, flags: int = os.O_RDONLY, mode: int = 0o644) -> int:
+    """Open rel beneath dir_fd, following no symbolic link, never leaving dir_fd.
+
+    flags are those of os.open; O_CLOEXEC, O_NOFOLLOW and O_NONBLOCK are always added.
+    Raises UnsafePath for a link anywhere on the way or a path leaving the folder, and
+    the usual OSErrors (FileNotFoundError, NotADirectoryError, ...) otherwise.
+    """
+    parts = split(rel)
+    flags |= _SAFE
+    fd = _openat2(dir_fd, rel, flags, mode)
+    if fd is not None:
+        return fd
+    # component by component: every folder on the way opened O_NOFOLLOW | O_DIRECTORY
+    current = dir_fd
+    try:
+        for part in parts[:-1]:
+            try:
+                nxt = os.open(part, os.O_RDONLY | os.O_DIRECTORY | _SAFE, dir_fd=current)
+            except OSError as e:
+                if e.errno == errno.ENOTDIR and _is_link(current, part):
+                    raise _errno_error(errno.ELOOP, rel) from None
+                raise _errno_error(e.errno or 0, rel) from None
+            if current != dir_fd:
+                os.close(current)
+            current = nxt
+        try:
+            return os.open(parts[-1], flags, mode, dir_fd=current)
+        except OSError as e:
+            if e.errno == errno.ELOOP or (
+                e.errno == errno.ENOTDIR and flags & os.O_DIRECTORY and _is_link(current, parts[-1])
+            ):
+                raise _errno_error(errno.ELOOP, rel) from None
+            raise
+    finally:
+        if current != dir_fd:
+            os.close(current)
+
+
+def _is_link(dir_fd: int, name: str) -> bool:
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
+
+
+def open_dir(dir_fd: int, rel: str) -> int:
+    """A descriptor for the folder rel beneath dir_fd (links refused, see open_beneath)."""
+    try:
+        return open_beneath(dir_fd, rel, os.O_RDONLY | os.O_DIRECTORY)
+    except NotADirectoryError:
+        raise NotADirectoryError(errno.ENOTDIR, "not a folder", rel) from None
+
+
+def open_root(path: str | os.PathLike[str]) -> int:
+    """A descriptor for a trusted top folder (the jobs root, an endpoint folder)."""
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def open_regular(dir_fd: int, rel: str, flags: int = os.O_RDONLY, mode: int = 0o644) -> int:
+    """open_beneath, then NotRegular unless it is a regular file."""
+    fd = open_beneath(dir_fd, rel, flags, mode)
+    try:
+        st = os.fstat(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise NotRegular(errno.EINVAL, f"not a regular file ({kind(st.st_mode)})", rel)
+    return fd
+
+
+def kind(mode: int) -> str:
+    """A word for what an inode is, for error messages."""
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "folder"
+    if stat.S_ISLNK(mode):
+        return "symbolic link"
+    if stat.S_ISFIFO(mode):
+        return "named pipe"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    return "device"
+
+
+def read_fd(fd: int, limit: int, name: str = "") -> bytes:
+    """All of an open regular file, or TooLarge if it holds more than limit bytes."""
+    size = os.fstat(fd).st_size
+    if size > limit:
+        raise TooLarge(errno.EFBIG, f"larger than {limit} bytes", name)
+    chunks = []
+    total = 0
+    # read one byte past the limit: a file growing while it is read is caught too
+    while chunk := os.read(fd, min(max(size, 1 << 16), limit + 1 - total)):
+        chunks.append(chunk)
+        total += len(chunk)
+        if total > limit:
+            raise TooLarge(errno.EFBIG, f"larger than {limit} bytes", name)
+    return b"".join(chunks)
+
+
+def read_file(dir_fd: int, rel: str, limit: int) -> bytes | None:
+    """The content of the regular file rel beneath dir_fd; None if there is none.
+
+    UnsafePath (a link), NotRegular (FIFO, device, folder) and TooLarge are raised
+    rather than treated as missing: the caller says what is wrong with the job.
+    """
+    try:
+        fd = open_regular(dir_fd, rel)
+    except FileNotFoundError:
+        return None
+    try:
+        return read_fd(fd, limit, rel)
+    finally:
+        os.close(fd)
+
+
+def read_tail(dir_fd: int, rel: str, size: int) -> tuple[bytes, int] | None:
+    """The last `size` bytes of a regular file and its whole length; None if missing."""
+    try:
+        fd = open_regular(dir_fd, rel)
+    except FileNotFoundError:
+        return None
+    try:
+        total = os.fstat(fd).st_size
+        start = max(0, total - size)
+        return os.pread(fd, total - start, start), total
+    finally:
+        os.close(fd)
+
+
+def open_append(dir_fd: int, rel: str, mode: int = 0o644) -> int:
+    """A regular file beneath dir_fd opened for appending, created if missing."""
+    fd = open_regular(dir_fd, rel, os.O_WRONLY | os.O_APPEND | os.O_CREAT, mode)
+    # O_NONBLOCK is harmless on a regular file, but tasks inherit LOG as stdout: clear it
+    os.set_blocking(fd, True)
+    return fd
+
+
+def append(dir_fd: int, rel: str, data: bytes, *, durable: bool = False) -> None:
+    """Append data to a regular file beneath dir_fd (created if missing)."""
+    fd = open_append(dir_fd, rel)
+    try:
+        write_all(fd, data)
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def temp_name(name: str) -> str:
+    """A hidden temporary name beside name (hidden entries are never jobs or files)."""
+    return f".{name[:200]}.{secrets.token_hex(6)}.tmp"
+
+
+TEMP_SUFFIX = ".tmp"
+
+
+def write_atomic(
+    dir_fd: int, name: str, content: bytes, *, durable: bool = True, mode: int = 0o600
+) -> None:
+    """Replace dir_fd/name with content: a crash leaves the old or the new file, never a mix.
+
+    The temporary file is hidden and lives in the same folder, so no listing shows it and
+    the rename stays within one file system. Data is fsync-ed before the rename when
+    durable. A link or folder at `name` is replaced by the rename, never followed.
+    """
+    if "/" in name:
+        raise UnsafePath(errno.EINVAL, "a name, not a path", name)
+    tmp = temp_name(name)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _SAFE, mode, dir_fd=dir_fd)
+    try:
+        try:
+            os.fchmod(fd, mode)  # the umask must not decide who may read it
+            write_all(fd, content)
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        raise
+
+
+def rename_noreplace(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    src_dir_fd: int = _AT_FDCWD,
+    dst_dir_fd: int = _AT_FDCWD,
+) -> None:
+    """Rename src to dst, FileExistsError if dst exists (even an empty folder).
+
+    Plain rename(2) silently replaces an empty target folder; renameat2 with
+    RENAME_NOREPLACE refuses atomically. File systems without it (NFS) fall back to a
+    check then rename, which is only racy against another writer of the same name.
+    """
+    if _renameat2 is not None:
+        rc = _renameat2(
+            src_dir_fd, os.fsencode(src), dst_dir_fd, os.fsencode(dst), _RENAME_NOREPLACE
+        )
+        if rc == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+            raise OSError(err, os.strerror(err), str(src), None, str(dst))
+    sfd = None if src_dir_fd == _AT_FDCWD else src_dir_fd
+    dfd = None if dst_dir_fd == _AT_FDCWD else dst_dir_fd
+    try:
+        os.stat(dst, dir_fd=dfd, follow_symlinks=False)
+    except FileNotFoundError:
+        os.rename(src, dst, src_dir_fd=sfd, dst_dir_fd=dfd)
+        return
+    raise FileExistsError(errno.EEXIST, "target exists", str(dst))
+
+
+def syncfs(fd: int) -> bool:
+    """Flush the whole file system holding fd; False if this system has no syncfs."""
+    if _syncfs is None:
+        return False
+    if _syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        if err in (errno.ENOSYS, errno.EINVAL):
+            return False
+        raise OSError(err, os.strerror(err))
+    return True
+
+
+def lstat(dir_fd: int, rel: str) -> os.stat_result | None:
+    """lstat of rel beneath dir_fd (the last component not followed); None if missing."""
+    parts = split(rel)
+    if len(parts) == 1:
+        try:
+            return os.stat(rel, dir_fd=dir_fd, follow_symlinks=False)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+    try:
+        parent = open_dir(dir_fd, "/".join(parts[:-1]))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        return os.stat(parts[-1], dir_fd=parent, follow_symlinks=False)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    finally:
+        os.close(parent)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One name in a folder, without following it."""
+
+    name: str
+    mode: int
+    size: int
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+    @property
+    def is_file(self) -> bool:
+        return stat.S_ISREG(self.mode)
+
+
+def entries(dir_fd: int, *, hidden: bool = False) -> Iterator[Entry]:
+    """The entries of an open folder (names that are not valid text are skipped).
+
+    os.scandir on a descriptor works on a duplicate, so dir_fd stays usable.
+    """
+    with os.scandir(dir_fd) as it:
+        for e in it:
+            if not hidden and e.name.startswith("."):
+                continue
+            if not _is_text(e.name):
+                continue  # not valid UTF-8: no API can name it, so none lists it
+            try:
+                st = e.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            yield Entry(e.name, st.st_mode, st.st_size)
+
+
+def _is_text(name: str) -> bool:
+    try:
+        name.encode()
+    except UnicodeEncodeError:  # surrogate escapes of undecodable bytes
+        return False
+    return True
+
+
+def remove(dir_fd: int, rel: str, *, recursive: bool = False) -> bool:
+    """Remove the file, link or (empty unless recursive) folder rel beneath dir_fd.
+
+    Never follows a link: a link is removed itself, and the recursive removal walks by
+    descriptors (shutil.rmtree's fd-based walk). False if nothing was there; OSError
+    ENOTEMPTY for a non-empty folder without recursive.
+    """
+    parts = split(rel)
+    parent = dir_fd if len(parts) == 1 else open_dir(dir_fd, "/".join(parts[:-1]))
+    try:
+        name = parts[-1]
+        try:
+            st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        if not stat.S_ISDIR(st.st_mode):
+            os.unlink(name, dir_fd=parent)
+        elif recursive:
+            remove_tree(parent, name)
+        else:
+            os.rmdir(name, dir_fd=parent)
+        return True
+    finally:
+        if parent != dir_fd:
+            os.close(parent)
+
+
+def remove_tree(dir_fd: int, name: str) -> None:
+    """Remove the folder name inside dir_fd and all it holds, never following a link."""
+    import shutil
+
+    if not shutil.rmtree.avoids_symlink_attacks:  # pragma: no cover - Linux has it
+        raise OSError(errno.ENOTSUP, "no safe recursive removal on this system", name)
+    shutil.rmtree(name, dir_fd=dir_fd)
+
+
+def make_dirs(dir_fd: int, parts: list[str], made: list[str] | None = None) -> int:
+    """Open (creating where missing) the folders parts beneath dir_fd; return the last.
+
+    Folders created are appended to made as relative paths, so a failed operation can
+    remove them again. A link or file on the way is refused (UnsafePath, NotADirectory).
+    """
+    current = os.dup(dir_fd)
+    try:
+        for i, part in enumerate(parts):
+            try:
+                os.mkdir(part, 0o755, dir_fd=current)
+                if made is not None:
+                    made.append("/".join(parts[: i + 1]))
+            except FileExistsError:
+                pass
+            try:
+                nxt = os.open(part, os.O_RDONLY | os.O_DIRECTORY | _SAFE, dir_fd=current)
+            except OSError as e:
+                if e.errno == errno.ENOTDIR and _is_link(current, part):
+                    raise _errno_error(errno.ELOOP, "/".join(parts[: i + 1])) from None
+                if e.errno == errno.ENOTDIR:
+                    raise NotADirectoryError(
+                        errno.ENOTDIR, "a parent of this path is a file", "/".join(parts[: i + 1])
+                    ) from None
+                raise _errno_error(e.errno or 0, "/".join(parts[: i + 1])) from None
+            os.close(current)
+            current = nxt
+        return current
+    except BaseException:
+        os.close(current)
+        raise
+
+
+def same_inode(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
