@@ -1,4 +1,8 @@
-"""The `batchingest` command: `serve` runs the service, `status` shows a jobs root."""
+"""The `batchingest` command: `serve` runs the service, `status` shows a jobs root.
+
+Exit status: 0 when done, 2 for every usage or start-up error (a bad flag or variable, a
+missing or unusable root, a port already taken), each told in one line on stderr.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +15,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from batchingest import __version__
-from batchingest.config import add_serve_arguments, config_from_args, env_name
+from batchingest.config import Config, ConfigError, add_serve_arguments, config_from_args, env_name
 from batchingest.store import STATES, STATUS_OF_STATE, Store
+
+USAGE_ERROR = 2
+log = logging.getLogger("batchingest")
 
 
 def _setup_logging(level: str) -> None:
@@ -34,30 +41,48 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
+def _fail(prog: str, message: str) -> int:
+    """A usage or start-up error: one line, in argparse's form, and exit status 2."""
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return USAGE_ERROR
+
+
+def _check_folders(cfg: Config) -> str | None:
+    """Why the service cannot start on these folders, or None; warns of a missing tasks folder."""
+    # A mistyped --root must not quietly become a new, empty jobs root.
+    if not cfg.init and not cfg.root.is_dir():
+        return f"jobs root {cfg.root} is not usable: no such folder (--init creates it)"
+    if cfg.processor and not cfg.tasks_dir.is_dir():
+        log.warning("no tasks folder at %s: only built-in tasks can run", cfg.tasks_dir)
+    return None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from batchingest.service import StartError, serve
 
-    cfg = config_from_args(args)
+    try:
+        cfg = config_from_args(args)
+    except ConfigError as e:
+        return _fail(args.prog, str(e))
     _setup_logging(cfg.log_level)
+    problem = _check_folders(cfg)
+    if problem is not None:
+        return _fail(args.prog, problem)
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             runner.run(serve(cfg))
     except StartError as e:
-        logging.getLogger("batchingest").error("%s", e)
-        print(f"batchingest: {e}", file=sys.stderr)
-        return 2
+        return _fail(args.prog, str(e))
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    root = args.root or os.environ.get(env_name("root"))
-    if not root:
-        print("batchingest status: --root (or BATCHINGEST_ROOT) is required", file=sys.stderr)
-        return 2
-    store = Store(Path(root))
+    root = args.root or os.environ.get(env_name("root")) or None
+    if root is None:
+        return _fail(args.prog, "--root (or BATCHINGEST_ROOT) is required")
+    store = Store(Path(root).absolute())
     if not store.root.is_dir():
-        print(f"batchingest status: no jobs root at {store.root}", file=sys.stderr)
-        return 2
+        return _fail(args.prog, f"no jobs root at {store.root}")
     jobs = store.list()
     counts = {state: 0 for state in STATES}
     for job in jobs:
@@ -67,6 +92,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     for state in STATES:
         print(f"{STATUS_OF_STATE[state]:<12}{counts[state]:>8}")
     print(f"{'total':<12}{len(jobs):>8}")
+    # the jobs that may need a person: running (or left behind by a crash) and failed
     for state in ("processing", "error"):
         names = [j.name for j in jobs if j.state == state]
         if names:
@@ -76,21 +102,35 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="batchingest", description="A filesystem-backed batch ingest service."
     )
     parser.add_argument("--version", action="version", version=f"batchingest {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    p_serve = sub.add_parser("serve", help="run the processor and the HTTP API")
+    p_serve = sub.add_parser(
+        "serve",
+        help="run the processor and the HTTP API",
+        description="Run the processor and the HTTP API on a jobs root.",
+        epilog="Every flag can also be given as the BATCHINGEST_* variable shown in "
+        "brackets; a flag on the command line wins. Booleans take 1/true/yes or 0/false/no.",
+    )
     add_serve_arguments(p_serve)
-    p_serve.set_defaults(func=cmd_serve)
-    p_status = sub.add_parser("status", help="jobs per state in a jobs root")
+    p_serve.set_defaults(func=cmd_serve, prog=p_serve.prog)
+    p_status = sub.add_parser(
+        "status",
+        help="jobs per state in a jobs root",
+        description="Count the jobs per state; name those processing and in error.",
+    )
     p_status.add_argument(
         "--root", type=Path, default=None, help="the jobs root [BATCHINGEST_ROOT]"
     )
-    p_status.set_defaults(func=cmd_status)
-    args = parser.parse_args(argv)
+    p_status.set_defaults(func=cmd_status, prog=p_status.prog)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     return int(args.func(args))
 
 

@@ -1,56 +1,212 @@
 """Settings for `batchingest serve`, from flags and `BATCHINGEST_*` environment variables.
 
-Every flag `--some-flag` can also be given as `BATCHINGEST_SOME_FLAG`; a flag on the
-command line wins over the environment, which wins over the default. Keeping the whole
-set of settings in one dataclass lets the processor, the API, webhooks and staging
-share one picture of the service without passing flags around.
+Every setting is written once, as a field of `Config` whose metadata says how to parse it
+and what `--help` says about it; the flag (`--some-flag`), the variable
+(`BATCHINGEST_SOME_FLAG`), the parser and the help text with its default are all derived
+from that one line. A flag on the command line wins over the environment, which wins over
+the default. Keeping the whole set of settings in one dataclass lets the processor, the
+API, webhooks and staging share one picture of the service without passing flags around.
+
+To add a setting: add one field with `setting(default, help, parse=...)`; nothing else.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 ENV_PREFIX = "BATCHINGEST_"
 
-# Settings that must never reach a task's environment or a log line.
-SECRET_ENV = ("BATCHINGEST_TOKENS", "BATCHINGEST_WEBHOOK_SECRET")
+
+class ConfigError(Exception):
+    """A setting is missing or bad: the command stops with this message and exit status 2."""
+
+
+# -- parsers: each takes the text of a flag or variable and raises on a bad value --------
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off", "")
+
+
+def parse_bool(value: str) -> bool:
+    """The one reading of a boolean setting, for the service and the tasks it runs."""
+    v = value.strip().lower()
+    if v in _TRUE:
+        return True
+    if v in _FALSE:
+        return False
+    raise ValueError(f"not a boolean: {value!r} (use 1/true/yes or 0/false/no)")
+
+
+def env_bool(name: str, default: bool, environ: Mapping[str, str] | None = None) -> bool:
+    """A boolean variable as `parse_bool` reads it; unset or empty means `default`."""
+    raw = (os.environ if environ is None else environ).get(name, "")
+    return default if raw.strip() == "" else parse_bool(raw)
+
+
+def _positive_int(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {value}")
+    return n
+
+
+def _non_negative_int(value: str) -> int:
+    n = int(value)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {value}")
+    return n
+
+
+def _port(value: str) -> int:
+    n = int(value)
+    if not 1 <= n <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number from 1 to 65535: {value}")
+    return n
+
+
+def _seconds(value: str) -> float:
+    s = float(value)
+    if not s >= 0:  # written so that nan, which compares false to everything, is refused too
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, not negative: {value}")
+    return s
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _path(value: str) -> Path:
+    # Tasks run in the job folder, not where the service started: every path is absolute.
+    if not value.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return Path(value).absolute()
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _log_level(value: str) -> str:
+    v = value.strip().lower()
+    if v not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(LOG_LEVELS)}: {value!r}")
+    return v
+
+
+# -- the table -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Option:
+    """How one Config field is given on the command line and in the environment."""
+
+    help: str
+    parse: Callable[[str], Any]
+    flag: str  # without the leading "--"; "" means the field name with dashes
+    shown: str | None  # the default as --help writes it; None: the default itself
+    secret: bool  # kept out of repr() (and so out of logs) and out of task environments
+
+    @property
+    def switch(self) -> bool:
+        """A flag without a value; given, it turns the setting away from its default."""
+        return self.parse is parse_bool
+
+
+def setting(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    *,
+    parse: Callable[[str], Any] = str,
+    flag: str = "",
+    shown: str | None = None,
+    secret: bool = False,
+) -> Any:
+    """A Config field that is also a flag and a variable (see the module's docstring)."""
+    meta = {"option": Option(help, parse, flag, shown, secret)}
+    if isinstance(default, list):
+        items = list(default)
+        return field(default_factory=lambda: list(items), metadata=meta, repr=not secret)
+    return field(default=default, metadata=meta, repr=not secret)
 
 
 @dataclass
 class Config:
-    root: Path
-    tasks: Path | None = None
-    workers: int = 2
-    poll_interval: float = 2.0
-    force_polling: bool = False
-    task_timeout: float | None = None
-    grace: float = 30.0
+    root: Path = setting(help="the jobs root (required)", parse=_path)
+    init: bool = setting(False, "create the jobs root if it does not exist", parse=parse_bool)
+    tasks: Path | None = setting(
+        None, "folder of task executables", parse=_path, shown="ROOT/tasks"
+    )
+    workers: int = setting(2, "jobs processed at the same time", parse=_positive_int)
+    poll_interval: float = setting(2.0, "seconds between rescans of queue/", parse=_seconds)
+    force_polling: bool = setting(
+        False, "do not rely on inotify (NFS and other shared file systems)", parse=parse_bool
+    )
+    task_timeout: float | None = setting(
+        None, "seconds a task may run before it is stopped", parse=_seconds, shown="none"
+    )
+    grace: float = setting(
+        30.0, "seconds running tasks get to finish on SIGTERM/SIGINT", parse=_seconds
+    )
     # HTTP API
-    api: bool = True
-    processor: bool = True
-    host: str = "127.0.0.1"
-    port: int = 15000
-    tokens: list[str] = field(default_factory=list, repr=False)
-    token_file: Path | None = None
-    max_upload: int = 0
+    api: bool = setting(True, "run only the processor", parse=parse_bool, flag="no-api")
+    processor: bool = setting(True, "run only the HTTP API", parse=parse_bool, flag="no-processor")
+    host: str = setting("127.0.0.1", "address the HTTP API listens on")
+    port: int = setting(15000, "port the HTTP API listens on", parse=_port)
+    tokens: list[str] = setting(
+        [],
+        "comma-separated API tokens (prefer the environment variable: flags show in ps)",
+        parse=_csv,
+        shown="none; one is kept in ROOT/.api-token",
+        secret=True,
+    )
+    token_file: Path | None = setting(
+        None, "file of API tokens, one per line, # comments", parse=_path, shown="none"
+    )
+    max_upload: int = setting(
+        0, "largest accepted upload in bytes", parse=_non_negative_int, shown="0, no limit"
+    )
     # webhooks
-    webhook_timeout: float = 10.0
-    webhook_retries: int = 5
-    webhook_secret: str | None = field(default=None, repr=False)
-    webhook_allow: list[str] = field(default_factory=list)
-    webhook_backoff: float | None = None
+    webhook_timeout: float = setting(
+        10.0, "connect and total timeout of one webhook POST, seconds", parse=_seconds
+    )
+    webhook_retries: int = setting(
+        5, "retries of a failed webhook delivery", parse=_non_negative_int
+    )
+    webhook_secret: str | None = setting(
+        None, "HMAC secret to sign webhook POSTs with", shown="none: unsigned", secret=True
+    )
+    webhook_allow: list[str] = setting(
+        [],
+        "comma-separated host names / CIDR ranges webhooks may reach",
+        parse=_csv,
+        shown="none: public addresses only",
+    )
+    webhook_backoff: float = setting(
+        10.0, "seconds before the first webhook retry, doubling", parse=_seconds
+    )
     # staging
-    archive: Path | None = None
-    staging: Path | None = None
-    catalog: Path | None = None
-    stage_parallel: int = 4
-    stage_verify: bool = False
-    staging_max_ids: int = 10_000
-    log_level: str = "info"
+    archive: Path | None = setting(
+        None, "archive folder staged files are copied from", parse=_path, shown="none"
+    )
+    staging: Path | None = setting(
+        None, "staging area files are copied into", parse=_path, shown="none"
+    )
+    catalog: Path | None = setting(
+        None, "tab-separated file of id<TAB>relative/path", parse=_path, shown="none"
+    )
+    stage_parallel: int = setting(
+        4, "files copied at the same time by the stage task", parse=_positive_int
+    )
+    stage_verify: bool = setting(
+        False, "compare SHA-256 of source and copy when staging", parse=parse_bool
+    )
+    staging_max_ids: int = setting(10_000, "most ids in one staging request", parse=_positive_int)
+    log_level: str = setting("info", "the service log: " + ", ".join(LOG_LEVELS), parse=_log_level)
 
     @property
     def tasks_dir(self) -> Path:
@@ -72,124 +228,105 @@ class Config:
         return env
 
 
-def _bool(value: str) -> bool:
-    v = value.strip().lower()
-    if v in ("1", "true", "yes", "on"):
-        return True
-    if v in ("0", "false", "no", "off", ""):
-        return False
-    raise argparse.ArgumentTypeError(f"not a boolean: {value!r}")
+# -- deriving flags and variables from the table ----------------------------------------
 
 
-def _positive_int(value: str) -> int:
-    n = int(value)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {value}")
-    return n
+def options() -> Iterator[tuple[dataclasses.Field[Any], Option]]:
+    """Every setting, in the order of the dataclass (which is the order of --help)."""
+    for f in dataclasses.fields(Config):
+        opt = f.metadata.get("option")
+        if isinstance(opt, Option):
+            yield f, opt
 
 
-def _non_negative_int(value: str) -> int:
-    n = int(value)
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative: {value}")
-    return n
-
-
-def _seconds(value: str) -> float:
-    s = float(value)
-    if not s >= 0:  # written so that nan, which compares false to everything, is refused too
-        raise argparse.ArgumentTypeError(f"must be a number of seconds, not negative: {value}")
-    return s
-
-
-def _csv(value: str) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()]
-
-
-# (flag, type, default, help). Booleans are switches on the command line and
-# "1"/"true"/"0"/"false" in the environment.
-_OPTIONS: list[tuple[str, object, object, str]] = [
-    ("root", Path, None, "the jobs root (required)"),
-    ("tasks", Path, None, "folder of task executables (default ROOT/tasks)"),
-    ("workers", _positive_int, 2, "jobs processed at the same time"),
-    ("poll-interval", _seconds, 2.0, "seconds between rescans of queue/"),
-    ("force-polling", bool, False, "do not rely on inotify (NFS and other shared file systems)"),
-    ("task-timeout", _seconds, None, "seconds a task may run before it is killed (default none)"),
-    ("grace", _seconds, 30.0, "seconds running tasks get to finish on SIGTERM/SIGINT"),
-    ("no-api", bool, False, "run only the processor"),
-    ("no-processor", bool, False, "run only the HTTP API"),
-    ("host", str, "127.0.0.1", "address the HTTP API listens on"),
-    ("port", int, 15000, "port the HTTP API listens on"),
-    ("tokens", _csv, [], "comma-separated API tokens (prefer the environment variable)"),
-    ("token-file", Path, None, "file of API tokens, one per line, # comments"),
-    ("max-upload", _non_negative_int, 0, "largest accepted upload in bytes (0 = no limit)"),
-    ("webhook-timeout", _seconds, 10.0, "connect and total timeout of one webhook POST"),
-    ("webhook-retries", _non_negative_int, 5, "retries of a failed webhook delivery"),
-    ("webhook-secret", str, None, "HMAC secret to sign webhook POSTs with"),
-    ("webhook-allow", _csv, [], "comma-separated host names / CIDR ranges webhooks may reach"),
-    ("webhook-backoff", _seconds, None, "seconds before the first webhook retry, doubling (10)"),
-    ("archive", Path, None, "archive folder staged files are copied from"),
-    ("staging", Path, None, "staging area files are copied into"),
-    ("catalog", Path, None, "tab-separated file of id<TAB>relative/path"),
-    ("stage-parallel", _positive_int, 4, "files copied at the same time by the stage task"),
-    ("stage-verify", bool, False, "compare SHA-256 of source and copy when staging"),
-    ("staging-max-ids", _positive_int, 10_000, "most ids in one staging request"),
-    ("log-level", str, "info", "debug, info, warning or error"),
-]
+def flag_of(f: dataclasses.Field[Any], opt: Option) -> str:
+    return opt.flag or f.name.replace("_", "-")
 
 
 def env_name(flag: str) -> str:
     return ENV_PREFIX + flag.replace("-", "_").upper()
 
 
+# Settings that must never reach a task's environment or a log line.
+SECRET_ENV = tuple(env_name(flag_of(f, opt)) for f, opt in options() if opt.secret)
+
+
+def _help(f: dataclasses.Field[Any], opt: Option) -> str:
+    env = env_name(flag_of(f, opt))
+    required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    if opt.switch or required:
+        text = f"{opt.help} [{env}]"
+    else:
+        shown = opt.shown if opt.shown is not None else str(f.default)
+        text = f"{opt.help} (default: {shown}) [{env}]"
+    return text.replace("%", "%%")  # argparse formats help text with %
+
+
+_METAVARS: dict[Callable[[str], Any], str] = {
+    _path: "PATH",
+    _positive_int: "N",
+    _non_negative_int: "N",
+    _seconds: "SECONDS",
+    _port: "PORT",
+    _csv: "LIST",
+    _log_level: "LEVEL",
+}
+
+
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    for flag, kind, _default, help_text in _OPTIONS:
-        env = env_name(flag)
-        if kind is bool:
+    for f, opt in options():
+        flag = "--" + flag_of(f, opt)
+        if opt.switch:
             parser.add_argument(
-                f"--{flag}", action="store_true", default=None, help=f"{help_text} [{env}]"
+                flag, dest=f.name, action="store_true", default=None, help=_help(f, opt)
             )
         else:
-            parser.add_argument(f"--{flag}", type=kind, default=None, help=f"{help_text} [{env}]")  # type: ignore[arg-type]
+            metavar = _METAVARS.get(opt.parse, "TEXT")
+            parser.add_argument(
+                flag, dest=f.name, type=opt.parse, default=None, metavar=metavar, help=_help(f, opt)
+            )
+
+
+def _from_env(f: dataclasses.Field[Any], opt: Option, environ: Mapping[str, str]) -> Any:
+    """The variable's value, parsed; None when unset or empty."""
+    name = env_name(flag_of(f, opt))
+    raw = environ.get(name, "")
+    # an empty variable counts as unset: BATCHINGEST_ROOT= must not mean "the current folder"
+    if raw.strip() == "":
+        return None
+    try:
+        return opt.parse(raw)
+    except (ValueError, argparse.ArgumentTypeError) as e:
+        raise ConfigError(f"bad {name}: {e}") from None
 
 
 def config_from_args(
     args: argparse.Namespace,
     environ: Mapping[str, str] | None = None,
 ) -> Config:
-    """Merge parsed flags with the environment; flags win."""
+    """Merge parsed flags with the environment (flags win); raise ConfigError if bad."""
     environ = os.environ if environ is None else environ
-    values: dict[str, object] = {}
-    for flag, kind, default, _help in _OPTIONS:
-        attr = flag.replace("-", "_")
-        value = getattr(args, attr, None)
-        # an empty variable counts as unset: BATCHINGEST_ROOT= must not mean "the current folder"
-        if value is None and environ.get(env_name(flag), "") != "":
-            raw = environ[env_name(flag)]
-            try:
-                value = _bool(raw) if kind is bool else kind(raw)  # type: ignore[operator]
-            except (ValueError, argparse.ArgumentTypeError) as e:
-                raise SystemExit(f"batchingest: bad {env_name(flag)}: {e}") from None
-        values[attr] = default if value is None else value
-    if values["root"] is None:
-        raise SystemExit("batchingest: --root (or BATCHINGEST_ROOT) is required")
-    no_api = bool(values.pop("no_api"))
-    no_processor = bool(values.pop("no_processor"))
-    if no_api and no_processor:
-        raise SystemExit("batchingest: --no-api and --no-processor together leave nothing to run")
-    cfg = Config(**values)  # type: ignore[arg-type]
-    cfg.api = not no_api
-    cfg.processor = not no_processor
-    # Tasks run in the job folder, not where the service started: every path is absolute.
-    cfg.root = Path(cfg.root).absolute()
-    for attr in ("tasks", "token_file", "archive", "staging", "catalog"):
-        value = getattr(cfg, attr)
-        if value is not None:
-            setattr(cfg, attr, Path(value).absolute())
+    values: dict[str, Any] = {}
+    for f, opt in options():
+        value = getattr(args, f.name, None)
+        if value is None:
+            value = _from_env(f, opt, environ)
+        if opt.switch:
+            # a switch given (flag or true variable) turns the setting away from its default
+            if value:
+                values[f.name] = not f.default
+        elif value is not None:
+            values[f.name] = value
+    if "root" not in values:
+        raise ConfigError("--root (or BATCHINGEST_ROOT) is required")
+    cfg = Config(**values)
+    if not cfg.api and not cfg.processor:
+        raise ConfigError("--no-api and --no-processor together leave nothing to run")
     return cfg
 
 
 def parse_serve_args(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Config:
+    """The settings of `batchingest serve ARGV` (for tests and embedding)."""
     parser = argparse.ArgumentParser(prog="batchingest serve")
     add_serve_arguments(parser)
     return config_from_args(parser.parse_args(list(argv)), environ)

@@ -53,7 +53,7 @@ class Service:
         return httpx.Client(base_url=self.url, headers=headers, timeout=30, **kw)  # type: ignore[arg-type]
 
     def start(self, wait: bool = True) -> Service:
-        cmd = [sys.executable, "-m", "batchingest.cli", "serve", "--root", str(self.root),
+        cmd = [sys.executable, "-m", "batchingest.cli", "serve", "--root", str(self.root), "--init",
                "--poll-interval", "0.5", *self.args]  # fmt: skip
         if self.api:
             cmd += ["--host", "127.0.0.1", "--port", str(self.port)]

@@ -8,7 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from batchingest.config import SECRET_ENV, Config, env_name, parse_serve_args
+from batchingest.config import (
+    SECRET_ENV,
+    Config,
+    ConfigError,
+    env_bool,
+    env_name,
+    flag_of,
+    options,
+    parse_bool,
+    parse_serve_args,
+)
 
 
 def parse(*argv: str, **env: str) -> Config:
@@ -33,9 +43,8 @@ def test_env_names() -> None:
 
 
 def test_root_is_required() -> None:
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(ConfigError, match=r"--root \(or BATCHINGEST_ROOT\) is required"):
         parse()
-    assert "--root (or BATCHINGEST_ROOT) is required" in str(e.value.code)
 
 
 def test_root_from_env_is_made_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -93,9 +102,8 @@ def test_boolean_flags() -> None:
 
 
 def test_no_api_and_no_processor_together_is_refused() -> None:
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(ConfigError, match="leave nothing to run"):
         parse("--root", "/r", "--no-api", BATCHINGEST_NO_PROCESSOR="1")
-    assert "leave nothing to run" in str(e.value.code)
 
 
 @pytest.mark.parametrize(
@@ -111,13 +119,19 @@ def test_no_api_and_no_processor_together_is_refused() -> None:
         ("BATCHINGEST_MAX_UPLOAD", "-5", "must not be negative"),
         ("BATCHINGEST_WEBHOOK_RETRIES", "-1", "must not be negative"),
         ("BATCHINGEST_STAGE_PARALLEL", "0", "must be at least 1"),
+        ("BATCHINGEST_STAGE_VERIFY", "maybe", "not a boolean: 'maybe'"),
+        ("BATCHINGEST_NO_API", "2", "not a boolean: '2'"),
+        ("BATCHINGEST_PORT", "0", "from 1 to 65535"),
+        ("BATCHINGEST_PORT", "65536", "from 1 to 65535"),
+        ("BATCHINGEST_LOG_LEVEL", "verbose", "must be one of debug, info, warning, error"),
+        ("BATCHINGEST_WEBHOOK_BACKOFF", "soon", "could not convert"),
     ],
 )
 def test_bad_env_values_exit_with_a_clear_message(var: str, value: str, reason: str) -> None:
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(ConfigError) as e:
         parse(BATCHINGEST_ROOT="/r", **{var: value})
-    message = str(e.value.code)
-    assert message.startswith(f"batchingest: bad {var}: ")
+    message = str(e.value)
+    assert message.startswith(f"bad {var}: ")
     assert reason in message
 
 
@@ -140,7 +154,7 @@ def test_bad_flag_values_exit(flag: str, value: str, capsys: pytest.CaptureFixtu
 
 def test_empty_env_values_count_as_unset(tmp_path: Path) -> None:
     """`BATCHINGEST_ROOT= batchingest serve` must not quietly serve the current folder."""
-    with pytest.raises(SystemExit, match="is required"):
+    with pytest.raises(ConfigError, match="is required"):
         parse(BATCHINGEST_ROOT="")
     cfg = parse(
         "--root",
@@ -195,7 +209,7 @@ def test_command_line_errors(tmp_path: Path) -> None:
     env = {"PATH": "/usr/bin:/bin"}
     run = [sys.executable, "-m", "batchingest.cli", "serve"]
     p = subprocess.run(run, env=env, capture_output=True, text=True, timeout=30)
-    assert p.returncode != 0
+    assert p.returncode == 2
     assert "--root (or BATCHINGEST_ROOT) is required" in p.stderr
     assert "Traceback" not in p.stderr
     p = subprocess.run(
@@ -205,7 +219,7 @@ def test_command_line_errors(tmp_path: Path) -> None:
         text=True,
         timeout=30,
     )
-    assert p.returncode != 0
+    assert p.returncode == 2
     assert "bad BATCHINGEST_WORKERS: must be at least 1: -2" in p.stderr
     assert "Traceback" not in p.stderr
     assert not (tmp_path / "queue").exists()  # nothing was started
@@ -222,3 +236,67 @@ def test_paths_become_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     for value in (cfg.root, cfg.archive, cfg.staging, cfg.catalog, cfg.token_file, cfg.tasks):
         assert value is not None and value.is_absolute() and value.parent == tmp_path
     assert cfg.task_env()["BATCHINGEST_ARCHIVE"] == str(tmp_path / "a")
+
+
+def test_no_in_a_variable_means_off_for_every_switch() -> None:
+    """One boolean reader: "no" used to leave some switches on, depending on who read it."""
+    switches = [f.name for f, opt in options() if opt.switch]
+    assert {"force_polling", "stage_verify", "api", "processor", "init"} <= set(switches)
+    default = parse(BATCHINGEST_ROOT="/r")
+    env = {env_name(flag_of(f, opt)) for f, opt in options() if opt.switch}
+    assert {"BATCHINGEST_NO_API", "BATCHINGEST_STAGE_VERIFY"} <= env
+    cfg = parse(BATCHINGEST_ROOT="/r", **dict.fromkeys(env, "no"))
+    assert cfg == default
+    assert cfg.api and cfg.processor and not cfg.stage_verify
+    assert cfg.task_env()["BATCHINGEST_STAGE_VERIFY"] == "0"
+
+
+@pytest.mark.parametrize(("value", "expected"), [("yes", True), ("No", False), (" ", None)])
+def test_env_bool(value: str, expected: bool | None) -> None:
+    name = "BATCHINGEST_SOMETHING"
+    for default in (True, False):
+        want = default if expected is None else expected
+        assert env_bool(name, default, {name: value}) is want
+    assert env_bool(name, True, {}) is True
+    with pytest.raises(ValueError, match="not a boolean"):
+        parse_bool("y")
+
+
+def test_every_setting_is_a_field_with_a_flag_and_a_variable() -> None:
+    """One table: each Config field that is a setting has a flag, a variable and help."""
+    seen = {}
+    for f, opt in options():
+        flag = flag_of(f, opt)
+        seen[flag] = env_name(flag)
+        assert opt.help
+    # the names operators already use, unchanged
+    for flag in ("root", "tasks", "workers", "poll-interval", "force-polling", "task-timeout",
+                 "grace", "no-api", "no-processor", "host", "port", "tokens", "token-file",
+                 "max-upload", "webhook-timeout", "webhook-retries", "webhook-secret",
+                 "webhook-allow", "webhook-backoff", "archive", "staging", "catalog",
+                 "stage-parallel", "stage-verify", "staging-max-ids", "log-level"):  # fmt: skip
+        assert flag in seen, flag
+    assert SECRET_ENV == ("BATCHINGEST_TOKENS", "BATCHINGEST_WEBHOOK_SECRET")
+
+
+def test_webhook_backoff_comes_through_config() -> None:
+    assert parse(BATCHINGEST_ROOT="/r").webhook_backoff == 10.0
+    assert parse(BATCHINGEST_ROOT="/r", BATCHINGEST_WEBHOOK_BACKOFF="0.05").webhook_backoff == 0.05
+    assert parse("--root", "/r", "--webhook-backoff", "3").webhook_backoff == 3.0
+    assert Config(root=Path("/r")).webhook_backoff == 10.0
+
+
+def test_init_and_log_level(tmp_path: Path) -> None:
+    cfg = parse("--root", str(tmp_path))
+    assert cfg.init is False and cfg.log_level == "info"
+    cfg = parse(BATCHINGEST_ROOT=str(tmp_path), BATCHINGEST_INIT="1", BATCHINGEST_LOG_LEVEL="DEBUG")
+    assert cfg.init is True and cfg.log_level == "debug"
+    assert parse("--root", str(tmp_path), "--init").init is True
+
+
+def test_empty_root_flag_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    """`--root "$UNSET"` must not mean the current folder either."""
+    with pytest.raises(SystemExit) as e:
+        parse("--root", "")
+    assert e.value.code == 2
+    assert "argument --root: must not be empty" in capsys.readouterr().err
