@@ -1,0 +1,145 @@
+"""The real `batchingest` command: help, exit statuses, and what it refuses at start."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from batchingest.config import env_name, flag_of, options
+
+USAGE_ERROR = 2
+
+
+def command() -> list[str]:
+    """The installed console script if there is one, else the module."""
+    script = Path(sys.executable).parent / "batchingest"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "batchingest.cli"]
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("BATCHINGEST_")}
+    return subprocess.run(
+        [*command(), *args],
+        env={**base, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def one_error_line(p: subprocess.CompletedProcess[str], prog: str, text: str) -> None:
+    assert p.returncode == USAGE_ERROR, p.stderr
+    assert "Traceback" not in p.stderr
+    lines = [line for line in p.stderr.splitlines() if text in line]
+    assert len(lines) == 1, p.stderr  # said once, not once per logger
+    # argparse names the top-level command for arguments no subcommand knows
+    assert lines[0].startswith((f"{prog}: error: ", "batchingest: error: unrecognized"))
+
+
+def test_serve_help_shows_every_flag_variable_and_default() -> None:
+    p = run("serve", "--help")
+    assert p.returncode == 0
+    lines: dict[str, str] = {}  # flag -> its help, wrapped lines joined
+    flag = ""
+    for line in p.stdout.splitlines():
+        if line.startswith("  --"):
+            flag = line.split()[0]
+            lines[flag] = line
+        elif line.startswith("    ") and flag:
+            lines[flag] += " " + line.strip()
+        else:
+            flag = ""
+    for f, opt in options():
+        flag = "--" + flag_of(f, opt)
+        assert flag in lines, flag
+        assert f"[{env_name(flag_of(f, opt))}]" in lines[flag]
+        has_default = f.default is not dataclasses.MISSING or f.default_factory is not (
+            dataclasses.MISSING
+        )
+        if has_default and not opt.switch:
+            assert "(default: " in lines[flag], lines[flag]
+    assert "(default: 2)" in lines["--workers"] and "(default: ROOT/tasks)" in lines["--tasks"]
+    assert "(default: 10.0)" in lines["--webhook-backoff"]
+
+
+@pytest.mark.parametrize("sub", ["serve", "status"])
+def test_no_root_is_a_usage_error_for_every_command(sub: str) -> None:
+    one_error_line(run(sub), f"batchingest {sub}", "--root (or BATCHINGEST_ROOT) is required")
+
+
+def test_missing_root_is_refused_without_init(tmp_path: Path) -> None:
+    root = tmp_path / "typo"
+    p = run("serve", "--root", str(root), "--no-api")
+    one_error_line(p, "batchingest serve", f"jobs root {root} is not usable: no such folder")
+    assert "--init creates it" in p.stderr
+    assert not root.exists()  # nothing was made where the operator mistyped
+    p = run("status", "--root", str(root))
+    one_error_line(p, "batchingest status", f"no jobs root at {root}")
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["--workers", "0"], {}, "argument --workers: must be at least 1: 0"),
+        ([], {"BATCHINGEST_WORKERS": "zero"}, "bad BATCHINGEST_WORKERS"),
+        (["--no-api", "--no-processor"], {}, "leave nothing to run"),
+        (["--port", "99999"], {}, "argument --port: must be a port number"),
+        (["--log-level", "loud"], {}, "argument --log-level: must be one of"),
+        (["--bogus"], {}, "unrecognized arguments: --bogus"),
+    ],
+)
+def test_usage_errors_exit_2(
+    tmp_path: Path, args: list[str], env: dict[str, str], message: str
+) -> None:
+    one_error_line(
+        run("serve", "--root", str(tmp_path), *args, env=env), "batchingest serve", message
+    )
+    assert not (tmp_path / "queue").exists()  # refused before anything was started
+
+
+def test_port_in_use_is_said_once(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        p = run("serve", "--root", str(tmp_path), "--port", str(port),
+                env={"BATCHINGEST_TOKENS": "t"})  # fmt: skip
+    one_error_line(p, "batchingest serve", f"cannot listen on 127.0.0.1:{port}")
+
+
+def start_until(args: list[str], env: dict[str, str], log: Path, text: str) -> str:
+    """Start `batchingest serve ARGS`, wait for TEXT in its log, stop it; return the log."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("BATCHINGEST_")}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([*command(), "serve", *args], env={**base, **env},
+                                stdout=out, stderr=out)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while text not in log.read_text() and proc.poll() is None:
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, log.read_text()
+    return log.read_text()
+
+
+def test_init_creates_the_root_and_a_missing_tasks_folder_is_a_warning(tmp_path: Path) -> None:
+    root = tmp_path / "new" / "root"
+    out = start_until(["--no-api", "--init"], {"BATCHINGEST_ROOT": str(root)},
+                      tmp_path / "log", "serving jobs root")  # fmt: skip
+    assert (root / "queue").is_dir() and (root / "error").is_dir()
+    warnings = [line for line in out.splitlines() if "WARNING" in line]
+    assert len(warnings) == 1 and f"no tasks folder at {root / 'tasks'}" in warnings[0]
+    # with the tasks folder there, a second start has nothing to warn about
+    (root / "tasks").mkdir()
+    out = start_until(["--no-api", "--root", str(root)], {}, tmp_path / "log2", "serving jobs root")
+    assert "WARNING" not in out
