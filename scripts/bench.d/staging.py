@@ -74,7 +74,7 @@ class Bench:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "batchingest.cli", "serve", "--root", str(self.root),
              "--archive", str(self.archive), "--staging", str(self.staging),
-             "--port", str(self.port), "--log-level", "warning"],
+             "--port", str(self.port), "--log-level", "warning", "--init"],
             env=env, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         self.client = httpx.Client(
