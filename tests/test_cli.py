@@ -143,3 +143,33 @@ def test_init_creates_the_root_and_a_missing_tasks_folder_is_a_warning(tmp_path:
     (root / "tasks").mkdir()
     out = start_until(["--no-api", "--root", str(root)], {}, tmp_path / "log2", "serving jobs root")
     assert "WARNING" not in out
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_one_install_serves_both_scripts(tmp_path: Path) -> None:
+    """scripts/serve after scripts/test must not install again (it took ~17 s)."""
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "scripts" / "_venv.sh").write_text((REPO / "scripts" / "_venv.sh").read_text())
+    (tmp_path / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+    python = tmp_path / ".venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    # a stand-in for the virtual environment's python that only notes what pip was asked
+    python.write_text(f'#!/bin/sh\necho "$*" >> {tmp_path}/pip-calls\n')
+    python.chmod(0o755)
+
+    def ensure(*extras: str) -> list[str]:
+        calls = tmp_path / "pip-calls"
+        calls.unlink(missing_ok=True)
+        script = "; ".join(f". scripts/_venv.sh; ensure_venv {e}" for e in extras)
+        p = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+        lines = calls.read_text().splitlines() if calls.exists() else []
+        return [line.split()[-1] for line in lines if " -e " in line]
+
+    assert ensure("test") == [".[test]"]
+    assert ensure("", "test", "") == []  # serve, test, serve: nothing to install
+    (tmp_path / "pyproject.toml").write_text("[project]\nname = 'y'\n")
+    assert ensure("") == ["."]  # pyproject.toml changed
+    assert ensure("test", "") == [".[test]"]  # the test tools are added once
