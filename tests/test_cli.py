@@ -173,3 +173,29 @@ def test_one_install_serves_both_scripts(tmp_path: Path) -> None:
     (tmp_path / "pyproject.toml").write_text("[project]\nname = 'y'\n")
     assert ensure("") == ["."]  # pyproject.toml changed
     assert ensure("test", "") == [".[test]"]  # the test tools are added once
+
+
+def test_dependencies_are_what_the_code_imports() -> None:
+    """Declared and never imported (aiofiles), or imported and not declared (anyio): neither."""
+    import ast
+    import importlib.metadata
+    import re
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    declared = {re.split(r"[<>=!~;\[ ]", d)[0].lower() for d in project["dependencies"]}
+    dists = importlib.metadata.packages_distributions()
+    imported: set[str] = set()
+    for source in (REPO / "batchingest").rglob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for top in {name.split(".")[0] for name in names}:
+                if top not in sys.stdlib_module_names and top != "batchingest":
+                    imported |= {d.lower() for d in dists.get(top, [top])}
+    # never imported by name: uvicorn picks its HTTP parser up when it is installed
+    assert imported == declared - {"httptools"}
