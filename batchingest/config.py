@@ -46,7 +46,10 @@ def parse_bool(value: str) -> bool:
 def env_bool(name: str, default: bool, environ: Mapping[str, str] | None = None) -> bool:
     """A boolean variable as `parse_bool` reads it; unset or empty means `default`."""
     raw = (os.environ if environ is None else environ).get(name, "")
-    return default if raw.strip() == "" else parse_bool(raw)
+    try:
+        return default if raw.strip() == "" else parse_bool(raw)
+    except ValueError as e:
+        raise ValueError(f"bad {name}: {e}") from None
 
 
 def _positive_int(value: str) -> int:

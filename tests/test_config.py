@@ -300,3 +300,35 @@ def test_empty_root_flag_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
         parse("--root", "")
     assert e.value.code == 2
     assert "argument --root: must not be empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("value", "status", "said"),
+    [
+        ("no", 0, "stage: 1 files, 5 bytes"),
+        ("off", 0, "stage: 1 files, 5 bytes"),
+        ("yes", 0, "verifying SHA-256"),
+        ("maybe", 2, "ERROR stage: bad BATCHINGEST_STAGE_VERIFY: not a boolean: 'maybe'"),
+    ],
+)
+def test_stage_task_reads_booleans_as_the_service_does(
+    tmp_path: Path, value: str, status: int, said: str
+) -> None:
+    """A hand-written `stage` wrapper passing "no" used to get SHA-256 verification."""
+    import os
+
+    from batchingest.staging import MANIFEST, Resolver, manifest_bytes
+
+    archive, staging, job = tmp_path / "archive", tmp_path / "staging", tmp_path / "job"
+    for d in (archive, staging, job):
+        d.mkdir()
+    (archive / "a.txt").write_bytes(b"hello")
+    entries, _, _ = Resolver(archive).resolve(["a.txt"])
+    (job / MANIFEST).write_bytes(manifest_bytes(entries, archive, staging, "job"))
+    env = {**os.environ, "JOBPATH": str(job), "JOBNAME": "job", "BATCHINGEST_ARCHIVE": str(archive),
+           "BATCHINGEST_STAGING": str(staging), "BATCHINGEST_STAGE_VERIFY": value}  # fmt: skip
+    p = subprocess.run([sys.executable, "-m", "batchingest.tasks.stage"], cwd=job, env=env,
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert p.returncode == status, p.stdout + p.stderr
+    assert said in p.stdout and "Traceback" not in p.stderr
+    assert ("verifying SHA-256" in p.stdout) is (value == "yes")

@@ -39,6 +39,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from batchingest.config import env_bool
 from batchingest.staging import (
     TEMP_PREFIX,
     TEMP_SUFFIX,
@@ -335,7 +336,7 @@ class Stager:
         self.made: dict[str, Folder] = {}
         self.have_syncfs = True
         # BATCHINGEST_STAGE_UNNAMED=0 forces hidden named temporary files
-        unnamed = os.environ.get("BATCHINGEST_STAGE_UNNAMED", "1") not in ("0", "false", "no")
+        unnamed = _env_flag("BATCHINGEST_STAGE_UNNAMED", True)
         self.linker = probe_unnamed(self.targets.root) if unnamed else None
         self.staging_dev = os.stat(self.targets.root).st_dev
         self.pieces: ThreadPoolExecutor | None = None  # threads copying pieces of large files
@@ -605,12 +606,21 @@ def _env_path(name: str) -> Path:
     return path
 
 
+def _env_flag(name: str, default: bool) -> bool:
+    """A boolean read as the service reads it (config.env_bool), so "no" means off."""
+    try:
+        return env_bool(name, default)
+    except ValueError as e:
+        raise StagingError(str(e)) from None
+
+
 def run(job_dir: Path) -> int:
     """Stage the job's manifest; return the exit status."""
     job = os.environ.get("JOBNAME") or job_dir.name
     try:
         archive = _env_path("BATCHINGEST_ARCHIVE")
         staging = _env_path("BATCHINGEST_STAGING")
+        verify = _env_flag("BATCHINGEST_STAGE_VERIFY", False)
         entries = load_manifest(job_dir)
     except StagingError as e:
         print(f"ERROR stage: {e}", flush=True)
@@ -619,7 +629,6 @@ def run(job_dir: Path) -> int:
         write_progress(job_dir, progress, durable=True)
         return 2
     parallel = max(1, int(os.environ.get("BATCHINGEST_STAGE_PARALLEL") or 4))
-    verify = os.environ.get("BATCHINGEST_STAGE_VERIFY", "0") not in ("0", "", "false")
     progress = Progress(files_total=len(entries), bytes_total=sum(e.size for e in entries))
     write_progress(job_dir, progress)
     stager = Stager(archive, staging, job, verify, progress)
