@@ -199,3 +199,16 @@ def test_dependencies_are_what_the_code_imports() -> None:
                     imported |= {d.lower() for d in dists.get(top, [top])}
     # never imported by name: uvicorn picks its HTTP parser up when it is installed
     assert imported == declared - {"httptools"}
+
+
+def test_readme_tables_name_real_flags_and_variables() -> None:
+    """Every `--flag` row of the README's tables is a setting, with the variable it names."""
+    import re
+
+    known = {"--" + flag_of(f, opt): env_name(flag_of(f, opt)) for f, opt in options()}
+    rows = re.findall(r"^\| `(--[a-z-]+)[^`]*` \|([^|]*)\|", (REPO / "README.md").read_text(), re.M)
+    assert len(rows) >= 20
+    for flag, second in rows:
+        assert flag in known, flag
+        if "BATCHINGEST_" in second:
+            assert f"`{known[flag]}`" in second, (flag, second)
