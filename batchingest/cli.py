@@ -12,10 +12,16 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 from batchingest import __version__
-from batchingest.config import Config, ConfigError, add_serve_arguments, config_from_args, env_name
+from batchingest.config import (
+    Config,
+    ConfigError,
+    absolute_path,
+    add_serve_arguments,
+    config_from_args,
+    env_name,
+)
 from batchingest.store import STATES, STATUS_OF_STATE, Store
 
 USAGE_ERROR = 2
@@ -77,10 +83,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    root = args.root or os.environ.get(env_name("root")) or None
+    root = args.root
+    if root is None and os.environ.get(env_name("root"), "").strip():
+        root = absolute_path(os.environ[env_name("root")])
     if root is None:
         return _fail(args.prog, "--root (or BATCHINGEST_ROOT) is required")
-    store = Store(Path(root).absolute())
+    store = Store(root)
     if not store.root.is_dir():
         return _fail(args.prog, f"no jobs root at {store.root}")
     jobs = store.list()
@@ -123,7 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Count the jobs per state; name those processing and in error.",
     )
     p_status.add_argument(
-        "--root", type=Path, default=None, help="the jobs root [BATCHINGEST_ROOT]"
+        "--root",
+        type=absolute_path,
+        default=None,
+        metavar="PATH",
+        help="the jobs root [BATCHINGEST_ROOT]",
     )
     p_status.set_defaults(func=cmd_status, prog=p_status.prog)
     return parser

@@ -84,7 +84,7 @@ def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
-def _path(value: str) -> Path:
+def absolute_path(value: str) -> Path:
     # Tasks run in the job folder, not where the service started: every path is absolute.
     if not value.strip():
         raise argparse.ArgumentTypeError("must not be empty")
@@ -139,10 +139,10 @@ def setting(
 
 @dataclass
 class Config:
-    root: Path = setting(help="the jobs root (required)", parse=_path)
+    root: Path = setting(help="the jobs root, an existing folder (required)", parse=absolute_path)
     init: bool = setting(False, "create the jobs root if it does not exist", parse=parse_bool)
     tasks: Path | None = setting(
-        None, "folder of task executables", parse=_path, shown="ROOT/tasks"
+        None, "folder of task executables", parse=absolute_path, shown="ROOT/tasks"
     )
     workers: int = setting(2, "jobs processed at the same time", parse=_positive_int)
     poll_interval: float = setting(2.0, "seconds between rescans of queue/", parse=_seconds)
@@ -168,7 +168,7 @@ class Config:
         secret=True,
     )
     token_file: Path | None = setting(
-        None, "file of API tokens, one per line, # comments", parse=_path, shown="none"
+        None, "file of API tokens, one per line, # comments", parse=absolute_path, shown="none"
     )
     max_upload: int = setting(
         0, "largest accepted upload in bytes", parse=_non_negative_int, shown="0, no limit"
@@ -194,13 +194,13 @@ class Config:
     )
     # staging
     archive: Path | None = setting(
-        None, "archive folder staged files are copied from", parse=_path, shown="none"
+        None, "archive folder staged files are copied from", parse=absolute_path, shown="none"
     )
     staging: Path | None = setting(
-        None, "staging area files are copied into", parse=_path, shown="none"
+        None, "staging area files are copied into", parse=absolute_path, shown="none"
     )
     catalog: Path | None = setting(
-        None, "tab-separated file of id<TAB>relative/path", parse=_path, shown="none"
+        None, "tab-separated file of id<TAB>relative/path", parse=absolute_path, shown="none"
     )
     stage_parallel: int = setting(
         4, "files copied at the same time by the stage task", parse=_positive_int
@@ -266,7 +266,7 @@ def _help(f: dataclasses.Field[Any], opt: Option) -> str:
 
 
 _METAVARS: dict[Callable[[str], Any], str] = {
-    _path: "PATH",
+    absolute_path: "PATH",
     _positive_int: "N",
     _non_negative_int: "N",
     _seconds: "SECONDS",

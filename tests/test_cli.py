@@ -212,3 +212,15 @@ def test_readme_tables_name_real_flags_and_variables() -> None:
         assert flag in known, flag
         if "BATCHINGEST_" in second:
             assert f"`{known[flag]}`" in second, (flag, second)
+
+
+def test_status_reads_the_root_as_serve_does(tmp_path: Path) -> None:
+    """An empty --root is refused rather than meaning the current folder."""
+    p = run("status", "--root", "")
+    assert p.returncode == USAGE_ERROR and "argument --root: must not be empty" in p.stderr
+    for state in ("data", "queue", "processing", "success", "error"):
+        (tmp_path / state).mkdir()
+    (tmp_path / "error" / "broken").mkdir()
+    p = run("status", env={"BATCHINGEST_ROOT": str(tmp_path)})
+    assert p.returncode == 0 and f"jobs root {tmp_path}" in p.stdout
+    assert "error:\n  broken" in p.stdout
