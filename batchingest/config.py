@@ -17,7 +17,7 @@ from pathlib import Path
 ENV_PREFIX = "BATCHINGEST_"
 
 # Settings that must never reach a task's environment or a log line.
-SECRET_ENV = ("BATCHINGEST_TOKENS", "BATCHINGEST_WEBHOOK_SECRET")
+SECRET_ENV = ("BATCHINGEST_TOKENS", "BATCHINGEST_WEBHOOK_SECRET", "BATCHINGEST_DTS_SECRET")
 
 
 @dataclass
@@ -50,6 +50,9 @@ class Config:
     stage_parallel: int = 4
     stage_verify: bool = False
     staging_max_ids: int = 10_000
+    dts_dialect: str | None = None
+    dts_secret: str | None = field(default=None, repr=False)
+    dts_secret_file: Path | None = None
     log_level: str = "info"
 
     @property
@@ -102,6 +105,15 @@ def _seconds(value: str) -> float:
     return s
 
 
+def _dialect(value: str) -> str | None:
+    value = value.strip().lower()
+    if value in ("", "none"):
+        return None
+    if value != "jdp":
+        raise argparse.ArgumentTypeError(f"unknown DTS dialect {value!r} (known: jdp, none)")
+    return value
+
+
 def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
@@ -134,6 +146,9 @@ _OPTIONS: list[tuple[str, object, object, str]] = [
     ("stage-parallel", _positive_int, 4, "files copied at the same time by the stage task"),
     ("stage-verify", bool, False, "compare SHA-256 of source and copy when staging"),
     ("staging-max-ids", _positive_int, 10_000, "most ids in one staging request"),
+    ("dts-dialect", _dialect, None, "also serve this DTS client dialect: jdp (default none)"),
+    ("dts-secret", str, None, "shared secret of DTS clients: Authorization: Token USER_SECRET"),
+    ("dts-secret-file", Path, None, "file holding the DTS shared secret (first line)"),
     ("log-level", str, "info", "debug, info, warning or error"),
 ]
 
@@ -182,7 +197,7 @@ def config_from_args(
     cfg.processor = not no_processor
     # Tasks run in the job folder, not where the service started: every path is absolute.
     cfg.root = Path(cfg.root).absolute()
-    for attr in ("tasks", "token_file", "archive", "staging", "catalog"):
+    for attr in ("tasks", "token_file", "archive", "staging", "catalog", "dts_secret_file"):
         value = getattr(cfg, attr)
         if value is not None:
             setattr(cfg, attr, Path(value).absolute())

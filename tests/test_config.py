@@ -222,3 +222,16 @@ def test_paths_become_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     for value in (cfg.root, cfg.archive, cfg.staging, cfg.catalog, cfg.token_file, cfg.tasks):
         assert value is not None and value.is_absolute() and value.parent == tmp_path
     assert cfg.task_env()["BATCHINGEST_ARCHIVE"] == str(tmp_path / "a")
+
+
+def test_dts_dialect_and_secret(tmp_path: Path) -> None:
+    cfg = parse_serve_args(["--root", str(tmp_path), "--dts-dialect", "JDP"], {})
+    assert cfg.dts_dialect == "jdp"
+    assert (
+        parse_serve_args(["--root", str(tmp_path), "--dts-dialect", "none"], {}).dts_dialect is None
+    )
+    with pytest.raises(SystemExit):
+        parse_serve_args(["--root", str(tmp_path), "--dts-dialect", "globus"], {})
+    cfg = parse_serve_args(["--root", str(tmp_path)], {"BATCHINGEST_DTS_SECRET": "s3cret"})
+    assert cfg.dts_secret == "s3cret" and "s3cret" not in repr(cfg)
+    assert "BATCHINGEST_DTS_SECRET" in SECRET_ENV
