@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from service import TOKEN, Service, wait_for
+from service import TOKEN, Service, wait_for, write_task
 
 from e2e.test_staging import Setup, dead, task_processes
 
@@ -244,3 +245,20 @@ def test_without_the_dialect_the_routes_do_not_exist(tmp_path: Path) -> None:
         assert c.post("/request_archived_files/", json={"ids": ["a"]}).status_code == 404
         # no token, no dialect: the status route is not public
         assert httpx.get(f"{svc.url}/request_archived_files/requests/1").status_code == 401
+
+
+def test_pending_while_the_stage_task_runs(tmp_path: Path) -> None:
+    setup = Setup(tmp_path)
+    setup.add("p6/a.txt", b"a" * 1000)
+    # a site stage task that holds the job in processing/ for a while, then stages
+    write_task(
+        setup.root / "tasks",
+        "stage",
+        f"sleep 1.5\nexec {sys.executable} -m batchingest.tasks.stage\n",
+    )
+    with Service(setup.root, *args(setup), env=env()) as svc:
+        client = JdpClient(svc.url)
+        number = client.stage_files(["p6/a.txt"])
+        seen = client.wait_ready(number)
+    assert seen[-2:] == ["pending", "ready"] and set(seen) <= set(JDP_WORDS)
+    assert (setup.staging / "p6/a.txt").read_bytes() == b"a" * 1000
