@@ -80,6 +80,15 @@ def _seconds(value: str) -> float:
     return s
 
 
+def _dialect(value: str) -> str | None:
+    v = value.strip().lower()
+    if v in ("", "none"):
+        return None
+    if v != "jdp":
+        raise argparse.ArgumentTypeError(f"unknown DTS dialect {value!r} (known: jdp, none)")
+    return v
+
+
 def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
@@ -209,6 +218,18 @@ class Config:
         False, "compare SHA-256 of source and copy when staging", parse=parse_bool
     )
     staging_max_ids: int = setting(10_000, "most ids in one staging request", parse=_positive_int)
+    dts_dialect: str | None = setting(
+        None, "also serve this DTS client dialect: jdp", parse=_dialect, shown="none"
+    )
+    dts_secret: str | None = setting(
+        None,
+        "secret shared with DTS clients (Authorization: Token USER_SECRET)",
+        shown="none",
+        secret=True,
+    )
+    dts_secret_file: Path | None = setting(
+        None, "file holding the DTS secret on its first line", parse=absolute_path, shown="none"
+    )
     log_level: str = setting("info", "the service log: " + ", ".join(LOG_LEVELS), parse=_log_level)
 
     @property

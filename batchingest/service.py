@@ -69,9 +69,13 @@ async def serve(cfg: Config) -> None:
     server: _Server | None = None
     if cfg.api:
         from batchingest.api.app import create_app
+        from batchingest.api.auth import TokenError
 
+        try:
+            app = create_app(cfg, store)
+        except TokenError as e:
+            raise StartError(str(e)) from e
         sock = bind(cfg.host, cfg.port)
-        app = create_app(cfg, store)
         server = _Server(
             uvicorn.Config(
                 app, log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=5

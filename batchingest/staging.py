@@ -270,9 +270,19 @@ class Resolver:
 # -- manifest and progress -------------------------------------------------------------
 
 
-def manifest_bytes(entries: list[Entry], archive: Path, staging: Path, request: str) -> bytes:
-    """The manifest, one file per line so that it stays readable and diffable."""
-    head = {
+def manifest_bytes(
+    entries: list[Entry],
+    archive: Path,
+    staging: Path,
+    request: str,
+    details: dict[str, Any] | None = None,
+) -> bytes:
+    """The manifest, one file per line so that it stays readable and diffable.
+
+    details: what else the client said or proved (the DTS requester, fields of the
+    request body this service does not act on), kept for the record.
+    """
+    head: dict[str, Any] = {
         "version": MANIFEST_VERSION,
         "request_id": request,
         "archive": str(archive),
@@ -280,6 +290,8 @@ def manifest_bytes(entries: list[Entry], archive: Path, staging: Path, request: 
         "files_total": len(entries),
         "bytes_total": sum(e.size for e in entries),
     }
+    if details:
+        head["request"] = details
     lines = [json.dumps(e.to_json(), ensure_ascii=False) for e in entries]
     text = json.dumps(head, ensure_ascii=False)[:-1] + ', "files": [\n'
     text += ",\n".join(lines) + "\n]}\n"

@@ -276,7 +276,11 @@ def test_every_setting_is_a_field_with_a_flag_and_a_variable() -> None:
                  "webhook-allow", "webhook-backoff", "archive", "staging", "catalog",
                  "stage-parallel", "stage-verify", "staging-max-ids", "log-level"):  # fmt: skip
         assert flag in seen, flag
-    assert SECRET_ENV == ("BATCHINGEST_TOKENS", "BATCHINGEST_WEBHOOK_SECRET")
+    assert SECRET_ENV == (
+        "BATCHINGEST_TOKENS",
+        "BATCHINGEST_WEBHOOK_SECRET",
+        "BATCHINGEST_DTS_SECRET",
+    )
 
 
 def test_webhook_backoff_comes_through_config() -> None:
@@ -332,3 +336,13 @@ def test_stage_task_reads_booleans_as_the_service_does(
     assert p.returncode == status, p.stdout + p.stderr
     assert said in p.stdout and "Traceback" not in p.stderr
     assert ("verifying SHA-256" in p.stdout) is (value == "yes")
+
+
+def test_dts_dialect_and_secret(tmp_path: Path) -> None:
+    assert parse("--root", str(tmp_path), "--dts-dialect", "JDP").dts_dialect == "jdp"
+    assert parse("--root", str(tmp_path), "--dts-dialect", "none").dts_dialect is None
+    with pytest.raises((SystemExit, ConfigError)):
+        parse("--root", str(tmp_path), "--dts-dialect", "globus")
+    cfg = parse("--root", str(tmp_path), BATCHINGEST_DTS_SECRET="s3cret")
+    assert cfg.dts_secret == "s3cret" and "s3cret" not in repr(cfg)
+    assert "BATCHINGEST_DTS_SECRET" in SECRET_ENV

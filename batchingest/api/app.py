@@ -34,6 +34,9 @@ log = logging.getLogger("batchingest.api")
 REQUEST_ID = "batchingest.request_id"  # scope key
 _CLIENT_ID = re.compile(rb"[A-Za-z0-9._:-]{1,64}")
 PUBLIC_PATHS = frozenset({"/healthz"})
+# Routes a DTS client may call with its own credential (--dts-secret) instead of a token.
+DTS_PATHS = ("/dts/staging", "/request_archived_files/")
+JDP_STATUS = "/request_archived_files/requests/"
 
 _HTTP_CODES = {
     400: "BadRequest",
@@ -74,9 +77,30 @@ def error_body(
 class ApiMiddleware:
     """Request ids, token checks and a JSON 500 for anything unexpected."""
 
-    def __init__(self, app: ASGIApp, checker: auth.TokenChecker) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        checker: auth.TokenChecker,
+        dts: auth.DtsSecret | None = None,
+        jdp: bool = False,
+    ) -> None:
         self.app = app
         self.checker = checker
+        self.dts = dts
+        self.jdp = jdp
+
+    def allowed(self, scope: Scope, path: str) -> bool:
+        """May this request go on: a public route, an API token, or a DTS credential."""
+        if path in PUBLIC_PATHS or self.checker.check(scope["headers"]):
+            return True
+        if self.jdp and path.startswith(JDP_STATUS) and scope["method"] in ("GET", "HEAD"):
+            return True  # the DTS polls without credentials; the ids carry no data
+        if self.dts is not None and path.startswith(DTS_PATHS):
+            user = self.dts.user(scope["headers"])
+            if user is not None:
+                scope[auth.REQUESTER] = user
+                return True
+        return False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -99,7 +123,7 @@ class ApiMiddleware:
             await send(message)
 
         path: str = scope["path"]
-        if path not in PUBLIC_PATHS and not self.checker.check(scope["headers"]):
+        if not self.allowed(scope, path):
             response = error_body(
                 scope,
                 401,
@@ -206,6 +230,7 @@ def _larger_body_buffer() -> None:
 def create_app(cfg: Config, store: Store) -> Starlette:
     _larger_body_buffer()
     checker = auth.TokenChecker(auth.load_tokens(cfg, store))
+    dts = auth.load_dts_secret(cfg)
     staging_routes, staging_paths = _staging_routes(cfg, store)
     spec = openapi.spec(__version__, staging_paths)
     spec_body = jobs.json_response(spec).body
@@ -229,6 +254,8 @@ def create_app(cfg: Config, store: Store) -> Starlette:
     ]
     return Starlette(
         routes=routes,
-        middleware=[Middleware(ApiMiddleware, checker=checker)],
+        middleware=[
+            Middleware(ApiMiddleware, checker=checker, dts=dts, jdp=cfg.dts_dialect == "jdp")
+        ],
         exception_handlers={ApiError: _api_error, HTTPException: _http_error},
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import re
 import secrets
 from pathlib import Path
 
@@ -20,6 +21,9 @@ from batchingest.store import Store
 log = logging.getLogger("batchingest.api")
 
 TOKEN_FILE_NAME = "api-token"  # store.service_path(...) -> ROOT/.api-token
+REQUESTER = "batchingest.requester"  # scope key: the DTS user a request came from
+# The user part of a DTS token: an ORCID (0000-0002-1825-0097) or a similar plain id.
+_DTS_USER = re.compile(rb"[A-Za-z0-9.:-]{1,64}")
 
 
 class TokenError(Exception):
@@ -91,3 +95,43 @@ class TokenChecker:
                 if scheme.lower() in (b"bearer", b"token") and self.valid(rest.strip()):
                     return True
         return False
+
+
+class DtsSecret:
+    """The DTS's form of credential: `Authorization: Token <user>_<secret>`.
+
+    The DTS sends its user's ORCID and a secret shared with this service, joined by
+    an underscore. Any user id is accepted with the right secret; the id is kept as
+    the requester of what the request creates. ORCIDs hold no underscore, so the first
+    one separates the two.
+    """
+
+    def __init__(self, secret: str) -> None:
+        if not secret:
+            raise TokenError("the DTS secret is empty")
+        self.secret = secret.encode()
+
+    def user(self, headers: list[tuple[bytes, bytes]]) -> str | None:
+        for key, value in headers:
+            if key != b"authorization":
+                continue
+            scheme, _, rest = value.strip().partition(b" ")
+            if scheme.lower() != b"token":
+                continue
+            user, sep, secret = rest.strip().partition(b"_")
+            # compare even when the user part is malformed: the time must not tell
+            good = hmac.compare_digest(secret, self.secret)
+            if sep and good and _DTS_USER.fullmatch(user):
+                return user.decode()
+        return None
+
+
+def load_dts_secret(cfg: Config) -> DtsSecret | None:
+    """The DTS secret from --dts-secret or the first line of --dts-secret-file."""
+    secret = cfg.dts_secret
+    if secret is None and cfg.dts_secret_file is not None:
+        lines = read_token_file(cfg.dts_secret_file)
+        if not lines:
+            raise TokenError(f"no secret in {cfg.dts_secret_file}")
+        secret = lines[0]
+    return DtsSecret(secret) if secret else None

@@ -16,6 +16,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Route
 
 from batchingest import jobfile
+from batchingest.api.auth import REQUESTER
 from batchingest.api.errors import ApiError
 from batchingest.config import Config
 from batchingest.staging import (
@@ -186,7 +188,7 @@ class StagingApi:
         self.resolver = Resolver(cfg.archive, cfg.catalog) if cfg.archive is not None else None
         self.keys = Idempotency(store.service_path("idempotency"))
 
-    def _enabled(self) -> Resolver:
+    def enabled(self) -> Resolver:
         if self.resolver is None or self.cfg.staging is None:
             raise ApiError(
                 503,
@@ -196,8 +198,8 @@ class StagingApi:
         return self.resolver
 
     async def create(self, request: Request) -> JSONResponse:
-        resolver = self._enabled()
-        body = await read_body(request, max(1 << 20, self.cfg.staging_max_ids * BYTES_PER_ID))
+        self.enabled()
+        body = await read_body(request, self.body_limit)
         ids = parse_ids(body, self.cfg.staging_max_ids)
         key = request.headers.get("idempotency-key")
         fingerprint = hashlib.sha256(json.dumps(ids).encode()).hexdigest()
@@ -209,6 +211,35 @@ class StagingApi:
             existing = await run_in_threadpool(self.keys.lookup, key)
             if existing is not None:
                 return self._replay(existing, fingerprint)
+        details = requester_details(request)
+        request_id, replayed = await self.submit(ids, details, key, fingerprint)
+        if replayed is not None:
+            return self._replay(replayed, fingerprint)
+        return JSONResponse(
+            {"request_id": request_id},
+            status_code=201,
+            headers={"Location": f"/dts/staging/{request_id}"},
+        )
+
+    @property
+    def body_limit(self) -> int:
+        return max(1 << 20, self.cfg.staging_max_ids * BYTES_PER_ID)
+
+    async def submit(
+        self,
+        ids: list[str],
+        details: dict[str, Any],
+        key: str | None = None,
+        fingerprint: str = "",
+        before_job: Callable[[str], None] | None = None,
+    ) -> tuple[str, dict[str, Any] | None]:
+        """Resolve ids and create the queued staging job; (request id, replayed record).
+
+        ApiError 400 / 404 (naming the ids) when any id is invalid or unresolved: then
+        nothing is created. before_job runs with the new request id before its job is
+        made (in a thread), so a durable alias can never point at a job not yet asked for.
+        """
+        resolver = self.enabled()
         try:
             entries, invalid, unresolved = await run_in_threadpool(resolver.resolve, ids)
         except StagingError as e:
@@ -233,9 +264,11 @@ class StagingApi:
         if key is not None:
             existing = await run_in_threadpool(self.keys.claim, key, request_id, fingerprint)
             if existing is not None:
-                return self._replay(existing, fingerprint)
+                return str(existing.get("request_id")), existing
         try:
-            await run_in_threadpool(self._make_job, request_id, entries)
+            if before_job is not None:
+                await run_in_threadpool(before_job, request_id)
+            await run_in_threadpool(self._make_job, request_id, entries, details)
         except OSError as e:
             if key is not None:
                 await run_in_threadpool(self.keys.forget, key, request_id)
@@ -244,16 +277,13 @@ class StagingApi:
                 500, "StagingRequestFailed", f"cannot create the staging job: {e.strerror or e}"
             ) from None
         log.info(
-            "staging request %s: %d files, %d bytes",
+            "staging request %s: %d files, %d bytes%s",
             request_id,
             len(entries),
             sum(e.size for e in entries),
+            f", requested by {details['requester']}" if "requester" in details else "",
         )
-        return JSONResponse(
-            {"request_id": request_id},
-            status_code=201,
-            headers={"Location": f"/dts/staging/{request_id}"},
-        )
+        return request_id, None
 
     def _replay(self, record: dict[str, Any], fingerprint: str) -> JSONResponse:
         if record.get("body_sha256") not in (None, fingerprint):
@@ -269,7 +299,7 @@ class StagingApi:
             headers={"Location": f"/dts/staging/{request_id}", "Idempotent-Replayed": "true"},
         )
 
-    def _make_job(self, name: str, entries: list[Entry]) -> None:
+    def _make_job(self, name: str, entries: list[Entry], details: dict[str, Any]) -> None:
         assert self.cfg.archive is not None and self.cfg.staging is not None
         job, created = self.store.create(name)
         if not created:  # a UUID4 collision: never touch someone else's job
@@ -277,7 +307,7 @@ class StagingApi:
         try:
             jobfile.write_atomic(
                 job.path / MANIFEST,
-                manifest_bytes(entries, self.cfg.archive, self.cfg.staging, name),
+                manifest_bytes(entries, self.cfg.archive, self.cfg.staging, name, details),
             )
             progress = Progress(files_total=len(entries), bytes_total=sum(e.size for e in entries))
             write_progress(job.path, progress, durable=True)
@@ -296,15 +326,29 @@ class StagingApi:
 
     def _status(self, raw: str | None) -> JSONResponse:
         # Small reads only (a few stats, one small file), so it runs on the loop directly.
-        self._enabled()
+        self.enabled()
         name = request_name(raw)
-        try:
-            found = self.store.read(name, _status_of)
-        except JobBusy as e:
-            raise ApiError(409, "JobBusy", str(e)) from None
-        if found is None or found[1] is None:
+        found = status_document(self.store, name)
+        if found is None:
             raise ApiError(404, "StagingRequestNotFound", f"no staging request {name}")
         return JSONResponse(found[1])
+
+
+def requester_details(request: Request) -> dict[str, Any]:
+    """Who asked, when a DTS client proved it with the shared secret (see auth.py)."""
+    user = request.scope.get(REQUESTER)
+    return {"requester": user} if user else {}
+
+
+def status_document(store: Store, name: str) -> tuple[str, dict[str, Any]] | None:
+    """(state, status document) of the staging request name; None if there is none."""
+    try:
+        found = store.read(name, _status_of)
+    except JobBusy as e:
+        raise ApiError(409, "JobBusy", str(e)) from None
+    if found is None or found[1] is None:
+        return None
+    return found[0].state, found[1]
 
 
 def _status_of(job: Job) -> dict[str, Any] | None:
@@ -316,7 +360,13 @@ def _status_of(job: Job) -> dict[str, Any] | None:
 
 def routes(cfg: Config, store: Store) -> list[BaseRoute]:
     api = StagingApi(cfg, store)
+    extra: list[BaseRoute] = []
+    if cfg.dts_dialect == "jdp":
+        from batchingest.api import jdp
+
+        extra = jdp.routes(api, store)
     return [
+        *extra,
         Route("/dts/staging", api.create, methods=["POST"]),
         Route("/dts/staging", api.get, methods=["GET"]),
         Route("/dts/staging/{id}", api.get_path, methods=["GET"]),
