@@ -662,3 +662,17 @@ def test_read_looks_again_when_the_job_moves_during_the_read(store: Store) -> No
     assert seen == ["queue", "processing"]
     assert job.state == value == "processing"
     assert store.read("nope", read) is None
+
+
+def test_open_job_gives_the_folder_and_refuses_a_link(store: Store, tmp_path: Path) -> None:
+    """Store.open_job works on kernels with openat2 (a folder open once passed a mode: EINVAL)."""
+    job, _ = store.create("j")
+    (job.path / "f").write_text("x")
+    fd = store.open_job(job)
+    try:
+        assert os.listdir(fd) == ["f"]
+    finally:
+        os.close(fd)
+    (store.root / "error" / "l").symlink_to(tmp_path)
+    with pytest.raises(OSError):
+        store.open_job(Job("l", "error", store.root / "error" / "l"))
