@@ -124,8 +124,9 @@ class Job:
 
 
 class LockUnusable(OSError):
-    """The job's `.lock` is a folder, a link, a special file or not writable: the job
-    cannot be held, so it is skipped (and said so once in the service log)."""
+    """The job's `.lock` is a folder, a link, a special file or not writable (or the
+    folder cannot be opened): the job cannot be held, so it is skipped (and said so
+    once in the service log)."""
 
 
 @dataclass
@@ -496,7 +497,9 @@ class Store:
         try:
             dir_fd = fs.open_dir(self.root_fd, rel)
         except (FileNotFoundError, NotADirectoryError, fs.UnsafePath):
-            return None
+            return None  # gone, or a link: not a job
+        except OSError as e:
+            raise LockUnusable(e.errno or 0, f"its folder cannot be opened ({e.strerror})") from e
         try:
             fd = _lock_at(dir_fd)
         except BaseException:
@@ -603,6 +606,8 @@ class Store:
                     continue  # moved on meanwhile
                 try:
                     removed += self._sweep_job(dir_fd, min_age=SWEEP_AGE, locks=True)
+                except OSError as e:  # an unreadable job: leave it, it is not fatal
+                    log.warning("cannot sweep %s/%s: %s", state, name, e.strerror or e)
                 finally:
                     os.close(dir_fd)
         if removed:

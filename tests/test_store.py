@@ -676,7 +676,7 @@ def test_read_looks_again_when_the_job_moves_during_the_read(store: Store) -> No
 def test_states_are_an_enum_that_still_reads_as_strings(store: Store) -> None:
     assert STATES == ("data", "queue", "processing", "success", "error") == tuple(State)
     assert State.DATA.status == "ready" and State.ERROR.status == "error"
-    assert BUSY == {"queue", "processing"} and FINAL == {"success", "error"}
+    assert {"queue", "processing"} == BUSY and {"success", "error"} == FINAL
     assert STATUS_OF_STATE["data"] == "ready" and STATE_OF_STATUS["ready"] is State.DATA
     job, _ = store.create("j")
     assert job.state is State.DATA and job.state == "data" and f"{job.state}/x" == "data/x"
