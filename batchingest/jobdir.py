@@ -35,6 +35,7 @@ __all__ = [
     "log_line",
     "open_folder",
     "open_log",
+    "record_failure",
     "save_job",
 ]
 
@@ -126,6 +127,20 @@ def failure_record(task: str, reason: str) -> dict[str, object]:
         "ExitCode": None,
         "Reason": reason,
     }
+
+
+def record_failure(dir_fd: int, reason: str) -> bool:
+    """Record in JOB why the job's next task could not run; False if JOB is unusable too.
+
+    For a job whose LOG cannot be written, JOB is the one place the reason can go.
+    """
+    try:
+        job = load_job(dir_fd)
+        job.finished.append(failure_record(job.todo[0] if job.todo else "(none)", reason))
+        save_job(dir_fd, job)
+    except (JobFileError, OSError):
+        return False
+    return True
 
 
 # -- LOG ------------------------------------------------------------------------------

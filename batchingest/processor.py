@@ -231,7 +231,9 @@ class Processor:
         try:
             log_fd = jobdir.open_log(hold.dir_fd)
         except jobdir.LogError as e:
-            return self._refuse(hold, str(e))
+            log.warning("job %s: %s", hold.name, e)
+            jobdir.record_failure(hold.dir_fd, str(e))
+            return "error"
         try:
             try:
                 job = jobdir.load_job(hold.dir_fd)
@@ -284,17 +286,6 @@ class Processor:
             return "success"
         finally:
             os.close(log_fd)
-
-    def _refuse(self, hold: Hold, reason: str) -> str:
-        """A job whose LOG cannot be written: say why in JOB and the service log, error/."""
-        log.warning("job %s: %s", hold.name, reason)
-        with contextlib.suppress(jobfile.JobFileError, OSError):
-            job = jobdir.load_job(hold.dir_fd)
-            job.finished.append(
-                jobdir.failure_record(job.todo[0] if job.todo else "(none)", reason)
-            )
-            jobdir.save_job(hold.dir_fd, job)
-        return "error"
 
 
 class _Slot:

@@ -136,3 +136,15 @@ def test_finished_records() -> None:
     record = jobdir.failure_record("start", "LOG is a named pipe")
     assert record["Status"] == "error" and record["Reason"] == "LOG is a named pipe"
     assert record["Start"] == record["Finish"] and record["ExitCode"] is None
+
+
+def test_record_failure_appends_to_finished_and_keeps_todo(job: Path, dir_fd: int) -> None:
+    (job / "JOB").write_text('{"Todo": ["a", "b"], "Keep": 1}')
+    assert jobdir.record_failure(dir_fd, "LOG is a named pipe")
+    data = json.loads((job / "JOB").read_text())
+    assert data["Todo"] == ["a", "b"] and data["Keep"] == 1
+    (entry,) = data["Finished"]
+    assert entry["Name"] == "a" and entry["Reason"] == "LOG is a named pipe"
+    (job / "JOB").write_text("not json")
+    assert not jobdir.record_failure(dir_fd, "x")
+    assert (job / "JOB").read_text() == "not json"
