@@ -3,22 +3,27 @@
 The field names are those of the original service, so existing jobs and tools keep
 working. Unknown top-level fields are kept on every rewrite. A missing JOB, or one with
 nothing to do and nothing done, means the default task list `["start"]`.
+
+This module is the format; reading and writing JOB in a job folder (through the
+folder's descriptor, never following links) is `batchingest.jobdir`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from batchingest import fs
 from batchingest.store import valid_name
 
 JOB_FILE = "JOB"
+# Largest JOB read: a task list of thousands of entries fits many times over, while a
+# runaway file (or one copied over /dev/zero) cannot stall the API or a worker parsing it.
+JOB_LIMIT = 1 << 20
 DEFAULT_TODO = ("start",)
 
 
@@ -74,6 +79,10 @@ def validate(data: object) -> JobFile:
 
 
 def parse(raw: bytes) -> JobFile:
+    if len(raw) > JOB_LIMIT:
+        raise JobFileError(
+            f"JOB is larger than {JOB_LIMIT} bytes (1 MiB), more than any task list needs"
+        )
     try:
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -86,56 +95,43 @@ def parse(raw: bytes) -> JobFile:
 
 
 def load(job_dir: Path) -> JobFile:
-    """Read a job's JOB file; the default task list if there is none.
+    """jobdir.load_job for a job folder given by path (kept for callers holding a path).
 
-    Bare os calls, as this runs for every job processed and every `GET /jobs/{id}`;
-    O_NONBLOCK so that a FIFO named JOB cannot hang a worker or the event loop.
+    A job folder that is gone reads as having no JOB, as before.
     """
+    from batchingest import jobdir  # jobdir builds on this module
+
     try:
-        flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK
-        fd = os.open(f"{job_dir}/{JOB_FILE}", flags)
+        fd = jobdir.open_folder(job_dir)
     except FileNotFoundError:
         return JobFile()
     try:
-        chunks = []
-        while chunk := os.read(fd, 1 << 16):
-            chunks.append(chunk)
-    except IsADirectoryError:
-        raise JobFileError("JOB is a folder, not a file") from None
-    except BlockingIOError:
-        raise JobFileError("JOB is not a regular file") from None
+        return jobdir.load_job(fd)
     finally:
         os.close(fd)
-    return parse(b"".join(chunks))
 
 
 def write_atomic(
     path: Path, content: bytes, *, durable: bool = True, mode: int | None = None
 ) -> None:
-    """Replace path with content so that a crash leaves the old or the new file, never a mix.
+    """fs.write_atomic for a path whose folder is the service's own (outbox, token file).
 
-    The temporary file is hidden and lives beside the target, so the rename stays within
-    one file system and no listing ever shows it. The data is fsync-ed before the rename,
-    so a rename that survives a power loss always points at complete content; the folder
-    itself is not fsync-ed: losing the rename loses the last update, never the file.
-    The file is private (0600) unless a mode is given.
+    Kept for callers outside job folders; inside a job use jobdir / fs with the job's
+    descriptor. The file is private (0600) unless a mode is given.
     """
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        if mode is not None:
-            os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(content)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+        fs.write_atomic(dir_fd, path.name, content, durable=durable, mode=mode or 0o600)
+    finally:
+        os.close(dir_fd)
 
 
 def save(job_dir: Path, job: JobFile) -> None:
-    # JOB is read by curators and other accounts' tools, like every file of a job
-    write_atomic(job_dir / JOB_FILE, job.dumps(), mode=0o644)
+    """jobdir.save_job for a job folder given by path."""
+    from batchingest import jobdir
+
+    fd = jobdir.open_folder(job_dir)
+    try:
+        jobdir.save_job(fd, job)
+    finally:
+        os.close(fd)

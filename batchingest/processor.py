@@ -14,23 +14,16 @@ import asyncio
 import contextlib
 import logging
 import os
-import shutil
-import tempfile
 import threading
 import time
 from collections import deque
-from pathlib import Path
 
 import watchfiles
 
-from batchingest import jobfile
+from batchingest import jobdir, jobfile
 from batchingest.config import Config
-from batchingest.runner import TaskProcess, append_log, base_env, log_line, open_log, run_task
+from batchingest.runner import ControlDir, TaskProcess, base_env, log_line, run_task
 from batchingest.store import Hold, Store
-
-# Control files live in memory when we can: they are tiny, short-lived and per task, and
-# creating files in the jobs root is the slowest part of running a trivial task.
-_CONTROL_BASE = "/dev/shm"
 
 log = logging.getLogger("batchingest.processor")
 
@@ -57,8 +50,8 @@ class Processor:
         self._stopping = threading.Event()
         self._running: dict[str, TaskProcess] = {}
         self._running_lock = threading.Lock()
-        shm = _CONTROL_BASE if os.access(_CONTROL_BASE, os.W_OK) else None
-        self._control_dir = Path(tempfile.mkdtemp(prefix="batchingest-control-", dir=shm))
+        # also removes the control folders of services that were killed
+        self._control = ControlDir()
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -103,7 +96,7 @@ class Processor:
         for task in helpers:
             task.cancel()
         await asyncio.gather(*helpers, return_exceptions=True)
-        shutil.rmtree(self._control_dir, ignore_errors=True)
+        self._control.close()
 
     def _wake(self) -> None:
         with self._cond:
@@ -220,8 +213,8 @@ class Processor:
             state = self._run_job(hold, slot)
         except Exception as e:
             log.exception("job %s: internal error", name)
-            with contextlib.suppress(OSError):
-                append_log(hold.path, f"internal error, job stopped: {e}")
+            with contextlib.suppress(OSError, jobdir.LogError):
+                jobdir.append_log(hold.dir_fd, f"internal error, job stopped: {e}")
         finally:
             job = self.store.finish(hold, state)
         log.info(
@@ -235,10 +228,15 @@ class Processor:
     def _run_job(self, hold: Hold, slot: _Slot) -> str:
         """Run the job's remaining tasks; return the state it should go to."""
         path = hold.path
-        log_fd = open_log(path)
+        try:
+            log_fd = jobdir.open_log(hold.dir_fd)
+        except jobdir.LogError as e:
+            log.warning("job %s: %s", hold.name, e)
+            jobdir.record_failure(hold.dir_fd, str(e))
+            return "error"
         try:
             try:
-                job = jobfile.load(path)
+                job = jobdir.load_job(hold.dir_fd)
             except jobfile.JobFileError as e:
                 log_line(
                     log_fd,
@@ -263,7 +261,7 @@ class Processor:
                         job_dir=path,
                         job_name=hold.name,
                         tasks_dir=self.cfg.tasks_dir,
-                        control=self._control_dir / f"{threading.get_ident()}.control",
+                        control=self._control.file(threading.get_ident()),
                         env=self.env,
                         log_fd=log_fd,
                         hold_fd=hold.fd,
@@ -276,22 +274,13 @@ class Processor:
                 if result.interrupted:
                     log_line(log_fd, f"service stopping: job goes back to queue/ at task {task}")
                     return "queue"
-                entry: dict[str, object] = {
-                    "Name": task,
-                    "Start": result.start,
-                    "Finish": result.finish,
-                    "Status": "ok" if result.ok else "error",
-                }
-                if not result.ok:
-                    entry["ExitCode"] = result.exit_code
-                    entry["Reason"] = result.reason
-                job.finished.append(entry)
+                job.finished.append(jobdir.finished_record(result))
                 if result.ok:
                     job.todo.pop(0)
                     job.todo.extend(result.added)
                 if not result.ok or not job.todo:
                     slot.release()  # the job runs no more tasks: its slot is free
-                jobfile.save(path, job)
+                jobdir.save_job(hold.dir_fd, job)
                 if not result.ok:
                     return "error"
             return "success"

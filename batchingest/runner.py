@@ -17,22 +17,30 @@ times slower, and would still miss the task's own children.)
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from batchingest import fs
 from batchingest.config import SECRET_ENV
+from batchingest.jobdir import LOG_FILE, append_log, log_line, open_log
 from batchingest.jobfile import now_rfc3339
 from batchingest.store import valid_name
 from batchingest.tasks import BUILTIN
 
-LOG_FILE = "LOG"
+__all__ = ["LOG_FILE", "append_log", "log_line", "open_log"]  # their home is jobdir
+
+log = logging.getLogger("batchingest.runner")
 # Seconds a task gets between SIGTERM and SIGKILL when it is stopped.
 KILL_AFTER = 5.0
 
@@ -77,25 +85,6 @@ class TaskResult:
     seconds: float = 0.0
 
 
-def open_log(job_dir: Path) -> int:
-    """The job's LOG, opened for appending (created if need be)."""
-    return os.open(job_dir / LOG_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
-
-
-def log_line(log_fd: int, text: str) -> None:
-    """Append one timestamped line from the service to a job's LOG."""
-    os.write(log_fd, f"{now_rfc3339()} batchingest: {text}\n".encode(errors="replace"))
-
-
-def append_log(job_dir: Path, text: str) -> None:
-    """log_line for a job whose LOG is not open; OSError if the job folder is gone."""
-    fd = open_log(job_dir)
-    try:
-        log_line(fd, text)
-    finally:
-        os.close(fd)
-
-
 class TaskProcess:
     """One running task; `stop()` may be called from another thread."""
 
@@ -137,8 +126,7 @@ class TaskProcess:
         hold_fd: int,
         timeout: float | None,
     ) -> int:
-        # a fresh empty control file for every task
-        os.close(os.open(control, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600))
+        fresh_control_file(control)
         child_env = dict(env)
         child_env.update(JOBPATH=str(job_dir), JOBNAME=job_name, JOBCONTROL=str(control))
         with self._lock:
@@ -171,14 +159,148 @@ class TaskProcess:
         return code
 
 
+CONTROL_PREFIX = "batchingest-control-"
+# Control files live in memory where we can: they are tiny, short-lived and per task,
+# and creating files in the jobs root is the slowest part of running a trivial task.
+_CONTROL_BASE = "/dev/shm"
+_CONTROL_NAME = re.compile(re.escape(CONTROL_PREFIX) + r"(\d+)-")
+
+
+def control_base() -> str:
+    return _CONTROL_BASE if os.access(_CONTROL_BASE, os.W_OK) else tempfile.gettempdir()
+
+
+class ControlDir:
+    """This process's folder of control files, `batchingest-control-PID-XXXX` in /dev/shm.
+
+    The folder is flock-ed for as long as the process lives, and carries its pid, so a
+    later start can tell the leftovers of a killed service (sweep_control_dirs) from the
+    folder of one still running, here or in another pid namespace.
+    """
+
+    def __init__(self, base: str | None = None) -> None:
+        base = base or control_base()
+        sweep_control_dirs(base)  # a killed service could not remove its own
+        prefix = f"{CONTROL_PREFIX}{os.getpid()}-"
+        self.path = Path(tempfile.mkdtemp(prefix=prefix, dir=base))
+        self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def file(self, key: object) -> Path:
+        return self.path / f"{key}.control"
+
+    def close(self) -> None:
+        if self.fd < 0:
+            return
+        with contextlib.suppress(OSError):
+            base_fd = fs.open_root(self.path.parent)
+            try:
+                fs.remove_tree(base_fd, self.path.name)
+            finally:
+                os.close(base_fd)
+        os.close(self.fd)  # drops the lock
+        self.fd = -1
+
+
+def sweep_control_dirs(base: str | None = None) -> list[str]:
+    """Remove the control folders of services that died (kill -9) without cleaning up.
+
+    A folder goes only if it is a real folder of ours, its pid is not alive, and its
+    lock is free (the pid could be in another namespace). Returns the names removed.
+    """
+    base = base or control_base()
+    removed: list[str] = []
+    try:
+        base_fd = fs.open_root(base)
+    except OSError:
+        return removed
+    try:
+        for entry in fs.entries(base_fd):
+            match = _CONTROL_NAME.match(entry.name)
+            if match is None or not entry.is_dir or _alive(int(match[1])):
+                continue
+            if _stale(base_fd, entry.name):
+                with contextlib.suppress(OSError):
+                    fs.remove_tree(base_fd, entry.name)
+                    removed.append(entry.name)
+    finally:
+        os.close(base_fd)
+    if removed:
+        log.info("removed %d control folder(s) of stopped services in %s", len(removed), base)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _stale(base_fd: int, name: str) -> bool:
+    """Ours (same owner), not a link, and nobody holds its lock."""
+    try:
+        fd = os.open(
+            name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=base_fd
+        )
+    except OSError:
+        return False
+    try:
+        if os.fstat(fd).st_uid != os.geteuid():
+            return False
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+# A control file holds a few `addtask:NAME` lines; more than this is a runaway task.
+CONTROL_LIMIT = 1 << 20
+
+
+def fresh_control_file(control: Path) -> None:
+    """A new empty control file at control, whatever the last task left there.
+
+    Whatever is at that name goes first (a link, FIFO or folder a task made of it is
+    removed, never followed or opened); O_EXCL | O_NOFOLLOW then create exactly one new
+    regular file.
+    """
+    dir_fd = fs.open_root(control.parent)
+    try:
+        fs.remove(dir_fd, control.name, recursive=True)
+    finally:
+        os.close(dir_fd)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    os.close(os.open(control, flags, 0o600))
+
+
 def read_control(path: Path) -> tuple[list[str], str]:
-    """Tasks added through the control file, or an error naming the offending line."""
+    """Tasks added through the control file, or an error naming the offending line.
+
+    Read without following a link, without opening a FIFO or device, and at most
+    CONTROL_LIMIT bytes: whatever a task did to the file, the worker gets an answer.
+    """
     added: list[str] = []
     try:
-        text = path.read_text(errors="replace")
+        dir_fd = fs.open_root(path.parent)
     except FileNotFoundError:
         return added, ""
-    for number, line in enumerate(text.splitlines(), 1):
+    try:
+        raw = fs.read_file(dir_fd, path.name, CONTROL_LIMIT)
+    except fs.TooLarge:
+        return added, f"control file is larger than {CONTROL_LIMIT} bytes"
+    except (fs.UnsafePath, fs.NotRegular) as e:
+        return added, f"control file is not a regular file ({e.strerror})"
+    finally:
+        os.close(dir_fd)
+    if raw is None:
+        return added, ""
+    for number, line in enumerate(raw.decode(errors="replace").splitlines(), 1):
         line = line.strip()
         if not line:
             continue

@@ -24,17 +24,18 @@ machines sharing one root (a dead client's locks expire with its NFS lease).
 from __future__ import annotations
 
 import builtins
+import contextlib
 import errno
 import fcntl
 import logging
 import os
 import re
-import shutil
 import stat
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import TypeVar
 
@@ -43,22 +44,42 @@ from batchingest.fs import rename_noreplace
 
 log = logging.getLogger("batchingest.store")
 
-STATES = ("data", "queue", "processing", "success", "error")
-FINAL_STATES = ("success", "error")
-# The API and JOB listings speak of statuses; only data/ differs from its folder name.
-STATUS_OF_STATE = {
-    "data": "ready",
-    "queue": "queue",
-    "processing": "processing",
-    "success": "success",
-    "error": "error",
-}
-STATE_OF_STATUS = {v: k for k, v in STATUS_OF_STATE.items()}
+
+class State(StrEnum):
+    """A job's state: the folder it sits in. Members are strings ("queue" == State.QUEUE)."""
+
+    DATA = "data"
+    QUEUE = "queue"
+    PROCESSING = "processing"
+    SUCCESS = "success"
+    ERROR = "error"
+
+    @property
+    def status(self) -> str:
+        """The word the API and JOB listings use; only data/ differs: "ready"."""
+        return "ready" if self is State.DATA else self.value
+
+
+# Waiting for or held by a processor: its files must not change, it cannot be deleted.
+BUSY = frozenset({State.QUEUE, State.PROCESSING})
+FINAL = frozenset({State.SUCCESS, State.ERROR})
+
+# The older names, kept for the modules that use them.
+STATES: tuple[str, ...] = tuple(State)
+FINAL_STATES: tuple[str, ...] = (State.SUCCESS, State.ERROR)
+STATUS_OF_STATE: dict[str, str] = {state: state.status for state in State}
+STATE_OF_STATUS: dict[str, State] = {state.status: state for state in State}
 
 LOCK_FILE = ".lock"
 TRASH = ".trash"
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,255}")
 _MAX_SUFFIX = 99_999
+# Hidden temporaries of fs.write_atomic (`.NAME.<12 hex>.tmp`) and of its predecessor
+# (tempfile's `.NAME.<8 random>.tmp`): a crash between create and rename leaves one.
+_TEMP = re.compile(r"\..+\.[A-Za-z0-9_]{8,12}\.tmp")
+# A temporary this old cannot belong to a write still going on (they take milliseconds),
+# even one by another service sharing the root.
+SWEEP_AGE = 60.0
 
 
 class StoreError(Exception):
@@ -94,23 +115,45 @@ def check_name(name: str) -> str:
 @dataclass(frozen=True)
 class Job:
     name: str
-    state: str
+    state: State
     path: Path
 
     @property
     def status(self) -> str:
-        return STATUS_OF_STATE[self.state]
+        return State(self.state).status
+
+
+class LockUnusable(OSError):
+    """The job's `.lock` is a folder, a link, a special file or not writable (or the
+    folder cannot be opened): the job cannot be held, so it is skipped (and said so
+    once in the service log)."""
 
 
 @dataclass
 class Hold:
-    """A job this process holds: the open, flock-ed `.lock` file travels with the folder."""
+    """A job this process holds: the open, flock-ed `.lock` file travels with the folder.
+
+    dir_fd is the job folder itself, which follows it through renames too.
+    """
 
     name: str
     path: Path
     fd: int
+    dir_fd: int = -1
 
     def release(self) -> None:
+        """Remove `.lock` (if it is still ours) and drop the lock.
+
+        The name goes while the lock is still held: anyone who opened the old file
+        finds, once they get the lock, that `.lock` is no longer it and backs off (they
+        all check), so a finished job carries no `.lock` and nobody ever holds a stale one.
+        """
+        if self.dir_fd >= 0:
+            with contextlib.suppress(OSError):
+                if self.fd >= 0 and _is_our_lock(self.dir_fd, self.fd):
+                    os.unlink(LOCK_FILE, dir_fd=self.dir_fd)
+            os.close(self.dir_fd)
+            self.dir_fd = -1
         if self.fd >= 0:
             os.close(self.fd)  # closing drops the flock
             self.fd = -1
@@ -122,12 +165,32 @@ T = TypeVar("T")
 Listener = Callable[[Job, str | None], None]
 
 
-def _lock(path: Path) -> int | None:
-    """Open and flock path/.lock without blocking; None if someone else holds it."""
+def _is_our_lock(dir_fd: int, lock_fd: int) -> bool:
+    """Whether `.lock` in the folder dir_fd is still the file lock_fd has open."""
     try:
-        fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
+        return fs.same_inode(
+            os.fstat(lock_fd), os.stat(LOCK_FILE, dir_fd=dir_fd, follow_symlinks=False)
+        )
+    except OSError:
+        return False
+
+
+def _lock_at(dir_fd: int) -> int | None:
+    """Open and flock `.lock` in the job folder dir_fd without blocking.
+
+    None if someone else holds it or the folder is gone; LockUnusable if `.lock` is
+    something we must not or cannot open (a link, a folder, a FIFO, read-only).
+    """
+    try:
+        fd = fs.open_regular(dir_fd, LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except FileNotFoundError:
+        return None  # the folder was removed (a delete) after we opened it
+    except OSError as e:
+        st = fs.lstat(dir_fd, LOCK_FILE)
+        what = f"is a {fs.kind(st.st_mode)}" if st else "cannot be opened"
+        if st is not None and stat.S_ISREG(st.st_mode):
+            what = f"cannot be opened ({e.strerror})"
+        raise LockUnusable(errno.EINVAL, f"its {LOCK_FILE} {what}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -145,14 +208,6 @@ def _is_real_dir(path: str) -> bool:
         return False
 
 
-def _same_file(fd: int, path: Path) -> bool:
-    try:
-        a, b = os.fstat(fd), os.stat(path)
-    except OSError:
-        return False
-    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
-
-
 class Store:
     """The jobs root. Cheap to create; holds no state beyond its path and listeners."""
 
@@ -164,6 +219,7 @@ class Store:
         # state -> (folder identity, sorted names): see job_names()
         self._names_cache: dict[str, tuple[tuple[int, int, int, int], list[str]]] = {}
         self._root_fd = -1
+        self._lock_warned: set[str] = set()
 
     @property
     def root_fd(self) -> int:
@@ -186,7 +242,7 @@ class Store:
     def state_dir(self, state: str) -> Path:
         if state not in STATES:
             raise ValueError(f"unknown state {state!r}")
-        return self.root / state
+        return self.root / State(state)
 
     def job_path(self, state: str, name: str) -> Path:
         return self.state_dir(state) / check_name(name)
@@ -199,20 +255,40 @@ class Store:
         return self.root / f".{name}"
 
     def init(self) -> None:
-        """Create missing state folders and clear the trash; raise StoreError if unusable."""
+        """Create missing state folders, check them, sweep crash leftovers.
+
+        StoreError if the root cannot be used, or if a state folder or the trash is a
+        symbolic link or not a folder: a rename would take jobs out of the root, and
+        emptying the trash would empty whatever it points to.
+        """
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            for state in STATES:
-                self.state_dir(state).mkdir(exist_ok=True)
+            for state in State:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(self.root / state)
             probe = self.root / f".probe-{uuid.uuid4().hex}"
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as e:
             raise StoreError(f"jobs root {self.root} is not usable: {e.strerror or e}") from e
-        trash = self.root / TRASH
-        if trash.is_dir():
-            for entry in trash.iterdir():
-                shutil.rmtree(entry, ignore_errors=True)
+        for name in (*STATES, TRASH):
+            self._check_own_folder(name, missing_ok=name == TRASH)
+        self.sweep()
+
+    def _check_own_folder(self, name: str, *, missing_ok: bool) -> None:
+        try:
+            st = os.lstat(self.root / name)
+        except FileNotFoundError:
+            if missing_ok:
+                return
+            raise StoreError(f"{self.root / name} vanished while starting") from None
+        if stat.S_ISLNK(st.st_mode):
+            raise StoreError(
+                f"{self.root / name} is a symbolic link: the service does not work through "
+                "links in its jobs root; make it a folder (a mount point works)"
+            )
+        if not stat.S_ISDIR(st.st_mode):
+            raise StoreError(f"{self.root / name} is a {fs.kind(st.st_mode)}, not a folder")
 
     # -- finding and listing -----------------------------------------------------
 
@@ -223,7 +299,7 @@ class Store:
         """
         check_name(name)
         for _ in range(2):
-            for state, base in zip(STATES, self._state_prefixes, strict=True):
+            for state, base in zip(State, self._state_prefixes, strict=True):
                 if _is_real_dir(base + name):
                     return Job(name, state, Path(base + name))
         return None
@@ -294,14 +370,14 @@ class Store:
             cache.pop(state, None)
         return names
 
-    def list(self, states: Iterable[str] | None = None) -> list[Job]:
+    def jobs(self, states: Iterable[str] | None = None) -> builtins.list[Job]:
         """Jobs in the given states (all by default), sorted by name.
 
         Built from job_names(): directory entries (d_type) only, never a stat per job,
         so listing 10,000 jobs stays cheap.
         """
-        jobs: list[Job] = []
-        for state in STATES if states is None else states:
+        jobs: builtins.list[Job] = []
+        for state in State if states is None else map(State, states):
             base = self.state_dir(state)
             jobs.extend(Job(name, state, base / name) for name in self.job_names(state))
         jobs.sort(key=lambda j: (j.name, STATES.index(j.state)))
@@ -314,7 +390,7 @@ class Store:
         and skipped.
         """
         found: list[tuple[float, str]] = []
-        for entry in self._entries("queue"):
+        for entry in self._entries(State.QUEUE):
             try:
                 is_dir = entry.is_dir(follow_symlinks=False)
                 mtime = entry.stat().st_mtime if is_dir else 0.0
@@ -349,7 +425,7 @@ class Store:
     def _move(self, name: str, src: str, dst: str) -> Job:
         """Rename src/NAME to dst/NAME; in a final state take the first free NAME-NNN."""
         source = self.job_path(src, name)
-        for target_name in self._final_target(name) if dst in FINAL_STATES else [name]:
+        for target_name in self._final_target(name) if dst in FINAL else [name]:
             target = self.state_dir(dst) / target_name
             try:
                 rename_noreplace(str(source), str(target))
@@ -359,10 +435,10 @@ class Store:
                 if e.errno == errno.ENOTEMPTY:
                     continue
                 raise
-            job = Job(target_name, dst, target)
+            job = Job(target_name, State(dst), target)
             self._notify(job, src)
             return job
-        if dst in FINAL_STATES:
+        if dst in FINAL:
             raise StoreError(f"no free name left for {name} in {dst}/")
         raise FileExistsError(errno.EEXIST, f"{dst}/{name} exists")
 
@@ -382,12 +458,12 @@ class Store:
         existing = self.find(name)
         if existing is not None:
             return existing, False
-        path = self.job_path("data", name)
+        path = self.job_path(State.DATA, name)
         try:
             path.mkdir()
         except FileExistsError:
-            return Job(name, "data", path), False
-        return Job(name, "data", path), True
+            return Job(name, State.DATA, path), False
+        return Job(name, State.DATA, path), True
 
     def queue(self, name: str) -> tuple[Job, bool]:
         """Move a job from data/, error/ or success/ to queue/.
@@ -396,10 +472,10 @@ class Store:
         """
         for _ in range(3):
             job = self.get(name)
-            if job.state in ("queue", "processing"):
+            if job.state in BUSY:
                 return job, False
             try:
-                return self._move(name, job.state, "queue"), True
+                return self._move(name, job.state, State.QUEUE), True
             except FileNotFoundError:
                 continue  # it moved meanwhile: look again
             except FileExistsError:
@@ -409,26 +485,70 @@ class Store:
 
     # -- holding (processors) -----------------------------------------------------
 
-    def claim(self, name: str) -> Hold | None:
-        """Take a queued job into processing/; None if another processor got it first."""
-        src = self.job_path("queue", name)
-        fd = _lock(src)
+    def _hold(self, state: str, name: str) -> Hold | None:
+        """Lock the job at state/NAME: a Hold, or None if it is not there or is held.
+
+        The folder is opened without following links, its `.lock` flock-ed, and then
+        both are checked to be still in place: a job that moved meanwhile, or whose
+        holder released (and removed) the `.lock` we opened, is not ours.
+        LockUnusable if `.lock` cannot be used at all.
+        """
+        rel = f"{State(state)}/{check_name(name)}"
+        try:
+            dir_fd = fs.open_dir(self.root_fd, rel)
+        except (FileNotFoundError, NotADirectoryError, fs.UnsafePath):
+            return None  # gone, or a link: not a job
+        except OSError as e:
+            raise LockUnusable(e.errno or 0, f"its folder cannot be opened ({e.strerror})") from e
+        try:
+            fd = _lock_at(dir_fd)
+        except BaseException:
+            os.close(dir_fd)
+            raise
         if fd is None:
-            return None
-        if not _same_file(fd, src / LOCK_FILE):
-            os.close(fd)  # the folder we locked has moved on meanwhile
+            os.close(dir_fd)
             return None
         try:
-            self._move(name, "queue", "processing")
-        except (FileNotFoundError, FileExistsError, OSError):
+            here = os.stat(rel, dir_fd=self.root_fd, follow_symlinks=False)
+            in_place = fs.same_inode(here, os.fstat(dir_fd)) and _is_our_lock(dir_fd, fd)
+        except OSError:
+            in_place = False
+        if not in_place:
             os.close(fd)
+            os.close(dir_fd)
             return None
-        return Hold(name, self.job_path("processing", name), fd)
+        return Hold(name, self.root / rel, fd, dir_fd)
+
+    def _unusable(self, where: str, e: LockUnusable) -> None:
+        """Say once per job that its `.lock` keeps it from being taken."""
+        if where not in self._lock_warned:
+            self._lock_warned.add(where)
+            log.warning("skipping %s: %s; fix or remove it to let the job run", where, e.strerror)
+
+    def claim(self, name: str) -> Hold | None:
+        """Take a queued job into processing/; None if another processor got it first.
+
+        A job whose `.lock` cannot be used is skipped (logged once), never fatal.
+        """
+        try:
+            hold = self._hold(State.QUEUE, name)
+        except LockUnusable as e:
+            self._unusable(f"queue/{name}", e)
+            return None
+        if hold is None:
+            return None
+        try:
+            self._move(name, State.QUEUE, State.PROCESSING)
+        except OSError:
+            hold.release()
+            return None
+        hold.path = self.job_path(State.PROCESSING, name)
+        return hold
 
     def finish(self, hold: Hold, state: str) -> Job:
-        """Move a held job out of processing/ and release it."""
+        """Move a held job out of processing/ and release it (its `.lock` goes too)."""
         try:
-            return self._move(hold.name, "processing", state)
+            return self._move(hold.name, State.PROCESSING, state)
         finally:
             hold.release()
 
@@ -437,30 +557,105 @@ class Store:
 
         A job is only taken back while its lock is ours, so a job run by a live processor
         (here or on another machine), or still held by an orphaned task, is left alone.
+        Holding it also proves its writers are gone, so their temporaries go at once.
         """
         recovered: builtins.list[str] = []
-        for entry in self._entries("processing"):
+        for entry in self._entries(State.PROCESSING):
             if not valid_name(entry.name):
                 continue
-            path = Path(entry.path)
-            fd = _lock(path)
-            if fd is None:
+            try:
+                hold = self._hold(State.PROCESSING, entry.name)
+            except LockUnusable as e:
+                self._unusable(f"processing/{entry.name}", e)
+                continue
+            if hold is None:
                 continue
             try:
-                # the folder we locked must still be the one at processing/NAME
-                if not _same_file(fd, path / LOCK_FILE):
-                    continue
+                self._sweep_job(hold.dir_fd, min_age=0.0, locks=False)
                 try:
-                    self._move(entry.name, "processing", "queue")
+                    self._move(entry.name, State.PROCESSING, State.QUEUE)
                 except (FileNotFoundError, FileExistsError):
                     continue
                 recovered.append(entry.name)
                 log.warning("recovered %s: back to queue/ (its processor is gone)", entry.name)
             finally:
-                os.close(fd)
+                hold.release()
         return recovered
 
+    # -- crash leftovers ---------------------------------------------------------------
+
+    def sweep(self) -> int:
+        """Remove what a crash (kill -9, power cut) leaves in the root; the count removed.
+
+        The trash (jobs half-deleted), init's `.probe-*` files, and in the job folders
+        of every state but processing/: write_atomic temporaries at least SWEEP_AGE
+        seconds old, and `.lock` files nobody holds (earlier versions left one in every
+        job). Jobs in processing/ are swept by recover(), once their holder is known dead.
+        """
+        removed = self._empty_trash()
+        for entry in fs.entries(self.root_fd, hidden=True):
+            if entry.name.startswith(".probe-") and entry.is_file:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.name, dir_fd=self.root_fd)
+                    removed += 1
+        for state in (State.DATA, State.QUEUE, State.SUCCESS, State.ERROR):
+            for name in self.job_names(state):
+                try:
+                    dir_fd = fs.open_dir(self.root_fd, f"{state}/{name}")
+                except (OSError, fs.UnsafePath):
+                    continue  # moved on meanwhile
+                try:
+                    removed += self._sweep_job(dir_fd, min_age=SWEEP_AGE, locks=True)
+                except OSError as e:  # an unreadable job: leave it, it is not fatal
+                    log.warning("cannot sweep %s/%s: %s", state, name, e.strerror or e)
+                finally:
+                    os.close(dir_fd)
+        if removed:
+            log.info("removed %d leftover(s) of interrupted work in %s", removed, self.root)
+        return removed
+
+    def _empty_trash(self) -> int:
+        try:
+            trash_fd = fs.open_dir(self.root_fd, TRASH)
+        except FileNotFoundError:
+            return 0
+        removed = 0
+        try:
+            for entry in fs.entries(trash_fd, hidden=True):
+                with contextlib.suppress(OSError):
+                    fs.remove(trash_fd, entry.name, recursive=True)
+                    removed += 1
+        finally:
+            os.close(trash_fd)
+        return removed
+
+    def _sweep_job(self, dir_fd: int, *, min_age: float, locks: bool) -> int:
+        """Remove stale temporaries (and, with locks, a free `.lock`) in one job folder."""
+        removed = 0
+        now = time.time()
+        for entry in fs.entries(dir_fd, hidden=True):
+            try:
+                if entry.name == LOCK_FILE and locks:
+                    removed += _drop_free_lock(dir_fd)
+                elif entry.is_file and _TEMP.fullmatch(entry.name):
+                    st = os.stat(entry.name, dir_fd=dir_fd, follow_symlinks=False)
+                    if now - st.st_mtime >= min_age:
+                        os.unlink(entry.name, dir_fd=dir_fd)
+                        removed += 1
+            except OSError:
+                continue  # gone meanwhile, or not ours to remove: leave it
+        return removed
+
     # -- deleting ------------------------------------------------------------------
+
+    def _trash_fd(self) -> int:
+        """The hidden trash folder, made if missing; never a link (StoreError)."""
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(TRASH, 0o755, dir_fd=self.root_fd)
+        try:
+            return fs.open_dir(self.root_fd, TRASH)
+        except (fs.UnsafePath, NotADirectoryError) as e:
+            raise StoreError(f"{self.root / TRASH} is not a folder: {e.strerror}") from None
 
     def delete(self, name: str) -> bool:
         """Remove a job and all its files. False if there was none; JobBusy if held.
@@ -468,31 +663,38 @@ class Store:
         The job is first renamed into the hidden trash folder, so no listing shows and
         no processor claims a half-deleted job.
         """
-        trash = self.root / TRASH
-        trash.mkdir(exist_ok=True)
-        for _ in range(3):
-            job = self.find(name)
-            if job is None:
-                return False
-            if job.state == "processing":
-                raise JobBusy(f"job {name!r} is being processed")
-            fd = _lock(job.path)
-            if fd is None:
-                if not job.path.exists():
-                    continue
-                raise JobBusy(f"job {name!r} is held by a processor")
-            try:
-                # shortened: NAME plus the suffix must stay a legal file name
-                target = trash / f"{name[:200]}.{uuid.uuid4().hex}"
+        trash_fd = self._trash_fd()
+        try:
+            for _ in range(3):
+                job = self.find(name)
+                if job is None:
+                    return False
+                if job.state == State.PROCESSING:
+                    raise JobBusy(f"job {name!r} is being processed")
                 try:
-                    os.rename(job.path, target)
+                    hold = self._hold(job.state, name)
+                except LockUnusable as e:
+                    raise JobBusy(f"job {name!r} cannot be locked: {e.strerror}") from None
+                if hold is None:
+                    if not _is_real_dir(str(job.path)):
+                        continue
+                    raise JobBusy(f"job {name!r} is held by a processor")
+                # shortened: NAME plus the suffix must stay a legal file name
+                target = f"{name[:200]}.{uuid.uuid4().hex}"
+                try:
+                    os.rename(
+                        f"{job.state}/{name}", target, src_dir_fd=self.root_fd, dst_dir_fd=trash_fd
+                    )
                 except FileNotFoundError:
                     continue
-            finally:
-                os.close(fd)
-            shutil.rmtree(target, ignore_errors=True)
-            return True
-        raise JobBusy(f"job {name!r} keeps changing state")
+                finally:
+                    hold.release()
+                with contextlib.suppress(OSError):
+                    fs.remove_tree(trash_fd, target)
+                return True
+            raise JobBusy(f"job {name!r} keeps changing state")
+        finally:
+            os.close(trash_fd)
 
     # -- for the HTTP API --------------------------------------------------------------
 
@@ -503,33 +705,46 @@ class Store:
         so an upload renamed into place under the hold is complete before any task
         sees the job, even if it is queued meanwhile. Another holder of an unqueued job
         is another upload committing or a delete, both brief, so we wait up to `wait`
-        seconds for it. None if the job is queued, processing or still held after that;
-        JobNotFound if there is none.
+        seconds for it. None if the job is queued, processing or still held after that
+        (or its `.lock` cannot be used); JobNotFound if there is none.
         """
         deadline = time.monotonic() + wait
         moves = 0
         while moves < 3:
             job = self.get(name)
-            if job.state in ("queue", "processing"):
+            if job.state in BUSY:
                 return None
-            fd = _lock(job.path)
-            if fd is None:
-                if not job.path.exists():
-                    moves += 1  # moved meanwhile: look again
-                elif time.monotonic() >= deadline:
-                    return None
-                else:
-                    time.sleep(0.002)
-                continue
-            now = self.find(name)
-            if (
-                now is not None
-                and now.state not in ("queue", "processing")
-                and _same_file(fd, now.path / LOCK_FILE)
-            ):
-                return Hold(name, now.path, fd)
-            os.close(fd)
-            if now is not None and now.state in ("queue", "processing"):
+            try:
+                hold = self._hold(job.state, name)
+            except LockUnusable as e:
+                self._unusable(f"{job.state}/{name}", e)
                 return None
-            moves += 1
+            if hold is not None:
+                return hold
+            if not _is_real_dir(str(job.path)):
+                moves += 1  # moved meanwhile: look again
+            elif time.monotonic() >= deadline:
+                return None
+            else:
+                time.sleep(0.002)
         raise JobBusy(f"job {name!r} keeps changing state")
+
+    # the old name of jobs(); it shadowed the builtin inside this class
+    list = jobs
+
+
+def _drop_free_lock(dir_fd: int) -> int:
+    """Remove the `.lock` of a job folder if nobody holds it (1 if removed)."""
+    try:
+        fd = _lock_at(dir_fd)
+    except LockUnusable:
+        return 0  # a folder or link of that name is the job's content: not ours
+    if fd is None:
+        return 0
+    try:
+        if _is_our_lock(dir_fd, fd):
+            os.unlink(LOCK_FILE, dir_fd=dir_fd)
+            return 1
+        return 0
+    finally:
+        os.close(fd)

@@ -217,3 +217,27 @@ def test_any_json_object_either_loads_or_says_why(data: dict[str, Any]) -> None:
         return
     assert job.todo or job.finished
     assert all(isinstance(t, str) for t in job.todo)
+
+
+def test_a_job_over_the_size_cap_is_refused_by_path_and_by_content(tmp_path: Path) -> None:
+    raw = json.dumps({"Todo": ["a"], "Pad": "x" * jobfile.JOB_LIMIT}).encode()
+    with pytest.raises(JobFileError, match="larger than"):
+        jobfile.parse(raw)  # what the API checks an uploaded JOB with
+    (tmp_path / "JOB").write_bytes(raw)
+    with pytest.raises(JobFileError, match="larger than"):
+        jobfile.load(tmp_path)
+
+
+def test_load_by_path_refuses_links(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "JOB").write_text('{"Todo": ["evil"]}')
+    job = tmp_path / "job"
+    job.mkdir()
+    (job / "JOB").symlink_to(outside / "JOB")
+    with pytest.raises(JobFileError, match="symbolic link"):
+        jobfile.load(job)
+    (tmp_path / "linked-job").symlink_to(outside)
+    with pytest.raises(OSError):
+        jobfile.load(tmp_path / "linked-job")
+    assert jobfile.load(tmp_path / "gone") == JobFile()  # a job that moved on reads empty

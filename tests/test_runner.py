@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from batchingest.runner import UnknownTask, read_control, resolve
+from batchingest.runner import (
+    CONTROL_LIMIT,
+    ControlDir,
+    UnknownTask,
+    fresh_control_file,
+    read_control,
+    resolve,
+    sweep_control_dirs,
+)
 
 
 def test_tasks_folder_wins_over_a_builtin(tmp_path: Path) -> None:
@@ -38,3 +50,82 @@ def test_control_lines(tmp_path: Path) -> None:
     control.write_text("deltask:a\n")
     assert "bad control line 1" in read_control(control)[1]
     assert read_control(tmp_path / "missing") == ([], "")
+
+
+def test_control_file_that_is_a_link_fifo_or_huge_is_refused_quickly(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.write_text("addtask:evil\n")
+    control = tmp_path / "control"
+    control.symlink_to(outside)
+    added, error = read_control(control)
+    assert added == [] and "not a regular file" in error
+    control.unlink()
+    os.mkfifo(control)
+    t0 = time.monotonic()
+    added, error = read_control(control)
+    assert added == [] and "named pipe" in error and time.monotonic() - t0 < 1
+    control.unlink()
+    control.write_bytes(b"addtask:a\n" * (CONTROL_LIMIT // 10 + 1))
+    assert read_control(control) == ([], f"control file is larger than {CONTROL_LIMIT} bytes")
+
+
+@pytest.mark.parametrize("left", ["link", "fifo", "folder", "file"])
+def test_a_fresh_control_file_replaces_whatever_was_left(tmp_path: Path, left: str) -> None:
+    outside = tmp_path / "outside"
+    outside.write_text("keep")
+    control = tmp_path / "control"
+    if left == "link":
+        control.symlink_to(outside)
+    elif left == "fifo":
+        os.mkfifo(control)
+    elif left == "folder":
+        (control / "sub").mkdir(parents=True)
+    else:
+        control.write_text("addtask:old\n")
+    fresh_control_file(control)
+    assert control.is_file() and not control.is_symlink() and control.read_text() == ""
+    assert outside.read_text() == "keep"
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_control_dir_carries_the_pid_and_is_removed_on_close(tmp_path: Path) -> None:
+    control = ControlDir(str(tmp_path))
+    assert control.path.parent == tmp_path
+    assert control.path.name.startswith(f"batchingest-control-{os.getpid()}-")
+    assert control.file(7) == control.path / "7.control"
+    control.close()
+    assert not control.path.exists()
+    control.close()  # twice is harmless
+
+
+def test_sweep_removes_only_control_dirs_of_dead_unlocked_services(tmp_path: Path) -> None:
+    dead = tmp_path / f"batchingest-control-{_dead_pid()}-abc"
+    (dead / "sub").mkdir(parents=True)
+    (dead / "1.control").write_text("x")
+    dead_but_locked = tmp_path / f"batchingest-control-{_dead_pid()}-locked"
+    dead_but_locked.mkdir()
+    other = tmp_path / "batchingest-other-1"
+    other.mkdir()
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "f").write_text("x")
+    link = tmp_path / f"batchingest-control-{_dead_pid()}-link"
+    link.symlink_to(target)
+    fd = os.open(dead_but_locked, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # a live service in another pid namespace, say
+    try:
+        mine = ControlDir(str(tmp_path))  # sweeps first, then makes its own
+        assert not dead.exists()
+        assert dead_but_locked.is_dir() and other.is_dir() and (target / "f").exists()
+        assert link.is_symlink()
+        assert sweep_control_dirs(str(tmp_path)) == []  # its own folder: alive
+        assert mine.path.is_dir()
+        mine.close()
+    finally:
+        os.close(fd)
+    assert sweep_control_dirs(str(tmp_path)) == [dead_but_locked.name]

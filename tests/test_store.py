@@ -16,11 +16,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from batchingest.store import (
+    BUSY,
+    FINAL,
+    STATE_OF_STATUS,
     STATES,
+    STATUS_OF_STATE,
+    SWEEP_AGE,
     InvalidName,
     Job,
     JobBusy,
     JobNotFound,
+    State,
     Store,
     StoreError,
     check_name,
@@ -662,3 +668,178 @@ def test_read_looks_again_when_the_job_moves_during_the_read(store: Store) -> No
     assert seen == ["queue", "processing"]
     assert job.state == value == "processing"
     assert store.read("nope", read) is None
+
+
+# -- states as an enum -------------------------------------------------------------------
+
+
+def test_states_are_an_enum_that_still_reads_as_strings(store: Store) -> None:
+    assert STATES == ("data", "queue", "processing", "success", "error") == tuple(State)
+    assert State.DATA.status == "ready" and State.ERROR.status == "error"
+    assert {"queue", "processing"} == BUSY and {"success", "error"} == FINAL
+    assert STATUS_OF_STATE["data"] == "ready" and STATE_OF_STATUS["ready"] is State.DATA
+    job, _ = store.create("j")
+    assert job.state is State.DATA and job.state == "data" and f"{job.state}/x" == "data/x"
+    assert store.jobs() == store.list() == [job]
+    assert store.jobs(["data"]) == [job] and store.jobs([State.ERROR]) == []
+
+
+# -- what a job folder may hold: links and special files (issue 8) -------------------------
+
+
+@pytest.mark.parametrize("state", ["queue", "processing", "success", "data"])
+def test_init_refuses_a_state_folder_that_is_a_link(tmp_path: Path, state: str) -> None:
+    root = tmp_path / "root"
+    Store(root).init()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (root / state).rmdir()
+    (root / state).symlink_to(elsewhere)
+    with pytest.raises(StoreError, match=f"{root / state} is a symbolic link"):
+        Store(root).init()
+
+
+def test_init_refuses_a_trash_link_and_leaves_its_target_alone(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    Store(root).init()
+    precious = tmp_path / "precious"
+    (precious / "sub").mkdir(parents=True)
+    (precious / "sub" / "file").write_text("keep me")
+    (root / ".trash").symlink_to(precious)
+    with pytest.raises(StoreError, match="symbolic link"):
+        Store(root).init()
+    assert (precious / "sub" / "file").read_text() == "keep me"
+    # a delete does not move the job there either
+    put(Store(root), "data", "j")
+    with pytest.raises(StoreError):
+        Store(root).delete("j")
+    assert (root / "data" / "j").is_dir() and os.listdir(precious) == ["sub"]
+
+
+def test_a_lock_link_creates_nothing_outside_and_the_job_is_skipped(
+    store: Store, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    outside = tmp_path / "outside-lock"
+    put(store, "queue", "linked")
+    (store.root / "queue" / "linked" / ".lock").symlink_to(outside)
+    put(store, "queue", "fine")
+    with caplog.at_level(logging.WARNING, "batchingest.store"):
+        assert store.claim("linked") is None
+        assert store.claim("linked") is None
+    assert not outside.exists()
+    assert states_of(store, "linked") == ["queue"]
+    warnings = [r.getMessage() for r in caplog.records if "queue/linked" in r.getMessage()]
+    assert len(warnings) == 1 and "symbolic link" in warnings[0]
+    hold = store.claim("fine")
+    assert hold is not None
+    store.finish(hold, "success")
+
+
+@pytest.mark.parametrize("kind", ["folder", "fifo", "readonly-folder"])
+def test_an_unusable_lock_is_skipped_never_fatal(store: Store, kind: str) -> None:
+    for state in ("queue", "processing", "data"):
+        lock = put(store, state, f"bad-{state}") / ".lock"
+        if kind == "fifo":
+            os.mkfifo(lock)
+        else:
+            lock.mkdir()
+            if kind == "readonly-folder":
+                lock.chmod(0o500)
+    assert store.claim("bad-queue") is None
+    assert store.recover() == []  # no exception: the others are still recovered
+    assert store.hold_unqueued("bad-data", wait=0) is None
+    with pytest.raises(JobBusy, match="cannot be locked"):
+        store.delete("bad-data")
+    assert states_of(store, "bad-processing") == ["processing"]
+    put(store, "processing", "orphan")
+    assert store.recover() == ["orphan"]
+
+
+def test_a_finished_job_carries_no_lock(store: Store) -> None:
+    put(store, "queue", "j")
+    hold = store.claim("j")
+    assert hold is not None and (hold.path / ".lock").exists()
+    job = store.finish(hold, "success")
+    assert sorted(os.listdir(job.path)) == ["token"]
+    edit = store.hold_unqueued("j")
+    assert edit is not None and (job.path / ".lock").exists()
+    edit.release()
+    assert sorted(os.listdir(job.path)) == ["token"]
+    put(store, "processing", "dead")
+    assert store.recover() == ["dead"]
+    assert sorted(os.listdir(store.root / "queue" / "dead")) == ["token"]
+
+
+def test_a_released_lock_that_someone_still_has_open_holds_nothing(store: Store) -> None:
+    """Removing `.lock` on release is safe: a late locker of the old file backs off."""
+    put(store, "data", "j")
+    hold = store.hold_unqueued("j")
+    assert hold is not None
+    late = os.open(store.root / "data" / "j" / ".lock", os.O_RDWR)  # opened before release
+    try:
+        hold.release()
+        fcntl.flock(late, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the old file: lockable now
+        # ...but it is no longer the job's lock, so the job is free for others
+        again = store.hold_unqueued("j", wait=0)
+        assert again is not None
+        again.release()
+        assert store.delete("j")
+    finally:
+        os.close(late)
+
+
+def _age(path: Path, seconds: float) -> None:
+    then = time.time() - seconds
+    os.utime(path, (then, then), follow_symlinks=False)
+
+
+def test_init_sweeps_stale_temporaries_and_free_locks(store: Store) -> None:
+    old_tmp = {".JOB.0123456789ab.tmp", ".PROGRESS.json.k2j_9xzq.tmp"}
+    kept = {"data.tmp", ".notes.tmp", ".JOB.tmp", ".JOB.fresh0000000.tmp"}
+    for state in ("data", "queue", "success", "error"):
+        job = put(store, state, f"j-{state}")
+        for name in old_tmp | kept:
+            (job / name).write_text("x")
+            if name in old_tmp:
+                _age(job / name, SWEEP_AGE + 5)
+        (job / ".lock").write_text("")
+    (store.root / "success" / "j-success" / "sub").mkdir()
+    held = os.open(store.root / "error" / "j-error" / ".lock", os.O_RDWR)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    try:
+        running = put(store, "processing", "running")
+        (running / ".JOB.0123456789ab.tmp").write_text("x")
+        _age(running / ".JOB.0123456789ab.tmp", SWEEP_AGE + 5)
+        (store.root / ".probe-0123").write_text("")
+        store.init()
+        for state in ("data", "queue", "success", "error"):
+            left = set(os.listdir(store.root / state / f"j-{state}"))
+            assert not left & old_tmp
+            assert kept <= left
+            assert (".lock" in left) == (state == "error")  # a held lock stays
+        assert (running / ".JOB.0123456789ab.tmp").exists()  # processing/: recover's
+        assert not (store.root / ".probe-0123").exists()
+    finally:
+        os.close(held)
+
+
+def test_recover_removes_the_dead_runs_temporaries_at_once(store: Store) -> None:
+    job = put(store, "processing", "j")
+    (job / ".JOB.0123456789ab.tmp").write_text("half")
+    (job / ".keep").write_text("x")
+    assert store.recover() == ["j"]
+    assert sorted(os.listdir(store.root / "queue" / "j")) == [".keep", "token"]
+
+
+def test_open_job_gives_the_folder_and_refuses_a_link(store: Store, tmp_path: Path) -> None:
+    """Store.open_job works on kernels with openat2 (a folder open once passed a mode: EINVAL)."""
+    job, _ = store.create("j")
+    (job.path / "f").write_text("x")
+    fd = store.open_job(job)
+    try:
+        assert os.listdir(fd) == ["f"]
+    finally:
+        os.close(fd)
+    (store.root / "error" / "l").symlink_to(tmp_path)
+    with pytest.raises(OSError):
+        store.open_job(Job("l", State.ERROR, store.root / "error" / "l"))
