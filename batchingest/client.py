@@ -10,6 +10,7 @@ message; the token is sent, never shown.
 from __future__ import annotations
 
 import re
+import ssl
 from typing import Any
 
 import httpx
@@ -27,11 +28,17 @@ class HttpSource:
     def __init__(self, url: str, token: str, timeout: float = TIMEOUT) -> None:
         self.url = url.rstrip("/")
         self.timeout = timeout
-        self.http = httpx.Client(
-            base_url=self.url,
-            headers={"X-Api-Token": token, "User-Agent": "batchingest-cli"},
-            timeout=timeout,
-        )
+        try:
+            self.http = httpx.Client(
+                base_url=self.url,
+                headers={"X-Api-Token": token, "User-Agent": "batchingest-cli"},
+                timeout=timeout,
+                # plain http has no certificates to check: a broken SSL_CERT_FILE must
+                # not stop a command talking to http://127.0.0.1
+                verify=not self.url.startswith("http://"),
+            )
+        except (OSError, ssl.SSLError) as e:
+            raise CommandError(f"cannot set up TLS for {self.url}: {e}") from None
 
     def describe(self) -> str:
         return f"service {self.url}"
