@@ -75,6 +75,11 @@ class HttpSource:
                 f"(HTTP {r.status_code}, {kind})"
             ) from None
 
+    def code(self, r: httpx.Response) -> str | None:
+        """The `code` of an error answer (JobNotFound, NotFound, ...), if it has one."""
+        body = self.json(r)
+        return str(body.get("code")) if isinstance(body, dict) else None
+
     def fail(self, r: httpx.Response) -> CommandError:
         """The service's error, said as it said it."""
         body = self.json(r)
@@ -116,11 +121,11 @@ class HttpSource:
             m = _CONTENT_RANGE.fullmatch(r.headers.get("content-range", ""))
             return LogPiece(b"", int(m.group(1)) if m else offset)
         if r.status_code == 404:
-            if self.json(r).get("code") == "JobNotFound":
+            if self.code(r) == "JobNotFound":
                 raise no_job(name)
-            return None
-        if r.status_code == 400:
-            raise CommandError(f"the LOG of job {name!r} cannot be read: {self.json(r)['message']}")
+            return None  # FileNotFound: no LOG yet
+        if r.status_code == 400:  # InvalidPath: a link leading out of the job
+            raise CommandError(f"the LOG of {name!r} cannot be read: {self.fail(r).message}")
         if r.status_code == 200:  # the whole file (Range ignored)
             return LogPiece(r.content[offset:], len(r.content))
         if r.status_code != 206:
@@ -142,7 +147,7 @@ class HttpSource:
         """A 404 for the route itself (not for a job): this service cannot do `what` yet."""
         if r.status_code not in (404, 405):
             return None
-        if self.json(r).get("code") in ("NotFound", "MethodNotAllowed"):
+        if self.code(r) in ("NotFound", "MethodNotAllowed"):
             return CommandError(f"the service at {self.url} has no {what} (an older version)")
         return None
 

@@ -60,8 +60,7 @@ def read_token(path: Path) -> str:
 
 def open_source(args: argparse.Namespace) -> Source:
     """--url or --root (a flag wins over the variables; BATCHINGEST_URL over _ROOT)."""
-    url = args.url if args.url is not None else None
-    root = args.root
+    url, root = args.url, args.root
     if url is None and root is None:
         url = _env(URL_ENV)
         if url is None and _env(env_name("root")) is not None:
@@ -104,6 +103,12 @@ def job_name(value: str) -> str:
             "use 1-255 of A-Z a-z 0-9 . _ -, not starting with '.'"
         )
     return value
+
+
+def positive(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1: {value[:50]!r}")
+    return int(value)
 
 
 # -- output --------------------------------------------------------------------------
@@ -396,7 +401,8 @@ def _add_extras(p: argparse.ArgumentParser, extras: list[str]) -> None:
         p.add_argument("-f", "--follow", action="store_true", help="keep printing what comes")
     if "events" in extras:
         p.add_argument("--after", default=None, metavar="CURSOR", help="only events after this")
-        p.add_argument("--limit", type=int, default=100, metavar="N", help="events per request")
+        p.add_argument("--limit", type=positive, default=100, metavar="N",
+                       help="events per request (default: 100)")  # fmt: skip
     if "failed" in extras:
         p.add_argument("--failed", action="store_true", required=True,
                        help="every job in error/ (required: says which jobs)")  # fmt: skip

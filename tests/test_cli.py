@@ -352,3 +352,97 @@ def test_logs_into_a_pipe_that_closes_early_is_quiet(tmp_path: Path) -> None:
     p = subprocess.run(f"{' '.join(command())} logs long --root {root} | head -1",
                        shell=True, capture_output=True, text=True, timeout=60)  # fmt: skip
     assert p.stdout == "a log line\n" and p.stderr == ""
+
+
+class _StandIn:
+    """A stand-in answering as the routes being added will (GET /events, POST .../cancel),
+    so the commands' paging, following and error handling are tested before they exist."""
+
+    def __init__(self) -> None:
+        import http.server
+        import json
+        import threading
+        from urllib.parse import parse_qs, urlsplit
+
+        self.events = [self.event(i) for i in range(1, 6)]
+        self.tokens: list[str | None] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def answer(self, status: int, body: object) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                outer.tokens.append(self.headers.get("X-Api-Token"))
+                url = urlsplit(self.path)
+                query = {k: v[0] for k, v in parse_qs(url.query).items()}
+                after, limit = int(query.get("after", 0)), int(query["limit"])
+                later = [e for e in list(outer.events) if int(e["cursor"]) > after]
+                page = later[:limit]
+                more = len(later) > limit
+                cursor = page[-1]["cursor"] if more else None
+                self.answer(200, {"DATA_TYPE": "event_list", "DATA": page, "next_cursor": cursor})
+
+            def do_POST(self) -> None:
+                if self.path == "/jobs/running/cancel":
+                    self.answer(202, {"Name": "running", "Status": "processing"})
+                else:
+                    message = "job 'done' has finished"
+                    self.answer(409, {"code": "JobNotCancellable", "message": message,
+                                      "request_id": "r", "resource": self.path})  # fmt: skip
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @staticmethod
+    def event(i: int) -> dict[str, str]:
+        return {"job": f"j{i}", "code": "SUCCEEDED", "time": f"2026-12-01T10:00:0{i}Z",
+                "description": f"job j{i} succeeded", "cursor": str(i)}  # fmt: skip
+
+
+def test_events_pages_and_follows_the_event_list() -> None:
+    import json
+
+    stand_in = _StandIn()
+    env = {"BATCHINGEST_TOKEN": "t0k"}
+    try:
+        p = run("events", "--url", stand_in.url, "--limit", "2", env=env)
+        assert p.returncode == 0, p.stderr
+        assert p.stdout.splitlines() == [
+            f"2026-12-01T10:00:0{i}Z  j{i}  SUCCEEDED  job j{i} succeeded" for i in range(1, 6)
+        ]
+        assert set(stand_in.tokens) == {"t0k"}
+        p = run("events", "--json", "--after", "3", "--url", stand_in.url, env=env)
+        assert json.loads(p.stdout) == [stand_in.event(4), stand_in.event(5)]
+
+        base = {k: v for k, v in os.environ.items() if not k.startswith("BATCHINGEST_")}
+        proc = subprocess.Popen([*command(), "events", "-f", "--json", "--url", stand_in.url],
+                                env={**base, **env}, stdout=subprocess.PIPE, text=True)  # fmt: skip
+        assert proc.stdout is not None
+        try:
+            seen = [json.loads(proc.stdout.readline()) for _ in range(5)]
+            assert seen == stand_in.events
+            stand_in.events.append(stand_in.event(6))  # a new event while following
+            assert json.loads(proc.stdout.readline()) == stand_in.event(6)
+        finally:
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(10) == 130
+
+        p = run("cancel", "running", "--url", stand_in.url, env=env)
+        assert (p.returncode, p.stdout) == (0, "running: cancel requested (status processing)\n")
+        p = run("cancel", "done", "--url", stand_in.url, env=env)
+        assert p.returncode == 1
+        assert p.stderr == (
+            "batchingest cancel: error: job 'done' has finished (JobNotCancellable, HTTP 409)\n"
+        )
+    finally:
+        stand_in.server.shutdown()
