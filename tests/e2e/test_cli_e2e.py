@@ -349,3 +349,38 @@ def test_cancel_stops_a_job(root: Path) -> None:
         wait_for(lambda: not (root / "processing" / "long").exists(), what="the job to stop")
         p = cli("cancel", "long", "--url", svc.url, env=env)  # nothing left to cancel: 409
         assert p.returncode == FAILURE and p.stderr.startswith(b"batchingest cancel: error: ")
+
+
+def test_status_tells_a_job_a_processor_runs_from_one_left_behind(root: Path) -> None:
+    write_task(root / "tasks", "start", "sleep 60\n")
+
+    def stuck() -> list[str]:
+        p = cli("status", "--json", "--root", str(root))
+        assert p.returncode == 0, p.stderr
+        report = json.loads(p.stdout)
+        assert report["processing"] == ["long"]
+        return list(report["stuck"])
+
+    svc = Service(root, api=False).start()
+    try:
+        place(root, "queue", "long")
+        job = root / "processing" / "long"
+        wait_for(lambda: (job / "LOG").exists(), what="the task to start")
+        assert stuck() == []  # a live processor holds it
+        svc.kill()  # kill -9: the task it started lives on, holding the job's lock
+        assert stuck() == []
+        tasks = [pid for pid in os.listdir("/proc") if pid.isdigit() and _cwd(pid) == job]
+        assert tasks
+        for pid in tasks:
+            os.kill(int(pid), signal.SIGKILL)
+        wait_for(lambda: stuck() == ["long"], timeout=10, what="the job to be stuck")
+        assert job.is_dir()  # status only looks
+    finally:
+        svc.stop()
+
+
+def _cwd(pid: str) -> Path | None:
+    try:
+        return Path(os.readlink(f"/proc/{pid}/cwd"))
+    except OSError:
+        return None
