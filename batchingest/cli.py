@@ -1,7 +1,9 @@
-"""The `batchingest` command: `serve` runs the service, `status` shows a jobs root.
+"""The `batchingest` command: `serve` runs the service; the operator commands (jobs,
+show, logs, events, queue, cancel, requeue, status) live in batchingest.commands.
 
 Exit status: 0 when done, 2 for every usage or start-up error (a bad flag or variable, a
-missing or unusable root, a port already taken), each told in one line on stderr.
+missing or unusable root, a port already taken), each told in one line on stderr; the
+operator commands exit 1 when what they were asked could not be done.
 """
 
 from __future__ import annotations
@@ -9,20 +11,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import sys
 from collections.abc import Callable, Sequence
 
 from batchingest import __version__
+from batchingest.commands import add_commands
 from batchingest.config import (
     Config,
     ConfigError,
-    absolute_path,
     add_serve_arguments,
     config_from_args,
-    env_name,
 )
-from batchingest.store import STATES, STATUS_OF_STATE, Store
 
 USAGE_ERROR = 2
 log = logging.getLogger("batchingest")
@@ -82,34 +81,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    root = args.root
-    if root is None and os.environ.get(env_name("root"), "").strip():
-        root = absolute_path(os.environ[env_name("root")])
-    if root is None:
-        return _fail(args.prog, "--root (or BATCHINGEST_ROOT) is required")
-    store = Store(root)
-    if not store.root.is_dir():
-        return _fail(args.prog, f"no jobs root at {store.root}")
-    jobs = store.list()
-    counts = {state: 0 for state in STATES}
-    for job in jobs:
-        counts[job.state] += 1
-    print(f"jobs root {store.root}")
-    print(f"{'state':<12}{'jobs':>8}")
-    for state in STATES:
-        print(f"{STATUS_OF_STATE[state]:<12}{counts[state]:>8}")
-    print(f"{'total':<12}{len(jobs):>8}")
-    # the jobs that may need a person: running (or left behind by a crash) and failed
-    for state in ("processing", "error"):
-        names = [j.name for j in jobs if j.state == state]
-        if names:
-            print(f"\n{state}:")
-            for name in names:
-                print(f"  {name}")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="batchingest", description="A filesystem-backed batch ingest service."
@@ -125,19 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_serve_arguments(p_serve)
     p_serve.set_defaults(func=cmd_serve, prog=p_serve.prog)
-    p_status = sub.add_parser(
-        "status",
-        help="jobs per state in a jobs root",
-        description="Count the jobs per state; name those processing and in error.",
-    )
-    p_status.add_argument(
-        "--root",
-        type=absolute_path,
-        default=None,
-        metavar="PATH",
-        help="the jobs root [BATCHINGEST_ROOT]",
-    )
-    p_status.set_defaults(func=cmd_status, prog=p_status.prog)
+    add_commands(sub)
     return parser
 
 

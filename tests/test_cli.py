@@ -224,3 +224,225 @@ def test_status_reads_the_root_as_serve_does(tmp_path: Path) -> None:
     p = run("status", env={"BATCHINGEST_ROOT": str(tmp_path)})
     assert p.returncode == 0 and f"jobs root {tmp_path}" in p.stdout
     assert "error:\n  broken" in p.stdout
+
+
+# -- the operator commands on a jobs root (tests/e2e/test_cli_e2e.py runs them both ways) --
+
+
+def jobs_root(tmp_path: Path) -> Path:
+    root = tmp_path / "root"
+    for state in ("data", "queue", "processing", "success", "error"):
+        (root / state).mkdir(parents=True)
+    return root
+
+
+def test_status_names_the_jobs_in_processing_that_nobody_holds(tmp_path: Path) -> None:
+    import fcntl
+    import json
+
+    root = jobs_root(tmp_path)
+    for name in ("held", "orphan", "free"):
+        (root / "processing" / name).mkdir()
+    (root / "processing" / "free" / ".lock").write_bytes(b"")
+    holder = os.open(root / "processing" / "held" / ".lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a live processor does
+        p = run("status", "--json", "--root", str(root))
+        assert p.returncode == 0, p.stderr
+        report = json.loads(p.stdout)
+        assert report["processing"] == ["free", "held", "orphan"]
+        assert report["stuck"] == ["free", "orphan"]
+        p = run("status", "--root", str(root))
+        assert "stuck (in processing/, no live holder):\n  free\n  orphan\n" in p.stdout
+        # looking changed nothing: no job moved, no lock file made, the holder still holds
+        assert sorted(os.listdir(root / "processing")) == ["free", "held", "orphan"]
+        assert not (root / "processing" / "orphan" / ".lock").exists()
+        other = os.open(root / "processing" / "held" / ".lock", os.O_RDONLY)
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.close(other)
+        free = os.open(root / "processing" / "free" / ".lock", os.O_RDONLY)
+        fcntl.flock(free, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released again at once
+        os.close(free)
+    finally:
+        os.close(holder)
+
+
+def test_requeue_asks_on_a_terminal_and_shows_a_live_line(tmp_path: Path) -> None:
+    import pty
+    import select
+
+    root = jobs_root(tmp_path)
+    for name in ("e1", "e2"):
+        (root / "error" / name).mkdir()
+
+    def on_terminal(answer: bytes) -> tuple[int, bytes]:
+        leader, follower = pty.openpty()
+        base = {k: v for k, v in os.environ.items() if not k.startswith("BATCHINGEST_")}
+        args = [*command(), "requeue", "--failed", "--root", str(root)]
+        proc = subprocess.Popen(args, stdin=follower, stdout=follower, stderr=follower, env=base)
+        os.close(follower)
+        seen = b""
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([leader], [], [], 0.1)
+            if ready:
+                try:
+                    chunk = os.read(leader, 4096)
+                except OSError:  # the command ended and closed the terminal
+                    break
+                seen += chunk
+                if b"[y/N]" in chunk:
+                    os.write(leader, answer)
+            elif proc.poll() is not None:
+                break
+        os.close(leader)
+        return proc.wait(10), seen
+
+    status, seen = on_terminal(b"n\n")
+    assert status == 1 and b"Move 2 failed job(s) (e1, e2) to queue/? [y/N]" in seen
+    assert sorted(os.listdir(root / "error")) == ["e1", "e2"]  # nothing moved
+    status, seen = on_terminal(b"y\n")
+    assert status == 0, seen
+    # one line rewritten in place on a terminal, then the result
+    assert b"\r\x1b[Krequeue 1/2: e1\r\x1b[Krequeue 2/2: e2" in seen
+    assert b"requeued 2 of 2 failed job(s)" in seen
+    assert sorted(os.listdir(root / "queue")) == ["e1", "e2"]
+
+
+def test_logs_and_show_never_follow_planted_files(tmp_path: Path) -> None:
+    import json
+
+    root = jobs_root(tmp_path)
+    outside = tmp_path / "outside.json"
+    outside.write_text('{"Todo": ["from-outside"]}')
+    job = root / "data" / "planted"
+    job.mkdir()
+    (job / "JOB").symlink_to(outside)
+    os.mkfifo(job / "LOG")  # a FIFO must neither hang the command nor be read
+    p = run("logs", "planted", "--root", str(root))
+    assert p.returncode == 1 and p.stdout == ""
+    assert p.stderr == "batchingest logs: error: the LOG of 'planted' is not a regular file " \
+        "(named pipe)\n"  # fmt: skip
+    p = run("show", "planted", "--json", "--root", str(root))
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout) == {
+        "Name": "planted",
+        "Status": "ready",
+        "Todo": None,
+        "Finished": None,
+        "JobError": "JOB is a symbolic link (not followed)",
+    }
+
+
+def test_operator_commands_need_a_root_or_a_url(tmp_path: Path) -> None:
+    for args in (["jobs"], ["logs", "j"], ["requeue", "--failed", "--yes"]):
+        p = run(*args)
+        one_error_line(p, f"batchingest {args[0]}", "--url (or BATCHINGEST_URL) or --root")
+    p = run("requeue", "--root", str(tmp_path))
+    assert (
+        p.returncode == USAGE_ERROR and "the following arguments are required: --failed" in p.stderr
+    )
+
+
+def test_logs_into_a_pipe_that_closes_early_is_quiet(tmp_path: Path) -> None:
+    root = jobs_root(tmp_path)
+    (root / "success" / "long").mkdir()
+    (root / "success" / "long" / "LOG").write_bytes(b"a log line\n" * 500_000)
+    p = subprocess.run(f"{' '.join(command())} logs long --root {root} | head -1",
+                       shell=True, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert p.stdout == "a log line\n" and p.stderr == ""
+
+
+class _StandIn:
+    """A stand-in answering as the routes being added will (GET /events, POST .../cancel),
+    so the commands' paging, following and error handling are tested before they exist."""
+
+    def __init__(self) -> None:
+        import http.server
+        import json
+        import threading
+        from urllib.parse import parse_qs, urlsplit
+
+        self.events = [self.event(i) for i in range(1, 6)]
+        self.tokens: list[str | None] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def answer(self, status: int, body: object) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                outer.tokens.append(self.headers.get("X-Api-Token"))
+                url = urlsplit(self.path)
+                query = {k: v[0] for k, v in parse_qs(url.query).items()}
+                after, limit = int(query.get("after", 0)), int(query["limit"])
+                later = [e for e in list(outer.events) if int(e["cursor"]) > after]
+                page = later[:limit]
+                more = len(later) > limit
+                cursor = page[-1]["cursor"] if more else None
+                self.answer(200, {"DATA_TYPE": "event_list", "DATA": page, "next_cursor": cursor})
+
+            def do_POST(self) -> None:
+                if self.path == "/jobs/running/cancel":
+                    self.answer(202, {"Name": "running", "Status": "processing"})
+                else:
+                    message = "job 'done' has finished"
+                    self.answer(409, {"code": "JobNotCancellable", "message": message,
+                                      "request_id": "r", "resource": self.path})  # fmt: skip
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @staticmethod
+    def event(i: int) -> dict[str, str]:
+        return {"job": f"j{i}", "code": "SUCCEEDED", "time": f"2026-12-01T10:00:0{i}Z",
+                "description": f"job j{i} succeeded", "cursor": str(i)}  # fmt: skip
+
+
+def test_events_pages_and_follows_the_event_list() -> None:
+    import json
+
+    stand_in = _StandIn()
+    env = {"BATCHINGEST_TOKEN": "t0k"}
+    try:
+        p = run("events", "--url", stand_in.url, "--limit", "2", env=env)
+        assert p.returncode == 0, p.stderr
+        assert p.stdout.splitlines() == [
+            f"2026-12-01T10:00:0{i}Z  j{i}  SUCCEEDED  job j{i} succeeded" for i in range(1, 6)
+        ]
+        assert set(stand_in.tokens) == {"t0k"}
+        p = run("events", "--json", "--after", "3", "--url", stand_in.url, env=env)
+        assert json.loads(p.stdout) == [stand_in.event(4), stand_in.event(5)]
+
+        base = {k: v for k, v in os.environ.items() if not k.startswith("BATCHINGEST_")}
+        proc = subprocess.Popen([*command(), "events", "-f", "--json", "--url", stand_in.url],
+                                env={**base, **env}, stdout=subprocess.PIPE, text=True)  # fmt: skip
+        assert proc.stdout is not None
+        try:
+            seen = [json.loads(proc.stdout.readline()) for _ in range(5)]
+            assert seen == stand_in.events
+            stand_in.events.append(stand_in.event(6))  # a new event while following
+            assert json.loads(proc.stdout.readline()) == stand_in.event(6)
+        finally:
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(10) == 130
+
+        p = run("cancel", "running", "--url", stand_in.url, env=env)
+        assert (p.returncode, p.stdout) == (0, "running: cancel requested (status processing)\n")
+        p = run("cancel", "done", "--url", stand_in.url, env=env)
+        assert p.returncode == 1
+        assert p.stderr == (
+            "batchingest cancel: error: job 'done' has finished (JobNotCancellable, HTTP 409)\n"
+        )
+    finally:
+        stand_in.server.shutdown()

@@ -1,0 +1,230 @@
+"""Where the operator commands get their answers: a jobs root on this machine.
+
+`batchingest jobs`, `show`, `logs`, `queue`, `requeue` and `status` each render once,
+from one of two sources with the same methods: `LocalSource` here, working on a jobs
+root through `Store` and the access layer `batchingest.fs`, and `HttpSource`
+(batchingest.client), asking a running service. Both answer in the JSON shapes of the
+HTTP API (`{"Name", "Status", ...}`), so the output cannot tell them apart.
+
+Everything inside a job folder is user input: LOG and JOB are read through descriptors
+from `Store.open_job`, so a LOG planted as a link to another file, or as a FIFO, is
+refused rather than printed or waited on.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from batchingest import fs, jobfile
+from batchingest.store import STATES, Job, JobBusy, JobNotFound, Store
+
+FAILURE = 1  # the command could not do what was asked (exit status)
+USAGE = 2  # a bad flag, name or setting: nothing was contacted or changed
+LOG_FILE = "LOG"
+JOB_LIMIT = 16 << 20  # a JOB larger than this is not a task list
+LOG_CHUNK = 1 << 20  # bytes of LOG read (or requested) at a time
+
+
+class CommandError(Exception):
+    """What went wrong, in one line for stderr, and the exit status it means."""
+
+    def __init__(self, message: str, status: int = FAILURE) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+@dataclass(frozen=True)
+class LogPiece:
+    """Bytes of a LOG from an offset, and the LOG's whole size when they were read."""
+
+    data: bytes
+    size: int
+
+
+class Source(Protocol):
+    """What the commands need from a jobs root, local or behind the HTTP API."""
+
+    def describe(self) -> str: ...
+
+    def list_jobs(self, states: list[str]) -> list[dict[str, Any]]: ...
+
+    def job_info(self, name: str) -> dict[str, Any]: ...
+
+    def read_log(self, name: str, offset: int) -> LogPiece | None: ...
+
+    def queue(self, name: str) -> tuple[str, bool]: ...
+
+    def cancel(self, name: str) -> dict[str, Any]: ...
+
+    def events(self, after: str | None, limit: int) -> tuple[list[dict[str, Any]], str | None]: ...
+
+    def stuck(self) -> list[str] | None: ...
+
+    def close(self) -> None: ...
+
+
+def no_job(name: str) -> CommandError:
+    return CommandError(f"no job named {name!r}")
+
+
+def holder_alive(store: Store, job: Job) -> bool | None:
+    """Does a live process hold this job in processing/? None if that cannot be told.
+
+    Today a holder keeps an exclusive flock on the job's `.lock` (see store.py): if a
+    non-blocking flock succeeds nobody holds it, and it is released at once. Nothing is
+    created or moved. Keep every notion of "held" in this one function.
+    """
+    try:
+        dir_fd = store.open_job(job)
+    except (FileNotFoundError, NotADirectoryError):
+        return True  # it left processing/ meanwhile: someone is moving it
+    except fs.UnsafePath:
+        return None
+    try:
+        try:
+            fd = fs.open_regular(dir_fd, ".lock")
+        except FileNotFoundError:
+            return False  # a holder makes .lock before it claims: this job has none
+        except (fs.UnsafePath, fs.NotRegular):
+            return None  # a planted link or FIFO: no processor would lock that
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                return True
+            return None
+        finally:
+            os.close(fd)  # closing drops the flock we may have taken
+        # free, unless the folder we looked at has left processing/ meanwhile
+        now = fs.lstat(store.root_fd, f"processing/{job.name}")
+        return now is None or not fs.same_inode(now, os.fstat(dir_fd))
+    finally:
+        os.close(dir_fd)
+
+
+class LocalSource:
+    """A jobs root on this machine."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def describe(self) -> str:
+        return f"jobs root {self.store.root}"
+
+    def list_jobs(self, states: list[str]) -> list[dict[str, Any]]:
+        return [{"Name": j.name, "Status": j.status} for j in self.store.list(states)]
+
+    def job_info(self, name: str) -> dict[str, Any]:
+        found = self.store.read(name, self._info)
+        if found is None or found[1] is None:
+            raise no_job(name)
+        return found[1]
+
+    def _info(self, job: Job) -> dict[str, Any] | None:
+        info: dict[str, Any] = {"Name": job.name, "Status": job.status}
+        try:
+            dir_fd = self.store.open_job(job)
+        except (FileNotFoundError, NotADirectoryError):
+            return None  # moved on: Store.read looks again
+        try:
+            raw = fs.read_file(dir_fd, jobfile.JOB_FILE, JOB_LIMIT)
+            jf = jobfile.JobFile() if raw is None else jobfile.parse(raw)
+        except fs.UnsafePath:
+            info.update(Todo=None, Finished=None, JobError="JOB is a symbolic link (not followed)")
+        except fs.NotRegular:
+            info.update(Todo=None, Finished=None, JobError="JOB is not a regular file")
+        except fs.TooLarge:
+            info.update(Todo=None, Finished=None, JobError=f"JOB is over {JOB_LIMIT} bytes")
+        except (jobfile.JobFileError, OSError) as e:
+            info.update(Todo=None, Finished=None, JobError=str(e))
+        else:
+            info.update(Todo=jf.todo, Finished=jf.finished)
+        finally:
+            os.close(dir_fd)
+        return info
+
+    def read_log(self, name: str, offset: int) -> LogPiece | None:
+        """Up to LOG_CHUNK bytes of the job's LOG from offset; None if it has no LOG.
+
+        The job is looked up again on every call, so a follower keeps up with it as it
+        moves from queue/ to processing/ to success/.
+        """
+        found = self.store.read(name, lambda job: self._log_piece(job, offset))
+        if found is None:
+            raise no_job(name)
+        return found[1]
+
+    def _log_piece(self, job: Job, offset: int) -> LogPiece | None:
+        try:
+            dir_fd = self.store.open_job(job)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        try:
+            fd = fs.open_regular(dir_fd, LOG_FILE)
+        except FileNotFoundError:
+            return None
+        except fs.UnsafePath:
+            raise CommandError(f"the LOG of {job.name!r} is a link: not followed") from None
+        except fs.NotRegular as e:
+            raise CommandError(f"the LOG of {job.name!r} is {e.strerror}") from None
+        finally:
+            os.close(dir_fd)
+        try:
+            size = os.fstat(fd).st_size
+            data = os.pread(fd, LOG_CHUNK, offset) if offset < size else b""
+            return LogPiece(data, size)
+        finally:
+            os.close(fd)
+
+    def queue(self, name: str) -> tuple[str, bool]:
+        """Move a job to queue/; its status afterwards, and whether it was moved."""
+        try:
+            job, moved = self.store.queue(name)
+        except JobNotFound:
+            raise no_job(name) from None
+        except JobBusy as e:
+            raise CommandError(str(e)) from None
+        except OSError as e:
+            raise CommandError(f"cannot queue {name!r}: {e.strerror or e}") from None
+        return job.status, moved
+
+    def cancel(self, name: str) -> dict[str, Any]:
+        raise CommandError("cancel needs a running service for now: use --url")
+
+    def events(self, after: str | None, limit: int) -> tuple[list[dict[str, Any]], str | None]:
+        raise CommandError("events need a running service for now: use --url")
+
+    def stuck(self) -> list[str] | None:
+        return [
+            job.name
+            for job in self.store.list(["processing"])
+            # a .lock that is a link or a FIFO (None) needs a person as much as a free one
+            if holder_alive(self.store, job) is not True
+        ]
+
+    def close(self) -> None:
+        pass
+
+
+def check_states(value: str | None) -> list[str]:
+    """The states a `--status` list names (statuses or folder names, as the API takes)."""
+    from batchingest.store import STATE_OF_STATUS, STATUS_OF_STATE
+
+    if value is None:
+        return list(STATES)
+    states: list[str] = []
+    for status in (s.strip() for s in value.split(",")):
+        if not status:
+            continue
+        state = STATE_OF_STATUS.get(status, status if status in STATES else None)
+        if state is None:
+            known = ", ".join(STATUS_OF_STATE.values())
+            raise CommandError(f"unknown status {status!r} (use {known})", USAGE)
+        if state not in states:
+            states.append(state)
+    return states

@@ -1,0 +1,386 @@
+"""The operator commands as real subprocesses, on a jobs root and against the real service.
+
+Every command is run both ways on one root (`--root`, and `--url` with the service
+serving that root), and both must print the same: the rendering is written once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from service import TOKEN, Service, free_port, make_job, wait_for, write_task
+
+pytestmark = pytest.mark.e2e
+
+FAILURE, USAGE = 1, 2
+
+
+def cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[bytes]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("BATCHINGEST_")}
+    return subprocess.run(
+        [sys.executable, "-m", "batchingest.cli", *args],
+        env={**base, **(env or {})},
+        stdin=subprocess.DEVNULL,  # no terminal: nothing may wait for an answer
+        capture_output=True,
+        timeout=timeout,
+    )
+
+
+def both(root: Path, svc: Service) -> list[tuple[list[str], dict[str, str]]]:
+    """The flags and environment for each way of reaching one root."""
+    return [(["--root", str(root)], {}), (["--url", svc.url], {"BATCHINGEST_TOKEN": TOKEN})]
+
+
+def same(root: Path, svc: Service, *args: str) -> subprocess.CompletedProcess[bytes]:
+    """Run a command both ways; they must agree on exit status, stdout and stderr."""
+    (local_flags, local_env), (url_flags, url_env) = both(root, svc)
+    local = cli(*args, *local_flags, env=local_env)
+    remote = cli(*args, *url_flags, env=url_env)
+    assert b"Traceback" not in local.stderr + remote.stderr, (local.stderr, remote.stderr)
+    assert (local.returncode, local.stdout) == (remote.returncode, remote.stdout), args
+    assert local.stderr == remote.stderr, args
+    return local
+
+
+def place(root: Path, state: str, name: str, files: dict[str, str] | None = None) -> Path:
+    """A job moved into a state folder at once, as an operator would with mv."""
+    built = make_job(root / state, name, files=files)
+    target = root / state / name
+    built.rename(target)
+    return target
+
+
+@pytest.fixture
+def api(root: Path) -> Iterator[Service]:
+    with Service(root, "--no-processor") as svc:
+        yield svc
+
+
+FINISHED = {
+    "Todo": ["check"],
+    "Finished": [
+        {"Name": "start", "Start": "2026-11-23T14:16:44.524Z", "Finish": "2026-11-23T14:16:44.531Z",
+         "Status": "ok"},
+        {"Name": "check", "Start": "2026-11-23T14:16:44.600Z", "Finish": "2026-11-23T14:16:45.000Z",
+         "Status": "error", "ExitCode": 1, "Reason": "exit status 1"},
+    ],
+    "Mine": {"kept": True},
+}  # fmt: skip
+
+
+def test_every_command_prints_the_same_from_a_root_and_from_the_service(
+    api: Service, root: Path
+) -> None:
+    place(root, "data", "assembling")
+    failed = place(root, "error", "failed", {"JOB": json.dumps(FINISHED)})
+    (failed / "LOG").write_bytes(b"line one\nline two\n")
+    done = place(root, "success", "done")
+    big = b"".join(b"%07d \xff\xfe not text, and long enough to take several reads\n" % i
+                   for i in range(50_000))  # fmt: skip
+    (done / "LOG").write_bytes(big)
+    place(root, "processing", "left-behind")  # no processor serves this root: nobody holds it
+    place(root, "error", "broken", {"JOB": "{not json"})
+
+    listing = same(root, api, "jobs")
+    assert listing.returncode == 0
+    assert listing.stdout.decode().split() == [
+        "assembling", "ready", "broken", "error", "done", "success", "failed", "error",
+        "left-behind", "processing",
+    ]  # fmt: skip
+    as_json = json.loads(same(root, api, "jobs", "--json").stdout)
+    with api.client() as c:
+        assert as_json == c.get("/jobs").json()  # the fields of GET /jobs, nothing else
+        assert json.loads(same(root, api, "show", "failed", "--json").stdout) == (
+            c.get("/jobs/failed").json()
+        )
+    filtered = json.loads(same(root, api, "jobs", "--json", "--status", "error,ready").stdout)
+    assert [j["Name"] for j in filtered] == ["assembling", "broken", "failed"]
+
+    shown = same(root, api, "show", "failed").stdout.decode()
+    assert "Status:   error" in shown and "Todo:     check" in shown
+    assert "check  error  2026-11-23T14:16:44.600Z .. 2026-11-23T14:16:45.000Z  exit status 1" in (
+        shown
+    )
+    assert "JOB is not valid JSON" in same(root, api, "show", "broken").stdout.decode()
+    assert same(root, api, "logs", "done").stdout == big  # byte for byte, over many reads
+    assert same(root, api, "logs", "failed").stdout == b"line one\nline two\n"
+    assert same(root, api, "logs", "assembling").stdout == b""  # no LOG yet: nothing
+
+    status = {}
+    for flags, env in both(root, api):
+        p = cli("status", "--json", *flags, env=env)
+        assert p.returncode == 0, p.stderr
+        status[flags[0]] = json.loads(p.stdout)
+    local, remote = status["--root"], status["--url"]
+    assert local["stuck"] == ["left-behind"] and remote["stuck"] is None  # HTTP cannot tell
+    for key in ("counts", "total", "processing", "error"):
+        assert local[key] == remote[key], key
+    assert local["counts"] == {"ready": 1, "queue": 0, "processing": 1, "success": 1, "error": 2}
+
+
+def test_errors_are_said_the_same_both_ways(api: Service, root: Path) -> None:
+    for command in (["show", "nope"], ["logs", "nope"], ["queue", "nope"]):
+        p = same(root, api, *command)
+        assert p.returncode == FAILURE
+        assert p.stderr.decode() == f"batchingest {command[0]}: error: no job named 'nope'\n"
+    p = same(root, api, "jobs", "--status", "done")
+    assert p.returncode == USAGE and b"unknown status 'done'" in p.stderr
+    p = same(root, api, "show", "../x")
+    assert p.returncode == USAGE and b"invalid job name '../x'" in p.stderr
+
+
+def test_queue_and_requeue_both_ways(api: Service, root: Path) -> None:
+    for i, (flags, env) in enumerate(both(root, api)):
+        place(root, "data", f"new-{i}")
+        p = cli("queue", f"new-{i}", *flags, env=env)
+        assert (p.returncode, p.stdout) == (0, f"new-{i}: queued\n".encode()), p.stderr
+        assert (root / "queue" / f"new-{i}").is_dir()
+        p = cli("queue", f"new-{i}", *flags, env=env)  # a second time: nothing to do
+        assert (p.returncode, p.stdout) == (0, f"new-{i}: already queue, left as it is\n".encode())
+
+        names = [f"failed-{i}-{n}" for n in range(3)]
+        for name in names:
+            place(root, "error", name)
+        # no terminal and no --yes: refused before anything moves
+        p = cli("requeue", "--failed", *flags, env=env)
+        assert p.returncode == USAGE, p.stderr
+        assert b"no terminal to confirm on: add --yes" in p.stderr
+        assert sorted(os.listdir(root / "error")) == names
+        p = cli("requeue", "--failed", "--yes", *flags, env=env)
+        assert p.returncode == 0, p.stderr
+        assert p.stdout == b"requeued 3 of 3 failed job(s)\n"
+        # progress without a terminal: one plain line per job, no carriage returns
+        assert p.stderr.decode().splitlines() == [
+            f"requeue {n + 1}/3: {name}" for n, name in enumerate(names)
+        ]
+        assert os.listdir(root / "error") == []
+        assert set(names) <= set(os.listdir(root / "queue"))
+        p = cli("requeue", "--failed", *flags, env=env)  # none left: nothing to confirm
+        assert (p.returncode, p.stdout) == (0, b"no failed jobs\n")
+
+
+class Follower:
+    """`batchingest logs -f` running, its output gathered by a thread."""
+
+    def __init__(self, *args: str, env: dict[str, str]) -> None:
+        base = {k: v for k, v in os.environ.items() if not k.startswith("BATCHINGEST_")}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "batchingest.cli", "logs", "-f", *args],
+            env={**base, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        self.out = bytearray()
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        while chunk := os.read(self.proc.stdout.fileno(), 65536):
+            self.out += chunk
+
+    def stop(self) -> bytes:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)  # Ctrl-C: a quiet end
+            self.proc.wait(10)
+        self.thread.join(10)
+        return self.proc.stderr.read() if self.proc.stderr else b""
+
+
+def test_logs_follow_a_growing_log_as_the_job_moves(root: Path) -> None:
+    write_task(root / "tasks", "start",
+               'for i in 1 2 3 4 5 6; do echo "line $i"; sleep 0.3; done\n')  # fmt: skip
+    with Service(root) as svc:
+        job = place(root, "data", "slow")
+        followers = [Follower("slow", *flags, env=env) for flags, env in both(root, svc)]
+        time.sleep(0.5)  # both are following a job with no LOG yet
+        job.rename(root / "queue" / "slow")
+        wait_for(lambda: all(b"line 3" in f.out for f in followers), what="line 3 followed")
+        assert (root / "processing" / "slow").is_dir()  # followed while it runs
+        log = root / "success" / "slow" / "LOG"
+        wait_for(log.exists, what="the job to succeed")
+        final = log.read_bytes()
+        assert b"task start: ok" in final
+        # across queue/ -> processing/ -> success/, every byte once, in order
+        wait_for(lambda: all(bytes(f.out) == final for f in followers), timeout=15,
+                 what="the followers to catch up")  # fmt: skip
+        for f in followers:
+            assert f.stop() == b""
+            assert f.proc.returncode == 130
+
+
+def test_a_log_planted_as_a_link_is_never_printed(api: Service, root: Path, tmp_path: Path) -> None:
+    secret = tmp_path / "secret.txt"
+    secret.write_text("SECRET-0042\n")
+    job = place(root, "data", "planted")
+    (job / "LOG").symlink_to(secret)
+    for flags, env in both(root, api):
+        p = cli("logs", "planted", *flags, env=env)
+        assert p.returncode == FAILURE, p.stderr
+        assert b"SECRET" not in p.stdout + p.stderr
+        assert p.stderr.startswith(b"batchingest logs: error: ")
+        f = cli("logs", "-f", "planted", *flags, env=env, timeout=20)  # not followed either
+        assert f.returncode == FAILURE and b"SECRET" not in f.stdout
+
+
+def test_tokens_and_unreachable_services_are_clear_errors(
+    api: Service, root: Path, tmp_path: Path
+) -> None:
+    place(root, "data", "j")
+    p = cli("jobs", "--url", api.url, env={"BATCHINGEST_TOKEN": "wrong"})
+    assert p.returncode == FAILURE and p.stdout == b""
+    assert p.stderr.decode() == (
+        f"batchingest jobs: error: the service at {api.url} refused the API token (401): "
+        "check BATCHINGEST_TOKEN or --token-file\n"
+    )
+    p = cli("jobs", "--url", api.url)
+    assert p.returncode == USAGE
+    assert b"no API token: set BATCHINGEST_TOKEN or give --token-file" in p.stderr
+    token_file = tmp_path / "token"
+    token_file.write_text(f"# the operator's token\n{TOKEN}\n")
+    p = cli("jobs", "--url", api.url, "--token-file", str(token_file))
+    assert (p.returncode, p.stdout) == (0, b"j  ready\n"), p.stderr
+    p = cli("jobs", env={"BATCHINGEST_URL": api.url, "BATCHINGEST_TOKEN_FILE": str(token_file)})
+    assert (p.returncode, p.stdout) == (0, b"j  ready\n"), p.stderr
+    assert TOKEN.encode() not in p.stdout + p.stderr
+    # plain http needs no certificates: a broken SSL_CERT_FILE must not matter
+    p = cli("jobs", "--url", api.url, env={"BATCHINGEST_TOKEN": TOKEN, "SSL_CERT_FILE": "/none"})
+    assert (p.returncode, p.stdout) == (0, b"j  ready\n"), p.stderr
+
+    gone = f"http://127.0.0.1:{free_port()}"
+    p = cli("status", "--url", gone, env={"BATCHINGEST_TOKEN": TOKEN})
+    assert p.returncode == FAILURE and b"Traceback" not in p.stderr
+    assert p.stderr.startswith(
+        f"batchingest status: error: cannot reach the service at {gone}: ".encode()
+    )
+    p = cli("jobs", "--url", "127.0.0.1:15000", env={"BATCHINGEST_TOKEN": TOKEN})
+    assert p.returncode == USAGE and b"--url must start with http:// or https://" in p.stderr
+    p = cli("jobs", "--url", api.url, "--root", str(root), env={"BATCHINGEST_TOKEN": TOKEN})
+    assert p.returncode == USAGE and b"give --url or --root, not both" in p.stderr
+
+
+def test_status_over_http_says_it_cannot_tell_stuck_jobs(api: Service, root: Path) -> None:
+    p = cli("status", "--url", api.url, env={"BATCHINGEST_TOKEN": TOKEN})
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.decode().splitlines()
+    assert lines[0] == f"service {api.url}"
+    assert "stuck: not known over HTTP (run status with --root on the service's machine)" in lines
+
+
+# -- routes being added: job history and cancel ------------------------------------------
+
+
+def _route_missing(svc: Service, method: str, path: str) -> bool:
+    with svc.client() as c:
+        r = c.request(method, path)
+    return r.status_code in (404, 405) and r.json().get("code") in ("NotFound", "MethodNotAllowed")
+
+
+def test_events_and_cancel_say_so_where_the_service_lacks_them(api: Service, root: Path) -> None:
+    place(root, "queue", "waiting")
+    env = {"BATCHINGEST_TOKEN": TOKEN}
+    checked = 0
+    if _route_missing(api, "GET", "/events"):
+        p = cli("events", "--url", api.url, env=env)
+        assert p.returncode == FAILURE and p.stdout == b""
+        assert p.stderr.decode() == (
+            f"batchingest events: error: the service at {api.url} has no job history "
+            "(GET /events) (an older version)\n"
+        )
+        checked += 1
+    if _route_missing(api, "POST", "/jobs/waiting/cancel"):
+        p = cli("cancel", "waiting", "--url", api.url, env=env)
+        assert p.returncode == FAILURE
+        assert b"has no way to cancel a job" in p.stderr
+        assert (root / "queue" / "waiting").is_dir()
+        checked += 1
+    # on a root, both need a running service for now
+    p = cli("events", "--root", str(root))
+    assert p.returncode == FAILURE and b"events need a running service for now" in p.stderr
+    p = cli("cancel", "waiting", "--root", str(root))
+    assert p.returncode == FAILURE and b"cancel needs a running service for now" in p.stderr
+    if not checked:
+        pytest.skip(
+            "the service has GET /events and POST /jobs/{id}/cancel now: "
+            "test_events_list_job_history and test_cancel_stops_a_job test them"
+        )
+
+
+def test_events_list_job_history(root: Path) -> None:
+    with Service(root) as svc:
+        if _route_missing(svc, "GET", "/events"):
+            pytest.skip("this service has no GET /events yet (job history is being added)")
+        place(root, "queue", "tracked")
+        wait_for(lambda: (root / "success" / "tracked").is_dir(), what="the job to succeed")
+        env = {"BATCHINGEST_TOKEN": TOKEN}
+
+        def history() -> list[dict[str, object]]:
+            p = cli("events", "--json", "--url", svc.url, env=env)
+            assert p.returncode == 0, p.stderr
+            return [e for e in json.loads(p.stdout) if e.get("job") == "tracked"]
+
+        events = wait_for(history, what="events of the job")
+        for event in events:
+            assert {"job", "code", "time", "cursor"} <= set(event)
+        p = cli("events", "--url", svc.url, env=env)
+        assert any(line.split()[1:2] == ["tracked"] for line in p.stdout.decode().splitlines())
+
+
+def test_cancel_stops_a_job(root: Path) -> None:
+    write_task(root / "tasks", "start", "sleep 60\n")
+    with Service(root) as svc:
+        if _route_missing(svc, "POST", "/jobs/x/cancel"):
+            pytest.skip("this service has no POST /jobs/{id}/cancel yet (cancel is being added)")
+        place(root, "queue", "long")
+        wait_for(lambda: (root / "processing" / "long").is_dir(), what="the job to start")
+        env = {"BATCHINGEST_TOKEN": TOKEN}
+        p = cli("cancel", "long", "--url", svc.url, env=env)
+        assert p.returncode == 0, p.stderr
+        assert p.stdout.startswith(b"long: cancel requested")
+        wait_for(lambda: not (root / "processing" / "long").exists(), what="the job to stop")
+        p = cli("cancel", "long", "--url", svc.url, env=env)  # nothing left to cancel: 409
+        assert p.returncode == FAILURE and p.stderr.startswith(b"batchingest cancel: error: ")
+
+
+def test_status_tells_a_job_a_processor_runs_from_one_left_behind(root: Path) -> None:
+    write_task(root / "tasks", "start", "sleep 60\n")
+
+    def stuck() -> list[str]:
+        p = cli("status", "--json", "--root", str(root))
+        assert p.returncode == 0, p.stderr
+        report = json.loads(p.stdout)
+        assert report["processing"] == ["long"]
+        return list(report["stuck"])
+
+    svc = Service(root, api=False).start()
+    try:
+        place(root, "queue", "long")
+        job = root / "processing" / "long"
+        wait_for(lambda: (job / "LOG").exists(), what="the task to start")
+        assert stuck() == []  # a live processor holds it
+        svc.kill()  # kill -9: the task it started lives on, holding the job's lock
+        assert stuck() == []
+        tasks = [pid for pid in os.listdir("/proc") if pid.isdigit() and _cwd(pid) == job]
+        assert tasks
+        for pid in tasks:
+            os.kill(int(pid), signal.SIGKILL)
+        wait_for(lambda: stuck() == ["long"], timeout=10, what="the job to be stuck")
+        assert job.is_dir()  # status only looks
+    finally:
+        svc.stop()
+
+
+def _cwd(pid: str) -> Path | None:
+    try:
+        return Path(os.readlink(f"/proc/{pid}/cwd"))
+    except OSError:
+        return None
