@@ -1,0 +1,258 @@
+"""The outbox: webhook events kept on disk until every URL has had its delivery.
+
+One file per event in ROOT/.outbox, named `<seq>-<event_id>.json`: a first line of JSON
+(the `Event`: job, state, URLs) and then the body exactly as it is sent, so the body is
+stored once however many URLs there are. When one URL of several is done (delivered,
+or finally failed) an empty marker `<file>.done<i>` says so, so a restart sends only to
+the others; when all are done the event file and its markers are removed. A finally
+failed delivery is copied to ROOT/.outbox/failed as an event file of its own with just
+that URL and the reason, ready to be moved back.
+
+Writes happen on one writer thread, never on the event loop. The thread takes every
+event waiting at once (one batch), writes each to a hidden temporary file, fsyncs it,
+renames it into place, and fsyncs the folder once per batch, so a new name is durable
+too. A move waits for its batch (`Writer.submit`), which is how an event is on disk
+before the move is reported done. An event that cannot be written (a full disk) stays
+waiting in memory and is tried again, with every new batch and every RETRY_WRITE
+seconds: it is never dropped while the service runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+
+from batchingest import fs
+
+log = logging.getLogger("batchingest.webhooks")
+
+FAILED = "failed"
+# seconds between attempts to write events that could not be written (disk full)
+RETRY_WRITE = 1.0
+# an outbox file bigger than this is not ours (a body is at most ~2 MiB)
+FILE_MAX_BYTES = 16 << 20
+_DONE = ".done"
+
+
+@dataclass(frozen=True)
+class Event:
+    """The header of one event file; `file` is its name in the outbox."""
+
+    seq: int
+    event_id: str
+    job: str
+    key: str
+    state: str
+    urls: tuple[str, ...]
+    file: str = field(default="", compare=False)
+
+    @staticmethod
+    def name_for(seq: int, event_id: str) -> str:
+        return f"{seq:020d}-{event_id}.json"
+
+    def dumps(self, body: bytes, **extra: object) -> bytes:
+        head = asdict(self)
+        del head["file"]
+        head["urls"] = list(self.urls)
+        return json.dumps({**head, **extra}).encode() + b"\n" + body
+
+
+def parse_event(name: str, data: bytes) -> tuple[Event, bytes] | None:
+    """An event file's header and body, or None if it is not one."""
+    head, sep, body = data.partition(b"\n")
+    try:
+        h = json.loads(head)
+        urls = tuple(h["urls"])
+        if not sep or not urls or not all(isinstance(u, str) for u in urls):
+            return None
+        event = Event(int(h["seq"]), str(h["event_id"]), str(h["job"]), str(h["key"]),
+                      str(h["state"]), urls, name)  # fmt: skip
+    except (ValueError, KeyError, TypeError):
+        return None
+    return event, body
+
+
+@dataclass
+class _Ticket:
+    """What a waiting mover learns: its events were attempted, and whether all got in."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+    ok: bool = True
+
+
+@dataclass
+class _Item:
+    event: Event
+    body: bytes
+    ticket: _Ticket
+
+
+class Outbox:
+    """The outbox folder, reached through a descriptor opened once."""
+
+    def __init__(self, path: os.PathLike[str] | str) -> None:
+        os.makedirs(os.path.join(path, FAILED), exist_ok=True)
+        self.path = os.fspath(path)
+        self.fd = fs.open_root(path)
+        self.failed_fd = fs.open_dir(self.fd, FAILED)
+
+    def close(self) -> None:
+        for fd in (self.failed_fd, self.fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def write(self, items: list[_Item]) -> tuple[int, OSError | None]:
+        """Write items in order, durably; how many got in, and the error that stopped it."""
+        written = 0
+        error: OSError | None = None
+        for item in items:
+            try:
+                fs.write_atomic(self.fd, item.event.file, item.event.dumps(item.body))
+            except OSError as e:
+                error = e
+                break
+            written += 1
+        if written:
+            try:
+                os.fsync(self.fd)  # the new names themselves
+            except OSError as e:
+                log.error("cannot flush the webhook outbox folder: %s", e.strerror or e)
+        return written, error
+
+    def read(self, name: str) -> tuple[Event, bytes] | None:
+        """An event file, or None if it is gone or not an event file."""
+        try:
+            data = fs.read_file(self.fd, name, FILE_MAX_BYTES)
+        except OSError:
+            return None
+        return parse_event(name, data) if data is not None else None
+
+    def names(self) -> Iterator[str]:
+        """Event file names, oldest first."""
+        for entry in sorted(fs.entries(self.fd), key=lambda e: e.name):
+            if entry.is_file and entry.name.endswith(".json"):
+                yield entry.name
+
+    def done(self, name: str) -> set[int]:
+        """The URL indexes of an event file already done (from its markers)."""
+        prefix = name + _DONE
+        found: set[int] = set()
+        for entry in fs.entries(self.fd):
+            if entry.name.startswith(prefix) and entry.name[len(prefix) :].isdigit():
+                found.add(int(entry.name[len(prefix) :]))
+        return found
+
+    def mark_done(self, name: str, index: int) -> None:
+        """Remember that one URL of an event is done (lost in a crash: sent again)."""
+        fd = os.open(f"{name}{_DONE}{index}", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600,
+                     dir_fd=self.fd)  # fmt: skip
+        os.close(fd)
+
+    def remove(self, name: str, indexes: range) -> None:
+        """Remove a finished event file, then its markers."""
+        for rel in (name, *(f"{name}{_DONE}{i}" for i in indexes)):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(rel, dir_fd=self.fd)
+
+    def bury(self, event: Event, index: int, body: bytes, reason: str, at: str) -> str:
+        """Keep a finally failed delivery in failed/ as an event file of its own."""
+        stem = event.file.removesuffix(".json")
+        name = f"{stem}-{index}.json"
+        one = Event(event.seq, event.event_id, event.job, event.key, event.state,
+                    (event.urls[index],), name)  # fmt: skip
+        fs.write_atomic(self.failed_fd, name, one.dumps(body, failure=reason, failed_at=at))
+        return name
+
+    def set_aside(self, name: str) -> None:
+        """Move a file that is not an event file into failed/ as it is."""
+        os.replace(name, name, src_dir_fd=self.fd, dst_dir_fd=self.failed_fd)
+
+    def sweep_markers(self) -> None:
+        """Remove markers whose event file is gone (a crash between the two removals)."""
+        names = {e.name for e in fs.entries(self.fd)}
+        for name in names:
+            base, sep, index = name.rpartition(_DONE)
+            if sep and index.isdigit() and base not in names:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(name, dir_fd=self.fd)
+
+
+class Writer:
+    """The one thread writing events to the outbox, in batches, retrying what fails."""
+
+    def __init__(self, outbox: Outbox, written: Callable[[list[Event]], None]) -> None:
+        self.outbox = outbox
+        self._written = written
+        self._cond = threading.Condition()
+        self._waiting: list[_Item] = []
+        self._failing = False
+        self._busy = False
+        self._thread = threading.Thread(target=self._run, name="webhook-outbox", daemon=True)
+        self._thread.start()
+
+    def submit(self, events: list[tuple[Event, bytes]], wait: bool) -> bool:
+        """Queue events for writing; with wait, return once they were tried (True: in)."""
+        ticket = _Ticket()
+        with self._cond:
+            self._waiting.extend(_Item(e, b, ticket) for e, b in events)
+            self._cond.notify_all()
+        if not wait:
+            return True
+        ticket.done.wait()
+        return ticket.ok
+
+    def pending(self) -> int:
+        """Events not yet written (for tests and the service log)."""
+        with self._cond:
+            return len(self._waiting) + (1 if self._busy else 0)
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until everything submitted so far is written; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._waiting and not self._busy, timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if not self._waiting or self._failing:
+                    # after a failure, try again when a new event arrives or after a while
+                    self._cond.wait(RETRY_WRITE if self._waiting else None)
+                if not self._waiting:
+                    continue
+                batch = list(self._waiting)
+                self._busy = True
+            try:
+                self._write(batch)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def _write(self, batch: list[_Item]) -> None:
+        count, error = self.outbox.write(batch)
+        done, left = batch[:count], batch[count:]
+        with self._cond:
+            for item in done:
+                self._waiting.remove(item)
+            was_failing, self._failing = self._failing, error is not None
+        if done:
+            self._written([item.event for item in done])
+        if error is not None:
+            if not was_failing:
+                reason = "the disk is full" if error.errno == errno.ENOSPC else error.strerror
+                log.error(
+                    "cannot write %d webhook event(s) to the outbox (%s): kept in memory, "
+                    "retrying every %gs", len(left), reason or error, RETRY_WRITE,
+                )  # fmt: skip
+            for item in left:
+                item.ticket.ok = False
+        elif was_failing:
+            log.warning("webhook outbox writable again: pending events written")
+        for item in batch:
+            item.ticket.done.set()
