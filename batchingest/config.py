@@ -126,7 +126,7 @@ _OPTIONS: list[tuple[str, object, object, str]] = [
     ("webhook-timeout", _seconds, 10.0, "connect and total timeout of one webhook POST"),
     ("webhook-retries", _non_negative_int, 5, "retries of a failed webhook delivery"),
     ("webhook-secret", str, None, "HMAC secret to sign webhook POSTs with"),
-    ("webhook-allow", _csv, [], "comma-separated host names / CIDR ranges webhooks may reach"),
+    ("webhook-allow", _csv, [], "host names, CIDR ranges, `public`: where webhooks may go"),
     ("webhook-backoff", _seconds, None, "seconds before the first webhook retry, doubling (10)"),
     ("archive", Path, None, "archive folder staged files are copied from"),
     ("staging", Path, None, "staging area files are copied into"),

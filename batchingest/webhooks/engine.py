@@ -289,9 +289,11 @@ class Webhooks:
     def _scan(self) -> None:
         """Queue every delivery already in the outbox, oldest first."""
         assert self.outbox is not None
-        self.outbox.sweep_markers()
+        markers = self.outbox.markers()
+        names = list(self.outbox.names())
+        self.outbox.sweep_markers(markers, set(names))
         events: list[Event] = []
-        for name in self.outbox.names():
+        for name in names:
             found = self.outbox.read(name)
             if found is None:
                 self._set_aside(name)
@@ -299,16 +301,18 @@ class Webhooks:
             events.append(found[0])
         if events:
             log.info("%d webhook events pending in the outbox", len(events))
-            self._add(events)
+            self._add(events, markers)
 
-    def _add(self, events: list[Event]) -> None:
+    def _add(self, events: list[Event], markers: dict[str, set[int]] | None = None) -> None:
+        """Put events in their lanes (on the loop); markers: URLs done before a restart."""
         self._done_writing(events)
         if self._client is None or self.outbox is None:
             return  # not running yet (the start-up scan finds the files) or stopping
         for event in events:
             if event.file in self._open:
                 continue
-            todo = set(range(len(event.urls))) - self.outbox.done(event.file)
+            done = markers.get(event.file, set()) if markers else set()
+            todo = set(range(len(event.urls))) - done
             if not todo:
                 self.outbox.remove(event.file, range(len(event.urls)))
                 continue

@@ -139,13 +139,13 @@ class Outbox:
             if entry.is_file and entry.name.endswith(".json"):
                 yield entry.name
 
-    def done(self, name: str) -> set[int]:
-        """The URL indexes of an event file already done (from its markers)."""
-        prefix = name + _DONE
-        found: set[int] = set()
+    def markers(self) -> dict[str, set[int]]:
+        """Event file name -> the URL indexes already done, from one listing."""
+        found: dict[str, set[int]] = {}
         for entry in fs.entries(self.fd):
-            if entry.name.startswith(prefix) and entry.name[len(prefix) :].isdigit():
-                found.add(int(entry.name[len(prefix) :]))
+            base, sep, index = entry.name.rpartition(_DONE)
+            if sep and index.isdigit():
+                found.setdefault(base, set()).add(int(index))
         return found
 
     def mark_done(self, name: str, index: int) -> None:
@@ -173,14 +173,13 @@ class Outbox:
         """Move a file that is not an event file into failed/ as it is."""
         os.replace(name, name, src_dir_fd=self.fd, dst_dir_fd=self.failed_fd)
 
-    def sweep_markers(self) -> None:
+    def sweep_markers(self, markers: dict[str, set[int]], names: set[str]) -> None:
         """Remove markers whose event file is gone (a crash between the two removals)."""
-        names = {e.name for e in fs.entries(self.fd)}
-        for name in names:
-            base, sep, index = name.rpartition(_DONE)
-            if sep and index.isdigit() and base not in names:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(name, dir_fd=self.fd)
+        for base, indexes in markers.items():
+            if base not in names:
+                for index in indexes:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(f"{base}{_DONE}{index}", dir_fd=self.fd)
 
 
 class Writer:
