@@ -349,7 +349,7 @@ def test_events_written_before_move_returns_and_delivered_on_start(store: Store)
         new_job(store, "later", rx.url)
         run_through(store, "later")
         assert len(outbox(store.root)) == 3
-        hooks.detach()
+        hooks.close()
         with running(store):
             rx.wait(3)
             wait_for(lambda: outbox(store.root) == [], 5, what="outbox to empty")

@@ -34,7 +34,7 @@ def test_body_is_stored_once_per_event_not_per_url(store: Store) -> None:
         (path / "LOG").write_bytes(b"y" * (1 << 20))
         run_through(store, "wide", "error")
     finally:
-        hooks.detach()
+        hooks.close()
     files = outbox(store.root)
     assert len(files) == 3  # queue, processing, error: one file each, 16 URLs in each
     # the error event carries the 1 MiB LOG tail once, not 16 times

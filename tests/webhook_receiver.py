@@ -169,7 +169,7 @@ def running(store: Store, backoff: float = 0.01, **cfg: Any) -> Iterator[Webhook
         loop.call_soon_threadsafe(stop[0].set)
         thread.join(10)
         assert not thread.is_alive(), "webhooks did not stop promptly"
-        hooks.detach()
+        hooks.close()
         loop.close()
 
 

@@ -173,6 +173,16 @@ class Webhooks:
             self._unsubscribe()
             self._unsubscribe = None
 
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop listening, write what is waiting, end the writer thread, close the outbox."""
+        self.detach()
+        if self.writer is not None:
+            self.writer.stop(timeout)
+            self.writer = None
+        if self.outbox is not None:
+            self.outbox.close()
+            self.outbox = None
+
     def _set_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._loop_thread = threading.get_ident()

@@ -192,6 +192,7 @@ class Writer:
         self._waiting: list[_Item] = []
         self._failing = False
         self._busy = False
+        self._stopping = False
         self._thread = threading.Thread(target=self._run, name="webhook-outbox", daemon=True)
         self._thread.start()
 
@@ -216,9 +217,19 @@ class Writer:
         with self._cond:
             return self._cond.wait_for(lambda: not self._waiting and not self._busy, timeout)
 
+    def stop(self, timeout: float) -> None:
+        """Write what is waiting (for up to timeout), then end the thread."""
+        self.flush(timeout)
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
     def _run(self) -> None:
         while True:
             with self._cond:
+                if self._stopping:
+                    return
                 if not self._waiting or self._failing:
                     # after a failure, try again when a new event arrives or after a while
                     self._cond.wait(RETRY_WRITE if self._waiting else None)
@@ -228,6 +239,14 @@ class Writer:
                 self._busy = True
             try:
                 self._write(batch)
+            except Exception:
+                # a bug must not leave movers waiting forever: they go on, events stay
+                log.exception("webhook outbox writer failed")
+                with self._cond:
+                    self._failing = True
+                for item in batch:
+                    item.ticket.ok = False
+                    item.ticket.done.set()
             finally:
                 with self._cond:
                     self._busy = False

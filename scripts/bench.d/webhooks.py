@@ -73,7 +73,7 @@ def moves(mode: str, base: Path) -> float:
             through(store, i)
     took = time.perf_counter() - started
     if hooks is not None:
-        hooks.detach()
+        hooks.close()
         assert len(list((root / ".outbox").glob("*.json"))) == (3 * JOBS if urls else 0)
     shutil.rmtree(root)
     return took
@@ -142,6 +142,7 @@ def delivery(base: Path) -> float:
         return took
 
     took = asyncio.run(main())
+    hooks.close()
     server.shutdown()
     shutil.rmtree(root)
     return took / pending * EVENTS
