@@ -243,11 +243,22 @@ class Webhooks:
                 seqs.append(self._last_seq)
             self._writing.setdefault(key, []).extend(seqs)
         items = []
-        for seq, (state, previous) in zip(seqs, events, strict=True):
-            event_id = str(uuid.uuid4())
-            body = build_body(job.name, state, previous, dir_fd, event_id, now_rfc3339())
-            name = Event.name_for(seq, event_id)
-            items.append((Event(seq, event_id, job.name, key, state, tuple(urls), name), body))
+        try:
+            for seq, (state, previous) in zip(seqs, events, strict=True):
+                event_id = str(uuid.uuid4())
+                body = build_body(job.name, state, previous, dir_fd, event_id, now_rfc3339())
+                name = Event.name_for(seq, event_id)
+                event = Event(seq, event_id, job.name, key, state, tuple(urls), name)
+                items.append((event, body))
+        except BaseException:
+            # nothing will be written: the job's later events must not wait for these
+            with self._lock:
+                writing = self._writing[key]
+                for seq in seqs:
+                    writing.remove(seq)
+                if not writing:
+                    del self._writing[key]
+            raise
         return items
 
     def _written(self, events: list[Event]) -> None:

@@ -5,7 +5,8 @@ listener, (b) with webhooks attached but no WEBHOOK file (the common case), (c) 
 WEBHOOK file of one URL (each move writes and fsyncs one outbox file), (d) the same with
 16 URLs (still one file per event), (e) one URL, moves made by 4 threads at once (the
 outbox writer takes waiting events in one batch). Next to it in the same run: bare
-renames, and bare renames plus a write+fsync of a small file (the floor of (c)).
+renames, bare renames plus a write+fsync of a small file, and the same plus an fsync of
+its folder (what makes a new file's name durable: the floor of (c)).
 Delivery: 500 events pending in the outbox at start, delivered to a local receiver.
 """
 
@@ -45,7 +46,7 @@ def moves(mode: str, base: Path) -> float:
     store = Store(root)
     store.init()
     hooks = None
-    if mode not in ("rename", "none", "rename+fsync"):
+    if mode not in ("rename", "none", "rename+fsync", "rename+fsync+dir"):
         hooks = Webhooks(Config(root=root), store)
         hooks.attach()
     urls = {"webhook": 1, "webhook16": 16, "webhook-4threads": 1}.get(mode, 0)
@@ -56,15 +57,19 @@ def moves(mode: str, base: Path) -> float:
         if urls:
             (path / "WEBHOOK").write_text(webhook)
     started = time.perf_counter()
-    if mode in ("rename", "rename+fsync"):
+    if mode.startswith("rename"):
         for i in range(JOBS):
             for a, b in (("data", "queue"), ("queue", "processing"), ("processing", "success")):
                 os.rename(root / a / f"j{i}", root / b / f"j{i}")
-                if mode == "rename+fsync":
+                if mode != "rename":
                     p = root / f".f{i}{b}"
                     with open(p, "wb") as f:
                         f.write(b"x" * 400)
                         os.fsync(f.fileno())
+                if mode == "rename+fsync+dir":
+                    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+                    os.fsync(fd)
+                    os.close(fd)
     elif mode == "webhook-4threads":
         with ThreadPoolExecutor(4) as pool:
             list(pool.map(lambda i: through(store, i), range(JOBS)))
@@ -151,8 +156,8 @@ def delivery(base: Path) -> float:
 def main() -> None:
     base = Path(tempfile.mkdtemp(prefix="bench-webhooks-"))
     try:
-        modes = ["rename", "none", "attached", "rename+fsync", "webhook", "webhook16",
-                 "webhook-4threads"]  # fmt: skip
+        modes = ["rename", "none", "attached", "rename+fsync", "rename+fsync+dir", "webhook",
+                 "webhook16", "webhook-4threads"]  # fmt: skip
         results: dict[str, list[float]] = {m: [] for m in modes}
         rates: list[float] = []
         for _ in range(RUNS):
@@ -171,12 +176,13 @@ def main() -> None:
         "rename": "bare rename(2) (floor)",
         "none": "store, no listener",
         "attached": "store + webhooks, no WEBHOOK file",
-        "rename+fsync": "bare rename + 400 B write+fsync (floor of next)",
+        "rename+fsync": "bare rename + 400 B write+fsync",
+        "rename+fsync+dir": "bare rename + 400 B write+fsync + folder fsync (floor of next)",
         "webhook": "store + webhooks, WEBHOOK with 1 URL",
         "webhook16": "store + webhooks, WEBHOOK with 16 URLs",
         "webhook-4threads": "store + webhooks, 1 URL, 4 threads moving",
     }
-    floor = {"none": "rename", "attached": "none", "webhook": "rename+fsync",
+    floor = {"none": "rename", "attached": "none", "webhook": "rename+fsync+dir",
              "webhook16": "webhook", "webhook-4threads": "webhook"}  # fmt: skip
     med = {m: statistics.median(v) for m, v in results.items()}
     for m in modes:
