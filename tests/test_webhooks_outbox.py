@@ -18,7 +18,7 @@ from webhook_receiver import Receiver, Silent, new_job, outbox, run_through, run
 from batchingest.config import Config
 from batchingest.store import Store
 from batchingest.webhooks import Webhooks
-from batchingest.webhooks.outbox import Event, Outbox, Writer
+from batchingest.webhooks.outbox import Event, Outbox, Writer, parse_event
 
 
 def outbox_bytes(root: Path) -> int:
@@ -132,3 +132,17 @@ def test_no_event_lost_on_a_full_disk(small_fs: Path) -> None:
         rx.wait(3)
         wait_for(lambda: outbox(store.root) == [], 5, what="outbox to empty")
     assert [e["job_state"] for e in rx.events()] == ["queue", "processing", "success"]
+
+
+def test_a_file_cut_short_is_recognised_and_set_aside(store: Store) -> None:
+    event = Event(1, "e1", "j", "j", "queue", ("http://x/",), Event.name_for(1, "e1"))
+    data = event.dumps(b'{"job_name": "j"}')
+    assert parse_event(event.file, data) == (event, b'{"job_name": "j"}')
+    assert parse_event(event.file, data[:-3]) is None  # the recorded size gives it away
+    box = store.root / ".outbox"
+    box.mkdir()
+    (box / event.file).write_bytes(data[:-3])
+    with running(store):
+        wait_for(lambda: (box / "failed" / event.file).exists(), 5, what="set aside")
+    assert outbox(store.root) == []
+    assert [p.name for p in box.iterdir() if p.name.startswith(".")] == []  # no temporaries

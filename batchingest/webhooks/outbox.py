@@ -9,12 +9,12 @@ failed delivery is copied to ROOT/.outbox/failed as an event file of its own wit
 that URL and the reason, ready to be moved back.
 
 Writes happen on one writer thread, never on the event loop. The thread takes every
-event waiting at once (one batch), writes each to a hidden temporary file, fsyncs it,
-renames it into place, and fsyncs the folder once per batch, so a new name is durable
-too. A move waits for its batch (`Writer.submit`), which is how an event is on disk
-before the move is reported done. An event that cannot be written (a full disk) stays
-waiting in memory and is tried again, with every new batch and every RETRY_WRITE
-seconds: it is never dropped while the service runs.
+event waiting at once (one batch) and writes each to a hidden temporary file, renames it
+into place and only then fsyncs it (see write_event). A move waits for its batch
+(`Writer.submit`), which is how an event is on disk before the move is reported done.
+An event that cannot be written (a full disk) stays waiting in memory and is tried
+again, with every new batch and every RETRY_WRITE seconds: it is never dropped while
+the service runs.
 """
 
 from __future__ import annotations
@@ -60,16 +60,19 @@ class Event:
         head = asdict(self)
         del head["file"]
         head["urls"] = list(self.urls)
+        head["size"] = len(body)  # a file cut short by a crash is recognised
         return json.dumps({**head, **extra}).encode() + b"\n" + body
 
 
 def parse_event(name: str, data: bytes) -> tuple[Event, bytes] | None:
-    """An event file's header and body, or None if it is not one."""
+    """An event file's header and body, or None if it is not one (or is cut short)."""
     head, sep, body = data.partition(b"\n")
     try:
         h = json.loads(head)
         urls = tuple(h["urls"])
         if not sep or not urls or not all(isinstance(u, str) for u in urls):
+            return None
+        if "size" in h and h["size"] != len(body):
             return None
         event = Event(int(h["seq"]), str(h["event_id"]), str(h["job"]), str(h["key"]),
                       str(h["state"]), urls, name)  # fmt: skip
@@ -93,6 +96,32 @@ class _Item:
     ticket: _Ticket
 
 
+def write_event(dir_fd: int, name: str, data: bytes) -> None:
+    """Put a new event file in place durably, with one fsync.
+
+    The content is written under a hidden temporary name and renamed into place, so no
+    reader ever sees a partial file. The fsync comes after the rename: on journalling
+    file systems (ext4, XFS, btrfs) it commits the new name together with the content
+    and with the job's move made just before, where fsync-then-rename would leave the
+    name to the next journal commit (seconds later) and a folder fsync would cost a
+    second flush. A crash before the fsync returns can leave a file cut short, whose
+    move was never reported done; its recorded size gives it away at the next start.
+    """
+    tmp = fs.temp_name(name)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+    try:
+        try:
+            fs.write_all(fd, data)
+            os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dir_fd)
+            raise
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class Outbox:
     """The outbox folder, reached through a descriptor opened once."""
 
@@ -110,20 +139,18 @@ class Outbox:
     def write(self, items: list[_Item]) -> tuple[int, OSError | None]:
         """Write items in order, durably; how many got in, and the error that stopped it."""
         written = 0
-        error: OSError | None = None
         for item in items:
+            name = item.event.file
             try:
-                fs.write_atomic(self.fd, item.event.file, item.event.dumps(item.body))
+                write_event(self.fd, name, item.event.dumps(item.body))
             except OSError as e:
-                error = e
-                break
+                if fs.lstat(self.fd, name) is not None:
+                    # in place but not flushed (the fsync failed): written again later
+                    with contextlib.suppress(OSError):
+                        os.unlink(name, dir_fd=self.fd)
+                return written, e
             written += 1
-        if written:
-            try:
-                os.fsync(self.fd)  # the new names themselves
-            except OSError as e:
-                log.error("cannot flush the webhook outbox folder: %s", e.strerror or e)
-        return written, error
+        return written, None
 
     def read(self, name: str) -> tuple[Event, bytes] | None:
         """An event file, or None if it is gone or not an event file."""

@@ -5,8 +5,8 @@ listener, (b) with webhooks attached but no WEBHOOK file (the common case), (c) 
 WEBHOOK file of one URL (each move writes and fsyncs one outbox file), (d) the same with
 16 URLs (still one file per event), (e) one URL, moves made by 4 threads at once (the
 outbox writer takes waiting events in one batch). Next to it in the same run: bare
-renames, bare renames plus a write+fsync of a small file, and the same plus an fsync of
-its folder (what makes a new file's name durable: the floor of (c)).
+renames, bare renames plus a write+fsync of a small file (the floor of (c)), and the
+same plus an fsync of its folder (a new name made durable by the POSIX book).
 Delivery: 500 events pending in the outbox at start, delivered to a local receiver.
 """
 
@@ -176,13 +176,13 @@ def main() -> None:
         "rename": "bare rename(2) (floor)",
         "none": "store, no listener",
         "attached": "store + webhooks, no WEBHOOK file",
-        "rename+fsync": "bare rename + 400 B write+fsync",
-        "rename+fsync+dir": "bare rename + 400 B write+fsync + folder fsync (floor of next)",
+        "rename+fsync": "bare rename + 400 B write+fsync (floor of webhooks)",
+        "rename+fsync+dir": "bare rename + 400 B write+fsync + folder fsync",
         "webhook": "store + webhooks, WEBHOOK with 1 URL",
         "webhook16": "store + webhooks, WEBHOOK with 16 URLs",
         "webhook-4threads": "store + webhooks, 1 URL, 4 threads moving",
     }
-    floor = {"none": "rename", "attached": "none", "webhook": "rename+fsync+dir",
+    floor = {"none": "rename", "attached": "none", "webhook": "rename+fsync",
              "webhook16": "webhook", "webhook-4threads": "webhook"}  # fmt: skip
     med = {m: statistics.median(v) for m, v in results.items()}
     for m in modes:
