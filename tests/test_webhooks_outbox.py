@@ -146,3 +146,26 @@ def test_a_file_cut_short_is_recognised_and_set_aside(store: Store) -> None:
         wait_for(lambda: (box / "failed" / event.file).exists(), 5, what="set aside")
     assert outbox(store.root) == []
     assert [p.name for p in box.iterdir() if p.name.startswith(".")] == []  # no temporaries
+
+
+def test_start_delivers_old_format_files_and_sweeps_leftovers(store: Store) -> None:
+    box = store.root / ".outbox"
+    box.mkdir()
+    stale, fresh = box / ".x.json.0123456789ab.tmp", box / ".y.json.0123456789ab.tmp"
+    stale.write_text("cut off")
+    os.utime(stale, (time.time() - 120, time.time() - 120))
+    fresh.write_text("another service writing now")
+    orphan = box / "00000000000000000009-gone.json.done1"
+    orphan.touch()
+    with Receiver() as rx:
+        # one pending delivery as earlier versions wrote it: one file per URL, "url"
+        head = {"seq": 5, "index": 0, "event_id": "e-old", "job": "j", "key": "j",
+                "state": "queue", "url": f"{rx.url}/old"}  # fmt: skip
+        (box / "00000000000000000005-0000-e-old.json").write_bytes(
+            json.dumps(head).encode() + b"\n" + b'{"event_id": "e-old"}'
+        )
+        with running(store):
+            (receipt,) = rx.wait(1)
+            wait_for(lambda: outbox(store.root) == [], 5, what="outbox to empty")
+    assert receipt.path == "/old" and receipt.json == {"event_id": "e-old"}
+    assert not stale.exists() and fresh.exists() and not orphan.exists()

@@ -312,7 +312,7 @@ class Webhooks:
         assert self.outbox is not None
         markers = self.outbox.markers()
         names = list(self.outbox.names())
-        self.outbox.sweep_markers(markers, set(names))
+        self.outbox.sweep(markers, set(names))
         events: list[Event] = []
         for name in names:
             found = self.outbox.read(name)

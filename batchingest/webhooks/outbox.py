@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
@@ -69,7 +70,8 @@ def parse_event(name: str, data: bytes) -> tuple[Event, bytes] | None:
     head, sep, body = data.partition(b"\n")
     try:
         h = json.loads(head)
-        urls = tuple(h["urls"])
+        # files of earlier versions held one URL each, as "url"
+        urls = tuple(h["urls"]) if "urls" in h else (h["url"],)
         if not sep or not urls or not all(isinstance(u, str) for u in urls):
             return None
         if "size" in h and h["size"] != len(body):
@@ -200,13 +202,21 @@ class Outbox:
         """Move a file that is not an event file into failed/ as it is."""
         os.replace(name, name, src_dir_fd=self.fd, dst_dir_fd=self.failed_fd)
 
-    def sweep_markers(self, markers: dict[str, set[int]], names: set[str]) -> None:
-        """Remove markers whose event file is gone (a crash between the two removals)."""
+    def sweep(self, markers: dict[str, set[int]], names: set[str]) -> None:
+        """Remove what a crash can leave: markers whose event file is gone, and
+        temporary files of writes cut off (a minute old: not another service's)."""
         for base, indexes in markers.items():
             if base not in names:
                 for index in indexes:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(f"{base}{_DONE}{index}", dir_fd=self.fd)
+        old = time.time() - 60
+        for entry in fs.entries(self.fd, hidden=True):
+            is_temp = entry.name.startswith(".") and entry.name.endswith(fs.TEMP_SUFFIX)
+            st = fs.lstat(self.fd, entry.name) if is_temp and entry.is_file else None
+            if st is not None and st.st_mtime < old:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.name, dir_fd=self.fd)
 
 
 class Writer:
