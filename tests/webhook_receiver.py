@@ -45,6 +45,7 @@ class Receiver:
         statuses: Iterable[int] = (),
         default: int = 200,
         port: int = 0,
+        host: str = "127.0.0.1",
         answer: bytes = b"thanks",
         headers: dict[str, str] | None = None,
     ) -> None:
@@ -74,8 +75,11 @@ class Receiver:
             def log_message(self, *args: object) -> None:
                 pass
 
-        ThreadingHTTPServer.allow_reuse_address = True
-        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        class Server(ThreadingHTTPServer):
+            allow_reuse_address = True
+            address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+        self.server = Server((host, port), Handler)
         self.server.daemon_threads = True
         self.port = int(self.server.server_address[1])
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
