@@ -35,6 +35,8 @@ def _setup_logging(level: str) -> None:
     )
     # watchfiles reports every batch of changes at INFO; that is our business, not the log's
     logging.getLogger("watchfiles").setLevel(logging.WARNING)
+    # httpx logs every webhook request at INFO; our own line per attempt says more
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:

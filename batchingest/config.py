@@ -194,7 +194,7 @@ class Config:
     )
     webhook_allow: list[str] = setting(
         [],
-        "comma-separated host names / CIDR ranges webhooks may reach",
+        "comma-separated host names, CIDR ranges and `public`: where webhooks may go",
         parse=_csv,
         shown="none: public addresses only",
     )

@@ -213,7 +213,7 @@ class Store:
 
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root).absolute()
-        self.listeners: list[Listener] = []
+        self._listeners: list[Listener] = []
         self._warned: set[str] = set()
         self._state_prefixes = tuple(f"{self.root / state}/" for state in STATES)
         # state -> (folder identity, sorted names): see job_names()
@@ -408,8 +408,20 @@ class Store:
 
     # -- moving --------------------------------------------------------------------
 
+    def subscribe(self, listener: Listener) -> Callable[[], None]:
+        """Call listener(job, old_state) after every move this store makes.
+
+        Listeners run in the thread that made the move, one after another, and *before
+        the move returns*: whatever a listener records (the webhook outbox) is done by
+        the time the caller reports the move. So a listener must be quick, and must not
+        wait on the event loop (a move may be made on it). One that raises is logged and
+        does not undo the move or stop the others. Returns a function that unsubscribes.
+        """
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)
+
     def _notify(self, job: Job, old_state: str | None) -> None:
-        for listener in self.listeners:
+        for listener in list(self._listeners):
             try:
                 listener(job, old_state)
             except Exception:

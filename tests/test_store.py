@@ -243,7 +243,7 @@ def test_list_of_missing_state_folder_is_empty(store: Store) -> None:
 def test_queue_moves_from(store: Store, state: str) -> None:
     put(store, state, "j", {"f": "content"})
     seen: list[tuple[Job, str | None]] = []
-    store.listeners.append(lambda job, old: seen.append((job, old)))
+    store.subscribe(lambda job, old: seen.append((job, old)))
     job, moved = store.queue("j")
     assert moved and job == Job("j", "queue", store.root / "queue" / "j")
     assert states_of(store, "j") == ["queue"]
@@ -255,7 +255,7 @@ def test_queue_moves_from(store: Store, state: str) -> None:
 def test_queue_is_a_no_op_when_waiting_or_running(store: Store, state: str) -> None:
     put(store, state, "j")
     seen: list[object] = []
-    store.listeners.append(lambda job, old: seen.append(job))
+    store.subscribe(lambda job, old: seen.append(job))
     job, moved = store.queue("j")
     assert not moved and job.state == state
     assert states_of(store, "j") == [state]
@@ -357,7 +357,8 @@ def test_failing_listener_does_not_stop_a_move(
         raise RuntimeError("listener bug")
 
     seen: list[str] = []
-    store.listeners += [boom, lambda job, old: seen.append(job.state)]
+    store.subscribe(boom)
+    store.subscribe(lambda job, old: seen.append(job.state))
     put(store, "data", "j")
     with caplog.at_level(logging.ERROR):
         assert store.queue("j")[1]

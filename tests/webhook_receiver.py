@@ -1,19 +1,28 @@
-"""Real HTTP webhook receivers on loopback ports, recording every request, for tests."""
+"""Real HTTP webhook receivers on loopback ports, recording every request, for tests,
+and the in-process harness running Webhooks on a real Store."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
 import socket
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import httpx
+from service import wait_for
+
+from batchingest.config import Config
+from batchingest.store import Store
+from batchingest.webhooks import Webhooks
 
 
 @dataclass
@@ -36,6 +45,7 @@ class Receiver:
         statuses: Iterable[int] = (),
         default: int = 200,
         port: int = 0,
+        host: str = "127.0.0.1",
         answer: bytes = b"thanks",
         headers: dict[str, str] | None = None,
     ) -> None:
@@ -65,8 +75,11 @@ class Receiver:
             def log_message(self, *args: object) -> None:
                 pass
 
-        ThreadingHTTPServer.allow_reuse_address = True
-        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        class Server(ThreadingHTTPServer):
+            allow_reuse_address = True
+            address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+        self.server = Server((host, port), Handler)
         self.server.daemon_threads = True
         self.port = int(self.server.server_address[1])
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -126,3 +139,77 @@ def readme_verify(secret: bytes, headers, body: bytes, tolerance: int = 300) -> 
 
 def verify(secret: str, headers: dict[str, str], body: bytes) -> bool:
     return readme_verify(secret.encode(), httpx.Headers(headers), body)
+
+
+# -- in-process harness: a real Store and Webhooks on a loop in a thread -------------------
+
+
+@contextmanager
+def running(store: Store, backoff: float = 0.01, **cfg: Any) -> Iterator[Webhooks]:
+    """Webhooks attached to the store and delivering on a loop in a background thread.
+
+    The receivers listen on 127.0.0.1, which webhooks refuse unless allowed: tests allow
+    it unless they pass their own webhook_allow.
+    """
+    cfg.setdefault("webhook_allow", ["127.0.0.1"])
+    hooks = Webhooks(Config(root=store.root, **cfg), store)
+    hooks.backoff = backoff
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    stop: list[asyncio.Event] = []
+
+    async def main() -> None:
+        stop.append(asyncio.Event())
+        hooks.attach()
+        started.set()
+        await hooks.run(stop[0])
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
+    thread.start()
+    assert started.wait(10)
+    try:
+        yield hooks
+    finally:
+        loop.call_soon_threadsafe(stop[0].set)
+        thread.join(10)
+        assert not thread.is_alive(), "webhooks did not stop promptly"
+        hooks.close()
+        loop.close()
+
+
+def new_job(store: Store, name: str, webhook: str, job: str | None = None) -> Path:
+    path = store.create(name)[0].path
+    (path / "WEBHOOK").write_text(webhook)
+    if job is not None:
+        (path / "JOB").write_text(job)
+    return path
+
+
+def run_through(store: Store, name: str, final: str = "success") -> str:
+    """queue -> processing -> final, as the API and a processor would move it."""
+    store.queue(name)
+    hold = store.claim(name)
+    assert hold is not None
+    return store.finish(hold, final).name
+
+
+def outbox(root: Path) -> list[str]:
+    return sorted(p.name for p in (root / ".outbox").glob("*.json"))
+
+
+def failed(root: Path) -> list[dict[str, Any]]:
+    return [
+        json.loads(p.read_bytes().split(b"\n", 1)[0])
+        for p in sorted((root / ".outbox" / "failed").glob("*.json"))
+    ]
+
+
+def job_log(store: Store, name: str, lines: int = 1) -> str:
+    """The job's LOG once it has at least `lines` webhook lines (written after a POST)."""
+
+    def read() -> str:
+        path = store.get(name).path / "LOG"
+        text = path.read_text() if path.exists() else ""
+        return text if text.count(" webhook ") >= lines else ""
+
+    return str(wait_for(read, 5, what=f"{lines} webhook lines in the LOG of {name}"))

@@ -146,7 +146,8 @@ def routes(cfg: Config, store: Store) -> list[BaseRoute]:
         name = job_name(request.path_params["id"])
         find_job(store, name)
         try:
-            job, moved = store.queue(name)
+            # in a thread: the move waits for its webhook event to be on disk
+            job, moved = await _in_thread(store.queue, name)
         except JobBusy as e:
             raise ApiError(409, "JobBusy", str(e)) from None
         except LookupError:

@@ -1,8 +1,9 @@
-"""Webhook events: the WEBHOOK file, the POST body and the outbox file of one delivery.
+"""Webhook events: the WEBHOOK file, the LOG tail and the POST body of one state change.
 
-An outbox file holds one pending delivery (one event to one URL): a first line of JSON
-naming the job, URL and event, then the body exactly as it is sent. The header alone is
-enough to schedule a delivery, so a restart with many pending events reads little.
+Everything here reads a job folder, which is user input: only through a descriptor of
+the folder (`Store.open_job`) and `batchingest.fs`, so a WEBHOOK, JOB or LOG that is a
+symbolic link, a FIFO or a device is refused instead of followed, and every read has a
+stated limit.
 """
 
 from __future__ import annotations
@@ -10,21 +11,31 @@ from __future__ import annotations
 import json
 import re
 import socket
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import batchingest
-from batchingest import jobfile
-from batchingest.runner import LOG_FILE
+from batchingest import fs, jobfile
 from batchingest.store import STATUS_OF_STATE
 
 WEBHOOK_FILE = "WEBHOOK"
+LOG_FILE = "LOG"
+JOB_FILE = "JOB"
+# A WEBHOOK is a short list of URLs: more than this is refused, not half-used.
+WEBHOOK_MAX_BYTES = 64 * 1024
+MAX_URLS = 16
+# The LOG tail an error event carries.
 LOG_CAP = 1 << 20
+# A JOB bigger than this gets its events with "tasks": [] (the processor says why).
+JOB_MAX_BYTES = 1 << 20
 # Entering these states is announced; entering data/ is not (nothing happened yet).
 EVENT_STATES = frozenset(("queue", "processing", "success", "error"))
 _SUFFIX = re.compile(r"-\d{3,5}$")
 _HOST = socket.gethostname()
+
+
+class WebhookRefused(Exception):
+    """The WEBHOOK file cannot be used; nothing is sent for the job."""
 
 
 def read_urls(raw: bytes) -> list[str]:
@@ -34,6 +45,24 @@ def read_urls(raw: bytes) -> list[str]:
         line = line.strip()
         if line and not line.startswith("#"):
             urls.append(line)
+    return urls
+
+
+def read_webhook(dir_fd: int) -> list[str]:
+    """The URLs of the job's WEBHOOK ([] if it has none); WebhookRefused if unusable."""
+    try:
+        raw = fs.read_file(dir_fd, WEBHOOK_FILE, WEBHOOK_MAX_BYTES)
+    except fs.TooLarge:
+        raise WebhookRefused(f"{WEBHOOK_FILE} is larger than {WEBHOOK_MAX_BYTES} bytes") from None
+    except (fs.UnsafePath, fs.NotRegular) as e:
+        raise WebhookRefused(f"{WEBHOOK_FILE} is not used: {e.strerror}") from None
+    except IsADirectoryError:
+        raise WebhookRefused(f"{WEBHOOK_FILE} is a folder, not a file") from None
+    if raw is None:
+        return []
+    urls = read_urls(raw)
+    if len(urls) > MAX_URLS:
+        raise WebhookRefused(f"{WEBHOOK_FILE} lists {len(urls)} URLs, more than {MAX_URLS}")
     return urls
 
 
@@ -49,29 +78,52 @@ def lane_key(job_name: str) -> str:
     return _SUFFIX.sub("", job_name)[:249]
 
 
-def read_log_tail(job_dir: Path, cap: int = LOG_CAP) -> tuple[str, bool]:
-    """The last `cap` bytes of the job's LOG, and whether anything was cut."""
+@dataclass(frozen=True)
+class LogTail:
+    """The end of a job's LOG: at most `cap` bytes of it, decoded leniently."""
+
+    text: str
+    size: int  # the whole LOG's length in bytes
+    cut: bool  # whether the LOG was longer than what `text` holds
+
+
+def read_log_tail(dir_fd: int, cap: int = LOG_CAP) -> LogTail:
+    """The last `cap` bytes of the job's LOG (empty if there is none).
+
+    The one LOG tail reader: it reads through the job folder's descriptor, so a LOG that
+    is a link or a FIFO raises fs.UnsafePath / fs.NotRegular instead of being read.
+    """
+    found = fs.read_tail(dir_fd, LOG_FILE, cap)
+    if found is None:
+        return LogTail("", 0, False)
+    data, size = found
+    return LogTail(data.decode("utf-8", errors="replace"), size, size > len(data))
+
+
+def error_log(dir_fd: int, cap: int = LOG_CAP) -> tuple[str, bool]:
+    """`job_log` and `job_log_truncated` of an error event."""
     try:
-        with open(job_dir / LOG_FILE, "rb") as f:
-            size = f.seek(0, 2)
-            cut = size > cap
-            f.seek(max(0, size - cap))
-            data = f.read(cap)
-    except (FileNotFoundError, IsADirectoryError):
-        return "", False
-    text = data.decode("utf-8", errors="replace")
-    if cut:
-        text = f"[LOG is {size} bytes; only its last {cap} bytes follow]\n" + text
-    return text, cut
+        tail = read_log_tail(dir_fd, cap)
+    except OSError as e:
+        # a LOG planted as a link or FIFO is not read, and its name says why
+        return f"[LOG not read: {e.strerror or e}]\n", False
+    if tail.cut:
+        return f"[LOG is {tail.size} bytes; only its last {cap} bytes follow]\n" + tail.text, True
+    return tail.text, False
+
+
+def read_tasks(dir_fd: int) -> list[str]:
+    """The remaining Todo of the JOB file, or [] if it cannot be read."""
+    try:
+        raw = fs.read_file(dir_fd, JOB_FILE, JOB_MAX_BYTES)
+        return jobfile.parse(raw).todo if raw is not None else jobfile.JobFile().todo
+    except (jobfile.JobFileError, OSError):
+        return []  # a broken JOB still gets its event; the processor reports the error
 
 
 def build_body(
-    job_name: str, state: str, old_state: str | None, job_dir: Path, event_id: str, time: str
+    job_name: str, state: str, old_state: str | None, dir_fd: int, event_id: str, time: str
 ) -> bytes:
-    try:
-        tasks = jobfile.load(job_dir).todo
-    except (jobfile.JobFileError, OSError):
-        tasks = []  # a broken JOB still gets its event; the processor reports the error
     body: dict[str, Any] = {
         "host": _HOST,
         "version": batchingest.__version__,
@@ -80,47 +132,8 @@ def build_body(
         "previous_state": STATUS_OF_STATE.get(old_state) if old_state else None,
         "event_id": event_id,
         "time": time,
-        "tasks": tasks,
+        "tasks": read_tasks(dir_fd),
     }
     if state == "error":
-        body["job_log"], body["job_log_truncated"] = read_log_tail(job_dir)
+        body["job_log"], body["job_log_truncated"] = error_log(dir_fd)
     return json.dumps(body).encode()
-
-
-@dataclass(frozen=True)
-class Record:
-    """One pending delivery; `file` is its name in the outbox."""
-
-    seq: int
-    index: int
-    event_id: str
-    job: str
-    key: str
-    state: str
-    url: str
-
-    @property
-    def file(self) -> str:
-        return f"{self.seq:020d}-{self.index:04d}-{self.event_id}.json"
-
-    @property
-    def order(self) -> tuple[int, int]:
-        return (self.seq, self.index)
-
-    def dumps(self, body: bytes, **extra: object) -> bytes:
-        return json.dumps({**asdict(self), **extra}).encode() + b"\n" + body
-
-
-def read_record(path: Path) -> Record | None:
-    """The header of an outbox file, or None if it is not one (or is gone)."""
-    try:
-        with open(path, "rb") as f:
-            head = json.loads(f.readline())
-        return Record(**{k: head[k] for k in Record.__dataclass_fields__})
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def read_body(path: Path) -> bytes:
-    data = path.read_bytes()
-    return data[data.index(b"\n") + 1 :]

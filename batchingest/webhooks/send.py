@@ -1,4 +1,11 @@
-"""One webhook URL: parsing, credentials, the allow-list, signing, one POST attempt."""
+"""One webhook URL: parsing, credentials, where it may go, signing, one POST attempt.
+
+Anyone who can write a job's WEBHOOK file (every API client) chooses where the service
+sends requests, so by default only public addresses are reached: loopback, private,
+link-local and other special addresses are refused unless `--webhook-allow` names them.
+The receiver's answer is read only to count its size, and only its status and size are
+reported: an API client reading the LOG must not get a reply from an internal service.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +24,8 @@ import httpx
 
 import batchingest
 
-SNIPPET = 1024
+# An answer is read (to reuse the connection) up to this many bytes, then cut off.
+ANSWER_READ_MAX = 64 * 1024
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -80,7 +88,26 @@ def redact(text: str, secrets: Iterable[str]) -> str:
     return text
 
 
-# -- allow-list --------------------------------------------------------------------
+# -- where a request may go ----------------------------------------------------------
+
+ALLOW_PUBLIC = "public"  # the --webhook-allow entry standing for every public address
+
+
+def address_kind(addr: IPAddress) -> str | None:
+    """What makes an address special ("loopback", "private", ...); None if public."""
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped  # ::ffff:127.0.0.1 reaches 127.0.0.1
+    for kind, special in (
+        ("loopback", addr.is_loopback),
+        ("unspecified", addr.is_unspecified),  # 0.0.0.0 connects to this machine
+        ("link-local", addr.is_link_local),  # 169.254.169.254: cloud metadata
+        ("multicast", addr.is_multicast),
+        ("private", addr.is_private),
+        ("reserved", addr.is_reserved),
+    ):
+        if special:
+            return kind
+    return None if addr.is_global else "non-public"  # 100.64.0.0/10 and the like
 
 
 @dataclass(frozen=True)
@@ -88,15 +115,20 @@ class AllowList:
     names: frozenset[str]
     suffixes: tuple[str, ...]  # from "*.example.org": ".example.org"
     networks: tuple[IPNetwork, ...]
+    public: bool  # every public address is allowed
 
     @classmethod
-    def parse(cls, entries: Iterable[str]) -> AllowList | None:
-        """None when no entry is given: every host is allowed."""
+    def parse(cls, entries: Iterable[str]) -> AllowList:
+        """No entry: every public address. Else exactly what is listed (`public` too)."""
         names: set[str] = set()
         suffixes: list[str] = []
         networks: list[IPNetwork] = []
+        public = False
         for entry in (e.strip() for e in entries):
             if not entry:
+                continue
+            if entry.lower() == ALLOW_PUBLIC:
+                public = True
                 continue
             try:
                 networks.append(ipaddress.ip_network(entry, strict=False))
@@ -109,8 +141,13 @@ class AllowList:
             else:
                 names.add(name)
         if not (names or suffixes or networks):
-            return None
-        return cls(frozenset(names), tuple(suffixes), tuple(networks))
+            public = True
+        return cls(frozenset(names), tuple(suffixes), tuple(networks), public)
+
+    @property
+    def listed(self) -> bool:
+        """Whether --webhook-allow listed anything (else the public-only default)."""
+        return bool(self.names or self.suffixes or self.networks)
 
     def names_host(self, host: str) -> bool:
         h = host.lower().rstrip(".")
@@ -119,13 +156,25 @@ class AllowList:
     def covers(self, addr: IPAddress) -> bool:
         return any(addr.version == n.version and addr in n for n in self.networks)
 
+    def refusal(self, addr: IPAddress) -> str | None:
+        """Why a request may not go to addr; None if it may."""
+        if self.covers(addr):
+            return None
+        kind = address_kind(addr)
+        if kind is None and self.public:
+            return None
+        if kind is not None and not self.listed:
+            return f"a {kind} address, refused unless named in --webhook-allow"
+        return "not in --webhook-allow"
+
     async def check(self, host: str, port: int) -> str | None:
         """Where a request to host may go: None for "as named", else the address to use.
 
         A host listed by name is trusted as such. Otherwise every address it resolves to
-        must lie in a listed range, and the request then goes to the address checked, so
-        a name that resolves differently a moment later (DNS rebinding) cannot slip by.
-        Raises BadTarget when refused; OSError when the name does not resolve.
+        must be allowed (public, or in a listed range), and the request then goes to the
+        address checked, so a name that resolves differently a moment later (DNS
+        rebinding) cannot slip by. Raises BadTarget when refused; OSError when the name
+        does not resolve.
         """
         if self.names_host(host):
             return None
@@ -136,10 +185,13 @@ class AllowList:
                 host, port, type=socket.SOCK_STREAM
             )
             addrs = list(dict.fromkeys(ipaddress.ip_address(i[4][0]) for i in infos))
-        outside = [a for a in addrs if not self.covers(a)]
-        if outside or not addrs:
-            where = f" resolves to {outside[0]}" if outside and str(outside[0]) != host else ""
-            raise BadTarget(f"host {host}{where} is not in --webhook-allow")
+        if not addrs:
+            raise BadTarget(f"host {host} resolves to no address")
+        for addr in addrs:
+            why = self.refusal(addr)
+            if why is not None:
+                where = f" resolves to {addr}" if str(addr) != host else ""
+                raise BadTarget(f"host {host}{where} is {why}")
         return str(addrs[0])
 
 
@@ -155,8 +207,21 @@ def sign(secret: str, timestamp: str, body: bytes) -> str:
 class Result:
     status: int | None = None  # None: no HTTP answer
     error: str = ""
-    snippet: str = ""
+    size: int = 0  # bytes of the answer read (at most ANSWER_READ_MAX + a chunk)
     retry_after: float | None = None
+
+    @property
+    def reason(self) -> str:
+        """Why a delivery ended or is retried, in short: the status or the error."""
+        return f"HTTP {self.status}" if self.status is not None else self.error
+
+    def describe(self) -> str:
+        """Status and size only: the answer itself is never shown."""
+        if self.status is None:
+            return self.error
+        if self.size > ANSWER_READ_MAX:
+            return f"HTTP {self.status}, over {ANSWER_READ_MAX} bytes"
+        return f"HTTP {self.status}, {self.size} bytes"
 
     @property
     def ok(self) -> bool:
@@ -209,15 +274,14 @@ async def post(
             async with client.stream(
                 "POST", url, content=body, headers=headers, extensions=extensions
             ) as resp:
-                chunk = b""
-                async for part in resp.aiter_bytes():
-                    chunk += part
-                    if len(chunk) >= SNIPPET:
+                size = 0
+                async for part in resp.aiter_raw():
+                    size += len(part)
+                    if size > ANSWER_READ_MAX:
                         break
-                snippet = chunk[:SNIPPET].decode("utf-8", errors="replace")
                 return Result(
                     resp.status_code,
-                    snippet=redact(snippet, target.secrets),
+                    size=size,
                     retry_after=_retry_after(resp.headers.get("Retry-After")),
                 )
     except TimeoutError:

@@ -2,9 +2,12 @@
 
 Moves: 300 jobs taken through queue -> processing -> success with the store, (a) with no
 listener, (b) with webhooks attached but no WEBHOOK file (the common case), (c) with a
-WEBHOOK file of one URL (each move writes and fsyncs one outbox file). Next to it in the
-same run: bare renames, and bare renames plus a write+fsync of a small file (the floor of
-(c)). Delivery: 500 events pending in the outbox at start, delivered to a local receiver.
+WEBHOOK file of one URL (each move writes and fsyncs one outbox file), (d) the same with
+16 URLs (still one file per event), (e) one URL, moves made by 4 threads at once (the
+outbox writer takes waiting events in one batch). Next to it in the same run: bare
+renames, bare renames plus a write+fsync of a small file (the floor of (c)), and the
+same plus an fsync of its folder (a new name made durable by the POSIX book).
+Delivery: 500 events pending in the outbox at start, delivered to a local receiver.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -29,35 +33,53 @@ JOBS = 300
 EVENTS = 500
 
 
+def through(store: Store, i: int) -> None:
+    store.queue(f"j{i}")
+    hold = store.claim(f"j{i}")
+    assert hold is not None
+    store.finish(hold, "success")
+
+
 def moves(mode: str, base: Path) -> float:
     """Seconds for JOBS jobs x 3 moves."""
     root = base / f"root-{mode}-{time.monotonic_ns()}"
     store = Store(root)
     store.init()
-    if mode in ("attached", "webhook"):
-        Webhooks(Config(root=root), store).attach()
+    hooks = None
+    if mode not in ("rename", "none", "rename+fsync", "rename+fsync+dir"):
+        hooks = Webhooks(Config(root=root), store)
+        hooks.attach()
+    urls = {"webhook": 1, "webhook16": 16, "webhook-4threads": 1}.get(mode, 0)
+    webhook = "".join(f"http://192.0.2.{n}/hook\n" for n in range(urls))
     for i in range(JOBS):
         path = root / "data" / f"j{i}"
         path.mkdir()
-        if mode == "webhook":
-            (path / "WEBHOOK").write_text("http://127.0.0.1:9/hook\n")
+        if urls:
+            (path / "WEBHOOK").write_text(webhook)
     started = time.perf_counter()
-    if mode in ("rename", "rename+fsync"):
+    if mode.startswith("rename"):
         for i in range(JOBS):
             for a, b in (("data", "queue"), ("queue", "processing"), ("processing", "success")):
                 os.rename(root / a / f"j{i}", root / b / f"j{i}")
-                if mode == "rename+fsync":
+                if mode != "rename":
                     p = root / f".f{i}{b}"
                     with open(p, "wb") as f:
                         f.write(b"x" * 400)
                         os.fsync(f.fileno())
+                if mode == "rename+fsync+dir":
+                    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+                    os.fsync(fd)
+                    os.close(fd)
+    elif mode == "webhook-4threads":
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda i: through(store, i), range(JOBS)))
     else:
         for i in range(JOBS):
-            store.queue(f"j{i}")
-            hold = store.claim(f"j{i}")
-            assert hold is not None
-            store.finish(hold, "success")
+            through(store, i)
     took = time.perf_counter() - started
+    if hooks is not None:
+        hooks.close()
+        assert len(list((root / ".outbox").glob("*.json"))) == (3 * JOBS if urls else 0)
     shutil.rmtree(root)
     return took
 
@@ -88,7 +110,7 @@ def delivery(base: Path) -> float:
     root = base / f"root-delivery-{time.monotonic_ns()}"
     store = Store(root)
     store.init()
-    hooks = Webhooks(Config(root=root), store)
+    hooks = Webhooks(Config(root=root, webhook_allow=["127.0.0.1"]), store)
     hooks.attach()
     for i in range(100):
         path = root / "data" / f"j{i}"
@@ -109,7 +131,7 @@ def delivery(base: Path) -> float:
                 done += 1
             if done >= EVENTS:
                 break
-    store.listeners.clear()
+    hooks.detach()
     outbox = root / ".outbox"
     pending = len(list(outbox.glob("*.json")))
 
@@ -125,6 +147,7 @@ def delivery(base: Path) -> float:
         return took
 
     took = asyncio.run(main())
+    hooks.close()
     server.shutdown()
     shutil.rmtree(root)
     return took / pending * EVENTS
@@ -133,7 +156,8 @@ def delivery(base: Path) -> float:
 def main() -> None:
     base = Path(tempfile.mkdtemp(prefix="bench-webhooks-"))
     try:
-        modes = ["rename", "none", "attached", "rename+fsync", "webhook"]
+        modes = ["rename", "none", "attached", "rename+fsync", "rename+fsync+dir", "webhook",
+                 "webhook16", "webhook-4threads"]  # fmt: skip
         results: dict[str, list[float]] = {m: [] for m in modes}
         rates: list[float] = []
         for _ in range(RUNS):
@@ -152,10 +176,14 @@ def main() -> None:
         "rename": "bare rename(2) (floor)",
         "none": "store, no listener",
         "attached": "store + webhooks, no WEBHOOK file",
-        "rename+fsync": "bare rename + 400 B write+fsync (floor of next)",
+        "rename+fsync": "bare rename + 400 B write+fsync (floor of webhooks)",
+        "rename+fsync+dir": "bare rename + 400 B write+fsync + folder fsync",
         "webhook": "store + webhooks, WEBHOOK with 1 URL",
+        "webhook16": "store + webhooks, WEBHOOK with 16 URLs",
+        "webhook-4threads": "store + webhooks, 1 URL, 4 threads moving",
     }
-    floor = {"none": "rename", "attached": "none", "webhook": "rename+fsync"}
+    floor = {"none": "rename", "attached": "none", "webhook": "rename+fsync",
+             "webhook16": "webhook", "webhook-4threads": "webhook"}  # fmt: skip
     med = {m: statistics.median(v) for m, v in results.items()}
     for m in modes:
         vs = f"{med[floor[m]] / med[m]:.2f}x of {label[floor[m]]}" if m in floor else ""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import time
 from pathlib import Path
 
@@ -13,7 +14,9 @@ from webhook_receiver import Receiver, Silent, verify
 
 pytestmark = pytest.mark.e2e
 
-FAST = {"BATCHINGEST_WEBHOOK_BACKOFF": "0.05"}
+# the receivers listen on loopback, which webhooks reach only when allowed
+ALLOW = {"BATCHINGEST_WEBHOOK_ALLOW": "127.0.0.1"}
+FAST = {"BATCHINGEST_WEBHOOK_BACKOFF": "0.05", **ALLOW}
 
 
 def drop(root: Path, name: str, webhook: str | None = None, job: str | None = None) -> None:
@@ -77,7 +80,7 @@ def test_hand_queued_job_gets_queue_processing_and_final_events(root: Path) -> N
         ("queue", None), ("processing", "queue"), ("success", "processing")]  # fmt: skip
     assert len({e["event_id"] for e in events}) == 3
     log = (root / "success" / "dropped" / "LOG").read_text()
-    assert log.count("attempt 1/6: HTTP 200") == 3
+    assert log.count("attempt 1/6: HTTP 200, 6 bytes") == 3
 
 
 def test_dead_receiver_does_not_delay_jobs(root: Path) -> None:
@@ -91,8 +94,15 @@ def test_dead_receiver_does_not_delay_jobs(root: Path) -> None:
         wait_for(lambda: landed(root, names), 60, what=f"batch {prefix}")
         return time.monotonic() - started
 
-    with Silent() as dead, Service(root, "--webhook-timeout", "30", api=False) as svc:
-        without = batch("plain", None)
+    with (
+        Receiver() as live,
+        Silent() as dead,
+        Service(root, "--webhook-timeout", "30", api=False, env=ALLOW) as svc,
+    ):
+        # both write every event to the outbox before the move returns (an fsync of the
+        # file and of the folder); only the receiver differs
+        with_live = batch("live", live.url)
+        wait_for(lambda: outbox(root) == [], 10, what="live events delivered")
         with_dead = batch("dead", dead.url)
         wait_for(
             lambda: len(outbox(root)) == 60, 10, what="60 pending events"
@@ -100,15 +110,15 @@ def test_dead_receiver_does_not_delay_jobs(root: Path) -> None:
         stopped = time.monotonic()
         assert svc.stop() == 0
         assert time.monotonic() - stopped < 10  # hanging deliveries do not hold up a stop
-    print(f"20 jobs: {without:.2f}s without webhooks, {with_dead:.2f}s with a dead one")
-    assert with_dead < 2 * without + 1, (without, with_dead)
+    print(f"20 jobs: {with_live:.2f}s with a live receiver, {with_dead:.2f}s with a dead one")
+    assert with_dead < 2 * with_live + 1, (with_live, with_dead)
     assert len(outbox(root)) == 60  # kept for the next start
 
 
 def test_receiver_down_across_kill_and_restart_gets_everything(root: Path) -> None:
     write_task(root / "tasks", "start", "echo ok\n")
     port = free_port()  # nothing listens here yet: connections are refused
-    env = {"BATCHINGEST_WEBHOOK_BACKOFF": "0.2"}
+    env = {"BATCHINGEST_WEBHOOK_BACKOFF": "0.2", **ALLOW}
     args = ("--webhook-retries", "1000")
     names = ["k1", "k2", "k3"]
     svc = Service(root, *args, api=False, env=env).start()
@@ -165,5 +175,53 @@ def test_allow_list_refusal(root: Path) -> None:
             service_log = svc.log()
         assert rx.receipts == []
     log = (root / "success" / "fenced" / "LOG").read_text()
-    assert log.count("refused: host localhost resolves to 127.0.0.1 is not in --webhook-allow") == 3
+    refusal = r"refused: host localhost resolves to (127\.0\.0\.1|::1) is not in --webhook-allow"
+    assert len(re.findall(refusal, log)) == 3
     assert "not in --webhook-allow" in service_log
+
+
+def test_loopback_refused_by_default(root: Path) -> None:
+    write_task(root / "tasks", "start", "echo ok\n")
+    with Receiver() as rx:
+        with Service(root, api=False, env={"BATCHINGEST_WEBHOOK_BACKOFF": "0.05"}) as svc:
+            drop(root, "inside", f"{rx.url}/x")
+            wait_for(lambda: len(list((root / ".outbox" / "failed").glob("*.json"))) == 3, 20)
+            service_log = svc.log()
+        assert rx.receipts == []
+    log = (root / "success" / "inside" / "LOG").read_text()
+    refusal = "refused: host 127.0.0.1 is a loopback address, refused unless named in"
+    assert log.count(refusal) == 3
+    assert refusal in service_log
+
+
+def test_planted_webhook_link_fifo_or_huge_file_is_refused(root: Path, tmp_path: Path) -> None:
+    """Jobs dropped by hand with a WEBHOOK that must not be read: none leaks or hangs."""
+    write_task(root / "tasks", "start", "echo ok\n")
+    outside = tmp_path / "outside.txt"
+    with Receiver() as rx:
+        outside.write_text(f"{rx.url}/from-outside\n")
+        with Service(root, api=False, env=FAST) as svc:
+            for name in ("link", "fifo", "huge"):
+                build = make_job(root, name)
+                if name == "link":
+                    (build / "WEBHOOK").symlink_to(outside)
+                elif name == "fifo":
+                    os.mkfifo(build / "WEBHOOK")
+                else:
+                    (build / "WEBHOOK").write_text(f"{rx.url}/huge\n" + "#" * 70_000)
+                os.rename(build, root / "queue" / name)
+            wait_for(lambda: landed(root, ["link", "fifo", "huge"]), 30, what="jobs to finish")
+            time.sleep(0.3)
+            service_log = svc.log()
+        assert rx.receipts == []
+    assert outbox(root) == []
+    for name, why in (
+        ("link", "WEBHOOK is not used: a symbolic link"),
+        ("fifo", "WEBHOOK is not used: not a regular file (named pipe)"),
+        ("huge", "WEBHOOK is larger than 65536 bytes"),
+    ):
+        log = (root / "success" / name / "LOG").read_text()
+        # one line per move: the claim (with the hand-queued job's queue event) and the end
+        assert log.count(f"event not sent: {why}") == 2
+        assert "from-outside" not in log
+        assert why in service_log
