@@ -51,6 +51,8 @@ class Config:
     stage_verify: bool = False
     staging_max_ids: int = 10_000
     log_level: str = "info"
+    # transfer APIs: (NAME, DIR) of --endpoint, see batchingest.endpoints
+    endpoints: list[tuple[str, Path]] = field(default_factory=list)
 
     @property
     def tasks_dir(self) -> Path:
@@ -106,6 +108,33 @@ def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def _endpoint(value: str) -> tuple[str, Path]:
+    from batchingest.endpoints import EndpointSpecError, parse_spec
+
+    try:
+        return parse_spec(value)
+    except EndpointSpecError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _env_endpoints(environ: Mapping[str, str]) -> list[tuple[str, Path]]:
+    from batchingest.endpoints import EndpointSpecError, parse_specs
+
+    try:
+        return parse_specs(environ.get("BATCHINGEST_ENDPOINTS", ""))
+    except EndpointSpecError as e:
+        raise SystemExit(f"batchingest: bad BATCHINGEST_ENDPOINTS: {e}") from None
+
+
+def _check_endpoints(cfg: Config) -> None:
+    from batchingest.endpoints import Endpoints, EndpointSpecError
+
+    try:
+        Endpoints.from_config(cfg)  # names given twice, or taken by archive/staging
+    except EndpointSpecError as e:
+        raise SystemExit(f"batchingest: {e}") from None
+
+
 # (flag, type, default, help). Booleans are switches on the command line and
 # "1"/"true"/"0"/"false" in the environment.
 _OPTIONS: list[tuple[str, object, object, str]] = [
@@ -151,6 +180,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
             )
         else:
             parser.add_argument(f"--{flag}", type=kind, default=None, help=f"{help_text} [{env}]")  # type: ignore[arg-type]
+    parser.add_argument("--endpoint", dest="endpoints", action="append", type=_endpoint,
+                        metavar="NAME=DIR", help="a folder the transfer APIs may use, by name; "
+                        "repeatable [BATCHINGEST_ENDPOINTS, comma-separated]")  # fmt: skip
 
 
 def config_from_args(
@@ -178,6 +210,8 @@ def config_from_args(
     if no_api and no_processor:
         raise SystemExit("batchingest: --no-api and --no-processor together leave nothing to run")
     cfg = Config(**values)  # type: ignore[arg-type]
+    cfg.endpoints = getattr(args, "endpoints", None) or _env_endpoints(environ)
+    _check_endpoints(cfg)
     cfg.api = not no_api
     cfg.processor = not no_processor
     # Tasks run in the job folder, not where the service started: every path is absolute.

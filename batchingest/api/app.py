@@ -204,10 +204,12 @@ def _larger_body_buffer() -> None:
 
 
 def create_app(cfg: Config, store: Store) -> Starlette:
+    from batchingest.api import globus  # it imports error_body from here
+
     _larger_body_buffer()
     checker = auth.TokenChecker(auth.load_tokens(cfg, store))
     staging_routes, staging_paths = _staging_routes(cfg, store)
-    spec = openapi.spec(__version__, staging_paths)
+    spec = openapi.spec(__version__, {**staging_paths, **globus.OPENAPI_PATHS})
     spec_body = jobs.json_response(spec).body
 
     async def index(request: Request) -> Response:
@@ -226,6 +228,7 @@ def create_app(cfg: Config, store: Store) -> Starlette:
         Route("/healthz", healthz, methods=["GET"]),
         Route("/openapi.json", openapi_json, methods=["GET"]),
         *staging_routes,
+        *globus.routes(cfg, store),
     ]
     return Starlette(
         routes=routes,
