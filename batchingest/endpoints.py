@@ -146,6 +146,10 @@ def split_path(raw: str) -> list[str]:
         raise PathError("invalid", "path contains a NUL byte")
     if "\\" in raw:
         raise PathError("invalid", "path contains a backslash")
+    try:
+        raw.encode()
+    except UnicodeEncodeError:  # lone surrogates from JSON: no name we could list or show
+        raise PathError("invalid", "path is not valid Unicode text") from None
     rel = raw
     for prefix in ("/~/", "~/", "/"):
         if rel.startswith(prefix):
@@ -163,7 +167,7 @@ def split_path(raw: str) -> list[str]:
             raise PathError("invalid", f"{raw[:100]!r} has an empty segment ('//')")
         if part in (".", ".."):
             raise PathError("invalid", f"{raw[:100]!r} has a '.' or '..' segment")
-        if len(part.encode(errors="surrogateescape")) > 255:
+        if len(part.encode()) > 255:
             raise PathError("invalid", "a path segment is longer than 255 bytes")
     return parts
 

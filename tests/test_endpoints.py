@@ -110,7 +110,7 @@ def test_one_path_many_spellings(raw: str) -> None:
 @pytest.mark.parametrize(
     "raw",
     ["..", "/..", "/~/..", "/a/../..", "a/./b", "./a", "/a//b", "//", "a\x00", "a\\b",
-     "~root/x", "~root", "/" + "x" * 256, "/a" * 2100],
+     "~root/x", "~root", "/" + "x" * 256, "/a" * 2100, "/\udcff", "/x\ud800y/z"],
 )  # fmt: skip
 def test_refused_paths(raw: str) -> None:
     with pytest.raises(PathError) as e:

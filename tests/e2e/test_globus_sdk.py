@@ -509,6 +509,15 @@ def test_bad_bodies(world: World, tc: TransferClient) -> None:
         headers={"Authorization": f"Bearer {TOKEN}"},
     )
     assert reply.status_code == 400 and reply.json()["code"] == "ClientError.BadRequest"
+    # lone surrogates in JSON: once a 500 (and a name no listing could show)
+    for raw in (b'{"path": "/\\udcff"}', b'{"path": "/x\\ud800y/z"}'):
+        reply = httpx.post(
+            world.service.url + "/globus/v0.10/operation/endpoint/data/mkdir",
+            content=raw,
+            headers={"Authorization": f"Bearer {TOKEN}"},
+        )
+        assert reply.status_code == 400 and reply.json()["code"] == "ClientError.BadRequest"
     err = api_error(lambda: tc.operation_mkdir("data", "/x", local_user="root"))
     assert err.http_status == 400
     assert not (world.data / "x").exists()
+    assert os.listdir(world.data) == [n for n in os.listdir(world.data) if n.isprintable()]
