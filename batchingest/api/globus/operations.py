@@ -129,18 +129,17 @@ class GlobusApi:
         limit = query.integer(request, "limit", LS_LIMIT, 0, LS_LIMIT)
         offset = query.integer(request, "offset", 0, 0, 1 << 62)
         test = query.file_filter(request)
+        keys = query.order_keys(request)
+        fields = query.fields(request)
         try:
-            items = await run_in_threadpool(endpoints.list_folder, ep, parts, hidden)
+            page, total = await run_in_threadpool(
+                _ls_page, ep, parts, hidden, test, keys, (offset, limit), fields
+            )
         except PathError as e:
             raise path_error("ls", e) from None
-        docs = [_with_mtime(item) for item in items if documents.file_type(item.st.st_mode)]
-        if test is not None:
-            docs = [d for d in docs if test(d)]
-        query.order(request, docs)
-        fields = query.fields(request)
-        page = [documents.select_fields(_strip(d), fields) for d in docs[offset : offset + limit]]
         shown = endpoints.show_path(parts, folder=True)
-        return json_response({
+        # a page may hold 100,000 entries: encode it off the event loop too
+        return await run_in_threadpool(json_response, {
             "DATA_TYPE": "file_list",
             "DATA": page,
             "path": shown,
@@ -149,7 +148,7 @@ class GlobusApi:
             "rename_supported": not ep.read_only,
             "symlink_supported": False,
             "length": len(page),
-            "total": len(docs),
+            "total": total,
             "offset": offset,
             "limit": limit,
         })  # fmt: skip
@@ -158,14 +157,9 @@ class GlobusApi:
         ep = self.endpoint(request)
         parts = split(request.query_params.get("path", ""))
         try:
-            item = await run_in_threadpool(endpoints.stat_path, ep, parts)
+            doc = await run_in_threadpool(_stat_doc, ep, parts)
         except PathError as e:
             raise path_error("stat", e) from None
-        if documents.file_type(item.st.st_mode) is None:
-            raise ApiError(
-                404, "ClientError.NotFound", f"{endpoints.show_path(parts)} is not a file or folder"
-            )
-        doc = documents.file_doc(item)
         return json_response(documents.select_fields(doc, query.fields(request)))
 
     async def mkdir(self, request: Request) -> Response:
@@ -243,6 +237,35 @@ ROUTES: list[tuple[str, str, list[str], str]] = [
     (f"{_EP}/activation_requirements", "activation_requirements", ["GET"], "none: always active"),
 ]
 DOCUMENTED = [(path, summary, methods) for path, _, methods, summary in ROUTES]
+
+
+def _ls_page(
+    ep: Endpoint,
+    parts: list[str],
+    hidden: bool,
+    test: query.Test | None,
+    keys: list[tuple[str, bool]],
+    window: tuple[int, int],
+    fields: list[str] | None,
+) -> tuple[list[dict[str, Any]], int]:
+    """One page of a listing and the total (in a thread: user and group names may
+    need NSS lookups, and a folder may hold 100,000 entries)."""
+    items = endpoints.list_folder(ep, parts, hidden)
+    docs = [_with_mtime(item) for item in items if documents.file_type(item.st.st_mode)]
+    if test is not None:
+        docs = [d for d in docs if test(d)]
+    query.sort(docs, keys)
+    offset, limit = window
+    page = [documents.select_fields(_strip(d), fields) for d in docs[offset : offset + limit]]
+    return page, len(docs)
+
+
+def _stat_doc(ep: Endpoint, parts: list[str]) -> dict[str, Any]:
+    item = endpoints.stat_path(ep, parts)
+    if documents.file_type(item.st.st_mode) is None:
+        message = f"{endpoints.show_path(parts)} is not a file or folder"
+        raise PathError("missing", message)
+    return documents.file_doc(item)
 
 
 def _with_mtime(item: Item) -> dict[str, Any]:

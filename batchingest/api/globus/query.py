@@ -144,8 +144,8 @@ def file_filter(request: Request) -> Test | None:
     return lambda d: any(all(test(d) for test in tests) for tests in alternatives)
 
 
-def order(request: Request, docs: list[Doc]) -> None:
-    """Sort docs by the `orderby` parameter (`name`, `size DESC`, ...; default by name)."""
+def order_keys(request: Request) -> list[tuple[str, bool]]:
+    """The `orderby` parameter (`name`, `size DESC`, ...; default by name) as (field, desc)."""
     raw = request.query_params.get("orderby") or "name ASC"
     keys: list[tuple[str, bool]] = []
     for part in raw.split(","):
@@ -156,6 +156,10 @@ def order(request: Request, docs: list[Doc]) -> None:
         if words[0] not in SORTABLE or direction not in ("ASC", "DESC") or len(words) > 2:
             raise bad(f"cannot order by {part.strip()[:100]!r}; fields: {', '.join(SORTABLE)}")
         keys.append((words[0], direction == "DESC"))
+    return keys
+
+
+def sort(docs: list[Doc], keys: list[tuple[str, bool]]) -> None:
     for field, descending in reversed(keys):  # stable sorts, last key first
         if field == "last_modified":
             docs.sort(key=_mtime, reverse=descending)
