@@ -23,6 +23,8 @@ from globus_sdk import TransferAPIError, TransferClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from service import TOKEN, Service
+from test_api_paths import _PIECES as JOB_API_PIECES
+from test_api_paths import ATTACKS as JOB_API_ATTACKS
 
 pytestmark = pytest.mark.e2e
 
@@ -52,6 +54,13 @@ def snapshot(folder: Path) -> dict[str, bytes | str]:
     return found
 
 
+def remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
 class World:
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
@@ -67,9 +76,8 @@ class World:
         (self.outside / "sub" / SENTINEL).write_text(UNSEEN)
         (self.outside / "sub" / UNSEEN).write_text(UNSEEN)
         (self.archive / "kept.txt").write_text("archived")
-        os.symlink(self.outside, self.data / "out-dir")
-        os.symlink(self.outside / SENTINEL, self.data / "out-file")
-        os.symlink("/", self.data / "slash")
+        for name, target in self.links().items():
+            os.symlink(target, self.data / name)
         self.outside_before = snapshot(self.outside)
         self.archive_before = snapshot(self.archive)
         args = ["--endpoint", f"data={self.data}", "--archive", str(self.archive),
@@ -82,6 +90,18 @@ class World:
         name = "t-" + uuid.uuid4().hex[:8]
         (self.data / name).mkdir()
         return f"/~/{name}/", self.data / name
+
+    def links(self) -> dict[str, Path | str]:
+        return {"out-dir": self.outside, "out-file": self.outside / SENTINEL, "slash": "/"}
+
+    def reset(self) -> None:
+        """Remove what a test made at the top of `data`; put the planted links back."""
+        for entry in set(os.listdir(self.data)) - set(self.links()):
+            if not entry.startswith("t-"):
+                remove(self.data / entry)
+        for name, target in self.links().items():
+            if not os.path.lexists(self.data / name):  # renamed away: plant it again
+                os.symlink(target, self.data / name)
 
     def check_outside(self) -> None:
         assert snapshot(self.outside) == self.outside_before
@@ -388,6 +408,40 @@ def test_attacks_are_refused(world: World, tc: TransferClient, attack: str) -> N
     world.check_outside()
 
 
+def answer_of(call: Callable[[], Any]) -> tuple[int, Any]:
+    """(status, document) of a call, whether it succeeded or failed; never a 5xx but 502."""
+    try:
+        done = call()
+    except TransferAPIError as e:
+        assert e.http_status in (400, 404, 502), (e.http_status, e.code, e.message)
+        return e.http_status, e.raw_json
+    return done.http_status, done.data
+
+
+@pytest.mark.parametrize("attack", JOB_API_ATTACKS)
+def test_the_job_api_attack_list(world: World, tc: TransferClient, attack: str) -> None:
+    """Globus paths are never percent-decoded: encoded attacks are literal names inside."""
+    path, real = world.folder()
+    (real / "movable").write_text("m")
+    for raw in (attack, path + attack, "/out-dir/" + attack, "/~/../" + attack):
+        for call in (
+            lambda raw=raw: tc.operation_ls("data", path=raw),
+            lambda raw=raw: tc.operation_stat("data", raw),
+            lambda raw=raw: tc.operation_mkdir("data", raw),
+            lambda raw=raw: tc.operation_rename("data", path + "movable", raw),
+        ):
+            status, doc = answer_of(call)
+            assert UNSEEN not in str(doc), raw
+            if raw.startswith(("/out-dir/", "/~/../")):
+                assert status == 400, (raw, status, doc)
+        world.check_outside()
+        world.reset()
+        for entry in set(os.listdir(real)) - {"movable"}:  # back for the next spelling
+            remove(real / entry)
+        if not (real / "movable").exists():
+            (real / "movable").write_text("m")
+
+
 def test_links_are_shown_never_followed(world: World, tc: TransferClient) -> None:
     docs = {d["name"]: d for d in tc.operation_ls("data", path="/")}
     assert docs["out-dir"]["type"] == "invalid_symlink"
@@ -408,7 +462,7 @@ _PIECES = st.sampled_from(
 
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 @given(
-    pieces=st.lists(_PIECES, min_size=0, max_size=8),
+    pieces=st.lists(st.one_of(_PIECES, JOB_API_PIECES), min_size=0, max_size=8),
     op=st.sampled_from(["ls", "stat", "mkdir", "rename-from", "rename-to"]),
 )
 def test_generated_paths_never_leave_the_endpoint(world: World, pieces: list[str], op: str) -> None:
@@ -431,19 +485,7 @@ def test_generated_paths_never_leave_the_endpoint(world: World, pieces: list[str
         answer = e.raw_json
     assert UNSEEN not in str(answer), path
     world.check_outside()
-    # whatever was made or moved is inside the endpoint folder: put it back
-    for entry in os.listdir(world.data):
-        target = world.data / entry
-        if entry in ("out-dir", "out-file", "slash") or entry.startswith("t-"):
-            continue
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        else:
-            target.unlink()
-    for entry in ("out-dir", "out-file", "slash"):
-        if not os.path.lexists(world.data / entry):  # renamed away by the example: restore
-            os.symlink({"out-dir": world.outside, "out-file": world.outside / SENTINEL,
-                        "slash": "/"}[entry], world.data / entry)  # fmt: skip
+    world.reset()  # whatever was made or moved is inside the endpoint folder: undo it
 
 
 # -- the rest of the API --------------------------------------------------------------------
