@@ -298,6 +298,15 @@ def _writable(ep: Endpoint) -> None:
         raise PathError("read-only", f"endpoint {ep.name!r} is read-only", errno.EROFS)
 
 
+def _name(parts: list[str]) -> str:
+    """The last part, checked once more: with a dir_fd, an absolute name would ignore the
+    descriptor (`/etc` is `/etc` whatever folder it is given with)."""
+    name = parts[-1]
+    if not name or "/" in name or "\x00" in name or name in (".", ".."):
+        raise PathError("invalid", f"not a single name: {name[:100]!r}")
+    return name
+
+
 def make_folder(ep: Endpoint, parts: list[str]) -> None:
     """Create the folder parts on ep (its parent must exist): PathError("exists") if taken."""
     _writable(ep)
@@ -305,7 +314,7 @@ def make_folder(ep: Endpoint, parts: list[str]) -> None:
         raise PathError("exists", "/ is the endpoint folder itself, which exists")
     with opened(ep) as root, folder(root, parts[:-1]) as parent:
         try:
-            os.mkdir(parts[-1], 0o777, dir_fd=parent)  # the umask decides, as mkdir(1)
+            os.mkdir(_name(parts), 0o777, dir_fd=parent)  # the umask decides, as mkdir(1)
         except OSError as e:
             raise _failure(e, parts) from None
 
@@ -331,7 +340,7 @@ def rename(ep: Endpoint, old: list[str], new: list[str]) -> None:
 
 def _rename_in(src: int, dst: int, old: list[str], new: list[str]) -> None:
     try:
-        fs.rename_noreplace(old[-1], new[-1], src_dir_fd=src, dst_dir_fd=dst)
+        fs.rename_noreplace(_name(old), _name(new), src_dir_fd=src, dst_dir_fd=dst)
     except OSError as e:
         # rename(2) errors name neither side; say which one is at fault
         raise _failure(e, new if isinstance(e, FileExistsError) else old) from None

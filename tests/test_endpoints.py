@@ -217,3 +217,17 @@ def test_fifo_is_listed_by_lstat_and_never_opened(world: tuple[Endpoint, Path]) 
     with pytest.raises(PathError) as e:
         endpoints.list_folder(ep, ["pipe"])
     assert e.value.kind == "not-dir"
+
+
+@pytest.mark.parametrize("parts", [["/etc"], ["sub", "/tmp/x"], [".."], ["a/b"], [""]])
+def test_a_name_is_never_a_path(world: tuple[Endpoint, Path], parts: list[str]) -> None:
+    """With a folder descriptor an absolute name is still absolute: checked before use."""
+    ep, tmp = world
+    with pytest.raises(PathError) as e:
+        endpoints.make_folder(ep, parts)
+    assert e.value.kind == "invalid"
+    with pytest.raises(PathError) as e:
+        endpoints.rename(ep, ["a.txt"], parts)
+    assert e.value.kind == "invalid"
+    assert (ep.path / "a.txt").read_text() == "inside"
+    outside_untouched(tmp)

@@ -269,11 +269,10 @@ def _stat_doc(ep: Endpoint, parts: list[str]) -> dict[str, Any]:
 
 
 def _with_mtime(item: Item) -> dict[str, Any]:
-    doc = documents.file_doc(item)
+    doc = documents.file_doc(item, times=False)
     doc[query.MTIME] = item.st.st_mtime
     return doc
 
 
 def _strip(doc: dict[str, Any]) -> dict[str, Any]:
-    doc.pop(query.MTIME, None)
-    return doc
+    return documents.add_times(doc, doc.pop(query.MTIME))
