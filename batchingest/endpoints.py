@@ -128,6 +128,28 @@ class Endpoints:
                 found = self._by_key.get(str(uuid.UUID(ref)))
         return found
 
+    def locate(self, path: str) -> tuple[Endpoint, list[str]] | None:
+        """The endpoint whose folder holds the absolute local path, and the parts below it.
+
+        Lexical only (no link is resolved, the configured folders are compared as given):
+        the parts are then opened through fs like any other, so a link on the way is
+        refused there. The longest matching folder wins; None if none holds the path,
+        PathError("invalid") for a path with '.', '..' or empty segments.
+        """
+        if not path.startswith("/"):
+            raise PathError("invalid", f"not an absolute path: {path[:100]!r}")
+        parts = split_path(path) if path != "/" else []
+        best: tuple[Endpoint, list[str]] | None = None
+        for ep in self.items:
+            base = [p for p in str(ep.path).split("/") if p]
+            if parts[: len(base)] == base and (best is None or len(base) > _depth(best[0])):
+                best = (ep, parts[len(base) :])
+        return best
+
+
+def _depth(ep: Endpoint) -> int:
+    return len([p for p in str(ep.path).split("/") if p])
+
 
 # -- paths ----------------------------------------------------------------------------------
 

@@ -7,6 +7,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from batchingest import endpoints
 from batchingest.config import parse_serve_args
@@ -116,6 +118,59 @@ def test_refused_paths(raw: str) -> None:
     with pytest.raises(PathError) as e:
         split_path(raw)
     assert e.value.kind == "invalid"
+
+
+_PIECES = st.sampled_from(
+    [
+        "/",
+        "//",
+        "~",
+        "~/",
+        "/~/",
+        ".",
+        "..",
+        "a",
+        "b.c",
+        ".h",
+        "%2e",
+        " ",
+        "\\",
+        "\x00",
+        "\udcff",
+        "é",
+    ]
+)
+
+
+@given(st.lists(_PIECES, max_size=10))
+def test_split_paths_are_names_only(pieces: list[str]) -> None:
+    """Whatever is accepted splits into plain names, and spells back to the same parts."""
+    raw = "".join(pieces)
+    try:
+        parts = split_path(raw)
+    except PathError as e:
+        assert e.kind == "invalid"
+        return
+    for part in parts:
+        assert part and "/" not in part and "\x00" not in part and part not in (".", "..")
+        part.encode()  # valid text
+    assert split_path(endpoints.show_path(parts)) == parts
+    assert split_path(endpoints.show_path(parts, folder=True)) == parts
+
+
+def test_locate_a_local_path() -> None:
+    registry = Endpoints(
+        [Endpoint("a", Path("/srv/a")), Endpoint("ab", Path("/srv/a/b")), Endpoint("c", Path("/c"))]
+    )
+    assert registry.locate("/srv/a/x/y") == (registry.items[0], ["x", "y"])
+    assert registry.locate("/srv/a/b/x") == (registry.items[1], ["x"])  # the longest wins
+    assert registry.locate("/srv/a") == (registry.items[0], [])
+    assert registry.locate("/srv/ab/x") is None  # a prefix of the text is not a parent
+    assert registry.locate("/elsewhere") is None
+    assert registry.locate("/") is None
+    for bad in ("/srv/a/../../etc", "/srv/a/./x", "relative", "/srv//a"):
+        with pytest.raises(PathError):
+            registry.locate(bad)
 
 
 def test_literal_names_that_only_look_special() -> None:

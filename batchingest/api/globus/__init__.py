@@ -11,6 +11,7 @@ endpoint folder.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -26,6 +27,7 @@ from batchingest.config import Config
 from batchingest.endpoints import Endpoints
 from batchingest.store import Store
 
+log = logging.getLogger("batchingest.api.globus")
 Handler = Callable[[Request], Awaitable[Response]]
 _ALL_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 
@@ -85,7 +87,12 @@ def _pattern(path: str) -> str:
 
 
 def routes(cfg: Config, store: Store) -> list[BaseRoute]:
-    api = operations.GlobusApi(Endpoints.from_config(cfg))
+    registry = Endpoints.from_config(cfg)
+    for ep in registry:
+        # not fatal: a network mount may come later; until then its operations say so (502)
+        if not ep.path.is_dir():
+            log.warning("endpoint %r: %s is not a folder (yet)", ep.name, ep.path)
+    api = operations.GlobusApi(registry)
     served = [
         Route(PREFIX + path, _globus(handler), methods=methods)
         for path, handler, methods in api.routes()
