@@ -172,15 +172,15 @@ def split_path(raw: str) -> list[str]:
         raw.encode()
     except UnicodeEncodeError:  # lone surrogates from JSON: no name we could list or show
         raise PathError("invalid", "path is not valid Unicode text") from None
+    if raw in ("", "/", "~", "~/", "/~", "/~/"):
+        return []
+    if raw.startswith("~") and not raw.startswith("~/"):
+        raise PathError("invalid", f"{raw[:100]!r}: '~user' homes do not exist here")
     rel = raw
     for prefix in ("/~/", "~/", "/"):
         if rel.startswith(prefix):
             rel = rel[len(prefix) :]
             break
-    if rel in ("", "~", "/~") or raw in ("/~", "~"):
-        return []
-    if rel.startswith("~") and not raw.startswith("/"):
-        raise PathError("invalid", f"{raw[:100]!r}: '~user' homes do not exist here")
     if rel.endswith("/"):
         rel = rel[:-1]
     parts = rel.split("/")
@@ -197,6 +197,8 @@ def split_path(raw: str) -> list[str]:
 def show_path(parts: list[str], folder: bool = False) -> str:
     """The canonical form of a path on an endpoint: `/a/b`, folders with a trailing `/`."""
     text = "/" + "/".join(parts)
+    if parts and parts[0] == "~":
+        text = "/~" + text  # '/~' alone is the endpoint folder: spell a name '~' under it
     return text + "/" if folder and parts else text
 
 

@@ -175,6 +175,8 @@ def test_locate_a_local_path() -> None:
 
 def test_literal_names_that_only_look_special() -> None:
     assert split_path("/~a") == ["~a"]
+    assert split_path("/~/~") == split_path("~/~/") == ["~"]
+    assert split_path("~/~x") == ["~x"]
     assert split_path("/%2e%2e") == ["%2e%2e"]
     assert split_path("/.hidden/...") == [".hidden", "..."]
 
