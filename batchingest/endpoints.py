@@ -32,6 +32,9 @@ if TYPE_CHECKING:
     from batchingest.config import Config
 
 MAX_PATH = 4096
+# The service's own temporaries in endpoint folders (unfinished staged copies are
+# `.batchingest-stage-*.tmp`): renaming one to a real name would show a partial file.
+SERVICE_PREFIX = ".batchingest-"
 _NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
 # The answer of both transfer APIs when no endpoint is configured.
 NOT_CONFIGURED = (
@@ -317,9 +320,13 @@ def stat_path(ep: Endpoint, parts: list[str]) -> Item:
         return Item(parts[-1] if parts else "/", st, target)
 
 
-def _writable(ep: Endpoint) -> None:
+def _writable(ep: Endpoint, *paths: list[str]) -> None:
     if ep.read_only:
         raise PathError("read-only", f"endpoint {ep.name!r} is read-only", errno.EROFS)
+    for parts in paths:
+        if any(part.startswith(SERVICE_PREFIX) for part in parts):
+            message = f"{show_path(parts)}: names starting with {SERVICE_PREFIX} are the service's"
+            raise PathError("read-only", message, errno.EPERM)
 
 
 def _name(parts: list[str]) -> str:
@@ -333,7 +340,7 @@ def _name(parts: list[str]) -> str:
 
 def make_folder(ep: Endpoint, parts: list[str]) -> None:
     """Create the folder parts on ep (its parent must exist): PathError("exists") if taken."""
-    _writable(ep)
+    _writable(ep, parts)
     if not parts:
         raise PathError("exists", "/ is the endpoint folder itself, which exists")
     with opened(ep) as root, folder(root, parts[:-1]) as parent:
@@ -349,7 +356,7 @@ def rename(ep: Endpoint, old: list[str], new: list[str]) -> None:
     Both parents are opened through fs (no link on the way), and the rename works on
     names in those descriptors, so a link at `old` is renamed itself, never followed.
     """
-    _writable(ep)
+    _writable(ep, old, new)
     if not old:
         raise PathError("invalid", "/ is the endpoint folder itself: it cannot be renamed")
     if not new:

@@ -288,3 +288,20 @@ def test_a_name_is_never_a_path(world: tuple[Endpoint, Path], parts: list[str]) 
     assert e.value.kind == "invalid"
     assert (ep.path / "a.txt").read_text() == "inside"
     outside_untouched(tmp)
+
+
+def test_the_services_temporaries_are_not_touched(world: tuple[Endpoint, Path]) -> None:
+    """An unfinished staged copy renamed to a real name would show a partial file."""
+    ep, _ = world
+    (ep.path / ".batchingest-stage-job.1-1.tmp").write_text("half")
+    for call in (
+        lambda: endpoints.rename(ep, [".batchingest-stage-job.1-1.tmp"], ["data.bin"]),
+        lambda: endpoints.rename(ep, ["a.txt"], ["sub", ".batchingest-stage-x.tmp"]),
+        lambda: endpoints.make_folder(ep, [".batchingest-stage-d"]),
+    ):
+        with pytest.raises(PathError) as e:
+            call()
+        assert e.value.kind == "read-only"
+    assert not (ep.path / "data.bin").exists()
+    assert (ep.path / ".batchingest-stage-job.1-1.tmp").read_text() == "half"
+    assert (ep.path / "a.txt").read_text() == "inside"

@@ -375,9 +375,15 @@ def test_read_only_endpoint(world: World, tc: TransferClient) -> None:
     assert (err.http_status, err.code) == (502, "ExternalError.MkdirFailed.PermissionDenied")
     err = api_error(lambda: tc.operation_rename("archive", "/kept.txt", "/moved.txt"))
     assert (err.http_status, err.code) == (502, "ExternalError.RenameFailed.PermissionDenied")
-    # staging, beside it, is writable
+    # staging, beside it, is writable, but not the unfinished copies of the stage task
     tc.operation_mkdir("staging", "/made-here")
     assert (world.staging / "made-here").is_dir()
+    (world.staging / ".batchingest-stage-j.1-1.tmp").write_text("half a file")
+    err = api_error(
+        lambda: tc.operation_rename("staging", "/.batchingest-stage-j.1-1.tmp", "/made-here/f")
+    )
+    assert (err.http_status, err.code) == (502, "ExternalError.RenameFailed.PermissionDenied")
+    assert os.listdir(world.staging / "made-here") == []
     world.check_outside()
 
 
