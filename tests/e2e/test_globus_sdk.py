@@ -222,6 +222,22 @@ def test_no_endpoint_configured_is_503(tmp_path: Path) -> None:
             assert "--endpoint" in err.message
 
 
+def test_an_endpoint_folder_that_is_not_there(tmp_path: Path) -> None:
+    later = tmp_path / "mounted-later"
+    with Service(tmp_path / "root", "--endpoint", f"later={later}") as service:
+        assert f"endpoint 'later': {later} is not a folder" in service.log()
+        tc = client(service)
+        assert tc.get_endpoint("later")["display_name"] == "later"
+        err = api_error(lambda: tc.operation_ls("later"))
+        assert (err.http_status, err.code) == (502, "ExternalError.DirListingFailed")
+        assert "cannot be opened" in err.message
+        err = api_error(lambda: tc.operation_mkdir("later", "/x"))
+        assert (err.http_status, err.code) == (502, "ExternalError.MkdirFailed")
+        later.mkdir()  # the mount arrives: no restart needed
+        assert tc.operation_ls("later")["total"] == 0
+    assert not (tmp_path / "x").exists()
+
+
 def test_token_is_required(world: World) -> None:
     tc = client(world.service, token="wrong")
     with pytest.raises(TransferAPIError) as e:
