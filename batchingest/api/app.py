@@ -103,7 +103,8 @@ class ApiMiddleware:
             response = error_body(
                 scope,
                 401,
-                "Unauthorized",
+                # the Globus Transfer API's own code for it, under /globus/
+                "AuthenticationFailed" if path.startswith("/globus/") else "Unauthorized",
                 "a valid token is required (X-Api-Token or Authorization)",
             )
             response.headers["WWW-Authenticate"] = 'Bearer realm="batchingest"'

@@ -242,9 +242,11 @@ def test_token_is_required(world: World) -> None:
     tc = client(world.service, token="wrong")
     with pytest.raises(TransferAPIError) as e:
         tc.get_endpoint("data")
-    assert e.value.http_status == 401
+    assert (e.value.http_status, e.value.code) == (401, "AuthenticationFailed")
     reply = httpx.get(world.service.url + "/globus/v0.10/endpoint/data")
-    assert reply.status_code == 401 and reply.json()["code"]
+    assert reply.status_code == 401 and reply.json()["code"] == "AuthenticationFailed"
+    # the other APIs keep their code
+    assert httpx.get(world.service.url + "/jobs").json()["code"] == "Unauthorized"
 
 
 # -- listing --------------------------------------------------------------------------------
