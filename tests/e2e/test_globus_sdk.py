@@ -583,6 +583,9 @@ def test_bad_bodies(world: World, tc: TransferClient) -> None:
             headers={"Authorization": f"Bearer {TOKEN}"},
         )
         assert reply.status_code == 400 and reply.json()["code"] == "ClientError.BadRequest"
+    big = {"DATA_TYPE": "mkdir", "path": "/x", "pad": "x" * (64 << 10)}
+    err = api_error(lambda: tc.post("/v0.10/operation/endpoint/data/mkdir", data=big))
+    assert (err.http_status, err.code) == (413, "ClientError.RequestTooLarge")
     err = api_error(lambda: tc.operation_mkdir("data", "/x", local_user="root"))
     assert err.http_status == 400
     assert not (world.data / "x").exists()
