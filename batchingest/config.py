@@ -93,6 +93,15 @@ def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def _endpoint(value: str) -> tuple[str, Path]:
+    from batchingest.endpoints import EndpointSpecError, parse_spec
+
+    try:
+        return parse_spec(value)
+    except EndpointSpecError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def absolute_path(value: str) -> Path:
     # Tasks run in the job folder, not where the service started: every path is absolute.
     if not value.strip():
@@ -122,6 +131,8 @@ class Option:
     flag: str  # without the leading "--"; "" means the field name with dashes
     shown: str | None  # the default as --help writes it; None: the default itself
     secret: bool  # kept out of repr() (and so out of logs) and out of task environments
+    repeat: bool = False  # the flag may be given again and again; the variable is a list
+    env: str = ""  # the variable's name when it is not derived from the flag
 
     @property
     def switch(self) -> bool:
@@ -137,9 +148,16 @@ def setting(
     flag: str = "",
     shown: str | None = None,
     secret: bool = False,
+    repeat: bool = False,
+    env: str = "",
 ) -> Any:
-    """A Config field that is also a flag and a variable (see the module's docstring)."""
-    meta = {"option": Option(help, parse, flag, shown, secret)}
+    """A Config field that is also a flag and a variable (see the module's docstring).
+
+    repeat: a list setting whose flag is given once per item (`--endpoint A=/a
+    --endpoint B=/b`) and whose variable holds the items comma-separated; parse reads
+    one item.
+    """
+    meta = {"option": Option(help, parse, flag, shown, secret, repeat, env)}
     if isinstance(default, list):
         items = list(default)
         return field(default_factory=lambda: list(items), metadata=meta, repr=not secret)
@@ -230,6 +248,16 @@ class Config:
     dts_secret_file: Path | None = setting(
         None, "file holding the DTS secret on its first line", parse=absolute_path, shown="none"
     )
+    # transfer APIs: (NAME, DIR) of --endpoint, see batchingest.endpoints
+    endpoints: list[tuple[str, Path]] = setting(
+        [],
+        "NAME=DIR: a folder the transfer APIs may read and write, once per endpoint",
+        parse=_endpoint,
+        flag="endpoint",
+        env="BATCHINGEST_ENDPOINTS",
+        shown="none",
+        repeat=True,
+    )
     log_level: str = setting("info", "the service log: " + ", ".join(LOG_LEVELS), parse=_log_level)
 
     @property
@@ -271,12 +299,17 @@ def env_name(flag: str) -> str:
     return ENV_PREFIX + flag.replace("-", "_").upper()
 
 
+def env_of(f: dataclasses.Field[Any], opt: Option) -> str:
+    """The variable of a setting: BATCHINGEST_ plus its flag, unless it names its own."""
+    return opt.env or env_name(flag_of(f, opt))
+
+
 # Settings that must never reach a task's environment or a log line.
-SECRET_ENV = tuple(env_name(flag_of(f, opt)) for f, opt in options() if opt.secret)
+SECRET_ENV = tuple(env_of(f, opt) for f, opt in options() if opt.secret)
 
 
 def _help(f: dataclasses.Field[Any], opt: Option) -> str:
-    env = env_name(flag_of(f, opt))
+    env = env_of(f, opt)
     required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     if opt.switch or required:
         text = f"{opt.help} [{env}]"
@@ -304,6 +337,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(
                 flag, dest=f.name, action="store_true", default=None, help=_help(f, opt)
             )
+        elif opt.repeat:
+            metavar = _METAVARS.get(opt.parse, "TEXT")
+            parser.add_argument(
+                flag, dest=f.name, type=opt.parse, action="append", default=None,
+                metavar=metavar, help=_help(f, opt),
+            )  # fmt: skip
         else:
             metavar = _METAVARS.get(opt.parse, "TEXT")
             parser.add_argument(
@@ -313,13 +352,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _from_env(f: dataclasses.Field[Any], opt: Option, environ: Mapping[str, str]) -> Any:
     """The variable's value, parsed; None when unset or empty."""
-    name = env_name(flag_of(f, opt))
+    name = env_of(f, opt)
     raw = environ.get(name, "")
     # an empty variable counts as unset: BATCHINGEST_ROOT= must not mean "the current folder"
     if raw.strip() == "":
         return None
     try:
-        return opt.parse(raw)
+        return [opt.parse(item) for item in _csv(raw)] if opt.repeat else opt.parse(raw)
     except (ValueError, argparse.ArgumentTypeError) as e:
         raise ConfigError(f"bad {name}: {e}") from None
 
@@ -346,7 +385,17 @@ def config_from_args(
     cfg = Config(**values)
     if not cfg.api and not cfg.processor:
         raise ConfigError("--no-api and --no-processor together leave nothing to run")
+    _check_endpoints(cfg)
     return cfg
+
+
+def _check_endpoints(cfg: Config) -> None:
+    from batchingest.endpoints import Endpoints, EndpointSpecError
+
+    try:
+        Endpoints.from_config(cfg)  # names given twice, or taken by archive/staging
+    except EndpointSpecError as e:
+        raise ConfigError(str(e)) from None
 
 
 def parse_serve_args(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Config:

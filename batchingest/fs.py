@@ -87,10 +87,10 @@ def _openat2(dir_fd: int, rel: str, flags: int, mode: int) -> int | None:
     global _openat2_works
     if _openat2_works is False:
         return None
-    # a mode is only allowed with O_CREAT or O_TMPFILE; O_TMPFILE includes the
-    # O_DIRECTORY bit, so it must be tested as a whole or every folder open is EINVAL
+    # openat2 refuses a mode without O_CREAT/O_TMPFILE; O_TMPFILE includes the O_DIRECTORY
+    # bit, so it must match whole or every folder open would carry a mode and fail EINVAL
     tmpfile = getattr(os, "O_TMPFILE", 0)
-    creates = flags & os.O_CREAT or (tmpfile and flags & tmpfile == tmpfile)
+    creates = bool(flags & os.O_CREAT) or (tmpfile and flags & tmpfile == tmpfile)
     how = _OpenHow(flags, mode if creates else 0, _RESOLVE)
     fd = _syscall(_SYS_OPENAT2, dir_fd, os.fsencode(rel), ctypes.byref(how), ctypes.sizeof(how))
     if fd >= 0:
@@ -124,7 +124,13 @@ def open_beneath(dir_fd: int, rel: str, flags: int = os.O_RDONLY, mode: int = 0o
     """
     parts = split(rel)
     flags |= _SAFE
-    fd = _openat2(dir_fd, rel, flags, mode)
+    try:
+        fd = _openat2(dir_fd, rel, flags, mode)
+    except NotADirectoryError:
+        # O_DIRECTORY | O_NOFOLLOW on a link says ENOTDIR, not ELOOP: name it a link
+        if flags & os.O_DIRECTORY and _last_is_link(dir_fd, parts):
+            raise _errno_error(errno.ELOOP, rel) from None
+        raise
     if fd is not None:
         return fd
     # component by component: every folder on the way opened O_NOFOLLOW | O_DIRECTORY
@@ -151,6 +157,20 @@ def open_beneath(dir_fd: int, rel: str, flags: int = os.O_RDONLY, mode: int = 0o
     finally:
         if current != dir_fd:
             os.close(current)
+
+
+def _last_is_link(dir_fd: int, parts: list[str]) -> bool:
+    """Whether the last of parts (beneath dir_fd, no link on the way) is a link."""
+    if len(parts) == 1:
+        return _is_link(dir_fd, parts[0])
+    try:
+        parent = open_beneath(dir_fd, "/".join(parts[:-1]), os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return False
+    try:
+        return _is_link(parent, parts[-1])
+    finally:
+        os.close(parent)
 
 
 def _is_link(dir_fd: int, name: str) -> bool:

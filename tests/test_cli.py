@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from batchingest.config import env_name, flag_of, options
+from batchingest.config import env_of, flag_of, options
 
 USAGE_ERROR = 2
 
@@ -60,7 +60,7 @@ def test_serve_help_shows_every_flag_variable_and_default() -> None:
     for f, opt in options():
         flag = "--" + flag_of(f, opt)
         assert flag in lines, flag
-        assert f"[{env_name(flag_of(f, opt))}]" in lines[flag]
+        assert f"[{env_of(f, opt)}]" in lines[flag]
         has_default = f.default is not dataclasses.MISSING or f.default_factory is not (
             dataclasses.MISSING
         )
@@ -205,7 +205,7 @@ def test_readme_tables_name_real_flags_and_variables() -> None:
     """Every `--flag` row of the README's tables is a setting, with the variable it names."""
     import re
 
-    known = {"--" + flag_of(f, opt): env_name(flag_of(f, opt)) for f, opt in options()}
+    known = {"--" + flag_of(f, opt): env_of(f, opt) for f, opt in options()}
     rows = re.findall(r"^\| `(--[a-z-]+)[^`]*` \|([^|]*)\|", (REPO / "README.md").read_text(), re.M)
     assert len(rows) >= 20
     for flag, second in rows:

@@ -14,6 +14,7 @@ from batchingest.config import (
     ConfigError,
     env_bool,
     env_name,
+    env_of,
     flag_of,
     options,
     parse_bool,
@@ -243,7 +244,7 @@ def test_no_in_a_variable_means_off_for_every_switch() -> None:
     switches = [f.name for f, opt in options() if opt.switch]
     assert {"force_polling", "stage_verify", "api", "processor", "init"} <= set(switches)
     default = parse(BATCHINGEST_ROOT="/r")
-    env = {env_name(flag_of(f, opt)) for f, opt in options() if opt.switch}
+    env = {env_of(f, opt) for f, opt in options() if opt.switch}
     assert {"BATCHINGEST_NO_API", "BATCHINGEST_STAGE_VERIFY"} <= env
     cfg = parse(BATCHINGEST_ROOT="/r", **dict.fromkeys(env, "no"))
     assert cfg == default

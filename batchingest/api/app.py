@@ -127,7 +127,8 @@ class ApiMiddleware:
             response = error_body(
                 scope,
                 401,
-                "Unauthorized",
+                # the Globus Transfer API's own code for it, under /globus/
+                "AuthenticationFailed" if path.startswith("/globus/") else "Unauthorized",
                 "a valid token is required (X-Api-Token or Authorization)",
             )
             response.headers["WWW-Authenticate"] = 'Bearer realm="batchingest"'
@@ -228,11 +229,13 @@ def _larger_body_buffer() -> None:
 
 
 def create_app(cfg: Config, store: Store) -> Starlette:
+    from batchingest.api import globus  # it imports error_body from here
+
     _larger_body_buffer()
     checker = auth.TokenChecker(auth.load_tokens(cfg, store))
     dts = auth.load_dts_secret(cfg)
     staging_routes, staging_paths = _staging_routes(cfg, store)
-    spec = openapi.spec(__version__, staging_paths)
+    spec = openapi.spec(__version__, {**staging_paths, **globus.OPENAPI_PATHS})
     spec_body = jobs.json_response(spec).body
 
     async def index(request: Request) -> Response:
@@ -251,6 +254,7 @@ def create_app(cfg: Config, store: Store) -> Starlette:
         Route("/healthz", healthz, methods=["GET"]),
         Route("/openapi.json", openapi_json, methods=["GET"]),
         *staging_routes,
+        *globus.routes(cfg, store),
     ]
     return Starlette(
         routes=routes,

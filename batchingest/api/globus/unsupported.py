@@ -1,0 +1,48 @@
+"""Globus features that are not served: each answers a clear 501, never a silent success.
+
+The fallback route of batchingest.api.globus answers every path that matches one of
+these (any method that is not served by a real route).
+
+Task submission and monitoring come with transfer jobs; the rest (managing endpoints,
+sharing, ACLs, roles, bookmarks, servers, pause rules, tunnels...) has no meaning for
+folders configured on the command line.
+"""
+
+from __future__ import annotations
+
+_TASKS = "transfer and delete tasks are not served yet"
+_CONFIGURED = "endpoints are configured on the service's command line (--endpoint NAME=DIR)"
+
+# (path below /globus, why it is not served)
+UNSUPPORTED: list[tuple[str, str]] = [
+    ("/v0.10/transfer", _TASKS),
+    ("/v0.10/delete", _TASKS),
+    ("/v0.10/task_list", _TASKS),
+    ("/v0.10/task/{rest:path}", _TASKS),
+    ("/v0.10/endpoint_manager/{rest:path}", "administrator routes are not served"),
+    ("/v0.10/endpoint", _CONFIGURED),
+    ("/v0.10/endpoint/{endpoint}", _CONFIGURED),  # PUT, DELETE: GET is served
+    ("/v0.10/endpoint/{endpoint}/deactivate", "endpoints here are always active"),
+    ("/v0.10/endpoint/{endpoint}/server_list", "endpoints here have no GridFTP servers"),
+    ("/v0.10/endpoint/{endpoint}/server/{rest:path}", "endpoints here have no GridFTP servers"),
+    ("/v0.10/endpoint/{endpoint}/server", "endpoints here have no GridFTP servers"),
+    ("/v0.10/endpoint/{endpoint}/access_list", "access rules (ACLs) are not supported"),
+    ("/v0.10/endpoint/{endpoint}/access", "access rules (ACLs) are not supported"),
+    ("/v0.10/endpoint/{endpoint}/access/{rest:path}", "access rules (ACLs) are not supported"),
+    ("/v0.10/endpoint/{endpoint}/role_list", "endpoint roles are not supported"),
+    ("/v0.10/endpoint/{endpoint}/role", "endpoint roles are not supported"),
+    ("/v0.10/endpoint/{endpoint}/role/{rest:path}", "endpoint roles are not supported"),
+    ("/v0.10/endpoint/{endpoint}/my_shared_endpoint_list", "shared endpoints are not supported"),
+    ("/v0.10/endpoint/{endpoint}/shared_endpoint_list", "shared endpoints are not supported"),
+    ("/v0.10/endpoint/{endpoint}/subscription", "subscriptions are not supported"),
+    ("/v0.10/shared_endpoint", "shared endpoints are not supported"),
+    ("/v0.10/bookmark_list", "bookmarks are not supported"),
+    ("/v0.10/bookmark", "bookmarks are not supported"),
+    ("/v0.10/bookmark/{rest:path}", "bookmarks are not supported"),
+    ("/v0.10/operation/endpoint/{endpoint}/symlink", "symbolic links are never made or followed"),
+    ("/v0.10/private/{rest:path}", "private routes are not served"),
+    ("/v0.10/tunnels", "tunnels are not supported"),
+    ("/v0.10/tunnels/{rest:path}", "tunnels are not supported"),
+    ("/v0.10/stream_access_points/{rest:path}", "streams are not supported"),
+    ("/v0.10/my_effective_pause_rule_list", "pause rules are not supported"),
+]

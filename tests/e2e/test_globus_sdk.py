@@ -1,0 +1,592 @@
+"""The Globus SDK for Python, unmodified, against the real service's /globus/ API.
+
+One service serves a writable endpoint `data`, and through --archive/--staging the
+read-only `archive` and `staging`. Beside the endpoint folders lies `outside/`, and links
+to it are planted in `data`. Files there have a name and content (UNSEEN) that no
+request and no link text ever spells, so an answer showing it would have looked outside.
+Each test works in its own folder of `data`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import globus_sdk
+import httpx
+import pytest
+from globus_sdk import TransferAPIError, TransferClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from service import TOKEN, Service
+from test_api_paths import _PIECES as JOB_API_PIECES
+from test_api_paths import ATTACKS as JOB_API_ATTACKS
+
+pytestmark = pytest.mark.e2e
+
+SENTINEL = "target.txt"  # a file outside every endpoint, named by links in `data`
+UNSEEN = "UNSEEN-c0ffee"  # in names and contents outside only: never sent, never linked
+
+
+def client(service: Service, token: str = TOKEN) -> TransferClient:
+    return TransferClient(
+        base_url=service.url + "/globus/", authorizer=globus_sdk.AccessTokenAuthorizer(token)
+    )
+
+
+def snapshot(folder: Path) -> dict[str, bytes | str]:
+    """Every name under folder (links not followed) with its content or link text."""
+    found: dict[str, bytes | str] = {}
+    for dirpath, dirnames, filenames in os.walk(folder):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            rel = str(path.relative_to(folder))
+            if path.is_symlink():
+                found[rel] = "-> " + os.readlink(path)
+            elif path.is_file():
+                found[rel] = path.read_bytes()
+            else:
+                found[rel] = "dir"
+    return found
+
+
+def remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+class World:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.data = tmp / "data"
+        self.archive = tmp / "archive"
+        self.staging = tmp / "staging"
+        self.outside = tmp / "outside"
+        for folder in (self.data, self.archive, self.staging, self.outside):
+            folder.mkdir()
+        (self.outside / SENTINEL).write_text(UNSEEN)
+        (self.outside / UNSEEN).write_text(UNSEEN)
+        (self.outside / "sub").mkdir()
+        (self.outside / "sub" / SENTINEL).write_text(UNSEEN)
+        (self.outside / "sub" / UNSEEN).write_text(UNSEEN)
+        (self.archive / "kept.txt").write_text("archived")
+        for name, target in self.links().items():
+            os.symlink(target, self.data / name)
+        self.outside_before = snapshot(self.outside)
+        self.archive_before = snapshot(self.archive)
+        args = ["--endpoint", f"data={self.data}", "--archive", str(self.archive),
+                "--staging", str(self.staging), "--no-processor"]  # fmt: skip
+        self.service = Service(tmp / "root", *args)
+        self.data_id = str(uuid.uuid5(uuid.NAMESPACE_URL, "batchingest:endpoint:data"))
+
+    def folder(self) -> tuple[str, Path]:
+        """A fresh folder in `data`: (its Globus path, its real path)."""
+        name = "t-" + uuid.uuid4().hex[:8]
+        (self.data / name).mkdir()
+        return f"/~/{name}/", self.data / name
+
+    def links(self) -> dict[str, Path | str]:
+        return {"out-dir": self.outside, "out-file": self.outside / SENTINEL, "slash": "/"}
+
+    def reset(self) -> None:
+        """Remove what a test made at the top of `data`; put the planted links back."""
+        for entry in set(os.listdir(self.data)) - set(self.links()):
+            if not entry.startswith("t-"):
+                remove(self.data / entry)
+        for name, target in self.links().items():
+            if not os.path.lexists(self.data / name):  # renamed away: plant it again
+                os.symlink(target, self.data / name)
+
+    def check_outside(self) -> None:
+        assert snapshot(self.outside) == self.outside_before
+        assert snapshot(self.archive) == self.archive_before
+        logs = [p.name for p in self.tmp.glob("service-*.log")]
+        made = {"archive", "data", "outside", "root", "staging", *logs}
+        assert set(os.listdir(self.tmp)) == made
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    w = World(tmp_path_factory.mktemp("globus"))
+    w.service.start()
+    try:
+        yield w
+    finally:
+        w.service.stop()
+    assert "Traceback" not in w.service.log()
+
+
+@pytest.fixture
+def tc(world: World) -> TransferClient:
+    return client(world.service)
+
+
+def api_error(call: Callable[[], Any]) -> TransferAPIError:
+    with pytest.raises(TransferAPIError) as e:
+        call()
+    err = e.value
+    body = err.raw_json
+    assert body is not None and set(body) == {"code", "message", "request_id", "resource"}
+    assert err.headers["X-Transfer-API-Error"] == body["code"]
+    assert body["request_id"] == err.headers["X-Request-Id"]
+    assert not body["resource"].startswith("/globus")
+    return err
+
+
+# -- endpoints ------------------------------------------------------------------------------
+
+
+def test_get_endpoint_by_id_and_by_name(world: World, tc: TransferClient) -> None:
+    by_id = tc.get_endpoint(world.data_id)
+    assert by_id["DATA_TYPE"] == "endpoint"
+    assert by_id["id"] == world.data_id
+    assert by_id["display_name"] == "data"
+    assert by_id["activated"] is True
+    assert by_id["read_only"] is False
+    assert by_id["DATA"] == []
+    assert tc.get_endpoint("data").data == by_id.data
+    archive = tc.get_endpoint("archive")
+    assert archive["read_only"] is True
+    assert archive["id"] == str(uuid.uuid5(uuid.NAMESPACE_URL, "batchingest:endpoint:archive"))
+    assert set(tc.get_endpoint("data", query_params={"fields": "id,name"}).data) == {
+        "DATA_TYPE", "id", "name",
+    }  # fmt: skip
+
+
+def test_unknown_endpoint(tc: TransferClient) -> None:
+    missing = str(uuid.uuid4())
+    err = api_error(lambda: tc.get_endpoint(missing))
+    assert (err.http_status, err.code) == (404, "EndpointNotFound")
+    assert err.raw_json is not None and err.raw_json["resource"] == f"/endpoint/{missing}"
+    for call in (
+        lambda: tc.operation_ls("nope"),
+        lambda: tc.operation_stat("nope", "/"),
+        lambda: tc.operation_mkdir("nope", "/x"),
+        lambda: tc.operation_rename("nope", "/x", "/y"),
+    ):
+        err = api_error(call)
+        assert (err.http_status, err.code) == (404, "EndpointNotFound")
+
+
+def test_endpoint_search(world: World, tc: TransferClient) -> None:
+    found = tc.endpoint_search("data")
+    assert found["DATA_TYPE"] == "endpoint_list"
+    assert [ep["id"] for ep in found] == [world.data_id]
+    assert found["has_next_page"] is False
+    assert isinstance(found["limit"], int) and isinstance(found["offset"], int)
+    everything = [ep["display_name"] for ep in tc.endpoint_search(filter_scope="my-endpoints")]
+    assert everything == ["data", "archive", "staging"]
+    assert [ep["display_name"] for ep in tc.endpoint_search("ARCH")] == ["archive"]
+    assert list(tc.endpoint_search("read-only folder")) != []
+    assert list(tc.endpoint_search("no such thing")) == []
+    assert list(tc.endpoint_search(filter_scope="shared-with-me")) == []
+    page = tc.endpoint_search(filter_scope="all", limit=1, offset=1)
+    assert [ep["display_name"] for ep in page] == ["archive"] and page["has_next_page"] is True
+    err = api_error(lambda: tc.endpoint_search(filter_scope="bogus"))
+    assert (err.http_status, err.code) == (400, "ClientError.BadRequest")
+    err = api_error(lambda: tc.endpoint_search("x", filter_owner_id="someone"))
+    assert err.http_status == 400
+
+
+def test_endpoint_search_pages_with_the_sdk_paginator(tmp_path: Path) -> None:
+    """The SDK asks 100 at a time and stops on has_next_page: 130 endpoints, 2 pages."""
+    (tmp_path / "f").mkdir()
+    specs = ",".join(f"many-{i:03d}={tmp_path / 'f'}" for i in range(130))
+    with Service(tmp_path / "root", env={"BATCHINGEST_ENDPOINTS": specs}) as service:
+        tc = client(service)
+        pages = list(tc.paginated.endpoint_search("many"))
+        assert len(pages) == 2
+        names = [ep["display_name"] for page in pages for ep in page]
+        assert names == [f"many-{i:03d}" for i in range(130)]
+        assert [ep["display_name"] for ep in tc.paginated.endpoint_search("many").items()] == names
+
+
+def test_no_endpoint_configured_is_503(tmp_path: Path) -> None:
+    with Service(tmp_path / "root") as service:
+        tc = client(service)
+        tc.retry_config.max_retries = 0  # the SDK would retry a 503 for seconds
+        for call in (
+            lambda: tc.get_endpoint("data"),
+            lambda: tc.endpoint_search("data"),
+            lambda: tc.operation_ls("data"),
+            lambda: tc.get_submission_id(),
+        ):
+            err = api_error(call)
+            assert (err.http_status, err.code) == (503, "EndpointsNotConfigured")
+            assert "--endpoint" in err.message
+
+
+def test_an_endpoint_folder_that_is_not_there(tmp_path: Path) -> None:
+    later = tmp_path / "mounted-later"
+    with Service(tmp_path / "root", "--endpoint", f"later={later}") as service:
+        assert f"endpoint 'later': {later} is not a folder" in service.log()
+        tc = client(service)
+        assert tc.get_endpoint("later")["display_name"] == "later"
+        err = api_error(lambda: tc.operation_ls("later"))
+        assert (err.http_status, err.code) == (502, "ExternalError.DirListingFailed")
+        assert "cannot be opened" in err.message
+        err = api_error(lambda: tc.operation_mkdir("later", "/x"))
+        assert (err.http_status, err.code) == (502, "ExternalError.MkdirFailed")
+        later.mkdir()  # the mount arrives: no restart needed
+        assert tc.operation_ls("later")["total"] == 0
+    assert not (tmp_path / "x").exists()
+
+
+def test_token_is_required(world: World) -> None:
+    tc = client(world.service, token="wrong")
+    with pytest.raises(TransferAPIError) as e:
+        tc.get_endpoint("data")
+    assert (e.value.http_status, e.value.code) == (401, "AuthenticationFailed")
+    reply = httpx.get(world.service.url + "/globus/v0.10/endpoint/data")
+    assert reply.status_code == 401 and reply.json()["code"] == "AuthenticationFailed"
+    # the other APIs keep their code
+    assert httpx.get(world.service.url + "/jobs").json()["code"] == "Unauthorized"
+
+
+# -- listing --------------------------------------------------------------------------------
+
+
+def test_ls_documents(world: World, tc: TransferClient) -> None:
+    path, real = world.folder()
+    (real / "b.txt").write_text("12345")
+    (real / "sub").mkdir()
+    os.symlink("b.txt", real / "link")
+    os.mkfifo(real / "pipe")  # never served: not in the listing
+    listing = tc.operation_ls(world.data_id, path=path)
+    assert listing["DATA_TYPE"] == "file_list"
+    assert listing["path"] == path.removeprefix("/~")
+    assert (listing["length"], listing["total"], listing["offset"]) == (3, 3, 0)
+    docs = {d["name"]: d for d in listing}
+    assert sorted(docs) == ["b.txt", "link", "sub"]
+    b = docs["b.txt"]
+    assert (b["DATA_TYPE"], b["type"], b["size"], b["link_target"]) == ("file", "file", 5, None)
+    assert b["permissions"] == f"{(real / 'b.txt').stat().st_mode & 0o7777:04o}"
+    assert b["last_modified"].endswith("+00:00")
+    assert docs["sub"]["type"] == "dir"
+    assert (docs["link"]["type"], docs["link"]["link_target"]) == ("invalid_symlink", "b.txt")
+    # /, /~/, ~ and "" all name the endpoint folder
+    for root in ("/", "/~/", "~", ""):
+        names = [d["name"] for d in tc.operation_ls("data", path=root)]
+        assert path.strip("/").removeprefix("~/") in names and "out-dir" in names
+
+
+def test_ls_paging_filter_order_hidden(world: World, tc: TransferClient) -> None:
+    path, real = world.folder()
+    for i in range(23):
+        (real / f"f{i:02d}.txt").write_bytes(b"x" * i)
+    (real / "d1").mkdir()
+    (real / ".hidden").write_text("h")
+    every = [d["name"] for d in tc.operation_ls(world.data_id, path=path)]
+    assert every == sorted([".hidden", "d1", *(f"f{i:02d}.txt" for i in range(23))])
+    shown = [d["name"] for d in tc.operation_ls(world.data_id, path=path, show_hidden=False)]
+    assert shown == every[1:]
+    # paging with limit/offset through the SDK until total is reached
+    paged: list[str] = []
+    offset = 0
+    while True:
+        page = tc.operation_ls(world.data_id, path=path, limit=7, offset=offset)
+        assert isinstance(page["total"], int) and page["limit"] == 7 and page["offset"] == offset
+        paged += [d["name"] for d in page]
+        offset += page["length"]
+        if offset >= page["total"]:
+            break
+    assert paged == every
+    only_dirs = tc.operation_ls(world.data_id, path=path, filter={"type": "dir"})
+    assert [d["name"] for d in only_dirs] == ["d1"]
+    globbed = tc.operation_ls(world.data_id, path=path, filter="name:~f1*.txt/size:>=15")
+    assert [d["name"] for d in globbed] == [f"f{i}.txt" for i in range(15, 20)]
+    either = tc.operation_ls(world.data_id, path=path, filter=["type:dir", "name:=f00.txt"])
+    assert sorted(d["name"] for d in either) == ["d1", "f00.txt"]
+    biggest = tc.operation_ls(
+        world.data_id, path=path, orderby="size DESC", filter="type:file", limit=2
+    )
+    assert [d["name"] for d in biggest] == ["f22.txt", "f21.txt"]
+    by_type = tc.operation_ls(world.data_id, path=path, orderby=["type", "name DESC"])
+    assert [d["name"] for d in by_type][:3] == ["d1", "f22.txt", "f21.txt"]
+    recent = tc.operation_ls(world.data_id, path=path, filter={"last_modified": ["2000-01-01", ""]})
+    assert recent["total"] == len(every)
+    fields = tc.operation_ls(world.data_id, path=path, query_params={"fields": "name"})
+    assert all(set(d) == {"DATA_TYPE", "name"} for d in fields)
+    for bad in ({"filter": "nosuch:1"}, {"orderby": "colour"}, {"limit": "-1"}, {"offset": "x"},
+                {"show_hidden": "maybe"}, {"filter": "size:>lots"}):  # fmt: skip
+        err = api_error(lambda b=bad: tc.operation_ls(world.data_id, path=path, query_params=b))  # type: ignore[misc]
+        assert (err.http_status, err.code) == (400, "ClientError.BadRequest"), bad
+
+
+def test_ls_errors(world: World, tc: TransferClient) -> None:
+    path, real = world.folder()
+    (real / "file").write_text("x")
+    err = api_error(lambda: tc.operation_ls("data", path=path + "missing/"))
+    assert (err.http_status, err.code) == (404, "ClientError.NotFound")
+    err = api_error(lambda: tc.operation_ls("data", path=path + "file"))
+    assert (err.http_status, err.code) == (502, "ExternalError.DirListingFailed.NotDirectory")
+
+
+# -- stat, mkdir, rename --------------------------------------------------------------------
+
+
+def test_stat(world: World, tc: TransferClient) -> None:
+    path, real = world.folder()
+    (real / "f").write_text("abc")
+    doc = tc.operation_stat("data", path + "f")
+    assert (doc["DATA_TYPE"], doc["name"], doc["type"], doc["size"]) == ("file", "f", "file", 3)
+    assert tc.operation_stat("data", path)["type"] == "dir"
+    assert tc.operation_stat("data", "/")["type"] == "dir"
+    link = tc.operation_stat("data", "/out-file")
+    assert link["type"] == "invalid_symlink"
+    assert link["link_target"] == str(world.outside / SENTINEL)
+    assert link["size"] == len(str(world.outside / SENTINEL))  # the link's, not the target's
+    err = api_error(lambda: tc.operation_stat("data", path + "missing"))
+    assert (err.http_status, err.code) == (404, "ClientError.NotFound")
+    world.check_outside()
+
+
+def test_mkdir(world: World, tc: TransferClient) -> None:
+    path, real = world.folder()
+    done = tc.operation_mkdir(world.data_id, path + "new")
+    assert done.http_status == 202
+    assert (done["DATA_TYPE"], done["code"]) == ("mkdir_result", "DirectoryCreated")
+    assert done["request_id"] and done["resource"].endswith("/mkdir")
+    assert (real / "new").is_dir()
+    tc.operation_mkdir("data", path.removeprefix("/~/") + "relative")  # relative to home
+    assert (real / "relative").is_dir()
+    err = api_error(lambda: tc.operation_mkdir("data", path + "new"))
+    assert (err.http_status, err.code) == (502, "ExternalError.MkdirFailed.Exists")
+    err = api_error(lambda: tc.operation_mkdir("data", "/"))
+    assert err.code == "ExternalError.MkdirFailed.Exists"
+    err = api_error(lambda: tc.operation_mkdir("data", path + "no/such/parent"))
+    assert (err.http_status, err.code) == (404, "ClientError.NotFound")
+    assert sorted(os.listdir(real)) == ["new", "relative"]
+
+
+def test_rename(world: World, tc: TransferClient) -> None:
+    path, real = world.folder()
+    (real / "a").write_text("A")
+    (real / "b").write_text("B")
+    (real / "d").mkdir()
+    done = tc.operation_rename("data", path + "a", path + "d/a2")
+    assert done.http_status == 200
+    assert (done["DATA_TYPE"], done["code"]) == ("result", "FileRenamed")
+    assert (real / "d" / "a2").read_text() == "A"
+    err = api_error(lambda: tc.operation_rename("data", path + "b", path + "d/a2"))
+    assert (err.http_status, err.code) == (502, "ExternalError.RenameFailed.Exists")
+    err = api_error(lambda: tc.operation_rename("data", path + "b", path + "d"))
+    assert err.code == "ExternalError.RenameFailed.Exists"
+    assert (real / "b").read_text() == "B" and (real / "d" / "a2").read_text() == "A"
+    err = api_error(lambda: tc.operation_rename("data", path + "gone", path + "x"))
+    assert (err.http_status, err.code) == (404, "ClientError.NotFound")
+    err = api_error(lambda: tc.operation_rename("data", path + "d", path + "d/inside"))
+    assert (err.http_status, err.code) == (400, "ClientError.BadRequest")
+    assert sorted(os.listdir(real)) == ["b", "d"]
+
+
+def test_read_only_endpoint(world: World, tc: TransferClient) -> None:
+    assert [d["name"] for d in tc.operation_ls("archive")] == ["kept.txt"]
+    assert tc.operation_ls("archive")["rename_supported"] is False
+    err = api_error(lambda: tc.operation_mkdir("archive", "/new"))
+    assert (err.http_status, err.code) == (502, "ExternalError.MkdirFailed.PermissionDenied")
+    err = api_error(lambda: tc.operation_rename("archive", "/kept.txt", "/moved.txt"))
+    assert (err.http_status, err.code) == (502, "ExternalError.RenameFailed.PermissionDenied")
+    # staging, beside it, is writable, but not the unfinished copies of the stage task
+    tc.operation_mkdir("staging", "/made-here")
+    assert (world.staging / "made-here").is_dir()
+    (world.staging / ".batchingest-stage-j.1-1.tmp").write_text("half a file")
+    err = api_error(
+        lambda: tc.operation_rename("staging", "/.batchingest-stage-j.1-1.tmp", "/made-here/f")
+    )
+    assert (err.http_status, err.code) == (502, "ExternalError.RenameFailed.PermissionDenied")
+    assert os.listdir(world.staging / "made-here") == []
+    world.check_outside()
+
+
+# -- path safety ----------------------------------------------------------------------------
+
+LINK_ATTACKS = ["/out-dir/", "/out-dir/" + SENTINEL, "/out-dir/sub/", "/~/out-dir/sub/" + SENTINEL,
+                "/slash/etc/", "/slash/etc/passwd", "out-dir"]  # fmt: skip
+DOT_ATTACKS = ["/../", "/~/../", "..", "/../outside/", "/~/../outside/" + SENTINEL,
+               "/out-dir/../", "/a/../../outside", "/./", "a/./b", "/a//b", "/x\x00y",
+               "/x\\..\\y", "~root/", "/" + "x" * 5000]  # fmt: skip
+
+
+@pytest.mark.parametrize("attack", LINK_ATTACKS + DOT_ATTACKS)
+def test_attacks_are_refused(world: World, tc: TransferClient, attack: str) -> None:
+    calls: list[Callable[[], Any]] = [
+        lambda: tc.operation_mkdir("data", attack.rstrip("/") + "/new"),
+        lambda: tc.operation_rename("data", "/out-file", attack.rstrip("/") + "/moved"),
+    ]
+    if attack.rstrip("/") not in ("out-dir", "/slash/etc/passwd") and not attack.endswith(SENTINEL):
+        calls.append(lambda: tc.operation_ls("data", path=attack))
+    if attack.count("/") > 2 or attack in DOT_ATTACKS:
+        calls.append(lambda: tc.operation_stat("data", attack))
+    for call in calls:
+        err = api_error(call)
+        assert (err.http_status, err.code) == (400, "ClientError.BadRequest"), attack
+        assert UNSEEN not in str(err.raw_json)
+    assert os.readlink(world.data / "out-file") == str(world.outside / SENTINEL)
+    world.check_outside()
+
+
+def answer_of(call: Callable[[], Any]) -> tuple[int, Any]:
+    """(status, document) of a call, whether it succeeded or failed; never a 5xx but 502."""
+    try:
+        done = call()
+    except TransferAPIError as e:
+        assert e.http_status in (400, 404, 502), (e.http_status, e.code, e.message)
+        return e.http_status, e.raw_json
+    return done.http_status, done.data
+
+
+@pytest.mark.parametrize("attack", JOB_API_ATTACKS)
+def test_the_job_api_attack_list(world: World, tc: TransferClient, attack: str) -> None:
+    """Globus paths are never percent-decoded: encoded attacks are literal names inside."""
+    path, real = world.folder()
+    (real / "movable").write_text("m")
+    for raw in (attack, path + attack, "/out-dir/" + attack, "/~/../" + attack):
+        for call in (
+            lambda raw=raw: tc.operation_ls("data", path=raw),
+            lambda raw=raw: tc.operation_stat("data", raw),
+            lambda raw=raw: tc.operation_mkdir("data", raw),
+            lambda raw=raw: tc.operation_rename("data", path + "movable", raw),
+        ):
+            status, doc = answer_of(call)
+            assert UNSEEN not in str(doc), raw
+            if raw.startswith(("/out-dir/", "/~/../")):
+                assert status == 400, (raw, status, doc)
+        world.check_outside()
+        world.reset()
+        for entry in set(os.listdir(real)) - {"movable"}:  # back for the next spelling
+            remove(real / entry)
+        if not (real / "movable").exists():
+            (real / "movable").write_text("m")
+
+
+def test_links_are_shown_never_followed(world: World, tc: TransferClient) -> None:
+    docs = {d["name"]: d for d in tc.operation_ls("data", path="/")}
+    assert docs["out-dir"]["type"] == "invalid_symlink"
+    assert docs["out-dir"]["link_target"] == str(world.outside)
+    assert docs["slash"]["link_target"] == "/"
+    stat = tc.operation_stat("data", "/out-dir")
+    assert stat["type"] == "invalid_symlink"
+    err = api_error(lambda: tc.operation_ls("data", path="/out-dir/"))
+    assert "symbolic link" in err.message
+    world.check_outside()
+
+
+_PIECES = st.sampled_from(
+    ["..", ".", "/", "//", "~", "/~/", "~/", "\\", "\x00", "a", "b", "out-dir", "out-file",
+     "slash", "etc", "outside", SENTINEL, "sub", "%2e%2e", "%2f", " ", ".hidden", "scratch"]
+)  # fmt: skip
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    pieces=st.lists(st.one_of(_PIECES, JOB_API_PIECES), min_size=0, max_size=8),
+    op=st.sampled_from(["ls", "stat", "mkdir", "rename-from", "rename-to"]),
+)
+def test_generated_paths_never_leave_the_endpoint(world: World, pieces: list[str], op: str) -> None:
+    tc = client(world.service)
+    path = "".join(pieces)
+    scratch = world.data / "scratch"
+    scratch.mkdir(exist_ok=True)
+    (scratch / "movable").write_text("m")
+    calls = {
+        "ls": lambda: tc.operation_ls("data", path=path),
+        "stat": lambda: tc.operation_stat("data", path),
+        "mkdir": lambda: tc.operation_mkdir("data", path),
+        "rename-from": lambda: tc.operation_rename("data", path, "/scratch/moved-here"),
+        "rename-to": lambda: tc.operation_rename("data", "/scratch/movable", path),
+    }
+    try:
+        answer: Any = calls[op]().data
+    except TransferAPIError as e:
+        assert e.http_status in (400, 404, 502), (path, e.http_status, e.code)
+        answer = e.raw_json
+    assert UNSEEN not in str(answer), path
+    world.check_outside()
+    world.reset()  # whatever was made or moved is inside the endpoint folder: undo it
+
+
+# -- the rest of the API --------------------------------------------------------------------
+
+
+def test_submission_id_and_activation(world: World, tc: TransferClient) -> None:
+    first, second = tc.get_submission_id(), tc.get_submission_id()
+    assert first["DATA_TYPE"] == "submission_id"
+    assert uuid.UUID(first["value"]) and first["value"] != second["value"]
+    for route in ("autoactivate", "activate"):
+        done = tc.post(f"/v0.10/endpoint/{world.data_id}/{route}")
+        assert (done["DATA_TYPE"], done["code"], done["expires_in"]) == (
+            "activation_result", "AlreadyActivated", -1,
+        )  # fmt: skip
+    needs = tc.get("/v0.10/endpoint/data/activation_requirements")
+    assert (needs["DATA_TYPE"], needs["activated"], needs["DATA"]) == (
+        "activation_requirements", True, [],
+    )  # fmt: skip
+    err = api_error(lambda: tc.post("/v0.10/endpoint/data/deactivate"))
+    assert (err.http_status, err.code) == (501, "NotImplemented")
+
+
+def test_what_is_not_served_says_so(world: World, tc: TransferClient) -> None:
+    data = globus_sdk.TransferData(source_endpoint=world.data_id, destination_endpoint="staging")
+    data.add_item("/a", "/b")
+    delete = globus_sdk.DeleteData(endpoint=world.data_id)
+    delete.add_item("/a")
+    task = str(uuid.uuid4())
+    for call in (
+        lambda: tc.submit_transfer(data),
+        lambda: tc.submit_delete(delete),
+        lambda: tc.task_list(),
+        lambda: tc.get_task(task),
+        lambda: tc.cancel_task(task),
+        lambda: tc.task_event_list(task),
+        lambda: tc.endpoint_acl_list("data"),
+        lambda: tc.add_endpoint_acl_rule("data", {"DATA_TYPE": "access"}),
+        lambda: tc.bookmark_list(),
+        lambda: tc.create_bookmark({"name": "x"}),
+        lambda: tc.create_shared_endpoint({"DATA_TYPE": "shared_endpoint"}),
+        lambda: tc.my_shared_endpoint_list("data"),
+        lambda: tc.endpoint_role_list("data"),
+        lambda: tc.endpoint_server_list("data"),
+        lambda: tc.update_endpoint("data", {"display_name": "x"}),
+        lambda: tc.delete_endpoint("data"),
+    ):
+        err = api_error(call)
+        assert (err.http_status, err.code) == (501, "NotImplemented")
+    err = api_error(lambda: tc.get("/v0.10/no_such_thing"))
+    assert (err.http_status, err.code) == (404, "ClientError.NotFound")
+    err = api_error(lambda: tc.post("/v0.10/operation/endpoint/data/ls"))
+    assert (err.http_status, err.code) == (405, "ClientError.MethodNotAllowed")
+    assert tc.get_endpoint("data")["display_name"] == "data"  # nothing changed
+
+
+def test_bad_bodies(world: World, tc: TransferClient) -> None:
+    for body in ({"DATA_TYPE": "rename", "path": "/x"}, {"path": 5}, {"path": None}):
+        err = api_error(lambda b=body: tc.post("/v0.10/operation/endpoint/data/mkdir", data=b))  # type: ignore[misc]
+        assert (err.http_status, err.code) == (400, "ClientError.BadRequest")
+    reply = httpx.post(
+        world.service.url + "/globus/v0.10/operation/endpoint/data/rename",
+        content=b"not json",
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    )
+    assert reply.status_code == 400 and reply.json()["code"] == "ClientError.BadRequest"
+    # lone surrogates in JSON: once a 500 (and a name no listing could show)
+    for raw in (b'{"path": "/\\udcff"}', b'{"path": "/x\\ud800y/z"}'):
+        reply = httpx.post(
+            world.service.url + "/globus/v0.10/operation/endpoint/data/mkdir",
+            content=raw,
+            headers={"Authorization": f"Bearer {TOKEN}"},
+        )
+        assert reply.status_code == 400 and reply.json()["code"] == "ClientError.BadRequest"
+    big = {"DATA_TYPE": "mkdir", "path": "/x", "pad": "x" * (64 << 10)}
+    err = api_error(lambda: tc.post("/v0.10/operation/endpoint/data/mkdir", data=big))
+    assert (err.http_status, err.code) == (413, "ClientError.RequestTooLarge")
+    err = api_error(lambda: tc.operation_mkdir("data", "/x", local_user="root"))
+    assert err.http_status == 400
+    assert not (world.data / "x").exists()
+    assert os.listdir(world.data) == [n for n in os.listdir(world.data) if n.isprintable()]
