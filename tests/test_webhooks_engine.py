@@ -393,6 +393,26 @@ def test_signature_verifies_only_with_the_right_secret(store: Store) -> None:
     assert "topsecret" not in log
 
 
+@pytest.mark.parametrize("secret", ["topsecret", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"])
+def test_standard_webhooks_library_verifies(store: Store, secret: str) -> None:
+    standardwebhooks = pytest.importorskip("standardwebhooks")
+    with Receiver() as rx, running(store, webhook_secret=secret):
+        new_job(store, "std", rx.url)
+        store.queue("std")
+        (r,) = rx.wait(1)
+    # the receiver's side, as the specification's library does it
+    key = secret if secret.startswith("whsec_") else secret.encode()
+    body = standardwebhooks.Webhook(key).verify(r.body, dict(r.headers))
+    assert body["job_name"] == "std"
+    assert r.headers["webhook-id"] == r.headers["x-batchingest-event-id"]
+    with pytest.raises(standardwebhooks.WebhookVerificationError):
+        standardwebhooks.Webhook(b"wrong").verify(r.body, dict(r.headers))
+    with pytest.raises(standardwebhooks.WebhookVerificationError):
+        standardwebhooks.Webhook(key).verify(r.body + b" ", dict(r.headers))
+    # the old header stays for existing receivers
+    assert verify(secret, r.headers, r.body)
+
+
 # -- allow-list -------------------------------------------------------------------------
 
 

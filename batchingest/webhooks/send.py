@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
+import contextlib
 import hashlib
 import hmac
 import ipaddress
@@ -199,8 +201,31 @@ class AllowList:
 
 
 def sign(secret: str, timestamp: str, body: bytes) -> str:
+    """X-Batchingest-Signature: hex HMAC-SHA256 of "<timestamp>.<body>"."""
     mac = hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256)
     return "sha256=" + mac.hexdigest()
+
+
+def standard_key(secret: str) -> bytes:
+    """The Standard Webhooks key of a secret: `whsec_<base64>` decoded, else its bytes.
+
+    Receivers verify with the published libraries by passing the same secret: a
+    `whsec_...` string as it is, any other secret as bytes (`Webhook(secret.encode())`).
+    """
+    if secret.startswith("whsec_"):
+        with contextlib.suppress(binascii.Error, ValueError):
+            key = base64.b64decode(secret[len("whsec_") :] + "==")
+            if key:
+                return key
+    return secret.encode()
+
+
+def sign_standard(secret: str, event_id: str, timestamp: str, body: bytes) -> str:
+    """webhook-signature per the Standard Webhooks specification: v1,<base64 HMAC-SHA256
+    of "<id>.<timestamp>.<body>">."""
+    signed = f"{event_id}.{timestamp}.".encode() + body
+    mac = hmac.new(standard_key(secret), signed, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(mac).decode()
 
 
 @dataclass
@@ -261,6 +286,10 @@ async def post(
         ts = str(int(time.time()))
         headers["X-Batchingest-Timestamp"] = ts
         headers["X-Batchingest-Signature"] = sign(secret, ts, body)
+        # the same, in the Standard Webhooks shape, for receivers using its libraries
+        headers["webhook-id"] = event_id
+        headers["webhook-timestamp"] = ts
+        headers["webhook-signature"] = sign_standard(secret, event_id, ts, body)
     url = target.url
     extensions: dict[str, str] = {}
     if address is not None:
