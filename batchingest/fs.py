@@ -108,11 +108,22 @@ def split(rel: str) -> list[str]:
     """The components of a relative path; UnsafePath for '', '/', '.', '..' or NUL."""
     if not rel or rel.startswith("/") or "\x00" in rel:
         raise UnsafePath(errno.EINVAL, "not a relative path", rel)
+    try:
+        os.fsencode(rel)
+    except UnicodeEncodeError:  # a lone surrogate: no file can have this name
+        raise UnsafePath(errno.EINVAL, "not a valid file name", rel) from None
     parts = rel.split("/")
     for part in parts:
         if part in ("", ".", ".."):
             raise UnsafePath(errno.EINVAL, "empty, '.' or '..' path component", rel)
     return parts
+
+
+def one_name(name: str) -> str:
+    """name if it is a single path component (see split); UnsafePath otherwise."""
+    if len(split(name)) != 1:
+        raise UnsafePath(errno.EINVAL, "a name, not a path", name)
+    return name
 
 
 def open_beneath(dir_fd: int, rel: str, flags: int = os.O_RDONLY, mode: int = 0o644) -> int:
@@ -295,7 +306,9 @@ def write_all(fd: int, data: bytes) -> None:
 
 def temp_name(name: str) -> str:
     """A hidden temporary name beside name (hidden entries are never jobs or files)."""
-    return f".{name[:200]}.{secrets.token_hex(6)}.tmp"
+    # 200 bytes, not characters, of name (whole characters only): under NAME_MAX (255)
+    head = os.fsencode(name)[:200].decode(errors="ignore")
+    return f".{head}.{secrets.token_hex(6)}.tmp"
 
 
 TEMP_SUFFIX = ".tmp"
@@ -308,10 +321,10 @@ def write_atomic(
 
     The temporary file is hidden and lives in the same folder, so no listing shows it and
     the rename stays within one file system. Data is fsync-ed before the rename when
-    durable. A link or folder at `name` is replaced by the rename, never followed.
+    durable. A link at `name` is replaced by the rename, never followed (a folder
+    there is IsADirectoryError); name must be one name, not a path (UnsafePath).
     """
-    if "/" in name:
-        raise UnsafePath(errno.EINVAL, "a name, not a path", name)
+    one_name(name)
     tmp = temp_name(name)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _SAFE, mode, dir_fd=dir_fd)
     try:
@@ -476,8 +489,11 @@ def make_dirs(dir_fd: int, parts: list[str], made: list[str] | None = None) -> i
     """Open (creating where missing) the folders parts beneath dir_fd; return the last.
 
     Folders created are appended to made as relative paths, so a failed operation can
-    remove them again. A link or file on the way is refused (UnsafePath, NotADirectory).
+    remove them again. A link or file on the way is refused (UnsafePath, NotADirectory),
+    and so is a part that is not one name ('', '.', '..', 'a/b', NUL).
     """
+    for part in parts:
+        one_name(part)  # '..' or 'a/b' would lead out of dir_fd or through a link
     current = os.dup(dir_fd)
     try:
         for i, part in enumerate(parts):

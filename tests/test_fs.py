@@ -608,3 +608,37 @@ def test_make_dirs(resolver: str, tree: Tree) -> None:
     with pytest.raises(NotADirectoryError):
         fs.make_dirs(tree.fd, ["file.txt", "x"])
     assert not (tree.outside / "x").exists()
+
+
+@pytest.mark.parametrize(
+    "parts", [[".."], ["..", "escaped"], ["sub", "..", "..", "escaped"], ["dirlink_out/x"]]
+)
+def test_make_dirs_refuses_parts_that_leave_the_folder(
+    resolver: str, tree: Tree, parts: list[str]
+) -> None:
+    # parts were used as given: ['..', 'x'] made base/x beside the jail
+    with pytest.raises(fs.UnsafePath):
+        fs.make_dirs(tree.fd, parts)
+    assert not (tree.base / "escaped").exists()
+    assert not (tree.outside / "x").exists()
+
+
+@pytest.mark.parametrize("parts", [[""], ["."], ["a\x00b"], ["sub", "a/b"]])
+def test_make_dirs_refuses_malformed_parts(resolver: str, tree: Tree, parts: list[str]) -> None:
+    with pytest.raises(fs.UnsafePath):
+        fs.make_dirs(tree.fd, parts)
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "a\x00b", "\udcff\ud800"])
+def test_write_atomic_refuses_what_is_not_a_name(resolver: str, tree: Tree, name: str) -> None:
+    with pytest.raises(fs.UnsafePath):
+        fs.write_atomic(tree.fd, name, b"x")
+    assert not [n for n in os.listdir(tree.jail) if n.endswith(fs.TEMP_SUFFIX)]
+
+
+def test_write_atomic_a_long_multibyte_name(resolver: str, tree: Tree) -> None:
+    # the temporary name kept 200 characters: 60 four-byte characters (240 bytes, a
+    # valid name) made a 258-byte temporary name and ENAMETOOLONG
+    name = "\U0001f600" * 60
+    fs.write_atomic(tree.fd, name, b"x")
+    assert (tree.jail / name).read_bytes() == b"x"
