@@ -354,7 +354,33 @@ def rename_noreplace(
     Plain rename(2) silently replaces an empty target folder; renameat2 with
     RENAME_NOREPLACE refuses atomically. File systems without it (NFS) fall back to a
     check then rename, which is only racy against another writer of the same name.
+
+    A path given with a folder descriptor is user input: it is resolved beneath that
+    folder like open_beneath (no link on the way, no '..'), and only its last name is
+    handed to the rename. A path without one is taken as it is (trusted paths).
     """
+    with _parent(src_dir_fd, src) as (sfd, sname), _parent(dst_dir_fd, dst) as (dfd, dname):
+        _rename_noreplace(sname, dname, sfd, dfd)
+
+
+@contextlib.contextmanager
+def _parent(dir_fd: int, path: str | os.PathLike[str]) -> Iterator[tuple[int, str]]:
+    """The folder holding path (a descriptor) and its last name, for a rename."""
+    text = os.fspath(path)
+    if "\x00" in text:  # ctypes would cut the name at the NUL: another file would move
+        raise UnsafePath(errno.EINVAL, "a NUL in a path", text)
+    parts = [text] if dir_fd == _AT_FDCWD else split(text)
+    if len(parts) == 1:
+        yield dir_fd, text
+        return
+    fd = open_dir(dir_fd, "/".join(parts[:-1]))
+    try:
+        yield fd, parts[-1]
+    finally:
+        os.close(fd)
+
+
+def _rename_noreplace(src: str, dst: str, src_dir_fd: int, dst_dir_fd: int) -> None:
     if _renameat2 is not None:
         rc = _renameat2(
             src_dir_fd, os.fsencode(src), dst_dir_fd, os.fsencode(dst), _RENAME_NOREPLACE
@@ -363,7 +389,7 @@ def rename_noreplace(
             return
         err = ctypes.get_errno()
         if err not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
-            raise OSError(err, os.strerror(err), str(src), None, str(dst))
+            raise OSError(err, os.strerror(err), src, None, dst)
     sfd = None if src_dir_fd == _AT_FDCWD else src_dir_fd
     dfd = None if dst_dir_fd == _AT_FDCWD else dst_dir_fd
     try:
@@ -371,7 +397,7 @@ def rename_noreplace(
     except FileNotFoundError:
         os.rename(src, dst, src_dir_fd=sfd, dst_dir_fd=dfd)
         return
-    raise FileExistsError(errno.EEXIST, "target exists", str(dst))
+    raise FileExistsError(errno.EEXIST, "target exists", dst)
 
 
 def syncfs(fd: int) -> bool:

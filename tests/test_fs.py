@@ -629,6 +629,34 @@ def test_make_dirs_refuses_malformed_parts(resolver: str, tree: Tree, parts: lis
         fs.make_dirs(tree.fd, parts)
 
 
+def test_rename_noreplace_with_folder_descriptors_stays_beneath(resolver: str, tree: Tree) -> None:
+    # with folder descriptors, a link on the way was followed: 'dirlink_out/secret'
+    # pulled the outside file in, 'x' -> 'dirlink_out/x' pushed a file out
+    for src, dst in (
+        ("dirlink_out/secret", "stolen"),
+        ("file.txt", "dirlink_out/planted"),
+        ("abs_dirlink_out/dir", "stolen"),
+        ("../outside/secret", "stolen"),
+        ("file.txt", "../planted"),
+        ("file.txt\x00", "x"),
+    ):
+        with pytest.raises(fs.UnsafePath):
+            fs.rename_noreplace(src, dst, src_dir_fd=tree.fd, dst_dir_fd=tree.fd)
+    assert (tree.jail / "file.txt").read_bytes() == b"hello"
+    fs.rename_noreplace("sub/deep/x", "empty/y", src_dir_fd=tree.fd, dst_dir_fd=tree.fd)
+    assert (tree.jail / "empty" / "y").read_bytes() == b"x"
+
+
+def test_rename_noreplace_refuses_a_nul_instead_of_cutting_the_name(tree: Tree) -> None:
+    # ctypes passed b'file.txt\x00x' as 'file.txt': another file was moved
+    with pytest.raises(fs.UnsafePath):
+        fs.rename_noreplace(str(tree.jail / "file.txt") + "\x00x", str(tree.jail / "moved"))
+    with pytest.raises(fs.UnsafePath):
+        fs.rename_noreplace(str(tree.jail / "file.txt"), str(tree.jail / "moved") + "\x00x")
+    assert (tree.jail / "file.txt").exists()
+    assert not (tree.jail / "moved").exists()
+
+
 @pytest.mark.parametrize("name", ["", ".", "..", "a\x00b", "\udcff\ud800"])
 def test_write_atomic_refuses_what_is_not_a_name(resolver: str, tree: Tree, name: str) -> None:
     with pytest.raises(fs.UnsafePath):
