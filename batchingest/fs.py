@@ -503,12 +503,72 @@ def remove(dir_fd: int, rel: str, *, recursive: bool = False) -> bool:
 
 
 def remove_tree(dir_fd: int, name: str) -> None:
-    """Remove the folder name inside dir_fd and all it holds, never following a link."""
-    import shutil
+    """Remove the folder name inside dir_fd and all it holds, never following a link.
 
-    if not shutil.rmtree.avoids_symlink_attacks:  # pragma: no cover - Linux has it
-        raise OSError(errno.ENOTSUP, "no safe recursive removal on this system", name)
-    shutil.rmtree(name, dir_fd=dir_fd)
+    Walks by descriptors: each folder is opened beneath the one holding it with
+    O_NOFOLLOW | O_DIRECTORY | O_NONBLOCK, so a folder swapped for a link (to a folder
+    outside, to a FIFO) is refused, not entered or waited on. (Python 3.11's
+    shutil.rmtree opens folders without O_NOFOLLOW or O_NONBLOCK.) The walk is a loop,
+    not a recursion, so a deep tree cannot exhaust Python's stack.
+    """
+    one_name(name)
+    top = open_dir(dir_fd, name)
+    stack = [_Level(dir_fd, name, top, [])]
+    try:
+        stack[0].subdirs = _clear(top)
+        while stack:
+            level = stack[-1]
+            if not level.subdirs:
+                stack.pop()
+                os.close(level.fd)
+                os.rmdir(level.name, dir_fd=level.parent)
+                continue
+            sub = level.subdirs.pop()
+            try:
+                fd = open_dir(level.fd, sub)
+            except FileNotFoundError:
+                continue
+            except (UnsafePath, NotADirectoryError):
+                _unlink(level.fd, sub)  # no longer a folder since listed: remove the name
+                continue
+            stack.append(_Level(level.fd, sub, fd, []))
+            stack[-1].subdirs = _clear(fd)
+    finally:
+        for level in stack:
+            os.close(level.fd)
+
+
+@dataclass
+class _Level:
+    """One open folder of remove_tree's walk: where it is, and its folders left to do."""
+
+    parent: int
+    name: str
+    fd: int
+    subdirs: list[str]
+
+
+def _clear(fd: int) -> list[str]:
+    """Unlink every entry of the open folder fd that is not a folder; the folders."""
+    subdirs = []
+    with os.scandir(fd) as it:
+        for e in it:
+            if e.is_dir(follow_symlinks=False):
+                subdirs.append(e.name)
+            elif not _unlink(fd, e.name):
+                subdirs.append(e.name)  # became a folder since it was listed
+    return subdirs
+
+
+def _unlink(dir_fd: int, name: str) -> bool:
+    """Unlink a non-folder name; False if it is a folder, True if gone or removed."""
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+    except IsADirectoryError:
+        return False
+    return True
 
 
 def make_dirs(dir_fd: int, parts: list[str], made: list[str] | None = None) -> int:

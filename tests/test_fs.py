@@ -13,6 +13,7 @@ import fcntl
 import os
 import signal
 import stat
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -627,6 +628,44 @@ def test_make_dirs_refuses_parts_that_leave_the_folder(
 def test_make_dirs_refuses_malformed_parts(resolver: str, tree: Tree, parts: list[str]) -> None:
     with pytest.raises(fs.UnsafePath):
         fs.make_dirs(tree.fd, parts)
+
+
+@pytest.mark.parametrize("name", ["..", ".", "", "dirlink_out/dir", "sub/deep", "a\x00b"])
+def test_remove_tree_takes_one_name(resolver: str, tree: Tree, name: str) -> None:
+    # the name went to shutil.rmtree as a path: '..' emptied the jail's parent and
+    # 'link/dir' removed the folder the link points to
+    with pytest.raises(fs.UnsafePath):
+        fs.remove_tree(tree.fd, name)
+    assert (tree.jail / "sub" / "deep" / "x").exists()
+
+
+def test_remove_tree_refuses_a_link(resolver: str, tree: Tree) -> None:
+    for name in ("dirlink_out", "abs_dirlink_out", "dirlink_in"):
+        with pytest.raises(fs.UnsafePath):
+            fs.remove_tree(tree.fd, name)
+    with pytest.raises(NotADirectoryError):
+        fs.remove_tree(tree.fd, "file.txt")
+
+
+def test_remove_tree_deeper_than_the_python_stack(resolver: str, tree: Tree) -> None:
+    # shutil.rmtree recursed once per level: a deep job folder was a RecursionError
+    # with half of it removed
+    fd = os.open(tree.jail, os.O_RDONLY)
+    for _ in range(1500):
+        os.mkdir("d", dir_fd=fd)
+        nxt = os.open("d", os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = nxt
+    os.mkfifo("fifo", dir_fd=fd)
+    os.symlink("../../../../../outside", "up", dir_fd=fd)
+    os.close(fd)
+    try:
+        with deadline(10):
+            fs.remove_tree(tree.fd, "d")
+        assert not (tree.jail / "d").exists()
+    finally:
+        # pytest cleans its temporary folders with shutil.rmtree: leave nothing this deep
+        subprocess.run(["rm", "-rf", "--", str(tree.jail / "d")], check=True)
 
 
 def test_rename_noreplace_with_folder_descriptors_stays_beneath(resolver: str, tree: Tree) -> None:
