@@ -205,8 +205,25 @@ def open_root(path: str | os.PathLike[str]) -> int:
 
 
 def open_regular(dir_fd: int, rel: str, flags: int = os.O_RDONLY, mode: int = 0o644) -> int:
-    """open_beneath, then NotRegular unless it is a regular file."""
-    fd = open_beneath(dir_fd, rel, flags, mode)
+    """open_beneath, then NotRegular unless it is a regular file.
+
+    A FIFO, device or socket is refused from its lstat, before any open: opening one
+    has effects of its own (a writer waiting in open() on a FIFO is let through, a
+    device's driver runs). The fstat after the open covers a swap in between; O_NONBLOCK
+    keeps a FIFO swapped in from blocking, and ENXIO (a FIFO without reader, a socket)
+    says NotRegular too.
+    """
+    st = lstat(dir_fd, rel)
+    if st is not None and not (stat.S_ISREG(st.st_mode) or _is_dir_or_link(st.st_mode)):
+        raise NotRegular(errno.EINVAL, f"not a regular file ({kind(st.st_mode)})", rel)
+    try:
+        fd = open_beneath(dir_fd, rel, flags, mode)
+    except OSError as e:
+        if e.errno == errno.ENXIO:
+            raise NotRegular(
+                errno.ENXIO, "not a regular file (named pipe or socket)", rel
+            ) from None
+        raise
     try:
         st = os.fstat(fd)
     except BaseException:
@@ -216,6 +233,11 @@ def open_regular(dir_fd: int, rel: str, flags: int = os.O_RDONLY, mode: int = 0o
         os.close(fd)
         raise NotRegular(errno.EINVAL, f"not a regular file ({kind(st.st_mode)})", rel)
     return fd
+
+
+def _is_dir_or_link(mode: int) -> bool:
+    # left to open_beneath, which says what they are (IsADirectory on a write, UnsafePath)
+    return stat.S_ISDIR(mode) or stat.S_ISLNK(mode)
 
 
 def kind(mode: int) -> str:

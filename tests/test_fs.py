@@ -11,10 +11,12 @@ import contextlib
 import errno
 import fcntl
 import os
+import select
 import signal
 import stat
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -709,3 +711,45 @@ def test_write_atomic_a_long_multibyte_name(resolver: str, tree: Tree) -> None:
     name = "\U0001f600" * 60
     fs.write_atomic(tree.fd, name, b"x")
     assert (tree.jail / name).read_bytes() == b"x"
+
+
+def test_reading_a_fifo_does_not_open_it(resolver: str, tree: Tree) -> None:
+    # the FIFO was opened (O_NONBLOCK) before fstat said NotRegular: that alone lets a
+    # writer waiting in open() through
+    opened = threading.Event()
+
+    def writer() -> None:
+        fd = os.open(tree.jail / "fifo", os.O_WRONLY)  # blocks until a reader opens
+        opened.set()
+        os.close(fd)
+
+    t = threading.Thread(target=writer, daemon=True)
+    t.start()
+    time.sleep(0.1)
+    try:
+        for call in (
+            lambda: fs.read_file(tree.fd, "fifo", 10),
+            lambda: fs.read_tail(tree.fd, "fifo", 10),
+            lambda: fs.open_regular(tree.fd, "fifo"),
+        ):
+            with deadline(), pytest.raises(fs.NotRegular):
+                call()
+        assert not opened.wait(0.3)
+    finally:
+        os.close(os.open(tree.jail / "fifo", os.O_RDONLY | os.O_NONBLOCK))
+        t.join(5)
+
+
+def test_appending_to_a_fifo_is_not_regular(resolver: str, tree: Tree) -> None:
+    # without a reader the open failed ENXIO, a bare OSError; with one, it was opened
+    with deadline(), pytest.raises(fs.NotRegular):
+        fs.append(tree.fd, "sub/fifo", b"x")
+    reader = os.open(tree.jail / "sub" / "fifo", os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        with deadline(), pytest.raises(fs.NotRegular):
+            fs.open_append(tree.fd, "sub/fifo")
+        poller = select.poll()
+        poller.register(reader, select.POLLIN)
+        assert poller.poll(0) == []  # no writer ever came and went
+    finally:
+        os.close(reader)
