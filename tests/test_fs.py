@@ -12,6 +12,7 @@ import errno
 import fcntl
 import os
 import select
+import shutil
 import signal
 import stat
 import subprocess
@@ -23,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from batchingest import fs
 
@@ -653,7 +656,7 @@ def test_remove_tree_deeper_than_the_python_stack(resolver: str, tree: Tree) -> 
     # shutil.rmtree recursed once per level: a deep job folder was a RecursionError
     # with half of it removed
     fd = os.open(tree.jail, os.O_RDONLY)
-    for _ in range(1500):
+    for _ in range(1100):  # Python's default recursion limit is 1000
         os.mkdir("d", dir_fd=fd)
         nxt = os.open("d", os.O_RDONLY, dir_fd=fd)
         os.close(fd)
@@ -753,3 +756,190 @@ def test_appending_to_a_fifo_is_not_regular(resolver: str, tree: Tree) -> None:
         assert poller.poll(0) == []  # no writer ever came and went
     finally:
         os.close(reader)
+
+
+# -- properties: a random tree of traps, random paths, every function ----------------------
+
+NAMES = ["a", "b", "c", "d"]
+LINK_TARGETS = ["a", "b/c", ".", "..", "../..", "../outside", "../../outside", "../../../outside"]
+LINK_TARGETS += ["../outside/secret", "{out}", "{out}/secret", "{out}/dir", "/dev/zero"]
+LINK_TARGETS += ["nowhere", "{self}", "../outside/new", "{out}/new"]
+
+leaves = st.one_of(
+    st.tuples(st.just("file"), st.binary(max_size=20)),
+    st.tuples(st.just("link"), st.sampled_from(LINK_TARGETS)),
+    st.tuples(st.just("fifo")),
+    st.tuples(st.just("device")),
+)
+nodes = st.recursive(
+    leaves,
+    lambda children: st.tuples(
+        st.just("dir"), st.dictionaries(st.sampled_from(NAMES), children, max_size=3)
+    ),
+    max_leaves=10,
+)
+trees = st.dictionaries(st.sampled_from([*NAMES, "out", "aout"]), nodes, min_size=1, max_size=5)
+
+SEGMENTS = [*NAMES, "out", "aout", "secret", "dir", "new"] * 4
+SEGMENTS += ["..", ".", "", "\x00", "n" * 300, "a\x00b", "TEXT"]
+# mostly names that are in the tree, sometimes one that is malformed or arbitrary text
+segments = st.sampled_from(SEGMENTS).flatmap(
+    lambda s: st.text(max_size=4) if s == "TEXT" else st.just(s)
+)
+paths = st.builds(
+    lambda lead, segs: lead + "/".join(segs),
+    st.sampled_from(["", "", "", "", "", "/"]),
+    st.lists(segments, min_size=1, max_size=4),
+)
+OPS = ["read_file", "read_tail", "lstat", "open_beneath", "open_dir", "open_regular"]
+OPS += ["entries", "append", "open_append", "write_atomic", "make_dirs", "rename"]
+OPS += ["remove", "remove_recursive", "remove_tree"]
+calls = st.lists(st.tuples(st.sampled_from(OPS), paths, paths), min_size=1, max_size=12)
+
+# what a call may raise; anything else (ValueError, a bare OSError...) is a finding
+DOCUMENTED = (
+    fs.UnsafePath,
+    fs.NotRegular,
+    fs.TooLarge,
+    FileNotFoundError,
+    NotADirectoryError,
+    IsADirectoryError,
+    FileExistsError,
+)
+DOCUMENTED_ERRNOS = {errno.ENOTEMPTY, errno.ENAMETOOLONG}
+
+
+def build(folder: Path, spec: dict[str, tuple[object, ...]], outside: Path) -> None:
+    for name, node in spec.items():
+        path = folder / name
+        what = node[0]
+        if what == "file":
+            path.write_bytes(node[1])  # type: ignore[arg-type]
+        elif what == "dir":
+            path.mkdir()
+            build(path, node[1], outside)  # type: ignore[arg-type]
+        elif what == "link":
+            target = str(node[1]).replace("{out}", str(outside)).replace("{self}", name)
+            os.symlink(target, path)
+        elif what == "device" and CAN_MKNOD:
+            os.mknod(path, stat.S_IFCHR | 0o600, os.stat("/dev/null").st_rdev)
+        else:
+            os.mkfifo(path)
+
+
+def inside(fd: int, jail: Path) -> bool:
+    where = fd_path(fd)
+    return where == str(jail) or where.startswith(f"{jail}/")
+
+
+def call(op: str, root: int, rel: str, other: str, jail: Path) -> object:
+    """One fs call; what it read, or None. Descriptors it opened are checked and closed."""
+
+    def opened(fd: int) -> None:
+        try:
+            assert inside(fd, jail), f"{op}({rel!r}) opened {fd_path(fd)}"
+        finally:
+            os.close(fd)
+
+    if op == "read_file":
+        return fs.read_file(root, rel, 1 << 16)
+    if op == "read_tail":
+        return fs.read_tail(root, rel, 1 << 16)
+    if op == "lstat":
+        return fs.lstat(root, rel)
+    if op in ("open_beneath", "open_dir", "open_regular", "open_append"):
+        opened(getattr(fs, op)(root, rel))
+    elif op == "entries":
+        fd = fs.open_dir(root, rel)
+        try:
+            list(fs.entries(fd, hidden=True))
+        finally:
+            opened(fd)
+    elif op == "append":
+        fs.append(root, rel, b"appended")
+    elif op == "write_atomic":
+        *parents, name = rel.split("/")
+        fd = fs.open_dir(root, "/".join(parents)) if parents else os.dup(root)
+        try:
+            fs.write_atomic(fd, name, b"written", durable=False)
+        finally:
+            opened(fd)
+    elif op == "make_dirs":
+        opened(fs.make_dirs(root, rel.split("/")))
+    elif op == "rename":
+        fs.rename_noreplace(rel, other, src_dir_fd=root, dst_dir_fd=root)
+    elif op == "remove":
+        fs.remove(root, rel)
+    elif op == "remove_recursive":
+        fs.remove(root, rel, recursive=True)
+    else:
+        fs.remove_tree(root, rel)
+    return None
+
+
+def check_call(
+    op: str, root: int, rel: str, other: str, jail: Path, outside_inodes: set[tuple[int, int]]
+) -> None:
+    try:
+        with deadline(10):  # generous: a loaded machine is slow, a blocked call is forever
+            got = call(op, root, rel, other, jail)
+    except DOCUMENTED:
+        return
+    except OSError as e:
+        assert e.errno in DOCUMENTED_ERRNOS, f"{op}({rel!r}, {other!r}): {e!r}"
+        return
+    if isinstance(got, tuple):
+        got = got[0]
+    if isinstance(got, bytes):
+        assert SENTINEL not in got, f"{op}({rel!r}) read outside"
+    if isinstance(got, os.stat_result):
+        assert (got.st_dev, got.st_ino) not in outside_inodes, f"{op}({rel!r}) looked outside"
+
+
+def inodes(base: Path, skip: Path) -> set[tuple[int, int]]:
+    """(device, inode) of base and of everything under it but skip."""
+    found = {(os.stat(base).st_dev, os.stat(base).st_ino)}
+    for dirpath, dirnames, filenames in os.walk(base):
+        dirnames[:] = [d for d in dirnames if Path(dirpath, d) != skip]
+        for name in dirnames + filenames:
+            st_ = os.lstat(os.path.join(dirpath, name))
+            found.add((st_.st_dev, st_.st_ino))
+    return found
+
+
+@settings(
+    max_examples=100,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(spec=trees, todo=calls)
+def test_no_call_leaves_the_folder_blocks_or_raises_a_surprise(
+    resolver: str,
+    tmp_path: Path,
+    spec: dict[str, tuple[object, ...]],
+    todo: list[tuple[str, str, str]],
+) -> None:
+    base = Path(tempfile.mkdtemp(dir=tmp_path))
+    try:
+        outside = make_outside(base)
+        jail = base / "jail"
+        jail.mkdir()
+        build(jail, spec, outside)
+        for name, target in (("out", "../outside"), ("aout", str(outside))):
+            if name not in spec:
+                os.symlink(target, jail / name)
+        before = snapshot(base, skip=jail)
+        outside_inodes = inodes(base, skip=jail)
+        root = fs.open_root(jail)
+        try:
+            for op, rel, other in todo:
+                check_call(op, root, rel, other, jail, outside_inodes)
+                assert snapshot(base, skip=jail) == before, (
+                    f"{op}({rel!r}, {other!r}) changed outside"
+                )
+            assert inside(root, jail)
+        finally:
+            os.close(root)
+    finally:
+        shutil.rmtree(base)
