@@ -119,13 +119,6 @@ def split(rel: str) -> list[str]:
     return parts
 
 
-def one_name(name: str) -> str:
-    """name if it is a single path component (see split); UnsafePath otherwise."""
-    if len(split(name)) != 1:
-        raise UnsafePath(errno.EINVAL, "a name, not a path", name)
-    return name
-
-
 def open_beneath(dir_fd: int, rel: str, flags: int = os.O_RDONLY, mode: int = 0o644) -> int:
     """Open rel beneath dir_fd, following no symbolic link, never leaving dir_fd.
 
@@ -631,3 +624,10 @@ def make_dirs(dir_fd: int, parts: list[str], made: list[str] | None = None) -> i
 
 def same_inode(a: os.stat_result, b: os.stat_result) -> bool:
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def one_name(name: str) -> str:
+    """name if it is a single path component (see split); UnsafePath otherwise."""
+    if len(split(name)) != 1:
+        raise UnsafePath(errno.EINVAL, "a name, not a path", name)
+    return name

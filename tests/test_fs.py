@@ -199,6 +199,17 @@ def is_nonblocking(fd: int) -> bool:
 # -- open_beneath ------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("name", ["JOB", "a b", "\udcff", "n" * 255, "..."])
+def test_one_name_accepts_a_name(name: str) -> None:
+    assert fs.one_name(name) == name
+
+
+@pytest.mark.parametrize("name", [*MALFORMED, "a/b", "sub/inner.txt"])
+def test_one_name_refuses_paths_and_malformed_names(name: str) -> None:
+    with pytest.raises(fs.UnsafePath):
+        fs.one_name(name)
+
+
 def test_open_beneath_reads_a_file_beneath(resolver: str, tree: Tree) -> None:
     fd = fs.open_beneath(tree.fd, "sub/deep/x")
     try:
