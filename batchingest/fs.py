@@ -206,15 +206,35 @@ def open_regular(dir_fd: int, rel: str, flags: int = os.O_RDONLY, mode: int = 0o
     keeps a FIFO swapped in from blocking, and ENXIO (a FIFO without reader, a socket)
     says NotRegular too.
     """
-    st = lstat(dir_fd, rel)
-    if st is not None and not (stat.S_ISREG(st.st_mode) or _is_dir_or_link(st.st_mode)):
-        raise NotRegular(errno.EINVAL, f"not a regular file ({kind(st.st_mode)})", rel)
+    parts = split(rel)
     try:
-        fd = open_beneath(dir_fd, rel, flags, mode)
+        if len(parts) == 1:
+            return _open_regular_in(dir_fd, rel, flags, mode)
+        # the lstat and the open look in the same folder, opened once
+        parent = open_dir(dir_fd, "/".join(parts[:-1]))
+        try:
+            return _open_regular_in(parent, parts[-1], flags, mode)
+        finally:
+            os.close(parent)
+    except OSError as e:
+        e.filename = rel  # name the whole path, not the part that failed
+        raise
+
+
+def _open_regular_in(folder: int, name: str, flags: int, mode: int) -> int:
+    try:
+        st = os.stat(name, dir_fd=folder, follow_symlinks=False)
+    except FileNotFoundError:
+        pass  # open_beneath creates it (O_CREAT) or says it is missing
+    else:
+        if not (stat.S_ISREG(st.st_mode) or _is_dir_or_link(st.st_mode)):
+            raise NotRegular(errno.EINVAL, f"not a regular file ({kind(st.st_mode)})", name)
+    try:
+        fd = open_beneath(folder, name, flags, mode)
     except OSError as e:
         if e.errno == errno.ENXIO:
             raise NotRegular(
-                errno.ENXIO, "not a regular file (named pipe or socket)", rel
+                errno.ENXIO, "not a regular file (named pipe or socket)", name
             ) from None
         raise
     try:
@@ -224,7 +244,7 @@ def open_regular(dir_fd: int, rel: str, flags: int = os.O_RDONLY, mode: int = 0o
         raise
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
-        raise NotRegular(errno.EINVAL, f"not a regular file ({kind(st.st_mode)})", rel)
+        raise NotRegular(errno.EINVAL, f"not a regular file ({kind(st.st_mode)})", name)
     return fd
 
 

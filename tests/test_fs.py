@@ -313,6 +313,14 @@ def test_open_regular(resolver: str, tree: Tree) -> None:
         fs.open_regular(tree.fd, "link_in")
     with pytest.raises(FileNotFoundError):
         fs.open_regular(tree.fd, "nothere")
+    # errors name the whole path asked for
+    for rel, error in (("sub/fifo", fs.NotRegular), ("sub/none", FileNotFoundError)):
+        with pytest.raises(error) as e:
+            fs.open_regular(tree.fd, rel)
+        assert e.value.filename == rel
+    with pytest.raises(fs.UnsafePath) as e:
+        fs.open_regular(tree.fd, "dirlink_in/inner.txt")
+    assert e.value.filename == "dirlink_in/inner.txt"
 
 
 # -- reading -------------------------------------------------------------------------------
