@@ -814,6 +814,7 @@ paths = st.builds(
 OPS = ["read_file", "read_tail", "lstat", "open_beneath", "open_dir", "open_regular"]
 OPS += ["entries", "append", "open_append", "write_atomic", "make_dirs", "rename"]
 OPS += ["remove", "remove_recursive", "remove_tree"]
+OPS += ["exchange"]  # not a call: two names of the jail trade places between calls
 calls = st.lists(st.tuples(st.sampled_from(OPS), paths, paths), min_size=1, max_size=12)
 
 # what a call may raise; anything else (ValueError, a bare OSError...) is a finding
@@ -917,6 +918,16 @@ def check_call(
         assert SENTINEL not in got, f"{op}({rel!r}) read outside"
 
 
+def exchange_names(root: int, a: str, b: str) -> None:
+    """Two entries of the jail itself (a folder and a link, say) trade places.
+
+    Which two is picked from the drawn strings, among the names that are there."""
+    names = sorted(os.listdir(root))
+    if len(names) >= 2:
+        x, y = names[len(a) % len(names)], names[len(b) % len(names)]
+        _LIBC.renameat2(root, os.fsencode(x), root, os.fsencode(y), _RENAME_EXCHANGE)
+
+
 def inodes(base: Path, skip: Path) -> set[tuple[int, int]]:
     """(device, inode) of base and of everything under it but skip."""
     found = {(os.stat(base).st_dev, os.stat(base).st_ino)}
@@ -955,6 +966,9 @@ def test_no_call_leaves_the_folder_blocks_or_raises_a_surprise(
         root = fs.open_root(jail)
         try:
             for op, rel, other in todo:
+                if op == "exchange":
+                    exchange_names(root, rel, other)
+                    continue
                 check_call(op, root, rel, other, jail, outside_inodes)
                 assert snapshot(base, skip=jail) == before, (
                     f"{op}({rel!r}, {other!r}) changed outside"
