@@ -10,6 +10,8 @@ it, and every open here
   `openat(O_NOFOLLOW)` per path component, which refuses the same things;
 - opens with O_NONBLOCK and checks with `fstat` that it got a regular file (or a
   folder) before reading, so a FIFO or a device can neither hang a thread nor be read;
+  `open_regular` (and so every read and append) refuses a FIFO or a device from its
+  lstat before opening it at all, since the open alone has effects;
 - reads at most a stated number of bytes (`read_file(limit=...)`), so a 96 MiB JOB or
   a JOB linked to /dev/zero is a clear error instead of a stall.
 
@@ -17,9 +19,12 @@ A path is checked once, while it is opened; what was opened is then used only th
 the descriptors, never by the path string again, so swapping a folder for a link
 between a check and a use (a rename exchange) changes nothing.
 
-The other low-level helpers the service needs (renameat2 RENAME_NOREPLACE, atomic
-replace, syncfs) live here too, so that this is the only module making raw system
-calls on user folders.
+Names and paths that go to a call here are checked too ('..', '', NUL, 'a/b' where one
+name is meant), and removal walks by descriptors without following links. The other
+low-level helpers the service needs (renameat2 RENAME_NOREPLACE, atomic replace,
+syncfs) live here too, so that this is the only module making raw system calls on
+user folders. tests/test_fs.py property-tests all of it against trees of links, FIFOs,
+devices and swaps.
 """
 
 from __future__ import annotations
