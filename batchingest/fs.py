@@ -10,6 +10,8 @@ it, and every open here
   `openat(O_NOFOLLOW)` per path component, which refuses the same things;
 - opens with O_NONBLOCK and checks with `fstat` that it got a regular file (or a
   folder) before reading, so a FIFO or a device can neither hang a thread nor be read;
+  `open_regular` (and so every read and append) refuses a FIFO or a device from its
+  lstat before opening it at all, since the open alone has effects;
 - reads at most a stated number of bytes (`read_file(limit=...)`), so a 96 MiB JOB or
   a JOB linked to /dev/zero is a clear error instead of a stall.
 
@@ -17,9 +19,12 @@ A path is checked once, while it is opened; what was opened is then used only th
 the descriptors, never by the path string again, so swapping a folder for a link
 between a check and a use (a rename exchange) changes nothing.
 
-The other low-level helpers the service needs (renameat2 RENAME_NOREPLACE, atomic
-replace, syncfs) live here too, so that this is the only module making raw system
-calls on user folders.
+Names and paths that go to a call here are checked too ('..', '', NUL, 'a/b' where one
+name is meant), and removal walks by descriptors without following links. The other
+low-level helpers the service needs (renameat2 RENAME_NOREPLACE, atomic replace,
+syncfs) live here too, so that this is the only module making raw system calls on
+user folders. tests/test_fs.py property-tests all of it against trees of links, FIFOs,
+devices and swaps.
 """
 
 from __future__ import annotations
@@ -108,6 +113,10 @@ def split(rel: str) -> list[str]:
     """The components of a relative path; UnsafePath for '', '/', '.', '..' or NUL."""
     if not rel or rel.startswith("/") or "\x00" in rel:
         raise UnsafePath(errno.EINVAL, "not a relative path", rel)
+    try:
+        os.fsencode(rel)
+    except UnicodeEncodeError:  # a lone surrogate: no file can have this name
+        raise UnsafePath(errno.EINVAL, "not a valid file name", rel) from None
     parts = rel.split("/")
     for part in parts:
         if part in ("", ".", ".."):
@@ -194,8 +203,45 @@ def open_root(path: str | os.PathLike[str]) -> int:
 
 
 def open_regular(dir_fd: int, rel: str, flags: int = os.O_RDONLY, mode: int = 0o644) -> int:
-    """open_beneath, then NotRegular unless it is a regular file."""
-    fd = open_beneath(dir_fd, rel, flags, mode)
+    """open_beneath, then NotRegular unless it is a regular file.
+
+    A FIFO, device or socket is refused from its lstat, before any open: opening one
+    has effects of its own (a writer waiting in open() on a FIFO is let through, a
+    device's driver runs). The fstat after the open covers a swap in between; O_NONBLOCK
+    keeps a FIFO swapped in from blocking, and ENXIO (a FIFO without reader, a socket)
+    says NotRegular too.
+    """
+    parts = split(rel)
+    try:
+        if len(parts) == 1:
+            return _open_regular_in(dir_fd, rel, flags, mode)
+        # the lstat and the open look in the same folder, opened once
+        parent = open_dir(dir_fd, "/".join(parts[:-1]))
+        try:
+            return _open_regular_in(parent, parts[-1], flags, mode)
+        finally:
+            os.close(parent)
+    except OSError as e:
+        e.filename = rel  # name the whole path, not the part that failed
+        raise
+
+
+def _open_regular_in(folder: int, name: str, flags: int, mode: int) -> int:
+    try:
+        st = os.stat(name, dir_fd=folder, follow_symlinks=False)
+    except FileNotFoundError:
+        pass  # open_beneath creates it (O_CREAT) or says it is missing
+    else:
+        if not (stat.S_ISREG(st.st_mode) or _is_dir_or_link(st.st_mode)):
+            raise NotRegular(errno.EINVAL, f"not a regular file ({kind(st.st_mode)})", name)
+    try:
+        fd = open_beneath(folder, name, flags, mode)
+    except OSError as e:
+        if e.errno == errno.ENXIO:
+            raise NotRegular(
+                errno.ENXIO, "not a regular file (named pipe or socket)", name
+            ) from None
+        raise
     try:
         st = os.fstat(fd)
     except BaseException:
@@ -203,8 +249,13 @@ def open_regular(dir_fd: int, rel: str, flags: int = os.O_RDONLY, mode: int = 0o
         raise
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
-        raise NotRegular(errno.EINVAL, f"not a regular file ({kind(st.st_mode)})", rel)
+        raise NotRegular(errno.EINVAL, f"not a regular file ({kind(st.st_mode)})", name)
     return fd
+
+
+def _is_dir_or_link(mode: int) -> bool:
+    # left to open_beneath, which says what they are (IsADirectory on a write, UnsafePath)
+    return stat.S_ISDIR(mode) or stat.S_ISLNK(mode)
 
 
 def kind(mode: int) -> str:
@@ -295,7 +346,9 @@ def write_all(fd: int, data: bytes) -> None:
 
 def temp_name(name: str) -> str:
     """A hidden temporary name beside name (hidden entries are never jobs or files)."""
-    return f".{name[:200]}.{secrets.token_hex(6)}.tmp"
+    # 200 bytes, not characters, of name (whole characters only): under NAME_MAX (255)
+    head = os.fsencode(name)[:200].decode(errors="ignore")
+    return f".{head}.{secrets.token_hex(6)}.tmp"
 
 
 TEMP_SUFFIX = ".tmp"
@@ -308,10 +361,10 @@ def write_atomic(
 
     The temporary file is hidden and lives in the same folder, so no listing shows it and
     the rename stays within one file system. Data is fsync-ed before the rename when
-    durable. A link or folder at `name` is replaced by the rename, never followed.
+    durable. A link at `name` is replaced by the rename, never followed (a folder
+    there is IsADirectoryError); name must be one name, not a path (UnsafePath).
     """
-    if "/" in name:
-        raise UnsafePath(errno.EINVAL, "a name, not a path", name)
+    one_name(name)
     tmp = temp_name(name)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _SAFE, mode, dir_fd=dir_fd)
     try:
@@ -341,7 +394,33 @@ def rename_noreplace(
     Plain rename(2) silently replaces an empty target folder; renameat2 with
     RENAME_NOREPLACE refuses atomically. File systems without it (NFS) fall back to a
     check then rename, which is only racy against another writer of the same name.
+
+    A path given with a folder descriptor is user input: it is resolved beneath that
+    folder like open_beneath (no link on the way, no '..'), and only its last name is
+    handed to the rename. A path without one is taken as it is (trusted paths).
     """
+    with _parent(src_dir_fd, src) as (sfd, sname), _parent(dst_dir_fd, dst) as (dfd, dname):
+        _rename_noreplace(sname, dname, sfd, dfd)
+
+
+@contextlib.contextmanager
+def _parent(dir_fd: int, path: str | os.PathLike[str]) -> Iterator[tuple[int, str]]:
+    """The folder holding path (a descriptor) and its last name, for a rename."""
+    text = os.fspath(path)
+    if "\x00" in text:  # ctypes would cut the name at the NUL: another file would move
+        raise UnsafePath(errno.EINVAL, "a NUL in a path", text)
+    parts = [text] if dir_fd == _AT_FDCWD else split(text)
+    if len(parts) == 1:
+        yield dir_fd, text
+        return
+    fd = open_dir(dir_fd, "/".join(parts[:-1]))
+    try:
+        yield fd, parts[-1]
+    finally:
+        os.close(fd)
+
+
+def _rename_noreplace(src: str, dst: str, src_dir_fd: int, dst_dir_fd: int) -> None:
     if _renameat2 is not None:
         rc = _renameat2(
             src_dir_fd, os.fsencode(src), dst_dir_fd, os.fsencode(dst), _RENAME_NOREPLACE
@@ -350,7 +429,7 @@ def rename_noreplace(
             return
         err = ctypes.get_errno()
         if err not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
-            raise OSError(err, os.strerror(err), str(src), None, str(dst))
+            raise OSError(err, os.strerror(err), src, None, dst)
     sfd = None if src_dir_fd == _AT_FDCWD else src_dir_fd
     dfd = None if dst_dir_fd == _AT_FDCWD else dst_dir_fd
     try:
@@ -358,7 +437,7 @@ def rename_noreplace(
     except FileNotFoundError:
         os.rename(src, dst, src_dir_fd=sfd, dst_dir_fd=dfd)
         return
-    raise FileExistsError(errno.EEXIST, "target exists", str(dst))
+    raise FileExistsError(errno.EEXIST, "target exists", dst)
 
 
 def syncfs(fd: int) -> bool:
@@ -464,20 +543,83 @@ def remove(dir_fd: int, rel: str, *, recursive: bool = False) -> bool:
 
 
 def remove_tree(dir_fd: int, name: str) -> None:
-    """Remove the folder name inside dir_fd and all it holds, never following a link."""
-    import shutil
+    """Remove the folder name inside dir_fd and all it holds, never following a link.
 
-    if not shutil.rmtree.avoids_symlink_attacks:  # pragma: no cover - Linux has it
-        raise OSError(errno.ENOTSUP, "no safe recursive removal on this system", name)
-    shutil.rmtree(name, dir_fd=dir_fd)
+    Walks by descriptors: each folder is opened beneath the one holding it with
+    O_NOFOLLOW | O_DIRECTORY | O_NONBLOCK, so a folder swapped for a link (to a folder
+    outside, to a FIFO) is refused, not entered or waited on. (Python 3.11's
+    shutil.rmtree opens folders without O_NOFOLLOW or O_NONBLOCK.) The walk is a loop,
+    not a recursion, so a deep tree cannot exhaust Python's stack.
+    """
+    one_name(name)
+    top = open_dir(dir_fd, name)
+    stack = [_Level(dir_fd, name, top, [])]
+    try:
+        stack[0].subdirs = _clear(top)
+        while stack:
+            level = stack[-1]
+            if not level.subdirs:
+                stack.pop()
+                os.close(level.fd)
+                os.rmdir(level.name, dir_fd=level.parent)
+                continue
+            sub = level.subdirs.pop()
+            try:
+                fd = open_dir(level.fd, sub)
+            except FileNotFoundError:
+                continue
+            except (UnsafePath, NotADirectoryError):
+                _unlink(level.fd, sub)  # no longer a folder since listed: remove the name
+                continue
+            stack.append(_Level(level.fd, sub, fd, []))
+            stack[-1].subdirs = _clear(fd)
+    finally:
+        for level in stack:
+            os.close(level.fd)
+
+
+@dataclass
+class _Level:
+    """One open folder of remove_tree's walk: where it is, and its folders left to do."""
+
+    parent: int
+    name: str
+    fd: int
+    subdirs: list[str]
+
+
+def _clear(fd: int) -> list[str]:
+    """Unlink every entry of the open folder fd that is not a folder; the folders."""
+    subdirs = []
+    with os.scandir(fd) as it:
+        for e in it:
+            if e.is_dir(follow_symlinks=False):
+                subdirs.append(e.name)
+            elif not _unlink(fd, e.name):
+                subdirs.append(e.name)  # became a folder since it was listed
+    return subdirs
+
+
+def _unlink(dir_fd: int, name: str) -> bool:
+    """Unlink a non-folder name; False if it is a folder, True if gone or removed."""
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+    except IsADirectoryError:
+        return False
+    return True
 
 
 def make_dirs(dir_fd: int, parts: list[str], made: list[str] | None = None) -> int:
     """Open (creating where missing) the folders parts beneath dir_fd; return the last.
 
     Folders created are appended to made as relative paths, so a failed operation can
-    remove them again. A link or file on the way is refused (UnsafePath, NotADirectory).
+    remove them again. A link or file on the way is refused (UnsafePath, NotADirectory),
+    and so is a part that is not one name ('', '.', '..', 'a/b', NUL).
     """
+    for part in parts:
+        one_name(part)  # '..' or 'a/b' would lead out of dir_fd or through a link
     current = os.dup(dir_fd)
     try:
         for i, part in enumerate(parts):
@@ -507,3 +649,10 @@ def make_dirs(dir_fd: int, parts: list[str], made: list[str] | None = None) -> i
 
 def same_inode(a: os.stat_result, b: os.stat_result) -> bool:
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def one_name(name: str) -> str:
+    """name if it is a single path component (see split); UnsafePath otherwise."""
+    if len(split(name)) != 1:
+        raise UnsafePath(errno.EINVAL, "a name, not a path", name)
+    return name
