@@ -124,7 +124,13 @@ def open_beneath(dir_fd: int, rel: str, flags: int = os.O_RDONLY, mode: int = 0o
     """
     parts = split(rel)
     flags |= _SAFE
-    fd = _openat2(dir_fd, rel, flags, mode)
+    try:
+        fd = _openat2(dir_fd, rel, flags, mode)
+    except NotADirectoryError:
+        # O_DIRECTORY | O_NOFOLLOW on a link says ENOTDIR, not ELOOP: name it a link
+        if flags & os.O_DIRECTORY and _last_is_link(dir_fd, parts):
+            raise _errno_error(errno.ELOOP, rel) from None
+        raise
     if fd is not None:
         return fd
     # component by component: every folder on the way opened O_NOFOLLOW | O_DIRECTORY
@@ -151,6 +157,20 @@ def open_beneath(dir_fd: int, rel: str, flags: int = os.O_RDONLY, mode: int = 0o
     finally:
         if current != dir_fd:
             os.close(current)
+
+
+def _last_is_link(dir_fd: int, parts: list[str]) -> bool:
+    """Whether the last of parts (beneath dir_fd, no link on the way) is a link."""
+    if len(parts) == 1:
+        return _is_link(dir_fd, parts[0])
+    try:
+        parent = open_beneath(dir_fd, "/".join(parts[:-1]), os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return False
+    try:
+        return _is_link(parent, parts[-1])
+    finally:
+        os.close(parent)
 
 
 def _is_link(dir_fd: int, name: str) -> bool:
