@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from service import TOKEN, Service, wait_for, write_task
+from service import TOKEN, Service, copies_in_flight, wait_for, write_task
 
 pytestmark = pytest.mark.e2e
 
@@ -52,6 +52,12 @@ def raw_request(
 
 def hidden(folder: Path) -> list[str]:
     return sorted(n for n in os.listdir(folder) if n.startswith(".") and n != ".lock")
+
+
+def upload_in_flight(job: Path) -> list[str]:
+    """An upload's temporary file in a job folder: unnamed (O_TMPFILE, seen as an open
+    deleted file in /proc) or a hidden named one."""
+    return copies_in_flight(job) + hidden(job)
 
 
 def chunks(data: bytes, size: int = 1 << 20) -> Iterator[bytes]:
@@ -123,6 +129,7 @@ def test_every_response_has_a_request_id(api: Service) -> None:
 def test_bearer_token_file_and_logs(root: Path, tmp_path: Path) -> None:
     tokens = tmp_path / "tokens"
     tokens.write_text("# clients\nfile-secret-1\nfile-secret-2\n")
+    tokens.chmod(0o640)  # a group may read it (root:ingest), others may not
     with Service(
         root,
         "--no-processor",
@@ -206,35 +213,39 @@ class SlowUpload:
         self.sock.close()
 
 
-def test_dropped_connection_leaves_no_partial_file(api: Service, root: Path) -> None:
-    with api.client() as c:
+@pytest.mark.parametrize("unnamed", ["1", "0"])
+def test_dropped_connection_leaves_no_partial_file(root: Path, unnamed: str) -> None:
+    env = {"BATCHINGEST_UPLOAD_UNNAMED": unnamed}
+    with Service(root, "--no-processor", env=env) as api, api.client() as c:
         c.put("/jobs/j")
         c.put("/jobs/j/files/sub/f", content=b"previous")
-    folder = root / "data" / "j" / "sub"
-    up = SlowUpload(api, "/jobs/j/files/sub/f", 50 << 20)
-    up.send(os.urandom(9 << 20))
-    wait_for(lambda: hidden(folder), what="the hidden temporary file")
-    up.close()
-    wait_for(lambda: not hidden(folder), what="the temporary file to be removed")
-    assert os.listdir(folder) == ["f"]
-    assert (folder / "f").read_bytes() == b"previous"
-    # a new file that never completes leaves nothing at all
-    up = SlowUpload(api, "/jobs/j/files/sub/new", 1000)
-    up.send(b"x" * 10)
-    time.sleep(0.2)
-    up.close()
-    with api.client() as c:
+        job = root / "data" / "j"
+        folder = job / "sub"
+        up = SlowUpload(api, "/jobs/j/files/sub/f", 50 << 20)
+        up.send(os.urandom(9 << 20))
+        wait_for(lambda: upload_in_flight(job), what="the upload's temporary file")
+        assert bool(hidden(job)) == (unnamed == "0")  # unnamed: not even a hidden name
+        up.close()
+        wait_for(lambda: not upload_in_flight(job), what="the temporary file to be gone")
+        assert os.listdir(folder) == ["f"]
+        assert (folder / "f").read_bytes() == b"previous"
+        # a new file that never completes leaves nothing at all
+        up = SlowUpload(api, "/jobs/j/files/sub/new", 1000)
+        up.send(b"x" * 10)
+        wait_for(lambda: upload_in_flight(job), what="the upload's temporary file")
+        up.close()
         assert c.get("/jobs/j/files/sub").json() == ["f"]
-    wait_for(lambda: sorted(os.listdir(folder)) == ["f"], what="no trace of the upload")
-    # nor do the folders it made for the file
-    up = SlowUpload(api, "/jobs/j/files/sub/new/deep/g.txt", 1000)
-    up.send(b"x" * 10)
-    wait_for(lambda: (folder / "new" / "deep").is_dir(), what="the upload's folders")
-    up.close()
-    wait_for(lambda: sorted(os.listdir(folder)) == ["f"], what="no folders left by the upload")
-    with api.client() as c:
+        wait_for(lambda: not upload_in_flight(job), what="no trace of the upload")
+        # nor folders: they are made when the file is complete, not before
+        up = SlowUpload(api, "/jobs/j/files/sub/new/deep/g.txt", 1000)
+        up.send(b"x" * 10)
+        wait_for(lambda: upload_in_flight(job), what="the upload's temporary file")
+        assert not (folder / "new").exists()
+        up.close()
+        wait_for(lambda: not upload_in_flight(job), what="no trace of the upload")
+        assert sorted(os.listdir(folder)) == ["f"]
         assert c.get("/jobs/j/files").json() == ["sub"]
-        assert c.get("/jobs/j/files/sub").json() == ["f"]
+        assert hidden(job) == []
     assert "Traceback" not in api.log()
 
 
@@ -243,7 +254,7 @@ def test_job_queued_during_upload_is_409(api: Service, root: Path) -> None:
         c.put("/jobs/j")
         up = SlowUpload(api, "/jobs/j/files/f", 2 << 20)
         up.send(b"a" * (1 << 20))
-        wait_for(lambda: hidden(root / "data" / "j"), what="the upload to start")
+        wait_for(lambda: upload_in_flight(root / "data" / "j"), what="the upload to start")
         assert c.post("/jobs/j/queue").status_code == 202
         up.send(b"b" * (1 << 20))
         status, body = up.response()
