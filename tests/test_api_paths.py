@@ -141,7 +141,10 @@ def test_symlinks(world: tuple[ASGIApp, Store, Path]) -> None:
     os.symlink(tmp / "canary", job / "out-file")
     os.symlink(tmp, job / "out-dir")
     os.symlink("../other", job / "sibling")
-    os.symlink("/", job / "slash")
+    # an absolute link: to a stand-in for "/", so a broken check cannot harm the machine
+    (tmp / "abs" / "etc").mkdir(parents=True)
+    (tmp / "abs" / "etc" / "passwd").write_text("outside")
+    os.symlink(tmp / "abs", job / "slash")
     os.symlink("inside", job / "in-link")
     (job / "sub").mkdir()
     os.symlink("..", job / "sub" / "up")
@@ -154,6 +157,7 @@ def test_symlinks(world: tuple[ASGIApp, Store, Path]) -> None:
             assert reply.json()["code"] == "InvalidPath"
             assert "symbolic link" in reply.json()["message"]
             untouched(tmp)
+            assert (tmp / "abs" / "etc" / "passwd").read_text() == "outside"
     assert (job / "in-link").is_symlink() and (job / "sub" / "up").is_symlink()
     assert not (job / "new").exists()
     # the folder holding links can be listed, and removed as a whole: the links go,
