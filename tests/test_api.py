@@ -907,3 +907,30 @@ def test_store_and_access_errors_are_mapped_in_one_place(api: tuple[ASGIApp, Sto
 
         app.router.routes.append(Route(f"/boom{i}", boom))  # type: ignore[attr-defined]
         assert_error(call(app, "GET", f"/boom{i}"), status, code)
+
+
+def test_reading_a_fifo_never_opens_it(api: tuple[ASGIApp, Store]) -> None:
+    """Opening a FIFO, even with O_NONBLOCK, wakes a writer waiting on it (and opening a
+    device can act on it): a read looks at what a name is before opening anything."""
+    import threading
+
+    app, store = api
+    job, _ = store.create("j")
+    fifo = job.path / "pipe"
+    os.mkfifo(fifo)
+    opened = threading.Event()
+
+    def writer() -> None:
+        fd = os.open(fifo, os.O_WRONLY)  # blocks until someone opens it for reading
+        opened.set()
+        os.close(fd)
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    time.sleep(0.1)
+    body = assert_error(call(app, "GET", "/jobs/j/files/pipe"), 404, "FileNotFound")
+    assert "named pipe" in body["message"]
+    assert not opened.wait(0.3), "the FIFO was opened"
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # let the writer go
+    thread.join(5)
+    os.close(reader)

@@ -63,6 +63,42 @@ def list_names(dir_fd: int) -> list[str]:
     return sorted(e.name for e in fs.entries(dir_fd))
 
 
+# O_PATH, and /proc to reopen what it names; without them files are opened directly
+_O_PATH = getattr(os, "O_PATH", 0) if os.path.isdir("/proc/self/fd") else 0
+
+
+def open_for_read(job_fd: int, parts: list[str]) -> tuple[int, os.stat_result]:
+    """Open a regular file or folder beneath the job folder for reading, and its stat.
+
+    A FIFO or device is never opened, not even with O_NONBLOCK (opening a FIFO wakes
+    its writer; opening a tape device can rewind it): the name is first opened O_PATH,
+    which only names the inode, and reopened for reading (through /proc/self/fd, the
+    same inode, so nothing can be swapped in between) only if it is a file or folder.
+    """
+    parent = fs.open_dir(job_fd, "/".join(parts[:-1])) if len(parts) > 1 else os.dup(job_fd)
+    try:
+        if not parts:
+            return parent, os.fstat(parent)
+        if not _O_PATH:  # pragma: no cover - Linux with /proc has both
+            fd = fs.open_beneath(parent, parts[-1])
+            return fd, os.fstat(fd)
+        path_fd = os.open(parts[-1], _O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+    finally:
+        if parts:
+            os.close(parent)
+    try:
+        st = os.fstat(path_fd)
+        if stat.S_ISLNK(st.st_mode):
+            raise fs.UnsafePath(errno.ELOOP, "a symbolic link is in the way", "/".join(parts))
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+            what = fs.kind(st.st_mode)
+            raise ApiError(404, "FileNotFound", f"{'/'.join(parts)!r} is a {what}, not a file")
+        fd = os.open(f"/proc/self/fd/{path_fd}", os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    finally:
+        os.close(path_fd)
+    return fd, st
+
+
 def routes(cfg: Config, store: Store) -> list[BaseRoute]:
     max_upload = cfg.max_upload
 
@@ -72,21 +108,14 @@ def routes(cfg: Config, store: Store) -> list[BaseRoute]:
         _, job_fd = open_job(store, name)
         try:
             try:
-                fd = fs.open_beneath(job_fd, "/".join(parts)) if parts else os.dup(job_fd)
+                fd, st = open_for_read(job_fd, parts)
             except (FileNotFoundError, NotADirectoryError):
                 raise _not_found(parts) from None
         finally:
             os.close(job_fd)
-        try:
-            st = os.fstat(fd)
-        except BaseException:
-            os.close(fd)
-            raise
         if stat.S_ISREG(st.st_mode):
             return transfer.FileBody.open(fd, st, request.headers)  # it closes fd
         try:
-            if not stat.S_ISDIR(st.st_mode):
-                raise ApiError(404, "FileNotFound", f"{'/'.join(parts)!r} is not a regular file")
             names = await run_blocking(list_names, fd)
         except BaseException:
             os.close(fd)
