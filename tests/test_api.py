@@ -934,3 +934,25 @@ def test_reading_a_fifo_never_opens_it(api: tuple[ASGIApp, Store]) -> None:
     reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # let the writer go
     thread.join(5)
     os.close(reader)
+
+
+@pytest.mark.parametrize("unnamed", [None, False])
+def test_upload_into_a_job_deleted_meanwhile_is_404(
+    store: Store, monkeypatch: pytest.MonkeyPatch, unnamed: bool | None
+) -> None:
+    from batchingest.api import upload
+    from batchingest.api.errors import ApiError
+
+    monkeypatch.setattr(upload, "_unnamed", unnamed)
+    job, _ = store.create("j")
+    job_fd = store.open_job(job)
+    try:
+        store.delete("j")
+        up = upload.Upload(store, job, job_fd, ["sub", "f"])
+        with pytest.raises(ApiError) as caught:
+            up.open()
+        up.close()
+        assert (caught.value.status, caught.value.code) == (404, "JobNotFound")
+    finally:
+        os.close(job_fd)
+    assert store.find("j") is None

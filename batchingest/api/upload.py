@@ -160,11 +160,19 @@ class Upload:
 
     def open(self) -> None:
         check_place(self.job_fd, self.parts)
-        self.fd = _unnamed_file(self.job_fd)
-        if self.fd < 0:
-            self.temp = _temp_name()
-            flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | _SAFE
-            self.fd = os.open(self.temp, flags, 0o644, dir_fd=self.job_fd)
+        try:
+            self.fd = _unnamed_file(self.job_fd)
+            if self.fd < 0:
+                self.temp = _temp_name()
+                flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | _SAFE
+                self.fd = os.open(self.temp, flags, 0o644, dir_fd=self.job_fd)
+        except OSError:
+            self.temp = None
+            if os.fstat(self.job_fd).st_nlink == 0:  # ENOENT, or EPERM for O_TMPFILE
+                raise ApiError(
+                    404, "JobNotFound", f"job {self.job.name!r} was deleted meanwhile"
+                ) from None
+            raise
         # held while in use: a sweep removes only temporaries nobody holds
         fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
