@@ -54,6 +54,13 @@ async def serve(cfg: Config) -> None:
         store.init()
     except StoreError as e:
         raise StartError(str(e)) from e
+    if cfg.api:
+        from batchingest.api.upload import sweep_uploads
+
+        # what uploads cut short by a kill -9 left behind (where unnamed files are not used)
+        swept = await asyncio.to_thread(sweep_uploads, store)
+        if swept:
+            log.info("removed %d upload temporaries left by an earlier run", swept)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

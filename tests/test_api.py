@@ -201,6 +201,7 @@ def test_healthz_needs_no_token(api: tuple[ASGIApp, Store]) -> None:
 def test_any_of_several_tokens(root: Path, tmp_path: Path) -> None:
     token_file = tmp_path / "tokens"
     token_file.write_text("# service A\nfile-token-1\n\n  file-token-2  \n#not-a-token\n")
+    token_file.chmod(0o640)
     app, _ = make_app(root, tokens=["env-token"], token_file=token_file)
     for good in ("env-token", "file-token-1", "file-token-2"):
         assert call(app, "GET", "/jobs", token=good).status == 200
@@ -780,3 +781,178 @@ def test_job_names_reused_only_while_unchanged(api: tuple[ASGIApp, Store], root:
     assert store.job_names("success") is not store.job_names("success")
     names = [j["Name"] for j in call(app, "GET", "/jobs?limit=2&offset=1").json()]
     assert names == ["old-0", "old-1"]
+
+
+# -- the trust boundary: links, odd names, huge numbers, long paths --------------------------
+
+
+def test_non_utf8_names_are_left_out_of_listings(api: tuple[ASGIApp, Store]) -> None:
+    """A name no URL can carry (not UTF-8) used to make the listing answer 500."""
+    app, store = api
+    job, _ = store.create("j")
+    (job.path / "ok.txt").write_text("x")
+    os.mkdir(os.path.join(os.fsencode(job.path), b"sub"))
+    open(os.path.join(os.fsencode(job.path), b"bad-\xff\xfe"), "wb").close()
+    open(os.path.join(os.fsencode(job.path), b"sub/\xc3\x28"), "wb").close()
+    reply = call(app, "GET", "/jobs/j/files")
+    assert reply.status == 200, reply.body
+    assert reply.json() == ["ok.txt", "sub"]
+    assert call(app, "GET", "/jobs/j/files/sub").json() == []
+
+
+@pytest.mark.parametrize(
+    ("value", "status"),
+    [("bytes=" + "9" * 5000 + "-", 416), ("bytes=0-" + "9" * 5000, 206),
+     ("bytes=-" + "9" * 5000, 206), ("bytes=" + "0" * 5000 + "1-", 206),
+     ("bytes=" + "9" * 5000 + "-" + "9" * 5001, 416)],
+)  # fmt: skip
+def test_range_numbers_of_any_length(api: tuple[ASGIApp, Store], value: str, status: int) -> None:
+    """int() refuses numbers of more than 4300 digits: such a Range answered 500."""
+    app, store = api
+    job, _ = store.create("j")
+    (job.path / "f").write_bytes(b"0123456789")
+    reply = call(app, "GET", "/jobs/j/files/f", headers={"Range": value})
+    assert reply.status == status, reply.body[:200]
+    if status == 416:
+        assert_error(reply, 416, "RangeNotSatisfiable")
+        assert len(reply.json()["message"]) < 300
+    else:
+        assert reply.body in (b"0123456789", b"123456789")
+
+
+def test_content_length_of_any_length(root: Path) -> None:
+    app, store = make_app(root, max_upload=10)
+    store.create("j")
+    reply = call(app, "PUT", "/jobs/j/files/f", headers={"Content-Length": "9" * 5000})
+    assert_error(reply, 413, "PayloadTooLarge")
+
+
+def test_paths_as_long_as_the_rules_allow(api: tuple[ASGIApp, Store], root: Path) -> None:
+    """Root + job + path beyond PATH_MAX answered 500; paths are now opened beneath the job
+    folder, so only the relative path's own length counts, and past the limit it is a 400."""
+    app, store = api
+    job, _ = store.create("j")
+    deep = "/".join(["d" * 250] * 16 + ["e" * 79])  # 4095 bytes: with the root's, beyond 4096
+    assert len(deep.encode()) == 4095
+    reply = call(app, "PUT", f"/jobs/j/files/{deep}", b"deep")
+    assert reply.status == 201, reply.body
+    assert call(app, "GET", f"/jobs/j/files/{deep}").body == b"deep"
+    assert call(app, "HEAD", f"/jobs/j/files/{deep}").status == 200
+    assert call(app, "GET", f"/jobs/j/files/{deep.rpartition('/')[0]}").json() == ["e" * 79]
+    assert call(app, "DELETE", f"/jobs/j/files/{deep}").status == 204
+    too_long = deep + "x"
+    for method in ("GET", "PUT", "DELETE"):
+        body = assert_error(
+            call(app, method, f"/jobs/j/files/{too_long}", b"x"), 400, "InvalidPath"
+        )
+        assert "longer than 4095 bytes" in body["message"]
+    assert call(app, "DELETE", "/jobs/j/files/" + "d" * 250 + "?recursive=true").status == 204
+    assert visible(job.path) == []
+
+
+def test_put_job_over_a_link_in_data(
+    api: tuple[ASGIApp, Store], root: Path, tmp_path: Path
+) -> None:
+    """`PUT /jobs/X` where data/X is a symbolic link answered 200 with the outside JOB."""
+    app, _ = api
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "JOB").write_text('{"Todo": ["secret-task"], "Secret": 1}')
+    os.symlink(outside, root / "data" / "x")
+    reply = call(app, "PUT", "/jobs/x")
+    assert_error(reply, 409, "Conflict")
+    assert b"secret" not in reply.body
+    assert_error(call(app, "GET", "/jobs/x"), 404, "JobNotFound")
+    assert_error(call(app, "GET", "/jobs/x/files/JOB"), 404, "JobNotFound")
+    assert_error(call(app, "PUT", "/jobs/x/files/new", b"x"), 404, "JobNotFound")
+    assert sorted(os.listdir(outside)) == ["JOB"]
+
+
+def test_job_file_that_is_a_link_is_not_followed(
+    api: tuple[ASGIApp, Store], tmp_path: Path
+) -> None:
+    app, store = api
+    job, _ = store.create("j")
+    (tmp_path / "secret.json").write_text('{"Todo": ["outside-task"]}')
+    os.symlink(tmp_path / "secret.json", job.path / "JOB")
+    info = call(app, "GET", "/jobs/j").json()
+    assert info["Todo"] is None and "symbolic link" in info["JobError"]
+    assert b"outside-task" not in call(app, "GET", "/jobs/j").body
+    assert_error(call(app, "GET", "/jobs/j/files/JOB"), 400, "InvalidPath")
+
+
+def test_store_and_access_errors_are_mapped_in_one_place(api: tuple[ASGIApp, Store]) -> None:
+    """Exceptions of the store and of batchingest.fs reach the client as JSON errors
+    through the app's exception handlers, not by hand in every route."""
+    from batchingest import fs
+    from batchingest.paths import InvalidPath
+    from batchingest.store import InvalidName, JobBusy, JobNotFound
+
+    app, _ = api
+    cases: list[tuple[Exception, int, str]] = [
+        (JobBusy("busy"), 409, "JobBusy"),
+        (JobNotFound("none"), 404, "JobNotFound"),
+        (InvalidName("bad"), 400, "InvalidName"),
+        (InvalidPath("bad"), 400, "InvalidPath"),
+        (fs.UnsafePath(40, "a symbolic link is in the way", "a/b"), 400, "InvalidPath"),
+        (fs.NotRegular(22, "not a regular file (named pipe)", "p"), 404, "FileNotFound"),
+        (fs.TooLarge(27, "larger than 10 bytes", "JOB"), 413, "PayloadTooLarge"),
+        (OSError(36, "File name too long"), 400, "InvalidPath"),
+        (OSError(28, "No space left on device"), 507, "InsufficientStorage"),
+    ]
+    for i, (exc, status, code) in enumerate(cases):
+
+        async def boom(request: object, exc: Exception = exc) -> None:
+            raise exc
+
+        app.router.routes.append(Route(f"/boom{i}", boom))  # type: ignore[attr-defined]
+        assert_error(call(app, "GET", f"/boom{i}"), status, code)
+
+
+def test_reading_a_fifo_never_opens_it(api: tuple[ASGIApp, Store]) -> None:
+    """Opening a FIFO, even with O_NONBLOCK, wakes a writer waiting on it (and opening a
+    device can act on it): a read looks at what a name is before opening anything."""
+    import threading
+
+    app, store = api
+    job, _ = store.create("j")
+    fifo = job.path / "pipe"
+    os.mkfifo(fifo)
+    opened = threading.Event()
+
+    def writer() -> None:
+        fd = os.open(fifo, os.O_WRONLY)  # blocks until someone opens it for reading
+        opened.set()
+        os.close(fd)
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    time.sleep(0.1)
+    body = assert_error(call(app, "GET", "/jobs/j/files/pipe"), 404, "FileNotFound")
+    assert "named pipe" in body["message"]
+    assert not opened.wait(0.3), "the FIFO was opened"
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # let the writer go
+    thread.join(5)
+    os.close(reader)
+
+
+@pytest.mark.parametrize("unnamed", [None, False])
+def test_upload_into_a_job_deleted_meanwhile_is_404(
+    store: Store, monkeypatch: pytest.MonkeyPatch, unnamed: bool | None
+) -> None:
+    from batchingest.api import upload
+    from batchingest.api.errors import ApiError
+
+    monkeypatch.setattr(upload, "_unnamed", unnamed)
+    job, _ = store.create("j")
+    job_fd = store.open_job(job)
+    try:
+        store.delete("j")
+        up = upload.Upload(store, job, job_fd, ["sub", "f"])
+        with pytest.raises(ApiError) as caught:
+            up.open()
+        up.close()
+        assert (caught.value.status, caught.value.code) == (404, "JobNotFound")
+    finally:
+        os.close(job_fd)
+    assert store.find("j") is None

@@ -19,7 +19,8 @@ from starlette.types import ASGIApp
 from test_api import call, make_app
 
 from batchingest.api.errors import ApiError
-from batchingest.api.paths import resolve, segments
+from batchingest.api.paths import segments
+from batchingest.paths import InvalidPath, relpath_segments
 from batchingest.store import Store, valid_name
 
 ATTACKS = [
@@ -133,31 +134,40 @@ def test_empty_paths_never_hit_the_job_folder(world: tuple[ASGIApp, Store, Path]
 
 
 def test_symlinks(world: tuple[ASGIApp, Store, Path]) -> None:
+    """A symbolic link anywhere on a path is refused, for every method, wherever it
+    points: it is never followed, so what it points at is never read, written or removed."""
     app, store, tmp = world
     job = store.get("j").path
     os.symlink(tmp / "canary", job / "out-file")
     os.symlink(tmp, job / "out-dir")
     os.symlink("../other", job / "sibling")
-    os.symlink("/", job / "slash")
+    # an absolute link: to a stand-in for "/", so a broken check cannot harm the machine
+    (tmp / "abs" / "etc").mkdir(parents=True)
+    (tmp / "abs" / "etc" / "passwd").write_text("outside")
+    os.symlink(tmp / "abs", job / "slash")
     os.symlink("inside", job / "in-link")
     (job / "sub").mkdir()
     os.symlink("..", job / "sub" / "up")
     for path in ("out-file", "out-dir/canary", "out-dir", "sibling/x", "slash/etc/passwd",
-                 "out-dir/new", "sibling", "slash"):  # fmt: skip
+                 "out-dir/new", "sibling", "slash", "in-link", "sub/up", "sub/up/inside",
+                 "sub/up/new"):  # fmt: skip
         for method in ("GET", "PUT", "DELETE"):
             reply = call(app, method, f"/jobs/j/files/{path}?recursive=true", b"pwned")
             assert reply.status == 400, (path, method, reply.status)
             assert reply.json()["code"] == "InvalidPath"
+            assert "symbolic link" in reply.json()["message"]
             untouched(tmp)
-    assert (tmp / "canary").read_text() == "outside"
-    # links that stay inside the job folder are fine
-    assert call(app, "GET", "/jobs/j/files/in-link").body == b"mine"
-    assert call(app, "GET", "/jobs/j/files/sub/up/inside").body == b"mine"
-    assert sorted(call(app, "GET", "/jobs/j/files/sub/up").json())[:2] == ["in-link", "inside"]
-    # writing to a link replaces the link itself, never what it points at
-    assert call(app, "PUT", "/jobs/j/files/in-link", b"new").status == 200
-    assert not (job / "in-link").is_symlink()
-    assert (job / "inside").read_text() == "mine"
+            assert (tmp / "abs" / "etc" / "passwd").read_text() == "outside"
+    assert (job / "in-link").is_symlink() and (job / "sub" / "up").is_symlink()
+    assert not (job / "new").exists()
+    # the folder holding links can be listed, and removed as a whole: the links go,
+    # never what they point at
+    assert call(app, "GET", "/jobs/j/files/sub").json() == ["up"]
+    assert "out-dir" in call(app, "GET", "/jobs/j/files").json()
+    (job / "sub" / "deeper").mkdir()
+    os.symlink(tmp, job / "sub" / "deeper" / "out")
+    assert call(app, "DELETE", "/jobs/j/files/sub?recursive=true").status == 204
+    assert not (job / "sub").exists()
     untouched(tmp)
 
 
@@ -239,10 +249,18 @@ def test_segments_never_escape(parts: list[str]) -> None:
     assert joined.startswith(str(base) + "/")
 
 
-def test_resolve_refuses_outside(tmp_path: Path) -> None:
-    job = tmp_path / "job"
-    job.mkdir()
-    os.symlink(tmp_path, job / "up")
-    with pytest.raises(ApiError):
-        resolve(job, ["up", "x"])
-    assert resolve(job, ["a", "b"]) == job.resolve() / "a" / "b"
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [("", "empty path"), ("a\nb", "control character"), ("a\x00", "NUL"), ("a\\b", "backslash"),
+     ("/a", "not relative"), ("a//b", "empty path segment"), ("a/../b", "'..'"),
+     ("a/.x", "hidden"), ("x" * 256, "longer than 255"), ("a/" * 2048, "longer than 4095"),
+     ("\udcff", "UTF-8")],
+)  # fmt: skip
+def test_relpath_rules(raw: str, reason: str) -> None:
+    """One set of rules for every relative path (API files, staging ids): each says why."""
+    with pytest.raises(InvalidPath, match=reason):
+        relpath_segments(raw)
+    assert relpath_segments("a/b c/d.txt") == ["a", "b c", "d.txt"]
+    assert relpath_segments("a/", allow_empty=True) == ["a"]
+    assert relpath_segments("", allow_empty=True) == []
+    assert relpath_segments("x" * 255 + "/" + "y" * 255) == ["x" * 255, "y" * 255]

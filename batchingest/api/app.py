@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from batchingest import __version__
 from batchingest.api import auth, files, jobs, openapi
-from batchingest.api.errors import ApiError
+from batchingest.api.errors import MAPPED, ApiError, api_error_of
 from batchingest.api.paths import job_name, unsafe_url_path
 from batchingest.config import Config
 from batchingest.store import Store
@@ -180,7 +180,12 @@ def _refuse_path(scope: Scope, path: str) -> Response | None:
 
 
 async def _api_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, ApiError)
+    """ApiError, and the store's and access layer's exceptions (errors.api_error_of): every
+    route raises them, and they become the JSON error here, in one place."""
+    mapped = api_error_of(exc)
+    if mapped is None:
+        raise exc  # not one the API can explain: the middleware's 500
+    exc = mapped
     response = error_body(request.scope, exc.status, exc.code, exc.message, exc.extra)
     for key, value in exc.headers.items():
         response.headers[key] = value
@@ -261,5 +266,9 @@ def create_app(cfg: Config, store: Store) -> Starlette:
         middleware=[
             Middleware(ApiMiddleware, checker=checker, dts=dts, jdp=cfg.dts_dialect == "jdp")
         ],
-        exception_handlers={ApiError: _api_error, HTTPException: _http_error},
+        exception_handlers={
+            **dict.fromkeys(MAPPED, _api_error),
+            ApiError: _api_error,
+            HTTPException: _http_error,
+        },
     )

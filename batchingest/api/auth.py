@@ -4,18 +4,27 @@ Tokens come from `BATCHINGEST_TOKENS` / `--tokens` and `--token-file`. With none
 configured the service makes one and keeps it in `ROOT/.api-token` (mode 0600), so a
 fresh service is usable at once and never open. Tokens are compared in constant time
 against every configured token, and are never logged.
+
+A token file others can read may have given its tokens away, so the service refuses to
+start with it (exit status 2, saying why): `ROOT/.api-token` must have no group or
+other permissions at all, a `--token-file` none for others (a group, say root:ingest
+0640, is allowed). `chmod` it, or delete `ROOT/.api-token` to get a fresh token.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
+import os
 import re
 import secrets
+import stat
 from pathlib import Path
 
+from batchingest import fs
 from batchingest.config import Config
 from batchingest.jobfile import write_atomic
+from batchingest.service import StartError
 from batchingest.store import Store
 
 log = logging.getLogger("batchingest.api")
@@ -26,14 +35,34 @@ REQUESTER = "batchingest.requester"  # scope key: the DTS user a request came fr
 _DTS_USER = re.compile(rb"[A-Za-z0-9.:-]{1,64}")
 
 
-class TokenError(Exception):
-    """The configured tokens cannot be used (unreadable token file, ...)."""
+class TokenError(StartError):
+    """The configured tokens cannot be used (unreadable or exposed token file, ...)."""
 
 
-def read_token_file(path: Path) -> list[str]:
-    """One token per line; blank lines and lines starting with '#' are skipped."""
+TOKEN_FILE_LIMIT = 1 << 20
+
+
+def read_token_file(path: Path, forbidden: int = stat.S_IRWXO, hint: str = "") -> list[str]:
+    """One token per line; blank lines and lines starting with '#' are skipped.
+
+    A file with any of the `forbidden` permission bits, or that is not a regular file,
+    is refused rather than read.
+    """
     try:
-        text = path.read_text(encoding="utf-8")
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise TokenError(f"token file {path} is not a regular file")
+            if st.st_mode & forbidden:
+                raise TokenError(
+                    f"token file {path} is open to others (mode {stat.S_IMODE(st.st_mode):04o}),"
+                    " so its tokens may be known: replace them and chmod"
+                    f" {_private(st.st_mode, forbidden):o} it{hint}"
+                )
+            text = fs.read_fd(fd, TOKEN_FILE_LIMIT, str(path)).decode("utf-8")
+        finally:
+            os.close(fd)
     except (OSError, UnicodeDecodeError) as e:
         raise TokenError(f"cannot read token file {path}: {e}") from e
     tokens = []
@@ -44,13 +73,22 @@ def read_token_file(path: Path) -> list[str]:
     return tokens
 
 
+def _private(mode: int, forbidden: int) -> int:
+    return stat.S_IMODE(mode) & ~forbidden
+
+
 def _generated_token(store: Store) -> str:
-    """Reuse ROOT/.api-token if it holds a token, else write a new one there (0600)."""
+    """Reuse ROOT/.api-token if it holds a token, else write a new one there (0600).
+
+    An existing one that group or others may read is refused (TokenError): the token
+    in it may be known, and reusing it silently would keep it working.
+    """
     path = store.service_path(TOKEN_FILE_NAME)
-    try:
-        existing = read_token_file(path)
-    except TokenError:
+    if not os.path.lexists(path):
         existing = []
+    else:
+        hint = " (or delete it: a new token is then made at start)"
+        existing = read_token_file(path, stat.S_IRWXG | stat.S_IRWXO, hint)
     if existing:
         log.info("no API token configured: using the one in %s", path)
         return existing[0]

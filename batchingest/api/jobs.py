@@ -8,7 +8,7 @@ less than handing them to a thread would.
 from __future__ import annotations
 
 import heapq
-import json
+import os
 from collections.abc import Iterator
 from itertools import islice, repeat
 from typing import Any
@@ -18,45 +18,44 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from batchingest import jobfile
+from batchingest import fs, jobfile
+from batchingest.api.common import by_method, find_job, run_blocking
+from batchingest.api.common import json_response as json_response  # app.py uses jobs.json_response
 from batchingest.api.errors import ApiError
 from batchingest.api.paths import job_name
 from batchingest.config import Config
-from batchingest.store import (
-    STATE_OF_STATUS,
-    STATES,
-    STATUS_OF_STATE,
-    Job,
-    JobBusy,
-    Store,
-)
+from batchingest.store import STATE_OF_STATUS, STATES, STATUS_OF_STATE, Job, Store
 
-BUSY_STATES = ("queue", "processing")
 _STATE_RANK = {s: i for i, s in enumerate(STATES)}
+# JOB is read whole to show it; the processor refuses larger ones too
+JOB_LIMIT = 16 << 20
 
 
-def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    body = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
-    return Response(body, status, headers, media_type="application/json")
+def job_info(store: Store, job: Job) -> dict[str, Any]:
+    """Name, Status, and Todo/Finished as the processor would read them from JOB.
 
-
-def find_job(store: Store, name: str) -> Job:
-    job = store.find(name)
-    if job is None:
-        raise ApiError(404, "JobNotFound", f"no job named {name!r}")
-    return job
-
-
-def job_info(job: Job) -> dict[str, Any]:
-    """Name, Status, and Todo/Finished as the processor would read them from JOB."""
+    JOB is read through the job folder's descriptor: a JOB that is a link, a FIFO or
+    huge is reported as a JobError, never followed or read whole.
+    """
     info: dict[str, Any] = {"Name": job.name, "Status": job.status}
     try:
-        jf = jobfile.load(job.path)
+        job_fd = store.open_job(job)
+        try:
+            raw = fs.read_file(job_fd, jobfile.JOB_FILE, JOB_LIMIT)
+        finally:
+            os.close(job_fd)
+        jf = jobfile.JobFile() if raw is None else jobfile.parse(raw)
     except (jobfile.JobFileError, OSError) as e:
-        info.update(Todo=None, Finished=None, JobError=str(e))
+        info.update(Todo=None, Finished=None, JobError=_reason(e))
     else:
         info.update(Todo=jf.todo, Finished=jf.finished)
     return info
+
+
+def _reason(e: Exception) -> str:
+    if isinstance(e, OSError) and e.filename == jobfile.JOB_FILE:
+        return f"JOB: {e.strerror}"
+    return str(e) if not isinstance(e, OSError) else f"JOB cannot be read: {e.strerror}"
 
 
 def _states(param: str | None) -> list[str]:
@@ -117,12 +116,12 @@ def routes(cfg: Config, store: Store) -> list[BaseRoute]:
             headers["Link"] = f'</jobs?{urlencode(query)}>; rel="next"'
         return Response(_listing(page), 200, headers, media_type="application/json")
 
+    def info(job: Job) -> dict[str, Any]:
+        return job_info(store, job)
+
     async def get_job(request: Request) -> Response:
         name = job_name(request.path_params["id"])
-        try:
-            found = store.read(name, job_info)
-        except JobBusy as e:
-            raise ApiError(409, "JobBusy", str(e)) from None
+        found = store.read(name, info)
         if found is None:
             raise ApiError(404, "JobNotFound", f"no job named {name!r}")
         return json_response(found[1])
@@ -131,28 +130,23 @@ def routes(cfg: Config, store: Store) -> list[BaseRoute]:
         name = job_name(request.path_params["id"])
         job, created = store.create(name)
         if created:
-            return json_response(job_info(job), 201, {"Location": f"/jobs/{name}"})
-        return json_response(job_info(job))
+            return json_response(info(job), 201, {"Location": f"/jobs/{name}"})
+        if store.find(name) is None:
+            # the name is taken by something that is not a job folder (a file, a link)
+            raise ApiError(409, "Conflict", f"{name!r} exists in data/ but is not a job folder")
+        return json_response(info(job))
 
     async def delete_job(request: Request) -> Response:
         name = job_name(request.path_params["id"])
-        try:
-            await _in_thread(store.delete, name)
-        except JobBusy as e:
-            raise ApiError(409, "JobBusy", str(e)) from None
+        await run_blocking(store.delete, name)
         return Response(status_code=204)
 
     async def queue_job(request: Request) -> Response:
         name = job_name(request.path_params["id"])
         find_job(store, name)
-        try:
-            # in a thread: the move waits for its webhook event to be on disk
-            job, moved = await _in_thread(store.queue, name)
-        except JobBusy as e:
-            raise ApiError(409, "JobBusy", str(e)) from None
-        except LookupError:
-            raise ApiError(404, "JobNotFound", f"no job named {name!r}") from None
-        return json_response(job_info(job), 202 if moved else 200)
+        # in a thread: the move waits for its webhook event to be on disk
+        job, moved = await run_blocking(store.queue, name)
+        return json_response(info(job), 202 if moved else 200)
 
     return [
         # the hottest route first: routes are tried in order
@@ -161,20 +155,3 @@ def routes(cfg: Config, store: Store) -> list[BaseRoute]:
         Route("/jobs/", list_jobs, methods=["GET"]),
         Route("/jobs/{id}/queue", queue_job, methods=["POST"]),
     ]
-
-
-async def _in_thread(fn: Any, *args: Any) -> Any:
-    """Deleting a big job removes many files: keep that off the event loop."""
-    from anyio import to_thread
-
-    return await to_thread.run_sync(fn, *args)
-
-
-def by_method(path: str, handlers: dict[str, Any]) -> Route:
-    """One route per path, so a 405 lists every method the path allows."""
-
-    async def dispatch(request: Request) -> Any:
-        method = "GET" if request.method == "HEAD" else request.method
-        return await handlers[method](request)
-
-    return Route(path, dispatch, methods=list(handlers))

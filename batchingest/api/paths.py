@@ -1,25 +1,17 @@
 """Job names and file paths from URLs: nothing outside a job folder, ever.
 
 Starlette hands path parameters over percent-decoded, so `%2e%2e` arrives as `..`;
-every check here runs on decoded segments. A path is refused (400) for: `.` or `..`
-segments, NUL bytes, backslashes, empty segments, an absolute path, a hidden segment
-(names starting with '.' are the service's own temporary and lock files), or a real
-location (after symlinks) outside the job folder.
+every check here runs on decoded segments. A file path follows the rules of
+batchingest.paths (relative, no '.', '..', empty or hidden segments, no backslash or
+control character, length limits); a 400 InvalidPath says which rule it broke.
+Symbolic links are refused where the path is opened (batchingest.fs), not here.
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
-from batchingest.api.errors import ApiError
+from batchingest.api.errors import ApiError, bad_path
+from batchingest.paths import InvalidPath, relpath_segments
 from batchingest.store import valid_name
-
-MAX_PATH = 4096
-
-
-def bad_path(message: str) -> ApiError:
-    return ApiError(400, "InvalidPath", message)
 
 
 def job_name(raw: str) -> str:
@@ -35,48 +27,15 @@ def job_name(raw: str) -> str:
 
 
 def segments(raw: str, *, allow_empty: bool) -> list[str]:
-    """Split a relative file path into checked segments.
+    """Split a relative file path into checked segments; 400 InvalidPath if it breaks a rule.
 
     allow_empty: the path may be empty (the job folder itself) or end in '/', as when
     listing a folder; never for PUT or DELETE, which would hit the job folder.
     """
-    if len(raw) > MAX_PATH:
-        raise bad_path(f"path longer than {MAX_PATH} characters")
-    if "\x00" in raw:
-        raise bad_path("path contains a NUL byte")
-    if "\\" in raw:
-        raise bad_path("path contains a backslash")
-    if raw.startswith("/"):
-        raise bad_path("path must be relative to the job folder")
-    if allow_empty and raw.endswith("/"):
-        raw = raw[:-1]
-    if raw == "":
-        if allow_empty:
-            return []
-        raise bad_path("path is empty: it would name the job folder itself")
-    parts = raw.split("/")
-    for part in parts:
-        if part == "":
-            raise bad_path("path has an empty segment ('//' or a trailing '/')")
-        if part in (".", ".."):
-            raise bad_path("path has a '.' or '..' segment")
-        if part.startswith("."):
-            raise bad_path(f"hidden names are reserved for the service: {part[:100]!r}")
-        if len(part.encode()) > 255:
-            raise bad_path("path segment longer than 255 bytes")
-    return parts
-
-
-def resolve(job_dir: Path, parts: list[str]) -> Path:
-    """The real location of parts inside job_dir; 400 if symlinks lead outside it.
-
-    A missing tail is fine (realpath keeps it as given), so this serves uploads too.
-    """
-    base = os.path.realpath(job_dir)
-    target = os.path.realpath(os.path.join(base, *parts)) if parts else base
-    if target != base and not target.startswith(base + os.sep):
-        raise bad_path("path leads outside the job folder")
-    return Path(target)
+    try:
+        return relpath_segments(raw, allow_empty=allow_empty)
+    except InvalidPath as e:
+        raise bad_path(f"invalid path: {e}") from None
 
 
 def unsafe_url_path(path: str) -> bool:

@@ -19,9 +19,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from email.utils import formatdate
 
-from anyio import to_thread
+from starlette.datastructures import Headers
 from starlette.types import Receive, Scope, Send
 
+from batchingest.api.common import run_blocking
 from batchingest.api.errors import ApiError
 
 WRITE_CHUNK = 4 << 20
@@ -65,6 +66,15 @@ def expected_sha256(header: str | None) -> bytes | None:
 
 def too_large(limit: int) -> ApiError:
     return ApiError(413, "PayloadTooLarge", f"uploads are limited to {limit} bytes")
+
+
+def check_length(header: str | None, max_upload: int) -> None:
+    """413 at once for a declared Content-Length over the limit (any number of digits)."""
+    if not max_upload or header is None or not header.isdigit():
+        return
+    digits = header.lstrip("0") or "0"
+    if len(digits) > 19 or int(digits) > max_upload:
+        raise too_large(max_upload)
 
 
 def _hash_all(hasher: hashlib._Hash, parts: list[bytes]) -> None:
@@ -144,6 +154,14 @@ def etag_of(st: os.stat_result) -> str:
 
 
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+# More digits than any file size can have: such a number is read as "beyond any end"
+# rather than converted (int() refuses numbers of thousands of digits).
+_MAX_DIGITS = 19
+
+
+def _number(digits: str, size: int) -> int:
+    digits = digits.lstrip("0") or "0"
+    return int(digits) if len(digits) <= _MAX_DIGITS else size + (1 << 63)
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
@@ -159,35 +177,69 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
         return None
     first, last = m.group(1), m.group(2)
     if first:
-        start = int(first)
-        end = min(int(last) + 1, size) if last else size
-        if last and int(last) < start:
+        start = _number(first, size)
+        end = min(_number(last, size) + 1, size) if last else size
+        if last and _number(last, size) < start:
             return None
     else:
-        start, end = max(size - int(last), 0), size
-        if int(last) == 0:
+        suffix = _number(last, size)
+        start, end = max(size - suffix, 0), size
+        if suffix == 0:
             start = size
     if start >= size:
         raise ApiError(
             416,
             "RangeNotSatisfiable",
-            f"range {header.strip()!r} is outside the file of {size} bytes",
+            f"range {header.strip()[:100]!r} is outside the file of {size} bytes",
             headers={"Content-Range": f"bytes */{size}"},
         )
     return start, end
 
 
 class FileBody:
-    """An ASGI response streaming [start, end) of an open file descriptor, then closing it."""
+    """A regular file sent over HTTP, as Starlette's FileResponse: validators (ETag,
+    Last-Modified), If-None-Match, Range and If-Range, HEAD, and the body streamed from
+    an open descriptor, which this closes when done.
 
-    def __init__(
-        self, fd: int, status: int, headers: list[tuple[bytes, bytes]], start: int, end: int
-    ) -> None:
+    It works on the descriptor only, so what is sent is the file that was opened and
+    checked, whatever happens to its name meanwhile.
+    """
+
+    def __init__(self, fd: int, st: os.stat_result, request: Headers) -> None:
         self.fd = fd
-        self.status = status
-        self.headers = headers
-        self.start = start
-        self.end = end
+        etag = etag_of(st)
+        self.headers = [
+            (b"content-type", b"application/octet-stream"),
+            (b"etag", etag.encode()),
+            (b"last-modified", http_date(st.st_mtime).encode()),
+            (b"accept-ranges", b"bytes"),
+        ]
+        self.start = self.end = 0
+        if etag in (request.get("if-none-match") or ""):
+            self.status = 304
+            return
+        size = st.st_size
+        byte_range = None
+        if_range = request.get("if-range")
+        if if_range is None or if_range.strip() == etag:
+            byte_range = parse_range(request.get("range"), size)
+        if byte_range is None:
+            self.start, self.end, self.status = 0, size, 200
+        else:
+            self.start, self.end = byte_range
+            self.status = 206
+            content_range = f"bytes {self.start}-{self.end - 1}/{size}"
+            self.headers.append((b"content-range", content_range.encode()))
+        self.headers.append((b"content-length", str(self.end - self.start).encode()))
+
+    @classmethod
+    def open(cls, fd: int, st: os.stat_result, request: Headers) -> FileBody:
+        """The response for fd; fd is closed here if the request cannot be answered (416)."""
+        try:
+            return cls(fd, st, request)
+        except BaseException:
+            os.close(fd)
+            raise
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -215,7 +267,7 @@ class FileBody:
             offset = self.start
             n = min(READ_CHUNK, self.end - offset)
             nxt: asyncio.Future[bytes] = asyncio.ensure_future(
-                to_thread.run_sync(os.pread, self.fd, n, offset)
+                run_blocking(os.pread, self.fd, n, offset)
             )
             while True:
                 data = await nxt
@@ -225,7 +277,7 @@ class FileBody:
                 more = offset < self.end
                 if more:
                     n = min(READ_CHUNK, self.end - offset)
-                    nxt = asyncio.ensure_future(to_thread.run_sync(os.pread, self.fd, n, offset))
+                    nxt = asyncio.ensure_future(run_blocking(os.pread, self.fd, n, offset))
                 await send({"type": "http.response.body", "body": data, "more_body": more})
                 if not more or gone.is_set():
                     if more:

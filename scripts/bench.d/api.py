@@ -14,6 +14,11 @@ measures, medians of several runs:
 
 Environment: BENCH_RUNS (default 3), BENCH_SIZE_MIB (default 1024), BENCH_DIR (where the
 jobs root and the test file go; default the system temp folder).
+
+Wall-clock figures swing with whatever else the machine runs; the service's own CPU
+seconds per GiB moved (from /proc/PID/stat) hardly do, so they are printed too. To
+compare two versions in one sitting, run this twice, once with `PYTHONPATH=/other/tree`:
+the service subprocess then runs that tree's code.
 """
 
 from __future__ import annotations
@@ -62,6 +67,12 @@ def peak_rss_mb(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def service_cpu(pid: int) -> float:
+    """User + system CPU seconds the process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def make_file(path: Path, size: int) -> None:
@@ -139,11 +150,14 @@ def transfers(svc: Service, work: Path) -> dict[str, object]:
     peer = RawPeer(src)
     raw_url = f"http://127.0.0.1:{peer.port}/x"
     cp_up, up, raw_up, cp_down, down, raw_down, down_null = [], [], [], [], [], [], []
+    up_cpu, down_cpu = [], []
     can_reset = reset_peak(pid)
     for _ in range(RUNS):
         cp_up.append(timed(["cp", str(src), str(work / "copy.bin")]))
         (work / "copy.bin").unlink()
+        before = service_cpu(pid)
         up.append(timed([*curl, "-o", "/dev/null", "-T", str(src), url]))
+        up_cpu.append(service_cpu(pid) - before)
         raw_up.append(timed([*curl, "-o", "/dev/null", "-T", str(src), raw_url]))
     up_rss = peak_rss_mb(pid)
     reset_peak(pid)
@@ -152,7 +166,9 @@ def transfers(svc: Service, work: Path) -> dict[str, object]:
         (work / "copy.bin").unlink()
         down.append(timed([*curl, "-o", str(work / "down.bin"), url]))
         (work / "down.bin").unlink()
+        before = service_cpu(pid)
         down_null.append(timed([*curl, "-o", "/dev/null", url]))
+        down_cpu.append(service_cpu(pid) - before)
         raw_down.append(timed([*curl, "-o", str(work / "down.bin"), raw_url]))
         (work / "down.bin").unlink()
     down_rss = peak_rss_mb(pid)
@@ -168,6 +184,8 @@ def transfers(svc: Service, work: Path) -> dict[str, object]:
         "raw_down": statistics.median(raw_down),
         "down_null": statistics.median(down_null),
         "mib": mib,
+        "up_cpu": statistics.median(up_cpu) * 1024 / mib,
+        "down_cpu": statistics.median(down_cpu) * 1024 / mib,
         "up_rss": up_rss,
         "down_rss": down_rss,
         "rss_note": "" if can_reset else " (peak since start)",
@@ -295,6 +313,10 @@ def main() -> None:
     print(
         f"| floor: `curl -o` from sendfile(2) | {rate(t['raw_down'])} | "
         f"{float(t['cp_down']) / float(t['raw_down']):.2f}x cp |  |"  # type: ignore[arg-type]
+    )
+    print(
+        f"| service CPU per GiB, upload / download | {t['up_cpu']:.2f} / {t['down_cpu']:.2f} s"
+        " | steadier than wall-clock on a busy machine | |"
     )
     print(f"| peak RSS during uploads{t['rss_note']} | {t['up_rss']:.0f} MB | | < 150 MB |")
     print(f"| peak RSS during downloads{t['rss_note']} | {t['down_rss']:.0f} MB | | < 150 MB |")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import ctypes
 import hashlib
 import http.client
 import json
@@ -22,7 +23,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from service import TOKEN, Service, wait_for, write_task
+from service import TOKEN, Service, copies_in_flight, wait_for, write_task
+
+from batchingest.api.upload import sweep_uploads
+from batchingest.store import Store
 
 pytestmark = pytest.mark.e2e
 
@@ -52,6 +56,12 @@ def raw_request(
 
 def hidden(folder: Path) -> list[str]:
     return sorted(n for n in os.listdir(folder) if n.startswith(".") and n != ".lock")
+
+
+def upload_in_flight(job: Path) -> list[str]:
+    """An upload's temporary file in a job folder: unnamed (O_TMPFILE, seen as an open
+    deleted file in /proc) or a hidden named one."""
+    return copies_in_flight(job) + hidden(job)
 
 
 def chunks(data: bytes, size: int = 1 << 20) -> Iterator[bytes]:
@@ -123,6 +133,7 @@ def test_every_response_has_a_request_id(api: Service) -> None:
 def test_bearer_token_file_and_logs(root: Path, tmp_path: Path) -> None:
     tokens = tmp_path / "tokens"
     tokens.write_text("# clients\nfile-secret-1\nfile-secret-2\n")
+    tokens.chmod(0o640)  # a group may read it (root:ingest), others may not
     with Service(
         root,
         "--no-processor",
@@ -206,35 +217,39 @@ class SlowUpload:
         self.sock.close()
 
 
-def test_dropped_connection_leaves_no_partial_file(api: Service, root: Path) -> None:
-    with api.client() as c:
+@pytest.mark.parametrize("unnamed", ["1", "0"])
+def test_dropped_connection_leaves_no_partial_file(root: Path, unnamed: str) -> None:
+    env = {"BATCHINGEST_UPLOAD_UNNAMED": unnamed}
+    with Service(root, "--no-processor", env=env) as api, api.client() as c:
         c.put("/jobs/j")
         c.put("/jobs/j/files/sub/f", content=b"previous")
-    folder = root / "data" / "j" / "sub"
-    up = SlowUpload(api, "/jobs/j/files/sub/f", 50 << 20)
-    up.send(os.urandom(9 << 20))
-    wait_for(lambda: hidden(folder), what="the hidden temporary file")
-    up.close()
-    wait_for(lambda: not hidden(folder), what="the temporary file to be removed")
-    assert os.listdir(folder) == ["f"]
-    assert (folder / "f").read_bytes() == b"previous"
-    # a new file that never completes leaves nothing at all
-    up = SlowUpload(api, "/jobs/j/files/sub/new", 1000)
-    up.send(b"x" * 10)
-    time.sleep(0.2)
-    up.close()
-    with api.client() as c:
+        job = root / "data" / "j"
+        folder = job / "sub"
+        up = SlowUpload(api, "/jobs/j/files/sub/f", 50 << 20)
+        up.send(os.urandom(9 << 20))
+        wait_for(lambda: upload_in_flight(job), what="the upload's temporary file")
+        assert bool(hidden(job)) == (unnamed == "0")  # unnamed: not even a hidden name
+        up.close()
+        wait_for(lambda: not upload_in_flight(job), what="the temporary file to be gone")
+        assert os.listdir(folder) == ["f"]
+        assert (folder / "f").read_bytes() == b"previous"
+        # a new file that never completes leaves nothing at all
+        up = SlowUpload(api, "/jobs/j/files/sub/new", 1000)
+        up.send(b"x" * 10)
+        wait_for(lambda: upload_in_flight(job), what="the upload's temporary file")
+        up.close()
         assert c.get("/jobs/j/files/sub").json() == ["f"]
-    wait_for(lambda: sorted(os.listdir(folder)) == ["f"], what="no trace of the upload")
-    # nor do the folders it made for the file
-    up = SlowUpload(api, "/jobs/j/files/sub/new/deep/g.txt", 1000)
-    up.send(b"x" * 10)
-    wait_for(lambda: (folder / "new" / "deep").is_dir(), what="the upload's folders")
-    up.close()
-    wait_for(lambda: sorted(os.listdir(folder)) == ["f"], what="no folders left by the upload")
-    with api.client() as c:
+        wait_for(lambda: not upload_in_flight(job), what="no trace of the upload")
+        # nor folders: they are made when the file is complete, not before
+        up = SlowUpload(api, "/jobs/j/files/sub/new/deep/g.txt", 1000)
+        up.send(b"x" * 10)
+        wait_for(lambda: upload_in_flight(job), what="the upload's temporary file")
+        assert not (folder / "new").exists()
+        up.close()
+        wait_for(lambda: not upload_in_flight(job), what="no trace of the upload")
+        assert sorted(os.listdir(folder)) == ["f"]
         assert c.get("/jobs/j/files").json() == ["sub"]
-        assert c.get("/jobs/j/files/sub").json() == ["f"]
+        assert hidden(job) == []
     assert "Traceback" not in api.log()
 
 
@@ -243,7 +258,7 @@ def test_job_queued_during_upload_is_409(api: Service, root: Path) -> None:
         c.put("/jobs/j")
         up = SlowUpload(api, "/jobs/j/files/f", 2 << 20)
         up.send(b"a" * (1 << 20))
-        wait_for(lambda: hidden(root / "data" / "j"), what="the upload to start")
+        wait_for(lambda: upload_in_flight(root / "data" / "j"), what="the upload to start")
         assert c.post("/jobs/j/queue").status_code == 202
         up.send(b"b" * (1 << 20))
         status, body = up.response()
@@ -373,3 +388,203 @@ def test_upload_waits_for_a_brief_holder_instead_of_409(api: Service, root: Path
         assert r.status_code == 201, r.text
         assert time.monotonic() - t0 >= 0.4
         assert (root / "data" / "j" / "a.txt").read_bytes() == b"a"
+
+
+# -- the trust boundary -------------------------------------------------------------------------
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_RENAME_EXCHANGE = 2
+
+
+def exchange(a: Path, b: Path) -> None:
+    """renameat2(RENAME_EXCHANGE): swap two names atomically, as a local attacker would."""
+    if _libc.renameat2(-100, os.fsencode(a), -100, os.fsencode(b), _RENAME_EXCHANGE) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def snapshot(folder: Path) -> dict[str, bytes | None]:
+    found: dict[str, bytes | None] = {}
+    for dirpath, dirnames, filenames in os.walk(folder):
+        for name in dirnames:
+            found[os.path.relpath(os.path.join(dirpath, name), folder)] = None
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            found[os.path.relpath(path, folder)] = Path(path).read_bytes()
+    return found
+
+
+class Swapper(threading.Thread):
+    """Swaps a job's real subfolder with a link to an outside folder, over and over."""
+
+    def __init__(self, a: Path, b: Path) -> None:
+        super().__init__(daemon=True)
+        self.a, self.b = a, b
+        self.stop = threading.Event()
+        self.swaps = 0
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            exchange(self.a, self.b)
+            self.swaps += 1
+
+
+N_VICTIMS = 50
+
+
+def test_rename_exchange_race_never_escapes(root: Path, tmp_path: Path) -> None:
+    """Finding 3: a folder swapped for a link to the outside mid-request (rename exchange)
+    made uploads land outside the job, reads return outside files and deletes remove
+    them. Uploads, reads, listings and deletes (also recursive) race a swapping thread
+    for a few seconds: nothing outside may be written, read, listed or removed."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_bytes(b"OUTSIDE")
+    (outside / "only-outside").write_bytes(b"")
+    for i in range(N_VICTIMS):
+        (outside / f"victim-{i}").write_bytes(b"outside victim")
+        (outside / f"dir-{i}").mkdir()
+        (outside / f"dir-{i}" / "f").write_bytes(b"outside tree")
+    before = snapshot(outside)
+    with Service(root, "--no-processor") as svc, svc.client() as c:
+        assert c.put("/jobs/j").status_code == 201
+        job = root / "data" / "j"
+        sub = job / "sub"
+        sub.mkdir()
+        (sub / "secret").write_bytes(b"inside")
+        for i in range(N_VICTIMS):
+            (sub / f"victim-{i}").write_bytes(b"inside victim")
+            (sub / f"dir-{i}").mkdir()
+            (sub / f"dir-{i}" / "f").write_bytes(b"inside tree")
+        os.symlink(outside, job / "alt")
+        try:
+            exchange(sub, job / "alt")
+        except OSError as e:
+            pytest.skip(f"no RENAME_EXCHANGE here: {e}")
+        exchange(sub, job / "alt")
+        results = race(svc, Swapper(sub, job / "alt"), seconds=4)
+        if sub.is_symlink():
+            exchange(sub, job / "alt")
+    assert snapshot(outside) == before, "something outside the job changed"
+    statuses = [status for _, status, _ in results]
+    assert len(results) >= 200, len(results)
+    assert set(statuses) <= {200, 201, 204, 400, 404, 409}, sorted(set(statuses))
+    for op, status, body in results:
+        if op == "read" and status == 200:
+            assert body == b"inside"
+        if op == "list" and status == 200:
+            assert b"only-outside" not in body
+    ok = {op for op, status, _ in results if status < 300}
+    assert ok == set(OPS)
+    assert 400 in statuses  # the link was met, and refused
+    # every upload that succeeded is in the job (under whichever name the folder had)
+    uploaded = {n.decode() for op, status, n in results if op == "upload" and status == 201}
+    landed = {p.name for folder in (sub, job / "alt") if not folder.is_symlink()
+              for p in folder.iterdir() if p.name.startswith("up-")}  # fmt: skip
+    assert uploaded <= landed
+
+
+OPS = ("upload", "read", "list", "delete", "delete-tree")
+
+
+def one_request(c: httpx.Client, op: str, n: str, v: int) -> httpx.Response:
+    if op == "upload":
+        return c.put(f"/jobs/j/files/sub/up-{n}", content=b"up")
+    if op == "read":
+        return c.get("/jobs/j/files/sub/secret")
+    if op == "list":
+        return c.get("/jobs/j/files/sub")
+    if op == "delete":
+        return c.delete(f"/jobs/j/files/sub/victim-{v}")
+    return c.delete(f"/jobs/j/files/sub/dir-{v}?recursive=1")
+
+
+def race(svc: Service, swapper: Swapper, seconds: float) -> list[tuple[str, int, bytes]]:
+    results: list[tuple[str, int, bytes]] = []
+    deadline = time.monotonic() + seconds
+
+    def client(tid: int) -> None:
+        with svc.client() as c:
+            i = 0
+            while time.monotonic() < deadline:
+                op = OPS[(i + tid) % len(OPS)]
+                r = one_request(c, op, f"{tid}-{i}", i % N_VICTIMS)
+                body = f"up-{tid}-{i}".encode() if op == "upload" else r.content
+                results.append((op, r.status_code, body))
+                i += 1
+
+    threads = [threading.Thread(target=client, args=(t,)) for t in range(4)]
+    swapper.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(seconds + 60)
+    swapper.stop.set()
+    swapper.join(10)
+    assert swapper.swaps > 100, swapper.swaps
+    return results
+
+
+@pytest.mark.parametrize("unnamed", ["1", "0"])
+def test_killed_upload_leaves_nothing_or_a_swept_temporary(root: Path, unnamed: str) -> None:
+    """Finding 7: after kill -9, `.upload-*` temporaries stayed for ever. An unnamed
+    temporary vanishes with the process; a named one is removed by sweep_uploads."""
+    svc = Service(root, "--no-processor", env={"BATCHINGEST_UPLOAD_UNNAMED": unnamed}).start()
+    job = root / "data" / "j"
+    try:
+        with svc.client() as c:
+            c.put("/jobs/j")
+            c.put("/jobs/j/files/f", content=b"previous")
+        up = SlowUpload(svc, "/jobs/j/files/f", 50 << 20)
+        up.send(os.urandom(4 << 20))
+        wait_for(lambda: upload_in_flight(job), what="the upload's temporary file")
+        if unnamed == "0":
+            # a live upload's temporary is never swept
+            assert sweep_uploads(Store(root), min_age=0) == 0
+            assert hidden(job)
+        svc.kill()
+        up.close()
+    finally:
+        svc.stop()
+    leftovers = hidden(job)
+    if unnamed == "1":
+        assert leftovers == []
+    else:
+        assert leftovers and all(n.startswith(".upload-") for n in leftovers)
+    assert sweep_uploads(Store(root), min_age=0) == len(leftovers)
+    assert hidden(job) == []
+    assert os.listdir(job) in (["f"], ["f", ".lock"], [".lock", "f"])
+    assert (job / "f").read_bytes() == b"previous"
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o620])
+def test_exposed_generated_token_is_refused(root: Path, mode: int) -> None:
+    """Finding 7: a 0644 ROOT/.api-token was adopted without a word."""
+    path = root / ".api-token"
+    path.write_text("maybe-leaked-token\n")
+    path.chmod(mode)
+    svc = Service(root, "--no-processor", env={"BATCHINGEST_TOKENS": ""})
+    svc.start(wait=False)
+    assert svc.proc is not None
+    assert svc.proc.wait(30) == 2
+    svc.stop()
+    assert f"token file {path} is open to others (mode {mode:04o})" in svc.log()
+    assert "chmod 600" in svc.log() and "Traceback" not in svc.log()
+    assert "maybe-leaked-token" not in svc.log()
+    path.chmod(0o600)
+    with Service(root, "--no-processor", env={"BATCHINGEST_TOKENS": ""}) as ok:
+        r = httpx.get(ok.url + "/jobs", headers={"X-Api-Token": "maybe-leaked-token"})
+        assert r.status_code == 200
+
+
+def test_token_file_others_may_read_is_refused(root: Path, tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("file-secret\n")
+    tokens.chmod(0o644)
+    svc = Service(root, "--no-processor", "--token-file", str(tokens))
+    svc.start(wait=False)
+    assert svc.proc is not None
+    assert svc.proc.wait(30) == 2
+    svc.stop()
+    assert f"token file {tokens} is open to others (mode 0644)" in svc.log()
+    assert "file-secret" not in svc.log()

@@ -1,0 +1,49 @@
+"""Helpers every route module shares: JSON responses, finding a job, one route per path,
+and the one way to run blocking work off the event loop."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from anyio import to_thread
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from batchingest.api.errors import ApiError
+from batchingest.store import Job, Store
+
+T = TypeVar("T")
+
+# Jobs whose files the API will not change: a processor may be about to run them.
+BUSY_STATES = ("queue", "processing")
+
+
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    body = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
+    return Response(body, status, headers, media_type="application/json")
+
+
+def find_job(store: Store, name: str) -> Job:
+    job = store.find(name)
+    if job is None:
+        raise ApiError(404, "JobNotFound", f"no job named {name!r}")
+    return job
+
+
+async def run_blocking(fn: Callable[..., T], *args: Any) -> T:
+    """Run fn(*args) on a worker thread: file-system work that may take a while (a big
+    folder listed or removed, a file flushed) must not stall every other request."""
+    return await to_thread.run_sync(fn, *args)
+
+
+def by_method(path: str, handlers: dict[str, Any]) -> Route:
+    """One route per path, so a 405 lists every method the path allows."""
+
+    async def dispatch(request: Request) -> Any:
+        method = "GET" if request.method == "HEAD" else request.method
+        return await handlers[method](request)
+
+    return Route(path, dispatch, methods=list(handlers))
