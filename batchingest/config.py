@@ -51,6 +51,12 @@ class Config:
     stage_verify: bool = False
     staging_max_ids: int = 10_000
     log_level: str = "info"
+    # readiness (GET /readyz) and HTTP connection limits
+    min_free: int = 1 << 30
+    max_connections: int = 256
+    header_timeout: float = 10.0
+    max_header_size: int = 64 << 10
+    keep_alive: float = 5.0
 
     @property
     def tasks_dir(self) -> Path:
@@ -102,6 +108,29 @@ def _seconds(value: str) -> float:
     return s
 
 
+_SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _size(value: str) -> int:
+    """Bytes, or with a binary suffix: 512K, 100M, 1G, 2T."""
+    v = value.strip().upper().removesuffix("B").removesuffix("I")
+    number, suffix = (v[:-1], v[-1]) if v and v[-1] in _SIZE_SUFFIXES else (v, "")
+    try:
+        n = int(number) * _SIZE_SUFFIXES[suffix]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size in bytes (e.g. 512M, 1G): {value}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {value}")
+    return n
+
+
+def _positive_seconds(value: str) -> float:
+    s = _seconds(value)
+    if not 0 < s < 1e9:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, and finite: {value}")
+    return s
+
+
 def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
@@ -135,6 +164,11 @@ _OPTIONS: list[tuple[str, object, object, str]] = [
     ("stage-verify", bool, False, "compare SHA-256 of source and copy when staging"),
     ("staging-max-ids", _positive_int, 10_000, "most ids in one staging request"),
     ("log-level", str, "info", "debug, info, warning or error"),
+    ("min-free", _size, 1 << 30, "GET /readyz fails below this much free space in the root (1G)"),
+    ("max-connections", _positive_int, 256, "open HTTP connections at most; more get 503"),
+    ("header-timeout", _positive_seconds, 10.0, "seconds a request line and headers may take"),
+    ("max-header-size", _size, 64 << 10, "largest request line and headers, bytes (64K)"),
+    ("keep-alive", _positive_seconds, 5.0, "seconds an idle keep-alive connection stays open"),
 ]
 
 

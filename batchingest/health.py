@@ -11,13 +11,21 @@ expect my next beat within 60 s". A loop that stops on purpose calls `retire(nam
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 log = logging.getLogger("batchingest.health")
+
+# how long one probe of the root may take before the root counts as not responding
+PROBE_TIMEOUT = 5.0
+# answers within this many seconds reuse the last probe, so a busy poller costs nothing
+PROBE_CACHE = 1.0
 
 
 class Progress:
@@ -61,3 +69,87 @@ class Backoff:
 
     def reset(self) -> None:
         self.failures = 0
+
+
+def probe_root(probe: Path, root: Path, min_free: int) -> list[str]:
+    """Why the root cannot take jobs now ([] if it can): not writable, or too little space.
+
+    Creates and removes the hidden file `probe` (hidden names are the service's own, so
+    no listing or processor ever sees it).
+    """
+    reasons = []
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.write(fd, b"ok\n")
+        finally:
+            os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        reasons.append(f"jobs root {root} is not writable: {e.strerror or e}")
+    try:
+        st = os.statvfs(root)
+    except OSError as e:
+        reasons.append(f"cannot read the free space of {root}: {e.strerror or e}")
+    else:
+        free = st.f_bavail * st.f_frsize
+        if free < min_free:
+            reasons.append(f"{free} bytes free in {root}, below --min-free {min_free}")
+    return reasons
+
+
+class Readiness:
+    """The answer of GET /readyz: the reasons the service is not ready ([] when ready).
+
+    The file-system probe runs in a thread, at most one at a time, and is given
+    PROBE_TIMEOUT seconds: a hung NFS server makes the service "not ready", it never
+    blocks the event loop or piles up threads.
+    """
+
+    def __init__(self, root: Path, probe: Path, min_free: int, progress: Progress) -> None:
+        self.root = root
+        self.probe = probe
+        self.min_free = min_free
+        self.progress = progress
+        self._probing: asyncio.Future[list[str]] | None = None
+        self._last: tuple[float, list[str]] | None = None
+        self._was_ready: bool | None = None
+
+    async def reasons(self) -> list[str]:
+        reasons = [f"{name} is not making progress" for name in self.progress.stale()]
+        reasons += await self._probe()
+        self._report(reasons)
+        return reasons
+
+    async def _probe(self) -> list[str]:
+        now = time.monotonic()
+        if self._last is not None and now - self._last[0] < PROBE_CACHE:
+            return self._last[1]
+        if self._probing is None:
+            self._probing = asyncio.ensure_future(
+                asyncio.to_thread(probe_root, self.probe, self.root, self.min_free)
+            )
+            self._probing.add_done_callback(self._probed)
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._probing), PROBE_TIMEOUT)
+        except TimeoutError:
+            return [f"jobs root {self.root} does not respond (probe still running)"]
+
+    def _probed(self, future: asyncio.Future[list[str]]) -> None:
+        self._probing = None
+        if future.cancelled():
+            return
+        error = future.exception()
+        result = [f"probing {self.root} failed: {error}"] if error else future.result()
+        self._last = (time.monotonic(), result)
+
+    def _report(self, reasons: list[str]) -> None:
+        """Log when readiness changes, with the reasons (the HTTP answer has none)."""
+        ready = not reasons
+        if ready == self._was_ready:
+            return
+        self._was_ready = ready
+        if ready:
+            log.info("ready")
+        else:
+            log.warning("not ready: %s", "; ".join(reasons))
