@@ -16,9 +16,12 @@ import logging
 import os
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from batchingest.store import Store
 
 log = logging.getLogger("batchingest.health")
 
@@ -107,6 +110,7 @@ class Readiness:
     """
 
     def __init__(self, root: Path, probe: Path, min_free: int, progress: Progress) -> None:
+        """`probe` is a hidden file name in root, used by this instance only."""
         self.root = root
         self.probe = probe
         self.min_free = min_free
@@ -114,6 +118,12 @@ class Readiness:
         self._probing: asyncio.Future[list[str]] | None = None
         self._last: tuple[float, list[str]] | None = None
         self._was_ready: bool | None = None
+
+    @classmethod
+    def for_store(cls, store: Store, min_free: int, progress: Progress) -> Readiness:
+        # a probe name of its own: services sharing a root must not remove each other's
+        probe = store.service_path(f"readyz-{uuid.uuid4().hex[:12]}")
+        return cls(store.root, probe, min_free, progress)
 
     async def reasons(self) -> list[str]:
         reasons = [f"{name} is not making progress" for name in self.progress.stale()]

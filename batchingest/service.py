@@ -80,7 +80,7 @@ async def serve(cfg: Config) -> None:
     # the heartbeats /readyz looks at: the processor beats "processor"; any other loop
     # joins with progress.beat(name, within=seconds)
     progress = Progress()
-    readiness = Readiness(store.root, store.service_path("readyz"), cfg.min_free, progress)
+    readiness = Readiness.for_store(store, cfg.min_free, progress)
 
     runners: list[asyncio.Task[None]] = []
     server: uvicorn.Server | None = None

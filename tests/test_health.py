@@ -70,7 +70,7 @@ def setup(root: Path) -> tuple[Config, Store, Progress]:
 
 
 def app_for(cfg: Config, store: Store, progress: Progress) -> object:
-    readiness = Readiness(store.root, store.service_path("readyz"), cfg.min_free, progress)
+    readiness = Readiness.for_store(store, cfg.min_free, progress)
     return create_app(cfg, store, readiness)
 
 
@@ -119,3 +119,12 @@ def test_readyz_fails_when_the_root_is_not_writable(
     reply = ready(app_for(*setup))
     assert reply.status_code == 503
     assert "is not writable" in caplog.text
+
+
+def test_each_readiness_probes_with_a_file_of_its_own(root: Path) -> None:
+    """Two services sharing a root must not remove each other's probe mid-probe."""
+    store = Store(root)
+    a = Readiness.for_store(store, 0, Progress())
+    b = Readiness.for_store(store, 0, Progress())
+    assert a.probe != b.probe
+    assert a.probe.parent == b.probe.parent == root and a.probe.name.startswith(".")

@@ -208,7 +208,7 @@ def create_app(cfg: Config, store: Store, readiness: Readiness | None = None) ->
     """The app; `readiness` is the service's (with its loops' heartbeats) if given."""
     _larger_body_buffer()
     if readiness is None:
-        readiness = Readiness(store.root, store.service_path("readyz"), cfg.min_free, Progress())
+        readiness = Readiness.for_store(store, cfg.min_free, Progress())
     checker = auth.TokenChecker(auth.load_tokens(cfg, store))
     staging_routes, staging_paths = _staging_routes(cfg, store)
     spec = openapi.spec(__version__, staging_paths)
