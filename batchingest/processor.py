@@ -111,6 +111,11 @@ class Scheduler:
         with self._cond:
             self._paused_until = max(self._paused_until, self._clock() + seconds)
 
+    def paused_for(self) -> float:
+        """Seconds the current pause still lasts (0 if none)."""
+        with self._cond:
+            return max(0.0, self._paused_until - self._clock())
+
     def take(self) -> str | None:
         """The next queued name for this worker, oldest first; None once closed."""
         while True:
@@ -374,6 +379,9 @@ class Processor:
 
     def _trouble(self, e: BaseException) -> float:
         """The process is out of resources: claim nothing for a while, longer each time."""
+        delay = self.scheduler.paused_for()
+        if delay > 0:
+            return delay  # the same shortage seen by another worker: one pause counts once
         delay = self._resources.failed()
         log.warning("out of resources (%s): taking no new job for %.1fs", e, delay)
         self.scheduler.pause(delay)

@@ -129,8 +129,10 @@ def test_pause_hands_out_nothing_until_it_ends() -> None:
     clock = Clock()
     s = Scheduler(Listing("a"), clock)
     s.pause(10)
+    assert s.paused_for() == 10
     assert take_now(s) is None
     clock.now += 11
+    assert s.paused_for() == 0
     s = _reopened(s)
     assert s.take() == "a"
 
