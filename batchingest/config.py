@@ -124,6 +124,13 @@ def _size(value: str) -> int:
     return n
 
 
+def _header_size(value: str) -> int:
+    n = _size(value)
+    if n < 1024:
+        raise argparse.ArgumentTypeError(f"must be at least 1K, or no request fits: {value}")
+    return n
+
+
 def _positive_seconds(value: str) -> float:
     s = _seconds(value)
     if not 0 < s < 1e9:
@@ -167,7 +174,7 @@ _OPTIONS: list[tuple[str, object, object, str]] = [
     ("min-free", _size, 1 << 30, "GET /readyz fails below this much free space in the root (1G)"),
     ("max-connections", _positive_int, 256, "open HTTP connections at most; more get 503"),
     ("header-timeout", _positive_seconds, 10.0, "seconds a request line and headers may take"),
-    ("max-header-size", _size, 64 << 10, "largest request line and headers, bytes (64K)"),
+    ("max-header-size", _header_size, 64 << 10, "largest request line and headers, bytes (64K)"),
     ("keep-alive", _positive_seconds, 5.0, "seconds an idle keep-alive connection stays open"),
 ]
 

@@ -128,3 +128,26 @@ def test_each_readiness_probes_with_a_file_of_its_own(root: Path) -> None:
     b = Readiness.for_store(store, 0, Progress())
     assert a.probe != b.probe
     assert a.probe.parent == b.probe.parent == root and a.probe.name.startswith(".")
+
+
+def test_the_health_and_limit_options(tmp_path: Path) -> None:
+    from batchingest.config import parse_serve_args
+
+    cfg = parse_serve_args(["--root", str(tmp_path)], environ={})
+    assert (cfg.min_free, cfg.max_connections, cfg.max_header_size) == (1 << 30, 256, 64 << 10)
+    assert (cfg.header_timeout, cfg.keep_alive) == (10.0, 5.0)
+    env = {"BATCHINGEST_MIN_FREE": "512M", "BATCHINGEST_HEADER_TIMEOUT": "2.5"}
+    cfg = parse_serve_args(
+        ["--root", str(tmp_path), "--max-header-size", "16K", "--max-connections", "9"], env
+    )
+    assert (cfg.min_free, cfg.header_timeout) == (512 << 20, 2.5)
+    assert (cfg.max_header_size, cfg.max_connections) == (16 << 10, 9)
+    for bad in (
+        ["--min-free", "lots"],
+        ["--max-header-size", "100"],
+        ["--header-timeout", "0"],
+        ["--keep-alive", "inf"],
+        ["--max-connections", "0"],
+    ):
+        with pytest.raises(SystemExit):
+            parse_serve_args(["--root", str(tmp_path), *bad], environ={})
