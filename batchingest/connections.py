@@ -27,6 +27,7 @@ import asyncio
 import json
 import logging
 import resource
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,6 +87,18 @@ TOO_LARGE = _response(431, "Request Header Fields Too Large", "HeadersTooLarge",
                       "the request line and headers are too large")  # fmt: skip
 
 
+# a flood must not flood the log too: one line per this many seconds
+WARN_EVERY = 60.0
+_last_warning = [-WARN_EVERY]
+
+
+def _warn_refusing(limit: int) -> None:
+    now = time.monotonic()
+    if now - _last_warning[0] >= WARN_EVERY:
+        _last_warning[0] = now
+        log.warning("refusing connections: %d are open (--max-connections)", limit)
+
+
 def limited_protocol(limits: Limits) -> type[asyncio.Protocol]:
     """uvicorn's httptools protocol with `limits`; a fresh class per server (its count)."""
     open_connections = [0]  # shared by the connections of this server
@@ -102,6 +115,7 @@ def limited_protocol(limits: Limits) -> type[asyncio.Protocol]:
             if open_connections[0] >= limits.max_connections:
                 transport.write(TOO_MANY)
                 transport.close()
+                _warn_refusing(limits.max_connections)
                 return  # uvicorn never sees it
             open_connections[0] += 1
             self._counted = True

@@ -106,6 +106,9 @@ def test_connections_over_the_limit_get_503_and_the_rest_is_served(root: Path) -
         time.sleep(0.3)
         status, body = error_of(read_all(connect(svc)))
         assert status == 503 and body["code"] == "TooManyConnections"
+        assert error_of(read_all(connect(svc)))[0] == 503
+        wait_for(lambda: "refusing connections" in svc.log(), 5, what="a log line")
+        assert svc.log().count("refusing connections") == 1
         for s in idle:
             s.close()
 
