@@ -100,72 +100,77 @@ def _warn_refusing(limit: int) -> None:
 
 
 def limited_protocol(limits: Limits) -> type[asyncio.Protocol]:
-    """uvicorn's httptools protocol with `limits`; a fresh class per server (its count)."""
-    open_connections = [0]  # shared by the connections of this server
+    """The protocol class for one server: its limits, and its own connection count."""
+    attrs = {"limits": limits, "open_connections": [0]}
+    return type("LimitedHttpToolsProtocol", (LimitedHttpToolsProtocol,), attrs)
 
-    class LimitedHttpToolsProtocol(HttpToolsProtocol):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self._counted = False
-            self._conn: asyncio.Transport | None = None
-            self._head_timer: asyncio.TimerHandle | None = None
-            self._head_bytes: int | None = 0  # None: not reading a request head
 
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            if open_connections[0] >= limits.max_connections:
-                transport.write(TOO_MANY)
-                transport.close()
-                _warn_refusing(limits.max_connections)
-                return  # uvicorn never sees it
-            open_connections[0] += 1
-            self._counted = True
-            self._conn = transport
-            super().connection_made(transport)
-            self._start_head()
+class LimitedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with Limits; see limited_protocol."""
 
-        def connection_lost(self, exc: Exception | None) -> None:
-            if not self._counted:
-                return
-            self._counted = False
-            open_connections[0] -= 1
-            self._stop_head()
-            super().connection_lost(exc)
+    limits = Limits()
+    open_connections = [0]  # shared by the connections of one server
 
-        def data_received(self, data: bytes) -> None:
-            if not self._counted:
-                return
-            super().data_received(data)
-            if self._head_bytes is not None and self._conn and not self._conn.is_closing():
-                self._head_bytes += len(data)
-                if self._head_bytes > limits.max_header_size:
-                    self._refuse(TOO_LARGE)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._counted = False
+        self._conn: asyncio.Transport | None = None
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._head_bytes: int | None = 0  # None: not reading a request head
 
-        # httptools parser callbacks
-        def on_message_begin(self) -> None:
-            self._start_head()
-            super().on_message_begin()
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        if self.open_connections[0] >= self.limits.max_connections:
+            transport.write(TOO_MANY)
+            transport.close()
+            _warn_refusing(self.limits.max_connections)
+            return  # uvicorn never sees it
+        self.open_connections[0] += 1
+        self._counted = True
+        self._conn = transport
+        super().connection_made(transport)
+        self._start_head()
 
-        def on_headers_complete(self) -> None:
-            self._stop_head()
-            super().on_headers_complete()
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._counted:
+            return
+        self._counted = False
+        self.open_connections[0] -= 1
+        self._stop_head()
+        super().connection_lost(exc)
 
-        def _start_head(self) -> None:
-            if self._head_timer is None:
-                self._head_bytes = 0
-                self._head_timer = asyncio.get_running_loop().call_later(
-                    limits.header_timeout, self._refuse, TOO_SLOW
-                )
+    def data_received(self, data: bytes) -> None:
+        if not self._counted:
+            return
+        super().data_received(data)
+        if self._head_bytes is not None and self._conn and not self._conn.is_closing():
+            self._head_bytes += len(data)
+            if self._head_bytes > self.limits.max_header_size:
+                self._refuse(TOO_LARGE)
 
-        def _stop_head(self) -> None:
-            self._head_bytes = None
-            if self._head_timer is not None:
-                self._head_timer.cancel()
-                self._head_timer = None
+    # httptools parser callbacks
+    def on_message_begin(self) -> None:
+        self._start_head()
+        super().on_message_begin()
 
-        def _refuse(self, answer: bytes) -> None:
-            self._stop_head()
-            if self._conn is not None and not self._conn.is_closing():
-                self._conn.write(answer)
-                self._conn.close()
+    def on_headers_complete(self) -> None:
+        self._stop_head()
+        super().on_headers_complete()
 
-    return LimitedHttpToolsProtocol
+    def _start_head(self) -> None:
+        if self._head_timer is None:
+            self._head_bytes = 0
+            self._head_timer = asyncio.get_running_loop().call_later(
+                self.limits.header_timeout, self._refuse, TOO_SLOW
+            )
+
+    def _stop_head(self) -> None:
+        self._head_bytes = None
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _refuse(self, answer: bytes) -> None:
+        self._stop_head()
+        if self._conn is not None and not self._conn.is_closing():
+            self._conn.write(answer)
+            self._conn.close()
