@@ -92,6 +92,7 @@ class Scheduler:
         self._scan_not_before = 0.0
         self._paused_until = 0.0
         self._closed = False
+        self._idle = 0  # workers waiting for something to take
         self.scan_error: str | None = None  # the last listing failed with this
 
     def wake(self) -> None:
@@ -111,6 +112,16 @@ class Scheduler:
         with self._cond:
             self._paused_until = max(self._paused_until, self._clock() + seconds)
 
+    @property
+    def blind(self) -> bool:
+        """The last listing of queue/ failed and a worker waits for work it cannot see.
+
+        With every worker busy nobody lists queue/, so an old failure is not held
+        against the processor then.
+        """
+        with self._cond:
+            return self.scan_error is not None and self._idle > 0
+
     def paused_for(self) -> float:
         """Seconds the current pause still lasts (0 if none)."""
         with self._cond:
@@ -129,7 +140,11 @@ class Scheduler:
                     wait = self._wait_time()
                     if wait == 0.0:
                         break  # our turn to list queue/
-                    self._cond.wait(wait)
+                    self._idle += 1
+                    try:
+                        self._cond.wait(wait)
+                    finally:
+                        self._idle -= 1
                 self._rescan = False
                 self._scanning = True
             names = self._list()
@@ -234,6 +249,8 @@ class Processor:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Process jobs until stop is set, then stop gracefully (see --grace)."""
+        # expected from now on: a processor that never gets going is not ready either
+        self.progress.beat("processor", self.stale_after)
         helpers = [
             asyncio.create_task(self._watch(stop), name="watch-queue"),
             asyncio.create_task(self._tick(stop), name="poll-queue"),
@@ -328,7 +345,7 @@ class Processor:
     def _beat(self) -> None:
         healthy = (
             not self._failing
-            and self.scheduler.scan_error is None
+            and not self.scheduler.blind
             and all(thread.is_alive() for thread in self._threads)
         )
         if healthy:

@@ -112,6 +112,7 @@ def test_a_failing_listing_is_retried_with_backoff_and_never_raises(
     assert take_now(s) is None  # the error stayed inside
     assert listing.calls == 1
     assert s.scan_error is not None and "Too many open files" in s.scan_error
+    assert not s.blind  # nobody waits for work right now
     assert "listing queue/ failed" in caplog.text
     s = _reopened(s)
     s.wake()
@@ -123,6 +124,18 @@ def test_a_failing_listing_is_retried_with_backoff_and_never_raises(
     s.wake()
     assert s.take() == "a"
     assert s.scan_error is None
+
+
+def test_blind_while_a_worker_waits_and_the_listing_fails() -> None:
+    listing = Listing()
+    listing.error = OSError(5, "Input/output error")
+    s = Scheduler(listing)
+    waiting = threading.Thread(target=s.take, daemon=True)
+    waiting.start()
+    wait_for(lambda: s.blind, 5, what="a blind scheduler")
+    s.close()
+    waiting.join(5)
+    assert not s.blind
 
 
 def test_pause_hands_out_nothing_until_it_ends() -> None:
@@ -230,18 +243,23 @@ def test_jobs_run_in_process(root: Path, running: Running) -> None:
 
 
 def test_a_failing_queue_listing_does_not_kill_the_workers(
-    root: Path, running: Running, caplog: pytest.LogCaptureFixture
+    root: Path, cfg: Config, store: Store, caplog: pytest.LogCaptureFixture
 ) -> None:
     write_task(root / "tasks", "start", "true\n")
     caplog.set_level(logging.WARNING, "batchingest.processor")
-    away = break_folder(root, "queue")
-    wait_for(lambda: "listing queue/ failed" in caplog.text, 10, what="a failed listing")
-    time.sleep(0.5)  # several polls fail meanwhile
-    mend_folder(root, "queue", away)
-    drop(root, "after")
-    assert wait_for(lambda: landed(root, "after"), 20, what="the job after the fault")
-    threads = running.processor._threads
-    assert threads and all(t.is_alive() for t in threads)
+    running = Running(cfg, store)
+    running.processor.stale_after = 0.5
+    with running:
+        away = break_folder(root, "queue")
+        wait_for(lambda: "listing queue/ failed" in caplog.text, 10, what="a failed listing")
+        # idle workers that cannot see queue/: no heartbeat, so /readyz would fail
+        wait_for(lambda: running.progress.stale() == ["processor"], 10, what="a stale beat")
+        mend_folder(root, "queue", away)
+        drop(root, "after")
+        assert wait_for(lambda: landed(root, "after"), 20, what="the job after the fault")
+        threads = running.processor._threads
+        assert threads and all(t.is_alive() for t in threads)
+        wait_for(lambda: running.progress.stale() == [], 40, what="the heartbeat to come back")
     assert running.error is None
 
 
@@ -250,8 +268,9 @@ def test_a_failing_recovery_scan_keeps_the_poll_loop_and_withholds_the_heartbeat
 ) -> None:
     write_task(root / "tasks", "start", "true\n")
     caplog.set_level(logging.WARNING, "batchingest.processor")
-    with Running(cfg, store) as r:
-        r.processor.stale_after = 0.5
+    r = Running(cfg, store)
+    r.processor.stale_after = 0.5
+    with r:
         wait_for(lambda: "processor" in r.progress._due, 5, what="a first heartbeat")
         away = break_folder(root, "processing")
         wait_for(lambda: r.progress.stale() == ["processor"], 10, what="a stale heartbeat")
