@@ -89,6 +89,36 @@ def _dialect(value: str) -> str | None:
     return v
 
 
+_SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _size(value: str) -> int:
+    """Bytes, or with a binary suffix: 512K, 100M, 1G, 2T."""
+    v = value.strip().upper().removesuffix("B").removesuffix("I")
+    number, suffix = (v[:-1], v[-1]) if v and v[-1] in _SIZE_SUFFIXES else (v, "")
+    try:
+        n = int(number) * _SIZE_SUFFIXES[suffix]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size in bytes (e.g. 512M, 1G): {value}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {value}")
+    return n
+
+
+def _header_size(value: str) -> int:
+    n = _size(value)
+    if n < 1024:
+        raise argparse.ArgumentTypeError(f"must be at least 1K, or no request fits: {value}")
+    return n
+
+
+def _positive_seconds(value: str) -> float:
+    s = _seconds(value)
+    if not 0 < s < 1e9:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, and finite: {value}")
+    return s
+
+
 def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
@@ -197,6 +227,23 @@ class Config:
     token_file: Path | None = setting(
         None, "file of API tokens, one per line, # comments", parse=absolute_path, shown="none"
     )
+    # HTTP connection limits (see README, "Running it in production")
+    max_connections: int = setting(
+        256, "open HTTP connections at most; more get 503", parse=_positive_int
+    )
+    header_timeout: float = setting(
+        10.0, "seconds a request line and headers may take", parse=_positive_seconds
+    )
+    max_header_size: int = setting(
+        64 << 10, "largest request line and headers, bytes", parse=_header_size, shown="64K"
+    )
+    keep_alive: float = setting(
+        5.0, "seconds an idle keep-alive connection stays open", parse=_positive_seconds
+    )
+    min_free: int = setting(
+        1 << 30, "GET /readyz fails below this much free space in the root", parse=_size,
+        shown="1G",
+    )  # fmt: skip
     max_upload: int = setting(
         0, "largest accepted upload in bytes", parse=_non_negative_int, shown="0, no limit"
     )
@@ -327,6 +374,9 @@ _METAVARS: dict[Callable[[str], Any], str] = {
     _port: "PORT",
     _csv: "LIST",
     _log_level: "LEVEL",
+    _size: "SIZE",
+    _header_size: "SIZE",
+    _positive_seconds: "SECONDS",
 }
 
 

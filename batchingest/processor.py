@@ -1,65 +1,249 @@
 """The processor: watch queue/, claim jobs, run their task lists, finish them.
 
 Coordination happens on the event loop (waking on file-system events or the poll
-timer, handing names to workers); each job runs in a worker thread, since a job is
-mostly waiting on a child process and a few small synchronous file operations.
+timer); each job runs in a worker thread, since a job is mostly waiting on a child
+process and a few small synchronous file operations. Which queued name a worker takes
+next is the Scheduler's business; a worker then does one job in three steps:
+
+    take      Scheduler.take(): the oldest queued name nobody here works on
+    perform   claim it (rename into processing/), run its tasks, move it out again
+    handle    Scheduler.done(): forget it, or keep it back for a while if it stayed queued
 
 Safety rests on the store: a claim is a rename guarded by the job's lock, so any number
 of processors, on one machine or several, can share a root and each job runs once.
+
+No loop here may die of an error: every step that can fail (listing queue/, recovery,
+claiming, finishing) is caught, logged and retried with back-off, and the heartbeat
+that GET /readyz looks at is withheld while something keeps failing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 
 import watchfiles
 
 from batchingest import jobdir, jobfile
 from batchingest.config import Config
-from batchingest.runner import ControlDir, TaskProcess, base_env, log_line, run_task
-from batchingest.store import Hold, Store
+from batchingest.health import Backoff, Progress
+from batchingest.runner import (
+    CannotSpawn,
+    ControlDir,
+    TaskProcess,
+    TaskResult,
+    base_env,
+    log_line,
+    run_task,
+)
+from batchingest.store import Hold, Job, JobNotFound, Store, StoreError
+
+# The process is out of descriptors, memory or buffers: no fault of the job's. Such a job
+# goes back to queue/ and the processor pauses; no job content can cause these errors.
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+# A finish that keeps failing while the service stops is given up after this many tries:
+# the job stays in processing/ and the next start returns it to queue/.
+_FINISH_TRIES_WHEN_STOPPING = 3
+# A claim that failed for another reason (a job folder whose .lock cannot be opened, say)
+# is not tried again sooner than this, so a bad job costs a log line now and then.
+_CLAIM_RETRY = 30.0
 
 log = logging.getLogger("batchingest.processor")
 
 
-class Processor:
-    def __init__(self, cfg: Config, store: Store) -> None:
-        self.cfg = cfg
-        self.store = store
-        self.env = base_env(cfg.task_env())
-        # --workers bounds the jobs running tasks; a few more threads let finished jobs do
-        # their last JOB fsync and final rename while the next tasks already run, which
-        # is what keeps a disk with slow fsync busy rather than idle
-        self._threads = 2 * cfg.workers + 2
-        self._slots = threading.BoundedSemaphore(cfg.workers)
-        # what the worker threads share, all under _cond
+def out_of_resources(e: BaseException) -> bool:
+    return isinstance(e, CannotSpawn) or (isinstance(e, OSError) and e.errno in _OUT_OF_RESOURCES)
+
+
+class Scheduler:
+    """Which queued job a worker thread takes next.
+
+    It keeps the names waiting to be taken (pending), those being worked on (in flight)
+    and those not to be tried again before a given time, all under one condition. The
+    listing of queue/ runs outside the lock, in the one worker that found nothing
+    pending after a wake, so the others can take work meanwhile. A failing listing is
+    logged and retried with back-off; it never reaches the worker.
+    """
+
+    def __init__(self, scan: Callable[[], list[str]], clock: Callable[[], float] = time.monotonic):
+        self._scan = scan
+        self._clock = clock
         self._cond = threading.Condition()
         self._pending: deque[str] = deque()
         self._in_flight: set[str] = set()
-        # names we could not claim though they sit in queue/ (held by an orphaned task,
-        # say): not retried before the given monotonic time, so we never spin on them
-        self._backoff: dict[str, float] = {}
+        self._not_before: dict[str, float] = {}
         self._rescan = True
         self._scanning = False
+        self._scan_backoff = Backoff()
+        self._scan_not_before = 0.0
+        self._paused_until = 0.0
+        self._closed = False
+        self._idle = 0  # workers waiting for something to take
+        self.scan_error: str | None = None  # the last listing failed with this
+
+    def wake(self) -> None:
+        """Something may have arrived in queue/: list it again."""
+        with self._cond:
+            self._rescan = True
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """Hand out nothing more; take() returns None to every worker."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def pause(self, seconds: float) -> None:
+        """Hand out nothing new for a while (the process is out of resources)."""
+        with self._cond:
+            self._paused_until = max(self._paused_until, self._clock() + seconds)
+
+    @property
+    def blind(self) -> bool:
+        """The last listing of queue/ failed and a worker waits for work it cannot see.
+
+        With every worker busy nobody lists queue/, so an old failure is not held
+        against the processor then.
+        """
+        with self._cond:
+            return self.scan_error is not None and self._idle > 0
+
+    def paused_for(self) -> float:
+        """Seconds the current pause still lasts (0 if none)."""
+        with self._cond:
+            return max(0.0, self._paused_until - self._clock())
+
+    def take(self) -> str | None:
+        """The next queued name for this worker, oldest first; None once closed."""
+        while True:
+            with self._cond:
+                while True:
+                    if self._closed:
+                        return None
+                    name = self._pop()
+                    if name is not None:
+                        return name
+                    wait = self._wait_time()
+                    if wait == 0.0:
+                        break  # our turn to list queue/
+                    self._idle += 1
+                    try:
+                        self._cond.wait(wait)
+                    finally:
+                        self._idle -= 1
+                self._rescan = False
+                self._scanning = True
+            names = self._list()
+            with self._cond:
+                self._scanning = False
+                self._add(names)
+                self._cond.notify_all()
+
+    def done(self, name: str, retry_in: float | None = None) -> None:
+        """The worker is through with name; if it may still be queued, wait retry_in s."""
+        with self._cond:
+            self._in_flight.discard(name)
+            if retry_in is None:
+                self._not_before.pop(name, None)
+            else:
+                self._not_before[name] = self._clock() + retry_in
+
+    # -- under the lock -----------------------------------------------------------
+
+    def _pop(self) -> str | None:
+        if self._clock() < self._paused_until:
+            return None
+        while self._pending:
+            name = self._pending.popleft()
+            if name not in self._in_flight:
+                self._in_flight.add(name)
+                return name
+        return None
+
+    def _wait_time(self) -> float | None:
+        """0 if this worker should list queue/ now, else how long to wait (None: a wake)."""
+        now = self._clock()
+        if now < self._paused_until:
+            return self._paused_until - now
+        if not self._rescan or self._scanning:
+            return None
+        if now < self._scan_not_before:
+            return self._scan_not_before - now
+        return 0.0
+
+    def _add(self, names: list[str]) -> None:
+        now = self._clock()
+        # expired back-offs go, so names claimed elsewhere do not pile up here
+        for name, when in list(self._not_before.items()):
+            if when <= now:
+                del self._not_before[name]
+        queued = set(self._pending)
+        fresh = [
+            n
+            for n in names
+            if n not in self._in_flight and n not in self._not_before and n not in queued
+        ]
+        self._pending.extend(fresh)
+        # more may arrive while we work through these: look again after
+        self._rescan = self._rescan or bool(fresh)
+
+    # -- outside the lock ------------------------------------------------------------
+
+    def _list(self) -> list[str]:
+        try:
+            names = self._scan()
+        except Exception as e:
+            delay = self._scan_backoff.failed()
+            self.scan_error = str(e)
+            log.warning("listing queue/ failed: %s; trying again in %.1fs", e, delay)
+            with self._cond:
+                self._scan_not_before = self._clock() + delay
+                self._rescan = True
+            return []
+        if self.scan_error is not None:
+            log.info("listing queue/ works again")
+        self._scan_backoff.reset()
+        self.scan_error = None
+        return names
+
+
+class Processor:
+    def __init__(self, cfg: Config, store: Store, progress: Progress | None = None) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.env = base_env(cfg.task_env())
+        self.progress = progress if progress is not None else Progress()
+        # the heartbeat for /readyz comes from the poll loop, once per --poll-interval
+        self.stale_after = max(10.0, 5 * cfg.poll_interval)
+        self.scheduler = Scheduler(store.queued)
+        # --workers bounds the jobs running tasks; a few more threads let finished jobs do
+        # their last JOB fsync and final rename while the next tasks already run, which
+        # is what keeps a disk with slow fsync busy rather than idle
+        self._threads: list[threading.Thread] = []
+        self._thread_count = 2 * cfg.workers + 2
+        self._slots = threading.BoundedSemaphore(cfg.workers)
         self._stopping = threading.Event()
         self._running: dict[str, TaskProcess] = {}
         self._running_lock = threading.Lock()
+        # steps failing right now (a job that cannot be finished, say): no heartbeat
+        self._failing: set[str] = set()
+        self._resources = Backoff(base=0.5, cap=30.0)
         # also removes the control folders of services that were killed
         self._control = ControlDir()
 
-    # -- the loop ---------------------------------------------------------------------
+    # -- the loops ----------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
         """Process jobs until stop is set, then stop gracefully (see --grace)."""
-        recovered = await asyncio.to_thread(self.store.recover)
-        if recovered:
-            log.info("recovered %d job(s) left in processing/", len(recovered))
+        # expected from now on: a processor that never gets going is not ready either
+        self.progress.beat("processor", self.stale_after)
         helpers = [
             asyncio.create_task(self._watch(stop), name="watch-queue"),
             asyncio.create_task(self._tick(stop), name="poll-queue"),
@@ -67,23 +251,32 @@ class Processor:
         # Plain threads rather than one event-loop round trip per job: a job is mostly
         # blocking system calls, and handing each one back to the loop costs more than
         # the job itself when tasks are short.
-        threads = [
+        self._threads = [
             threading.Thread(target=self._work, name=f"batchingest-worker-{i}", daemon=True)
-            for i in range(self._threads)
+            for i in range(self._thread_count)
         ]
-        for thread in threads:
+        for thread in self._threads:
             thread.start()
         log.info(
             "processor running with %d worker(s), tasks in %s", self.cfg.workers, self.cfg.tasks_dir
         )
         await stop.wait()
         self._stopping.set()
-        self._wake()
+        self.scheduler.close()
+        await self._join()
+        self.progress.retire("processor")
+        for task in helpers:
+            task.cancel()
+        await asyncio.gather(*helpers, return_exceptions=True)
+        self._control.close()
+
+    async def _join(self) -> None:
+        """Let running tasks finish for --grace seconds, then stop them; wait for all."""
 
         def join_all(deadline: float | None) -> bool:
-            for thread in threads:
+            for thread in self._threads:
                 thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-            return not any(thread.is_alive() for thread in threads)
+            return not any(thread.is_alive() for thread in self._threads)
 
         grace = time.monotonic() + self.cfg.grace
         if not await asyncio.to_thread(join_all, grace):
@@ -93,15 +286,6 @@ class Processor:
                 log.warning("stopping task of %s: grace of %gs is over", name, self.cfg.grace)
                 process.stop(interrupted=True)
             await asyncio.to_thread(join_all, None)
-        for task in helpers:
-            task.cancel()
-        await asyncio.gather(*helpers, return_exceptions=True)
-        self._control.close()
-
-    def _wake(self) -> None:
-        with self._cond:
-            self._rescan = True
-            self._cond.notify_all()
 
     async def _watch(self, stop: asyncio.Event) -> None:
         """Wake the workers when something arrives in queue/ (inotify, or polling)."""
@@ -122,101 +306,124 @@ class Processor:
                     force_polling=self.cfg.force_polling or None,
                     poll_delay_ms=max(50, int(self.cfg.poll_interval * 1000)),
                 ):
-                    self._wake()
+                    self.scheduler.wake()
             except Exception as e:  # the poll timer still covers us
                 log.warning("watching %s failed (%s); relying on polling", queue_dir, e)
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(stop.wait(), 10)
 
     async def _tick(self, stop: asyncio.Event) -> None:
-        """Rescan on a timer (events can be missed, NFS has none) and recover dead holders."""
-        while not stop.is_set():
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.cfg.poll_interval)
-            if stop.is_set():
-                return
-            try:
-                await asyncio.to_thread(self.store.recover)
-            except OSError as e:
-                log.warning("recovery scan failed: %s", e)
-            self._wake()
+        """Recover jobs of dead holders and rescan, at start and every --poll-interval.
 
-    def _next(self) -> str | None:
-        """The next queued name for this worker thread; None once stopping."""
-        with self._cond:
-            while not self._stopping.is_set():
-                while self._pending:
-                    name = self._pending.popleft()
-                    if name not in self._in_flight:
-                        self._in_flight.add(name)
-                        return name
-                if self._rescan and not self._scanning:
-                    self._rescan = False
-                    self._scanning = True
-                    self._cond.release()  # others may take work while we list the folder
-                    try:
-                        names = self.store.queued()
-                    finally:
-                        self._cond.acquire()
-                        self._scanning = False
-                    now = time.monotonic()
-                    fresh = [
-                        n
-                        for n in names
-                        if n not in self._in_flight and self._backoff.get(n, 0) <= now
-                    ]
-                    self._pending.extend(fresh)
-                    # more may arrive while we work through these: look again after
-                    self._rescan = self._rescan or bool(fresh)
-                    self._cond.notify_all()
-                    continue
-                self._cond.wait()
-        return None
+        Events can be missed and NFS has none, so the timer is what guarantees pickup.
+        Each round that went well is the processor's heartbeat.
+        """
+        backoff = Backoff(base=self.cfg.poll_interval or 0.5, cap=60.0)
+        while not stop.is_set():
+            delay = self.cfg.poll_interval
+            try:
+                recovered = await asyncio.to_thread(self.store.recover)
+            except Exception as e:
+                delay = backoff.failed()
+                log.warning("recovery scan of processing/ failed: %s; next in %.1fs", e, delay)
+            else:
+                backoff.reset()
+                if recovered:
+                    log.info("recovered %d job(s) left in processing/", len(recovered))
+                self._beat()
+            self.scheduler.wake()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+
+    def _beat(self) -> None:
+        healthy = (
+            not self._failing
+            and not self.scheduler.blind
+            and all(thread.is_alive() for thread in self._threads)
+        )
+        if healthy:
+            self.progress.beat("processor", self.stale_after)
 
     def _work(self) -> None:
+        """One worker thread: take, perform, handle the result, until closed."""
         while True:
-            name = self._next()
+            try:
+                name = self.scheduler.take()
+            except Exception:  # never expected; a worker must not die of it all the same
+                log.exception("worker: taking the next job failed")
+                time.sleep(1.0)
+                continue
             if name is None:
                 return
+            retry_in: float | None = self.cfg.poll_interval
             try:
-                claimed = self.process(name)
+                retry_in = self.perform(name)
             except Exception:
-                log.exception("processing %s failed", name)
-                claimed = True
-            retry_later = not claimed and (self.store.state_dir("queue") / name).is_dir()
-            with self._cond:
-                self._in_flight.discard(name)
-                if retry_later:
-                    self._backoff[name] = time.monotonic() + self.cfg.poll_interval
-                else:
-                    self._backoff.pop(name, None)
+                log.exception("job %s: unexpected error", name)
+            self.scheduler.done(name, retry_in)
 
-    # -- one job (worker thread) ----------------------------------------------------
+    # -- one job (worker thread) ---------------------------------------------------------
 
-    def process(self, name: str) -> bool:
-        """Claim and run one queued job; False if it was not ours to take."""
+    def perform(self, name: str) -> float | None:
+        """Claim and run one queued job; if it stays in queue/, seconds before trying again."""
         with _Slot(self._slots) as slot:
             if self._stopping.is_set():
-                return False
-            hold = self.store.claim(name)
+                return None
+            try:
+                hold = self.store.claim(name)
+            except OSError as e:
+                # nothing was moved: the job waits in queue/ for the next try
+                delay = self._trouble(e) if out_of_resources(e) else _CLAIM_RETRY
+                delay = max(delay, self.cfg.poll_interval)
+                log.warning("job %s: cannot claim it: %s; next try in %.1fs", name, e, delay)
+                return delay
             if hold is None:
-                return False
-            self._run(hold, slot)
-        return True
+                return self.cfg.poll_interval  # held elsewhere, or taken by another processor
+            t0 = time.monotonic()
+            log.info("job %s picked up", name)
+            state = self._run(hold, slot)
+        self._finish(hold, state, t0)
+        if state != "queue":
+            self._resources.reset()
+        return None
 
-    def _run(self, hold: Hold, slot: _Slot) -> None:
-        name = hold.name
-        t0 = time.monotonic()
-        log.info("job %s picked up", name)
-        state = "error"
+    def _trouble(self, e: BaseException) -> float:
+        """The process is out of resources: claim nothing for a while, longer each time."""
+        delay = self.scheduler.paused_for()
+        if delay > 0:
+            return delay  # the same shortage seen by another worker: one pause counts once
+        delay = self._resources.failed()
+        log.warning("out of resources (%s): taking no new job for %.1fs", e, delay)
+        self.scheduler.pause(delay)
+        return delay
+
+    def _run(self, hold: Hold, slot: _Slot) -> str:
+        """Run the job's tasks; the state it goes to. Errors are the job's or go to the log."""
         try:
-            state = self._run_job(hold, slot)
+            return self._run_tasks(hold, slot)
         except Exception as e:
-            log.exception("job %s: internal error", name)
+            if out_of_resources(e):
+                self._trouble(e)
+                message = f"service out of resources ({e}): job goes back to queue/"
+                state = "queue"
+            else:
+                log.exception("job %s: internal error", hold.name)
+                message = f"internal error, job stopped: {e}"
+                state = "error"
             with contextlib.suppress(OSError, jobdir.LogError):
-                jobdir.append_log(hold.dir_fd, f"internal error, job stopped: {e}")
+                jobdir.append_log(hold.dir_fd, message)
+            return state
+
+    def _finish(self, hold: Hold, state: str, t0: float) -> None:
+        """Move the job out of processing/ and release it; log how it went."""
+        name = hold.name
+        try:
+            job = self._move_out(name, state)
         finally:
-            job = self.store.finish(hold, state)
+            self._failing.discard(f"finish {name}")
+            hold.release()
+        if job is None:
+            return
         log.info(
             "job %s finished: %s in %.3fs%s",
             name,
@@ -225,9 +432,37 @@ class Processor:
             f" (as {job.name})" if job.name != name else "",
         )
 
-    def _run_job(self, hold: Hold, slot: _Slot) -> str:
+    def _move_out(self, name: str, state: str) -> Job | None:
+        """Rename processing/NAME to state/, trying until it works (the job stays held).
+
+        While the job is held no recovery takes it back, so a failing rename (no
+        descriptors left, a sick NFS server) delays the job but never loses it or runs
+        it twice. None if it cannot be moved: gone, or the service stops meanwhile.
+        """
+        backoff = Backoff(base=0.2, cap=30.0)
+        while True:
+            try:
+                return self.store.move(name, "processing", state)
+            except JobNotFound:
+                log.error("job %s: gone from processing/ before it could finish", name)
+                return None
+            except FileExistsError:
+                # only a move back to queue/ can meet a namesake; final states cannot
+                log.warning("job %s: a namesake waits in queue/; this one goes to error/", name)
+                state = "error"
+            except (OSError, StoreError) as e:
+                delay = backoff.failed()
+                self._failing.add(f"finish {name}")
+                if self._stopping.is_set() and backoff.failures >= _FINISH_TRIES_WHEN_STOPPING:
+                    log.error("job %s: cannot move it to %s/ (%s); left in processing/ for "
+                              "the next start to return to queue/", name, state, e)  # fmt: skip
+                    return None
+                log.warning("job %s: cannot move it to %s/ (%s); trying again in %.1fs",
+                            name, state, e, delay)  # fmt: skip
+                time.sleep(delay)
+
+    def _run_tasks(self, hold: Hold, slot: _Slot) -> str:
         """Run the job's remaining tasks; return the state it should go to."""
-        path = hold.path
         try:
             log_fd = jobdir.open_log(hold.dir_fd)
         except jobdir.LogError as e:
@@ -252,25 +487,7 @@ class Processor:
                     )
                     return "queue"
                 task = job.todo[0]
-                process = TaskProcess()
-                with self._running_lock:
-                    self._running[hold.name] = process
-                try:
-                    result = run_task(
-                        task,
-                        job_dir=path,
-                        job_name=hold.name,
-                        tasks_dir=self.cfg.tasks_dir,
-                        control=self._control.file(threading.get_ident()),
-                        env=self.env,
-                        log_fd=log_fd,
-                        hold_fd=hold.fd,
-                        timeout=self.cfg.task_timeout,
-                        process=process,
-                    )
-                finally:
-                    with self._running_lock:
-                        self._running.pop(hold.name, None)
+                result = self._run_task(hold, task, log_fd)
                 if result.interrupted:
                     log_line(log_fd, f"service stopping: job goes back to queue/ at task {task}")
                     return "queue"
@@ -286,6 +503,27 @@ class Processor:
             return "success"
         finally:
             os.close(log_fd)
+
+    def _run_task(self, hold: Hold, task: str, log_fd: int) -> TaskResult:
+        process = TaskProcess()
+        with self._running_lock:
+            self._running[hold.name] = process
+        try:
+            return run_task(
+                task,
+                job_dir=hold.path,
+                job_name=hold.name,
+                tasks_dir=self.cfg.tasks_dir,
+                control=self._control.file(threading.get_ident()),
+                env=self.env,
+                log_fd=log_fd,
+                hold_fd=hold.fd,
+                timeout=self.cfg.task_timeout,
+                process=process,
+            )
+        finally:
+            with self._running_lock:
+                self._running.pop(hold.name, None)
 
 
 class _Slot:

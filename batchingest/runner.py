@@ -17,6 +17,7 @@ times slower, and would still miss the task's own children.)
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -54,6 +55,18 @@ def base_env(extra: Mapping[str, str]) -> dict[str, str]:
 
 class UnknownTask(Exception):
     pass
+
+
+class CannotSpawn(Exception):
+    """The service could not start a task: no descriptors, memory or processes left.
+
+    Not the task's fault, so it is not recorded as a failed run: the processor puts the
+    job back in queue/ and runs it later.
+    """
+
+
+# errors of starting a process that mean the service, not the task, is in trouble
+_SPAWN_LIMITS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN})
 
 
 def resolve(task: str, tasks_dir: Path) -> list[str]:
@@ -348,6 +361,10 @@ def run_task(
                 timeout=timeout,
             )
         except OSError as e:
+            if e.errno in _SPAWN_LIMITS:
+                with contextlib.suppress(OSError):
+                    control.unlink()
+                raise CannotSpawn(f"cannot start task {task}: {e.strerror or e}") from e
             reason = f"cannot start task {task}: {e.strerror or e}"
         else:
             if process.interrupted:

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 import socket
-from collections.abc import Iterator
 
 import uvicorn
+from starlette.types import ASGIApp
 
 from batchingest.config import Config
+from batchingest.connections import Limits, connection_budget, limited_protocol
+from batchingest.health import Progress, Readiness
 from batchingest.store import Store, StoreError
 
 log = logging.getLogger("batchingest")
@@ -19,17 +20,6 @@ log = logging.getLogger("batchingest")
 
 class StartError(Exception):
     """The service cannot start (root unusable, port taken): exit non-zero, don't retry."""
-
-
-class _Server(uvicorn.Server):
-    """uvicorn without its own signal handling: the service decides when to stop."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-    def install_signal_handlers(self) -> None:  # older uvicorn
-        pass
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -46,6 +36,29 @@ def bind(host: str, port: int) -> socket.socket:
     sock.listen(2048)
     sock.set_inheritable(False)
     return sock
+
+
+def http_config(cfg: Config, app: ASGIApp) -> uvicorn.Config:
+    """uvicorn's settings, with the connection limits of batchingest.connections.
+
+    uvicorn installs its own SIGTERM/SIGINT handlers while it serves; they only make it
+    stop serving, and the loop's handlers (see serve) still see every signal and stop
+    the rest of the service.
+    """
+    limits = Limits(
+        max_connections=connection_budget(cfg.max_connections, cfg.workers),
+        header_timeout=cfg.header_timeout,
+        max_header_size=cfg.max_header_size,
+    )
+    return uvicorn.Config(
+        app,
+        http=limited_protocol(limits),
+        timeout_keep_alive=cfg.keep_alive,  # type: ignore[arg-type]  # a float works
+        log_config=None,
+        access_log=False,
+        lifespan="off",
+        timeout_graceful_shutdown=5,
+    )
 
 
 async def serve(cfg: Config) -> None:
@@ -71,29 +84,25 @@ async def serve(cfg: Config) -> None:
 
     webhooks = Webhooks(cfg, store)
     webhooks.attach()
+    # the heartbeats /readyz looks at: the processor beats "processor"; any other loop
+    # joins with progress.beat(name, within=seconds)
+    progress = Progress()
+    readiness = Readiness.for_store(store, cfg.min_free, progress)
 
     runners: list[asyncio.Task[None]] = []
-    server: _Server | None = None
+    server: uvicorn.Server | None = None
     if cfg.api:
         from batchingest.api.app import create_app
-        from batchingest.api.auth import TokenError
 
-        try:
-            app = create_app(cfg, store)
-        except TokenError as e:
-            raise StartError(str(e)) from e
+        app = create_app(cfg, store, readiness)  # an unusable token file is a StartError
         sock = bind(cfg.host, cfg.port)
-        server = _Server(
-            uvicorn.Config(
-                app, log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=5
-            )
-        )
+        server = uvicorn.Server(http_config(cfg, app))
         runners.append(asyncio.create_task(server.serve(sockets=[sock]), name="api"))
         log.info("HTTP API on http://%s:%d", cfg.host, cfg.port)
     if cfg.processor:
         from batchingest.processor import Processor
 
-        processor = Processor(cfg, store)
+        processor = Processor(cfg, store, progress)
         runners.append(asyncio.create_task(processor.run(stop), name="processor"))
     runners.append(asyncio.create_task(webhooks.run(stop), name="webhooks"))
     log.info("batchingest serving jobs root %s", cfg.root)

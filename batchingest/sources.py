@@ -25,7 +25,6 @@ from batchingest.store import STATES, Job, JobBusy, JobNotFound, Store
 FAILURE = 1  # the command could not do what was asked (exit status)
 USAGE = 2  # a bad flag, name or setting: nothing was contacted or changed
 LOG_FILE = "LOG"
-JOB_LIMIT = 16 << 20  # a JOB larger than this is not a task list
 LOG_CHUNK = 1 << 20  # bytes of LOG read (or requested) at a time
 
 
@@ -132,14 +131,14 @@ class LocalSource:
         except (FileNotFoundError, NotADirectoryError):
             return None  # moved on: Store.read looks again
         try:
-            raw = fs.read_file(dir_fd, jobfile.JOB_FILE, JOB_LIMIT)
+            raw = fs.read_file(dir_fd, jobfile.JOB_FILE, jobfile.JOB_LIMIT)
             jf = jobfile.JobFile() if raw is None else jobfile.parse(raw)
         except fs.UnsafePath:
             info.update(Todo=None, Finished=None, JobError="JOB is a symbolic link (not followed)")
         except fs.NotRegular:
             info.update(Todo=None, Finished=None, JobError="JOB is not a regular file")
         except fs.TooLarge:
-            info.update(Todo=None, Finished=None, JobError=f"JOB is over {JOB_LIMIT} bytes")
+            info.update(Todo=None, Finished=None, JobError=f"JOB is over {jobfile.JOB_LIMIT} bytes")
         except (jobfile.JobFileError, OSError) as e:
             info.update(Todo=None, Finished=None, JobError=str(e))
         else:

@@ -33,8 +33,10 @@ class Service:
         api: bool = True,
         env: dict[str, str] | None = None,
         port: int | None = None,
+        prefix: Sequence[str] = (),
     ) -> None:
         self.root = root
+        self.prefix = list(prefix)  # e.g. ["prlimit", "--nofile=256", "--"]
         self.api = api
         self.port = port or free_port()
         self.args: Sequence[str] = args
@@ -60,7 +62,9 @@ class Service:
         else:
             cmd += ["--no-api"]
         self._log = open(self.log_path, "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(cmd, env=self.env, stdout=self._log, stderr=self._log)
+        self.proc = subprocess.Popen(
+            [*self.prefix, *cmd], env=self.env, stdout=self._log, stderr=self._log
+        )
         if wait:
             self.wait_ready()
         return self

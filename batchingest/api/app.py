@@ -27,13 +27,14 @@ from batchingest.api import auth, files, jobs, openapi
 from batchingest.api.errors import MAPPED, ApiError, api_error_of
 from batchingest.api.paths import job_name, unsafe_url_path
 from batchingest.config import Config
+from batchingest.health import Progress, Readiness
 from batchingest.store import Store
 
 log = logging.getLogger("batchingest.api")
 
 REQUEST_ID = "batchingest.request_id"  # scope key
 _CLIENT_ID = re.compile(rb"[A-Za-z0-9._:-]{1,64}")
-PUBLIC_PATHS = frozenset({"/healthz"})
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
 # Routes a DTS client may call with its own credential (--dts-secret) instead of a token.
 DTS_PATHS = ("/dts/staging", "/request_archived_files/")
 JDP_STATUS = "/request_archived_files/requests/"
@@ -233,10 +234,13 @@ def _larger_body_buffer() -> None:
             mod.HIGH_WATER_LIMIT = BODY_BUFFER  # type: ignore[attr-defined]
 
 
-def create_app(cfg: Config, store: Store) -> Starlette:
+def create_app(cfg: Config, store: Store, readiness: Readiness | None = None) -> Starlette:
+    """The app; `readiness` is the service's (with its loops' heartbeats) if given."""
     from batchingest.api import globus  # it imports error_body from here
 
     _larger_body_buffer()
+    if readiness is None:
+        readiness = Readiness.for_store(store, cfg.min_free, Progress())
     checker = auth.TokenChecker(auth.load_tokens(cfg, store))
     dts = auth.load_dts_secret(cfg)
     staging_routes, staging_paths = _staging_routes(cfg, store)
@@ -247,7 +251,16 @@ def create_app(cfg: Config, store: Store) -> Starlette:
         return jobs.json_response({"name": "batchingest", "version": __version__})
 
     async def healthz(request: Request) -> Response:
+        # liveness only: the process answers. Whether it can work is /readyz's question.
         return jobs.json_response({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        # no token and so no details: the reasons are in the service log
+        if await readiness.reasons():
+            return error_body(
+                request.scope, 503, "NotReady", "not ready to take jobs; see the service log"
+            )
+        return jobs.json_response({"status": "ready"})
 
     async def openapi_json(request: Request) -> Response:
         return Response(spec_body, media_type="application/json")
@@ -257,6 +270,7 @@ def create_app(cfg: Config, store: Store) -> Starlette:
         *files.routes(cfg, store),
         Route("/", index, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
         Route("/openapi.json", openapi_json, methods=["GET"]),
         *staging_routes,
         *globus.routes(cfg, store),

@@ -28,7 +28,6 @@ from batchingest.store import STATE_OF_STATUS, STATES, STATUS_OF_STATE, Job, Sto
 
 _STATE_RANK = {s: i for i, s in enumerate(STATES)}
 # JOB is read whole to show it; the processor refuses larger ones too
-JOB_LIMIT = 16 << 20
 
 
 def job_info(store: Store, job: Job) -> dict[str, Any]:
@@ -41,7 +40,7 @@ def job_info(store: Store, job: Job) -> dict[str, Any]:
     try:
         job_fd = store.open_job(job)
         try:
-            raw = fs.read_file(job_fd, jobfile.JOB_FILE, JOB_LIMIT)
+            raw = fs.read_file(job_fd, jobfile.JOB_FILE, jobfile.JOB_LIMIT)
         finally:
             os.close(job_fd)
         jf = jobfile.JobFile() if raw is None else jobfile.parse(raw)

@@ -166,6 +166,16 @@ def _paths() -> dict[str, Any]:
                 "responses": {"200": {"description": '{"status": "ok"}'}},
             }
         },
+        "/readyz": {
+            "get": {
+                "summary": "readiness: can take and run jobs now; needs no token",
+                "security": [],
+                "responses": {
+                    "200": {"description": '{"status": "ready"}'},
+                    "503": {"description": "not ready (NotReady); the reasons are logged"},
+                },
+            }
+        },
         "/openapi.json": {
             "get": {
                 "summary": "this document",

@@ -32,7 +32,6 @@ log = logging.getLogger("batchingest.api")
 
 UPLOAD_PREFIX = ".upload-"
 # an uploaded JOB is read back to check it; the processor reads it whole too
-JOB_LIMIT = 16 << 20
 _SAFE = os.O_CLOEXEC | os.O_NOFOLLOW
 _O_TMPFILE = getattr(os, "O_TMPFILE", 0)
 # None: not tried yet; False: use named temporaries (also after a failed probe)
@@ -182,7 +181,7 @@ class Upload:
             return
         os.lseek(self.fd, 0, os.SEEK_SET)
         try:
-            jobfile.parse(fs.read_fd(self.fd, JOB_LIMIT, self.rel))
+            jobfile.parse(fs.read_fd(self.fd, jobfile.JOB_LIMIT, self.rel))
         except fs.TooLarge as e:
             raise ApiError(400, "InvalidJobFile", f"JOB is {e.strerror}") from None
         except jobfile.JobFileError as e:

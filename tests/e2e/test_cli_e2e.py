@@ -247,6 +247,7 @@ def test_tokens_and_unreachable_services_are_clear_errors(
     assert b"no API token: set BATCHINGEST_TOKEN or give --token-file" in p.stderr
     token_file = tmp_path / "token"
     token_file.write_text(f"# the operator's token\n{TOKEN}\n")
+    token_file.chmod(0o600)  # a token file others may read is refused, as by the service
     p = cli("jobs", "--url", api.url, "--token-file", str(token_file))
     assert (p.returncode, p.stdout) == (0, b"j  ready\n"), p.stderr
     p = cli("jobs", env={"BATCHINGEST_URL": api.url, "BATCHINGEST_TOKEN_FILE": str(token_file)})

@@ -361,3 +361,23 @@ def test_force_polling_finds_jobs_without_events(root: Path) -> None:
             drop(root, f"p{i}")
         for i in range(3):
             assert wait_landed(root, f"p{i}", timeout=20) == "success"
+
+
+def test_few_descriptors_delay_jobs_but_never_fail_or_lose_them(root: Path) -> None:
+    """Out of descriptors at any step (claim, LOG, JOB, spawning a task): the job goes
+    back to queue/ and the processor pauses; none lands in error/ for it, none is lost."""
+    write_task(root / "tasks", "start", "echo ran\n")
+    count = 60
+    svc = Service(root, "--workers", "4", api=False, prefix=["prlimit", "--nofile=30", "--"])
+    with svc:
+        for i in range(count):
+            drop(root, f"j{i:02d}")
+        wait_for(
+            lambda: len(os.listdir(root / "success")) + len(os.listdir(root / "error")) == count,
+            120,
+            what="every job to finish",
+        )
+        assert os.listdir(root / "error") == []
+        assert "Too many open files" in svc.log()  # the limit did bite
+    for i in range(count):
+        assert "ran" in (root / "success" / f"j{i:02d}" / "LOG").read_text()

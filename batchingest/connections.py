@@ -1,0 +1,176 @@
+"""Limits on HTTP connections that uvicorn does not set by itself.
+
+uvicorn (with httptools) reads a request head for as long as the client likes, buffers
+a head of any size, and accepts connections until the process runs out of file
+descriptors; about 180 half-sent requests were enough to starve the processor. So the
+HTTP protocol the service runs is uvicorn's httptools protocol with three limits added:
+
+- at most `max_connections` open connections; one more is answered 503 and closed
+  before anything is read, so descriptors stay free for jobs;
+- a request head (request line and headers) must arrive within `header_timeout`
+  seconds of its first byte, or of the connection being opened (408, closed);
+- a request head may be at most `max_header_size` bytes (431, closed): it is counted
+  as it arrives, so a huge header costs no more memory than that.
+
+Idle keep-alive connections are closed by uvicorn's own `timeout_keep_alive`.
+
+Only public interfaces are used: the protocol class is handed to uvicorn through
+`uvicorn.Config(http=...)`, and what is added hooks into asyncio.Protocol methods and
+the httptools parser callbacks (`on_message_begin`, `on_headers_complete`), which are
+the interface between httptools and any protocol using it. tests/e2e/test_limits.py
+checks each limit against the uvicorn that is installed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import resource
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+log = logging.getLogger("batchingest.api")
+
+# Descriptors one connection may hold at once: its socket, plus a file being sent or an
+# upload's temporary file and its folder.
+FDS_PER_CONNECTION = 3
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_connections: int = 256
+    header_timeout: float = 10.0
+    max_header_size: int = 64 << 10
+
+
+def connection_budget(wanted: int, workers: int) -> int:
+    """At most `wanted` connections, fewer if the descriptor limit cannot carry them.
+
+    What is kept aside covers the processor (lock, LOG and JOB of every running job,
+    spawning tasks), webhook delivery (up to 32 sockets and outbox files) and the rest.
+    """
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    reserve = 128 + 8 * workers
+    fits = max(1, (soft - reserve) // FDS_PER_CONNECTION)
+    if fits < wanted:
+        log.warning(
+            "--max-connections %d lowered to %d: the descriptor limit (ulimit -n) is %d",
+            wanted,
+            fits,
+            soft,
+        )
+        return fits
+    return wanted
+
+
+def _response(status: int, reason: str, code: str, message: str) -> bytes:
+    """A complete HTTP/1.1 answer in the API's error shape, closing the connection."""
+    body = json.dumps({"code": code, "message": message, "request_id": "", "resource": ""})
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nx-error-code: {code}\r\nconnection: close\r\n\r\n"
+    )
+    return (head + body).encode()
+
+
+TOO_MANY = _response(503, "Service Unavailable", "TooManyConnections",
+                     "too many open connections; try again later")  # fmt: skip
+TOO_SLOW = _response(408, "Request Timeout", "RequestTimeout",
+                     "the request head did not arrive in time")  # fmt: skip
+TOO_LARGE = _response(431, "Request Header Fields Too Large", "HeadersTooLarge",
+                      "the request line and headers are too large")  # fmt: skip
+
+
+# a flood must not flood the log too: one line per this many seconds
+WARN_EVERY = 60.0
+_last_warning = [-WARN_EVERY]
+
+
+def _warn_refusing(limit: int) -> None:
+    now = time.monotonic()
+    if now - _last_warning[0] >= WARN_EVERY:
+        _last_warning[0] = now
+        log.warning("refusing connections: %d are open (--max-connections)", limit)
+
+
+def limited_protocol(limits: Limits) -> type[asyncio.Protocol]:
+    """The protocol class for one server: its limits, and its own connection count."""
+    attrs = {"limits": limits, "open_connections": [0]}
+    return type("LimitedHttpToolsProtocol", (LimitedHttpToolsProtocol,), attrs)
+
+
+class LimitedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with Limits; see limited_protocol."""
+
+    limits = Limits()
+    open_connections = [0]  # shared by the connections of one server
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._counted = False
+        self._conn: asyncio.Transport | None = None
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._head_bytes: int | None = 0  # None: not reading a request head
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        if self.open_connections[0] >= self.limits.max_connections:
+            transport.write(TOO_MANY)
+            transport.close()
+            _warn_refusing(self.limits.max_connections)
+            return  # uvicorn never sees it
+        self.open_connections[0] += 1
+        self._counted = True
+        self._conn = transport
+        super().connection_made(transport)
+        self._start_head()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._counted:
+            return
+        self._counted = False
+        self.open_connections[0] -= 1
+        self._stop_head()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if not self._counted:
+            return
+        super().data_received(data)
+        if self._head_bytes is not None and self._conn and not self._conn.is_closing():
+            self._head_bytes += len(data)
+            if self._head_bytes > self.limits.max_header_size:
+                self._refuse(TOO_LARGE)
+
+    # httptools parser callbacks
+    def on_message_begin(self) -> None:
+        self._start_head()
+        super().on_message_begin()
+
+    def on_headers_complete(self) -> None:
+        self._stop_head()
+        super().on_headers_complete()
+
+    def _start_head(self) -> None:
+        if self._head_timer is None:
+            self._head_bytes = 0
+            self._head_timer = asyncio.get_running_loop().call_later(
+                self.limits.header_timeout, self._refuse, TOO_SLOW
+            )
+
+    def _stop_head(self) -> None:
+        self._head_bytes = None
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _refuse(self, answer: bytes) -> None:
+        self._stop_head()
+        if self._conn is not None and not self._conn.is_closing():
+            self._conn.write(answer)
+            self._conn.close()

@@ -1,0 +1,334 @@
+"""The processor in-process: its Scheduler, and Processor.run on a real jobs root.
+
+The Processor runs on its own event loop in a background thread, with real files, real
+renames and real task processes; faults are real too (a state folder replaced by a
+file makes every listing or rename there fail, as a sick file system would).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from service import make_job, wait_for, write_task
+
+from batchingest.config import Config
+from batchingest.health import Progress
+from batchingest.processor import Processor, Scheduler
+from batchingest.store import Store
+
+# -- the Scheduler ------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Listing:
+    """What the scheduler's scan sees; raises `error` instead while it is set."""
+
+    def __init__(self, *names: str) -> None:
+        self.names = list(names)
+        self.error: Exception | None = None
+        self.calls = 0
+
+    def __call__(self) -> list[str]:
+        self.calls += 1
+        if self.error is not None:
+            raise self.error
+        return list(self.names)
+
+
+def take_now(s: Scheduler) -> str | None:
+    """take() in a thread; None if it would block (nothing to hand out)."""
+    got: list[str | None] = []
+    t = threading.Thread(target=lambda: got.append(s.take()), daemon=True)
+    t.start()
+    t.join(0.5)
+    if t.is_alive():
+        s.close()  # release the blocked taker
+        t.join(5)
+        return None
+    return got[0]
+
+
+def test_take_hands_out_each_name_once_oldest_first() -> None:
+    listing = Listing("a", "b")
+    s = Scheduler(listing)
+    assert s.take() == "a"
+    assert s.take() == "b"
+    # a and b are in flight; a rescan sees them again but does not hand them out
+    s.wake()
+    assert take_now(s) is None
+
+
+def test_done_with_retry_keeps_a_name_back_until_then() -> None:
+    clock = Clock()
+    listing = Listing("a")
+    s = Scheduler(listing, clock)
+    assert s.take() == "a"
+    s.done("a", retry_in=5)
+    s.wake()
+    assert take_now(s) is None
+    clock.now += 6
+    s = _reopened(s)
+    s.wake()
+    assert s.take() == "a"
+
+
+def _reopened(s: Scheduler) -> Scheduler:
+    # take_now closes a scheduler it found blocking; reopen it for the next step
+    s._closed = False
+    return s
+
+
+def test_done_without_retry_lets_the_name_come_back_at_once() -> None:
+    s = Scheduler(Listing("a"))
+    assert s.take() == "a"
+    s.done("a")
+    s.wake()
+    assert s.take() == "a"
+
+
+def test_a_failing_listing_is_retried_with_backoff_and_never_raises(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = Clock()
+    listing = Listing("a")
+    listing.error = OSError(24, "Too many open files")
+    s = Scheduler(listing, clock)
+    assert take_now(s) is None  # the error stayed inside
+    assert listing.calls == 1
+    assert s.scan_error is not None and "Too many open files" in s.scan_error
+    assert not s.blind  # nobody waits for work right now
+    assert "listing queue/ failed" in caplog.text
+    s = _reopened(s)
+    s.wake()
+    assert take_now(s) is None
+    assert listing.calls == 1, "listed again before the back-off was over"
+    listing.error = None
+    clock.now += 60
+    s = _reopened(s)
+    s.wake()
+    assert s.take() == "a"
+    assert s.scan_error is None
+
+
+def test_blind_while_a_worker_waits_and_the_listing_fails() -> None:
+    listing = Listing()
+    listing.error = OSError(5, "Input/output error")
+    s = Scheduler(listing)
+    waiting = threading.Thread(target=s.take, daemon=True)
+    waiting.start()
+    wait_for(lambda: s.blind, 5, what="a blind scheduler")
+    s.close()
+    waiting.join(5)
+    assert not s.blind
+
+
+def test_pause_hands_out_nothing_until_it_ends() -> None:
+    clock = Clock()
+    s = Scheduler(Listing("a"), clock)
+    s.pause(10)
+    assert s.paused_for() == 10
+    assert take_now(s) is None
+    clock.now += 11
+    assert s.paused_for() == 0
+    s = _reopened(s)
+    assert s.take() == "a"
+
+
+def test_close_releases_waiting_workers() -> None:
+    s = Scheduler(Listing())
+    got: list[str | None] = []
+    threads = [threading.Thread(target=lambda: got.append(s.take())) for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(0.1)
+    s.close()
+    for t in threads:
+        t.join(5)
+    assert got == [None, None, None]
+
+
+# -- the Processor on a real root -----------------------------------------------------
+
+
+class Running:
+    """Processor.run on its own event loop in a thread, stopped at the end."""
+
+    def __init__(self, cfg: Config, store: Store) -> None:
+        self.progress = Progress()
+        self.processor = Processor(cfg, store, self.progress)
+        self._loop = asyncio.new_event_loop()
+        self._stop = asyncio.Event()
+        self._thread = threading.Thread(target=self._main, daemon=True)
+        self.error: BaseException | None = None
+
+    def _main(self) -> None:
+        try:
+            self._loop.run_until_complete(self.processor.run(self._stop))
+        except BaseException as e:
+            self.error = e
+
+    def __enter__(self) -> Running:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(30)
+        assert not self._thread.is_alive()
+        self._loop.close()
+
+
+@pytest.fixture
+def cfg(root: Path) -> Config:
+    return Config(root=root, poll_interval=0.1, grace=5)
+
+
+@pytest.fixture
+def running(cfg: Config, store: Store) -> Iterator[Running]:
+    with Running(cfg, store) as r:
+        yield r
+
+
+def drop(root: Path, name: str, job: str | None = None) -> None:
+    os.rename(make_job(root, name, job), root / "queue" / name)
+
+
+def landed(root: Path, name: str) -> str | None:
+    for state in ("success", "error"):
+        if (root / state / name).is_dir():
+            return state
+    return None
+
+
+def break_folder(root: Path, state: str) -> Path:
+    """Replace a state folder by a plain file: every listing or rename there fails."""
+    away = root / f".{state}-away"
+    os.rename(root / state, away)
+    (root / state).write_text("not a folder\n")
+    return away
+
+
+def mend_folder(root: Path, state: str, away: Path) -> None:
+    (root / state).unlink()
+    os.rename(away, root / state)
+
+
+def test_jobs_run_in_process(root: Path, running: Running) -> None:
+    write_task(root / "tasks", "start", 'echo addtask:two >> "$JOBCONTROL"\n')
+    write_task(root / "tasks", "two", "echo two\n")
+    for i in range(5):
+        drop(root, f"j{i}")
+    for i in range(5):
+        assert wait_for(lambda i=i: landed(root, f"j{i}"), 20) == "success"
+    data = json.loads((root / "success" / "j0" / "JOB").read_text())
+    assert [f["Name"] for f in data["Finished"]] == ["start", "two"]
+    wait_for(lambda: "processor" in running.progress._due, 5, what="a heartbeat")
+    assert running.progress.stale() == []
+
+
+def test_a_failing_queue_listing_does_not_kill_the_workers(
+    root: Path, cfg: Config, store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    write_task(root / "tasks", "start", "true\n")
+    caplog.set_level(logging.WARNING, "batchingest.processor")
+    running = Running(cfg, store)
+    running.processor.stale_after = 0.5
+    with running:
+        away = break_folder(root, "queue")
+        wait_for(lambda: "listing queue/ failed" in caplog.text, 10, what="a failed listing")
+        # idle workers that cannot see queue/: no heartbeat, so /readyz would fail
+        wait_for(lambda: running.progress.stale() == ["processor"], 10, what="a stale beat")
+        mend_folder(root, "queue", away)
+        drop(root, "after")
+        assert wait_for(lambda: landed(root, "after"), 20, what="the job after the fault")
+        threads = running.processor._threads
+        assert threads and all(t.is_alive() for t in threads)
+        wait_for(lambda: running.progress.stale() == [], 40, what="the heartbeat to come back")
+    assert running.error is None
+
+
+def test_a_failing_recovery_scan_keeps_the_poll_loop_and_withholds_the_heartbeat(
+    root: Path, cfg: Config, store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    write_task(root / "tasks", "start", "true\n")
+    caplog.set_level(logging.WARNING, "batchingest.processor")
+    r = Running(cfg, store)
+    r.processor.stale_after = 0.5
+    with r:
+        wait_for(lambda: "processor" in r.progress._due, 5, what="a first heartbeat")
+        away = break_folder(root, "processing")
+        wait_for(lambda: r.progress.stale() == ["processor"], 10, what="a stale heartbeat")
+        assert "recovery scan of processing/ failed" in caplog.text
+        mend_folder(root, "processing", away)
+        wait_for(lambda: r.progress.stale() == [], 10, what="the heartbeat to come back")
+        drop(root, "after")
+        assert wait_for(lambda: landed(root, "after"), 20) == "success"
+
+
+def held(path: Path) -> bool:
+    """Whether someone holds the job's lock (as the processor does while it owns it)."""
+    fd = os.open(path / ".lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def test_a_failing_finish_keeps_the_job_held_and_retries(
+    root: Path, running: Running, caplog: pytest.LogCaptureFixture
+) -> None:
+    write_task(root / "tasks", "start", "echo ran >> ran.txt\n")
+    caplog.set_level(logging.WARNING, "batchingest.processor")
+    away = break_folder(root, "success")
+    drop(root, "j")
+    job = root / "processing" / "j"
+    wait_for(lambda: "cannot move it to success/" in caplog.text, 20, what="a failed finish")
+    # held all along: no recovery may take it back to queue/ and run it again
+    for _ in range(10):
+        assert job.is_dir() and held(job)
+        time.sleep(0.1)
+    assert "finish j" in running.processor._failing  # no heartbeat meanwhile
+    mend_folder(root, "success", away)
+    assert wait_for(lambda: landed(root, "j"), 40) == "success"
+    assert (root / "success" / "j" / "ran.txt").read_text() == "ran\n"
+
+
+def test_a_job_that_cannot_be_claimed_is_not_retried_in_a_loop(
+    root: Path, running: Running, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A job whose .lock is a folder makes every claim fail: one try, then a long wait."""
+    write_task(root / "tasks", "start", "true\n")
+    caplog.set_level(logging.WARNING, "batchingest.processor")
+    caplog.set_level(logging.WARNING, "batchingest.store")
+    build = make_job(root, "bad")
+    (build / ".lock").mkdir()
+    os.rename(build, root / "queue" / "bad")
+    drop(root, "good")
+    assert wait_for(lambda: landed(root, "good"), 20) == "success"
+    time.sleep(1.0)  # ten polls
+    # said once, by whichever layer found it (the store skips a job whose .lock it
+    # cannot use; a claim that raises is retried only after a long wait)
+    said = caplog.text.count("job bad: cannot claim it") + caplog.text.count(
+        "skipping queue/bad: its .lock is a folder"
+    )
+    assert said == 1, caplog.text
+    assert (root / "queue" / "bad").is_dir()
