@@ -82,11 +82,11 @@ async def serve(cfg: Config) -> None:
 
     from batchingest.webhooks import Webhooks
 
-    webhooks = Webhooks(cfg, store)
-    webhooks.attach()
-    # the heartbeats /readyz looks at: the processor beats "processor"; any other loop
-    # joins with progress.beat(name, within=seconds)
+    # the heartbeats /readyz looks at: the processor beats "processor", webhook delivery
+    # "webhooks"; any other loop joins with progress.beat(name, within=seconds)
     progress = Progress()
+    webhooks = Webhooks(cfg, store, progress)
+    webhooks.attach()
     readiness = Readiness.for_store(store, cfg.min_free, progress)
 
     runners: list[asyncio.Task[None]] = []

@@ -28,9 +28,10 @@ from webhook_receiver import (
 
 import batchingest
 from batchingest.config import Config
+from batchingest.health import Progress
 from batchingest.store import Job, Store
 from batchingest.webhooks import Webhooks
-from batchingest.webhooks.engine import _Announced
+from batchingest.webhooks.engine import HEARTBEAT, _Announced
 from batchingest.webhooks.send import sign
 
 # -- events and bodies ----------------------------------------------------------------
@@ -369,6 +370,19 @@ def test_unreadable_outbox_file_is_set_aside(store: Store) -> None:
     (store.root / ".outbox" / "garbage.json").write_text("nope")
     with running(store):
         wait_for(lambda: (store.root / ".outbox" / "failed" / "garbage.json").exists(), 5)
+
+
+def test_delivery_loop_beats_for_readiness_while_it_can_write(store: Store) -> None:
+    progress = Progress()
+    with running(store, progress=progress) as hooks:
+        wait_for(lambda: "webhooks" in progress._due, 5)
+        assert progress.stale() == []
+        # a beat is due within three heartbeats: a loop that stops beating goes stale
+        assert progress.stale(time.monotonic() + 3 * HEARTBEAT + 1) == ["webhooks"]
+        writer = hooks.writer
+        assert writer is not None and writer.healthy
+    # stopped: the writer's thread is gone, so it no longer counts as able to write
+    assert not writer.healthy
 
 
 # -- signing ----------------------------------------------------------------------------

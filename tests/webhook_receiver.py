@@ -21,6 +21,7 @@ import httpx
 from service import wait_for
 
 from batchingest.config import Config
+from batchingest.health import Progress
 from batchingest.store import Store
 from batchingest.webhooks import Webhooks
 
@@ -145,14 +146,16 @@ def verify(secret: str, headers: dict[str, str], body: bytes) -> bool:
 
 
 @contextmanager
-def running(store: Store, backoff: float = 0.01, **cfg: Any) -> Iterator[Webhooks]:
+def running(
+    store: Store, backoff: float = 0.01, progress: Progress | None = None, **cfg: Any
+) -> Iterator[Webhooks]:
     """Webhooks attached to the store and delivering on a loop in a background thread.
 
     The receivers listen on 127.0.0.1, which webhooks refuse unless allowed: tests allow
     it unless they pass their own webhook_allow.
     """
     cfg.setdefault("webhook_allow", ["127.0.0.1"])
-    hooks = Webhooks(Config(root=store.root, **cfg), store)
+    hooks = Webhooks(Config(root=store.root, **cfg), store, progress)
     hooks.backoff = backoff
     loop = asyncio.new_event_loop()
     started = threading.Event()

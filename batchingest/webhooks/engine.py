@@ -38,6 +38,7 @@ import httpx
 
 from batchingest import fs
 from batchingest.config import Config
+from batchingest.health import Progress
 from batchingest.jobfile import now_rfc3339
 from batchingest.store import InvalidName, Job, Store
 from batchingest.webhooks.events import (
@@ -120,10 +121,15 @@ class _Announced:
         return events
 
 
+# Seconds between the delivery loop's heartbeats (see GET /readyz).
+HEARTBEAT = 5.0
+
+
 class Webhooks:
-    def __init__(self, cfg: Config, store: Store) -> None:
+    def __init__(self, cfg: Config, store: Store, progress: Progress | None = None) -> None:
         self.cfg = cfg
         self.store = store
+        self.progress = progress
         # seconds before the first retry, doubling: 5 retries of 10 s span ~5-9 min
         self.backoff = cfg.webhook_backoff
         self.allow = AllowList.parse(cfg.webhook_allow)
@@ -268,6 +274,13 @@ class Webhooks:
 
     # -- the loop -------------------------------------------------------------------
 
+    def _beat(self) -> None:
+        """The loop is alive; readiness also wants the outbox writer able to write."""
+        if self.progress is None:
+            return
+        if self.writer is None or self.writer.healthy:
+            self.progress.beat("webhooks", within=3 * HEARTBEAT)
+
     async def run(self, stop: asyncio.Event) -> None:
         self._set_loop(asyncio.get_running_loop())
         if self.outbox is None:
@@ -281,7 +294,10 @@ class Webhooks:
             self._client = client
             self._scan()
             try:
-                await stop.wait()
+                while not stop.is_set():
+                    self._beat()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), HEARTBEAT)
             finally:
                 self._client = None
                 tasks = [lane.task for lane in self._lanes.values() if lane.task is not None]

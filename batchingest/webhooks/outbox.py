@@ -244,6 +244,12 @@ class Writer:
         ticket.done.wait()
         return ticket.ok
 
+    @property
+    def healthy(self) -> bool:
+        """The thread runs and nothing it was given is failing to be written."""
+        with self._cond:
+            return self._thread.is_alive() and not self._failing
+
     def pending(self) -> int:
         """Events not yet written (for tests and the service log)."""
         with self._cond:
