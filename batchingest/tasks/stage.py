@@ -22,7 +22,6 @@ named. A final syncfs makes the names durable before the task reports success.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fcntl
 import hashlib
@@ -39,6 +38,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from batchingest import fs
 from batchingest.staging import (
     TEMP_PREFIX,
     TEMP_SUFFIX,
@@ -63,9 +63,6 @@ STALE_AFTER = 60.0
 # Errors that are about the staging area, not one source file: stop at once.
 TARGET_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_syncfs = getattr(_libc, "syncfs", None)
-
 
 class SourceError(Exception):
     """One archive file cannot be staged (vanished, unreadable, changed, mismatch)."""
@@ -76,19 +73,12 @@ class TargetError(Exception):
 
 
 def syncfs(path: str) -> bool:
-    """Flush the file system holding path; False if this system has no syncfs."""
-    if _syncfs is None:
-        return False
+    """Flush the file system holding the folder path; False if this system has no syncfs."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        if _syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            if err in (errno.ENOSYS, errno.EINVAL):
-                return False
-            raise OSError(err, os.strerror(err), path)
+        return fs.syncfs(fd)
     finally:
         os.close(fd)
-    return True
 
 
 _FALLBACK_ERRNOS = (
@@ -133,12 +123,6 @@ def copy_fd(src: int, dst: int, size: int) -> int:
     return 0
 
 
-_sync_file_range = getattr(_libc, "sync_file_range", None)
-if _sync_file_range is not None:
-    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-_SYNC_FILE_RANGE_WRITE = 2
-
-
 def copy_range(src: int, dst: int, offset: int, length: int) -> int:
     """Copy one piece of a large file at its offset, then start writing it to disk.
 
@@ -151,8 +135,7 @@ def copy_range(src: int, dst: int, offset: int, length: int) -> int:
         if n == 0:
             break
         done += n
-    if _sync_file_range is not None:
-        _sync_file_range(dst, offset, done, _SYNC_FILE_RANGE_WRITE)  # a hint: errors come later
+    fs.sync_file_range(dst, offset, done)  # a hint: errors come at the fsync
     return done
 
 
@@ -197,22 +180,6 @@ def temp_name(job: str) -> str:
     return f"{TEMP_PREFIX}{job}.{_RUN}-{next(_temp_ids)}{TEMP_SUFFIX}"
 
 
-_linkat = getattr(_libc, "linkat", None)
-_AT_FDCWD = -100
-_AT_EMPTY_PATH = 0x1000
-
-
-def link_fd(fd: int, target: str, how: str) -> None:
-    """Give the unnamed (O_TMPFILE) file fd the name target; FileExistsError if taken."""
-    if how == "empty-path":
-        assert _linkat is not None
-        if _linkat(fd, b"", _AT_FDCWD, os.fsencode(target), _AT_EMPTY_PATH) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), target)
-    else:
-        os.link(f"/proc/self/fd/{fd}", target, follow_symlinks=True)
-
-
 def probe_unnamed(folder: str) -> str | None:
     """How unnamed temporary files get a name in folder's file system, or None.
 
@@ -229,11 +196,9 @@ def probe_unnamed(folder: str) -> str | None:
         return None
     try:
         for how in ("empty-path", "proc"):
-            if how == "empty-path" and _linkat is None:
-                continue
             name = os.path.join(folder, temp_name("probe"))
             try:
-                link_fd(fd, name, how)
+                fs.link_fd(fd, name, how)
             except OSError:
                 continue
             _unlink(name)
@@ -498,11 +463,11 @@ class Stager:
                 else:
                     assert self.linker is not None
                     try:
-                        link_fd(p.fd, p.target, self.linker)
+                        fs.link_fd(p.fd, p.target, self.linker)
                     except FileExistsError:
                         # an older copy is there: replace it in one rename
                         p.tmp = os.path.join(os.path.dirname(p.target), temp_name(self.job))
-                        link_fd(p.fd, p.tmp, self.linker)
+                        fs.link_fd(p.fd, p.tmp, self.linker)
                         os.rename(p.tmp, p.target)
                         p.tmp = ""
             except OSError as e:
