@@ -87,9 +87,10 @@ def _openat2(dir_fd: int, rel: str, flags: int, mode: int) -> int | None:
     global _openat2_works
     if _openat2_works is False:
         return None
-    how = _OpenHow(
-        flags, mode if flags & (os.O_CREAT | getattr(os, "O_TMPFILE", 0)) else 0, _RESOLVE
-    )
+    # a mode only with O_CREAT or O_TMPFILE (whose bits include O_DIRECTORY's), else EINVAL
+    tmpfile = getattr(os, "O_TMPFILE", 0)
+    creates = flags & os.O_CREAT or (tmpfile and flags & tmpfile == tmpfile)
+    how = _OpenHow(flags, mode if creates else 0, _RESOLVE)
     fd = _syscall(_SYS_OPENAT2, dir_fd, os.fsencode(rel), ctypes.byref(how), ctypes.sizeof(how))
     if fd >= 0:
         _openat2_works = True
