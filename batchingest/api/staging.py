@@ -3,6 +3,7 @@
 A request becomes an ordinary job named by a UUID4 with a manifest and `{"Todo": ["stage"]}`,
 so it is queued, processed, logged, retried and webhooked like every other job. The
 status endpoint reads the job's state (its folder) and its small progress file only.
+Their OpenAPI description is in openapi.py, with the rest of it.
 """
 
 from __future__ import annotations
@@ -11,12 +12,7 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
-import tempfile
-import threading
-import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
@@ -26,6 +22,7 @@ from starlette.routing import BaseRoute, Route
 
 from batchingest import jobfile
 from batchingest.api.errors import ApiError
+from batchingest.api.idempotency import Idempotency, KeyContested
 from batchingest.config import Config
 from batchingest.staging import (
     MANIFEST,
@@ -41,85 +38,9 @@ from batchingest.store import Job, JobBusy, Store
 
 log = logging.getLogger("batchingest.api.staging")
 
-IDEMPOTENCY_TTL = 24 * 3600.0
 MAX_KEY = 255
 # A request body may hold staging_max_ids ids of up to 4096 bytes each, JSON-quoted.
 BYTES_PER_ID = 4200
-
-
-# -- idempotency keys ---------------------------------------------------------------------
-
-
-class Idempotency:
-    """Idempotency-Key -> request id, one small file per key in a hidden service folder.
-
-    Files are created with link(2), which never replaces, so two requests racing with the
-    same key agree on one request id. Records older than 24 hours count as absent and
-    are swept at most once an hour.
-    """
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self._swept = 0.0
-        self._lock = threading.Lock()
-
-    def _path(self, key: str) -> Path:
-        return self.folder / hashlib.sha256(key.encode()).hexdigest()
-
-    def lookup(self, key: str) -> dict[str, Any] | None:
-        try:
-            record = json.loads(self._path(key).read_bytes())
-        except (OSError, ValueError):
-            return None
-        if not isinstance(record, dict) or not isinstance(record.get("created"), (int, float)):
-            return None
-        if time.time() - record["created"] > IDEMPOTENCY_TTL:
-            return None
-        return record
-
-    def claim(self, key: str, request_id: str, fingerprint: str) -> dict[str, Any] | None:
-        """Record key -> request_id; if another live record holds the key, return it."""
-        self.folder.mkdir(exist_ok=True)
-        self._sweep()
-        record = {"request_id": request_id, "created": time.time(), "body_sha256": fingerprint}
-        fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=self.folder)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(json.dumps(record).encode())
-                f.flush()
-                os.fsync(f.fileno())
-            for _ in range(3):
-                try:
-                    os.link(tmp, self._path(key))
-                    return None
-                except FileExistsError:
-                    existing = self.lookup(key)
-                    if existing is not None:
-                        return existing
-                    with contextlib.suppress(FileNotFoundError):
-                        self._path(key).unlink()  # expired or unreadable
-            raise ApiError(409, "IdempotencyConflict", "Idempotency-Key is being reused")
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-
-    def forget(self, key: str, request_id: str) -> None:
-        record = self.lookup(key)
-        if record is not None and record.get("request_id") == request_id:
-            with contextlib.suppress(FileNotFoundError):
-                self._path(key).unlink()
-
-    def _sweep(self) -> None:
-        with self._lock:
-            if time.monotonic() - self._swept < 3600 and self._swept:
-                return
-            self._swept = time.monotonic()
-        cutoff = time.time() - IDEMPOTENCY_TTL
-        with os.scandir(self.folder) as it:
-            for entry in it:
-                with contextlib.suppress(OSError):
-                    if entry.stat().st_mtime < cutoff:
-                        os.unlink(entry.path)
 
 
 # -- request parsing ------------------------------------------------------------------------
@@ -231,7 +152,12 @@ class StagingApi:
             )
         request_id = str(uuid.uuid4())
         if key is not None:
-            existing = await run_in_threadpool(self.keys.claim, key, request_id, fingerprint)
+            try:
+                existing = await run_in_threadpool(self.keys.claim, key, request_id, fingerprint)
+            except KeyContested:
+                raise ApiError(
+                    409, "IdempotencyConflict", "Idempotency-Key is being reused"
+                ) from None
             if existing is not None:
                 return self._replay(existing, fingerprint)
         try:
@@ -321,92 +247,3 @@ def routes(cfg: Config, store: Store) -> list[BaseRoute]:
         Route("/dts/staging", api.get, methods=["GET"]),
         Route("/dts/staging/{id}", api.get_path, methods=["GET"]),
     ]
-
-
-_STATUS_SCHEMA = {
-    "type": "object",
-    "required": ["status", "files_total", "files_staged", "bytes_total", "bytes_staged"],
-    "properties": {
-        "status": {"type": "string", "enum": ["staging", "ready", "failed"]},
-        "files_total": {"type": "integer"},
-        "files_staged": {"type": "integer"},
-        "bytes_total": {"type": "integer"},
-        "bytes_staged": {"type": "integer"},
-        "message": {"type": "string", "description": "why it failed (only when failed)"},
-    },
-}
-_ERROR = {"description": "error", "content": {"application/json": {"schema": {"type": "object"}}}}
-_STATUS_RESPONSES = {
-    "200": {
-        "description": "status of the staging request",
-        "content": {"application/json": {"schema": _STATUS_SCHEMA}},
-    },
-    "400": {**_ERROR, "description": "id missing or not a UUID"},
-    "404": {**_ERROR, "description": "no such staging request"},
-    "503": {**_ERROR, "description": "staging is not configured"},
-}
-_ID_PARAM = {"required": True, "schema": {"type": "string", "format": "uuid"}}
-
-OPENAPI_PATHS: dict[str, Any] = {
-    "/dts/staging": {
-        "post": {
-            "summary": "Ask for files to be copied from the archive into the staging area",
-            "parameters": [
-                {
-                    "name": "Idempotency-Key",
-                    "in": "header",
-                    "required": False,
-                    "schema": {"type": "string", "maxLength": MAX_KEY},
-                }
-            ],
-            "requestBody": {
-                "required": True,
-                "content": {
-                    "application/json": {
-                        "schema": {
-                            "type": "object",
-                            "required": ["ids"],
-                            "properties": {
-                                "ids": {
-                                    "type": "array",
-                                    "minItems": 1,
-                                    "items": {"type": "string", "minLength": 1},
-                                }
-                            },
-                        }
-                    }
-                },
-            },
-            "responses": {
-                "201": {
-                    "description": "staging job created and queued",
-                    "content": {
-                        "application/json": {
-                            "schema": {
-                                "type": "object",
-                                "properties": {"request_id": {"type": "string", "format": "uuid"}},
-                            }
-                        }
-                    },
-                },
-                "400": {**_ERROR, "description": "malformed body or invalid ids"},
-                "404": {**_ERROR, "description": "ids that name no file (listed in 'unresolved')"},
-                "413": {**_ERROR, "description": "body too large"},
-                "422": {**_ERROR, "description": "Idempotency-Key reused with other ids"},
-                "503": {**_ERROR, "description": "staging is not configured"},
-            },
-        },
-        "get": {
-            "summary": "Status of a staging request",
-            "parameters": [{"name": "id", "in": "query", **_ID_PARAM}],
-            "responses": _STATUS_RESPONSES,
-        },
-    },
-    "/dts/staging/{id}": {
-        "get": {
-            "summary": "Status of a staging request",
-            "parameters": [{"name": "id", "in": "path", **_ID_PARAM}],
-            "responses": _STATUS_RESPONSES,
-        },
-    },
-}

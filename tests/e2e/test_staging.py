@@ -209,8 +209,14 @@ def test_idempotency_key_returns_the_same_request(shared: tuple[Setup, Service])
 def test_openapi_lists_the_staging_routes(shared: tuple[Setup, Service]) -> None:
     _, svc = shared
     with svc.client() as c:
-        paths = c.get("/openapi.json").json()["paths"]
+        spec = c.get("/openapi.json").json()
+    paths = spec["paths"]
     assert "post" in paths["/dts/staging"] and "get" in paths["/dts/staging/{id}"]
+    post_errors = paths["/dts/staging"]["post"]["responses"]
+    assert "FilesNotFound" in post_errors["404"]["description"]
+    assert "RequestTooLarge" in post_errors["413"]["description"]
+    codes = spec["components"]["schemas"]["Error"]["properties"]["code"]["enum"]
+    assert {"InvalidRequest", "StagingRequestNotFound", "StagingNotConfigured"} <= set(codes)
 
 
 # -- with their own service -------------------------------------------------------------------
