@@ -70,6 +70,8 @@ def parse_ids(body: bytes, max_ids: int) -> list[str]:
         data = json.loads(body)
     except (UnicodeDecodeError, ValueError):
         raise bad('request body is not JSON; send {"ids": ["...", ...]}') from None
+    except RecursionError:  # arrays or objects nested thousands deep
+        raise bad("request body is nested too deeply") from None
     if not isinstance(data, dict):
         raise bad('request body must be a JSON object {"ids": ["...", ...]}')
     if "ids" not in data:
@@ -84,7 +86,18 @@ def parse_ids(body: bytes, max_ids: int) -> list[str]:
     for i, file_id in enumerate(ids):
         if not isinstance(file_id, str) or not file_id:
             raise bad(f"ids[{i}] is not a non-empty string")
+        if not _is_text(file_id):
+            raise bad(f"ids[{i}] is not Unicode text (it holds a lone surrogate escape)")
     return list(dict.fromkeys(ids))
+
+
+def _is_text(value: str) -> bool:
+    """JSON's \\ud800 escapes decode to strings no UTF-8 answer or file can hold."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def request_name(raw: str | None) -> str:

@@ -219,6 +219,32 @@ def test_openapi_lists_the_staging_routes(shared: tuple[Setup, Service]) -> None
     assert {"InvalidRequest", "StagingRequestNotFound", "StagingNotConfigured"} <= set(codes)
 
 
+def test_hostile_bodies_are_400_or_413_and_create_nothing(shared: tuple[Setup, Service]) -> None:
+    setup, svc = shared
+    before = setup.jobs()
+    deep = b"[" * 100_000 + b"]" * 100_000
+    with svc.client() as c:
+        for body, message in [
+            (deep, "nested too deeply"),
+            (b'{"ids": ' + deep + b"}", "nested too deeply"),
+            (b'{"ids": ["ok", "\\ud800"]}', "ids[1] is not Unicode text"),
+            (b'{"ids": [' + b"1" * 5000 + b"]}", "not JSON"),
+        ]:
+            r = c.post("/dts/staging", content=body)
+            assert r.status_code == 400, (body[:30], r.text)
+            assert r.json()["code"] == "InvalidRequest" and message in r.json()["message"]
+        limit = 10_000 * 4200  # max(1 MiB, staging-max-ids x 4200)
+        declared = c.post("/dts/staging", content=b" " * (limit + 1))
+        streamed = c.post(
+            "/dts/staging", content=iter([b" " * (1 << 20)] * (limit // (1 << 20) + 1))
+        )
+        for r in (declared, streamed):
+            assert r.status_code == 413 and r.json()["code"] == "RequestTooLarge", r.text
+        assert c.get("/healthz").status_code == 200
+    assert "Traceback" not in svc.log()
+    assert setup.jobs() == before
+
+
 # -- with their own service -------------------------------------------------------------------
 
 
