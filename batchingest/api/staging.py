@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import uuid
 from typing import Any
 
@@ -20,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Route
 
-from batchingest import jobfile
+from batchingest import fs, jobfile
 from batchingest.api.errors import ApiError
 from batchingest.api.idempotency import Idempotency, KeyContested
 from batchingest.config import Config
@@ -30,6 +31,8 @@ from batchingest.staging import (
     Progress,
     Resolver,
     StagingError,
+    body_limit,
+    is_staging_job,
     manifest_bytes,
     status,
     write_progress,
@@ -39,8 +42,6 @@ from batchingest.store import Job, JobBusy, Store
 log = logging.getLogger("batchingest.api.staging")
 
 MAX_KEY = 255
-# A request body may hold staging_max_ids ids of up to 4096 bytes each, JSON-quoted.
-BYTES_PER_ID = 4200
 
 
 # -- request parsing ------------------------------------------------------------------------
@@ -110,6 +111,38 @@ def request_name(raw: str | None) -> str:
         raise ApiError(400, "InvalidRequestId", f"not a UUID: {raw[:100]!r}") from None
 
 
+def idempotency_key(request: Request) -> str | None:
+    key = request.headers.get("idempotency-key")
+    if key is not None and (not key or len(key) > MAX_KEY):
+        raise ApiError(400, "InvalidRequest", f"Idempotency-Key must be 1-{MAX_KEY} characters")
+    return key
+
+
+def resolve(resolver: Resolver, ids: list[str]) -> list[Entry]:
+    """The manifest entries of ids; ApiError unless every id names a file."""
+    try:
+        entries, invalid, unresolved = resolver.resolve(ids)
+    except StagingError as e:
+        log.error("%s", e)
+        raise ApiError(503, "CatalogUnavailable", str(e)) from None
+    if invalid:
+        raise ApiError(
+            400,
+            "InvalidId",
+            f"{len(invalid)} ids are not valid archive paths (relative, no "
+            "'..', no hidden or empty segments)",
+            extra={"invalid": invalid},
+        )
+    if unresolved:
+        raise ApiError(
+            404,
+            "FilesNotFound",
+            f"{len(unresolved)} of {len(ids)} ids name no file in the archive",
+            extra={"unresolved": unresolved},
+        )
+    return entries
+
+
 # -- the routes -----------------------------------------------------------------------------
 
 
@@ -131,38 +164,15 @@ class StagingApi:
 
     async def create(self, request: Request) -> JSONResponse:
         resolver = self._enabled()
-        body = await read_body(request, max(1 << 20, self.cfg.staging_max_ids * BYTES_PER_ID))
+        body = await read_body(request, body_limit(self.cfg.staging_max_ids))
         ids = parse_ids(body, self.cfg.staging_max_ids)
-        key = request.headers.get("idempotency-key")
+        key = idempotency_key(request)
         fingerprint = hashlib.sha256(json.dumps(ids).encode()).hexdigest()
         if key is not None:
-            if not key or len(key) > MAX_KEY:
-                raise ApiError(
-                    400, "InvalidRequest", f"Idempotency-Key must be 1-{MAX_KEY} characters"
-                )
             existing = await run_in_threadpool(self.keys.lookup, key)
             if existing is not None:
                 return self._replay(existing, fingerprint)
-        try:
-            entries, invalid, unresolved = await run_in_threadpool(resolver.resolve, ids)
-        except StagingError as e:
-            log.error("%s", e)
-            raise ApiError(503, "CatalogUnavailable", str(e)) from None
-        if invalid:
-            raise ApiError(
-                400,
-                "InvalidId",
-                f"{len(invalid)} ids are not valid archive paths (relative, no "
-                "'..', no hidden or empty segments)",
-                extra={"invalid": invalid},
-            )
-        if unresolved:
-            raise ApiError(
-                404,
-                "FilesNotFound",
-                f"{len(unresolved)} of {len(ids)} ids name no file in the archive",
-                extra={"unresolved": unresolved},
-            )
+        entries = await run_in_threadpool(resolve, resolver, ids)
         request_id = str(uuid.uuid4())
         if key is not None:
             try:
@@ -214,12 +224,14 @@ class StagingApi:
         if not created:  # a UUID4 collision: never touch someone else's job
             raise OSError(f"job {name} exists")
         try:
-            jobfile.write_atomic(
-                job.path / MANIFEST,
-                manifest_bytes(entries, self.cfg.archive, self.cfg.staging, name),
-            )
+            manifest = manifest_bytes(entries, self.cfg.archive, self.cfg.staging, name)
             progress = Progress(files_total=len(entries), bytes_total=sum(e.size for e in entries))
-            write_progress(job.path, progress, durable=True)
+            job_fd = self.store.open_job(job)
+            try:
+                fs.write_atomic(job_fd, MANIFEST, manifest)
+                write_progress(job_fd, progress, durable=True)
+            finally:
+                os.close(job_fd)
             jobfile.save(job.path, jobfile.JobFile(todo=["stage"]))
             self.store.queue(name)
         except BaseException:
@@ -234,23 +246,31 @@ class StagingApi:
         return self._status(request.path_params.get("id"))
 
     def _status(self, raw: str | None) -> JSONResponse:
-        # Small reads only (a few stats, one small file), so it runs on the loop directly.
+        # Small bounded reads only (a few stats, one small file): on the loop directly.
         self._enabled()
         name = request_name(raw)
         try:
-            found = self.store.read(name, _status_of)
+            found = self.store.read(name, self._status_of)
         except JobBusy as e:
             raise ApiError(409, "JobBusy", str(e)) from None
         if found is None or found[1] is None:
             raise ApiError(404, "StagingRequestNotFound", f"no staging request {name}")
         return JSONResponse(found[1])
 
+    def _status_of(self, job: Job) -> dict[str, Any] | None:
+        """The status document of a staging job; None for a job that is not one.
 
-def _status_of(job: Job) -> dict[str, Any] | None:
-    """The status document of a staging job; None for a job that is not one."""
-    if not (job.path / MANIFEST).is_file():
-        return None
-    return status(job.path, job.state)
+        Its files are user input: read through the folder's descriptor, bounded, and
+        never following a link, so a FIFO or a huge PROGRESS.json cannot stall the loop.
+        """
+        try:
+            job_fd = self.store.open_job(job)
+        except OSError:
+            return None  # moved on meanwhile: Store.read looks again
+        try:
+            return status(job_fd, job.state) if is_staging_job(job_fd) else None
+        finally:
+            os.close(job_fd)
 
 
 def routes(cfg: Config, store: Store) -> list[BaseRoute]:
