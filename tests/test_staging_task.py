@@ -246,6 +246,18 @@ def test_leftover_temporary_files_are_removed(area: Area) -> None:
     assert (area.staging / "d" / "f").read_bytes() == b"data"
 
 
+def test_a_probe_left_by_a_killed_task_is_removed(area: Area) -> None:
+    """The test of unnamed files names one in the top folder for an instant."""
+    area.add("d/f", b"data")
+    area.manifest(["d/f"])
+    probe = area.staging / f"{TEMP_PREFIX}probe.77-0.tmp"
+    probe.write_bytes(b"")
+    os.utime(probe, (time.time() - 3600, time.time() - 3600))
+    code, out = area.run()
+    assert code == 0, out
+    assert not probe.exists() and "removed 1 temporary files" in out
+
+
 @pytest.mark.parametrize("unnamed", ["1", "0"])
 def test_killed_mid_copy_leaves_no_partial_file_and_rerun_finishes(
     area: Area, unnamed: str

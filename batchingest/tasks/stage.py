@@ -653,10 +653,13 @@ def record_error(job_fd: int, message: str) -> None:
 
 
 def sweep(staging: Path, entries: list[Entry], job: str) -> None:
-    """Remove leftovers of a killed copy, only in the folders this job stages into."""
+    """Remove leftovers of a killed copy, only in the folders this job stages into.
+
+    And in the staging area's top folder, where probe_unnamed names its test file.
+    """
     real_staging = os.path.realpath(staging)
     removed = 0
-    for parent in sorted({os.path.dirname(e.path) for e in entries}):
+    for parent in sorted({"", *(os.path.dirname(e.path) for e in entries)}):
         folder = os.path.realpath(os.path.join(staging, parent))
         if folder == real_staging or is_within(folder, real_staging):
             removed += remove_leftovers(folder, job)
