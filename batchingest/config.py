@@ -322,6 +322,10 @@ class Config:
             env["BATCHINGEST_ARCHIVE"] = str(self.archive)
         if self.staging is not None:
             env["BATCHINGEST_STAGING"] = str(self.staging)
+        if self.catalog is not None:  # the stage task resolves ids through it again
+            env["BATCHINGEST_CATALOG"] = str(self.catalog)
+        if self.staging_enabled:  # bounds the MANIFEST.json the stage task reads
+            env["BATCHINGEST_STAGING_MAX_IDS"] = str(self.staging_max_ids)
         env["BATCHINGEST_STAGE_PARALLEL"] = str(self.stage_parallel)
         env["BATCHINGEST_STAGE_VERIFY"] = "1" if self.stage_verify else "0"
         return env

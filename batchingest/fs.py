@@ -656,3 +656,40 @@ def one_name(name: str) -> str:
     if len(split(name)) != 1:
         raise UnsafePath(errno.EINVAL, "a name, not a path", name)
     return name
+
+
+# -- unnamed files and writeback, for copies into a staging area ---------------------------
+
+_linkat = getattr(_libc, "linkat", None)
+_AT_EMPTY_PATH = 0x1000
+_sync_file_range = getattr(_libc, "sync_file_range", None)
+if _sync_file_range is not None:
+    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def link_fd(fd: int, target: str | os.PathLike[str], how: str = "empty-path") -> None:
+    """Give the unnamed (O_TMPFILE) file fd the name target; FileExistsError if taken.
+
+    how is "empty-path" (linkat with AT_EMPTY_PATH: needs CAP_DAC_READ_SEARCH) or "proc"
+    (linking /proc/self/fd/N: needs /proc, fails across some container mounts). Like
+    link(2) it never replaces an existing name.
+    """
+    if how == "proc":
+        os.link(f"/proc/self/fd/{fd}", target, follow_symlinks=True)
+        return
+    if _linkat is None:
+        raise OSError(errno.ENOSYS, "no linkat on this system", str(target))
+    if _linkat(fd, b"", _AT_FDCWD, os.fsencode(target), _AT_EMPTY_PATH) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(target))
+
+
+def sync_file_range(fd: int, offset: int, length: int) -> bool:
+    """Start writing a range of fd to disk without waiting for it; False if unsupported.
+
+    A hint: write errors still surface at the fsync that follows.
+    """
+    if _sync_file_range is None:
+        return False
+    return int(_sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)) == 0

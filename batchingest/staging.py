@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from batchingest.jobfile import write_atomic
+from batchingest import fs
 from batchingest.runner import LOG_FILE
 
 log = logging.getLogger("batchingest.staging")
@@ -298,13 +298,53 @@ def manifest_bytes(
     return text.encode()
 
 
-def load_manifest(job_dir: Path) -> list[Entry]:
-    """Read and check a job's manifest; StagingError says what is wrong."""
+# Limits of what is read from a job folder (user input: a 96 MiB PROGRESS.json or a
+# MANIFEST.json linked to /dev/zero must be a clear error, not a stall).
+PROGRESS_LIMIT = 64 << 10  # a few numbers and one error message
+LOG_TAIL = 8192  # the status message is the LOG's last line, read from this much tail
+# The request body the API accepts: staging_max_ids ids of up to 4096 bytes each,
+# JSON-quoted, and at least 1 MiB.
+BYTES_PER_ID = 4200
+# A manifest line holds an id as it came in the body, a path (at most 4096 bytes, 8194
+# JSON-quoted) and a size.
+MANIFEST_BYTES_PER_FILE = 8300
+
+
+def body_limit(max_ids: int) -> int:
+    """The largest request body accepted with max_ids ids at most."""
+    return max(1 << 20, max_ids * BYTES_PER_ID)
+
+
+def manifest_limit(max_ids: int) -> int:
+    """The largest MANIFEST.json a request of at most max_ids ids can have produced."""
+    return (64 << 10) + body_limit(max_ids) + max_ids * MANIFEST_BYTES_PER_FILE
+
+
+def _unreadable(name: str, e: OSError) -> str:
+    """Why a file of a job folder cannot be read (a link, a FIFO, too large...)."""
+    return f"{name} cannot be read: {e.strerror or e}"
+
+
+def read_manifest(dir_fd: int, limit: int) -> bytes:
+    """The raw MANIFEST.json of the job folder dir_fd, no link followed, at most limit bytes."""
     try:
-        data = json.loads((job_dir / MANIFEST).read_bytes())
-    except FileNotFoundError:
-        raise StagingError(f"no {MANIFEST} in the job folder") from None
-    except (OSError, ValueError) as e:
+        raw = fs.read_file(dir_fd, MANIFEST, limit)
+    except OSError as e:
+        raise StagingError(_unreadable(MANIFEST, e)) from None
+    if raw is None:
+        raise StagingError(f"no {MANIFEST} in the job folder")
+    return raw
+
+
+def load_manifest(dir_fd: int, limit: int) -> list[Entry]:
+    """Read and check a job's manifest; StagingError says what is wrong."""
+    return parse_manifest(read_manifest(dir_fd, limit))
+
+
+def parse_manifest(raw: bytes) -> list[Entry]:
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as e:
         raise StagingError(f"{MANIFEST} cannot be read: {e}") from None
     files = data.get("files") if isinstance(data, dict) else None
     if not isinstance(files, list):
@@ -342,20 +382,30 @@ class Progress:
         }
 
 
-def write_progress(job_dir: Path, progress: Progress, *, durable: bool = False) -> None:
-    write_atomic(
-        job_dir / PROGRESS, (json.dumps(progress.to_json()) + "\n").encode(), durable=durable
-    )
+def write_progress(dir_fd: int, progress: Progress, *, durable: bool = False) -> None:
+    """Replace the PROGRESS.json of the job folder dir_fd (a link there is replaced too)."""
+    content = (json.dumps(progress.to_json()) + "\n").encode()
+    fs.write_atomic(dir_fd, PROGRESS, content, durable=durable)
 
 
-def read_progress(job_dir: Path) -> Progress | None:
-    """The job's progress, or None if there is none or it is unreadable."""
+def load_progress(dir_fd: int) -> Progress | None:
+    """The job's progress, None if there is none; StagingError if it cannot be read.
+
+    Unknown or malformed fields read as 0 (and no error), so a hand-edited file still
+    gives a status.
+    """
     try:
-        data = json.loads((job_dir / PROGRESS).read_bytes())
-    except (OSError, ValueError):
+        raw = fs.read_file(dir_fd, PROGRESS, PROGRESS_LIMIT)
+    except OSError as e:
+        raise StagingError(_unreadable(PROGRESS, e)) from None
+    if raw is None:
         return None
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise StagingError(f"{PROGRESS} is not JSON") from None
     if not isinstance(data, dict):
-        return None
+        raise StagingError(f"{PROGRESS} is not a JSON object")
     p = Progress()
     for name in ("files_total", "files_staged", "bytes_total", "bytes_staged"):
         value = data.get(name)
@@ -366,21 +416,28 @@ def read_progress(job_dir: Path) -> Progress | None:
     return p
 
 
-def last_log_line(job_dir: Path, limit: int = 8192) -> str | None:
+def read_progress(dir_fd: int) -> Progress | None:
+    """The job's progress, or None if there is none or it is unreadable."""
+    try:
+        return load_progress(dir_fd)
+    except StagingError:
+        return None
+
+
+def last_log_line(dir_fd: int, limit: int = LOG_TAIL) -> str | None:
     """The last line a task wrote to the job's LOG, reading only its tail.
 
     The service's own `---- task X: error, exit status 1 ----` markers say less than
     the task's last words, so they are used only when the task said nothing.
     """
     try:
-        with open(job_dir / LOG_FILE, "rb") as f:
-            size = f.seek(0, os.SEEK_END)
-            f.seek(max(0, size - limit))
-            tail = f.read()
-    except OSError:
+        found = fs.read_tail(dir_fd, LOG_FILE, limit)
+    except OSError:  # a link, a FIFO, a folder: no words to show
+        return None
+    if found is None:
         return None
     marker = None
-    for line in reversed(tail.decode("utf-8", "replace").splitlines()):
+    for line in reversed(found[0].decode("utf-8", "replace").splitlines()):
         line = line.strip()
         if not line:
             continue
@@ -393,8 +450,9 @@ def last_log_line(job_dir: Path, limit: int = 8192) -> str | None:
     return marker[:2000] if marker else None
 
 
-# The DTS knows "ready" (done) and keeps polling anything else, so a failure says "failed".
-STATUS_OF_STATE = {
+# The staging status (what the DTS is told) of a job in each state. The DTS knows "ready"
+# (done) and keeps polling anything else, so a failure says "failed".
+STAGING_STATUS_OF_STATE = {
     "data": "staging",
     "queue": "staging",
     "processing": "staging",
@@ -403,10 +461,19 @@ STATUS_OF_STATE = {
 }
 
 
-def status(job_dir: Path, state: str) -> dict[str, Any]:
-    """The DTS status document of a staging job in the given state."""
-    progress = read_progress(job_dir) or Progress()
-    result: dict[str, Any] = {"status": STATUS_OF_STATE[state]}
+def is_staging_job(dir_fd: int) -> bool:
+    """A job with a MANIFEST.json entry (of any kind: a bad one fails the stage task)."""
+    return fs.lstat(dir_fd, MANIFEST) is not None
+
+
+def status(dir_fd: int, state: str) -> dict[str, Any]:
+    """The DTS status document of the staging job in the folder dir_fd, in state."""
+    problem = None
+    try:
+        progress = load_progress(dir_fd) or Progress()
+    except StagingError as e:
+        progress, problem = Progress(), str(e)
+    result: dict[str, Any] = {"status": STAGING_STATUS_OF_STATE[state]}
     if state == "success":
         # The job finished every task: all files are there, whatever a replacement
         # stage task wrote (or did not write) as progress.
@@ -420,6 +487,9 @@ def status(job_dir: Path, state: str) -> dict[str, Any]:
     )
     if state == "error":
         result["message"] = (
-            progress.error or last_log_line(job_dir) or "staging failed (no message in the LOG)"
+            progress.error
+            or last_log_line(dir_fd)
+            or problem
+            or "staging failed (no message in the LOG)"
         )
     return result

@@ -194,12 +194,16 @@ def test_task_env(tmp_path: Path) -> None:
         "--staging",
         "/stage",
         "--stage-verify",
+        "--catalog",
+        "/cat.tsv",
         BATCHINGEST_STAGE_PARALLEL="8",
     )
     assert cfg.staging_enabled
     assert cfg.task_env() == {
         "BATCHINGEST_ARCHIVE": "/arch",
         "BATCHINGEST_STAGING": "/stage",
+        "BATCHINGEST_CATALOG": "/cat.tsv",
+        "BATCHINGEST_STAGING_MAX_IDS": "10000",
         "BATCHINGEST_STAGE_PARALLEL": "8",
         "BATCHINGEST_STAGE_VERIFY": "1",
     }

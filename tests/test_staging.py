@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import string
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -14,19 +17,33 @@ from hypothesis import strategies as st
 
 from batchingest.staging import (
     MANIFEST,
+    PROGRESS_LIMIT,
     Catalog,
+    Entry,
     InvalidPath,
     Progress,
     Resolver,
     StagingError,
+    body_limit,
     check_relpath,
     last_log_line,
     load_manifest,
     manifest_bytes,
+    manifest_limit,
     read_progress,
     status,
     write_progress,
 )
+
+
+@contextmanager
+def opened(folder: Path) -> Iterator[int]:
+    """A descriptor of a job folder, as the API and the stage task hold one."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
 
 
 @pytest.fixture
@@ -155,7 +172,8 @@ def test_manifest_round_trip(areas: tuple[Path, Path], tmp_path: Path) -> None:
     data = json.loads((job / MANIFEST).read_bytes())
     assert data["files_total"] == 2 and data["bytes_total"] == 13
     assert data["archive"] == str(archive) and data["request_id"] == "rid"
-    assert load_manifest(job) == entries
+    with opened(job) as fd:
+        assert load_manifest(fd, 1 << 20) == entries
 
 
 @pytest.mark.parametrize(
@@ -165,50 +183,124 @@ def test_manifest_round_trip(areas: tuple[Path, Path], tmp_path: Path) -> None:
 )  # fmt: skip
 def test_bad_manifests_are_refused(tmp_path: Path, content: str) -> None:
     (tmp_path / MANIFEST).write_text(content)
-    with pytest.raises(StagingError, match="MANIFEST"):
-        load_manifest(tmp_path)
+    with opened(tmp_path) as fd, pytest.raises(StagingError, match="MANIFEST"):
+        load_manifest(fd, 1 << 20)
 
 
 def test_status_of_each_state(tmp_path: Path) -> None:
-    write_progress(tmp_path, Progress(3, 1, 300, 100))
-    for state in ("data", "queue", "processing"):
-        assert status(tmp_path, state) == {
-            "status": "staging",
-            "files_total": 3,
-            "files_staged": 1,
-            "bytes_total": 300,
-            "bytes_staged": 100,
-        }
-    ready = status(tmp_path, "success")
-    assert ready["status"] == "ready" and ready["files_staged"] == 3
-    assert ready["bytes_staged"] == 300
-    # no error recorded: the task's last LOG line, not the service's marker
-    (tmp_path / "LOG").write_text(
-        "2026-01-01T00:00:00.000Z batchingest: ---- task stage: begin ----\n"
-        "tape library says no\n\n"
-        "2026-01-01T00:00:01.000Z batchingest: ---- task stage: error, exit status 3 ----\n"
-    )
-    failed = status(tmp_path, "error")
-    assert failed["status"] == "failed" and failed["message"] == "tape library says no"
-    write_progress(tmp_path, Progress(3, 1, 300, 100, error="p/a: vanished from the archive"))
-    assert status(tmp_path, "error")["message"] == "p/a: vanished from the archive"
+    with opened(tmp_path) as fd:
+        write_progress(fd, Progress(3, 1, 300, 100))
+        for state in ("data", "queue", "processing"):
+            assert status(fd, state) == {
+                "status": "staging",
+                "files_total": 3,
+                "files_staged": 1,
+                "bytes_total": 300,
+                "bytes_staged": 100,
+            }
+        ready = status(fd, "success")
+        assert ready["status"] == "ready" and ready["files_staged"] == 3
+        assert ready["bytes_staged"] == 300
+        # no error recorded: the task's last LOG line, not the service's marker
+        (tmp_path / "LOG").write_text(
+            "2026-01-01T00:00:00.000Z batchingest: ---- task stage: begin ----\n"
+            "tape library says no\n\n"
+            "2026-01-01T00:00:01.000Z batchingest: ---- task stage: error, exit status 3 ----\n"
+        )
+        failed = status(fd, "error")
+        assert failed["status"] == "failed" and failed["message"] == "tape library says no"
+        write_progress(fd, Progress(3, 1, 300, 100, error="p/a: vanished from the archive"))
+        assert status(fd, "error")["message"] == "p/a: vanished from the archive"
 
 
 def test_last_log_line_falls_back_to_the_marker(tmp_path: Path) -> None:
-    assert last_log_line(tmp_path) is None
-    (tmp_path / "LOG").write_text(
-        "old output\nT batchingest: ---- task stage: begin ----\n"
-        "T batchingest: ---- task stage: error, timed out after 5 s (5.0 s) ----\n"
-    )
-    assert last_log_line(tmp_path) == (
-        "T batchingest: ---- task stage: error, timed out after 5 s (5.0 s) ----"
-    )
+    with opened(tmp_path) as fd:
+        assert last_log_line(fd) is None
+        (tmp_path / "LOG").write_text(
+            "old output\nT batchingest: ---- task stage: begin ----\n"
+            "T batchingest: ---- task stage: error, timed out after 5 s (5.0 s) ----\n"
+        )
+        assert last_log_line(fd) == (
+            "T batchingest: ---- task stage: error, timed out after 5 s (5.0 s) ----"
+        )
 
 
 def test_garbage_progress_reads_as_none(tmp_path: Path) -> None:
-    (tmp_path / "PROGRESS.json").write_text("{not json")
-    assert read_progress(tmp_path) is None
-    (tmp_path / "PROGRESS.json").write_text('{"files_total": -1, "files_staged": "x"}')
-    p = read_progress(tmp_path)
-    assert p is not None and p.files_total == 0 and p.files_staged == 0
-    assert status(tmp_path, "queue")["files_total"] == 0
+    with opened(tmp_path) as fd:
+        (tmp_path / "PROGRESS.json").write_text("{not json")
+        assert read_progress(fd) is None
+        (tmp_path / "PROGRESS.json").write_text('{"files_total": -1, "files_staged": "x"}')
+        p = read_progress(fd)
+        assert p is not None and p.files_total == 0 and p.files_staged == 0
+        assert status(fd, "queue")["files_total"] == 0
+
+
+# -- job files are user input: links, FIFOs, huge files -------------------------------------
+
+
+def test_status_never_follows_links_out_of_the_job(tmp_path: Path) -> None:
+    job, outside = tmp_path / "job", tmp_path / "outside"
+    job.mkdir()
+    outside.mkdir()
+    (outside / "p.json").write_text(json.dumps(Progress(7, 7, 70, 70, "not ours").to_json()))
+    (outside / "LOG").write_text("a secret line\n")
+    (job / "PROGRESS.json").symlink_to(outside / "p.json")
+    (job / "LOG").symlink_to(outside / "LOG")
+    with opened(job) as fd:
+        assert status(fd, "queue")["files_total"] == 0
+        failed = status(fd, "error")
+    assert failed["files_total"] == 0
+    assert failed["message"].startswith("PROGRESS.json cannot be read: a symbolic link")
+    assert "secret" not in failed["message"] and "not ours" not in failed["message"]
+
+
+def test_status_of_a_fifo_or_huge_progress_does_not_hang(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "PROGRESS.json")
+    os.mkfifo(tmp_path / "LOG")  # opened by nobody else: reading it would block for ever
+    with opened(tmp_path) as fd:
+        assert status(fd, "processing")["status"] == "staging"
+        failed = status(fd, "error")
+        assert "PROGRESS.json cannot be read: not a regular file (named pipe)" in failed["message"]
+        os.unlink(tmp_path / "PROGRESS.json")
+        big = Progress(1, 1, 1, 1, error="x" * (PROGRESS_LIMIT + 1))
+        (tmp_path / "PROGRESS.json").write_text(json.dumps(big.to_json()))
+        failed = status(fd, "error")
+    assert failed["message"] == f"PROGRESS.json cannot be read: larger than {PROGRESS_LIMIT} bytes"
+    assert failed["files_total"] == 0
+
+
+@pytest.mark.parametrize(
+    ("make", "expect"),
+    [("link", "a symbolic link is in the way"),
+     ("fifo", "not a regular file (named pipe)"),
+     ("folder", "not a regular file (folder)"),
+     ("big", "larger than 1000 bytes"),
+     ("nested", "MANIFEST.json cannot be read: maximum recursion depth")],
+)  # fmt: skip
+def test_unsafe_manifests_are_clear_errors(tmp_path: Path, make: str, expect: str) -> None:
+    job = tmp_path / "job"
+    job.mkdir()
+    other = tmp_path / "other.json"
+    other.write_text('{"files": [{"id": "a", "path": "a", "size": 1}]}')
+    if make == "link":
+        (job / MANIFEST).symlink_to(other)
+    elif make == "fifo":
+        os.mkfifo(job / MANIFEST)
+    elif make == "folder":
+        (job / MANIFEST).mkdir()
+    elif make == "big":
+        (job / MANIFEST).write_text('{"files": []}' + " " * 1000)
+    else:
+        (job / MANIFEST).write_text('{"files": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with opened(job) as fd, pytest.raises(StagingError, match=re.escape(expect)):
+        load_manifest(fd, 1000 if make == "big" else 1 << 20)
+
+
+def test_manifest_limit_holds_the_largest_request(tmp_path: Path) -> None:
+    """The stage task's limit fits any manifest the API writes for max_ids ids."""
+    longest = "/".join(["\u00e9" * 127 + '"'] * 16)[:2000]  # 4 KiB of UTF-8, quotes to escape
+    entries = [Entry(longest + str(i), longest + str(i), 10**15) for i in range(50)]
+    raw = manifest_bytes(entries, tmp_path / ("a" * 4000), tmp_path / ("s" * 4000), "rid")
+    assert len(raw) <= manifest_limit(50)
+    body = json.dumps({"ids": [e.id for e in entries]}).encode()  # the request it came from
+    assert len(body) <= body_limit(50)

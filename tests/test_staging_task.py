@@ -15,7 +15,14 @@ from pathlib import Path
 import pytest
 from service import copies_in_flight, wait_for
 
-from batchingest.staging import MANIFEST, TEMP_PREFIX, Resolver, manifest_bytes, read_progress
+from batchingest.staging import (
+    MANIFEST,
+    TEMP_PREFIX,
+    Progress,
+    Resolver,
+    manifest_bytes,
+    read_progress,
+)
 
 
 class Area:
@@ -64,6 +71,13 @@ class Area:
     def in_flight(self) -> list[str]:
         return copies_in_flight(self.staging)
 
+    def progress(self) -> Progress | None:
+        fd = os.open(self.job, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            return read_progress(fd)
+        finally:
+            os.close(fd)
+
 
 @pytest.fixture
 def area(tmp_path: Path) -> Area:
@@ -90,7 +104,7 @@ def test_stages_files_identically_and_skips_them_next_time(area: Area, unnamed: 
         assert dst.stat().st_mode == src.stat().st_mode
         assert f"copied {rel} " in out
     assert area.temps() == []
-    progress = read_progress(area.job)
+    progress = area.progress()
     assert progress is not None and progress.error is None
     assert progress.files_staged == progress.files_total == 22
     assert (
@@ -122,7 +136,7 @@ def test_vanished_file_fails_naming_it_and_rerun_finishes(area: Area) -> None:
     code, out = area.run()
     assert code == 1
     assert "a/f3: vanished from the archive" in out
-    progress = read_progress(area.job)
+    progress = area.progress()
     assert progress is not None and progress.error is not None
     assert progress.error.startswith("a/f3: vanished from the archive")
     assert progress.files_staged == 9
@@ -135,7 +149,7 @@ def test_vanished_file_fails_naming_it_and_rerun_finishes(area: Area) -> None:
     assert code == 0, out
     assert out.count("\nalready staged a/") == 9 and "copied a/f3 " in out
     assert (area.staging / "a" / "f9").stat().st_ino == inode
-    progress = read_progress(area.job)
+    progress = area.progress()
     assert progress is not None and progress.error is None and progress.files_staged == 10
 
 
@@ -177,7 +191,7 @@ def test_verify_mismatch_fails_naming_the_file_and_keeps_no_copy(area: Area, unn
     assert "ERROR stage failed" in out
     assert area.temps() == [] and area.in_flight() == []
     assert (area.staging / rels[0]).read_bytes() == (area.archive / rels[0]).read_bytes()
-    progress = read_progress(area.job)
+    progress = area.progress()
     assert progress is not None and progress.error is not None
     assert "SHA-256 mismatch" in progress.error and "(and 1 more)" in progress.error
     assert progress.files_staged == 1
@@ -230,6 +244,18 @@ def test_leftover_temporary_files_are_removed(area: Area) -> None:
     assert not mine.exists() and not stale.exists()
     assert fresh.exists() and live.exists()
     assert (area.staging / "d" / "f").read_bytes() == b"data"
+
+
+def test_a_probe_left_by_a_killed_task_is_removed(area: Area) -> None:
+    """The test of unnamed files names one in the top folder for an instant."""
+    area.add("d/f", b"data")
+    area.manifest(["d/f"])
+    probe = area.staging / f"{TEMP_PREFIX}probe.77-0.tmp"
+    probe.write_bytes(b"")
+    os.utime(probe, (time.time() - 3600, time.time() - 3600))
+    code, out = area.run()
+    assert code == 0, out
+    assert not probe.exists() and "removed 1 temporary files" in out
 
 
 @pytest.mark.parametrize("unnamed", ["1", "0"])
@@ -302,7 +328,7 @@ def test_bad_manifest_fails_before_copying(area: Area, manifest: str | None, exp
     code, out = area.run()
     assert code == 2
     assert expect in out
-    progress = read_progress(area.job)
+    progress = area.progress()
     assert progress is not None and progress.error is not None and expect in progress.error
     assert list(area.staging.iterdir()) == []
 
@@ -329,7 +355,7 @@ def test_full_staging_area_fails_naming_the_file(area: Area) -> None:
         code, out = area.run(BATCHINGEST_STAGE_PARALLEL="1")
         assert code == 1
         assert "s/huge: staging area: No space left on device" in out
-        progress = read_progress(area.job)
+        progress = area.progress()
         assert progress is not None and progress.error is not None
         assert "No space left on device" in progress.error
         assert area.temps() == []
@@ -354,3 +380,66 @@ def test_many_small_files_under_a_low_descriptor_limit(area: Area) -> None:
     assert p.returncode == 0, p.stdout + p.stderr
     for i, rel in enumerate(rels):
         assert (area.staging / rel).read_bytes() == str(i).encode()
+
+
+# -- the job folder is user input ---------------------------------------------------------------
+
+
+def test_manifest_link_is_refused_not_followed(area: Area, tmp_path: Path) -> None:
+    """A job copied in with `cp -r` keeps links: its MANIFEST.json may lead anywhere."""
+    area.add("secret/s.txt", b"secret")
+    elsewhere = tmp_path / "elsewhere.json"
+    entries, _, _ = Resolver(area.archive).resolve(["secret/s.txt"])
+    elsewhere.write_bytes(manifest_bytes(entries, area.archive, area.staging, "x"))
+    (area.job / MANIFEST).symlink_to(elsewhere)
+    code, out = area.run()
+    assert code == 2, out
+    assert "ERROR stage: MANIFEST.json cannot be read: a symbolic link is in the way" in out
+    assert list(area.staging.iterdir()) == []
+    progress = area.progress()
+    assert progress is not None and progress.error is not None
+    assert "symbolic link" in progress.error
+
+
+def test_manifest_fifo_or_too_big_fails_at_once(area: Area) -> None:
+    os.mkfifo(area.job / MANIFEST)
+    code, out = area.run()  # a blocking read of the FIFO would hang here
+    assert code == 2 and "not a regular file (named pipe)" in out
+    os.unlink(area.job / MANIFEST)
+    # one id at most: 64 KiB + 1 MiB of body + 8,300 bytes
+    (area.job / MANIFEST).write_bytes(b'{"files": []}' + b" " * (2 << 20))
+    code, out = area.run(BATCHINGEST_STAGING_MAX_IDS="1")
+    assert code == 2 and "MANIFEST.json cannot be read: larger than" in out
+
+
+def test_progress_that_cannot_be_written_is_a_clear_error(area: Area) -> None:
+    area.add("f", b"x")
+    area.manifest(["f"])
+    (area.job / "PROGRESS.json").mkdir()
+    (area.job / "PROGRESS.json" / "x").write_text("in the way")
+    code, out = area.run()
+    assert code == 2, out
+    assert "ERROR stage: PROGRESS.json cannot be written" in out
+    assert "Traceback" not in out
+    assert not (area.staging / "f").exists()
+
+
+def test_with_a_catalog_only_catalog_ids_are_staged(area: Area, tmp_path: Path) -> None:
+    """A hand-made manifest's paths are ignored: ids are resolved through the catalog."""
+    area.add("public/p.txt", b"public")
+    area.add("private/s.txt", b"secret")
+    catalog = tmp_path / "catalog.tsv"
+    catalog.write_text("id-public\tpublic/p.txt\n")
+    (area.job / MANIFEST).write_text(json.dumps({"files": [
+        {"id": "id-public", "path": "private/s.txt", "size": 6},  # the path is a lie
+        {"id": "private/s.txt", "path": "private/s.txt", "size": 6},  # not a catalog id
+    ]}))  # fmt: skip
+    code, out = area.run(BATCHINGEST_CATALOG=str(catalog))
+    assert code == 1, out
+    assert "ERROR id 'private/s.txt': not in the catalog" in out
+    assert "1 of 2 paths in MANIFEST.json differ from the catalog" in out
+    assert (area.staging / "public" / "p.txt").read_bytes() == b"public"
+    assert not (area.staging / "private").exists()
+    progress = area.progress()
+    assert progress is not None and progress.files_total == 2 and progress.files_staged == 1
+    assert progress.error == "id 'private/s.txt': not in the catalog"

@@ -35,13 +35,7 @@ from starlette.routing import BaseRoute, Route
 
 from batchingest import fs
 from batchingest.api.errors import ApiError
-from batchingest.api.staging import (
-    StagingApi,
-    parse_ids,
-    read_body,
-    requester_details,
-    status_document,
-)
+from batchingest.api.staging import StagingApi, parse_ids, read_body, requester_details
 from batchingest.store import Store
 
 # The JDP words for a staging job's folder; error/ has none (see the module docstring).
@@ -157,9 +151,7 @@ def routes(staging: StagingApi, store: Store) -> list[BaseRoute]:
         staging.enabled()
         number = request_number(request.path_params["n"])
         name = await run_in_threadpool(numbers.lookup, number)
-        document = (
-            None if name is None else await run_in_threadpool(status_document, staging.store, name)
-        )
+        document = None if name is None else await run_in_threadpool(staging.status_document, name)
         if document is None:
             raise ApiError(404, "StagingRequestNotFound", f"no staging request {number}")
         state, doc = document

@@ -30,6 +30,19 @@ ERRORS = {
     "RangeNotSatisfiable": "416: the Range starts beyond the end of the file",
     "InsufficientStorage": "507: the disk is full; nothing was changed",
     "InternalError": "500: unexpected; the log has the request id",
+    # the /dts/staging routes
+    "InvalidRequest": '400: the body is not {"ids": [...]} with 1 to staging-max-ids '
+    "non-empty strings, or the Idempotency-Key is not 1-255 characters",
+    "InvalidId": "400: ids that can never be archive paths, listed in 'invalid' (no catalog)",
+    "InvalidRequestId": "400: the staging request id is missing or not a UUID",
+    "FilesNotFound": "404: ids naming no file in the archive, listed in 'unresolved'",
+    "StagingRequestNotFound": "404: no staging request with this id",
+    "IdempotencyConflict": "409: another request is claiming the same Idempotency-Key",
+    "RequestTooLarge": "413: a body over max(1 MiB, staging-max-ids x 4200 bytes)",
+    "IdempotencyKeyReused": "422: the Idempotency-Key was used for other ids",
+    "StagingRequestFailed": "500: the staging job could not be created",
+    "StagingNotConfigured": "503: the service runs without --archive and --staging",
+    "CatalogUnavailable": "503: the catalog file cannot be read",
 }
 
 _ERROR_SCHEMA = {
@@ -265,8 +278,81 @@ def _paths() -> dict[str, Any]:
     }
 
 
+_STAGING_STATUS = {
+    "type": "object",
+    "required": ["status", "files_total", "files_staged", "bytes_total", "bytes_staged"],
+    "properties": {
+        "status": {"type": "string", "enum": ["staging", "ready", "failed"]},
+        "files_total": {"type": "integer"},
+        "files_staged": {"type": "integer"},
+        "bytes_total": {"type": "integer"},
+        "bytes_staged": {"type": "integer"},
+        "message": {"type": "string", "description": "why it failed (only when failed)"},
+    },
+}
+_STAGING_IDS = {
+    "type": "object",
+    "required": ["ids"],
+    "properties": {
+        "ids": {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}}
+    },
+}
+_REQUEST_ID = {"type": "object", "properties": {"request_id": {"type": "string", "format": "uuid"}}}
+
+
+def _staging_paths() -> dict[str, Any]:
+    """The DTS staging provider's routes (batchingest/api/staging.py)."""
+    status_responses = {
+        "200": _json(_STAGING_STATUS, "status of the staging request"),
+        **_errors("InvalidRequestId", "StagingRequestNotFound", "JobBusy", "StagingNotConfigured"),
+    }
+    request_id = {"required": True, "schema": {"type": "string", "format": "uuid"}}
+    key = _param("Idempotency-Key", "header", "1-255 characters; the same key within 24 h "
+                 "returns the same request_id")  # fmt: skip
+    key["schema"]["maxLength"] = 255
+    return {
+        "/dts/staging": {
+            "post": {
+                "summary": "Ask for files to be copied from the archive into the staging area",
+                "parameters": [key],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _STAGING_IDS}},
+                },
+                "responses": {
+                    "201": _json(_REQUEST_ID, "staging job created and queued"),
+                    **_errors(
+                        "InvalidRequest",
+                        "InvalidId",
+                        "FilesNotFound",
+                        "IdempotencyConflict",
+                        "RequestTooLarge",
+                        "IdempotencyKeyReused",
+                        "StagingRequestFailed",
+                        "StagingNotConfigured",
+                        "CatalogUnavailable",
+                    ),
+                },
+            },
+            "get": {
+                "summary": "Status of a staging request",
+                "parameters": [{"name": "id", "in": "query", **request_id}],
+                "responses": status_responses,
+            },
+        },
+        "/dts/staging/{id}": {
+            "get": {
+                "summary": "Status of a staging request",
+                "parameters": [{"name": "id", "in": "path", **request_id}],
+                "responses": status_responses,
+            },
+        },
+    }
+
+
 def spec(version: str, extra_paths: dict[str, Any] | None = None) -> dict[str, Any]:
     paths = _paths()
+    paths.update(_staging_paths())
     paths.update(extra_paths or {})
     return {
         "openapi": "3.1.0",

@@ -22,7 +22,6 @@ named. A final syncfs makes the names durable before the task reports success.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fcntl
 import hashlib
@@ -39,16 +38,21 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from batchingest import fs
 from batchingest.config import env_bool
 from batchingest.staging import (
+    MANIFEST,
+    PROGRESS,
     TEMP_PREFIX,
     TEMP_SUFFIX,
+    Catalog,
     Entry,
     Progress,
     RealDirs,
     StagingError,
     is_within,
     load_manifest,
+    manifest_limit,
     read_progress,
     write_progress,
 )
@@ -64,9 +68,6 @@ STALE_AFTER = 60.0
 # Errors that are about the staging area, not one source file: stop at once.
 TARGET_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_syncfs = getattr(_libc, "syncfs", None)
-
 
 class SourceError(Exception):
     """One archive file cannot be staged (vanished, unreadable, changed, mismatch)."""
@@ -77,19 +78,12 @@ class TargetError(Exception):
 
 
 def syncfs(path: str) -> bool:
-    """Flush the file system holding path; False if this system has no syncfs."""
-    if _syncfs is None:
-        return False
+    """Flush the file system holding the folder path; False if this system has no syncfs."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        if _syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            if err in (errno.ENOSYS, errno.EINVAL):
-                return False
-            raise OSError(err, os.strerror(err), path)
+        return fs.syncfs(fd)
     finally:
         os.close(fd)
-    return True
 
 
 _FALLBACK_ERRNOS = (
@@ -134,12 +128,6 @@ def copy_fd(src: int, dst: int, size: int) -> int:
     return 0
 
 
-_sync_file_range = getattr(_libc, "sync_file_range", None)
-if _sync_file_range is not None:
-    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-_SYNC_FILE_RANGE_WRITE = 2
-
-
 def copy_range(src: int, dst: int, offset: int, length: int) -> int:
     """Copy one piece of a large file at its offset, then start writing it to disk.
 
@@ -152,8 +140,7 @@ def copy_range(src: int, dst: int, offset: int, length: int) -> int:
         if n == 0:
             break
         done += n
-    if _sync_file_range is not None:
-        _sync_file_range(dst, offset, done, _SYNC_FILE_RANGE_WRITE)  # a hint: errors come later
+    fs.sync_file_range(dst, offset, done)  # a hint: errors come at the fsync
     return done
 
 
@@ -198,22 +185,6 @@ def temp_name(job: str) -> str:
     return f"{TEMP_PREFIX}{job}.{_RUN}-{next(_temp_ids)}{TEMP_SUFFIX}"
 
 
-_linkat = getattr(_libc, "linkat", None)
-_AT_FDCWD = -100
-_AT_EMPTY_PATH = 0x1000
-
-
-def link_fd(fd: int, target: str, how: str) -> None:
-    """Give the unnamed (O_TMPFILE) file fd the name target; FileExistsError if taken."""
-    if how == "empty-path":
-        assert _linkat is not None
-        if _linkat(fd, b"", _AT_FDCWD, os.fsencode(target), _AT_EMPTY_PATH) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), target)
-    else:
-        os.link(f"/proc/self/fd/{fd}", target, follow_symlinks=True)
-
-
 def probe_unnamed(folder: str) -> str | None:
     """How unnamed temporary files get a name in folder's file system, or None.
 
@@ -230,11 +201,9 @@ def probe_unnamed(folder: str) -> str | None:
         return None
     try:
         for how in ("empty-path", "proc"):
-            if how == "empty-path" and _linkat is None:
-                continue
             name = os.path.join(folder, temp_name("probe"))
             try:
-                link_fd(fd, name, how)
+                fs.link_fd(fd, name, how)
             except OSError:
                 continue
             _unlink(name)
@@ -350,10 +319,10 @@ class Stager:
             sys.stdout.write("\n".join(lines) + "\n")
             sys.stdout.flush()
 
-    def save(self, job_dir: Path) -> None:
+    def save(self, job_fd: int) -> None:
         with self.lock:
             snapshot = Progress(**vars(self.progress))
-        write_progress(job_dir, snapshot)
+        write_progress(job_fd, snapshot)
 
     def done(self, entry: Entry, how: str) -> None:
         with self.lock:
@@ -366,9 +335,12 @@ class Stager:
             self.out.append(f"{how} {entry.path} ({entry.size} bytes)")
 
     def fail(self, entry: Entry, reason: str) -> None:
+        self.problem(f"{entry.path}: {reason}")
+
+    def problem(self, text: str) -> None:
         with self.lock:
-            self.errors.append(f"{entry.path}: {reason}")
-            self.out.append(f"ERROR {entry.path}: {reason}")
+            self.errors.append(text)
+            self.out.append(f"ERROR {text}")
 
     def target_dir(self, rel: str) -> Folder:
         """The real folder the target of rel goes into, created if need be, inside staging."""
@@ -499,11 +471,11 @@ class Stager:
                 else:
                     assert self.linker is not None
                     try:
-                        link_fd(p.fd, p.target, self.linker)
+                        fs.link_fd(p.fd, p.target, self.linker)
                     except FileExistsError:
                         # an older copy is there: replace it in one rename
                         p.tmp = os.path.join(os.path.dirname(p.target), temp_name(self.job))
-                        link_fd(p.fd, p.tmp, self.linker)
+                        fs.link_fd(p.fd, p.tmp, self.linker)
                         os.rename(p.tmp, p.target)
                         p.tmp = ""
             except OSError as e:
@@ -606,6 +578,30 @@ def _env_path(name: str) -> Path:
     return path
 
 
+@dataclass
+class Settings:
+    """The task's settings, all from its environment (never from the manifest)."""
+
+    archive: Path
+    staging: Path
+    catalog: Path | None
+    max_ids: int
+    parallel: int
+    verify: bool
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        catalog = os.environ.get("BATCHINGEST_CATALOG")
+        return cls(
+            archive=_env_path("BATCHINGEST_ARCHIVE"),
+            staging=_env_path("BATCHINGEST_STAGING"),
+            catalog=Path(catalog) if catalog else None,
+            max_ids=max(1, _env_int("BATCHINGEST_STAGING_MAX_IDS", 10_000)),
+            parallel=max(1, _env_int("BATCHINGEST_STAGE_PARALLEL", 4)),
+            verify=_env_flag("BATCHINGEST_STAGE_VERIFY", False),
+        )
+
+
 def _env_flag(name: str, default: bool) -> bool:
     """A boolean read as the service reads it (config.env_bool), so "no" means off."""
     try:
@@ -614,41 +610,74 @@ def _env_flag(name: str, default: bool) -> bool:
         raise StagingError(str(e)) from None
 
 
-def run(job_dir: Path) -> int:
-    """Stage the job's manifest; return the exit status."""
-    job = os.environ.get("JOBNAME") or job_dir.name
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name) or str(default)
     try:
-        archive = _env_path("BATCHINGEST_ARCHIVE")
-        staging = _env_path("BATCHINGEST_STAGING")
-        verify = _env_flag("BATCHINGEST_STAGE_VERIFY", False)
-        entries = load_manifest(job_dir)
-    except StagingError as e:
-        print(f"ERROR stage: {e}", flush=True)
-        progress = read_progress(job_dir) or Progress()
-        progress.error = str(e)
-        write_progress(job_dir, progress, durable=True)
-        return 2
-    parallel = max(1, int(os.environ.get("BATCHINGEST_STAGE_PARALLEL") or 4))
-    progress = Progress(files_total=len(entries), bytes_total=sum(e.size for e in entries))
-    write_progress(job_dir, progress)
-    stager = Stager(archive, staging, job, verify, progress)
-    started = time.monotonic()
-    print(
-        f"stage: {len(entries)} files, {progress.bytes_total} bytes, from {archive} "
-        f"to {staging}, {parallel} at a time{', verifying SHA-256' if verify else ''}",
-        flush=True,
-    )
+        return int(value)
+    except ValueError:
+        raise StagingError(f"{name}={value} is not a whole number") from None
 
-    # leftovers of a killed copy, looked for only in the folders this job stages into
+
+def through_catalog(entries: list[Entry], ids: dict[str, str]) -> tuple[list[Entry], list[Entry]]:
+    """(entries with the catalog's path for their id, entries whose id it does not know).
+
+    With a catalog only ids are trusted: a manifest is user input (anyone may upload one
+    into a job), so the paths written in it are ignored. Ids naming one file give one.
+    """
+    found: list[Entry] = []
+    unknown: list[Entry] = []
+    seen: set[str] = set()
+    for e in entries:
+        rel = ids.get(e.id)
+        if rel is None:
+            unknown.append(e)
+        elif rel not in seen:
+            seen.add(rel)
+            found.append(Entry(e.id, rel, e.size))
+    return found, unknown
+
+
+def load_entries(job_fd: int, cfg: Settings) -> tuple[list[Entry], list[Entry]]:
+    """The files to stage, and (with a catalog) those whose id the catalog does not know."""
+    entries = load_manifest(job_fd, manifest_limit(cfg.max_ids))
+    if cfg.catalog is None:
+        return entries, []
+    ids = Catalog(cfg.catalog).ids()
+    differ = sum(1 for e in entries if ids.get(e.id, e.path) != e.path)
+    if differ:
+        print(f"stage: {differ} of {len(entries)} paths in {MANIFEST} differ from the catalog; "
+              "the catalog's are used")  # fmt: skip
+    return through_catalog(entries, ids)
+
+
+def record_error(job_fd: int, message: str) -> None:
+    """Say why the task cannot start, in the LOG and (if it can be written) PROGRESS.json."""
+    print(f"ERROR stage: {message}", flush=True)
+    progress = read_progress(job_fd) or Progress()
+    progress.error = message
+    try:
+        write_progress(job_fd, progress, durable=True)
+    except OSError as e:
+        print(f"ERROR stage: {PROGRESS} cannot be written: {e.strerror or e}", flush=True)
+
+
+def sweep(staging: Path, entries: list[Entry], job: str) -> None:
+    """Remove leftovers of a killed copy, only in the folders this job stages into.
+
+    And in the staging area's top folder, where probe_unnamed names its test file.
+    """
     real_staging = os.path.realpath(staging)
     removed = 0
-    for parent in sorted({os.path.dirname(e.path) for e in entries}):
+    for parent in sorted({"", *(os.path.dirname(e.path) for e in entries)}):
         folder = os.path.realpath(os.path.join(staging, parent))
         if folder == real_staging or is_within(folder, real_staging):
             removed += remove_leftovers(folder, job)
     if removed:
         print(f"stage: removed {removed} temporary files left by an interrupted copy", flush=True)
 
+
+def copy_all(stager: Stager, entries: list[Entry], job_fd: int, parallel: int) -> None:
+    """Stage every entry on `parallel` threads, saving progress every PROGRESS_EVERY."""
     with (
         ThreadPoolExecutor(parallel, thread_name_prefix="stage") as pool,
         ThreadPoolExecutor(parallel, thread_name_prefix="piece") as pieces,
@@ -668,24 +697,65 @@ def run(job_dir: Path) -> int:
                     stager.abort.set()
             if time.monotonic() - last >= PROGRESS_EVERY:
                 stager.flush_log()
-                stager.save(job_dir)
+                stager.save(job_fd)
                 last = time.monotonic()
     stager.flush_log()
     if not stager.errors:
         try:
-            syncfs(str(staging))  # the renames themselves
+            syncfs(str(stager.staging))  # the renames themselves
         except OSError as e:
             stager.errors.append(f"staging area: {e.strerror}")
+
+
+def run(job_dir: Path) -> int:
+    """Stage the job's manifest; return the exit status."""
+    job = os.environ.get("JOBNAME") or job_dir.name
+    # the job folder is user input: its files are read and written through this
+    # descriptor only, never following a link (batchingest.fs)
+    job_fd = fs.open_root(job_dir)
+    try:
+        return stage_job(job, job_fd)
+    finally:
+        os.close(job_fd)
+
+
+def stage_job(job: str, job_fd: int) -> int:
+    try:
+        cfg = Settings.from_env()
+        entries, unknown = load_entries(job_fd, cfg)
+        progress = Progress(
+            files_total=len(entries) + len(unknown),
+            bytes_total=sum(e.size for e in (*entries, *unknown)),
+        )
+        write_progress(job_fd, progress)
+    except StagingError as e:
+        record_error(job_fd, str(e))
+        return 2
+    except OSError as e:
+        record_error(job_fd, f"{PROGRESS} cannot be written: {e.strerror or e}")
+        return 2
+    stager = Stager(cfg.archive, cfg.staging, job, cfg.verify, progress)
+    started = time.monotonic()
+    print(
+        f"stage: {progress.files_total} files, {progress.bytes_total} bytes, from "
+        f"{cfg.archive} to {cfg.staging}, {cfg.parallel} at a time"
+        f"{', verifying SHA-256' if cfg.verify else ''}",
+        flush=True,
+    )
+    for entry in unknown:
+        stager.problem(f"id {entry.id[:300]!r}: not in the catalog")
+    sweep(cfg.staging, entries, job)
+    copy_all(stager, entries, job_fd, cfg.parallel)
     elapsed = time.monotonic() - started
     if stager.errors:
         first = stager.errors[0]
         more = f" (and {len(stager.errors) - 1} more)" if len(stager.errors) > 1 else ""
         progress.error = f"{first}{more}"
-        write_progress(job_dir, progress, durable=True)
+        write_progress(job_fd, progress, durable=True)
         staged = f"{progress.files_staged} of {progress.files_total} files staged"
         print(f"ERROR stage failed after {elapsed:.1f}s: {progress.error}; {staged}", flush=True)
         return 1
-    write_progress(job_dir, progress, durable=True)
+    write_progress(job_fd, progress, durable=True)
     print(
         f"stage: done in {elapsed:.1f}s: {stager.copied} copied, {stager.skipped} already "
         f"staged, {progress.bytes_staged} bytes",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import uuid
@@ -209,8 +210,64 @@ def test_idempotency_key_returns_the_same_request(shared: tuple[Setup, Service])
 def test_openapi_lists_the_staging_routes(shared: tuple[Setup, Service]) -> None:
     _, svc = shared
     with svc.client() as c:
-        paths = c.get("/openapi.json").json()["paths"]
+        spec = c.get("/openapi.json").json()
+    paths = spec["paths"]
     assert "post" in paths["/dts/staging"] and "get" in paths["/dts/staging/{id}"]
+    post_errors = paths["/dts/staging"]["post"]["responses"]
+    assert "FilesNotFound" in post_errors["404"]["description"]
+    assert "RequestTooLarge" in post_errors["413"]["description"]
+    codes = spec["components"]["schemas"]["Error"]["properties"]["code"]["enum"]
+    assert {"InvalidRequest", "StagingRequestNotFound", "StagingNotConfigured"} <= set(codes)
+
+
+def test_hostile_bodies_are_400_or_413_and_create_nothing(shared: tuple[Setup, Service]) -> None:
+    setup, svc = shared
+    before = setup.jobs()
+    deep = b"[" * 100_000 + b"]" * 100_000
+    with svc.client() as c:
+        for body, message in [
+            (deep, "nested too deeply"),
+            (b'{"ids": ' + deep + b"}", "nested too deeply"),
+            (b'{"ids": ["ok", "\\ud800"]}', "ids[1] is not Unicode text"),
+            (b'{"ids": [' + b"1" * 5000 + b"]}", "not JSON"),
+        ]:
+            r = c.post("/dts/staging", content=body)
+            assert r.status_code == 400, (body[:30], r.text)
+            assert r.json()["code"] == "InvalidRequest" and message in r.json()["message"]
+        limit = 10_000 * 4200  # max(1 MiB, staging-max-ids x 4200)
+        declared = c.post("/dts/staging", content=b" " * (limit + 1))
+        streamed = c.post(
+            "/dts/staging", content=iter([b" " * (1 << 20)] * (limit // (1 << 20) + 1))
+        )
+        for r in (declared, streamed):
+            assert r.status_code == 413 and r.json()["code"] == "RequestTooLarge", r.text
+        assert c.get("/healthz").status_code == 200
+    assert "Traceback" not in svc.log()
+    assert setup.jobs() == before
+
+
+def test_status_with_a_fifo_for_progress_or_log_answers_at_once(
+    shared: tuple[Setup, Service],
+) -> None:
+    """Job folders arrive by `cp -r` too: a named pipe there must not hang the API."""
+    setup, svc = shared
+    setup.add("fifo/f.txt", b"f")
+    with svc.client() as c:
+        c.timeout = httpx.Timeout(5)  # a hanging read would show as a timeout
+        rid = post(c, ["fifo/f.txt"]).json()["request_id"]
+        wait_status(c, rid, "ready")
+        job = setup.root / "success" / rid
+        (job / "PROGRESS.json").unlink()
+        os.mkfifo(job / "PROGRESS.json")
+        ready = c.get(f"/dts/staging/{rid}")
+        assert ready.status_code == 200 and ready.json()["status"] == "ready"
+        os.rename(job, setup.root / "error" / rid)  # as an operator might
+        (setup.root / "error" / rid / "LOG").unlink()
+        os.mkfifo(setup.root / "error" / rid / "LOG")
+        failed = c.get(f"/dts/staging/{rid}").json()
+        assert failed["status"] == "failed"
+        assert "PROGRESS.json cannot be read: not a regular file (named pipe)" in failed["message"]
+        assert c.get("/jobs").status_code == 200
 
 
 # -- with their own service -------------------------------------------------------------------
@@ -237,6 +294,31 @@ def test_catalog_ids_reloaded_when_the_catalog_changes(tmp_path: Path) -> None:
         assert r.status_code == 201, r.text
         wait_status(c, r.json()["request_id"], "ready")
     assert (setup.staging / "proj" / "y.fastq").read_bytes() == b"y" * 200
+
+
+def test_hand_made_job_cannot_stage_what_the_catalog_does_not_list(tmp_path: Path) -> None:
+    """With a catalog, uploading one's own MANIFEST.json stages only catalog ids."""
+    setup = Setup(tmp_path)
+    setup.add("public/p.txt", b"public")
+    setup.add("private/secret.txt", b"secret")
+    catalog = tmp_path / "catalog.tsv"
+    catalog.write_text("id-public\tpublic/p.txt\n")
+    rid = str(uuid.uuid4())
+    secret = {"id": "private/secret.txt", "path": "private/secret.txt", "size": 6}
+    lying = {"id": "id-public", "path": "private/secret.txt", "size": 6}  # a catalog id
+    manifest = {"files": [secret, lying]}
+    with Service(setup.root, *setup.args("--catalog", str(catalog))) as svc, svc.client() as c:
+        assert c.put(f"/jobs/{rid}").status_code == 201
+        for name, content in (("MANIFEST.json", manifest), ("JOB", {"Todo": ["stage"]})):
+            r = c.put(f"/jobs/{rid}/files/{name}", content=json.dumps(content).encode())
+            assert r.status_code == 201, r.text
+        assert c.post(f"/jobs/{rid}/queue").status_code == 202
+        failed = wait_status(c, rid, "failed")
+        assert failed["message"] == "id 'private/secret.txt': not in the catalog"
+        log = c.get(f"/jobs/{rid}/files/LOG").text
+    assert "copied public/p.txt " in log
+    assert not (setup.staging / "private").exists()
+    assert (setup.staging / "public" / "p.txt").read_bytes() == b"public"
 
 
 def test_not_configured_answers_503(tmp_path: Path) -> None:
