@@ -52,32 +52,24 @@ def env_bool(name: str, default: bool, environ: Mapping[str, str] | None = None)
         raise ValueError(f"bad {name}: {e}") from None
 
 
-def _positive_int(value: str) -> int:
-    n = int(value)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {value}")
-    return n
+def _checked(name: str, parse: Callable[[str], Any], ok: Callable[[Any], bool], why: str) -> Any:
+    """A parser: parse(value), refused with `why` unless ok(result)."""
+
+    def parser(value: str) -> Any:
+        result = parse(value)
+        if not ok(result):
+            raise argparse.ArgumentTypeError(f"{why}: {value}")
+        return result
+
+    parser.__name__ = name  # argparse names the parser in its own messages
+    return parser
 
 
-def _non_negative_int(value: str) -> int:
-    n = int(value)
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative: {value}")
-    return n
-
-
-def _port(value: str) -> int:
-    n = int(value)
-    if not 1 <= n <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a port number from 1 to 65535: {value}")
-    return n
-
-
-def _seconds(value: str) -> float:
-    s = float(value)
-    if not s >= 0:  # written so that nan, which compares false to everything, is refused too
-        raise argparse.ArgumentTypeError(f"must be a number of seconds, not negative: {value}")
-    return s
+_positive_int = _checked("int", int, lambda n: n >= 1, "must be at least 1")
+_non_negative_int = _checked("int", int, lambda n: n >= 0, "must not be negative")
+_port = _checked("int", int, lambda n: 1 <= n <= 65535, "must be a port number from 1 to 65535")
+# written so that nan, which compares false to everything, is refused too
+_seconds = _checked("float", float, lambda s: s >= 0, "must be a number of seconds, not negative")
 
 
 def _dialect(value: str) -> str | None:
@@ -92,31 +84,23 @@ def _dialect(value: str) -> str | None:
 _SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
-def _size(value: str) -> int:
+def _bytes(value: str) -> int:
     """Bytes, or with a binary suffix: 512K, 100M, 1G, 2T."""
     v = value.strip().upper().removesuffix("B").removesuffix("I")
     number, suffix = (v[:-1], v[-1]) if v and v[-1] in _SIZE_SUFFIXES else (v, "")
     try:
-        n = int(number) * _SIZE_SUFFIXES[suffix]
+        return int(number) * _SIZE_SUFFIXES[suffix]
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a size in bytes (e.g. 512M, 1G): {value}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative: {value}")
-    return n
 
 
-def _header_size(value: str) -> int:
-    n = _size(value)
-    if n < 1024:
-        raise argparse.ArgumentTypeError(f"must be at least 1K, or no request fits: {value}")
-    return n
-
-
-def _positive_seconds(value: str) -> float:
-    s = _seconds(value)
-    if not 0 < s < 1e9:
-        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, and finite: {value}")
-    return s
+_size = _checked("size", _bytes, lambda n: n >= 0, "must not be negative")
+_header_size = _checked(
+    "size", _bytes, lambda n: n >= 1024, "must be at least 1K, or no request fits"
+)
+_positive_seconds = _checked(
+    "float", _seconds, lambda s: 0 < s < 1e9, "must be more than 0 seconds, and finite"
+)
 
 
 def _csv(value: str) -> list[str]:
