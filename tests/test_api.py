@@ -307,7 +307,7 @@ def test_list_jobs_empty_is_an_array(api: tuple[ASGIApp, Store]) -> None:
     app, _ = api
     reply = call(app, "GET", "/jobs")
     assert reply.status == 200
-    assert reply.body == b"[]"
+    assert reply.body == b"[]\n"
     assert reply.headers["content-type"] == "application/json"
     assert reply.headers["x-total-count"] == "0"
 

@@ -21,9 +21,14 @@ T = TypeVar("T")
 BUSY_STATES = ("queue", "processing")
 
 
+def json_dumps(data: Any) -> bytes:
+    """A compact JSON document ending in a newline, so that outputs of consecutive
+    `curl` calls do not run together on a terminal."""
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+
+
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    body = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
-    return Response(body, status, headers, media_type="application/json")
+    return Response(json_dumps(data), status, headers, media_type="application/json")
 
 
 def find_job(store: Store, name: str) -> Job:

@@ -30,10 +30,11 @@ from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from batchingest import fs
+from batchingest.api.common import json_response
 from batchingest.api.errors import ApiError
 from batchingest.api.staging import StagingApi, parse_ids, read_body, requester_details
 from batchingest.store import Store
@@ -127,7 +128,7 @@ def request_number(raw: str) -> int:
 def routes(staging: StagingApi, store: Store) -> list[BaseRoute]:
     numbers = RequestNumbers(store.service_path("jdp-requests"))
 
-    async def create(request: Request) -> JSONResponse:
+    async def create(request: Request) -> Response:
         staging.enabled()
         body = await read_body(request, staging.body_limit)
         ids = parse_ids(body, staging.cfg.staging_max_ids)
@@ -141,13 +142,13 @@ def routes(staging: StagingApi, store: Store) -> list[BaseRoute]:
             taken.append(numbers.allocate(request_id))
 
         await staging.submit(ids, details, before_job=number_it)
-        return JSONResponse(
+        return json_response(
             {"request_id": taken[0]},
-            status_code=201,
-            headers={"Location": f"/request_archived_files/requests/{taken[0]}"},
+            201,
+            {"Location": f"/request_archived_files/requests/{taken[0]}"},
         )
 
-    async def get(request: Request) -> JSONResponse:
+    async def get(request: Request) -> Response:
         staging.enabled()
         number = request_number(request.path_params["n"])
         name = await run_in_threadpool(numbers.lookup, number)
@@ -157,8 +158,8 @@ def routes(staging: StagingApi, store: Store) -> list[BaseRoute]:
         state, doc = document
         word = JDP_STATUS.get(state)
         if word is None:
-            return JSONResponse({"status": "failed", "message": doc.get("message", "")})
-        return JSONResponse({"status": word})
+            return json_response({"status": "failed", "message": doc.get("message", "")})
+        return json_response({"status": word})
 
     return [
         Route("/request_archived_files/", create, methods=["POST"]),

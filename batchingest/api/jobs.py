@@ -85,7 +85,7 @@ def _count(request: Request, key: str) -> int | None:
 def _listing(page: Iterator[tuple[str, str]]) -> bytes:
     # names and statuses are plain [A-Za-z0-9._-]: nothing needs escaping
     rows = ",".join([f'{{"Name":"{n}","Status":"{STATUS_OF_STATE[s]}"}}' for n, s in page])
-    return f"[{rows}]".encode()
+    return f"[{rows}]\n".encode()
 
 
 def routes(cfg: Config, store: Store) -> list[BaseRoute]:

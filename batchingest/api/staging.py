@@ -19,11 +19,12 @@ from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from batchingest import fs, jobfile
 from batchingest.api.auth import REQUESTER
+from batchingest.api.common import json_response
 from batchingest.api.errors import ApiError
 from batchingest.api.idempotency import Idempotency, KeyContested
 from batchingest.config import Config
@@ -164,7 +165,7 @@ class StagingApi:
             )
         return self.resolver
 
-    async def create(self, request: Request) -> JSONResponse:
+    async def create(self, request: Request) -> Response:
         self.enabled()
         body = await read_body(request, self.body_limit)
         ids = parse_ids(body, self.cfg.staging_max_ids)
@@ -177,10 +178,10 @@ class StagingApi:
         request_id, replayed = await self.submit(ids, requester_details(request), key, fingerprint)
         if replayed is not None:
             return self._replay(replayed, fingerprint)
-        return JSONResponse(
+        return json_response(
             {"request_id": request_id},
-            status_code=201,
-            headers={"Location": f"/dts/staging/{request_id}"},
+            201,
+            {"Location": f"/dts/staging/{request_id}"},
         )
 
     @property
@@ -233,7 +234,7 @@ class StagingApi:
         )
         return request_id, None
 
-    def _replay(self, record: dict[str, Any], fingerprint: str) -> JSONResponse:
+    def _replay(self, record: dict[str, Any], fingerprint: str) -> Response:
         if record.get("body_sha256") not in (None, fingerprint):
             raise ApiError(
                 422,
@@ -241,10 +242,10 @@ class StagingApi:
                 "this Idempotency-Key was used for a request with other ids",
             )
         request_id = str(record.get("request_id"))
-        return JSONResponse(
+        return json_response(
             {"request_id": request_id},
-            status_code=201,
-            headers={"Location": f"/dts/staging/{request_id}", "Idempotent-Replayed": "true"},
+            201,
+            {"Location": f"/dts/staging/{request_id}", "Idempotent-Replayed": "true"},
         )
 
     def _make_job(self, name: str, entries: list[Entry], details: dict[str, Any]) -> None:
@@ -268,20 +269,20 @@ class StagingApi:
                 self.store.delete(name)
             raise
 
-    async def get(self, request: Request) -> JSONResponse:
+    async def get(self, request: Request) -> Response:
         return self._status(request.query_params.get("id"))
 
-    async def get_path(self, request: Request) -> JSONResponse:
+    async def get_path(self, request: Request) -> Response:
         return self._status(request.path_params.get("id"))
 
-    def _status(self, raw: str | None) -> JSONResponse:
+    def _status(self, raw: str | None) -> Response:
         # Small bounded reads only (a few stats, one small file): on the loop directly.
         self.enabled()
         name = request_name(raw)
         found = self.status_document(name)
         if found is None:
             raise ApiError(404, "StagingRequestNotFound", f"no staging request {name}")
-        return JSONResponse(found[1])
+        return json_response(found[1])
 
     def status_document(self, name: str) -> tuple[str, dict[str, Any]] | None:
         """(state, status document) of the staging request name; None if there is none."""

@@ -4,24 +4,18 @@ from __future__ import annotations
 
 import functools
 import grp
-import json
 import pwd
 import stat
 from datetime import UTC, datetime
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import Response
 
+from batchingest.api.common import json_response as json_response
 from batchingest.endpoints import Endpoint, Item
 
 PREFIX = "/globus"
 VERSION_PREFIX = "/globus/v0.10"
-
-
-def json_response(data: Any, status: int = 200) -> Response:
-    body = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
-    return Response(body, status, media_type="application/json")
 
 
 def resource(request: Request) -> str:
