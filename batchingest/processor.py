@@ -480,6 +480,10 @@ class Processor:
                 )
                 log.warning("job %s: %s", hold.name, e)
                 return "error"
+            if not job.todo:
+                # queued again after it finished: say why nothing happens
+                log_line(log_fd, "nothing to run: every task in JOB is finished (add tasks to "
+                         "its Todo, or delete JOB to start over from start)")  # fmt: skip
             while job.todo:
                 if self._stopping.is_set():
                     log_line(

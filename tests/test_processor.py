@@ -242,6 +242,18 @@ def test_jobs_run_in_process(root: Path, running: Running) -> None:
     assert running.progress.stale() == []
 
 
+def test_a_finished_job_queued_again_says_it_runs_nothing(root: Path, running: Running) -> None:
+    write_task(root / "tasks", "start", "echo ran >> ran.txt\n")
+    done = '{"Todo": [], "Finished": [{"Name": "start", "Status": "ok"}]}'
+    drop(root, "again", done)
+    assert wait_for(lambda: landed(root, "again"), 20) == "success"
+    assert not (root / "success" / "again" / "ran.txt").exists()
+    assert (
+        "nothing to run: every task in JOB is finished"
+        in (root / "success" / "again" / "LOG").read_text()
+    )
+
+
 def test_a_failing_queue_listing_does_not_kill_the_workers(
     root: Path, cfg: Config, store: Store, caplog: pytest.LogCaptureFixture
 ) -> None:
