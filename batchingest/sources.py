@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from batchingest import fs, jobfile
-from batchingest.store import STATES, Job, JobBusy, JobNotFound, Store
+from batchingest.store import Job, JobBusy, JobNotFound, Store, parse_statuses
 
 FAILURE = 1  # the command could not do what was asked (exit status)
 USAGE = 2  # a bad flag, name or setting: nothing was contacted or changed
@@ -212,18 +212,7 @@ class LocalSource:
 
 def check_states(value: str | None) -> list[str]:
     """The states a `--status` list names (statuses or folder names, as the API takes)."""
-    from batchingest.store import STATE_OF_STATUS, STATUS_OF_STATE
-
-    if value is None:
-        return list(STATES)
-    states: list[str] = []
-    for status in (s.strip() for s in value.split(",")):
-        if not status:
-            continue
-        state = STATE_OF_STATUS.get(status, status if status in STATES else None)
-        if state is None:
-            known = ", ".join(STATUS_OF_STATE.values())
-            raise CommandError(f"unknown status {status!r} (use {known})", USAGE)
-        if state not in states:
-            states.append(state)
-    return states
+    try:
+        return list(parse_statuses(value))
+    except ValueError as e:
+        raise CommandError(str(e), USAGE) from None

@@ -70,6 +70,28 @@ FINAL_STATES: tuple[str, ...] = (State.SUCCESS, State.ERROR)
 STATUS_OF_STATE: dict[str, str] = {state: state.status for state in State}
 STATE_OF_STATUS: dict[str, State] = {state.status: state for state in State}
 
+
+def parse_statuses(text: str | None) -> list[State]:
+    """The states a comma-separated list of status words (or folder names) names, in order.
+
+    None means every state. ValueError names a word that is neither; the API and the
+    command line both read `?status=` / `--status` this way.
+    """
+    if text is None:
+        return list(State)
+    states: list[State] = []
+    for word in (w.strip() for w in text.split(",")):
+        if not word:
+            continue
+        state = STATE_OF_STATUS.get(word) or (State(word) if word in STATES else None)
+        if state is None:
+            known = ", ".join(STATUS_OF_STATE.values())
+            raise ValueError(f"unknown status {word!r} (use {known})")
+        if state not in states:
+            states.append(state)
+    return states
+
+
 LOCK_FILE = ".lock"
 TRASH = ".trash"
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,255}")

@@ -18,7 +18,6 @@ from batchingest.store import Job, Store
 T = TypeVar("T")
 
 # Jobs whose files the API will not change: a processor may be about to run them.
-BUSY_STATES = ("queue", "processing")
 
 
 def json_dumps(data: Any) -> bytes:

@@ -26,12 +26,12 @@ from starlette.types import ASGIApp
 
 from batchingest import fs
 from batchingest.api import transfer
-from batchingest.api.common import BUSY_STATES, by_method, find_job, json_response, run_blocking
+from batchingest.api.common import by_method, find_job, json_response, run_blocking
 from batchingest.api.errors import ApiError
 from batchingest.api.paths import job_name, segments
 from batchingest.api.upload import Upload, hold_unqueued
 from batchingest.config import Config
-from batchingest.store import Job, JobBusy, Store
+from batchingest.store import BUSY, Job, JobBusy, Store
 
 
 def _not_found(parts: list[str]) -> ApiError:
@@ -128,7 +128,7 @@ def routes(cfg: Config, store: Store) -> list[BaseRoute]:
         parts = segments(request.path_params["path"], allow_empty=False)
         job, job_fd = open_job(store, name)
         try:
-            if job.state in BUSY_STATES:
+            if job.state in BUSY:
                 raise _busy(job)
             transfer.check_length(request.headers.get("content-length"), max_upload)
             expected = transfer.expected_sha256(request.headers.get("content-digest"))
@@ -156,7 +156,7 @@ def routes(cfg: Config, store: Store) -> list[BaseRoute]:
         recursive = request.query_params.get("recursive", "").lower() in ("1", "true", "yes")
         job, job_fd = open_job(store, name)
         try:
-            if job.state in BUSY_STATES:
+            if job.state in BUSY:
                 raise _busy(job)
             await run_blocking(_delete, store, job, job_fd, parts, recursive)
         finally:

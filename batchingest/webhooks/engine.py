@@ -40,7 +40,7 @@ from batchingest import fs
 from batchingest.config import Config
 from batchingest.health import Progress
 from batchingest.jobfile import now_rfc3339
-from batchingest.store import InvalidName, Job, Store
+from batchingest.store import BUSY, InvalidName, Job, Store
 from batchingest.webhooks.events import (
     EVENT_STATES,
     LOG_FILE,
@@ -111,7 +111,7 @@ class _Announced:
                 # The listener of a store.queue() ran only after a processor had claimed
                 # the job and announced its queueing already: do not announce it twice.
                 events, keep = [], last
-            elif state not in ("queue", "processing"):
+            elif state not in BUSY:
                 keep = None
             if keep is not None:
                 self._last[name] = keep

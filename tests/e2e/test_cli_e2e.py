@@ -197,8 +197,12 @@ class Follower:
 
 
 def test_logs_follow_a_growing_log_as_the_job_moves(root: Path) -> None:
+    # the task holds on after line 3 until the test has seen it followed, so "while it
+    # runs" does not depend on how fast a loaded machine is
     write_task(root / "tasks", "start",
-               'for i in 1 2 3 4 5 6; do echo "line $i"; sleep 0.3; done\n')  # fmt: skip
+               'for i in 1 2 3; do echo "line $i"; sleep 0.1; done\n'
+               'while [ ! -e release ]; do sleep 0.05; done\n'
+               'for i in 4 5 6; do echo "line $i"; sleep 0.1; done\n')  # fmt: skip
     with Service(root) as svc:
         job = place(root, "data", "slow")
         followers = [Follower("slow", *flags, env=env) for flags, env in both(root, svc)]
@@ -206,6 +210,7 @@ def test_logs_follow_a_growing_log_as_the_job_moves(root: Path) -> None:
         job.rename(root / "queue" / "slow")
         wait_for(lambda: all(b"line 3" in f.out for f in followers), what="line 3 followed")
         assert (root / "processing" / "slow").is_dir()  # followed while it runs
+        (root / "processing" / "slow" / "release").touch()
         log = root / "success" / "slow" / "LOG"
         wait_for(log.exists, what="the job to succeed")
         final = log.read_bytes()
