@@ -28,6 +28,7 @@ from batchingest.api.errors import ApiError
 from batchingest.api.paths import job_name, unsafe_url_path
 from batchingest.config import Config
 from batchingest.store import Store
+from batchingest.ui import public as ui_public
 
 log = logging.getLogger("batchingest.api")
 
@@ -91,7 +92,7 @@ class ApiMiddleware:
 
     def allowed(self, scope: Scope, path: str) -> bool:
         """May this request go on: a public route, an API token, or a DTS credential."""
-        if path in PUBLIC_PATHS or self.checker.check(scope["headers"]):
+        if path in PUBLIC_PATHS or ui_public(path) or self.checker.check(scope["headers"]):
             return True
         if self.jdp and path.startswith(JDP_STATUS) and scope["method"] in ("GET", "HEAD"):
             return True  # the DTS polls without credentials; the ids carry no data
@@ -230,6 +231,7 @@ def _larger_body_buffer() -> None:
 
 def create_app(cfg: Config, store: Store) -> Starlette:
     from batchingest.api import globus  # it imports error_body from here
+    from batchingest.ui import routes as ui
 
     _larger_body_buffer()
     checker = auth.TokenChecker(auth.load_tokens(cfg, store))
@@ -255,6 +257,7 @@ def create_app(cfg: Config, store: Store) -> Starlette:
         Route("/openapi.json", openapi_json, methods=["GET"]),
         *staging_routes,
         *globus.routes(cfg, store),
+        *ui.routes(cfg, store),
     ]
     return Starlette(
         routes=routes,
