@@ -20,9 +20,10 @@ import re
 import stat
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from itertools import islice, repeat
 from typing import Any
 
 from batchingest import fs
@@ -52,10 +53,12 @@ class Listing:
     stamps: list[float] = field(default_factory=list)  # every time, ascending
     latest: list[tuple[float, str]] = field(default_factory=list)  # NAMED newest
     requests: list[tuple[float, str]] = field(default_factory=list)  # staging, newest first
+    by_time: list[tuple[float, str]] = field(default_factory=list)  # (time, name), ascending
 
     def __post_init__(self) -> None:
-        self.stamps = sorted(self.times.values())
-        self.latest = heapq.nlargest(NAMED, ((t, n) for n, t in self.times.items()))
+        self.by_time = sorted((t, n) for n, t in self.times.items())
+        self.stamps = [t for t, _ in self.by_time]
+        self.latest = self.by_time[: -NAMED - 1 : -1]
         self.requests = sorted(
             ((t, n) for n, t in self.times.items() if is_request(n)), reverse=True
         )
@@ -183,36 +186,46 @@ class ListQuery:
     limit: int = 50
 
 
-def list_jobs(store: Store, times: ChangeTimes, q: ListQuery) -> dict[str, Any]:
-    """One page of jobs filtered by state and by a part of the name, sorted."""
-    text = q.text.lower()
-    rows = [
-        (name, state)
-        for state in q.states
-        for name in store.job_names(state)
-        if not text or text in name.lower()
-    ]
+def _ordered(store: Store, times: ChangeTimes, q: ListQuery) -> Iterator[tuple[str, State]]:
+    """Every job of the asked states in the asked order, lazily: each state's listing is
+    sorted already (by name, or by time in its Listing), so they are merged, never
+    sorted again, and a page stops the merge once it has its rows."""
     key, reverse = q.sort.lstrip("-"), q.sort.startswith("-")
-    changed: dict[tuple[str, State], float] = {}
+    states = sorted(q.states, key=list(State).index, reverse=reverse)
+
+    def each(items: list[Any]) -> Iterator[Any]:
+        return reversed(items) if reverse else iter(items)
+
     if key == "changed":
-        for state in q.states:
-            changed.update(((n, state), t) for n, t in times.of(state).items())
-        rows.sort(key=lambda r: (changed.get(r, 0.0), r[0]), reverse=reverse)
-    elif key == "state":
-        order = list(State)
-        rows.sort(key=lambda r: (order.index(r[1]), r[0]), reverse=reverse)
+        by_time = [((t, n, s) for t, n in each(times.listing(s).by_time)) for s in states]
+        return ((n, s) for _, n, s in heapq.merge(*by_time, reverse=reverse))
+    if key == "state":
+        return ((n, s) for s in states for n in each(store.job_names(s)))
+    rank = {s: i for i, s in enumerate(State)}
+    by_name = [zip(each(store.job_names(s)), repeat(rank[s]), repeat(s)) for s in states]
+    return ((n, s) for n, _, s in heapq.merge(*by_name, reverse=reverse))
+
+
+def list_jobs(store: Store, times: ChangeTimes, q: ListQuery) -> dict[str, Any]:
+    """One page of jobs filtered by state and by a part of the name (any case), sorted."""
+    text = q.text.lower()
+    rows = _ordered(store, times, q)
+    if text:
+        rows = ((n, s) for n, s in rows if text in n.lower())
+        total = sum(text in n.lower() for s in q.states for n in store.job_names(s))
     else:
-        rows.sort(reverse=reverse)
-    page = rows[q.offset : q.offset + q.limit]
-    if key != "changed":
-        for state in q.states:
-            mine = [n for n, s in page if s == state]
+        total = sum(len(store.job_names(s)) for s in q.states)
+    page = list(islice(rows, q.offset, q.offset + q.limit))
+    changed: dict[tuple[str, State], float] = {}
+    for state in q.states:
+        mine = [n for n, s in page if s == state]
+        if mine:
             changed.update(((n, state), t) for n, t in stat_times(store, state, mine).items())
     jobs = []
     for name, state in page:
         t = changed.get((name, state))
         jobs.append({"name": name, "status": state.status, "changed": iso(t) if t else None})
-    return {"total": len(rows), "offset": q.offset, "limit": q.limit, "jobs": jobs}
+    return {"total": total, "offset": q.offset, "limit": q.limit, "jobs": jobs}
 
 
 def folder_entries(store: Store, name: str, parts: list[str]) -> list[dict[str, Any]] | None:

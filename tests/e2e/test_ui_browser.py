@@ -377,3 +377,38 @@ def test_pages_load_nothing_from_elsewhere(root: Path, page: Any) -> None:
             },
         )
         assert "access-control-allow-origin" not in r.headers
+
+
+def test_staging_requests_with_progress(root: Path, page: Any, tmp_path: Path) -> None:
+    archive, staging = tmp_path / "archive", tmp_path / "staging"
+    (archive / "run-1").mkdir(parents=True)
+    staging.mkdir()
+    (archive / "run-1" / "a.fastq").write_bytes(b"A" * 3000)
+    (archive / "run-1" / "b.fastq").write_bytes(b"B" * 1000)
+    with Service(root, "--archive", str(archive), "--staging", str(staging)) as svc:
+        with svc.client() as c:
+            r = c.post("/dts/staging", json={"ids": ["run-1/a.fastq", "run-1/b.fastq"]})
+            assert r.status_code == 201, r.text
+            rid = r.json()["request_id"]
+        log_in(page, svc)
+        row = f"#staging .staging-row:has(a:text-is('{rid}'))"
+        page.wait_for_selector(row)
+        wait_for(
+            lambda: "2/2 files" in page.inner_text(row),
+            interval=0.2,
+            what="the staging request to be complete",
+        )
+        assert page.inner_text(f"{row} .badge") == "ready"
+        bar = page.query_selector(f"{row} progress")
+        assert bar.get_attribute("value") == bar.get_attribute("max") == "4000"
+        staged = {p.name: p.stat().st_size for p in staging.rglob("*.fastq")}
+        assert staged == {"a.fastq": 3000, "b.fastq": 1000}
+
+
+def test_no_staging_says_so(root: Path, page: Any) -> None:
+    uuid_name = "0b9a3c1e-8d2f-4c55-9a77-0123456789ab"
+    (root / "data" / uuid_name).mkdir()  # looks like a request, but staging is not set up
+    with Service(root, "--no-processor") as svc:
+        log_in(page, svc)
+        text_is(page, "#staging", "staging is not available on this service")
+        text_is(page, "#transfers", "transfers are not available on this service")

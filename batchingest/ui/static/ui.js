@@ -116,8 +116,8 @@ function seconds(s) {
   return (s / 3600).toFixed(1) + " h";
 }
 
-function badge(status) {
-  return el("span", { class: "badge state-" + status, text: status });
+function badge(status, look = status) {
+  return el("span", { class: "badge state-" + look, text: status });
 }
 
 function confirmed(message, yes = "OK") {
@@ -229,7 +229,8 @@ async function stagingRows(items) {
     const bar = el("progress", { max: String(doc.bytes_total || 1), value: String(doc.bytes_staged || 0) });
     if (!doc.bytes_total) bar.value = doc.status === "ready" ? 1 : 0;
     rows.push(el("div", { class: "staging-row" },
-      el("a", { href: "/ui/jobs/" + enc(item.id), text: item.id }), " ", badge(doc.status), bar,
+      el("a", { href: "/ui/jobs/" + enc(item.id), text: item.id }),
+      badge(doc.status, doc.status === "ready" ? "complete" : doc.status), bar,
       el("span", { class: "small muted", text:
         `${doc.files_staged}/${doc.files_total} files, ${bytes(doc.bytes_staged)} of ${bytes(doc.bytes_total)}` +
         (doc.message ? " — " + doc.message : "") })));
@@ -237,26 +238,43 @@ async function stagingRows(items) {
   box.replaceChildren(...rows);
 }
 
+function transferRow(label, state, done, total, unit) {
+  const bar = el("progress", { max: String(total || 1), value: String(total ? done : 0) });
+  if (!total) bar.removeAttribute("value"); // size unknown: an indeterminate bar
+  const amount = unit === "bytes" ? bytes(done) + (total ? " of " + bytes(total) : "") : `${done}/${total} files`;
+  return el("div", { class: "staging-row" }, el("span", { text: label }), badge(state), bar,
+    el("span", { class: "small muted", text: amount }));
+}
+
+// Transfers: the Staccato-style /v1/transfers and the Globus task list, where served.
 async function transferRows() {
   const box = $("transfers");
-  let doc;
+  const rows = [];
+  let served = false;
   try {
-    doc = await getJson("/globus/v0.10/task_list?limit=10");
-  } catch (e) {
-    if (missingRoute(e) || e.status === 503) {
-      box.replaceChildren(el("p", { class: "muted", text: "transfer tasks are not available on this service" }));
-      return;
+    const list = await getJson("/v1/transfers?limit=10");
+    served = true;
+    for (const t of Array.isArray(list) ? list : list.transfers || []) {
+      const total = t.end_offset > 0 ? t.end_offset - (t.start_offset || 0) : 0;
+      rows.push(transferRow(t.id, String(t.state).replace(/^STATE_/, "").toLowerCase(), t.progress || 0, total, "bytes"));
     }
-    throw e;
+  } catch (e) {
+    if (!(missingRoute(e) || e.status === 503)) throw e;
   }
-  const tasks = doc.DATA || [];
-  if (!tasks.length) {
-    box.replaceChildren(el("p", { class: "muted", text: "none" }));
-    return;
+  try {
+    const doc = await getJson("/globus/v0.10/task_list?limit=10");
+    served = true;
+    for (const t of doc.DATA || []) {
+      rows.push(transferRow(t.label || t.task_id, String(t.status).toLowerCase(), t.files_transferred || 0, t.files || 0, "files"));
+    }
+  } catch (e) {
+    if (!(missingRoute(e) || e.status === 503)) throw e;
   }
-  box.replaceChildren(...tasks.map((t) => el("div", { class: "staging-row" },
-    el("span", { text: t.label || t.task_id }), " ", badge(String(t.status).toLowerCase()),
-    el("progress", { max: String(t.files || 1), value: String(t.files_transferred || 0) }))));
+  if (!served) {
+    box.replaceChildren(el("p", { class: "muted", text: "transfers are not available on this service" }));
+  } else {
+    box.replaceChildren(...(rows.length ? rows : [el("p", { class: "muted", text: "none" })]));
+  }
 }
 
 function overviewPage() {
@@ -349,12 +367,16 @@ function jobsPage() {
 function timeline(info) {
   const list = $("timeline");
   const items = [];
-  for (const f of info.Finished || []) {
-    const took = (Date.parse(f.Finish) - Date.parse(f.Start)) / 1000;
+  const runs = (info.Finished || []).map((f) => ({ ...f, took: (Date.parse(f.Finish) - Date.parse(f.Start)) / 1000 }));
+  const longest = Math.max(0.001, ...runs.map((f) => f.took || 0));
+  for (const f of runs) {
     const item = el("li", { class: "task " + (f.Status === "ok" ? "ok" : "failed") },
       el("span", { class: "task-name", text: f.Name }),
-      el("span", { class: "small", text: `${f.Status}${isNaN(took) ? "" : " in " + seconds(took)}` }),
+      el("span", { class: "small", text: `${f.Status}${isNaN(f.took) ? "" : " in " + seconds(f.took)}` }),
       el("span", { class: "muted small", text: f.Start || "" }));
+    const fill = el("div", { class: "fill" });
+    fill.style.width = Math.max(1, (100 * (f.took || 0)) / longest) + "%";
+    item.append(el("div", { class: "track" }, fill));
     if (f.Reason) item.append(el("div", { class: "small error", text: f.Reason }));
     items.push(item);
   }
@@ -457,7 +479,7 @@ async function events() {
   const rows = (doc.DATA || []).map((ev) => el("tr", { class: ev.is_error ? "error" : "" },
     el("td", { class: "muted", text: ev.time || "" }),
     el("td", { text: ev.code || "" }),
-    el("td", { text: ev.description || "" })));
+    el("td", {}, ev.description || "", ev.details ? el("div", { class: "small muted", text: ev.details }) : "")));
   $("events").replaceChildren(...rows);
   return true;
 }
