@@ -281,3 +281,13 @@ def test_token_in_authorization_header_works_too(app: tuple[ASGIApp, Store]) -> 
         app[0], "GET", "/ui/api/overview", token=None, headers={"Authorization": f"Bearer {TOKEN}"}
     )
     assert reply.status == 200
+
+
+def test_login_form_never_puts_the_token_in_a_url(app: tuple[ASGIApp, Store]) -> None:
+    """Without the script a GET form would send ?token=... in the address."""
+    body = call(app[0], "GET", "/ui/login", token=None).body.decode()
+    form = body[body.index("<form") : body.index(">", body.index("<form"))]
+    assert 'method="post"' in form
+    assert 'type="password"' in body
+    reply = call(app[0], "POST", "/ui/login", body=b"token=x", token=None)
+    assert reply.status == 405  # refused: a posted token is never taken or kept

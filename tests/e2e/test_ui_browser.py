@@ -248,6 +248,8 @@ def test_follow_log_live(root: Path, page: Any, tmp_path: Path) -> None:
         page.click("#files button:has-text('sub/')")
         page.wait_for_selector("#files >> text=more.txt")
         assert "/sub" in page.inner_text("#files-path")
+        page.click("#files button:has-text('↑ ..')")
+        page.wait_for_selector("#files >> text=SHA256SUMS")
         wait_for(
             lambda: page.inner_text("#events-note") or page.query_selector("#events tr"),
             interval=0.2,
@@ -393,12 +395,8 @@ def test_staging_requests_with_progress(root: Path, page: Any, tmp_path: Path) -
         log_in(page, svc)
         row = f"#staging .staging-row:has(a:text-is('{rid}'))"
         page.wait_for_selector(row)
-        wait_for(
-            lambda: "2/2 files" in page.inner_text(row),
-            interval=0.2,
-            what="the staging request to be complete",
-        )
-        assert page.inner_text(f"{row} .badge") == "ready"
+        text_is(page, f"{row} .badge", "ready")  # staging has finished
+        assert "2/2 files" in page.inner_text(row)
         bar = page.query_selector(f"{row} progress")
         assert bar.get_attribute("value") == bar.get_attribute("max") == "4000"
         staged = {p.name: p.stat().st_size for p in staging.rglob("*.fastq")}
