@@ -291,3 +291,18 @@ def test_login_form_never_puts_the_token_in_a_url(app: tuple[ASGIApp, Store]) ->
     assert 'type="password"' in body
     reply = call(app[0], "POST", "/ui/login", body=b"token=x", token=None)
     assert reply.status == 405  # refused: a posted token is never taken or kept
+
+
+def test_static_files_are_a_fixed_set(app: tuple[ASGIApp, Store]) -> None:
+    css = call(app[0], "GET", "/ui/static/ui.css", token=None)
+    assert css.status == 200 and css.headers["content-type"].startswith("text/css")
+    assert css.body == (UI / "static" / "ui.css").read_bytes()
+    for name in ["nothing.js", "..%2F__init__.py", "%2e%2e"]:
+        assert_error(call(app[0], "GET", f"/ui/static/{name}", token=None), 404, "NotFound")
+    assert_error(call(app[0], "GET", "/ui/static/a/b", token=None), 404, "NotFound")
+
+
+def test_openapi_lists_the_dashboard(app: tuple[ASGIApp, Store]) -> None:
+    paths = call(app[0], "GET", "/openapi.json").json()["paths"]
+    assert "post" in paths["/ui/api/requeue-failed"]
+    assert paths["/ui/login"]["get"]["security"] == []

@@ -7,11 +7,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import jinja2
 from anyio import to_thread
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Mount, Route
-from starlette.staticfiles import StaticFiles
+from starlette.routing import BaseRoute, Route
 from starlette.templating import Jinja2Templates
 
 from batchingest import __version__
@@ -74,9 +74,28 @@ def list_query(request: Request) -> data.ListQuery:
     )
 
 
+STATIC_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8"}
+
+
+def static_files() -> dict[str, Response]:
+    """The script and style sheet, read once: a fixed set, so no request names a path."""
+    files = {}
+    for path in sorted((HERE / "static").iterdir()):
+        media = STATIC_TYPES.get(path.suffix)
+        if media is not None:
+            headers = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
+            files[path.name] = Response(path.read_bytes(), 200, headers, media_type=media)
+    return files
+
+
 def routes(cfg: Config, store: Store) -> list[BaseRoute]:
-    templates = Jinja2Templates(directory=str(HERE / "templates"))
+    # every value a template prints is escaped: job names, messages
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True, auto_reload=False
+    )
+    templates = Jinja2Templates(env=env)
     times = data.ChangeTimes(store)
+    files = static_files()
 
     def page(request: Request, template: str, **context: Any) -> Response:
         context.update(version=__version__)
@@ -120,6 +139,12 @@ def routes(cfg: Config, store: Store) -> list[BaseRoute]:
             raise ApiError(404, "JobNotFound", f"no job named {name!r}")
         return json_response(found)
 
+    async def static(request: Request) -> Response:
+        found = files.get(request.path_params["name"])
+        if found is None:
+            raise ApiError(404, "NotFound", f"no route {request.url.path}")
+        return found
+
     async def requeue_failed(request: Request) -> Response:
         return json_response(await to_thread.run_sync(data.requeue_failed, store))
 
@@ -133,5 +158,49 @@ def routes(cfg: Config, store: Store) -> list[BaseRoute]:
         Route("/ui/api/jobs", jobs, methods=["GET"]),
         Route("/ui/api/jobs/{id}/entries", entries, methods=["GET"]),
         Route("/ui/api/requeue-failed", requeue_failed, methods=["POST"]),
-        Mount("/ui/static", StaticFiles(directory=HERE / "static"), name="ui-static"),
+        Route("/ui/static/{name}", static, methods=["GET"]),
     ]
+
+
+def _page(summary: str) -> dict[str, Any]:
+    return {
+        "get": {
+            "summary": summary,
+            "security": [],
+            "responses": {"200": {"description": "HTML", "content": {"text/html": {}}}},
+        }
+    }
+
+
+def _json(method: str, summary: str, params: tuple[str, ...] = ()) -> dict[str, Any]:
+    op: dict[str, Any] = {
+        "summary": summary,
+        "responses": {
+            "200": {"description": "JSON", "content": {"application/json": {}}},
+            "400": {"description": "a bad parameter"},
+            "401": {"description": "no valid token"},
+        },
+    }
+    if params:
+        op["parameters"] = [
+            {"name": p, "in": "path" if p == "id" else "query", "required": p == "id",
+             "schema": {"type": "string"}}
+            for p in params
+        ]  # fmt: skip
+    return {method: op}
+
+
+OPENAPI_PATHS: dict[str, Any] = {
+    "/ui": _page("The dashboard: overview (a page without data; the token is typed there)"),
+    "/ui/": _page("The dashboard: overview"),
+    "/ui/login": _page("The dashboard: log in with an API token"),
+    "/ui/jobs": _page("The dashboard: the job list"),
+    "/ui/jobs/{id}": _page("The dashboard: one job"),
+    "/ui/static/{name}": _page("The dashboard's script and style sheet"),
+    "/ui/api/overview": _json("get", "Jobs per state, the last hour, running and staging"),
+    "/ui/api/jobs": _json(
+        "get", "A page of jobs: filtered, sorted", ("status", "q", "sort", "offset", "limit")
+    ),
+    "/ui/api/jobs/{id}/entries": _json("get", "Names in a job's folder", ("id", "path")),
+    "/ui/api/requeue-failed": _json("post", "Move every job in error/ back to queue/"),
+}
