@@ -11,6 +11,7 @@ import statistics
 import time
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 from service import TOKEN
@@ -306,3 +307,20 @@ def test_openapi_lists_the_dashboard(app: tuple[ASGIApp, Store]) -> None:
     paths = call(app[0], "GET", "/openapi.json").json()["paths"]
     assert "post" in paths["/ui/api/requeue-failed"]
     assert paths["/ui/login"]["get"]["security"] == []
+
+
+def test_entries_follow_a_job_that_moves_while_listed(root: Path, store: Store) -> None:
+    """A processor claiming the job between finding and opening it: look again, no 404."""
+    jobs(root, "queue", "j")
+    (root / "queue" / "j" / "f").write_text("x")
+    open_job = store.open_job
+    moves = []
+
+    def claimed_meanwhile(job: Any) -> int:
+        if not moves:
+            moves.append(os.rename(root / "queue" / "j", root / "processing" / "j"))
+        return open_job(job)
+
+    store.open_job = claimed_meanwhile  # type: ignore[method-assign]
+    assert data.folder_entries(store, "j", []) == [{"name": "f", "type": "file", "size": 1}]
+    assert moves

@@ -235,8 +235,11 @@ def folder_entries(store: Store, name: str, parts: list[str]) -> list[dict[str, 
     followed. At most MAX_ENTRIES, sorted by name; hidden names are the service's.
     """
 
-    def read(job: Any) -> list[dict[str, Any]]:
-        dir_fd = store.open_job(job)
+    def read(job: Any) -> list[dict[str, Any]] | None:
+        try:
+            dir_fd = store.open_job(job)
+        except FileNotFoundError:
+            return None  # moved on meanwhile: Store.read looks for it again
         try:
             sub = fs.open_dir(dir_fd, "/".join(parts)) if parts else dir_fd
             try:
