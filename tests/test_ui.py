@@ -169,9 +169,9 @@ def test_a_link_in_a_state_folder_is_no_job(root: Path, store: Store, tmp_path: 
 
 
 def test_overview_is_fast_with_many_jobs(root: Path, app: tuple[ASGIApp, Store]) -> None:
-    """p50 of the overview with many jobs (BATCHINGEST_UI_JOBS, default 20,000; the
+    """p50 of the overview with many jobs (BATCHINGEST_UI_JOBS, default 10,000; the
     README's figure is for 100,000), after the first call has seen every job once."""
-    count = int(os.environ.get("BATCHINGEST_UI_JOBS", "20000"))
+    count = int(os.environ.get("BATCHINGEST_UI_JOBS", "10000"))
     states = ["success"] * 8 + ["error", "data"]
     for i in range(count):
         os.mkdir(root / states[i % len(states)] / f"job-{i:06d}")

@@ -410,3 +410,20 @@ def test_no_staging_says_so(root: Path, page: Any) -> None:
         log_in(page, svc)
         text_is(page, "#staging", "staging is not available on this service")
         text_is(page, "#transfers", "transfers are not available on this service")
+
+
+def test_a_service_gone_away_shows_and_clears(root: Path, page: Any) -> None:
+    svc = Service(root, "--no-processor").start()
+    try:
+        log_in(page, svc)
+        text_is(page, "#count-ready", "0")
+        assert page.is_hidden("#problem")
+        svc.stop()
+        page.wait_for_selector("#problem:not([hidden])")
+        assert "Cannot reach the service" in page.inner_text("#problem")
+        (root / "data" / "while-away").mkdir()
+        svc = Service(root, "--no-processor", port=svc.port).start()
+        text_is(page, "#count-ready", "1")  # the same tab, still logged in
+        page.wait_for_selector("#problem", state="hidden")
+    finally:
+        svc.stop()

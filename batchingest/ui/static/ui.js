@@ -86,11 +86,16 @@ function $(id) {
   return document.getElementById(id);
 }
 
-function problem(message) {
+// What each polling loop last failed with: the banner shows while any of them fails.
+const failing = new Map();
+
+function problem(message, loop = "page") {
   const box = $("problem");
   if (!box) return;
-  box.hidden = !message;
-  box.textContent = message || "";
+  if (message) failing.set(loop, message);
+  else failing.delete(loop);
+  box.hidden = failing.size === 0;
+  box.textContent = [...new Set(failing.values())].join("; ");
 }
 
 function updated() {
@@ -132,17 +137,18 @@ function confirmed(message, yes = "OK") {
 }
 
 // Run fn now and every `ms`, one at a time; a failure shows and the next round retries.
-function every(ms, fn) {
+let loops = 0;
+function every(ms, fn, loop = "loop" + loops++) {
   let busy = false;
   const tick = async () => {
     if (busy) return;
     busy = true;
     try {
       await fn();
-      problem("");
+      problem("", loop);
       updated();
     } catch (e) {
-      if (!(e instanceof ApiFailure && e.status === 401)) problem("Cannot reach the service: " + e.message);
+      if (!(e instanceof ApiFailure && e.status === 401)) problem("Cannot reach the service: " + e.message, loop);
     } finally {
       busy = false;
     }
@@ -352,7 +358,7 @@ function jobsPage() {
   let timer = null;
   const refresh = () => {
     clearInterval(timer);
-    timer = every(3000, load);
+    timer = every(3000, load, "jobs");
   };
   form.addEventListener("submit", (ev) => ev.preventDefault());
   form.addEventListener("change", reload);
