@@ -29,6 +29,7 @@ from batchingest.api.paths import job_name, unsafe_url_path
 from batchingest.config import Config
 from batchingest.health import Progress, Readiness
 from batchingest.store import Store
+from batchingest.ui import public as ui_public
 
 log = logging.getLogger("batchingest.api")
 
@@ -92,7 +93,7 @@ class ApiMiddleware:
 
     def allowed(self, scope: Scope, path: str) -> bool:
         """May this request go on: a public route, an API token, or a DTS credential."""
-        if path in PUBLIC_PATHS or self.checker.check(scope["headers"]):
+        if path in PUBLIC_PATHS or ui_public(path) or self.checker.check(scope["headers"]):
             return True
         if self.jdp and path.startswith(JDP_STATUS) and scope["method"] in ("GET", "HEAD"):
             return True  # the DTS polls without credentials; the ids carry no data
@@ -237,6 +238,7 @@ def _larger_body_buffer() -> None:
 def create_app(cfg: Config, store: Store, readiness: Readiness | None = None) -> Starlette:
     """The app; `readiness` is the service's (with its loops' heartbeats) if given."""
     from batchingest.api import globus  # it imports error_body from here
+    from batchingest.ui import routes as ui
 
     _larger_body_buffer()
     if readiness is None:
@@ -244,7 +246,7 @@ def create_app(cfg: Config, store: Store, readiness: Readiness | None = None) ->
     checker = auth.TokenChecker(auth.load_tokens(cfg, store))
     dts = auth.load_dts_secret(cfg)
     staging_routes, staging_paths = _staging_routes(cfg, store)
-    spec = openapi.spec(__version__, {**staging_paths, **globus.OPENAPI_PATHS})
+    spec = openapi.spec(__version__, {**staging_paths, **globus.OPENAPI_PATHS, **ui.OPENAPI_PATHS})
     spec_body = jobs.json_response(spec).body
 
     async def index(request: Request) -> Response:
@@ -274,6 +276,7 @@ def create_app(cfg: Config, store: Store, readiness: Readiness | None = None) ->
         Route("/openapi.json", openapi_json, methods=["GET"]),
         *staging_routes,
         *globus.routes(cfg, store),
+        *ui.routes(cfg, store),
     ]
     return Starlette(
         routes=routes,

@@ -1,0 +1,206 @@
+"""The dashboard's routes: the page shells, their static files and /ui/api/.
+
+See the package's docstring for how the token is kept and sent."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from anyio import to_thread
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+from starlette.templating import Jinja2Templates
+
+from batchingest import __version__
+from batchingest.api.errors import ApiError
+from batchingest.api.jobs import json_response
+from batchingest.api.paths import job_name, segments
+from batchingest.config import Config
+from batchingest.store import STATE_OF_STATUS, JobBusy, State, Store
+from batchingest.ui import data
+
+HERE = Path(__file__).parent
+PAGE_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
+    ),
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+
+
+def _states(raw: str | None) -> tuple[State, ...]:
+    if not raw:
+        return tuple(State)
+    states = []
+    for word in raw.split(","):
+        state = STATE_OF_STATUS.get(word.strip())
+        if state is None:
+            known = ", ".join(STATE_OF_STATUS)
+            raise ApiError(400, "InvalidParameter", f"unknown status {word[:50]!r} (use {known})")
+        if state not in states:
+            states.append(state)
+    return tuple(states)
+
+
+def _number(request: Request, key: str, default: int, most: int) -> int:
+    raw = request.query_params.get(key, "")
+    if raw == "":
+        return default
+    if not raw.isdigit() or len(raw) > 9 or int(raw) > most:
+        raise ApiError(400, "InvalidParameter", f"{key} must be a whole number up to {most}")
+    return int(raw)
+
+
+def list_query(request: Request) -> data.ListQuery:
+    sort = request.query_params.get("sort") or "name"
+    if sort not in data.SORTS:
+        raise ApiError(400, "InvalidParameter", f"sort must be one of {', '.join(data.SORTS)}")
+    text = request.query_params.get("q", "")
+    if len(text) > 255:
+        raise ApiError(400, "InvalidParameter", "q is at most 255 characters")
+    return data.ListQuery(
+        states=_states(request.query_params.get("status")),
+        text=text,
+        sort=sort,
+        offset=_number(request, "offset", 0, 10**9),
+        limit=_number(request, "limit", 50, data.MAX_LIST) or 50,
+    )
+
+
+STATIC_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8"}
+
+
+def static_files() -> dict[str, Response]:
+    """The script and style sheet, read once: a fixed set, so no request names a path."""
+    files = {}
+    for path in sorted((HERE / "static").iterdir()):
+        media = STATIC_TYPES.get(path.suffix)
+        if media is not None:
+            headers = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
+            files[path.name] = Response(path.read_bytes(), 200, headers, media_type=media)
+    return files
+
+
+def routes(cfg: Config, store: Store) -> list[BaseRoute]:
+    # every value a template prints is escaped: job names, messages
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True, auto_reload=False
+    )
+    templates = Jinja2Templates(env=env)
+    times = data.ChangeTimes(store)
+    files = static_files()
+
+    def page(request: Request, template: str, **context: Any) -> Response:
+        context.update(version=__version__)
+        response = templates.TemplateResponse(request, template, context)
+        response.headers.update(PAGE_HEADERS)
+        return response
+
+    async def overview_page(request: Request) -> Response:
+        return page(request, "overview.html", page="overview", title="Overview")
+
+    async def login_page(request: Request) -> Response:
+        return page(request, "login.html", page="login", title="Log in")
+
+    async def jobs_page(request: Request) -> Response:
+        return page(request, "jobs.html", page="jobs", title="Jobs")
+
+    async def job_page(request: Request) -> Response:
+        name = job_name(request.path_params["id"])
+        return page(request, "job.html", page="job", title=name, job=name)
+
+    # listing 100,000 names or statting new jobs takes milliseconds: off the event loop
+    async def overview(request: Request) -> Response:
+        return json_response(await to_thread.run_sync(data.overview, store, times))
+
+    async def jobs(request: Request) -> Response:
+        query = list_query(request)
+        return json_response(await to_thread.run_sync(data.list_jobs, store, times, query))
+
+    async def entries(request: Request) -> Response:
+        name = job_name(request.path_params["id"])
+        parts = segments(request.query_params.get("path", ""), allow_empty=True)
+        try:
+            found = await to_thread.run_sync(data.folder_entries, store, name, parts)
+        except JobBusy as e:
+            raise ApiError(409, "JobBusy", str(e)) from None
+        except (FileNotFoundError, NotADirectoryError):
+            raise ApiError(404, "FileNotFound", "no such folder in the job") from None
+        except OSError as e:  # a link on the way (UnsafePath), unreadable
+            raise ApiError(400, "InvalidPath", e.strerror or str(e)) from None
+        if found is None:
+            raise ApiError(404, "JobNotFound", f"no job named {name!r}")
+        return json_response(found)
+
+    async def static(request: Request) -> Response:
+        found = files.get(request.path_params["name"])
+        if found is None:
+            raise ApiError(404, "NotFound", f"no route {request.url.path}")
+        return found
+
+    async def requeue_failed(request: Request) -> Response:
+        return json_response(await to_thread.run_sync(data.requeue_failed, store))
+
+    return [
+        Route("/ui", overview_page, methods=["GET"]),
+        Route("/ui/", overview_page, methods=["GET"]),
+        Route("/ui/login", login_page, methods=["GET"]),
+        Route("/ui/jobs", jobs_page, methods=["GET"]),
+        Route("/ui/jobs/{id}", job_page, methods=["GET"]),
+        Route("/ui/api/overview", overview, methods=["GET"]),
+        Route("/ui/api/jobs", jobs, methods=["GET"]),
+        Route("/ui/api/jobs/{id}/entries", entries, methods=["GET"]),
+        Route("/ui/api/requeue-failed", requeue_failed, methods=["POST"]),
+        Route("/ui/static/{name}", static, methods=["GET"]),
+    ]
+
+
+def _page(summary: str) -> dict[str, Any]:
+    return {
+        "get": {
+            "summary": summary,
+            "security": [],
+            "responses": {"200": {"description": "HTML", "content": {"text/html": {}}}},
+        }
+    }
+
+
+def _json(method: str, summary: str, params: tuple[str, ...] = ()) -> dict[str, Any]:
+    op: dict[str, Any] = {
+        "summary": summary,
+        "responses": {
+            "200": {"description": "JSON", "content": {"application/json": {}}},
+            "400": {"description": "a bad parameter"},
+            "401": {"description": "no valid token"},
+        },
+    }
+    if params:
+        op["parameters"] = [
+            {"name": p, "in": "path" if p == "id" else "query", "required": p == "id",
+             "schema": {"type": "string"}}
+            for p in params
+        ]  # fmt: skip
+    return {method: op}
+
+
+OPENAPI_PATHS: dict[str, Any] = {
+    "/ui": _page("The dashboard: overview (a page without data; the token is typed there)"),
+    "/ui/": _page("The dashboard: overview"),
+    "/ui/login": _page("The dashboard: log in with an API token"),
+    "/ui/jobs": _page("The dashboard: the job list"),
+    "/ui/jobs/{id}": _page("The dashboard: one job"),
+    "/ui/static/{name}": _page("The dashboard's script and style sheet"),
+    "/ui/api/overview": _json("get", "Jobs per state, the last hour, running and staging"),
+    "/ui/api/jobs": _json(
+        "get", "A page of jobs: filtered, sorted", ("status", "q", "sort", "offset", "limit")
+    ),
+    "/ui/api/jobs/{id}/entries": _json("get", "Names in a job's folder", ("id", "path")),
+    "/ui/api/requeue-failed": _json("post", "Move every job in error/ back to queue/"),
+}
