@@ -1,0 +1,106 @@
+"""When a folder was made and last changed: statx(2) birth and change times.
+
+`os.stat` has no birth time on Linux before Python 3.15 (`os.statx`), so statx is
+called through ctypes where the C library has it (glibc 2.28 and later). The call
+never follows a symbolic link: a link is reported as what it is, never its target.
+
+- `created` is the birth time where the file system records one (ext4, XFS, Btrfs,
+  tmpfs since Linux 5.x...). Where it does not (NFS and other network file systems,
+  or no statx at all) it is the earlier of the folder's mtime and ctime: the folder
+  existed by then, so it is the latest the folder can have been made.
+- `modified` is the ctime: it changes when the folder is renamed (Linux file systems
+  update the ctime of a moved inode), when an entry is added to or removed from it,
+  and on chmod/chown; never when a file inside it is only rewritten in place.
+
+Both are kept to the millisecond, the precision the API shows, so a time copied from a
+listing into a filter matches the job it came from.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import stat
+from dataclasses import dataclass
+
+_AT_FDCWD = -100
+_AT_SYMLINK_NOFOLLOW = 0x100
+_STATX_TYPE = 0x1
+_STATX_MTIME = 0x40
+_STATX_CTIME = 0x80
+_STATX_BTIME = 0x800
+_WANT = _STATX_TYPE | _STATX_MTIME | _STATX_CTIME | _STATX_BTIME
+# struct statx is 256 bytes; the fields read here, at their fixed offsets (linux/stat.h)
+_SIZE = 256
+_MODE, _BTIME, _CTIME, _MTIME = 28, 80, 96, 112
+
+
+@dataclass(frozen=True)
+class Times:
+    """Seconds since the epoch, to the millisecond."""
+
+    created: float
+    modified: float
+    birth: bool  # whether `created` is the file system's birth time
+
+
+def _load() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        fn = libc.statx
+    except (OSError, AttributeError, TypeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_void_p]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_statx = _load()
+
+
+def _ms(sec: int, nsec: int) -> float:
+    return (sec * 1000 + nsec // 1_000_000) / 1000
+
+
+def _stamp(buf: ctypes.Array[ctypes.c_char], offset: int) -> float:
+    sec = int.from_bytes(buf.raw[offset : offset + 8], "little", signed=True)
+    nsec = int.from_bytes(buf.raw[offset + 8 : offset + 12], "little")
+    return _ms(sec, nsec)
+
+
+def folder_times(path: str) -> Times | None:
+    """The times of the folder at path; None if it is gone or is not a folder (a link).
+
+    OSError for anything else (EACCES, EIO).
+    """
+    if _statx is None:
+        return _fallback(path)
+    buf = ctypes.create_string_buffer(_SIZE)
+    if _statx(_AT_FDCWD, os.fsencode(path), _AT_SYMLINK_NOFOLLOW, _WANT, buf) != 0:
+        err = ctypes.get_errno()
+        if err in (2, 20):  # ENOENT, ENOTDIR: moved or removed meanwhile
+            return None
+        if err == 38:  # ENOSYS: a kernel without statx
+            return _fallback(path)
+        raise OSError(err, os.strerror(err), path)
+    mask = int.from_bytes(buf.raw[0:4], "little")
+    mode = int.from_bytes(buf.raw[_MODE : _MODE + 2], "little")
+    if not stat.S_ISDIR(mode):
+        return None
+    modified, mtime = _stamp(buf, _CTIME), _stamp(buf, _MTIME)
+    if mask & _STATX_BTIME:
+        return Times(_stamp(buf, _BTIME), modified, True)
+    return Times(min(mtime, modified), modified, False)
+
+
+def _fallback(path: str) -> Times | None:
+    try:
+        st = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    if not stat.S_ISDIR(st.st_mode):
+        return None
+    ctime = _ms(st.st_ctime_ns // 1_000_000_000, st.st_ctime_ns % 1_000_000_000)
+    mtime = _ms(st.st_mtime_ns // 1_000_000_000, st.st_mtime_ns % 1_000_000_000)
+    return Times(min(mtime, ctime), ctime, False)
