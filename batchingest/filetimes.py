@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import os
 import stat
 from dataclasses import dataclass
@@ -31,9 +32,34 @@ _STATX_MTIME = 0x40
 _STATX_CTIME = 0x80
 _STATX_BTIME = 0x800
 _WANT = _STATX_TYPE | _STATX_MTIME | _STATX_CTIME | _STATX_BTIME
-# struct statx is 256 bytes; the fields read here, at their fixed offsets (linux/stat.h)
-_SIZE = 256
-_MODE, _BTIME, _CTIME, _MTIME = 28, 80, 96, 112
+
+
+class _Stamp(ctypes.Structure):
+    _fields_ = [("sec", ctypes.c_int64), ("nsec", ctypes.c_uint32), ("_reserved", ctypes.c_int32)]
+
+
+class _Statx(ctypes.Structure):
+    """struct statx of linux/stat.h: 256 bytes, the fields up to the times named."""
+
+    _fields_ = [
+        ("mask", ctypes.c_uint32),
+        ("blksize", ctypes.c_uint32),
+        ("attributes", ctypes.c_uint64),
+        ("nlink", ctypes.c_uint32),
+        ("uid", ctypes.c_uint32),
+        ("gid", ctypes.c_uint32),
+        ("mode", ctypes.c_uint16),
+        ("_spare0", ctypes.c_uint16),
+        ("ino", ctypes.c_uint64),
+        ("size", ctypes.c_uint64),
+        ("blocks", ctypes.c_uint64),
+        ("attributes_mask", ctypes.c_uint64),
+        ("atime", _Stamp),
+        ("btime", _Stamp),
+        ("ctime", _Stamp),
+        ("mtime", _Stamp),
+        ("_rest", ctypes.c_uint8 * 128),
+    ]
 
 
 @dataclass(frozen=True)
@@ -63,12 +89,6 @@ def _ms(sec: int, nsec: int) -> float:
     return (sec * 1000 + nsec // 1_000_000) / 1000
 
 
-def _stamp(buf: ctypes.Array[ctypes.c_char], offset: int) -> float:
-    sec = int.from_bytes(buf.raw[offset : offset + 8], "little", signed=True)
-    nsec = int.from_bytes(buf.raw[offset + 8 : offset + 12], "little")
-    return _ms(sec, nsec)
-
-
 def folder_times(path: str) -> Times | None:
     """The times of the folder at path; None if it is gone or is not a folder (a link).
 
@@ -76,22 +96,21 @@ def folder_times(path: str) -> Times | None:
     """
     if _statx is None:
         return _fallback(path)
-    buf = ctypes.create_string_buffer(_SIZE)
-    if _statx(_AT_FDCWD, os.fsencode(path), _AT_SYMLINK_NOFOLLOW, _WANT, buf) != 0:
+    buf = _Statx()
+    if _statx(_AT_FDCWD, os.fsencode(path), _AT_SYMLINK_NOFOLLOW, _WANT, ctypes.byref(buf)):
         err = ctypes.get_errno()
-        if err in (2, 20):  # ENOENT, ENOTDIR: moved or removed meanwhile
+        if err in (errno.ENOENT, errno.ENOTDIR):  # moved or removed meanwhile
             return None
-        if err == 38:  # ENOSYS: a kernel without statx
+        if err == errno.ENOSYS:  # a kernel without statx
             return _fallback(path)
         raise OSError(err, os.strerror(err), path)
-    mask = int.from_bytes(buf.raw[0:4], "little")
-    mode = int.from_bytes(buf.raw[_MODE : _MODE + 2], "little")
-    if not stat.S_ISDIR(mode):
+    if not stat.S_ISDIR(buf.mode):
         return None
-    modified, mtime = _stamp(buf, _CTIME), _stamp(buf, _MTIME)
-    if mask & _STATX_BTIME:
-        return Times(_stamp(buf, _BTIME), modified, True)
-    return Times(min(mtime, modified), modified, False)
+    c, m = buf.ctime, buf.mtime
+    modified = _ms(c.sec, c.nsec)
+    if buf.mask & _STATX_BTIME:
+        return Times(_ms(buf.btime.sec, buf.btime.nsec), modified, True)
+    return Times(min(_ms(m.sec, m.nsec), modified), modified, False)
 
 
 def _fallback(path: str) -> Times | None:

@@ -9,6 +9,7 @@ structure hypothesis drew, not from the text sent.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 import time
@@ -24,6 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_api import call, make_app
 
+from batchingest import filetimes
 from batchingest.api import query
 from batchingest.store import STATES, STATUS_OF_STATE, Store
 
@@ -254,3 +256,23 @@ def test_parse_time_reads_rfc3339_in_any_zone(moment: datetime, minutes: int) ->
 def test_parse_time_refuses(text: str) -> None:
     with pytest.raises(query.QueryError, match="time"):
         query.parse_time(text)
+
+
+# -- the folder times --------------------------------------------------------------------------
+
+
+def test_folder_times(tmp_path: Path) -> None:
+    assert ctypes.sizeof(filetimes._Statx) == 256  # the kernel's struct statx
+    (tmp_path / "job").mkdir()
+    before = time.time()
+    (tmp_path / "job" / "f").write_text("x")  # an entry added: the folder's ctime moves
+    t = filetimes.folder_times(str(tmp_path / "job"))
+    assert t is not None
+    st_ = os.lstat(tmp_path / "job")
+    assert t.modified == st_.st_ctime_ns // 1_000_000 / 1000 >= before - 0.01
+    assert t.created <= t.modified
+    # never follows a link, and only folders have times here
+    (tmp_path / "link").symlink_to("job")
+    os.mkfifo(tmp_path / "fifo")
+    for name in ("link", "fifo", "job/f", "missing", "job/f/below"):
+        assert filetimes.folder_times(str(tmp_path / name)) is None

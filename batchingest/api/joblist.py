@@ -96,18 +96,16 @@ def select(
 
     Blocking (a statx per job when a filter or order needs times): run in a thread.
     """
-    prefixes: dict[str, str] = {}
-    rows = []
-    for name, state in merged:
-        prefix = prefixes.get(state)
-        if prefix is None:
-            prefix = prefixes[state] = f"{store.state_dir(state)}/"
-        rows.append(Row(name, state, prefix + name))
+    prefixes = {state: f"{store.state_dir(state)}/" for state in {s for _, s in merged}}
+    offset, stop = window
+    if q.test is None and not q.keys:  # in name order already: only the page's rows
+        page = [Row(n, s, prefixes[s] + n) for n, s in merged[offset:stop]]
+        return len(merged), [render(r, q.columns) for r in page]
+    rows = [Row(n, s, prefixes[s] + n) for n, s in merged]
     if q.test is not None:
         rows = [r for r in rows if q.test(r)]
     query.sort(rows, q.keys)
     rows = [r for r in rows if not r.gone]  # looked at and found gone: not in the snapshot
-    offset, stop = window
     return len(rows), [render(r, q.columns) for r in rows[offset:stop]]
 
 

@@ -166,7 +166,15 @@ def parse_filter(raws: Iterable[str], fields: Sequence[Field]) -> Test | None:
             alternatives.append([_clause(table, c) for c in raw.split("/") if c.strip()])
     if not alternatives:
         return None
-    return lambda r: any(all(test(r) for test in tests) for tests in alternatives)
+    # a single clause (the usual case) is tested directly: a filter runs once per row
+    each = [tests[0] if len(tests) == 1 else _every(tests) for tests in alternatives]
+    if len(each) == 1:
+        return each[0]
+    return lambda r: any(test(r) for test in each)
+
+
+def _every(tests: list[Test]) -> Test:
+    return lambda r: all(test(r) for test in tests)
 
 
 def parse_orderby(raw: str | None, fields: Sequence[Field]) -> list[tuple[Field, bool]]:
