@@ -302,6 +302,18 @@ def test_openapi_documents_every_route(api: tuple[ASGIApp, Store]) -> None:
     assert {"Unauthorized", "JobNotFound", "InvalidPath", "JobBusy", "DigestMismatch"} <= codes
 
 
+def test_openapi_documents_list_queries(api: tuple[ASGIApp, Store]) -> None:
+    app, _ = api
+    spec = call(app, "GET", "/openapi.json").json()
+    listing = spec["paths"]["/jobs"]["get"]
+    params = {p["name"] for p in listing["parameters"]}
+    assert {"status", "limit", "offset", "orderby", "filter", "fields"} <= params
+    row = listing["responses"]["200"]["content"]["application/json"]["schema"]["items"]
+    assert {"Name", "Status", "Created", "Modified"} <= set(row["properties"])
+    info = spec["paths"]["/jobs/{id}"]["get"]["responses"]["200"]["content"]
+    assert {"Created", "Modified"} <= set(info["application/json"]["schema"]["required"])
+
+
 # -- /jobs ------------------------------------------------------------------------------
 
 
