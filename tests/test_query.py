@@ -23,10 +23,13 @@ from urllib.parse import urlencode
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from starlette.requests import Request
 from test_api import call, make_app
 
 from batchingest import filetimes
 from batchingest.api import query
+from batchingest.api.errors import ApiError
+from batchingest.api.globus import query as globus_query
 from batchingest.store import STATES, STATUS_OF_STATE, Store
 
 NAMES = ("a", "a-1", "a-2", "ab", "b", "b.x", "B", "ba", "c_1")
@@ -276,3 +279,32 @@ def test_folder_times(tmp_path: Path) -> None:
     os.mkfifo(tmp_path / "fifo")
     for name in ("link", "fifo", "job/f", "missing", "job/f/below"):
         assert filetimes.folder_times(str(tmp_path / name)) is None
+
+
+# -- the same parser under the Globus ls rules ---------------------------------------------
+
+
+def _ls(params: list[tuple[str, str]], docs: list[dict[str, Any]]) -> list[str]:
+    request = Request({"type": "http", "query_string": urlencode(params).encode(), "headers": []})
+    test = globus_query.file_filter(request)
+    kept = [d for d in docs if test is None or test(d)]
+    globus_query.sort(kept, globus_query.order_keys(request))
+    return [d["name"] for d in kept]
+
+
+def test_globus_ls_rules_differ_where_they_should() -> None:
+    docs = [
+        {"name": n, "type": "file", "size": s, globus_query.MTIME: t}
+        for n, s, t in [("f1.txt", 1, 946684800.0), ("f10.txt", 10, 946684801.0), ("g", 5, 0.0)]
+    ]
+    # `~` is a whole-name glob there, a prefix for job names
+    assert _ls([("filter", "name:~f1*.txt")], docs) == ["f1.txt", "f10.txt"]
+    assert _ls([("filter", "name:~f1")], docs) == []
+    # a range leaves out its end there, and numbers take comparisons
+    assert _ls([("filter", "size:1,10")], docs) == ["f1.txt", "g"]
+    assert _ls([("filter", "last_modified:,2000-01-01 00:00:01")], docs) == ["f1.txt", "g"]
+    assert _ls([("filter", "size:>=5"), ("orderby", "size desc")], docs) == ["f10.txt", "g"]
+    with pytest.raises(ApiError) as e:
+        _ls([("filter", "size:>lots")], docs)
+    assert (e.value.status, e.value.code) == (400, "ClientError.BadRequest")
+    assert "'lots'" in e.value.message

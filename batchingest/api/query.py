@@ -37,8 +37,8 @@ _OPS: list[tuple[str, Callable[[Any, Any], bool]]] = [
     (">", operator.gt), ("<", operator.lt), ("=", operator.eq),
 ]  # fmt: skip
 _RFC3339 = re.compile(
-    r"(\d{4})-(\d{2})-(\d{2})(?:[Tt ](\d{2}):(\d{2}):(\d{2})(\.\d{1,9})?"
-    r"([Zz]|[+-]\d{2}:\d{2})?)?"
+    r"(\d{4})-(\d{2})-(\d{2})(?:[Tt ](\d{2}):(\d{2}):(\d{2})(\.\d{1,9})?)?"
+    r"([Zz]|[+-]\d{2}:\d{2})?"  # a zone after a bare date too: its midnight there
 )
 _LIMIT = 100  # longest piece of user input repeated in a message
 
