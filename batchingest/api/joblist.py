@@ -10,21 +10,24 @@ times): the listing is a snapshot, like `ls`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import heapq
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from itertools import islice, repeat
 from typing import Any
 
 from batchingest import filetimes
 from batchingest.api import query
 from batchingest.api.errors import ApiError
 from batchingest.api.query import TEXT, TIME, WORD, Field
-from batchingest.store import STATUS_OF_STATE, Store
+from batchingest.store import STATES, STATUS_OF_STATE, Store
 
 # The columns a row can show, in the order shown; Name and Status unless `fields` says.
 COLUMNS = ("Name", "Status", "Created", "Modified")
 DEFAULT_COLUMNS = ("Name", "Status")
 _UNKNOWN = object()
+_RANK = {state: i for i, state in enumerate(STATES)}
 
 
 class Row:
@@ -89,19 +92,33 @@ def parse(params: Any) -> Query:
     return Query(test, keys, columns)
 
 
+def _merged(per_state: Sequence[tuple[str, list[str]]]) -> Iterator[tuple[str, str]]:
+    """(name, state) of every job by name, then state order, as the plain listing."""
+    nonempty = [(state, names) for state, names in per_state if names]
+    if len(nonempty) == 1:
+        return zip(nonempty[0][1], repeat(nonempty[0][0]))
+    merged: Iterator[tuple[str, int, str]] = heapq.merge(
+        *[zip(names, repeat(_RANK[s]), repeat(s)) for s, names in nonempty]
+    )
+    return ((n, s) for n, _, s in merged)
+
+
 def select(
-    store: Store, merged: Sequence[tuple[str, str]], q: Query, window: tuple[int, int | None]
+    store: Store,
+    per_state: Sequence[tuple[str, list[str]]],
+    q: Query,
+    window: tuple[int, int | None],
 ) -> tuple[int, list[dict[str, Any]]]:
-    """(total, page) of the jobs in `merged` (name order) that pass the query.
+    """(total, page) of the jobs (each state's sorted names) that pass the query.
 
     Blocking (a statx per job when a filter or order needs times): run in a thread.
     """
-    prefixes = {state: f"{store.state_dir(state)}/" for state in {s for _, s in merged}}
+    prefixes = {state: f"{store.state_dir(state)}/" for state, _ in per_state}
     offset, stop = window
     if q.test is None and not q.keys:  # in name order already: only the page's rows
-        page = [Row(n, s, prefixes[s] + n) for n, s in merged[offset:stop]]
-        return len(merged), [render(r, q.columns) for r in page]
-    rows = [Row(n, s, prefixes[s] + n) for n, s in merged]
+        page = [Row(n, s, prefixes[s] + n) for n, s in islice(_merged(per_state), offset, stop)]
+        return sum(len(names) for _, names in per_state), [render(r, q.columns) for r in page]
+    rows = [Row(n, s, prefixes[s] + n) for n, s in _merged(per_state)]
     if q.test is not None:
         rows = [r for r in rows if q.test(r)]
     query.sort(rows, q.keys)

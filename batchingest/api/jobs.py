@@ -94,14 +94,6 @@ def _listing(page: Iterator[tuple[str, str]]) -> bytes:
 _PAGING = ("limit", "offset")
 
 
-def _merge(per_state: list[tuple[str, list[str]]]) -> Iterator[tuple[str, str]]:
-    """(name, state) of every job, by name, then state (each state's names are sorted)."""
-    merged: Iterator[tuple[str, int, str]] = heapq.merge(
-        *[zip(names, repeat(_STATE_RANK[s]), repeat(s)) for s, names in per_state]
-    )
-    return ((n, s) for n, _, s in merged)
-
-
 def routes(cfg: Config, store: Store) -> list[BaseRoute]:
     async def list_jobs(request: Request) -> Response:
         states = _states(request.query_params.get("status"))
@@ -135,10 +127,9 @@ def routes(cfg: Config, store: Store) -> list[BaseRoute]:
         request: Request, per_state: list[tuple[str, list[str]]], offset: int, limit: int | None
     ) -> Response:
         q = joblist.parse(request.query_params)
-        merged = list(_merge(per_state))
         stop = None if limit is None else offset + limit
         # in a thread: a filter or order on times looks at every job folder
-        total, page = await run_blocking(joblist.select, store, merged, q, (offset, stop))
+        total, page = await run_blocking(joblist.select, store, per_state, q, (offset, stop))
         headers = {"X-Total-Count": str(total)}
         if limit is not None and offset + limit < total:
             kept = [(k, v) for k, v in request.query_params.multi_items() if k not in _PAGING]

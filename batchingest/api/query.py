@@ -92,16 +92,23 @@ def _value(field: Field, text: str) -> float:
 
 def _text_test(field: Field, value: str) -> Test:
     key, like = field.key, field.like
-    if value.startswith("!~"):
-        return lambda r: not like(str(key(r)), value[2:])
-    if value.startswith("~"):
-        return lambda r: like(str(key(r)), value[1:])
-    if value.startswith("!="):
-        return lambda r: key(r) != value[2:]
-    if value.startswith("="):
-        return lambda r: key(r) == value[1:]
+    for prefix in ("!~", "~", "!=", "="):
+        if value.startswith(prefix):
+            return _compare(prefix, key, like, value[len(prefix) :])
     allowed = set(value.split(","))
     return lambda r: key(r) in allowed
+
+
+def _compare(
+    how: str, key: Callable[[Row], Any], like: Callable[[str, str], bool], text: str
+) -> Test:
+    if how == "!~":
+        return lambda r: not like(str(key(r)), text)
+    if how == "~":
+        return lambda r: like(str(key(r)), text)
+    if how == "!=":
+        return lambda r: bool(key(r) != text)
+    return lambda r: bool(key(r) == text)
 
 
 def _word_test(field: Field, value: str) -> Test:
