@@ -24,6 +24,7 @@ import errno
 import os
 import stat
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 _AT_FDCWD = -100
 _AT_SYMLINK_NOFOLLOW = 0x100
@@ -123,3 +124,18 @@ def _fallback(path: str) -> Times | None:
     ctime = _ms(st.st_ctime_ns // 1_000_000_000, st.st_ctime_ns % 1_000_000_000)
     mtime = _ms(st.st_mtime_ns // 1_000_000_000, st.st_mtime_ns % 1_000_000_000)
     return Times(min(mtime, ctime), ctime, False)
+
+
+def rfc3339(seconds: float) -> str:
+    """RFC 3339 UTC to the millisecond, as the API shows times: 2026-11-23T14:10:48.123Z."""
+    ms = round(seconds * 1000)
+    day = datetime.fromtimestamp(ms // 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{day}.{ms % 1000:03d}Z"
+
+
+def job_times(path: str) -> dict[str, str | None]:
+    """`Created` and `Modified` of a job folder as a job's info shows them (None if gone)."""
+    t = folder_times(path)
+    if t is None:
+        return {"Created": None, "Modified": None}
+    return {"Created": rfc3339(t.created), "Modified": rfc3339(t.modified)}

@@ -13,7 +13,6 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from itertools import islice, repeat
 from typing import Any
 
@@ -126,12 +125,6 @@ def select(
     return len(rows), [render(r, q.columns) for r in rows[offset:stop]]
 
 
-def _rfc3339(seconds: float) -> str:
-    ms = round(seconds * 1000)
-    day = datetime.fromtimestamp(ms // 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-    return f"{day}.{ms % 1000:03d}Z"
-
-
 def render(row: Row, columns: Sequence[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for column in columns:
@@ -141,13 +134,5 @@ def render(row: Row, columns: Sequence[str]) -> dict[str, Any]:
             out["Status"] = STATUS_OF_STATE[row.state]
         else:
             t = row.times()
-            out[column] = None if t is None else _rfc3339(getattr(t, column.lower()))
+            out[column] = None if t is None else filetimes.rfc3339(getattr(t, column.lower()))
     return out
-
-
-def times_info(path: str) -> dict[str, str | None]:
-    """`Created` and `Modified` of one job folder, for `GET /jobs/{id}`."""
-    t = filetimes.folder_times(path)
-    if t is None:
-        return {"Created": None, "Modified": None}
-    return {"Created": _rfc3339(t.created), "Modified": _rfc3339(t.modified)}

@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from batchingest import fs, jobfile
+from batchingest import filetimes, fs, jobfile
 from batchingest.api import joblist
 from batchingest.api.common import by_method, find_job, run_blocking
 from batchingest.api.common import json_response as json_response  # app.py uses jobs.json_response
@@ -39,7 +39,7 @@ def job_info(store: Store, job: Job) -> dict[str, Any]:
     huge is reported as a JobError, never followed or read whole.
     """
     info: dict[str, Any] = {"Name": job.name, "Status": job.status}
-    info.update(joblist.times_info(str(job.path)))
+    info.update(filetimes.job_times(str(job.path)))
     try:
         job_fd = store.open_job(job)
         try:
