@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from batchingest import fs, jobfile
+from batchingest import filetimes, fs, jobfile
 from batchingest.store import Job, JobBusy, JobNotFound, Store, parse_statuses
 
 FAILURE = 1  # the command could not do what was asked (exit status)
@@ -126,6 +126,7 @@ class LocalSource:
 
     def _info(self, job: Job) -> dict[str, Any] | None:
         info: dict[str, Any] = {"Name": job.name, "Status": job.status}
+        info.update(filetimes.job_times(str(job.path)))  # as GET /jobs/{id} shows them
         try:
             dir_fd = self.store.open_job(job)
         except (FileNotFoundError, NotADirectoryError):

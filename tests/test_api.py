@@ -15,15 +15,17 @@ import os
 import stat
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 import pytest
 from service import TOKEN
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
+from batchingest import filetimes
 from batchingest.api import auth
 from batchingest.api.app import create_app
 from batchingest.config import Config
@@ -300,6 +302,18 @@ def test_openapi_documents_every_route(api: tuple[ASGIApp, Store]) -> None:
     assert {"Unauthorized", "JobNotFound", "InvalidPath", "JobBusy", "DigestMismatch"} <= codes
 
 
+def test_openapi_documents_list_queries(api: tuple[ASGIApp, Store]) -> None:
+    app, _ = api
+    spec = call(app, "GET", "/openapi.json").json()
+    listing = spec["paths"]["/jobs"]["get"]
+    params = {p["name"] for p in listing["parameters"]}
+    assert {"status", "limit", "offset", "orderby", "filter", "fields"} <= params
+    row = listing["responses"]["200"]["content"]["application/json"]["schema"]["items"]
+    assert {"Name", "Status", "Created", "Modified"} <= set(row["properties"])
+    info = spec["paths"]["/jobs/{id}"]["get"]["responses"]["200"]["content"]
+    assert {"Created", "Modified"} <= set(info["application/json"]["schema"]["required"])
+
+
 # -- /jobs ------------------------------------------------------------------------------
 
 
@@ -391,6 +405,161 @@ def test_list_sees_changes_at_once(api: tuple[ASGIApp, Store]) -> None:
     ]
 
 
+# -- /jobs queries: orderby, filter, fields ------------------------------------------------
+
+
+def _stamp(text: str) -> float:
+    assert text.endswith("Z") and len(text) == len("2026-01-02T03:04:05.678Z"), text
+    return datetime.fromisoformat(text[:-1] + "+00:00").timestamp()
+
+
+def _jobs_in_order(store: Store, *moves: tuple[str, str]) -> None:
+    """Create each job and move it, with a pause, so their times differ."""
+    for name, state in moves:
+        store.create(name)
+        if state != "data":
+            store.move(name, "data", state)
+        time.sleep(0.02)
+
+
+def test_job_info_has_created_and_modified(api: tuple[ASGIApp, Store], root: Path) -> None:
+    app, _ = api
+    before = time.time()
+    info = call(app, "PUT", "/jobs/j").json()
+    after = time.time()
+    created, modified = _stamp(info["Created"]), _stamp(info["Modified"])
+    assert before - 0.01 <= created <= modified <= after + 0.01
+    time.sleep(0.05)
+    moved = call(app, "POST", "/jobs/j/queue").json()
+    # a rename into another state folder changes the folder's ctime, not its birth
+    assert _stamp(moved["Modified"]) >= modified + 0.04
+    if filetimes.folder_times(str(root / "queue" / "j")).birth:  # type: ignore[union-attr]
+        assert moved["Created"] == info["Created"]
+    # the listing shows the same times
+    listed = call(app, "GET", "/jobs?fields=Name,Created,Modified").json()
+    assert listed == [{"Name": "j", "Created": moved["Created"], "Modified": moved["Modified"]}]
+
+
+def test_list_without_queries_is_unchanged(api: tuple[ASGIApp, Store]) -> None:
+    app, store = api
+    _jobs_in_order(store, ("b", "error"), ("a", "data"))
+    assert call(app, "GET", "/jobs").body == (
+        b'[{"Name":"a","Status":"ready"},{"Name":"b","Status":"error"}]\n'
+    )
+
+
+def test_list_orderby(api: tuple[ASGIApp, Store]) -> None:
+    app, store = api
+    _jobs_in_order(store, ("c", "success"), ("a", "error"), ("d", "data"), ("b", "queue"))
+
+    def names(query: str) -> list[str]:
+        reply = call(app, "GET", "/jobs?" + query)
+        assert reply.status == 200, reply.body
+        return [j["Name"] for j in reply.json()]
+
+    assert names("orderby=name") == ["a", "b", "c", "d"]
+    assert names("orderby=name%20desc") == ["d", "c", "b", "a"]
+    assert names("orderby=modified") == ["c", "a", "d", "b"]
+    assert names("orderby=modified%20DESC") == ["b", "d", "a", "c"]
+    assert names("orderby=created") == ["c", "a", "d", "b"]
+    # status words alphabetically: error, queue, ready, success
+    assert names("orderby=status") == ["a", "b", "d", "c"]
+    assert names("orderby=status%20desc,name") == ["c", "d", "b", "a"]
+    # the same name in two states: by name, then the state order of the plain listing
+    (store.root / "success" / "a").mkdir()
+    assert call(app, "GET", "/jobs?orderby=name&fields=Name,Status").json()[:2] == [
+        {"Name": "a", "Status": "success"},
+        {"Name": "a", "Status": "error"},
+    ]
+
+
+def test_list_filter(api: tuple[ASGIApp, Store]) -> None:
+    app, store = api
+    _jobs_in_order(store, ("x-1", "success"), ("x-2", "error"), ("y-1", "data"), ("y-2", "queue"))
+    times = {
+        j["Name"]: j["Modified"] for j in call(app, "GET", "/jobs?fields=Name,Modified").json()
+    }
+
+    def names(flt: str, extra: str = "") -> list[str]:
+        reply = call(app, "GET", f"/jobs?filter={quote(flt)}{extra}")
+        assert reply.status == 200, reply.body
+        assert reply.headers["x-total-count"] == str(len(reply.json()))
+        return [j["Name"] for j in reply.json()]
+
+    assert names("status:queue,error") == ["x-2", "y-2"]
+    assert names("name:~x") == ["x-1", "x-2"]
+    assert names("name:!~x") == ["y-1", "y-2"]
+    assert names("name:=y-1") == ["y-1"]
+    assert names("name:!=y-1") == ["x-1", "x-2", "y-2"]
+    assert names("name:x-1,y-2") == ["x-1", "y-2"]
+    assert names("status:queue,error/name:~x") == ["x-2"]
+    # several filter parameters are alternatives
+    assert names("name:~x", "&filter=status:queue") == ["x-1", "x-2", "y-2"]
+    # ranges are inclusive, either end may be empty; a time shown matches its own job
+    assert names(f"modified:{times['x-2']},{times['y-1']}") == ["x-2", "y-1"]
+    assert names(f"modified:{times['x-2']},{times['x-2']}") == ["x-2"]
+    assert names(f"modified:,{times['x-2']}") == ["x-1", "x-2"]
+    assert names(f"modified:{times['y-1']},") == ["y-1", "y-2"]
+    assert names("modified:2000-01-01,2000-01-02 00:00:00") == []
+    assert names("created:2000-01-01T00:00:00+02:00,") == ["x-1", "x-2", "y-1", "y-2"]
+    # combined with ?status= both must hold
+    assert names("name:~y", "&status=ready") == ["y-1"]
+
+
+def test_list_fields(api: tuple[ASGIApp, Store]) -> None:
+    app, store = api
+    _jobs_in_order(store, ("a", "success"))
+    assert call(app, "GET", "/jobs?fields=Status").json() == [{"Status": "success"}]
+    row = call(app, "GET", "/jobs?fields=modified,NAME,Created,Status").json()[0]
+    assert list(row) == ["Name", "Status", "Created", "Modified"]
+    assert call(app, "GET", "/jobs?fields=").json() == [{"Name": "a", "Status": "success"}]
+    assert call(app, "GET", "/jobs?orderby=name").json() == [{"Name": "a", "Status": "success"}]
+
+
+def test_list_queries_page_with_every_parameter_kept(api: tuple[ASGIApp, Store]) -> None:
+    app, store = api
+    for i in range(12):
+        _jobs_in_order(store, (f"j{i:02d}", "success" if i % 2 else "error"))
+    url = "/jobs?status=success,error&filter=name:~j&orderby=modified%20desc&fields=Name&limit=5"
+    seen: list[str] = []
+    while url:
+        reply = call(app, "GET", url)
+        assert reply.status == 200, reply.body
+        assert reply.headers["x-total-count"] == "12"
+        seen += [j["Name"] for j in reply.json()]
+        link = reply.headers.get("link")
+        url = link.split(">")[0].lstrip("<") if link else ""
+        if url:
+            assert "orderby=" in url and "filter=" in url and "fields=" in url and "status=" in url
+    assert seen == [f"j{i:02d}" for i in reversed(range(12))]
+
+
+@pytest.mark.parametrize(
+    ("query", "names"),
+    [
+        ("filter=colour:red", "'colour'"),
+        ("filter=name", "'name'"),
+        ("filter=status:done", "'done'"),
+        ("filter=modified:yesterday,", "'yesterday'"),
+        ("filter=modified:2026-01-01", "FROM,TO"),
+        ("filter=created:2026-13-01,", "2026-13-01"),
+        ("orderby=size", "'size'"),
+        ("orderby=name%20sideways", "'name sideways'"),
+        ("orderby=name%20asc%20twice", "'name asc twice'"),
+        ("fields=Name,Colour", "'Colour'"),
+        ("fields=Events2", "'Events2'"),
+    ],
+)
+def test_list_query_errors_name_the_wrong_part(
+    api: tuple[ASGIApp, Store], query: str, names: str
+) -> None:
+    app, store = api
+    store.create("a")
+    body = assert_error(call(app, "GET", "/jobs?" + query), 400, "InvalidParameter")
+    assert names in body["message"], body["message"]
+    assert (store.root / "data" / "a").is_dir()  # nothing lost
+
+
 # -- /jobs/{id} -------------------------------------------------------------------------------
 
 
@@ -401,7 +570,12 @@ def test_job_lifecycle(api: tuple[ASGIApp, Store], root: Path) -> None:
     reply = call(app, "PUT", "/jobs/j", b"ignored body")
     assert reply.status == 201
     assert reply.headers["location"] == "/jobs/j"
-    assert reply.json() == {"Name": "j", "Status": "ready", "Todo": ["start"], "Finished": []}
+    body = reply.json()
+    assert set(body) == {"Name", "Status", "Created", "Modified", "Todo", "Finished"}
+    assert body | {"Created": 0, "Modified": 0} == {
+        "Name": "j", "Status": "ready", "Created": 0, "Modified": 0,
+        "Todo": ["start"], "Finished": [],
+    }  # fmt: skip
     assert (root / "data" / "j").is_dir()
     assert os.listdir(root / "data" / "j") == []
     # idempotent: 200, nothing changes, in every state
@@ -427,7 +601,8 @@ def test_job_info_reads_job_file(api: tuple[ASGIApp, Store]) -> None:
     app, store = api
     job, _ = store.create("j")
     (job.path / "JOB").write_text('{"Todo": ["b", "c"], "Finished": [{"task": "a"}], "x": 1}')
-    assert call(app, "GET", "/jobs/j").json() == {
+    info = call(app, "GET", "/jobs/j").json()
+    assert {k: v for k, v in info.items() if k not in ("Created", "Modified")} == {
         "Name": "j",
         "Status": "ready",
         "Todo": ["b", "c"],

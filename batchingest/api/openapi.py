@@ -65,11 +65,26 @@ _JOB = {
     },
 }
 
-_JOB_INFO = {
+_TIME = {"type": ["string", "null"], "format": "date-time"}
+_JOB_ROW = {
     "type": "object",
-    "required": ["Name", "Status", "Todo", "Finished"],
+    "description": "Name and Status, or the fields asked for with ?fields=",
     "properties": {
         **_JOB["properties"],  # type: ignore[dict-item]
+        "Created": {**_TIME, "description": "when the job folder was made (RFC 3339, ms, UTC)"},
+        "Modified": {
+            **_TIME,
+            "description": "the folder's last change: a move to another state, an entry added "
+            "or removed (its ctime)",
+        },
+    },
+}
+
+_JOB_INFO = {
+    "type": "object",
+    "required": ["Name", "Status", "Created", "Modified", "Todo", "Finished"],
+    "properties": {
+        **_JOB_ROW["properties"],  # type: ignore[dict-item]
         "Todo": {"type": ["array", "null"], "items": {"type": "string"}},
         "Finished": {"type": ["array", "null"]},
         "JobError": {"type": "string", "description": "why JOB cannot be read, if it cannot"},
@@ -140,7 +155,7 @@ def _paths() -> dict[str, Any]:
         "responses": {"200": _json(_NAMES, "names"), **_errors("InvalidName", "JobNotFound")},
     }
     jobs_get = {
-        "summary": "every job, sorted by name",
+        "summary": "every job, sorted by name (or ?orderby=)",
         "parameters": [
             {
                 "name": "status",
@@ -150,10 +165,36 @@ def _paths() -> dict[str, Any]:
             },
             {"name": "limit", "in": "query", "schema": {"type": "integer"}},
             {"name": "offset", "in": "query", "schema": {"type": "integer"}},
+            _param(
+                "orderby",
+                "query",
+                "comma-separated name, status, created or modified, each optionally "
+                "followed by asc or desc, e.g. 'status,modified desc'; status words sort "
+                "alphabetically; the default is by name",
+            ),
+            {
+                **_param(
+                    "filter",
+                    "query",
+                    "clauses FIELD:VALUE joined by '/', all of which must hold, e.g. "
+                    "'status:queue,error/modified:2026-01-01,2026-02-01/name:~batch-'; "
+                    "name: a list of names, =NAME, !=NAME, ~PREFIX or !~PREFIX; status: a "
+                    "list of statuses; created, modified: FROM,TO, inclusive, either end "
+                    "may be empty, as YYYY-MM-DD, YYYY-MM-DD HH:MM:SS or RFC 3339 (UTC when "
+                    "no zone is given). Several filter parameters are alternatives.",
+                ),
+                "explode": True,
+            },
+            _param(
+                "fields",
+                "query",
+                "comma-separated Name, Status, Created, Modified: the fields of each job "
+                "(default Name,Status)",
+            ),
         ],
         "responses": {
             "200": {
-                **_json({"type": "array", "items": _JOB}, "jobs"),
+                **_json({"type": "array", "items": _JOB_ROW}, "jobs"),
                 "headers": {
                     "X-Total-Count": {"schema": {"type": "integer"}},
                     "Link": {

@@ -1,0 +1,141 @@
+"""When a folder was made and last changed: statx(2) birth and change times.
+
+`os.stat` has no birth time on Linux before Python 3.15 (`os.statx`), so statx is
+called through ctypes where the C library has it (glibc 2.28 and later). The call
+never follows a symbolic link: a link is reported as what it is, never its target.
+
+- `created` is the birth time where the file system records one (ext4, XFS, Btrfs,
+  tmpfs since Linux 5.x...). Where it does not (NFS and other network file systems,
+  or no statx at all) it is the earlier of the folder's mtime and ctime: the folder
+  existed by then, so it is the latest the folder can have been made.
+- `modified` is the ctime: it changes when the folder is renamed (Linux file systems
+  update the ctime of a moved inode), when an entry is added to or removed from it,
+  and on chmod/chown; never when a file inside it is only rewritten in place.
+
+Both are kept to the millisecond, the precision the API shows, so a time copied from a
+listing into a filter matches the job it came from.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import stat
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+_AT_FDCWD = -100
+_AT_SYMLINK_NOFOLLOW = 0x100
+_STATX_TYPE = 0x1
+_STATX_MTIME = 0x40
+_STATX_CTIME = 0x80
+_STATX_BTIME = 0x800
+_WANT = _STATX_TYPE | _STATX_MTIME | _STATX_CTIME | _STATX_BTIME
+
+
+class _Stamp(ctypes.Structure):
+    _fields_ = [("sec", ctypes.c_int64), ("nsec", ctypes.c_uint32), ("_reserved", ctypes.c_int32)]
+
+
+class _Statx(ctypes.Structure):
+    """struct statx of linux/stat.h: 256 bytes, the fields up to the times named."""
+
+    _fields_ = [
+        ("mask", ctypes.c_uint32),
+        ("blksize", ctypes.c_uint32),
+        ("attributes", ctypes.c_uint64),
+        ("nlink", ctypes.c_uint32),
+        ("uid", ctypes.c_uint32),
+        ("gid", ctypes.c_uint32),
+        ("mode", ctypes.c_uint16),
+        ("_spare0", ctypes.c_uint16),
+        ("ino", ctypes.c_uint64),
+        ("size", ctypes.c_uint64),
+        ("blocks", ctypes.c_uint64),
+        ("attributes_mask", ctypes.c_uint64),
+        ("atime", _Stamp),
+        ("btime", _Stamp),
+        ("ctime", _Stamp),
+        ("mtime", _Stamp),
+        ("_rest", ctypes.c_uint8 * 128),
+    ]
+
+
+@dataclass(frozen=True)
+class Times:
+    """Seconds since the epoch, to the millisecond."""
+
+    created: float
+    modified: float
+    birth: bool  # whether `created` is the file system's birth time
+
+
+def _load() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        fn = libc.statx
+    except (OSError, AttributeError, TypeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_void_p]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_statx = _load()
+
+
+def _ms(sec: int, nsec: int) -> float:
+    return (sec * 1000 + nsec // 1_000_000) / 1000
+
+
+def folder_times(path: str) -> Times | None:
+    """The times of the folder at path; None if it is gone or is not a folder (a link).
+
+    OSError for anything else (EACCES, EIO).
+    """
+    if _statx is None:
+        return _fallback(path)
+    buf = _Statx()
+    if _statx(_AT_FDCWD, os.fsencode(path), _AT_SYMLINK_NOFOLLOW, _WANT, ctypes.byref(buf)):
+        err = ctypes.get_errno()
+        if err in (errno.ENOENT, errno.ENOTDIR):  # moved or removed meanwhile
+            return None
+        if err == errno.ENOSYS:  # a kernel without statx
+            return _fallback(path)
+        raise OSError(err, os.strerror(err), path)
+    if not stat.S_ISDIR(buf.mode):
+        return None
+    c, m = buf.ctime, buf.mtime
+    modified = _ms(c.sec, c.nsec)
+    if buf.mask & _STATX_BTIME:
+        return Times(_ms(buf.btime.sec, buf.btime.nsec), modified, True)
+    return Times(min(_ms(m.sec, m.nsec), modified), modified, False)
+
+
+def _fallback(path: str) -> Times | None:
+    try:
+        st = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    if not stat.S_ISDIR(st.st_mode):
+        return None
+    ctime = _ms(st.st_ctime_ns // 1_000_000_000, st.st_ctime_ns % 1_000_000_000)
+    mtime = _ms(st.st_mtime_ns // 1_000_000_000, st.st_mtime_ns % 1_000_000_000)
+    return Times(min(mtime, ctime), ctime, False)
+
+
+def rfc3339(seconds: float) -> str:
+    """RFC 3339 UTC to the millisecond, as the API shows times: 2026-11-23T14:10:48.123Z."""
+    ms = round(seconds * 1000)
+    day = datetime.fromtimestamp(ms // 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{day}.{ms % 1000:03d}Z"
+
+
+def job_times(path: str) -> dict[str, str | None]:
+    """`Created` and `Modified` of a job folder as a job's info shows them (None if gone)."""
+    t = folder_times(path)
+    if t is None:
+        return {"Created": None, "Modified": None}
+    return {"Created": rfc3339(t.created), "Modified": rfc3339(t.modified)}
