@@ -24,6 +24,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -235,6 +236,7 @@ def request_cancel(store: Store, name: str, reason: str = API_REASON) -> Job:
         try:
             write_request(fd, reason)
             _record(store, name, CANCEL_REQUESTED, reason)
+            wake_watchers()  # a holder in this process need not wait for its next look
             if job.state == State.QUEUE:
                 back = store.unqueue(name)
                 if back is not None:
@@ -296,12 +298,23 @@ def _log(dir_fd: int, text: str) -> None:
         jobdir.append_log(dir_fd, text)
 
 
+# The Watchers of this process: a request made here wakes them at once (other
+# processes, and other machines, find the request at their next look).
+_WATCHERS: weakref.WeakSet[Watcher] = weakref.WeakSet()
+
+
+def wake_watchers() -> None:
+    for watcher in list(_WATCHERS):
+        watcher.wake()
+
+
 class Watcher:
     """Stops running tasks whose job got a cancel request or passed its deadline.
 
-    One thread looks at every watched job each POLL seconds, under the lock that
-    unwatch takes, so a job's folder descriptor is never used after unwatch returns.
-    The thread starts with the first watch.
+    One thread looks at every watched job each POLL seconds (at once when a request
+    is made in this process), under the lock that unwatch takes, so a job's folder
+    descriptor is never used after unwatch returns. The thread starts with the first
+    watch.
     """
 
     def __init__(self, grace: float, interval: float = POLL) -> None:
@@ -310,7 +323,9 @@ class Watcher:
         self._lock = threading.Lock()
         self._jobs: dict[int, tuple[int, TaskProcess, Deadline | None]] = {}
         self._closed = threading.Event()
+        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        _WATCHERS.add(self)
 
     def watch(self, dir_fd: int, process: TaskProcess, deadline: Deadline | None) -> int:
         """Watch the job folder dir_fd while process runs; a key for unwatch."""
@@ -328,13 +343,22 @@ class Watcher:
         with self._lock:
             self._jobs.pop(key, None)
 
+    def wake(self) -> None:
+        """Look now rather than at the next POLL."""
+        self._wake.set()
+
     def close(self) -> None:
         self._closed.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join()
 
     def _loop(self) -> None:
-        while not self._closed.wait(self.interval):
+        while not self._closed.is_set():
+            self._wake.wait(self.interval)
+            self._wake.clear()
+            if self._closed.is_set():
+                return
             try:
                 self.poll()
             except Exception:  # never expected; the watcher must not die of it
