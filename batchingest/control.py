@@ -65,6 +65,7 @@ class Stop:
 
     code: str
     reason: str
+    deadline: str = ""  # RFC 3339, for DEADLINE_EXCEEDED
 
 
 @dataclass(frozen=True)
@@ -74,13 +75,18 @@ class Deadline:
     own: bool  # the JOB's own Deadline (not --default-deadline)
 
 
-def _record(store: Store, name: str, code: str, detail: str = "") -> None:
+def _record(
+    store: Store, name: str, code: str, *, task: str | None = None, deadline: str = ""
+) -> None:
     """Put an event in the job's history.
 
-    A stand-in for batchingest.events (cancel_requested, canceled, deadline_exceeded),
-    which is being added beside this module: until then the event goes to the log.
+    A stand-in for the job history module being added beside this one: there,
+    CANCEL_REQUESTED is events.cancel_requested(store, name), CANCELED is
+    events.canceled(store, name, task) and DEADLINE_EXCEEDED is
+    events.deadline_exceeded(store, name, deadline). Until then it goes to the log.
     """
-    log.info("job %s: %s%s", name, code, f" ({detail})" if detail else "")
+    what = f"task {task}" if task else f"deadline {deadline}" if deadline else ""
+    log.info("job %s: %s%s", name, code, f" ({what})" if what else "")
 
 
 # -- deadlines -----------------------------------------------------------------------
@@ -190,7 +196,7 @@ def check(dir_fd: int, deadline: Deadline | None, now: float | None = None) -> S
     if reason is not None:
         return Stop(CANCELED, reason)
     if deadline is not None and deadline.at <= (time.time() if now is None else now):
-        return Stop(DEADLINE_EXCEEDED, f"deadline {deadline.text} passed")
+        return Stop(DEADLINE_EXCEEDED, f"deadline {deadline.text} passed", deadline.text)
     return None
 
 
@@ -235,7 +241,7 @@ def request_cancel(store: Store, name: str, reason: str = API_REASON) -> Job:
             continue  # moved meanwhile: look again
         try:
             write_request(fd, reason)
-            _record(store, name, CANCEL_REQUESTED, reason)
+            _record(store, name, CANCEL_REQUESTED)
             wake_watchers()  # a holder in this process need not wait for its next look
             if job.state == State.QUEUE:
                 back = store.unqueue(name)
@@ -243,7 +249,7 @@ def request_cancel(store: Store, name: str, reason: str = API_REASON) -> Job:
                     clear(fd)
                     with contextlib.suppress(OSError, jobdir.LogError):
                         jobdir.append_log(fd, f"{reason} while queued: back to data/")
-                    _record(store, name, CANCELED, reason)
+                    _record(store, name, CANCELED)
                     return back
             now = store.find(name)
             if now is not None and now.state in BUSY:
@@ -274,13 +280,13 @@ def stop_job(store: Store, name: str, dir_fd: int, job: JobFile, stop: Stop, ran
     task = job.todo[0]
     if stop.code == DEADLINE_EXCEEDED and not ran:
         _log(dir_fd, f"{stop.reason} before it ran: back to data/")
-        _record(store, name, stop.code, stop.reason)
+        _record(store, name, stop.code, task=task, deadline=stop.deadline)
         return State.DATA
     now = now_rfc3339()
     job.finished.append(canceled_record(task, now, now, stop.reason))
     jobdir.save_job(dir_fd, job)
     _log(dir_fd, f"{stop.reason}: job goes to error/ at task {task}")
-    _record(store, name, stop.code, stop.reason)
+    _record(store, name, stop.code, task=task, deadline=stop.deadline)
     return State.ERROR
 
 
@@ -290,7 +296,7 @@ def task_stopped(
     """Record a task the Watcher stopped: its Finished entry (JOB saved by the caller)."""
     stop = check(dir_fd, d) or Stop(CANCELED, result.reason)
     job.finished.append(canceled_record(result.task, result.start, result.finish, result.reason))
-    _record(store, name, stop.code, stop.reason)
+    _record(store, name, stop.code, task=result.task, deadline=stop.deadline)
 
 
 def _log(dir_fd: int, text: str) -> None:
@@ -413,7 +419,7 @@ class QueuedDeadlines:
             if fd >= 0:
                 _log(fd, f"{reason} while queued: back to data/")
                 os.close(fd)
-            _record(self.store, name, DEADLINE_EXCEEDED, reason)
+            _record(self.store, name, DEADLINE_EXCEEDED, deadline=deadline.text)
             log.info("job %s: %s while queued: back to data/", name, reason)
             expired.append(name)
         return expired

@@ -89,7 +89,9 @@ def test_a_request_is_written_read_and_cleared_through_the_folder(tmp_path: Path
         control.clear(fd)
         assert not (job / CANCEL_FILE).exists()
         assert control.check(fd, deadline) == control.Stop(
-            control.DEADLINE_EXCEEDED, "deadline 1970-01-01T00:00:00.000Z passed"
+            control.DEADLINE_EXCEEDED,
+            "deadline 1970-01-01T00:00:00.000Z passed",
+            "1970-01-01T00:00:00.000Z",
         )
         assert control.check(fd, deadline, now=-1.0) is None
     finally:
