@@ -381,21 +381,9 @@ def run_task(
                 raise CannotSpawn(f"cannot start task {task}: {e.strerror or e}") from e
             reason = f"cannot start task {task}: {e.strerror or e}"
         else:
-            if process.interrupted:
-                reason = "stopped because the service is stopping"
-            elif process.canceled:
-                reason = process.canceled
-            elif process.timed_out:
-                reason = f"timed out after {timeout:g} s"
-            elif code < 0:
-                reason = f"killed by signal {signal.Signals(-code).name}"
-            elif code != 0:
-                reason = f"exit status {code}"
-            else:
-                added, reason = read_control(control)
+            added, reason = _outcome(process, code, timeout, control)
     with contextlib.suppress(OSError):
         control.unlink()
-    seconds = time.monotonic() - t0
     result = TaskResult(
         task,
         start,
@@ -406,10 +394,34 @@ def run_task(
         added=added,
         interrupted=process.interrupted,
         canceled=bool(process.canceled) and not process.interrupted,
-        seconds=seconds,
+        seconds=time.monotonic() - t0,
     )
+    _log_end(log_fd, result)
+    return result
+
+
+def _outcome(
+    process: TaskProcess, code: int, timeout: float | None, control: Path
+) -> tuple[list[str], str]:
+    """Tasks added and the reason of failure ("" for success) of a task that ran."""
+    if process.interrupted:
+        return [], "stopped because the service is stopping"
+    if process.canceled:
+        return [], process.canceled
+    if process.timed_out:
+        return [], f"timed out after {timeout:g} s"
+    if code < 0:
+        return [], f"killed by signal {signal.Signals(-code).name}"
+    if code != 0:
+        return [], f"exit status {code}"
+    return read_control(control)
+
+
+def _log_end(log_fd: int, result: TaskResult) -> None:
+    """The LOG marker line closing a task's output."""
+    task, reason, seconds = result.task, result.reason, result.seconds
     if result.ok:
-        more = f", added {', '.join(added)}" if added else ""
+        more = f", added {', '.join(result.added)}" if result.added else ""
         log_line(log_fd, f"---- task {task}: ok{more} ({seconds:.3f} s) ----")
     elif result.interrupted:
         log_line(log_fd, f"---- task {task}: interrupted, {reason} ({seconds:.3f} s) ----")
@@ -417,4 +429,3 @@ def run_task(
         log_line(log_fd, f"---- task {task}: canceled, {reason} ({seconds:.3f} s) ----")
     else:
         log_line(log_fd, f"---- task {task}: error, {reason} ({seconds:.3f} s) ----")
-    return result
