@@ -337,12 +337,15 @@ class Watcher:
         """Watch the job folder dir_fd while process runs; a key for unwatch."""
         key = id(process)
         with self._lock:
+            idle = not self._jobs
             self._jobs[key] = (dir_fd, process, deadline)
             if self._thread is None and not self._closed.is_set():
                 self._thread = threading.Thread(
                     target=self._loop, name="batchingest-cancel-watch", daemon=True
                 )
                 self._thread.start()
+        if idle:
+            self._wake.set()  # it sleeps while there is nothing to watch
         return key
 
     def unwatch(self, key: int) -> None:
@@ -361,7 +364,8 @@ class Watcher:
 
     def _loop(self) -> None:
         while not self._closed.is_set():
-            self._wake.wait(self.interval)
+            # no wake-ups at all while no task runs
+            self._wake.wait(self.interval if self._jobs else None)
             self._wake.clear()
             if self._closed.is_set():
                 return

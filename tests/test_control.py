@@ -194,6 +194,26 @@ def test_the_watcher_kills_a_task_that_ignores_sigterm_with_its_grandchildren(
         os.close(fd)
 
 
+def test_a_request_made_in_this_process_wakes_the_watcher_at_once(tmp_path: Path) -> None:
+    job = tmp_path / "job"
+    job.mkdir()
+    fd = job_dir_fd(job)
+    watcher = control.Watcher(grace=5, interval=60)  # its own look would come far too late
+    process = TaskProcess()
+    watcher.watch(fd, process, None)
+    try:
+        codes = run_in_thread(process, job, "echo $$ > pid; exec sleep 30\n")
+        wait_for((job / "pid").exists, 10)
+        time.sleep(0.2)  # asleep again after the wake-up of its first watch
+        control.write_request(fd, "now")
+        control.wake_watchers()
+        wait_for(lambda: codes, 5, what="the task to end")
+        assert codes == [-signal.SIGTERM] and process.canceled == "now"
+    finally:
+        watcher.close()
+        os.close(fd)
+
+
 def test_the_watcher_stops_a_task_at_its_deadline(tmp_path: Path) -> None:
     job = tmp_path / "job"
     job.mkdir()
