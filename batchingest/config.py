@@ -196,6 +196,15 @@ class Config:
     grace: float = setting(
         30.0, "seconds running tasks get to finish on SIGTERM/SIGINT", parse=_seconds
     )
+    cancel_grace: float = setting(
+        10.0, "seconds a canceled task gets between SIGTERM and SIGKILL", parse=_seconds
+    )
+    default_deadline: float | None = setting(
+        None,
+        "seconds a job without its own Deadline may take from entering queue/",
+        parse=_positive_seconds,
+        shown="none",
+    )
     # HTTP API
     api: bool = setting(True, "run only the processor", parse=parse_bool, flag="no-api")
     processor: bool = setting(True, "run only the HTTP API", parse=parse_bool, flag="no-processor")

@@ -31,7 +31,7 @@ from collections.abc import Callable
 
 import watchfiles
 
-from batchingest import jobdir, jobfile
+from batchingest import control, jobdir, jobfile
 from batchingest.config import Config
 from batchingest.health import Backoff, Progress
 from batchingest.runner import (
@@ -237,6 +237,9 @@ class Processor:
         self._resources = Backoff(base=0.5, cap=30.0)
         # also removes the control folders of services that were killed
         self._control = ControlDir()
+        # cancel requests and deadlines: of running tasks, and of queued jobs every poll
+        self._watcher = control.Watcher(cfg.cancel_grace)
+        self._deadlines = control.QueuedDeadlines(store, cfg.default_deadline)
 
     # -- the loops ----------------------------------------------------------------------
 
@@ -244,6 +247,13 @@ class Processor:
         """Process jobs until stop is set, then stop gracefully (see --grace)."""
         # expected from now on: a processor that never gets going is not ready either
         self.progress.beat("processor", self.stale_after)
+        try:
+            swept = await asyncio.to_thread(control.sweep, self.store)
+        except Exception as e:  # a leftover request only cancels a job moved back by hand
+            log.warning("sweeping leftover cancel requests failed: %s", e)
+        else:
+            if swept:
+                log.info("removed %d leftover cancel request(s) of finished jobs", swept)
         helpers = [
             asyncio.create_task(self._watch(stop), name="watch-queue"),
             asyncio.create_task(self._tick(stop), name="poll-queue"),
@@ -268,6 +278,7 @@ class Processor:
         for task in helpers:
             task.cancel()
         await asyncio.gather(*helpers, return_exceptions=True)
+        self._watcher.close()
         self._control.close()
 
     async def _join(self) -> None:
@@ -331,6 +342,10 @@ class Processor:
                 if recovered:
                     log.info("recovered %d job(s) left in processing/", len(recovered))
                 self._beat()
+            try:
+                await asyncio.to_thread(self._deadlines.expire)
+            except Exception as e:  # the next poll tries again; claims check deadlines too
+                log.warning("looking for queued jobs past their deadline failed: %s", e)
             self.scheduler.wake()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay)
@@ -369,6 +384,8 @@ class Processor:
         with _Slot(self._slots) as slot:
             if self._stopping.is_set():
                 return None
+            # --default-deadline counts from here; the claim's rename resets the ctime
+            entered = control.entered_queue(self.store, name) if self.cfg.default_deadline else None
             try:
                 hold = self.store.claim(name)
             except OSError as e:
@@ -381,7 +398,7 @@ class Processor:
                 return self.cfg.poll_interval  # held elsewhere, or taken by another processor
             t0 = time.monotonic()
             log.info("job %s picked up", name)
-            state = self._run(hold, slot)
+            state = self._run(hold, slot, entered)
         self._finish(hold, state, t0)
         if state != "queue":
             self._resources.reset()
@@ -397,10 +414,10 @@ class Processor:
         self.scheduler.pause(delay)
         return delay
 
-    def _run(self, hold: Hold, slot: _Slot) -> str:
+    def _run(self, hold: Hold, slot: _Slot, entered: float | None = None) -> str:
         """Run the job's tasks; the state it goes to. Errors are the job's or go to the log."""
         try:
-            return self._run_tasks(hold, slot)
+            return self._run_tasks(hold, slot, entered)
         except Exception as e:
             if out_of_resources(e):
                 self._trouble(e)
@@ -419,6 +436,8 @@ class Processor:
         name = hold.name
         try:
             job = self._move_out(name, state)
+            if job is not None and job.state != "queue":
+                control.clear(hold.dir_fd)  # a request is done with once the job is out
         finally:
             self._failing.discard(f"finish {name}")
             hold.release()
@@ -461,7 +480,7 @@ class Processor:
                             name, state, e, delay)  # fmt: skip
                 time.sleep(delay)
 
-    def _run_tasks(self, hold: Hold, slot: _Slot) -> str:
+    def _run_tasks(self, hold: Hold, slot: _Slot, entered: float | None = None) -> str:
         """Run the job's remaining tasks; return the state it should go to."""
         try:
             log_fd = jobdir.open_log(hold.dir_fd)
@@ -472,6 +491,7 @@ class Processor:
         try:
             try:
                 job = jobdir.load_job(hold.dir_fd)
+                deadline = control.deadline_of(job, entered, self.cfg.default_deadline)
             except jobfile.JobFileError as e:
                 log_line(
                     log_fd,
@@ -484,18 +504,26 @@ class Processor:
                 # queued again after it finished: say why nothing happens
                 log_line(log_fd, "nothing to run: every task in JOB is finished (add tasks to "
                          "its Todo, or delete JOB to start over from start)")  # fmt: skip
+            finished_before = len(job.finished)
             while job.todo:
                 if self._stopping.is_set():
                     log_line(
                         log_fd, f"service stopping: job goes back to queue/ at task {job.todo[0]}"
                     )
                     return "queue"
+                stop = control.check(hold.dir_fd, deadline)
+                if stop is not None:
+                    ran = len(job.finished) > finished_before
+                    return control.stop_job(self.store, hold.name, hold.dir_fd, job, stop, ran)
                 task = job.todo[0]
-                result = self._run_task(hold, task, log_fd)
+                result = self._run_task(hold, task, log_fd, deadline)
                 if result.interrupted:
                     log_line(log_fd, f"service stopping: job goes back to queue/ at task {task}")
                     return "queue"
-                job.finished.append(jobdir.finished_record(result))
+                if result.canceled:
+                    control.task_stopped(self.store, hold.name, hold.dir_fd, job, result, deadline)
+                else:
+                    job.finished.append(jobdir.finished_record(result))
                 if result.ok:
                     job.todo.pop(0)
                     job.todo.extend(result.added)
@@ -508,10 +536,13 @@ class Processor:
         finally:
             os.close(log_fd)
 
-    def _run_task(self, hold: Hold, task: str, log_fd: int) -> TaskResult:
+    def _run_task(
+        self, hold: Hold, task: str, log_fd: int, deadline: control.Deadline | None = None
+    ) -> TaskResult:
         process = TaskProcess()
         with self._running_lock:
             self._running[hold.name] = process
+        watch = self._watcher.watch(hold.dir_fd, process, deadline)
         try:
             return run_task(
                 task,
@@ -526,6 +557,7 @@ class Processor:
                 process=process,
             )
         finally:
+            self._watcher.unwatch(watch)
             with self._running_lock:
                 self._running.pop(hold.name, None)
 

@@ -95,6 +95,8 @@ class TaskResult:
     added: list[str] = field(default_factory=list)
     # stopped because the service is stopping: not the task's fault, not recorded as done
     interrupted: bool = False
+    # stopped by a cancel request or a deadline (batchingest.control): reason says which
+    canceled: bool = False
     seconds: float = 0.0
 
 
@@ -105,6 +107,7 @@ class TaskProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.interrupted = False
         self.timed_out = False
+        self.canceled = ""  # why it was canceled, if it was
         self._lock = threading.Lock()
         self._killer: threading.Timer | None = None
 
@@ -114,16 +117,27 @@ class TaskProcess:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, sig)
 
-    def stop(self, *, interrupted: bool = False, timed_out: bool = False) -> None:
-        """SIGTERM the task's process group, SIGKILL it KILL_AFTER seconds later."""
+    def stop(
+        self,
+        *,
+        interrupted: bool = False,
+        timed_out: bool = False,
+        canceled: str = "",
+        grace: float = KILL_AFTER,
+    ) -> None:
+        """SIGTERM the task's process group, SIGKILL it `grace` seconds later.
+
+        Called before the task has started, it keeps it from starting at all.
+        """
         with self._lock:
             self.interrupted |= interrupted
             self.timed_out |= timed_out
+            self.canceled = self.canceled or canceled
             if self.proc is None or self.proc.returncode is not None:
                 return
             self._signal_group(signal.SIGTERM)
             if self._killer is None:
-                self._killer = threading.Timer(KILL_AFTER, self._signal_group, (signal.SIGKILL,))
+                self._killer = threading.Timer(grace, self._signal_group, (signal.SIGKILL,))
                 self._killer.daemon = True
                 self._killer.start()
 
@@ -143,7 +157,7 @@ class TaskProcess:
         child_env = dict(env)
         child_env.update(JOBPATH=str(job_dir), JOBNAME=job_name, JOBCONTROL=str(control))
         with self._lock:
-            if self.interrupted:
+            if self.interrupted or self.canceled:
                 return -signal.SIGTERM
             self.proc = subprocess.Popen(
                 argv,
@@ -367,19 +381,9 @@ def run_task(
                 raise CannotSpawn(f"cannot start task {task}: {e.strerror or e}") from e
             reason = f"cannot start task {task}: {e.strerror or e}"
         else:
-            if process.interrupted:
-                reason = "stopped because the service is stopping"
-            elif process.timed_out:
-                reason = f"timed out after {timeout:g} s"
-            elif code < 0:
-                reason = f"killed by signal {signal.Signals(-code).name}"
-            elif code != 0:
-                reason = f"exit status {code}"
-            else:
-                added, reason = read_control(control)
+            added, reason = _outcome(process, code, timeout, control)
     with contextlib.suppress(OSError):
         control.unlink()
-    seconds = time.monotonic() - t0
     result = TaskResult(
         task,
         start,
@@ -389,13 +393,39 @@ def run_task(
         reason=reason,
         added=added,
         interrupted=process.interrupted,
-        seconds=seconds,
+        canceled=bool(process.canceled) and not process.interrupted,
+        seconds=time.monotonic() - t0,
     )
+    _log_end(log_fd, result)
+    return result
+
+
+def _outcome(
+    process: TaskProcess, code: int, timeout: float | None, control: Path
+) -> tuple[list[str], str]:
+    """Tasks added and the reason of failure ("" for success) of a task that ran."""
+    if process.interrupted:
+        return [], "stopped because the service is stopping"
+    if process.canceled:
+        return [], process.canceled
+    if process.timed_out:
+        return [], f"timed out after {timeout:g} s"
+    if code < 0:
+        return [], f"killed by signal {signal.Signals(-code).name}"
+    if code != 0:
+        return [], f"exit status {code}"
+    return read_control(control)
+
+
+def _log_end(log_fd: int, result: TaskResult) -> None:
+    """The LOG marker line closing a task's output."""
+    task, reason, seconds = result.task, result.reason, result.seconds
     if result.ok:
-        more = f", added {', '.join(added)}" if added else ""
+        more = f", added {', '.join(result.added)}" if result.added else ""
         log_line(log_fd, f"---- task {task}: ok{more} ({seconds:.3f} s) ----")
     elif result.interrupted:
         log_line(log_fd, f"---- task {task}: interrupted, {reason} ({seconds:.3f} s) ----")
+    elif result.canceled:
+        log_line(log_fd, f"---- task {task}: canceled, {reason} ({seconds:.3f} s) ----")
     else:
         log_line(log_fd, f"---- task {task}: error, {reason} ({seconds:.3f} s) ----")
-    return result

@@ -93,6 +93,9 @@ def parse_statuses(text: str | None) -> list[State]:
 
 
 LOCK_FILE = ".lock"
+# A request to cancel the job (batchingest.control): inside the job folder, so it moves
+# with the job and outlives a restart of whoever holds it.
+CANCEL_FILE = ".cancel"
 TRASH = ".trash"
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,255}")
 _MAX_SUFFIX = 99_999
@@ -583,6 +586,25 @@ class Store:
         """Move a held job out of processing/ and release it (its `.lock` goes too)."""
         try:
             return self._move(hold.name, State.PROCESSING, state)
+        finally:
+            hold.release()
+
+    def unqueue(self, name: str) -> Job | None:
+        """Take a queued job back to data/ under its lock, so no processor claims it
+        meanwhile. None if it is not in queue/, a processor holds it (it is being
+        claimed), or data/ has a folder of that name already.
+        """
+        try:
+            hold = self._hold(State.QUEUE, name)
+        except LockUnusable as e:
+            self._unusable(f"queue/{name}", e)
+            return None
+        if hold is None:
+            return None
+        try:
+            return self._move(name, State.QUEUE, State.DATA)
+        except (FileNotFoundError, FileExistsError):
+            return None
         finally:
             hold.release()
 

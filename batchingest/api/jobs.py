@@ -18,14 +18,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from batchingest import filetimes, fs, jobfile
+from batchingest import control, filetimes, fs, jobfile
 from batchingest.api import joblist
 from batchingest.api.common import by_method, find_job, run_blocking
 from batchingest.api.common import json_response as json_response  # app.py uses jobs.json_response
 from batchingest.api.errors import ApiError
 from batchingest.api.paths import job_name
 from batchingest.config import Config
-from batchingest.store import STATES, STATUS_OF_STATE, Job, Store, parse_statuses
+from batchingest.store import BUSY, STATES, STATUS_OF_STATE, Job, Store, parse_statuses
 
 _STATE_RANK = {s: i for i, s in enumerate(STATES)}
 # JOB is read whole to show it; the processor refuses larger ones too
@@ -155,10 +155,21 @@ def routes(cfg: Config, store: Store) -> list[BaseRoute]:
 
     async def queue_job(request: Request) -> Response:
         name = job_name(request.path_params["id"])
-        find_job(store, name)
+        job = find_job(store, name)
+        if job.state not in BUSY and (why := control.own_deadline_passed(store, job)):
+            raise ApiError(409, "DeadlinePassed", why)
         # in a thread: the move waits for its webhook event to be on disk
         job, moved = await run_blocking(store.queue, name)
         return json_response(info(job), 202 if moved else 200)
+
+    async def cancel_job(request: Request) -> Response:
+        name = job_name(request.path_params["id"])
+        find_job(store, name)
+        try:
+            job = await run_blocking(control.request_cancel, store, name)
+        except control.NotCancellable as e:
+            raise ApiError(409, "JobNotCancellable", str(e), extra={"status": e.job.status}) from e
+        return json_response(info(job), 202)
 
     return [
         # the hottest route first: routes are tried in order
@@ -166,4 +177,5 @@ def routes(cfg: Config, store: Store) -> list[BaseRoute]:
         Route("/jobs", list_jobs, methods=["GET"]),
         Route("/jobs/", list_jobs, methods=["GET"]),
         Route("/jobs/{id}/queue", queue_job, methods=["POST"]),
+        Route("/jobs/{id}/cancel", cancel_job, methods=["POST"]),
     ]

@@ -22,6 +22,8 @@ ERRORS = {
     "JobNotFound": "404: no job with this name",
     "FileNotFound": "404: no such file or folder in the job",
     "JobBusy": "409: the job is queued or processing (or held by a processor)",
+    "JobNotCancellable": "409: only a queued or processing job can be canceled",
+    "DeadlinePassed": "409: the job's own Deadline has passed (or is not a time)",
     "NotEmpty": "409: deleting a non-empty folder without ?recursive=true",
     "IsADirectory": "409: uploading onto a folder",
     "NotADirectory": "409: a parent of the path is a file",
@@ -272,7 +274,17 @@ def _paths() -> dict[str, Any]:
                 "responses": {
                     "202": _json(_JOB_INFO, "queued"),
                     "200": _json(_JOB_INFO, "already queued or processing"),
-                    **_errors("InvalidName", "JobNotFound", "JobBusy"),
+                    **_errors("InvalidName", "JobNotFound", "JobBusy", "DeadlinePassed"),
+                },
+            }
+        },
+        "/jobs/{id}/cancel": {
+            "post": {
+                "summary": "cancel a queued job (back to data/) or a processing one (to error/)",
+                "parameters": [_ID],
+                "responses": {
+                    "202": _json(_JOB_INFO, "cancel requested; a queued job is ready again"),
+                    **_errors("InvalidName", "JobNotFound", "JobNotCancellable"),
                 },
             }
         },
