@@ -28,13 +28,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from batchingest import fs
-from batchingest.api.common import json_response
+from batchingest.api.common import json_response, run_blocking
 from batchingest.api.errors import ApiError
 from batchingest.api.staging import StagingApi, parse_ids, read_body, requester_details
 from batchingest.store import Store
@@ -151,8 +150,8 @@ def routes(staging: StagingApi, store: Store) -> list[BaseRoute]:
     async def get(request: Request) -> Response:
         staging.enabled()
         number = request_number(request.path_params["n"])
-        name = await run_in_threadpool(numbers.lookup, number)
-        document = None if name is None else await run_in_threadpool(staging.status_document, name)
+        name = await run_blocking(numbers.lookup, number)
+        document = None if name is None else await run_blocking(staging.status_document, name)
         if document is None:
             raise ApiError(404, "StagingRequestNotFound", f"no staging request {number}")
         state, doc = document

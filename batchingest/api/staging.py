@@ -17,14 +17,13 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from batchingest import fs, jobfile
 from batchingest.api.auth import REQUESTER
-from batchingest.api.common import json_response
+from batchingest.api.common import json_response, run_blocking
 from batchingest.api.errors import ApiError
 from batchingest.api.idempotency import Idempotency, KeyContested
 from batchingest.config import Config
@@ -172,7 +171,7 @@ class StagingApi:
         key = idempotency_key(request)
         fingerprint = hashlib.sha256(json.dumps(ids).encode()).hexdigest()
         if key is not None:
-            existing = await run_in_threadpool(self.keys.lookup, key)
+            existing = await run_blocking(self.keys.lookup, key)
             if existing is not None:
                 return self._replay(existing, fingerprint)
         request_id, replayed = await self.submit(ids, requester_details(request), key, fingerprint)
@@ -203,11 +202,11 @@ class StagingApi:
         made (in a thread), so a durable alias can never point at a job not yet asked for.
         """
         resolver = self.enabled()
-        entries = await run_in_threadpool(resolve, resolver, ids)
+        entries = await run_blocking(resolve, resolver, ids)
         request_id = str(uuid.uuid4())
         if key is not None:
             try:
-                existing = await run_in_threadpool(self.keys.claim, key, request_id, fingerprint)
+                existing = await run_blocking(self.keys.claim, key, request_id, fingerprint)
             except KeyContested:
                 raise ApiError(
                     409, "IdempotencyConflict", "Idempotency-Key is being reused"
@@ -216,11 +215,11 @@ class StagingApi:
                 return str(existing.get("request_id")), existing
         try:
             if before_job is not None:
-                await run_in_threadpool(before_job, request_id)
-            await run_in_threadpool(self._make_job, request_id, entries, details)
+                await run_blocking(before_job, request_id)
+            await run_blocking(self._make_job, request_id, entries, details)
         except OSError as e:
             if key is not None:
-                await run_in_threadpool(self.keys.forget, key, request_id)
+                await run_blocking(self.keys.forget, key, request_id)
             log.error("staging request %s: cannot create its job: %s", request_id, e)
             raise ApiError(
                 500, "StagingRequestFailed", f"cannot create the staging job: {e.strerror or e}"

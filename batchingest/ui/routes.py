@@ -8,18 +8,17 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
-from anyio import to_thread
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.templating import Jinja2Templates
 
 from batchingest import __version__
+from batchingest.api.common import json_response, run_blocking
 from batchingest.api.errors import ApiError
-from batchingest.api.jobs import json_response
 from batchingest.api.paths import job_name, segments
 from batchingest.config import Config
-from batchingest.store import STATE_OF_STATUS, JobBusy, State, Store
+from batchingest.store import STATE_OF_STATUS, State, Store
 from batchingest.ui import data
 
 HERE = Path(__file__).parent
@@ -88,49 +87,51 @@ def static_files() -> dict[str, Response]:
     return files
 
 
-def routes(cfg: Config, store: Store) -> list[BaseRoute]:
-    # every value a template prints is escaped: job names, messages
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True, auto_reload=False
-    )
-    templates = Jinja2Templates(env=env)
-    times = data.ChangeTimes(store)
-    files = static_files()
+class Dashboard:
+    """The pages (HTML shells) and the small JSON reads they make."""
 
-    def page(request: Request, template: str, **context: Any) -> Response:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        # every value a template prints is escaped: job names, messages
+        env = jinja2.Environment(
+            loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True, auto_reload=False
+        )
+        self.templates = Jinja2Templates(env=env)
+        self.times = data.ChangeTimes(store)
+        self.files = static_files()
+
+    def page(self, request: Request, template: str, **context: Any) -> Response:
         context.update(version=__version__)
-        response = templates.TemplateResponse(request, template, context)
+        response = self.templates.TemplateResponse(request, template, context)
         response.headers.update(PAGE_HEADERS)
         return response
 
-    async def overview_page(request: Request) -> Response:
-        return page(request, "overview.html", page="overview", title="Overview")
+    async def overview_page(self, request: Request) -> Response:
+        return self.page(request, "overview.html", page="overview", title="Overview")
 
-    async def login_page(request: Request) -> Response:
-        return page(request, "login.html", page="login", title="Log in")
+    async def login_page(self, request: Request) -> Response:
+        return self.page(request, "login.html", page="login", title="Log in")
 
-    async def jobs_page(request: Request) -> Response:
-        return page(request, "jobs.html", page="jobs", title="Jobs")
+    async def jobs_page(self, request: Request) -> Response:
+        return self.page(request, "jobs.html", page="jobs", title="Jobs")
 
-    async def job_page(request: Request) -> Response:
+    async def job_page(self, request: Request) -> Response:
         name = job_name(request.path_params["id"])
-        return page(request, "job.html", page="job", title=name, job=name)
+        return self.page(request, "job.html", page="job", title=name, job=name)
 
     # listing 100,000 names or statting new jobs takes milliseconds: off the event loop
-    async def overview(request: Request) -> Response:
-        return json_response(await to_thread.run_sync(data.overview, store, times))
+    async def overview(self, request: Request) -> Response:
+        return json_response(await run_blocking(data.overview, self.store, self.times))
 
-    async def jobs(request: Request) -> Response:
+    async def jobs(self, request: Request) -> Response:
         query = list_query(request)
-        return json_response(await to_thread.run_sync(data.list_jobs, store, times, query))
+        return json_response(await run_blocking(data.list_jobs, self.store, self.times, query))
 
-    async def entries(request: Request) -> Response:
+    async def entries(self, request: Request) -> Response:
         name = job_name(request.path_params["id"])
         parts = segments(request.query_params.get("path", ""), allow_empty=True)
-        try:
-            found = await to_thread.run_sync(data.folder_entries, store, name, parts)
-        except JobBusy as e:
-            raise ApiError(409, "JobBusy", str(e)) from None
+        try:  # JobBusy and the like are mapped by the app's exception handlers
+            found = await run_blocking(data.folder_entries, self.store, name, parts)
         except (FileNotFoundError, NotADirectoryError):
             raise ApiError(404, "FileNotFound", "no such folder in the job") from None
         except OSError as e:  # a link on the way (UnsafePath), unreadable
@@ -139,26 +140,29 @@ def routes(cfg: Config, store: Store) -> list[BaseRoute]:
             raise ApiError(404, "JobNotFound", f"no job named {name!r}")
         return json_response(found)
 
-    async def static(request: Request) -> Response:
-        found = files.get(request.path_params["name"])
+    async def static(self, request: Request) -> Response:
+        found = self.files.get(request.path_params["name"])
         if found is None:
             raise ApiError(404, "NotFound", f"no route {request.url.path}")
         return found
 
-    async def requeue_failed(request: Request) -> Response:
-        return json_response(await to_thread.run_sync(data.requeue_failed, store))
+    async def requeue_failed(self, request: Request) -> Response:
+        return json_response(await run_blocking(data.requeue_failed, self.store))
 
+
+def routes(cfg: Config, store: Store) -> list[BaseRoute]:
+    ui = Dashboard(store)
     return [
-        Route("/ui", overview_page, methods=["GET"]),
-        Route("/ui/", overview_page, methods=["GET"]),
-        Route("/ui/login", login_page, methods=["GET"]),
-        Route("/ui/jobs", jobs_page, methods=["GET"]),
-        Route("/ui/jobs/{id}", job_page, methods=["GET"]),
-        Route("/ui/api/overview", overview, methods=["GET"]),
-        Route("/ui/api/jobs", jobs, methods=["GET"]),
-        Route("/ui/api/jobs/{id}/entries", entries, methods=["GET"]),
-        Route("/ui/api/requeue-failed", requeue_failed, methods=["POST"]),
-        Route("/ui/static/{name}", static, methods=["GET"]),
+        Route("/ui", ui.overview_page, methods=["GET"]),
+        Route("/ui/", ui.overview_page, methods=["GET"]),
+        Route("/ui/login", ui.login_page, methods=["GET"]),
+        Route("/ui/jobs", ui.jobs_page, methods=["GET"]),
+        Route("/ui/jobs/{id}", ui.job_page, methods=["GET"]),
+        Route("/ui/api/overview", ui.overview, methods=["GET"]),
+        Route("/ui/api/jobs", ui.jobs, methods=["GET"]),
+        Route("/ui/api/jobs/{id}/entries", ui.entries, methods=["GET"]),
+        Route("/ui/api/requeue-failed", ui.requeue_failed, methods=["POST"]),
+        Route("/ui/static/{name}", ui.static, methods=["GET"]),
     ]
 
 
