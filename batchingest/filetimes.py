@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import functools
 import os
 import stat
 from dataclasses import dataclass
@@ -90,7 +91,10 @@ def _ms(sec: int, nsec: int) -> float:
     return (sec * 1000 + nsec // 1_000_000) / 1000
 
 
-def folder_times(path: str) -> Times | None:
+_AT_EMPTY_PATH = 0x1000
+
+
+def folder_times(path: str | int) -> Times | None:
     """The times of the folder at path; None if it is gone or is not a folder (a link).
 
     OSError for anything else (EACCES, EIO).
@@ -98,13 +102,18 @@ def folder_times(path: str) -> Times | None:
     if _statx is None:
         return _fallback(path)
     buf = _Statx()
-    if _statx(_AT_FDCWD, os.fsencode(path), _AT_SYMLINK_NOFOLLOW, _WANT, ctypes.byref(buf)):
+    # a descriptor (an open job folder) is asked directly: no path to resolve again
+    where, name, flags = (
+        (path, b"", _AT_EMPTY_PATH) if isinstance(path, int)
+        else (_AT_FDCWD, os.fsencode(path), _AT_SYMLINK_NOFOLLOW)
+    )  # fmt: skip
+    if _statx(where, name, flags, _WANT, ctypes.byref(buf)):
         err = ctypes.get_errno()
         if err in (errno.ENOENT, errno.ENOTDIR):  # moved or removed meanwhile
             return None
         if err == errno.ENOSYS:  # a kernel without statx
             return _fallback(path)
-        raise OSError(err, os.strerror(err), path)
+        raise OSError(err, os.strerror(err), str(path))
     if not stat.S_ISDIR(buf.mode):
         return None
     c, m = buf.ctime, buf.mtime
@@ -114,9 +123,9 @@ def folder_times(path: str) -> Times | None:
     return Times(min(_ms(m.sec, m.nsec), modified), modified, False)
 
 
-def _fallback(path: str) -> Times | None:
+def _fallback(path: str | int) -> Times | None:
     try:
-        st = os.lstat(path)
+        st = os.fstat(path) if isinstance(path, int) else os.lstat(path)
     except (FileNotFoundError, NotADirectoryError):
         return None
     if not stat.S_ISDIR(st.st_mode):
@@ -129,13 +138,41 @@ def _fallback(path: str) -> Times | None:
 def rfc3339(seconds: float) -> str:
     """RFC 3339 UTC to the millisecond, as the API shows times: 2026-11-23T14:10:48.123Z."""
     ms = round(seconds * 1000)
-    day = datetime.fromtimestamp(ms // 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-    return f"{day}.{ms % 1000:03d}Z"
+    return f"{_second(ms // 1000)}.{ms % 1000:03d}Z"
 
 
-def job_times(path: str) -> dict[str, str | None]:
+@functools.lru_cache(maxsize=4096)
+def _second(seconds: int) -> str:
+    # formatting a date costs more than the rest of a job's info: folders share seconds
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+
+
+# An inode's birth time never changes: kept by (device, inode), so that the hot path
+# (`GET /jobs/{id}`) needs only an fstat, not a statx through ctypes, for a known folder.
+_CREATED: dict[tuple[int, int], tuple[float, bool]] = {}
+
+
+def _fd_times(fd: int) -> Times | None:
+    st = os.fstat(fd)
+    if not stat.S_ISDIR(st.st_mode):
+        return None
+    key = (st.st_dev, st.st_ino)
+    created = _CREATED.get(key)
+    modified = _ms(st.st_ctime_ns // 1_000_000_000, st.st_ctime_ns % 1_000_000_000)
+    if created is None:
+        t = folder_times(fd)
+        if t is None:
+            return None
+        if len(_CREATED) >= 100_000:
+            _CREATED.clear()
+        _CREATED[key] = (t.created, t.birth)
+        return t
+    return Times(created[0], modified, created[1])
+
+
+def job_times(path: str | int) -> dict[str, str | None]:
     """`Created` and `Modified` of a job folder as a job's info shows them (None if gone)."""
-    t = folder_times(path)
+    t = _fd_times(path) if isinstance(path, int) else folder_times(path)
     if t is None:
         return {"Created": None, "Modified": None}
     return {"Created": rfc3339(t.created), "Modified": rfc3339(t.modified)}

@@ -87,17 +87,31 @@ def _errno_error(err: int, name: str) -> OSError:
 _openat2_works: bool | None = None if _SYS_OPENAT2 is not None else False
 
 
+_TMPFILE = getattr(os, "O_TMPFILE", 0)
+# open_how structures by (flags, mode), built once: building one costs more than the call
+_HOWS: dict[tuple[int, int], tuple[object, int]] = {}
+
+
+def _how(flags: int, mode: int) -> tuple[object, int]:
+    found = _HOWS.get((flags, mode))
+    if found is None:
+        # openat2 refuses a mode without O_CREAT/O_TMPFILE; O_TMPFILE includes the
+        # O_DIRECTORY bit, so it must match whole or every folder open would carry a mode
+        creates = bool(flags & os.O_CREAT) or (_TMPFILE and flags & _TMPFILE == _TMPFILE)
+        how = _OpenHow(flags, mode if creates else 0, _RESOLVE)
+        found = (ctypes.byref(how), ctypes.sizeof(how))
+        if len(_HOWS) < 64:
+            _HOWS[(flags, mode)] = found
+    return found
+
+
 def _openat2(dir_fd: int, rel: str, flags: int, mode: int) -> int | None:
     """openat2 beneath dir_fd without links; None where the kernel lacks the call."""
     global _openat2_works
     if _openat2_works is False:
         return None
-    # openat2 refuses a mode without O_CREAT/O_TMPFILE; O_TMPFILE includes the O_DIRECTORY
-    # bit, so it must match whole or every folder open would carry a mode and fail EINVAL
-    tmpfile = getattr(os, "O_TMPFILE", 0)
-    creates = bool(flags & os.O_CREAT) or (tmpfile and flags & tmpfile == tmpfile)
-    how = _OpenHow(flags, mode if creates else 0, _RESOLVE)
-    fd = _syscall(_SYS_OPENAT2, dir_fd, os.fsencode(rel), ctypes.byref(how), ctypes.sizeof(how))
+    how, size = _how(flags, mode)
+    fd = _syscall(_SYS_OPENAT2, dir_fd, rel.encode("utf-8", "surrogateescape"), how, size)
     if fd >= 0:
         _openat2_works = True
         return int(fd)

@@ -262,6 +262,23 @@ class Store:
         """
         return fs.open_dir(self.root_fd, f"{job.state}/{job.name}")
 
+    def open_named(self, name: str) -> tuple[Job, int] | None:
+        """The job of that name and a descriptor of its folder; None if there is none.
+
+        One open per state folder tried (no lookup first, then an open): the hot path of
+        `GET /jobs/{id}`. What is read through the descriptor is the job's, even if it
+        moves on meanwhile. Looks twice, as find() does, to see through a move in flight.
+        """
+        check_name(name)
+        for _ in range(2):
+            for state, base in zip(State, self._state_prefixes, strict=True):
+                try:
+                    fd = fs.open_dir(self.root_fd, f"{state}/{name}")
+                except (FileNotFoundError, NotADirectoryError, fs.UnsafePath):
+                    continue  # not there, or a link or a file: never a job
+                return Job(name, state, Path(base + name)), fd
+        return None
+
     # -- layout -----------------------------------------------------------------
 
     def state_dir(self, state: str) -> Path:

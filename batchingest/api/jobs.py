@@ -31,26 +31,31 @@ _STATE_RANK = {s: i for i, s in enumerate(STATES)}
 # JOB is read whole to show it; the processor refuses larger ones too
 
 
-def job_info(store: Store, job: Job) -> dict[str, Any]:
+def job_info(store: Store, job: Job, job_fd: int | None = None) -> dict[str, Any]:
     """Name, Status, Created, Modified, and Todo/Finished as the processor would read
     them from JOB (the times: see batchingest/filetimes.py).
 
-    JOB is read through the job folder's descriptor: a JOB that is a link, a FIFO or
-    huge is reported as a JobError, never followed or read whole.
+    JOB is read through the job folder's descriptor (job_fd, or one opened here): a JOB
+    that is a link, a FIFO or huge is reported as a JobError, never followed or read whole.
     """
     info: dict[str, Any] = {"Name": job.name, "Status": job.status}
-    info.update(filetimes.job_times(str(job.path)))
     try:
-        job_fd = store.open_job(job)
+        fd = store.open_job(job) if job_fd is None else job_fd
+    except OSError as e:
+        info.update(Created=None, Modified=None, Todo=None, Finished=None, JobError=_reason(e))
+        return info
+    try:
+        info.update(filetimes.job_times(fd))
         try:
-            raw = fs.read_file(job_fd, jobfile.JOB_FILE, jobfile.JOB_LIMIT)
-        finally:
-            os.close(job_fd)
-        jf = jobfile.JobFile() if raw is None else jobfile.parse(raw)
-    except (jobfile.JobFileError, OSError) as e:
-        info.update(Todo=None, Finished=None, JobError=_reason(e))
-    else:
-        info.update(Todo=jf.todo, Finished=jf.finished)
+            raw = fs.read_file(fd, jobfile.JOB_FILE, jobfile.JOB_LIMIT)
+            jf = jobfile.JobFile() if raw is None else jobfile.parse(raw)
+        except (jobfile.JobFileError, OSError) as e:
+            info.update(Todo=None, Finished=None, JobError=_reason(e))
+        else:
+            info.update(Todo=jf.todo, Finished=jf.finished)
+    finally:
+        if job_fd is None:
+            os.close(fd)
     return info
 
 
@@ -133,10 +138,14 @@ def routes(cfg: Config, store: Store) -> list[BaseRoute]:
 
     async def get_job(request: Request) -> Response:
         name = job_name(request.path_params["id"])
-        found = store.read(name, info)
+        found = store.open_named(name)
         if found is None:
             raise ApiError(404, "JobNotFound", f"no job named {name!r}")
-        return json_response(found[1])
+        job, job_fd = found
+        try:
+            return json_response(job_info(store, job, job_fd))
+        finally:
+            os.close(job_fd)
 
     async def put_job(request: Request) -> Response:
         name = job_name(request.path_params["id"])
