@@ -20,7 +20,7 @@ from collections import deque
 
 import watchfiles
 
-from batchingest import jobdir, jobfile
+from batchingest import events, jobdir, jobfile
 from batchingest.config import Config
 from batchingest.runner import ControlDir, TaskProcess, base_env, log_line, run_task
 from batchingest.store import Hold, Store
@@ -216,6 +216,7 @@ class Processor:
             with contextlib.suppress(OSError, jobdir.LogError):
                 jobdir.append_log(hold.dir_fd, f"internal error, job stopped: {e}")
         finally:
+            events.finishing(self.store, name)
             job = self.store.finish(hold, state)
         log.info(
             "job %s finished: %s in %.3fs%s",
@@ -255,6 +256,7 @@ class Processor:
                 process = TaskProcess()
                 with self._running_lock:
                     self._running[hold.name] = process
+                events.task_started(self.store, hold, task)
                 try:
                     result = run_task(
                         task,
@@ -271,6 +273,7 @@ class Processor:
                 finally:
                     with self._running_lock:
                         self._running.pop(hold.name, None)
+                events.task_ended(self.store, hold, result)
                 if result.interrupted:
                     log_line(log_fd, f"service stopping: job goes back to queue/ at task {task}")
                     return "queue"

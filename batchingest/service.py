@@ -60,8 +60,11 @@ async def serve(cfg: Config) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
+    from batchingest.events import Recorder
     from batchingest.webhooks import Webhooks
 
+    recorder = Recorder(store, cfg.events_keep)
+    recorder.attach()
     webhooks = Webhooks(cfg, store)
     webhooks.attach()
 
@@ -102,4 +105,5 @@ async def serve(cfg: Config) -> None:
     if server is not None:
         server.should_exit = True
     await asyncio.gather(*runners, return_exceptions=True)
+    recorder.close()
     log.info("stopped")

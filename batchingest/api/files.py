@@ -23,7 +23,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp
 
-from batchingest import jobfile
+from batchingest import events, jobfile
 from batchingest.api import transfer
 from batchingest.api.errors import ApiError
 from batchingest.api.jobs import BUSY_STATES, by_method, find_job, json_response
@@ -140,6 +140,7 @@ def routes(cfg: Config, store: Store) -> list[BaseRoute]:
             raise
         path = "/".join(rel.parts)
         body = {"path": path, "size": got.size, "sha256": got.sha256.hex()}
+        events.file_uploaded(store, name, path, got.size, got.sha256.hex())
         headers = {"Location": f"/jobs/{name}/files/{quote(path)}"} if created else None
         return json_response(body, 201 if created else 200, headers)
 
@@ -152,6 +153,7 @@ def routes(cfg: Config, store: Store) -> list[BaseRoute]:
             raise _busy(name, job.state)
         target = _place(job.path, parts)
         await to_thread.run_sync(_remove, store, name, target, recursive)
+        events.file_deleted(store, name, "/".join(parts))
         return Response(status_code=204)
 
     return [

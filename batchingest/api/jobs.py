@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from batchingest import jobfile
+from batchingest import events, jobfile
 from batchingest.api.errors import ApiError
 from batchingest.api.paths import job_name
 from batchingest.config import Config
@@ -131,6 +131,7 @@ def routes(cfg: Config, store: Store) -> list[BaseRoute]:
         name = job_name(request.path_params["id"])
         job, created = store.create(name)
         if created:
+            events.created(store, job)
             return json_response(job_info(job), 201, {"Location": f"/jobs/{name}"})
         return json_response(job_info(job))
 
@@ -147,7 +148,7 @@ def routes(cfg: Config, store: Store) -> list[BaseRoute]:
         find_job(store, name)
         try:
             # in a thread: the move waits for its webhook event to be on disk
-            job, moved = await _in_thread(store.queue, name)
+            job, moved = await _in_thread(events.queue, store, name)
         except JobBusy as e:
             raise ApiError(409, "JobBusy", str(e)) from None
         except LookupError:
