@@ -32,15 +32,17 @@ word) after it.
 Who does what: the store listener (`Recorder.on_move`) writes the events of moves
 (QUEUED, CLAIMED, SUCCEEDED, FAILED, RECOVERED, RENAMED); the processor, the API and
 webhook delivery call the small functions at the end of this module (each a no-op where
-no recorder is attached). A job moved into queue/ by hand makes no store move: when a
-processor takes a job whose history does not end in the queue state, it writes the
-QUEUED (`by: hand`) it missed, before CLAIMED.
+no recorder is attached, and never raising). A job moved into queue/ by hand makes no
+store move: when a processor lists queue/ (woken by the watcher, or by its poll), a new
+name whose history does not end in the queue state gets QUEUED (`by: hand`); a job
+taken before any listing saw it gets it just before CLAIMED.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import logging
 import os
@@ -52,7 +54,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from batchingest import fs
 from batchingest.jobdir import EVENTS_FILE
@@ -500,6 +502,9 @@ class Recorder:
         # queue move to be recorded): striped so that the set never grows
         self._locks = [threading.RLock() for _ in range(64)]
         self._warned: set[str] = set()
+        # the names in queue/ at the last look (see seen_queued)
+        self._queued: set[str] = set()
+        self._queued_lock = threading.Lock()
 
     def attach(self) -> None:
         self.feed = Feed(self.store.root_fd, ".events", keep_days=self.keep_days)
@@ -640,16 +645,44 @@ class Recorder:
             return [(Code.QUEUED, f"Queued by the API (it was {was}).", {"by": "api", "from": was})]
         return []
 
+    def seen_queued(self, names: list[str]) -> None:
+        """A processor listed queue/: write QUEUED for the jobs that came in by hand.
+
+        Only names new since the last look are checked, and a job whose history already
+        ends in the queue state (the API queued it, or it was seen before a restart) gets
+        nothing; one taken meanwhile gets its QUEUED from the claim instead.
+        """
+        with self._queued_lock:
+            fresh = [name for name in names if name not in self._queued]
+            self._queued = set(names)
+        for name in fresh:
+            with self.lock_of(name):
+                try:
+                    job = Job(name, State.QUEUE, self.store.job_path(State.QUEUE, name))
+                    dir_fd = self.store.open_job(job)
+                except (OSError, ValueError):
+                    continue  # taken (its claim writes it) or gone
+                try:
+                    planned = self._hand_queued(last_state(dir_fd))
+                    for code, description, details in planned:
+                        self.record(name, dir_fd, code, "queue", description, details, durable=True)
+                finally:
+                    os.close(dir_fd)
+
+    @staticmethod
+    def _hand_queued(last: str | None) -> _Planned:
+        """QUEUED by hand, unless the history already ends in the queue state."""
+        if last == "queue":
+            return []
+        details: dict[str, Any] = {"by": "hand"}
+        if last is not None:
+            details["from"] = last
+        return [(Code.QUEUED, "Queued by hand: found in queue/.", details)]
+
     @staticmethod
     def _claimed(dir_fd: int | None) -> _Planned:
-        planned: _Planned = []
-        last = None if dir_fd is None else last_state(dir_fd)
-        if last != "queue":
-            details: dict[str, Any] = {"by": "hand"}
-            if last is not None:
-                details["from"] = last
-            planned.append((Code.QUEUED, "Queued by hand: found in queue/ when a processor "
-                            "took it.", details))  # fmt: skip
+        # normally written when queue/ was listed; here if it was taken before that
+        planned = Recorder._hand_queued(None if dir_fd is None else last_state(dir_fd))
         pid = os.getpid()
         planned.append((Code.CLAIMED, f"Taken by the processor on {HOST} (pid {pid}).",
                         {"host": HOST, "pid": pid}))  # fmt: skip
@@ -666,7 +699,23 @@ def recorder_for(store: Store) -> Recorder | None:
 
 # -- hooks: each does nothing where no recorder is attached ------------------------------
 
+_Hook = TypeVar("_Hook", bound=Callable[..., None])
 
+
+def _quiet(hook: _Hook) -> _Hook:
+    """A hook never stops the work it reports on: an unexpected error is only logged."""
+
+    @functools.wraps(hook)
+    def guarded(*args: Any, **kwargs: Any) -> None:
+        try:
+            hook(*args, **kwargs)
+        except Exception:
+            log.exception("recording an event failed")
+
+    return cast(_Hook, guarded)
+
+
+@_quiet
 def note(
     store: Store, name: str, code: Code, description: str, details: dict[str, Any] | None = None
 ) -> None:
@@ -697,6 +746,15 @@ def queue(store: Store, name: str) -> tuple[Job, bool]:
         return store.queue(name)
 
 
+@_quiet
+def seen_queued(store: Store, names: list[str]) -> None:
+    """The names a processor found in queue/ (oldest first)."""
+    recorder = _RECORDERS.get(store)
+    if recorder is not None:
+        recorder.seen_queued(names)
+
+
+@_quiet
 def task_started(store: Store, hold: Hold, task: str) -> None:
     recorder = _RECORDERS.get(store)
     if recorder is not None:
@@ -704,6 +762,7 @@ def task_started(store: Store, hold: Hold, task: str) -> None:
                         f"Task {task} started.", {"task": task})  # fmt: skip
 
 
+@_quiet
 def task_ended(store: Store, hold: Hold, result: TaskResult) -> None:
     recorder = _RECORDERS.get(store)
     if recorder is None:

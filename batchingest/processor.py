@@ -156,6 +156,7 @@ class Processor:
                     self._cond.release()  # others may take work while we list the folder
                     try:
                         names = self.store.queued()
+                        events.seen_queued(self.store, names)
                     finally:
                         self._cond.acquire()
                         self._scanning = False

@@ -398,3 +398,43 @@ def test_later_codes_can_be_recorded(store: Store, recorder: Recorder) -> None:
     assert codes(got) == ["CANCEL_REQUESTED", "CANCELED", "DEADLINE_EXCEEDED"]
     assert [e["is_error"] for e in got] == [False, False, True]
     assert all(e["state"] == "ready" for e in got)
+
+
+def test_hand_queued_jobs_are_seen_when_queue_is_listed(store: Store, recorder: Recorder) -> None:
+    store.create("api")
+    events.queue(store, "api")
+    run_held(store, "api", "error")
+    os.rename(store.root / "error" / "api", store.root / "queue" / "api")  # mv error/api queue/
+    (store.root / "queue" / "fresh").mkdir()
+    store.create("byapi")
+    events.queue(store, "byapi")
+    events.seen_queued(store, store.queued())
+    assert codes(history(store, "api"))[-1] == "QUEUED"
+    assert history(store, "api")[-1]["details"] == {"by": "hand", "from": "error"}
+    assert history(store, "fresh") and history(store, "fresh")[0]["details"] == {"by": "hand"}
+    assert codes(history(store, "byapi")) == ["QUEUED"]  # the API's: nothing more
+    # seen again at the next look, and then taken: no second QUEUED
+    events.seen_queued(store, store.queued())
+    run_held(store, "fresh", "success")
+    assert codes(history(store, "fresh")) == ["QUEUED", "CLAIMED", "SUCCEEDED"]
+    # a restarted processor looks at every name again: a queued history gets nothing
+    recorder._queued.clear()
+    events.seen_queued(store, store.queued())
+    assert codes(history(store, "api")).count("QUEUED") == 2
+
+
+def test_a_failing_hook_never_stops_the_work(
+    store: Store, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (store.root / "queue" / "j").mkdir()
+    hold = store.claim("j")
+    assert hold is not None
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(recorder, "record", broken)
+    events.task_started(store, hold, "start")  # logged, not raised
+    events.seen_queued(store, ["j"])
+    events.file_deleted(store, "j", "x")
+    store.finish(hold, "success")

@@ -146,9 +146,23 @@ def test_hand_moved_failing_timed_out_renamed_and_webhook_failed(root: Path) -> 
     assert dup[-1]["details"] == {"from": "dup", "to": "dup-001"}
 
 
+def test_a_hand_queued_job_has_its_queued_event_while_it_waits(root: Path) -> None:
+    write_task(root / "tasks", "start", '[ "$JOBNAME" = first ] && sleep 8; true\n')
+    with Service(root, "--workers", "1") as svc, svc.client() as c:
+        drop(root, "first")
+        wait_for(lambda: (root / "processing" / "first").is_dir(), 30, what="first to start")
+        drop(root, "waiting")  # no worker free: it stays in queue/ for a while
+        got = wait_for(lambda: history(c, "waiting"), 6, what="waiting's QUEUED")
+        assert (root / "queue" / "waiting").is_dir()
+        assert [e["code"] for e in got] == ["QUEUED"]
+        assert got[0]["details"] == {"by": "hand"} and got[0]["state"] == "queue"
+        assert job_codes(finished(c, "waiting")).count("QUEUED") == 1
+
+
 def test_recovered_after_a_crash_and_requeued_when_stopped(root: Path) -> None:
-    write_task(root / "tasks", "start", "sleep 2\n")
-    events = root / "queue" / "r"
+    # runs until killed, unless the job holds `quick`; says its pid, to end it after kill -9
+    script = '[ -f "$JOBPATH/quick" ] && exit 0\necho $$ >> "$JOBPATH/pids"\nexec sleep 60\n'
+    write_task(root / "tasks", "start", script)
 
     def started(times: int) -> bool:
         for state in ("queue", "processing"):
@@ -158,14 +172,17 @@ def test_recovered_after_a_crash_and_requeued_when_stopped(root: Path) -> None:
         return False
 
     svc = Service(root, api=False).start()
-    drop(root, "r")
-    wait_for(lambda: started(1), 30, what="the task to start")
-    svc.kill()  # kill -9: the orphaned task holds the job until it exits
-    svc = Service(root, "--grace", "0").start()
-    wait_for(lambda: started(2), 30, what="the task to start again")
-    svc.signal(signal.SIGTERM)  # stopping: the job goes back to queue/
-    assert svc.stop() == 0
-    assert events.is_dir()
+    try:
+        drop(root, "r")
+        wait_for(lambda: started(1), 30, what="the task to start")
+        svc.kill()  # kill -9: the orphaned task holds the job until it exits
+        orphan = int((root / "processing" / "r" / "pids").read_text().split()[-1])
+        os.kill(orphan, signal.SIGKILL)
+        svc = Service(root, "--grace", "0").start()
+        wait_for(lambda: started(2), 30, what="the task to start again")
+    finally:
+        assert svc.stop() == 0  # stopping: the job goes back to queue/
+    (root / "queue" / "r" / "quick").write_text("")
     with Service(root) as svc, svc.client() as c:
         got = finished(c, "r")
     assert job_codes(got) == [
