@@ -79,6 +79,10 @@ SEGMENT_SECONDS = 3600
 SEGMENT_GRACE = 5.0
 _CHUNK = 1 << 16
 FLUSH_IDLE = 1.0
+# A batch of this many histories on one file system is flushed with one syncfs (the
+# state folders may be mount points: one per file system); fewer are fsync-ed one by one.
+SYNCFS_BATCH = 16
+MAX_PENDING = 512
 _SEGMENT_NAME = re.compile(r"([0-9]{1,12})\.jsonl")
 
 
@@ -448,7 +452,11 @@ class _Flusher:
     def add(self, fd: int | None) -> None:
         """Flush fd (then close it) and the feed soon; fd None flushes the feed only."""
         with self._cond:
-            if fd is not None:
+            if fd is not None and len(self._fds) >= MAX_PENDING:
+                # a disk this far behind: leave this one to the kernel's writeback
+                # rather than hold more descriptors
+                os.close(fd)
+            elif fd is not None:
                 self._fds.append(fd)
             self._cond.notify()
 
@@ -464,13 +472,23 @@ class _Flusher:
                 return
 
     def _flush(self, fds: list[int]) -> None:
+        """fsync each file, or, for many on one file system, one syncfs of it."""
+        by_device: dict[int, list[int]] = {}
         for fd in fds:
             try:
-                os.fsync(fd)
-            except OSError as e:
-                log.warning("cannot flush a job history: %s", e.strerror or e)
-            finally:
+                by_device.setdefault(os.fstat(fd).st_dev, []).append(fd)
+            except OSError:
                 os.close(fd)
+        for group in by_device.values():
+            try:
+                if not (len(group) >= SYNCFS_BATCH and fs.syncfs(group[0])):
+                    for fd in group:
+                        os.fsync(fd)
+            except OSError as e:
+                log.warning("cannot flush job histories: %s", e.strerror or e)
+            finally:
+                for fd in group:
+                    os.close(fd)
         try:
             self.feed.sync()
         except OSError as e:

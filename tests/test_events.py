@@ -438,3 +438,27 @@ def test_a_failing_hook_never_stops_the_work(
     events.seen_queued(store, ["j"])
     events.file_deleted(store, "j", "x")
     store.finish(hold, "success")
+
+
+def test_grouped_flushes_leave_no_descriptor_open(store: Store) -> None:
+    assert store.root_fd >= 0  # opened once, kept
+    before = len(os.listdir("/proc/self/fd"))
+    recorder = Recorder(store)
+    recorder.attach()
+    for i in range(60):
+        (store.root / "queue" / f"f{i}").mkdir()
+
+    def take(i: int) -> None:
+        run_held(store, f"f{i}", "success")
+
+    threads = [threading.Thread(target=lambda k=k: [take(i) for i in range(k, 60, 4)])
+               for k in range(4)]  # fmt: skip
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    recorder.close()
+    assert len(os.listdir("/proc/self/fd")) <= before
+    assert all(codes(history(store, f"f{i}")) == ["QUEUED", "CLAIMED", "SUCCEEDED"]
+               for i in range(60))  # fmt: skip
+    assert len([e for e in feed_events(store) if e["code"] == "SUCCEEDED"]) == 60
