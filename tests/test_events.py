@@ -462,3 +462,18 @@ def test_grouped_flushes_leave_no_descriptor_open(store: Store) -> None:
     assert all(codes(history(store, f"f{i}")) == ["QUEUED", "CLAIMED", "SUCCEEDED"]
                for i in range(60))  # fmt: skip
     assert len([e for e in feed_events(store) if e["code"] == "SUCCEEDED"]) == 60
+
+
+def test_a_history_removed_while_held_is_started_again(store: Store, recorder: Recorder) -> None:
+    from batchingest.runner import TaskResult
+
+    (store.root / "queue" / "k").mkdir()
+    hold = store.claim("k")
+    assert hold is not None
+    events.task_started(store, hold, "start")
+    (store.root / "processing" / "k" / EVENTS_FILE).unlink()  # a task cleaned the folder
+    events.task_ended(store, hold, TaskResult("start", "", "", ok=True, seconds=0.5))
+    events.finishing(store, "k")
+    store.finish(hold, "success")
+    assert codes(history(store, "k")) == ["TASK_SUCCEEDED", "SUCCEEDED"]
+    assert recorder._held == {}  # nothing kept open once the job left processing/
