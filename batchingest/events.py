@@ -60,7 +60,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from batchingest import fs
 from batchingest.jobdir import EVENTS_FILE
-from batchingest.store import FINAL, InvalidName, Job, State, Store
+from batchingest.store import FINAL, InvalidName, Job, State, Store, StoreError
 
 if TYPE_CHECKING:
     from batchingest.runner import TaskResult
@@ -568,7 +568,16 @@ class Recorder:
         self._queued_lock = threading.Lock()
 
     def attach(self) -> None:
-        self.feed = Feed(self.store.root_fd, ".events", keep_days=self.keep_days)
+        """Open the feed and listen to the store's moves.
+
+        StoreError if ROOT/.events is not a folder (a link would send the feed, and
+        the removal of old files, wherever it points).
+        """
+        try:
+            self.feed = Feed(self.store.root_fd, ".events", keep_days=self.keep_days)
+        except OSError as e:
+            where = self.store.service_path("events")
+            raise StoreError(f"{where} cannot be the event feed's folder: {e.strerror}") from e
         self.feed.prune()
         self._flusher = _Flusher(self.feed)
         self._unsubscribe = self.store.subscribe(self.on_move)

@@ -64,7 +64,10 @@ async def serve(cfg: Config) -> None:
     from batchingest.webhooks import Webhooks
 
     recorder = Recorder(store, cfg.events_keep)
-    recorder.attach()
+    try:
+        recorder.attach()
+    except StoreError as e:
+        raise StartError(str(e)) from e
     webhooks = Webhooks(cfg, store)
     webhooks.attach()
 

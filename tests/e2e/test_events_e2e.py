@@ -320,3 +320,16 @@ def test_bad_requests_and_a_planted_history(root: Path, tmp_path: Path) -> None:
         r = c.get("/events", headers={"Accept": "text/event-stream", "Last-Event-ID": "zz"})
         assert r.status_code == 400 and r.json()["code"] == "InvalidCursor"
         assert c.get("/events", headers={"X-Api-Token": "wrong"}).status_code == 401
+
+
+def test_a_feed_folder_that_is_a_link_stops_the_start(root: Path, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "00000001.jsonl").write_text("precious\n")  # old enough to be pruned
+    (root / ".events").symlink_to(elsewhere)
+    svc = Service(root, api=False).start(wait=False)
+    assert svc.proc is not None
+    assert svc.proc.wait(30) == 2
+    svc.stop()
+    assert "cannot be the event feed's folder" in svc.log()
+    assert (elsewhere / "00000001.jsonl").read_text() == "precious\n"
