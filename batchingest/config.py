@@ -240,6 +240,10 @@ class Config:
     max_upload: int = setting(
         0, "largest accepted upload in bytes", parse=_non_negative_int, shown="0, no limit"
     )
+    events_keep: int = setting(
+        7, "days the root-wide event feed is kept (job histories stay with their jobs)",
+        parse=_positive_int,
+    )  # fmt: skip
     # webhooks
     webhook_timeout: float = setting(
         10.0, "connect and total timeout of one webhook POST, seconds", parse=_seconds

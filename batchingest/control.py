@@ -78,15 +78,17 @@ class Deadline:
 def _record(
     store: Store, name: str, code: str, *, task: str | None = None, deadline: str = ""
 ) -> None:
-    """Put an event in the job's history.
+    """Put an event in the job's history (and a line in the service log)."""
+    from batchingest import events  # events imports the store; keep this module light
 
-    A stand-in for the job history module being added beside this one: there,
-    CANCEL_REQUESTED is events.cancel_requested(store, name), CANCELED is
-    events.canceled(store, name, task) and DEADLINE_EXCEEDED is
-    events.deadline_exceeded(store, name, deadline). Until then it goes to the log.
-    """
     what = f"task {task}" if task else f"deadline {deadline}" if deadline else ""
     log.info("job %s: %s%s", name, code, f" ({what})" if what else "")
+    if code == CANCEL_REQUESTED:
+        events.cancel_requested(store, name)
+    elif code == CANCELED:
+        events.canceled(store, name, task)
+    elif code == DEADLINE_EXCEEDED:
+        events.deadline_exceeded(store, name, deadline)
 
 
 # -- deadlines -----------------------------------------------------------------------

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from batchingest.runner import TaskResult
 
 __all__ = [
+    "EVENTS_FILE",
     "JOB_FILE",
     "JOB_LIMIT",
     "LOCK_FILE",
@@ -43,6 +44,8 @@ LOG_FILE = "LOG"
 WEBHOOK_FILE = "WEBHOOK"
 # The processor's lock (see store.py); hidden, so never listed or served.
 LOCK_FILE = ".lock"
+# The job's history (events.py): hidden, so never listed, served or uploaded over.
+EVENTS_FILE = ".events"
 
 
 class LogError(Exception):

@@ -31,7 +31,7 @@ from collections.abc import Callable
 
 import watchfiles
 
-from batchingest import control, jobdir, jobfile
+from batchingest import control, events, jobdir, jobfile
 from batchingest.config import Config
 from batchingest.health import Backoff, Progress
 from batchingest.runner import (
@@ -222,7 +222,7 @@ class Processor:
         self.progress = progress if progress is not None else Progress()
         # the heartbeat for /readyz comes from the poll loop, once per --poll-interval
         self.stale_after = max(10.0, 5 * cfg.poll_interval)
-        self.scheduler = Scheduler(store.queued)
+        self.scheduler = Scheduler(self._queued)
         # --workers bounds the jobs running tasks; a few more threads let finished jobs do
         # their last JOB fsync and final rename while the next tasks already run, which
         # is what keeps a disk with slow fsync busy rather than idle
@@ -431,10 +431,17 @@ class Processor:
                 jobdir.append_log(hold.dir_fd, message)
             return state
 
+    def _queued(self) -> list[str]:
+        """Names in queue/, oldest first; jobs moved there by hand get their QUEUED event."""
+        names = self.store.queued()
+        events.seen_queued(self.store, names)
+        return names
+
     def _finish(self, hold: Hold, state: str, t0: float) -> None:
         """Move the job out of processing/ and release it; log how it went."""
         name = hold.name
         try:
+            events.finishing(self.store, name)
             job = self._move_out(name, state)
             if job is not None and job.state != "queue":
                 control.clear(hold.dir_fd)  # a request is done with once the job is out
@@ -516,7 +523,9 @@ class Processor:
                     ran = len(job.finished) > finished_before
                     return control.stop_job(self.store, hold.name, hold.dir_fd, job, stop, ran)
                 task = job.todo[0]
+                events.task_started(self.store, hold, task)
                 result = self._run_task(hold, task, log_fd, deadline)
+                events.task_ended(self.store, hold, result)
                 if result.interrupted:
                     log_line(log_fd, f"service stopping: job goes back to queue/ at task {task}")
                     return "queue"

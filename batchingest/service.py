@@ -85,6 +85,13 @@ async def serve(cfg: Config) -> None:
     # the heartbeats /readyz looks at: the processor beats "processor", webhook delivery
     # "webhooks"; any other loop joins with progress.beat(name, within=seconds)
     progress = Progress()
+    from batchingest.events import Recorder
+
+    recorder = Recorder(store, cfg.events_keep)
+    try:
+        recorder.attach()
+    except StoreError as e:
+        raise StartError(str(e)) from e
     webhooks = Webhooks(cfg, store, progress)
     webhooks.attach()
     readiness = Readiness.for_store(store, cfg.min_free, progress)
@@ -118,4 +125,5 @@ async def serve(cfg: Config) -> None:
     if server is not None:
         server.should_exit = True
     await asyncio.gather(*runners, return_exceptions=True)
+    recorder.close()
     log.info("stopped")

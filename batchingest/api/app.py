@@ -23,7 +23,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from batchingest import __version__
-from batchingest.api import auth, files, jobs, openapi
+from batchingest.api import auth, events, files, jobs, openapi
 from batchingest.api.errors import MAPPED, ApiError, api_error_of
 from batchingest.api.paths import job_name, unsafe_url_path
 from batchingest.config import Config
@@ -246,7 +246,10 @@ def create_app(cfg: Config, store: Store, readiness: Readiness | None = None) ->
     checker = auth.TokenChecker(auth.load_tokens(cfg, store))
     dts = auth.load_dts_secret(cfg)
     staging_routes, staging_paths = _staging_routes(cfg, store)
-    spec = openapi.spec(__version__, {**staging_paths, **globus.OPENAPI_PATHS, **ui.OPENAPI_PATHS})
+    spec = openapi.spec(
+        __version__,
+        {**staging_paths, **globus.OPENAPI_PATHS, **ui.OPENAPI_PATHS, **events.OPENAPI_PATHS},
+    )
     spec_body = jobs.json_response(spec).body
 
     async def index(request: Request) -> Response:
@@ -270,6 +273,7 @@ def create_app(cfg: Config, store: Store, readiness: Readiness | None = None) ->
     routes: list[BaseRoute] = [
         *jobs.routes(cfg, store),
         *files.routes(cfg, store),
+        *events.routes(cfg, store),
         Route("/", index, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),

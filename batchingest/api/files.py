@@ -24,7 +24,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp
 
-from batchingest import fs
+from batchingest import events, fs
 from batchingest.api import transfer
 from batchingest.api.common import by_method, find_job, json_response, run_blocking
 from batchingest.api.errors import ApiError
@@ -146,6 +146,7 @@ def routes(cfg: Config, store: Store) -> list[BaseRoute]:
                 up.close()
         finally:
             os.close(job_fd)
+        events.file_uploaded(store, name, up.rel, got.size, got.sha256.hex())
         body = {"path": up.rel, "size": got.size, "sha256": got.sha256.hex()}
         headers = {"Location": f"/jobs/{name}/files/{quote(up.rel)}"} if created else None
         return json_response(body, 201 if created else 200, headers)
@@ -161,6 +162,7 @@ def routes(cfg: Config, store: Store) -> list[BaseRoute]:
             await run_blocking(_delete, store, job, job_fd, parts, recursive)
         finally:
             os.close(job_fd)
+        events.file_deleted(store, name, "/".join(parts))
         return Response(status_code=204)
 
     return [

@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from batchingest import control, filetimes, fs, jobfile
+from batchingest import control, events, filetimes, fs, jobfile
 from batchingest.api import joblist
 from batchingest.api.common import by_method, find_job, run_blocking
 from batchingest.api.common import json_response as json_response  # app.py uses jobs.json_response
@@ -151,6 +151,7 @@ def routes(cfg: Config, store: Store) -> list[BaseRoute]:
         name = job_name(request.path_params["id"])
         job, created = store.create(name)
         if created:
+            events.created(store, job)
             return json_response(info(job), 201, {"Location": f"/jobs/{name}"})
         if store.find(name) is None:
             # the name is taken by something that is not a job folder (a file, a link)
@@ -168,7 +169,7 @@ def routes(cfg: Config, store: Store) -> list[BaseRoute]:
         if job.state not in BUSY and (why := control.own_deadline_passed(store, job)):
             raise ApiError(409, "DeadlinePassed", why)
         # in a thread: the move waits for its webhook event to be on disk
-        job, moved = await run_blocking(store.queue, name)
+        job, moved = await run_blocking(events.queue, store, name)
         return json_response(info(job), 202 if moved else 200)
 
     async def cancel_job(request: Request) -> Response:

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from batchingest import fs
+from batchingest import events, fs
 from batchingest.config import Config
 from batchingest.health import Progress
 from batchingest.jobfile import now_rfc3339
@@ -483,8 +483,10 @@ class Webhooks:
         line = f"{what} attempt {attempt}/{attempts}: {outcome}"
         if failed:
             log.warning("%s: %s", event.job, line)
+            events.webhook_failed(self.store, event.job, event.state, shown, outcome)
         elif outcome.startswith("HTTP 2"):
             log.debug("%s: %s", event.job, line)
+            events.webhook_delivered(self.store, event.job, event.state, shown, outcome)
         else:
             log.info("%s: %s", event.job, line)
         job = self._find(event.job)

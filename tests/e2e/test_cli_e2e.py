@@ -325,6 +325,7 @@ def test_events_list_job_history(root: Path) -> None:
     with Service(root) as svc:
         if _route_missing(svc, "GET", "/events"):
             pytest.skip("this service has no GET /events yet (job history is being added)")
+        write_task(root / "tasks", "start", "true\n")
         place(root, "queue", "tracked")
         wait_for(lambda: (root / "success" / "tracked").is_dir(), what="the job to succeed")
         env = {"BATCHINGEST_TOKEN": TOKEN}

@@ -1,0 +1,930 @@
+"""Job history: each job's own events, and one feed of every job's events.
+
+Every event is one line of JSON: `code`, `time` (RFC 3339 UTC, ms), `is_error`,
+`description` (one sentence), `details` (an object) and the job's `state` (its status
+word) after it.
+
+- **The history** of a job is the hidden file `.events` in its folder (jobdir.EVENTS_FILE),
+  so it moves with the job and survives restarts. It is appended with O_APPEND through
+  the folder's descriptor (batchingest.fs), never by path. Like everything in a job
+  folder it is user input: a link, FIFO or folder there is never written or read (the
+  history is then not kept, the feed still is, and the service log says why once), it
+  is read bounded (its last HISTORY_READ_LIMIT bytes), and lines that are not events,
+  a torn last line after a crash among them, are skipped. Before appending to a file
+  whose last line is torn a newline is written, so the next event is never glued to it.
+- **The feed** is `ROOT/.events/` (Store.service_path): one segment file of JSON lines
+  per UTC hour, `<hours since 1970>.jsonl`, each line an event plus its `job`. Every
+  process on the root appends to the current hour's segment with O_APPEND; lines are
+  kept under MAX_LINE bytes, and one write of a line that short does not interleave
+  with another on a local file system. (On NFS, O_APPEND is emulated by the client and
+  two machines appending at once can overwrite each other's lines: run one service per
+  root there, or accept that the feed may lose an event; the per-job histories are
+  written by one holder at a time.) A cursor is the segment and the byte offset after
+  an event's line, so `after=` is a seek, never a scan. Segments older than
+  `--events-keep` days are removed.
+- **Durability.** Lines are written before the move that caused them returns (the
+  store's listeners run before that). fsync is grouped: at each state change the
+  history file is handed to a flusher thread, which every FLUSH_TICK at most flushes
+  what it was handed and the feed in one batch while the next moves go on, so a move
+  never waits for a disk flush (the rename of the move itself is not fsync-ed either).
+  Task and file events are flushed with the next batch, within FLUSH_IDLE seconds.
+- **Cost.** A processor keeps the history of a job it holds open from the claim to the
+  final move (Recorder._held), so task events are one write each.
+
+Who does what: the store listener (`Recorder.on_move`) writes the events of moves
+(QUEUED, CLAIMED, SUCCEEDED, FAILED, RECOVERED, RENAMED); the processor, the API and
+webhook delivery call the small functions at the end of this module (each a no-op where
+no recorder is attached, and never raising). A job moved into queue/ by hand makes no
+store move: when a processor lists queue/ (woken by the watcher, or by its poll), a new
+name whose history does not end in the queue state gets QUEUED (`by: hand`); a job
+taken before any listing saw it gets it just before CLAIMED.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import json
+import logging
+import os
+import re
+import socket
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any, TypeVar, cast
+
+from batchingest import fs
+from batchingest.jobdir import EVENTS_FILE
+from batchingest.store import FINAL, InvalidName, Job, State, Store, StoreError
+
+if TYPE_CHECKING:
+    from batchingest.runner import TaskResult
+    from batchingest.store import Hold
+
+log = logging.getLogger("batchingest.events")
+
+# A line stays well under PIPE_BUF-like sizes: one write(2) of it is never interleaved.
+MAX_LINE = 3800
+# The most of a job's history that is read (its newest part): a planted 10 GiB `.events`
+# costs one bounded read, never the memory of the service.
+HISTORY_READ_LIMIT = 16 << 20
+_TAIL = 8192
+SEGMENT_SECONDS = 3600
+# Readers move on from an hour's segment only this long after the hour ended: a writer
+# that read the clock just before the hour turned has written its line by then.
+SEGMENT_GRACE = 5.0
+_CHUNK = 1 << 16
+FLUSH_IDLE = 1.0
+# At most one flush per tick: a history is durable within about this long of its move.
+FLUSH_TICK = 0.05
+# A batch of this many histories on one file system is flushed with one syncfs (the
+# state folders may be mount points: one per file system); fewer are fsync-ed one by one.
+SYNCFS_BATCH = 4
+MAX_PENDING = 512
+_SEGMENT_NAME = re.compile(r"([0-9]{1,12})\.jsonl")
+
+
+class Code(StrEnum):
+    CREATED = "CREATED"
+    FILE_UPLOADED = "FILE_UPLOADED"
+    FILE_DELETED = "FILE_DELETED"
+    QUEUED = "QUEUED"
+    CLAIMED = "CLAIMED"
+    TASK_STARTED = "TASK_STARTED"
+    TASK_SUCCEEDED = "TASK_SUCCEEDED"
+    TASK_FAILED = "TASK_FAILED"
+    TASK_TIMED_OUT = "TASK_TIMED_OUT"
+    CANCEL_REQUESTED = "CANCEL_REQUESTED"
+    CANCELED = "CANCELED"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    RECOVERED = "RECOVERED"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    WEBHOOK_DELIVERED = "WEBHOOK_DELIVERED"
+    WEBHOOK_FAILED = "WEBHOOK_FAILED"
+    RENAMED = "RENAMED"
+
+
+ERROR_CODES = frozenset(
+    {Code.TASK_FAILED, Code.TASK_TIMED_OUT, Code.DEADLINE_EXCEEDED, Code.FAILED,
+     Code.WEBHOOK_FAILED}
+)  # fmt: skip
+_FIELDS = {"code": str, "time": str, "is_error": bool, "description": str, "details": dict}
+
+
+# -- one event ------------------------------------------------------------------------
+
+
+def _now() -> str:
+    """now_rfc3339 (RFC 3339 UTC with milliseconds), at a third of its cost."""
+    t = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"
+
+
+def make_event(
+    code: Code, state: str, description: str, details: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """An event as stored and served; `state` is the job's status word after it."""
+    return {
+        "code": str(code),
+        "time": _now(),
+        "is_error": code in ERROR_CODES,
+        "description": description,
+        "details": details or {},
+        "state": state,
+    }
+
+
+# one encoder: json.dumps with options builds a new one on every call
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
+def _dumps(data: dict[str, Any]) -> bytes:
+    return _ENCODER.encode(data).encode() + b"\n"
+
+
+def encode(event: dict[str, Any]) -> bytes:
+    """One line of JSON under MAX_LINE bytes: long texts are cut, never the line."""
+    line = _dumps(event)
+    if len(line) <= MAX_LINE:
+        return line
+    short = dict(event)
+    short["description"] = str(event.get("description", ""))[:300]
+    short["details"] = {
+        k: v[:200] if isinstance(v, str) else v
+        for k, v in list(dict(event.get("details") or {}).items())[:20]
+    }
+    line = _dumps(short)
+    if len(line) <= MAX_LINE:
+        return line
+    short["details"] = {"truncated": True}
+    return _dumps(short)
+
+
+def decode(line: bytes, *, job: bool = False) -> dict[str, Any] | None:
+    """The event on one line, or None for anything else (garbage, a torn line)."""
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(event, dict):
+        return None
+    for key, kind in _FIELDS.items():
+        if not isinstance(event.get(key), kind):
+            return None
+    if not isinstance(event.get("state"), str) or (job and not isinstance(event.get("job"), str)):
+        return None
+    return event
+
+
+def parse_lines(data: bytes) -> list[dict[str, Any]]:
+    """The events of complete lines; a last line without its newline is torn: skipped."""
+    lines = data.split(b"\n")[:-1]
+    return [e for e in map(decode, lines) if e is not None]
+
+
+def status(state: str) -> str:
+    return State(state).status
+
+
+# -- a job's history ------------------------------------------------------------------
+
+
+def _open_append(dir_fd: int, name: str) -> int:
+    """fs.open_append, but readable too: the last byte says whether a line was torn."""
+    # (O_NONBLOCK, which fs adds, changes nothing for a regular file)
+    return fs.open_regular(dir_fd, name, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+
+
+def open_history(dir_fd: int) -> int:
+    """The job's `.events` opened for appending (created if missing).
+
+    A torn last line (a crash mid-write) is closed with a newline first. Raises
+    fs.UnsafePath or fs.NotRegular (a link, FIFO, folder) and other OSErrors.
+    """
+    try:
+        fd = _open_append(dir_fd, EVENTS_FILE)
+    except OSError as e:
+        if e.errno == errno.ENXIO:  # a FIFO nobody reads: open says so before any check
+            raise fs.NotRegular(errno.EINVAL, "not a regular file (named pipe)", EVENTS_FILE) from e
+        raise
+    try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            os.write(fd, b"\n")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def append_history(dir_fd: int, line: bytes) -> int:
+    """Append one line to the job's `.events` (see open_history); the open descriptor."""
+    fd = open_history(dir_fd)
+    try:
+        os.write(fd, line)  # one write: lines of several writers never interleave
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_history(dir_fd: int, limit: int = HISTORY_READ_LIMIT) -> list[dict[str, Any]]:
+    """The job's events, oldest first (of its last `limit` bytes); [] if it has none.
+
+    fs.UnsafePath or fs.NotRegular if `.events` is a link or not a regular file.
+    """
+    found = fs.read_tail(dir_fd, EVENTS_FILE, limit)
+    if found is None:
+        return []
+    data, total = found
+    if total > len(data):
+        data = data[data.find(b"\n") + 1 :]  # the first line was cut by the limit
+    return parse_lines(data)
+
+
+def last_state(dir_fd: int) -> str | None:
+    """The state after the job's last recorded event; None if unknown or unreadable."""
+    try:
+        found = fs.read_tail(dir_fd, EVENTS_FILE, _TAIL)
+    except OSError:
+        return None
+    if found is None:
+        return None
+    lines = found[0].split(b"\n")[:-1]  # the part after the last newline is torn
+    for line in reversed(lines):  # the newest event that is one: no need to parse the rest
+        event = decode(line)
+        if event is not None:
+            return event["state"]  # type: ignore[no-any-return]
+    return None
+
+
+# -- the feed -------------------------------------------------------------------------
+
+
+class BadCursor(ValueError):
+    pass
+
+
+@dataclass(frozen=True, order=True)
+class Cursor:
+    """A place in the feed: the segment (hours since 1970) and a byte offset in it."""
+
+    segment: int
+    offset: int
+
+    @property
+    def text(self) -> str:
+        return f"{self.segment:08x}{self.offset:012x}"
+
+    @classmethod
+    def parse(cls, text: str) -> Cursor:
+        if not re.fullmatch(r"[0-9a-f]{20}", text):
+            raise BadCursor(f"not a cursor of this feed: {text[:40]!r}")
+        return cls(int(text[:8], 16), int(text[8:], 16))
+
+
+def _segment_name(segment: int) -> str:
+    return f"{segment:08d}.jsonl"
+
+
+class Feed:
+    """The root-wide feed: hourly segment files in one folder of the service's own."""
+
+    def __init__(
+        self, parent_fd: int, name: str, *, create: bool = True, keep_days: int = 7,
+        clock: Callable[[], float] = time.time,
+    ) -> None:  # fmt: skip
+        self.clock = clock
+        self.keep_days = keep_days
+        self._lock = threading.Lock()
+        self._segment = -1
+        self._fd = -1
+        self.dirty = False
+        if create:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(name, 0o755, dir_fd=parent_fd)
+        try:
+            self.dir_fd = fs.open_dir(parent_fd, name)
+        except FileNotFoundError:
+            self.dir_fd = -1  # a reader of a root where nothing was recorded yet
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in (self._fd, self.dir_fd):
+                if fd >= 0:
+                    os.close(fd)
+            self._fd = self.dir_fd = -1
+
+    def now_segment(self) -> int:
+        return int(self.clock() // SEGMENT_SECONDS)
+
+    # -- writing -------------------------------------------------------------------
+
+    def append(self, line: bytes) -> None:
+        with self._lock:
+            segment = self.now_segment()
+            if segment != self._segment:
+                self._switch(segment)
+            os.write(self._fd, line)
+            self.dirty = True
+
+    def _switch(self, segment: int) -> None:
+        """Open the hour's segment (closing a torn line another writer left) and prune."""
+        fd = _open_append(self.dir_fd, _segment_name(segment))
+        try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                os.write(fd, b"\n")
+        except BaseException:
+            os.close(fd)
+            raise
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                os.fsync(self._fd)
+            os.close(self._fd)
+        self._fd, self._segment = fd, segment
+        self.prune()
+
+    def sync(self) -> None:
+        """fsync the current segment (outside the lock: writers go on meanwhile)."""
+        with self._lock:
+            if not self.dirty or self._fd < 0:
+                return
+            self.dirty = False
+            fd = os.dup(self._fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def prune(self) -> int:
+        """Remove segments older than keep_days; the count removed."""
+        oldest = self.now_segment() - self.keep_days * 24
+        removed = 0
+        for segment in self.segments():
+            if segment < oldest:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(_segment_name(segment), dir_fd=self.dir_fd)
+                    removed += 1
+        return removed
+
+    # -- reading -------------------------------------------------------------------
+
+    def segments(self) -> list[int]:
+        if self.dir_fd < 0:
+            return []
+        found = (_SEGMENT_NAME.fullmatch(n) for n in os.listdir(self.dir_fd))
+        return sorted(int(m.group(1)) for m in found if m)
+
+    def _closed(self, segment: int) -> bool:
+        """No writer can still be adding to this hour's segment."""
+        return self.clock() >= (segment + 1) * SEGMENT_SECONDS + SEGMENT_GRACE
+
+    def live_end(self) -> Cursor:
+        """Just after the newest complete event: where a live stream starts."""
+        segments = self.segments()
+        if not segments:
+            return Cursor(self.now_segment(), 0)
+        segment = segments[-1]
+        fd = fs.open_regular(self.dir_fd, _segment_name(segment))
+        try:
+            size = os.fstat(fd).st_size
+            start = max(0, size - _CHUNK)
+            tail = os.pread(fd, size - start, start)
+        finally:
+            os.close(fd)
+        return Cursor(segment, start + tail.rfind(b"\n") + 1)
+
+    def read(
+        self, after: Cursor | None, limit: int
+    ) -> tuple[list[tuple[dict[str, Any], Cursor]], bool]:
+        """Up to `limit` events after the cursor (from the oldest kept without one).
+
+        Returns them with their cursors, and whether the page was filled (more may
+        follow at once). BadCursor for a cursor that is not at an event's end.
+        """
+        segments = self.segments()
+        start = Cursor(segments[0], 0) if after is None and segments else after
+        if start is None:
+            return [], False
+        if start.segment not in segments:
+            later = [s for s in segments if s > start.segment]
+            if not later:
+                return [], False  # nothing written after it yet (or all of it pruned)
+            start = Cursor(later[0], 0)
+        out: list[tuple[dict[str, Any], Cursor]] = []
+        segment, offset = start.segment, start.offset
+        check = after is not None and start == after
+        while True:
+            offset = self._read_segment(segment, offset, limit - len(out), out, check=check)
+            check = False
+            if len(out) >= limit:
+                return out, True
+            later = [s for s in segments if s > segment]
+            if not later or not self._closed(segment):
+                return out, False
+            segment, offset = later[0], 0
+
+    def _read_segment(
+        self, segment: int, offset: int, want: int, out: list[tuple[dict[str, Any], Cursor]],
+        *, check: bool,
+    ) -> int:  # fmt: skip
+        """Append up to `want` events of one segment from offset; the offset reached."""
+        try:
+            fd = fs.open_regular(self.dir_fd, _segment_name(segment))
+        except FileNotFoundError:
+            return offset  # pruned meanwhile
+        try:
+            size = os.fstat(fd).st_size
+            if check and (offset > size or (offset and os.pread(fd, 1, offset - 1) != b"\n")):
+                raise BadCursor("the cursor does not point at the end of an event")
+            while len(out) < want and offset < size:
+                chunk = os.pread(fd, min(_CHUNK, size - offset), offset)
+                end = chunk.rfind(b"\n")
+                if end < 0:
+                    if len(chunk) == _CHUNK:  # no line is this long: skip the garbage
+                        offset += len(chunk)
+                        continue
+                    break  # a line still being written
+                for line in chunk[: end + 1].split(b"\n")[:-1]:
+                    offset += len(line) + 1
+                    event = decode(line, job=True)
+                    if event is not None:
+                        out.append((event, Cursor(segment, offset)))
+                        if len(out) >= want:
+                            break
+            return offset
+        finally:
+            os.close(fd)
+
+
+# -- the flusher ----------------------------------------------------------------------
+
+
+class _Flusher:
+    """fsyncs the history files handed to it and the feed, in batches, in one thread."""
+
+    def __init__(self, feed: Feed) -> None:
+        self.feed = feed
+        self._cond = threading.Condition()
+        self._fds: list[int] = []
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="batchingest-events", daemon=True)
+        self._thread.start()
+
+    def add(self, fd: int | None) -> None:
+        """Flush fd (then close it) and the feed soon; fd None flushes the feed only."""
+        with self._cond:
+            if fd is not None and len(self._fds) >= MAX_PENDING:
+                # a disk this far behind: leave this one to the kernel's writeback
+                # rather than hold more descriptors
+                os.close(fd)
+            elif fd is not None:
+                self._fds.append(fd)
+            self._cond.notify()
+
+    def _run(self) -> None:
+        last = 0.0
+        while True:
+            with self._cond:
+                if not self._fds and not self._stopping:
+                    self._cond.wait(FLUSH_IDLE)
+                stopping = self._stopping
+            # gather what comes within a tick: one flush for many moves, fewer journal
+            # commits competing with the processor's own fsync of JOB
+            pause = last + FLUSH_TICK - time.monotonic()
+            if pause > 0 and not stopping:
+                time.sleep(pause)
+            with self._cond:
+                batch, self._fds = self._fds, []
+                stopping = stopping or self._stopping
+            last = time.monotonic()
+            self._flush(batch)
+            if stopping:
+                return
+
+    def _flush(self, fds: list[int]) -> None:
+        """fsync each file, or, for many on one file system, one syncfs of it."""
+        by_device: dict[int, list[int]] = {}
+        for fd in fds:
+            try:
+                by_device.setdefault(os.fstat(fd).st_dev, []).append(fd)
+            except OSError:
+                os.close(fd)
+        for group in by_device.values():
+            try:
+                if not (len(group) >= SYNCFS_BATCH and fs.syncfs(group[0])):
+                    for fd in group:
+                        os.fsync(fd)
+            except OSError as e:
+                log.warning("cannot flush job histories: %s", e.strerror or e)
+            finally:
+                for fd in group:
+                    os.close(fd)
+        try:
+            self.feed.sync()
+        except OSError as e:
+            log.warning("cannot flush the event feed: %s", e.strerror or e)
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join()
+
+
+# -- the recorder ---------------------------------------------------------------------
+
+HOST = socket.gethostname()
+_Planned = list[tuple[Code, str, dict[str, Any]]]
+
+
+class Recorder:
+    """Writes every event to the job's history and to the feed (attach() to a store)."""
+
+    def __init__(self, store: Store, keep_days: int = 7) -> None:
+        self.store = store
+        self.keep_days = keep_days
+        self.feed: Feed | None = None
+        self._flusher: _Flusher | None = None
+        self._unsubscribe: Callable[[], None] | None = None
+        # one job's events are written one after another (a claim's waits for the API's
+        # queue move to be recorded): striped so that the set never grows
+        self._locks = [threading.RLock() for _ in range(64)]
+        self._warned: set[str] = set()
+        # histories of the jobs this process holds, open from the claim to the final move
+        self._held: dict[str, int] = {}
+        # the names in queue/ at the last look (see seen_queued)
+        self._queued: set[str] = set()
+        # names whose history this process saw end in the queue state: a claim of one
+        # need not read the history to know whether its QUEUED is written
+        self._ends_queued: set[str] = set()
+        self._queued_lock = threading.Lock()
+
+    def attach(self) -> None:
+        """Open the feed and listen to the store's moves.
+
+        StoreError if ROOT/.events is not a folder (a link would send the feed, and
+        the removal of old files, wherever it points).
+        """
+        try:
+            self.feed = Feed(self.store.root_fd, ".events", keep_days=self.keep_days)
+        except OSError as e:
+            where = self.store.service_path("events")
+            raise StoreError(f"{where} cannot be the event feed's folder: {e.strerror}") from e
+        self.feed.prune()
+        self._flusher = _Flusher(self.feed)
+        self._unsubscribe = self.store.subscribe(self.on_move)
+        _RECORDERS[self.store] = self
+
+    def close(self) -> None:
+        """Stop listening, flush everything written and close the feed."""
+        _RECORDERS.pop(self.store, None)
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        if self._flusher is not None:
+            self._flusher.stop()
+            self._flusher = None
+        if self.feed is not None:
+            self.feed.close()
+            self.feed = None
+
+    def lock_of(self, name: str) -> threading.RLock:
+        return self._locks[hash(name) % len(self._locks)]
+
+    # -- writing ---------------------------------------------------------------------
+
+    def record(
+        self, name: str, dir_fd: int | None, code: Code, state: str, description: str,
+        details: dict[str, Any] | None = None, *, durable: bool = False, held: str | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
+        """Append one event to the job's history (dir_fd; None: feed only) and the feed.
+
+        held: the name under which this process holds the job; its history then stays
+        open from the claim to the final move, instead of being opened for each event.
+        """
+        event = make_event(code, state, description, details)
+        line = encode(event)
+        fd, own = self._history_fd(name, dir_fd, held)
+        if fd is not None:
+            try:
+                os.write(fd, line)  # one write: lines of several writers never interleave
+            except OSError as e:
+                log.warning("%s: event %s not in its history: %s", name, code, e.strerror or e)
+        if self.feed is not None:
+            try:
+                # the same line with the job's name first (names need no escaping)
+                self.feed.append(b'{"job":"' + name.encode() + b'",' + line[1:])
+            except OSError as e:
+                log.warning("%s: event %s not in the feed: %s", name, code, e.strerror or e)
+        if durable and self._flusher is not None:
+            # fsync-ed with the next batch, then closed
+            self._flusher.add(os.dup(fd) if fd is not None and not own else fd)
+        elif fd is not None and own:
+            os.close(fd)
+        return event
+
+    def _history_fd(
+        self, name: str, dir_fd: int | None, held: str | None
+    ) -> tuple[int | None, bool]:
+        """The history's descriptor, and whether the caller closes it (else it is kept)."""
+        if held is None:
+            return (None if dir_fd is None else self._open_history(name, dir_fd)), True
+        fd = self._held.get(held)
+        if fd is not None and os.fstat(fd).st_nlink > 0:
+            return fd, False
+        if dir_fd is None:
+            return None, True
+        self.release(held)  # none yet, or a task removed the file: a new one
+        fd = self._open_history(name, dir_fd)
+        if fd is not None:
+            self._held[held] = fd
+        return fd, False
+
+    def release(self, held: str) -> None:
+        """The job held as `held` left processing/: close its kept history."""
+        fd = self._held.pop(held, None)
+        if fd is not None:
+            os.close(fd)
+
+    def _open_history(self, name: str, dir_fd: int) -> int | None:
+        try:
+            return open_history(dir_fd)
+        except OSError as e:
+            if name not in self._warned:
+                self._warned.add(name)
+                why = e.strerror or str(e)
+                log.warning("%s: its history is not kept: %s %s", name, EVENTS_FILE, why)
+            return None
+
+    def open_current(self, name: str) -> tuple[Job, int] | None:
+        """The job of that name and its folder's descriptor, wherever it is now."""
+        for _ in range(3):
+            try:
+                job = self.store.find(name)
+            except InvalidName:
+                return None
+            if job is None:
+                return None
+            try:
+                return job, self.store.open_job(job)
+            except FileNotFoundError:
+                continue  # moved meanwhile: look again
+            except OSError:
+                return None
+        return None
+
+    def note(
+        self, name: str, code: Code, description: str, details: dict[str, Any] | None = None
+    ) -> None:
+        """An event of a job known by name (API, webhooks), in its current state."""
+        with self.lock_of(name):
+            found = self.open_current(name)
+            if found is None:
+                return
+            job, dir_fd = found
+            try:
+                self.record(job.name, dir_fd, code, job.status, description, details)
+            finally:
+                os.close(dir_fd)
+
+    # -- moves -------------------------------------------------------------------------
+
+    def on_move(self, job: Job, old_state: str | None) -> None:
+        """The store's listener: the events of one move, before the move returns."""
+        original = getattr(_hint, "finishing", None) if old_state == State.PROCESSING else None
+        _hint.finishing = None
+        if original is not None and not job.name.startswith(original):
+            original = None  # left over from a move that failed: not this job's
+        with self.lock_of(original or job.name):
+            # a job this process held: its history is open already
+            dir_fd = None if original in self._held else self._open_moved(job)
+            claimed = old_state == State.QUEUE and job.state == State.PROCESSING
+            held = job.name if claimed else original
+            try:
+                for code, description, details in self._planned(job, old_state, original, dir_fd):
+                    # a QUEUED written late (a hand-queued job, seen when taken) says queue
+                    state = "queue" if code is Code.QUEUED else job.status
+                    self.record(job.name, dir_fd, code, state, description, details,
+                                durable=True, held=held)  # fmt: skip
+            finally:
+                if original is not None:
+                    self.release(original)
+                if dir_fd is not None:
+                    os.close(dir_fd)
+
+    def _open_moved(self, job: Job) -> int | None:
+        try:
+            return self.store.open_job(job)
+        except FileNotFoundError:
+            found = self.open_current(job.name)  # it moved on before we ran
+            return None if found is None else found[1]
+        except OSError:
+            return None
+
+    def _planned(
+        self, job: Job, old: str | None, original: str | None, dir_fd: int | None
+    ) -> _Planned:
+        new = job.state
+        if old == State.QUEUE and new == State.PROCESSING:
+            return self._claimed(job.name, dir_fd)
+        if old == State.PROCESSING and new == State.QUEUE:
+            self._ends_queued.add(job.name)
+            if original is not None:
+                text = "Back in queue/: the service is stopping; it resumes at its unfinished task."
+                return [(Code.QUEUED, text, {"by": "service", "from": "processing"})]
+            text = "Back in queue/: the processor holding it is gone; it resumes at its task."
+            return [(Code.RECOVERED, text, {"from": "processing"})]
+        if old == State.PROCESSING and new in FINAL:
+            planned: _Planned = [
+                (Code.SUCCEEDED, "All tasks are done.", {})
+                if new == State.SUCCESS
+                else (Code.FAILED, "The job stopped: see its last task event or its LOG.", {})
+            ]
+            if original is not None and original != job.name:
+                text = f"Renamed to {job.name}: a job named {original} was already in {new}/."
+                planned.append((Code.RENAMED, text, {"from": original, "to": job.name}))
+            return planned
+        if new == State.QUEUE and old is not None:
+            self._ends_queued.add(job.name)
+            was = status(old)
+            return [(Code.QUEUED, f"Queued by the API (it was {was}).", {"by": "api", "from": was})]
+        return []
+
+    def seen_queued(self, names: list[str]) -> None:
+        """A processor listed queue/: write QUEUED for the jobs that came in by hand.
+
+        Only names new since the last look are checked, and a job whose history already
+        ends in the queue state (the API queued it, or it was seen before a restart) gets
+        nothing; one taken meanwhile gets its QUEUED from the claim instead.
+        """
+        with self._queued_lock:
+            fresh = [name for name in names if name not in self._queued]
+            self._queued = set(names)
+            self._ends_queued &= self._queued  # the others left queue/ meanwhile
+        for name in fresh:
+            with self.lock_of(name):
+                try:
+                    job = Job(name, State.QUEUE, self.store.job_path(State.QUEUE, name))
+                    dir_fd = self.store.open_job(job)
+                except (OSError, ValueError):
+                    continue  # taken (its claim writes it) or gone
+                try:
+                    if name not in self._ends_queued:
+                        for code, text, details in self._hand_queued(last_state(dir_fd)):
+                            self.record(name, dir_fd, code, "queue", text, details, durable=True)
+                        self._ends_queued.add(name)
+                finally:
+                    os.close(dir_fd)
+
+    @staticmethod
+    def _hand_queued(last: str | None) -> _Planned:
+        """QUEUED by hand, unless the history already ends in the queue state."""
+        if last == "queue":
+            return []
+        details: dict[str, Any] = {"by": "hand"}
+        if last is not None:
+            details["from"] = last
+        return [(Code.QUEUED, "Queued by hand: found in queue/.", details)]
+
+    def _claimed(self, name: str, dir_fd: int | None) -> _Planned:
+        planned: _Planned = []
+        if name in self._ends_queued:
+            self._ends_queued.discard(name)
+        elif dir_fd is not None:  # not seen queued by this process: look
+            planned = self._hand_queued(last_state(dir_fd))
+        else:
+            planned = self._hand_queued(None)
+        pid = os.getpid()
+        planned.append((Code.CLAIMED, f"Taken by the processor on {HOST} (pid {pid}).",
+                        {"host": HOST, "pid": pid}))  # fmt: skip
+        return planned
+
+
+_RECORDERS: weakref.WeakKeyDictionary[Store, Recorder] = weakref.WeakKeyDictionary()
+_hint = threading.local()
+
+
+def recorder_for(store: Store) -> Recorder | None:
+    return _RECORDERS.get(store)
+
+
+# -- hooks: each does nothing where no recorder is attached ------------------------------
+
+_Hook = TypeVar("_Hook", bound=Callable[..., None])
+
+
+def _quiet(hook: _Hook) -> _Hook:
+    """A hook never stops the work it reports on: an unexpected error is only logged."""
+
+    @functools.wraps(hook)
+    def guarded(*args: Any, **kwargs: Any) -> None:
+        try:
+            hook(*args, **kwargs)
+        except Exception:
+            log.exception("recording an event failed")
+
+    return cast(_Hook, guarded)
+
+
+@_quiet
+def note(
+    store: Store, name: str, code: Code, description: str, details: dict[str, Any] | None = None
+) -> None:
+    recorder = _RECORDERS.get(store)
+    if recorder is not None:
+        recorder.note(name, code, description, details)
+
+
+def created(store: Store, job: Job) -> None:
+    note(store, job.name, Code.CREATED, "Created by the API.", {"by": "api"})
+
+
+def file_uploaded(store: Store, name: str, path: str, size: int, sha256: str) -> None:
+    note(store, name, Code.FILE_UPLOADED, f"File {path} uploaded ({size} bytes).",
+         {"path": path, "size": size, "sha256": sha256})  # fmt: skip
+
+
+def file_deleted(store: Store, name: str, path: str) -> None:
+    note(store, name, Code.FILE_DELETED, f"File {path} deleted.", {"path": path})
+
+
+def queue(store: Store, name: str) -> tuple[Job, bool]:
+    """store.queue, with the QUEUED event written before a processor's CLAIMED."""
+    recorder = _RECORDERS.get(store)
+    if recorder is None:
+        return store.queue(name)
+    with recorder.lock_of(name):
+        return store.queue(name)
+
+
+@_quiet
+def seen_queued(store: Store, names: list[str]) -> None:
+    """The names a processor found in queue/ (oldest first)."""
+    recorder = _RECORDERS.get(store)
+    if recorder is not None:
+        recorder.seen_queued(names)
+
+
+@_quiet
+def task_started(store: Store, hold: Hold, task: str) -> None:
+    recorder = _RECORDERS.get(store)
+    if recorder is not None:
+        recorder.record(hold.name, hold.dir_fd, Code.TASK_STARTED, "processing",
+                        f"Task {task} started.", {"task": task}, held=hold.name)  # fmt: skip
+
+
+@_quiet
+def task_ended(store: Store, hold: Hold, result: TaskResult) -> None:
+    recorder = _RECORDERS.get(store)
+    if recorder is None:
+        return
+    task, seconds = result.task, round(result.seconds, 3)
+    details: dict[str, Any] = {"task": task, "seconds": seconds}
+    if result.ok:
+        code = Code.TASK_SUCCEEDED
+        added = f", adding {', '.join(result.added)}" if result.added else ""
+        text = f"Task {task} succeeded in {seconds:.3f} s{added}."
+        details["added"] = result.added
+    else:
+        code = Code.TASK_TIMED_OUT if result.reason.startswith("timed out") else Code.TASK_FAILED
+        text = f"Task {task} failed: {result.reason}."
+        details.update(exit_code=result.exit_code, reason=result.reason)
+    recorder.record(hold.name, hold.dir_fd, code, "processing", text, details, held=hold.name)
+
+
+def finishing(store: Store, name: str) -> None:
+    """The processor is about to move the held job `name` out of processing/."""
+    if store in _RECORDERS:
+        _hint.finishing = name
+
+
+def webhook_delivered(store: Store, name: str, state: str, url: str, outcome: str) -> None:
+    note(store, name, Code.WEBHOOK_DELIVERED, f"Webhook {state} event delivered to {url}.",
+         {"state": state, "url": url, "outcome": outcome})  # fmt: skip
+
+
+def webhook_failed(store: Store, name: str, state: str, url: str, reason: str) -> None:
+    note(store, name, Code.WEBHOOK_FAILED, f"Webhook {state} event not delivered to {url}: "
+         f"{reason}.", {"state": state, "url": url, "reason": reason})  # fmt: skip
+
+
+def cancel_requested(store: Store, name: str, by: str = "api") -> None:
+    note(store, name, Code.CANCEL_REQUESTED, f"Cancel requested by the {by}.", {"by": by})
+
+
+def canceled(store: Store, name: str, task: str | None = None) -> None:
+    text = f"Canceled while task {task} ran." if task else "Canceled."
+    note(store, name, Code.CANCELED, text, {"task": task})
+
+
+def deadline_exceeded(store: Store, name: str, deadline: str) -> None:
+    note(store, name, Code.DEADLINE_EXCEEDED, f"The deadline {deadline} has passed.",
+         {"deadline": deadline})  # fmt: skip

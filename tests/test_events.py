@@ -1,0 +1,479 @@
+"""Job history and the event feed: the files, the cursors and the store listener."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from batchingest import events, fs
+from batchingest.events import Code, Cursor, Feed, Recorder
+from batchingest.jobdir import EVENTS_FILE
+from batchingest.store import Job, Store
+
+HOUR = events.SEGMENT_SECONDS
+
+
+def line(code: Code = Code.CREATED, state: str = "ready", **details: object) -> bytes:
+    return events.encode(events.make_event(code, state, "Something happened.", details))
+
+
+def feed_line(job: str, n: int) -> bytes:
+    event = events.make_event(Code.TASK_STARTED, "processing", f"Task {n} started.", {"n": n})
+    return events.encode({"job": job, **event})
+
+
+def codes(history: list[dict[str, object]]) -> list[object]:
+    return [e["code"] for e in history]
+
+
+@pytest.fixture
+def job_dir(tmp_path: Path) -> tuple[Path, int]:
+    path = tmp_path / "job"
+    path.mkdir()
+    fd = fs.open_root(path)
+    yield path, fd
+    os.close(fd)
+
+
+# -- one event --------------------------------------------------------------------------
+
+
+def test_event_fields_and_line_bound() -> None:
+    event = events.make_event(Code.TASK_FAILED, "processing", "Task x failed.", {"n": 1})
+    assert set(event) == {"code", "time", "is_error", "description", "details", "state"}
+    assert event["is_error"] is True and event["time"].endswith("Z") and len(event["time"]) == 24
+    assert events.make_event(Code.QUEUED, "queue", "Q.")["is_error"] is False
+    long = events.make_event(Code.TASK_FAILED, "processing", "x" * 10_000, {"reason": "y" * 9000})
+    encoded = events.encode(long)
+    assert len(encoded) <= events.MAX_LINE and encoded.endswith(b"\n")
+    back = events.decode(encoded)
+    assert back is not None and back["code"] == "TASK_FAILED" and back["details"]["reason"]
+    many = {f"k{i}": "v" * 150 for i in range(200)}
+    assert len(events.encode(events.make_event(Code.FAILED, "error", "d", many))) <= events.MAX_LINE
+
+
+def test_decode_refuses_what_is_not_an_event() -> None:
+    raw = line()
+    good = json.loads(raw)
+    assert events.decode(raw) == good
+    for bad in (b"", b"{", b"[]", b'"x"', json.dumps({**good, "is_error": "no"}).encode(),
+                json.dumps({k: v for k, v in good.items() if k != "state"}).encode()):  # fmt: skip
+        assert events.decode(bad) is None
+    assert events.decode(raw, job=True) is None  # a feed line names its job
+
+
+# -- a job's history ----------------------------------------------------------------------
+
+
+def test_history_appends_and_skips_a_torn_line(job_dir: tuple[Path, int]) -> None:
+    path, fd = job_dir
+    os.close(events.append_history(fd, line(Code.CREATED)))
+    # a crash cut the next line short; the one after must not be glued to it
+    with open(path / EVENTS_FILE, "ab") as f:
+        f.write(line(Code.QUEUED, "queue")[:30])
+    assert codes(events.read_history(fd)) == ["CREATED"]  # the torn last line is skipped
+    os.close(events.append_history(fd, line(Code.CLAIMED, "processing")))
+    assert codes(events.read_history(fd)) == ["CREATED", "CLAIMED"]
+    assert events.last_state(fd) == "processing"
+    # garbage a user wrote in between is skipped too, never fatal
+    with open(path / EVENTS_FILE, "ab") as f:
+        f.write(b'not json\n{"code": 1}\n[1,2]\n')
+    os.close(events.append_history(fd, line(Code.SUCCEEDED, "success")))
+    assert codes(events.read_history(fd)) == ["CREATED", "CLAIMED", "SUCCEEDED"]
+
+
+def test_history_read_is_bounded(job_dir: tuple[Path, int]) -> None:
+    path, fd = job_dir
+    with open(path / EVENTS_FILE, "wb") as f:
+        f.write(b"x" * (3 << 20))  # a huge planted file, no newline in it
+        f.write(b"\n" + line(Code.CREATED))
+    assert codes(events.read_history(fd, limit=1 << 20)) == ["CREATED"]
+    assert events.last_state(fd) == "ready"
+
+
+def test_history_never_follows_a_link_or_opens_a_fifo(job_dir: tuple[Path, int]) -> None:
+    path, fd = job_dir
+    target = path.parent / "elsewhere"
+    target.write_bytes(b"precious\n")
+    (path / EVENTS_FILE).symlink_to(target)
+    with pytest.raises(fs.UnsafePath):
+        events.append_history(fd, line())
+    with pytest.raises(fs.UnsafePath):
+        events.read_history(fd)
+    assert events.last_state(fd) is None
+    assert target.read_bytes() == b"precious\n"
+    (path / EVENTS_FILE).unlink()
+    os.mkfifo(path / EVENTS_FILE)
+    with pytest.raises(fs.NotRegular):
+        events.append_history(fd, line())  # no reader: must not hang either
+    with pytest.raises(fs.NotRegular):
+        events.read_history(fd)
+
+
+# -- the feed -------------------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def parent(tmp_path: Path) -> int:
+    fd = fs.open_root(tmp_path)
+    yield fd
+    os.close(fd)
+
+
+def read_all(feed: Feed, after: Cursor | None, limit: int = 7) -> list[tuple[dict, Cursor]]:  # type: ignore[type-arg]
+    out = []
+    while True:
+        page, more = feed.read(after, limit)
+        out.extend(page)
+        if page:
+            after = page[-1][1]
+        if not more:
+            return out
+
+
+def test_feed_pages_by_cursor_nothing_missed_nothing_twice(parent: int) -> None:
+    clock = Clock(1000 * HOUR + 10)
+    feed = Feed(parent, ".events", clock=clock)
+    for n in range(50):
+        feed.append(feed_line("a", n))
+    page, more = feed.read(None, 20)
+    assert [e["details"]["n"] for e, _ in page] == list(range(20)) and more
+    rest = read_all(feed, page[-1][1])
+    assert [e["details"]["n"] for e, _ in rest] == list(range(20, 50))
+    assert feed.read(rest[-1][1], 10) == ([], False)
+    # a cursor is opaque text, and a round trip through it lands on the same place
+    cursor = page[4][1]
+    assert Cursor.parse(cursor.text) == cursor
+    again, _ = feed.read(Cursor.parse(cursor.text), 1)
+    assert again[0][0]["details"]["n"] == 5
+    feed.close()
+
+
+def test_feed_refuses_a_cursor_it_did_not_give(parent: int) -> None:
+    feed = Feed(parent, ".events", clock=Clock(1000 * HOUR))
+    feed.append(feed_line("a", 1))
+    for text in ("", "xyz", "0" * 21, "g" * 20):
+        with pytest.raises(events.BadCursor):
+            Cursor.parse(text)
+    with pytest.raises(events.BadCursor):
+        feed.read(Cursor(1000, 3), 10)  # inside a line
+    with pytest.raises(events.BadCursor):
+        feed.read(Cursor(1000, 10**9), 10)  # past the end
+    feed.close()
+
+
+def test_feed_moves_on_to_the_next_hour_only_after_its_grace(parent: int) -> None:
+    clock = Clock(1000 * HOUR + HOUR - 1)
+    feed = Feed(parent, ".events", clock=clock)
+    feed.append(feed_line("a", 1))
+    clock.now = 1001 * HOUR + 1  # a new segment
+    feed.append(feed_line("a", 2))
+    assert feed.segments() == [1000, 1001]
+    first, more = feed.read(None, 10)
+    # a writer that read the clock before the hour turned may still add to hour 1000
+    assert [e["details"]["n"] for e, _ in first] == [1] and not more
+    clock.now = 1001 * HOUR + events.SEGMENT_GRACE + 1
+    rest = read_all(feed, first[-1][1])
+    assert [e["details"]["n"] for e, _ in rest] == [2]
+    assert rest[0][1].segment == 1001
+    feed.close()
+
+
+def test_feed_skips_a_torn_line_and_keeps_writing_after_it(parent: int, tmp_path: Path) -> None:
+    clock = Clock(1000 * HOUR)
+    feed = Feed(parent, ".events", clock=clock)
+    feed.append(feed_line("a", 1))
+    feed.close()
+    with open(tmp_path / ".events" / "00001000.jsonl", "ab") as f:
+        f.write(feed_line("a", 2)[:25])  # a crash in the middle of a line
+    feed = Feed(parent, ".events", clock=clock)  # the restarted service
+    feed.append(feed_line("a", 3))
+    assert [e["details"]["n"] for e, _ in read_all(feed, None)] == [1, 3]
+    feed.close()
+
+
+def test_feed_live_end_and_prune(parent: int) -> None:
+    clock = Clock(1000 * HOUR)
+    feed = Feed(parent, ".events", keep_days=1, clock=clock)
+    assert feed.read(None, 5) == ([], False)
+    end = feed.live_end()
+    feed.append(feed_line("a", 1))
+    page, _ = feed.read(end, 5)
+    assert [e["details"]["n"] for e, _ in page] == [1]
+    assert feed.live_end() == page[-1][1]
+    clock.now += 24 * HOUR
+    feed.append(feed_line("a", 2))  # its last event may be less than a day old: kept
+    assert feed.segments() == [1000, 1024]
+    clock.now += HOUR
+    feed.append(feed_line("a", 3))  # a new hour prunes what is older than a day
+    assert feed.segments() == [1024, 1025]
+    # a cursor into a pruned segment goes on with what is kept
+    assert [e["details"]["n"] for e, _ in feed.read(page[-1][1], 5)[0]] == [2]
+    assert [e["details"]["n"] for e, _ in feed.read(None, 5)[0]] == [2]
+    feed.close()
+
+
+def _append_many(path: str, who: str, count: int) -> None:
+    parent = fs.open_root(path)
+    feed = Feed(parent, ".events")
+    for n in range(count):
+        feed.append(feed_line(who, n))
+    feed.close()
+
+
+def test_feed_several_processes_append_whole_lines(tmp_path: Path, parent: int) -> None:
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_append_many, args=(str(tmp_path), w, 2000)) for w in "abc"]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    feed = Feed(parent, ".events")
+    got = read_all(feed, None, 1000)
+    feed.close()
+    # (an hour may have turned during the run: the last segment is not read past its grace)
+    for who in "abc":
+        ns = [e["details"]["n"] for e, _ in got if e["job"] == who]
+        assert ns == list(range(len(ns)))
+    assert len(got) >= 2000
+
+
+# -- the recorder on a store ------------------------------------------------------------------
+
+
+@pytest.fixture
+def recorder(store: Store) -> Recorder:
+    rec = Recorder(store)
+    rec.attach()
+    yield rec
+    rec.close()
+
+
+def history(store: Store, name: str) -> list[dict[str, object]]:
+    job = store.get(name)
+    fd = store.open_job(job)
+    try:
+        return events.read_history(fd)
+    finally:
+        os.close(fd)
+
+
+def feed_events(store: Store) -> list[dict[str, object]]:
+    feed = Feed(store.root_fd, ".events", create=False)
+    try:
+        return [e for e, _ in read_all(feed, None, 100)]
+    finally:
+        feed.close()
+
+
+def run_held(store: Store, name: str, state: str) -> Job:
+    hold = store.claim(name)
+    assert hold is not None
+    events.finishing(store, name)
+    return store.finish(hold, state)
+
+
+def test_moves_by_the_api_and_the_processor(store: Store, recorder: Recorder) -> None:
+    job, _ = store.create("j")
+    events.created(store, job)
+    events.queue(store, "j")
+    run_held(store, "j", "success")
+    assert codes(history(store, "j")) == ["CREATED", "QUEUED", "CLAIMED", "SUCCEEDED"]
+    queued = history(store, "j")[1]
+    assert queued["details"] == {"by": "api", "from": "ready"} and queued["state"] == "queue"
+    claimed = history(store, "j")[2]
+    assert claimed["details"]["pid"] == os.getpid() and claimed["state"] == "processing"
+    # the feed has the same events, each with its job
+    feed = feed_events(store)
+    assert [(e["job"], e["code"]) for e in feed] == [("j", c) for c in codes(history(store, "j"))]
+    assert [e["time"] for e in feed] == [e["time"] for e in history(store, "j")]
+
+
+def test_a_hand_queued_job_gets_its_queued_event_when_taken(
+    store: Store, recorder: Recorder
+) -> None:
+    store.create("h")
+    events.queue(store, "h")
+    run_held(store, "h", "error")
+    os.rename(store.root / "error" / "h", store.root / "queue" / "h")  # mv error/h queue/
+    run_held(store, "h", "success")
+    got = history(store, "h")
+    assert codes(got) == ["QUEUED", "CLAIMED", "FAILED", "QUEUED", "CLAIMED", "SUCCEEDED"]
+    assert got[3]["details"] == {"by": "hand", "from": "error"} and got[2]["is_error"] is True
+    assert [e["state"] for e in got] == ["queue", "processing", "error", "queue", "processing",
+                                         "success"]  # fmt: skip
+    # one that never had a history: "from" is not known
+    (store.root / "queue" / "new").mkdir()
+    run_held(store, "new", "success")
+    first = history(store, "new")[0]
+    assert first["code"] == "QUEUED" and first["details"] == {"by": "hand"}
+
+
+def test_namesake_is_renamed_and_recovery_and_stopping(store: Store, recorder: Recorder) -> None:
+    (store.root / "success" / "d").mkdir()
+    (store.root / "queue" / "d").mkdir()
+    finished = run_held(store, "d", "success")
+    assert finished.name == "d-001"
+    got = history(store, "d-001")
+    assert codes(got)[-2:] == ["SUCCEEDED", "RENAMED"]
+    assert got[-1]["details"] == {"from": "d", "to": "d-001"}
+    assert [e["job"] for e in feed_events(store)][-2:] == ["d-001", "d-001"]
+    # a job left in processing/ by a dead processor
+    (store.root / "processing" / "r").mkdir()
+    assert store.recover() == ["r"]
+    assert codes(history(store, "r")) == ["RECOVERED"]
+    # a processor that stops puts its job back in queue/: that is no recovery
+    run_held(store, "r", "queue")
+    got = history(store, "r")
+    assert codes(got) == ["RECOVERED", "CLAIMED", "QUEUED"]
+    assert got[-1]["details"] == {"by": "service", "from": "processing"}
+
+
+def test_the_apis_queued_comes_before_a_quick_claim(store: Store, recorder: Recorder) -> None:
+    """A processor may take a job between the API's rename and the API's listener."""
+    store.create("race")
+    claimed: list[Job] = []
+
+    def claim_at_once(job: Job, old_state: str | None) -> None:
+        if job.state == "queue":
+            thread = threading.Thread(
+                target=lambda: claimed.append(run_held(store, "race", "success"))
+            )
+            thread.start()
+            thread.join(1.0)  # the claim (and its listener) get every chance to go first
+
+    # runs before the recorder's listener, as a quick processor would
+    store._listeners.insert(0, claim_at_once)
+    events.queue(store, "race")
+    wait = time.monotonic() + 10
+    while not claimed and time.monotonic() < wait:
+        time.sleep(0.01)
+    got = history(store, "race")
+    assert codes(got) == ["QUEUED", "CLAIMED", "SUCCEEDED"]
+    assert got[0]["details"]["by"] == "api"
+
+
+def test_a_planted_history_link_is_not_written_the_feed_still_is(
+    store: Store, recorder: Recorder, tmp_path: Path
+) -> None:
+    target = tmp_path / "outside"
+    target.write_bytes(b"")
+    (store.root / "queue" / "p").mkdir()
+    (store.root / "queue" / "p" / EVENTS_FILE).symlink_to(target)
+    run_held(store, "p", "success")
+    assert target.read_bytes() == b""
+    assert [e["code"] for e in feed_events(store) if e["job"] == "p"] == [
+        "QUEUED", "CLAIMED", "SUCCEEDED"]  # fmt: skip
+
+
+def test_without_a_recorder_the_hooks_do_nothing(store: Store) -> None:
+    job, _ = store.create("quiet")
+    events.created(store, job)
+    events.queue(store, "quiet")
+    assert not (store.root / "queue" / "quiet" / EVENTS_FILE).exists()
+    assert not (store.root / ".events").exists()
+
+
+def test_later_codes_can_be_recorded(store: Store, recorder: Recorder) -> None:
+    store.create("c")
+    events.cancel_requested(store, "c")
+    events.canceled(store, "c", "start")
+    events.deadline_exceeded(store, "c", "2026-12-01T00:00:00.000Z")
+    got = history(store, "c")
+    assert codes(got) == ["CANCEL_REQUESTED", "CANCELED", "DEADLINE_EXCEEDED"]
+    assert [e["is_error"] for e in got] == [False, False, True]
+    assert all(e["state"] == "ready" for e in got)
+
+
+def test_hand_queued_jobs_are_seen_when_queue_is_listed(store: Store, recorder: Recorder) -> None:
+    store.create("api")
+    events.queue(store, "api")
+    run_held(store, "api", "error")
+    os.rename(store.root / "error" / "api", store.root / "queue" / "api")  # mv error/api queue/
+    (store.root / "queue" / "fresh").mkdir()
+    store.create("byapi")
+    events.queue(store, "byapi")
+    events.seen_queued(store, store.queued())
+    assert codes(history(store, "api"))[-1] == "QUEUED"
+    assert history(store, "api")[-1]["details"] == {"by": "hand", "from": "error"}
+    assert history(store, "fresh") and history(store, "fresh")[0]["details"] == {"by": "hand"}
+    assert codes(history(store, "byapi")) == ["QUEUED"]  # the API's: nothing more
+    # seen again at the next look, and then taken: no second QUEUED
+    events.seen_queued(store, store.queued())
+    run_held(store, "fresh", "success")
+    assert codes(history(store, "fresh")) == ["QUEUED", "CLAIMED", "SUCCEEDED"]
+    # a restarted processor looks at every name again: a queued history gets nothing
+    recorder._queued.clear()
+    events.seen_queued(store, store.queued())
+    assert codes(history(store, "api")).count("QUEUED") == 2
+
+
+def test_a_failing_hook_never_stops_the_work(
+    store: Store, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (store.root / "queue" / "j").mkdir()
+    hold = store.claim("j")
+    assert hold is not None
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(recorder, "record", broken)
+    events.task_started(store, hold, "start")  # logged, not raised
+    events.seen_queued(store, ["j"])
+    events.file_deleted(store, "j", "x")
+    store.finish(hold, "success")
+
+
+def test_grouped_flushes_leave_no_descriptor_open(store: Store) -> None:
+    assert store.root_fd >= 0  # opened once, kept
+    before = len(os.listdir("/proc/self/fd"))
+    recorder = Recorder(store)
+    recorder.attach()
+    for i in range(60):
+        (store.root / "queue" / f"f{i}").mkdir()
+
+    def take(i: int) -> None:
+        run_held(store, f"f{i}", "success")
+
+    threads = [threading.Thread(target=lambda k=k: [take(i) for i in range(k, 60, 4)])
+               for k in range(4)]  # fmt: skip
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    recorder.close()
+    assert len(os.listdir("/proc/self/fd")) <= before
+    assert all(codes(history(store, f"f{i}")) == ["QUEUED", "CLAIMED", "SUCCEEDED"]
+               for i in range(60))  # fmt: skip
+    assert len([e for e in feed_events(store) if e["code"] == "SUCCEEDED"]) == 60
+
+
+def test_a_history_removed_while_held_is_started_again(store: Store, recorder: Recorder) -> None:
+    from batchingest.runner import TaskResult
+
+    (store.root / "queue" / "k").mkdir()
+    hold = store.claim("k")
+    assert hold is not None
+    events.task_started(store, hold, "start")
+    (store.root / "processing" / "k" / EVENTS_FILE).unlink()  # a task cleaned the folder
+    events.task_ended(store, hold, TaskResult("start", "", "", ok=True, seconds=0.5))
+    events.finishing(store, "k")
+    store.finish(hold, "success")
+    assert codes(history(store, "k")) == ["TASK_SUCCEEDED", "SUCCEEDED"]
+    assert recorder._held == {}  # nothing kept open once the job left processing/
