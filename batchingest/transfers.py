@@ -1,0 +1,267 @@
+"""Transfer requests as jobs: the request and progress documents, states, cancel.
+
+Every Globus transfer or delete task and every Staccato transfer is an ordinary job named
+by its id, with `{"Todo": ["transfer"]}` and these files, all reached through the job
+folder's descriptor (batchingest.fs):
+
+  TRANSFER.json           the request, written once by the API (endpoint *names* and paths
+                          on them; the task takes the endpoint folders from its settings)
+  TRANSFER-PROGRESS.json  counters, rewritten atomically by the transfer task
+  TRANSFERRED             one JSON line per file copied (successful_transfers)
+  .cancel                 a cancel request (also read by the processor's cancel, see README)
+  STACCATO-DELETED        a Staccato transfer deleted by its client
+
+The state of a transfer is the job's state (its folder) plus these files; nothing else is
+kept anywhere, so a restart, a `mv` by hand or a second API process see the same thing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from batchingest import fs, jobdir, jobfile
+from batchingest.store import Job, JobNotFound, State, Store
+
+REQUEST = "TRANSFER.json"
+PROGRESS = "TRANSFER-PROGRESS.json"
+TRANSFERRED = "TRANSFERRED"
+CANCEL = ".cancel"
+DELETED = "STACCATO-DELETED"
+TASK = "transfer"
+MAX_REQUEST = 16 << 20
+MAX_PROGRESS = 1 << 20
+# submission ids name their task: the same submission id always gives the same task id
+_SUBMISSIONS = uuid.UUID("6f1d3a52-4c8e-5b8a-9f0e-7d1c2b3a4e5f")
+
+COUNTERS = ("files", "directories", "files_skipped", "files_transferred", "bytes_transferred",
+            "bytes_checksummed", "subtasks_total", "subtasks_succeeded", "subtasks_failed",
+            "progress")  # fmt: skip
+
+
+def task_id_for(submission_id: str) -> str:
+    return str(uuid.uuid5(_SUBMISSIONS, submission_id))
+
+
+def now_text() -> str:
+    """Globus's time form: `2026-12-01 15:51:16+00:00`."""
+    return datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S+00:00")
+
+
+def parse_time(text: str) -> datetime:
+    """A Globus or RFC 3339 time (naive ones are UTC); ValueError if it is neither."""
+    value = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def is_canceled(reason: str) -> str | None:
+    """CANCELED or DEADLINE_EXCEEDED for a Finished reason of a stopped task, else None."""
+    text = reason.lower()
+    if "deadline" in text:
+        return "DEADLINE_EXCEEDED"
+    if "cancel" in text:
+        return "CANCELED"
+    return None
+
+
+@dataclass
+class Snapshot:
+    """What one look at a transfer job shows: enough for every document."""
+
+    job: Job
+    request: dict[str, Any]
+    progress: dict[str, Any]
+    cancel: bool
+    deleted: bool
+    finished: list[Any]
+
+    @property
+    def fatal(self) -> dict[str, str] | None:
+        """Why the transfer failed, once it has: from the task, or from a stopped run."""
+        found = self.progress.get("fatal_error")
+        if isinstance(found, dict):
+            return {"code": str(found.get("code")), "description": str(found.get("description"))}
+        last = self.finished[-1] if self.finished and isinstance(self.finished[-1], dict) else {}
+        if self.job.state == State.DATA and self.cancel:
+            return {"code": "CANCELED", "description": "canceled by request"}
+        if self.job.state == State.ERROR:
+            reason = str(last.get("Reason", "the transfer task failed"))
+            if last.get("Status") == "canceled":
+                return {"code": is_canceled(reason) or "CANCELED", "description": reason}
+            return {"code": "FAILED", "description": reason}
+        return None
+
+
+def _json(dir_fd: int, name: str, limit: int) -> dict[str, Any]:
+    try:
+        raw = fs.read_file(dir_fd, name, limit)
+    except (OSError, ValueError):
+        return {}
+    if raw is None:
+        return {}
+    with contextlib.suppress(ValueError):
+        data = json.loads(raw)
+        if isinstance(data, dict):
+            return data
+    return {}
+
+
+def read_request(dir_fd: int) -> dict[str, Any]:
+    return _json(dir_fd, REQUEST, MAX_REQUEST)
+
+
+def read_progress(dir_fd: int) -> dict[str, Any]:
+    return _json(dir_fd, PROGRESS, MAX_PROGRESS)
+
+
+def _exists(dir_fd: int, name: str) -> bool:
+    try:
+        return fs.lstat(dir_fd, name) is not None
+    except OSError:
+        return False
+
+
+def snapshot(store: Store, name: str, request: dict[str, Any] | None = None) -> Snapshot | None:
+    """The transfer job name as it is now; None if there is no such transfer job.
+
+    request may be passed when it is already known (it never changes once written).
+    """
+
+    def look(job: Job) -> Snapshot | None:
+        try:
+            fd = store.open_job(job)
+        except OSError:
+            return None
+        try:
+            req = request if request is not None else read_request(fd)
+            if not req.get("kind"):
+                return None
+            finished: list[Any] = []
+            if job.state in (State.ERROR, State.DATA):
+                with contextlib.suppress(Exception):
+                    finished = jobdir.load_job(fd).finished
+            return Snapshot(job, req, read_progress(fd), _exists(fd, CANCEL),
+                            _exists(fd, DELETED), finished)  # fmt: skip
+        finally:
+            os.close(fd)
+
+    try:
+        found = store.read(name, look)
+    except ValueError:  # not a job name at all
+        return None
+    return found[1] if found is not None else None
+
+
+# -- creating -------------------------------------------------------------------------------
+
+
+def create(store: Store, name: str, request: dict[str, Any], deadline: str | None) -> bool:
+    """Create and queue the job of a transfer request; False if a job of that name exists.
+
+    The job is built in data/ and queued once complete, so a processor never sees half
+    of it; a failure removes it again.
+    """
+    job, created = store.create(name)
+    if not created:
+        return False
+    try:
+        fd = store.open_job(job)
+        try:
+            fs.write_atomic(fd, REQUEST, json.dumps(request).encode(), mode=0o644)
+            extra = {"Deadline": deadline} if deadline else {}
+            jobdir.save_job(fd, jobfile.JobFile(todo=[TASK], extra=extra))
+        finally:
+            os.close(fd)
+        store.queue(name)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            store.delete(name)
+        raise
+    return True
+
+
+# -- cancel ---------------------------------------------------------------------------------
+
+
+def request_cancel(store: Store, name: str) -> Job:
+    """Ask a transfer job to stop: a queued one goes back to data/, a running one is told.
+
+    The request is the file `.cancel` in the job folder: it moves with the job, survives
+    a restart, and the transfer task looks for it between files and pieces. A queued job
+    is then moved back to data/; if a processor claimed it meanwhile, its task finds the
+    file at once.
+    """
+    job = store.get(name)
+    fd = store.open_job(job)
+    try:
+        fs.write_atomic(fd, CANCEL, f"canceled through the API at {now_text()}\n".encode())
+    finally:
+        os.close(fd)
+    if job.state == State.QUEUE:
+        with contextlib.suppress(JobNotFound, FileExistsError):
+            return store.move(name, State.QUEUE, State.DATA)
+    return store.get(name)
+
+
+def mark_deleted(store: Store, job: Job) -> None:
+    fd = store.open_job(job)
+    try:
+        fs.write_atomic(fd, DELETED, now_text().encode() + b"\n")
+    finally:
+        os.close(fd)
+
+
+# -- listing --------------------------------------------------------------------------------
+
+
+class Requests:
+    """Request documents by job name, read once: a request never changes once written.
+
+    Listing 10,000 tasks reads each request file the first time only; after that a page
+    costs the state folders' listings (cached by the store) and the progress of the
+    tasks shown. Jobs that are not transfers are remembered as None.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._known: dict[str, dict[str, Any] | None] = {}
+        self._lock = threading.Lock()
+
+    def get(self, job: Job) -> dict[str, Any] | None:
+        with self._lock:
+            if job.name in self._known:
+                return self._known[job.name]
+        req: dict[str, Any] | None = None
+        if _looks_like_uuid(job.name):
+            try:
+                fd = self.store.open_job(job)
+            except OSError:
+                return None  # moved meanwhile: look again next time
+            try:
+                req = read_request(fd) or None
+                if req is None and not fs.lstat(fd, "JOB"):
+                    return None  # still being created
+            finally:
+                os.close(fd)
+        with self._lock:
+            self._known[job.name] = req
+        return req
+
+    def listing(self) -> list[tuple[Job, dict[str, Any]]]:
+        """Every transfer job with its request (one entry per name, its current state)."""
+        out = []
+        for job in self.store.jobs():
+            req = self.get(job)
+            if req is not None:
+                out.append((job, req))
+        return out
+
+
+def _looks_like_uuid(name: str) -> bool:
+    return len(name) == 36 and name.count("-") == 4
