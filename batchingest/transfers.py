@@ -237,21 +237,33 @@ class Requests:
         with self._lock:
             if job.name in self._known:
                 return self._known[job.name]
-        req: dict[str, Any] | None = None
-        if _looks_like_uuid(job.name):
-            try:
-                fd = self.store.open_job(job)
-            except OSError:
-                return None  # moved meanwhile: look again next time
-            try:
-                req = read_request(fd) or None
-                if req is None and not fs.lstat(fd, "JOB"):
-                    return None  # still being created
-            finally:
-                os.close(fd)
+        if not _looks_like_uuid(job.name):
+            return None
+        found = self.store.read(job.name, self._read)
+        if found is None or found[1] is _CREATING:
+            return None  # gone, or still being made: look again next time
+        req = found[1] or None
         with self._lock:
             self._known[job.name] = req
         return req
+
+    def _read(self, job: Job) -> dict[str, Any] | None:
+        """The request in job's folder; {} for none, _CREATING while it is being made.
+
+        Through store.read, so a job moving on (queue/ to processing/) meanwhile is
+        looked up again rather than left out of a listing.
+        """
+        try:
+            fd = self.store.open_job(job)
+        except OSError:
+            return _CREATING
+        try:
+            req = read_request(fd)
+            if not req and fs.lstat(fd, "JOB") is None:
+                return _CREATING
+            return req
+        finally:
+            os.close(fd)
 
     def listing(self) -> list[tuple[Job, dict[str, Any]]]:
         """Every transfer job with its request (one entry per name, its current state)."""
@@ -261,6 +273,9 @@ class Requests:
             if req is not None:
                 out.append((job, req))
         return out
+
+
+_CREATING: dict[str, Any] = {"creating": True}
 
 
 def _looks_like_uuid(name: str) -> bool:

@@ -164,6 +164,7 @@ class Run:
             same = sha256_fd(src) == sha256_fd(fd)
         finally:
             os.close(fd)
+            os.lseek(src, 0, os.SEEK_SET)  # the copy that may follow reads from the start
         self.add("bytes_checksummed", 2 * st.st_size)
         return same
 
