@@ -23,7 +23,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from batchingest import __version__
-from batchingest.api import auth, files, jobs, openapi
+from batchingest.api import auth, files, jobs, openapi, staccato
 from batchingest.api.errors import MAPPED, ApiError, api_error_of
 from batchingest.api.paths import job_name, unsafe_url_path
 from batchingest.config import Config
@@ -274,6 +274,7 @@ def create_app(cfg: Config, store: Store, readiness: Readiness | None = None) ->
         Route("/openapi.json", openapi_json, methods=["GET"]),
         *staging_routes,
         *globus.routes(cfg, store),
+        *staccato.routes(cfg, store),
     ]
     return Starlette(
         routes=routes,
