@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import time
 import uuid
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -195,6 +196,7 @@ class StaccatoApi:
         name = str(uuid.uuid4())
         req = {
             "kind": "staccato", "id": name, "request_time": transfers.now_text(),
+            "created_ns": time.time_ns(),  # the list's order
             "source_url": body["source_url"], "destination_url": body["destination_url"],
             "source_endpoint": src_ep.name, "destination_endpoint": dst_ep.name,
             "source_parts": src, "destination_parts": dst,
@@ -257,7 +259,7 @@ class StaccatoApi:
 
     def _page(self, limit: int, after: str) -> tuple[list[dict[str, Any]], bool]:
         """Transfers in creation order after the one named `after`, deleted ones left out."""
-        rows = sorted((str(req.get("request_time")), job.name, req)
+        rows = sorted((int(req.get("created_ns") or 0), job.name, req)
                       for job, req in self.requests.listing()
                       if req.get("kind") == "staccato")  # fmt: skip
         start = 0

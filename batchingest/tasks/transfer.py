@@ -95,6 +95,22 @@ class Run:
         deadline = self.request.get("deadline")
         self.deadline = transfers.parse_time(deadline).timestamp() if deadline else None
         self.pool = ThreadPoolExecutor(4, thread_name_prefix="piece")
+        # this job's unfinished copies: named so that a later run of the job finds them
+        self.temp_prefix = f"{SERVICE_PREFIX}xfer-{self.request.get('id')}."
+        # a run before this one was cut off (kill -9, power cut): look for its leftovers
+        self.rerun = fs.lstat(self.job_fd, transfers.PROGRESS) is not None
+
+    def remove_leftovers(self, dir_fd: int) -> None:
+        """Unfinished copies of an earlier run of this job in a destination folder.
+
+        Only this job's: the job is held by this run, so no other run of it is alive.
+        """
+        if not self.rerun:
+            return
+        for entry in list(fs.entries(dir_fd, hidden=True)):
+            if entry.name.startswith(self.temp_prefix) and entry.is_file:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.name, dir_fd=dir_fd)
 
     # -- bookkeeping ---------------------------------------------------------------------
 
@@ -205,7 +221,7 @@ class Run:
             if self.in_sync(src, st, dst_dir, dst_name):
                 self.add("files_skipped")
                 return
-            tmp = f"{SERVICE_PREFIX}xfer-{os.getpid()}-{next(self.temp_ids)}.tmp"
+            tmp = f"{self.temp_prefix}{os.getpid()}-{next(self.temp_ids)}.tmp"
             flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
             out = os.open(tmp, flags, stat.S_IMODE(st.st_mode) & 0o777, dir_fd=dst_dir)
             try:
@@ -220,6 +236,7 @@ class Run:
             self.add("bytes_transferred", st.st_size)
             if len(self.pending) >= BATCH:
                 self.commit()
+            self.save()  # at most every SAVE_EVERY: clients watch the counters move
         finally:
             os.close(src)
 
@@ -240,16 +257,17 @@ class Run:
 
     def commit(self) -> None:
         """Flush the waiting copies with one syncfs, then give them their names."""
-        if not self.pending:
+        pending, self.pending = self.pending, []
+        if not pending:
             return
-        if not fs.syncfs(self.pending[0].dir_fd):
-            for p in self.pending:
+        if not fs.syncfs(pending[0].dir_fd):
+            for p in pending:
                 fd = os.open(p.tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=p.dir_fd)
                 try:
                     os.fsync(fd)
                 finally:
                     os.close(fd)
-        for p in self.pending:
+        for p in pending:
             try:
                 os.replace(p.tmp, p.name, src_dir_fd=p.dir_fd, dst_dir_fd=p.dir_fd)
             except OSError as e:
@@ -259,7 +277,6 @@ class Run:
                 continue
             self.add("files_transferred")
             self.done_lines.append(p.record)
-        self.pending = []
         self.flush_done()
 
     def flush_done(self) -> None:
@@ -305,6 +322,7 @@ def transfer_item(run: Run, item: dict[str, Any], dirs: list[int]) -> None:
         dirs.append(src_dir)
         dst_dir = _open_parent(run, dst_root, dst_parts)
         dirs.append(dst_dir)
+        run.remove_leftovers(dst_dir)
         run.copy_file(src_dir, src_parts[-1], dst_dir, dst_parts[-1], record(src_show, dst_show))
         return
     try:
@@ -347,8 +365,11 @@ def walk(run: Run, src: int, dst: int, src_show: str, dst_show: str, dirs: list[
                 run.commit()
                 while done:
                     os.close(done.pop())
-        run.commit()
     finally:
+        # copies made so far get their names (also when stopped) while their folders
+        # are still open
+        with contextlib.suppress(OSError):
+            run.commit()
         for fd in done:
             os.close(fd)
 
@@ -358,6 +379,7 @@ def walk_folder(
 ) -> list[list[str]]:
     """Copy the files of one folder; return its subfolders (as paths below the top)."""
     run.add("directories")
+    run.remove_leftovers(d)
     seen: set[str] = set()
     subfolders: list[list[str]] = []
     for entry in sorted(fs.entries(s, hidden=True), key=lambda e: e.name):
@@ -522,7 +544,8 @@ def run(job_dir: Path) -> int:
         else:
             run_items(r)
     except Stop as e:
-        r.commit()
+        with contextlib.suppress(OSError):
+            r.commit()
         print(f"transfer: stopped: {e.description}", flush=True)
         r.save(force=True, fatal={"code": e.code, "description": e.description})
         return EXIT_STOPPED

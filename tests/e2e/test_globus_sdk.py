@@ -12,8 +12,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import time
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -842,3 +845,100 @@ def test_paging_through_250_tasks(world: World, tc: TransferClient) -> None:
     assert tc.task_list(filter=f"label:~{label}/status:SUCCEEDED,FAILED")["total"] == 0
     assert tc.task_list(filter=f"label:~{label}/request_time:,2000-01-01")["total"] == 0
     assert tc.task_list(filter=f"label:~{label}/request_time:2000-01-01,")["total"] == 250
+
+
+@pytest.fixture
+def slow(tmp_path: Path) -> Iterator[Moves]:
+    """One worker copying at most 40 MB/s: a few dozen MiB take a second or more."""
+    m = Moves(tmp_path, "--workers", "1", "--transfer-max-rate", "40M")
+    for i in range(20):
+        (m.src / "many").mkdir(exist_ok=True)
+        (m.src / "many" / f"part{i:02d}").write_bytes(os.urandom(4 << 20))
+    m.service.start()
+    try:
+        yield m
+    finally:
+        m.service.stop()
+    assert "Traceback" not in m.service.log()
+
+
+def many(m: Moves, dest: str, **kw: Any) -> globus_sdk.TransferData:
+    data = globus_sdk.TransferData(source_endpoint="src", destination_endpoint="dst", **kw)
+    data.add_item("/many/", dest, recursive=True)
+    return data
+
+
+def test_cancel_mid_copy_and_while_queued(slow: Moves) -> None:
+    tc = client(slow.service)
+    running = tc.submit_transfer(many(slow, "/run/"))["task_id"]
+    moved = [0]
+    while moved[-1] < 8 << 20:  # progress fields move while the copy runs
+        task = tc.get_task(running)
+        assert task["status"] == "ACTIVE"
+        moved.append(task["bytes_transferred"])
+        time.sleep(0.05)
+    queued = tc.submit_transfer(many(slow, "/queued/"))["task_id"]  # the one worker is busy
+    assert tc.get_task(queued)["nice_status"] == "Queued"
+    done = tc.cancel_task(queued)
+    assert (done["DATA_TYPE"], done["code"]) == ("result", "Canceled")
+    task = tc.get_task(queued)
+    assert (task["status"], task["fatal_error"]["code"]) == ("FAILED", "CANCELED")
+    done = tc.cancel_task(running)
+    assert done["code"] == "Canceled", done.data
+    task = tc.get_task(running)
+    assert (task["status"], task["fatal_error"]["code"], task["nice_status"]) == (
+        "FAILED", "CANCELED", "CANCELED",
+    )  # fmt: skip
+    assert 0 < task["files_transferred"] < 20 and task["completion_time"]
+    assert "CANCELED" in [e["code"] for e in tc.task_event_list(running)]
+    # what was copied is whole; nothing half-copied is left under any name
+    for path in (slow.dst / "run").iterdir():
+        assert path.read_bytes() == (slow.src / "many" / path.name).read_bytes()
+    assert not (slow.dst / "queued").exists()
+    assert not [p for p in slow.dst.rglob(".batchingest-*")]
+    assert tc.cancel_task(running)["code"] == "TaskComplete"
+    assert tc.task_wait(running, timeout=1, polling_interval=1)  # not ACTIVE: done waiting
+
+
+def test_deadline_running_and_queued(slow: Moves) -> None:
+    tc = client(slow.service)
+    soon = datetime.now(UTC) + timedelta(seconds=1)
+    running = tc.submit_transfer(many(slow, "/d1/", deadline=soon))["task_id"]
+    past = datetime.now(UTC) - timedelta(seconds=1)
+    queued = tc.submit_transfer(many(slow, "/d2/", deadline=past))["task_id"]
+    for tid in (running, queued):
+        task = finished(tc, tid)
+        assert (task["status"], task["fatal_error"]["code"]) == ("FAILED", "DEADLINE_EXCEEDED")
+        assert task["deadline"]
+    assert not (slow.dst / "d2").exists() or not os.listdir(slow.dst / "d2")
+
+
+def test_kill_9_mid_transfer_still_succeeds(slow: Moves) -> None:
+    tc = client(slow.service)
+    tid = tc.submit_transfer(many(slow, "/k/", label="survivor"))["task_id"]
+    while tc.get_task(tid)["bytes_transferred"] < 12 << 20:
+        time.sleep(0.05)
+    slow.service.kill()
+    for pid in task_pids(slow.tmp / "root"):
+        os.kill(pid, signal.SIGKILL)
+    slow.service.start()
+    task = finished(client(slow.service), tid, timeout=60)
+    assert (task["status"], task["label"], task["files"]) == ("SUCCEEDED", "survivor", 20)
+    for i in range(20):
+        name = f"part{i:02d}"
+        assert (slow.dst / "k" / name).read_bytes() == (slow.src / "many" / name).read_bytes()
+    assert not [p for p in slow.dst.rglob(".batchingest-*")]
+
+
+def task_pids(root: Path) -> list[int]:
+    """Processes working in a job folder under root (the tasks the service started)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cwd = os.readlink(f"/proc/{entry}/cwd")
+            except OSError:
+                continue
+            if cwd.startswith(str(root) + "/"):
+                pids.append(int(entry))
+    return pids

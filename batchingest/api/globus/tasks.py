@@ -323,7 +323,8 @@ class TaskApi:
     async def cancel(self, request: Request) -> Response:
         snap = await self.snapshot(request)
         name = snap.job.name
-        if snap.job.state in (State.QUEUE, State.PROCESSING):
+        active = snap.job.state in (State.QUEUE, State.PROCESSING)
+        if active:
             await run_in_threadpool(transfers.request_cancel, self.store, name)
             waited = time.monotonic() + CANCEL_WAIT
             while time.monotonic() < waited:
@@ -334,12 +335,14 @@ class TaskApi:
             later = await run_in_threadpool(transfers.snapshot, self.store, name)
             snap = later if later is not None else snap
         fatal = snap.fatal or {}
-        if fatal.get("code") == "CANCELED":
+        if not active:
+            code, message = "TaskComplete", "The task had already ended; nothing to cancel."
+        elif fatal.get("code") == "CANCELED":
             code, message = "Canceled", "The task has been cancelled successfully."
         elif snap.job.state in (State.QUEUE, State.PROCESSING):
             code, message = "CancelAccepted", "The cancel was accepted; the task is stopping."
         else:
-            code, message = "TaskComplete", "The task completed before the cancel request."
+            code, message = "TaskComplete", "The task ended before the cancel took effect."
         return json_response(documents.result(request, "result", code, message))
 
 
