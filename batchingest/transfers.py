@@ -265,13 +265,23 @@ class Requests:
         finally:
             os.close(fd)
 
-    def listing(self) -> list[tuple[Job, dict[str, Any]]]:
-        """Every transfer job with its request (one entry per name, its current state)."""
+    def listing(self) -> list[tuple[str, State, dict[str, Any]]]:
+        """(name, state, request) of every transfer job, one entry per name.
+
+        From the store's cached name listings, with no stat or Path per known job:
+        task_list lists 10,000 of them on every call.
+        """
         out = []
-        for job in self.store.jobs():
-            req = self.get(job)
-            if req is not None:
-                out.append((job, req))
+        for state in State:
+            base = self.store.state_dir(state)
+            for name in self.store.job_names(state):
+                with self._lock:
+                    known = name in self._known
+                    req = self._known.get(name)
+                if not known:
+                    req = self.get(Job(name, state, base / name))
+                if req is not None:
+                    out.append((name, state, req))
         return out
 
 

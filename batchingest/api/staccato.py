@@ -259,8 +259,8 @@ class StaccatoApi:
 
     def _page(self, limit: int, after: str) -> tuple[list[dict[str, Any]], bool]:
         """Transfers in creation order after the one named `after`, deleted ones left out."""
-        rows = sorted((int(req.get("created_ns") or 0), job.name, req)
-                      for job, req in self.requests.listing()
+        rows = sorted((int(req.get("created_ns") or 0), name, req)
+                      for name, _, req in self.requests.listing()
                       if req.get("kind") == "staccato")  # fmt: skip
         start = 0
         if after:

@@ -27,6 +27,7 @@ import json
 import os
 import stat
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ from batchingest.copyengine import LARGE, PIECE, copy_fd, copy_range, sha256_fd
 from batchingest.endpoints import SERVICE_PREFIX, Endpoint, Endpoints, PathError, split_path
 
 SAVE_EVERY = 0.5
+PARALLEL = 4  # files, or pieces of a large file, copied at the same time
 BATCH = 256
 STEP = 16 << 20  # a Staccato transfer flushes and records its progress this often
 WINDOW = 4 * PIECE  # a large file is copied this much at a time between checks
@@ -94,7 +96,10 @@ class Run:
         self.temp_ids = itertools.count()
         deadline = self.request.get("deadline")
         self.deadline = transfers.parse_time(deadline).timestamp() if deadline else None
-        self.pool = ThreadPoolExecutor(4, thread_name_prefix="piece")
+        self.pool = ThreadPoolExecutor(PARALLEL, thread_name_prefix="piece")
+        self.workers = ThreadPoolExecutor(PARALLEL, thread_name_prefix="copy")
+        self.lock = threading.Lock()
+        self.saving = threading.Lock()
         # this job's unfinished copies: named so that a later run of the job finds them
         self.temp_prefix = f"{SERVICE_PREFIX}xfer-{self.request.get('id')}."
         # a run before this one was cut off (kill -9, power cut): look for its leftovers
@@ -115,16 +120,23 @@ class Run:
     # -- bookkeeping ---------------------------------------------------------------------
 
     def add(self, key: str, n: int = 1) -> None:
-        self.counters[key] += n
+        with self.lock:
+            self.counters[key] += n
 
     def save(self, *, force: bool = False, fatal: dict[str, str] | None = None) -> None:
         if not force and time.monotonic() - self.last_save < SAVE_EVERY:
             return
-        self.last_save = time.monotonic()
-        doc: dict[str, Any] = {**self.counters, "fatal_error": fatal}
-        fs.write_atomic(
-            self.job_fd, transfers.PROGRESS, json.dumps(doc).encode(), durable=force, mode=0o644
-        )
+        # one writer at a time; a worker thread finding it busy need not wait
+        if not self.saving.acquire(blocking=force):
+            return
+        try:
+            self.last_save = time.monotonic()
+            with self.lock:
+                doc: dict[str, Any] = {**self.counters, "fatal_error": fatal}
+            fs.write_atomic(self.job_fd, transfers.PROGRESS, json.dumps(doc).encode(),
+                            durable=force, mode=0o644)  # fmt: skip
+        finally:
+            self.saving.release()
 
     def check(self, *, now: bool = False) -> None:
         """Stop if canceled or past the deadline (looked at every 50 ms at most)."""
@@ -137,7 +149,8 @@ class Run:
             raise Stop("DEADLINE_EXCEEDED", f"deadline {self.request.get('deadline')} passed")
 
     def throttle(self, n: int) -> None:
-        self.moved += n
+        with self.lock:
+            self.moved += n
         if self.max_rate <= 0:
             return
         while True:
@@ -232,10 +245,9 @@ class Run:
                     os.unlink(tmp, dir_fd=dst_dir)
                 raise
             os.close(out)
-            self.pending.append(Pending(dst_dir, tmp, dst_name, record))
+            with self.lock:
+                self.pending.append(Pending(dst_dir, tmp, dst_name, record))
             self.add("bytes_transferred", st.st_size)
-            if len(self.pending) >= BATCH:
-                self.commit()
             self.save()  # at most every SAVE_EVERY: clients watch the counters move
         finally:
             os.close(src)
@@ -257,7 +269,8 @@ class Run:
 
     def commit(self) -> None:
         """Flush the waiting copies with one syncfs, then give them their names."""
-        pending, self.pending = self.pending, []
+        with self.lock:
+            pending, self.pending = self.pending, []
         if not pending:
             return
         if not fs.syncfs(pending[0].dir_fd):
@@ -361,7 +374,7 @@ def walk(run: Run, src: int, dst: int, src_show: str, dst_show: str, dirs: list[
                 continue
             shown = (f"{src_show}/{rel}".rstrip("/"), f"{dst_show}/{rel}".rstrip("/"))
             stack.extend(reversed(walk_folder(run, s, d, shown, parts)))
-            if len(done) > 128:
+            if len(done) > 128 or len(run.pending) >= BATCH:
                 run.commit()
                 while done:
                     os.close(done.pop())
@@ -382,24 +395,39 @@ def walk_folder(
     run.remove_leftovers(d)
     seen: set[str] = set()
     subfolders: list[list[str]] = []
+    files: list[str] = []
     for entry in sorted(fs.entries(s, hidden=True), key=lambda e: e.name):
-        run.check()
         seen.add(entry.name)
-        s_rel, d_rel = f"{shown[0]}/{entry.name}", f"{shown[1]}/{entry.name}"
+        s_rel = f"{shown[0]}/{entry.name}"
         if entry.is_dir:
             subfolders.append([*parts, entry.name])
         elif entry.is_file:
-            try:
-                run.copy_file(s, entry.name, d, entry.name, record(s_rel, d_rel))
-            except ItemError as e:
-                run.fail(str(e))
+            files.append(entry.name)
         else:
             print(
                 f"skipped {s_rel}: a {fs.kind(entry.mode)} is never followed or copied", flush=True
             )
+    copy_files(run, s, d, shown, files)
     if run.request.get("delete_destination_extra"):
         remove_extra(run, d, shown[1], seen)
     return subfolders
+
+
+def copy_files(run: Run, s: int, d: int, shown: tuple[str, str], names: list[str]) -> None:
+    """Copy the files names of folder s into d on PARALLEL threads (as the stage task does:
+    one thread leaves the disk and the kernel's copy idle between system calls)."""
+
+    def one(name: str) -> None:
+        run.check()
+        try:
+            run.copy_file(s, name, d, name, record(f"{shown[0]}/{name}", f"{shown[1]}/{name}"))
+        except ItemError as e:
+            run.fail(str(e))
+
+    futures = [run.workers.submit(one, name) for name in names]
+    wait(futures)  # every copy is done with s and d before anyone closes them
+    for f in futures:
+        f.result()  # Stop, or a failure of the destination: raised here, in order
 
 
 def remove_extra(run: Run, dst: int, dst_show: str, keep: set[str]) -> None:
@@ -553,6 +581,7 @@ def run(job_dir: Path) -> int:
         r.fail(str(e) if isinstance(e, ItemError) else f"{e.strerror or e}")
     finally:
         r.pool.shutdown()
+        r.workers.shutdown()
     if r.errors:
         more = f" (and {len(r.errors) - 1} more)" if len(r.errors) > 1 else ""
         r.save(force=True, fatal={"code": "FAILED", "description": r.errors[0] + more})
