@@ -272,3 +272,26 @@ def test_staccato_urls_never_leave_the_endpoints(tmp_path: Path, pieces: list[st
         return
     assert ep.name == "data" and parts
     assert all(p not in ("", ".", "..") and "/" not in p and "\x00" not in p for p in parts)
+
+
+def test_named_copies_and_their_leftovers(place: Place) -> None:
+    """Where unnamed files cannot be made, copies are hidden files renamed into place; a
+    rerun of a job cut off removes its own leftovers, and only its own."""
+    place.env["BATCHINGEST_TRANSFER_UNNAMED"] = "0"
+    (place.src / "tree").mkdir()
+    for i in range(300):
+        (place.src / "tree" / f"f{i}").write_text(str(i))
+    (place.dst / "copy").mkdir()
+    task = str(uuid.uuid4())
+    mine = place.dst / "copy" / f".batchingest-xfer-{task}.999-1.tmp"
+    other = place.dst / "copy" / ".batchingest-xfer-someone-else.999-1.tmp"
+    mine.write_text("dead")
+    other.write_text("alive")
+    (place.dst / "copy" / "f7").write_text("older")
+    (place.job / transfers.PROGRESS).write_text("{}")  # a run before this one
+    rc, progress, out = place.run(id=task, items=[item("/tree", "/copy", True)])
+    assert rc == 0 and progress["files_transferred"] == 300, out
+    assert not mine.exists() and other.read_text() == "alive"
+    names = sorted(os.listdir(place.dst / "copy"))
+    assert names == sorted([other.name, *[f"f{i}" for i in range(300)]])
+    assert (place.dst / "copy" / "f7").read_text() == "7"

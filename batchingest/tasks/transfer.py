@@ -21,6 +21,7 @@ in `fatal_error`. Exit status 1: some item failed (the first error in `fatal_err
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import itertools
 import json
@@ -36,12 +37,13 @@ from pathlib import Path
 from typing import Any
 
 from batchingest import fs, transfers
+from batchingest.config import env_bool
 from batchingest.copyengine import LARGE, PIECE, copy_fd, copy_range, sha256_fd
 from batchingest.endpoints import SERVICE_PREFIX, Endpoint, Endpoints, PathError, split_path
 
 SAVE_EVERY = 0.5
-PARALLEL = 4  # files, or pieces of a large file, copied at the same time
-BATCH = 256
+PARALLEL = 2  # files, or pieces of a large file, copied at the same time
+BATCH = 256  # copies named after one syncfs: one per batch, not per file
 STEP = 16 << 20  # a Staccato transfer flushes and records its progress this often
 WINDOW = 4 * PIECE  # a large file is copied this much at a time between checks
 SYNC_EXISTS, SYNC_SIZE, SYNC_MTIME, SYNC_CHECKSUM = range(4)
@@ -68,12 +70,68 @@ def load_endpoints() -> Endpoints:
 
 @dataclass
 class Pending:
-    """A complete copy under its hidden name, waiting for its batch's flush."""
+    """A complete copy waiting for its batch's flush: an unnamed file kept open (fd), or
+    one under a hidden name (tmp)."""
 
     dir_fd: int
     tmp: str
     name: str
     record: str
+    fd: int = -1
+
+    def discard(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # an unnamed file disappears with its last descriptor
+            self.fd = -1
+        if self.tmp:
+            with contextlib.suppress(OSError):
+                os.unlink(self.tmp, dir_fd=self.dir_fd)
+            self.tmp = ""
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_linkat = getattr(_libc, "linkat", None)
+_AT_EMPTY_PATH = 0x1000
+
+
+def link_unnamed(fd: int, dir_fd: int, name: str, how: str) -> None:
+    """Give the unnamed (O_TMPFILE) file fd the name dir_fd/name; FileExistsError if taken.
+
+    linkat(AT_EMPTY_PATH) needs CAP_DAC_READ_SEARCH; the /proc/self/fd form does not.
+    """
+    if how == "empty-path" and _linkat is not None:
+        if _linkat(fd, b"", dir_fd, os.fsencode(name), _AT_EMPTY_PATH) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), name)
+        return
+    os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=dir_fd, follow_symlinks=True)
+
+
+def probe_unnamed(dir_fd: int, prefix: str) -> str | None:
+    """How unnamed files get names in dir_fd's file system, or None (NFS, old kernels).
+
+    An O_TMPFILE copy needs no directory entry until it is linked: one directory
+    operation per file instead of a create and a rename, and a killed copy leaves nothing.
+    """
+    if not hasattr(os, "O_TMPFILE"):
+        return None
+    try:
+        fd = os.open(".", os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+    except OSError:
+        return None
+    try:
+        for how in ("empty-path", "proc"):
+            name = f"{prefix}probe-{os.getpid()}.tmp"
+            try:
+                link_unnamed(fd, dir_fd, name, how)
+            except OSError:
+                continue
+            with contextlib.suppress(OSError):
+                os.unlink(name, dir_fd=dir_fd)
+            return how
+        return None
+    finally:
+        os.close(fd)
 
 
 @dataclass
@@ -99,6 +157,7 @@ class Run:
         self.pool = ThreadPoolExecutor(PARALLEL, thread_name_prefix="piece")
         self.workers = ThreadPoolExecutor(PARALLEL, thread_name_prefix="copy")
         self.lock = threading.Lock()
+        self.unnamed: str | None = None  # how unnamed copies get names; "" if they cannot
         self.saving = threading.Lock()
         # this job's unfinished copies: named so that a later run of the job finds them
         self.temp_prefix = f"{SERVICE_PREFIX}xfer-{self.request.get('id')}."
@@ -234,23 +293,40 @@ class Run:
             if self.in_sync(src, st, dst_dir, dst_name):
                 self.add("files_skipped")
                 return
-            tmp = f"{self.temp_prefix}{os.getpid()}-{next(self.temp_ids)}.tmp"
-            flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-            out = os.open(tmp, flags, stat.S_IMODE(st.st_mode) & 0o777, dir_fd=dst_dir)
+            p = self.create(dst_dir, dst_name, record, stat.S_IMODE(st.st_mode) & 0o777)
             try:
-                self.fill(src, out, st)
+                self.fill(src, p.fd, st)
             except BaseException:
-                os.close(out)
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp, dir_fd=dst_dir)
+                p.discard()
                 raise
-            os.close(out)
+            if p.tmp:
+                os.close(p.fd)
+                p.fd = -1
             with self.lock:
-                self.pending.append(Pending(dst_dir, tmp, dst_name, record))
+                self.pending.append(p)
             self.add("bytes_transferred", st.st_size)
             self.save()  # at most every SAVE_EVERY: clients watch the counters move
         finally:
             os.close(src)
+
+    def create(self, dst_dir: int, name: str, record: str, mode: int) -> Pending:
+        """An empty copy for dst_dir/name: unnamed where the file system allows, else hidden."""
+        if self.unnamed is None:
+            with self.lock:
+                if self.unnamed is None:
+                    # BATCHINGEST_TRANSFER_UNNAMED=0 forces hidden named copies
+                    allowed = env_bool("BATCHINGEST_TRANSFER_UNNAMED", True)
+                    found = probe_unnamed(dst_dir, self.temp_prefix) if allowed else None
+                    self.unnamed = found or ""
+        if self.unnamed:
+            try:
+                fd = os.open(".", os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, mode, dir_fd=dst_dir)
+                return Pending(dst_dir, "", name, record, fd)
+            except OSError:
+                pass  # another file system mounted below: the named way
+        tmp = f"{self.temp_prefix}{os.getpid()}-{next(self.temp_ids)}.tmp"
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        return Pending(dst_dir, tmp, name, record, os.open(tmp, flags, mode, dir_fd=dst_dir))
 
     def fill(self, src: int, out: int, st: os.stat_result) -> None:
         self.copy_data(src, out, st.st_size)
@@ -273,24 +349,37 @@ class Run:
             pending, self.pending = self.pending, []
         if not pending:
             return
-        if not fs.syncfs(pending[0].dir_fd):
+        try:
+            if not fs.syncfs(pending[0].dir_fd):
+                for p in pending:
+                    _fsync(p)
+        except BaseException:
             for p in pending:
-                fd = os.open(p.tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=p.dir_fd)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                p.discard()
+            raise
         for p in pending:
             try:
-                os.replace(p.tmp, p.name, src_dir_fd=p.dir_fd, dst_dir_fd=p.dir_fd)
+                self.name(p)
             except OSError as e:
-                with contextlib.suppress(OSError):
-                    os.unlink(p.tmp, dir_fd=p.dir_fd)
                 self.fail(f"{p.record}: cannot be put in place ({e.strerror})")
                 continue
+            finally:
+                p.discard()
             self.add("files_transferred")
             self.done_lines.append(p.record)
         self.flush_done()
+
+    def name(self, p: Pending) -> None:
+        """Give a flushed copy its real name, replacing an older file in one rename."""
+        if not p.tmp:
+            try:
+                link_unnamed(p.fd, p.dir_fd, p.name, self.unnamed or "proc")
+                return
+            except FileExistsError:
+                p.tmp = f"{self.temp_prefix}{os.getpid()}-{next(self.temp_ids)}.tmp"
+                link_unnamed(p.fd, p.dir_fd, p.tmp, self.unnamed or "proc")
+        os.replace(p.tmp, p.name, src_dir_fd=p.dir_fd, dst_dir_fd=p.dir_fd)
+        p.tmp = ""
 
     def flush_done(self) -> None:
         if self.done_lines:
@@ -301,6 +390,17 @@ class Run:
     def fail(self, message: str) -> None:
         self.errors.append(message)
         print(f"ERROR {message}", flush=True)
+
+
+def _fsync(p: Pending) -> None:
+    if p.fd >= 0:
+        os.fsync(p.fd)
+        return
+    fd = os.open(p.tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=p.dir_fd)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def record(src: str, dst: str) -> str:
@@ -424,10 +524,13 @@ def copy_files(run: Run, s: int, d: int, shown: tuple[str, str], names: list[str
         except ItemError as e:
             run.fail(str(e))
 
-    futures = [run.workers.submit(one, name) for name in names]
-    wait(futures)  # every copy is done with s and d before anyone closes them
-    for f in futures:
-        f.result()  # Stop, or a failure of the destination: raised here, in order
+    for start in range(0, len(names), BATCH):
+        futures = [run.workers.submit(one, name) for name in names[start : start + BATCH]]
+        wait(futures)  # every copy is done with s and d before anyone closes them
+        for f in futures:
+            f.result()  # Stop, or a failure of the destination: raised here, in order
+        if len(run.pending) >= BATCH:
+            run.commit()  # unnamed copies hold a descriptor each until named
 
 
 def remove_extra(run: Run, dst: int, dst_show: str, keep: set[str]) -> None:
