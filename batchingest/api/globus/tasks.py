@@ -414,10 +414,6 @@ def task_doc(snap: transfers.Snapshot, registry: Endpoints) -> dict[str, Any]:
     kind = str(req.get("kind"))
     src = registry.find(str(req.get("source_endpoint" if kind == "transfer" else "endpoint")))
     dst = registry.find(str(req.get("destination_endpoint"))) if kind == "transfer" else None
-    total = len(req.get("items") or [])
-    ok, failed = int(prog.get("subtasks_succeeded", 0)), int(prog.get("subtasks_failed", 0))
-    pending = max(0, total - ok - failed) if status in ("ACTIVE", "INACTIVE") else 0
-    canceled = max(0, total - ok - failed) if fatal and status == "FAILED" else 0
     nice = {
         "ACTIVE": "Queued" if snap.job.state == State.QUEUE else "OK",
         "SUCCEEDED": None,
@@ -436,14 +432,7 @@ def task_doc(snap: transfers.Snapshot, registry: Endpoints) -> dict[str, Any]:
         "source_endpoint_display_name": src.name if src else None,
         "destination_endpoint_id": dst.id if dst else None,
         "destination_endpoint_display_name": dst.name if dst else None,
-        "subtasks_total": total,
-        "subtasks_succeeded": ok,
-        "subtasks_failed": failed,
-        "subtasks_pending": pending,
-        "subtasks_canceled": canceled,
-        "subtasks_retrying": 0,
-        "subtasks_expired": 0,
-        "subtasks_skipped_errors": 0,
+        **_subtasks(req, prog, status, fatal),
         "sync_level": req.get("sync_level"),
         "verify_checksum": bool(req.get("verify_checksum")),
         "preserve_timestamp": bool(req.get("preserve_timestamp")),
@@ -472,6 +461,25 @@ def task_doc(snap: transfers.Snapshot, registry: Endpoints) -> dict[str, Any]:
     ):
         doc[key] = int(prog.get(key, 0) or 0)
     return doc
+
+
+def _subtasks(
+    req: dict[str, Any], prog: dict[str, Any], status: str, fatal: dict[str, str] | None
+) -> dict[str, int]:
+    """One subtask per item: those not done are pending while active, canceled after."""
+    total = len(req.get("items") or [])
+    ok, failed = int(prog.get("subtasks_succeeded", 0)), int(prog.get("subtasks_failed", 0))
+    left = max(0, total - ok - failed)
+    return {
+        "subtasks_total": total,
+        "subtasks_succeeded": ok,
+        "subtasks_failed": failed,
+        "subtasks_pending": left if status in ("ACTIVE", "INACTIVE") else 0,
+        "subtasks_canceled": left if fatal and status == "FAILED" else 0,
+        "subtasks_retrying": 0,
+        "subtasks_expired": 0,
+        "subtasks_skipped_errors": 0,
+    }
 
 
 # -- task_list filter and order -----------------------------------------------------------
