@@ -301,3 +301,27 @@ def routes(cfg: Config, store: Store) -> list[BaseRoute]:
         by_method("/v1/transfers/{id}", {"GET": api.get, "DELETE": api.delete}),
         by_method("/v1/transfers/{id}/action", {"POST": api.action}),
     ]
+
+
+_DOC = {"description": "a transfer document", "content": {"application/json": {}}}
+_ERR = {"description": "error document", "content": {"application/json": {}}}
+
+
+def _op(summary: str, status: str = "200") -> dict[str, Any]:
+    return {"summary": summary, "tags": ["staccato"],
+            "responses": {status: _DOC, "default": _ERR}}  # fmt: skip
+
+
+OPENAPI_PATHS: dict[str, Any] = {
+    "/v1/transfers": {
+        "get": _op("Staccato transfers in creation order (limit, next; Link rel=next)"),
+        "post": _op("Request a byte-range transfer between file:// URLs in endpoints", "201"),
+    },
+    "/v1/transfers/{id}": {
+        "get": _op("One transfer"),
+        "delete": _op("Delete a completed, canceled or failed transfer", "204"),
+    },
+    "/v1/transfers/{id}/action": {
+        "post": _op('{"xferaction": "cancel"}: cancel a new or running transfer', "202"),
+    },
+}
