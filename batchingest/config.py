@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -302,6 +303,11 @@ class Config:
         shown="none",
         repeat=True,
     )
+    transfer_max_rate: int = setting(
+        0,
+        "bytes per second one transfer task may copy (K, M, G suffixes); 0: no limit",
+        parse=_size,
+    )
     log_level: str = setting("info", "the service log: " + ", ".join(LOG_LEVELS), parse=_log_level)
 
     @property
@@ -325,6 +331,12 @@ class Config:
             env["BATCHINGEST_STAGING_MAX_IDS"] = str(self.staging_max_ids)
         env["BATCHINGEST_STAGE_PARALLEL"] = str(self.stage_parallel)
         env["BATCHINGEST_STAGE_VERIFY"] = "1" if self.stage_verify else "0"
+        # the transfer task takes endpoint folders from here, never from a job's files
+        table = [[name, str(folder), False] for name, folder in self.endpoints]
+        if self.archive is not None and self.staging is not None:
+            table += [["archive", str(self.archive), True], ["staging", str(self.staging), False]]
+        env["BATCHINGEST_TRANSFER_ENDPOINTS"] = json.dumps(table)
+        env["BATCHINGEST_TRANSFER_MAX_RATE"] = str(self.transfer_max_rate)
         return env
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -185,7 +186,12 @@ def test_lists_and_secrets(tmp_path: Path) -> None:
 
 def test_task_env(tmp_path: Path) -> None:
     cfg = parse("--root", str(tmp_path))
-    assert cfg.task_env() == {"BATCHINGEST_STAGE_PARALLEL": "4", "BATCHINGEST_STAGE_VERIFY": "0"}
+    no_transfers = {"BATCHINGEST_TRANSFER_ENDPOINTS": "[]", "BATCHINGEST_TRANSFER_MAX_RATE": "0"}
+    assert cfg.task_env() == {
+        "BATCHINGEST_STAGE_PARALLEL": "4",
+        "BATCHINGEST_STAGE_VERIFY": "0",
+        **no_transfers,
+    }
     cfg = parse(
         "--root",
         str(tmp_path),
@@ -206,6 +212,11 @@ def test_task_env(tmp_path: Path) -> None:
         "BATCHINGEST_STAGING_MAX_IDS": "10000",
         "BATCHINGEST_STAGE_PARALLEL": "8",
         "BATCHINGEST_STAGE_VERIFY": "1",
+        # the transfer task learns the endpoints (here archive and staging) from its settings
+        "BATCHINGEST_TRANSFER_ENDPOINTS": json.dumps(
+            [["archive", "/arch", True], ["staging", "/stage", False]]
+        ),
+        "BATCHINGEST_TRANSFER_MAX_RATE": "0",
     }
 
 

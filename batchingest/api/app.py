@@ -23,7 +23,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from batchingest import __version__
-from batchingest.api import auth, events, files, jobs, openapi
+from batchingest.api import auth, events, files, jobs, openapi, staccato
 from batchingest.api.errors import MAPPED, ApiError, api_error_of
 from batchingest.api.paths import job_name, unsafe_url_path
 from batchingest.config import Config
@@ -248,7 +248,13 @@ def create_app(cfg: Config, store: Store, readiness: Readiness | None = None) ->
     staging_routes, staging_paths = _staging_routes(cfg, store)
     spec = openapi.spec(
         __version__,
-        {**staging_paths, **globus.OPENAPI_PATHS, **ui.OPENAPI_PATHS, **events.OPENAPI_PATHS},
+        {
+            **staging_paths,
+            **globus.OPENAPI_PATHS,
+            **ui.OPENAPI_PATHS,
+            **events.OPENAPI_PATHS,
+            **staccato.OPENAPI_PATHS,
+        },
     )
     spec_body = jobs.json_response(spec).body
 
@@ -281,6 +287,7 @@ def create_app(cfg: Config, store: Store, readiness: Readiness | None = None) ->
         *staging_routes,
         *globus.routes(cfg, store),
         *ui.routes(cfg, store),
+        *staccato.routes(cfg, store),
     ]
     return Starlette(
         routes=routes,

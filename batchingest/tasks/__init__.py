@@ -9,4 +9,5 @@ same name in the tasks folder takes precedence, so a site can replace any of the
 # task name -> module in this package
 BUILTIN: dict[str, str] = {
     "stage": "stage",
+    "transfer": "transfer",
 }

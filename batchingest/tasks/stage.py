@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import itertools
 import os
 import resource
@@ -40,6 +39,8 @@ from pathlib import Path
 
 from batchingest import fs
 from batchingest.config import env_bool
+from batchingest.copyengine import FALLBACK_ERRNOS as _FALLBACK_ERRNOS
+from batchingest.copyengine import copy_fd, copy_pieces, sha256_fd
 from batchingest.staging import (
     MANIFEST,
     PROGRESS,
@@ -61,8 +62,6 @@ PROGRESS_EVERY = 0.5
 LARGE = 8 << 20  # files this big are flushed on their own
 BATCH_FILES = 256
 BATCH_BYTES = 64 << 20
-CHUNK = 1 << 30
-PIECE = 64 << 20  # large files are copied in pieces this big, several at once
 # A temporary file this old and not locked is a dead copy of some other job.
 STALE_AFTER = 60.0
 # Errors that are about the staging area, not one source file: stop at once.
@@ -84,83 +83,6 @@ def syncfs(path: str) -> bool:
         return fs.syncfs(fd)
     finally:
         os.close(fd)
-
-
-_FALLBACK_ERRNOS = (
-    errno.EXDEV,
-    errno.ENOSYS,
-    errno.EINVAL,
-    errno.EOPNOTSUPP,
-    errno.ENOTSUP,
-    errno.EBADF,
-    errno.EPERM,
-)
-
-
-def copy_fd(src: int, dst: int, size: int) -> int:
-    """Copy with the kernel's fast paths (copy_file_range, sendfile, else read/write).
-
-    Stops after `size` bytes, saving the end-of-file probe on small files; the caller
-    checks that the source did not change meanwhile. Returns the bytes copied.
-    """
-    done = 0
-    method = "copy_file_range" if hasattr(os, "copy_file_range") else "sendfile"
-    while size > 0:
-        try:
-            if method == "copy_file_range":
-                n = os.copy_file_range(src, dst, max(CHUNK, size - done))
-            elif method == "sendfile":
-                n = os.sendfile(dst, src, None, max(CHUNK, size - done))
-            else:
-                data = os.read(src, 1 << 20)
-                n = len(data)
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(dst, view) :]
-        except OSError as e:
-            if method != "readwrite" and done == 0 and e.errno in _FALLBACK_ERRNOS:
-                method = "sendfile" if method == "copy_file_range" else "readwrite"
-                continue
-            raise
-        done += n
-        if n == 0 or done >= size:
-            return done
-    return 0
-
-
-def copy_range(src: int, dst: int, offset: int, length: int) -> int:
-    """Copy one piece of a large file at its offset, then start writing it to disk.
-
-    Starting writeback per piece overlaps the disk writes with the rest of the copy, so
-    the final fsync has little left to do.
-    """
-    done = 0
-    while done < length:
-        n = os.copy_file_range(src, dst, length - done, offset + done, offset + done)
-        if n == 0:
-            break
-        done += n
-    fs.sync_file_range(dst, offset, done)  # a hint: errors come at the fsync
-    return done
-
-
-def copy_pieces(pool: ThreadPoolExecutor, src: int, dst: int, size: int) -> int:
-    """Copy a large file as PIECE-sized pieces on several threads (cp uses one)."""
-    futures = [pool.submit(copy_range, src, dst, off, min(PIECE, size - off))
-               for off in range(0, size, PIECE)]  # fmt: skip
-    wait(futures)  # every piece must be done with the descriptors before anyone closes them
-    copied = 0
-    for f in futures:
-        copied += f.result()
-    return copied
-
-
-def sha256_fd(fd: int) -> str:
-    h = hashlib.sha256()
-    os.lseek(fd, 0, os.SEEK_SET)
-    while chunk := os.read(fd, 1 << 20):
-        h.update(chunk)
-    return h.hexdigest()
 
 
 def staged_copy_matches(src: int, target: str) -> bool:

@@ -9,10 +9,14 @@ Each test works in its own folder of `data`.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import signal
+import time
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -533,18 +537,7 @@ def test_submission_id_and_activation(world: World, tc: TransferClient) -> None:
 
 
 def test_what_is_not_served_says_so(world: World, tc: TransferClient) -> None:
-    data = globus_sdk.TransferData(source_endpoint=world.data_id, destination_endpoint="staging")
-    data.add_item("/a", "/b")
-    delete = globus_sdk.DeleteData(endpoint=world.data_id)
-    delete.add_item("/a")
-    task = str(uuid.uuid4())
     for call in (
-        lambda: tc.submit_transfer(data),
-        lambda: tc.submit_delete(delete),
-        lambda: tc.task_list(),
-        lambda: tc.get_task(task),
-        lambda: tc.cancel_task(task),
-        lambda: tc.task_event_list(task),
         lambda: tc.endpoint_acl_list("data"),
         lambda: tc.add_endpoint_acl_rule("data", {"DATA_TYPE": "access"}),
         lambda: tc.bookmark_list(),
@@ -590,3 +583,362 @@ def test_bad_bodies(world: World, tc: TransferClient) -> None:
     assert err.http_status == 400
     assert not (world.data / "x").exists()
     assert os.listdir(world.data) == [n for n in os.listdir(world.data) if n.isprintable()]
+
+
+# -- transfer and delete tasks: jobs run by the built-in transfer task --------------------
+
+
+class Moves:
+    """A service with its processor: endpoints `src` and `dst`, read-only `archive`."""
+
+    def __init__(self, tmp: Path, *args: str) -> None:
+        self.tmp = tmp
+        self.src, self.dst = tmp / "src", tmp / "dst"
+        self.archive, self.staging, self.outside = tmp / "archive", tmp / "staging", tmp / "out"
+        for folder in (self.src, self.dst, self.archive, self.staging, self.outside):
+            folder.mkdir()
+        (self.outside / SENTINEL).write_text(UNSEEN)
+        os.symlink(self.outside, self.src / "out-dir")
+        os.symlink(self.outside / SENTINEL, self.src / "out-file")
+        os.symlink(self.outside, self.dst / "out-dir")
+        self.outside_before = snapshot(self.outside)
+        self.service = Service(
+            tmp / "root", "--endpoint", f"src={self.src}", "--endpoint", f"dst={self.dst}",
+            "--archive", str(self.archive), "--staging", str(self.staging), *args,
+        )  # fmt: skip
+
+    def check_outside(self) -> None:
+        assert snapshot(self.outside) == self.outside_before
+
+
+@pytest.fixture(scope="module")
+def moves(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Moves]:
+    m = Moves(tmp_path_factory.mktemp("moves"))
+    m.service.start()
+    try:
+        yield m
+    finally:
+        m.service.stop()
+    assert "Traceback" not in m.service.log()
+
+
+@pytest.fixture
+def mc(moves: Moves) -> TransferClient:
+    return client(moves.service)
+
+
+def finished(tc: TransferClient, task_id: str, timeout: int = 30) -> dict[str, Any]:
+    assert tc.task_wait(task_id, timeout=timeout, polling_interval=1), tc.get_task(task_id).data
+    return dict(tc.get_task(task_id).data)
+
+
+def test_transfer_files_and_a_folder_with_sync_checksum(moves: Moves, mc: TransferClient) -> None:
+    tree = moves.src / "tree"
+    (tree / "sub").mkdir(parents=True)
+    for i in range(10):
+        (tree / ("sub" if i % 2 else "") / f"f{i}").write_bytes(f"content {i}\n".encode() * 100)
+    (moves.src / "one.bin").write_bytes(os.urandom(3 << 20))
+    os.utime(moves.src / "one.bin", (1_000_000_000, 1_000_000_000))
+    # half the files are already there, one of them different (same size)
+    there = moves.dst / "tree-copy"
+    (there / "sub").mkdir(parents=True)
+    for i in range(5):
+        rel = Path("sub" if i % 2 else "") / f"f{i}"
+        (there / rel).write_bytes((tree / rel).read_bytes())
+    (there / "f4").write_bytes(b"CONTENT 4\n" * 100)
+    (there / "extra").write_text("only here")
+    data = globus_sdk.TransferData(
+        source_endpoint="src", destination_endpoint=moves_id("dst"), label="sync run",
+        sync_level="checksum", verify_checksum=True, preserve_timestamp=True,
+        delete_destination_extra=True,
+    )  # fmt: skip
+    data.add_item("/tree/", "/tree-copy/", recursive=True)
+    data.add_item("/one.bin", "/~/single/one.bin")
+    result = mc.submit_transfer(data)
+    assert (result.http_status, result["code"]) == (202, "Accepted")
+    task = finished(mc, result["task_id"])
+    assert task["status"] == "SUCCEEDED", task
+    assert task["label"] == "sync run" and task["type"] == "TRANSFER"
+    assert (task["files"], task["files_skipped"], task["files_transferred"]) == (11, 4, 7)
+    assert task["directories"] == 2 and task["sync_level"] == 3 and task["verify_checksum"]
+    assert task["bytes_transferred"] == 6 * 1000 + (3 << 20)
+    assert task["bytes_checksummed"] > 0 and task["fatal_error"] is None
+    assert (task["subtasks_total"], task["subtasks_succeeded"]) == (2, 2)
+    assert task["source_endpoint_id"] == moves_id("src")
+    assert task["completion_time"] and task["request_time"]
+    for i in range(10):
+        rel = Path("sub" if i % 2 else "") / f"f{i}"
+        assert (there / rel).read_bytes() == (tree / rel).read_bytes()
+    assert not (there / "extra").exists()  # delete_destination_extra
+    assert (moves.dst / "single" / "one.bin").read_bytes() == (moves.src / "one.bin").read_bytes()
+    assert (moves.dst / "single" / "one.bin").stat().st_mtime == 1_000_000_000
+    assert not [p for p in moves.dst.rglob(".batchingest-*")]
+    done = list(mc.paginated.task_successful_transfers(task["task_id"]).items())
+    assert sorted(d["destination_path"] for d in done) == sorted(
+        ["/~/single/one.bin", "/tree-copy/f4", *[f"/tree-copy/{'sub/' if i % 2 else ''}f{i}"
+                                                  for i in range(5, 10)]]
+    )  # fmt: skip
+    events = [e["code"] for e in mc.task_event_list(task["task_id"])]
+    assert events[0] == "SUCCEEDED" and "STARTED" in events
+    # the job behind it, in the job API, named by the task id
+    job = moves.service.client().get(f"/jobs/{task['task_id']}").json()
+    assert job["Status"] == "success"
+
+
+def moves_id(name: str) -> str:
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"batchingest:endpoint:{name}"))
+
+
+def test_same_submission_id_is_the_same_task(moves: Moves, mc: TransferClient) -> None:
+    (moves.src / "dup.txt").write_text("once")
+    submission = mc.get_submission_id()["value"]
+    data = globus_sdk.TransferData(
+        source_endpoint="src", destination_endpoint="dst", submission_id=submission
+    )
+    data.add_item("/dup.txt", "/dup.txt")
+    first = mc.submit_transfer(data)
+    second = mc.submit_transfer(data)
+    assert (first.http_status, second.http_status) == (202, 200)
+    assert (second["code"], second["DATA_TYPE"]) == ("Duplicate", "transfer_result")
+    assert second["task_id"] == first["task_id"]
+    ids = [t["task_id"] for t in mc.paginated.task_list().items()]
+    assert ids.count(first["task_id"]) == 1
+    assert finished(mc, first["task_id"])["status"] == "SUCCEEDED"
+
+
+def test_delete_task_and_read_only_endpoints(moves: Moves, mc: TransferClient) -> None:
+    (moves.dst / "gone" / "deep").mkdir(parents=True)
+    (moves.dst / "gone" / "deep" / "x").write_text("x")
+    (moves.dst / "gone.txt").write_text("x")
+    delete = globus_sdk.DeleteData(endpoint="dst", recursive=True, label="cleanup")
+    delete.add_item("/gone")
+    delete.add_item("/~/gone.txt")
+    delete.add_item("/out-dir")  # the link itself goes; never what it points at
+    result = mc.submit_delete(delete)
+    assert (result.http_status, result["code"], result["DATA_TYPE"]) == (
+        202, "Accepted", "delete_result",
+    )  # fmt: skip
+    task = finished(mc, result["task_id"])
+    assert (task["status"], task["type"]) == ("SUCCEEDED", "DELETE"), task
+    assert not (moves.dst / "gone").exists() and not (moves.dst / "gone.txt").exists()
+    assert not os.path.lexists(moves.dst / "out-dir")
+    moves.check_outside()
+    os.symlink(moves.outside, moves.dst / "out-dir")
+    # delete tasks show in task_list only when asked for (as in Globus)
+    assert task["task_id"] not in [t["task_id"] for t in mc.task_list(limit=1000)]
+    listed = mc.task_list(filter="type:DELETE/label:cleanup", limit=1000)
+    assert [t["task_id"] for t in listed] == [task["task_id"]]
+    # a folder without recursive fails the task, and loses nothing
+    (moves.dst / "keep").mkdir()
+    (moves.dst / "keep" / "k").write_text("k")
+    shallow = globus_sdk.DeleteData(endpoint="dst")
+    shallow.add_item("/keep")
+    failed = finished(mc, mc.submit_delete(shallow)["task_id"])
+    assert failed["status"] == "FAILED" and "recursive" in failed["fatal_error"]["description"]
+    assert (moves.dst / "keep" / "k").read_text() == "k"
+    for ref in ("archive", moves_id("archive")):
+        ro = globus_sdk.DeleteData(endpoint=ref, recursive=True)
+        ro.add_item("/kept.txt")
+        err = api_error(lambda ro=ro: mc.submit_delete(ro))  # type: ignore[misc]
+        assert (err.http_status, err.code) == (403, "PermissionDenied")
+        into = globus_sdk.TransferData(source_endpoint="src", destination_endpoint=ref)
+        into.add_item("/dup.txt", "/x")
+        err = api_error(lambda into=into: mc.submit_transfer(into))  # type: ignore[misc]
+        assert (err.http_status, err.code) == (403, "PermissionDenied")
+
+
+def test_links_in_a_transfer_are_never_followed(moves: Moves, mc: TransferClient) -> None:
+    for source in ("/out-dir/", "/out-dir/target.txt", "/out-file"):
+        data = globus_sdk.TransferData(source_endpoint="src", destination_endpoint="dst")
+        data.add_item(source, "/leak/x", recursive=source.endswith("/"))
+        task = finished(mc, mc.submit_transfer(data)["task_id"])
+        assert task["status"] == "FAILED", (source, task)
+        assert UNSEEN not in json.dumps(task)
+    (moves.src / "linky").mkdir()
+    os.symlink(moves.outside, moves.src / "linky" / "escape")
+    (moves.src / "linky" / "real").write_text("real")
+    data = globus_sdk.TransferData(source_endpoint="src", destination_endpoint="dst")
+    data.add_item("/linky/", "/out-dir/", recursive=True)  # writing through a link: refused
+    data.add_item("/linky/", "/linky-copy/", recursive=True)
+    task = finished(mc, mc.submit_transfer(data)["task_id"])
+    assert task["status"] == "FAILED" and task["subtasks_succeeded"] == 1
+    assert sorted(os.listdir(moves.dst / "linky-copy")) == ["real"]  # the link is skipped
+    moves.check_outside()
+    assert not (moves.outside / "x").exists() and not (moves.outside / "real").exists()
+
+
+@pytest.mark.parametrize("attack", JOB_API_ATTACKS)
+def test_the_job_api_attack_list_in_submissions(mc: TransferClient, attack: str) -> None:
+    for raw in ("/~/../" + attack, "/a/../" + attack, "/.batchingest-x", attack + "/./x"):
+        data = globus_sdk.TransferData(source_endpoint="src", destination_endpoint="dst")
+        data.add_item(raw, "/fine")
+        err = api_error(lambda data=data: mc.submit_transfer(data))  # type: ignore[misc]
+        assert (err.http_status, err.code) == (400, "ClientError.BadRequest"), raw
+        data = globus_sdk.TransferData(source_endpoint="src", destination_endpoint="dst")
+        data.add_item("/fine", raw)
+        err = api_error(lambda data=data: mc.submit_transfer(data))  # type: ignore[misc]
+        assert (err.http_status, err.code) == (400, "ClientError.BadRequest"), raw
+
+
+def test_task_errors(moves: Moves, mc: TransferClient) -> None:
+    missing = str(uuid.uuid4())
+    for call in (
+        lambda: mc.get_task(missing),
+        lambda: mc.cancel_task(missing),
+        lambda: mc.task_event_list(missing),
+        lambda: mc.task_successful_transfers(missing),
+        lambda: mc.get_task("not-a-task"),
+    ):
+        err = api_error(call)
+        assert (err.http_status, err.code) == (404, "TaskNotFound")
+    item = {"DATA_TYPE": "transfer_item", "source_path": "/a", "destination_path": "/b"}
+    good = {"DATA_TYPE": "transfer", "submission_id": "s-1", "source_endpoint": "src",
+            "destination_endpoint": "dst", "DATA": [item]}  # fmt: skip
+    for change, status, code in (
+        ({"source_endpoint": "nope"}, 404, "EndpointNotFound"),
+        ({"destination_endpoint": str(uuid.uuid4())}, 404, "EndpointNotFound"),
+        ({"sync_level": 7}, 400, "ClientError.BadRequest"),
+        ({"sync_level": "often"}, 400, "ClientError.BadRequest"),
+        ({"deadline": "tomorrow"}, 400, "ClientError.BadRequest"),
+        ({"DATA": []}, 400, "ClientError.BadRequest"),
+        ({"DATA": [{"DATA_TYPE": "delete_item", "path": "/a"}]}, 400, "ClientError.BadRequest"),
+        ({"submission_id": None}, 400, "ClientError.BadRequest"),
+        ({"verify_checksum": "yes"}, 400, "ClientError.BadRequest"),
+        ({"encrypt_data": True}, 501, "NotImplemented"),
+        ({"DATA_TYPE": "delete"}, 400, "ClientError.BadRequest"),
+    ):
+        err = api_error(lambda c=change: mc.post("/v0.10/transfer", data={**good, **c}))  # type: ignore[misc]
+        assert (err.http_status, err.code) == (status, code), change
+    for params in ({"filter": "colour:red"}, {"orderby": "size"}, {"limit": "5000"},
+                   {"filter": "request_time:yesterday,"}):  # fmt: skip
+        err = api_error(lambda p=params: mc.task_list(query_params=p))  # type: ignore[misc]
+        assert (err.http_status, err.code) == (400, "ClientError.BadRequest"), params
+    reply = httpx.post(moves.service.url + "/globus/v0.10/transfer", content=b"{",
+                       headers={"Authorization": f"Bearer {TOKEN}"})  # fmt: skip
+    assert reply.status_code == 400 and reply.json()["code"] == "ClientError.BadRequest"
+    assert "Traceback" not in moves.service.log()
+
+
+def test_paging_through_250_tasks(world: World, tc: TransferClient) -> None:
+    """Without a processor the tasks stay queued: ACTIVE, then paged through with the SDK."""
+    label = "page-" + uuid.uuid4().hex[:6]
+    made = []
+    for i in range(250):
+        data = globus_sdk.TransferData(source_endpoint="data", destination_endpoint="staging",
+                                       label=f"{label}-{i:03d}")  # fmt: skip
+        data.add_item(f"/f{i}", f"/f{i}")
+        made.append(tc.submit_transfer(data)["task_id"])
+    found = list(
+        tc.paginated.task_list(filter=f"label:~{label}", query_params={"limit": 100}).items()
+    )
+    assert sorted(t["task_id"] for t in found) == sorted(made)
+    assert {t["status"] for t in found} == {"ACTIVE"}
+    times = [t["request_time"] for t in found]
+    assert times == sorted(times, reverse=True)  # newest first by default
+    page = tc.task_list(limit=7, offset=3, orderby="label ASC", filter=f"label:~{label}",
+                        query_params={"fields": "task_id,label"})  # fmt: skip
+    assert (page["limit"], page["offset"], page["total"], page["length"]) == (7, 3, 250, 7)
+    assert [t["label"] for t in page] == [f"{label}-{i:03d}" for i in range(3, 10)]
+    assert set(page["DATA"][0]) == {"DATA_TYPE", "task_id", "label"}
+    exact = tc.task_list(filter=f"label:{label}-042/status:ACTIVE")
+    assert [t["task_id"] for t in exact] == [made[42]]
+    assert tc.task_list(filter=f"label:~{label}/status:SUCCEEDED,FAILED")["total"] == 0
+    assert tc.task_list(filter=f"label:~{label}/request_time:,2000-01-01")["total"] == 0
+    assert tc.task_list(filter=f"label:~{label}/request_time:2000-01-01,")["total"] == 250
+
+
+@pytest.fixture
+def slow(tmp_path: Path) -> Iterator[Moves]:
+    """One worker copying at most 40 MB/s: a few dozen MiB take a second or more."""
+    m = Moves(tmp_path, "--workers", "1", "--transfer-max-rate", "40M")
+    for i in range(20):
+        (m.src / "many").mkdir(exist_ok=True)
+        (m.src / "many" / f"part{i:02d}").write_bytes(os.urandom(4 << 20))
+    m.service.start()
+    try:
+        yield m
+    finally:
+        m.service.stop()
+    assert "Traceback" not in m.service.log()
+
+
+def many(m: Moves, dest: str, **kw: Any) -> globus_sdk.TransferData:
+    data = globus_sdk.TransferData(source_endpoint="src", destination_endpoint="dst", **kw)
+    data.add_item("/many/", dest, recursive=True)
+    return data
+
+
+def test_cancel_mid_copy_and_while_queued(slow: Moves) -> None:
+    tc = client(slow.service)
+    running = tc.submit_transfer(many(slow, "/run/"))["task_id"]
+    moved = [0]
+    while moved[-1] < 8 << 20:  # progress fields move while the copy runs
+        task = tc.get_task(running)
+        assert task["status"] == "ACTIVE"
+        moved.append(task["bytes_transferred"])
+        time.sleep(0.05)
+    queued = tc.submit_transfer(many(slow, "/queued/"))["task_id"]  # the one worker is busy
+    assert tc.get_task(queued)["nice_status"] == "Queued"
+    done = tc.cancel_task(queued)
+    assert (done["DATA_TYPE"], done["code"]) == ("result", "Canceled")
+    task = tc.get_task(queued)
+    assert (task["status"], task["fatal_error"]["code"]) == ("FAILED", "CANCELED")
+    done = tc.cancel_task(running)
+    assert done["code"] == "Canceled", done.data
+    task = tc.get_task(running)
+    assert (task["status"], task["fatal_error"]["code"], task["nice_status"]) == (
+        "FAILED", "CANCELED", "CANCELED",
+    )  # fmt: skip
+    assert 0 < task["files_transferred"] < 20 and task["completion_time"]
+    assert "CANCELED" in [e["code"] for e in tc.task_event_list(running)]
+    # what was copied is whole; nothing half-copied is left under any name
+    for path in (slow.dst / "run").iterdir():
+        assert path.read_bytes() == (slow.src / "many" / path.name).read_bytes()
+    assert not (slow.dst / "queued").exists()
+    assert not [p for p in slow.dst.rglob(".batchingest-*")]
+    assert tc.cancel_task(running)["code"] == "TaskComplete"
+    assert tc.task_wait(running, timeout=1, polling_interval=1)  # not ACTIVE: done waiting
+
+
+def test_deadline_running_and_queued(slow: Moves) -> None:
+    tc = client(slow.service)
+    soon = datetime.now(UTC) + timedelta(seconds=1)
+    running = tc.submit_transfer(many(slow, "/d1/", deadline=soon))["task_id"]
+    past = datetime.now(UTC) - timedelta(seconds=1)
+    queued = tc.submit_transfer(many(slow, "/d2/", deadline=past))["task_id"]
+    for tid in (running, queued):
+        task = finished(tc, tid)
+        assert (task["status"], task["fatal_error"]["code"]) == ("FAILED", "DEADLINE_EXCEEDED")
+        assert task["deadline"]
+    assert not (slow.dst / "d2").exists() or not os.listdir(slow.dst / "d2")
+
+
+def test_kill_9_mid_transfer_still_succeeds(slow: Moves) -> None:
+    tc = client(slow.service)
+    tid = tc.submit_transfer(many(slow, "/k/", label="survivor"))["task_id"]
+    while tc.get_task(tid)["bytes_transferred"] < 12 << 20:
+        time.sleep(0.05)
+    slow.service.kill()
+    for pid in task_pids(slow.tmp / "root"):
+        os.kill(pid, signal.SIGKILL)
+    slow.service.start()
+    task = finished(client(slow.service), tid, timeout=60)
+    assert (task["status"], task["label"], task["files"]) == ("SUCCEEDED", "survivor", 20)
+    for i in range(20):
+        name = f"part{i:02d}"
+        assert (slow.dst / "k" / name).read_bytes() == (slow.src / "many" / name).read_bytes()
+    assert not [p for p in slow.dst.rglob(".batchingest-*")]
+
+
+def task_pids(root: Path) -> list[int]:
+    """Processes working in a job folder under root (the tasks the service started)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cwd = os.readlink(f"/proc/{entry}/cwd")
+            except OSError:
+                continue
+            if cwd.startswith(str(root) + "/"):
+                pids.append(int(entry))
+    return pids

@@ -21,7 +21,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Match, Route
 
 from batchingest.api.errors import ApiError
-from batchingest.api.globus import operations, unsupported
+from batchingest.api.globus import operations, tasks, unsupported
 from batchingest.api.globus.documents import PREFIX, VERSION_PREFIX
 from batchingest.config import Config
 from batchingest.endpoints import Endpoints
@@ -93,9 +93,11 @@ def routes(cfg: Config, store: Store) -> list[BaseRoute]:
         if not ep.path.is_dir():
             log.warning("endpoint %r: %s is not a folder (yet)", ep.name, ep.path)
     api = operations.GlobusApi(registry)
+    task_api = tasks.TaskApi(registry, store)
+    handlers = [*api.routes(), *[(p, getattr(task_api, n), m) for p, n, m, _ in tasks.ROUTES]]
     served = [
         Route(PREFIX + path, _globus(handler), methods=methods)
-        for path, handler, methods in api.routes()
+        for path, handler, methods in handlers
     ]
     fallback = Route(f"{PREFIX}/{{path:path}}", _fallback(served), methods=_ALL_METHODS)
     return [*served, fallback]
@@ -106,7 +108,8 @@ _ERROR = {"description": "Globus error document", "content": {"application/json"
 
 def _openapi_paths() -> dict[str, Any]:
     paths: dict[str, Any] = {}
-    for path, summary, methods in operations.DOCUMENTED:
+    documented = [*operations.DOCUMENTED, *[(p, d, m) for p, _, m, d in tasks.ROUTES]]
+    for path, summary, methods in documented:
         ops = paths.setdefault(PREFIX + path, {})
         for method in methods:
             ops[method.lower()] = {
@@ -116,7 +119,7 @@ def _openapi_paths() -> dict[str, Any]:
             }
     paths[f"{PREFIX}/{{path}}"] = {
         m.lower(): {
-            "summary": "Globus routes not served: 501 NotImplemented (tasks, ACLs, "
+            "summary": "Globus routes not served: 501 NotImplemented (ACLs, "
             "bookmarks, sharing, ...), 405 or 404",
             "tags": ["globus"],
             "responses": {"default": _ERROR},

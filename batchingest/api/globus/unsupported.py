@@ -3,22 +3,19 @@
 The fallback route of batchingest.api.globus answers every path that matches one of
 these (any method that is not served by a real route).
 
-Task submission and monitoring come with transfer jobs; the rest (managing endpoints,
+Tasks are served (tasks.py); the rest (managing endpoints,
 sharing, ACLs, roles, bookmarks, servers, pause rules, tunnels...) has no meaning for
 folders configured on the command line.
 """
 
 from __future__ import annotations
 
-_TASKS = "transfer and delete tasks are not served yet"
 _CONFIGURED = "endpoints are configured on the service's command line (--endpoint NAME=DIR)"
 
 # (path below /globus, why it is not served)
 UNSUPPORTED: list[tuple[str, str]] = [
-    ("/v0.10/transfer", _TASKS),
-    ("/v0.10/delete", _TASKS),
-    ("/v0.10/task_list", _TASKS),
-    ("/v0.10/task/{rest:path}", _TASKS),
+    ("/v0.10/task/{task_id}/pause_info", "pause rules are not supported"),
+    ("/v0.10/task/{task_id}/skipped_errors", "skip_source_errors is not supported"),
     ("/v0.10/endpoint_manager/{rest:path}", "administrator routes are not served"),
     ("/v0.10/endpoint", _CONFIGURED),
     ("/v0.10/endpoint/{endpoint}", _CONFIGURED),  # PUT, DELETE: GET is served

@@ -1,0 +1,714 @@
+"""The built-in `transfer` task: carry out a transfer job's request (batchingest.transfers).
+
+Run as `python -m batchingest.tasks.transfer` in the job folder, like any task. Reads
+`TRANSFER.json`, rewrites `TRANSFER-PROGRESS.json`, appends every file copied to
+`TRANSFERRED`, and explains itself on stdout (the job's LOG).
+
+The request names endpoints; their folders come from `BATCHINGEST_TRANSFER_ENDPOINTS`
+(set by the service), never from the job. Every file is reached beneath an endpoint
+folder's descriptor through batchingest.fs: no symbolic link is followed (a link met in
+a recursive copy is skipped and logged), no FIFO or device is opened, and a path with
+`..` cannot even be written down. Copies use the staging copy engine (kernel copy,
+large files in parallel pieces) into a hidden `.batchingest-xfer-*` file beside the
+target, flushed, then renamed into place, so no partial file ever shows under a real
+name. Small files are flushed in batches with one syncfs.
+
+Between files and pieces the task looks for a cancel request (`.cancel` in the job
+folder) and the request's deadline; either stops it with exit status 3 and the reason
+in `fatal_error`. Exit status 1: some item failed (the first error in `fatal_error`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import itertools
+import json
+import os
+import signal
+import stat
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from batchingest import fs, transfers
+from batchingest.config import env_bool
+from batchingest.copyengine import LARGE, PIECE, copy_fd, copy_range, sha256_fd
+from batchingest.endpoints import SERVICE_PREFIX, Endpoint, Endpoints, PathError, split_path
+
+SAVE_EVERY = 0.5
+PARALLEL = 2  # files, or pieces of a large file, copied at the same time
+BATCH = 256  # copies named after one syncfs: one per batch, not per file
+STEP = 16 << 20  # a Staccato transfer flushes and records its progress this often
+WINDOW = 4 * PIECE  # a large file is copied this much at a time between checks
+SYNC_EXISTS, SYNC_SIZE, SYNC_MTIME, SYNC_CHECKSUM = range(4)
+EXIT_FAILED, EXIT_STOPPED = 1, 3
+
+
+class Stop(Exception):
+    """Canceled, or past the deadline: code is CANCELED or DEADLINE_EXCEEDED."""
+
+    def __init__(self, code: str, description: str) -> None:
+        super().__init__(description)
+        self.code = code
+        self.description = description
+
+
+class ItemError(Exception):
+    """One file or item cannot be done; the others still are."""
+
+
+def load_endpoints() -> Endpoints:
+    raw = os.environ.get("BATCHINGEST_TRANSFER_ENDPOINTS") or "[]"
+    return Endpoints([Endpoint(n, Path(p), bool(ro)) for n, p, ro in json.loads(raw)])
+
+
+@dataclass
+class Pending:
+    """A complete copy waiting for its batch's flush: an unnamed file kept open (fd), or
+    one under a hidden name (tmp)."""
+
+    dir_fd: int
+    tmp: str
+    name: str
+    record: str
+    fd: int = -1
+
+    def discard(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # an unnamed file disappears with its last descriptor
+            self.fd = -1
+        if self.tmp:
+            with contextlib.suppress(OSError):
+                os.unlink(self.tmp, dir_fd=self.dir_fd)
+            self.tmp = ""
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_linkat = getattr(_libc, "linkat", None)
+_AT_EMPTY_PATH = 0x1000
+
+
+def link_unnamed(fd: int, dir_fd: int, name: str, how: str) -> None:
+    """Give the unnamed (O_TMPFILE) file fd the name dir_fd/name; FileExistsError if taken.
+
+    linkat(AT_EMPTY_PATH) needs CAP_DAC_READ_SEARCH; the /proc/self/fd form does not.
+    """
+    if how == "empty-path" and _linkat is not None:
+        if _linkat(fd, b"", dir_fd, os.fsencode(name), _AT_EMPTY_PATH) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), name)
+        return
+    os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=dir_fd, follow_symlinks=True)
+
+
+def probe_unnamed(dir_fd: int, prefix: str) -> str | None:
+    """How unnamed files get names in dir_fd's file system, or None (NFS, old kernels).
+
+    An O_TMPFILE copy needs no directory entry until it is linked: one directory
+    operation per file instead of a create and a rename, and a killed copy leaves nothing.
+    """
+    if not hasattr(os, "O_TMPFILE"):
+        return None
+    try:
+        fd = os.open(".", os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+    except OSError:
+        return None
+    try:
+        for how in ("empty-path", "proc"):
+            name = f"{prefix}probe-{os.getpid()}.tmp"
+            try:
+                link_unnamed(fd, dir_fd, name, how)
+            except OSError:
+                continue
+            with contextlib.suppress(OSError):
+                os.unlink(name, dir_fd=dir_fd)
+            return how
+        return None
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class Run:
+    job_fd: int
+    request: dict[str, Any]
+    registry: Endpoints
+    max_rate: int = 0
+    counters: dict[str, int] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+    pending: list[Pending] = field(default_factory=list)
+    done_lines: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.counters = {k: 0 for k in transfers.COUNTERS}
+        self.started = time.monotonic()
+        self.moved = 0  # bytes copied by this run, for the rate limit
+        self.last_save = 0.0
+        self.last_check = 0.0
+        self.temp_ids = itertools.count()
+        deadline = self.request.get("deadline")
+        self.deadline = transfers.parse_time(deadline).timestamp() if deadline else None
+        self.pool = ThreadPoolExecutor(PARALLEL, thread_name_prefix="piece")
+        self.workers = ThreadPoolExecutor(PARALLEL, thread_name_prefix="copy")
+        self.lock = threading.Lock()
+        self.unnamed: str | None = None  # how unnamed copies get names; "" if they cannot
+        self.saving = threading.Lock()
+        # this job's unfinished copies: named so that a later run of the job finds them
+        self.temp_prefix = f"{SERVICE_PREFIX}xfer-{self.request.get('id')}."
+        # a run before this one was cut off (kill -9, power cut): look for its leftovers
+        self.rerun = fs.lstat(self.job_fd, transfers.PROGRESS) is not None
+
+    def remove_leftovers(self, dir_fd: int) -> None:
+        """Unfinished copies of an earlier run of this job in a destination folder.
+
+        Only this job's: the job is held by this run, so no other run of it is alive.
+        """
+        if not self.rerun:
+            return
+        for entry in list(fs.entries(dir_fd, hidden=True)):
+            if entry.name.startswith(self.temp_prefix) and entry.is_file:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.name, dir_fd=dir_fd)
+
+    # -- bookkeeping ---------------------------------------------------------------------
+
+    def add(self, key: str, n: int = 1) -> None:
+        with self.lock:
+            self.counters[key] += n
+
+    def save(self, *, force: bool = False, fatal: dict[str, str] | None = None) -> None:
+        if not force and time.monotonic() - self.last_save < SAVE_EVERY:
+            return
+        # one writer at a time; a worker thread finding it busy need not wait
+        if not self.saving.acquire(blocking=force):
+            return
+        try:
+            self.last_save = time.monotonic()
+            with self.lock:
+                doc: dict[str, Any] = {**self.counters, "fatal_error": fatal}
+            fs.write_atomic(self.job_fd, transfers.PROGRESS, json.dumps(doc).encode(),
+                            durable=force, mode=0o644)  # fmt: skip
+        finally:
+            self.saving.release()
+
+    def check(self, *, now: bool = False) -> None:
+        """Stop if canceled or past the deadline (looked at every 50 ms at most)."""
+        if not now and time.monotonic() - self.last_check < 0.05:
+            return
+        self.last_check = time.monotonic()
+        if _TERMINATED.is_set() or fs.lstat(self.job_fd, transfers.CANCEL) is not None:
+            raise Stop("CANCELED", "canceled by request")
+        if self.deadline is not None and time.time() > self.deadline:
+            raise Stop("DEADLINE_EXCEEDED", f"deadline {self.request.get('deadline')} passed")
+
+    def throttle(self, n: int) -> None:
+        with self.lock:
+            self.moved += n
+        if self.max_rate <= 0:
+            return
+        while True:
+            self.check()
+            ahead = self.moved / self.max_rate - (time.monotonic() - self.started)
+            if ahead <= 0:
+                return
+            time.sleep(min(ahead, 0.05))
+
+    def endpoint(self, name: Any, write: bool) -> Endpoint:
+        ep = self.registry.find(str(name))
+        if ep is None:
+            raise ItemError(f"endpoint {name!r} is not configured (any more)")
+        if write and ep.read_only:
+            raise ItemError(f"endpoint {ep.name!r} is read-only")
+        return ep
+
+    # -- copying one file ------------------------------------------------------------------
+
+    def in_sync(self, src: int, st: os.stat_result, dst_dir: int, name: str) -> bool:
+        level = self.request.get("sync_level")
+        if level is None:
+            return False
+        try:
+            dst = os.stat(name, dir_fd=dst_dir, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        if not stat.S_ISREG(dst.st_mode):
+            return False
+        if level == SYNC_EXISTS:
+            return True
+        if dst.st_size != st.st_size:
+            return False
+        if level == SYNC_SIZE:
+            return True
+        if level == SYNC_MTIME:
+            return int(dst.st_mtime) >= int(st.st_mtime)
+        fd = fs.open_regular(dst_dir, name)
+        try:
+            same = sha256_fd(src) == sha256_fd(fd)
+        finally:
+            os.close(fd)
+            os.lseek(src, 0, os.SEEK_SET)  # the copy that may follow reads from the start
+        self.add("bytes_checksummed", 2 * st.st_size)
+        return same
+
+    def copy_data(self, src: int, dst: int, size: int) -> None:
+        if size < LARGE or not hasattr(os, "copy_file_range"):
+            copied = copy_fd(src, dst, size)
+            self.throttle(copied)
+        else:
+            copied = 0
+            for start in range(0, size, WINDOW):
+                end = min(size, start + WINDOW)
+                futures = [
+                    self.pool.submit(copy_range, src, dst, off, min(PIECE, end - off))
+                    for off in range(start, end, PIECE)
+                ]
+                wait(futures)
+                got = sum(f.result() for f in futures)
+                copied += got
+                self.add("bytes_transferred", got)
+                self.throttle(got)
+                self.check()
+                self.save()
+            self.add("bytes_transferred", -copied)  # counted again once the file is done
+        if copied != size:
+            raise ItemError("the source is shorter than it was (changed while copying)")
+
+    def copy_file(
+        self, src_dir: int, src_name: str, dst_dir: int, dst_name: str, record: str
+    ) -> None:
+        """Copy one regular file to dst_dir/dst_name (a hidden copy, renamed later)."""
+        self.add("files")
+        try:
+            src = fs.open_regular(src_dir, src_name)
+        except OSError as e:
+            raise ItemError(f"{record}: cannot be read ({e.strerror or e})") from None
+        try:
+            st = os.fstat(src)
+            if self.in_sync(src, st, dst_dir, dst_name):
+                self.add("files_skipped")
+                return
+            p = self.create(dst_dir, dst_name, record, stat.S_IMODE(st.st_mode) & 0o777)
+            try:
+                self.fill(src, p.fd, st)
+            except BaseException:
+                p.discard()
+                raise
+            if p.tmp:
+                os.close(p.fd)
+                p.fd = -1
+            with self.lock:
+                self.pending.append(p)
+            self.add("bytes_transferred", st.st_size)
+            self.save()  # at most every SAVE_EVERY: clients watch the counters move
+        finally:
+            os.close(src)
+
+    def create(self, dst_dir: int, name: str, record: str, mode: int) -> Pending:
+        """An empty copy for dst_dir/name: unnamed where the file system allows, else hidden."""
+        if self.unnamed is None:
+            with self.lock:
+                if self.unnamed is None:
+                    # BATCHINGEST_TRANSFER_UNNAMED=0 forces hidden named copies
+                    allowed = env_bool("BATCHINGEST_TRANSFER_UNNAMED", True)
+                    found = probe_unnamed(dst_dir, self.temp_prefix) if allowed else None
+                    self.unnamed = found or ""
+        if self.unnamed:
+            try:
+                fd = os.open(".", os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, mode, dir_fd=dst_dir)
+                return Pending(dst_dir, "", name, record, fd)
+            except OSError:
+                pass  # another file system mounted below: the named way
+        tmp = f"{self.temp_prefix}{os.getpid()}-{next(self.temp_ids)}.tmp"
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        return Pending(dst_dir, tmp, name, record, os.open(tmp, flags, mode, dir_fd=dst_dir))
+
+    def fill(self, src: int, out: int, st: os.stat_result) -> None:
+        self.copy_data(src, out, st.st_size)
+        after = os.fstat(src)
+        if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
+            raise ItemError("the source changed while it was copied")
+        if self.request.get("verify_checksum"):
+            a, b = sha256_fd(src), sha256_fd(out)
+            self.add("bytes_checksummed", 2 * st.st_size)
+            if a != b:
+                raise ItemError(f"checksum mismatch: source {a}, copy {b}")
+        if self.request.get("preserve_timestamp"):
+            os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
+        if st.st_size >= LARGE:
+            os.fsync(out)
+
+    def commit(self) -> None:
+        """Flush the waiting copies with one syncfs, then give them their names."""
+        with self.lock:
+            pending, self.pending = self.pending, []
+        if not pending:
+            return
+        try:
+            if not fs.syncfs(pending[0].dir_fd):
+                for p in pending:
+                    _fsync(p)
+        except BaseException:
+            for p in pending:
+                p.discard()
+            raise
+        for p in pending:
+            try:
+                self.name(p)
+            except OSError as e:
+                self.fail(f"{p.record}: cannot be put in place ({e.strerror})")
+                continue
+            finally:
+                p.discard()
+            self.add("files_transferred")
+            self.done_lines.append(p.record)
+        self.flush_done()
+
+    def name(self, p: Pending) -> None:
+        """Give a flushed copy its real name, replacing an older file in one rename."""
+        if not p.tmp:
+            try:
+                link_unnamed(p.fd, p.dir_fd, p.name, self.unnamed or "proc")
+                return
+            except FileExistsError:
+                p.tmp = f"{self.temp_prefix}{os.getpid()}-{next(self.temp_ids)}.tmp"
+                link_unnamed(p.fd, p.dir_fd, p.tmp, self.unnamed or "proc")
+        os.replace(p.tmp, p.name, src_dir_fd=p.dir_fd, dst_dir_fd=p.dir_fd)
+        p.tmp = ""
+
+    def flush_done(self) -> None:
+        if self.done_lines:
+            fs.append(self.job_fd, transfers.TRANSFERRED, "".join(self.done_lines).encode())
+            self.done_lines = []
+        self.save()
+
+    def fail(self, message: str) -> None:
+        self.errors.append(message)
+        print(f"ERROR {message}", flush=True)
+
+
+def _fsync(p: Pending) -> None:
+    if p.fd >= 0:
+        os.fsync(p.fd)
+        return
+    fd = os.open(p.tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=p.dir_fd)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def record(src: str, dst: str) -> str:
+    return json.dumps({"source_path": src, "destination_path": dst}) + "\n"
+
+
+def _open_parent(run: Run, root: int, parts: list[str]) -> int:
+    """The destination's parent folder, created where missing (Globus does)."""
+    try:
+        return fs.make_dirs(root, parts[:-1])
+    except OSError as e:
+        raise ItemError(f"cannot create the destination folder: {e.strerror or e}") from None
+
+
+def transfer_item(run: Run, item: dict[str, Any], dirs: list[int]) -> None:
+    """One transfer item: a file, or a folder copied recursively."""
+    src_ep = run.endpoint(run.request["source_endpoint"], write=False)
+    dst_ep = run.endpoint(run.request["destination_endpoint"], write=True)
+    try:
+        src_parts = split_path(item["source_path"])
+        dst_parts = split_path(item["destination_path"])
+    except PathError as e:
+        raise ItemError(e.message) from None
+    src_root, dst_root = fs.open_root(src_ep.path), fs.open_root(dst_ep.path)
+    dirs += [src_root, dst_root]
+    src_show, dst_show = item["source_path"], item["destination_path"]
+    if not item.get("recursive"):
+        if not src_parts or not dst_parts:
+            raise ItemError("a file transfer needs a file path on both sides, not '/'")
+        above = "/".join(src_parts[:-1])
+        src_dir = fs.open_dir(src_root, above) if above else os.dup(src_root)
+        dirs.append(src_dir)
+        dst_dir = _open_parent(run, dst_root, dst_parts)
+        dirs.append(dst_dir)
+        run.remove_leftovers(dst_dir)
+        run.copy_file(src_dir, src_parts[-1], dst_dir, dst_parts[-1], record(src_show, dst_show))
+        return
+    try:
+        top = os.dup(src_root) if not src_parts else fs.open_dir(src_root, "/".join(src_parts))
+    except OSError as e:
+        raise ItemError(f"{src_show}: not a folder that can be read ({e.strerror or e})") from None
+    dirs.append(top)
+    try:
+        dst_top = fs.make_dirs(dst_root, dst_parts)
+    except OSError as e:
+        raise ItemError(f"{dst_show}: cannot create the folder ({e.strerror or e})") from None
+    dirs.append(dst_top)
+    walk(run, top, dst_top, src_show.rstrip("/"), dst_show.rstrip("/"), dirs)
+
+
+def walk(run: Run, src: int, dst: int, src_show: str, dst_show: str, dirs: list[int]) -> None:
+    """Copy the folder src into dst, folder by folder (a loop, not a recursion).
+
+    Folders waiting their turn are kept as paths below src and dst, opened beneath them
+    when their turn comes (no link on the way), so a wide tree holds few descriptors;
+    finished folders stay open only until their copies are named.
+    """
+    stack: list[list[str]] = [[]]
+    done: list[int] = []
+    try:
+        while stack:
+            parts = stack.pop()
+            rel = "/".join(parts)
+            try:
+                s = fs.open_dir(src, rel) if parts else os.dup(src)
+                done.append(s)
+                d = fs.make_dirs(dst, parts)
+                done.append(d)
+            except OSError as e:
+                run.fail(f"{src_show}/{rel}: {e.strerror or e}")
+                continue
+            shown = (f"{src_show}/{rel}".rstrip("/"), f"{dst_show}/{rel}".rstrip("/"))
+            stack.extend(reversed(walk_folder(run, s, d, shown, parts)))
+            if len(done) > 128 or len(run.pending) >= BATCH:
+                run.commit()
+                while done:
+                    os.close(done.pop())
+    finally:
+        # copies made so far get their names (also when stopped) while their folders
+        # are still open
+        with contextlib.suppress(OSError):
+            run.commit()
+        for fd in done:
+            os.close(fd)
+
+
+def walk_folder(
+    run: Run, s: int, d: int, shown: tuple[str, str], parts: list[str]
+) -> list[list[str]]:
+    """Copy the files of one folder; return its subfolders (as paths below the top)."""
+    run.add("directories")
+    run.remove_leftovers(d)
+    seen: set[str] = set()
+    subfolders: list[list[str]] = []
+    files: list[str] = []
+    for entry in sorted(fs.entries(s, hidden=True), key=lambda e: e.name):
+        seen.add(entry.name)
+        s_rel = f"{shown[0]}/{entry.name}"
+        if entry.is_dir:
+            subfolders.append([*parts, entry.name])
+        elif entry.is_file:
+            files.append(entry.name)
+        else:
+            print(
+                f"skipped {s_rel}: a {fs.kind(entry.mode)} is never followed or copied", flush=True
+            )
+    copy_files(run, s, d, shown, files)
+    if run.request.get("delete_destination_extra"):
+        remove_extra(run, d, shown[1], seen)
+    return subfolders
+
+
+def copy_files(run: Run, s: int, d: int, shown: tuple[str, str], names: list[str]) -> None:
+    """Copy the files names of folder s into d on PARALLEL threads (as the stage task does:
+    one thread leaves the disk and the kernel's copy idle between system calls)."""
+
+    def one(name: str) -> None:
+        run.check()
+        try:
+            run.copy_file(s, name, d, name, record(f"{shown[0]}/{name}", f"{shown[1]}/{name}"))
+        except ItemError as e:
+            run.fail(str(e))
+
+    for start in range(0, len(names), BATCH):
+        futures = [run.workers.submit(one, name) for name in names[start : start + BATCH]]
+        wait(futures)  # every copy is done with s and d before anyone closes them
+        for f in futures:
+            f.result()  # Stop, or a failure of the destination: raised here, in order
+        if len(run.pending) >= BATCH:
+            run.commit()  # unnamed copies hold a descriptor each until named
+
+
+def remove_extra(run: Run, dst: int, dst_show: str, keep: set[str]) -> None:
+    """delete_destination_extra: what the destination folder has and the source has not."""
+    for entry in list(fs.entries(dst, hidden=True)):
+        if entry.name in keep or entry.name.startswith(SERVICE_PREFIX):
+            continue
+        try:
+            fs.remove(dst, entry.name, recursive=True)
+            print(f"deleted {dst_show}/{entry.name}: not in the source", flush=True)
+        except OSError as e:
+            run.fail(f"{dst_show}/{entry.name}: cannot be deleted ({e.strerror or e})")
+
+
+def delete_item(run: Run, item: dict[str, Any]) -> None:
+    ep = run.endpoint(run.request["endpoint"], write=True)
+    try:
+        parts = split_path(item["path"])
+    except PathError as e:
+        raise ItemError(e.message) from None
+    if not parts:
+        raise ItemError("/ is the endpoint folder itself: it is never deleted")
+    if any(p.startswith(SERVICE_PREFIX) for p in parts):
+        raise ItemError(f"{item['path']}: names starting with {SERVICE_PREFIX} are the service's")
+    root = fs.open_root(ep.path)
+    try:
+        st = fs.lstat(root, "/".join(parts))
+        if st is None:
+            if run.request.get("ignore_missing"):
+                return
+            raise ItemError(f"{item['path']}: no such file or folder")
+        if stat.S_ISDIR(st.st_mode) and not run.request.get("recursive"):
+            raise ItemError(f"{item['path']} is a folder: a delete of folders needs recursive")
+        fs.remove(root, "/".join(parts), recursive=True)
+        run.add("files" if not stat.S_ISDIR(st.st_mode) else "directories")
+        print(f"deleted {item['path']}", flush=True)
+    except OSError as e:
+        raise ItemError(f"{item['path']}: cannot be deleted ({e.strerror or e})") from None
+    finally:
+        os.close(root)
+
+
+def run_items(run: Run) -> None:
+    items = run.request.get("items") or []
+    run.counters["subtasks_total"] = len(items)
+    for item in items:
+        run.check(now=True)
+        before = len(run.errors)
+        dirs: list[int] = []
+        try:
+            if run.request["kind"] == "delete":
+                delete_item(run, item)
+            else:
+                transfer_item(run, item, dirs)
+        except ItemError as e:
+            run.fail(str(e))
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+                raise
+            shown = item.get("path") or item.get("source_path")
+            run.fail(f"{shown}: {e.strerror or e}")
+        finally:
+            with contextlib.suppress(OSError):
+                run.commit()  # copies made before a failure still get their names
+            for fd in dirs:
+                os.close(fd)
+        run.add("subtasks_succeeded" if len(run.errors) == before else "subtasks_failed")
+        run.save()
+
+
+def staccato(run: Run) -> None:
+    """A byte range of one file into the same offsets of another, resumable from progress."""
+    req = run.request
+    src_ep = run.endpoint(req["source_endpoint"], write=False)
+    dst_ep = run.endpoint(req["destination_endpoint"], write=True)
+    src_parts, dst_parts = req["source_parts"], req["destination_parts"]
+    progress = int(transfers.read_progress(run.job_fd).get("progress") or 0)
+    src_root, dst_root = fs.open_root(src_ep.path), fs.open_root(dst_ep.path)
+    opened = [src_root, dst_root]
+    try:
+        src = fs.open_regular(src_root, "/".join(src_parts))
+        opened.append(src)
+        parent = fs.make_dirs(dst_root, dst_parts[:-1])
+        opened.append(parent)
+        dst = fs.open_regular(parent, dst_parts[-1], os.O_WRONLY | os.O_CREAT, 0o644)
+        opened.append(dst)
+        size = os.fstat(src).st_size
+        start, end = int(req["start_offset"]), int(req["end_offset"])
+        end = size if end < 0 or end > size else end
+        run.counters["progress"] = progress
+        pos = start + progress
+        if progress:
+            print(f"transfer: resuming at offset {pos} ({progress} bytes already written)")
+        while pos < end:
+            run.check()
+            n = min(STEP, end - pos)
+            got = _copy_at(src, dst, pos, n)
+            if got == 0:
+                raise ItemError(f"the source ended at {pos}, before {end}")
+            os.fsync(dst)  # progress counts only bytes on disk
+            pos += got
+            run.counters["progress"] += got
+            run.add("bytes_transferred", got)
+            run.save(force=True)
+            run.throttle(got)
+    finally:
+        for fd in reversed(opened):
+            os.close(fd)
+
+
+def _copy_at(src: int, dst: int, pos: int, n: int) -> int:
+    try:
+        return copy_range(src, dst, pos, n)
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+    data = os.pread(src, n, pos)
+    view, at = memoryview(data), pos
+    while view:
+        written = os.pwrite(dst, view, at)
+        view, at = view[written:], at + written
+    return len(data)
+
+
+def run(job_dir: Path) -> int:
+    job_fd = fs.open_root(job_dir)
+    request = transfers.read_request(job_fd)
+    if not request.get("kind"):
+        print("ERROR transfer: no readable TRANSFER.json in this job", flush=True)
+        return EXIT_FAILED
+    max_rate = int(os.environ.get("BATCHINGEST_TRANSFER_MAX_RATE") or 0)
+    r = Run(job_fd, request, load_endpoints(), max_rate)
+    print(
+        f"transfer: {request['kind']} {request.get('id')} started at "
+        f"{datetime.now(UTC).isoformat(timespec='seconds')}",
+        flush=True,
+    )
+    try:
+        r.check(now=True)
+        if request["kind"] == "staccato":
+            staccato(r)
+        else:
+            run_items(r)
+    except Stop as e:
+        with contextlib.suppress(OSError):
+            r.commit()
+        print(f"transfer: stopped: {e.description}", flush=True)
+        r.save(force=True, fatal={"code": e.code, "description": e.description})
+        return EXIT_STOPPED
+    except (ItemError, OSError) as e:
+        r.fail(str(e) if isinstance(e, ItemError) else f"{e.strerror or e}")
+    finally:
+        r.pool.shutdown()
+        r.workers.shutdown()
+    if r.errors:
+        more = f" (and {len(r.errors) - 1} more)" if len(r.errors) > 1 else ""
+        r.save(force=True, fatal={"code": "FAILED", "description": r.errors[0] + more})
+        return EXIT_FAILED
+    r.save(force=True)
+    c = r.counters
+    print(
+        f"transfer: done: {c['files_transferred']} files copied, {c['files_skipped']} "
+        f"skipped, {c['bytes_transferred']} bytes",
+        flush=True,
+    )
+    return 0
+
+
+# Set by SIGTERM, which the processor sends to stop a canceled task (or one past its
+# deadline): the copy stops at its next look and saves its progress before it exits.
+_TERMINATED = threading.Event()
+
+
+def main() -> None:
+    signal.signal(signal.SIGTERM, lambda *_: _TERMINATED.set())
+    sys.exit(run(Path(os.environ.get("JOBPATH") or os.getcwd())))
+
+
+if __name__ == "__main__":
+    main()
