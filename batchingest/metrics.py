@@ -129,31 +129,43 @@ UNKNOWN_TASK = "(unknown)"
 # -- hooks ------------------------------------------------------------------------------
 
 
-def reason_class(reason: str) -> str:
-    """The class of a failed task's Reason (see runner.run_task): a bounded label value."""
+def reason_class(result: TaskResult) -> str:
+    """The class of a task run's outcome (see runner.run_task): a bounded label value."""
+    if result.ok:
+        return "ok"
+    if result.interrupted:
+        return "interrupted"
     for prefix, cls in _REASON_CLASSES:
-        if reason.startswith(prefix):
+        if result.reason.startswith(prefix):
             return cls
-    return "control" if reason else "none"
+    # no process ran and it was not for want of resources: no such task (a name from JOB)
+    return "unknown-task" if result.exit_code is None else "control"
 
 
 _REASON_CLASSES = (
     ("exit status", "exit"),
     ("killed by signal", "signal"),
     ("timed out", "timeout"),
-    ("unknown task", "unknown-task"),
     ("cannot start task", "spawn"),
-    ("stopped because the service is stopping", "interrupted"),
 )
 
 
 def task_done(result: TaskResult) -> None:
     """A task run ended (any outcome): its duration, and its failure if it failed."""
-    cls = reason_class(result.reason)
+    cls = reason_class(result)
     task = UNKNOWN_TASK if cls == "unknown-task" else result.task
     TASK_DURATION.labels(task).observe(result.seconds)
     if not result.ok and not result.interrupted:
         TASK_FAILURES.labels(task, cls).inc()
+
+
+def queued_at(store: Store, name: str) -> float | None:
+    """When the job arrived in queue/: its folder's change time, which the rename into
+    queue/ sets (as does any later change of its entries). None if it is gone."""
+    try:
+        return os.lstat(store.job_path("queue", name)).st_ctime
+    except (OSError, ValueError):
+        return None
 
 
 def picked_up(queued_at: float | None) -> None:

@@ -25,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Route
 
-from batchingest import jobfile
+from batchingest import jobfile, metrics
 from batchingest.api.auth import REQUESTER
 from batchingest.api.errors import ApiError
 from batchingest.config import Config
@@ -276,6 +276,7 @@ class StagingApi:
             raise ApiError(
                 500, "StagingRequestFailed", f"cannot create the staging job: {e.strerror or e}"
             ) from None
+        metrics.staging_request("accepted")
         log.info(
             "staging request %s: %d files, %d bytes%s",
             request_id,
