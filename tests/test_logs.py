@@ -1,0 +1,144 @@
+"""The service log's set-up: text or JSON lines, request ids and job names on every line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from batchingest import logs
+from batchingest.config import ConfigError, parse_serve_args
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """logs.setup replaces the root logger's handlers: put pytest's back afterwards."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    for h in handlers:
+        root.addHandler(h)
+    root.setLevel(level)
+
+
+def lines(err: str) -> list[dict[str, object]]:
+    return [json.loads(line) for line in err.splitlines() if line.strip()]
+
+
+RFC3339_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+
+
+def test_json_lines_carry_time_level_and_context(
+    capsys: pytest.CaptureFixture[str], restore_logging: None
+) -> None:
+    logs.setup("info", "json")
+    log = logging.getLogger("batchingest.test")
+    log.info("plain %s", "line")
+    token = logs.REQUEST_ID.set("req-1")
+    try:
+        log.warning("in a request")
+    finally:
+        logs.REQUEST_ID.reset(token)
+    with logs.about_job("job-7"):
+        log.info("job %s picked up", "job-7")
+    log.debug("not at info")
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        log.exception("failed")
+    out = lines(capsys.readouterr().err)
+    assert [o["message"] for o in out] == ["plain line", "in a request", "job job-7 picked up",
+                                           "failed"]  # fmt: skip
+    assert all(RFC3339_UTC.fullmatch(str(o["time"])) for o in out)
+    assert out[0]["level"] == "info" and out[0]["logger"] == "batchingest.test"
+    assert "request_id" not in out[0] and "job" not in out[0]
+    assert out[1]["request_id"] == "req-1" and out[1]["level"] == "warning"
+    assert out[2]["job"] == "job-7" and "request_id" not in out[2]
+    assert "ValueError: boom" in str(out[3]["exception"])
+
+
+def test_the_job_name_stays_with_its_thread_and_task(
+    capsys: pytest.CaptureFixture[str], restore_logging: None
+) -> None:
+    """Workers run several jobs at once: each line names the job of its own thread."""
+    logs.setup("info", "json")
+    log = logging.getLogger("batchingest.test")
+    barrier = threading.Barrier(2)
+
+    def worker(name: str) -> None:
+        with logs.about_job(name):
+            barrier.wait()
+            log.info("working on %s", name)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    async def request(rid: str) -> None:
+        logs.REQUEST_ID.set(rid)  # as the API middleware does, inside the request's task
+        await asyncio.sleep(0)
+        await asyncio.to_thread(log.info, "blocking work of %s", rid)
+
+    async def both() -> None:
+        await asyncio.gather(request("r1"), request("r2"))
+        log.info("after the requests")
+
+    asyncio.run(both())
+    out = lines(capsys.readouterr().err)
+    by_message = {str(o["message"]): o for o in out}
+    assert by_message["working on a"]["job"] == "a"
+    assert by_message["working on b"]["job"] == "b"
+    assert by_message["blocking work of r1"]["request_id"] == "r1"
+    assert by_message["blocking work of r2"]["request_id"] == "r2"
+    assert "request_id" not in by_message["after the requests"]
+
+
+def test_access_fields_in_text_and_json(
+    capsys: pytest.CaptureFixture[str], restore_logging: None
+) -> None:
+    fields = {"request_id": "r9", "method": "GET", "route": "/jobs/{id}", "status": 200,
+              "bytes": 12, "duration_ms": 0.5, "token": "sha256:abcd"}  # fmt: skip
+    access = logging.getLogger("batchingest.access")
+    logs.setup("info", "text")
+    access.info("request %s", "r9", extra=fields)
+    text = capsys.readouterr().err.strip()
+    assert text.endswith(
+        "request r9 method=GET route=/jobs/{id} status=200 bytes=12 duration_ms=0.5"
+        " token=sha256:abcd"
+    )
+    logs.setup("info", "json")
+    access.info("request %s", "r9", extra=fields)
+    (line,) = lines(capsys.readouterr().err)
+    assert {k: line[k] for k in fields} == fields
+
+
+def test_text_is_the_classic_line(
+    capsys: pytest.CaptureFixture[str], restore_logging: None
+) -> None:
+    logs.setup("warning", "text")
+    logging.getLogger("batchingest.x").info("hidden")
+    logging.getLogger("batchingest.x").warning("shown %d", 1)
+    err = capsys.readouterr().err
+    assert re.fullmatch(
+        r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} WARNING batchingest.x: shown 1\n", err
+    )
+
+
+def test_log_format_setting(tmp_path: Path) -> None:
+    assert parse_serve_args(["--root", str(tmp_path)], environ={}).log_format == "text"
+    env = {"BATCHINGEST_LOG_FORMAT": "JSON"}
+    assert parse_serve_args(["--root", str(tmp_path)], environ=env).log_format == "json"
+    args = ["--root", str(tmp_path), "--log-format", "text"]
+    assert parse_serve_args(args, environ=env).log_format == "text"  # the flag wins
+    with pytest.raises((ConfigError, SystemExit)):
+        parse_serve_args(["--root", str(tmp_path), "--log-format", "xml"], environ={})
