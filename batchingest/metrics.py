@@ -3,9 +3,10 @@
 Counters and histograms live in this process and start at zero after a restart. Gauges
 that describe the jobs root (jobs per state, webhook outbox depth) are not kept here:
 they are read from disk when `GET /metrics` is scraped (`RootCollector`), so they are
-true at once, also after a restart and with other processors on the same root. The
-listings behind them are the store's cached ones (`Store.job_names`), so a scrape of an
-unchanged root of 100,000 jobs costs a few stat calls.
+true at once, also after a restart and with other processors on the same root. A
+state folder's count is kept while the folder is unchanged (`Store.job_count`), so a
+scrape of a root of 100,000 jobs at rest costs a few stat calls; a folder that keeps
+changing is counted again at each scrape, without sorting (~50 ms per 100,000 entries).
 
 Every label value comes from a small set the operator controls (states, task
 executables, route templates, HTTP status codes), never from a job's or a request's
@@ -229,7 +230,7 @@ class RootCollector(Collector):
             "batchingest_jobs", "Jobs in the root now, by state folder", labels=["state"]
         )
         for state in STATES:
-            jobs.add_metric([state], len(store.job_names(state)))
+            jobs.add_metric([state], store.job_count(state))
         yield jobs
         outbox = GaugeMetricFamily(
             "batchingest_webhook_outbox_events",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -215,3 +216,44 @@ def test_pickup_latency_uses_the_arrival_in_queue(store: Store, root: Path) -> N
     before = metrics.PICKUP_LATENCY._sum.get()
     metrics.picked_up(arrived)
     assert 0 <= metrics.PICKUP_LATENCY._sum.get() - before < 5
+
+
+def test_job_count_counts_what_job_names_lists(store: Store, root: Path) -> None:
+    for name in ("a", "b.c", "d-1", "x" * 255):
+        (root / "success" / name).mkdir()
+    (root / "success" / ".hidden").mkdir()
+    (root / "success" / "bad name").mkdir()  # no job can have this name
+    (root / "success" / "file").write_text("")
+    (root / "success" / "link").symlink_to(root / "success" / "a")
+    assert store.job_count("success") == len(store.job_names("success")) == 4
+    fresh = Store(root)  # no listing cached: counted
+    assert fresh.job_count("success") == 4
+    assert fresh.job_count("success") == 4
+    (root / "success" / "e").mkdir()  # a change is seen at once
+    assert fresh.job_count("success") == 5
+    (root / "success" / "bad name").rmdir()
+    (root / "success" / "f").mkdir()
+    assert fresh.job_count("success") == 6 == len(fresh.job_names("success"))
+    assert fresh.job_count("queue") == 0
+
+
+def test_job_count_reuses_a_count_of_a_folder_at_rest(store: Store, root: Path) -> None:
+    for i in range(3):
+        (root / "error" / f"j{i}").mkdir()
+    past = time.time() - 5
+    os.utime(root / "error", (past, past))  # at rest for more than a second
+    assert store.job_count("error") == 3
+    calls = 0
+    real = store._entries
+
+    def counting(state: str):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        return real(state)
+
+    store._entries = counting  # type: ignore[method-assign]
+    assert store.job_count("error") == 3
+    assert calls == 0  # nothing listed again
+    (root / "error" / "j3").mkdir()
+    assert store.job_count("error") == 4
+    assert calls == 1
