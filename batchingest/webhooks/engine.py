@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from batchingest import fs, metrics
+from batchingest import fs, logs, metrics
 from batchingest.config import Config
 from batchingest.health import Progress
 from batchingest.jobfile import now_rfc3339
@@ -353,6 +353,7 @@ class Webhooks:
             while lane.items:
                 await self._wait_turn(lane.items[0])
                 delivery = lane.items.pop(0)  # the first may have changed while waiting
+                logs.JOB.set(delivery.event.job)  # this lane's task only: lines name the job
                 finished = False
                 try:
                     finished = await self._deliver(delivery)

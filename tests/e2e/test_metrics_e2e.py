@@ -10,6 +10,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from service import TOKEN, Service, make_job, wait_for, write_task
+from webhook_receiver import Receiver
 
 from batchingest.api.auth import token_label
 
@@ -93,3 +94,24 @@ def test_metrics_and_json_log_of_a_working_service(root: Path) -> None:
     (download,) = [r for r in access if r["method"] == "GET" and r["route"] == files]
     assert download["bytes"] == 1000
     assert TOKEN not in log
+
+
+def test_webhook_deliveries_are_counted_and_logged_with_their_job(root: Path) -> None:
+    write_task(root / "tasks", "start", "echo fine\n")
+    env = {"BATCHINGEST_WEBHOOK_ALLOW": "127.0.0.1", "BATCHINGEST_WEBHOOK_BACKOFF": "0.05"}
+    # the first POST gets a 500 and is retried; every other one is accepted
+    with Receiver([500]) as rx, Service(root, "--log-format", "json", env=env) as svc:
+        os.rename(make_job(root, "hooked", None, {"WEBHOOK": f"{rx.url}/h"}),
+                  root / "queue" / "hooked")  # fmt: skip
+        rx.wait(3)  # queue, processing, success
+        wait_for(lambda: not list((root / ".outbox").glob("*.json")), 10, what="outbox to empty")
+        text = httpx.get(f"{svc.url}/metrics", headers={"Authorization": f"Bearer {TOKEN}"}).text
+        log = svc.log()
+    deliveries = "batchingest_webhook_deliveries_total"
+    assert value(text, deliveries, outcome="delivered") == 3
+    assert value(text, deliveries, outcome="retried") == 1
+    assert value(text, deliveries, outcome="failed") == 0
+    assert value(text, "batchingest_webhook_outbox_events", queue="pending") == 0
+    records = [json.loads(line) for line in log.splitlines() if line.strip()]
+    about = [r for r in records if r["logger"] == "batchingest.webhooks"]
+    assert about and all(r.get("job") == "hooked" for r in about), about
