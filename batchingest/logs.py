@@ -96,6 +96,10 @@ def setup(level: str, fmt: str = "text") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
+    # Neither format shows the caller, thread or process, and every request logs a line:
+    # not collecting them saves a sixth of a line's cost (the logging docs' "Optimization")
+    logging._srcfile = None  # type: ignore[attr-defined]
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     # watchfiles reports every batch of changes at INFO; that is our business, not the log's
     logging.getLogger("watchfiles").setLevel(logging.WARNING)
     # httpx logs every webhook request at INFO; our own line per attempt says more

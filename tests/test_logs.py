@@ -21,7 +21,11 @@ def restore_logging() -> Iterator[None]:
     """logs.setup replaces the root logger's handlers: put pytest's back afterwards."""
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
+    flags = (logging._srcfile, logging.logThreads, logging.logProcesses,  # type: ignore[attr-defined]
+             logging.logMultiprocessing)  # fmt: skip
     yield
+    (logging._srcfile, logging.logThreads, logging.logProcesses,  # type: ignore[attr-defined]
+     logging.logMultiprocessing) = flags  # fmt: skip
     for h in list(root.handlers):
         root.removeHandler(h)
     for h in handlers:
