@@ -26,6 +26,8 @@ def restore_logging() -> Iterator[None]:
     yield
     (logging._srcfile, logging.logThreads, logging.logProcesses,  # type: ignore[attr-defined]
      logging.logMultiprocessing) = flags  # fmt: skip
+    logs.ACCESS.flush()
+    logs.ACCESS.stream, logs.ACCESS.json = None, False
     for h in list(root.handlers):
         root.removeHandler(h)
     for h in handlers:
@@ -107,23 +109,59 @@ def test_the_job_name_stays_with_its_thread_and_task(
     assert "request_id" not in by_message["after the requests"]
 
 
+FIELDS: dict[str, object] = {"request_id": "r9", "method": "GET", "route": "/jobs/{id}",
+                              "status": 200, "bytes": 12, "duration_ms": 0.5,
+                              "token": "sha256:abcd"}  # fmt: skip
+TEXT_FIELDS = (
+    "request r9 method=GET route=/jobs/{id} status=200 bytes=12 duration_ms=0.5 token=sha256:abcd"
+)
+
+
 def test_access_fields_in_text_and_json(
     capsys: pytest.CaptureFixture[str], restore_logging: None
 ) -> None:
-    fields = {"request_id": "r9", "method": "GET", "route": "/jobs/{id}", "status": 200,
-              "bytes": 12, "duration_ms": 0.5, "token": "sha256:abcd"}  # fmt: skip
+    """Through logging (an app without logs.setup) and straight (logs.ACCESS): one line."""
     access = logging.getLogger("batchingest.access")
     logs.setup("info", "text")
-    access.info("request %s", "r9", extra=fields)
-    text = capsys.readouterr().err.strip()
-    assert text.endswith(
-        "request r9 method=GET route=/jobs/{id} status=200 bytes=12 duration_ms=0.5"
-        " token=sha256:abcd"
-    )
+    access.info("request %s", "r9", extra=FIELDS)
+    logs.ACCESS.add("request r9", FIELDS)
+    via_logging, straight = capsys.readouterr().err.splitlines()
+    assert via_logging.endswith(f"INFO batchingest.access: {TEXT_FIELDS}")
+    assert straight[23:] == via_logging[23:]  # the same line, but for the time
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}", straight[:23])
     logs.setup("info", "json")
-    access.info("request %s", "r9", extra=fields)
-    (line,) = lines(capsys.readouterr().err)
-    assert {k: line[k] for k in fields} == fields
+    access.info("request %s", "r9", extra=FIELDS)
+    logs.ACCESS.add("request r9", FIELDS)
+    first, second = lines(capsys.readouterr().err)
+    assert {k: first[k] for k in FIELDS} == FIELDS == {k: second[k] for k in FIELDS}
+    for line in (first, second):
+        assert line["logger"] == "batchingest.access" and line["message"] == "request r9"
+        assert RFC3339_UTC.fullmatch(str(line["time"])) and line["level"] == "info"
+
+
+def test_access_lines_of_one_loop_turn_are_one_write(
+    capsys: pytest.CaptureFixture[str], restore_logging: None
+) -> None:
+    logs.setup("info", "json")
+
+    async def burst() -> tuple[str, str]:
+        for i in range(3):
+            logs.ACCESS.add(f"request {i}", FIELDS)
+        before = capsys.readouterr().err  # nothing yet: written at the end of the turn
+        await asyncio.sleep(0)
+        return before, capsys.readouterr().err
+
+    before, after = asyncio.run(burst())
+    assert before == ""
+    assert [line["message"] for line in lines(after)] == ["request 0", "request 1", "request 2"]
+
+
+def test_no_access_lines_below_info(
+    capsys: pytest.CaptureFixture[str], restore_logging: None
+) -> None:
+    logs.setup("warning", "text")
+    assert logs.ACCESS.stream is None  # the middleware then skips the line altogether
+    assert not logging.getLogger("batchingest.access").isEnabledFor(logging.INFO)
 
 
 def test_text_is_the_classic_line(

@@ -15,7 +15,7 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from batchingest import metrics
+from batchingest import logs, metrics
 
 log = logging.getLogger("batchingest.access")
 
@@ -58,21 +58,26 @@ class AccessLog:
         finally:
             seconds = time.perf_counter() - t0
             route = route_template(scope)
-            method = scope["method"]
             # status 0: the client went away before any answer began
-            metrics.http_request(method, route, status, seconds)
-            if log.isEnabledFor(logging.INFO):
-                request_id = scope.get(REQUEST_ID, "")
-                log.info(
-                    "request %s",
-                    request_id,
-                    extra={
-                        "request_id": request_id,
-                        "method": method,
-                        "route": route,
-                        "status": status,
-                        "bytes": sent,
-                        "duration_ms": round(seconds * 1000, 3),
-                        "token": scope.get(TOKEN_LABEL, "-"),
-                    },
-                )
+            metrics.http_request(scope["method"], route, status, seconds)
+            if logs.ACCESS.stream is not None or log.isEnabledFor(logging.INFO):
+                log_access(scope, route, status, sent, seconds)
+
+
+def log_access(scope: Scope, route: str, status: int, sent: int, seconds: float) -> None:
+    """The access line: straight to the service log's stream once logs.setup has run
+    (logs.ACCESS), else through logging (an app without the service around it)."""
+    request_id = scope.get(REQUEST_ID, "")
+    fields: dict[str, object] = {
+        "request_id": request_id,
+        "method": scope["method"],
+        "route": route,
+        "status": status,
+        "bytes": sent,
+        "duration_ms": round(seconds * 1000, 3),
+        "token": scope.get(TOKEN_LABEL, "-"),
+    }
+    if logs.ACCESS.stream is not None:
+        logs.ACCESS.add(f"request {request_id}", fields)
+    else:
+        log.info("request %s", request_id, extra=fields)
