@@ -223,6 +223,7 @@ def test_job_count_counts_what_job_names_lists(store: Store, root: Path) -> None
         (root / "success" / name).mkdir()
     (root / "success" / ".hidden").mkdir()
     (root / "success" / "bad name").mkdir()  # no job can have this name
+    (root / "success" / "two\nlines").mkdir()  # nor this one, which looks like two
     (root / "success" / "file").write_text("")
     (root / "success" / "link").symlink_to(root / "success" / "a")
     assert store.job_count("success") == len(store.job_names("success")) == 4
