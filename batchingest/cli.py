@@ -14,7 +14,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from batchingest import __version__
+from batchingest import __version__, logs
 from batchingest.commands import add_commands
 from batchingest.config import (
     Config,
@@ -25,18 +25,6 @@ from batchingest.config import (
 
 USAGE_ERROR = 2
 log = logging.getLogger("batchingest")
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # watchfiles reports every batch of changes at INFO; that is our business, not the log's
-    logging.getLogger("watchfiles").setLevel(logging.WARNING)
-    # httpx logs every webhook request at INFO; our own line per attempt says more
-    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -71,7 +59,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         cfg = config_from_args(args)
     except ConfigError as e:
         return _fail(args.prog, str(e))
-    _setup_logging(cfg.log_level)
+    logs.setup(cfg.log_level, cfg.log_format)
     problem = _check_folders(cfg)
     if problem is not None:
         return _fail(args.prog, problem)

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from batchingest.logs import parse_format
+
 ENV_PREFIX = "BATCHINGEST_"
 
 
@@ -309,6 +311,9 @@ class Config:
         parse=_size,
     )
     log_level: str = setting("info", "the service log: " + ", ".join(LOG_LEVELS), parse=_log_level)
+    log_format: str = setting(
+        "text", "the service log's format: text, or json (one object a line)", parse=parse_format
+    )
 
     @property
     def tasks_dir(self) -> Path:

@@ -31,7 +31,7 @@ from collections.abc import Callable
 
 import watchfiles
 
-from batchingest import control, events, jobdir, jobfile
+from batchingest import control, events, jobdir, jobfile, logs, metrics
 from batchingest.config import Config
 from batchingest.health import Backoff, Progress
 from batchingest.runner import (
@@ -372,7 +372,8 @@ class Processor:
                 return
             retry_in: float | None = self.cfg.poll_interval
             try:
-                retry_in = self.perform(name)
+                with logs.about_job(name):  # every line logged meanwhile names the job
+                    retry_in = self.perform(name)
             except Exception:
                 log.exception("job %s: unexpected error", name)
             self.scheduler.done(name, retry_in)
@@ -386,6 +387,7 @@ class Processor:
                 return None
             # --default-deadline counts from here; the claim's rename resets the ctime
             entered = control.entered_queue(self.store, name) if self.cfg.default_deadline else None
+            queued_at = metrics.queued_at(self.store, name)
             try:
                 hold = self.store.claim(name)
             except OSError as e:
@@ -397,6 +399,7 @@ class Processor:
             if hold is None:
                 return self.cfg.poll_interval  # held elsewhere, or taken by another processor
             t0 = time.monotonic()
+            metrics.picked_up(queued_at)
             log.info("job %s picked up", name)
             state = self._run(hold, slot, entered)
         self._finish(hold, state, t0)
@@ -440,6 +443,7 @@ class Processor:
     def _finish(self, hold: Hold, state: str, t0: float) -> None:
         """Move the job out of processing/ and release it; log how it went."""
         name = hold.name
+        reason = failure_reason(hold.dir_fd) if state == "error" else ""
         try:
             events.finishing(self.store, name)
             job = self._move_out(name, state)
@@ -450,12 +454,14 @@ class Processor:
             hold.release()
         if job is None:
             return
+        metrics.job_finished(job.state)
         log.info(
-            "job %s finished: %s in %.3fs%s",
+            "job %s finished: %s in %.3fs%s%s",
             name,
             job.status,
             time.monotonic() - t0,
             f" (as {job.name})" if job.name != name else "",
+            f": {reason}" if reason else "",
         )
 
     def _move_out(self, name: str, state: str) -> Job | None:
@@ -526,6 +532,7 @@ class Processor:
                 events.task_started(self.store, hold, task)
                 result = self._run_task(hold, task, log_fd, deadline)
                 events.task_ended(self.store, hold, result)
+                metrics.task_done(result)
                 if result.interrupted:
                     log_line(log_fd, f"service stopping: job goes back to queue/ at task {task}")
                     return "queue"
@@ -552,6 +559,7 @@ class Processor:
         with self._running_lock:
             self._running[hold.name] = process
         watch = self._watcher.watch(hold.dir_fd, process, deadline)
+        metrics.WORKERS_BUSY.inc()
         try:
             return run_task(
                 task,
@@ -567,8 +575,24 @@ class Processor:
             )
         finally:
             self._watcher.unwatch(watch)
+            metrics.WORKERS_BUSY.dec()
             with self._running_lock:
                 self._running.pop(hold.name, None)
+
+
+def failure_reason(dir_fd: int) -> str:
+    """Why a job goes to error/, for its "finished: error" log line: the Reason of its
+    last Finished record, or what is wrong with its JOB file."""
+    try:
+        job = jobdir.load_job(dir_fd)
+    except jobfile.JobFileError as e:
+        return str(e)
+    except OSError as e:
+        return f"cannot read JOB: {e.strerror or e}"
+    last = job.finished[-1] if job.finished else None
+    if isinstance(last, dict) and last.get("Status") == "error" and last.get("Reason"):
+        return str(last["Reason"])[:500]  # JOB is the job's: a line, not a novel
+    return "internal error, see the job's LOG"
 
 
 class _Slot:

@@ -22,8 +22,9 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from batchingest import __version__
+from batchingest import __version__, logs, metrics
 from batchingest.api import auth, events, files, jobs, openapi, staccato
+from batchingest.api.access import TOKEN_LABEL, AccessLog
 from batchingest.api.errors import MAPPED, ApiError, api_error_of
 from batchingest.api.paths import job_name, unsafe_url_path
 from batchingest.config import Config
@@ -93,7 +94,11 @@ class ApiMiddleware:
 
     def allowed(self, scope: Scope, path: str) -> bool:
         """May this request go on: a public route, an API token, or a DTS credential."""
-        if path in PUBLIC_PATHS or ui_public(path) or self.checker.check(scope["headers"]):
+        if path in PUBLIC_PATHS or ui_public(path):
+            return True
+        label = self.checker.label(scope["headers"])
+        if label is not None:
+            scope[TOKEN_LABEL] = label  # for the access log: which token, never the token
             return True
         if self.jdp and path.startswith(JDP_STATUS) and scope["method"] in ("GET", "HEAD"):
             return True  # the DTS polls without credentials; the ids carry no data
@@ -101,6 +106,7 @@ class ApiMiddleware:
             user = self.dts.user(scope["headers"])
             if user is not None:
                 scope[auth.REQUESTER] = user
+                scope[TOKEN_LABEL] = "dts"
                 return True
         return False
 
@@ -114,6 +120,7 @@ class ApiMiddleware:
                 request_id = value.decode()
         request_id = request_id or _new_request_id()
         scope[REQUEST_ID] = request_id
+        logs.REQUEST_ID.set(request_id)  # this request's task and threads: every log line
         rid_header = (b"x-request-id", request_id.encode())
         started = False
 
@@ -254,6 +261,7 @@ def create_app(cfg: Config, store: Store, readiness: Readiness | None = None) ->
             **ui.OPENAPI_PATHS,
             **events.OPENAPI_PATHS,
             **staccato.OPENAPI_PATHS,
+            **metrics.OPENAPI_PATHS,
         },
     )
     spec_body = jobs.json_response(spec).body
@@ -288,11 +296,13 @@ def create_app(cfg: Config, store: Store, readiness: Readiness | None = None) ->
         *globus.routes(cfg, store),
         *ui.routes(cfg, store),
         *staccato.routes(cfg, store),
+        *metrics.routes(store),
     ]
     return Starlette(
         routes=routes,
         middleware=[
-            Middleware(ApiMiddleware, checker=checker, dts=dts, jdp=cfg.dts_dialect == "jdp")
+            Middleware(AccessLog),  # outermost: it sees every answer, 401s and 500s too
+            Middleware(ApiMiddleware, checker=checker, dts=dts, jdp=cfg.dts_dialect == "jdp"),
         ],
         exception_handlers={
             **dict.fromkeys(MAPPED, _api_error),

@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from batchingest import fs, jobfile
+from batchingest import fs, jobfile, metrics
 from batchingest.api.auth import REQUESTER
 from batchingest.api.common import json_response, run_blocking
 from batchingest.api.errors import ApiError
@@ -224,6 +224,7 @@ class StagingApi:
             raise ApiError(
                 500, "StagingRequestFailed", f"cannot create the staging job: {e.strerror or e}"
             ) from None
+        metrics.staging_request("accepted")
         log.info(
             "staging request %s: %d files, %d bytes%s",
             request_id,

@@ -22,6 +22,7 @@ from email.utils import formatdate
 from starlette.datastructures import Headers
 from starlette.types import Receive, Scope, Send
 
+from batchingest import metrics
 from batchingest.api.common import run_blocking
 from batchingest.api.errors import ApiError
 
@@ -139,6 +140,7 @@ async def receive_into(fd: int, chunks: AsyncIterator[bytes], max_upload: int) -
             await asyncio.shield(asyncio.gather(*in_flight, return_exceptions=True))
         hashing.shutdown(wait=False)
         writing.shutdown(wait=False)
+    metrics.uploaded(size)
     return Upload(size, hasher.digest())
 
 
@@ -279,6 +281,7 @@ class FileBody:
                     n = min(READ_CHUNK, self.end - offset)
                     nxt = asyncio.ensure_future(run_blocking(os.pread, self.fd, n, offset))
                 await send({"type": "http.response.body", "body": data, "more_body": more})
+                metrics.downloaded(len(data))
                 if not more or gone.is_set():
                     if more:
                         await nxt

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from batchingest import events, fs
+from batchingest import events, fs, logs, metrics
 from batchingest.config import Config
 from batchingest.health import Progress
 from batchingest.jobfile import now_rfc3339
@@ -353,6 +353,7 @@ class Webhooks:
             while lane.items:
                 await self._wait_turn(lane.items[0])
                 delivery = lane.items.pop(0)  # the first may have changed while waiting
+                logs.JOB.set(delivery.event.job)  # this lane's task only: lines name the job
                 finished = False
                 try:
                     finished = await self._deliver(delivery)
@@ -423,12 +424,14 @@ class Webhooks:
             last = attempt == attempts or not result.retryable
             self._record(delivery, target, attempt, attempts, result.describe(), failed=False)
             if result.ok:
+                metrics.webhook("delivered")
                 return True
             if last:
                 reason = result.reason
                 self._record(delivery, target, attempt, attempts, f"gave up: {reason}",
                              failed=True)  # fmt: skip
                 return self._bury(delivery, body, reason)
+            metrics.webhook("retried")
             await asyncio.sleep(self._delay(attempt, result.retry_after))
         return False  # not reached: the last attempt returns
 
@@ -519,6 +522,7 @@ class Webhooks:
         False if that cannot be written (a full disk): the event then stays in the
         outbox and is tried again at the next start, rather than lost.
         """
+        metrics.webhook("failed")
         assert self.outbox is not None
         try:
             name = self.outbox.bury(delivery.event, delivery.index, body, reason, now_rfc3339())

@@ -1,0 +1,300 @@
+"""Prometheus metrics: one registry, the metric objects, and hooks the rest of the code calls.
+
+Counters and histograms live in this process and start at zero after a restart. Gauges
+that describe the jobs root (jobs per state, webhook outbox depth) are not kept here:
+they are read from disk when `GET /metrics` is scraped (`RootCollector`), so they are
+true at once, also after a restart and with other processors on the same root. A
+state folder's count is kept while the folder is unchanged (`Store.job_count`), so a
+scrape of a root of 100,000 jobs at rest costs a few stat calls; a folder that keeps
+changing is counted again at each scrape, without sorting (~60 ms of CPU per 100,000).
+
+Every label value comes from a small set the operator controls (states, task
+executables, route templates, HTTP status codes), never from a job's or a request's
+content, so the number of series stays bounded whatever clients send.
+
+The hooks (`task_done`, `cancel`, `uploaded`, ...) are plain functions so that callers
+need one line and no knowledge of prometheus-client; each costs a lock and an add.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from batchingest.store import STATES, Store
+
+if TYPE_CHECKING:
+    from starlette.routing import BaseRoute
+
+    from batchingest.runner import TaskResult
+
+log = logging.getLogger("batchingest.metrics")
+
+# the `_created` series double every counter's output and no dashboard here needs them
+disable_created_metrics()  # type: ignore[no-untyped-call]
+REGISTRY = CollectorRegistry(auto_describe=True)
+ProcessCollector(registry=REGISTRY)  # CPU, memory, open descriptors of this process
+
+# Seconds, from a fast request or `true` task to a long task; pickup is bounded by
+# --poll-interval, so its buckets stop at a minute.
+_TASK_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 24 * 3600)
+_PICKUP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 60)
+
+JOBS_FINISHED = Counter(
+    "batchingest_jobs_finished",
+    "Jobs this process moved out of processing/, by the state they went to",
+    ["result"],
+    registry=REGISTRY,
+)
+TASK_DURATION = Histogram(
+    "batchingest_task_duration_seconds",
+    "How long tasks ran, by task name",
+    ["task"],
+    buckets=_TASK_BUCKETS,
+    registry=REGISTRY,
+)
+TASK_FAILURES = Counter(
+    "batchingest_task_failures",
+    "Failed task runs, by task name and reason class",
+    ["task", "reason"],
+    registry=REGISTRY,
+)
+PICKUP_LATENCY = Histogram(
+    "batchingest_pickup_latency_seconds",
+    "From a job's arrival in queue/ (its folder's change time) to its claim",
+    buckets=_PICKUP_BUCKETS,
+    registry=REGISTRY,
+)
+WORKERS_BUSY = Gauge(
+    "batchingest_workers_busy", "Processor workers running a task now", registry=REGISTRY
+)
+CANCELS = Counter("batchingest_cancels", "Jobs cancelled", registry=REGISTRY)
+WEBHOOK_DELIVERIES = Counter(
+    "batchingest_webhook_deliveries",
+    "Webhook delivery attempts, by outcome (delivered, retried, failed)",
+    ["outcome"],
+    registry=REGISTRY,
+)
+UPLOADED = Counter(
+    "batchingest_uploaded_bytes", "Bytes received by file uploads", registry=REGISTRY
+)
+DOWNLOADED = Counter(
+    "batchingest_downloaded_bytes", "Bytes of files sent to clients", registry=REGISTRY
+)
+STAGED = Counter("batchingest_staged_bytes", "Bytes copied by staging", registry=REGISTRY)
+TRANSFERRED = Counter(
+    "batchingest_transferred_bytes", "Bytes moved by transfer tasks", registry=REGISTRY
+)
+STAGING_REQUESTS = Counter(
+    "batchingest_staging_requests",
+    "Staging requests, by the status they got",
+    ["status"],
+    registry=REGISTRY,
+)
+HTTP_REQUESTS = Counter(
+    "batchingest_http_requests",
+    "HTTP requests, by method, route template and status",
+    ["method", "route", "status"],
+    registry=REGISTRY,
+)
+HTTP_DURATION = Histogram(
+    "batchingest_http_request_duration_seconds",
+    "Time from a request's arrival to its last response byte, by method and route template",
+    ["method", "route"],
+    buckets=_HTTP_BUCKETS,
+    registry=REGISTRY,
+)
+
+# the task label of a task that could not be resolved: its name came from a JOB file,
+# which anyone submitting a job writes, so it must not become a label value
+UNKNOWN_TASK = "(unknown)"
+
+
+# -- hooks ------------------------------------------------------------------------------
+
+
+def reason_class(result: TaskResult) -> str:
+    """The class of a task run's outcome (see runner.run_task): a bounded label value."""
+    if result.ok:
+        return "ok"
+    if result.interrupted:
+        return "interrupted"
+    for prefix, cls in _REASON_CLASSES:
+        if result.reason.startswith(prefix):
+            return cls
+    # no process ran and it was not for want of resources: no such task (a name from JOB)
+    return "unknown-task" if result.exit_code is None else "control"
+
+
+_REASON_CLASSES = (
+    ("exit status", "exit"),
+    ("killed by signal", "signal"),
+    ("timed out", "timeout"),
+    ("cannot start task", "spawn"),
+)
+
+
+def task_done(result: TaskResult) -> None:
+    """A task run ended (any outcome): its duration, and its failure if it failed."""
+    cls = reason_class(result)
+    task = UNKNOWN_TASK if cls == "unknown-task" else result.task
+    TASK_DURATION.labels(task).observe(result.seconds)
+    if not result.ok and not result.interrupted:
+        TASK_FAILURES.labels(task, cls).inc()
+
+
+def queued_at(store: Store, name: str) -> float | None:
+    """When the job arrived in queue/: its folder's change time, which the rename into
+    queue/ sets (as does any later change of its entries). None if it is gone."""
+    try:
+        return os.lstat(store.job_path("queue", name)).st_ctime
+    except (OSError, ValueError):
+        return None
+
+
+def picked_up(queued_at: float | None) -> None:
+    """A job was claimed; queued_at is when it arrived in queue/ (time.time() clock)."""
+    if queued_at is not None:
+        PICKUP_LATENCY.observe(max(0.0, time.time() - queued_at))
+
+
+def job_finished(state: str) -> None:
+    JOBS_FINISHED.labels(state).inc()
+
+
+def cancel() -> None:
+    CANCELS.inc()
+
+
+def webhook(outcome: str) -> None:
+    """One webhook delivery attempt: "delivered", "retried" or "failed" (for good)."""
+    WEBHOOK_DELIVERIES.labels(outcome).inc()
+
+
+def uploaded(n: int) -> None:
+    UPLOADED.inc(n)
+
+
+def downloaded(n: int) -> None:
+    DOWNLOADED.inc(n)
+
+
+def staged(n: int) -> None:
+    STAGED.inc(n)
+
+
+def transferred(n: int) -> None:
+    TRANSFERRED.inc(n)
+
+
+def staging_request(status: str) -> None:
+    STAGING_REQUESTS.labels(status).inc()
+
+
+def http_request(method: str, route: str, status: int, seconds: float) -> None:
+    HTTP_REQUESTS.labels(method, route, str(status)).inc()
+    HTTP_DURATION.labels(method, route).observe(seconds)
+
+
+# -- read from disk at scrape time ----------------------------------------------------------
+
+
+class RootCollector(Collector):
+    """Jobs per state and webhook outbox depth, listed from the root at each scrape."""
+
+    def __init__(self) -> None:
+        self.store: Store | None = None
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        store = self.store
+        if store is None:
+            return
+        jobs = GaugeMetricFamily(
+            "batchingest_jobs", "Jobs in the root now, by state folder", labels=["state"]
+        )
+        for state in STATES:
+            jobs.add_metric([state], store.job_count(state))
+        yield jobs
+        outbox = GaugeMetricFamily(
+            "batchingest_webhook_outbox_events",
+            "Webhook events on disk: waiting for delivery, or failed for good",
+            labels=["queue"],
+        )
+        folder = store.service_path("outbox")
+        outbox.add_metric(["pending"], _count_events(folder))
+        outbox.add_metric(["failed"], _count_events(folder / "failed"))
+        yield outbox
+
+
+def _count_events(folder: os.PathLike[str]) -> int:
+    """Event files (`*.json`, not hidden) in one of the service's own outbox folders."""
+    try:
+        with os.scandir(folder) as it:
+            return sum(
+                1
+                for e in it
+                if e.name.endswith(".json")
+                and not e.name.startswith(".")
+                and e.is_file(follow_symlinks=False)
+            )
+    except FileNotFoundError:
+        return 0
+
+
+ROOT = RootCollector()
+REGISTRY.register(ROOT)
+
+
+def watch(store: Store) -> None:
+    """Report this root's gauges from now on."""
+    ROOT.store = store
+
+
+def exposition() -> bytes:
+    """The whole registry in Prometheus text format (lists folders: not on the event loop)."""
+    return generate_latest(REGISTRY)
+
+
+OPENAPI_PATHS = {
+    "/metrics": {
+        "get": {
+            "summary": "Prometheus metrics (text format); Prometheus sends the token as a bearer",
+            "tags": ["operations"],
+            "responses": {"200": {"description": "text/plain; version=0.0.4"}},
+        }
+    }
+}
+
+
+def routes(store: Store) -> list[BaseRoute]:
+    """GET /metrics; behind the API's token check like every other route."""
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    from batchingest.api.common import run_blocking
+
+    watch(store)
+
+    async def metrics(request: Request) -> Response:
+        body = await run_blocking(exposition)
+        return Response(body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    return [Route("/metrics", metrics, methods=["GET"])]
