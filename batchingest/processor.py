@@ -446,7 +446,11 @@ class Processor:
             job = self._move_out(hold, state)
         finally:
             self._failing.discard(f"finish {name}")
-            hold.release()
+            # a job lost meanwhile is another's now, its .lock included: remove nothing
+            if hold.owned():
+                hold.release()
+            else:
+                hold.abandon()
         if job is None:
             return
         log.info(
