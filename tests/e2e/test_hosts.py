@@ -157,7 +157,7 @@ def test_a_killed_host_is_taken_over_after_its_lease_and_never_before(
         wait_for(lambda: (mounts[1] / "success" / "j1").is_dir(), 30, 0.05, "b to finish j1")
         taken = time.monotonic() - killed
         # the last renewal was at most `renew` before the kill
-        assert timeout - renew <= taken <= timeout + 0.2 + 2.0, taken
+        assert timeout - renew <= taken <= timeout + 0.2 + 3.0, taken  # + slack for load
         assert "recovered j1: back to queue/ (its lease (a) was not renewed" in b.log()
     finally:
         a.stop()
