@@ -437,14 +437,16 @@ class Processor:
     def _finish(self, hold: Hold, state: str, t0: float) -> None:
         """Move the job out of processing/ and release it; log how it went."""
         name = hold.name
-        self._leases.remove(name)
         if state == "lost":
+            self._leases.remove(name)
             log.warning("job %s: left alone, another host holds it now", name)
             hold.abandon()
             return
         try:
             job = self._move_out(hold, state)
         finally:
+            # renewed until here: a final move retried for long must not lose its lease
+            self._leases.remove(name)
             self._failing.discard(f"finish {name}")
             # a job lost meanwhile is another's now, its .lock included: remove nothing
             if hold.owned():
