@@ -185,13 +185,21 @@ class Held:
         return self.is_ours(dir_fd)
 
     def is_ours(self, dir_fd: int) -> bool:
-        """Whether `.lease` in the job is still this one; once not, never again."""
+        """Whether `.lease` in the job is still this one; once not, never again.
+
+        Compared by inode: while our descriptor keeps the file open its inode number
+        cannot be given to another file. Opened rather than stat-ed, since an open
+        makes NFS look the name up again (close-to-open) where a stat may be cached.
+        """
         if not self.lost:
             try:
-                found = read(dir_fd)
+                fd = fs.open_regular(dir_fd, LEASE)
+                try:
+                    self.lost = self.fd < 0 or not fs.same_inode(os.fstat(fd), os.fstat(self.fd))
+                finally:
+                    os.close(fd)
             except OSError:
-                found = None
-            self.lost = found is None or found.token != self.token
+                self.lost = True
         return not self.lost
 
     def drop(self, dir_fd: int) -> None:
