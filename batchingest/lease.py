@@ -52,6 +52,8 @@ LEASE = ".lease"
 DEFAULT_TIMEOUT = 60.0
 _LIMIT = 4096
 _FLAGS = os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+# A full disk: a lease's content cannot be written, but its mtime can still be set.
+_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 class LeaseUnusable(OSError):
@@ -180,8 +182,13 @@ class Held:
         In this order a take-over racing with us is always seen: either it finds the
         fresh mtime and backs off, or it renamed the file away before we look.
         """
-        os.pwrite(self.fd, self.content(), 0)
-        os.fsync(self.fd)
+        try:
+            os.pwrite(self.fd, self.content(), 0)
+            os.fsync(self.fd)
+        except OSError as e:
+            if e.errno not in _NO_SPACE:
+                raise
+            os.utime(self.fd)  # the mtime is what counts; on NFS the server sets it
         return self.is_ours(dir_fd)
 
     def is_ours(self, dir_fd: int) -> bool:
@@ -190,22 +197,29 @@ class Held:
         Compared by inode: while our descriptor keeps the file open its inode number
         cannot be given to another file. Opened rather than stat-ed, since an open
         makes NFS look the name up again (close-to-open) where a stat may be cached.
+        Only a missing or different `.lease` is a loss; another error (no descriptors
+        left, a sick mount) is raised, since it proves nothing.
         """
         if not self.lost:
             try:
                 fd = fs.open_regular(dir_fd, LEASE)
-                try:
-                    self.lost = self.fd < 0 or not fs.same_inode(os.fstat(fd), os.fstat(self.fd))
-                finally:
-                    os.close(fd)
-            except OSError:
+            except (FileNotFoundError, fs.UnsafePath, fs.NotRegular):
                 self.lost = True
+                return False
+            try:
+                self.lost = self.fd < 0 or not fs.same_inode(os.fstat(fd), os.fstat(self.fd))
+            finally:
+                os.close(fd)
         return not self.lost
 
     def drop(self, dir_fd: int) -> None:
-        """Remove `.lease` if it is still ours, and close it."""
-        if dir_fd >= 0 and self.fd >= 0 and self.is_ours(dir_fd):
-            with contextlib.suppress(OSError):
+        """Remove `.lease` if it is still ours, and close it.
+
+        When that cannot be told (an error) it stays: a lease left behind only delays
+        the job's next claim by --lease-timeout, one removed wrongly could be another's.
+        """
+        with contextlib.suppress(OSError):
+            if dir_fd >= 0 and self.fd >= 0 and self.is_ours(dir_fd):
                 os.unlink(LEASE, dir_fd=dir_fd)
         self.close()
 
@@ -221,7 +235,12 @@ def _create(dir_fd: int, me: Owner, timeout: float) -> Held:
     try:
         # no fsync: a lease emptied by a power cut reads as unreadable and is judged by
         # its mtime alone, and one fsync less per job is measurable on small jobs
-        fs.write_all(fd, held.content())
+        try:
+            fs.write_all(fd, held.content())
+        except OSError as e:
+            if e.errno not in _NO_SPACE:
+                raise
+            # a full disk: the empty lease is judged by its mtime alone (no fast path)
     except BaseException:
         held.close()
         with contextlib.suppress(OSError):

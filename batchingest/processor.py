@@ -449,10 +449,10 @@ class Processor:
             self._leases.remove(name)
             self._failing.discard(f"finish {name}")
             # a job lost meanwhile is another's now, its .lock included: remove nothing
-            if hold.owned():
-                hold.release()
-            else:
+            if hold.lease is not None and hold.lease.lost:
                 hold.abandon()
+            else:
+                hold.release()
         if job is None:
             return
         log.info(
@@ -473,10 +473,10 @@ class Processor:
         name = hold.name
         backoff = Backoff(base=0.2, cap=30.0)
         while True:
-            if not hold.owned():
-                log.warning("job %s: lost its lease before it could finish; left alone", name)
-                return None
             try:
+                if not hold.owned():
+                    log.warning("job %s: lost its lease before it could finish; left alone", name)
+                    return None
                 return self.store.move(name, "processing", state)
             except JobNotFound:
                 log.error("job %s: gone from processing/ before it could finish", name)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -196,3 +198,65 @@ def test_watch_mode_says_why_it_polls(tmp_path: Path) -> None:
     assert lease.fs_type(tmp_path / "missing") is None
     if lease.fs_type(tmp_path) not in lease._SHARED_FS:
         assert lease.watch_mode(tmp_path, False) is None
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs of this test's own, to fill up; skipped where mounting is not allowed."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+                          capture_output=True)  # fmt: skip
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_full_disk_still_claims_and_renews_by_mtime(small_fs: Path) -> None:
+    store = Store(small_fs / "root")
+    store.init()
+    (small_fs / "root" / "queue" / "j").mkdir()
+    fd = os.open(small_fs / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        with contextlib.suppress(OSError):
+            while True:
+                os.write(fd, b"\0" * 4096)
+    finally:
+        os.close(fd)
+    hold = store.claim("j")  # the lease cannot hold its content: it is there, empty
+    assert hold is not None and hold.lease is not None and hold.owned()
+    path = small_fs / "root" / "processing" / "j" / LEASE
+    age(path, 30)
+    assert hold.lease.renew(hold.dir_fd)  # its mtime is renewed all the same
+    assert time.time() - path.stat().st_mtime < 5
+    store.finish(hold, "success")
+    assert not (small_fs / "root" / "success" / "j" / LEASE).exists()
+
+
+CHECK_WITHOUT_DESCRIPTORS = r"""
+import os, resource, sys
+from batchingest import lease
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
+got = lease.acquire(fd, lease.Owner.here("a"), 60, lambda: 0.0)
+limit = resource.getrlimit(resource.RLIMIT_NOFILE)
+keep = len(os.listdir("/proc/self/fd"))  # counts the listing's own descriptor too
+resource.setrlimit(resource.RLIMIT_NOFILE, (keep - 1, limit[1]))
+try:
+    got.held.is_ours(fd)
+    print("no error")
+except OSError as e:
+    print("raised", e.errno)
+resource.setrlimit(resource.RLIMIT_NOFILE, limit)
+print("ours" if got.held.is_ours(fd) else "lost")
+"""
+
+
+def test_no_descriptor_left_is_not_a_lost_lease(tmp_path: Path) -> None:
+    """Out of descriptors while checking says nothing about the lease: never "lost"."""
+    (tmp_path / "job").mkdir()
+    out = subprocess.run([sys.executable, "-c", CHECK_WITHOUT_DESCRIPTORS, str(tmp_path / "job")],
+                         capture_output=True, text=True, check=True).stdout.split("\n")  # fmt: skip
+    assert out[:2] == ["raised 24", "ours"]
