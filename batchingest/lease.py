@@ -56,6 +56,11 @@ _FLAGS = os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
 _NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
+# Tokens of the leases this process holds now: one of ours not among them was left behind
+# (its removal failed, say for want of descriptors) and holds nothing.
+_LIVE: set[str] = set()
+
+
 class LeaseUnusable(OSError):
     """`.lease` in the job is a link, a folder or a special file: the job cannot be held."""
 
@@ -148,6 +153,8 @@ def stale(found: Found, me: Owner, now: Callable[[], float], timeout: float) -> 
     if owner is not None and owner.host == me.host:
         if owner.boot != me.boot:
             return f"its host {owner.host} restarted"
+        if owner.pid == os.getpid() and found.token not in _LIVE:
+            return "left behind by this process"
         if not _alive(owner.pid):
             return "its processor is gone"
         # a live pid may be a reused one: only the lease's age can tell then
@@ -168,6 +175,7 @@ class Held:
         self.timeout = timeout
         self.claimed = time.time()
         self.lost = False
+        _LIVE.add(token)
 
     def content(self) -> bytes:
         now = time.time()
@@ -224,6 +232,7 @@ class Held:
         self.close()
 
     def close(self) -> None:
+        _LIVE.discard(self.token)
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

@@ -260,3 +260,20 @@ def test_no_descriptor_left_is_not_a_lost_lease(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-c", CHECK_WITHOUT_DESCRIPTORS, str(tmp_path / "job")],
                          capture_output=True, text=True, check=True).stdout.split("\n")  # fmt: skip
     assert out[:2] == ["raised 24", "ours"]
+
+
+def test_a_lease_this_process_left_behind_does_not_delay_the_job(store: Store) -> None:
+    """A release that could not remove `.lease` (no descriptors left) leaves it in
+    queue/: this process knows it holds nothing by it and claims the job at once."""
+    (store.root / "queue" / "j").mkdir()
+    hold = store.claim("j")
+    assert hold is not None and hold.lease is not None
+    store.move("j", "processing", "queue")
+    hold.lease.close()  # as if its removal had failed
+    hold.lease = None
+    hold.release()
+    assert (store.root / "queue" / "j" / LEASE).exists()
+    again = store.claim("j")
+    assert again is not None and again.owned()
+    store.finish(again, "success")
+    assert os.listdir(store.root / "success" / "j") == []
