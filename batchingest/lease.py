@@ -20,7 +20,7 @@ another host's live holder looks dead. So a holder also records a lease, the hid
   and the winner checks that what it renamed is the very file it judged, unrenewed,
   before it puts its own lease in place (`acquire`). On the holder's own host a dead
   holder is known at once (its boot id and a pid that is gone).
-- A holder checks that `.lease` is still its own (its token) before every change it
+- A holder checks that `.lease` is still its own (its inode) before every change it
   makes to the job, and after every renewal; one that lost it (it was frozen, its mount
   hung) stops its task and touches nothing of the job.
 """
