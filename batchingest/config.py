@@ -193,6 +193,15 @@ class Config:
     force_polling: bool = setting(
         False, "do not rely on inotify (NFS and other shared file systems)", parse=parse_bool
     )
+    # several hosts on one shared root (see README, "Deployment on shared file systems")
+    host_id: str = setting("", "this host's name in job leases", shown="the host name")
+    lease_renew: float = setting(
+        10.0, "seconds between renewals of the leases of held jobs", parse=_positive_seconds
+    )
+    lease_timeout: float = setting(
+        60.0, "seconds an unrenewed lease holds before another host takes the job over",
+        parse=_positive_seconds,
+    )  # fmt: skip
     task_timeout: float | None = setting(
         None, "seconds a task may run before it is stopped", parse=_seconds, shown="none"
     )

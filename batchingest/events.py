@@ -625,8 +625,14 @@ class Recorder:
             except OSError as e:
                 log.warning("%s: event %s not in the feed: %s", name, code, e.strerror or e)
         if durable and self._flusher is not None:
-            # fsync-ed with the next batch, then closed
-            self._flusher.add(os.dup(fd) if fd is not None and not own else fd)
+            # fsync-ed with the next batch, then closed; out of descriptors, the event is
+            # written all the same, only not flushed with the batch
+            try:
+                self._flusher.add(os.dup(fd) if fd is not None and not own else fd)
+            except OSError as e:
+                log.warning("%s: event %s not flushed: %s", name, code, e.strerror or e)
+                if fd is not None and own:
+                    os.close(fd)
         elif fd is not None and own:
             os.close(fd)
         return event

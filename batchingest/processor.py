@@ -31,7 +31,7 @@ from collections.abc import Callable
 
 import watchfiles
 
-from batchingest import control, events, jobdir, jobfile, logs, metrics
+from batchingest import control, events, jobdir, jobfile, lease, logs, metrics
 from batchingest.config import Config
 from batchingest.health import Backoff, Progress
 from batchingest.runner import (
@@ -56,6 +56,10 @@ _FINISH_TRIES_WHEN_STOPPING = 3
 _CLAIM_RETRY = 30.0
 
 log = logging.getLogger("batchingest.processor")
+
+
+class LeaseLost(Exception):
+    """Another host took the job over (this one was frozen or cut off): hands off."""
 
 
 def out_of_resources(e: BaseException) -> bool:
@@ -240,6 +244,9 @@ class Processor:
         # cancel requests and deadlines: of running tasks, and of queued jobs every poll
         self._watcher = control.Watcher(cfg.cancel_grace)
         self._deadlines = control.QueuedDeadlines(store, cfg.default_deadline)
+        store.owner = lease.Owner.here(cfg.host_id)
+        store.lease_timeout = cfg.lease_timeout
+        self._leases = lease.Renewer(cfg.lease_renew, self._lost)
 
     # -- the loops ----------------------------------------------------------------------
 
@@ -267,6 +274,7 @@ class Processor:
         ]
         for thread in self._threads:
             thread.start()
+        self._leases.start()
         log.info(
             "processor running with %d worker(s), tasks in %s", self.cfg.workers, self.cfg.tasks_dir
         )
@@ -274,6 +282,7 @@ class Processor:
         self._stopping.set()
         self.scheduler.close()
         await self._join()
+        await asyncio.to_thread(self._leases.stop)
         self.progress.retire("processor")
         for task in helpers:
             task.cancel()
@@ -301,6 +310,13 @@ class Processor:
     async def _watch(self, stop: asyncio.Event) -> None:
         """Wake the workers when something arrives in queue/ (inotify, or polling)."""
         queue_dir = self.store.state_dir("queue")
+        why = lease.watch_mode(self.store.root, self.cfg.force_polling)
+        if why is not None:
+            # _tick lists queue/ in full every --poll-interval: pickup never waits for a
+            # folder's mtime to change (coarse on network file systems)
+            log.info("polling queue/ every %gs: %s", self.cfg.poll_interval, why)
+            return
+        log.info("watching queue/ with inotify, and listing it every %gs", self.cfg.poll_interval)
 
         def arrivals(change: watchfiles.Change, path: str) -> bool:
             return change != watchfiles.Change.deleted
@@ -314,7 +330,7 @@ class Processor:
                     debounce=200,
                     step=1,
                     stop_event=stop,
-                    force_polling=self.cfg.force_polling or None,
+                    force_polling=None,
                     poll_delay_ms=max(50, int(self.cfg.poll_interval * 1000)),
                 ):
                     self.scheduler.wake()
@@ -401,6 +417,8 @@ class Processor:
             t0 = time.monotonic()
             metrics.picked_up(queued_at)
             log.info("job %s picked up", name)
+            if hold.lease is not None:
+                self._leases.add(name, hold.dir_fd, hold.lease)
             state = self._run(hold, slot, entered)
         self._finish(hold, state, t0)
         if state != "queue":
@@ -421,6 +439,8 @@ class Processor:
         """Run the job's tasks; the state it goes to. Errors are the job's or go to the log."""
         try:
             return self._run_tasks(hold, slot, entered)
+        except LeaseLost:
+            return "lost"
         except Exception as e:
             if out_of_resources(e):
                 self._trouble(e)
@@ -443,15 +463,26 @@ class Processor:
     def _finish(self, hold: Hold, state: str, t0: float) -> None:
         """Move the job out of processing/ and release it; log how it went."""
         name = hold.name
+        if state == "lost":
+            self._leases.remove(name)
+            log.warning("job %s: left alone, another host holds it now", name)
+            hold.abandon()
+            return
         reason = failure_reason(hold.dir_fd) if state == "error" else ""
         try:
             events.finishing(self.store, name)
-            job = self._move_out(name, state)
+            job = self._move_out(hold, state)
             if job is not None and job.state != "queue":
                 control.clear(hold.dir_fd)  # a request is done with once the job is out
         finally:
+            # renewed until here: a final move retried for long must not lose its lease
+            self._leases.remove(name)
             self._failing.discard(f"finish {name}")
-            hold.release()
+            # a job lost meanwhile is another's now, its .lock included: remove nothing
+            if hold.lease is not None and hold.lease.lost:
+                hold.abandon()
+            else:
+                hold.release()
         if job is None:
             return
         metrics.job_finished(job.state)
@@ -464,16 +495,20 @@ class Processor:
             f": {reason}" if reason else "",
         )
 
-    def _move_out(self, name: str, state: str) -> Job | None:
+    def _move_out(self, hold: Hold, state: str) -> Job | None:
         """Rename processing/NAME to state/, trying until it works (the job stays held).
 
         While the job is held no recovery takes it back, so a failing rename (no
         descriptors left, a sick NFS server) delays the job but never loses it or runs
         it twice. None if it cannot be moved: gone, or the service stops meanwhile.
         """
+        name = hold.name
         backoff = Backoff(base=0.2, cap=30.0)
         while True:
             try:
+                if not hold.owned():
+                    log.warning("job %s: lost its lease before it could finish; left alone", name)
+                    return None
                 return self.store.move(name, "processing", state)
             except JobNotFound:
                 log.error("job %s: gone from processing/ before it could finish", name)
@@ -499,6 +534,7 @@ class Processor:
             log_fd = jobdir.open_log(hold.dir_fd)
         except jobdir.LogError as e:
             log.warning("job %s: %s", hold.name, e)
+            self._check_lease(hold)
             jobdir.record_failure(hold.dir_fd, str(e))
             return "error"
         try:
@@ -545,12 +581,27 @@ class Processor:
                     job.todo.extend(result.added)
                 if not result.ok or not job.todo:
                     slot.release()  # the job runs no more tasks: its slot is free
+                self._check_lease(hold)
                 jobdir.save_job(hold.dir_fd, job)
                 if not result.ok:
                     return "error"
             return "success"
         finally:
             os.close(log_fd)
+
+    def _check_lease(self, hold: Hold) -> None:
+        """Before the job is changed: it must still be ours (LeaseLost if not)."""
+        if not hold.owned():
+            raise LeaseLost(hold.name)
+
+    def _lost(self, name: str) -> None:
+        """The renewer found a job's lease taken over: stop its task, touch nothing."""
+        log.error("job %s: its lease was taken over by another host (this one was frozen "
+                  "or cut off); stopping its task and leaving the job alone", name)  # fmt: skip
+        with self._running_lock:
+            process = self._running.get(name)
+        if process is not None:
+            process.stop()
 
     def _run_task(
         self, hold: Hold, task: str, log_fd: int, deadline: control.Deadline | None = None

@@ -19,6 +19,12 @@ folder, it is dropped by the kernel when the holder dies, and task processes inh
 a task orphaned by a killed service keeps the job held until it exits. On Linux NFS
 clients flock is carried out as an NFS byte-range lock, so the same holds across
 machines sharing one root (a dead client's locks expire with its NFS lease).
+
+Where locks are not shared between machines, a holder's lock is invisible to the
+others, so holding also takes a lease (batchingest.lease): the hidden `.lease` in the job
+folder, made before the claim's rename, renewed by the holder, taken over by another
+host only once it has expired by the shared file system's clock. Recovery on the
+holder's own machine stays immediate (its lock is free and its pid gone).
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TypeVar
 
-from batchingest import fs
+from batchingest import fs, lease
 from batchingest.fs import rename_noreplace
 
 log = logging.getLogger("batchingest.store")
@@ -167,6 +173,20 @@ class Hold:
     path: Path
     fd: int
     dir_fd: int = -1
+    lease: lease.Held | None = None
+
+    def owned(self) -> bool:
+        """Whether the job is still ours to change: our lease is still in place."""
+        return self.lease is None or (self.dir_fd >= 0 and self.lease.is_ours(self.dir_fd))
+
+    def abandon(self) -> None:
+        """Let go without removing anything: the job (and its `.lock`) may be another's."""
+        if self.lease is not None:
+            self.lease.close()
+        for fd in (self.dir_fd, self.fd):
+            if fd >= 0:
+                os.close(fd)
+        self.dir_fd = self.fd = -1
 
     def release(self) -> None:
         """Remove `.lock` (if it is still ours) and drop the lock.
@@ -175,6 +195,8 @@ class Hold:
         finds, once they get the lock, that `.lock` is no longer it and backs off (they
         all check), so a finished job carries no `.lock` and nobody ever holds a stale one.
         """
+        if self.lease is not None:
+            self.lease.drop(self.dir_fd)
         if self.dir_fd >= 0:
             with contextlib.suppress(OSError):
                 if self.fd >= 0 and _is_our_lock(self.dir_fd, self.fd):
@@ -248,6 +270,9 @@ class Store:
         self._count_cache: dict[str, tuple[tuple[int, int, int, int], int]] = {}  # job_count()
         self._root_fd = -1
         self._lock_warned: set[str] = set()
+        # who holds jobs here, and after how long another host may take a lease over
+        self.owner = lease.Owner.here()
+        self.lease_timeout = lease.DEFAULT_TIMEOUT
 
     @property
     def root_fd(self) -> int:
@@ -613,14 +638,18 @@ class Store:
     def claim(self, name: str) -> Hold | None:
         """Take a queued job into processing/; None if another processor got it first.
 
-        A job whose `.lock` cannot be used is skipped (logged once), never fatal.
+        The lease is put in place before the rename: a job another host is claiming (its
+        lease is there and alive) is left to it. A job whose `.lock` or `.lease` cannot
+        be used is skipped (logged once), never fatal.
         """
         try:
             hold = self._hold(State.QUEUE, name)
+            if hold is None:
+                return None
+            if not self._take_lease(hold, lease.Clock(self.root_fd, self.owner.host)):
+                return None
         except LockUnusable as e:
             self._unusable(f"queue/{name}", e)
-            return None
-        if hold is None:
             return None
         try:
             self._move(name, State.QUEUE, State.PROCESSING)
@@ -629,6 +658,26 @@ class Store:
             return None
         hold.path = self.job_path(State.PROCESSING, name)
         return hold
+
+    def _take_lease(self, hold: Hold, clock: lease.Clock) -> lease.Acquired | None:
+        """Give a locked job our lease; None (the hold abandoned) while another lives.
+
+        Abandoned, not released: on a file system whose locks are not shared, the
+        `.lock` we locked is also the live holder's, and must stay.
+        """
+        try:
+            got = lease.acquire(hold.dir_fd, self.owner, self.lease_timeout, clock)
+        except lease.LeaseUnusable as e:
+            hold.abandon()
+            raise LockUnusable(e.errno or 0, e.strerror) from None
+        except BaseException:
+            hold.abandon()
+            raise
+        if got is None:
+            hold.abandon()
+            return None
+        hold.lease = got.held
+        return got
 
     def finish(self, hold: Hold, state: str) -> Job:
         """Move a held job out of processing/ and release it (its `.lock` goes too)."""
@@ -659,20 +708,24 @@ class Store:
     def recover(self) -> builtins.list[str]:
         """Return jobs in processing/ that no live process holds to queue/.
 
-        A job is only taken back while its lock is ours, so a job run by a live processor
-        (here or on another machine), or still held by an orphaned task, is left alone.
-        Holding it also proves its writers are gone, so their temporaries go at once.
+        A job is taken back only once its lock is ours and its lease is no longer
+        alive (see batchingest.lease): on this machine a dead holder is known at once,
+        another host's holder only when its lease has expired. A job run by a live
+        processor, or still held by an orphaned task, is left alone. Holding it proves
+        its writers are gone, so their temporaries go at once.
         """
         recovered: builtins.list[str] = []
+        clock = lease.Clock(self.root_fd, self.owner.host)
         for entry in self._entries(State.PROCESSING):
             if not valid_name(entry.name):
                 continue
             try:
                 hold = self._hold(State.PROCESSING, entry.name)
+                got = None if hold is None else self._take_lease(hold, clock)
             except LockUnusable as e:
                 self._unusable(f"processing/{entry.name}", e)
                 continue
-            if hold is None:
+            if hold is None or got is None:
                 continue
             try:
                 self._sweep_job(hold.dir_fd, min_age=0.0, locks=False)
@@ -681,7 +734,8 @@ class Store:
                 except (FileNotFoundError, FileExistsError):
                     continue
                 recovered.append(entry.name)
-                log.warning("recovered %s: back to queue/ (its processor is gone)", entry.name)
+                why = got.broke or "its processor is gone"
+                log.warning("recovered %s: back to queue/ (%s)", entry.name, why)
             finally:
                 hold.release()
         return recovered
