@@ -1011,3 +1011,70 @@ def test_upload_into_a_job_deleted_meanwhile_is_404(
     finally:
         os.close(job_fd)
     assert store.find("j") is None
+
+
+# -- the contract: strict parameters, 405 with Allow, conditional requests -------------
+
+
+def test_unknown_boolean_words_are_400_and_remove_nothing(api: tuple[ASGIApp, Store]) -> None:
+    app, store = api
+    job, _ = store.create("j")
+    (job.path / "d").mkdir()
+    (job.path / "d" / "f").write_bytes(b"x")
+    for word in ("garbage", "", "ture", "2"):
+        reply = call(app, "DELETE", f"/jobs/j/files/d?recursive={word}")
+        assert_error(reply, 400, "InvalidParameter")
+    assert (job.path / "d" / "f").read_bytes() == b"x"
+    assert_error(call(app, "DELETE", "/jobs/j/files/d?recursive=false"), 409, "NotEmpty")
+    assert call(app, "DELETE", "/jobs/j/files/d?recursive=TRUE").status == 204
+    assert not (job.path / "d").exists()
+
+
+def test_methods_not_served_are_405_with_every_allowed_method(
+    api: tuple[ASGIApp, Store],
+) -> None:
+    app, store = api
+    store.create("j")
+    for method in ("PUT", "DELETE"):
+        reply = call(app, method, "/jobs/j/files/")
+        assert_error(reply, 405, "MethodNotAllowed")
+        assert reply.headers["allow"] == "GET, HEAD"
+    reply = call(app, "OPTIONS", "/jobs/j/files/a")
+    assert_error(reply, 405, "MethodNotAllowed")
+    assert set(reply.headers["allow"].split(", ")) == {"GET", "HEAD", "PUT", "DELETE"}
+
+
+def test_staging_path_answers_405_with_get_and_post(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    Store(root).init()
+    (tmp_path / "archive").mkdir()
+    (tmp_path / "staging").mkdir()
+    app, _ = make_app(root, archive=tmp_path / "archive", staging=tmp_path / "staging")
+    for method in ("OPTIONS", "PUT", "DELETE"):
+        reply = call(app, method, "/dts/staging")
+        assert_error(reply, 405, "MethodNotAllowed")
+        assert set(reply.headers["allow"].split(", ")) == {"GET", "HEAD", "POST"}
+
+
+def test_if_none_match_star_and_if_modified_since(api: tuple[ASGIApp, Store]) -> None:
+    """RFC 9110 13.1.2 and 13.1.3."""
+    app, store = api
+    job, _ = store.create("j")
+    (job.path / "f").write_bytes(b"data")
+    os.utime(job.path / "f", (1_700_000_000, 1_700_000_000))
+    first = call(app, "GET", "/jobs/j/files/f")
+    etag, modified = first.headers["etag"], first.headers["last-modified"]
+
+    def status(**headers: str) -> int:
+        return call(app, "GET", "/jobs/j/files/f", headers=headers).status
+
+    assert status(**{"If-None-Match": "*"}) == 304
+    assert status(**{"If-None-Match": f'"other", W/{etag}'}) == 304  # weak comparison
+    assert status(**{"If-None-Match": '"other"'}) == 200
+    assert status(**{"If-Modified-Since": modified}) == 304
+    assert status(**{"If-Modified-Since": "Tue, 14 Nov 2023 22:13:19 GMT"}) == 200  # older
+    assert status(**{"If-Modified-Since": "not a date"}) == 200
+    assert status(**{"If-Modified-Since": "Fri, 01 Jan 2100 00:00:00 GMT"}) == 200  # future
+    # If-None-Match wins over If-Modified-Since
+    assert status(**{"If-None-Match": '"other"', "If-Modified-Since": modified}) == 200
+    assert call(app, "GET", "/jobs/j/files/nope", headers={"If-None-Match": "*"}).status == 404

@@ -244,7 +244,11 @@ def create_app(cfg: Config, store: Store, readiness: Readiness | None = None) ->
     checker = auth.TokenChecker(auth.load_tokens(cfg, store))
     dts = auth.load_dts_secret(cfg)
     staging_routes, staging_paths = _staging_routes(cfg, store)
-    spec = openapi.spec(__version__, {**staging_paths, **globus.OPENAPI_PATHS})
+    spec = openapi.spec(
+        __version__,
+        {**staging_paths, **globus.OPENAPI_PATHS},
+        staging_ids_are_paths=cfg.catalog is None,
+    )
     spec_body = jobs.json_response(spec).body
 
     async def index(request: Request) -> Response:

@@ -94,6 +94,16 @@ class StagingRequest(msgspec.Struct, forbid_unknown_fields=False):
     ids: Annotated[list[Annotated[str, Meta(min_length=1)]], Meta(min_length=1)]
 
 
+class StagingPathsRequest(msgspec.Struct):
+    """POST /dts/staging of a service without a catalog: ids are paths in the archive,
+    with the rules of file paths in a job (an id breaking them is a 400 InvalidId)."""
+
+    ids: Annotated[
+        list[Annotated[str, Meta(pattern=FILE_PATH_PATTERN, max_length=MAX_PATH)]],
+        Meta(min_length=1),
+    ]
+
+
 class StagingCreated(msgspec.Struct):
     request_id: Annotated[str, Meta(pattern=UUID_PATTERN)]
 
@@ -115,6 +125,7 @@ MODELS: tuple[type[msgspec.Struct], ...] = (
     ServiceInfo,
     Health,
     StagingRequest,
+    StagingPathsRequest,
     StagingCreated,
     StagingStatus,
 )

@@ -214,7 +214,8 @@ def _files_paths() -> dict[str, Any]:
         "files",
         "upload a file (streamed; renamed into place when complete)",
         params=[_ID, _PATH, _DIGEST],
-        body={"required": True, "content": {"application/octet-stream": {"schema": _BINARY}}},
+        # no body at all uploads an empty file
+        body={"required": False, "content": {"application/octet-stream": {"schema": _BINARY}}},
         responses={
             "201": json_body(models.ref(models.Uploaded), "created"),
             "200": json_body(models.ref(models.Uploaded), "replaced"),
@@ -393,8 +394,9 @@ def _service_paths() -> dict[str, Any]:
     }
 
 
-def _staging_paths() -> dict[str, Any]:
-    """The DTS staging provider's routes (batchingest/api/staging.py)."""
+def _staging_paths(ids_are_paths: bool) -> dict[str, Any]:
+    """The DTS staging provider's routes (batchingest/api/staging.py); without a catalog
+    the ids are archive paths (ids_are_paths)."""
     request_id = {"type": "string", "pattern": models.UUID_PATTERN}
     key = param(
         "Idempotency-Key",
@@ -432,9 +434,26 @@ def _staging_paths() -> dict[str, Any]:
         params=[key],
         body={
             "required": True,
-            "content": {"application/json": {"schema": models.ref(models.StagingRequest)}},
+            "content": {
+                "application/json": {
+                    "schema": models.ref(
+                        models.StagingPathsRequest if ids_are_paths else models.StagingRequest
+                    )
+                }
+            },
         },
-        responses={"201": json_body(models.ref(models.StagingCreated), "staging job created")},
+        responses={
+            "201": {
+                **json_body(models.ref(models.StagingCreated), "staging job created"),
+                "links": {
+                    op_id: {
+                        "operationId": op_id,
+                        "parameters": {"id": "$response.body#/request_id"},
+                    }
+                    for op_id in ("getStaging", "getStagingByQuery")
+                },
+            }
+        },
         errors=(
             "InvalidRequest",
             "InvalidId",
@@ -476,8 +495,15 @@ def spec(
     version: str,
     extra_paths: dict[str, Any] | None = None,
     extra_models: tuple[type[Any], ...] = (),
+    *,
+    staging_ids_are_paths: bool = True,
 ) -> dict[str, Any]:
-    paths = {**_service_paths(), **_jobs_paths(), **_files_paths(), **_staging_paths()}
+    paths = {
+        **_service_paths(),
+        **_jobs_paths(),
+        **_files_paths(),
+        **_staging_paths(staging_ids_are_paths),
+    }
     paths.update(extra_paths or {})
     for path, ops in paths.items():
         _complete(path, ops)
