@@ -1078,3 +1078,14 @@ def test_if_none_match_star_and_if_modified_since(api: tuple[ASGIApp, Store]) ->
     # If-None-Match wins over If-Modified-Since
     assert status(**{"If-None-Match": '"other"', "If-Modified-Since": modified}) == 200
     assert call(app, "GET", "/jobs/j/files/nope", headers={"If-None-Match": "*"}).status == 404
+
+
+def test_paging_numbers_in_other_scripts_are_400_not_500(api: tuple[ASGIApp, Store]) -> None:
+    app, _ = api
+    for value in (
+        "%C2%B2",
+        "%D9%A3",
+        "%EF%BC%91",
+    ):  # superscript two, Arabic-Indic three, fullwidth one
+        assert_error(call(app, "GET", f"/jobs?limit={value}"), 400, "InvalidParameter")
+        assert_error(call(app, "GET", f"/jobs?offset={value}"), 400, "InvalidParameter")
