@@ -44,6 +44,11 @@ ERRORS = {
     "InsufficientStorage": "507: the disk is full; nothing was changed",
     "InternalError": "500: unexpected; the log has the request id",
     "NotReady": "503: the service cannot take and run jobs now; the log says why",
+    # answered by the connection limits (connections.py) before any route, so on no
+    # operation: an over-limit connection, slow or oversized request headers
+    "TooManyConnections": "503: --max-connections are open; the connection is closed",
+    "RequestTimeout": "408: the request line and headers took over --header-timeout",
+    "HeadersTooLarge": "431: the request line and headers exceed --max-header-size",
     # the /dts/staging routes
     "InvalidRequest": '400: the body is not {"ids": [...]} with 1 to staging-max-ids '
     "non-empty strings, or the Idempotency-Key is not 1-255 characters",
@@ -110,7 +115,8 @@ def operation(
         op["parameters"] = params
     if body is not None:
         op["requestBody"] = body
-    op["responses"] = {**responses, **error_responses(*errors, public=public)}
+    # any operation may fail unexpectedly: a 500 naming the request id
+    op["responses"] = {**responses, **error_responses(*errors, "InternalError", public=public)}
     if public:
         op["security"] = []
     return op
@@ -207,7 +213,7 @@ def _files_paths() -> dict[str, Any]:
         "names in the job folder, sorted; hidden files never appear",
         params=[_ID],
         responses={"200": json_body(_NAMES, "names")},
-        errors=("InvalidName", "JobNotFound"),
+        errors=("InvalidName", "InvalidPath", "JobNotFound"),
     )
     upload = operation(
         "putFile",
@@ -312,7 +318,7 @@ def _jobs_paths() -> dict[str, Any]:
         "a job's status and task lists",
         params=[_ID],
         responses={"200": json_body(info, "the job")},
-        errors=("InvalidName", "JobNotFound"),
+        errors=("InvalidName", "InvalidPath", "JobNotFound"),
     )
     return {
         "/jobs": {"get": jobs_get, "head": head_of(jobs_get)},
@@ -328,7 +334,7 @@ def _jobs_paths() -> dict[str, Any]:
                     "201": json_body(info, "created"),
                     "200": json_body(info, "it existed; nothing changed"),
                 },
-                errors=("InvalidName", "Conflict"),
+                errors=("InvalidName", "InvalidPath", "Conflict"),
             ),
             "delete": operation(
                 "deleteJob",
@@ -336,7 +342,7 @@ def _jobs_paths() -> dict[str, Any]:
                 "remove the job and all its files",
                 params=[_ID],
                 responses={"204": {"description": "gone (also if it never existed)"}},
-                errors=("InvalidName", "JobBusy"),
+                errors=("InvalidName", "InvalidPath", "JobBusy"),
             ),
         },
         "/jobs/{id}/queue": {
@@ -349,7 +355,7 @@ def _jobs_paths() -> dict[str, Any]:
                     "202": json_body(info, "queued"),
                     "200": json_body(info, "already queued or processing"),
                 },
-                errors=("InvalidName", "JobNotFound", "JobBusy"),
+                errors=("InvalidName", "InvalidPath", "JobNotFound", "JobBusy"),
             )
         },
     }
@@ -406,6 +412,7 @@ def _staging_paths(ids_are_paths: bool) -> dict[str, Any]:
     )
     status_errors = (
         "InvalidRequestId",
+        "InvalidPath",
         "StagingRequestNotFound",
         "JobBusy",
         "StagingNotConfigured",
