@@ -12,6 +12,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import stat
 import time
 from dataclasses import dataclass
@@ -26,10 +27,12 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from batchingest import filetimes
-from batchingest.api import auth
+from batchingest.api import auth, models, openapi
 from batchingest.api.app import create_app
 from batchingest.config import Config
+from batchingest.paths import InvalidPath, relpath_segments
 from batchingest.store import Store
+from batchingest.store import valid_name as store_valid_name
 
 # -- calling the app with an exact path ------------------------------------------------
 
@@ -132,7 +135,6 @@ def assert_error(reply: Reply, status: int, code: str) -> dict[str, Any]:
 
 EVERY_ROUTE = [
     ("GET", "/"),
-    ("GET", "/openapi.json"),
     ("GET", "/jobs"),
     ("GET", "/jobs?limit=1"),
     ("GET", "/jobs/j"),
@@ -294,12 +296,65 @@ def test_openapi_documents_every_route(api: tuple[ASGIApp, Store]) -> None:
     for route in app.routes:  # type: ignore[attr-defined]
         assert isinstance(route, Route)
         path = route.path.replace("{path:path}", "{path}")
+        path = openapi.ALIASES.get(path, path)  # '/jobs/' is '/jobs': documented once
         for method in route.methods or ():
-            if method == "HEAD":
-                continue
+            if method == "HEAD" and path.startswith("/globus/"):
+                continue  # the Globus API has no HEAD operations of its own
             assert (path, method) in documented, (path, method)
     codes = set(spec["components"]["schemas"]["Error"]["properties"]["code"]["enum"])
     assert {"Unauthorized", "JobNotFound", "InvalidPath", "JobBusy", "DigestMismatch"} <= codes
+    # every operation is named, tagged, and says 401 unless it needs no token
+    op_ids = [op["operationId"] for ops in spec["paths"].values() for op in ops.values()]
+    assert len(op_ids) == len(set(op_ids))
+    for path, ops in spec["paths"].items():
+        for method, op in ops.items():
+            assert op["tags"], (path, method)
+            says_401 = "401" in op["responses"] or "default" in op["responses"]
+            assert says_401 == (op.get("security") != []), (path, method)
+    assert not set(openapi.ALIASES) & set(spec["paths"])
+
+
+def test_openapi_and_docs_need_no_token(root: Path) -> None:
+    app, _ = make_app(root)
+    spec = call(app, "GET", "/openapi.json", token=None)
+    assert spec.status == 200 and spec.json()["openapi"] == "3.1.0"
+    page = call(app, "GET", "/docs", token=None)
+    assert page.status == 200 and page.headers["content-type"].startswith("text/html")
+    assert b"openapi.json" in page.body and b"http" not in page.body.replace(b"http-equiv", b"")
+    assert call(app, "GET", "/jobs", token=None).status == 401
+
+
+def test_openapi_patterns_are_what_the_server_enforces() -> None:
+    """The spec's job-name and file-path patterns accept exactly what the server does."""
+    # JSON Schema's (ECMA 262) '$' is the end of the string, Python's \Z
+    name = re.compile(models.JOB_NAME_PATTERN.replace("$", r"\Z"))
+    for raw in ["a", "A.b-c_9", "x" * 255, "", ".a", "x" * 256, "a/b", "a b", "\u00e9", "a\n"]:
+        assert bool(name.search(raw)) == store_valid_name(raw), raw
+    rel = re.compile(models.FILE_PATH_PATTERN.replace("$", r"\Z"))
+    for raw in [
+        "a",
+        "a/b.c",
+        "a/.b",
+        ".a",
+        "a//b",
+        "a/",
+        "/a",
+        "a/./b",
+        "a/../b",
+        "a\\b",
+        "a\x00b",
+        "a\x7fb",
+        "\u00e9t\u00e9/x",
+        "x" * 255,
+        "x" * 256,
+        "a/" + "y" * 256,
+    ]:
+        try:
+            relpath_segments(raw)
+            ok = True
+        except InvalidPath:
+            ok = False
+        assert bool(rel.search(raw)) == ok, raw
 
 
 def test_openapi_documents_list_queries(api: tuple[ASGIApp, Store]) -> None:
@@ -308,10 +363,16 @@ def test_openapi_documents_list_queries(api: tuple[ASGIApp, Store]) -> None:
     listing = spec["paths"]["/jobs"]["get"]
     params = {p["name"] for p in listing["parameters"]}
     assert {"status", "limit", "offset", "orderby", "filter", "fields"} <= params
-    row = listing["responses"]["200"]["content"]["application/json"]["schema"]["items"]
+    schemas = spec["components"]["schemas"]
+
+    def deref(schema: dict[str, Any]) -> dict[str, Any]:
+        ref = schema.get("$ref", "")
+        return dict(schemas[ref.rsplit("/", 1)[-1]]) if ref else schema
+
+    row = deref(listing["responses"]["200"]["content"]["application/json"]["schema"]["items"])
     assert {"Name", "Status", "Created", "Modified"} <= set(row["properties"])
     info = spec["paths"]["/jobs/{id}"]["get"]["responses"]["200"]["content"]
-    assert {"Created", "Modified"} <= set(info["application/json"]["schema"]["required"])
+    assert {"Created", "Modified"} <= set(deref(info["application/json"]["schema"])["required"])
 
 
 # -- /jobs ------------------------------------------------------------------------------
@@ -1131,3 +1192,81 @@ def test_upload_into_a_job_deleted_meanwhile_is_404(
     finally:
         os.close(job_fd)
     assert store.find("j") is None
+
+
+# -- the contract: strict parameters, 405 with Allow, conditional requests -------------
+
+
+def test_unknown_boolean_words_are_400_and_remove_nothing(api: tuple[ASGIApp, Store]) -> None:
+    app, store = api
+    job, _ = store.create("j")
+    (job.path / "d").mkdir()
+    (job.path / "d" / "f").write_bytes(b"x")
+    for word in ("garbage", "", "ture", "2"):
+        reply = call(app, "DELETE", f"/jobs/j/files/d?recursive={word}")
+        assert_error(reply, 400, "InvalidParameter")
+    assert (job.path / "d" / "f").read_bytes() == b"x"
+    assert_error(call(app, "DELETE", "/jobs/j/files/d?recursive=false"), 409, "NotEmpty")
+    assert call(app, "DELETE", "/jobs/j/files/d?recursive=TRUE").status == 204
+    assert not (job.path / "d").exists()
+
+
+def test_methods_not_served_are_405_with_every_allowed_method(
+    api: tuple[ASGIApp, Store],
+) -> None:
+    app, store = api
+    store.create("j")
+    for method in ("PUT", "DELETE"):
+        reply = call(app, method, "/jobs/j/files/")
+        assert_error(reply, 405, "MethodNotAllowed")
+        assert reply.headers["allow"] == "GET, HEAD"
+    reply = call(app, "OPTIONS", "/jobs/j/files/a")
+    assert_error(reply, 405, "MethodNotAllowed")
+    assert set(reply.headers["allow"].split(", ")) == {"GET", "HEAD", "PUT", "DELETE"}
+
+
+def test_staging_path_answers_405_with_get_and_post(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    Store(root).init()
+    (tmp_path / "archive").mkdir()
+    (tmp_path / "staging").mkdir()
+    app, _ = make_app(root, archive=tmp_path / "archive", staging=tmp_path / "staging")
+    for method in ("OPTIONS", "PUT", "DELETE"):
+        reply = call(app, method, "/dts/staging")
+        assert_error(reply, 405, "MethodNotAllowed")
+        assert set(reply.headers["allow"].split(", ")) == {"GET", "HEAD", "POST"}
+
+
+def test_if_none_match_star_and_if_modified_since(api: tuple[ASGIApp, Store]) -> None:
+    """RFC 9110 13.1.2 and 13.1.3."""
+    app, store = api
+    job, _ = store.create("j")
+    (job.path / "f").write_bytes(b"data")
+    os.utime(job.path / "f", (1_700_000_000, 1_700_000_000))
+    first = call(app, "GET", "/jobs/j/files/f")
+    etag, modified = first.headers["etag"], first.headers["last-modified"]
+
+    def status(**headers: str) -> int:
+        return call(app, "GET", "/jobs/j/files/f", headers=headers).status
+
+    assert status(**{"If-None-Match": "*"}) == 304
+    assert status(**{"If-None-Match": f'"other", W/{etag}'}) == 304  # weak comparison
+    assert status(**{"If-None-Match": '"other"'}) == 200
+    assert status(**{"If-Modified-Since": modified}) == 304
+    assert status(**{"If-Modified-Since": "Tue, 14 Nov 2023 22:13:19 GMT"}) == 200  # older
+    assert status(**{"If-Modified-Since": "not a date"}) == 200
+    assert status(**{"If-Modified-Since": "Fri, 01 Jan 2100 00:00:00 GMT"}) == 200  # future
+    # If-None-Match wins over If-Modified-Since
+    assert status(**{"If-None-Match": '"other"', "If-Modified-Since": modified}) == 200
+    assert call(app, "GET", "/jobs/j/files/nope", headers={"If-None-Match": "*"}).status == 404
+
+
+def test_paging_numbers_in_other_scripts_are_400_not_500(api: tuple[ASGIApp, Store]) -> None:
+    app, _ = api
+    for value in (
+        "%C2%B2",
+        "%D9%A3",
+        "%EF%BC%91",
+    ):  # superscript two, Arabic-Indic three, fullwidth one
+        assert_error(call(app, "GET", f"/jobs?limit={value}"), 400, "InvalidParameter")
+        assert_error(call(app, "GET", f"/jobs?offset={value}"), 400, "InvalidParameter")

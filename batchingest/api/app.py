@@ -23,7 +23,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from batchingest import __version__, logs, metrics
-from batchingest.api import auth, events, files, jobs, openapi, staccato
+from batchingest.api import auth, docs, events, files, jobs, openapi, staccato
 from batchingest.api.access import TOKEN_LABEL, AccessLog
 from batchingest.api.errors import MAPPED, ApiError, api_error_of
 from batchingest.api.paths import job_name, unsafe_url_path
@@ -36,7 +36,7 @@ log = logging.getLogger("batchingest.api")
 
 REQUEST_ID = "batchingest.request_id"  # scope key
 _CLIENT_ID = re.compile(rb"[A-Za-z0-9._:-]{1,64}")
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
+PUBLIC_PATHS = frozenset(openapi.PUBLIC)  # no secrets in them
 # Routes a DTS client may call with its own credential (--dts-secret) instead of a token.
 DTS_PATHS = ("/dts/staging", "/request_archived_files/")
 JDP_STATUS = "/request_archived_files/requests/"
@@ -263,6 +263,7 @@ def create_app(cfg: Config, store: Store, readiness: Readiness | None = None) ->
             **staccato.OPENAPI_PATHS,
             **metrics.OPENAPI_PATHS,
         },
+        staging_ids_are_paths=cfg.catalog is None,
     )
     spec_body = jobs.json_response(spec).body
 
@@ -292,6 +293,7 @@ def create_app(cfg: Config, store: Store, readiness: Readiness | None = None) ->
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/openapi.json", openapi_json, methods=["GET"]),
+        Route("/docs", docs.page, methods=["GET"]),
         *staging_routes,
         *globus.routes(cfg, store),
         *ui.routes(cfg, store),

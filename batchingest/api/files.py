@@ -99,6 +99,32 @@ def open_for_read(job_fd: int, parts: list[str]) -> tuple[int, os.stat_result]:
     return fd, st
 
 
+_BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def boolean(request: Request, key: str) -> bool:
+    """A boolean query parameter: absent is false; a word not in _BOOLEANS is a 400, so
+    that a typo (`?recursive=ture`) is not silently false."""
+    raw = request.query_params.get(key)
+    if raw is None:
+        return False
+    value = _BOOLEANS.get(raw.lower())
+    if value is None:
+        raise ApiError(400, "InvalidParameter", f"{key} must be true or false, not {raw[:50]!r}")
+    return value
+
+
+def only_listing(request: Request) -> None:
+    """`/jobs/{id}/files/` names the job folder's listing, which is only read: 405."""
+    if request.path_params.get("path", "") == "":
+        raise ApiError(
+            405,
+            "MethodNotAllowed",
+            f"{request.method} is not allowed on a job's file listing",
+            headers={"Allow": "GET, HEAD"},
+        )
+
+
 def routes(cfg: Config, store: Store) -> list[BaseRoute]:
     max_upload = cfg.max_upload
 
@@ -125,6 +151,7 @@ def routes(cfg: Config, store: Store) -> list[BaseRoute]:
 
     async def upload(request: Request) -> Response:
         name = job_name(request.path_params["id"])
+        only_listing(request)
         parts = segments(request.path_params["path"], allow_empty=False)
         job, job_fd = open_job(store, name)
         try:
@@ -153,8 +180,9 @@ def routes(cfg: Config, store: Store) -> list[BaseRoute]:
 
     async def delete(request: Request) -> Response:
         name = job_name(request.path_params["id"])
+        only_listing(request)
         parts = segments(request.path_params["path"], allow_empty=False)
-        recursive = request.query_params.get("recursive", "").lower() in ("1", "true", "yes")
+        recursive = boolean(request, "recursive")
         job, job_fd = open_job(store, name)
         try:
             if job.state in BUSY:

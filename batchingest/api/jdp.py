@@ -168,5 +168,8 @@ def routes(staging: StagingApi, store: Store) -> list[BaseRoute]:
 
 def _extra_fields(body: bytes) -> dict[str, Any]:
     """The body's fields other than ids (parse_ids has already checked it is JSON)."""
-    data = json.loads(body)
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):  # a number json will not convert (4300+ digits)
+        return {}
     return {k: v for k, v in data.items() if k != "ids"} if isinstance(data, dict) else {}

@@ -1,37 +1,56 @@
-"""The OpenAPI 3.1 description served at `/openapi.json`, written out by hand.
+"""The OpenAPI 3.1 description served at `/openapi.json`.
 
-Hand-written because the routes are plain functions; a test checks that every route
-of the app appears here, so the two cannot drift apart unnoticed.
+The operations are written here (the routes are plain functions); the documents come
+from the typed models of batchingest.api.models, the same ones that validate request
+bodies, and the name and path patterns are the ones the server enforces. A test checks
+that every route of the app appears here, so the two cannot drift apart unnoticed.
+
+Adding an operation: `operation("getThing", "tag", "summary", params=[...],
+responses={"200": json_body(models.ref(Thing), "the thing")}, errors=("ThingNotFound",))`
+under its path in the `extra_paths` given to `spec()`; put its documents in models.py
+(a msgspec.Struct, listed in `models.MODELS` or passed to `spec(extra_models=...)`) and
+its error codes in `ERRORS`. 401 is added unless the operation is public, and any
+operation lacking an operationId or tags gets one derived from its method and path.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
+
+from batchingest.api import models
 
 ERRORS = {
     "Unauthorized": "401: no token, or a wrong one",
     "NotFound": "404: no such route",
-    "MethodNotAllowed": "405: the route exists but not with this method",
+    "MethodNotAllowed": "405: the route exists but not with this method (see Allow)",
     "InvalidName": "400: the job id is not a valid job name",
     "InvalidPath": "400: '.'/'..' segments, NUL, backslash, empty, hidden or absolute path, "
     "or a symlink leading outside the job folder",
     "InvalidParameter": "400: a query parameter is malformed",
+    "JobNotCancellable": "409: only a queued or processing job can be canceled",
+    "DeadlinePassed": "409: the job's own Deadline has passed (or is not a time)",
     "InvalidJobFile": "400: an uploaded JOB is not what the processor can read",
     "InvalidDigest": "400: a malformed Content-Digest header",
     "DigestMismatch": "400: the body does not match its Content-Digest",
     "JobNotFound": "404: no job with this name",
     "FileNotFound": "404: no such file or folder in the job",
     "JobBusy": "409: the job is queued or processing (or held by a processor)",
-    "JobNotCancellable": "409: only a queued or processing job can be canceled",
-    "DeadlinePassed": "409: the job's own Deadline has passed (or is not a time)",
     "NotEmpty": "409: deleting a non-empty folder without ?recursive=true",
     "IsADirectory": "409: uploading onto a folder",
     "NotADirectory": "409: a parent of the path is a file",
-    "Conflict": "409: the job's folder changed during an upload",
+    "Conflict": "409: the job's folder changed during an upload, or the name is taken by "
+    "something that is not a job folder",
     "PayloadTooLarge": "413: larger than --max-upload",
     "RangeNotSatisfiable": "416: the Range starts beyond the end of the file",
     "InsufficientStorage": "507: the disk is full; nothing was changed",
     "InternalError": "500: unexpected; the log has the request id",
+    "NotReady": "503: the service cannot take and run jobs now; the log says why",
+    # answered by the connection limits (connections.py) before any route, so on no
+    # operation: an over-limit connection, slow or oversized request headers
+    "TooManyConnections": "503: --max-connections are open; the connection is closed",
+    "RequestTimeout": "408: the request line and headers took over --header-timeout",
+    "HeadersTooLarge": "431: the request line and headers exceed --max-header-size",
     # the /dts/staging routes
     "InvalidRequest": '400: the body is not {"ids": [...]} with 1 to staging-max-ids '
     "non-empty strings, or the Idempotency-Key is not 1-255 characters",
@@ -47,156 +66,287 @@ ERRORS = {
     "CatalogUnavailable": "503: the catalog file cannot be read",
 }
 
-_ERROR_SCHEMA = {
-    "type": "object",
-    "required": ["code", "message", "request_id", "resource"],
-    "properties": {
-        "code": {"type": "string", "enum": sorted(ERRORS)},
-        "message": {"type": "string"},
-        "request_id": {"type": "string"},
-        "resource": {"type": "string"},
-    },
-}
+# Paths the server also answers, as aliases of a documented one: not in the document, so
+# that a generated client has one function per operation.
+# What GET /jobs's query parameters may be, as the server reads them (api/query.py). Days
+# up to 28 only, so that every date the pattern admits exists.
+_KEY = "(name|status|created|modified)"
+_ORDERBY = rf"^({_KEY}( (asc|desc))?(,{_KEY}( (asc|desc))?)*)?$"
+_FIELDS = "^((Name|Status|Created|Modified)(,(Name|Status|Created|Modified))*)?$"
+_NAME = "[A-Za-z0-9_-][A-Za-z0-9._-]{0,100}"
+_STATUS = "(ready|queue|processing|success|error)"
+_TIME = (
+    r"\d{4}-(0[1-9]|1[0-2])-(0[1-9]|1\d|2[0-8])"
+    r"(T([01]\d|2[0-3]):[0-5]\d:[0-5]\d(\.\d{1,3})?(Z|[+-]([01]\d|2[0-3]):[0-5]\d))?"
+)
+_CLAUSE = (
+    f"(name:(=|!=|~|!~)?{_NAME}|status:{_STATUS}(,{_STATUS})*"
+    f"|(created|modified):({_TIME})?,({_TIME})?)"
+)
+_FILTER = f"^({_CLAUSE}(/{_CLAUSE})*)?$"
 
-_JOB = {
-    "type": "object",
-    "required": ["Name", "Status"],
-    "properties": {
-        "Name": {"type": "string"},
-        "Status": {"type": "string", "enum": ["ready", "queue", "processing", "success", "error"]},
-    },
-}
-
-_TIME = {"type": ["string", "null"], "format": "date-time"}
-_JOB_ROW = {
-    "type": "object",
-    "description": "Name and Status, or the fields asked for with ?fields=",
-    "properties": {
-        **_JOB["properties"],  # type: ignore[dict-item]
-        "Created": {**_TIME, "description": "when the job folder was made (RFC 3339, ms, UTC)"},
-        "Modified": {
-            **_TIME,
-            "description": "the folder's last change: a move to another state, an entry added "
-            "or removed (its ctime)",
-        },
-    },
-}
-
-_JOB_INFO = {
-    "type": "object",
-    "required": ["Name", "Status", "Created", "Modified", "Todo", "Finished"],
-    "properties": {
-        **_JOB_ROW["properties"],  # type: ignore[dict-item]
-        "Todo": {"type": ["array", "null"], "items": {"type": "string"}},
-        "Finished": {"type": ["array", "null"]},
-        "JobError": {"type": "string", "description": "why JOB cannot be read, if it cannot"},
-    },
-}
-
-_NAMES = {"type": "array", "items": {"type": "string"}}
-_UPLOADED = {
-    "type": "object",
-    "properties": {
-        "path": {"type": "string"},
-        "size": {"type": "integer"},
-        "sha256": {"type": "string"},
-    },
-}
+ALIASES = {"/jobs/": "/jobs", "/jobs/{id}/files/": "/jobs/{id}/files", "/ui/": "/ui"}
+# Paths readable without a token: they hold nothing secret.
+PUBLIC = ("/healthz", "/readyz", "/openapi.json", "/docs")
 
 
-def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+def json_body(schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
-def _errors(*codes: str) -> dict[str, Any]:
+def error_responses(*codes: str, public: bool = False) -> dict[str, Any]:
+    """One response per status, naming its error codes."""
     by_status: dict[str, list[str]] = {}
-    for code in ("Unauthorized", *codes):
+    for code in (*(() if public else ("Unauthorized",)), *codes):
         by_status.setdefault(ERRORS[code].split(":")[0], []).append(code)
     return {
-        status: _json({"$ref": "#/components/schemas/Error"}, "error: " + ", ".join(names))
-        for status, names in by_status.items()
+        status: json_body(models.ref(models.Error), "error: " + ", ".join(names))
+        for status, names in sorted(by_status.items())
     }
 
 
-def _param(name: str, where: str, description: str) -> dict[str, Any]:
-    """A string parameter: required in the path, optional elsewhere."""
+def param(
+    name: str, where: str, description: str, schema: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """A parameter: required in the path, optional elsewhere; a string unless told."""
     return {
         "name": name,
         "in": where,
         "required": where == "path",
-        "schema": {"type": "string"},
+        "schema": schema or {"type": "string"},
         "description": description,
     }
 
 
-_ID = _param("id", "path", "job name: 1-255 of A-Z a-z 0-9 . _ -, not starting with '.'")
-_PATH = _param("path", "path", "file path inside the job folder, '/' separated")
-_DIGEST = _param("Content-Digest", "header", "RFC 9530, e.g. sha-256=:<base64>:")
-_RANGE = _param("Range", "header", "one byte range, e.g. bytes=0-99")
+def operation(
+    op_id: str,
+    tag: str,
+    summary: str,
+    *,
+    responses: dict[str, Any],
+    errors: tuple[str, ...] = (),
+    params: list[dict[str, Any]] | None = None,
+    body: dict[str, Any] | None = None,
+    public: bool = False,
+) -> dict[str, Any]:
+    op: dict[str, Any] = {"operationId": op_id, "tags": [tag], "summary": summary}
+    if params:
+        op["parameters"] = params
+    if body is not None:
+        op["requestBody"] = body
+    # any operation may fail unexpectedly: a 500 naming the request id
+    op["responses"] = {**responses, **error_responses(*errors, "InternalError", public=public)}
+    if public:
+        op["security"] = []
+    return op
 
 
-def _paths() -> dict[str, Any]:
-    file_get = {
-        "summary": "a file's bytes (Range supported), or a folder's names",
-        "parameters": [_ID, _PATH, _RANGE],
-        "responses": {
+def head_of(get: dict[str, Any]) -> dict[str, Any]:
+    """The HEAD operation of a GET: the same statuses and headers, no body."""
+    responses = {
+        status: {k: v for k, v in r.items() if k != "content"}
+        for status, r in get["responses"].items()
+    }
+    op_id = get["operationId"]
+    rest = op_id[3:] if op_id.startswith("get") else op_id[:1].upper() + op_id[1:]
+    return {
+        **get,
+        "operationId": "head" + rest,
+        "summary": get.get("summary", op_id) + " (headers only)",
+        "responses": responses,
+    }
+
+
+_ID = param(
+    "id",
+    "path",
+    "job name: 1-255 of A-Z a-z 0-9 . _ -, not starting with '.'",
+    {"type": "string", "pattern": models.JOB_NAME_PATTERN},
+)
+_PATH_RULES = (
+    "file path in the job folder: '/'-separated names, none empty, '.', '..' or "
+    "starting with '.', no backslash or control character; at most 255 bytes a name "
+    "and 4095 in all"
+)
+_PATH = param(
+    "path",
+    "path",
+    _PATH_RULES,
+    {"type": "string", "pattern": models.FILE_PATH_PATTERN, "maxLength": models.MAX_PATH},
+)
+# GET also takes a folder's path ending in '/'
+_READ_PATH = param(
+    "path",
+    "path",
+    _PATH_RULES + "; a folder's may end in '/'",
+    {
+        "type": "string",
+        "pattern": models.FILE_PATH_PATTERN[:-1] + "/?$",
+        "maxLength": models.MAX_PATH,
+    },
+)
+_DIGEST = param(
+    "Content-Digest",
+    "header",
+    "RFC 9530: sha-256=:<base64 of 32 bytes>: is checked; other algorithms are ignored",
+)
+_RANGE = param("Range", "header", "one byte range, e.g. bytes=0-99; others send it all")
+_IF_RANGE = param("If-Range", "header", "the ETag: Range applies only if it still matches")
+_IF_NONE_MATCH = param("If-None-Match", "header", "ETags, or *: 304 if one matches")
+_IF_MODIFIED_SINCE = param(
+    "If-Modified-Since", "header", "an HTTP date: 304 if not modified since (without If-None-Match)"
+)
+_BINARY = {"type": "string", "format": "binary"}
+_NAMES = {"type": "array", "items": {"type": "string"}}
+_FILE_HEADERS = {
+    "ETag": {"schema": {"type": "string"}},
+    "Last-Modified": {"schema": {"type": "string"}},
+}
+
+
+def _files_paths() -> dict[str, Any]:
+    file_get = operation(
+        "getFile",
+        "files",
+        "a file's bytes (Range supported), or a folder's names",
+        params=[_ID, _READ_PATH, _RANGE, _IF_RANGE, _IF_NONE_MATCH, _IF_MODIFIED_SINCE],
+        responses={
             "200": {
-                "description": "the file (application/octet-stream) or a JSON array of "
-                "names for a folder"
+                "description": "the file's bytes, or a JSON array of the names in a folder",
+                "headers": _FILE_HEADERS,
+                "content": {
+                    "application/octet-stream": {"schema": _BINARY},
+                    "application/json": {"schema": _NAMES},
+                },
             },
-            "206": {"description": "the requested byte range"},
-            "304": {"description": "If-None-Match matched the ETag"},
-            **_errors(
-                "InvalidName", "InvalidPath", "JobNotFound", "FileNotFound", "RangeNotSatisfiable"
-            ),
+            "206": {
+                "description": "the requested byte range",
+                "headers": _FILE_HEADERS,
+                "content": {"application/octet-stream": {"schema": _BINARY}},
+            },
+            "304": {"description": "If-None-Match or If-Modified-Since: not modified"},
+        },
+        errors=("InvalidName", "InvalidPath", "JobNotFound", "FileNotFound", "RangeNotSatisfiable"),
+    )
+    names_get = operation(
+        "getFileNames",
+        "files",
+        "names in the job folder, sorted; hidden files never appear",
+        params=[_ID],
+        responses={"200": json_body(_NAMES, "names")},
+        errors=("InvalidName", "InvalidPath", "JobNotFound"),
+    )
+    upload = operation(
+        "putFile",
+        "files",
+        "upload a file (streamed; renamed into place when complete)",
+        params=[_ID, _PATH, _DIGEST],
+        # no body at all uploads an empty file
+        body={"required": False, "content": {"application/octet-stream": {"schema": _BINARY}}},
+        responses={
+            "201": json_body(models.ref(models.Uploaded), "created"),
+            "200": json_body(models.ref(models.Uploaded), "replaced"),
+        },
+        errors=(
+            "InvalidName",
+            "InvalidPath",
+            "InvalidJobFile",
+            "InvalidDigest",
+            "DigestMismatch",
+            "JobNotFound",
+            "JobBusy",
+            "IsADirectory",
+            "NotADirectory",
+            "Conflict",
+            "PayloadTooLarge",
+            "InsufficientStorage",
+        ),
+    )
+    delete = operation(
+        "deleteFile",
+        "files",
+        "remove a file or an empty folder (?recursive=true for any folder)",
+        params=[
+            _ID,
+            _PATH,
+            param("recursive", "query", "true: remove a folder and all in it", {"type": "boolean"}),
+        ],
+        responses={"204": {"description": "gone (also if it never existed)"}},
+        errors=(
+            "InvalidName",
+            "InvalidPath",
+            "InvalidParameter",
+            "JobNotFound",
+            "JobBusy",
+            "NotEmpty",
+        ),
+    )
+    return {
+        "/jobs/{id}/files": {"get": names_get, "head": head_of(names_get)},
+        "/jobs/{id}/files/{path}": {
+            "get": file_get,
+            "head": head_of(file_get),
+            "put": upload,
+            "delete": delete,
         },
     }
-    names_get = {
-        "summary": "names in the job folder, sorted; hidden files never appear",
-        "parameters": [_ID],
-        "responses": {"200": _json(_NAMES, "names"), **_errors("InvalidName", "JobNotFound")},
-    }
-    jobs_get = {
-        "summary": "every job, sorted by name (or ?orderby=)",
-        "parameters": [
-            {
-                "name": "status",
-                "in": "query",
-                "schema": {"type": "string"},
-                "description": "comma-separated statuses, e.g. queue,error",
-            },
-            {"name": "limit", "in": "query", "schema": {"type": "integer"}},
-            {"name": "offset", "in": "query", "schema": {"type": "integer"}},
-            _param(
+
+
+def _jobs_paths() -> dict[str, Any]:
+    statuses = "|".join((*models.STATUSES, "data"))
+    jobs_get = operation(
+        "getJobs",
+        "jobs",
+        "every job, sorted by name",
+        params=[
+            param(
+                "status",
+                "query",
+                "comma-separated statuses, e.g. queue,error",
+                {"type": "string", "pattern": rf"^\s*({statuses})?\s*(,\s*({statuses})?\s*)*$"},
+            ),
+            param(
+                "limit",
+                "query",
+                "at most this many jobs",
+                {"type": "integer", "minimum": 0, "maximum": 999_999_999},
+            ),
+            param(
+                "offset",
+                "query",
+                "skip this many jobs first",
+                {"type": "integer", "minimum": 0, "maximum": 999_999_999},
+            ),
+            param(
                 "orderby",
                 "query",
                 "comma-separated name, status, created or modified, each optionally "
                 "followed by asc or desc, e.g. 'status,modified desc'; status words sort "
                 "alphabetically; the default is by name",
+                {"type": "string", "pattern": _ORDERBY},
             ),
-            {
-                **_param(
-                    "filter",
-                    "query",
-                    "clauses FIELD:VALUE joined by '/', all of which must hold, e.g. "
-                    "'status:queue,error/modified:2026-01-01,2026-02-01/name:~batch-'; "
-                    "name: a list of names, =NAME, !=NAME, ~PREFIX or !~PREFIX; status: a "
-                    "list of statuses; created, modified: FROM,TO, inclusive, either end "
-                    "may be empty, as YYYY-MM-DD, YYYY-MM-DD HH:MM:SS or RFC 3339 (UTC when "
-                    "no zone is given). Several filter parameters are alternatives.",
-                ),
-                "explode": True,
-            },
-            _param(
+            param(
+                "filter",
+                "query",
+                "clauses FIELD:VALUE joined by '/', all of which must hold, e.g. "
+                "'status:queue,error/modified:2026-01-01,2026-02-01/name:~batch-'; "
+                "name: a list of names, =NAME, !=NAME, ~PREFIX or !~PREFIX; status: a "
+                "list of statuses; created, modified: FROM,TO, inclusive, either end "
+                "may be empty, as YYYY-MM-DD, YYYY-MM-DD HH:MM:SS or RFC 3339 (UTC when "
+                "no zone is given). Several filter parameters are alternatives.",
+                {"type": "string", "pattern": _FILTER},
+            ),
+            param(
                 "fields",
                 "query",
                 "comma-separated Name, Status, Created, Modified: the fields of each job "
                 "(default Name,Status)",
+                {"type": "string", "pattern": _FIELDS},
             ),
         ],
-        "responses": {
+        responses={
             "200": {
-                **_json({"type": "array", "items": _JOB_ROW}, "jobs"),
+                **json_body({"type": "array", "items": models.ref(models.JobRow)}, "jobs"),
                 "headers": {
                     "X-Total-Count": {"schema": {"type": "integer"}},
                     "Link": {
@@ -205,208 +355,237 @@ def _paths() -> dict[str, Any]:
                     },
                 },
             },
-            **_errors("InvalidParameter"),
         },
-    }
+        errors=("InvalidParameter",),
+    )
+    info = models.ref(models.JobInfo)
+    job_get = operation(
+        "getJob",
+        "jobs",
+        "a job's status and task lists",
+        params=[_ID],
+        responses={"200": json_body(info, "the job")},
+        errors=("InvalidName", "InvalidPath", "JobNotFound"),
+    )
     return {
-        "/": {
-            "get": {
-                "summary": "service name and version",
-                "responses": {"200": {"description": "name and version"}},
-            }
-        },
-        "/healthz": {
-            "get": {
-                "summary": "liveness; needs no token",
-                "security": [],
-                "responses": {"200": {"description": '{"status": "ok"}'}},
-            }
-        },
-        "/readyz": {
-            "get": {
-                "summary": "readiness: can take and run jobs now; needs no token",
-                "security": [],
-                "responses": {
-                    "200": {"description": '{"status": "ready"}'},
-                    "503": {"description": "not ready (NotReady); the reasons are logged"},
-                },
-            }
-        },
-        "/openapi.json": {
-            "get": {
-                "summary": "this document",
-                "responses": {"200": {"description": "OpenAPI 3.1"}},
-            }
-        },
-        "/jobs": {"get": jobs_get},
-        "/jobs/": {"get": jobs_get},
+        "/jobs": {"get": jobs_get, "head": head_of(jobs_get)},
         "/jobs/{id}": {
-            "get": {
-                "summary": "a job's status and task lists (HEAD too)",
-                "parameters": [_ID],
-                "responses": {
-                    "200": _json(_JOB_INFO, "the job"),
-                    **_errors("InvalidName", "JobNotFound"),
+            "get": job_get,
+            "head": head_of(job_get),
+            "put": operation(
+                "putJob",
+                "jobs",
+                "create an empty job in data/ (idempotent; the body is ignored)",
+                params=[_ID],
+                responses={
+                    "201": json_body(info, "created"),
+                    "200": json_body(info, "it existed; nothing changed"),
                 },
-            },
-            "put": {
-                "summary": "create an empty job in data/ (idempotent; the body is ignored)",
-                "parameters": [_ID],
-                "responses": {
-                    "201": _json(_JOB_INFO, "created"),
-                    "200": _json(_JOB_INFO, "it existed; nothing changed"),
-                    **_errors("InvalidName"),
-                },
-            },
-            "delete": {
-                "summary": "remove the job and all its files",
-                "parameters": [_ID],
-                "responses": {
-                    "204": {"description": "gone (also if it never existed)"},
-                    **_errors("InvalidName", "JobBusy"),
-                },
-            },
+                errors=("InvalidName", "InvalidPath", "Conflict"),
+            ),
+            "delete": operation(
+                "deleteJob",
+                "jobs",
+                "remove the job and all its files",
+                params=[_ID],
+                responses={"204": {"description": "gone (also if it never existed)"}},
+                errors=("InvalidName", "InvalidPath", "JobBusy"),
+            ),
         },
         "/jobs/{id}/queue": {
-            "post": {
-                "summary": "move the job from data/, error/ or success/ to queue/",
-                "parameters": [_ID],
-                "responses": {
-                    "202": _json(_JOB_INFO, "queued"),
-                    "200": _json(_JOB_INFO, "already queued or processing"),
-                    **_errors("InvalidName", "JobNotFound", "JobBusy", "DeadlinePassed"),
+            "post": operation(
+                "queueJob",
+                "jobs",
+                "move the job from data/, error/ or success/ to queue/",
+                params=[_ID],
+                responses={
+                    "202": json_body(info, "queued"),
+                    "200": json_body(info, "already queued or processing"),
                 },
-            }
+                errors=("InvalidName", "InvalidPath", "JobNotFound", "JobBusy", "DeadlinePassed"),
+            )
         },
         "/jobs/{id}/cancel": {
-            "post": {
-                "summary": "cancel a queued job (back to data/) or a processing one (to error/)",
-                "parameters": [_ID],
-                "responses": {
-                    "202": _json(_JOB_INFO, "cancel requested; a queued job is ready again"),
-                    **_errors("InvalidName", "JobNotFound", "JobNotCancellable"),
+            "post": operation(
+                "cancelJob",
+                "jobs",
+                "cancel a queued job (back to data/) or a processing one (to error/)",
+                params=[_ID],
+                responses={"202": json_body(info, "cancel requested; a queued job is ready again")},
+                errors=(
+                    "InvalidName",
+                    "InvalidPath",
+                    "JobNotFound",
+                    "JobNotCancellable",
+                    "JobBusy",
+                ),
+            )
+        },
+    }
+
+
+def _service_paths() -> dict[str, Any]:
+    def simple(op_id: str, summary: str, model: Any, public: bool = True) -> dict[str, Any]:
+        get = operation(
+            op_id,
+            "service",
+            summary,
+            public=public,
+            responses={"200": json_body(models.ref(model), summary)},
+        )
+        return {"get": get, "head": head_of(get)}
+
+    ready = simple("getReadyz", "readiness: can take and run jobs now", models.Health)
+    ready["get"]["responses"].update(error_responses("NotReady", public=True))
+    ready["head"] = head_of(ready["get"])
+    spec_get = operation(
+        "getOpenapi",
+        "service",
+        "this document",
+        public=True,
+        responses={"200": json_body({"type": "object"}, "OpenAPI 3.1")},
+    )
+    docs_get = operation(
+        "getDocs",
+        "service",
+        "this document as a page to read",
+        public=True,
+        responses={
+            "200": {"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}}
+        },
+    )
+    return {
+        "/": simple("getService", "service name and version", models.ServiceInfo, False),
+        "/healthz": simple("getHealthz", "liveness: the process answers", models.Health),
+        "/readyz": ready,
+        "/openapi.json": {"get": spec_get, "head": head_of(spec_get)},
+        "/docs": {"get": docs_get, "head": head_of(docs_get)},
+    }
+
+
+def _staging_paths(ids_are_paths: bool) -> dict[str, Any]:
+    """The DTS staging provider's routes (batchingest/api/staging.py); without a catalog
+    the ids are archive paths (ids_are_paths)."""
+    request_id = {"type": "string", "pattern": models.UUID_PATTERN}
+    key = param(
+        "Idempotency-Key",
+        "header",
+        "1-255 characters; the same key within 24 h returns the same request_id",
+        {"type": "string", "minLength": 1, "maxLength": 255},
+    )
+    status_errors = (
+        "InvalidRequestId",
+        "InvalidPath",
+        "StagingRequestNotFound",
+        "JobBusy",
+        "StagingNotConfigured",
+    )
+    status = {"200": json_body(models.ref(models.StagingStatus), "status of the staging request")}
+    by_query = operation(
+        "getStagingByQuery",
+        "staging",
+        "status of a staging request",
+        params=[param("id", "query", "the request id", request_id) | {"required": True}],
+        responses=status,
+        errors=status_errors,
+    )
+    by_path = operation(
+        "getStaging",
+        "staging",
+        "status of a staging request",
+        params=[param("id", "path", "the request id", request_id)],
+        responses=status,
+        errors=status_errors,
+    )
+    create = operation(
+        "createStaging",
+        "staging",
+        "ask for files to be copied from the archive into the staging area",
+        params=[key],
+        body={
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": models.ref(
+                        models.StagingPathsRequest if ids_are_paths else models.StagingRequest
+                    )
+                }
+            },
+        },
+        responses={
+            "201": {
+                **json_body(models.ref(models.StagingCreated), "staging job created"),
+                "links": {
+                    op_id: {
+                        "operationId": op_id,
+                        "parameters": {"id": "$response.body#/request_id"},
+                    }
+                    for op_id in ("getStaging", "getStagingByQuery")
                 },
             }
         },
-        "/jobs/{id}/files": {"get": names_get},
-        "/jobs/{id}/files/": {"get": names_get},
-        "/jobs/{id}/files/{path}": {
-            "get": file_get,
-            "put": {
-                "summary": "upload a file (streamed; renamed into place when complete)",
-                "parameters": [_ID, _PATH, _DIGEST],
-                "requestBody": {"content": {"application/octet-stream": {}}},
-                "responses": {
-                    "201": _json(_UPLOADED, "created"),
-                    "200": _json(_UPLOADED, "replaced"),
-                    **_errors(
-                        "InvalidName",
-                        "InvalidPath",
-                        "InvalidJobFile",
-                        "InvalidDigest",
-                        "DigestMismatch",
-                        "JobNotFound",
-                        "JobBusy",
-                        "IsADirectory",
-                        "NotADirectory",
-                        "Conflict",
-                        "PayloadTooLarge",
-                        "InsufficientStorage",
-                    ),
-                },
-            },
-            "delete": {
-                "summary": "remove a file or an empty folder (?recursive=true for any folder)",
-                "parameters": [
-                    _ID,
-                    _PATH,
-                    {"name": "recursive", "in": "query", "schema": {"type": "boolean"}},
-                ],
-                "responses": {
-                    "204": {"description": "gone (also if it never existed)"},
-                    **_errors("InvalidName", "InvalidPath", "JobNotFound", "JobBusy", "NotEmpty"),
-                },
-            },
-        },
-    }
-
-
-_STAGING_STATUS = {
-    "type": "object",
-    "required": ["status", "files_total", "files_staged", "bytes_total", "bytes_staged"],
-    "properties": {
-        "status": {"type": "string", "enum": ["staging", "ready", "failed"]},
-        "files_total": {"type": "integer"},
-        "files_staged": {"type": "integer"},
-        "bytes_total": {"type": "integer"},
-        "bytes_staged": {"type": "integer"},
-        "message": {"type": "string", "description": "why it failed (only when failed)"},
-    },
-}
-_STAGING_IDS = {
-    "type": "object",
-    "required": ["ids"],
-    "properties": {
-        "ids": {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}}
-    },
-}
-_REQUEST_ID = {"type": "object", "properties": {"request_id": {"type": "string", "format": "uuid"}}}
-
-
-def _staging_paths() -> dict[str, Any]:
-    """The DTS staging provider's routes (batchingest/api/staging.py)."""
-    status_responses = {
-        "200": _json(_STAGING_STATUS, "status of the staging request"),
-        **_errors("InvalidRequestId", "StagingRequestNotFound", "JobBusy", "StagingNotConfigured"),
-    }
-    request_id = {"required": True, "schema": {"type": "string", "format": "uuid"}}
-    key = _param("Idempotency-Key", "header", "1-255 characters; the same key within 24 h "
-                 "returns the same request_id")  # fmt: skip
-    key["schema"]["maxLength"] = 255
+        errors=(
+            "InvalidRequest",
+            "InvalidId",
+            "FilesNotFound",
+            "IdempotencyConflict",
+            "RequestTooLarge",
+            "IdempotencyKeyReused",
+            "StagingRequestFailed",
+            "StagingNotConfigured",
+            "CatalogUnavailable",
+        ),
+    )
     return {
-        "/dts/staging": {
-            "post": {
-                "summary": "Ask for files to be copied from the archive into the staging area",
-                "parameters": [key],
-                "requestBody": {
-                    "required": True,
-                    "content": {"application/json": {"schema": _STAGING_IDS}},
-                },
-                "responses": {
-                    "201": _json(_REQUEST_ID, "staging job created and queued"),
-                    **_errors(
-                        "InvalidRequest",
-                        "InvalidId",
-                        "FilesNotFound",
-                        "IdempotencyConflict",
-                        "RequestTooLarge",
-                        "IdempotencyKeyReused",
-                        "StagingRequestFailed",
-                        "StagingNotConfigured",
-                        "CatalogUnavailable",
-                    ),
-                },
-            },
-            "get": {
-                "summary": "Status of a staging request",
-                "parameters": [{"name": "id", "in": "query", **request_id}],
-                "responses": status_responses,
-            },
-        },
-        "/dts/staging/{id}": {
-            "get": {
-                "summary": "Status of a staging request",
-                "parameters": [{"name": "id", "in": "path", **request_id}],
-                "responses": status_responses,
-            },
-        },
+        "/dts/staging": {"post": create, "get": by_query, "head": head_of(by_query)},
+        "/dts/staging/{id}": {"get": by_path, "head": head_of(by_path)},
     }
 
 
-def spec(version: str, extra_paths: dict[str, Any] | None = None) -> dict[str, Any]:
-    paths = _paths()
-    paths.update(_staging_paths())
+_TEMPLATE = re.compile(r"{([^}]+)}")
+
+
+def _complete(path: str, ops: dict[str, Any]) -> None:
+    """An operationId, a tag and its path parameters for operations given without them
+    (routes documented elsewhere, e.g. the Globus ones)."""
+    for method, op in ops.items():
+        if not isinstance(op, dict) or "responses" not in op:
+            continue
+        if "operationId" not in op:
+            words = re.findall(r"[A-Za-z0-9]+", path.replace("v0.10", ""))
+            op["operationId"] = method + "".join(w[:1].upper() + w[1:] for w in words)
+        op.setdefault("tags", [path.strip("/").split("/")[0] or "service"])
+        if op.get("security") != [] and "401" not in op["responses"]:
+            # a route of another module that needs a token: its 401 (and 500) as everywhere
+            op["responses"] = {**error_responses("InternalError"), **op["responses"]}
+        declared = {p.get("name") for p in op.get("parameters", []) if p.get("in") == "path"}
+        for name in _TEMPLATE.findall(path):
+            if name not in declared:
+                op.setdefault("parameters", []).append(param(name, "path", name))
+
+
+def spec(
+    version: str,
+    extra_paths: dict[str, Any] | None = None,
+    extra_models: tuple[type[Any], ...] = (),
+    *,
+    staging_ids_are_paths: bool = True,
+) -> dict[str, Any]:
+    paths = {
+        **_service_paths(),
+        **_jobs_paths(),
+        **_files_paths(),
+        **_staging_paths(staging_ids_are_paths),
+    }
     paths.update(extra_paths or {})
+    for path, ops in paths.items():
+        _complete(path, ops)
+        # Starlette answers HEAD wherever it answers GET (the Globus API has none of its own)
+        if "get" in ops and "head" not in ops and not path.startswith("/globus/"):
+            ops["head"] = head_of(ops["get"])
+    schemas = models.schemas(*extra_models)
+    schemas["Error"]["properties"]["code"]["enum"] = sorted(ERRORS)
+    tags = sorted({t for ops in paths.values() for op in ops.values() for t in op.get("tags", ())})
     return {
         "openapi": "3.1.0",
         "info": {
@@ -416,13 +595,20 @@ def spec(version: str, extra_paths: dict[str, Any] | None = None) -> dict[str, A
             "error is JSON with the same code in X-Error-Code; every response has "
             "X-Request-Id.",
         },
+        "tags": [{"name": t} for t in tags],
         "paths": paths,
         "components": {
-            "schemas": {"Error": _ERROR_SCHEMA},
+            "schemas": schemas,
             "securitySchemes": {
                 "token": {"type": "apiKey", "in": "header", "name": "X-Api-Token"},
                 "bearer": {"type": "http", "scheme": "bearer"},
+                "tokenAuthorization": {
+                    "type": "apiKey",
+                    "in": "header",
+                    "name": "Authorization",
+                    "description": "the token as `Authorization: Token <token>`",
+                },
             },
         },
-        "security": [{"token": []}, {"bearer": []}],
+        "security": [{"token": []}, {"bearer": []}, {"tokenAuthorization": []}],
     }

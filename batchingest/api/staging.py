@@ -22,8 +22,9 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from batchingest import fs, jobfile, metrics
+from batchingest.api import models
 from batchingest.api.auth import REQUESTER
-from batchingest.api.common import json_response, run_blocking
+from batchingest.api.common import by_method, json_response, run_blocking
 from batchingest.api.errors import ApiError
 from batchingest.api.idempotency import Idempotency, KeyContested
 from batchingest.config import Config
@@ -64,43 +65,20 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 def parse_ids(body: bytes, max_ids: int) -> list[str]:
-    """The ids of a request body, duplicates dropped (first kept); ApiError 400 if malformed."""
+    """The ids of a request body, duplicates dropped (first kept); ApiError 400 if malformed.
 
-    def bad(message: str) -> ApiError:
-        return ApiError(400, "InvalidRequest", message)
-
+    The shape is models.StagingRequest's, the one /openapi.json shows; the limit on the
+    number of ids is the service's setting, so it is checked here.
+    """
     try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, ValueError):
-        raise bad('request body is not JSON; send {"ids": ["...", ...]}') from None
+        ids = models.decode(models.StagingRequest, body).ids
     except RecursionError:  # arrays or objects nested thousands deep
-        raise bad("request body is nested too deeply") from None
-    if not isinstance(data, dict):
-        raise bad('request body must be a JSON object {"ids": ["...", ...]}')
-    if "ids" not in data:
-        raise bad("field 'ids' is missing")
-    ids = data["ids"]
-    if not isinstance(ids, list):
-        raise bad("field 'ids' must be a list of strings")
-    if not ids:
-        raise bad("field 'ids' is empty")
+        raise ApiError(400, "InvalidRequest", "request body is nested too deeply") from None
     if len(ids) > max_ids:
-        raise bad(f"too many ids: {len(ids)}, at most {max_ids} per request")
-    for i, file_id in enumerate(ids):
-        if not isinstance(file_id, str) or not file_id:
-            raise bad(f"ids[{i}] is not a non-empty string")
-        if not _is_text(file_id):
-            raise bad(f"ids[{i}] is not Unicode text (it holds a lone surrogate escape)")
+        raise ApiError(
+            400, "InvalidRequest", f"too many ids: {len(ids)}, at most {max_ids} per request"
+        )
     return list(dict.fromkeys(ids))
-
-
-def _is_text(value: str) -> bool:
-    """JSON's \\ud800 escapes decode to strings no UTF-8 answer or file can hold."""
-    try:
-        value.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def request_name(raw: str | None) -> str:
@@ -325,7 +303,7 @@ def routes(cfg: Config, store: Store) -> list[BaseRoute]:
         extra = jdp.routes(api, store)
     return [
         *extra,
-        Route("/dts/staging", api.create, methods=["POST"]),
-        Route("/dts/staging", api.get, methods=["GET"]),
+        # one route for the path, so that a 405 lists both methods in Allow
+        by_method("/dts/staging", {"POST": api.create, "GET": api.get}),
         Route("/dts/staging/{id}", api.get_path, methods=["GET"]),
     ]

@@ -13,11 +13,12 @@ import binascii
 import hashlib
 import os
 import re
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from email.utils import formatdate
+from email.utils import formatdate, parsedate_to_datetime
 
 from starlette.datastructures import Headers
 from starlette.types import Receive, Scope, Send
@@ -198,6 +199,28 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     return start, end
 
 
+def _etags(header: str) -> list[str]:
+    """The entity-tags of an If-None-Match list, weak ones as their opaque tag."""
+    return [tag.strip().removeprefix("W/") for tag in header.split(",")]
+
+
+def not_modified(request: Headers, etag: str, mtime: float) -> bool:
+    """RFC 9110 13.1.2 and 13.1.3 for a GET or HEAD: If-None-Match (`*` matches any
+    file that exists; tags compare weakly) and, only when it is absent, If-Modified-Since
+    (a date that cannot be read, or is in the future, is ignored)."""
+    if_none_match = request.get("if-none-match")
+    if if_none_match is not None:
+        return if_none_match.strip() == "*" or etag in _etags(if_none_match)
+    since = request.get("if-modified-since")
+    if not since:
+        return False
+    try:
+        when = parsedate_to_datetime(since).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return False
+    return when <= time.time() and int(mtime) <= when
+
+
 class FileBody:
     """A regular file sent over HTTP, as Starlette's FileResponse: validators (ETag,
     Last-Modified), If-None-Match, Range and If-Range, HEAD, and the body streamed from
@@ -217,7 +240,7 @@ class FileBody:
             (b"accept-ranges", b"bytes"),
         ]
         self.start = self.end = 0
-        if etag in (request.get("if-none-match") or ""):
+        if not_modified(request, etag, st.st_mtime):
             self.status = 304
             return
         size = st.st_size

@@ -196,7 +196,6 @@ def _json(method: str, summary: str, params: tuple[str, ...] = ()) -> dict[str, 
 
 OPENAPI_PATHS: dict[str, Any] = {
     "/ui": _page("The dashboard: overview (a page without data; the token is typed there)"),
-    "/ui/": _page("The dashboard: overview"),
     "/ui/login": _page("The dashboard: log in with an API token"),
     "/ui/jobs": _page("The dashboard: the job list"),
     "/ui/jobs/{id}": _page("The dashboard: one job"),

@@ -226,10 +226,11 @@ def test_hostile_bodies_are_400_or_413_and_create_nothing(shared: tuple[Setup, S
     deep = b"[" * 100_000 + b"]" * 100_000
     with svc.client() as c:
         for body, message in [
-            (deep, "nested too deeply"),
-            (b'{"ids": ' + deep + b"}", "nested too deeply"),
-            (b'{"ids": ["ok", "\\ud800"]}', "ids[1] is not Unicode text"),
-            (b'{"ids": [' + b"1" * 5000 + b"]}", "not JSON"),
+            (deep, "Expected `object`, got `array`"),
+            (b'{"ids": ' + deep + b"}", "Expected `str`, got `array` - at `$.ids[0]`"),
+            (b'{"x": ' + deep + b', "ids": ["a"]}', "nested too deeply"),
+            (b'{"ids": ["ok", "\\ud800"]}', "not valid JSON"),
+            (b'{"ids": [' + b"1" * 5000 + b"]}", "at `$.ids[0]`"),
         ]:
             r = c.post("/dts/staging", content=body)
             assert r.status_code == 400, (body[:30], r.text)
