@@ -849,8 +849,12 @@ def note(
         recorder.note(name, code, description, details)
 
 
-def created(store: Store, job: Job) -> None:
-    note(store, job.name, Code.CREATED, "Created by the API.", {"by": "api"})
+def created(store: Store, job: Job, details: dict[str, Any] | None = None) -> None:
+    """CREATED; details add to {"by": "api"} (a staging request's requester, say)."""
+    who = f" for {details['requester']}" if details and "requester" in details else ""
+    note(
+        store, job.name, Code.CREATED, f"Created by the API{who}.", {"by": "api", **(details or {})}
+    )
 
 
 def file_uploaded(store: Store, name: str, path: str, size: int, sha256: str) -> None:

@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from batchingest import fs, jobfile, metrics
+from batchingest import events, fs, jobfile, metrics
 from batchingest.api import models
 from batchingest.api.auth import REQUESTER
 from batchingest.api.common import by_method, json_response, run_blocking
@@ -241,7 +241,9 @@ class StagingApi:
             finally:
                 os.close(job_fd)
             jobfile.save(job.path, jobfile.JobFile(todo=["stage"]))
-            self.store.queue(name)
+            # in the history too: who asked (the DTS's user) and for how many files
+            events.created(self.store, job, {"staging_files": len(entries), **details})
+            events.queue(self.store, name)
         except BaseException:
             with contextlib.suppress(Exception):
                 self.store.delete(name)

@@ -128,6 +128,11 @@ def test_whole_staging_new_pending_ready_with_files_in_place(shared: Any) -> Non
     # the extra body fields and the requester are kept in the manifest
     request = manifest(setup.root, job_of(setup.root, number))["request"]
     assert request["requester"] == ORCID
+    # and in the job's history: the CREATED event names who asked
+    history = httpx.get(f"{svc.url}/jobs/{job_of(setup.root, number)}/events",
+                        headers={"X-Api-Token": TOKEN}).json()["DATA"]  # fmt: skip
+    created = [e for e in history if e["code"] == "CREATED"]
+    assert created and created[0]["details"]["requester"] == ORCID
     assert request["body"] == {"send_email": False, "api_version": "2", "include_private_data": 1}
 
 
