@@ -234,6 +234,30 @@ def append_history(dir_fd: int, line: bytes) -> int:
     return fd
 
 
+def count(dir_fd: int, limit: int = HISTORY_READ_LIMIT) -> int:
+    """How many events the job's history holds (whole lines, of its last `limit` bytes).
+
+    For a job's info: counts line ends without parsing them; 0 if it has no history or
+    the history is not a regular file (never followed or opened then).
+    """
+    try:
+        fd = fs.open_regular(dir_fd, EVENTS_FILE)
+    except OSError:
+        return 0
+    try:
+        size = os.fstat(fd).st_size
+        start, lines = max(0, size - limit), 0
+        while start < size:
+            chunk = os.pread(fd, min(1 << 20, size - start), start)
+            if not chunk:
+                break
+            lines += chunk.count(b"\n")
+            start += len(chunk)
+        return lines
+    finally:
+        os.close(fd)
+
+
 def read_history(dir_fd: int, limit: int = HISTORY_READ_LIMIT) -> list[dict[str, Any]]:
     """The job's events, oldest first (of its last `limit` bytes); [] if it has none.
 

@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from batchingest import filetimes, fs, jobfile
+from batchingest import events, filetimes, fs, jobfile
 from batchingest.store import Job, JobBusy, JobNotFound, Store, parse_statuses
 
 FAILURE = 1  # the command could not do what was asked (exit status)
@@ -131,6 +131,7 @@ class LocalSource:
             dir_fd = self.store.open_job(job)
         except (FileNotFoundError, NotADirectoryError):
             return None  # moved on: Store.read looks again
+        info["Events"] = events.count(dir_fd)  # as GET /jobs/{id} shows it
         try:
             raw = fs.read_file(dir_fd, jobfile.JOB_FILE, jobfile.JOB_LIMIT)
             jf = jobfile.JobFile() if raw is None else jobfile.parse(raw)

@@ -632,9 +632,9 @@ def test_job_lifecycle(api: tuple[ASGIApp, Store], root: Path) -> None:
     assert reply.status == 201
     assert reply.headers["location"] == "/jobs/j"
     body = reply.json()
-    assert set(body) == {"Name", "Status", "Created", "Modified", "Todo", "Finished"}
+    assert set(body) == {"Name", "Status", "Created", "Modified", "Events", "Todo", "Finished"}
     assert body | {"Created": 0, "Modified": 0} == {
-        "Name": "j", "Status": "ready", "Created": 0, "Modified": 0,
+        "Name": "j", "Status": "ready", "Created": 0, "Modified": 0, "Events": 0,
         "Todo": ["start"], "Finished": [],
     }  # fmt: skip
     assert (root / "data" / "j").is_dir()
@@ -663,7 +663,7 @@ def test_job_info_reads_job_file(api: tuple[ASGIApp, Store]) -> None:
     job, _ = store.create("j")
     (job.path / "JOB").write_text('{"Todo": ["b", "c"], "Finished": [{"task": "a"}], "x": 1}')
     info = call(app, "GET", "/jobs/j").json()
-    assert {k: v for k, v in info.items() if k not in ("Created", "Modified")} == {
+    assert {k: v for k, v in info.items() if k not in ("Created", "Modified", "Events")} == {
         "Name": "j",
         "Status": "ready",
         "Todo": ["b", "c"],

@@ -329,6 +329,7 @@ def test_logs_and_show_never_follow_planted_files(tmp_path: Path) -> None:
     shown = json.loads(p.stdout)
     assert shown.pop("Created") and shown.pop("Modified")  # the folder's times, as the API's
     assert shown == {
+        "Events": 0,
         "Name": "planted",
         "Status": "ready",
         "Todo": None,

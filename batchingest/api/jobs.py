@@ -46,6 +46,7 @@ def job_info(store: Store, job: Job, job_fd: int | None = None) -> dict[str, Any
         return info
     try:
         info.update(filetimes.job_times(fd))
+        info["Events"] = events.count(fd)
         try:
             raw = fs.read_file(fd, jobfile.JOB_FILE, jobfile.JOB_LIMIT)
             jf = jobfile.JobFile() if raw is None else jobfile.parse(raw)

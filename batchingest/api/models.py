@@ -82,6 +82,7 @@ class JobInfo(msgspec.Struct, omit_defaults=True):
         list[Any] | None,
         Meta(description="records of the tasks run, oldest first; null if JOB is unreadable"),
     ]
+    Events: Annotated[int, Meta(ge=0, description="events in the job's history")] = 0
     JobError: Annotated[str, Meta(description="why JOB cannot be read, if it cannot")] = ""
 
 

@@ -89,6 +89,8 @@ def test_every_code_of_an_api_job_in_order(root: Path) -> None:
             30,
             what="the three webhook deliveries",
         )
+        # the job's info counts its history
+        assert c.get("/jobs/api-job").json()["Events"] == len(history(c, "api-job"))
     assert job_codes(got) == [
         "CREATED", "FILE_UPLOADED", "FILE_UPLOADED", "FILE_UPLOADED", "FILE_DELETED",
         "QUEUED", "CLAIMED", "TASK_STARTED", "TASK_SUCCEEDED", "TASK_STARTED",
