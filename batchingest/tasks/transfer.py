@@ -203,10 +203,11 @@ class Run:
         if not now and time.monotonic() - self.last_check < 0.05:
             return
         self.last_check = time.monotonic()
-        if _TERMINATED.is_set() or fs.lstat(self.job_fd, transfers.CANCEL) is not None:
-            raise Stop("CANCELED", "canceled by request")
+        # the deadline first: the processor stops a task past it with the same SIGTERM
         if self.deadline is not None and time.time() > self.deadline:
             raise Stop("DEADLINE_EXCEEDED", f"deadline {self.request.get('deadline')} passed")
+        if _TERMINATED.is_set() or fs.lstat(self.job_fd, transfers.CANCEL) is not None:
+            raise Stop("CANCELED", "canceled by request")
 
     def throttle(self, n: int) -> None:
         with self.lock:
