@@ -22,7 +22,7 @@ from typing import Any
 from urllib.parse import quote, unquote
 
 import pytest
-from service import TOKEN
+from live_service import TOKEN
 from starlette.routing import Route
 from starlette.types import ASGIApp
 

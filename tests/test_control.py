@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from service import make_job, wait_for, write_task
+from live_service import make_job, wait_for, write_task
 from test_processor import Running
 
 from batchingest import control, fs

@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
+from live_service import TOKEN
 from prometheus_client.parser import text_string_to_metric_families
-from service import TOKEN
 from test_api import call, make_app
 
 from batchingest import metrics

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from service import make_job, wait_for, write_task
+from live_service import make_job, wait_for, write_task
 
 from batchingest.config import Config
 from batchingest.health import Progress

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from service import copies_in_flight, wait_for
+from live_service import copies_in_flight, wait_for
 
 from batchingest.staging import (
     MANIFEST,

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from service import TOKEN
+from live_service import TOKEN
 from starlette.types import ASGIApp
 from test_api import assert_error, call, make_app
 

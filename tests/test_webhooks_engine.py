@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from service import wait_for
+from live_service import wait_for
 from webhook_receiver import (
     Receiver,
     Silent,

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from service import wait_for
+from live_service import wait_for
 from webhook_receiver import Receiver, Silent, new_job, outbox, run_through, running
 
 from batchingest.config import Config

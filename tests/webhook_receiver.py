@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from service import wait_for
+from live_service import wait_for
 
 from batchingest.config import Config
 from batchingest.health import Progress

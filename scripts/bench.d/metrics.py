@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 
-from service import TOKEN, Service
+from live_service import TOKEN, Service
 
 RUNS = int(os.environ.get("BENCH_RUNS", "3"))
 BASE = os.environ.get("BENCH_BASE", "")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from service import TOKEN, Service, copies_in_flight, wait_for, write_task
+from live_service import TOKEN, Service, copies_in_flight, wait_for, write_task
 
 from batchingest.api.upload import sweep_uploads
 from batchingest.store import Store

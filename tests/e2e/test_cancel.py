@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from service import Service, make_job, wait_for, write_task
+from live_service import Service, make_job, wait_for, write_task
 
 pytestmark = pytest.mark.e2e
 

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from service import TOKEN, Service, free_port, make_job, wait_for, write_task
+from live_service import TOKEN, Service, free_port, make_job, wait_for, write_task
 
 pytestmark = pytest.mark.e2e
 

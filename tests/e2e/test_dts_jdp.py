@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
-from service import TOKEN, Service, wait_for, write_task
+from live_service import TOKEN, Service, wait_for, write_task
 
 from e2e.test_staging import Setup, dead, task_processes
 

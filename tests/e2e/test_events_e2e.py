@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
-from service import Service, make_job, wait_for, write_task
+from live_service import Service, make_job, wait_for, write_task
 from webhook_receiver import Receiver
 
 pytestmark = pytest.mark.e2e

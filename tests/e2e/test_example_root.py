@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from service import Service, wait_for
+from live_service import Service, wait_for
 
 EXAMPLE = Path(__file__).parent.parent.parent / "jobs_root_example"
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 import pytest
-from service import TOKEN, Service, write_task
+from live_service import TOKEN, Service, write_task
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

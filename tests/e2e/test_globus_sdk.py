@@ -26,7 +26,7 @@ import pytest
 from globus_sdk import TransferAPIError, TransferClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from service import TOKEN, Service
+from live_service import TOKEN, Service
 from test_api_paths import _PIECES as JOB_API_PIECES
 from test_api_paths import ATTACKS as JOB_API_ATTACKS
 

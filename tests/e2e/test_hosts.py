@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from service import Service, make_job, wait_for, write_task
+from live_service import Service, make_job, wait_for, write_task
 
 from batchingest.store import Store
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from service import Service, make_job, wait_for, write_task
+from live_service import Service, make_job, wait_for, write_task
 
 pytestmark = pytest.mark.e2e
 

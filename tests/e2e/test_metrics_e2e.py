@@ -8,8 +8,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from live_service import TOKEN, Service, make_job, wait_for, write_task
 from prometheus_client.parser import text_string_to_metric_families
-from service import TOKEN, Service, make_job, wait_for, write_task
 from webhook_receiver import Receiver
 
 from batchingest.api.auth import token_label

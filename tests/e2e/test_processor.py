@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from service import Service, make_job, wait_for, write_task
+from live_service import Service, make_job, wait_for, write_task
 
 pytestmark = pytest.mark.e2e
 

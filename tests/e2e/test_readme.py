@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 import httpx
-from service import Service, wait_for
+from live_service import Service, wait_for
 
 REPO = Path(__file__).parent.parent.parent
 README = (REPO / "README.md").read_text()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from service import TOKEN, Service
+from live_service import TOKEN, Service
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
-from service import Service
+from live_service import Service
 
 pytestmark = pytest.mark.e2e
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
-from service import TOKEN, Service, copies_in_flight, wait_for
+from live_service import TOKEN, Service, copies_in_flight, wait_for
 
 from batchingest.staging import TEMP_PREFIX
 

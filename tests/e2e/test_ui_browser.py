@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
-from service import TOKEN, Service, make_job, wait_for, write_task
+from live_service import TOKEN, Service, make_job, wait_for, write_task
 
 pytestmark = pytest.mark.e2e
 

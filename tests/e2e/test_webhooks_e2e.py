@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from service import Service, free_port, make_job, wait_for, write_task
+from live_service import Service, free_port, make_job, wait_for, write_task
 from webhook_receiver import Receiver, Silent, verify
 
 pytestmark = pytest.mark.e2e

@@ -1,4 +1,5 @@
-"""Start the real service as a subprocess for end-to-end tests."""
+"""Start the real service as a subprocess for end-to-end tests (named so that it never
+shadows batchingest/service.py on the tests' import path)."""
 
 from __future__ import annotations
 
