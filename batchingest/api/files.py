@@ -125,13 +125,17 @@ def only_listing(request: Request) -> None:
         )
 
 
-def routes(cfg: Config, store: Store) -> list[BaseRoute]:
-    max_upload = cfg.max_upload
+class FileRoutes:
+    """`/jobs/{id}/files/...`: read (a file or a folder's names), upload, delete."""
 
-    async def read(request: Request) -> Response | ASGIApp:
+    def __init__(self, cfg: Config, store: Store) -> None:
+        self.store = store
+        self.max_upload = cfg.max_upload
+
+    async def read(self, request: Request) -> Response | ASGIApp:
         name = job_name(request.path_params["id"])
         parts = segments(request.path_params.get("path", ""), allow_empty=True)
-        _, job_fd = open_job(store, name)
+        _, job_fd = open_job(self.store, name)
         try:
             try:
                 fd, st = open_for_read(job_fd, parts)
@@ -143,59 +147,69 @@ def routes(cfg: Config, store: Store) -> list[BaseRoute]:
             return transfer.FileBody.open(fd, st, request.headers)  # it closes fd
         try:
             names = await run_blocking(list_names, fd)
-        except BaseException:
+        finally:
             os.close(fd)
-            raise
-        os.close(fd)
         return json_response(names)
 
-    async def upload(request: Request) -> Response:
+    async def upload(self, request: Request) -> Response:
         name = job_name(request.path_params["id"])
         only_listing(request)
         parts = segments(request.path_params["path"], allow_empty=False)
-        job, job_fd = open_job(store, name)
+        job, job_fd = open_job(self.store, name)
         try:
             if job.state in BUSY:
                 raise _busy(job)
-            transfer.check_length(request.headers.get("content-length"), max_upload)
+            transfer.check_length(request.headers.get("content-length"), self.max_upload)
             expected = transfer.expected_sha256(request.headers.get("content-digest"))
-            up = Upload(store, job, job_fd, parts)
+            up = Upload(self.store, job, job_fd, parts)
             try:
-                up.open()
-                got = await transfer.receive_into(up.fd, request.stream(), max_upload)
-                if expected is not None and got.sha256 != expected:
-                    raise ApiError(
-                        400, "DigestMismatch", "the body does not match its Content-Digest sha-256"
-                    )
-                up.check_job_file()
-                created = await run_blocking(up.commit)
+                created, got = await self._receive(request, up, expected)
             finally:
                 up.close()
         finally:
             os.close(job_fd)
-        events.file_uploaded(store, name, up.rel, got.size, got.sha256.hex())
+        events.file_uploaded(self.store, name, up.rel, got.size, got.sha256.hex())
         body = {"path": up.rel, "size": got.size, "sha256": got.sha256.hex()}
         headers = {"Location": f"/jobs/{name}/files/{quote(up.rel)}"} if created else None
         return json_response(body, 201 if created else 200, headers)
 
-    async def delete(request: Request) -> Response:
+    async def _receive(
+        self, request: Request, up: Upload, expected: bytes | None
+    ) -> tuple[bool, transfer.Upload]:
+        """The body into the upload's temporary file, checked, then committed."""
+        up.open()
+        got = await transfer.receive_into(up.fd, request.stream(), self.max_upload)
+        if expected is not None and got.sha256 != expected:
+            raise ApiError(
+                400, "DigestMismatch", "the body does not match its Content-Digest sha-256"
+            )
+        up.check_job_file()
+        return await run_blocking(up.commit), got
+
+    async def delete(self, request: Request) -> Response:
         name = job_name(request.path_params["id"])
         only_listing(request)
         parts = segments(request.path_params["path"], allow_empty=False)
         recursive = boolean(request, "recursive")
-        job, job_fd = open_job(store, name)
+        job, job_fd = open_job(self.store, name)
         try:
             if job.state in BUSY:
                 raise _busy(job)
-            await run_blocking(_delete, store, job, job_fd, parts, recursive)
+            await run_blocking(_delete, self.store, job, job_fd, parts, recursive)
         finally:
             os.close(job_fd)
-        events.file_deleted(store, name, "/".join(parts))
+        events.file_deleted(self.store, name, "/".join(parts))
         return Response(status_code=204)
 
+
+def routes(cfg: Config, store: Store) -> list[BaseRoute]:
+    files = FileRoutes(cfg, store)
     return [
-        Route("/jobs/{id}/files", read, methods=["GET"]),
-        by_method("/jobs/{id}/files/{path:path}", {"GET": read, "PUT": upload, "DELETE": delete}),
+        Route("/jobs/{id}/files", files.read, methods=["GET"]),
+        by_method(
+            "/jobs/{id}/files/{path:path}",
+            {"GET": files.read, "PUT": files.upload, "DELETE": files.delete},
+        ),
     ]
 
 
