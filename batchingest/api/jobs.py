@@ -91,14 +91,19 @@ def _listing(page: Iterator[tuple[str, str]]) -> bytes:
 _PAGING = ("limit", "offset")
 
 
-def routes(cfg: Config, store: Store) -> list[BaseRoute]:
-    async def list_jobs(request: Request) -> Response:
+class JobRoutes:
+    """`/jobs`, `/jobs/{id}` and its queue and cancel actions."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def list_jobs(self, request: Request) -> Response:
         states = _states(request.query_params.get("status"))
         limit = _count(request, "limit")
         offset = _count(request, "offset") or 0
-        per_state = [(state, store.job_names(state)) for state in states]
+        per_state = [(state, self.store.job_names(state)) for state in states]
         if joblist.asked(request.query_params):
-            return await _queried(request, per_state, offset, limit)
+            return await self._queried(request, per_state, offset, limit)
         total = sum(len(names) for _, names in per_state)
         stop = None if limit is None else offset + limit
         nonempty = [(s, names) for s, names in per_state if names]
@@ -121,12 +126,16 @@ def routes(cfg: Config, store: Store) -> list[BaseRoute]:
         return Response(_listing(page), 200, headers, media_type="application/json")
 
     async def _queried(
-        request: Request, per_state: list[tuple[str, list[str]]], offset: int, limit: int | None
+        self,
+        request: Request,
+        per_state: list[tuple[str, list[str]]],
+        offset: int,
+        limit: int | None,
     ) -> Response:
         q = joblist.parse(request.query_params)
         stop = None if limit is None else offset + limit
         # in a thread: a filter or order on times looks at every job folder
-        total, page = await run_blocking(joblist.select, store, per_state, q, (offset, stop))
+        total, page = await run_blocking(joblist.select, self.store, per_state, q, (offset, stop))
         headers = {"X-Total-Count": str(total)}
         if limit is not None and offset + limit < total:
             kept = [(k, v) for k, v in request.query_params.multi_items() if k not in _PAGING]
@@ -134,59 +143,62 @@ def routes(cfg: Config, store: Store) -> list[BaseRoute]:
             headers["Link"] = f'</jobs?{urlencode(query)}>; rel="next"'
         return json_response(page, 200, headers)
 
-    def info(job: Job) -> dict[str, Any]:
-        return job_info(store, job)
+    def info(self, job: Job) -> dict[str, Any]:
+        return job_info(self.store, job)
 
-    async def get_job(request: Request) -> Response:
+    async def get_job(self, request: Request) -> Response:
         name = job_name(request.path_params["id"])
-        found = store.open_named(name)
+        found = self.store.open_named(name)
         if found is None:
             raise ApiError(404, "JobNotFound", f"no job named {name!r}")
         job, job_fd = found
         try:
-            return json_response(job_info(store, job, job_fd))
+            return json_response(job_info(self.store, job, job_fd))
         finally:
             os.close(job_fd)
 
-    async def put_job(request: Request) -> Response:
+    async def put_job(self, request: Request) -> Response:
         name = job_name(request.path_params["id"])
-        job, created = store.create(name)
+        job, created = self.store.create(name)
         if created:
-            events.created(store, job)
-            return json_response(info(job), 201, {"Location": f"/jobs/{name}"})
-        if store.find(name) is None:
+            events.created(self.store, job)
+            return json_response(self.info(job), 201, {"Location": f"/jobs/{name}"})
+        if self.store.find(name) is None:
             # the name is taken by something that is not a job folder (a file, a link)
             raise ApiError(409, "Conflict", f"{name!r} exists in data/ but is not a job folder")
-        return json_response(info(job))
+        return json_response(self.info(job))
 
-    async def delete_job(request: Request) -> Response:
+    async def delete_job(self, request: Request) -> Response:
         name = job_name(request.path_params["id"])
-        await run_blocking(store.delete, name)
+        await run_blocking(self.store.delete, name)
         return Response(status_code=204)
 
-    async def queue_job(request: Request) -> Response:
+    async def queue_job(self, request: Request) -> Response:
         name = job_name(request.path_params["id"])
-        job = find_job(store, name)
-        if job.state not in BUSY and (why := control.own_deadline_passed(store, job)):
+        job = find_job(self.store, name)
+        if job.state not in BUSY and (why := control.own_deadline_passed(self.store, job)):
             raise ApiError(409, "DeadlinePassed", why)
         # in a thread: the move waits for its webhook event to be on disk
-        job, moved = await run_blocking(events.queue, store, name)
-        return json_response(info(job), 202 if moved else 200)
+        job, moved = await run_blocking(events.queue, self.store, name)
+        return json_response(self.info(job), 202 if moved else 200)
 
-    async def cancel_job(request: Request) -> Response:
+    async def cancel_job(self, request: Request) -> Response:
         name = job_name(request.path_params["id"])
-        find_job(store, name)
+        find_job(self.store, name)
         try:
-            job = await run_blocking(control.request_cancel, store, name)
+            job = await run_blocking(control.request_cancel, self.store, name)
         except control.NotCancellable as e:
             raise ApiError(409, "JobNotCancellable", str(e), extra={"status": e.job.status}) from e
-        return json_response(info(job), 202)
+        return json_response(self.info(job), 202)
 
+
+def routes(cfg: Config, store: Store) -> list[BaseRoute]:
+    api = JobRoutes(store)
     return [
         # the hottest route first: routes are tried in order
-        by_method("/jobs/{id}", {"GET": get_job, "PUT": put_job, "DELETE": delete_job}),
-        Route("/jobs", list_jobs, methods=["GET"]),
-        Route("/jobs/", list_jobs, methods=["GET"]),
-        Route("/jobs/{id}/queue", queue_job, methods=["POST"]),
-        Route("/jobs/{id}/cancel", cancel_job, methods=["POST"]),
+        by_method("/jobs/{id}", {"GET": api.get_job, "PUT": api.put_job, "DELETE": api.delete_job}),
+        Route("/jobs", api.list_jobs, methods=["GET"]),
+        Route("/jobs/", api.list_jobs, methods=["GET"]),
+        Route("/jobs/{id}/queue", api.queue_job, methods=["POST"]),
+        Route("/jobs/{id}/cancel", api.cancel_job, methods=["POST"]),
     ]
