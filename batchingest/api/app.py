@@ -242,6 +242,37 @@ def _larger_body_buffer() -> None:
             mod.HIGH_WATER_LIMIT = BODY_BUFFER  # type: ignore[attr-defined]
 
 
+def _service_routes(spec: dict[str, Any], readiness: Readiness) -> list[BaseRoute]:
+    """/, /healthz, /readyz, /openapi.json and /docs."""
+    spec_body = jobs.json_response(spec).body
+
+    async def index(request: Request) -> Response:
+        return jobs.json_response({"name": "batchingest", "version": __version__})
+
+    async def healthz(request: Request) -> Response:
+        # liveness only: the process answers. Whether it can work is /readyz's question.
+        return jobs.json_response({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        # no token and so no details: the reasons are in the service log
+        if await readiness.reasons():
+            return error_body(
+                request.scope, 503, "NotReady", "not ready to take jobs; see the service log"
+            )
+        return jobs.json_response({"status": "ready"})
+
+    async def openapi_json(request: Request) -> Response:
+        return Response(spec_body, media_type="application/json")
+
+    return [
+        Route("/", index, methods=["GET"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/openapi.json", openapi_json, methods=["GET"]),
+        Route("/docs", docs.page, methods=["GET"]),
+    ]
+
+
 def create_app(cfg: Config, store: Store, readiness: Readiness | None = None) -> Starlette:
     """The app; `readiness` is the service's (with its loops' heartbeats) if given."""
     from batchingest.api import globus  # it imports error_body from here
@@ -265,35 +296,11 @@ def create_app(cfg: Config, store: Store, readiness: Readiness | None = None) ->
         },
         staging_ids_are_paths=cfg.catalog is None,
     )
-    spec_body = jobs.json_response(spec).body
-
-    async def index(request: Request) -> Response:
-        return jobs.json_response({"name": "batchingest", "version": __version__})
-
-    async def healthz(request: Request) -> Response:
-        # liveness only: the process answers. Whether it can work is /readyz's question.
-        return jobs.json_response({"status": "ok"})
-
-    async def readyz(request: Request) -> Response:
-        # no token and so no details: the reasons are in the service log
-        if await readiness.reasons():
-            return error_body(
-                request.scope, 503, "NotReady", "not ready to take jobs; see the service log"
-            )
-        return jobs.json_response({"status": "ready"})
-
-    async def openapi_json(request: Request) -> Response:
-        return Response(spec_body, media_type="application/json")
-
     routes: list[BaseRoute] = [
         *jobs.routes(cfg, store),
         *files.routes(cfg, store),
         *events.routes(cfg, store),
-        Route("/", index, methods=["GET"]),
-        Route("/healthz", healthz, methods=["GET"]),
-        Route("/readyz", readyz, methods=["GET"]),
-        Route("/openapi.json", openapi_json, methods=["GET"]),
-        Route("/docs", docs.page, methods=["GET"]),
+        *_service_routes(spec, readiness),
         *staging_routes,
         *globus.routes(cfg, store),
         *ui.routes(cfg, store),
