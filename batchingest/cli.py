@@ -53,7 +53,7 @@ def _check_folders(cfg: Config) -> str | None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from batchingest.service import StartError, serve
+    from batchingest.service import ServiceFailed, StartError, serve
 
     try:
         cfg = config_from_args(args)
@@ -68,6 +68,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             runner.run(serve(cfg))
     except StartError as e:
         return _fail(args.prog, str(e))
+    except ServiceFailed as e:
+        print(f"{args.prog}: {e}", file=sys.stderr)
+        return 1  # a failure while running, not a usage or start-up error
     return 0
 
 

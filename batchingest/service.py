@@ -61,7 +61,11 @@ def http_config(cfg: Config, app: ASGIApp) -> uvicorn.Config:
     )
 
 
-async def serve(cfg: Config) -> None:
+class ServiceFailed(Exception):
+    """A part of the service (API, processor, webhooks) ended while nothing asked it to."""
+
+
+def _open_store(cfg: Config) -> Store:
     store = Store(cfg.root)
     try:
         store.init()
@@ -71,22 +75,25 @@ async def serve(cfg: Config) -> None:
         from batchingest.api.upload import sweep_uploads
 
         # what uploads cut short by a kill -9 left behind (where unnamed files are not used)
-        swept = await asyncio.to_thread(sweep_uploads, store)
+        swept = sweep_uploads(store)
         if swept:
             log.info("removed %d upload temporaries left by an earlier run", swept)
+    return store
 
+
+async def serve(cfg: Config) -> None:
+    store = await asyncio.to_thread(_open_store, cfg)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
+    from batchingest.events import Recorder
     from batchingest.webhooks import Webhooks
 
     # the heartbeats /readyz looks at: the processor beats "processor", webhook delivery
     # "webhooks"; any other loop joins with progress.beat(name, within=seconds)
     progress = Progress()
-    from batchingest.events import Recorder
-
     recorder = Recorder(store, cfg.events_keep)
     try:
         recorder.attach()
@@ -113,17 +120,28 @@ async def serve(cfg: Config) -> None:
         runners.append(asyncio.create_task(processor.run(stop), name="processor"))
     runners.append(asyncio.create_task(webhooks.run(stop), name="webhooks"))
     log.info("batchingest serving jobs root %s", cfg.root)
+    try:
+        await _until_stopped(stop, runners, server)
+    finally:
+        recorder.close()
+        log.info("stopped")
 
+
+async def _until_stopped(
+    stop: asyncio.Event, runners: list[asyncio.Task[None]], server: uvicorn.Server | None
+) -> None:
+    """Wait for a signal; a part that ends before one stops the rest and is a failure
+    (ServiceFailed), so that a supervisor (Restart=on-failure) starts the service again."""
     stopper = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait([stopper, *runners], return_when=asyncio.FIRST_COMPLETED)
-    for task in done:
-        if task is not stopper and task.exception() is not None:
-            stop.set()
-            log.error("%s stopped: %s", task.get_name(), task.exception())
+    ended = [] if stop.is_set() else [t for t in done if t is not stopper]
+    for task in ended:
+        why = task.exception() or "it returned"
+        log.error("%s stopped unexpectedly: %s", task.get_name(), why)
     stop.set()
     log.info("stopping")
     if server is not None:
         server.should_exit = True
     await asyncio.gather(*runners, return_exceptions=True)
-    recorder.close()
-    log.info("stopped")
+    if ended:
+        raise ServiceFailed(", ".join(f"{t.get_name()} stopped unexpectedly" for t in ended))
