@@ -201,6 +201,19 @@ def _open_append(dir_fd: int, name: str) -> int:
     return fs.open_regular(dir_fd, name, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
 
 
+def _end_torn_line(fd: int) -> int:
+    """fd, after closing a torn last line (a crash mid-write) with a newline; closed on
+    error."""
+    try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            os.write(fd, b"\n")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def open_history(dir_fd: int) -> int:
     """The job's `.events` opened for appending (created if missing).
 
@@ -213,14 +226,7 @@ def open_history(dir_fd: int) -> int:
         if e.errno == errno.ENXIO:  # a FIFO nobody reads: open says so before any check
             raise fs.NotRegular(errno.EINVAL, "not a regular file (named pipe)", EVENTS_FILE) from e
         raise
-    try:
-        size = os.fstat(fd).st_size
-        if size and os.pread(fd, 1, size - 1) != b"\n":
-            os.write(fd, b"\n")
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+    return _end_torn_line(fd)
 
 
 def append_history(dir_fd: int, line: bytes) -> int:
@@ -360,14 +366,7 @@ class Feed:
 
     def _switch(self, segment: int) -> None:
         """Open the hour's segment (closing a torn line another writer left) and prune."""
-        fd = _open_append(self.dir_fd, _segment_name(segment))
-        try:
-            size = os.fstat(fd).st_size
-            if size and os.pread(fd, 1, size - 1) != b"\n":
-                os.write(fd, b"\n")
-        except BaseException:
-            os.close(fd)
-            raise
+        fd = _end_torn_line(_open_append(self.dir_fd, _segment_name(segment)))
         if self._fd >= 0:
             with contextlib.suppress(OSError):
                 os.fsync(self._fd)

@@ -137,7 +137,8 @@ def shared_now(root_fd: int, host: str) -> float:
         os.close(fd)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this pid exists on this machine (another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -155,7 +156,7 @@ def stale(found: Found, me: Owner, now: Callable[[], float], timeout: float) -> 
             return f"its host {owner.host} restarted"
         if owner.pid == os.getpid() and found.token not in _LIVE:
             return "left behind by this process"
-        if not _alive(owner.pid):
+        if not pid_alive(owner.pid):
             return "its processor is gone"
         # a live pid may be a reused one: only the lease's age can tell then
     age = now() - found.st.st_mtime

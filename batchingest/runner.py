@@ -36,6 +36,7 @@ from batchingest import fs
 from batchingest.config import SECRET_ENV
 from batchingest.jobdir import LOG_FILE, append_log, log_line, open_log
 from batchingest.jobfile import now_rfc3339
+from batchingest.lease import pid_alive
 from batchingest.store import valid_name
 from batchingest.tasks import BUILTIN
 
@@ -244,7 +245,7 @@ def sweep_control_dirs(base: str | None = None) -> list[str]:
     try:
         for entry in fs.entries(base_fd):
             match = _CONTROL_NAME.match(entry.name)
-            if match is None or not entry.is_dir or _alive(int(match[1])):
+            if match is None or not entry.is_dir or pid_alive(int(match[1])):
                 continue
             if _stale(base_fd, entry.name):
                 with contextlib.suppress(OSError):
@@ -255,16 +256,6 @@ def sweep_control_dirs(base: str | None = None) -> list[str]:
     if removed:
         log.info("removed %d control folder(s) of stopped services in %s", len(removed), base)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _stale(base_fd: int, name: str) -> bool:
