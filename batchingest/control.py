@@ -79,7 +79,7 @@ def _record(
     store: Store, name: str, code: str, *, task: str | None = None, deadline: str = ""
 ) -> None:
     """Put an event in the job's history (and a line in the service log)."""
-    from batchingest import events  # events imports the store; keep this module light
+    from batchingest import events, metrics  # both import the store: keep this module light
 
     what = f"task {task}" if task else f"deadline {deadline}" if deadline else ""
     log.info("job %s: %s%s", name, code, f" ({what})" if what else "")
@@ -87,8 +87,10 @@ def _record(
         events.cancel_requested(store, name)
     elif code == CANCELED:
         events.canceled(store, name, task)
+        metrics.cancel()
     elif code == DEADLINE_EXCEEDED:
         events.deadline_exceeded(store, name, deadline)
+        metrics.cancel()
 
 
 # -- deadlines -----------------------------------------------------------------------

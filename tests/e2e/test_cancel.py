@@ -92,6 +92,9 @@ def test_cancel_while_queued_returns_the_job_to_ready(root: Path) -> None:
         job = root / "data" / "waiting"
         assert job.is_dir() and not (job / ".cancel").exists()
         assert "canceled through the API while queued: back to data/" in (job / "LOG").read_text()
+        # counted for the operator, in this service's metrics
+        with svc.client() as c:
+            assert "batchingest_cancels_total 1.0" in c.get("/metrics").text
         status, body = cancel(svc, "waiting")
         assert (status, body["code"], body["status"]) == (409, "JobNotCancellable", "ready")
         assert cancel(svc, "nobody")[0] == 404
