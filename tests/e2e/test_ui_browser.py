@@ -255,6 +255,11 @@ def test_follow_log_live(root: Path, page: Any, tmp_path: Path) -> None:
             interval=0.2,
             what="the events, or a note that there are none",
         )
+        if page.query_selector("#events tr"):
+            # an event's details read as words, never as an object's name
+            events_text = page.inner_text("#events")
+            assert "[object Object]" not in events_text
+            assert "CLAIMED" in events_text and "pid:" in events_text
         screenshot(page, tmp_path, "ui-job.png")
 
 

@@ -485,7 +485,7 @@ async function events() {
   const rows = (doc.DATA || []).map((ev) => el("tr", { class: ev.is_error ? "error" : "" },
     el("td", { class: "muted", text: ev.time || "" }),
     el("td", { text: ev.code || "" }),
-    el("td", {}, ev.description || "", ev.details ? el("div", { class: "small muted", text: ev.details }) : "")));
+    el("td", {}, ev.description || "", detailsText(ev.details) ? el("div", { class: "small muted", text: detailsText(ev.details) }) : "")));
   $("events").replaceChildren(...rows);
   return true;
 }
@@ -570,4 +570,13 @@ if (page === "login") {
     location.assign("/ui/login");
   });
   ({ overview: overviewPage, jobs: jobsPage, job: jobPage })[page]();
+}
+
+// An event's details as "key: value" pairs, one line (they are an object in the history).
+function detailsText(details) {
+  if (!details || typeof details !== "object") return details ? String(details) : "";
+  return Object.entries(details)
+    .filter(([, v]) => v !== null && v !== undefined && v !== "")
+    .map(([k, v]) => `${k}: ${typeof v === "object" ? JSON.stringify(v) : v}`)
+    .join(", ");
 }
