@@ -51,3 +51,19 @@ def by_method(path: str, handlers: dict[str, Any]) -> Route:
         return await handlers[method](request)
 
     return Route(path, dispatch, methods=list(handlers))
+
+
+async def read_body(request: Request, limit: int, code: str = "RequestTooLarge") -> bytes:
+    """The whole request body, at most `limit` bytes: 413 (`code`) as soon as it is more,
+    by its Content-Length or by what arrives."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, code, f"request body larger than {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, code, f"request body larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)

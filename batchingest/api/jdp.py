@@ -33,9 +33,9 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from batchingest import fs
-from batchingest.api.common import json_response, run_blocking
+from batchingest.api.common import json_response, read_body, run_blocking
 from batchingest.api.errors import ApiError
-from batchingest.api.staging import StagingApi, parse_ids, read_body, requester_details
+from batchingest.api.staging import StagingApi, parse_ids, requester_details
 from batchingest.store import Store
 
 # The JDP words for a staging job's folder; error/ has none (see the module docstring).

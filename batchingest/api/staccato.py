@@ -27,7 +27,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute
 
 from batchingest import endpoints, fs, transfers
-from batchingest.api.common import by_method, json_response, run_blocking
+from batchingest.api.common import by_method, json_response, read_body, run_blocking
 from batchingest.api.errors import ApiError
 from batchingest.config import Config
 from batchingest.endpoints import Endpoint, Endpoints, PathError
@@ -280,13 +280,9 @@ class StaccatoApi:
 
 
 async def _body(request: Request) -> dict[str, Any]:
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY:
-            raise ApiError(413, "PayloadTooLarge", f"body over {MAX_BODY} bytes")
+    body = await read_body(request, MAX_BODY, "PayloadTooLarge")
     try:
-        doc = json.loads(bytes(body))
+        doc = json.loads(body)
     except (UnicodeDecodeError, ValueError):
         raise bad("the body must be a JSON object") from None
     if not isinstance(doc, dict):

@@ -24,7 +24,7 @@ from starlette.routing import BaseRoute, Route
 from batchingest import events, fs, jobfile, metrics
 from batchingest.api import models
 from batchingest.api.auth import REQUESTER
-from batchingest.api.common import by_method, json_response, run_blocking
+from batchingest.api.common import by_method, json_response, read_body, run_blocking
 from batchingest.api.errors import ApiError
 from batchingest.api.idempotency import Idempotency, KeyContested
 from batchingest.config import Config
@@ -48,20 +48,6 @@ MAX_KEY = 255
 
 
 # -- request parsing ------------------------------------------------------------------------
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, "RequestTooLarge", f"request body larger than {limit} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, "RequestTooLarge", f"request body larger than {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def parse_ids(body: bytes, max_ids: int) -> list[str]:

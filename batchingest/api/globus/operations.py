@@ -13,6 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from batchingest import endpoints
+from batchingest.api.common import read_body
 from batchingest.api.errors import ApiError
 from batchingest.api.globus import documents, query
 from batchingest.api.globus.documents import json_response
@@ -59,11 +60,7 @@ def split(raw: Any, what: str = "path") -> list[str]:
 
 async def read_json(request: Request, data_type: str) -> dict[str, Any]:
     """A small JSON object body whose DATA_TYPE, if given, is data_type."""
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY:
-            raise ApiError(413, "ClientError.RequestTooLarge", f"body over {MAX_BODY} bytes")
+    body = await read_body(request, MAX_BODY, "ClientError.RequestTooLarge")
     try:
         doc = json.loads(body)
     except (UnicodeDecodeError, ValueError):

@@ -22,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from batchingest import endpoints, fs, transfers
+from batchingest.api import common
 from batchingest.api.errors import ApiError
 from batchingest.api.globus import documents, query
 from batchingest.api.globus.documents import json_response
@@ -45,13 +46,9 @@ def task_not_found(task_id: str) -> ApiError:
 
 
 async def read_body(request: Request, data_type: str) -> dict[str, Any]:
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY:
-            raise ApiError(413, "ClientError.RequestTooLarge", f"body over {MAX_BODY} bytes")
+    body = await common.read_body(request, MAX_BODY, "ClientError.RequestTooLarge")
     try:
-        doc = json.loads(bytes(body))
+        doc = json.loads(body)
     except (UnicodeDecodeError, ValueError):
         raise query.bad(f"the body must be a JSON {data_type} document") from None
     if not isinstance(doc, dict) or doc.get("DATA_TYPE", data_type) != data_type:
