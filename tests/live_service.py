@@ -3,6 +3,7 @@ shadows batchingest/service.py on the tests' import path)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -11,6 +12,7 @@ import sys
 import time
 import uuid
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -167,3 +169,34 @@ def copies_in_flight(staging: Path) -> list[str]:
         if target.startswith(f"{staging}/") and target.endswith(" (deleted)"):
             found.append(target)
     return found
+
+
+def landed(root: Path, name: str) -> str | None:
+    """The final state a job reached (success or error), or None while it has not."""
+    for state in ("success", "error"):
+        if (root / state / name).is_dir():
+            return state
+    return None
+
+
+def wait_landed(root: Path, name: str, timeout: float = 30) -> str:
+    return str(wait_for(lambda: landed(root, name), timeout, what=f"{name} to finish"))
+
+
+def job_json(path: Path) -> dict:  # type: ignore[type-arg]
+    return json.loads((path / "JOB").read_text())  # type: ignore[no-any-return]
+
+
+def rfc3339(seconds_from_now: float) -> str:
+    """A time that far from now, as a JOB's Deadline is written."""
+    at = datetime.now(UTC) + timedelta(seconds=seconds_from_now)
+    return at.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def alive(pid: int) -> bool:
+    """A process that exists and is not a zombie waiting to be reaped."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"

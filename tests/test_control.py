@@ -12,11 +12,11 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from live_service import make_job, wait_for, write_task
+from live_service import alive, make_job, rfc3339, wait_for, write_task
 from test_processor import Running
 
 from batchingest import control, fs
@@ -24,20 +24,6 @@ from batchingest.config import Config
 from batchingest.jobfile import JobFile, JobFileError
 from batchingest.runner import TaskProcess
 from batchingest.store import CANCEL_FILE, Store
-
-
-def rfc3339(seconds_from_now: float) -> str:
-    at = datetime.now(UTC) + timedelta(seconds=seconds_from_now)
-    return at.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-
-
-def alive(pid: int) -> bool:
-    """A process that exists and is not a zombie waiting to be reaped."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def job_dir_fd(path: Path) -> int:

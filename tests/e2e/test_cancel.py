@@ -8,11 +8,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from live_service import Service, make_job, wait_for, write_task
+from live_service import Service, alive, make_job, rfc3339, wait_for, write_task
 
 pytestmark = pytest.mark.e2e
 
@@ -29,19 +29,6 @@ while :; do sleep 0.05; done
 
 def drop(root: Path, name: str, job: str | None = None) -> None:
     os.rename(make_job(root, name, job), root / "queue" / name)
-
-
-def rfc3339(seconds_from_now: float) -> str:
-    at = datetime.now(UTC) + timedelta(seconds=seconds_from_now)
-    return at.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def job_json(path: Path) -> dict:  # type: ignore[type-arg]

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from live_service import Service, make_job, wait_for, write_task
+from live_service import Service, job_json, make_job, wait_for, wait_landed, write_task
 
 pytestmark = pytest.mark.e2e
 
@@ -27,21 +27,6 @@ def drop(root: Path, name: str, job: str | None = None, plant=None) -> Path:  # 
         plant(path)
     os.rename(path, root / "queue" / name)
     return root / "queue" / name
-
-
-def landed(root: Path, name: str) -> str | None:
-    for state in ("success", "error"):
-        if (root / state / name).is_dir():
-            return state
-    return None
-
-
-def wait_landed(root: Path, name: str, timeout: float = 30) -> str:
-    return str(wait_for(lambda: landed(root, name), timeout, what=f"{name} to finish"))
-
-
-def job_json(path: Path) -> dict:  # type: ignore[type-arg]
-    return json.loads((path / "JOB").read_text())  # type: ignore[no-any-return]
 
 
 def test_log_link_or_fifo_sends_the_job_to_error_and_writes_nothing_outside(
