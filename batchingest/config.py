@@ -232,6 +232,10 @@ class Config:
     token_file: Path | None = setting(
         None, "file of API tokens, one per line, # comments", parse=absolute_path, shown="none"
     )
+    api_processes: int = setting(
+        1, "processes serving the HTTP API on the one port (the first also runs the processor)",
+        parse=_positive_int,
+    )  # fmt: skip
     # HTTP connection limits (see README, "Running it in production")
     max_connections: int = setting(
         256, "open HTTP connections at most; more get 503", parse=_positive_int

@@ -25,6 +25,7 @@ import os
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -313,9 +314,16 @@ def _log(dir_fd: int, text: str) -> None:
 _WATCHERS: weakref.WeakSet[Watcher] = weakref.WeakSet()
 
 
+# An extra API process (batchingest.apiprocs) adds here how it wakes the main
+# process's Watchers, which run this service's tasks.
+WAKE_ELSEWHERE: list[Callable[[], None]] = []
+
+
 def wake_watchers() -> None:
     for watcher in list(_WATCHERS):
         watcher.wake()
+    for wake in WAKE_ELSEWHERE:
+        wake()
 
 
 class Watcher:

@@ -99,16 +99,21 @@ class AccessLines:
     def __init__(self) -> None:
         self.stream: TextIO | None = None  # None: not set up, go through logging
         self.json = False
+        self.pid: int | None = None  # named on every line where several processes serve
         self._pending: list[str] = []
 
     def add(self, message: str, fields: dict[str, object]) -> None:
         created = time.time()
+        if self.pid is not None:
+            fields = {**fields, "pid": self.pid}
         if self.json:
             head = {"time": rfc3339(created), "level": "info", "logger": ACCESS_LOGGER}
             line = json.dumps({**head, "message": message, **fields}, ensure_ascii=False)
         else:
             at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(created))
             pairs = " ".join(f"{k}={fields[k]}" for k in ACCESS_FIELDS)
+            if self.pid is not None:
+                pairs += f" pid={self.pid}"
             line = f"{at},{int(created * 1000) % 1000:03d} INFO {ACCESS_LOGGER}: {message} {pairs}"
         self._pending.append(line + "\n")
         if len(self._pending) == 1:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 
@@ -113,6 +114,8 @@ async def serve(cfg: Config) -> None:
         server = uvicorn.Server(http_config(cfg, app))
         runners.append(asyncio.create_task(server.serve(sockets=[sock]), name="api"))
         log.info("HTTP API on http://%s:%d", cfg.host, cfg.port)
+        if cfg.api_processes > 1:
+            runners.append(_api_processes(cfg, sock, store, progress, stop))
     if cfg.processor:
         from batchingest.processor import Processor
 
@@ -125,6 +128,18 @@ async def serve(cfg: Config) -> None:
     finally:
         recorder.close()
         log.info("stopped")
+
+
+def _api_processes(
+    cfg: Config, sock: socket.socket, store: Store, progress: Progress, stop: asyncio.Event
+) -> asyncio.Task[None]:
+    """The extra processes serving the API on sock (see batchingest.apiprocs)."""
+    from batchingest import logs
+    from batchingest.apiprocs import ApiProcesses
+
+    logs.ACCESS.pid = os.getpid()  # every access line says which process answered
+    extras = ApiProcesses(cfg, sock, store, progress)
+    return asyncio.create_task(extras.run(stop), name="API processes")
 
 
 async def _until_stopped(

@@ -273,6 +273,9 @@ class Store:
         # who holds jobs here, and after how long another host may take a lease over
         self.owner = lease.Owner.here()
         self.lease_timeout = lease.DEFAULT_TIMEOUT
+        # set in an extra API process (batchingest.apiprocs): its moves are made by the
+        # main process, whose listeners order them against the processor's claims
+        self.mover: Callable[[str, str, str], Job] | None = None
 
     @property
     def root_fd(self) -> int:
@@ -534,6 +537,12 @@ class Store:
 
     def _move(self, name: str, src: str, dst: str) -> Job:
         """Rename src/NAME to dst/NAME; in a final state take the first free NAME-NNN."""
+        if self.mover is not None:
+            return self.mover(name, src, dst)
+        return self.move_here(name, src, dst)
+
+    def move_here(self, name: str, src: str, dst: str) -> Job:
+        """_move made by this process, whatever its mover (see Store.mover)."""
         source = self.job_path(src, name)
         for target_name in self._final_target(name) if dst in FINAL else [name]:
             target = self.state_dir(dst) / target_name
