@@ -2,10 +2,13 @@
 
 The main process binds the port, runs the processor, webhook delivery and the event
 recorder as always, and serves the API too; N-1 extra processes serve the API on the
-same listening socket, which they inherit (one accept queue for all). A shared socket
-rather than SO_REUSEPORT: the port stays one socket, so a second service started on it
-still fails with "port taken" (exit status 2), and connections waiting to be accepted by
-an extra process that dies are taken by the others instead of being reset with it.
+same port, each through a listening socket of its own bound with SO_REUSEPORT, so the
+kernel spreads new connections evenly over the processes. One inherited socket shared
+by all was tried first: a process woken for a burst of new connections accepts them
+all, and with 8 keep-alive connections one process often served every request. The
+main process binds plainly once before, so a port already taken (by another service of
+ours too) still stops the start with exit status 2. Connections an extra process had
+not yet accepted when it dies are reset, not taken by the others.
 
 An API request is answered from the jobs root, so an extra process needs no state of
 its own, with three exceptions, each carried over a channel to the main process (a
@@ -119,7 +122,7 @@ class MainProgress(Progress):
 
 
 async def serve_extra(cfg: Config, channel: Channel, sock: socket.socket, death_fd: int) -> None:
-    """One extra API process: the app on the inherited socket until told to stop."""
+    """One extra API process: the app on its socket until told to stop."""
     import uvicorn
 
     from batchingest import control
@@ -150,17 +153,22 @@ async def serve_extra(cfg: Config, channel: Channel, sock: socket.socket, death_
 
 
 def main(argv: list[str]) -> int:
-    """`python -m batchingest.apiprocs CHANNEL_FD SOCKET_FD DEATH_FD` (the main process
-    starts it; the settings come over the channel)."""
+    """`python -m batchingest.apiprocs CHANNEL_FD DEATH_FD` (the main process starts
+    it; the settings come over the channel)."""
     from batchingest import logs
     from batchingest.cli import _loop_factory
+    from batchingest.service import StartError, bind
 
-    channel_fd, sock_fd, death_fd = (int(a) for a in argv)
+    channel_fd, death_fd = (int(a) for a in argv)
     link = socket.socket(fileno=channel_fd)
     cfg: Config = pickle.loads(link.recv(MAX_MESSAGE))
     logs.setup(cfg.log_level, cfg.log_format)
     logs.ACCESS.pid = os.getpid()
-    sock = socket.socket(fileno=sock_fd)
+    try:
+        sock = bind(cfg.host, cfg.port, shared=True)
+    except StartError as e:
+        log.error("%s", e)
+        return 2
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         runner.run(serve_extra(cfg, Channel(link), sock, death_fd))
     return 0
@@ -193,9 +201,8 @@ class _Extra:
 class ApiProcesses:
     """The extra API processes of this service: started, answered, restarted, stopped."""
 
-    def __init__(self, cfg: Config, sock: socket.socket, store: Store, progress: Progress):
+    def __init__(self, cfg: Config, store: Store, progress: Progress):
         self.cfg = cfg
-        self.sock = sock
         self.store = store
         self.progress = progress
         self._death_r, self._death_w = os.pipe()  # we hold the write end until we go
@@ -243,7 +250,7 @@ class ApiProcesses:
 
     async def _start(self, index: int) -> _Extra:
         link, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        fds = (theirs.fileno(), self.sock.fileno(), self._death_r)
+        fds = (theirs.fileno(), self._death_r)
         try:
             process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", __name__, *map(str, fds),

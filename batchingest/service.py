@@ -23,12 +23,16 @@ class StartError(Exception):
     """The service cannot start (root unusable, port taken): exit non-zero, don't retry."""
 
 
-def bind(host: str, port: int) -> socket.socket:
+def bind(host: str, port: int, *, shared: bool = False) -> socket.socket:
+    """The listening socket; shared: one of the API processes' (SO_REUSEPORT, see
+    batchingest.apiprocs)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets that say so, and
     # without it Nagle holds every small response until the delayed ACK (~40 ms)
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if shared:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError as e:
@@ -110,12 +114,15 @@ async def serve(cfg: Config) -> None:
         from batchingest.api.app import create_app
 
         app = create_app(cfg, store, readiness)  # an unusable token file is a StartError
-        sock = bind(cfg.host, cfg.port)
+        shared = cfg.api_processes > 1
+        if shared:  # a plain bind first: a port taken, by a service of ours too, stops us
+            bind(cfg.host, cfg.port).close()
+        sock = bind(cfg.host, cfg.port, shared=shared)
         server = uvicorn.Server(http_config(cfg, app))
         runners.append(asyncio.create_task(server.serve(sockets=[sock]), name="api"))
         log.info("HTTP API on http://%s:%d", cfg.host, cfg.port)
         if cfg.api_processes > 1:
-            runners.append(_api_processes(cfg, sock, store, progress, stop))
+            runners.append(_api_processes(cfg, store, progress, stop))
     if cfg.processor:
         from batchingest.processor import Processor
 
@@ -131,14 +138,14 @@ async def serve(cfg: Config) -> None:
 
 
 def _api_processes(
-    cfg: Config, sock: socket.socket, store: Store, progress: Progress, stop: asyncio.Event
+    cfg: Config, store: Store, progress: Progress, stop: asyncio.Event
 ) -> asyncio.Task[None]:
-    """The extra processes serving the API on sock (see batchingest.apiprocs)."""
+    """The extra processes serving the API on the port (see batchingest.apiprocs)."""
     from batchingest import logs
     from batchingest.apiprocs import ApiProcesses
 
     logs.ACCESS.pid = os.getpid()  # every access line says which process answered
-    extras = ApiProcesses(cfg, sock, store, progress)
+    extras = ApiProcesses(cfg, store, progress)
     return asyncio.create_task(extras.run(stop), name="API processes")
 
 
