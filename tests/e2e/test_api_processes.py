@@ -1,0 +1,178 @@
+"""Several API processes (`--api-processes 2`): the real service, real connections.
+
+Every request here opens a connection of its own, so the kernel spreads them over both
+processes; which process answered is read from the access line's pid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+from live_service import TOKEN, Service, alive, wait_for, write_task
+from webhook_receiver import Receiver
+
+pytestmark = pytest.mark.e2e
+
+HEADERS = {"X-Api-Token": TOKEN}
+ALLOW = {"BATCHINGEST_WEBHOOK_ALLOW": "127.0.0.1"}
+
+
+def extras(svc: Service) -> list[int]:
+    """The pids of the service's extra API processes."""
+    assert svc.proc is not None
+    pid = svc.proc.pid
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    found = []
+    for child in map(int, children):
+        try:
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"batchingest.apiprocs" in cmdline:
+            found.append(child)
+    return found
+
+
+def started(svc: Service, count: int = 1) -> list[int]:
+    """Wait until `count` extra processes are up and serving; their pids."""
+    wait_for(lambda: svc.log().count("Started server process") >= count + 1, 30,
+             what="the extra API processes")  # fmt: skip
+    return wait_for(lambda: extras(svc) if len(extras(svc)) == count else None, 10,
+                    what=f"{count} extra API process(es)")  # fmt: skip
+
+
+def request(svc: Service, method: str, path: str, **kw: object) -> httpx.Response:
+    """One request on a connection of its own."""
+    return httpx.request(method, svc.url + path, headers=HEADERS, timeout=30, **kw)  # type: ignore[arg-type]
+
+
+def pids_of(svc: Service, route: str) -> list[int]:
+    """Which processes answered `route`, in order, from the access lines."""
+    pattern = re.compile(rf"route={re.escape(route)} .* pid=(\d+)$", re.M)
+    return [int(pid) for pid in pattern.findall(svc.log())]
+
+
+def until_served_by(svc: Service, pid: int, act: Callable[[int], object], tries: int = 20) -> int:
+    """Call act(i) until one of its requests was answered by `pid`; the attempts made."""
+    for i in range(tries):
+        before = svc.log().count(f"pid={pid}")
+        act(i)
+        time.sleep(0.1)  # access lines are written at the end of the loop's turn
+        if svc.log().count(f"pid={pid}") > before:
+            return i + 1
+    raise AssertionError(f"no request reached process {pid} in {tries} tries")
+
+
+def test_requests_reach_both_processes_and_readyz_answers_everywhere(root: Path) -> None:
+    with Service(root, "--api-processes", "2") as svc:
+        extra = started(svc)
+        assert svc.proc is not None
+        for _ in range(40):
+            assert request(svc, "GET", "/jobs/nothing-here").status_code == 404
+            assert request(svc, "GET", "/readyz").status_code == 200
+        time.sleep(0.2)
+        served = set(pids_of(svc, "/jobs/{id}"))
+        assert served == {svc.proc.pid, *extra}
+        assert set(pids_of(svc, "/readyz")) == {svc.proc.pid, *extra}
+
+
+def test_a_job_made_through_both_processes_runs_with_webhooks_and_ordered_events(
+    root: Path,
+) -> None:
+    write_task(root / "tasks", "start", "echo started\n")
+    names = [f"job-{i}" for i in range(6)]
+    with Receiver() as rx, Service(root, "--api-processes", "2", env=ALLOW) as svc:
+        started(svc)
+        for name in names:
+            assert request(svc, "PUT", f"/jobs/{name}").status_code == 201
+            hook = f"http://127.0.0.1:{rx.port}/hook"
+            assert request(svc, "PUT", f"/jobs/{name}/files/WEBHOOK", content=hook).is_success
+            assert request(svc, "PUT", f"/jobs/{name}/files/data.txt", content=b"x").is_success
+            assert request(svc, "POST", f"/jobs/{name}/queue").status_code == 202
+        rx.wait(3 * len(names), timeout=30)
+        time.sleep(0.2)
+        queued_by = set(pids_of(svc, "/jobs/{id}/queue"))
+        histories = {n: request(svc, "GET", f"/jobs/{n}/events").json()["DATA"] for n in names}
+        feed = request(svc, "GET", "/events?limit=1000").json()["DATA"]
+    assert len(queued_by) == 2  # both processes queued jobs
+    for name in names:
+        assert (root / "success" / name).is_dir()
+        states = [
+            (e["job_state"], e["previous_state"]) for e in rx.events() if e["job_name"] == name
+        ]
+        assert states == [("queue", "ready"), ("processing", "queue"), ("success", "processing")]
+        codes = [e["code"] for e in histories[name]]
+        job_codes = [c for c in codes if not c.startswith("WEBHOOK_")]
+        assert job_codes == ["CREATED", "FILE_UPLOADED", "FILE_UPLOADED", "QUEUED", "CLAIMED",
+                             "TASK_STARTED", "TASK_SUCCEEDED", "SUCCEEDED"]  # fmt: skip
+        delivered = [e["details"]["state"] for e in histories[name] if e["code"].startswith("WEB")]
+        assert delivered == ["queue", "processing", "success"]
+        assert histories[name][3]["details"] == {"by": "api", "from": "ready"}
+        # the feed, written by both processes, holds the same events in the same order
+        assert [e["code"] for e in feed if e["job"] == name] == codes
+
+
+def test_cancel_through_an_extra_process_stops_the_task_at_once(root: Path) -> None:
+    write_task(root / "tasks", "start", "exec sleep 60\n")
+    with Service(root, "--api-processes", "2") as svc:
+        (extra,) = started(svc)
+        took: list[float] = []
+
+        def cancel_one(i: int) -> None:
+            name = f"sleeper-{i}"
+            assert request(svc, "PUT", f"/jobs/{name}").status_code == 201
+            assert request(svc, "POST", f"/jobs/{name}/queue").status_code == 202
+            wait_for(lambda: (root / "processing" / name / "LOG").exists(), 20,
+                     what=f"{name} to run")  # fmt: skip
+            t0 = time.monotonic()
+            assert request(svc, "POST", f"/jobs/{name}/cancel").status_code == 202
+            wait_for(lambda: (root / "error" / name).is_dir(), 20, what=f"{name} canceled")
+            took.append(time.monotonic() - t0)
+            finished = json.loads((root / "error" / name / "JOB").read_text())["Finished"]
+            assert finished[-1]["Status"] == "canceled"
+
+        until_served_by(svc, extra, cancel_one)
+    # woken through the main process, not found at a later look (a 50 ms poll each)
+    assert min(took) < 1.0
+
+
+def test_an_extra_process_killed_is_started_again(root: Path) -> None:
+    with Service(root, "--api-processes", "2") as svc:
+        (first,) = started(svc)
+        os.kill(first, signal.SIGKILL)
+        wait_for(lambda: "ended unexpectedly" in svc.log(), 10, what="the main process to see it")
+        (second,) = started(svc, 1)
+        assert second != first
+        wait_for(lambda: svc.log().count("Started server process") >= 3, 20, what="a new one")
+        for _ in range(20):
+            assert request(svc, "GET", "/healthz").status_code == 200
+        assert svc.proc is not None and svc.proc.poll() is None
+
+
+def test_sigterm_stops_every_process_with_exit_status_0(root: Path) -> None:
+    svc = Service(root, "--api-processes", "3").start()
+    try:
+        pids = started(svc, 2)
+    finally:
+        code = svc.stop()
+    assert code == 0
+    assert not any(alive(pid) for pid in pids)
+    assert "stopped unexpectedly" not in svc.log()
+
+
+def test_kill_9_of_the_main_process_takes_the_extras_with_it(root: Path) -> None:
+    svc = Service(root, "--api-processes", "2").start()
+    try:
+        (extra,) = started(svc)
+        svc.kill()
+        wait_for(lambda: not alive(extra), 10, what="the extra process to go")
+    finally:
+        svc.stop()
