@@ -48,11 +48,14 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from batchingest.config import Config
 from batchingest.health import Progress
 from batchingest.store import Job, State, Store, check_name
+
+if TYPE_CHECKING:
+    from batchingest.runner import ControlDir
 
 log = logging.getLogger("batchingest")
 
@@ -175,6 +178,23 @@ def main(argv: list[str]) -> int:
 
 
 # -- the main process's side ------------------------------------------------------------
+
+
+def shared_metrics() -> ControlDir:
+    """The folder where every API process keeps its counters (see metrics.exposition).
+
+    A control folder (runner.ControlDir: in /dev/shm, locked while we live, swept at a
+    later start if we are killed); named in the environment, which the extra processes
+    inherit and tasks do not (runner.base_env). It must be set before prometheus-client
+    is first imported, which reads it then.
+    """
+    from batchingest.runner import METRICS_ENV, ControlDir
+
+    if "prometheus_client" in sys.modules:
+        raise RuntimeError("prometheus_client was imported before its multiprocess folder was set")
+    folder = ControlDir()
+    os.environ[METRICS_ENV] = str(folder.path)
+    return folder
 
 
 def move_for(store: Store, name: str, src: str, dst: str) -> Job:

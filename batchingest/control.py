@@ -247,7 +247,6 @@ def request_cancel(store: Store, name: str, reason: str = API_REASON) -> Job:
         try:
             write_request(fd, reason)
             _record(store, name, CANCEL_REQUESTED)
-            wake_watchers()  # a holder in this process need not wait for its next look
             if job.state == State.QUEUE:
                 back = store.unqueue(name)
                 if back is not None:
@@ -258,6 +257,10 @@ def request_cancel(store: Store, name: str, reason: str = API_REASON) -> Job:
                     return back
             now = store.find(name)
             if now is not None and now.state in BUSY:
+                # a holder in this process (or, through it, in the main process: see
+                # apiprocs) need not wait for its next look; woken only now, so that the
+                # stop it makes is not taken for the job having finished meanwhile
+                wake_watchers()
                 return now
             clear(fd)  # it finished meanwhile: nothing is left to cancel
             raise NotCancellable(now or job)

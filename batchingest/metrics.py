@@ -83,8 +83,9 @@ PICKUP_LATENCY = Histogram(
     registry=REGISTRY,
 )
 WORKERS_BUSY = Gauge(
-    "batchingest_workers_busy", "Processor workers running a task now", registry=REGISTRY
-)
+    "batchingest_workers_busy", "Processor workers running a task now", registry=REGISTRY,
+    multiprocess_mode="max",  # only the main process runs workers (see exposition)
+)  # fmt: skip
 CANCELS = Counter("batchingest_cancels", "Jobs cancelled", registry=REGISTRY)
 WEBHOOK_DELIVERIES = Counter(
     "batchingest_webhook_deliveries",
@@ -268,8 +269,31 @@ def watch(store: Store) -> None:
 
 
 def exposition() -> bytes:
-    """The whole registry in Prometheus text format (lists folders: not on the event loop)."""
-    return generate_latest(REGISTRY)
+    """The whole registry in Prometheus text format (lists folders: not on the event loop).
+
+    With several API processes (--api-processes), prometheus-client's multiprocess mode
+    is on (PROMETHEUS_MULTIPROC_DIR, set by the main process before this module was
+    first imported): every process keeps its counters and histograms in a memory-mapped
+    file there, and whichever process is scraped answers with their sums, so a scrape
+    never depends on which process the connection reached. process_* metrics are left
+    out then: they would describe only the process that happened to answer.
+    """
+    return generate_latest(_multiprocess_registry() if MULTIPROCESS_DIR else REGISTRY)
+
+
+MULTIPROCESS_DIR = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+_MULTIPROCESS: list[CollectorRegistry] = []
+
+
+def _multiprocess_registry() -> CollectorRegistry:
+    if not _MULTIPROCESS:
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        registry.register(ROOT)
+        _MULTIPROCESS.append(registry)
+    return _MULTIPROCESS[0]
 
 
 OPENAPI_PATHS = {

@@ -45,11 +45,14 @@ __all__ = ["LOG_FILE", "append_log", "log_line", "open_log"]  # their home is jo
 log = logging.getLogger("batchingest.runner")
 # Seconds a task gets between SIGTERM and SIGKILL when it is stopped.
 KILL_AFTER = 5.0
+METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def base_env(extra: Mapping[str, str]) -> dict[str, str]:
     """The service's environment without its secrets, plus settings for built-in tasks."""
-    env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
+    # nor the API processes' metrics folder (batchingest.apiprocs): a task's own
+    # prometheus-client would write its counters among ours
+    env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV and k != METRICS_ENV}
     env.update(extra)
     return env
 

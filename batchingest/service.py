@@ -87,6 +87,19 @@ def _open_store(cfg: Config) -> Store:
 
 
 async def serve(cfg: Config) -> None:
+    metrics_folder = None
+    if cfg.api and cfg.api_processes > 1:
+        from batchingest.apiprocs import shared_metrics
+
+        metrics_folder = shared_metrics()  # before anything imports prometheus-client
+    try:
+        await _serve(cfg)
+    finally:
+        if metrics_folder is not None:
+            metrics_folder.close()
+
+
+async def _serve(cfg: Config) -> None:
     store = await asyncio.to_thread(_open_store, cfg)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
