@@ -5,9 +5,10 @@ jobs root holding the job asked for, and drives it with wrk (8 connections, 2 th
 BENCH_SECONDS each, 10 by default) as `scripts/bench api` does. Reported per N: req/s,
 p50 and p99 (min-median-max over the runs), the ratio of req/s to N=1 in the same run,
 the service's CPU per request (every process of it, from /proc/PID/stat) and the share
-of that CPU the busiest process took (how evenly the one accept queue spreads the
-connections). wrk runs on the same 2 cores, so it takes CPU from the service as it would
-from any local client.
+of that CPU the busiest process took (how evenly the kernel spreads the connections over
+the processes' sockets), and the median time from a POST /jobs/{id}/queue to the first
+line of the job's task (BENCH_PICKUPS jobs, 21 by default). wrk runs on the same 2
+cores, so it takes CPU from the service as it would from any local client.
 
 Environment: BENCH_RUNS (default 3), BENCH_SECONDS (default 10), BENCH_PROCESSES (the
 values of N, default "1,2,3"), BENCH_LOG_LEVEL (default warning: no access lines, as
@@ -30,6 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 
+import httpx
 from live_service import TOKEN, Service, wait_for
 
 RUNS = int(os.environ.get("BENCH_RUNS", "3"))
@@ -37,6 +39,8 @@ SECONDS = int(os.environ.get("BENCH_SECONDS", "10"))
 COUNTS = [int(n) for n in os.environ.get("BENCH_PROCESSES", "1,2,3").split(",")]
 LOG_LEVEL = os.environ.get("BENCH_LOG_LEVEL", "warning")
 TICKS = os.sysconf("SC_CLK_TCK")
+PICKUPS = int(os.environ.get("BENCH_PICKUPS", "21"))
+HEADERS = {"X-Api-Token": TOKEN}
 
 
 @dataclass
@@ -46,6 +50,7 @@ class Result:
     p99: float
     cpu_us: float  # service CPU per request, all processes
     busiest: float  # share of that CPU the busiest process took
+    pickup: float  # median ms from POST /jobs/{id}/queue sent to the task's first line
 
 
 def cpu_ticks(pid: int) -> int:
@@ -78,7 +83,22 @@ def wrk(url: str) -> tuple[float, float, float, int]:
     return float(rate.group(1)), ms("50%"), ms("99%"), int(done.group(1))
 
 
-def one(root: Path, processes: int) -> Result:
+def pickups(svc: Service, tag: str) -> float:
+    """Median ms from sending POST /jobs/{id}/queue (on a connection of its own, so to
+    any of the processes) to the first instruction of the job's task."""
+    took = []
+    for i in range(PICKUPS):
+        name = f"pickup-{tag}-{i}"
+        assert httpx.put(f"{svc.url}/jobs/{name}", headers=HEADERS).status_code == 201
+        t0 = time.time()
+        assert httpx.post(f"{svc.url}/jobs/{name}/queue", headers=HEADERS).status_code == 202
+        mark = svc.root / "success" / name / "t0"
+        wait_for(mark.exists, 10, interval=0.005, what=f"{name} to run")
+        took.append((float(mark.read_text()) - t0) * 1000)
+    return statistics.median(took)
+
+
+def one(root: Path, processes: int, tag: str) -> Result:
     svc = Service(root, "--api-processes", str(processes), "--log-level", LOG_LEVEL).start()
     try:
         with svc.client() as c:
@@ -90,10 +110,12 @@ def one(root: Path, processes: int) -> Result:
         before = {pid: cpu_ticks(pid) for pid in pids}
         rate, p50, p99, done = wrk(f"{svc.url}/jobs/bench")
         used = {pid: cpu_ticks(pid) - before[pid] for pid in pids}
+        pickup = pickups(svc, tag)
     finally:
         svc.stop()
     total = sum(used.values())
-    return Result(rate, p50, p99, total / TICKS / done * 1e6, max(used.values()) / max(total, 1))
+    busiest = max(used.values()) / max(total, 1)
+    return Result(rate, p50, p99, total / TICKS / done * 1e6, busiest, pickup)
 
 
 def spread(values: list[float], fmt: str) -> str:
@@ -106,15 +128,16 @@ def report(results: dict[int, list[Result]]) -> None:
     print(f"log level {LOG_LEVEL}; min / median / max)")
     print()
     print("| processes | req/s | vs first row, same run | p50 ms | p99 ms | CPU µs/request "
-          "| busiest process's CPU share |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|")
+          "| busiest process's CPU share | POST queue → task runs, ms |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
     for n, rows in results.items():
         ratios = [r.rate / b.rate for r, b in zip(rows, base, strict=True)]
         print(
             f"| {n} | {spread([r.rate for r in rows], ',.0f')} | {spread(ratios, '.2f')}x "
             f"| {spread([r.p50 for r in rows], '.2f')} | {spread([r.p99 for r in rows], '.2f')} "
             f"| {spread([r.cpu_us for r in rows], '.0f')} "
-            f"| {spread([r.busiest for r in rows], '.2f')} |"
+            f"| {spread([r.busiest for r in rows], '.2f')} "
+            f"| {spread([r.pickup for r in rows], '.1f')} |"
         )
 
 
@@ -127,12 +150,15 @@ def main() -> None:
         job = root / "data" / "bench"
         job.mkdir(parents=True)
         (root / "tasks").mkdir()
+        start = root / "tasks" / "start"
+        start.write_text('#!/bin/bash\necho "$EPOCHREALTIME" > "$JOBPATH/t0"\n')
+        start.chmod(0o755)
         (job / "JOB").write_text(json.dumps({"Todo": ["a", "b"], "Finished": []}))
         results: dict[int, list[Result]] = {n: [] for n in COUNTS}
         for run in range(RUNS):
             order = COUNTS[run % len(COUNTS) :] + COUNTS[: run % len(COUNTS)]
             for n in order:
-                results[n].append(one(root, n))
+                results[n].append(one(root, n, f"{run}-{n}"))
                 r = results[n][-1]
                 print(f"run {run + 1}, {n} process(es): {r.rate:,.0f} req/s", file=sys.stderr)
     finally:
