@@ -12,7 +12,10 @@ cores, so it takes CPU from the service as it would from any local client.
 
 Environment: BENCH_RUNS (default 3), BENCH_SECONDS (default 10), BENCH_PROCESSES (the
 values of N, default "1,2,3"), BENCH_LOG_LEVEL (default warning: no access lines, as
-`scripts/bench api`; `info` writes one per request).
+`scripts/bench api`; `info` writes one per request), BENCH_GRANIAN (a folder granian is
+importable from, e.g. `pip install --target /tmp/granian granian`: then the same app also
+runs under granian with as many workers, without the processor and without our
+connection limits, for comparison; its rows say "granian").
 """
 
 from __future__ import annotations
@@ -32,12 +35,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 
 import httpx
-from live_service import TOKEN, Service, wait_for
+from live_service import TOKEN, Service, free_port, wait_for
 
 RUNS = int(os.environ.get("BENCH_RUNS", "3"))
 SECONDS = int(os.environ.get("BENCH_SECONDS", "10"))
 COUNTS = [int(n) for n in os.environ.get("BENCH_PROCESSES", "1,2,3").split(",")]
 LOG_LEVEL = os.environ.get("BENCH_LOG_LEVEL", "warning")
+GRANIAN = os.environ.get("BENCH_GRANIAN", "")
 TICKS = os.sysconf("SC_CLK_TCK")
 PICKUPS = int(os.environ.get("BENCH_PICKUPS", "21"))
 HEADERS = {"X-Api-Token": TOKEN}
@@ -118,12 +122,62 @@ def one(root: Path, processes: int, tag: str) -> Result:
     return Result(rate, p50, p99, total / TICKS / done * 1e6, busiest, pickup)
 
 
+GRANIAN_APP = """
+import os
+from pathlib import Path
+from batchingest.api.app import create_app
+from batchingest.config import Config
+from batchingest.store import Store
+
+def app():
+    root = Path(os.environ["BENCH_ROOT"])
+    return create_app(Config(root=root, tokens=[os.environ["BENCH_TOKEN"]]), Store(root))
+"""
+
+
+def one_granian(root: Path, processes: int) -> Result:
+    """The same app under granian (BENCH_GRANIAN: a folder it is importable from), with
+    `processes` workers: the app alone, no processor, and none of our connection limits."""
+    port = free_port()
+    (root.parent / "granian_app.py").write_text(GRANIAN_APP)
+    path = os.pathsep.join([str(root.parent), GRANIAN, *sys.path])
+    env = {**os.environ, "BENCH_ROOT": str(root), "BENCH_TOKEN": TOKEN, "PYTHONPATH": path}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "granian", "--interface", "asgi", "--factory", "--workers",
+         str(processes), "--loop", "uvloop", "--http", "1", "--no-ws", "--host", "127.0.0.1",
+         "--port", str(port), "--log-level", "warning", "granian_app:app"],
+        env=env, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: len(service_pids(proc.pid)) == processes + 1, what="granian's workers")
+        wait_for(lambda: _answers(url), what="granian to answer")
+        time.sleep(1.0)
+        pids = service_pids(proc.pid)
+        before = {pid: cpu_ticks(pid) for pid in pids}
+        rate, p50, p99, done = wrk(f"{url}/jobs/bench")
+        used = {pid: cpu_ticks(pid) - before[pid] for pid in pids}
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    total = sum(used.values())
+    busiest = max(used.values()) / max(total, 1)
+    return Result(rate, p50, p99, total / TICKS / done * 1e6, busiest, float("nan"))
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/jobs/bench", headers=HEADERS).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def spread(values: list[float], fmt: str) -> str:
     return " / ".join(format(v, fmt) for v in (min(values), statistics.median(values), max(values)))
 
 
-def report(results: dict[int, list[Result]]) -> None:
-    base = results[COUNTS[0]]
+def report(results: dict[str, list[Result]]) -> None:
+    base = results[str(COUNTS[0])]
     print(f"## GET /jobs/{{id}} by API processes ({RUNS} runs, wrk -t2 -c8 -d{SECONDS}s,")
     print(f"log level {LOG_LEVEL}; min / median / max)")
     print()
@@ -154,13 +208,13 @@ def main() -> None:
         start.write_text('#!/bin/bash\necho "$EPOCHREALTIME" > "$JOBPATH/t0"\n')
         start.chmod(0o755)
         (job / "JOB").write_text(json.dumps({"Todo": ["a", "b"], "Finished": []}))
-        results: dict[int, list[Result]] = {n: [] for n in COUNTS}
+        kinds = [(n, "") for n in COUNTS] + [(n, " granian") for n in COUNTS if GRANIAN]
+        results: dict[str, list[Result]] = {f"{n}{what}": [] for n, what in kinds}
         for run in range(RUNS):
-            order = COUNTS[run % len(COUNTS) :] + COUNTS[: run % len(COUNTS)]
-            for n in order:
-                results[n].append(one(root, n, f"{run}-{n}"))
-                r = results[n][-1]
-                print(f"run {run + 1}, {n} process(es): {r.rate:,.0f} req/s", file=sys.stderr)
+            for n, what in kinds[run % len(kinds) :] + kinds[: run % len(kinds)]:
+                r = one_granian(root, n) if what else one(root, n, f"{run}-{n}")
+                results[f"{n}{what}"].append(r)
+                print(f"run {run + 1}, {n}{what}: {r.rate:,.0f} req/s", file=sys.stderr)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report(results)
