@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -33,8 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import httpx
+from api import wrk
 from live_service import TOKEN, Service, free_port, wait_for
 
 RUNS = int(os.environ.get("BENCH_RUNS", "3"))
@@ -68,25 +69,6 @@ def service_pids(pid: int) -> list[int]:
     return [pid, *map(int, children)]
 
 
-def wrk(url: str) -> tuple[float, float, float, int]:
-    out = subprocess.run(
-        ["wrk", "-t2", "-c8", f"-d{SECONDS}s", "--latency", "-H", f"X-Api-Token: {TOKEN}", url],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
-
-    def ms(label: str) -> float:
-        m = re.search(rf"^\s*{label}\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
-        if m is None:
-            return float("nan")
-        return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
-
-    rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    done = re.search(r"^\s*(\d+) requests in", out, re.M)
-    if "Non-2xx" in out or rate is None or done is None:
-        raise RuntimeError(f"wrk did not get 200s:\n{out}")
-    return float(rate.group(1)), ms("50%"), ms("99%"), int(done.group(1))
-
-
 def pickups(svc: Service, tag: str) -> float:
     """Median ms from sending POST /jobs/{id}/queue (on a connection of its own, so to
     any of the processes) to the first instruction of the job's task."""
@@ -112,7 +94,7 @@ def one(root: Path, processes: int, tag: str) -> Result:
         time.sleep(2.0)  # their imports done, serving
         pids = service_pids(pid)
         before = {pid: cpu_ticks(pid) for pid in pids}
-        rate, p50, p99, done = wrk(f"{svc.url}/jobs/bench")
+        rate, p50, p99, done = wrk(f"{svc.url}/jobs/bench", SECONDS)
         used = {pid: cpu_ticks(pid) - before[pid] for pid in pids}
         pickup = pickups(svc, tag)
     finally:
@@ -155,7 +137,7 @@ def one_granian(root: Path, processes: int) -> Result:
         time.sleep(1.0)
         pids = service_pids(proc.pid)
         before = {pid: cpu_ticks(pid) for pid in pids}
-        rate, p50, p99, done = wrk(f"{url}/jobs/bench")
+        rate, p50, p99, done = wrk(f"{url}/jobs/bench", SECONDS)
         used = {pid: cpu_ticks(pid) - before[pid] for pid in pids}
     finally:
         proc.terminate()
