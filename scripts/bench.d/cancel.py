@@ -8,7 +8,12 @@ round trip of `GET /jobs/{id}` on the same connection: what any request costs. T
 holder learns of a request by looking for the job's `.cancel` every 50 ms, so about
 half of that is expected on top.
 
-Environment: BENCH_RUNS (default 3), BENCH_DIR (default the system temp folder).
+With BENCH_API_PROCESSES=N (N > 1) a third kind of run: one service with
+`--api-processes N`, each request on a connection of its own so that the cancels reach
+every process (an extra process wakes the holder through the main one).
+
+Environment: BENCH_RUNS (default 3), BENCH_DIR (default the system temp folder),
+BENCH_API_PROCESSES (default 1: no third kind). The kinds alternate run by run.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import time
 from pathlib import Path
 
 RUNS = int(os.environ.get("BENCH_RUNS", "3"))
+PROCESSES = int(os.environ.get("BENCH_API_PROCESSES", "1"))
 SAMPLES = 30
 TOKEN = "bench-token-0123456789"
 
@@ -60,8 +66,9 @@ def serve(root: Path, port: int, *args: str) -> subprocess.Popen[bytes]:
     )  # fmt: skip
 
 
-def one_run(base: Path, split: bool) -> tuple[list[float], list[float]]:
-    """Samples of one run; split: the API and the processor in two services."""
+def one_run(base: Path, split: bool, processes: int = 1) -> tuple[list[float], list[float]]:
+    """Samples of one run; split: the API and the processor in two services; processes:
+    --api-processes, with a connection per request."""
     root = Path(tempfile.mkdtemp(dir=base))
     for state in ("data", "queue", "processing", "success", "error", "tasks"):
         (root / state).mkdir()
@@ -73,7 +80,7 @@ def one_run(base: Path, split: bool) -> tuple[list[float], list[float]]:
     procs = (
         [serve(root, port, "--no-processor"), serve(root, free_port(), "--no-api")]
         if split
-        else [serve(root, port)]
+        else [serve(root, port, "--api-processes", str(processes))]
     )
     cancels: list[float] = []
     gets: list[float] = []
@@ -82,12 +89,18 @@ def one_run(base: Path, split: bool) -> tuple[list[float], list[float]]:
         headers = {"X-Api-Token": TOKEN}
 
         def request(method: str, path: str) -> int:
+            nonlocal conn
+            if processes > 1:  # the kernel picks a process per connection
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
             conn.request(method, path, headers=headers)
             r = conn.getresponse()
             r.read()
             return r.status
 
         wait_until(lambda: _answers(port), 20, 0.05)
+        if processes > 1:
+            time.sleep(3.0)  # the extra processes started and serving
         for i in range(SAMPLES):
             name = f"j{i}"
             build = root / "queue" / f".{name}"
@@ -132,8 +145,12 @@ def pct(values: list[float], q: float) -> float:
 def main() -> None:
     base = Path(tempfile.mkdtemp(prefix="batchingest-bench-", dir=os.environ.get("BENCH_DIR")))
     try:
-        one = [one_run(base, split=False) for _ in range(RUNS)]
-        two = [one_run(base, split=True) for _ in range(RUNS)]
+        one, two, many = [], [], []
+        for _ in range(RUNS):
+            one.append(one_run(base, split=False))
+            two.append(one_run(base, split=True))
+            if PROCESSES > 1:
+                many.append(one_run(base, split=False, processes=PROCESSES))
     finally:
         shutil.rmtree(base, ignore_errors=True)
     get50 = statistics.median(pct(g, 0.5) for _, g in one) * 1000
@@ -143,8 +160,11 @@ def main() -> None:
     print()
     print("| cancel latency (POST → task group gone) | p50 | p90 | max | target |")
     print("|---|---|---|---|---|")
-    for what, runs in (("API and processor in one service", one),
-                       ("API in one service, the holder in another", two)):  # fmt: skip
+    kinds = [("API and processor in one service", one),
+             ("API in one service, the holder in another", two)]  # fmt: skip
+    if many:
+        kinds.append((f"one service, {PROCESSES} API processes, a connection per request", many))
+    for what, runs in kinds:
         p50 = statistics.median(pct(c, 0.5) for c, _ in runs) * 1000
         p90 = statistics.median(pct(c, 0.9) for c, _ in runs) * 1000
         hi = max(max(c) for c, _ in runs) * 1000
