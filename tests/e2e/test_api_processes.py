@@ -10,9 +10,11 @@ import json
 import os
 import re
 import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -197,3 +199,64 @@ def test_metrics_add_up_every_process_whichever_answers(root: Path) -> None:
         assert len(pids_of(svc, "/jobs/{id}")) == 30
     # the counters' folder goes with the service
     assert not [p for p in Path("/dev/shm").glob(f"batchingest-control-{svc.proc.pid}-*")]  # type: ignore[union-attr]
+
+
+def stream_events(svc: Service, count: int, ready: threading.Event) -> list[dict[str, Any]]:
+    """The first `count` events of a live stream on a connection of its own."""
+    got: list[dict[str, Any]] = []
+    hdrs = {**HEADERS, "Accept": "text/event-stream"}
+    with (
+        httpx.Client(base_url=svc.url, timeout=30) as c,
+        c.stream("GET", "/events", headers=hdrs) as r,
+    ):
+        assert r.status_code == 200
+        ready.set()
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                got.append(json.loads(line[6:]))
+                if len(got) == count:
+                    break
+    return got
+
+
+def test_live_streams_on_every_process_see_each_others_events(root: Path) -> None:
+    write_task(root / "tasks", "start", "true\n")
+    with Service(root, "--api-processes", "2") as svc:
+        started(svc)
+        streams: list[list[dict[str, Any]]] = [[] for _ in range(6)]
+        readers = []
+        for got in streams:
+            ready = threading.Event()
+            reader = threading.Thread(target=lambda got=got, ready=ready: got.extend(
+                stream_events(svc, 6, ready)))  # fmt: skip
+            reader.start()
+            assert ready.wait(30)
+            readers.append(reader)
+        assert request(svc, "PUT", "/jobs/streamed").status_code == 201
+        assert request(svc, "POST", "/jobs/streamed/queue").status_code == 202
+        for reader in readers:
+            reader.join(30)
+    # (six streams: on both processes but for a 1 in 32 chance; the events come from both)
+    for got in streams:
+        assert [e["code"] for e in got] == ["CREATED", "QUEUED", "CLAIMED", "TASK_STARTED",
+                                            "TASK_SUCCEEDED", "SUCCEEDED"]  # fmt: skip
+
+
+def test_moves_refused_in_the_main_process_are_refused_in_the_extra_one(root: Path) -> None:
+    with Service(root, "--api-processes", "2", "--no-processor") as svc:
+        (extra,) = started(svc)
+        assert request(svc, "PUT", "/jobs/twice").status_code == 201
+        answers: list[int] = []
+
+        def queue_again(i: int) -> None:
+            answers.append(request(svc, "POST", "/jobs/twice/queue").status_code)
+            assert request(svc, "POST", f"/jobs/none-{i}/queue").status_code == 404
+
+        until_served_by(svc, extra, queue_again)
+        queue_again(99)
+        # queued once (202), then found in queue/ already (200) whichever process asked
+        assert answers[0] == 202 and set(answers[1:]) == {200}
+        assert (root / "queue" / "twice").is_dir()
+        cancel = request(svc, "POST", "/jobs/twice/cancel")  # queued: back to data/ at once
+        assert cancel.status_code == 202 and cancel.json()["Status"] == "ready"
+        assert (root / "data" / "twice").is_dir()
