@@ -260,3 +260,20 @@ def test_moves_refused_in_the_main_process_are_refused_in_the_extra_one(root: Pa
         cancel = request(svc, "POST", "/jobs/twice/cancel")  # queued: back to data/ at once
         assert cancel.status_code == 202 and cancel.json()["Status"] == "ready"
         assert (root / "data" / "twice").is_dir()
+
+
+def test_a_port_taken_stops_the_start_and_one_process_logs_as_before(root: Path) -> None:
+    with Service(root, "--api-processes", "2") as first:
+        started(first)
+        second = Service(root.parent / "other", "--api-processes", "2", port=first.port)
+        second.start(wait=False)
+        assert second.proc is not None
+        assert second.proc.wait(30) == 2
+        assert "cannot listen on" in second.log()
+        second.stop()
+    with Service(root) as single:
+        assert request(single, "GET", "/jobs/nothing-here").status_code == 404
+        time.sleep(0.2)
+        line = next(x for x in single.log().splitlines() if "route=/jobs/{id}" in x)
+        assert "pid=" not in line
+        assert extras(single) == []
