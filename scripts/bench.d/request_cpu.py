@@ -36,6 +36,18 @@ store = Store(root)
 store.init()
 job = store.create("job-0001")[0]
 (job.path / "JOB").write_text(json.dumps({"Todo": ["a", "b"], "Finished": []}))
+# a history of six events, as a job has after a run (trees without histories ignore it)
+event = {"code": "QUEUED", "time": "2026-12-01T12:00:00.000Z", "is_error": False,
+         "description": "The job was queued.", "details": {"by": "api"}, "state": "queue"}
+(job.path / ".events").write_text("".join(json.dumps(event) + "\n" for _ in range(6)))
+# the service's log set up as `serve` does (access lines on), written to /dev/null
+try:
+    from batchingest import logs
+except ImportError:
+    logs = None
+if logs is not None and hasattr(logs, "setup"):
+    sys.stderr = open(os.devnull, "w")
+    logs.setup("info")
 os.environ["BATCHINGEST_TOKENS"] = "t"
 app = create_app(Config(root=root, tokens=["t"]), store)
 scope = {"type": "http", "method": "GET", "path": "/jobs/job-0001", "raw_path": b"/jobs/job-0001",
