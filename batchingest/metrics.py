@@ -208,9 +208,25 @@ def staging_request(status: str) -> None:
     STAGING_REQUESTS.labels(status).inc()
 
 
+# The series of each (method, route, status) once looked up: labels() validates and
+# locks on every call, which costs more than the count itself. Bounded like any cache
+# keyed by what clients send (the method).
+_HTTP_SERIES: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+
+
 def http_request(method: str, route: str, status: int, seconds: float) -> None:
-    HTTP_REQUESTS.labels(method, route, str(status)).inc()
-    HTTP_DURATION.labels(method, route).observe(seconds)
+    key = (method, route, status)
+    series = _HTTP_SERIES.get(key)
+    if series is None:
+        if len(_HTTP_SERIES) >= 1000:
+            _HTTP_SERIES.clear()
+        series = (
+            HTTP_REQUESTS.labels(method, route, str(status)),
+            HTTP_DURATION.labels(method, route),
+        )
+        _HTTP_SERIES[key] = series
+    series[0].inc()
+    series[1].observe(seconds)
 
 
 # -- read from disk at scrape time ----------------------------------------------------------
