@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
+import random
 import re
 from typing import Any
 from urllib.parse import unquote
@@ -56,7 +56,8 @@ _HTTP_CODES = {
 
 
 def _new_request_id() -> str:
-    return os.urandom(8).hex()
+    # ids need to be unique, not secret: no system call for them (random reseeds on fork)
+    return f"{random.getrandbits(64):016x}"
 
 
 def error_body(
