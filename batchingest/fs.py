@@ -128,7 +128,8 @@ def split(rel: str) -> list[str]:
     if not rel or rel.startswith("/") or "\x00" in rel:
         raise UnsafePath(errno.EINVAL, "not a relative path", rel)
     try:
-        os.fsencode(rel)
+        if not rel.isascii():  # ASCII always encodes: spare the call on the hot paths
+            os.fsencode(rel)
     except UnicodeEncodeError:  # a lone surrogate: no file can have this name
         raise UnsafePath(errno.EINVAL, "not a valid file name", rel) from None
     parts = rel.split("/")
