@@ -104,6 +104,10 @@ def main() -> None:
     if other:
         ratio = statistics.median(ours) / statistics.median(theirs)
         print(f"\nthis tree / other, medians: {ratio:.2f}x")
+        # each round's pair ran back to back, under much the same load
+        rounds = [a / b for a, b in zip(ours, theirs, strict=True)]
+        spread = f"{min(rounds):.2f} / {statistics.median(rounds):.2f} / {max(rounds):.2f}"
+        print(f"this tree / other, round by round (min / median / max): {spread}")
 
 
 if __name__ == "__main__":
