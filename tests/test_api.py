@@ -500,6 +500,12 @@ def test_job_info_has_created_and_modified(api: tuple[ASGIApp, Store], root: Pat
     # the listing shows the same times
     listed = call(app, "GET", "/jobs?fields=Name,Created,Modified").json()
     assert listed == [{"Name": "j", "Created": moved["Created"], "Modified": moved["Modified"]}]
+    shown = call(app, "GET", "/jobs/j").json()
+    assert (shown["Created"], shown["Modified"]) == (moved["Created"], moved["Modified"])
+    time.sleep(0.05)
+    (root / "queue" / "j" / "new-file").write_bytes(b"")  # an entry added: a new ctime
+    again = call(app, "GET", "/jobs/j").json()
+    assert _stamp(again["Modified"]) >= _stamp(moved["Modified"]) + 0.04
 
 
 def test_list_without_queries_is_unchanged(api: tuple[ASGIApp, Store]) -> None:

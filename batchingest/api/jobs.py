@@ -82,7 +82,7 @@ def folder_info_json(name: str, state: str, job_fd: int) -> bytes:
     before are taken as they were encoded then (_task_lists). Anything else goes the
     long way, through folder_info.
     """
-    times = filetimes.job_times(job_fd)
+    times = filetimes.shown_times(job_fd)
     count = events.count(job_fd)
     try:
         raw = fs.read_file(job_fd, jobfile.JOB_FILE, jobfile.JOB_LIMIT)
@@ -92,7 +92,7 @@ def folder_info_json(name: str, state: str, job_fd: int) -> bytes:
         tasks = _task_lists(raw)
     if tasks is None:
         return json_dumps(folder_info(name, state, job_fd))
-    created, modified = _json_text(times["Created"]), _json_text(times["Modified"])
+    created, modified = _json_text(times[0]), _json_text(times[1])
     status = STATUS_OF_STATE[state]
     head = f'{{"Name":"{name}","Status":"{status}","Created":{created},"Modified":{modified}'
     return b'%s,"Events":%d,%s}\n' % (head.encode(), count, tasks)
