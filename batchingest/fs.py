@@ -7,7 +7,8 @@ it, and every open here
 
 - resolves beneath that directory and never follows a symbolic link: `openat2` with
   RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS where the kernel has it (Linux 5.6+), else one
-  `openat(O_NOFOLLOW)` per path component, which refuses the same things;
+  `openat(O_NOFOLLOW)` per path component, which refuses the same things (a single
+  name is always opened that second way: for one component it is the same check);
 - opens with O_NONBLOCK and checks with `fstat` that it got a regular file (or a
   folder) before reading, so a FIFO or a device can neither hang a thread nor be read;
   `open_regular` (and so every read and append) refuses a FIFO or a device from its
