@@ -209,12 +209,18 @@ def staging_request(status: str) -> None:
 
 
 # The series of each (method, route, status) once looked up: labels() validates and
-# locks on every call, which costs more than the count itself. Bounded like any cache
-# keyed by what clients send (the method).
+# locks on every call, which costs more than the count itself. A method is whatever a
+# client sends, so any word outside HTTP's own is counted as OTHER: a client must not
+# be able to make series without end.
 _HTTP_SERIES: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+HTTP_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"}
+)
 
 
 def http_request(method: str, route: str, status: int, seconds: float) -> None:
+    if method not in HTTP_METHODS:
+        method = "OTHER"
     key = (method, route, status)
     series = _HTTP_SERIES.get(key)
     if series is None:
