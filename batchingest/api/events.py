@@ -19,8 +19,10 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
 from batchingest import events, fs
+from batchingest.api import models, openapi
 from batchingest.api.errors import ApiError
 from batchingest.api.jobs import json_response
+from batchingest.api.openapi import Op, param
 from batchingest.api.paths import job_name
 from batchingest.config import Config
 from batchingest.store import Job, JobBusy, Store
@@ -101,9 +103,9 @@ def routes(cfg: Config, store: Store) -> list[BaseRoute]:
     async def all_events(request: Request) -> Response:
         accept = request.headers.get("accept", "")
         after = _cursor(request.query_params.get("after"))
+        resume = _cursor(request.headers.get("last-event-id"))  # 400 if malformed, always
         if "text/event-stream" in accept:
-            resume = _cursor(request.headers.get("last-event-id")) or after
-            return _stream(feed(), resume)
+            return _stream(feed(), resume or after)
         limit = _number(request, "limit", DEFAULT_LIMIT, MAX_LIMIT)
         try:
             page, more = feed().read(after, limit)
@@ -150,21 +152,31 @@ def _stream(feed: events.Feed, resume: events.Cursor | None) -> Response:
     return StreamingResponse(lines(), media_type="text/event-stream", headers=headers)
 
 
-OPENAPI_PATHS: dict[str, Any] = {
-    "/jobs/{id}/events": {
-        "get": {
-            "summary": "The job's history, oldest first: event_list with total, offset, "
-            "limit (default 100, at most 1000)",
-            "tags": ["events"],
-            "responses": {"200": {"description": "event_list"}},
-        }
-    },
-    "/events": {
-        "get": {
-            "summary": "Every job's events after a cursor (after=, limit=); with Accept: "
-            "text/event-stream, a stream of server-sent events (Last-Event-ID resumes)",
-            "tags": ["events"],
-            "responses": {"200": {"description": "event_list with next_cursor"}},
-        }
+_LIMIT = param(
+    "limit",
+    "query",
+    f"at most this many (default {DEFAULT_LIMIT})",
+    {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT},
+)
+_CURSOR = {"type": "string", "pattern": r"^([0-9a-f]{20})?$"}
+_FEED = {
+    "description": "event_list with next_cursor; with Accept: text/event-stream, server-sent "
+    "events whose id: is the cursor",
+    "content": {
+        "application/json": {"schema": models.ref(models.FeedEventList)},
+        "text/event-stream": {"schema": {"type": "string"}},
     },
 }
+OPS = (
+    Op("get", "/jobs/{id}/events", "getJobEvents", "events", "the job's history, oldest first",
+       {"200": models.JobEventList}, ("InvalidName", "InvalidPath", "InvalidParameter",
+                                      "JobNotFound", "JobBusy"),
+       (openapi.JOB_ID, _LIMIT, param("offset", "query", "skip this many events first",
+                                      {"type": "integer", "minimum": 0, "maximum": 999_999_999}))),
+    Op("get", "/events", "getEvents", "events",
+       "every job's events after a cursor (from the start without one)", {"200": _FEED},
+       ("InvalidParameter", "InvalidCursor"),
+       (param("after", "query", "the cursor of the last event seen", _CURSOR), _LIMIT,
+        param("Last-Event-ID", "header", "a stream's cursor to resume from", _CURSOR))),
+)  # fmt: skip
+OPENAPI_PATHS = openapi.paths(OPS)
