@@ -261,14 +261,14 @@ def decode(model: type[T], body: bytes, code: str = "InvalidRequest") -> T:
     except msgspec.ValidationError as e:
         if "got `float`" not in str(e):
             raise ApiError(400, code, f"request body: {e}") from None
+    except msgspec.DecodeError as e:
+        raise ApiError(400, code, f"request body is not valid JSON: {e}") from None
     # JSON Schema counts 5.0 as an integer, so the server does too (and nothing else:
     # msgspec's lax mode would also take "5")
     try:
         return msgspec.convert(_integral(msgspec.json.decode(body)), type=model)
     except msgspec.ValidationError as e:
         raise ApiError(400, code, f"request body: {e}") from None
-    except msgspec.DecodeError as e:
-        raise ApiError(400, code, f"request body is not valid JSON: {e}") from None
 
 
 def _integral(node: Any) -> Any:

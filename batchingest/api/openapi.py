@@ -463,8 +463,8 @@ def spec(
     found.update(extra_paths or {})
     for path, ops in found.items():
         _complete(path, ops)
-        # Starlette answers HEAD wherever it answers GET (the Globus API has none of its own)
-        if "get" in ops and "head" not in ops and not path.startswith("/globus/"):
+        # Starlette answers HEAD wherever it answers GET
+        if "get" in ops and "head" not in ops:
             ops["head"] = head_of(ops["get"])
     schemas = models.schemas(*extra_models)
     schemas["Error"]["properties"]["code"]["enum"] = sorted(ERRORS)

@@ -15,6 +15,7 @@ COMPLETE, DELETED (deleted by its client: still answered by id, no longer listed
 from __future__ import annotations
 
 import os
+import re
 import stat
 import time
 import uuid
@@ -244,7 +245,9 @@ class StaccatoApi:
         if after:
             names = [name for _, name, _ in rows]
             if after not in names:
-                raise ApiError(404, "TransferNotFound", f"next: no transfer {after[:100]!r}")
+                if not re.fullmatch(models.UUID_PATTERN, after):
+                    raise bad(f"next: not a transfer id: {after[:100]!r}")
+                raise ApiError(404, "TransferNotFound", f"next: no transfer {after}")
             start = names.index(after) + 1
         docs: list[models.Transfer] = []
         for _, name, req in rows[start:]:
@@ -278,7 +281,7 @@ _LIST = (
     param("limit", "query", "at most this many (default 100)",
           {"type": "integer", "minimum": 1, "maximum": LIST_LIMIT}),
     param("next", "query", "the id of the last transfer of the page before",
-          {"type": "string", "pattern": models.UUID_PATTERN}),
+          {"type": "string", "pattern": f"^({models.UUID_PATTERN[1:-1]})?$"}),
 )  # fmt: skip
 _LISTED = {
     **answer({"type": "array", "items": models.ref(models.Transfer)}, "transfers"),
@@ -287,7 +290,7 @@ _LISTED = {
 OPS = (
     Op("get", "/v1/transfers", "listTransfers", "staccato",
        "transfers in creation order, deleted ones left out", {"200": _LISTED},
-       ("InvalidRequest", *_CONFIG), _LIST),
+       ("InvalidRequest", "TransferNotFound", *_CONFIG), _LIST),
     Op("post", "/v1/transfers", "createTransfer", "staccato",
        "copy a byte range between file:// URLs in endpoint folders, as a job",
        {"201": with_links(models.Transfer, "created", _BY_ID)},

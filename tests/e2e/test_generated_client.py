@@ -67,7 +67,10 @@ def api(name: str) -> Any:
 
 def test_generated_client_runs_a_job(root: Path, client_package: Path) -> None:
     write_task(root / "tasks", "shout", "tr a-z A-Z < in.txt > out.txt\n")
-    with Service(root) as svc:
+    folder = root.parent / "endpoint"
+    folder.mkdir()
+    (folder / "source.bin").write_bytes(bytes(range(256)) * 64)
+    with Service(root, f"--endpoint=data={folder}") as svc:
         output = generate(svc.url, client_package)
         assert "warning" not in output.lower(), output
         assert "error" not in output.lower(), output
@@ -130,3 +133,37 @@ def test_generated_client_runs_a_job(root: Path, client_package: Path) -> None:
         missing = api("jobs.get_job").sync_detailed("shouting", client=client)
         assert missing.status_code == 404 and isinstance(missing.parsed, models.Error)
         assert missing.parsed.code == models.ErrorCode.JOBNOTFOUND
+        transfer_and_read_its_history(client, models, folder)
+
+
+def transfer_and_read_its_history(client: Any, models: Any, folder: Path) -> None:
+    """A Staccato transfer made, followed and found in the history, all typed."""
+    asked = models.TransferRequest(
+        source_url=f"file://{folder}/source.bin",
+        destination_url=f"file://{folder}/copy.bin",
+        start_offset=256,
+        end_offset=1024,
+    )
+    made = api("staccato.create_transfer").sync_detailed(client=client, body=asked)
+    assert made.status_code == 201 and isinstance(made.parsed, models.Transfer), made.content
+    deadline = time.monotonic() + 60
+    doc = made.parsed
+    while doc.state != models.TransferState.STATE_COMPLETE:
+        assert doc.state not in (models.TransferState.STATE_ERROR,), doc
+        assert time.monotonic() < deadline, doc
+        time.sleep(0.1)
+        doc = api("staccato.get_transfer").sync(doc.id, client=client)
+    assert doc.progress == 768
+    assert (folder / "copy.bin").read_bytes()[256:1024] == (folder / "source.bin").read_bytes()[
+        256:1024
+    ]
+    history = api("events.get_job_events").sync(doc.id, client=client, limit=100)
+    assert isinstance(history, models.JobEventList) and history.total == len(history.data)
+    codes = [e.code for e in history.data]
+    assert codes[0] == "CREATED" and "SUCCEEDED" in codes, codes
+    outside = models.TransferRequest(
+        source_url="file:///etc/passwd", destination_url=asked.destination_url
+    )
+    refused = api("staccato.create_transfer").sync_detailed(client=client, body=outside)
+    assert refused.status_code == 403 and isinstance(refused.parsed, models.Error)
+    assert refused.parsed.code == models.ErrorCode.OUTSIDEENDPOINTS

@@ -28,7 +28,9 @@ from batchingest.store import Store
 
 log = logging.getLogger("batchingest.api.globus")
 Handler = Callable[[Request], Awaitable[Response]]
-_ALL_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+# OPTIONS too: on a served path the fallback's 405 lists every method served there,
+# where Starlette's own would list only those of the first route of the path
+_ALL_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 
 def error(request: Request, exc: ApiError) -> Response:

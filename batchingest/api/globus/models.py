@@ -26,7 +26,10 @@ _NAME = rf"([^/\\\x00.]{_C}{{0,254}}|{_DOTS})"
 _FIRST = rf"([^/\\\x00.~]{_C}{{0,254}}|{_DOTS})"  # unprefixed, '~x' would be a user's home
 PATH_PATTERN = rf"^(|~|/~|(/~/|~/|/)({_NAME}(/{_NAME})*/?)?|{_FIRST}(/{_NAME})*/?)$"
 # the same without the endpoint folder itself ('', '/', '~', ...): what can be renamed or deleted
-SUBPATH_PATTERN = rf"^((/~/|~/|/){_NAME}(/{_NAME})*/?|{_FIRST}(/{_NAME})*/?)$"
+_NOT_HOME = rf"([^/\\\x00.~]{_C}{{0,254}}|~{_C}{{1,254}}|{_DOTS})"  # '/~' is the folder
+SUBPATH_PATTERN = (
+    rf"^((/~/|~/){_NAME}(/{_NAME})*/?|/{_NOT_HOME}(/{_NAME})*/?|{_FIRST}(/{_NAME})*/?)$"
+)
 Subpath = Annotated[
     str,
     Meta(

@@ -1,0 +1,143 @@
+"""The typed documents (api/models.py, api/globus/models.py): their patterns are the
+server's rules, the documents the server builds are what they say, and a Globus path
+served with other methods answers 405 listing them all."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from test_api import assert_error, call, make_app
+
+from batchingest import endpoints
+from batchingest.api import models, staccato
+from batchingest.api.errors import ApiError
+from batchingest.api.globus import documents
+from batchingest.api.globus import models as globus_models
+from batchingest.endpoints import Endpoint, Item, PathError
+
+
+def matches(pattern: str, text: str) -> bool:
+    # JSON Schema's (ECMA 262) '$' is the end of the string, Python's \Z
+    assert pattern.endswith("$")
+    return re.search(pattern[:-1] + r"\Z", text) is not None
+
+
+GLOBUS_PATHS = ["", "/", "~", "~/", "/~", "/~/", "a", "/a/b/", "~x", "/~x", "a/~", "/~/~",
+                "//", "a//b", "./a", "a/..", "/..a", "/.a", ".", "..", "a\\b", "a\x00", "x" * 255,
+                "x" * 256, "/a/" + "y" * 255, "~/a", "/~/a/b/", " ", "/ /", "a/./b"]  # fmt: skip
+
+
+@pytest.mark.parametrize("raw", GLOBUS_PATHS)
+def test_globus_path_patterns_are_what_the_server_enforces(raw: str) -> None:
+    try:
+        parts: list[str] | None = endpoints.split_path(raw)
+    except PathError:
+        parts = None
+    assert matches(globus_models.PATH_PATTERN, raw) == (parts is not None)
+    # what can be renamed or deleted: a path below the endpoint folder
+    assert matches(globus_models.SUBPATH_PATTERN, raw) == bool(parts)
+
+
+@pytest.mark.parametrize(
+    ("url", "ok"),
+    [
+        ("file:///a/b.txt", True),
+        ("FILE://localhost/a/%C3%A9", True),
+        ("file:///a/%2e%2e/x", True),  # well-formed: refused as outside (403), not as malformed
+        ("file:///a/", True),
+        ("file:///a//b", False),
+        ("file:///a/%00", False),
+        ("file:///a/%2F", False),
+        ("file:///a/%C3", False),  # half a UTF-8 character
+        ("file:///a/%ED%A0%80", False),  # a surrogate
+        ("file:relative/x", False),
+        ("file://otherhost/a", False),
+        ("http://example.org/a", False),
+        ("file:///a?b", False),
+        ("file:///", False),
+    ],
+)
+def test_file_url_pattern_is_what_staccato_reads(url: str, ok: bool) -> None:
+    assert matches(models.FILE_URL_PATTERN, url) == ok
+    if ok:  # the server then reads it as a path without complaint
+        assert staccato.file_path(url, "source_url").startswith("/")
+
+
+def test_integral_numbers_are_integers_and_nothing_else_is() -> None:
+    body = b'{"source_url": "file:///a/b", "destination_url": "file:///a/c", "end_offset": 10.0}'
+    assert models.decode(models.TransferRequest, body).end_offset == 10
+    for bad in (b"10.5", b'"10"', b"true", b"-2"):
+        with pytest.raises(ApiError) as refused:
+            models.decode(models.TransferRequest, body.replace(b"10.0", bad))
+        assert refused.value.status == 400 and "end_offset" in refused.value.message
+    for broken in (b"", b"{", b"[]"):
+        with pytest.raises(ApiError) as refused:
+            models.decode(models.TransferRequest, broken, "ClientError.BadRequest")
+        assert (refused.value.status, refused.value.code) == (400, "ClientError.BadRequest")
+
+
+def test_globus_documents_are_their_models(tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(b"x")
+    (tmp_path / "l").symlink_to("f")
+    ep = Endpoint("e", tmp_path)
+    msgspec.convert(documents.endpoint_doc(ep), globus_models.Endpoint, strict=True)
+    for name in ("f", "l"):
+        item = Item(name, os.lstat(tmp_path / name), "f" if name == "l" else None)
+        doc: dict[str, Any] = documents.file_doc(item)
+        assert msgspec.convert(doc, globus_models.File, strict=True).name == name
+    # a document cut down by fields= is still one
+    cut = documents.select_fields(documents.endpoint_doc(ep), ["id"])
+    assert msgspec.convert(cut, globus_models.Endpoint).display_name is msgspec.UNSET
+
+
+def test_globus_405_lists_every_method_before_any_501(root: Path, tmp_path: Path) -> None:
+    app, _ = make_app(root, endpoints=[("e", tmp_path)])
+    at = "/globus/v0.10/endpoint/e"
+    for method in ("POST", "PATCH", "OPTIONS"):
+        reply = call(app, method, at)
+        assert_error(reply, 405, "ClientError.MethodNotAllowed")
+        assert reply.headers["allow"] == "DELETE, GET, HEAD, PUT"
+    # updating or deleting an endpoint is Globus's own operation, not served here
+    for method in ("PUT", "DELETE"):
+        assert_error(call(app, method, at), 501, "NotImplemented")
+    assert_error(call(app, "POST", "/globus/v0.10/bookmark_list"), 501, "NotImplemented")
+    assert_error(call(app, "GET", "/globus/v0.10/nothing"), 404, "ClientError.NotFound")
+
+
+def test_submissions_are_checked_by_their_models(root: Path, tmp_path: Path) -> None:
+    endpoint = tmp_path / "endpoint"
+    endpoint.mkdir()
+    app, _ = make_app(root, endpoints=[("e", endpoint)])
+    for path, body, where in [
+        ("/globus/v0.10/transfer", b"", "not valid JSON"),
+        ("/globus/v0.10/transfer", b'{"DATA_TYPE": "delete"}', "DATA_TYPE"),
+        ("/globus/v0.10/delete",
+         b'{"submission_id": "s", "endpoint": "e", "DATA": [{"path": "/"}]}', "$.DATA[0].path"),
+        ("/globus/v0.10/operation/endpoint/e/rename",
+         b'{"old_path": "", "new_path": "/b"}', "$.old_path"),
+        ("/globus/v0.10/operation/endpoint/e/mkdir", b'{"path": "a", "local_user": "u"}',
+         "$.local_user"),
+    ]:  # fmt: skip
+        reply = call(app, "POST", path, body)
+        assert where in assert_error(reply, 400, "ClientError.BadRequest")["message"], reply.body
+    assert not os.listdir(endpoint)
+
+
+def test_feed_refuses_a_malformed_last_event_id(root: Path) -> None:
+    app, _ = make_app(root)
+    reply = call(app, "GET", "/events", headers={"Last-Event-ID": "nope"})
+    assert_error(reply, 400, "InvalidCursor")
+    assert call(app, "GET", "/events").status == 200
+
+
+def test_endpoint_search_refuses_an_empty_scope(root: Path, tmp_path: Path) -> None:
+    app, _ = make_app(root, endpoints=[("e", tmp_path)])
+    reply = call(app, "GET", "/globus/v0.10/endpoint_search?filter_scope=")
+    assert_error(reply, 400, "ClientError.BadRequest")
+    found = call(app, "GET", "/globus/v0.10/endpoint_search").json()
+    assert [d["name"] for d in found["DATA"]] == ["e"]
