@@ -141,3 +141,22 @@ def test_endpoint_search_refuses_an_empty_scope(root: Path, tmp_path: Path) -> N
     assert_error(reply, 400, "ClientError.BadRequest")
     found = call(app, "GET", "/globus/v0.10/endpoint_search").json()
     assert [d["name"] for d in found["DATA"]] == ["e"]
+
+
+def test_an_empty_number_is_not_a_number(root: Path, tmp_path: Path) -> None:
+    """An integer parameter given empty is a 400, as the spec's integer type says; left
+    out, it has its default."""
+    endpoint = tmp_path / "endpoint"
+    endpoint.mkdir()
+    app, _ = make_app(root, endpoints=[("e", endpoint)])
+    for path, code in [
+        ("/jobs?offset=", "InvalidParameter"),
+        ("/jobs?limit=", "InvalidParameter"),
+        ("/events?limit=", "InvalidParameter"),
+        ("/globus/v0.10/operation/endpoint/e/ls?limit=", "ClientError.BadRequest"),
+        ("/globus/v0.10/operation/endpoint/e/ls?show_hidden=", "ClientError.BadRequest"),
+        ("/globus/v0.10/task_list?offset=", "ClientError.BadRequest"),
+        ("/v1/transfers?limit=", "InvalidRequest"),
+    ]:
+        assert_error(call(app, "GET", path), 400, code)
+        assert call(app, "GET", path.split("?")[0]).status == 200, path

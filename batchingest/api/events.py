@@ -36,7 +36,7 @@ STREAM_KEEPALIVE = 15.0
 
 def _number(request: Request, key: str, default: int, most: int | None = None) -> int:
     raw = request.query_params.get(key)
-    if raw is None or raw == "":
+    if raw is None:  # given empty, it is not a number: 400, as the spec's integer says
         return default
     if not raw.isdigit() or len(raw) > 9:
         raise ApiError(400, "InvalidParameter", f"{key} must be a whole number, not {raw[:50]!r}")

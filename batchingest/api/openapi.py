@@ -1,16 +1,17 @@
 """The OpenAPI 3.1 description served at `/openapi.json`.
 
-The operations are written here (the routes are plain functions); the documents come
-from the typed models of batchingest.api.models, the same ones that validate request
-bodies, and the name and path patterns are the ones the server enforces. A test checks
-that every route of the app appears here, so the two cannot drift apart unnoticed.
+Operations are rows of tables (`Op`): the job, file, service and staging ones here, the
+others beside their routes (api/globus/spec.py, api/staccato.py, api/events.py), each
+module's `paths(OPS)` given to `spec()` as `extra_paths`. The documents come from the
+typed models of batchingest.api.models (and api/globus/models.py), the same ones that
+decode request bodies, and the name and path patterns are the ones the server enforces.
+A test checks that every route of the app appears here, so the two cannot drift apart.
 
-Adding an operation: `operation("getThing", "tag", "summary", params=[...],
-responses={"200": json_body(models.ref(Thing), "the thing")}, errors=("ThingNotFound",))`
-under its path in the `extra_paths` given to `spec()`; put its documents in models.py
-(a msgspec.Struct, listed in `models.MODELS` or passed to `spec(extra_models=...)`) and
-its error codes in `ERRORS`. 401 is added unless the operation is public, and any
-operation lacking an operationId or tags gets one derived from its method and path.
+Adding an operation: a row `Op("get", "/things/{id}", "getThing", "tag", "summary",
+{"200": Thing}, errors=("ThingNotFound",), params=(...))` in its module's table; its
+documents in a models module (a msgspec.Struct: `ref()` puts it in the components), its
+error codes in `ERRORS`. 401 is added unless the operation is public, 500 always, and
+HEAD beside every GET.
 """
 
 from __future__ import annotations

@@ -226,7 +226,7 @@ class StaccatoApi:
 
     async def listing(self, request: Request) -> Response:
         self.configured()
-        raw = request.query_params.get("limit") or "100"
+        raw = request.query_params.get("limit", "100")
         if not raw.isdigit() or not 1 <= int(raw) <= LIST_LIMIT:
             raise bad(f"limit must be from 1 to {LIST_LIMIT}")
         after = request.query_params.get("next") or ""

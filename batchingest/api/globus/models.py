@@ -9,7 +9,8 @@ as Globus does: the SDK sends many this service has no use for.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import re
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
@@ -78,16 +79,22 @@ Label = Annotated[str, Meta(min_length=1, max_length=128)]
 SyncLevel = Annotated[int, Meta(ge=0, le=3)] | Literal["exists", "size", "mtime", "checksum"]
 
 
-class TransferSubmission(msgspec.Struct, omit_defaults=True):
-    """POST /transfer: copy items from one endpoint to another, as a job."""
+class Submission(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """What every task submission has: its id (a second submission with the same id finds
+    the first task), a label and a deadline."""
 
     submission_id: Text
+    label: Label | None = None
+    deadline: Deadline | None = None
+
+
+class TransferSubmission(Submission, kw_only=True):
+    """POST /transfer: copy items from one endpoint to another, as a job."""
+
+    DATA_TYPE: Literal["transfer"] = "transfer"
     source_endpoint: Text
     destination_endpoint: Text
     DATA: Annotated[list[TransferItem], Meta(min_length=1, max_length=MAX_ITEMS)]
-    DATA_TYPE: Literal["transfer"] = "transfer"
-    label: Label | None = None
-    deadline: Deadline | None = None
     sync_level: SyncLevel | None = None
     verify_checksum: bool | None = None
     preserve_timestamp: bool | None = None
@@ -95,15 +102,12 @@ class TransferSubmission(msgspec.Struct, omit_defaults=True):
     encrypt_data: Annotated[bool | None, Meta(description="true: 501, not served")] = None
 
 
-class DeleteSubmission(msgspec.Struct, omit_defaults=True):
+class DeleteSubmission(Submission, kw_only=True):
     """POST /delete: remove paths on an endpoint, as a job."""
 
-    submission_id: Text
+    DATA_TYPE: Literal["delete"] = "delete"
     endpoint: Text
     DATA: Annotated[list[DeleteItem], Meta(min_length=1, max_length=MAX_ITEMS)]
-    DATA_TYPE: Literal["delete"] = "delete"
-    label: Label | None = None
-    deadline: Deadline | None = None
     recursive: bool | None = None
     ignore_missing: bool | None = None
 
@@ -171,110 +175,60 @@ class ActivationRequirements(msgspec.Struct):
     oauth_server: None
 
 
-OptText = str | Unset | None
-OptBool = bool | Unset | None
-OptInt = int | Unset | None
+def _fields(by_type: dict[Any, str]) -> list[tuple[str, Any]]:
+    """(name, type) pairs from a table of types and the names of that type."""
+    return [(name, kind) for kind, names in by_type.items() for name in names.split()]
 
 
-class Endpoint(msgspec.Struct, omit_defaults=True):
-    """An endpoint: a folder on this machine, always active, never shared."""
-
-    DATA_TYPE: Literal["endpoint"]
-    DATA: list[None] | Unset = UNSET
-    id: str | Unset = UNSET
-    name: str | Unset = UNSET
-    display_name: str | Unset = UNSET
-    canonical_name: str | Unset = UNSET
-    username: str | Unset = UNSET
-    owner_string: str | Unset = UNSET
-    description: str | Unset = UNSET
-    entity_type: str | Unset = UNSET
-    read_only: bool | Unset = UNSET
-    default_directory: str | Unset = UNSET
-    activated: bool | Unset = UNSET
-    expires_in: int | Unset = UNSET
-    expire_time: OptText = UNSET
-    is_globus_connect: OptBool = UNSET
-    is_go_storage: OptBool = UNSET
-    gcp_connected: OptBool = UNSET
-    gcp_paused: OptBool = UNSET
-    globus_connect_setup_key: OptText = UNSET
-    host_endpoint: OptText = UNSET
-    host_endpoint_display_name: OptText = UNSET
-    host_endpoint_id: OptText = UNSET
-    host_path: OptText = UNSET
-    sharing_target_endpoint: OptText = UNSET
-    sharing_target_root_path: OptText = UNSET
-    shareable: OptBool = UNSET
-    public: OptBool = UNSET
-    acl_available: OptBool = UNSET
-    acl_editable: OptBool = UNSET
-    force_encryption: OptBool = UNSET
-    disable_verify: OptBool = UNSET
-    in_use: OptBool = UNSET
-    non_functional: OptBool = UNSET
-    my_effective_roles: list[str] | Unset = UNSET
-    network_use: OptText = UNSET
-    max_concurrency: OptInt = UNSET
-    max_parallelism: OptInt = UNSET
-    preferred_concurrency: OptInt = UNSET
-    preferred_parallelism: OptInt = UNSET
-    location: OptText = UNSET
-    organization: OptText = UNSET
-    department: OptText = UNSET
-    keywords: OptText = UNSET
-    contact_email: OptText = UNSET
-    contact_info: OptText = UNSET
-    info_link: OptText = UNSET
-    myproxy_dn: OptText = UNSET
-    myproxy_server: OptText = UNSET
-    oauth_server: OptText = UNSET
-    s3_owner_activated: OptBool = UNSET
-    s3_url: OptText = UNSET
-    subscription_id: OptText = UNSET
+def _document(
+    name: str, doc: str, fields: list[tuple[str, Any]], optional: bool, data_type: str = ""
+) -> Any:
+    """A Globus document: DATA_TYPE (its name in snake case unless told), then its fields;
+    every one optional (may be left out) in a document that `fields=` cuts down."""
+    data_type = data_type or re.sub(r"(?<!^)([A-Z])", r"_\1", name).lower()
+    typed = [(n, t | Unset, UNSET) if optional else (n, t) for n, t in fields]
+    return msgspec.defstruct(
+        name,
+        [("DATA_TYPE", Literal.__getitem__(data_type)), *typed],
+        omit_defaults=True,
+        module=__name__,
+        namespace={"__doc__": doc},
+    )
 
 
-class EndpointList(msgspec.Struct):
-    DATA_TYPE: Literal["endpoint_list"]
-    DATA: list[Endpoint]
-    offset: int
-    limit: int
-    has_next_page: bool
+def _page(name: str, item: Any, ints: str, **more: Any) -> Any:
+    """A list document: DATA, the items, and its paging fields (integers, and more)."""
+    fields = [("DATA", list[item]), *_fields({int: ints}), *more.items()]
+    return _document(name, f"A page of {item.__name__} documents.", fields, optional=False)
 
 
-class File(msgspec.Struct, omit_defaults=True):
-    """A file, folder or link (never followed: a link is an invalid_symlink)."""
-
-    DATA_TYPE: Literal["file"]
-    name: str | Unset = UNSET
-    type: Literal["file", "dir", "invalid_symlink"] | Unset = UNSET
-    size: int | Unset = UNSET
-    last_modified: OptText = UNSET
-    permissions: str | Unset = UNSET
-    user: str | Unset = UNSET
-    group: str | Unset = UNSET
-    link_target: OptText = UNSET
-    link_size: OptInt = UNSET
-    link_last_modified: OptText = UNSET
-    link_user: OptText = UNSET
-    link_group: OptText = UNSET
-
-
-class FileList(msgspec.Struct):
-    DATA_TYPE: Literal["file_list"]
-    DATA: list[File]
-    path: str
-    absolute_path: str
-    endpoint: str
-    rename_supported: bool
-    symlink_supported: bool
-    length: int
-    total: int
-    offset: int
-    limit: int
-
-
-TaskStatus = Literal["ACTIVE", "INACTIVE", "SUCCEEDED", "FAILED"]
+_ENDPOINT_FIELDS = _fields({
+    str: "id name display_name canonical_name username owner_string description "
+    "entity_type default_directory",
+    bool: "read_only activated",
+    int: "expires_in",
+    list[None]: "DATA",
+    list[str]: "my_effective_roles",
+    bool | None: "is_globus_connect is_go_storage gcp_connected gcp_paused shareable public "
+    "acl_available acl_editable force_encryption disable_verify in_use non_functional "
+    "s3_owner_activated",
+    int | None: "max_concurrency max_parallelism preferred_concurrency preferred_parallelism",
+    str | None: "expire_time globus_connect_setup_key host_endpoint host_endpoint_display_name "
+    "host_endpoint_id host_path sharing_target_endpoint sharing_target_root_path network_use "
+    "location organization department keywords contact_email contact_info info_link "
+    "myproxy_dn myproxy_server oauth_server s3_url subscription_id",
+})  # fmt: skip
+Endpoint = _document("Endpoint", "An endpoint: a folder on this machine, always active, "
+                     "never shared.", _ENDPOINT_FIELDS, optional=True)  # fmt: skip
+_FILE_FIELDS = _fields({
+    str: "name permissions user group",
+    Literal["file", "dir", "invalid_symlink"]: "type",
+    int: "size",
+    int | None: "link_size",
+    str | None: "last_modified link_target link_last_modified link_user link_group",
+})  # fmt: skip
+File = _document("File", "A file, folder or link (never followed: a link is an "
+                 "invalid_symlink).", _FILE_FIELDS, optional=True)  # fmt: skip
 
 
 class FatalError(msgspec.Struct):
@@ -282,61 +236,34 @@ class FatalError(msgspec.Struct):
     description: str
 
 
-class Task(msgspec.Struct, omit_defaults=True):
-    """A transfer or delete task: a job of this service."""
-
-    DATA_TYPE: Literal["task"]
-    task_id: str | Unset = UNSET
-    type: Literal["TRANSFER", "DELETE"] | Unset = UNSET
-    status: TaskStatus | Unset = UNSET
-    label: OptText = UNSET
-    request_time: OptText = UNSET
-    completion_time: OptText = UNSET
-    deadline: OptText = UNSET
-    source_endpoint_id: OptText = UNSET
-    source_endpoint_display_name: OptText = UNSET
-    destination_endpoint_id: OptText = UNSET
-    destination_endpoint_display_name: OptText = UNSET
-    subtasks_total: int | Unset = UNSET
-    subtasks_succeeded: int | Unset = UNSET
-    subtasks_failed: int | Unset = UNSET
-    subtasks_pending: int | Unset = UNSET
-    subtasks_canceled: int | Unset = UNSET
-    subtasks_retrying: int | Unset = UNSET
-    subtasks_expired: int | Unset = UNSET
-    subtasks_skipped_errors: int | Unset = UNSET
-    sync_level: OptInt = UNSET
-    verify_checksum: bool | Unset = UNSET
-    preserve_timestamp: bool | Unset = UNSET
-    delete_destination_extra: bool | Unset = UNSET
-    encrypt_data: bool | Unset = UNSET
-    recursive_symlinks: str | Unset = UNSET
-    fatal_error: FatalError | Unset | None = UNSET
-    nice_status: OptText = UNSET
-    nice_status_short_description: OptText = UNSET
-    is_paused: bool | Unset = UNSET
-    is_ok: OptBool = UNSET
-    canceled_by_admin: OptText = UNSET
-    history_deleted: bool | Unset = UNSET
-    faults: int | Unset = UNSET
-    owner_id: OptText = UNSET
-    username: str | Unset = UNSET
-    effective_bytes_per_second: int | Unset = UNSET
-    files: int | Unset = UNSET
-    directories: int | Unset = UNSET
-    files_skipped: int | Unset = UNSET
-    files_transferred: int | Unset = UNSET
-    bytes_transferred: int | Unset = UNSET
-    bytes_checksummed: int | Unset = UNSET
-
-
-class TaskList(msgspec.Struct):
-    DATA_TYPE: Literal["task_list"]
-    DATA: list[Task]
-    length: int
-    limit: int
-    offset: int
-    total: int
+_TASK_FIELDS = _fields({
+    str: "task_id recursive_symlinks username",
+    Literal["TRANSFER", "DELETE"]: "type",
+    Literal["ACTIVE", "INACTIVE", "SUCCEEDED", "FAILED"]: "status",
+    bool: "verify_checksum preserve_timestamp delete_destination_extra encrypt_data is_paused "
+    "history_deleted",
+    int: "subtasks_total subtasks_succeeded subtasks_failed subtasks_pending subtasks_canceled "
+    "subtasks_retrying subtasks_expired subtasks_skipped_errors faults "
+    "effective_bytes_per_second files directories files_skipped files_transferred "
+    "bytes_transferred bytes_checksummed",
+    int | None: "sync_level",
+    bool | None: "is_ok",
+    FatalError | None: "fatal_error",
+    str | None: "label request_time completion_time deadline source_endpoint_id "
+    "source_endpoint_display_name destination_endpoint_id destination_endpoint_display_name "
+    "nice_status nice_status_short_description canceled_by_admin owner_id",
+})  # fmt: skip
+Task = _document("Task", "A transfer or delete task: a job of this service.", _TASK_FIELDS,
+                 optional=True)  # fmt: skip
+EndpointList = _page("EndpointList", Endpoint, "offset limit", has_next_page=bool)
+FileList = _page(
+    "FileList",
+    File,
+    "length total offset limit",
+    **{name: str for name in ("path", "absolute_path", "endpoint")},
+    **{name: bool for name in ("rename_supported", "symlink_supported")},
+)
+TaskList = _page("TaskList", Task, "length limit offset total")
 
 
 class TaskEvent(msgspec.Struct):
@@ -348,13 +275,13 @@ class TaskEvent(msgspec.Struct):
     time: str
 
 
-class TaskEventList(msgspec.Struct):
-    DATA_TYPE: Literal["event_list"]
-    DATA: list[TaskEvent]
-    length: int
-    limit: int
-    offset: int
-    total: int
+TaskEventList = _document(
+    "TaskEventList",
+    "A page of a task's events, newest first.",
+    [("DATA", list[TaskEvent]), *_fields({int: "length limit offset total"})],
+    optional=False,
+    data_type="event_list",
+)
 
 
 class SuccessfulTransfer(msgspec.Struct, forbid_unknown_fields=False):

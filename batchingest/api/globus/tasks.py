@@ -132,7 +132,7 @@ class TaskApi:
     async def _submit(
         self,
         request: Request,
-        doc: models.TransferSubmission | models.DeleteSubmission,
+        doc: models.Submission,
         kind: str,
         fields: dict[str, Any],
     ) -> Response:
