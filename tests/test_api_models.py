@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import msgspec
 import pytest
 from test_api import assert_error, call, make_app
 
-from batchingest import endpoints
+from batchingest import endpoints, transfers
 from batchingest.api import models, staccato
 from batchingest.api.errors import ApiError
 from batchingest.api.globus import documents
@@ -160,3 +161,18 @@ def test_an_empty_number_is_not_a_number(root: Path, tmp_path: Path) -> None:
     ]:
         assert_error(call(app, "GET", path), 400, code)
         assert call(app, "GET", path.split("?")[0]).status == 200, path
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["2026-01-01", "2026-12-31T23:59:59.999999Z", "2024-02-29 10:00+01:00", "2000-02-29T10",
+     "2026-02-29", "1900-02-29", "2026-04-31", "2026-13-01", "0001-01-01", "9999-12-31T23:59-05:00",
+     "2026-01-01T24:00", "tomorrow", "2026-01-01T10:00:00+0530", "2026-01-01T10:00:00+05:30"],
+)  # fmt: skip
+def test_deadline_pattern_is_what_the_server_reads(text: str) -> None:
+    """A deadline the pattern admits is one the server reads, in UTC, without failing."""
+    if matches(globus_models.TIME_PATTERN, text):
+        assert transfers.parse_time(text).astimezone(UTC).year < 3000
+    else:
+        assert text in ("2026-02-29", "1900-02-29", "2026-04-31", "2026-13-01", "0001-01-01",
+                        "9999-12-31T23:59-05:00", "2026-01-01T24:00", "tomorrow")  # fmt: skip

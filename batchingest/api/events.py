@@ -8,11 +8,11 @@ up to 16 MiB); a page of the feed is one seek and a bounded read, done on the lo
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 from collections.abc import AsyncIterator
 from typing import Any
 
+import msgspec
 from anyio import to_thread
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -20,8 +20,8 @@ from starlette.routing import BaseRoute, Route
 
 from batchingest import events, fs
 from batchingest.api import models, openapi
+from batchingest.api.common import model_response
 from batchingest.api.errors import ApiError
-from batchingest.api.jobs import json_response
 from batchingest.api.openapi import Op, param
 from batchingest.api.paths import job_name
 from batchingest.config import Config
@@ -68,8 +68,13 @@ def _history(store: Store, job: Job) -> list[dict[str, Any]]:
         os.close(dir_fd)
 
 
-def _listed(event: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    return {"DATA_TYPE": "event", **event, **extra}
+def _listed(event: dict[str, Any]) -> models.Event:
+    """A recorded event (its fields' types checked as it was read) as its document."""
+    return msgspec.convert({"DATA_TYPE": "event", **event}, models.Event)
+
+
+def _in_feed(event: dict[str, Any], at: events.Cursor) -> models.FeedEvent:
+    return msgspec.convert({"DATA_TYPE": "event", **event, "cursor": at.text}, models.FeedEvent)
 
 
 def routes(cfg: Config, store: Store) -> list[BaseRoute]:
@@ -96,9 +101,7 @@ def routes(cfg: Config, store: Store) -> list[BaseRoute]:
             raise ApiError(404, "JobNotFound", f"no job named {name!r}")
         history = found[1]
         page = [_listed(e) for e in history[offset : offset + limit]]
-        body = {"DATA_TYPE": "event_list", "total": len(history), "offset": offset,
-                "limit": limit, "DATA": page}  # fmt: skip
-        return json_response(body)
+        return model_response(models.JobEventList("event_list", len(history), offset, limit, page))
 
     async def all_events(request: Request) -> Response:
         accept = request.headers.get("accept", "")
@@ -111,9 +114,9 @@ def routes(cfg: Config, store: Store) -> list[BaseRoute]:
             page, more = feed().read(after, limit)
         except events.BadCursor as e:
             raise ApiError(400, "InvalidCursor", str(e)) from None
-        data = [_listed(e, cursor=c.text) for e, c in page]
+        data = [_in_feed(e, c) for e, c in page]
         next_cursor = page[-1][1].text if more else None
-        return json_response({"DATA_TYPE": "event_list", "DATA": data, "next_cursor": next_cursor})
+        return model_response(models.FeedEventList("event_list", data, next_cursor))
 
     return [
         Route("/jobs/{id}/events", job_events, methods=["GET"]),
@@ -136,8 +139,8 @@ def _stream(feed: events.Feed, resume: events.Cursor | None) -> Response:
         while True:
             page, more = feed.read(cursor, DEFAULT_LIMIT)
             for event, at in page:
-                data = json.dumps(_listed(event, cursor=at.text), ensure_ascii=False)
-                yield f"id: {at.text}\ndata: {data}\n\n".encode()
+                data = msgspec.json.encode(_in_feed(event, at))
+                yield f"id: {at.text}\ndata: ".encode() + data + b"\n\n"
             if page:
                 cursor, quiet = page[-1][1], 0.0
             if more:

@@ -154,7 +154,7 @@ class Event(msgspec.Struct, forbid_unknown_fields=False):
 class FeedEvent(Event, forbid_unknown_fields=False):
     """An event of the root-wide feed: the job it happened to, and where it is."""
 
-    job: JobName
+    job: Annotated[str, Meta(description="the job's name when it happened")]
     cursor: Cursor
 
 

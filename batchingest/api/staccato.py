@@ -50,7 +50,7 @@ def outside(message: str) -> ApiError:
     return ApiError(403, "OutsideEndpoints", message)
 
 
-def state_of(snap: transfers.Snapshot) -> str:
+def state_of(snap: transfers.Snapshot) -> models.TransferState:
     if snap.deleted:
         return "STATE_DELETED"
     state = snap.job.state
@@ -72,7 +72,7 @@ def document(snap: transfers.Snapshot) -> models.Transfer:
         id=snap.job.name,
         source_url=req.get("source_url") or "",
         destination_url=req.get("destination_url") or "",
-        state=state_of(snap),  # type: ignore[arg-type]
+        state=state_of(snap),
         progress=int(snap.progress.get("progress") or 0),
         start_offset=int(req.get("start_offset") or 0),
         end_offset=int(req.get("end_offset", -1)),

@@ -67,13 +67,19 @@ class DeleteItem(msgspec.Struct, omit_defaults=True):
     DATA_TYPE: Literal["delete_item"] = "delete_item"
 
 
+# What transfers.parse_time reads (datetime.fromisoformat), of dates that exist: years
+# 1900-2999 (any zone then stays a year of datetime's), 29 February of leap years only
+_YEAR = "(19|2[0-9])[0-9]{2}"
+_LEAP = "((19|2[0-9])(0[48]|[2468][048]|[13579][26])|2[048]00)"
+_DATE = (
+    f"({_YEAR}-((0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|(0[469]|11)-(0[1-9]|[12][0-9]|30)"
+    f"|02-(0[1-9]|1[0-9]|2[0-8]))|{_LEAP}-02-29)"
+)
+_CLOCK = r"([01][0-9]|2[0-3])(:[0-5][0-9](:[0-5][0-9](\.[0-9]{1,6})?)?)?"
+TIME_PATTERN = f"^{_DATE}([T ]{_CLOCK}(Z|[+-]([01][0-9]|2[0-3]):?[0-5][0-9])?)?$"
 Deadline = Annotated[
     str,
-    Meta(
-        min_length=1,
-        max_length=256,
-        description="a date and time, ISO 8601 (UTC if no zone is given)",
-    ),
+    Meta(pattern=TIME_PATTERN, description="a date and time, ISO 8601 (UTC if no zone is given)"),
 ]
 Label = Annotated[str, Meta(min_length=1, max_length=128)]
 SyncLevel = Annotated[int, Meta(ge=0, le=3)] | Literal["exists", "size", "mtime", "checksum"]
