@@ -44,7 +44,7 @@ ERRORS = {
     "Conflict": "409: the job's folder changed during an upload, or the name is taken by "
     "something that is not a job folder",
     "PayloadTooLarge": "413: larger than --max-upload",
-    "RangeNotSatisfiable": "416: the Range starts beyond the end of the file",
+    "RangeNotSatisfiable": "416: the Range (or a transfer's start) is beyond the end of the file",
     "InsufficientStorage": "507: the disk is full; nothing was changed",
     "InternalError": "500: unexpected; the log has the request id",
     "NotReady": "503: the service cannot take and run jobs now; the log says why",
@@ -346,6 +346,9 @@ _LISTED = {
     },
 }
 _INFO = models.JobInfo
+# what a created job's Name leads to
+_ON_JOB = links(("getJob", "headJob", "queueJob", "cancelJob", "deleteJob", "getFileNames",
+                 "getJobEvents"), "id", "Name")  # fmt: skip
 JOB_OPS = (
     Op("get", "/jobs", "getJobs", "jobs", "every job, sorted by name", {"200": _LISTED},
        ("InvalidParameter",), _LIST_PARAMS),
@@ -353,8 +356,9 @@ JOB_OPS = (
        (*_JOB, "JobNotFound"), (JOB_ID,)),
     Op("put", "/jobs/{id}", "putJob", "jobs",
        "create an empty job in data/ (idempotent; the body is ignored)",
-       {"201": _INFO, "200": answer(_INFO, "it existed; nothing changed")}, (*_JOB, "Conflict"),
-       (JOB_ID,)),
+       {"201": with_links(_INFO, "created", _ON_JOB),
+        "200": with_links(_INFO, "it existed; nothing changed", _ON_JOB)},
+       (*_JOB, "Conflict"), (JOB_ID,)),
     Op("delete", "/jobs/{id}", "deleteJob", "jobs", "remove the job and all its files",
        {"204": _GONE}, (*_JOB, "JobBusy"), (JOB_ID,)),
     Op("post", "/jobs/{id}/queue", "queueJob", "jobs",
@@ -409,6 +413,9 @@ _KEY_PARAM = param("Idempotency-Key", "header",
                    {"type": "string", "minLength": 1, "maxLength": 255})  # fmt: skip
 
 
+_STATUS_OPS = ("getStaging", "getStagingByQuery", "headStaging", "headStagingByQuery")
+
+
 def staging_ops(ids_are_paths: bool) -> tuple[Op, ...]:
     """The DTS staging provider's routes (batchingest/api/staging.py); without a catalog
     the ids are archive paths (ids_are_paths)."""
@@ -416,7 +423,7 @@ def staging_ops(ids_are_paths: bool) -> tuple[Op, ...]:
     created = with_links(
         models.StagingCreated,
         "staging job created",
-        links(("getStaging", "getStagingByQuery"), "id", "request_id"),
+        links(_STATUS_OPS, "id", "request_id"),
     )
     by_query = param("id", "query", "the request id", _REQUEST_ID) | {"required": True}
     asked = models.StagingPathsRequest if ids_are_paths else models.StagingRequest

@@ -46,6 +46,11 @@ def bad(message: str) -> ApiError:
     return ApiError(400, "InvalidRequest", message)
 
 
+def unsatisfiable(message: str) -> ApiError:
+    """A well-formed range the source cannot give (no schema can say so): as for a Range."""
+    return ApiError(416, "RangeNotSatisfiable", message)
+
+
 def outside(message: str) -> ApiError:
     return ApiError(403, "OutsideEndpoints", message)
 
@@ -170,10 +175,10 @@ class StaccatoApi:
         start = body.start_offset or 0
         end = -1 if body.end_offset is None else body.end_offset
         if end != -1 and start > end:
-            raise bad(f"start_offset {start} is after end_offset {end}")
+            raise unsatisfiable(f"start_offset {start} is after end_offset {end}")
         size = await run_blocking(check_source, src_ep, src)
         if start > size:
-            raise bad(f"start_offset {start} is beyond the source's size ({size} bytes)")
+            raise unsatisfiable(f"start_offset {start} is beyond the source's size ({size} bytes)")
         await run_blocking(check_destination, dst_ep, dst)
         name = str(uuid.uuid4())
         req = {
@@ -276,7 +281,7 @@ def routes(cfg: Config, store: Store) -> list[BaseRoute]:
 _ID = param("id", "path", "a transfer id", {"type": "string", "pattern": models.UUID_PATTERN})
 _CONFIG = ("EndpointsNotConfigured",)
 _FOUND = ("TransferNotFound", *_CONFIG)
-_BY_ID = links(("getTransfer", "deleteTransfer", "actOnTransfer"), "id", "id")
+_BY_ID = links(("getTransfer", "headTransfer", "deleteTransfer", "actOnTransfer"), "id", "id")
 _LIST = (
     param("limit", "query", "at most this many (default 100)",
           {"type": "integer", "minimum": 1, "maximum": LIST_LIMIT}),
@@ -294,7 +299,8 @@ OPS = (
     Op("post", "/v1/transfers", "createTransfer", "staccato",
        "copy a byte range between file:// URLs in endpoint folders, as a job",
        {"201": with_links(models.Transfer, "created", _BY_ID)},
-       ("InvalidRequest", "OutsideEndpoints", "SourceNotFound", "PayloadTooLarge", *_CONFIG),
+       ("InvalidRequest", "OutsideEndpoints", "SourceNotFound", "PayloadTooLarge",
+        "RangeNotSatisfiable", *_CONFIG),
        (), models.TransferRequest),
     Op("get", "/v1/transfers/{id}", "getTransfer", "staccato", "one transfer",
        {"200": models.Transfer}, _FOUND, (_ID,)),
