@@ -3,7 +3,8 @@
 openapi-python-client generates a package from the document the service serves
 (fetched without a token, as `generate --url` does), with no warning; the test imports
 that package and runs a whole job through it, typed: create, upload with a
-Content-Digest, queue, status until done, download, delete.
+Content-Digest, queue, status until done, download, delete; then a Staccato transfer
+until complete, and the history of the job behind it.
 """
 
 from __future__ import annotations
@@ -84,29 +85,7 @@ def test_generated_client_runs_a_job(root: Path, client_package: Path) -> None:
         assert isinstance(created.parsed, models.JobInfo)
         assert created.parsed.status == models.JobInfoStatus.READY
 
-        def upload(path: str, data: bytes) -> Any:
-            digest = base64.b64encode(hashlib.sha256(data).digest()).decode()
-            return api("files.put_file").sync_detailed(
-                "shouting",
-                path,
-                client=client,
-                body=types.File(payload=data),
-                content_digest=f"sha-256=:{digest}:",
-            )
-
-        for path, data in [("JOB", b'{"Todo": ["shout"]}'), ("in.txt", b"hello, world\n")]:
-            reply = upload(path, data)
-            assert reply.status_code == 201, reply.content
-            assert isinstance(reply.parsed, models.Uploaded)
-            assert reply.parsed.sha256 == hashlib.sha256(data).hexdigest()
-        # a digest that does not match is refused with the typed error document
-        bad = api("files.put_file").sync_detailed(
-            "shouting", "x.txt", client=client, body=types.File(payload=b"x"),
-            content_digest="sha-256=:" + base64.b64encode(b"\0" * 32).decode() + ":",
-        )  # fmt: skip
-        assert bad.status_code == 400 and isinstance(bad.parsed, models.Error)
-        assert bad.parsed.code == models.ErrorCode.DIGESTMISMATCH
-
+        fill(client, models, types)
         queued = api("jobs.queue_job").sync_detailed("shouting", client=client)
         assert queued.status_code == 202 and isinstance(queued.parsed, models.JobInfo)
 
@@ -134,6 +113,32 @@ def test_generated_client_runs_a_job(root: Path, client_package: Path) -> None:
         assert missing.status_code == 404 and isinstance(missing.parsed, models.Error)
         assert missing.parsed.code == models.ErrorCode.JOBNOTFOUND
         transfer_and_read_its_history(client, models, folder)
+
+
+def fill(client: Any, models: Any, types: Any) -> None:
+    """JOB and in.txt uploaded with their Content-Digest; a wrong digest refused, typed."""
+
+    def upload(path: str, data: bytes) -> Any:
+        digest = base64.b64encode(hashlib.sha256(data).digest()).decode()
+        return api("files.put_file").sync_detailed(
+            "shouting",
+            path,
+            client=client,
+            body=types.File(payload=data),
+            content_digest=f"sha-256=:{digest}:",
+        )
+
+    for path, data in [("JOB", b'{"Todo": ["shout"]}'), ("in.txt", b"hello, world\n")]:
+        reply = upload(path, data)
+        assert reply.status_code == 201, reply.content
+        assert isinstance(reply.parsed, models.Uploaded)
+        assert reply.parsed.sha256 == hashlib.sha256(data).hexdigest()
+    bad = api("files.put_file").sync_detailed(
+        "shouting", "x.txt", client=client, body=types.File(payload=b"x"),
+        content_digest="sha-256=:" + base64.b64encode(b"\0" * 32).decode() + ":",
+    )  # fmt: skip
+    assert bad.status_code == 400 and isinstance(bad.parsed, models.Error)
+    assert bad.parsed.code == models.ErrorCode.DIGESTMISMATCH
 
 
 def transfer_and_read_its_history(client: Any, models: Any, folder: Path) -> None:

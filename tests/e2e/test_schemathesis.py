@@ -1,9 +1,10 @@
 """Schemathesis against the live service: the spec says what the server really does.
 
 A bounded, deterministic run (every check, stateful phase included) against the real
-service with staging configured, over every documented operation except the Globus
-ones (the Globus SDK tests those, tests/e2e/test_globus_sdk.py). Zero failures or the
-test fails, with Schemathesis's report in the message.
+service with staging and two endpoints configured, over every operation in the
+document: jobs, files, staging, the Globus and Staccato transfer APIs, job history,
+metrics and the service's own. Zero failures or the test fails, with Schemathesis's
+report in the message.
 """
 
 from __future__ import annotations
