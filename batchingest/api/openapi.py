@@ -110,7 +110,7 @@ _FILTER = f"^({_CLAUSE}(/{_CLAUSE})*)?$"
 
 # Paths the server also answers, as aliases of a documented one: not in the document, so
 # that a generated client has one function per operation.
-ALIASES = {"/jobs/": "/jobs", "/jobs/{id}/files/": "/jobs/{id}/files", "/ui/": "/ui"}
+ALIASES = {"/jobs/": "/jobs", "/jobs/{id}/files/": "/jobs/{id}/files"}
 # Paths readable without a token: they hold nothing secret.
 PUBLIC = ("/healthz", "/readyz", "/openapi.json", "/docs")
 
