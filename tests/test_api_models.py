@@ -176,3 +176,19 @@ def test_deadline_pattern_is_what_the_server_reads(text: str) -> None:
     else:
         assert text in ("2026-02-29", "1900-02-29", "2026-04-31", "2026-13-01", "0001-01-01",
                         "9999-12-31T23:59-05:00", "2026-01-01T24:00", "tomorrow")  # fmt: skip
+
+
+def test_globus_orderby_patterns_are_what_the_server_reads(root: Path, tmp_path: Path) -> None:
+    """What the spec's orderby patterns admit, ls and task_list sort by; what they do not
+    is (mostly) refused: only other spellings of the same keys are read too."""
+    (tmp_path / "a").write_text("a")
+    app, _ = make_app(root, endpoints=[("e", tmp_path)])
+    spec = call(app, "GET", "/openapi.json").json()["paths"]
+    ls = "/globus/v0.10/operation/endpoint/{endpoint}/ls"
+    for path, at in [(ls, "/globus/v0.10/operation/endpoint/e/ls"),
+                     ("/globus/v0.10/task_list", "/globus/v0.10/task_list")]:  # fmt: skip
+        (found,) = [p for p in spec[path]["get"]["parameters"] if p["name"] == "orderby"]
+        pattern = found["schema"]["pattern"]
+        for raw in ("name", "size DESC,name asc", "request_time DESC", "type", "nope", "name up"):
+            listed = call(app, "GET", f"{at}?orderby={raw.replace(' ', '%20')}").status
+            assert (listed == 200) == matches(pattern, raw), (path, raw, listed)

@@ -1,10 +1,10 @@
 """The Globus Transfer API's operations in /openapi.json, as a table (openapi.Op rows).
 
 The documents are globus/models.py's; the parameters and their limits are the ones
-operations.py, tasks.py and query.py check. `filter` and `orderby` (ls, task_list) are
-described in the summaries: their grammar (§4 of the Globus reference) is the one of
-api/query.py. Routes not served (ACLs, bookmarks, ...) are not operations: they answer
-501 NotImplemented, 405 or 404 through the fallback route.
+operations.py, tasks.py and query.py check. `filter` (ls, task_list) is described in
+the summaries, not given a pattern: its grammar (§4 of the Globus reference) is the one
+of api/query.py, values and dates included. Routes not served (ACLs, bookmarks, ...)
+are not operations: they answer 501 NotImplemented, 405 or 404 through the fallback.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 from batchingest import endpoints
 from batchingest.api import models as api_models
 from batchingest.api import openapi
-from batchingest.api.globus import models, operations, tasks
+from batchingest.api.globus import models, operations, query, tasks
 from batchingest.api.globus.documents import PREFIX
 from batchingest.api.openapi import Op, links, param, with_links
 
@@ -43,6 +43,13 @@ def _window(limit: tuple[int, int], offset: int) -> tuple[dict[str, Any], ...]:
     )  # fmt: skip
 
 
+def _orderby(keys: tuple[str, ...], default: str) -> dict[str, Any]:
+    """orderby=: comma-separated keys, each optionally followed by ASC or DESC."""
+    key = f"({'|'.join(keys)})( ([Aa][Ss][Cc]|[Dd][Ee][Ss][Cc]))?"
+    return param("orderby", "query", f"keys to sort on, first first, e.g. '{default}'",
+                 {"type": "string", "pattern": f"^({key}(,{key})*)?$"})  # fmt: skip
+
+
 _SCOPE = param(
     "filter_scope",
     "query",
@@ -55,6 +62,7 @@ _LS_PARAMS = (
         "show_hidden", "query", "names starting with '.' too (default true)", {"type": "boolean"}
     ),
     *_window((0, operations.LS_LIMIT), 1 << 62),
+    _orderby(query.SORTABLE, "type DESC,name"),
     _FIELDS,
 )
 _TASK_LINKS = links(
@@ -95,12 +103,12 @@ _CHANGE = (*_FILE_OP, "ClientError.RequestTooLarge")
 _WHY = "not served: endpoints are configured on the service's command line"
 _ACTIVATE = "always AlreadyActivated"
 _LS = (
-    "a folder's entries; filter= clauses and orderby= (name, type, permissions, user, "
-    "group, size, last_modified, each ASC or DESC) as in the Globus reference"
+    "a folder's entries, by name unless orderby= says; filter= clauses (name, type, "
+    "permissions, user, group, size, last_modified) as in the Globus reference"
 )
 _TASKS = (
-    "tasks, newest first; filter= (task_id, type, status, label, request_time, "
-    "completion_time) and orderby= as in the Globus reference"
+    "tasks, newest first unless orderby= says; filter= clauses (task_id, type, status, "
+    "label, request_time, completion_time) as in the Globus reference"
 )
 _MARKER = param(
     "marker",
@@ -145,7 +153,8 @@ OPS = (
        _SUBMITTED, _WRITE, (), models.DeleteSubmission),
     Op("get", f"{_V}/task_list", "getTaskList", "globus", _TASKS, {"200": models.TaskList},
        ("ClientError.BadRequest", "EndpointsNotConfigured"),
-       (*_window((0, tasks.LIST_LIMIT), 1 << 40), _FIELDS)),
+       (*_window((0, tasks.LIST_LIMIT), 1 << 40),
+        _orderby(tasks.TASK_ORDER, "request_time DESC"), _FIELDS)),
     Op("get", _TASK, "getTask", "globus", "one task document", {"200": models.Task}, _IN_TASK,
        (_TASK_ID, _FIELDS)),
     Op("get", f"{_TASK}/event_list", "getTaskEvents", "globus", "the task's events, newest first",
