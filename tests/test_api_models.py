@@ -192,3 +192,32 @@ def test_globus_orderby_patterns_are_what_the_server_reads(root: Path, tmp_path:
         for raw in ("name", "size DESC,name asc", "request_time DESC", "type", "nope", "name up"):
             listed = call(app, "GET", f"{at}?orderby={raw.replace(' ', '%20')}").status
             assert (listed == 200) == matches(pattern, raw), (path, raw, listed)
+
+
+def test_globus_task_documents_are_their_models(root: Path, tmp_path: Path) -> None:
+    """A submitted task's documents, as the API answers them, decode as their models."""
+    (tmp_path / "a.txt").write_text("a")
+    app, _ = make_app(root, endpoints=[("e", tmp_path)])
+    body = (b'{"DATA_TYPE": "transfer", "submission_id": "s-1", "source_endpoint": "e",'
+            b' "destination_endpoint": "e", "label": "x", "deadline": "2999-01-01",'
+            b' "DATA": [{"source_path": "/a.txt", "destination_path": "/b.txt"}]}')  # fmt: skip
+    for status in (202, 200):  # accepted, then the same submission again: Duplicate
+        reply = call(app, "POST", "/globus/v0.10/transfer", body)
+        assert reply.status == status, reply.body
+        result = msgspec.json.decode(reply.body, type=globus_models.Result)
+    task = f"/globus/v0.10/task/{result.task_id}"
+    for path, model in [
+        (task, globus_models.Task),
+        ("/globus/v0.10/task_list", globus_models.TaskList),
+        (f"{task}/event_list", globus_models.TaskEventList),
+        (f"{task}/successful_transfers", globus_models.SuccessfulTransfers),
+        ("/globus/v0.10/endpoint_search", globus_models.EndpointList),
+        ("/globus/v0.10/operation/endpoint/e/ls", globus_models.FileList),
+        ("/globus/v0.10/submission_id", globus_models.SubmissionId),
+        ("/globus/v0.10/endpoint/e/activation_requirements", globus_models.ActivationRequirements),
+    ]:
+        reply = call(app, "GET", path)
+        assert reply.status == 200, (path, reply.body)
+        msgspec.json.decode(reply.body, type=model, strict=True)
+    listed = msgspec.json.decode(call(app, "GET", "/globus/v0.10/task_list").body)
+    assert [t["label"] for t in listed["DATA"]] == ["x"]
