@@ -297,9 +297,15 @@ def exposition() -> bytes:
 OPENAPI_PATHS = {
     "/metrics": {
         "get": {
+            "operationId": "getMetrics",
             "summary": "Prometheus metrics (text format); Prometheus sends the token as a bearer",
             "tags": ["operations"],
-            "responses": {"200": {"description": "text/plain; version=0.0.4"}},
+            "responses": {
+                "200": {
+                    "description": "Prometheus text format 0.0.4",
+                    "content": {"text/plain": {"schema": {"type": "string"}}},
+                }
+            },
         }
     }
 }

@@ -293,7 +293,6 @@ def create_app(cfg: Config, store: Store, readiness: Readiness | None = None) ->
         {
             **staging_paths,
             **globus.OPENAPI_PATHS,
-            **ui.OPENAPI_PATHS,
             **events.OPENAPI_PATHS,
             **staccato.OPENAPI_PATHS,
             **metrics.OPENAPI_PATHS,

@@ -142,7 +142,7 @@ def _states(param: str | None) -> list[str]:
 
 def _count(request: Request, key: str) -> int | None:
     raw = request.query_params.get(key)
-    if raw is None or raw == "":
+    if raw is None:
         return None
     if not (raw.isascii() and raw.isdigit()) or len(raw) > 9:  # str.isdigit takes '²' too
         raise ApiError(400, "InvalidParameter", f"{key} must be a whole number, not {raw[:50]!r}")
