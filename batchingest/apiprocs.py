@@ -162,6 +162,10 @@ def main(argv: list[str]) -> int:
     from batchingest.cli import _loop_factory
     from batchingest.service import StartError, bind
 
+    # a process group of its own, so a terminal's Ctrl-C reaches the main process only
+    # (which stops us); not a session of its own: with the kernel's autogroups a session
+    # is scheduled as one, and one per process starved the rest (p99 of 300 ms and more)
+    os.setpgid(0, 0)
     channel_fd, death_fd = (int(a) for a in argv)
     link = socket.socket(fileno=channel_fd)
     cfg: Config = pickle.loads(link.recv(MAX_MESSAGE))
@@ -275,7 +279,6 @@ class ApiProcesses:
             process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", __name__, *map(str, fds),
                 pass_fds=fds,
-                start_new_session=True,  # a terminal's Ctrl-C reaches the main process only
             )  # fmt: skip
         finally:
             theirs.close()
