@@ -184,3 +184,16 @@ def test_log_format_setting(tmp_path: Path) -> None:
     assert parse_serve_args(args, environ=env).log_format == "text"  # the flag wins
     with pytest.raises((ConfigError, SystemExit)):
         parse_serve_args(["--root", str(tmp_path), "--log-format", "xml"], environ={})
+
+
+def test_access_lines_name_the_process_where_several_serve(
+    capsys: pytest.CaptureFixture[str], restore_logging: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(logs.ACCESS, "pid", 4321)  # set by --api-processes 2 or more
+    logs.setup("info", "text")
+    logs.ACCESS.add("request r9", FIELDS)
+    assert capsys.readouterr().err.endswith(f"{TEXT_FIELDS} pid=4321\n")
+    logs.setup("info", "json")
+    logs.ACCESS.add("request r9", FIELDS)
+    (line,) = lines(capsys.readouterr().err)
+    assert line["pid"] == 4321 and {k: line[k] for k in FIELDS} == FIELDS
