@@ -8,9 +8,11 @@ pieces on several threads with each piece's writeback started at once.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
+import resource
 from concurrent.futures import ThreadPoolExecutor, wait
 
 from batchingest import fs
@@ -18,6 +20,11 @@ from batchingest import fs
 CHUNK = 1 << 30
 PIECE = 64 << 20  # large files are copied in pieces this big, several at once
 LARGE = 8 << 20  # files this big are copied in pieces and flushed on their own
+# Small copies flushed with one syncfs, then named. Each waits with its descriptor open
+# (an unnamed file lives only as long as it), so the descriptor limit may make a group
+# smaller (group_size).
+GROUP_FILES = 4096
+GROUP_BYTES = 1 << 30
 
 FALLBACK_ERRNOS = (
     errno.EXDEV,
@@ -94,3 +101,21 @@ def sha256_fd(fd: int) -> str:
     while chunk := os.read(fd, 1 << 20):
         h.update(chunk)
     return h.hexdigest()
+
+
+def group_size(holders: int) -> int:
+    """Small copies per group such that the copies held open fit the descriptor limit.
+
+    holders: how many groups may be open at once (a thread may hold a full one while
+    another is flushed). Raises the soft limit as far as allowed and sizes groups to it.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = holders * GROUP_FILES + 256
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return GROUP_FILES
+    return max(1, min(GROUP_FILES, (soft - 256) // holders))
