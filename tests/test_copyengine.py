@@ -50,7 +50,7 @@ def make_area(base: Path, sizes: list[int]) -> tuple[Path, Path, Path, list[str]
     sizes=st.lists(
         st.one_of(st.sampled_from([0, 1, 4096]), st.integers(1, 3 * SMALL_LARGE)), max_size=40
     ),
-    group=st.integers(1, 7),
+    group=st.integers(1, 12),
     parallel=st.integers(1, 4),
 )
 def test_any_mix_of_sizes_is_staged_with_one_syncfs_per_group(
@@ -61,16 +61,16 @@ def test_any_mix_of_sizes_is_staged_with_one_syncfs_per_group(
     monkeypatch.setenv("BATCHINGEST_STAGING", str(staging))
     monkeypatch.setenv("BATCHINGEST_STAGE_PARALLEL", str(parallel))
     monkeypatch.setattr(stage, "LARGE", SMALL_LARGE)
-    monkeypatch.setattr(copyengine, "PIECE", 16 << 10)  # large files in several pieces
+    monkeypatch.setattr(copyengine, "STEP", 16 << 10)  # large files in several steps
     monkeypatch.setattr(stage, "group_size", lambda holders: group)
     flushes: list[int] = []
-    real_syncfs = stage.syncfs
+    real_syncfs = fs.syncfs
 
-    def counted(path: str) -> bool:
+    def counted(fd: int) -> bool:
         flushes.append(1)
-        return real_syncfs(path)
+        return real_syncfs(fd)
 
-    monkeypatch.setattr(stage, "syncfs", counted)
+    monkeypatch.setattr(fs, "syncfs", counted)
     job_fd = fs.open_root(job)
     try:
         assert stage.stage_job("job1", job_fd) == 0
@@ -78,8 +78,11 @@ def test_any_mix_of_sizes_is_staged_with_one_syncfs_per_group(
     finally:
         os.close(job_fd)
     small = sum(1 for s in sizes if s < SMALL_LARGE)
-    # every group is filled to `group` under the lock; the rest is one last group
-    assert len(flushes) == -(-small // group)
+    # every group is filled to `group` under the lock, the rest is one last group, and
+    # only groups of FSYNC_UNDER or more are worth a syncfs
+    full, rest = divmod(small, group)
+    worth = copyengine.FSYNC_UNDER
+    assert len(flushes) == full * (group >= worth) + (rest >= worth)
     assert progress is not None and progress.files_staged == len(sizes)
     assert progress.bytes_staged == sum(sizes)
     for rel in rels:

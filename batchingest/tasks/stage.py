@@ -14,10 +14,11 @@ finishes the rest.
 
 Durability without an fsync per file: the worker threads put their complete small
 copies into one shared group; a full group (copyengine.group_size) is flushed with one
-`syncfs` of the staging file system and only then named, so 10,000 small files cost a
-handful of syncfs calls, not one per file or per thread.
-Large files get their own fsync (after copying in pieces on several threads, each
-piece's writeback started at once) and are named at once. Without syncfs each copy is
+`syncfs` of the staging file system (a group of fewer than 8: an fsync each) and only
+then named, so 10,000 small files cost a handful of syncfs calls, not one per file or
+per thread.
+Large files get their own fsync (after a copy in order whose writeback follows it
+step by step, copyengine.copy_flushing) and are named at once. Without syncfs each copy is
 fsync-ed before it is named. Before the task reports success an fsync of every folder
 that got a name (and of the folders above it) makes the names durable: a journal commit,
 not another syncfs, which would also wait for whatever else the file system's other
@@ -44,7 +45,14 @@ from pathlib import Path
 from batchingest import fs
 from batchingest.config import env_bool
 from batchingest.copyengine import FALLBACK_ERRNOS as _FALLBACK_ERRNOS
-from batchingest.copyengine import GROUP_BYTES, copy_fd, copy_pieces, group_size, sha256_fd
+from batchingest.copyengine import (
+    GROUP_BYTES,
+    copy_fd,
+    copy_flushing,
+    group_size,
+    sha256_fd,
+    syncfs_group,
+)
 from batchingest.staging import (
     MANIFEST,
     PROGRESS,
@@ -80,15 +88,6 @@ class SourceError(Exception):
 
 class TargetError(Exception):
     """The staging area cannot take files (full, read-only, outside): stop everything."""
-
-
-def syncfs(path: str) -> bool:
-    """Flush the file system holding the folder path; False if this system has no syncfs."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        return fs.syncfs(fd)
-    finally:
-        os.close(fd)
 
 
 def staged_copy_matches(src: int, target: str) -> bool:
@@ -232,12 +231,10 @@ class Stager:
         self.targets = RealDirs(self.staging)
         # folders known to exist in the staging area (dict updates are atomic under the GIL)
         self.made: dict[str, Folder] = {}
-        self.have_syncfs = True
         # BATCHINGEST_STAGE_UNNAMED=0 forces hidden named temporary files
         unnamed = _env_flag("BATCHINGEST_STAGE_UNNAMED", True)
         self.linker = probe_unnamed(self.targets.root) if unnamed else None
         self.staging_dev = os.stat(self.targets.root).st_dev
-        self.pieces: ThreadPoolExecutor | None = None  # threads copying pieces of large files
         # complete small copies waiting for one syncfs (guarded by lock)
         self.group: list[Pending] = []
         self.group_bytes = 0
@@ -335,10 +332,10 @@ class Stager:
         return fd, st
 
     def copy(self, src: int, dst: int, size: int) -> int:
-        if self.pieces is None or size < LARGE or not hasattr(os, "copy_file_range"):
+        if size < LARGE or not hasattr(os, "copy_file_range"):
             return copy_fd(src, dst, size)
         try:
-            return copy_pieces(self.pieces, src, dst, size)
+            return copy_flushing(src, dst, size)
         except OSError as e:
             if e.errno not in _FALLBACK_ERRNOS:
                 raise
@@ -470,16 +467,15 @@ class Stager:
         self.flush(full)
 
     def flush(self, pending: list[Pending]) -> None:
-        """One syncfs for the lot (an fsync each where there is none), then their names.
+        """One syncfs for the lot (an fsync each for a few, or where there is no syncfs),
+        then their names.
 
         A copy gets its name only after its data is on disk: a crash before leaves no
         file under that name, a crash after leaves the complete file.
         """
         with self.flushing:
             try:
-                if self.have_syncfs:
-                    self.have_syncfs = syncfs(os.path.dirname(pending[0].target))
-                if not self.have_syncfs:
+                if not syncfs_group(len(pending), pending[0].fd):
                     for p in pending:
                         os.fsync(p.fd)
             except OSError as e:
@@ -659,11 +655,7 @@ def sweep(staging: Path, entries: list[Entry], job: str) -> None:
 
 def copy_all(stager: Stager, entries: list[Entry], job_fd: int, parallel: int) -> None:
     """Stage every entry on `parallel` threads, saving progress every PROGRESS_EVERY."""
-    with (
-        ThreadPoolExecutor(parallel, thread_name_prefix="stage") as pool,
-        ThreadPoolExecutor(parallel, thread_name_prefix="piece") as pieces,
-    ):
-        stager.pieces = pieces
+    with ThreadPoolExecutor(parallel, thread_name_prefix="stage") as pool:
         stager.group_files = group_size(parallel + 1)
         futures: set[Future[None]] = {pool.submit(stager.run_chunk, c) for c in chunks(entries)}
         last = time.monotonic()
