@@ -33,7 +33,39 @@ SMALL = 4096
 DRAIN_KIB = 32 << 10  # dirty + under writeback below this: the disk is quiet enough
 DRAIN_WAIT = 20.0  # others on the machine may keep writing: give up after this long
 SETTLE = 0.2
-CLEANUP_SETTLE = 1.0
+QUIET_WAIT = 15.0  # after a cleanup: wait at most this long for the disk's discards to stop
+QUIET_DISCARDS = 20  # discards per 0.5 s that count as quiet (others delete files too)
+
+
+def disk_stat(path: Path) -> list[int]:
+    """The block device's counters (/sys/.../stat) for the file system holding path; []
+    where there are none (a virtual file system, no /sys)."""
+    dev = os.stat(path).st_dev
+    try:
+        with open(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}/stat") as f:
+            return [int(x) for x in f.read().split()]
+    except (OSError, ValueError):
+        return []
+
+
+def wait_quiet_disk(path: Path) -> float:
+    """Wait until the disk has no request in flight and fewer than QUIET_DISCARDS
+    discards completed in the last 0.5 s (deleting 10,000 files on a file system mounted
+    with `discard` keeps the disk busy well past the sync; others' deletions trickle
+    on); at most QUIET_WAIT seconds. Returns the seconds waited."""
+    t0 = time.perf_counter()
+    window = [disk_stat(path)]
+    while len(window[-1]) > 11 and time.perf_counter() - t0 < QUIET_WAIT:
+        time.sleep(0.1)
+        window = [*window[-4:], disk_stat(path)]  # the last 0.5 s
+        # index 8: requests in flight; index 11: discards completed
+        if (
+            len(window) == 5
+            and window[-1][8] == 0
+            and (window[-1][11] - window[0][11] < QUIET_DISCARDS)
+        ):
+            break
+    return time.perf_counter() - t0
 
 
 def dirty_kib() -> int:
@@ -56,6 +88,7 @@ class Drains:
     steps: int = 0
     late: int = 0  # gave up waiting: others kept the disk busy
     waited: float = 0.0
+    quiet: float = 0.0  # waited after cleanups for the disk's discards to stop
 
     def drain(self) -> None:
         t0 = time.perf_counter()
@@ -71,7 +104,8 @@ class Drains:
     def line(self) -> str:
         return (f"{self.steps} timed steps, each after sync and a drain below "
                 f"{DRAIN_KIB >> 10} MiB dirty ({self.waited:.0f} s in all); {self.late} "
-                "started above it")  # fmt: skip
+                f"started above it; {self.quiet:.0f} s waited after cleanups for the disk's "
+                "discards to calm down")  # fmt: skip
 
 
 DRAINS = Drains()
@@ -117,14 +151,15 @@ def interleave(
 
     Each step writes where no other does; cleanup removes what a round wrote, once
     before the next round (not before every step: on a disk mounted with `discard`,
-    deleting 10,000 files sends the disk work that lasts past the sync).
+    deleting 10,000 files sends the disk work that lasts past the sync), and the disk
+    is left to finish that work before the round starts.
     """
     names = list(steps)
     out = {n: Series(n) for n in names}
     for run in range(runs):
         cleanup()
         DRAINS.drain()
-        time.sleep(CLEANUP_SETTLE)
+        DRAINS.quiet += wait_quiet_disk(Path(os.environ.get("BENCH_DIR") or "/tmp"))
         for i in range(len(names)):
             name = names[(run + i) % len(names)]
             out[name].seconds.append(steps[name](run))

@@ -30,25 +30,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import _copyfloors as cf
 import globus_sdk
-from _copyfloors import (
-    BIG_MIB,
-    DRAINS,
-    FILES,
-    FOLDERS,
-    RUNS,
-    Series,
-    cp,
-    cp_sync,
-    files_per_s,
-    gib_per_s,
-    header,
-    interleave,
-    make_big,
-    make_tree,
-    run_cmd,
-    table,
-)
 
 TASKS = int(os.environ.get("BENCH_TASKS", "10000"))
 TOKEN = "bench-token-0123456789"
@@ -62,6 +45,7 @@ def free_port() -> int:
 
 class Service:
     def __init__(self, root: Path, *args: str) -> None:
+        self.root = root
         self.port = free_port()
         env = dict(os.environ, BATCHINGEST_TOKENS=TOKEN)
         self.proc = subprocess.Popen(
@@ -86,20 +70,24 @@ class Service:
         self.proc.wait(60)
 
 
-def transfer(tc: globus_sdk.TransferClient, src: str, dst: str, recursive: bool) -> float:
-    """Seconds from submit_transfer to SUCCEEDED, started on a drained disk."""
-    DRAINS.drain()
+def transfer(svc: Service, src: str, dst: str, recursive: bool) -> float:
+    """Seconds from submit_transfer to SUCCEEDED, started on a drained disk.
+
+    The end is seen by the task's job landing in success/ (a stat every 5 ms), then
+    confirmed with one get_task: asking get_task every few milliseconds, as no client
+    does, would take the CPU the copy needs on a small machine.
+    """
+    cf.DRAINS.drain()
     data = globus_sdk.TransferData(source_endpoint="src", destination_endpoint="dst")
     data.add_item(src, dst, recursive=recursive)
     t0 = time.perf_counter()
-    task_id = tc.submit_transfer(data)["task_id"]
-    while True:
-        status = tc.get_task(task_id, query_params={"fields": "status"})["status"]
-        if status != "ACTIVE":
-            break
-        time.sleep(0.01)
+    task_id = svc.tc.submit_transfer(data)["task_id"]
+    ends = [svc.root / state / task_id for state in ("success", "error")]
+    while not any(p.exists() for p in ends):
+        time.sleep(0.005)
     elapsed = time.perf_counter() - t0
-    assert status == "SUCCEEDED", tc.get_task(task_id).data
+    status = svc.tc.get_task(task_id)
+    assert status["status"] == "SUCCEEDED", status.data
     return elapsed
 
 
@@ -108,36 +96,36 @@ def empty(folder: Path) -> None:
         shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
-def compare(svc: Service, base: Path, name: str, recursive: bool) -> dict[str, Series]:
+def compare(svc: Service, base: Path, name: str, recursive: bool) -> dict[str, cf.Series]:
     """cp, cp then flush, and a transfer of the same data, interleaved run by run."""
     src, dst, cps = base / "src" / name, base / "dst", base / "cp"
 
     def floor(make: Callable[[Path, Path, bool], list[str]], at: str) -> Callable[[int], float]:
         def step(run: int) -> float:
             (cps / at).mkdir()
-            return run_cmd(make(src, cps / at / name, recursive))
+            return cf.run_cmd(make(src, cps / at / name, recursive))
 
         return step
 
     def ours(run: int) -> float:
         shown = f"/{name}/" if recursive else f"/{name}"
-        return transfer(svc.tc, shown, shown, recursive)
+        return transfer(svc, shown, shown, recursive)
 
     def cleanup() -> None:
         empty(dst)
         empty(cps)
 
     r = " -r" if recursive else ""
-    steps = {f"cp{r} + sync{' -f' if r else ''}": floor(cp_sync, "synced"),
-             f"cp{r}": floor(cp, "plain"), "batchingest": ours}  # fmt: skip
-    return interleave(RUNS, steps, cleanup)
+    steps = {f"cp{r} + sync{' -f' if r else ''}": floor(cf.cp_sync, "synced"),
+             f"cp{r}": floor(cf.cp, "plain"), "batchingest": ours}  # fmt: skip
+    return cf.interleave(cf.RUNS, steps, cleanup)
 
 
 def copies(base: Path) -> list[str]:
     for d in ("src", "dst", "cp"):
         (base / d).mkdir()
-    make_big(base / "src" / "big.bin")
-    make_tree(base / "src" / "tree")
+    cf.make_big(base / "src" / "big.bin")
+    cf.make_tree(base / "src" / "tree")
     svc = Service(base / "root", "--endpoint", f"src={base / 'src'}",
                   "--endpoint", f"dst={base / 'dst'}")  # fmt: skip
     try:
@@ -145,11 +133,12 @@ def copies(base: Path) -> list[str]:
         small = compare(svc, base, "tree", True)
     finally:
         svc.stop()
-    rows = table(f"one {BIG_MIB / 1024:g} GiB file, GiB/s", gib_per_s(BIG_MIB),
-                 big["batchingest"], [(big["cp"], ">= 0.9x"), (big["cp + sync"], "")])  # fmt: skip
-    rows += table(f"{FILES:,} x 4 KiB in {FOLDERS} folders, files/s", files_per_s(FILES),
-                  small["batchingest"], [(small["cp -r"], ">= 0.5x"),
-                                         (small["cp -r + sync -f"], "")])  # fmt: skip
+    big_title = f"one {cf.BIG_MIB / 1024:g} GiB file, GiB/s"
+    rows = cf.table(big_title, cf.gib_per_s(cf.BIG_MIB), big["batchingest"],
+                    [(big["cp"], ">= 0.9x"), (big["cp + sync"], "")])  # fmt: skip
+    small_title = f"{cf.FILES:,} x 4 KiB in {cf.FOLDERS} folders, files/s"
+    rows += cf.table(small_title, cf.files_per_s(cf.FILES), small["batchingest"],
+                     [(small["cp -r"], ">= 0.5x"), (small["cp -r + sync -f"], "")])  # fmt: skip
     for label, series in (("big", big), ("small", small)):
         raw = "; ".join(f"{s.name} {[round(x, 3) for x in s.seconds]}" for s in series.values())
         rows.append(f"\nraw seconds, {label}: {raw}")
@@ -195,9 +184,9 @@ def main() -> None:
     base = Path(tempfile.mkdtemp(prefix="bench-transfers-", dir=os.environ.get("BENCH_DIR")))
     try:
         rows = copies(base)
-        print(f"## Transfers ({RUNS} runs, interleaved; endpoints on one file system)\n")
-        print("\n".join(header() + rows))
-        print(f"\n{DRAINS.line()}")
+        print(f"## Transfers ({cf.RUNS} runs, interleaved; endpoints on one file system)\n")
+        print("\n".join(cf.header() + rows))
+        print(f"\n{cf.DRAINS.line()}")
         print("\n| measure | batchingest | same run | target |")
         print("|---|---|---|---|")
         for line in task_list(base):
