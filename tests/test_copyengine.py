@@ -175,3 +175,24 @@ def test_transfer_of_many_files_in_groups_under_a_low_descriptor_limit(
         assert (dst / "c" / rel.removeprefix("t/")).read_text() == str(i)
     assert (dst / "c" / "big").read_bytes() == (src / "t" / "big").read_bytes()
     assert not [p for p in dst.rglob("*") if p.name.startswith(".batchingest")]
+
+
+def test_copy_flushing_copies_in_steps_and_reports_each(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(copyengine, "STEP", 64 << 10)
+    data = os.urandom((64 << 10) * 3 + 123)
+    (tmp_path / "src").write_bytes(data)
+    src = os.open(tmp_path / "src", os.O_RDONLY)
+    dst = os.open(tmp_path / "dst", os.O_RDWR | os.O_CREAT, 0o600)
+    steps: list[int] = []
+    try:
+        assert copyengine.copy_flushing(src, dst, len(data), steps.append) == len(data)
+        assert fs.sync_file_range(dst, 0, len(data), wait=True)
+        # a source shorter than it was said to be: the bytes there are, no more
+        assert copyengine.copy_flushing(src, dst, len(data) + 999) == len(data)
+    finally:
+        os.close(src)
+        os.close(dst)
+    assert steps == [64 << 10] * 3 + [123]
+    assert (tmp_path / "dst").read_bytes() == data
