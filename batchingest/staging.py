@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import stat
 import threading
 from collections.abc import Iterable
@@ -30,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from batchingest import fs
-from batchingest.runner import LOG_FILE
+from batchingest.jobdir import LOG_FILE
+from batchingest.paths import InvalidPath, is_within, relpath_segments
 
 log = logging.getLogger("batchingest.staging")
 
@@ -41,60 +41,21 @@ MANIFEST_VERSION = 1
 # them from anything else and remove the leftovers of a killed copy.
 TEMP_PREFIX = ".batchingest-stage-"
 TEMP_SUFFIX = ".tmp"
-MAX_PATH = 4096
-MAX_COMPONENT = 255
-
-
-_BAD_CHAR = re.compile(r"[\x00-\x1f\x7f\\]")
 
 
 class StagingError(Exception):
     """Staging cannot be carried out as asked (bad manifest, unreadable catalog...)."""
 
 
-class InvalidPath(ValueError):
-    """A relative path that breaks the path rules."""
-
-
 def check_relpath(rel: str) -> str:
-    """Validate an archive-relative path and return it unchanged.
+    """An archive-relative path, returned unchanged once it passes the one rule for
+    relative paths (paths.relpath_segments: InvalidPath says which part it breaks).
 
-    The rules are those of paths inside a job: relative, '/'-separated, no empty, '.'
-    or '..' component, no hidden component (hidden names are the service's own, e.g.
-    temporary copies), no backslash, no control characters, valid UTF-8, at most 4096
-    bytes and 255 bytes per component. A path passing them cannot climb out of the folder it is
-    joined to (symbolic links are checked separately, when resolving).
+    A path passing it cannot climb out of the folder it is joined to (symbolic links
+    are checked separately, when resolving).
     """
-    if not isinstance(rel, str) or not rel:
-        raise InvalidPath("empty path")
-    try:
-        raw = rel.encode("utf-8")
-    except UnicodeEncodeError:
-        raise InvalidPath("not valid UTF-8") from None
-    if len(raw) > MAX_PATH:
-        raise InvalidPath(f"longer than {MAX_PATH} bytes")
-    bad = _BAD_CHAR.search(rel)
-    if bad:
-        raise InvalidPath(
-            "contains a backslash" if bad[0] == "\\" else "contains a control character"
-        )
-    if rel.startswith("/"):
-        raise InvalidPath("absolute path")
-    for part in rel.split("/"):
-        if part == "":
-            raise InvalidPath("empty path component")
-        if part in (".", ".."):
-            raise InvalidPath(f"'{part}' path component")
-        if part.startswith("."):
-            raise InvalidPath("hidden path component")
-        if len(part.encode("utf-8")) > MAX_COMPONENT:
-            raise InvalidPath(f"path component longer than {MAX_COMPONENT} bytes")
+    relpath_segments(rel)
     return rel
-
-
-def is_within(path: str, root: str) -> bool:
-    """True if the real path `path` is inside the real folder `root` (not root itself)."""
-    return path.startswith(root.rstrip("/") + "/")
 
 
 @dataclass(frozen=True)

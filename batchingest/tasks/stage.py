@@ -41,6 +41,7 @@ from batchingest import fs
 from batchingest.config import env_bool
 from batchingest.copyengine import FALLBACK_ERRNOS as _FALLBACK_ERRNOS
 from batchingest.copyengine import copy_fd, copy_pieces, sha256_fd
+from batchingest.paths import is_within
 from batchingest.staging import (
     MANIFEST,
     PROGRESS,
@@ -51,7 +52,6 @@ from batchingest.staging import (
     Progress,
     RealDirs,
     StagingError,
-    is_within,
     load_manifest,
     manifest_limit,
     read_progress,
