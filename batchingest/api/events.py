@@ -13,14 +13,13 @@ import os
 from collections.abc import AsyncIterator
 from typing import Any
 
-from anyio import to_thread
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
 from batchingest import events, fs
+from batchingest.api.common import json_response, run_blocking
 from batchingest.api.errors import ApiError
-from batchingest.api.jobs import json_response
 from batchingest.api.paths import job_name
 from batchingest.config import Config
 from batchingest.store import Job, JobBusy, Store
@@ -87,7 +86,7 @@ def routes(cfg: Config, store: Store) -> list[BaseRoute]:
         limit = _number(request, "limit", DEFAULT_LIMIT, MAX_LIMIT)
         offset = _number(request, "offset", 0)
         try:
-            found = await to_thread.run_sync(store.read, name, lambda job: _history(store, job))
+            found = await run_blocking(store.read, name, lambda job: _history(store, job))
         except JobBusy as e:
             raise ApiError(409, "JobBusy", str(e)) from None
         if found is None:

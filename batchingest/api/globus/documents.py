@@ -11,7 +11,6 @@ from typing import Any
 
 from starlette.requests import Request
 
-from batchingest.api.common import json_response as json_response
 from batchingest.endpoints import Endpoint, Item
 
 PREFIX = "/globus"
