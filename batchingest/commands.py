@@ -284,7 +284,7 @@ def cmd_requeue(source: Source, args: argparse.Namespace) -> int:
         try:
             status, moved = source.queue(name)
         except CommandError as e:
-            failed.append(f"{name}: {e.message}")
+            failed.append(f"{name}: {e}")
             progress.step(name, " (failed)")
             continue
         progress.step(name, "" if moved else f" (already {status})")
@@ -338,12 +338,12 @@ def run(func: Command, args: argparse.Namespace) -> int:
     try:
         source = open_source(args)
     except CommandError as e:
-        print(f"{prog}: error: {e.message}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return e.status
     try:
         return func(source, args)
     except CommandError as e:
-        print(f"{prog}: error: {e.message}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return e.status
     except KeyboardInterrupt:
         return INTERRUPTED

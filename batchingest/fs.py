@@ -272,19 +272,18 @@ def _is_dir_or_link(mode: int) -> bool:
     return stat.S_ISDIR(mode) or stat.S_ISLNK(mode)
 
 
+_KINDS = {
+    stat.S_IFREG: "file",
+    stat.S_IFDIR: "folder",
+    stat.S_IFLNK: "symbolic link",
+    stat.S_IFIFO: "named pipe",
+    stat.S_IFSOCK: "socket",
+}
+
+
 def kind(mode: int) -> str:
     """A word for what an inode is, for error messages."""
-    if stat.S_ISREG(mode):
-        return "file"
-    if stat.S_ISDIR(mode):
-        return "folder"
-    if stat.S_ISLNK(mode):
-        return "symbolic link"
-    if stat.S_ISFIFO(mode):
-        return "named pipe"
-    if stat.S_ISSOCK(mode):
-        return "socket"
-    return "device"
+    return _KINDS.get(stat.S_IFMT(mode), "device")
 
 
 def read_fd(fd: int, limit: int, name: str = "") -> bytes:

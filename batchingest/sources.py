@@ -29,11 +29,10 @@ LOG_CHUNK = 1 << 20  # bytes of LOG read (or requested) at a time
 
 
 class CommandError(Exception):
-    """What went wrong, in one line for stderr, and the exit status it means."""
+    """What went wrong, in one line for stderr (its str), and the exit status it means."""
 
     def __init__(self, message: str, status: int = FAILURE) -> None:
         super().__init__(message)
-        self.message = message
         self.status = status
 
 
