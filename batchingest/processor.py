@@ -610,6 +610,7 @@ class Processor:
         with self._running_lock:
             self._running[hold.name] = process
         watch = self._watcher.watch(hold.dir_fd, process, deadline)
+        copy_mark = metrics.progress_mark(hold.dir_fd, task)
         metrics.WORKERS_BUSY.inc()
         try:
             return run_task(
@@ -627,6 +628,7 @@ class Processor:
         finally:
             self._watcher.unwatch(watch)
             metrics.WORKERS_BUSY.dec()
+            metrics.task_copied(hold.dir_fd, task, copy_mark)
             with self._running_lock:
                 self._running.pop(hold.name, None)
 

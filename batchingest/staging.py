@@ -332,6 +332,9 @@ class Progress:
     bytes_total: int = 0
     bytes_staged: int = 0
     error: str | None = None
+    # bytes this run of the stage task copied (bytes_staged counts files found already
+    # staged too): the processor adds them to batchingest_staged_bytes_total
+    bytes_copied: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -340,6 +343,7 @@ class Progress:
             "bytes_total": self.bytes_total,
             "bytes_staged": self.bytes_staged,
             "error": self.error,
+            "bytes_copied": self.bytes_copied,
         }
 
 
@@ -368,7 +372,7 @@ def load_progress(dir_fd: int) -> Progress | None:
     if not isinstance(data, dict):
         raise StagingError(f"{PROGRESS} is not a JSON object")
     p = Progress()
-    for name in ("files_total", "files_staged", "bytes_total", "bytes_staged"):
+    for name in ("files_total", "files_staged", "bytes_total", "bytes_staged", "bytes_copied"):
         value = data.get(name)
         if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
             setattr(p, name, value)
