@@ -180,7 +180,15 @@ class HttpSource:
         return body["DATA"], None if cursor in (None, "") else str(cursor)
 
     def stuck(self) -> list[str] | None:
-        return None  # the API does not say whether a processing job has a live holder
+        """The service's own look (GET /stuck); None from a service without that route."""
+        r = self.request("GET", "/stuck")
+        if self.missing_route(r, "GET /stuck") is not None:
+            return None
+        body = self.document(r, dict, "a list of stuck jobs")
+        names = body.get("stuck")
+        if not isinstance(names, list):
+            raise CommandError(f"{self.url}/stuck did not answer with a list of stuck jobs")
+        return [str(n) for n in names]
 
 
 def _reason(e: Exception) -> str:

@@ -440,6 +440,15 @@ def _from_env(f: dataclasses.Field[Any], opt: Option, environ: Mapping[str, str]
         raise ConfigError(f"bad {name}: {e}") from None
 
 
+def setting_from_env(name: str, environ: Mapping[str, str] | None = None) -> Any:
+    """One setting from its BATCHINGEST_* variable, parsed as serve parses it (None when
+    unset), for the operator commands that must judge as the service does."""
+    for f, opt in options():
+        if f.name == name:
+            return _from_env(f, opt, os.environ if environ is None else environ)
+    raise KeyError(name)
+
+
 def config_from_args(
     args: argparse.Namespace,
     environ: Mapping[str, str] | None = None,

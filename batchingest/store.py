@@ -145,6 +145,45 @@ def check_name(name: str) -> str:
     return name
 
 
+def _lock_taken(dir_fd: int) -> bool | None:
+    """Does a process hold the job's `.lock`? None if it is a link or a special file."""
+    try:
+        fd = fs.open_regular(dir_fd, LOCK_FILE)
+    except FileNotFoundError:
+        return False  # a holder makes .lock before it claims
+    except (fs.UnsafePath, fs.NotRegular):
+        return None  # planted: no processor would lock that
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return True
+        return None
+    finally:
+        os.close(fd)  # closing drops the flock we may have taken
+    return False
+
+
+@dataclass(frozen=True)
+class Looks:
+    """How leases are judged in one look at processing/ (see Store.stuck)."""
+
+    me: lease.Owner
+    now: Callable[[], float]
+    timeout: float
+
+
+class _LookingClock(lease.Clock):
+    """The shared file system's clock, or this machine's where the root cannot be
+    written (an operator looking with fewer rights than the service has)."""
+
+    def __call__(self) -> float:
+        try:
+            return super().__call__()
+        except OSError:
+            return time.time()
+
+
 @dataclass(frozen=True)
 class Job:
     name: str
@@ -739,6 +778,51 @@ class Store:
             finally:
                 hold.release()
         return recovered
+
+    def stuck(
+        self, me: lease.Owner | None = None, timeout: float | None = None
+    ) -> builtins.list[str]:
+        """Jobs in processing/ that no live holder holds: those recover() would take
+        back now, by the same rule, only looked at (nothing is taken, created or moved).
+        me and timeout: this host's holder and --lease-timeout (the store's own if None).
+
+        Also those that cannot be told (a `.lock` or `.lease` that is a link or a
+        special file, which no processor would use): they need a person as much.
+        """
+        me = me or self.owner
+        looks = Looks(me, _LookingClock(self.root_fd, me.host), timeout or self.lease_timeout)
+        names = [e.name for e in self._entries(State.PROCESSING) if valid_name(e.name)]
+        return sorted(name for name in names if self._held(name, looks) is not True)
+
+    def _held(self, name: str, looks: Looks) -> bool | None:
+        """Does a live holder hold this job in processing/? None if it cannot be told.
+
+        Held: some process keeps an exclusive flock on its `.lock` (a non-blocking one
+        of ours is refused; if it succeeds it is dropped at once), or its lease still
+        holds it (lease.stale says so: its pid lives on this host, or it was renewed
+        within --lease-timeout), as recover() judges.
+        """
+        try:
+            dir_fd = fs.open_dir(self.root_fd, f"processing/{name}")
+        except (FileNotFoundError, NotADirectoryError):
+            return True  # it left processing/ meanwhile: someone is moving it
+        except fs.UnsafePath:
+            return None
+        try:
+            locked = _lock_taken(dir_fd)
+            if locked is not False:
+                return locked
+            try:
+                found = lease.read(dir_fd)
+            except lease.LeaseUnusable:
+                return None
+            if found and lease.stale(found, looks.me, looks.now, looks.timeout) is None:
+                return True
+            # free, unless the folder we looked at has left processing/ meanwhile
+            there = fs.lstat(self.root_fd, f"processing/{name}")
+            return there is None or not fs.same_inode(there, os.fstat(dir_fd))
+        finally:
+            os.close(dir_fd)
 
     # -- crash leftovers ---------------------------------------------------------------
 
