@@ -99,6 +99,9 @@ def parse_statuses(text: str | None) -> list[State]:
 
 
 LOCK_FILE = ".lock"
+# What this process runs short of (descriptors, memory), never a fault of the job: such
+# an OSError is raised as it is, for the caller to say so and try again later.
+SHORTAGE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 # A request to cancel the job (batchingest.control): inside the job folder, so it moves
 # with the job and outlives a restart of whoever holds it.
 CANCEL_FILE = ".cancel"
@@ -198,7 +201,8 @@ class Job:
 class LockUnusable(OSError):
     """The job's `.lock` is a folder, a link, a special file or not writable (or the
     folder cannot be opened): the job cannot be held, so it is skipped (and said so
-    once in the service log)."""
+    once in the service log). Never raised for a shortage of this process's own
+    (SHORTAGE: out of descriptors): that is no reason to touch the job."""
 
 
 @dataclass
@@ -274,6 +278,8 @@ def _lock_at(dir_fd: int) -> int | None:
     except FileNotFoundError:
         return None  # the folder was removed (a delete) after we opened it
     except OSError as e:
+        if e.errno in SHORTAGE:
+            raise  # nothing is wrong with the job: the caller tries again later
         st = fs.lstat(dir_fd, LOCK_FILE)
         what = f"is a {fs.kind(st.st_mode)}" if st else "cannot be opened"
         if st is not None and stat.S_ISREG(st.st_mode):
@@ -648,6 +654,8 @@ class Store:
         except (FileNotFoundError, NotADirectoryError, fs.UnsafePath):
             return None  # gone, or a link: not a job
         except OSError as e:
+            if e.errno in SHORTAGE:
+                raise
             raise LockUnusable(e.errno or 0, f"its folder cannot be opened ({e.strerror})") from e
         try:
             fd = _lock_at(dir_fd)
