@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from batchingest import fs
-from batchingest.jobdir import LOG_FILE
+from batchingest.jobdir import read_log_tail
 from batchingest.paths import InvalidPath, is_within, relpath_segments
 
 log = logging.getLogger("batchingest.staging")
@@ -396,13 +396,11 @@ def last_log_line(dir_fd: int, limit: int = LOG_TAIL) -> str | None:
     the task's last words, so they are used only when the task said nothing.
     """
     try:
-        found = fs.read_tail(dir_fd, LOG_FILE, limit)
+        tail = read_log_tail(dir_fd, limit)
     except OSError:  # a link, a FIFO, a folder: no words to show
         return None
-    if found is None:
-        return None
     marker = None
-    for line in reversed(found[0].decode("utf-8", "replace").splitlines()):
+    for line in reversed(tail.text.splitlines()):
         line = line.strip()
         if not line:
             continue

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from batchingest import fs
+from batchingest.jobdir import read_log_tail
 from batchingest.webhooks.events import (
     LOG_CAP,
     MAX_URLS,
@@ -19,7 +20,6 @@ from batchingest.webhooks.events import (
     build_body,
     error_log,
     lane_key,
-    read_log_tail,
     read_urls,
     read_webhook,
 )
