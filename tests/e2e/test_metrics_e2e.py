@@ -142,6 +142,17 @@ def test_bytes_staged_and_transferred_are_counted_once(tmp_path: Path) -> None:
         assert scrape(svc) == (100_000, 0)
         stage(c)  # the file is staged already: nothing is copied
         assert scrape(svc) == (100_000, 0)
+        assert c.post("/dts/staging", json={"ids": ["../a.bin"]}).status_code == 400
+        for _ in range(2):
+            r = c.post("/dts/staging", json={"ids": ["a.bin"]}, headers={"Idempotency-Key": "k1"})
+            assert r.status_code in (200, 201), r.text
+        text = httpx.get(f"{svc.url}/metrics", headers=bearer).text
+        requests = "batchingest_staging_requests_total"
+        assert [value(text, requests, status=s) for s in ("accepted", "replayed", "rejected")] == [
+            3,
+            1,
+            1,
+        ]
         r = c.post("/v1/transfers", json={
             "source_url": f"file://{data / 'whole.bin'}", "destination_url":
             f"file://{data / 'part.bin'}", "start_offset": 1000, "end_offset": 4000,
