@@ -264,17 +264,8 @@ def _retry_after(value: str | None) -> float | None:
         return None  # an HTTP date: rare for webhooks, the backoff applies
 
 
-async def post(
-    client: httpx.AsyncClient,
-    target: Target,
-    body: bytes,
-    *,
-    event_id: str,
-    secret: str | None,
-    timeout: float,
-    address: str | None = None,
-) -> Result:
-    """POST body once; never raises for network trouble, reports it in the Result."""
+def _headers(target: Target, body: bytes, event_id: str, secret: str | None) -> dict[str, str]:
+    """The headers of one POST: its event id, the target's credentials, the signatures."""
     headers = {
         "Content-Type": "application/json",
         "User-Agent": f"batchingest/{batchingest.__version__}",
@@ -290,6 +281,21 @@ async def post(
         headers["webhook-id"] = event_id
         headers["webhook-timestamp"] = ts
         headers["webhook-signature"] = sign_standard(secret, event_id, ts, body)
+    return headers
+
+
+async def post(
+    client: httpx.AsyncClient,
+    target: Target,
+    body: bytes,
+    *,
+    event_id: str,
+    secret: str | None,
+    timeout: float,
+    address: str | None = None,
+) -> Result:
+    """POST body once; never raises for network trouble, reports it in the Result."""
+    headers = _headers(target, body, event_id, secret)
     url = target.url
     extensions: dict[str, str] = {}
     if address is not None:
