@@ -363,10 +363,12 @@ def rename(ep: Endpoint, old: list[str], new: list[str]) -> None:
         raise PathError("invalid", "/ is the endpoint folder itself: it cannot be renamed")
     if not new:
         raise PathError("exists", "/ is the endpoint folder itself, which exists")
-    if len(new) > len(old) and new[: len(old)] == old:
-        raise PathError("invalid", f"{show_path(old)} cannot be moved into itself")
     with opened(ep) as root:
         lstat(root, old)  # missing, or a link on the way: say so for the old path
+        if len(new) > len(old) and new[: len(old)] == old:
+            # a well-formed request the file system refuses, as rename(2) would (EINVAL)
+            message = f"{show_path(old)} cannot be moved into itself"
+            raise PathError("os", message, errno.EINVAL)
         with folder(root, old[:-1]) as src, folder(root, new[:-1]) as dst:
             _rename_in(src, dst, old, new)
 

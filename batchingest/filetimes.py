@@ -147,8 +147,8 @@ def _second(seconds: int) -> str:
 _CREATED: dict[tuple[int, int], tuple[float, bool]] = {}
 
 
-def _fd_times(fd: int) -> Times | None:
-    st = os.fstat(fd)
+def _fd_times(fd: int, st: os.stat_result) -> Times | None:
+    """The times of the folder open as fd, whose fstat is st."""
     if not stat.S_ISDIR(st.st_mode):
         return None
     key = (st.st_dev, st.st_ino)
@@ -167,7 +167,30 @@ def _fd_times(fd: int) -> Times | None:
 
 def job_times(path: str | int) -> dict[str, str | None]:
     """`Created` and `Modified` of a job folder as a job's info shows them (None if gone)."""
-    t = _fd_times(path) if isinstance(path, int) else folder_times(path)
+    if isinstance(path, int):
+        created, modified = shown_times(path)
+        return {"Created": created, "Modified": modified}
+    t = folder_times(path)
     if t is None:
         return {"Created": None, "Modified": None}
     return {"Created": rfc3339(t.created), "Modified": rfc3339(t.modified)}
+
+
+# The two texts by (device, inode, ctime): a folder's times change only with its ctime.
+_SHOWN: dict[tuple[int, int, int], tuple[str, str]] = {}
+
+
+def shown_times(fd: int) -> tuple[str | None, str | None]:
+    """job_times of an open job folder, as (Created, Modified)."""
+    st = os.fstat(fd)
+    key = (st.st_dev, st.st_ino, st.st_ctime_ns)
+    shown = _SHOWN.get(key)
+    if shown is None:
+        t = _fd_times(fd, st)
+        if t is None:
+            return None, None
+        shown = (rfc3339(t.created), rfc3339(t.modified))
+        if len(_SHOWN) >= 10_000:
+            _SHOWN.clear()
+        _SHOWN[key] = shown
+    return shown

@@ -310,6 +310,7 @@ class Store:
         self._listeners: list[Listener] = []
         self._warned: set[str] = set()
         self._state_prefixes = tuple(f"{self.root / state}/" for state in STATES)
+        self._state_rels = tuple((state, f"{state}/") for state in State)  # open_state()
         # state -> (folder identity, sorted names): see job_names()
         self._names_cache: dict[str, tuple[tuple[int, int, int, int], list[str]]] = {}
         self._count_cache: dict[str, tuple[tuple[int, int, int, int], int]] = {}  # job_count()
@@ -342,14 +343,23 @@ class Store:
         `GET /jobs/{id}`. What is read through the descriptor is the job's, even if it
         moves on meanwhile. Looks twice, as find() does, to see through a move in flight.
         """
+        found = self.open_state(name)
+        if found is None:
+            return None
+        state, fd = found
+        return Job(name, state, self.job_path(state, name)), fd
+
+    def open_state(self, name: str) -> tuple[State, int] | None:
+        """open_named without the Job: the state the job was found in and its folder's
+        descriptor (no Path built: on `GET /jobs/{id}` that costs as much as an open)."""
         check_name(name)
         for _ in range(2):
-            for state, base in zip(State, self._state_prefixes, strict=True):
+            for state, rel in self._state_rels:
                 try:
-                    fd = fs.open_dir(self.root_fd, f"{state}/{name}")
+                    fd = fs.open_dir(self.root_fd, rel + name)
                 except (FileNotFoundError, NotADirectoryError, fs.UnsafePath):
                     continue  # not there, or a link or a file: never a job
-                return Job(name, state, Path(base + name)), fd
+                return state, fd
         return None
 
     # -- layout -----------------------------------------------------------------

@@ -15,7 +15,9 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from batchingest import lease
+from batchingest.api import openapi
 from batchingest.api.common import json_response, run_blocking
+from batchingest.api.openapi import Op
 from batchingest.config import Config
 from batchingest.store import Store
 
@@ -29,13 +31,14 @@ def routes(cfg: Config, store: Store) -> list[BaseRoute]:
     return [Route("/stuck", stuck, methods=["GET"])]
 
 
-OPENAPI_PATHS: dict[str, Any] = {
-    "/stuck": {
-        "get": {
-            "summary": "Jobs in processing/ with no live holder (a free .lock and no lease "
-            'that still holds): {"stuck": [names]}, as `batchingest status` shows them',
-            "tags": ["operations"],
-            "responses": {"200": {"description": '{"stuck": [job names]}'}},
-        }
-    }
+_NAMES = {
+    "type": "object",
+    "required": ["stuck"],
+    "properties": {"stuck": {"type": "array", "items": {"type": "string"}}},
 }
+OPS = (
+    Op("get", "/stuck", "getStuckJobs", "operations",
+       "jobs in processing/ with no live holder (a free .lock and no lease that still "
+       "holds), as `batchingest status` shows them", {"200": _NAMES}),
+)  # fmt: skip
+OPENAPI_PATHS: dict[str, Any] = openapi.paths(OPS)
