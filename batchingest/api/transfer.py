@@ -33,7 +33,7 @@ from batchingest.connections import BODY_STREAM
 # one hand-off to a thread per buffer, not per network chunk. A thread that gives up the
 # GIL for a call can wait up to the switch interval (5 ms) to get it back while the loop
 # runs Python, so the fewer such calls, the better; BUFFERS bound the memory.
-BATCH = 4 << 20
+BATCH = 2 << 20
 BUFFERS = 3
 WRITE_PIECE = 256 << 10
 READ_CHUNK = 1 << 20
