@@ -100,8 +100,9 @@ class _Batches:
     buffer is reused once both threads are done with it. At most BUFFERS exist.
     """
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, size: int) -> None:
         self.fd = fd
+        self.size = size
         self.hasher = hashlib.sha256()
         self.loop = asyncio.get_running_loop()
         self.hashing = ThreadPoolExecutor(1, thread_name_prefix="upload-hash")
@@ -114,7 +115,7 @@ class _Batches:
         """An empty buffer: a new one, or the oldest once its threads are done."""
         if not self.free and self.made < BUFFERS:
             self.made += 1
-            return bytearray(BATCH)
+            return bytearray(self.size)
         if not self.free:
             await self._finish_oldest()
         return self.free.pop()
@@ -127,11 +128,11 @@ class _Batches:
 
     async def _finish_oldest(self) -> None:
         buf, hashed, written = self.busy[0]
-        try:
-            await hashed
-            await written
-        finally:
-            self.busy.popleft()
+        results = await asyncio.gather(hashed, written, return_exceptions=True)
+        self.busy.popleft()
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
         self.free.append(buf)
 
     async def drain(self) -> bytes:
@@ -165,14 +166,16 @@ async def body_chunks(request: Request) -> AsyncIterator[bytes]:
         yield chunk
 
 
-async def receive_into(fd: int, chunks: AsyncIterator[bytes], max_upload: int) -> Upload:
+async def receive_into(
+    fd: int, chunks: AsyncIterator[bytes], max_upload: int, batch: int = BATCH
+) -> Upload:
     """Write a request body into fd, hashing it; raise too_large past max_upload.
 
-    Network chunks are copied into BATCH-sized buffers (see _Batches) while earlier
+    Network chunks are copied into buffers of `batch` bytes (see _Batches) while earlier
     buffers are hashed and written; when all BUFFERS are busy the body is not read, so
     the client waits (TCP flow control) and memory stays bounded.
     """
-    batches = _Batches(fd)
+    batches = _Batches(fd, batch)
     size = filled = 0
     buf: bytearray | None = None
     try:
@@ -184,11 +187,11 @@ async def receive_into(fd: int, chunks: AsyncIterator[bytes], max_upload: int) -
             while view:
                 if buf is None:
                     buf = await batches.take()
-                n = min(len(view), BATCH - filled)
+                n = min(len(view), batch - filled)
                 buf[filled : filled + n] = view[:n]
                 filled += n
                 view = view[n:]
-                if filled == BATCH:
+                if filled == batch:
                     batches.submit(buf, filled)
                     buf, filled = None, 0
         if buf is not None and filled:
