@@ -24,7 +24,8 @@ measures:
 Environment: BENCH_RUNS (default 5), BENCH_SIZE_MIB (default 512), BENCH_DIR (where the
 jobs root and the test file go; default the system temp folder).
 To compare two versions in one sitting, run this twice, once with
-`PYTHONPATH=/other/tree`: the service subprocess then runs that tree's code.
+`PYTHONPATH=/other/tree`: the service subprocess then runs that tree's code (without it,
+this file's own tree, whatever the current folder).
 """
 
 from __future__ import annotations
@@ -414,7 +415,11 @@ def main() -> None:
     try:
         root = work / "root"
         (root / "tasks").mkdir(parents=True)
-        svc = Service(root, "--no-processor", "--log-level", "warning")
+        # the service runs the tree PYTHONPATH names, else this one: never the current
+        # folder's (python -m puts it first), nor the virtualenv's installed copy
+        tree = os.environ.get("PYTHONPATH") or str(Path(__file__).resolve().parents[2])
+        env = {"PYTHONPATH": tree, "PYTHONSAFEPATH": "1"}
+        svc = Service(root, "--no-processor", "--log-level", "warning", env=env)
         svc.start()
         try:
             t = transfers(svc, work)
