@@ -14,18 +14,20 @@ HTTP protocol the service runs is uvicorn's httptools protocol with three limits
 
 Idle keep-alive connections are closed by uvicorn's own `timeout_keep_alive`.
 
+For the limits only public interfaces are used: the protocol class is handed to uvicorn
+through `uvicorn.Config(http=...)`, and what is added hooks into asyncio.Protocol
+methods and the httptools parser callbacks (`on_message_begin`, `on_headers_complete`),
+which are the interface between httptools and any protocol using it.
+
 It also offers a handler the rest of a request body straight from the parser
 (`BodyStream`, through the scope extension `BODY_STREAM`), for uploads: uvicorn's own
-receive() copies each piece twice (into its buffer, then out again) and costs a task
-switch per socket read. The stream is offered only while uvicorn's request cycle has
-the attributes it relies on (`body`, `more_body`), so a uvicorn that changes them makes
-the handler fall back to receive(), which always works.
-
-Only public interfaces are used: the protocol class is handed to uvicorn through
-`uvicorn.Config(http=...)`, and what is added hooks into asyncio.Protocol methods and
-the httptools parser callbacks (`on_message_begin`, `on_headers_complete`), which are
-the interface between httptools and any protocol using it. tests/e2e/test_limits.py
-checks each limit against the uvicorn that is installed.
+receive() copies each piece twice (into its buffer, then out again) and wakes the
+handler once per socket read. That needs uvicorn's own request cycle (`body`,
+`more_body`, `disconnected`, `response_complete`) and flow control (`flow`), which are
+not a public interface: the stream is offered only while they are all there, so a
+uvicorn that changes them makes uploads fall back to receive(), which always works.
+tests/e2e/test_limits.py checks each limit, and tests/e2e/test_upload_stream_e2e.py the
+stream, against the uvicorn that is installed.
 """
 
 from __future__ import annotations
@@ -116,9 +118,10 @@ STREAM_HIGH = 1 << 20
 
 
 class BodyStream:
-    """The rest of one request body, as the parser hands it over: no copies, no task
-    switch per socket read. Iterate it on the loop; reading stops while more than
-    STREAM_HIGH bytes wait, and ClientDisconnect is raised if the client goes."""
+    """The rest of one request body, as the parser hands it over: no copies, and the
+    pieces that arrived meanwhile taken in one turn. Iterate it on the loop; reading
+    stops while more than STREAM_HIGH bytes wait, and ClientDisconnect is raised if
+    the client goes."""
 
     def __init__(self, pause: Callable[[], None], resume: Callable[[], None]) -> None:
         self._pause = pause
@@ -160,6 +163,10 @@ class BodyStream:
             self._wake.clear()
             self._resume()
             await self._wake.wait()
+
+
+# what of uvicorn's request cycle a BodyStream relies on
+_CYCLE_ATTRIBUTES = ("body", "more_body", "disconnected", "response_complete")
 
 
 def limited_protocol(limits: Limits) -> type[asyncio.Protocol]:
@@ -204,6 +211,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
         if self._stream is not None:
             self._stream.lose()
+            self._stream = self._stream_cycle = None
 
     def data_received(self, data: bytes) -> None:
         if not self._counted:
@@ -223,8 +231,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._stop_head()
         super().on_headers_complete()
         cycle = self.cycle
-        self._stream = None  # a new request: any stream belonged to an earlier one
-        if all(hasattr(cycle, a) for a in ("body", "more_body", "disconnected")):
+        self._stream = self._stream_cycle = None  # any stream was an earlier request's
+        if hasattr(self, "flow") and all(hasattr(cycle, a) for a in _CYCLE_ATTRIBUTES):
             extensions: dict[str, Any] = cycle.scope.setdefault("extensions", {})  # type: ignore[assignment]
             extensions[BODY_STREAM] = lambda: self._open_stream(cycle)
 
@@ -239,7 +247,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().on_message_complete()
         if self._stream is not None and self._streaming():
             self._stream.end()
-            self._stream = None
+            self._stream = self._stream_cycle = None
 
     def _streaming(self) -> bool:
         """Is the body now parsed the one a stream takes, still wanted?"""

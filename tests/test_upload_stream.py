@@ -1,6 +1,7 @@
 """Uploads' receiving end (api/transfer.receive_into): whatever pieces a body arrives in,
 the file holds exactly the body and the SHA-256 is the body's; limits and write errors
-surface as errors, with the worker threads done before the call returns."""
+surface as errors, with the worker threads done before the call returns. And the
+installed uvicorn offers the body stream (batchingest.connections) uploads read from."""
 
 from __future__ import annotations
 
@@ -9,16 +10,24 @@ import errno
 import hashlib
 import itertools
 import os
+import socket
+import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx
 import pytest
+import uvicorn
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from batchingest.api import transfer
 from batchingest.api.errors import ApiError
 from batchingest.api.transfer import Upload
+from batchingest.connections import BODY_STREAM, Limits, limited_protocol
 
 
 async def pieces(parts: list[bytes]) -> AsyncIterator[bytes]:
@@ -88,3 +97,37 @@ def test_a_write_error_surfaces(tmp_path: Path) -> None:
     finally:
         os.close(fd)
     assert caught.value.errno == errno.EBADF
+
+
+def test_the_installed_uvicorn_offers_the_body_stream() -> None:
+    """The stream relies on uvicorn's request cycle; were it not offered, uploads would
+    still work (through receive()) but slower, so say so here."""
+    seen: dict[str, object] = {}
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        first = await receive()
+        stream = scope.get("extensions", {}).get(BODY_STREAM, lambda: None)()
+        seen["stream"] = type(stream).__name__
+        rest = [piece async for piece in stream] if stream is not None else []
+        seen["body"] = first["body"] + b"".join(rest)
+        await Response(b"ok")(scope, receive, send)
+
+    sock = socket.create_server(("127.0.0.1", 0))
+    config = uvicorn.Config(app, http=limited_protocol(Limits()), log_config=None, lifespan="off")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=asyncio.run, args=(server.serve(sockets=[sock]),))
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.01)
+        body = os.urandom(5 << 20)
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}/"
+        assert httpx.put(url, content=body, timeout=30).status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+    assert seen["stream"] == "BodyStream"
+    assert seen["body"] == body
