@@ -29,9 +29,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-import watchfiles
-
-from batchingest import control, events, jobdir, jobfile, lease, logs, metrics
+from batchingest import arrivals, control, events, jobdir, jobfile, lease, logs, metrics
 from batchingest.config import Config
 from batchingest.health import Backoff, Progress
 from batchingest.runner import (
@@ -243,7 +241,7 @@ class Processor:
         self._control = ControlDir()
         # cancel requests and deadlines: of running tasks, and of queued jobs every poll
         self._watcher = control.Watcher(cfg.cancel_grace)
-        self._deadlines = control.QueuedDeadlines(store, cfg.default_deadline)
+        self._deadlines = control.QueuedDeadlines(store, cfg.default_deadline, cfg.poll_interval)
         store.owner = lease.Owner.here(cfg.host_id)
         store.lease_timeout = cfg.lease_timeout
         self._leases = lease.Renewer(cfg.lease_renew, self._lost)
@@ -316,28 +314,37 @@ class Processor:
             # folder's mtime to change (coarse on network file systems)
             log.info("polling queue/ every %gs: %s", self.cfg.poll_interval, why)
             return
+        try:
+            watch = arrivals.Arrivals(queue_dir)
+        except OSError as e:  # no inotify instances left, say: the poll timer covers us
+            log.warning("cannot watch %s (%s); relying on polling", queue_dir, e.strerror or e)
+            return
         log.info("watching queue/ with inotify, and listing it every %gs", self.cfg.poll_interval)
+        loop = asyncio.get_running_loop()
+        gone = asyncio.Event()
 
-        def arrivals(change: watchfiles.Change, path: str) -> bool:
-            return change != watchfiles.Change.deleted
-
-        while not stop.is_set():
+        def readable() -> None:
             try:
-                async for _ in watchfiles.awatch(
-                    queue_dir,
-                    watch_filter=arrivals,
-                    recursive=False,
-                    debounce=200,
-                    step=1,
-                    stop_event=stop,
-                    force_polling=None,
-                    poll_delay_ms=max(50, int(self.cfg.poll_interval * 1000)),
-                ):
+                if watch.drain():
                     self.scheduler.wake()
-            except Exception as e:  # the poll timer still covers us
+            except OSError as e:
                 log.warning("watching %s failed (%s); relying on polling", queue_dir, e)
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(stop.wait(), 10)
+                watch.gone = True
+            if watch.gone:
+                gone.set()
+
+        loop.add_reader(watch.fd, readable)
+        try:
+            waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(gone.wait())]
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for waiting in waits:
+                waiting.cancel()
+            if gone.is_set() and not stop.is_set():
+                log.warning("%s is no longer watched (moved or removed); relying on polling",
+                            queue_dir)  # fmt: skip
+        finally:
+            loop.remove_reader(watch.fd)
+            watch.close()
 
     async def _tick(self, stop: asyncio.Event) -> None:
         """Recover jobs of dead holders and rescan, at start and every --poll-interval.
