@@ -28,6 +28,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from batchingest import arrivals, control, events, jobdir, jobfile, lease, logs, metrics
 from batchingest.config import Config
@@ -536,7 +537,11 @@ class Processor:
                 time.sleep(delay)
 
     def _run_tasks(self, hold: Hold, slot: _Slot, entered: float | None = None) -> str:
-        """Run the job's remaining tasks; return the state it should go to."""
+        """Run the job's remaining tasks; return the state it should go to.
+
+        Each task the rq way: take it (unless the job must stop first), perform it (with
+        its events), handle its result (JOB saved durably before the next one).
+        """
         try:
             log_fd = jobdir.open_log(hold.dir_fd)
         except jobdir.LogError as e:
@@ -545,56 +550,79 @@ class Processor:
             jobdir.record_failure(hold.dir_fd, str(e))
             return "error"
         try:
-            try:
-                job = jobdir.load_job(hold.dir_fd)
-                deadline = control.deadline_of(job, entered, self.cfg.default_deadline)
-            except jobfile.JobFileError as e:
-                log_line(
-                    log_fd,
-                    f"cannot run this job: {e}. JOB was left as it is; fix it "
-                    "and queue the job again.",
-                )
-                log.warning("job %s: %s", hold.name, e)
+            run = self._start(hold, slot, log_fd, entered)
+            if run is None:
                 return "error"
-            if not job.todo:
-                # queued again after it finished: say why nothing happens
-                log_line(log_fd, "nothing to run: every task in JOB is finished (add tasks to "
-                         "its Todo, or delete JOB to start over from start)")  # fmt: skip
-            finished_before = len(job.finished)
-            while job.todo:
-                if self._stopping.is_set():
-                    log_line(
-                        log_fd, f"service stopping: job goes back to queue/ at task {job.todo[0]}"
-                    )
-                    return "queue"
-                stop = control.check(hold.dir_fd, deadline)
-                if stop is not None:
-                    ran = len(job.finished) > finished_before
-                    return control.stop_job(self.store, hold.name, hold.dir_fd, job, stop, ran)
-                task = job.todo[0]
-                events.task_started(self.store, hold, task)
-                result = self._run_task(hold, task, log_fd, deadline)
-                events.task_ended(self.store, hold, result)
-                metrics.task_done(result)
-                if result.interrupted:
-                    log_line(log_fd, f"service stopping: job goes back to queue/ at task {task}")
-                    return "queue"
-                if result.canceled:
-                    control.task_stopped(self.store, hold.name, hold.dir_fd, job, result, deadline)
-                else:
-                    job.finished.append(jobdir.finished_record(result))
-                if result.ok:
-                    job.todo.pop(0)
-                    job.todo.extend(result.added)
-                if not result.ok or not job.todo:
-                    slot.release()  # the job runs no more tasks: its slot is free
-                self._check_lease(hold)
-                jobdir.save_job(hold.dir_fd, job)
-                if not result.ok:
-                    return "error"
+            while run.job.todo:
+                stopped = self._take(run)
+                if stopped is not None:
+                    return stopped
+                ended = self._handle(run, self._perform(run))
+                if ended is not None:
+                    return ended
             return "success"
         finally:
             os.close(log_fd)
+
+    def _start(self, hold: Hold, slot: _Slot, log_fd: int, entered: float | None) -> _Run | None:
+        """The job's JOB and deadline; None (said in LOG) if JOB cannot be run."""
+        try:
+            job = jobdir.load_job(hold.dir_fd)
+            deadline = control.deadline_of(job, entered, self.cfg.default_deadline)
+        except jobfile.JobFileError as e:
+            log_line(
+                log_fd,
+                f"cannot run this job: {e}. JOB was left as it is; fix it and queue the job again.",
+            )
+            log.warning("job %s: %s", hold.name, e)
+            return None
+        if not job.todo:
+            # queued again after it finished: say why nothing happens
+            log_line(log_fd, "nothing to run: every task in JOB is finished (add tasks to "
+                     "its Todo, or delete JOB to start over from start)")  # fmt: skip
+        return _Run(hold, slot, log_fd, job, deadline, len(job.finished))
+
+    def _take(self, run: _Run) -> str | None:
+        """None to go on with the next task; else the state the job goes to instead."""
+        if self._stopping.is_set():
+            log_line(
+                run.log_fd, f"service stopping: job goes back to queue/ at task {run.job.todo[0]}"
+            )
+            return "queue"
+        stop = control.check(run.hold.dir_fd, run.deadline)
+        if stop is None:
+            return None
+        ran = len(run.job.finished) > run.finished_before
+        return control.stop_job(self.store, run.hold.name, run.hold.dir_fd, run.job, stop, ran)
+
+    def _perform(self, run: _Run) -> TaskResult:
+        """Run the job's first task, with its events and metrics."""
+        hold, task = run.hold, run.job.todo[0]
+        events.task_started(self.store, hold, task)
+        result = self._run_task(hold, task, run.log_fd, run.deadline)
+        events.task_ended(self.store, hold, result)
+        metrics.task_done(result)
+        return result
+
+    def _handle(self, run: _Run, result: TaskResult) -> str | None:
+        """Record the task's result in JOB (durably); the state the job ends in, if it does."""
+        job = run.job
+        if result.interrupted:
+            log_line(run.log_fd, f"service stopping: job goes back to queue/ at task {result.task}")
+            return "queue"
+        if result.canceled:
+            control.task_stopped(self.store, run.hold.name, run.hold.dir_fd, job, result,
+                                 run.deadline)  # fmt: skip
+        else:
+            job.finished.append(jobdir.finished_record(result))
+        if result.ok:
+            job.todo.pop(0)
+            job.todo.extend(result.added)
+        if not result.ok or not job.todo:
+            run.slot.release()  # the job runs no more tasks: its slot is free
+        self._check_lease(run.hold)
+        jobdir.save_job(run.hold.dir_fd, job)
+        return None if result.ok else "error"
 
     def _check_lease(self, hold: Hold) -> None:
         """Before the job is changed: it must still be ours (LeaseLost if not)."""
@@ -651,6 +679,18 @@ def failure_reason(dir_fd: int) -> str:
     if isinstance(last, dict) and last.get("Status") == "error" and last.get("Reason"):
         return str(last["Reason"])[:500]  # JOB is the job's: a line, not a novel
     return "internal error, see the job's LOG"
+
+
+@dataclass
+class _Run:
+    """One job's run in a worker: what each step of its task loop needs."""
+
+    hold: Hold
+    slot: _Slot
+    log_fd: int
+    job: jobfile.JobFile
+    deadline: control.Deadline | None
+    finished_before: int  # Finished records when the claim took it
 
 
 class _Slot:
