@@ -273,6 +273,7 @@ class Store:
         # who holds jobs here, and after how long another host may take a lease over
         self.owner = lease.Owner.here()
         self.lease_timeout = lease.DEFAULT_TIMEOUT
+        self._local: bool | None = None  # the root on a local file system (see lease)
 
     @property
     def root_fd(self) -> int:
@@ -666,7 +667,9 @@ class Store:
         `.lock` we locked is also the live holder's, and must stay.
         """
         try:
-            got = lease.acquire(hold.dir_fd, self.owner, self.lease_timeout, clock)
+            if self._local is None:
+                self._local = lease.local_fs(self.root)
+            got = lease.acquire(hold.dir_fd, self.owner, self.lease_timeout, clock, self._local)
         except lease.LeaseUnusable as e:
             hold.abandon()
             raise LockUnusable(e.errno or 0, e.strerror) from None
