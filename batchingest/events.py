@@ -86,6 +86,8 @@ FLUSH_TICK = 0.05
 # state folders may be mount points: one per file system); fewer are fsync-ed one by one.
 SYNCFS_BATCH = 4
 MAX_PENDING = 512
+# Histories opened when a job was seen in queue/, kept for its claim: at most this many.
+MAX_WAITING = 256
 _SEGMENT_NAME = re.compile(r"([0-9]{1,12})\.jsonl")
 
 
@@ -120,10 +122,18 @@ _FIELDS = {"code": str, "time": str, "is_error": bool, "description": str, "deta
 # -- one event ------------------------------------------------------------------------
 
 
+_SECOND: tuple[int, str] = (-1, "")  # the last second formatted, and its text
+
+
 def _now() -> str:
-    """now_rfc3339 (RFC 3339 UTC with milliseconds), at a third of its cost."""
+    """now_rfc3339 (RFC 3339 UTC with milliseconds); the seconds formatted once a second."""
+    global _SECOND
     t = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"
+    second, text = _SECOND
+    if int(t) != second:
+        second, text = int(t), time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t))
+        _SECOND = (second, text)
+    return f"{text}.{int(t * 1000) % 1000:03d}Z"
 
 
 def make_event(
@@ -286,7 +296,20 @@ def last_state(dir_fd: int) -> str | None:
         return None
     if found is None:
         return None
-    lines = found[0].split(b"\n")[:-1]  # the part after the last newline is torn
+    return _last_state_in(found[0])
+
+
+def _last_state_of(fd: int) -> str | None:
+    """last_state of a history open for reading (the end of the file)."""
+    try:
+        size = os.fstat(fd).st_size
+        return _last_state_in(os.pread(fd, _TAIL, max(0, size - _TAIL))) if size else None
+    except OSError:
+        return None
+
+
+def _last_state_in(tail: bytes) -> str | None:
+    lines = tail.split(b"\n")[:-1]  # the part after the last newline is torn
     for line in reversed(lines):  # the newest event that is one: no need to parse the rest
         event = decode(line)
         if event is not None:
@@ -583,6 +606,9 @@ class Recorder:
         self._warned: set[str] = set()
         # histories of the jobs this process holds, open from the claim to the final move
         self._held: dict[str, int] = {}
+        # histories opened when a job moved in by hand was seen in queue/: its claim here
+        # takes the descriptor over (_held) rather than opening the folder and file again
+        self._waiting: dict[str, int] = {}
         # the names in queue/ at the last look (see seen_queued)
         self._queued: set[str] = set()
         # names whose history this process saw end in the queue state: a claim of one
@@ -618,6 +644,8 @@ class Recorder:
         if self.feed is not None:
             self.feed.close()
             self.feed = None
+        for name in list(self._waiting):
+            self._forget_waiting(name)
 
     def lock_of(self, name: str) -> threading.RLock:
         return self._locks[hash(name) % len(self._locks)]
@@ -627,15 +655,20 @@ class Recorder:
     def record(
         self, name: str, dir_fd: int | None, code: Code, state: str, description: str,
         details: dict[str, Any] | None = None, *, durable: bool = False, held: str | None = None,
+        history: int | None = None,
     ) -> dict[str, Any]:  # fmt: skip
         """Append one event to the job's history (dir_fd; None: feed only) and the feed.
 
         held: the name under which this process holds the job; its history then stays
         open from the claim to the final move, instead of being opened for each event.
+        history: the history already open (the caller keeps it).
         """
         event = make_event(code, state, description, details)
         line = encode(event)
-        fd, own = self._history_fd(name, dir_fd, held)
+        fd: int | None = history
+        own = False
+        if history is None:
+            fd, own = self._history_fd(name, dir_fd, held)
         if fd is not None:
             try:
                 os.write(fd, line)  # one write: lines of several writers never interleave
@@ -733,9 +766,10 @@ class Recorder:
         if original is not None and not job.name.startswith(original):
             original = None  # left over from a move that failed: not this job's
         with self.lock_of(original or job.name):
-            # a job this process held: its history is open already
-            dir_fd = None if original in self._held else self._open_moved(job)
             claimed = old_state == State.QUEUE and job.state == State.PROCESSING
+            # a job this process held, or saw in queue/: its history is open already
+            kept = original in self._held or (claimed and self._take_waiting(job.name))
+            dir_fd = None if kept else self._open_moved(job)
             held = job.name if claimed else original
             try:
                 for code, description, details in self._planned(job, old_state, original, dir_fd):
@@ -748,6 +782,28 @@ class Recorder:
                     self.release(original)
                 if dir_fd is not None:
                     os.close(dir_fd)
+
+    def _take_waiting(self, name: str) -> bool:
+        """The history kept since the job was seen in queue/ becomes the held one."""
+        fd = self._waiting.pop(name, None)
+        if fd is None:
+            return False
+        try:
+            alive = os.fstat(fd).st_nlink > 0  # not removed while it waited
+        except OSError:
+            alive = False
+        if not alive:
+            os.close(fd)
+            return False
+        self.release(name)
+        self._held[name] = fd
+        return True
+
+    def _forget_waiting(self, name: str) -> None:
+        with self.lock_of(name):
+            fd = self._waiting.pop(name, None)
+            if fd is not None:
+                os.close(fd)
 
     def _open_moved(self, job: Job) -> int | None:
         try:
@@ -798,20 +854,37 @@ class Recorder:
             fresh = [name for name in names if name not in self._queued]
             self._queued = set(names)
             self._ends_queued &= self._queued  # the others left queue/ meanwhile
+            gone = [name for name in self._waiting if name not in self._queued]
+        for name in gone:  # taken elsewhere, or moved back by hand: not claimed here
+            self._forget_waiting(name)
         for name in fresh:
             with self.lock_of(name):
+                if name in self._ends_queued:
+                    continue
                 try:
                     job = Job(name, State.QUEUE, self.store.job_path(State.QUEUE, name))
                     dir_fd = self.store.open_job(job)
                 except (OSError, ValueError):
                     continue  # taken (its claim writes it) or gone
                 try:
-                    if name not in self._ends_queued:
-                        for code, text, details in self._hand_queued(last_state(dir_fd)):
-                            self.record(name, dir_fd, code, "queue", text, details, durable=True)
-                        self._ends_queued.add(name)
+                    self._seen_by_hand(name, dir_fd)
                 finally:
                     os.close(dir_fd)
+
+    def _seen_by_hand(self, name: str, dir_fd: int) -> None:
+        """QUEUED (by hand) for a job found in queue/; its history kept for the claim."""
+        fd = self._open_history(name, dir_fd)
+        if fd is None:  # not kept (a link, say): the feed still gets the event
+            for code, text, details in self._hand_queued(None):
+                self.record(name, None, code, "queue", text, details, durable=True)
+        else:
+            for code, text, details in self._hand_queued(_last_state_of(fd)):
+                self.record(name, None, code, "queue", text, details, durable=True, history=fd)
+            if len(self._waiting) < MAX_WAITING:
+                self._waiting[name] = fd
+            else:
+                os.close(fd)
+        self._ends_queued.add(name)
 
     @staticmethod
     def _hand_queued(last: str | None) -> _Planned:

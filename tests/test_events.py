@@ -423,6 +423,28 @@ def test_hand_queued_jobs_are_seen_when_queue_is_listed(store: Store, recorder: 
     assert codes(history(store, "api")).count("QUEUED") == 2
 
 
+def test_a_history_opened_in_queue_is_the_claims_or_closed(
+    store: Store, recorder: Recorder
+) -> None:
+    """A hand-queued job's history, opened when seen, serves its claim; else it is closed."""
+    for name in ("taken", "moved", "cleaned"):
+        (store.root / "queue" / name).mkdir()
+    before = len(os.listdir("/proc/self/fd"))
+    events.seen_queued(store, store.queued())
+    assert sorted(recorder._waiting) == ["cleaned", "moved", "taken"]
+    run_held(store, "taken", "success")
+    assert codes(history(store, "taken")) == ["QUEUED", "CLAIMED", "SUCCEEDED"]
+    (store.root / "queue" / "cleaned" / EVENTS_FILE).unlink()  # removed while it waited
+    run_held(store, "cleaned", "success")
+    assert codes(history(store, "cleaned")) == ["CLAIMED", "SUCCEEDED"]  # a new history
+    os.rename(store.root / "queue" / "moved", store.root / "data" / "moved")  # mv by hand
+    events.seen_queued(store, store.queued())
+    assert recorder._waiting == {} and recorder._held == {}
+    recorder.close()  # and the flushes handed over are done
+    assert len(os.listdir("/proc/self/fd")) <= before
+    assert codes(history(store, "moved")) == ["QUEUED"]
+
+
 def test_a_failing_hook_never_stops_the_work(
     store: Store, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
