@@ -92,10 +92,17 @@ class Scheduler:
         self.scan_error: str | None = None  # the last listing failed with this
 
     def wake(self) -> None:
-        """Something may have arrived in queue/: list it again."""
+        """Something may have arrived in queue/: list it again.
+
+        One idle worker is enough to list it; the listing wakes the others if it finds
+        work. A listing already due wakes nobody: a burst of arrivals (one inotify
+        read each) costs no thread switches.
+        """
         with self._cond:
+            if self._rescan:
+                return
             self._rescan = True
-            self._cond.notify_all()
+            self._cond.notify()
 
     def close(self) -> None:
         """Hand out nothing more; take() returns None to every worker."""
