@@ -265,6 +265,7 @@ class Store:
         self._listeners: list[Listener] = []
         self._warned: set[str] = set()
         self._state_prefixes = tuple(f"{self.root / state}/" for state in STATES)
+        self._state_dirs = {str(state): self.root / state for state in STATES}
         # state -> (folder identity, sorted names): see job_names()
         self._names_cache: dict[str, tuple[tuple[int, int, int, int], list[str]]] = {}
         self._count_cache: dict[str, tuple[tuple[int, int, int, int], int]] = {}  # job_count()
@@ -311,9 +312,10 @@ class Store:
     # -- layout -----------------------------------------------------------------
 
     def state_dir(self, state: str) -> Path:
-        if state not in STATES:
-            raise ValueError(f"unknown state {state!r}")
-        return self.root / State(state)
+        try:
+            return self._state_dirs[state]  # made once: a job's every move asks
+        except KeyError:
+            raise ValueError(f"unknown state {state!r}") from None
 
     def job_path(self, state: str, name: str) -> Path:
         return self.state_dir(state) / check_name(name)
