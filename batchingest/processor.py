@@ -665,6 +665,7 @@ class Processor:
                 hold_fd=hold.fd,
                 timeout=self.cfg.task_timeout,
                 process=process,
+                control_fd=self._control.fd,
             )
         finally:
             self._watcher.unwatch(watch)
