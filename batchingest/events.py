@@ -520,9 +520,27 @@ class _Flusher:
         self.feed = feed
         self._cond = threading.Condition()
         self._fds: list[int] = []
+        # the histories (by job name) in _fds: one flush covers every line written to a
+        # file before it, so a job's later events need not hand the file over again
+        self._names: set[str] = set()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="batchingest-events", daemon=True)
         self._thread.start()
+
+    def add_history(self, name: str, fd: int) -> None:
+        """Flush the job's history soon (fd stays the caller's); once per batch and job."""
+        with self._cond:
+            if name in self._names:
+                return  # its flush in this batch is still to come: it covers this line too
+            if len(self._fds) < MAX_PENDING:
+                self._names.add(name)
+                self._fds.append(os.dup(fd))
+            self._cond.notify()
+
+    def forget(self, name: str) -> None:
+        """The history kept under name was closed: a file of that name is handed anew."""
+        with self._cond:
+            self._names.discard(name)
 
     def add(self, fd: int | None) -> None:
         """Flush fd (then close it) and the feed soon; fd None flushes the feed only."""
@@ -549,6 +567,7 @@ class _Flusher:
                 time.sleep(pause)
             with self._cond:
                 batch, self._fds = self._fds, []
+                self._names.clear()  # a line written from now on needs the next batch
                 stopping = stopping or self._stopping
             last = time.monotonic()
             self._flush(batch)
@@ -684,7 +703,10 @@ class Recorder:
             # fsync-ed with the next batch, then closed; out of descriptors, the event is
             # written all the same, only not flushed with the batch
             try:
-                self._flusher.add(os.dup(fd) if fd is not None and not own else fd)
+                if fd is not None and not own:  # kept open under `held` (or name)
+                    self._flusher.add_history(held or name, fd)
+                else:
+                    self._flusher.add(fd)
             except OSError as e:
                 log.warning("%s: event %s not flushed: %s", name, code, e.strerror or e)
                 if fd is not None and own:
@@ -714,7 +736,13 @@ class Recorder:
         """The job held as `held` left processing/: close its kept history."""
         fd = self._held.pop(held, None)
         if fd is not None:
-            os.close(fd)
+            self._close_kept(held, fd)
+
+    def _close_kept(self, name: str, fd: int) -> None:
+        """Close a history kept open; its name may stand for another file from now on."""
+        if self._flusher is not None:
+            self._flusher.forget(name)
+        os.close(fd)
 
     def _open_history(self, name: str, dir_fd: int) -> int | None:
         try:
@@ -793,7 +821,7 @@ class Recorder:
         except OSError:
             alive = False
         if not alive:
-            os.close(fd)
+            self._close_kept(name, fd)
             return False
         self.release(name)
         self._held[name] = fd
@@ -803,7 +831,7 @@ class Recorder:
         with self.lock_of(name):
             fd = self._waiting.pop(name, None)
             if fd is not None:
-                os.close(fd)
+                self._close_kept(name, fd)
 
     def _open_moved(self, job: Job) -> int | None:
         try:
@@ -883,7 +911,7 @@ class Recorder:
             if len(self._waiting) < MAX_WAITING:
                 self._waiting[name] = fd
             else:
-                os.close(fd)
+                self._close_kept(name, fd)
         self._ends_queued.add(name)
 
     @staticmethod

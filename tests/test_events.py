@@ -499,3 +499,24 @@ def test_a_history_removed_while_held_is_started_again(store: Store, recorder: R
     store.finish(hold, "success")
     assert codes(history(store, "k")) == ["TASK_SUCCEEDED", "SUCCEEDED"]
     assert recorder._held == {}  # nothing kept open once the job left processing/
+
+
+def test_a_history_is_handed_to_the_flusher_once_a_batch(store: Store) -> None:
+    """Later lines of a job pending a flush ride on it; a closed name is handed anew."""
+    feed = Feed(store.root_fd, ".events")
+    flusher = events._Flusher(feed)
+    flusher.stop()  # no thread to take the batch meanwhile: what is handed stays
+    fd = os.open(store.root / "h", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        flusher.add_history("j", fd)
+        flusher.add_history("j", fd)
+        flusher.add_history("k", fd)
+        assert len(flusher._fds) == 2
+        flusher.forget("j")  # its kept file was closed: the name may be another file's
+        flusher.add_history("j", fd)
+        assert len(flusher._fds) == 3 and all(d != fd for d in flusher._fds)  # copies
+    finally:
+        for copy in flusher._fds:
+            os.close(copy)
+        os.close(fd)
+        feed.close()
