@@ -674,20 +674,21 @@ class Recorder:
     def record(
         self, name: str, dir_fd: int | None, code: Code, state: str, description: str,
         details: dict[str, Any] | None = None, *, durable: bool = False, held: str | None = None,
-        history: int | None = None,
+        history: int | None = None, after_task: bool = False,
     ) -> dict[str, Any]:  # fmt: skip
         """Append one event to the job's history (dir_fd; None: feed only) and the feed.
 
         held: the name under which this process holds the job; its history then stays
         open from the claim to the final move, instead of being opened for each event.
-        history: the history already open (the caller keeps it).
+        history: the history already open (the caller keeps it). after_task: a task ran
+        since the last event, so the kept history may have been removed (looked at).
         """
         event = make_event(code, state, description, details)
         line = encode(event)
         fd: int | None = history
         own = False
         if history is None:
-            fd, own = self._history_fd(name, dir_fd, held)
+            fd, own = self._history_fd(name, dir_fd, held, after_task)
         if fd is not None:
             try:
                 os.write(fd, line)  # one write: lines of several writers never interleave
@@ -716,13 +717,17 @@ class Recorder:
         return event
 
     def _history_fd(
-        self, name: str, dir_fd: int | None, held: str | None
+        self, name: str, dir_fd: int | None, held: str | None, after_task: bool = False
     ) -> tuple[int | None, bool]:
-        """The history's descriptor, and whether the caller closes it (else it is kept)."""
+        """The history's descriptor, and whether the caller closes it (else it is kept).
+
+        Only a task (the job's own code) removes a kept history while the job is held:
+        whether it is still linked is looked at after one, not before every event.
+        """
         if held is None:
             return (None if dir_fd is None else self._open_history(name, dir_fd)), True
         fd = self._held.get(held)
-        if fd is not None and os.fstat(fd).st_nlink > 0:
+        if fd is not None and (not after_task or os.fstat(fd).st_nlink > 0):
             return fd, False
         if dir_fd is None:
             return None, True
@@ -1031,7 +1036,8 @@ def task_ended(store: Store, hold: Hold, result: TaskResult) -> None:
         code = Code.TASK_TIMED_OUT if result.reason.startswith("timed out") else Code.TASK_FAILED
         text = f"Task {task} failed: {result.reason}."
         details.update(exit_code=result.exit_code, reason=result.reason)
-    recorder.record(hold.name, hold.dir_fd, code, "processing", text, details, held=hold.name)
+    recorder.record(hold.name, hold.dir_fd, code, "processing", text, details, held=hold.name,
+                    after_task=True)  # fmt: skip
 
 
 def finishing(store: Store, name: str) -> None:
