@@ -887,7 +887,8 @@ class Recorder:
             fresh = [name for name in names if name not in self._queued]
             self._queued = set(names)
             self._ends_queued &= self._queued  # the others left queue/ meanwhile
-            gone = [name for name in self._waiting if name not in self._queued]
+            # a copy first: claims in other threads take names out of _waiting meanwhile
+            gone = [name for name in list(self._waiting) if name not in self._queued]
         for name in gone:  # taken elsewhere, or moved back by hand: not claimed here
             self._forget_waiting(name)
         for name in fresh:
