@@ -912,7 +912,14 @@ class Recorder:
             for code, text, details in self._hand_queued(None):
                 self.record(name, None, code, "queue", text, details, durable=True)
         else:
-            for code, text, details in self._hand_queued(_last_state_of(fd)):
+            last = _last_state_of(fd)
+            if last == State.PROCESSING.status:
+                # just moved out of processing/ (a recovery, a stopping service) and that
+                # move's own event not written yet: not by hand. A job moved from there by
+                # hand gets its QUEUED when it is claimed.
+                self._close_kept(name, fd)
+                return
+            for code, text, details in self._hand_queued(last):
                 self.record(name, None, code, "queue", text, details, durable=True, history=fd)
             if len(self._waiting) < MAX_WAITING:
                 self._waiting[name] = fd

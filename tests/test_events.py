@@ -445,6 +445,27 @@ def test_a_history_opened_in_queue_is_the_claims_or_closed(
     assert codes(history(store, "moved")) == ["QUEUED"]
 
 
+def test_a_job_seen_in_queue_before_its_move_out_of_processing_is_recorded(
+    store: Store, recorder: Recorder
+) -> None:
+    """The instant between a recovery's rename into queue/ and its RECOVERED: a listing
+    then writes no QUEUED by hand (the move's own event follows); a claim later does,
+    if none came."""
+    (store.root / "queue" / "r").mkdir()
+    hold = store.claim("r")
+    assert hold is not None
+    events.task_started(store, hold, "start")
+    hold.abandon()  # as if its processor died: the history ends in processing
+    os.rename(store.root / "processing" / "r", store.root / "queue" / "r")  # no event yet
+    events.seen_queued(store, store.queued())
+    assert codes(history(store, "r")) == ["QUEUED", "CLAIMED", "TASK_STARTED"]
+    assert recorder._waiting == {}
+    run_held(store, "r", "success")
+    got = history(store, "r")
+    assert codes(got)[3:] == ["QUEUED", "CLAIMED", "SUCCEEDED"]
+    assert got[3]["details"] == {"by": "hand", "from": "processing"}
+
+
 def test_a_failing_hook_never_stops_the_work(
     store: Store, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
