@@ -311,6 +311,7 @@ class Store:
         self._warned: set[str] = set()
         self._state_prefixes = tuple(f"{self.root / state}/" for state in STATES)
         self._state_rels = tuple((state, f"{state}/") for state in State)  # open_state()
+        self._state_dirs = {str(state): self.root / state for state in STATES}
         # state -> (folder identity, sorted names): see job_names()
         self._names_cache: dict[str, tuple[tuple[int, int, int, int], list[str]]] = {}
         self._count_cache: dict[str, tuple[tuple[int, int, int, int], int]] = {}  # job_count()
@@ -319,6 +320,7 @@ class Store:
         # who holds jobs here, and after how long another host may take a lease over
         self.owner = lease.Owner.here()
         self.lease_timeout = lease.DEFAULT_TIMEOUT
+        self._local: bool | None = None  # the root on a local file system (see lease)
 
     @property
     def root_fd(self) -> int:
@@ -365,9 +367,10 @@ class Store:
     # -- layout -----------------------------------------------------------------
 
     def state_dir(self, state: str) -> Path:
-        if state not in STATES:
-            raise ValueError(f"unknown state {state!r}")
-        return self.root / State(state)
+        try:
+            return self._state_dirs[state]  # made once: a job's every move asks
+        except KeyError:
+            raise ValueError(f"unknown state {state!r}") from None
 
     def job_path(self, state: str, name: str) -> Path:
         return self.state_dir(state) / check_name(name)
@@ -723,7 +726,9 @@ class Store:
         `.lock` we locked is also the live holder's, and must stay.
         """
         try:
-            got = lease.acquire(hold.dir_fd, self.owner, self.lease_timeout, clock)
+            if self._local is None:
+                self._local = lease.local_fs(self.root)
+            got = lease.acquire(hold.dir_fd, self.owner, self.lease_timeout, clock, self._local)
         except lease.LeaseUnusable as e:
             hold.abandon()
             raise LockUnusable(e.errno or 0, e.strerror) from None

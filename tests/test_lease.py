@@ -286,3 +286,40 @@ def test_a_lease_this_process_left_behind_does_not_delay_the_job(store: Store) -
     assert again is not None and again.owned()
     store.finish(again, "success")
     assert os.listdir(store.root / "success" / "j") == []
+
+
+@pytest.mark.parametrize("local", [True, False])
+def test_a_replaced_lease_is_lost_whichever_way_it_is_checked(
+    job: int, tmp_path: Path, local: bool
+) -> None:
+    """By lstat (a local root) or by open (a shared one), the same answers."""
+    a = lease.acquire(job, owner("a"), 60, clock(tmp_path), local)
+    assert a is not None and a.held.local is local
+    assert a.held.is_ours(job) and a.held.is_ours(job)
+    path = tmp_path / "job" / LEASE
+    os.rename(path, tmp_path / "job" / "aside")
+    path.write_text("{}")  # another holder's, in its place
+    assert not a.held.is_ours(job)
+    os.unlink(path)
+    os.rename(tmp_path / "job" / "aside", path)
+    assert not a.held.is_ours(job)  # once lost, never ours again
+    b = lease.acquire(job, owner("b"), 60, clock(tmp_path), local)
+    assert b is None  # a's file is back in place and fresh: it holds the job
+    os.unlink(path)
+    os.symlink(tmp_path / "job" / "elsewhere", path)
+    c = Path(tmp_path / "c")
+    c.mkdir()
+    cfd = os.open(c, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        got = lease.acquire(cfd, owner("c"), 60, clock(tmp_path), local)
+        assert got is not None
+        os.rename(c / LEASE, c / "real")
+        os.symlink(c / "real", c / LEASE)  # a link to the very file is not the lease
+        assert not got.held.is_ours(cfd)
+    finally:
+        os.close(cfd)
+
+
+def test_the_root_of_the_tests_is_a_local_file_system(tmp_path: Path) -> None:
+    assert lease.local_fs(tmp_path) is (lease.fs_type(tmp_path) not in lease._SHARED_FS)
+    assert lease.local_fs(tmp_path / "missing") is False  # unknown: treated as shared
