@@ -53,6 +53,7 @@ from batchingest.copyengine import (
     sha256_fd,
     syncfs_group,
 )
+from batchingest.paths import is_within
 from batchingest.staging import (
     MANIFEST,
     PROGRESS,
@@ -63,7 +64,6 @@ from batchingest.staging import (
     Progress,
     RealDirs,
     StagingError,
-    is_within,
     load_manifest,
     manifest_limit,
     read_progress,
@@ -263,6 +263,7 @@ class Stager:
             self.progress.bytes_staged += entry.size
             if how == "copied":
                 self.copied += 1
+                self.progress.bytes_copied += entry.size
             else:
                 self.skipped += 1
             self.out.append(f"{how} {entry.path} ({entry.size} bytes)")
@@ -632,6 +633,7 @@ def record_error(job_fd: int, message: str) -> None:
     print(f"ERROR stage: {message}", flush=True)
     progress = read_progress(job_fd) or Progress()
     progress.error = message
+    progress.bytes_copied = 0  # this run copied nothing
     try:
         write_progress(job_fd, progress, durable=True)
     except OSError as e:
