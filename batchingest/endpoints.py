@@ -47,16 +47,18 @@ class EndpointSpecError(ValueError):
     """A --endpoint setting that cannot be used."""
 
 
+@dataclass(eq=False)
 class PathError(Exception):
     """A file operation on an endpoint failed; `kind` says how, for the API to map."""
 
-    # kinds: "invalid" (malformed or refused path), "link" (a symbolic link is in the way),
+    # "invalid" (malformed or refused path), "link" (a symbolic link is in the way),
     # "missing", "exists", "not-dir", "read-only", "special" (FIFO, device...), "os"
-    def __init__(self, kind: str, message: str, err: int = 0) -> None:
-        super().__init__(message)
-        self.kind = kind
-        self.message = message
-        self.errno = err
+    kind: str
+    message: str
+    errno: int = 0
+
+    def __str__(self) -> str:
+        return self.message
 
 
 @dataclass(frozen=True)

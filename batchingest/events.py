@@ -87,6 +87,8 @@ FLUSH_TICK = 0.05
 # state folders may be mount points: one per file system); fewer are fsync-ed one by one.
 SYNCFS_BATCH = 4
 MAX_PENDING = 512
+# Histories opened when a job was seen in queue/, kept for its claim: at most this many.
+MAX_WAITING = 256
 _SEGMENT_NAME = re.compile(r"([0-9]{1,12})\.jsonl")
 
 
@@ -121,10 +123,18 @@ _FIELDS = {"code": str, "time": str, "is_error": bool, "description": str, "deta
 # -- one event ------------------------------------------------------------------------
 
 
+_SECOND: tuple[int, str] = (-1, "")  # the last second formatted, and its text
+
+
 def _now() -> str:
-    """now_rfc3339 (RFC 3339 UTC with milliseconds), at a third of its cost."""
+    """now_rfc3339 (RFC 3339 UTC with milliseconds); the seconds formatted once a second."""
+    global _SECOND
     t = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"
+    second, text = _SECOND
+    if int(t) != second:
+        second, text = int(t), time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t))
+        _SECOND = (second, text)
+    return f"{text}.{int(t * 1000) % 1000:03d}Z"
 
 
 def make_event(
@@ -315,7 +325,20 @@ def last_state(dir_fd: int) -> str | None:
         return None
     if found is None:
         return None
-    lines = found[0].split(b"\n")[:-1]  # the part after the last newline is torn
+    return _last_state_in(found[0])
+
+
+def _last_state_of(fd: int) -> str | None:
+    """last_state of a history open for reading (the end of the file)."""
+    try:
+        size = os.fstat(fd).st_size
+        return _last_state_in(os.pread(fd, _TAIL, max(0, size - _TAIL))) if size else None
+    except OSError:
+        return None
+
+
+def _last_state_in(tail: bytes) -> str | None:
+    lines = tail.split(b"\n")[:-1]  # the part after the last newline is torn
     for line in reversed(lines):  # the newest event that is one: no need to parse the rest
         event = decode(line)
         if event is not None:
@@ -526,9 +549,27 @@ class _Flusher:
         self.feed = feed
         self._cond = threading.Condition()
         self._fds: list[int] = []
+        # the histories (by job name) in _fds: one flush covers every line written to a
+        # file before it, so a job's later events need not hand the file over again
+        self._names: set[str] = set()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="batchingest-events", daemon=True)
         self._thread.start()
+
+    def add_history(self, name: str, fd: int) -> None:
+        """Flush the job's history soon (fd stays the caller's); once per batch and job."""
+        with self._cond:
+            if name in self._names:
+                return  # its flush in this batch is still to come: it covers this line too
+            if len(self._fds) < MAX_PENDING:
+                self._names.add(name)
+                self._fds.append(os.dup(fd))
+            self._cond.notify()
+
+    def forget(self, name: str) -> None:
+        """The history kept under name was closed: a file of that name is handed anew."""
+        with self._cond:
+            self._names.discard(name)
 
     def add(self, fd: int | None) -> None:
         """Flush fd (then close it) and the feed soon; fd None flushes the feed only."""
@@ -555,6 +596,7 @@ class _Flusher:
                 time.sleep(pause)
             with self._cond:
                 batch, self._fds = self._fds, []
+                self._names.clear()  # a line written from now on needs the next batch
                 stopping = stopping or self._stopping
             last = time.monotonic()
             self._flush(batch)
@@ -612,6 +654,9 @@ class Recorder:
         self._warned: set[str] = set()
         # histories of the jobs this process holds, open from the claim to the final move
         self._held: dict[str, int] = {}
+        # histories opened when a job moved in by hand was seen in queue/: its claim here
+        # takes the descriptor over (_held) rather than opening the folder and file again
+        self._waiting: dict[str, int] = {}
         # the names in queue/ at the last look (see seen_queued)
         self._queued: set[str] = set()
         # names whose history this process saw end in the queue state: a claim of one
@@ -647,6 +692,8 @@ class Recorder:
         if self.feed is not None:
             self.feed.close()
             self.feed = None
+        for name in list(self._waiting):
+            self._forget_waiting(name)
 
     def lock_of(self, name: str) -> threading.RLock:
         return self._locks[hash(name) % len(self._locks)]
@@ -656,15 +703,21 @@ class Recorder:
     def record(
         self, name: str, dir_fd: int | None, code: Code, state: str, description: str,
         details: dict[str, Any] | None = None, *, durable: bool = False, held: str | None = None,
+        history: int | None = None, after_task: bool = False,
     ) -> dict[str, Any]:  # fmt: skip
         """Append one event to the job's history (dir_fd; None: feed only) and the feed.
 
         held: the name under which this process holds the job; its history then stays
         open from the claim to the final move, instead of being opened for each event.
+        history: the history already open (the caller keeps it). after_task: a task ran
+        since the last event, so the kept history may have been removed (looked at).
         """
         event = make_event(code, state, description, details)
         line = encode(event)
-        fd, own = self._history_fd(name, dir_fd, held)
+        fd: int | None = history
+        own = False
+        if history is None:
+            fd, own = self._history_fd(name, dir_fd, held, after_task)
         if fd is not None:
             try:
                 os.write(fd, line)  # one write: lines of several writers never interleave
@@ -680,7 +733,10 @@ class Recorder:
             # fsync-ed with the next batch, then closed; out of descriptors, the event is
             # written all the same, only not flushed with the batch
             try:
-                self._flusher.add(os.dup(fd) if fd is not None and not own else fd)
+                if fd is not None and not own:  # kept open under `held` (or name)
+                    self._flusher.add_history(held or name, fd)
+                else:
+                    self._flusher.add(fd)
             except OSError as e:
                 log.warning("%s: event %s not flushed: %s", name, code, e.strerror or e)
                 if fd is not None and own:
@@ -690,13 +746,17 @@ class Recorder:
         return event
 
     def _history_fd(
-        self, name: str, dir_fd: int | None, held: str | None
+        self, name: str, dir_fd: int | None, held: str | None, after_task: bool = False
     ) -> tuple[int | None, bool]:
-        """The history's descriptor, and whether the caller closes it (else it is kept)."""
+        """The history's descriptor, and whether the caller closes it (else it is kept).
+
+        Only a task (the job's own code) removes a kept history while the job is held:
+        whether it is still linked is looked at after one, not before every event.
+        """
         if held is None:
             return (None if dir_fd is None else self._open_history(name, dir_fd)), True
         fd = self._held.get(held)
-        if fd is not None and os.fstat(fd).st_nlink > 0:
+        if fd is not None and (not after_task or os.fstat(fd).st_nlink > 0):
             return fd, False
         if dir_fd is None:
             return None, True
@@ -710,7 +770,13 @@ class Recorder:
         """The job held as `held` left processing/: close its kept history."""
         fd = self._held.pop(held, None)
         if fd is not None:
-            os.close(fd)
+            self._close_kept(held, fd)
+
+    def _close_kept(self, name: str, fd: int) -> None:
+        """Close a history kept open; its name may stand for another file from now on."""
+        if self._flusher is not None:
+            self._flusher.forget(name)
+        os.close(fd)
 
     def _open_history(self, name: str, dir_fd: int) -> int | None:
         try:
@@ -762,9 +828,10 @@ class Recorder:
         if original is not None and not job.name.startswith(original):
             original = None  # left over from a move that failed: not this job's
         with self.lock_of(original or job.name):
-            # a job this process held: its history is open already
-            dir_fd = None if original in self._held else self._open_moved(job)
             claimed = old_state == State.QUEUE and job.state == State.PROCESSING
+            # a job this process held, or saw in queue/: its history is open already
+            kept = original in self._held or (claimed and self._take_waiting(job.name))
+            dir_fd = None if kept else self._open_moved(job)
             held = job.name if claimed else original
             try:
                 for code, description, details in self._planned(job, old_state, original, dir_fd):
@@ -777,6 +844,28 @@ class Recorder:
                     self.release(original)
                 if dir_fd is not None:
                     os.close(dir_fd)
+
+    def _take_waiting(self, name: str) -> bool:
+        """The history kept since the job was seen in queue/ becomes the held one."""
+        fd = self._waiting.pop(name, None)
+        if fd is None:
+            return False
+        try:
+            alive = os.fstat(fd).st_nlink > 0  # not removed while it waited
+        except OSError:
+            alive = False
+        if not alive:
+            self._close_kept(name, fd)
+            return False
+        self.release(name)
+        self._held[name] = fd
+        return True
+
+    def _forget_waiting(self, name: str) -> None:
+        with self.lock_of(name):
+            fd = self._waiting.pop(name, None)
+            if fd is not None:
+                self._close_kept(name, fd)
 
     def _open_moved(self, job: Job) -> int | None:
         try:
@@ -827,20 +916,45 @@ class Recorder:
             fresh = [name for name in names if name not in self._queued]
             self._queued = set(names)
             self._ends_queued &= self._queued  # the others left queue/ meanwhile
+            # a copy first: claims in other threads take names out of _waiting meanwhile
+            gone = [name for name in list(self._waiting) if name not in self._queued]
+        for name in gone:  # taken elsewhere, or moved back by hand: not claimed here
+            self._forget_waiting(name)
         for name in fresh:
             with self.lock_of(name):
+                if name in self._ends_queued:
+                    continue
                 try:
                     job = Job(name, State.QUEUE, self.store.job_path(State.QUEUE, name))
                     dir_fd = self.store.open_job(job)
                 except (OSError, ValueError):
                     continue  # taken (its claim writes it) or gone
                 try:
-                    if name not in self._ends_queued:
-                        for code, text, details in self._hand_queued(last_state(dir_fd)):
-                            self.record(name, dir_fd, code, "queue", text, details, durable=True)
-                        self._ends_queued.add(name)
+                    self._seen_by_hand(name, dir_fd)
                 finally:
                     os.close(dir_fd)
+
+    def _seen_by_hand(self, name: str, dir_fd: int) -> None:
+        """QUEUED (by hand) for a job found in queue/; its history kept for the claim."""
+        fd = self._open_history(name, dir_fd)
+        if fd is None:  # not kept (a link, say): the feed still gets the event
+            for code, text, details in self._hand_queued(None):
+                self.record(name, None, code, "queue", text, details, durable=True)
+        else:
+            last = _last_state_of(fd)
+            if last == State.PROCESSING.status:
+                # just moved out of processing/ (a recovery, a stopping service) and that
+                # move's own event not written yet: not by hand. A job moved from there by
+                # hand gets its QUEUED when it is claimed.
+                self._close_kept(name, fd)
+                return
+            for code, text, details in self._hand_queued(last):
+                self.record(name, None, code, "queue", text, details, durable=True, history=fd)
+            if len(self._waiting) < MAX_WAITING:
+                self._waiting[name] = fd
+            else:
+                self._close_kept(name, fd)
+        self._ends_queued.add(name)
 
     @staticmethod
     def _hand_queued(last: str | None) -> _Planned:
@@ -959,7 +1073,8 @@ def task_ended(store: Store, hold: Hold, result: TaskResult) -> None:
         code = Code.TASK_TIMED_OUT if result.reason.startswith("timed out") else Code.TASK_FAILED
         text = f"Task {task} failed: {result.reason}."
         details.update(exit_code=result.exit_code, reason=result.reason)
-    recorder.record(hold.name, hold.dir_fd, code, "processing", text, details, held=hold.name)
+    recorder.record(hold.name, hold.dir_fd, code, "processing", text, details, held=hold.name,
+                    after_task=True)  # fmt: skip
 
 
 def finishing(store: Store, name: str) -> None:

@@ -289,19 +289,18 @@ def _is_dir_or_link(mode: int) -> bool:
     return stat.S_ISDIR(mode) or stat.S_ISLNK(mode)
 
 
+_KINDS = {
+    stat.S_IFREG: "file",
+    stat.S_IFDIR: "folder",
+    stat.S_IFLNK: "symbolic link",
+    stat.S_IFIFO: "named pipe",
+    stat.S_IFSOCK: "socket",
+}
+
+
 def kind(mode: int) -> str:
     """A word for what an inode is, for error messages."""
-    if stat.S_ISREG(mode):
-        return "file"
-    if stat.S_ISDIR(mode):
-        return "folder"
-    if stat.S_ISLNK(mode):
-        return "symbolic link"
-    if stat.S_ISFIFO(mode):
-        return "named pipe"
-    if stat.S_ISSOCK(mode):
-        return "socket"
-    return "device"
+    return _KINDS.get(stat.S_IFMT(mode), "device")
 
 
 def read_fd(fd: int, limit: int, name: str = "", size: int | None = None) -> bytes:
@@ -708,6 +707,7 @@ _sync_file_range = getattr(_libc, "sync_file_range", None)
 if _sync_file_range is not None:
     _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
 _SYNC_FILE_RANGE_WRITE = 2
+_SYNC_FILE_RANGE_WAIT = 1 | 4  # WAIT_BEFORE | WAIT_AFTER
 
 
 def link_fd(fd: int, target: str | os.PathLike[str], how: str = "empty-path") -> None:
@@ -727,11 +727,14 @@ def link_fd(fd: int, target: str | os.PathLike[str], how: str = "empty-path") ->
         raise OSError(err, os.strerror(err), str(target))
 
 
-def sync_file_range(fd: int, offset: int, length: int) -> bool:
-    """Start writing a range of fd to disk without waiting for it; False if unsupported.
+def sync_file_range(fd: int, offset: int, length: int, *, wait: bool = False) -> bool:
+    """Start writing a range of fd to disk (with wait, also wait until it is written);
+    False if unsupported.
 
-    A hint: write errors still surface at the fsync that follows.
+    A hint: it flushes no metadata nor the disk's cache, and write errors still surface
+    at the fsync that follows.
     """
     if _sync_file_range is None:
         return False
-    return int(_sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)) == 0
+    flags = _SYNC_FILE_RANGE_WRITE | (_SYNC_FILE_RANGE_WAIT if wait else 0)
+    return int(_sync_file_range(fd, offset, length, flags)) == 0

@@ -169,13 +169,18 @@ def stale(found: Found, me: Owner, now: Callable[[], float], timeout: float) -> 
 class Held:
     """A lease this process holds: the open `.lease` file, rewritten in place to renew."""
 
-    def __init__(self, fd: int, owner: Owner, token: str, timeout: float) -> None:
+    def __init__(
+        self, fd: int, owner: Owner, token: str, timeout: float, local: bool = False
+    ) -> None:
         self.fd = fd
         self.owner = owner
         self.token = token
         self.timeout = timeout
         self.claimed = time.time()
         self.lost = False
+        # on a local file system a name's lookup is never stale: is_ours is one lstat
+        self.local = local
+        self._st = os.fstat(fd)
         _LIVE.add(token)
 
     def content(self) -> bytes:
@@ -206,15 +211,32 @@ class Held:
         Compared by inode: while our descriptor keeps the file open its inode number
         cannot be given to another file. Opened rather than stat-ed, since an open
         makes NFS look the name up again (close-to-open) where a stat may be cached.
-        Only a missing or different `.lease` is a loss; another error (no descriptors
-        left, a sick mount) is raised, since it proves nothing.
+        Only a missing or different `.lease` is a loss; another error (a sick mount) is
+        raised, since it proves nothing. On a local file system (`local`) an lstat of
+        the name tells the same at a fifth of the system calls. Elsewhere, with no
+        descriptor left to open it with, it is stat-ed too: jobs held while the process
+        is out of descriptors could otherwise never be moved on and free theirs (their
+        renewals still stamp it, through our own descriptor, so no other host takes it
+        over meanwhile).
         """
-        if not self.lost:
+        if not self.lost and self.local:
+            try:
+                st = os.stat(LEASE, dir_fd=dir_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                st = None
+            self.lost = self.fd < 0 or st is None or not fs.same_inode(st, self._st)
+        elif not self.lost:
             try:
                 fd = fs.open_regular(dir_fd, LEASE)
             except (FileNotFoundError, fs.UnsafePath, fs.NotRegular):
                 self.lost = True
                 return False
+            except OSError as e:
+                if e.errno not in (errno.EMFILE, errno.ENFILE):
+                    raise
+                st = fs.lstat(dir_fd, LEASE)
+                self.lost = self.fd < 0 or st is None or not fs.same_inode(st, os.fstat(self.fd))
+                return not self.lost
             try:
                 self.lost = self.fd < 0 or not fs.same_inode(os.fstat(fd), os.fstat(self.fd))
             finally:
@@ -239,9 +261,15 @@ class Held:
             self.fd = -1
 
 
-def _create(dir_fd: int, me: Owner, timeout: float) -> Held:
+def _create(dir_fd: int, me: Owner, timeout: float, local: bool) -> Held:
     fd = os.open(LEASE, os.O_RDWR | os.O_CREAT | os.O_EXCL | _FLAGS, 0o644, dir_fd=dir_fd)
-    held = Held(fd, me, secrets.token_hex(8), timeout)
+    try:
+        held = Held(fd, me, secrets.token_hex(8), timeout, local)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(LEASE, dir_fd=dir_fd)
+        raise
     try:
         # no fsync: a lease emptied by a power cut reads as unreadable and is judged by
         # its mtime alone, and one fsync less per job is measurable on small jobs
@@ -287,16 +315,19 @@ class Acquired:
     broke: str | None  # why the lease found there no longer held the job, if there was one
 
 
-def acquire(dir_fd: int, me: Owner, timeout: float, now: Callable[[], float]) -> Acquired | None:
+def acquire(
+    dir_fd: int, me: Owner, timeout: float, now: Callable[[], float], local: bool = False
+) -> Acquired | None:
     """Put our lease in the job folder; None while another live lease holds it.
 
     A lease found there is taken over only when `stale` says so, through `_take_away`.
-    LeaseUnusable if `.lease` is something other than a regular file.
+    LeaseUnusable if `.lease` is something other than a regular file. local: the root
+    is on a local file system (see local_fs), where the lease is checked by lstat.
     """
     broke: str | None = None
     for _ in range(3):
         try:
-            return Acquired(_create(dir_fd, me, timeout), broke)
+            return Acquired(_create(dir_fd, me, timeout, local), broke)
         except FileExistsError:
             pass
         found = read(dir_fd)
@@ -397,6 +428,12 @@ def fs_type(path: str | os.PathLike[str]) -> int | None:
     if libc.statfs(os.fsencode(path), buf) != 0:
         return None
     return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
+
+
+def local_fs(path: str | os.PathLike[str]) -> bool:
+    """Whether path is on a file system known to be local to this machine (not shared)."""
+    kind = fs_type(path)
+    return kind is not None and kind not in _SHARED_FS
 
 
 def watch_mode(root: str | os.PathLike[str], force_polling: bool) -> str | None:

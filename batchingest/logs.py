@@ -162,7 +162,5 @@ def setup(level: str, fmt: str = "text") -> None:
     ACCESS.json = fmt == "json"
     enabled = logging.getLogger(ACCESS_LOGGER).isEnabledFor(logging.INFO)
     ACCESS.stream = handler.stream if enabled else None
-    # watchfiles reports every batch of changes at INFO; that is our business, not the log's
-    logging.getLogger("watchfiles").setLevel(logging.WARNING)
     # httpx logs every webhook request at INFO; our own line per attempt says more
     logging.getLogger("httpx").setLevel(logging.WARNING)

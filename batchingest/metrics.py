@@ -37,6 +37,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from batchingest import fs, staging, transfers
 from batchingest.store import STATES, Store
 
 if TYPE_CHECKING:
@@ -197,12 +198,57 @@ def downloaded(n: int) -> None:
     DOWNLOADED.inc(n)
 
 
-def staged(n: int) -> None:
-    STAGED.inc(n)
+# -- bytes the built-in tasks copy ----------------------------------------------------------
+# The stage and transfer tasks copy in their own processes, so no hook in this process
+# sees their bytes. Each run rewrites a progress file in the job folder with what it
+# copied, counted from 0 by each run (staging's bytes_copied; a transfer's
+# bytes_transferred, files found in sync left out). The processor reads that file when
+# the run ends, bounded and through the job folder's descriptor, and adds its figure;
+# a file the run did not rewrite (it never started, or a site's own task of that name
+# keeps no such file) adds nothing, so a job run again is never counted twice.
 
 
-def transferred(n: int) -> None:
-    TRANSFERRED.inc(n)
+def _stage_copied(dir_fd: int) -> int:
+    progress = staging.read_progress(dir_fd)
+    return progress.bytes_copied if progress is not None else 0
+
+
+def _transfer_copied(dir_fd: int) -> int:
+    n = transfers.read_progress(dir_fd).get("bytes_transferred")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 0
+
+
+_COPIES = {
+    "stage": (staging.PROGRESS, _stage_copied, STAGED),
+    "transfer": (transfers.PROGRESS, _transfer_copied, TRANSFERRED),
+}
+
+
+def _version(dir_fd: int, name: str) -> tuple[int, ...] | None:
+    # a replaced file has another inode or change time (write_atomic renames a new file)
+    try:
+        st = fs.lstat(dir_fd, name)
+    except OSError:
+        return None
+    return None if st is None else (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def progress_mark(dir_fd: int, task: str) -> tuple[int, ...] | None:
+    """Before a run of task: which version of its progress file the job holds (None:
+    none yet, or a task that copies nothing), for task_copied to compare with."""
+    copies = _COPIES.get(task)
+    return None if copies is None else _version(dir_fd, copies[0])
+
+
+def task_copied(dir_fd: int, task: str, mark: tuple[int, ...] | None) -> None:
+    """After a run of task: the bytes it copied, if it rewrote its progress file."""
+    copies = _COPIES.get(task)
+    if copies is None:
+        return
+    name, copied, counter = copies
+    now = _version(dir_fd, name)
+    if now is not None and now != mark:
+        counter.inc(copied(dir_fd))
 
 
 def staging_request(status: str) -> None:

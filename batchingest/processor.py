@@ -21,17 +21,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
-import watchfiles
-
-from batchingest import control, events, jobdir, jobfile, lease, logs, metrics
+from batchingest import arrivals, control, events, jobdir, jobfile, lease, logs, metrics
 from batchingest.config import Config
 from batchingest.health import Backoff, Progress
 from batchingest.runner import (
@@ -43,14 +41,14 @@ from batchingest.runner import (
     log_line,
     run_task,
 )
-from batchingest.store import Hold, Job, JobNotFound, Store, StoreError
+from batchingest.store import SHORTAGE, Hold, Job, JobNotFound, Store, StoreError
 
-# The process is out of descriptors, memory or buffers: no fault of the job's. Such a job
-# goes back to queue/ and the processor pauses; no job content can cause these errors.
-_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 # A finish that keeps failing while the service stops is given up after this many tries:
 # the job stays in processing/ and the next start returns it to queue/.
 _FINISH_TRIES_WHEN_STOPPING = 3
+# After a shortage of descriptors or memory, the jobs in flight stay capped (see
+# Scheduler.shortage) until this many seconds pass without another.
+SHORTAGE_CAP_FOR = 30.0
 # A claim that failed for another reason (a job folder whose .lock cannot be opened, say)
 # is not tried again sooner than this, so a bad job costs a log line now and then.
 _CLAIM_RETRY = 30.0
@@ -63,7 +61,9 @@ class LeaseLost(Exception):
 
 
 def out_of_resources(e: BaseException) -> bool:
-    return isinstance(e, CannotSpawn) or (isinstance(e, OSError) and e.errno in _OUT_OF_RESOURCES)
+    """The process is out of descriptors, memory or buffers: no fault of the job's. Such a
+    job goes back to queue/ and the processor pauses; no job content causes these."""
+    return isinstance(e, CannotSpawn) or (isinstance(e, OSError) and e.errno in SHORTAGE)
 
 
 class Scheduler:
@@ -88,15 +88,26 @@ class Scheduler:
         self._scan_backoff = Backoff()
         self._scan_not_before = 0.0
         self._paused_until = 0.0
+        # jobs in flight at most since the process last ran short (None: no cap): every
+        # worker taking a job at once after a pause would run short again together
+        self._most: int | None = None
+        self._most_until = 0.0
         self._closed = False
         self._idle = 0  # workers waiting for something to take
         self.scan_error: str | None = None  # the last listing failed with this
 
     def wake(self) -> None:
-        """Something may have arrived in queue/: list it again."""
+        """Something may have arrived in queue/: list it again.
+
+        One idle worker is enough to list it; the listing wakes the others if it finds
+        work. A listing already due wakes nobody: a burst of arrivals (one inotify
+        read each) costs no thread switches.
+        """
         with self._cond:
+            if self._rescan:
+                return
             self._rescan = True
-            self._cond.notify_all()
+            self._cond.notify()
 
     def close(self) -> None:
         """Hand out nothing more; take() returns None to every worker."""
@@ -108,6 +119,21 @@ class Scheduler:
         """Hand out nothing new for a while (the process is out of resources)."""
         with self._cond:
             self._paused_until = max(self._paused_until, self._clock() + seconds)
+
+    def shortage(self) -> None:
+        """The process ran short of descriptors or memory: half as many jobs at once as
+        are in flight now (at least one), one more for each job that goes through, and
+        no cap once SHORTAGE_CAP_FOR seconds pass without another shortage."""
+        with self._cond:
+            self._most = max(1, len(self._in_flight) // 2)
+            self._most_until = self._clock() + SHORTAGE_CAP_FOR
+
+    def went_through(self) -> None:
+        """A job went through: one more may be in flight at once."""
+        with self._cond:
+            if self._most is not None:
+                self._most += 1
+                self._cond.notify_all()
 
     @property
     def blind(self) -> bool:
@@ -154,6 +180,8 @@ class Scheduler:
         """The worker is through with name; if it may still be queued, wait retry_in s."""
         with self._cond:
             self._in_flight.discard(name)
+            if self._most is not None:
+                self._cond.notify_all()  # a worker waiting under the cap may go on
             if retry_in is None:
                 self._not_before.pop(name, None)
             else:
@@ -162,7 +190,12 @@ class Scheduler:
     # -- under the lock -----------------------------------------------------------
 
     def _pop(self) -> str | None:
-        if self._clock() < self._paused_until:
+        now = self._clock()
+        if now < self._paused_until:
+            return None
+        if self._most is not None and now >= self._most_until:
+            self._most = None
+        if self._most is not None and len(self._in_flight) >= self._most:
             return None
         while self._pending:
             name = self._pending.popleft()
@@ -243,7 +276,7 @@ class Processor:
         self._control = ControlDir()
         # cancel requests and deadlines: of running tasks, and of queued jobs every poll
         self._watcher = control.Watcher(cfg.cancel_grace)
-        self._deadlines = control.QueuedDeadlines(store, cfg.default_deadline)
+        self._deadlines = control.QueuedDeadlines(store, cfg.default_deadline, cfg.poll_interval)
         store.owner = lease.Owner.here(cfg.host_id)
         store.lease_timeout = cfg.lease_timeout
         self._leases = lease.Renewer(cfg.lease_renew, self._lost)
@@ -316,28 +349,37 @@ class Processor:
             # folder's mtime to change (coarse on network file systems)
             log.info("polling queue/ every %gs: %s", self.cfg.poll_interval, why)
             return
+        try:
+            watch = arrivals.Arrivals(queue_dir)
+        except OSError as e:  # no inotify instances left, say: the poll timer covers us
+            log.warning("cannot watch %s (%s); relying on polling", queue_dir, e.strerror or e)
+            return
         log.info("watching queue/ with inotify, and listing it every %gs", self.cfg.poll_interval)
+        loop = asyncio.get_running_loop()
+        gone = asyncio.Event()
 
-        def arrivals(change: watchfiles.Change, path: str) -> bool:
-            return change != watchfiles.Change.deleted
-
-        while not stop.is_set():
+        def readable() -> None:
             try:
-                async for _ in watchfiles.awatch(
-                    queue_dir,
-                    watch_filter=arrivals,
-                    recursive=False,
-                    debounce=200,
-                    step=1,
-                    stop_event=stop,
-                    force_polling=None,
-                    poll_delay_ms=max(50, int(self.cfg.poll_interval * 1000)),
-                ):
+                if watch.drain():
                     self.scheduler.wake()
-            except Exception as e:  # the poll timer still covers us
+            except OSError as e:
                 log.warning("watching %s failed (%s); relying on polling", queue_dir, e)
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(stop.wait(), 10)
+                watch.gone = True
+            if watch.gone:
+                gone.set()
+
+        loop.add_reader(watch.fd, readable)
+        try:
+            waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(gone.wait())]
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for waiting in waits:
+                waiting.cancel()
+            if gone.is_set() and not stop.is_set():
+                log.warning("%s is no longer watched (moved or removed); relying on polling",
+                            queue_dir)  # fmt: skip
+        finally:
+            loop.remove_reader(watch.fd)
+            watch.close()
 
     async def _tick(self, stop: asyncio.Event) -> None:
         """Recover jobs of dead holders and rescan, at start and every --poll-interval.
@@ -423,10 +465,12 @@ class Processor:
         self._finish(hold, state, t0)
         if state != "queue":
             self._resources.reset()
+            self.scheduler.went_through()
         return None
 
     def _trouble(self, e: BaseException) -> float:
         """The process is out of resources: claim nothing for a while, longer each time."""
+        self.scheduler.shortage()
         delay = self.scheduler.paused_for()
         if delay > 0:
             return delay  # the same shortage seen by another worker: one pause counts once
@@ -529,7 +573,11 @@ class Processor:
                 time.sleep(delay)
 
     def _run_tasks(self, hold: Hold, slot: _Slot, entered: float | None = None) -> str:
-        """Run the job's remaining tasks; return the state it should go to."""
+        """Run the job's remaining tasks; return the state it should go to.
+
+        Each task the rq way: take it (unless the job must stop first), perform it (with
+        its events), handle its result (JOB saved durably before the next one).
+        """
         try:
             log_fd = jobdir.open_log(hold.dir_fd)
         except jobdir.LogError as e:
@@ -538,56 +586,79 @@ class Processor:
             jobdir.record_failure(hold.dir_fd, str(e))
             return "error"
         try:
-            try:
-                job = jobdir.load_job(hold.dir_fd)
-                deadline = control.deadline_of(job, entered, self.cfg.default_deadline)
-            except jobfile.JobFileError as e:
-                log_line(
-                    log_fd,
-                    f"cannot run this job: {e}. JOB was left as it is; fix it "
-                    "and queue the job again.",
-                )
-                log.warning("job %s: %s", hold.name, e)
+            run = self._start(hold, slot, log_fd, entered)
+            if run is None:
                 return "error"
-            if not job.todo:
-                # queued again after it finished: say why nothing happens
-                log_line(log_fd, "nothing to run: every task in JOB is finished (add tasks to "
-                         "its Todo, or delete JOB to start over from start)")  # fmt: skip
-            finished_before = len(job.finished)
-            while job.todo:
-                if self._stopping.is_set():
-                    log_line(
-                        log_fd, f"service stopping: job goes back to queue/ at task {job.todo[0]}"
-                    )
-                    return "queue"
-                stop = control.check(hold.dir_fd, deadline)
-                if stop is not None:
-                    ran = len(job.finished) > finished_before
-                    return control.stop_job(self.store, hold.name, hold.dir_fd, job, stop, ran)
-                task = job.todo[0]
-                events.task_started(self.store, hold, task)
-                result = self._run_task(hold, task, log_fd, deadline)
-                events.task_ended(self.store, hold, result)
-                metrics.task_done(result)
-                if result.interrupted:
-                    log_line(log_fd, f"service stopping: job goes back to queue/ at task {task}")
-                    return "queue"
-                if result.canceled:
-                    control.task_stopped(self.store, hold.name, hold.dir_fd, job, result, deadline)
-                else:
-                    job.finished.append(jobdir.finished_record(result))
-                if result.ok:
-                    job.todo.pop(0)
-                    job.todo.extend(result.added)
-                if not result.ok or not job.todo:
-                    slot.release()  # the job runs no more tasks: its slot is free
-                self._check_lease(hold)
-                jobdir.save_job(hold.dir_fd, job)
-                if not result.ok:
-                    return "error"
+            while run.job.todo:
+                stopped = self._take(run)
+                if stopped is not None:
+                    return stopped
+                ended = self._handle(run, self._perform(run))
+                if ended is not None:
+                    return ended
             return "success"
         finally:
             os.close(log_fd)
+
+    def _start(self, hold: Hold, slot: _Slot, log_fd: int, entered: float | None) -> _Run | None:
+        """The job's JOB and deadline; None (said in LOG) if JOB cannot be run."""
+        try:
+            job = jobdir.load_job(hold.dir_fd)
+            deadline = control.deadline_of(job, entered, self.cfg.default_deadline)
+        except jobfile.JobFileError as e:
+            log_line(
+                log_fd,
+                f"cannot run this job: {e}. JOB was left as it is; fix it and queue the job again.",
+            )
+            log.warning("job %s: %s", hold.name, e)
+            return None
+        if not job.todo:
+            # queued again after it finished: say why nothing happens
+            log_line(log_fd, "nothing to run: every task in JOB is finished (add tasks to "
+                     "its Todo, or delete JOB to start over from start)")  # fmt: skip
+        return _Run(hold, slot, log_fd, job, deadline, len(job.finished))
+
+    def _take(self, run: _Run) -> str | None:
+        """None to go on with the next task; else the state the job goes to instead."""
+        if self._stopping.is_set():
+            log_line(
+                run.log_fd, f"service stopping: job goes back to queue/ at task {run.job.todo[0]}"
+            )
+            return "queue"
+        stop = control.check(run.hold.dir_fd, run.deadline)
+        if stop is None:
+            return None
+        ran = len(run.job.finished) > run.finished_before
+        return control.stop_job(self.store, run.hold.name, run.hold.dir_fd, run.job, stop, ran)
+
+    def _perform(self, run: _Run) -> TaskResult:
+        """Run the job's first task, with its events and metrics."""
+        hold, task = run.hold, run.job.todo[0]
+        events.task_started(self.store, hold, task)
+        result = self._run_task(hold, task, run.log_fd, run.deadline)
+        events.task_ended(self.store, hold, result)
+        metrics.task_done(result)
+        return result
+
+    def _handle(self, run: _Run, result: TaskResult) -> str | None:
+        """Record the task's result in JOB (durably); the state the job ends in, if it does."""
+        job = run.job
+        if result.interrupted:
+            log_line(run.log_fd, f"service stopping: job goes back to queue/ at task {result.task}")
+            return "queue"
+        if result.canceled:
+            control.task_stopped(self.store, run.hold.name, run.hold.dir_fd, job, result,
+                                 run.deadline)  # fmt: skip
+        else:
+            job.finished.append(jobdir.finished_record(result))
+        if result.ok:
+            job.todo.pop(0)
+            job.todo.extend(result.added)
+        if not result.ok or not job.todo:
+            run.slot.release()  # the job runs no more tasks: its slot is free
+        self._check_lease(run.hold)
+        jobdir.save_job(run.hold.dir_fd, job)
+        return None if result.ok else "error"
 
     def _check_lease(self, hold: Hold) -> None:
         """Before the job is changed: it must still be ours (LeaseLost if not)."""
@@ -610,6 +681,7 @@ class Processor:
         with self._running_lock:
             self._running[hold.name] = process
         watch = self._watcher.watch(hold.dir_fd, process, deadline)
+        copy_mark = metrics.progress_mark(hold.dir_fd, task)
         metrics.WORKERS_BUSY.inc()
         try:
             return run_task(
@@ -623,10 +695,12 @@ class Processor:
                 hold_fd=hold.fd,
                 timeout=self.cfg.task_timeout,
                 process=process,
+                control_fd=self._control.fd,
             )
         finally:
             self._watcher.unwatch(watch)
             metrics.WORKERS_BUSY.dec()
+            metrics.task_copied(hold.dir_fd, task, copy_mark)
             with self._running_lock:
                 self._running.pop(hold.name, None)
 
@@ -644,6 +718,18 @@ def failure_reason(dir_fd: int) -> str:
     if isinstance(last, dict) and last.get("Status") == "error" and last.get("Reason"):
         return str(last["Reason"])[:500]  # JOB is the job's: a line, not a novel
     return "internal error, see the job's LOG"
+
+
+@dataclass
+class _Run:
+    """One job's run in a worker: what each step of its task loop needs."""
+
+    hold: Hold
+    slot: _Slot
+    log_fd: int
+    job: jobfile.JobFile
+    deadline: control.Deadline | None
+    finished_before: int  # Finished records when the claim took it
 
 
 class _Slot:

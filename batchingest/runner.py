@@ -156,8 +156,9 @@ class TaskProcess:
         log_fd: int,
         hold_fd: int,
         timeout: float | None,
+        control_fd: int | None = None,
     ) -> int:
-        fresh_control_file(control)
+        fresh_control_file(control, control_fd)
         child_env = dict(env)
         child_env.update(JOBPATH=str(job_dir), JOBNAME=job_name, JOBCONTROL=str(control))
         with self._lock:
@@ -167,7 +168,7 @@ class TaskProcess:
                 argv,
                 cwd=job_dir,
                 env=child_env,
-                stdin=subprocess.DEVNULL,
+                stdin=_devnull(),
                 stdout=log_fd,
                 stderr=log_fd,
                 pass_fds=(hold_fd,),
@@ -188,6 +189,20 @@ class TaskProcess:
             # whatever the task left running in its group goes with it
             self._signal_group(signal.SIGKILL)
         return code
+
+
+_DEVNULL: list[int] = []
+
+
+def _devnull() -> int:
+    """/dev/null, opened once for every task's stdin (Popen's DEVNULL opens it each time)."""
+    if not _DEVNULL:
+        fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        if _DEVNULL:  # another thread was first
+            os.close(fd)
+        else:
+            _DEVNULL.append(fd)
+    return _DEVNULL[0]
 
 
 CONTROL_PREFIX = "batchingest-control-"
@@ -284,41 +299,44 @@ def _stale(base_fd: int, name: str) -> bool:
 CONTROL_LIMIT = 1 << 20
 
 
-def fresh_control_file(control: Path) -> None:
+def fresh_control_file(control: Path, dir_fd: int | None = None) -> None:
     """A new empty control file at control, whatever the last task left there.
 
     Whatever is at that name goes first (a link, FIFO or folder a task made of it is
     removed, never followed or opened); O_EXCL | O_NOFOLLOW then create exactly one new
-    regular file.
+    regular file. dir_fd: control's folder, already open (ControlDir.fd).
     """
-    dir_fd = fs.open_root(control.parent)
+    folder = fs.open_root(control.parent) if dir_fd is None else dir_fd
     try:
-        fs.remove(dir_fd, control.name, recursive=True)
+        fs.remove(folder, control.name, recursive=True)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        os.close(os.open(control.name, flags, 0o600, dir_fd=folder))
     finally:
-        os.close(dir_fd)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    os.close(os.open(control, flags, 0o600))
+        if folder != dir_fd:
+            os.close(folder)
 
 
-def read_control(path: Path) -> tuple[list[str], str]:
+def read_control(path: Path, dir_fd: int | None = None) -> tuple[list[str], str]:
     """Tasks added through the control file, or an error naming the offending line.
 
     Read without following a link, without opening a FIFO or device, and at most
     CONTROL_LIMIT bytes: whatever a task did to the file, the worker gets an answer.
+    dir_fd: path's folder, already open.
     """
     added: list[str] = []
     try:
-        dir_fd = fs.open_root(path.parent)
+        folder = fs.open_root(path.parent) if dir_fd is None else dir_fd
     except FileNotFoundError:
         return added, ""
     try:
-        raw = fs.read_file(dir_fd, path.name, CONTROL_LIMIT)
+        raw = fs.read_file(folder, path.name, CONTROL_LIMIT)
     except fs.TooLarge:
         return added, f"control file is larger than {CONTROL_LIMIT} bytes"
     except (fs.UnsafePath, fs.NotRegular) as e:
         return added, f"control file is not a regular file ({e.strerror})"
     finally:
-        os.close(dir_fd)
+        if folder != dir_fd:
+            os.close(folder)
     if raw is None:
         return added, ""
     for number, line in enumerate(raw.decode(errors="replace").splitlines(), 1):
@@ -345,8 +363,12 @@ def run_task(
     hold_fd: int,
     timeout: float | None,
     process: TaskProcess,
+    control_fd: int | None = None,
 ) -> TaskResult:
-    """Run one task of a job to the end and say how it went; LOG gets marker lines."""
+    """Run one task of a job to the end and say how it went; LOG gets marker lines.
+
+    control_fd: the control file's folder, already open (ControlDir.fd).
+    """
     start, t0 = now_rfc3339(), time.monotonic()
     log_line(log_fd, f"---- task {task}: begin ----")
     code: int | None = None
@@ -367,6 +389,7 @@ def run_task(
                 log_fd=log_fd,
                 hold_fd=hold_fd,
                 timeout=timeout,
+                control_fd=control_fd,
             )
         except OSError as e:
             if e.errno in _SPAWN_LIMITS:
@@ -375,10 +398,20 @@ def run_task(
                 raise CannotSpawn(f"cannot start task {task}: {e.strerror or e}") from e
             reason = f"cannot start task {task}: {e.strerror or e}"
         else:
-            added, reason = _outcome(process, code, timeout, control)
+            added, reason = _outcome(process, code, timeout, control, control_fd)
     with contextlib.suppress(OSError):
         control.unlink()
-    result = TaskResult(
+    result = _ended(task, start, t0, process, code, reason, added)
+    _log_end(log_fd, result)
+    return result
+
+
+def _ended(
+    task: str, start: str, t0: float, process: TaskProcess, code: int | None, reason: str,
+    added: list[str],
+) -> TaskResult:  # fmt: skip
+    """The result of a task that ended just now (reason "" for success)."""
+    return TaskResult(
         task,
         start,
         now_rfc3339(),
@@ -390,12 +423,10 @@ def run_task(
         canceled=bool(process.canceled) and not process.interrupted,
         seconds=time.monotonic() - t0,
     )
-    _log_end(log_fd, result)
-    return result
 
 
 def _outcome(
-    process: TaskProcess, code: int, timeout: float | None, control: Path
+    process: TaskProcess, code: int, timeout: float | None, control: Path, control_fd: int | None
 ) -> tuple[list[str], str]:
     """Tasks added and the reason of failure ("" for success) of a task that ran."""
     if process.interrupted:
@@ -408,7 +439,7 @@ def _outcome(
         return [], f"killed by signal {signal.Signals(-code).name}"
     if code != 0:
         return [], f"exit status {code}"
-    return read_control(control)
+    return read_control(control, control_fd)
 
 
 def _log_end(log_fd: int, result: TaskResult) -> None:

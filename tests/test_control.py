@@ -367,6 +367,16 @@ def test_queued_jobs_past_their_deadline_go_back_to_data(root: Path, store: Stor
     assert sorted(os.listdir(root / "queue")) == ["broken", "future"]
 
 
+def test_a_job_queued_just_now_is_left_for_the_next_poll(root: Path, store: Store) -> None:
+    """Within `settle` seconds of entering queue/ its JOB is not read (a claim looks)."""
+    drop(root, "past", json.dumps({"Todo": ["start"], "Deadline": rfc3339(-1)}))
+    deadlines = control.QueuedDeadlines(store, default=None, settle=60)
+    assert deadlines.expire() == []
+    assert (root / "queue" / "past").is_dir()
+    assert deadlines.expire(now=time.time() + 61) == ["past"]
+    assert (root / "data" / "past").is_dir()
+
+
 def test_leftover_requests_of_finished_jobs_are_swept(root: Path, store: Store) -> None:
     for state in ("data", "error", "success", "queue"):
         (root / state / f"in-{state}").mkdir()

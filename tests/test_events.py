@@ -446,6 +446,49 @@ def test_hand_queued_jobs_are_seen_when_queue_is_listed(store: Store, recorder: 
     assert codes(history(store, "api")).count("QUEUED") == 2
 
 
+def test_a_history_opened_in_queue_is_the_claims_or_closed(
+    store: Store, recorder: Recorder
+) -> None:
+    """A hand-queued job's history, opened when seen, serves its claim; else it is closed."""
+    for name in ("taken", "moved", "cleaned"):
+        (store.root / "queue" / name).mkdir()
+    before = len(os.listdir("/proc/self/fd"))
+    events.seen_queued(store, store.queued())
+    assert sorted(recorder._waiting) == ["cleaned", "moved", "taken"]
+    run_held(store, "taken", "success")
+    assert codes(history(store, "taken")) == ["QUEUED", "CLAIMED", "SUCCEEDED"]
+    (store.root / "queue" / "cleaned" / EVENTS_FILE).unlink()  # removed while it waited
+    run_held(store, "cleaned", "success")
+    assert codes(history(store, "cleaned")) == ["CLAIMED", "SUCCEEDED"]  # a new history
+    os.rename(store.root / "queue" / "moved", store.root / "data" / "moved")  # mv by hand
+    events.seen_queued(store, store.queued())
+    assert recorder._waiting == {} and recorder._held == {}
+    recorder.close()  # and the flushes handed over are done
+    assert len(os.listdir("/proc/self/fd")) <= before
+    assert codes(history(store, "moved")) == ["QUEUED"]
+
+
+def test_a_job_seen_in_queue_before_its_move_out_of_processing_is_recorded(
+    store: Store, recorder: Recorder
+) -> None:
+    """The instant between a recovery's rename into queue/ and its RECOVERED: a listing
+    then writes no QUEUED by hand (the move's own event follows); a claim later does,
+    if none came."""
+    (store.root / "queue" / "r").mkdir()
+    hold = store.claim("r")
+    assert hold is not None
+    events.task_started(store, hold, "start")
+    hold.abandon()  # as if its processor died: the history ends in processing
+    os.rename(store.root / "processing" / "r", store.root / "queue" / "r")  # no event yet
+    events.seen_queued(store, store.queued())
+    assert codes(history(store, "r")) == ["QUEUED", "CLAIMED", "TASK_STARTED"]
+    assert recorder._waiting == {}
+    run_held(store, "r", "success")
+    got = history(store, "r")
+    assert codes(got)[3:] == ["QUEUED", "CLAIMED", "SUCCEEDED"]
+    assert got[3]["details"] == {"by": "hand", "from": "processing"}
+
+
 def test_a_failing_hook_never_stops_the_work(
     store: Store, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -500,3 +543,24 @@ def test_a_history_removed_while_held_is_started_again(store: Store, recorder: R
     store.finish(hold, "success")
     assert codes(history(store, "k")) == ["TASK_SUCCEEDED", "SUCCEEDED"]
     assert recorder._held == {}  # nothing kept open once the job left processing/
+
+
+def test_a_history_is_handed_to_the_flusher_once_a_batch(store: Store) -> None:
+    """Later lines of a job pending a flush ride on it; a closed name is handed anew."""
+    feed = Feed(store.root_fd, ".events")
+    flusher = events._Flusher(feed)
+    flusher.stop()  # no thread to take the batch meanwhile: what is handed stays
+    fd = os.open(store.root / "h", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        flusher.add_history("j", fd)
+        flusher.add_history("j", fd)
+        flusher.add_history("k", fd)
+        assert len(flusher._fds) == 2
+        flusher.forget("j")  # its kept file was closed: the name may be another file's
+        flusher.add_history("j", fd)
+        assert len(flusher._fds) == 3 and all(d != fd for d in flusher._fds)  # copies
+    finally:
+        for copy in flusher._fds:
+            os.close(copy)
+        os.close(fd)
+        feed.close()

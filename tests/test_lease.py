@@ -242,24 +242,33 @@ from batchingest import lease
 fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
 got = lease.acquire(fd, lease.Owner.here("a"), 60, lambda: 0.0)
 limit = resource.getrlimit(resource.RLIMIT_NOFILE)
-keep = len(os.listdir("/proc/self/fd"))  # counts the listing's own descriptor too
-resource.setrlimit(resource.RLIMIT_NOFILE, (keep - 1, limit[1]))
-try:
-    got.held.is_ours(fd)
-    print("no error")
-except OSError as e:
-    print("raised", e.errno)
-resource.setrlimit(resource.RLIMIT_NOFILE, limit)
-print("ours" if got.held.is_ours(fd) else "lost")
+
+
+def check():
+    keep = len(os.listdir("/proc/self/fd"))  # counts the listing's own descriptor too
+    resource.setrlimit(resource.RLIMIT_NOFILE, (keep - 1, limit[1]))
+    try:
+        print("ours" if got.held.is_ours(fd) else "lost")
+    except OSError as e:
+        print("raised", e.errno)
+    resource.setrlimit(resource.RLIMIT_NOFILE, limit)
+
+
+check()
+os.rename(os.path.join(sys.argv[1], ".lease"), os.path.join(sys.argv[1], "old"))
+with open(os.path.join(sys.argv[1], ".lease"), "w") as f:
+    f.write("another host's")
+check()
 """
 
 
-def test_no_descriptor_left_is_not_a_lost_lease(tmp_path: Path) -> None:
-    """Out of descriptors while checking says nothing about the lease: never "lost"."""
+def test_no_descriptor_left_still_tells_a_lost_lease(tmp_path: Path) -> None:
+    """Out of descriptors, the check stats `.lease` instead of opening it: a job held then
+    can still be moved on (and free its descriptors), and a replaced lease is still lost."""
     (tmp_path / "job").mkdir()
     out = subprocess.run([sys.executable, "-c", CHECK_WITHOUT_DESCRIPTORS, str(tmp_path / "job")],
                          capture_output=True, text=True, check=True).stdout.split("\n")  # fmt: skip
-    assert out[:2] == ["raised 24", "ours"]
+    assert out[:2] == ["ours", "lost"]
 
 
 def test_a_lease_this_process_left_behind_does_not_delay_the_job(store: Store) -> None:
@@ -277,3 +286,40 @@ def test_a_lease_this_process_left_behind_does_not_delay_the_job(store: Store) -
     assert again is not None and again.owned()
     store.finish(again, "success")
     assert os.listdir(store.root / "success" / "j") == []
+
+
+@pytest.mark.parametrize("local", [True, False])
+def test_a_replaced_lease_is_lost_whichever_way_it_is_checked(
+    job: int, tmp_path: Path, local: bool
+) -> None:
+    """By lstat (a local root) or by open (a shared one), the same answers."""
+    a = lease.acquire(job, owner("a"), 60, clock(tmp_path), local)
+    assert a is not None and a.held.local is local
+    assert a.held.is_ours(job) and a.held.is_ours(job)
+    path = tmp_path / "job" / LEASE
+    os.rename(path, tmp_path / "job" / "aside")
+    path.write_text("{}")  # another holder's, in its place
+    assert not a.held.is_ours(job)
+    os.unlink(path)
+    os.rename(tmp_path / "job" / "aside", path)
+    assert not a.held.is_ours(job)  # once lost, never ours again
+    b = lease.acquire(job, owner("b"), 60, clock(tmp_path), local)
+    assert b is None  # a's file is back in place and fresh: it holds the job
+    os.unlink(path)
+    os.symlink(tmp_path / "job" / "elsewhere", path)
+    c = Path(tmp_path / "c")
+    c.mkdir()
+    cfd = os.open(c, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        got = lease.acquire(cfd, owner("c"), 60, clock(tmp_path), local)
+        assert got is not None
+        os.rename(c / LEASE, c / "real")
+        os.symlink(c / "real", c / LEASE)  # a link to the very file is not the lease
+        assert not got.held.is_ours(cfd)
+    finally:
+        os.close(cfd)
+
+
+def test_the_root_of_the_tests_is_a_local_file_system(tmp_path: Path) -> None:
+    assert lease.local_fs(tmp_path) is (lease.fs_type(tmp_path) not in lease._SHARED_FS)
+    assert lease.local_fs(tmp_path / "missing") is False  # unknown: treated as shared

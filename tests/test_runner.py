@@ -69,8 +69,12 @@ def test_control_file_that_is_a_link_fifo_or_huge_is_refused_quickly(tmp_path: P
     assert read_control(control) == ([], f"control file is larger than {CONTROL_LIMIT} bytes")
 
 
+@pytest.mark.parametrize("through_fd", [False, True])
 @pytest.mark.parametrize("left", ["link", "fifo", "folder", "file"])
-def test_a_fresh_control_file_replaces_whatever_was_left(tmp_path: Path, left: str) -> None:
+def test_a_fresh_control_file_replaces_whatever_was_left(
+    tmp_path: Path, left: str, through_fd: bool
+) -> None:
+    """By path, or through the control folder's descriptor the processor keeps open."""
     outside = tmp_path / "outside"
     outside.write_text("keep")
     control = tmp_path / "control"
@@ -82,9 +86,21 @@ def test_a_fresh_control_file_replaces_whatever_was_left(tmp_path: Path, left: s
         (control / "sub").mkdir(parents=True)
     else:
         control.write_text("addtask:old\n")
-    fresh_control_file(control)
-    assert control.is_file() and not control.is_symlink() and control.read_text() == ""
-    assert outside.read_text() == "keep"
+    dir_fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY) if through_fd else None
+    try:
+        fresh_control_file(control, dir_fd)
+        assert control.is_file() and not control.is_symlink() and control.read_text() == ""
+        assert outside.read_text() == "keep"
+        control.write_text("addtask:next\n")
+        assert read_control(control, dir_fd) == (["next"], "")
+        control.unlink()
+        control.symlink_to(outside)
+        assert "not a regular file" in read_control(control, dir_fd)[1]
+        if dir_fd is not None:
+            os.fstat(dir_fd)  # still open: the caller's, never closed here
+    finally:
+        if dir_fd is not None:
+            os.close(dir_fd)
 
 
 def _dead_pid() -> int:

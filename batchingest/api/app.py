@@ -23,7 +23,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from batchingest import __version__, logs, metrics
-from batchingest.api import auth, docs, events, files, jobs, openapi, staccato
+from batchingest.api import auth, docs, events, files, jobs, openapi, staccato, stuck
 from batchingest.api.access import TOKEN_LABEL, AccessLog
 from batchingest.api.errors import MAPPED, ApiError, api_error_of
 from batchingest.api.paths import job_name, unsafe_url_path
@@ -296,6 +296,7 @@ def create_app(cfg: Config, store: Store, readiness: Readiness | None = None) ->
             **events.OPENAPI_PATHS,
             **staccato.OPENAPI_PATHS,
             **metrics.OPENAPI_PATHS,
+            **stuck.OPENAPI_PATHS,
         },
         staging_ids_are_paths=cfg.catalog is None,
     )
@@ -309,6 +310,7 @@ def create_app(cfg: Config, store: Store, readiness: Readiness | None = None) ->
         *ui.routes(cfg, store),
         *staccato.routes(cfg, store),
         *metrics.routes(store),
+        *stuck.routes(cfg, store),
     ]
     return Starlette(
         routes=routes,

@@ -18,8 +18,6 @@ from batchingest.store import Job, Store
 
 T = TypeVar("T")
 
-# Jobs whose files the API will not change: a processor may be about to run them.
-
 
 def json_dumps(data: Any) -> bytes:
     """A compact JSON document ending in a newline, so that outputs of consecutive

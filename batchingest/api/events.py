@@ -13,14 +13,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
-from anyio import to_thread
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
 from batchingest import events, fs
 from batchingest.api import models, openapi
-from batchingest.api.common import model_response
+from batchingest.api.common import model_response, run_blocking
 from batchingest.api.errors import ApiError
 from batchingest.api.openapi import Op, param
 from batchingest.api.paths import job_name
@@ -94,7 +93,7 @@ def routes(cfg: Config, store: Store) -> list[BaseRoute]:
         limit = _number(request, "limit", DEFAULT_LIMIT, MAX_LIMIT)
         offset = _number(request, "offset", 0)
         try:
-            found = await to_thread.run_sync(store.read, name, lambda job: _history(store, job))
+            found = await run_blocking(store.read, name, lambda job: _history(store, job))
         except JobBusy as e:
             raise ApiError(409, "JobBusy", str(e)) from None
         if found is None:

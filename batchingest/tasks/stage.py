@@ -12,11 +12,17 @@ removed by the next run in that folder if a copy was killed. Files already stage
 size and modification time) are not copied again, which is also how a re-queued job
 finishes the rest.
 
-Durability without an fsync per file: small files are copied in batches; a batch's
-copies are flushed with one `syncfs` of the staging file system and only then named.
-Large files get their own fsync (after copying in pieces on several threads, each
-piece's writeback started at once). Without syncfs each copy is fsync-ed before it is
-named. A final syncfs makes the names durable before the task reports success.
+Durability without an fsync per file: the worker threads put their complete small
+copies into one shared group; a full group (copyengine.group_size) is flushed with one
+`syncfs` of the staging file system (a group of fewer than 8: an fsync each) and only
+then named, so 10,000 small files cost a handful of syncfs calls, not one per file or
+per thread.
+Large files get their own fsync (after a copy in order whose writeback follows it
+step by step, copyengine.copy_flushing) and are named at once. Without syncfs each copy is
+fsync-ed before it is named. Before the task reports success an fsync of every folder
+that got a name (and of the folders above it) makes the names durable: a journal commit,
+not another syncfs, which would also wait for whatever else the file system's other
+users have written.
 """
 
 from __future__ import annotations
@@ -26,7 +32,6 @@ import errno
 import fcntl
 import itertools
 import os
-import resource
 import secrets
 import stat
 import sys
@@ -40,7 +45,15 @@ from pathlib import Path
 from batchingest import fs
 from batchingest.config import env_bool
 from batchingest.copyengine import FALLBACK_ERRNOS as _FALLBACK_ERRNOS
-from batchingest.copyengine import copy_fd, copy_pieces, sha256_fd
+from batchingest.copyengine import (
+    GROUP_BYTES,
+    copy_fd,
+    copy_flushing,
+    group_size,
+    sha256_fd,
+    syncfs_group,
+)
+from batchingest.paths import is_within
 from batchingest.staging import (
     MANIFEST,
     PROGRESS,
@@ -51,7 +64,6 @@ from batchingest.staging import (
     Progress,
     RealDirs,
     StagingError,
-    is_within,
     load_manifest,
     manifest_limit,
     read_progress,
@@ -60,8 +72,10 @@ from batchingest.staging import (
 
 PROGRESS_EVERY = 0.5
 LARGE = 8 << 20  # files this big are flushed on their own
-BATCH_FILES = 256
-BATCH_BYTES = 64 << 20
+# What a worker thread takes at a time: enough to keep the threads busy, few enough
+# that none is left with a long tail.
+CHUNK_FILES = 64
+CHUNK_BYTES = 64 << 20
 # A temporary file this old and not locked is a dead copy of some other job.
 STALE_AFTER = 60.0
 # Errors that are about the staging area, not one source file: stop at once.
@@ -74,15 +88,6 @@ class SourceError(Exception):
 
 class TargetError(Exception):
     """The staging area cannot take files (full, read-only, outside): stop everything."""
-
-
-def syncfs(path: str) -> bool:
-    """Flush the file system holding the folder path; False if this system has no syncfs."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        return fs.syncfs(fd)
-    finally:
-        os.close(fd)
 
 
 def staged_copy_matches(src: int, target: str) -> bool:
@@ -189,6 +194,7 @@ class Pending:
     entry: Entry
     fd: int = -1
     tmp: str = ""
+    flushed: bool = False  # fsync-ed on its own (a large file): needs no group
 
     def discard(self) -> None:
         if self.fd >= 0:
@@ -225,12 +231,17 @@ class Stager:
         self.targets = RealDirs(self.staging)
         # folders known to exist in the staging area (dict updates are atomic under the GIL)
         self.made: dict[str, Folder] = {}
-        self.have_syncfs = True
         # BATCHINGEST_STAGE_UNNAMED=0 forces hidden named temporary files
         unnamed = _env_flag("BATCHINGEST_STAGE_UNNAMED", True)
         self.linker = probe_unnamed(self.targets.root) if unnamed else None
         self.staging_dev = os.stat(self.targets.root).st_dev
-        self.pieces: ThreadPoolExecutor | None = None  # threads copying pieces of large files
+        # complete small copies waiting for one syncfs (guarded by lock)
+        self.group: list[Pending] = []
+        self.group_bytes = 0
+        self.group_files = 1  # set by copy_all (group_size)
+        # one flush at a time: bounds the copies held open to a group per thread, plus one
+        self.flushing = threading.Lock()
+        self.named: set[str] = set()  # folders given new names: flushed at the end
 
     # -- helpers shared by the worker threads ------------------------------------------
 
@@ -252,6 +263,7 @@ class Stager:
             self.progress.bytes_staged += entry.size
             if how == "copied":
                 self.copied += 1
+                self.progress.bytes_copied += entry.size
             else:
                 self.skipped += 1
             self.out.append(f"{how} {entry.path} ({entry.size} bytes)")
@@ -288,14 +300,31 @@ class Stager:
         return folder
 
     def open_source(self, rel: str) -> tuple[int, os.stat_result]:
-        real = self.sources.real_file(rel)
-        if real is None:
-            raise SourceError("leads outside the archive (symbolic link)")
+        """Open an archive file, never following a link out of the archive.
+
+        The file itself is opened without following a link (one call, no lstat first);
+        only if it is a link is it resolved, and followed only if it stays inside.
+        """
+        parent, name = os.path.split(rel)
+        real_parent = self.sources.real_dir(parent)
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
         try:
-            fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+            if real_parent is None:
+                raise OSError(errno.ELOOP, "a link")
+            try:
+                fd = os.open(os.path.join(real_parent, name), flags)
+            except OSError as e:
+                if e.errno != errno.ELOOP:
+                    raise
+                real = self.sources.real_file(rel)
+                if real is None:
+                    raise
+                fd = os.open(real, flags)
         except FileNotFoundError:
             raise SourceError("vanished from the archive (No such file or directory)") from None
         except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise SourceError("leads outside the archive (symbolic link)") from None
             raise SourceError(f"cannot be read from the archive ({e.strerror})") from None
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -304,10 +333,10 @@ class Stager:
         return fd, st
 
     def copy(self, src: int, dst: int, size: int) -> int:
-        if self.pieces is None or size < LARGE or not hasattr(os, "copy_file_range"):
+        if size < LARGE or not hasattr(os, "copy_file_range"):
             return copy_fd(src, dst, size)
         try:
-            return copy_pieces(self.pieces, src, dst, size)
+            return copy_flushing(src, dst, size)
         except OSError as e:
             if e.errno not in _FALLBACK_ERRNOS:
                 raise
@@ -337,7 +366,7 @@ class Stager:
 
     # -- one file ----------------------------------------------------------------------
 
-    def prepare(self, entry: Entry, batched: bool) -> Pending | None:
+    def prepare(self, entry: Entry) -> Pending | None:
         """Copy one file to a temporary file; None if it is already staged."""
         folder = self.target_dir(entry.path)
         target = os.path.join(folder.real, os.path.basename(entry.path))
@@ -374,8 +403,9 @@ class Stager:
                     if a != b:
                         raise SourceError(f"SHA-256 mismatch: archive {a}, copy {b}")
                 os.utime(p.fd, ns=(st.st_atime_ns, st.st_mtime_ns))
-                if not batched or not self.have_syncfs:
+                if st.st_size >= LARGE:
                     os.fsync(p.fd)
+                    p.flushed = True
             except BaseException:
                 p.discard()
                 raise
@@ -405,49 +435,93 @@ class Stager:
                 continue
             finally:
                 p.discard()
+            self.named.add(os.path.dirname(p.target))
             self.done(p.entry, "copied")
 
-    # -- a batch, run by one worker thread --------------------------------------------
+    def flush_names(self) -> None:
+        """fsync each folder that got names, and the folders up to the staging area's top
+        (some were made by this run): the names are on disk once this returns."""
+        folders: set[str] = set()
+        for folder in self.named:
+            while folder not in folders:
+                folders.add(folder)
+                if folder == self.targets.root or not is_within(folder, self.targets.root):
+                    break
+                folder = os.path.dirname(folder)
+        for folder in sorted(folders):
+            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
-    def run_batch(self, batch: list[Entry]) -> None:
-        pending: list[Pending] = []
-        batched = len(batch) > 1
-        try:
-            for entry in batch:
-                if self.abort.is_set():
-                    return
-                try:
-                    p = self.prepare(entry, batched)
-                except SourceError as e:
-                    self.fail(entry, str(e))
-                    continue
-                except TargetError as e:
-                    self.fail(entry, str(e))
-                    self.abort.set()
-                    return
-                except OSError as e:
-                    self.fail(entry, f"{e.strerror or e}")
-                    if e.errno in TARGET_ERRNOS:
-                        self.abort.set()
-                        return
-                    continue
-                if p is not None:
-                    pending.append(p)
-            if pending and batched and self.have_syncfs:
-                try:
-                    self.have_syncfs = syncfs(os.path.dirname(pending[0].target))
-                    if not self.have_syncfs:
-                        for p in pending:
-                            os.fsync(p.fd)
-                except OSError as e:
-                    self.fail(pending[0].entry, f"staging area: {e.strerror}")
-                    self.abort.set()
-                    return
+    # -- groups of small copies, one syncfs each -----------------------------------------
+
+    def wait_for_flush(self, p: Pending) -> None:
+        """Add a complete small copy to the open group; flush the group once it is full."""
+        with self.lock:
+            self.group.append(p)
+            self.group_bytes += p.entry.size
+            if len(self.group) < self.group_files and self.group_bytes < GROUP_BYTES:
+                return
+            full, self.group, self.group_bytes = self.group, [], 0
+        self.flush(full)
+
+    def flush(self, pending: list[Pending]) -> None:
+        """One syncfs for the lot (an fsync each for a few, or where there is no syncfs),
+        then their names.
+
+        A copy gets its name only after its data is on disk: a crash before leaves no
+        file under that name, a crash after leaves the complete file.
+        """
+        with self.flushing:
+            try:
+                if not syncfs_group(len(pending), pending[0].fd):
+                    for p in pending:
+                        os.fsync(p.fd)
+            except OSError as e:
+                for p in pending:
+                    p.discard()
+                raise TargetError(f"staging area: {e.strerror}") from None
             self.commit(pending)
-            pending = []
-        finally:
-            for p in pending:
-                p.discard()
+
+    def flush_rest(self) -> None:
+        """The last, partly filled group: named unless the run was stopped."""
+        with self.lock:
+            rest, self.group, self.group_bytes = self.group, [], 0
+        if rest and not self.abort.is_set():
+            try:
+                self.flush(rest)
+            except TargetError as e:
+                self.problem(str(e))
+        for p in rest:
+            p.discard()
+
+    # -- a chunk of files, run by one worker thread ---------------------------------------
+
+    def run_chunk(self, chunk: list[Entry]) -> None:
+        for entry in chunk:
+            if self.abort.is_set():
+                return
+            try:
+                p = self.prepare(entry)
+                if p is None:
+                    continue
+                if p.flushed:
+                    self.commit([p])
+                else:
+                    self.wait_for_flush(p)
+            except SourceError as e:
+                self.fail(entry, str(e))
+            except TargetError as e:
+                self.fail(entry, str(e))
+                self.abort.set()
+                return
+            except OSError as e:
+                self.fail(entry, f"{e.strerror or e}")
+                if e.errno in TARGET_ERRNOS:
+                    self.abort.set()
+                    return
 
 
 def _unlink(path: str) -> None:
@@ -455,39 +529,21 @@ def _unlink(path: str) -> None:
         os.unlink(path)
 
 
-def batches(entries: list[Entry], most: int = BATCH_FILES) -> Iterator[list[Entry]]:
-    """Large files alone, small ones together (up to `most` files / BATCH_BYTES)."""
-    batch: list[Entry] = []
+def chunks(entries: list[Entry]) -> Iterator[list[Entry]]:
+    """Work for one thread at a time: a large file alone, small ones CHUNK_FILES together."""
+    chunk: list[Entry] = []
     size = 0
     for e in entries:
         if e.size >= LARGE:
             yield [e]
             continue
-        batch.append(e)
+        chunk.append(e)
         size += e.size
-        if len(batch) >= most or size >= BATCH_BYTES:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
-
-
-def batch_size(parallel: int) -> int:
-    """Files per batch such that every thread's open copies fit the descriptor limit.
-
-    An unnamed copy stays open until its batch is flushed, so raise the soft limit as
-    far as allowed and size batches to it.
-    """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = parallel * BATCH_FILES + 256
-    if soft != resource.RLIM_INFINITY and soft < want:
-        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    if soft == resource.RLIM_INFINITY:
-        return BATCH_FILES
-    return max(1, min(BATCH_FILES, (soft - 256) // parallel))
+        if len(chunk) >= CHUNK_FILES or size >= CHUNK_BYTES:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
 
 
 def _env_path(name: str) -> Path:
@@ -577,6 +633,7 @@ def record_error(job_fd: int, message: str) -> None:
     print(f"ERROR stage: {message}", flush=True)
     progress = read_progress(job_fd) or Progress()
     progress.error = message
+    progress.bytes_copied = 0  # this run copied nothing
     try:
         write_progress(job_fd, progress, durable=True)
     except OSError as e:
@@ -600,15 +657,9 @@ def sweep(staging: Path, entries: list[Entry], job: str) -> None:
 
 def copy_all(stager: Stager, entries: list[Entry], job_fd: int, parallel: int) -> None:
     """Stage every entry on `parallel` threads, saving progress every PROGRESS_EVERY."""
-    with (
-        ThreadPoolExecutor(parallel, thread_name_prefix="stage") as pool,
-        ThreadPoolExecutor(parallel, thread_name_prefix="piece") as pieces,
-    ):
-        stager.pieces = pieces
-        most = batch_size(parallel)
-        futures: set[Future[None]] = {
-            pool.submit(stager.run_batch, b) for b in batches(entries, most)
-        }
+    with ThreadPoolExecutor(parallel, thread_name_prefix="stage") as pool:
+        stager.group_files = group_size(parallel + 1)
+        futures: set[Future[None]] = {pool.submit(stager.run_chunk, c) for c in chunks(entries)}
         last = time.monotonic()
         while futures:
             finished, futures = wait(futures, timeout=PROGRESS_EVERY, return_when=FIRST_COMPLETED)
@@ -621,10 +672,11 @@ def copy_all(stager: Stager, entries: list[Entry], job_fd: int, parallel: int) -
                 stager.flush_log()
                 stager.save(job_fd)
                 last = time.monotonic()
+    stager.flush_rest()
     stager.flush_log()
     if not stager.errors:
         try:
-            syncfs(str(stager.staging))  # the renames themselves
+            stager.flush_names()
         except OSError as e:
             stager.errors.append(f"staging area: {e.strerror}")
 

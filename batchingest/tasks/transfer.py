@@ -8,12 +8,15 @@ The request names endpoints; their folders come from `BATCHINGEST_TRANSFER_ENDPO
 (set by the service), never from the job. Every file is reached beneath an endpoint
 folder's descriptor through batchingest.fs: no symbolic link is followed (a link met in
 a recursive copy is skipped and logged), no FIFO or device is opened, and a path with
-`..` cannot even be written down. Copies use the staging copy engine (kernel copy,
-large files in parallel pieces) into a hidden `.batchingest-xfer-*` file beside the
-target, flushed, then renamed into place, so no partial file ever shows under a real
-name. Small files are flushed in batches with one syncfs.
+`..` cannot even be written down. Copies use the staging copy engine (kernel copy, large
+files in order with their writeback following step by step) into an unnamed file (or a
+hidden `.batchingest-xfer-*` file) beside the target, flushed, then linked or renamed
+into place, so no partial file ever shows under a real name. Small files are flushed in
+groups of up to 4,096 with one syncfs (copyengine.group_size; fewer than 8 with an fsync
+each); large ones with their own fsync. After each group is named, an fsync of the
+folders that got names makes the names durable too.
 
-Between files and pieces the task looks for a cancel request (`.cancel` in the job
+Between files and steps the task looks for a cancel request (`.cancel` in the job
 folder) and the request's deadline; either stops it with exit status 3 and the reason
 in `fatal_error`. Exit status 1: some item failed (the first error in `fatal_error`).
 """
@@ -39,14 +42,21 @@ from typing import Any
 
 from batchingest import fs, transfers
 from batchingest.config import env_bool
-from batchingest.copyengine import LARGE, PIECE, copy_fd, copy_range, sha256_fd
+from batchingest.copyengine import (
+    LARGE,
+    copy_fd,
+    copy_flushing,
+    copy_range,
+    group_size,
+    sha256_fd,
+    syncfs_group,
+)
 from batchingest.endpoints import SERVICE_PREFIX, Endpoint, Endpoints, PathError, split_path
 
 SAVE_EVERY = 0.5
-PARALLEL = 2  # files, or pieces of a large file, copied at the same time
-BATCH = 256  # copies named after one syncfs: one per batch, not per file
+PARALLEL = 2  # files copied at the same time
+CHUNK = 256  # files of a folder handed to the copying threads at a time
 STEP = 16 << 20  # a Staccato transfer flushes and records its progress this often
-WINDOW = 4 * PIECE  # a large file is copied this much at a time between checks
 SYNC_EXISTS, SYNC_SIZE, SYNC_MTIME, SYNC_CHECKSUM = range(4)
 EXIT_FAILED, EXIT_STOPPED = 1, 3
 
@@ -79,6 +89,7 @@ class Pending:
     name: str
     record: str
     fd: int = -1
+    flushed: bool = False  # fsync-ed on its own (a large file): its group needs no syncfs
 
     def discard(self) -> None:
         if self.fd >= 0:
@@ -155,11 +166,13 @@ class Run:
         self.temp_ids = itertools.count()
         deadline = self.request.get("deadline")
         self.deadline = transfers.parse_time(deadline).timestamp() if deadline else None
-        self.pool = ThreadPoolExecutor(PARALLEL, thread_name_prefix="piece")
         self.workers = ThreadPoolExecutor(PARALLEL, thread_name_prefix="copy")
         self.lock = threading.Lock()
         self.unnamed: str | None = None  # how unnamed copies get names; "" if they cannot
         self.saving = threading.Lock()
+        # copies named after one syncfs; what waits holds a descriptor, and so may the
+        # chunk being copied and the open folders: two groups' worth
+        self.group = group_size(2)
         # this job's unfinished copies: named so that a later run of the job finds them
         self.temp_prefix = f"{SERVICE_PREFIX}xfer-{self.request.get('id')}."
         # a run before this one was cut off (kill -9, power cut): look for its leftovers
@@ -263,23 +276,17 @@ class Run:
             copied = copy_fd(src, dst, size)
             self.throttle(copied)
         else:
-            copied = 0
-            for start in range(0, size, WINDOW):
-                end = min(size, start + WINDOW)
-                futures = [
-                    self.pool.submit(copy_range, src, dst, off, min(PIECE, end - off))
-                    for off in range(start, end, PIECE)
-                ]
-                wait(futures)
-                got = sum(f.result() for f in futures)
-                copied += got
-                self.add("bytes_transferred", got)
-                self.throttle(got)
-                self.check()
-                self.save()
+            copied = copy_flushing(src, dst, size, self.after_step)
             self.add("bytes_transferred", -copied)  # counted again once the file is done
         if copied != size:
             raise ItemError("the source is shorter than it was (changed while copying)")
+
+    def after_step(self, got: int) -> None:
+        """Between the steps of a large file: progress moves, the rate limit, a stop."""
+        self.add("bytes_transferred", got)
+        self.throttle(got)
+        self.check()
+        self.save()
 
     def copy_file(
         self, src_dir: int, src_name: str, dst_dir: int, dst_name: str, record: str
@@ -301,6 +308,7 @@ class Run:
             except BaseException:
                 p.discard()
                 raise
+            p.flushed = st.st_size >= LARGE
             if p.tmp:
                 os.close(p.fd)
                 p.fd = -1
@@ -346,19 +354,24 @@ class Run:
             os.fsync(out)
 
     def commit(self) -> None:
-        """Flush the waiting copies with one syncfs, then give them their names."""
+        """Flush the waiting copies with one syncfs, then give them their names, then
+        flush the folders holding the names."""
         with self.lock:
             pending, self.pending = self.pending, []
         if not pending:
             return
         try:
-            if not fs.syncfs(pending[0].dir_fd):
-                for p in pending:
+            # a large copy alone (fsync-ed already) needs no syncfs, which would wait for
+            # everything else written to the file system too
+            unflushed = [p for p in pending if not p.flushed]
+            if unflushed and not syncfs_group(len(unflushed), unflushed[0].dir_fd):
+                for p in unflushed:
                     _fsync(p)
         except BaseException:
             for p in pending:
                 p.discard()
             raise
+        named: set[int] = set()
         for p in pending:
             try:
                 self.name(p)
@@ -367,8 +380,11 @@ class Run:
                 continue
             finally:
                 p.discard()
+            named.add(p.dir_fd)
             self.add("files_transferred")
             self.done_lines.append(p.record)
+        for dir_fd in named:
+            os.fsync(dir_fd)
         self.flush_done()
 
     def name(self, p: Pending) -> None:
@@ -476,7 +492,7 @@ def walk(run: Run, src: int, dst: int, src_show: str, dst_show: str, dirs: list[
                 continue
             shown = (f"{src_show}/{rel}".rstrip("/"), f"{dst_show}/{rel}".rstrip("/"))
             stack.extend(reversed(walk_folder(run, s, d, shown, parts)))
-            if len(done) > 128 or len(run.pending) >= BATCH:
+            if len(done) > 128 or len(run.pending) >= run.group:
                 run.commit()
                 while done:
                     os.close(done.pop())
@@ -526,12 +542,12 @@ def copy_files(run: Run, s: int, d: int, shown: tuple[str, str], names: list[str
         except ItemError as e:
             run.fail(str(e))
 
-    for start in range(0, len(names), BATCH):
-        futures = [run.workers.submit(one, name) for name in names[start : start + BATCH]]
+    for start in range(0, len(names), CHUNK):
+        futures = [run.workers.submit(one, name) for name in names[start : start + CHUNK]]
         wait(futures)  # every copy is done with s and d before anyone closes them
         for f in futures:
             f.result()  # Stop, or a failure of the destination: raised here, in order
-        if len(run.pending) >= BATCH:
+        if len(run.pending) >= run.group:
             run.commit()  # unnamed copies hold a descriptor each until named
 
 
@@ -685,7 +701,6 @@ def run(job_dir: Path) -> int:
     except (ItemError, OSError) as e:
         r.fail(str(e) if isinstance(e, ItemError) else f"{e.strerror or e}")
     finally:
-        r.pool.shutdown()
         r.workers.shutdown()
     if r.errors:
         more = f" (and {len(r.errors) - 1} more)" if len(r.errors) > 1 else ""

@@ -4,6 +4,14 @@ Pickup latency: from the rename into queue/ to the first instruction of the job'
 task (bash's $EPOCHREALTIME, no fork). Throughput: 500 queued jobs, each running `true`,
 for --workers 1, 2 and 4, next to the same number of bare fork+exec of `true` from one
 Python loop in the same run (the floor a processor cannot beat).
+
+    BENCH_OTHER=/path/to/other/checkout .venv/bin/python scripts/bench.d/core.py
+
+compares this tree with another instead: --workers 2 only, runs alternating between the
+two trees (each service started with PYTHONPATH set to its tree), jobs/s and the
+service process's own CPU per job (from /proc, its threads but not the tasks), which
+other load on the machine disturbs far less than the rate; and the pickup latency of
+each. BENCH_RUNS rounds (default 3).
 """
 
 from __future__ import annotations
@@ -18,11 +26,12 @@ import time
 from pathlib import Path
 
 RUNS = int(os.environ.get("BENCH_RUNS", "3"))
+TREE = Path(__file__).resolve().parents[2]
 JOBS = 500
 LATENCY_SAMPLES = 60
 
 
-def start_service(root: Path, *args: str) -> subprocess.Popen[bytes]:
+def start_service(root: Path, *args: str, tree: Path = TREE) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -37,6 +46,7 @@ def start_service(root: Path, *args: str) -> subprocess.Popen[bytes]:
             *args,
         ],
         stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(tree)},
     )
     time.sleep(1.0)  # started and idle
     return proc
@@ -54,12 +64,19 @@ def fresh_root(base: Path) -> Path:
     return root
 
 
-def pickup_latency(base: Path) -> list[float]:
+def cpu_seconds(pid: int) -> float:
+    """The process's own user + system time (all its threads, not its children)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def pickup_latency(base: Path, tree: Path = TREE) -> list[float]:
     root = fresh_root(base)
     task = root / "tasks" / "start"
     task.write_text('#!/bin/bash\necho "$EPOCHREALTIME" > "$JOBPATH/t0"\n')
     task.chmod(0o755)
-    proc = start_service(root)
+    proc = start_service(root, tree=tree)
     samples = []
     try:
         for i in range(LATENCY_SAMPLES):
@@ -79,26 +96,27 @@ def pickup_latency(base: Path) -> list[float]:
     return samples
 
 
-def throughput(base: Path, workers: int) -> float:
+def throughput(base: Path, workers: int, tree: Path = TREE) -> tuple[float, float]:
+    """Jobs/s, and the service's CPU seconds per job."""
     root = fresh_root(base)
     os.symlink(shutil.which("true") or "/bin/true", root / "tasks" / "true")
     for i in range(JOBS):
         job = root / f".j{i:04d}"
         job.mkdir()
         (job / "JOB").write_text('{"Todo": ["true"]}')
-    proc = start_service(root, "--workers", str(workers))
+    proc = start_service(root, "--workers", str(workers), tree=tree)
     try:
-        t0 = time.monotonic()
+        t0, cpu0 = time.monotonic(), cpu_seconds(proc.pid)
         for i in range(JOBS):
             os.rename(root / f".j{i:04d}", root / "queue" / f"j{i:04d}")
         success = root / "success"
         while len(os.listdir(success)) < JOBS:
             time.sleep(0.005)
-        elapsed = time.monotonic() - t0
+        elapsed, cpu = time.monotonic() - t0, cpu_seconds(proc.pid) - cpu0
     finally:
         stop_service(proc)
         shutil.rmtree(root, ignore_errors=True)
-    return JOBS / elapsed
+    return JOBS / elapsed, cpu / JOBS
 
 
 def fork_exec_floor() -> float:
@@ -150,8 +168,54 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
+def spread(values: list[float], fmt: str = ",.0f") -> str:
+    return " / ".join(format(v, fmt) for v in (min(values), statistics.median(values), max(values)))
+
+
+def compare(base: Path, other: Path) -> None:
+    """This tree against another, --workers 2, rounds alternating which goes first."""
+    trees = {"other": other, "ours": TREE}
+    rates: dict[str, list[float]] = {"other": [], "ours": []}
+    cpus: dict[str, list[float]] = {"other": [], "ours": []}
+    pickups: dict[str, list[float]] = {"other": [], "ours": []}
+    for i in range(RUNS):
+        for key in ("other", "ours") if i % 2 == 0 else ("ours", "other"):
+            rate, cpu = throughput(base, 2, trees[key])
+            rates[key].append(rate)
+            cpus[key].append(cpu * 1e6)
+            pickups[key].append(pct(pickup_latency(base, trees[key]), 0.5) * 1000)
+    print("## Processor: this tree against another, --workers 2, 500 jobs (`true`)")
+    print()
+    print(f"{RUNS} rounds alternating between the trees; min / median / max")
+    print()
+    print("| tree | jobs/s | service CPU per job (us) | pickup p50 (ms) |")
+    print("|---|---|---|---|")
+    for key, label in (("other", str(other)), ("ours", "this tree")):
+        print(f"| {label} | {spread(rates[key])} | {spread(cpus[key])} "
+              f"| {spread(pickups[key], '.1f')} |")  # fmt: skip
+    paired = [a / b for a, b in zip(rates["ours"], rates["other"], strict=True)]
+    cpu_paired = [b / a for a, b in zip(cpus["ours"], cpus["other"], strict=True)]
+    print()
+    medians = statistics.median(rates["ours"]) / statistics.median(rates["other"])
+    print(
+        f"jobs/s, this tree / other, round by round: {spread(paired, '.2f')}; "
+        f"of the medians: {medians:.2f}x"
+    )
+    print(
+        f"CPU per job, other / this tree (higher is better), round by round: "
+        f"{spread(cpu_paired, '.2f')}"
+    )
+
+
 def main() -> None:
     base = Path(tempfile.mkdtemp(prefix="batchingest-bench-"))
+    other = os.environ.get("BENCH_OTHER")
+    if other:
+        try:
+            compare(base, Path(other).resolve())
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+        return
     try:
         lat_runs = [pickup_latency(base) for _ in range(RUNS)]
         p50 = statistics.median(pct(s, 0.5) for s in lat_runs) * 1000
@@ -174,7 +238,7 @@ def main() -> None:
             for _ in range(RUNS):
                 floors.append(fork_exec_floor())
                 fs.append(fs_floor(base, workers))
-                rates.append(throughput(base, workers))
+                rates.append(throughput(base, workers)[0])
             rate, floor = statistics.median(rates), statistics.median(floors)
             fs_rate = statistics.median(fs)
             target = ">= 300 jobs/s and >= 50% of floor" if workers == 2 else ""

@@ -1,20 +1,18 @@
 """Staging benchmarks: copy throughput against cp, and the status endpoint under load.
 
-All figures come from one running service (`--archive`, `--staging` on the same file
-system as the copies made by cp), medians of BENCH_RUNS runs (default 5: disk-bound
-figures are noisy):
+One running service (`--archive`, `--staging` on the same file system as the copies
+made by cp). Floors and ours alternate run by run in this one invocation, each timed
+step started on a drained disk (_copyfloors.py: sync, then Dirty + Writeback low):
 
 - one 2 GiB file: POST /dts/staging to `ready`, against `cp` of the same file into the
-  same file system, and `cp` followed by an fsync of the copy (`sync FILE`; the stage
-  task flushes every copy before it gets its real name);
-- 10,000 files of 4 KiB in 100 folders: POST to `ready`, against `cp -r` of the tree
-  (and `cp -r` then `sync -f`);
-- GET /dts/staging?id= latency (client round trip, keep-alive) while a 2 GiB and a
-  10,000-file staging run.
+  same file system then `sync FILE` (the stage task flushes every copy before it gets
+  its real name), and plain `cp`;
+- 10,000 files of 4 KiB in 100 folders: POST to `ready`, against `cp -r` then
+  `sync -f` (syncfs), and plain `cp -r`;
+- GET /dts/staging?id= latency (client round trip, keep-alive and new connections)
+  during one more run of each, not timed.
 
-Every run starts with the page cache holding the sources and nothing dirty (`sync`).
-BENCH_DIR picks the file system (default: the temporary folder); BENCH_BIG_MIB the size
-of the big file.
+BENCH_RUNS (default 5), BENCH_SCALE (default 1), BENCH_DIR: see _copyfloors.py.
 """
 
 from __future__ import annotations
@@ -22,19 +20,17 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import _copyfloors as cf
 import httpx
 
-RUNS = int(os.environ.get("BENCH_RUNS", "5"))
-BIG_MIB = int(os.environ.get("BENCH_BIG_MIB", "2048"))
-FILES, FOLDERS, SMALL = 10_000, 100, 4096
 TOKEN = "bench-token-0123456789"
 
 
@@ -42,17 +38,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def sync() -> None:
-    subprocess.run(["sync"], check=True)
-
-
-def timed(cmd: list[str]) -> float:
-    sync()
-    t0 = time.perf_counter()
-    subprocess.run(cmd, check=True)
-    return time.perf_counter() - t0
 
 
 class Bench:
@@ -66,8 +51,7 @@ class Bench:
             d.mkdir()
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
-        self.fresh: list[float] = []
-        self.fresh_big: list[float] = []
+        self.polls: dict[str, tuple[list[float], list[float]]] = {}
 
     def start(self) -> None:
         env = dict(os.environ, BATCHINGEST_TOKENS=TOKEN)
@@ -94,19 +78,19 @@ class Bench:
             self.proc.terminate()
             self.proc.wait(60)
 
-    def stage(self, ids: list[str], poll: list[float] | None = None) -> float:
-        """Seconds from the POST to the job being done (in success/); polls status if asked."""
-        sync()
+    def stage(self, ids: list[str], poll: str = "") -> float:
+        """Seconds from the POST to the job being done (in success/), on an empty staging
+        area and a drained disk; polls the status meanwhile if poll names the workload."""
+        cf.DRAINS.drain()
         stop = threading.Event()
-        poller = None
-        if poll is not None:
-            poller = threading.Thread(target=self._poll, args=(poll, stop))
         t0 = time.perf_counter()
         r = self.client.post("/dts/staging", json={"ids": ids})
         r.raise_for_status()
         rid = r.json()["request_id"]
-        if poller is not None:
-            self._rid = rid
+        poller = None
+        if poll:
+            self.polls[poll] = ([], [])
+            poller = threading.Thread(target=self._poll, args=(rid, *self.polls[poll], stop))
             poller.start()
         done, failed = self.root / "success" / rid, self.root / "error" / rid
         while not done.exists():
@@ -121,25 +105,23 @@ class Bench:
             raise SystemExit("status is not ready")
         return elapsed
 
-    def _poll(self, samples: list[float], stop: threading.Event) -> None:
+    def _poll(self, rid: str, kept: list[float], fresh: list[float], stop: threading.Event) -> None:
         """Alternate a request on a kept-alive connection and one on a new connection."""
         url, headers = self.client.base_url, {"X-Api-Token": TOKEN}
-        fresh: list[float] = []
         with httpx.Client(base_url=url, headers=headers) as c:
             c.get("/healthz")
             while not stop.is_set():
                 t0 = time.perf_counter()
-                r = c.get("/dts/staging", params={"id": self._rid})
-                samples.append(time.perf_counter() - t0)
+                r = c.get("/dts/staging", params={"id": rid})
+                kept.append(time.perf_counter() - t0)
                 assert r.status_code == 200
                 time.sleep(0.01)
                 with httpx.Client(base_url=url, headers=headers) as once:
                     t0 = time.perf_counter()
-                    r = once.get("/dts/staging", params={"id": self._rid})
+                    r = once.get("/dts/staging", params={"id": rid})
                     fresh.append(time.perf_counter() - t0)
                 assert r.status_code == 200
                 time.sleep(0.01)
-        self.fresh = fresh
 
 
 def clear(path: Path) -> None:
@@ -147,56 +129,63 @@ def clear(path: Path) -> None:
     path.mkdir()
 
 
-def big_file(b: Bench) -> tuple[list[float], list[float], list[float], list[float]]:
-    src = b.archive / "big" / "file.bin"
-    src.parent.mkdir()
-    block = os.urandom(16 << 20)
-    with open(src, "wb") as f:
-        for _ in range(BIG_MIB // 16):
-            f.write(block)
-    cp, cp_sync, stage, poll = [], [], [], []
-    b.fresh = []
-    dst = b.copies / "file.bin"
-    for run in range(RUNS):
-        dst.unlink(missing_ok=True)
-        cp.append(timed(["cp", str(src), str(dst)]))
-        dst.unlink()
-        cp_sync.append(timed(["sh", "-c", f'cp "{src}" "{dst}" && sync "{dst}"']))
-        dst.unlink()
-        clear(b.staging)
-        stage.append(b.stage(["big/file.bin"], poll if run == RUNS - 1 else None))
-    clear(b.staging)
-    b.fresh_big = b.fresh
-    return cp, cp_sync, stage, poll
+def compare(
+    b: Bench, src: Path, ids: list[str], recursive: bool, poll: str
+) -> dict[str, cf.Series]:
+    """cp, cp then flush, and staging of the same data, interleaved run by run."""
 
+    def floor(make: Callable[[Path, Path, bool], list[str]], at: str) -> Callable[[int], float]:
+        def step(run: int) -> float:
+            (b.copies / at).mkdir()
+            return cf.run_cmd(make(src, b.copies / at / src.name, recursive))
 
-def small_files(b: Bench) -> tuple[list[float], list[float], list[float], list[float]]:
-    tree = b.archive / "tree"
-    ids = []
-    for d in range(FOLDERS):
-        folder = tree / f"d{d:03d}"
-        folder.mkdir(parents=True)
-        for i in range(FILES // FOLDERS):
-            (folder / f"f{i:04d}.dat").write_bytes(os.urandom(SMALL))
-            ids.append(f"tree/d{d:03d}/f{i:04d}.dat")
-    cp, cp_sync, stage, poll = [], [], [], []
-    b.fresh = []
-    dst = b.copies / "tree"
-    for run in range(RUNS):
-        shutil.rmtree(dst, ignore_errors=True)
-        cp.append(timed(["cp", "-r", str(tree), str(dst)]))
-        shutil.rmtree(dst)
-        cp_sync.append(timed(["sh", "-c", f'cp -r "{tree}" "{dst}" && sync -f "{dst}"']))
-        shutil.rmtree(dst)
+        return step
+
+    def cleanup() -> None:
+        clear(b.copies)
         clear(b.staging)
-        stage.append(b.stage(ids, poll if run == RUNS - 1 else None))
-    clear(b.staging)
-    return cp, cp_sync, stage, poll
+
+    series = cf.interleave(cf.RUNS, {
+        "cp + sync" if not recursive else "cp -r + sync -f": floor(cf.cp_sync, "synced"),
+        "cp" if not recursive else "cp -r": floor(cf.cp, "plain"),
+        "batchingest": lambda run: b.stage(ids),
+    }, cleanup)  # fmt: skip
+    # the status endpoint's latency in one more run, not timed: its requests take CPU
+    # the copy would have on a small machine
+    cleanup()
+    b.stage(ids, poll)
+    return series
 
 
 def ms(xs: list[float], q: float = 0.5) -> str:
+    if not xs:
+        return "-"
     xs = sorted(xs)
     return f"{xs[min(len(xs) - 1, int(q * len(xs)))] * 1000:.1f} ms"
+
+
+def report(b: Bench, big: dict[str, cf.Series], small: dict[str, cf.Series]) -> None:
+    print(f"## Staging ({cf.RUNS} runs, interleaved, {os.cpu_count()} cores, {b.base.parent})")
+    print()
+    print("\n".join(cf.header()))
+    big_title = f"one {cf.BIG_MIB / 1024:g} GiB file, GiB/s"
+    print("\n".join(cf.table(big_title, cf.gib_per_s(cf.BIG_MIB), big["batchingest"], [
+        (big["cp + sync"], ">= 1.0x"), (big["cp"], "")])))  # fmt: skip
+    small_title = f"{cf.FILES:,} x 4 KiB in {cf.FOLDERS} folders, files/s"
+    print("\n".join(cf.table(small_title, cf.files_per_s(cf.FILES), small["batchingest"], [
+        (small["cp -r + sync -f"], ">= 0.8x"), (small["cp -r"], ">= 0.3x")])))  # fmt: skip
+    print()
+    print(cf.DRAINS.line())
+    print()
+    print("| status endpoint while staging runs | connection | samples | p50 | p95 | target |")
+    print("|---|---|---|---|---|---|")
+    for name, (kept, fresh) in b.polls.items():
+        for how, xs in (("kept alive", kept), ("new", fresh)):
+            print(f"| {name} | {how} | {len(xs)} | {ms(xs)} | {ms(xs, 0.95)} | p50 <= 10 ms |")
+    print()
+    for name, rows in (("big", big), ("small", small)):
+        raw = "; ".join(f"{s.name} {[round(x, 3) for x in s.seconds]}" for s in rows.values())
+        print(f"raw seconds, {name}: {raw}")
 
 
 def main() -> None:
@@ -204,39 +193,14 @@ def main() -> None:
     b = Bench(base)
     try:
         b.start()
-        big = big_file(b)
-        small = small_files(b)
+        cf.make_big(b.archive / "big" / "file.bin")
+        big = compare(b, b.archive / "big" / "file.bin", ["big/file.bin"], False, "one big file")
+        ids = cf.make_tree(b.archive / "tree")
+        small = compare(b, b.archive / "tree", ids, True, f"{cf.FILES:,} small files")
     finally:
         b.stop()
         shutil.rmtree(base, ignore_errors=True)
-    med = statistics.median
-    gib = BIG_MIB / 1024
-    print(f"## Staging (medians of {RUNS} runs, {os.cpu_count()} cores, {base.parent})")
-    print()
-    print("| workload | batchingest | cp | cp + fsync | vs cp | vs cp + fsync | target |")
-    print("|---|---|---|---|---|---|---|")
-    cp, cps, st, _ = big
-    print(f"| one {gib:g} GiB file, POST to ready | {gib / med(st):.2f} GiB/s | "
-          f"{gib / med(cp):.2f} GiB/s | {gib / med(cps):.2f} GiB/s | {med(cp) / med(st):.2f}x | "
-          f"{med(cps) / med(st):.2f}x | >= 0.9x cp |")  # fmt: skip
-    cp, cps, st, _ = small
-    print(f"| {FILES:,} x 4 KiB in {FOLDERS} folders, POST to ready | {FILES / med(st):,.0f} "
-          f"files/s | {FILES / med(cp):,.0f} files/s | {FILES / med(cps):,.0f} files/s | "
-          f"{med(cp) / med(st):.2f}x | {med(cps) / med(st):.2f}x | >= 0.5x cp -r |")  # fmt: skip
-    print()
-    print("| status endpoint while staging runs | connection | samples | p50 | p95 | target |")
-    print("|---|---|---|---|---|---|")
-    for name, (_, _, _, poll), fresh in (
-        (f"one {gib:g} GiB file", big, b.fresh_big),
-        (f"{FILES:,} small files", small, b.fresh),
-    ):
-        for how, xs in (("kept alive", poll), ("new", fresh)):
-            print(f"| {name} | {how} | {len(xs)} | {ms(xs)} | {ms(xs, 0.95)} | p50 <= 10 ms |")
-    print()
-    print(
-        f"raw seconds: big cp {big[0]}, cp+fsync {big[1]}, stage {big[2]}; "
-        f"small cp {small[0]}, cp+fsync {small[1]}, stage {small[2]}"
-    )
+    report(b, big, small)
 
 
 if __name__ == "__main__":

@@ -1,19 +1,20 @@
 """Transfer benchmarks: Globus transfers through the API against cp, and task_list.
 
 One running service with endpoints `src` and `dst` on one file system, driven by the
-Globus SDK (the client scripts use); medians of BENCH_RUNS runs (default 3):
+Globus SDK (the client scripts use). Floors and ours alternate run by run in this one
+invocation, each timed step started on a drained disk (_copyfloors.py):
 
-- one 2 GiB file: submit_transfer to SUCCEEDED, against `cp` of the same file into the
-  same file system, and `cp` then `sync FILE` (the task flushes every copy before it gets
-  its real name);
+- one 2 GiB file: submit_transfer to SUCCEEDED, against plain `cp` of the same file
+  into the same file system, and `cp` then `sync FILE` (the task flushes every copy
+  before it gets its real name);
 - 10,000 files of 4 KiB in 100 folders (one recursive item): to SUCCEEDED, against
-  `cp -r` (and `cp -r` then `sync -f`);
+  plain `cp -r`, and `cp -r` then `sync -f` (syncfs);
 - task_list with 10,000 tasks (made by a second service without a processor, so they
   stay queued): the first page (the SDK's default: 10, newest first), p50 and p99 of
   200 requests after one warm-up.
 
-BENCH_DIR picks the file system (default: the temporary folder); BENCH_BIG_MIB the size
-of the big file.
+BENCH_RUNS (default 5), BENCH_SCALE (default 1), BENCH_DIR: see _copyfloors.py;
+BENCH_TASKS the number of tasks listed (default 10,000).
 """
 
 from __future__ import annotations
@@ -21,19 +22,17 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import _copyfloors as cf
 import globus_sdk
 
-RUNS = int(os.environ.get("BENCH_RUNS", "3"))
-BIG_MIB = int(os.environ.get("BENCH_BIG_MIB", "2048"))
-FILES, FOLDERS, SMALL = 10_000, 100, 4096
 TASKS = int(os.environ.get("BENCH_TASKS", "10000"))
 TOKEN = "bench-token-0123456789"
 
@@ -44,21 +43,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def timed(cmd: list[str]) -> float:
-    subprocess.run(["sync"], check=True)
-    t0 = time.perf_counter()
-    subprocess.run(cmd, check=True)
-    return time.perf_counter() - t0
-
-
 class Service:
     def __init__(self, root: Path, *args: str) -> None:
+        self.root = root
         self.port = free_port()
         env = dict(os.environ, BATCHINGEST_TOKENS=TOKEN)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "batchingest.cli", "serve", "--root", str(root), "--init",
-             "--port", str(self.port), "--log-level", "warning", "--poll-interval", "0.5",
-             *args],
+             "--port", str(self.port), "--log-level", "warning", *args],
             env=env, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         self.tc = globus_sdk.TransferClient(
@@ -78,61 +70,79 @@ class Service:
         self.proc.wait(60)
 
 
-def transfer(tc: globus_sdk.TransferClient, src: str, dst: str, recursive: bool) -> float:
-    subprocess.run(["sync"], check=True)
+def transfer(svc: Service, src: str, dst: str, recursive: bool) -> float:
+    """Seconds from submit_transfer to SUCCEEDED, started on a drained disk.
+
+    The end is seen by the task's job landing in success/ (a stat every 5 ms), then
+    confirmed with one get_task: asking get_task every few milliseconds, as no client
+    does, would take the CPU the copy needs on a small machine.
+    """
+    cf.DRAINS.drain()
     data = globus_sdk.TransferData(source_endpoint="src", destination_endpoint="dst")
     data.add_item(src, dst, recursive=recursive)
     t0 = time.perf_counter()
-    task_id = tc.submit_transfer(data)["task_id"]
-    while True:
-        status = tc.get_task(task_id, query_params={"fields": "status"})["status"]
-        if status != "ACTIVE":
-            break
-        time.sleep(0.01)
+    task_id = svc.tc.submit_transfer(data)["task_id"]
+    ends = [svc.root / state / task_id for state in ("success", "error")]
+    while not any(p.exists() for p in ends):
+        time.sleep(0.005)
     elapsed = time.perf_counter() - t0
-    assert status == "SUCCEEDED", tc.get_task(task_id).data
+    status = svc.tc.get_task(task_id)
+    assert status["status"] == "SUCCEEDED", status.data
     return elapsed
 
 
+def empty(folder: Path) -> None:
+    for p in folder.iterdir():
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def compare(svc: Service, base: Path, name: str, recursive: bool) -> dict[str, cf.Series]:
+    """cp, cp then flush, and a transfer of the same data, interleaved run by run."""
+    src, dst, cps = base / "src" / name, base / "dst", base / "cp"
+
+    def floor(make: Callable[[Path, Path, bool], list[str]], at: str) -> Callable[[int], float]:
+        def step(run: int) -> float:
+            (cps / at).mkdir()
+            return cf.run_cmd(make(src, cps / at / name, recursive))
+
+        return step
+
+    def ours(run: int) -> float:
+        shown = f"/{name}/" if recursive else f"/{name}"
+        return transfer(svc, shown, shown, recursive)
+
+    def cleanup() -> None:
+        empty(dst)
+        empty(cps)
+
+    r = " -r" if recursive else ""
+    steps = {f"cp{r} + sync{' -f' if r else ''}": floor(cf.cp_sync, "synced"),
+             f"cp{r}": floor(cf.cp, "plain"), "batchingest": ours}  # fmt: skip
+    return cf.interleave(cf.RUNS, steps, cleanup)
+
+
 def copies(base: Path) -> list[str]:
-    src, dst, cps = base / "src", base / "dst", base / "cp"
-    for d in (src, dst, cps):
-        d.mkdir()
-    big = src / "big.bin"
-    with open(big, "wb") as f:
-        for _ in range(BIG_MIB):
-            f.write(os.urandom(1 << 20))
-    for i in range(FILES):
-        folder = src / "tree" / f"d{i % FOLDERS:03d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"f{i:05d}").write_bytes(os.urandom(SMALL))
-    svc = Service(base / "root", "--endpoint", f"src={src}", "--endpoint", f"dst={dst}")
-    rows: dict[str, list[float]] = {k: [] for k in ("big", "cp", "cp+sync", "tree", "cpr",
-                                                    "cpr+sync")}  # fmt: skip
+    for d in ("src", "dst", "cp"):
+        (base / d).mkdir()
+    cf.make_big(base / "src" / "big.bin")
+    cf.make_tree(base / "src" / "tree")
+    svc = Service(base / "root", "--endpoint", f"src={base / 'src'}",
+                  "--endpoint", f"dst={base / 'dst'}")  # fmt: skip
     try:
-        for run in range(RUNS):
-            rows["big"].append(transfer(svc.tc, "/big.bin", f"/big{run}.bin", False))
-            rows["cp"].append(timed(["cp", str(big), str(cps / f"big{run}")]))
-            rows["cp+sync"].append(timed(["sh", "-c", f'cp "{big}" "{cps}/bs{run}" && '
-                                                      f'sync "{cps}/bs{run}"']))  # fmt: skip
-            rows["tree"].append(transfer(svc.tc, "/tree/", f"/tree{run}/", True))
-            rows["cpr"].append(timed(["cp", "-r", str(src / "tree"), str(cps / f"t{run}")]))
-            rows["cpr+sync"].append(timed(["sh", "-c", f'cp -r "{src}/tree" "{cps}/ts{run}" && '
-                                                       f'sync -f "{cps}"']))  # fmt: skip
-            for d in (dst, cps):
-                for p in d.iterdir():
-                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+        big = compare(svc, base, "big.bin", False)
+        small = compare(svc, base, "tree", True)
     finally:
         svc.stop()
-    m = {k: statistics.median(v) for k, v in rows.items()}
-    gib = BIG_MIB / 1024
-    return [
-        f"| one {BIG_MIB} MiB file | {gib / m['big']:.2f} GiB/s | {gib / m['cp']:.2f} GiB/s | "
-        f"{gib / m['cp+sync']:.2f} GiB/s | {m['cp'] / m['big']:.2f}x | ≥ 0.9x |",
-        f"| {FILES:,} x 4 KiB in {FOLDERS} folders | {FILES / m['tree']:,.0f} files/s | "
-        f"{FILES / m['cpr']:,.0f} files/s | {FILES / m['cpr+sync']:,.0f} files/s | "
-        f"{m['cpr'] / m['tree']:.2f}x | ≥ 0.5x |",
-    ]
+    big_title = f"one {cf.BIG_MIB / 1024:g} GiB file, GiB/s"
+    rows = cf.table(big_title, cf.gib_per_s(cf.BIG_MIB), big["batchingest"],
+                    [(big["cp"], ">= 0.9x"), (big["cp + sync"], "")])  # fmt: skip
+    small_title = f"{cf.FILES:,} x 4 KiB in {cf.FOLDERS} folders, files/s"
+    rows += cf.table(small_title, cf.files_per_s(cf.FILES), small["batchingest"],
+                     [(small["cp -r"], ">= 0.5x"), (small["cp -r + sync -f"], "")])  # fmt: skip
+    for label, series in (("big", big), ("small", small)):
+        raw = "; ".join(f"{s.name} {[round(x, 3) for x in s.seconds]}" for s in series.values())
+        rows.append(f"\nraw seconds, {label}: {raw}")
+    return rows
 
 
 def task_list(base: Path) -> list[str]:
@@ -173,11 +183,10 @@ def task_list(base: Path) -> list[str]:
 def main() -> None:
     base = Path(tempfile.mkdtemp(prefix="bench-transfers-", dir=os.environ.get("BENCH_DIR")))
     try:
-        print(f"## Transfers ({RUNS} runs, medians; endpoints on one file system)\n")
-        print("| workload | batchingest | `cp` | `cp` + sync | vs `cp` | target |")
-        print("|---|---|---|---|---|---|")
-        for line in copies(base):
-            print(line, flush=True)
+        rows = copies(base)
+        print(f"## Transfers ({cf.RUNS} runs, interleaved; endpoints on one file system)\n")
+        print("\n".join(cf.header() + rows))
+        print(f"\n{cf.DRAINS.line()}")
         print("\n| measure | batchingest | same run | target |")
         print("|---|---|---|---|")
         for line in task_list(base):

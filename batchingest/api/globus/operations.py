@@ -7,16 +7,14 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
 from batchingest import endpoints
 from batchingest.api import models as api_models
-from batchingest.api.common import read_body
+from batchingest.api.common import json_response, read_body, run_blocking
 from batchingest.api.errors import ApiError
 from batchingest.api.globus import documents, models, query
-from batchingest.api.globus.documents import json_response
 from batchingest.endpoints import Endpoint, Endpoints, Item, PathError
 
 log = logging.getLogger("batchingest.api.globus")
@@ -121,14 +119,14 @@ class GlobusApi:
         keys = query.order_keys(request)
         fields = query.fields(request)
         try:
-            page, total = await run_in_threadpool(
+            page, total = await run_blocking(
                 _ls_page, ep, parts, hidden, test, keys, (offset, limit), fields
             )
         except PathError as e:
             raise path_error("ls", e) from None
         shown = endpoints.show_path(parts, folder=True)
         # a page may hold 100,000 entries: encode it off the event loop too
-        return await run_in_threadpool(json_response, {
+        return await run_blocking(json_response, {
             "DATA_TYPE": "file_list",
             "DATA": page,
             "path": shown,
@@ -146,7 +144,7 @@ class GlobusApi:
         ep = self.endpoint(request)
         parts = split(request.query_params.get("path", ""))
         try:
-            doc = await run_in_threadpool(_stat_doc, ep, parts)
+            doc = await run_blocking(_stat_doc, ep, parts)
         except PathError as e:
             raise path_error("stat", e) from None
         return json_response(documents.select_fields(doc, query.fields(request)))
@@ -156,7 +154,7 @@ class GlobusApi:
         doc = await read_doc(request, models.Mkdir)
         parts = split(doc.path)
         try:
-            await run_in_threadpool(endpoints.make_folder, ep, parts)
+            await run_blocking(endpoints.make_folder, ep, parts)
         except PathError as e:
             raise path_error("mkdir", e) from None
         message = "The directory was created successfully"
@@ -169,7 +167,7 @@ class GlobusApi:
         old = split(doc.old_path, "old_path")
         new = split(doc.new_path, "new_path")
         try:
-            await run_in_threadpool(endpoints.rename, ep, old, new)
+            await run_blocking(endpoints.rename, ep, old, new)
         except PathError as e:
             raise path_error("rename", e) from None
         message = "File or directory renamed successfully"

@@ -17,14 +17,13 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
 from batchingest import endpoints, fs, transfers
+from batchingest.api.common import json_response, run_blocking
 from batchingest.api.errors import ApiError
 from batchingest.api.globus import documents, models, query
-from batchingest.api.globus.documents import json_response
 from batchingest.api.globus.operations import read_doc, split
 from batchingest.endpoints import Endpoint, Endpoints
 from batchingest.store import Job, State, Store
@@ -148,7 +147,7 @@ class TaskApi:
             "deadline": deadline,
             **fields,
         }
-        created = await run_in_threadpool(transfers.create, self.store, task_id, req, deadline)
+        created = await run_blocking(transfers.create, self.store, task_id, req, deadline)
         code, status = ("Accepted", 202) if created else ("Duplicate", 200)
         if created:
             message = f"The {kind} has been accepted and a task has been created and queued"
@@ -178,7 +177,7 @@ class TaskApi:
         self.configured()
         task_id = request.path_params["task_id"]
         name = _task_name(task_id)
-        snap = await run_in_threadpool(transfers.snapshot, self.store, name) if name else None
+        snap = await run_blocking(transfers.snapshot, self.store, name) if name else None
         if snap is None or snap.request.get("kind") not in ("transfer", "delete"):
             raise task_not_found(task_id)
         return snap
@@ -197,7 +196,7 @@ class TaskApi:
         fields = query.fields(request)
         spec = json.dumps([request.query_params.getlist("filter"), keys])
         window = (offset, limit)
-        page, total = await run_in_threadpool(self._page, test, keys, spec, window, fields)
+        page, total = await run_blocking(self._page, test, keys, spec, window, fields)
         return json_response({"DATA_TYPE": "task_list", "DATA": page, "length": len(page),
                               "limit": limit, "offset": offset, "total": total})  # fmt: skip
 
@@ -248,7 +247,7 @@ class TaskApi:
         snap = await self.snapshot(request)
         limit = query.integer(request, "limit", 10, 0, EVENT_LIMIT)
         offset = query.integer(request, "offset", 0, 0, 1 << 40)
-        events = await run_in_threadpool(task_events, self.store, snap)
+        events = await run_blocking(task_events, self.store, snap)
         page = events[offset : offset + limit]
         return json_response(
             {
@@ -264,7 +263,7 @@ class TaskApi:
     async def successful_transfers(self, request: Request) -> Response:
         snap = await self.snapshot(request)
         marker = query.integer(request, "marker", 0, 0, 1 << 40)
-        lines = await run_in_threadpool(_transferred, self.store, snap.job)
+        lines = await run_blocking(_transferred, self.store, snap.job)
         page = []
         for line in lines[marker : marker + TRANSFERS_PAGE]:
             try:
@@ -287,14 +286,14 @@ class TaskApi:
         name = snap.job.name
         active = snap.job.state in (State.QUEUE, State.PROCESSING)
         if active:
-            await run_in_threadpool(transfers.request_cancel, self.store, name)
+            await run_blocking(transfers.request_cancel, self.store, name)
             waited = time.monotonic() + CANCEL_WAIT
             while time.monotonic() < waited:
-                now = await run_in_threadpool(transfers.snapshot, self.store, name)
+                now = await run_blocking(transfers.snapshot, self.store, name)
                 if now is None or now.job.state not in (State.QUEUE, State.PROCESSING):
                     break
                 await asyncio.sleep(0.05)
-            later = await run_in_threadpool(transfers.snapshot, self.store, name)
+            later = await run_blocking(transfers.snapshot, self.store, name)
             snap = later if later is not None else snap
         fatal = snap.fatal or {}
         if not active:
