@@ -37,6 +37,7 @@ import logging
 import os
 import re
 import stat
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -45,7 +46,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TypeVar
 
-from batchingest import fs, lease
+from batchingest import fs, lease, listings
 from batchingest.fs import rename_noreplace
 
 log = logging.getLogger("batchingest.store")
@@ -113,6 +114,9 @@ _TEMP = re.compile(r"\..+\.[A-Za-z0-9_]{8,12}\.tmp")
 # A temporary this old cannot belong to a write still going on (they take milliseconds),
 # even one by another service sharing the root.
 SWEEP_AGE = 60.0
+# A state folder with this many entries or more is watched (batchingest.listings) rather
+# than listed again whenever it changes; below it a listing costs under 2 ms.
+WATCH_FROM = 2_000
 
 
 class StoreError(Exception):
@@ -268,6 +272,11 @@ class Store:
         # state -> (folder identity, sorted names): see job_names()
         self._names_cache: dict[str, tuple[tuple[int, int, int, int], list[str]]] = {}
         self._count_cache: dict[str, tuple[tuple[int, int, int, int], int]] = {}  # job_count()
+        # the state folders' names kept by inotify once one is large (see _from_watch)
+        self.watch_from = WATCH_FROM
+        self._watched: listings.Watched | None = None
+        self._watch_lock = threading.Lock()
+        self._watch_given_up = False
         self._root_fd = -1
         self._lock_warned: set[str] = set()
         # who holds jobs here, and after how long another host may take a lease over
@@ -410,12 +419,20 @@ class Store:
     def job_names(self, state: str) -> builtins.list[str]:
         """Sorted names of the jobs in one state, reused while the folder is unchanged.
 
+        Once a state folder holds WATCH_FROM entries, the state folders are watched
+        (batchingest.listings) and the names come from there, exact at every call
+        without a rescan however often the folders change. Until then, or where
+        inotify cannot be used:
+
         Paging `GET /jobs?limit=100` over 10,000 jobs must not rescan every entry: the
         listing is kept with the folder's (inode, nlink, mtime, ctime) and reused while
         those are the same. A listing is only kept when the folder had not changed for a
         second before the scan began, so two changes within one timestamp tick cannot
         hide behind an unchanged mtime.
         """
+        listed = self._from_watch(lambda w: w.names(state))
+        if listed is not None:
+            return listed
         cache = self._names_cache
         path = self.state_dir(state)
         started = time.time_ns()
@@ -433,6 +450,8 @@ class Store:
             if valid_name(e.name) and e.is_dir(follow_symlinks=False)
         ]
         names.sort()  # callers share this list: never change it
+        if len(names) >= self.watch_from:
+            self._watch()
         # any entry change sets mtime to now, so an old mtime cannot hide a later one
         if started - st.st_mtime_ns > 1_000_000_000:
             cache[state] = (key, names)
@@ -445,8 +464,12 @@ class Store:
 
         Reuses job_names()'s listing or an earlier count while the folder is unchanged
         (the same rules); otherwise counts without sorting, and checks all names with
-        one match over them (cheaper than a match per name).
+        one match over them (cheaper than a match per name). A large root's counts come
+        from the inotify-kept listings (batchingest.listings), exact and without a scan.
         """
+        watched = self._from_watch(lambda w: w.count(state))
+        if watched is not None:
+            return watched
         started = time.time_ns()
         try:
             st = os.stat(self.state_dir(state))
@@ -466,7 +489,48 @@ class Store:
             count = sum(1 for n in names if valid_name(n))
         if started - st.st_mtime_ns > 1_000_000_000:
             self._count_cache[state] = (key, count)
+        if count >= self.watch_from:
+            self._watch()
         return count
+
+    def _from_watch(self, read: Callable[[listings.Watched], T]) -> T | None:
+        """read() of the inotify-kept listings, exact at this moment; None while the
+        state folders are not watched."""
+        watched = self._watched
+        if watched is None:
+            return None
+        try:
+            return read(watched)
+        except (OSError, fs.UnsafePath) as e:  # a state folder went or is a link now
+            log.warning("state folders are listed by scanning from now on: %s", e.strerror or e)
+            self._unwatch(watched)
+            return None
+
+    def _watch(self) -> None:
+        """Start keeping the state folders' listings by inotify (batchingest.listings).
+
+        Not where inotify misses other machines' changes (a shared file system), and
+        given up on for good where it cannot be had: scanning still gives true listings.
+        """
+        with self._watch_lock:
+            if self._watched is not None or self._watch_given_up:
+                return
+            self._watch_given_up = True  # unless it works below
+            if lease.watch_mode(self.root, False) is not None:
+                return
+            try:
+                self._watched = listings.Watched(self.root_fd, STATES, valid_name)
+            except (OSError, fs.UnsafePath) as e:
+                log.info("state folders are listed by scanning: %s", e.strerror or e)
+                return
+            self._watch_given_up = False
+
+    def _unwatch(self, watched: listings.Watched) -> None:
+        with self._watch_lock:
+            if self._watched is watched:
+                self._watched = None
+                self._watch_given_up = True
+        watched.close()
 
     def jobs(self, states: Iterable[str] | None = None) -> builtins.list[Job]:
         """Jobs in the given states (all by default), sorted by name.

@@ -1,0 +1,152 @@
+"""State folder listings kept by inotify (batchingest.listings) and the store's use of them:
+exact after hand-made moves, hidden and badly named folders, files and links left out,
+a state folder swapped or gone, and the switch from scanning once a folder is large."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+from test_api import call, make_app
+from test_metrics import scrape, value
+
+from batchingest import fs, listings
+from batchingest.store import STATES, Store, valid_name
+
+
+def watched(root: Path) -> listings.Watched:
+    root_fd = fs.open_root(root)
+    return listings.Watched(root_fd, STATES, valid_name)
+
+
+def test_hand_moves_show_at_once(root: Path) -> None:
+    w = watched(root)
+    try:
+        for i in range(5):
+            (root / "success" / f"job-{i}").mkdir()
+        assert w.names("success") == [f"job-{i}" for i in range(5)]
+        os.rename(root / "success" / "job-1", root / "error" / "job-1")
+        os.rename(root / "success" / "job-3", root / "queue" / "job-3")
+        assert w.names("success") == ["job-0", "job-2", "job-4"]
+        assert (w.count("error"), w.count("queue"), w.count("data")) == (1, 1, 0)
+        os.rmdir(root / "error" / "job-1")
+        assert w.count("error") == 0
+    finally:
+        w.close()
+
+
+def test_only_job_folders_are_listed(root: Path) -> None:
+    w = watched(root)
+    try:
+        success = root / "success"
+        (success / ".incoming").mkdir()  # being assembled under a hidden name
+        (success / "bad name").mkdir()
+        (success / "stray").write_text("x")
+        os.symlink(root / "data", success / "link")
+        (success / "real").mkdir()
+        assert w.names("success") == ["real"]
+        os.rename(success / ".incoming", success / "batch-42")  # the usual way to submit
+        assert w.names("success") == ["batch-42", "real"]
+        os.rename(success / "real", success / ".trashed")
+        assert w.names("success") == ["batch-42"]
+    finally:
+        w.close()
+
+
+def test_the_listing_is_a_new_list_only_when_it_changed(root: Path) -> None:
+    w = watched(root)
+    try:
+        (root / "data" / "a").mkdir()
+        first = w.names("data")
+        assert w.names("data") is first
+        (root / "data" / "b").mkdir()
+        second = w.names("data")
+        assert second == ["a", "b"] and first == ["a"]  # the old list is left as it was
+    finally:
+        w.close()
+
+
+@pytest.mark.parametrize("changes", [50, 3_000])  # inserted one by one / sorted again
+def test_many_changes_between_looks(root: Path, changes: int) -> None:
+    w = watched(root)
+    try:
+        rng = random.Random(changes)
+        present: set[str] = set()
+        w.names("success")
+        for _ in range(changes):
+            name = f"j{rng.randrange(changes):05d}"
+            path = root / "success" / name
+            if name in present:
+                path.rmdir()
+                present.discard(name)
+            else:
+                path.mkdir()
+                present.add(name)
+        assert w.names("success") == sorted(present)
+        assert w.count("success") == len(present)
+    finally:
+        w.close()
+
+
+def test_a_state_folder_swapped_is_scanned_again(root: Path) -> None:
+    w = watched(root)
+    try:
+        (root / "error" / "old").mkdir()
+        assert w.names("error") == ["old"]
+        os.rename(root / "error", root / "error-before")
+        (root / "error").mkdir()
+        (root / "error" / "new").mkdir()
+        assert w.names("error") == ["new"]
+        (root / "error" / "newer").mkdir()
+        assert w.names("error") == ["new", "newer"]
+    finally:
+        w.close()
+
+
+def test_store_watches_once_a_folder_is_large(root: Path) -> None:
+    store = Store(root)
+    store.watch_from = 3
+    for i in range(2):
+        (root / "success" / f"s{i}").mkdir()
+    assert store.job_count("success") == 2
+    assert store._watched is None  # small: scanned
+    (root / "success" / "s2").mkdir()
+    assert store.job_names("success") == ["s0", "s1", "s2"]
+    assert store._watched is not None
+    os.rename(root / "success" / "s1", root / "queue" / "s1")
+    assert store.job_names("success") == ["s0", "s2"]
+    assert store.job_names("queue") == ["s1"]
+    assert [store.job_count(s) for s in ("success", "queue", "error")] == [2, 1, 0]
+
+
+def test_store_falls_back_to_scanning_when_a_state_folder_goes(root: Path) -> None:
+    store = Store(root)
+    store.watch_from = 1
+    (root / "error" / "e").mkdir()
+    assert store.job_names("error") == ["e"]
+    os.rename(root / "error", root / "error-gone")
+    assert store.job_count("error") == 0
+    assert store._watched is None
+    (root / "error").mkdir()
+    (root / "error" / "f").mkdir()
+    assert store.job_names("error") == ["f"]
+
+
+def test_gauges_true_after_hand_moves_in_a_large_root(root: Path) -> None:
+    application, store = make_app(root)
+    store.watch_from = 20
+    for i in range(30):
+        (root / "success" / f"job-{i:02d}").mkdir()
+    text = scrape(application)
+    assert value(text, "batchingest_jobs", state="success") == 30
+    assert store._watched is not None
+    for i in range(5):
+        os.rename(root / "success" / f"job-{i:02d}", root / "error" / f"job-{i:02d}")
+    os.rename(root / "success" / "job-10", root / "queue" / "job-10")
+    text = scrape(application)
+    counts = {s: value(text, "batchingest_jobs", state=s) for s in ("success", "error", "queue")}
+    assert counts == {"success": 24, "error": 5, "queue": 1}
+    reply = call(application, "GET", "/jobs?status=error")
+    assert reply.status == 200 and reply.body.count(b'"Name"') == 5
