@@ -333,8 +333,12 @@ class Store:
         """
         return self.root / f".{name}"
 
-    def init(self) -> None:
+    def init(self, *, sweep_jobs: bool = True) -> None:
         """Create missing state folders, check them, sweep crash leftovers.
+
+        With sweep_jobs False the job folders are left for the caller to sweep later
+        (sweep_jobs()): looking into 100,000 of them takes seconds, which the service
+        spends after it has started, not before.
 
         StoreError if the root cannot be used, or if a state folder or the trash is a
         symbolic link or not a folder: a rename would take jobs out of the root, and
@@ -352,7 +356,10 @@ class Store:
             raise StoreError(f"jobs root {self.root} is not usable: {e.strerror or e}") from e
         for name in (*STATES, TRASH):
             self._check_own_folder(name, missing_ok=name == TRASH)
-        self.sweep()
+        if sweep_jobs:
+            self.sweep()
+        else:
+            self._sweep_root()
 
     def _check_own_folder(self, name: str, *, missing_ok: bool) -> None:
         try:
@@ -814,12 +821,28 @@ class Store:
         seconds old, and `.lock` files nobody holds (earlier versions left one in every
         job). Jobs in processing/ are swept by recover(), once their holder is known dead.
         """
+        removed = self._sweep_root() + self.sweep_jobs()
+        if removed:
+            log.info("removed %d leftover(s) of interrupted work in %s", removed, self.root)
+        return removed
+
+    def _sweep_root(self) -> int:
+        """The trash and init's `.probe-*` files: what sweep() removes outside job folders."""
         removed = self._empty_trash()
         for entry in fs.entries(self.root_fd, hidden=True):
             if entry.name.startswith(".probe-") and entry.is_file:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(entry.name, dir_fd=self.root_fd)
                     removed += 1
+        return removed
+
+    def sweep_jobs(self) -> int:
+        """The job folders' part of sweep(): stale temporaries and free `.lock` files.
+
+        Safe while processors and the API run: a `.lock` is only removed while its
+        lock is ours for that moment (a claim meanwhile fails and is tried again).
+        """
+        removed = 0
         for state in (State.DATA, State.QUEUE, State.SUCCESS, State.ERROR):
             for name in self.job_names(state):
                 try:
@@ -832,8 +855,6 @@ class Store:
                     log.warning("cannot sweep %s/%s: %s", state, name, e.strerror or e)
                 finally:
                     os.close(dir_fd)
-        if removed:
-            log.info("removed %d leftover(s) of interrupted work in %s", removed, self.root)
         return removed
 
     def _empty_trash(self) -> int:
