@@ -7,6 +7,7 @@ import logging
 import signal
 import socket
 import threading
+import time
 
 import uvicorn
 from starlette.types import ASGIApp
@@ -14,7 +15,7 @@ from starlette.types import ASGIApp
 from batchingest.config import Config
 from batchingest.connections import Limits, connection_budget, limited_protocol
 from batchingest.health import Progress, Readiness
-from batchingest.store import Store, StoreError
+from batchingest.store import SWEEP_AFTER, Store, StoreError
 
 log = logging.getLogger("batchingest")
 
@@ -80,6 +81,8 @@ def _open_store(cfg: Config) -> Store:
 
 
 def _sweep_jobs(store: Store, api: bool) -> None:
+    time.sleep(SWEEP_AFTER)  # the first listings and claims come first
+    t0 = time.monotonic()
     try:
         swept = store.sweep_jobs()
         if swept:
@@ -91,6 +94,8 @@ def _sweep_jobs(store: Store, api: bool) -> None:
             sweep_uploads(store)
     except Exception:  # a leftover stays until the next start; nothing depends on it
         log.exception("sweeping the job folders failed")
+    else:
+        log.info("job folders swept for leftovers in %.1fs", time.monotonic() - t0)
 
 
 async def serve(cfg: Config) -> None:

@@ -114,6 +114,9 @@ _TEMP = re.compile(r"\..+\.[A-Za-z0-9_]{8,12}\.tmp")
 # A temporary this old cannot belong to a write still going on (they take milliseconds),
 # even one by another service sharing the root.
 SWEEP_AGE = 60.0
+# Seconds after a service starts at which its job folders are swept (sweep_jobs): the
+# first listing of queue/ and the first claims should not share the interpreter with it.
+SWEEP_AFTER = 3.0
 # A state folder with this many entries or more is watched (batchingest.listings) rather
 # than listed again whenever it changes; below it a listing costs under 2 ms.
 WATCH_FROM = 2_000
