@@ -555,6 +555,14 @@ class Store:
         jobs.sort(key=lambda j: (j.name, STATES.index(j.state)))
         return jobs
 
+    def each_job(self, states: Iterable[str]) -> Iterator[Job]:
+        """Every job of the given states, state by state, made one at a time: a pass over
+        100,000 jobs does not hold 100,000 Job objects (and their paths) at once."""
+        for state in map(State, states):
+            base = f"{self.state_dir(state)}/"
+            for name in self.job_names(state):
+                yield Job(name, state, Path(base + name))
+
     def queued(self) -> builtins.list[str]:
         """Names of jobs in queue/, oldest first (folder mtime, then name).
 
