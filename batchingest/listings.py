@@ -30,6 +30,7 @@ import os
 import struct
 import threading
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterable
 
 from batchingest import fs
@@ -60,13 +61,25 @@ class Unavailable(OSError):
     """No inotify instance or watch could be had: the caller keeps scanning."""
 
 
+# How many listings back the changes are kept (Watched.changes)
+_KEEP_CHANGES = 64
+
+
+class Names(list[str]):
+    """A sorted listing; its version tells Watched.changes which listing it was."""
+
+    version = 0
+
+
 class _Folder:
-    __slots__ = ("names", "pending", "sorted")
+    __slots__ = ("log", "names", "pending", "sorted")
 
     def __init__(self, names: set[str]) -> None:
         self.names = names
-        self.sorted: list[str] = sorted(names)
+        self.sorted = Names(sorted(names))
         self.pending: dict[str, bool] = {}  # name -> present, since `sorted` was made
+        # (version, changes that made it from the one before), the latest last
+        self.log: deque[tuple[int, dict[str, bool]]] = deque(maxlen=_KEEP_CHANGES)
 
 
 class Watched:
@@ -101,6 +114,8 @@ class Watched:
         """Watch each folder (through a descriptor opened beneath the root), then scan it."""
         for wd in self._wds:
             _libc.inotify_rm_watch(self._fd, wd)
+        # versions go on across a rescan, with no changes known from before it
+        versions = {name: f.sorted.version + 1 for name, f in self._folders.items()}
         self._wds, self._folders = {}, {}
         for folder in folders:
             dir_fd = fs.open_dir(self._root_fd, folder)
@@ -112,6 +127,7 @@ class Watched:
                     raise Unavailable(err, f"inotify watch: {os.strerror(err)}")
                 self._wds[wd] = folder
                 self._folders[folder] = _Folder(self._scan(dir_fd))
+                self._folders[folder].sorted.version = versions.get(folder, 0)
             finally:
                 os.close(dir_fd)
 
@@ -156,7 +172,7 @@ class Watched:
             self._drain()
             return len(self._folders[folder].names)
 
-    def names(self, folder: str) -> list[str]:
+    def names(self, folder: str) -> Names:
         """The folder's names, sorted: the same list object while nothing changed.
 
         Callers share the list, so it is never changed: a change makes a new one.
@@ -164,17 +180,32 @@ class Watched:
         with self._lock:
             self._drain()
             f = self._folders[folder]
-            if len(f.pending) >= _RESORT_AFTER:
-                f.sorted = sorted(f.names)
-            elif f.pending:
-                f.sorted = _updated(f.sorted, f.pending)
-            f.pending = {}
+            if f.pending:
+                new = Names(sorted(f.names) if len(f.pending) >= _RESORT_AFTER else f.sorted)
+                if len(f.pending) < _RESORT_AFTER:
+                    _update(new, f.pending)
+                new.version = f.sorted.version + 1
+                f.log.append((new.version, f.pending))
+                f.sorted, f.pending = new, {}
             return f.sorted
 
+    def changes(self, folder: str, old: Names, new: Names) -> dict[str, bool] | None:
+        """The names added (True) or removed (False) from listing old to listing new,
+        both got from names(folder); None when that is no longer known (too long ago,
+        or the folders were listed again since)."""
+        with self._lock:
+            f = self._folders.get(folder)
+            steps = [] if f is None else [c for v, c in f.log if old.version < v <= new.version]
+            if f is None or len(steps) != new.version - old.version:
+                return None
+            merged: dict[str, bool] = {}
+            for step in steps:
+                merged.update(step)
+            return merged
 
-def _updated(old: list[str], changes: dict[str, bool]) -> list[str]:
-    """A copy of the sorted list old with names added or removed as changes say."""
-    new = old.copy()
+
+def _update(new: list[str], changes: dict[str, bool]) -> None:
+    """Add or remove names in the sorted list new as changes say."""
     for name, present in changes.items():
         i = bisect.bisect_left(new, name)
         there = i < len(new) and new[i] == name
@@ -182,7 +213,6 @@ def _updated(old: list[str], changes: dict[str, bool]) -> list[str]:
             new.insert(i, name)
         elif not present and there:
             del new[i]
-    return new
 
 
 def inotify_error(e: OSError) -> bool:

@@ -503,6 +503,15 @@ class Store:
             self._watch()
         return count
 
+    def name_changes(
+        self, state: str, old: builtins.list[str], new: builtins.list[str]
+    ) -> dict[str, bool] | None:
+        """The names added (True) or removed (False) between two listings job_names()
+        gave for a state; None when that is not known (then compare the two)."""
+        if not isinstance(old, listings.Names) or not isinstance(new, listings.Names):
+            return None
+        return self._from_watch(lambda w: w.changes(state, old, new))
+
     def _from_watch(self, read: Callable[[listings.Watched], T]) -> T | None:
         """read() of the inotify-kept listings, exact at this moment; None while the
         state folders are not watched."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from test_api import call, make_app
 from test_metrics import scrape, value
 
 from batchingest import fs, listings
-from batchingest.store import STATES, Store, valid_name
+from batchingest.store import STATES, State, Store, valid_name
 
 
 def watched(root: Path) -> listings.Watched:
@@ -150,3 +151,50 @@ def test_gauges_true_after_hand_moves_in_a_large_root(root: Path) -> None:
     assert counts == {"success": 24, "error": 5, "queue": 1}
     reply = call(application, "GET", "/jobs?status=error")
     assert reply.status == 200 and reply.body.count(b'"Name"') == 5
+
+
+def test_changes_between_two_listings(root: Path) -> None:
+    w = watched(root)
+    try:
+        (root / "success" / "a").mkdir()
+        first = w.names("success")
+        (root / "success" / "b").mkdir()
+        second = w.names("success")
+        os.rename(root / "success" / "a", root / "error" / "a")
+        (root / "success" / "c").mkdir()
+        third = w.names("success")
+        assert w.changes("success", first, third) == {"b": True, "a": False, "c": True}
+        assert w.changes("success", second, third) == {"a": False, "c": True}
+        assert w.changes("success", third, third) == {}
+        os.rename(root / "success", root / "success-old")  # listed again: history lost
+        (root / "success").mkdir()
+        fourth = w.names("success")
+        assert fourth == [] and w.changes("success", third, fourth) is None
+    finally:
+        w.close()
+
+
+def test_arrival_times_follow_the_watched_changes(root: Path) -> None:
+    """The dashboard's per-state times, changed from the store's known changes: a job
+    that leaves and comes back between two looks gets its new arrival time."""
+    from batchingest.ui import data
+
+    store = Store(root)
+    store.watch_from = 5
+    for i in range(10):
+        (root / "success" / f"s{i}").mkdir()
+    store.job_names("success")  # large: watched from now on
+    times = data.ChangeTimes(store)
+    before = times.of(State.SUCCESS)
+    assert len(before) == 10 and store._watched is not None
+    os.rename(root / "success" / "s3", root / "data" / "s3")
+    store.job_names("success")  # someone else's listing in between
+    time.sleep(0.01)
+    os.rename(root / "data" / "s3", root / "success" / "s3")
+    os.rename(root / "success" / "s4", root / "error" / "s4")
+    after = times.of(State.SUCCESS)
+    assert sorted(after) == [f"s{i}" for i in range(10) if i != 4]
+    assert after["s3"] > before["s3"]  # its rename back set a new ctime
+    assert after["s3"] == os.lstat(root / "success" / "s3").st_ctime
+    fresh = data.ChangeTimes(store).listing(State.SUCCESS)
+    assert times.listing(State.SUCCESS).by_time == fresh.by_time

@@ -118,13 +118,18 @@ class ChangeTimes:
             if old is not None and old.names is names:
                 return old
             before = old.times if old is not None else {}
-            now = set(names)  # set differences run at C speed: 100,000 names in ms
-            gone = list(before.keys() - now)
-            new = stat_times(self.store, state, now - before.keys())
+            changes = None if old is None else self.store.name_changes(state, old.names, names)
+            if changes is not None:  # the store knows what changed: look at those only
+                gone = [n for n in changes if n in before]  # a job back again: its new time
+                new = stat_times(self.store, state, [n for n, there in changes.items() if there])
+            else:
+                now = set(names)  # set differences run at C speed
+                gone = list(before.keys() - now)
+                new = stat_times(self.store, state, now - before.keys())
             if old is not None and len(gone) + len(new) <= _UPDATE_MOST:
                 self._cache[state] = old.changed(names, gone, new)
             else:
-                times = {n: before[n] for n in names if n in before}
+                times = {n: before[n] for n in names if n in before and n not in gone}
                 times.update(new)
                 self._cache[state] = Listing(names, times)
             return self._cache[state]
