@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import random
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,93 +18,77 @@ from batchingest import fs, listings
 from batchingest.store import STATES, State, Store, valid_name
 
 
-def watched(root: Path) -> listings.Watched:
+@pytest.fixture
+def w(root: Path) -> Iterator[listings.Watched]:
     root_fd = fs.open_root(root)
-    return listings.Watched(root_fd, STATES, valid_name)
+    watched = listings.Watched(root_fd, STATES, valid_name)
+    yield watched
+    watched.close()
+    os.close(root_fd)
 
 
-def test_hand_moves_show_at_once(root: Path) -> None:
-    w = watched(root)
-    try:
-        for i in range(5):
-            (root / "success" / f"job-{i}").mkdir()
-        assert w.names("success") == [f"job-{i}" for i in range(5)]
-        os.rename(root / "success" / "job-1", root / "error" / "job-1")
-        os.rename(root / "success" / "job-3", root / "queue" / "job-3")
-        assert w.names("success") == ["job-0", "job-2", "job-4"]
-        assert (w.count("error"), w.count("queue"), w.count("data")) == (1, 1, 0)
-        os.rmdir(root / "error" / "job-1")
-        assert w.count("error") == 0
-    finally:
-        w.close()
+def test_hand_moves_show_at_once(root: Path, w: listings.Watched) -> None:
+    for i in range(5):
+        (root / "success" / f"job-{i}").mkdir()
+    assert w.names("success") == [f"job-{i}" for i in range(5)]
+    os.rename(root / "success" / "job-1", root / "error" / "job-1")
+    os.rename(root / "success" / "job-3", root / "queue" / "job-3")
+    assert w.names("success") == ["job-0", "job-2", "job-4"]
+    assert (w.count("error"), w.count("queue"), w.count("data")) == (1, 1, 0)
+    os.rmdir(root / "error" / "job-1")
+    assert w.count("error") == 0
 
 
-def test_only_job_folders_are_listed(root: Path) -> None:
-    w = watched(root)
-    try:
-        success = root / "success"
-        (success / ".incoming").mkdir()  # being assembled under a hidden name
-        (success / "bad name").mkdir()
-        (success / "stray").write_text("x")
-        os.symlink(root / "data", success / "link")
-        (success / "real").mkdir()
-        assert w.names("success") == ["real"]
-        os.rename(success / ".incoming", success / "batch-42")  # the usual way to submit
-        assert w.names("success") == ["batch-42", "real"]
-        os.rename(success / "real", success / ".trashed")
-        assert w.names("success") == ["batch-42"]
-    finally:
-        w.close()
+def test_only_job_folders_are_listed(root: Path, w: listings.Watched) -> None:
+    success = root / "success"
+    (success / ".incoming").mkdir()  # being assembled under a hidden name
+    (success / "bad name").mkdir()
+    (success / "stray").write_text("x")
+    os.symlink(root / "data", success / "link")
+    (success / "real").mkdir()
+    assert w.names("success") == ["real"]
+    os.rename(success / ".incoming", success / "batch-42")  # the usual way to submit
+    assert w.names("success") == ["batch-42", "real"]
+    os.rename(success / "real", success / ".trashed")
+    assert w.names("success") == ["batch-42"]
 
 
-def test_the_listing_is_a_new_list_only_when_it_changed(root: Path) -> None:
-    w = watched(root)
-    try:
-        (root / "data" / "a").mkdir()
-        first = w.names("data")
-        assert w.names("data") is first
-        (root / "data" / "b").mkdir()
-        second = w.names("data")
-        assert second == ["a", "b"] and first == ["a"]  # the old list is left as it was
-    finally:
-        w.close()
+def test_the_listing_is_a_new_list_only_when_it_changed(root: Path, w: listings.Watched) -> None:
+    (root / "data" / "a").mkdir()
+    first = w.names("data")
+    assert w.names("data") is first
+    (root / "data" / "b").mkdir()
+    second = w.names("data")
+    assert second == ["a", "b"] and first == ["a"]  # the old list is left as it was
 
 
 @pytest.mark.parametrize("changes", [50, 3_000])  # inserted one by one / sorted again
-def test_many_changes_between_looks(root: Path, changes: int) -> None:
-    w = watched(root)
-    try:
-        rng = random.Random(changes)
-        present: set[str] = set()
-        w.names("success")
-        for _ in range(changes):
-            name = f"j{rng.randrange(changes):05d}"
-            path = root / "success" / name
-            if name in present:
-                path.rmdir()
-                present.discard(name)
-            else:
-                path.mkdir()
-                present.add(name)
-        assert w.names("success") == sorted(present)
-        assert w.count("success") == len(present)
-    finally:
-        w.close()
+def test_many_changes_between_looks(root: Path, w: listings.Watched, changes: int) -> None:
+    rng = random.Random(changes)
+    present: set[str] = set()
+    w.names("success")
+    for _ in range(changes):
+        name = f"j{rng.randrange(changes):05d}"
+        path = root / "success" / name
+        if name in present:
+            path.rmdir()
+            present.discard(name)
+        else:
+            path.mkdir()
+            present.add(name)
+    assert w.names("success") == sorted(present)
+    assert w.count("success") == len(present)
 
 
-def test_a_state_folder_swapped_is_scanned_again(root: Path) -> None:
-    w = watched(root)
-    try:
-        (root / "error" / "old").mkdir()
-        assert w.names("error") == ["old"]
-        os.rename(root / "error", root / "error-before")
-        (root / "error").mkdir()
-        (root / "error" / "new").mkdir()
-        assert w.names("error") == ["new"]
-        (root / "error" / "newer").mkdir()
-        assert w.names("error") == ["new", "newer"]
-    finally:
-        w.close()
+def test_a_state_folder_swapped_is_scanned_again(root: Path, w: listings.Watched) -> None:
+    (root / "error" / "old").mkdir()
+    assert w.names("error") == ["old"]
+    os.rename(root / "error", root / "error-before")
+    (root / "error").mkdir()
+    (root / "error" / "new").mkdir()
+    assert w.names("error") == ["new"]
+    (root / "error" / "newer").mkdir()
+    assert w.names("error") == ["new", "newer"]
 
 
 def test_store_watches_once_a_folder_is_large(root: Path) -> None:
@@ -153,25 +138,21 @@ def test_gauges_true_after_hand_moves_in_a_large_root(root: Path) -> None:
     assert reply.status == 200 and reply.body.count(b'"Name"') == 5
 
 
-def test_changes_between_two_listings(root: Path) -> None:
-    w = watched(root)
-    try:
-        (root / "success" / "a").mkdir()
-        first = w.names("success")
-        (root / "success" / "b").mkdir()
-        second = w.names("success")
-        os.rename(root / "success" / "a", root / "error" / "a")
-        (root / "success" / "c").mkdir()
-        third = w.names("success")
-        assert w.changes("success", first, third) == {"b": True, "a": False, "c": True}
-        assert w.changes("success", second, third) == {"a": False, "c": True}
-        assert w.changes("success", third, third) == {}
-        os.rename(root / "success", root / "success-old")  # listed again: history lost
-        (root / "success").mkdir()
-        fourth = w.names("success")
-        assert fourth == [] and w.changes("success", third, fourth) is None
-    finally:
-        w.close()
+def test_changes_between_two_listings(root: Path, w: listings.Watched) -> None:
+    (root / "success" / "a").mkdir()
+    first = w.names("success")
+    (root / "success" / "b").mkdir()
+    second = w.names("success")
+    os.rename(root / "success" / "a", root / "error" / "a")
+    (root / "success" / "c").mkdir()
+    third = w.names("success")
+    assert w.changes("success", first, third) == {"b": True, "a": False, "c": True}
+    assert w.changes("success", second, third) == {"a": False, "c": True}
+    assert w.changes("success", third, third) == {}
+    os.rename(root / "success", root / "success-old")  # listed again: history lost
+    (root / "success").mkdir()
+    fourth = w.names("success")
+    assert fourth == [] and w.changes("success", third, fourth) is None
 
 
 def test_arrival_times_follow_the_watched_changes(root: Path) -> None:

@@ -44,12 +44,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from live_service import TOKEN, Service, free_port
+from metrics import churn  # success/job-000000 out to data/ and back every 50 ms
 
 RUNS = int(os.environ.get("BENCH_RUNS", "3"))
 SUCCESS, QUEUED, SMALL = 100_000, 10_000, 10_000
 SAMPLES = 30
+PREFIX = {"success": "job"}  # job-000000 is the one metrics.churn moves
 SWEEP_WAIT = float(os.environ.get("BENCH_SWEEP_WAIT", "120"))
 HEADERS = {"Authorization": f"Bearer {TOKEN}"}
 # holds its worker so the backlog stays queued; prints when it began (no fork first)
@@ -65,7 +68,7 @@ def build(root: Path, jobs: dict[str, int]) -> float:
         fd = os.open(root / state, os.O_RDONLY | os.O_DIRECTORY)
         try:
             for i in range(count):
-                os.mkdir(f"{state[0]}-{i:06d}", dir_fd=fd)
+                os.mkdir(f"{PREFIX.get(state, state[0])}-{i:06d}", dir_fd=fd)
         finally:
             os.close(fd)
     return time.perf_counter() - t0
@@ -99,15 +102,6 @@ def full_listing(conn: http.client.HTTPConnection, expect: int) -> float:
     return elapsed * 1000
 
 
-def churn(root: Path, stop: threading.Event) -> None:
-    """Keep success/ changing: one job out to data/ and back, every 50 ms."""
-    a, b = root / "success" / "s-000000", root / "data" / "churn"
-    while not stop.is_set():
-        os.rename(a, b)
-        os.rename(b, a)
-        stop.wait(0.05)
-
-
 def while_changing(root: Path, conn: http.client.HTTPConnection) -> dict[str, float]:
     stop = threading.Event()
     mover = threading.Thread(target=churn, args=(root, stop))
@@ -133,7 +127,7 @@ QUERIES = {
     "GET /ui/api/overview": "/ui/api/overview",
 }
 SCANS = {
-    "filter name:~s-0500 (full scan)": "/jobs?filter=name:~s-0500&limit=100",
+    "filter name:~job-0500 (full scan)": "/jobs?filter=name:~job-0500&limit=100",
     "orderby=modified desc (statx of every job)": "/jobs?orderby=modified%20desc&limit=100",
 }
 
