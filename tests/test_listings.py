@@ -10,7 +10,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
+from live_service import Service
 from test_api import call, make_app
 from test_metrics import scrape, value
 
@@ -179,3 +181,28 @@ def test_arrival_times_follow_the_watched_changes(root: Path) -> None:
     assert after["s3"] == os.lstat(root / "success" / "s3").st_ctime
     fresh = data.ChangeTimes(store).listing(State.SUCCESS)
     assert times.listing(State.SUCCESS).by_time == fresh.by_time
+
+
+def test_live_service_gauges_after_hand_moves(tmp_path: Path) -> None:
+    """The real service on a root large enough to be watched: `mv` by hand between two
+    scrapes, and the next scrape has the new counts."""
+    root = tmp_path / "root"
+    (root / "success").mkdir(parents=True)
+    for i in range(2_500):
+        os.mkdir(root / "success" / f"job-{i:05d}")
+
+    def counts(client: httpx.Client) -> dict[str, float]:
+        text = client.get("/metrics").text
+        return {s: value(text, "batchingest_jobs", state=s) for s in ("success", "error", "data")}
+
+    with Service(root, "--no-processor", "--log-level", "warning") as svc, svc.client() as client:
+        assert counts(client) == {"success": 2_500, "error": 0, "data": 0}
+        for i in range(3):
+            os.rename(root / "success" / f"job-{i:05d}", root / "error" / f"job-{i:05d}")
+        os.rename(root / "success" / "job-00100", root / "data" / "job-00100")
+        (root / "data" / ".being-built").mkdir()  # hidden: no job
+        assert counts(client) == {"success": 2_496, "error": 3, "data": 1}
+        os.rename(root / "error" / "job-00001", root / "success" / "job-00001")
+        assert counts(client) == {"success": 2_497, "error": 2, "data": 1}
+        names = [r["Name"] for r in client.get("/jobs?status=error").json()]
+        assert names == ["job-00000", "job-00002"]
