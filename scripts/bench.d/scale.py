@@ -239,9 +239,18 @@ def small_run(root: Path) -> dict[str, float]:
     return out
 
 
+RATIOS = [
+    ("start to first pickup, ms", "floor: start to first pickup, empty root, ms"),
+    ("pickup p50, 100,000 in success/, ms", "floor: pickup p50, empty root, ms"),
+    ("GET /jobs?limit=100", "floor: GET /healthz"),
+    ("GET /metrics", "floor: GET /healthz"),
+    ("GET /ui/api/overview", "floor: GET /healthz"),
+]
+
+
 def fmt(values: list[float]) -> str:
     lo, mid, hi = min(values), statistics.median(values), max(values)
-    return f"{lo:.1f} / {mid:.1f} / {hi:.1f}"
+    return f"{lo:.2f} / {mid:.2f} / {hi:.2f}" if hi < 10 else f"{lo:.1f} / {mid:.1f} / {hi:.1f}"
 
 
 def main() -> None:
@@ -268,6 +277,11 @@ def main() -> None:
         print("| measure (ms unless said) | min / median / max |\n|---|---|")
         for label, values in results.items():
             print(f"| {label} | {fmt(values)} |")
+        print("\n| ratio to its floor, run by run | min / median / max |\n|---|---|")
+        for ours, floor in RATIOS:
+            if ours in results and floor in results:
+                pairs = zip(results[ours], results[floor], strict=True)
+                print(f"| {ours} | {fmt([a / b for a, b in pairs])} |")
 
 
 if __name__ == "__main__":
