@@ -80,6 +80,16 @@ class HttpSource:
         body = self.json(r)
         return str(body.get("code")) if isinstance(body, dict) else None
 
+    def document(self, r: httpx.Response, shape: type, what: str) -> Any:
+        """The JSON of a 200 answer, which must be a `shape` (list, dict); CommandError
+        with the service's own words for any other status."""
+        if r.status_code != 200:
+            raise self.fail(r)
+        body = self.json(r)
+        if not isinstance(body, shape):
+            raise CommandError(f"{self.url}{r.request.url.path} did not answer with {what}")
+        return body
+
     def fail(self, r: httpx.Response) -> CommandError:
         """The service's error, said as it said it."""
         body = self.json(r)
@@ -95,22 +105,14 @@ class HttpSource:
         if list(states) != list(STATES):
             params["status"] = ",".join(STATUS_OF_STATE[s] for s in states)
         r = self.request("GET", "/jobs", params=params)
-        if r.status_code != 200:
-            raise self.fail(r)
-        jobs = self.json(r)
-        if not isinstance(jobs, list):
-            raise CommandError(f"{self.url}/jobs did not answer with a list of jobs")
+        jobs: list[dict[str, Any]] = self.document(r, list, "a list of jobs")
         return jobs
 
     def job_info(self, name: str) -> dict[str, Any]:
         r = self.request("GET", f"/jobs/{name}")
         if r.status_code == 404:
             raise no_job(name)
-        if r.status_code != 200:
-            raise self.fail(r)
-        info = self.json(r)
-        if not isinstance(info, dict):
-            raise CommandError(f"{self.url}/jobs/{name} did not answer with a job")
+        info: dict[str, Any] = self.document(r, dict, "a job")
         return info
 
     def read_log(self, name: str, offset: int) -> LogPiece | None:
@@ -125,7 +127,7 @@ class HttpSource:
                 raise no_job(name)
             return None  # FileNotFound: no LOG yet
         if r.status_code == 400:  # InvalidPath: a link leading out of the job
-            raise CommandError(f"the LOG of {name!r} cannot be read: {self.fail(r).message}")
+            raise CommandError(f"the LOG of {name!r} cannot be read: {self.fail(r)}")
         if r.status_code == 200:  # the whole file (Range ignored)
             return LogPiece(r.content[offset:], len(r.content))
         if r.status_code != 206:
@@ -171,16 +173,22 @@ class HttpSource:
         missing = self.missing_route(r, "job history (GET /events)")
         if missing is not None:
             raise missing
-        if r.status_code != 200:
-            raise self.fail(r)
-        body = self.json(r)
-        if not isinstance(body, dict) or not isinstance(body.get("DATA"), list):
+        body = self.document(r, dict, "an event list")
+        if not isinstance(body.get("DATA"), list):
             raise CommandError(f"{self.url}/events did not answer with an event list")
         cursor = body.get("next_cursor")
         return body["DATA"], None if cursor in (None, "") else str(cursor)
 
     def stuck(self) -> list[str] | None:
-        return None  # the API does not say whether a processing job has a live holder
+        """The service's own look (GET /stuck); None from a service without that route."""
+        r = self.request("GET", "/stuck")
+        if self.missing_route(r, "GET /stuck") is not None:
+            return None
+        body = self.document(r, dict, "a list of stuck jobs")
+        names = body.get("stuck")
+        if not isinstance(names, list):
+            raise CommandError(f"{self.url}/stuck did not answer with a list of stuck jobs")
+        return [str(n) for n in names]
 
 
 def _reason(e: Exception) -> str:

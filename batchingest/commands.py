@@ -19,7 +19,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
-from batchingest.config import absolute_path, env_name
+from batchingest import lease
+from batchingest.config import ConfigError, absolute_path, env_name, setting_from_env
 from batchingest.sources import (
     FAILURE,
     USAGE,
@@ -76,6 +77,13 @@ def open_source(args: argparse.Namespace) -> Source:
     store = Store(root)
     if not store.root.is_dir():
         raise CommandError(f"no jobs root at {store.root}", USAGE)
+    # leases are judged (status: stuck jobs) with serve's --host-id and --lease-timeout,
+    # from the same variables
+    try:
+        store.owner = lease.Owner.here(setting_from_env("host_id") or "")
+        store.lease_timeout = setting_from_env("lease_timeout") or store.lease_timeout
+    except ConfigError as e:
+        raise CommandError(str(e), USAGE) from None
     return LocalSource(store)
 
 
@@ -284,7 +292,7 @@ def cmd_requeue(source: Source, args: argparse.Namespace) -> int:
         try:
             status, moved = source.queue(name)
         except CommandError as e:
-            failed.append(f"{name}: {e.message}")
+            failed.append(f"{name}: {e}")
             progress.step(name, " (failed)")
             continue
         progress.step(name, "" if moved else f" (already {status})")
@@ -319,7 +327,7 @@ def cmd_status(source: Source, args: argparse.Namespace) -> int:
             for name in names:
                 out(f"  {name}")
     if stuck is None:
-        out("\nstuck: not known over HTTP (run status with --root on the service's machine)")
+        out("\nstuck: not known (a service without GET /stuck: an older version)")
     elif stuck:
         out("\nstuck (in processing/, no live holder):")
         for name in stuck:
@@ -338,12 +346,12 @@ def run(func: Command, args: argparse.Namespace) -> int:
     try:
         source = open_source(args)
     except CommandError as e:
-        print(f"{prog}: error: {e.message}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return e.status
     try:
         return func(source, args)
     except CommandError as e:
-        print(f"{prog}: error: {e.message}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return e.status
     except KeyboardInterrupt:
         return INTERRUPTED

@@ -181,6 +181,13 @@ def setting(
     return field(default=default, metadata=meta, repr=not secret)
 
 
+def seconds(
+    default: float | None, help: str, *, positive: bool = False, shown: str | None = None
+) -> Any:
+    """A setting in seconds: any number from 0, or (positive) more than 0 and finite."""
+    return setting(default, help, parse=_positive_seconds if positive else _seconds, shown=shown)
+
+
 @dataclass
 class Config:
     root: Path = setting(help="the jobs root, an existing folder (required)", parse=absolute_path)
@@ -189,32 +196,29 @@ class Config:
         None, "folder of task executables", parse=absolute_path, shown="ROOT/tasks"
     )
     workers: int = setting(2, "jobs processed at the same time", parse=_positive_int)
-    poll_interval: float = setting(2.0, "seconds between rescans of queue/", parse=_seconds)
+    poll_interval: float = seconds(2.0, "seconds between rescans of queue/")
     force_polling: bool = setting(
         False, "do not rely on inotify (NFS and other shared file systems)", parse=parse_bool
     )
     # several hosts on one shared root (see README, "Deployment on shared file systems")
     host_id: str = setting("", "this host's name in job leases", shown="the host name")
-    lease_renew: float = setting(
-        10.0, "seconds between renewals of the leases of held jobs", parse=_positive_seconds
+    lease_renew: float = seconds(
+        10.0, "seconds between renewals of the leases of held jobs", positive=True
     )
-    lease_timeout: float = setting(
-        60.0, "seconds an unrenewed lease holds before another host takes the job over",
-        parse=_positive_seconds,
-    )  # fmt: skip
-    task_timeout: float | None = setting(
-        None, "seconds a task may run before it is stopped", parse=_seconds, shown="none"
+    lease_timeout: float = seconds(
+        60.0,
+        "seconds an unrenewed lease holds before another host takes the job over",
+        positive=True,
     )
-    grace: float = setting(
-        30.0, "seconds running tasks get to finish on SIGTERM/SIGINT", parse=_seconds
+    task_timeout: float | None = seconds(
+        None, "seconds a task may run before it is stopped", shown="none"
     )
-    cancel_grace: float = setting(
-        10.0, "seconds a canceled task gets between SIGTERM and SIGKILL", parse=_seconds
-    )
-    default_deadline: float | None = setting(
+    grace: float = seconds(30.0, "seconds running tasks get to finish on SIGTERM/SIGINT")
+    cancel_grace: float = seconds(10.0, "seconds a canceled task gets between SIGTERM and SIGKILL")
+    default_deadline: float | None = seconds(
         None,
         "seconds a job without its own Deadline may take from entering queue/",
-        parse=_positive_seconds,
+        positive=True,
         shown="none",
     )
     # HTTP API
@@ -236,14 +240,14 @@ class Config:
     max_connections: int = setting(
         256, "open HTTP connections at most; more get 503", parse=_positive_int
     )
-    header_timeout: float = setting(
-        10.0, "seconds a request line and headers may take", parse=_positive_seconds
+    header_timeout: float = seconds(
+        10.0, "seconds a request line and headers may take", positive=True
     )
     max_header_size: int = setting(
         64 << 10, "largest request line and headers, bytes", parse=_header_size, shown="64K"
     )
-    keep_alive: float = setting(
-        5.0, "seconds an idle keep-alive connection stays open", parse=_positive_seconds
+    keep_alive: float = seconds(
+        5.0, "seconds an idle keep-alive connection stays open", positive=True
     )
     min_free: int = setting(
         1 << 30, "GET /readyz fails below this much free space in the root", parse=_size,
@@ -257,9 +261,7 @@ class Config:
         parse=_positive_int,
     )  # fmt: skip
     # webhooks
-    webhook_timeout: float = setting(
-        10.0, "connect and total timeout of one webhook POST, seconds", parse=_seconds
-    )
+    webhook_timeout: float = seconds(10.0, "connect and total timeout of one webhook POST, seconds")
     webhook_retries: int = setting(
         5, "retries of a failed webhook delivery", parse=_non_negative_int
     )
@@ -272,9 +274,7 @@ class Config:
         parse=_csv,
         shown="none: public addresses only",
     )
-    webhook_backoff: float = setting(
-        10.0, "seconds before the first webhook retry, doubling", parse=_seconds
-    )
+    webhook_backoff: float = seconds(10.0, "seconds before the first webhook retry, doubling")
     # staging
     archive: Path | None = setting(
         None, "archive folder staged files are copied from", parse=absolute_path, shown="none"
@@ -438,6 +438,15 @@ def _from_env(f: dataclasses.Field[Any], opt: Option, environ: Mapping[str, str]
         return [opt.parse(item) for item in _csv(raw)] if opt.repeat else opt.parse(raw)
     except (ValueError, argparse.ArgumentTypeError) as e:
         raise ConfigError(f"bad {name}: {e}") from None
+
+
+def setting_from_env(name: str, environ: Mapping[str, str] | None = None) -> Any:
+    """One setting from its BATCHINGEST_* variable, parsed as serve parses it (None when
+    unset), for the operator commands that must judge as the service does."""
+    for f, opt in options():
+        if f.name == name:
+            return _from_env(f, opt, os.environ if environ is None else environ)
+    raise KeyError(name)
 
 
 def config_from_args(

@@ -14,11 +14,20 @@ HTTP protocol the service runs is uvicorn's httptools protocol with three limits
 
 Idle keep-alive connections are closed by uvicorn's own `timeout_keep_alive`.
 
-Only public interfaces are used: the protocol class is handed to uvicorn through
-`uvicorn.Config(http=...)`, and what is added hooks into asyncio.Protocol methods and
-the httptools parser callbacks (`on_message_begin`, `on_headers_complete`), which are
-the interface between httptools and any protocol using it. tests/e2e/test_limits.py
-checks each limit against the uvicorn that is installed.
+For the limits only public interfaces are used: the protocol class is handed to uvicorn
+through `uvicorn.Config(http=...)`, and what is added hooks into asyncio.Protocol
+methods and the httptools parser callbacks (`on_message_begin`, `on_headers_complete`),
+which are the interface between httptools and any protocol using it.
+
+It also offers a handler the rest of a request body straight from the parser
+(`BodyStream`, through the scope extension `BODY_STREAM`), for uploads: uvicorn's own
+receive() copies each piece twice (into its buffer, then out again) and wakes the
+handler once per socket read. That needs uvicorn's own request cycle (`body`,
+`more_body`, `disconnected`, `response_complete`) and flow control (`flow`), which are
+not a public interface: the stream is offered only while they are all there, so a
+uvicorn that changes them makes uploads fall back to receive(), which always works.
+tests/e2e/test_limits.py checks each limit, and tests/e2e/test_upload_stream_e2e.py the
+stream, against the uvicorn that is installed.
 """
 
 from __future__ import annotations
@@ -28,9 +37,12 @@ import json
 import logging
 import resource
 import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 log = logging.getLogger("batchingest.api")
@@ -99,6 +111,64 @@ def _warn_refusing(limit: int) -> None:
         log.warning("refusing connections: %d are open (--max-connections)", limit)
 
 
+# scope["extensions"][BODY_STREAM](): the rest of the body as a BodyStream, or None
+BODY_STREAM = "batchingest.body_stream"
+# bytes a BodyStream holds before it stops reading the socket (TCP then holds the client)
+STREAM_HIGH = 1 << 20
+
+
+class BodyStream:
+    """The rest of one request body, as the parser hands it over: no copies, and the
+    pieces that arrived meanwhile taken in one turn. Iterate it on the loop; reading
+    stops while more than STREAM_HIGH bytes wait, and ClientDisconnect is raised if
+    the client goes."""
+
+    def __init__(self, pause: Callable[[], None], resume: Callable[[], None]) -> None:
+        self._pause = pause
+        self._resume = resume
+        self._chunks: deque[bytes] = deque()
+        self._queued = 0
+        self._done = False
+        self._lost = False
+        self._wake = asyncio.Event()
+
+    def feed(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._queued += len(data)
+        if self._queued > STREAM_HIGH:
+            self._pause()
+        self._wake.set()
+
+    def end(self) -> None:
+        self._done = True
+        self._wake.set()
+
+    def lose(self) -> None:
+        self._lost = True
+        self._wake.set()
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._pieces()
+
+    async def _pieces(self) -> AsyncIterator[bytes]:
+        while True:
+            while self._chunks:
+                data = self._chunks.popleft()
+                self._queued -= len(data)
+                yield data
+            if self._done:
+                return
+            if self._lost:
+                raise ClientDisconnect()
+            self._wake.clear()
+            self._resume()
+            await self._wake.wait()
+
+
+# what of uvicorn's request cycle a BodyStream relies on
+_CYCLE_ATTRIBUTES = ("body", "more_body", "disconnected", "response_complete")
+
+
 def limited_protocol(limits: Limits) -> type[asyncio.Protocol]:
     """The protocol class for one server: its limits, and its own connection count."""
     attrs = {"limits": limits, "open_connections": [0]}
@@ -117,6 +187,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._conn: asyncio.Transport | None = None
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_bytes: int | None = 0  # None: not reading a request head
+        self._stream: BodyStream | None = None
+        self._stream_cycle: object = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         if self.open_connections[0] >= self.limits.max_connections:
@@ -137,6 +209,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self.open_connections[0] -= 1
         self._stop_head()
         super().connection_lost(exc)
+        if self._stream is not None:
+            self._stream.lose()
+            self._stream = self._stream_cycle = None
 
     def data_received(self, data: bytes) -> None:
         if not self._counted:
@@ -155,6 +230,42 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._stop_head()
         super().on_headers_complete()
+        cycle = self.cycle
+        self._stream = self._stream_cycle = None  # any stream was an earlier request's
+        if hasattr(self, "flow") and all(hasattr(cycle, a) for a in _CYCLE_ATTRIBUTES):
+            extensions: dict[str, Any] = cycle.scope.setdefault("extensions", {})  # type: ignore[assignment]
+            extensions[BODY_STREAM] = lambda: self._open_stream(cycle)
+
+    def on_body(self, body: bytes) -> None:
+        stream = self._stream
+        if stream is not None and self._streaming():
+            stream.feed(body)
+        else:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        if self._stream is not None and self._streaming():
+            self._stream.end()
+            self._stream = self._stream_cycle = None
+
+    def _streaming(self) -> bool:
+        """Is the body now parsed the one a stream takes, still wanted?"""
+        return self.cycle is self._stream_cycle and not self.cycle.response_complete
+
+    def _open_stream(self, cycle: Any) -> BodyStream | None:
+        """The rest of cycle's body as a BodyStream; what uvicorn holds comes first."""
+        if cycle is not self.cycle or cycle.disconnected:
+            return None
+        stream = BodyStream(self.flow.pause_reading, self.flow.resume_reading)
+        if cycle.body:
+            stream.feed(bytes(cycle.body))
+            cycle.body = bytearray()
+        if cycle.more_body:
+            self._stream, self._stream_cycle = stream, cycle
+        else:
+            stream.end()
+        return stream
 
     def _start_head(self) -> None:
         if self._head_timer is None:

@@ -47,16 +47,18 @@ class EndpointSpecError(ValueError):
     """A --endpoint setting that cannot be used."""
 
 
+@dataclass(eq=False)
 class PathError(Exception):
     """A file operation on an endpoint failed; `kind` says how, for the API to map."""
 
-    # kinds: "invalid" (malformed or refused path), "link" (a symbolic link is in the way),
+    # "invalid" (malformed or refused path), "link" (a symbolic link is in the way),
     # "missing", "exists", "not-dir", "read-only", "special" (FIFO, device...), "os"
-    def __init__(self, kind: str, message: str, err: int = 0) -> None:
-        super().__init__(message)
-        self.kind = kind
-        self.message = message
-        self.errno = err
+    kind: str
+    message: str
+    errno: int = 0
+
+    def __str__(self) -> str:
+        return self.message
 
 
 @dataclass(frozen=True)
@@ -361,10 +363,12 @@ def rename(ep: Endpoint, old: list[str], new: list[str]) -> None:
         raise PathError("invalid", "/ is the endpoint folder itself: it cannot be renamed")
     if not new:
         raise PathError("exists", "/ is the endpoint folder itself, which exists")
-    if len(new) > len(old) and new[: len(old)] == old:
-        raise PathError("invalid", f"{show_path(old)} cannot be moved into itself")
     with opened(ep) as root:
         lstat(root, old)  # missing, or a link on the way: say so for the old path
+        if len(new) > len(old) and new[: len(old)] == old:
+            # a well-formed request the file system refuses, as rename(2) would (EINVAL)
+            message = f"{show_path(old)} cannot be moved into itself"
+            raise PathError("os", message, errno.EINVAL)
         with folder(root, old[:-1]) as src, folder(root, new[:-1]) as dst:
             _rename_in(src, dst, old, new)
 

@@ -50,6 +50,7 @@ import logging
 import os
 import re
 import socket
+import stat
 import threading
 import time
 import weakref
@@ -240,6 +241,17 @@ def append_history(dir_fd: int, line: bytes) -> int:
     return fd
 
 
+# Counts of histories by (device, inode, size, mtime, ctime): a history only grows, so
+# while those are unchanged its count is too, and `GET /jobs/{id}` needs one lstat, not
+# an open and a read, for a history counted before.
+_COUNTS: dict[tuple[int, int, int, int, int], int] = {}
+_COUNTS_KEPT = 10_000
+
+
+def _count_key(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 def count(dir_fd: int, limit: int = HISTORY_READ_LIMIT) -> int:
     """How many events the job's history holds (whole lines, of its last `limit` bytes).
 
@@ -247,21 +259,38 @@ def count(dir_fd: int, limit: int = HISTORY_READ_LIMIT) -> int:
     the history is not a regular file (never followed or opened then).
     """
     try:
-        fd = fs.open_regular(dir_fd, EVENTS_FILE)
+        st = os.stat(EVENTS_FILE, dir_fd=dir_fd, follow_symlinks=False)
+    except OSError:
+        return 0
+    if not stat.S_ISREG(st.st_mode):
+        return 0
+    known = _COUNTS.get(_count_key(st))
+    if known is not None and limit == HISTORY_READ_LIMIT:
+        return known
+    try:
+        fd, st = fs.open_regular_stat(dir_fd, EVENTS_FILE)
     except OSError:
         return 0
     try:
-        size = os.fstat(fd).st_size
-        start, lines = max(0, size - limit), 0
-        while start < size:
-            chunk = os.pread(fd, min(1 << 20, size - start), start)
-            if not chunk:
-                break
-            lines += chunk.count(b"\n")
-            start += len(chunk)
-        return lines
+        lines = _count_lines(fd, st.st_size, limit)
     finally:
         os.close(fd)
+    if limit == HISTORY_READ_LIMIT:
+        if len(_COUNTS) >= _COUNTS_KEPT:
+            _COUNTS.clear()
+        _COUNTS[_count_key(st)] = lines
+    return lines
+
+
+def _count_lines(fd: int, size: int, limit: int) -> int:
+    start, lines = max(0, size - limit), 0
+    while start < size:
+        chunk = os.pread(fd, min(1 << 20, size - start), start)
+        if not chunk:
+            break
+        lines += chunk.count(b"\n")
+        start += len(chunk)
+    return lines
 
 
 def read_history(dir_fd: int, limit: int = HISTORY_READ_LIMIT) -> list[dict[str, Any]]:

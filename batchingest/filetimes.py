@@ -41,25 +41,17 @@ class _Stamp(ctypes.Structure):
 
 
 class _Statx(ctypes.Structure):
-    """struct statx of linux/stat.h: 256 bytes, the fields up to the times named."""
+    """struct statx of linux/stat.h, 256 bytes: only the fields read here are named, the
+    others are bytes at the offsets the header gives them."""
 
     _fields_ = [
-        ("mask", ctypes.c_uint32),
-        ("blksize", ctypes.c_uint32),
-        ("attributes", ctypes.c_uint64),
-        ("nlink", ctypes.c_uint32),
-        ("uid", ctypes.c_uint32),
-        ("gid", ctypes.c_uint32),
-        ("mode", ctypes.c_uint16),
-        ("_spare0", ctypes.c_uint16),
-        ("ino", ctypes.c_uint64),
-        ("size", ctypes.c_uint64),
-        ("blocks", ctypes.c_uint64),
-        ("attributes_mask", ctypes.c_uint64),
-        ("atime", _Stamp),
-        ("btime", _Stamp),
-        ("ctime", _Stamp),
-        ("mtime", _Stamp),
+        ("mask", ctypes.c_uint32),  # offset 0
+        ("_blksize_to_gid", ctypes.c_uint8 * 24),
+        ("mode", ctypes.c_uint16),  # offset 28
+        ("_spare_to_atime", ctypes.c_uint8 * 50),  # spare, ino, size, blocks, masks, atime
+        ("btime", _Stamp),  # offset 80
+        ("ctime", _Stamp),  # offset 96
+        ("mtime", _Stamp),  # offset 112
         ("_rest", ctypes.c_uint8 * 128),
     ]
 
@@ -89,6 +81,10 @@ _statx = _load()
 
 def _ms(sec: int, nsec: int) -> float:
     return (sec * 1000 + nsec // 1_000_000) / 1000
+
+
+def _ms_ns(ns: int) -> float:
+    return _ms(*divmod(ns, 1_000_000_000))
 
 
 _AT_EMPTY_PATH = 0x1000
@@ -130,8 +126,7 @@ def _fallback(path: str | int) -> Times | None:
         return None
     if not stat.S_ISDIR(st.st_mode):
         return None
-    ctime = _ms(st.st_ctime_ns // 1_000_000_000, st.st_ctime_ns % 1_000_000_000)
-    mtime = _ms(st.st_mtime_ns // 1_000_000_000, st.st_mtime_ns % 1_000_000_000)
+    ctime, mtime = _ms_ns(st.st_ctime_ns), _ms_ns(st.st_mtime_ns)
     return Times(min(mtime, ctime), ctime, False)
 
 
@@ -152,13 +147,13 @@ def _second(seconds: int) -> str:
 _CREATED: dict[tuple[int, int], tuple[float, bool]] = {}
 
 
-def _fd_times(fd: int) -> Times | None:
-    st = os.fstat(fd)
+def _fd_times(fd: int, st: os.stat_result) -> Times | None:
+    """The times of the folder open as fd, whose fstat is st."""
     if not stat.S_ISDIR(st.st_mode):
         return None
     key = (st.st_dev, st.st_ino)
     created = _CREATED.get(key)
-    modified = _ms(st.st_ctime_ns // 1_000_000_000, st.st_ctime_ns % 1_000_000_000)
+    modified = _ms_ns(st.st_ctime_ns)
     if created is None:
         t = folder_times(fd)
         if t is None:
@@ -172,7 +167,30 @@ def _fd_times(fd: int) -> Times | None:
 
 def job_times(path: str | int) -> dict[str, str | None]:
     """`Created` and `Modified` of a job folder as a job's info shows them (None if gone)."""
-    t = _fd_times(path) if isinstance(path, int) else folder_times(path)
+    if isinstance(path, int):
+        created, modified = shown_times(path)
+        return {"Created": created, "Modified": modified}
+    t = folder_times(path)
     if t is None:
         return {"Created": None, "Modified": None}
     return {"Created": rfc3339(t.created), "Modified": rfc3339(t.modified)}
+
+
+# The two texts by (device, inode, ctime): a folder's times change only with its ctime.
+_SHOWN: dict[tuple[int, int, int], tuple[str, str]] = {}
+
+
+def shown_times(fd: int) -> tuple[str | None, str | None]:
+    """job_times of an open job folder, as (Created, Modified)."""
+    st = os.fstat(fd)
+    key = (st.st_dev, st.st_ino, st.st_ctime_ns)
+    shown = _SHOWN.get(key)
+    if shown is None:
+        t = _fd_times(fd, st)
+        if t is None:
+            return None, None
+        shown = (rfc3339(t.created), rfc3339(t.modified))
+        if len(_SHOWN) >= 10_000:
+            _SHOWN.clear()
+        _SHOWN[key] = shown
+    return shown

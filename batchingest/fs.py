@@ -7,7 +7,8 @@ it, and every open here
 
 - resolves beneath that directory and never follows a symbolic link: `openat2` with
   RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS where the kernel has it (Linux 5.6+), else one
-  `openat(O_NOFOLLOW)` per path component, which refuses the same things;
+  `openat(O_NOFOLLOW)` per path component, which refuses the same things (a single
+  name is always opened that second way: for one component it is the same check);
 - opens with O_NONBLOCK and checks with `fstat` that it got a regular file (or a
   folder) before reading, so a FIFO or a device can neither hang a thread nor be read;
   `open_regular` (and so every read and append) refuses a FIFO or a device from its
@@ -128,7 +129,8 @@ def split(rel: str) -> list[str]:
     if not rel or rel.startswith("/") or "\x00" in rel:
         raise UnsafePath(errno.EINVAL, "not a relative path", rel)
     try:
-        os.fsencode(rel)
+        if not rel.isascii():  # ASCII always encodes: spare the call on the hot paths
+            os.fsencode(rel)
     except UnicodeEncodeError:  # a lone surrogate: no file can have this name
         raise UnsafePath(errno.EINVAL, "not a valid file name", rel) from None
     parts = rel.split("/")
@@ -147,13 +149,10 @@ def open_beneath(dir_fd: int, rel: str, flags: int = os.O_RDONLY, mode: int = 0o
     """
     parts = split(rel)
     flags |= _SAFE
-    try:
-        fd = _openat2(dir_fd, rel, flags, mode)
-    except NotADirectoryError:
-        # O_DIRECTORY | O_NOFOLLOW on a link says ENOTDIR, not ELOOP: name it a link
-        if flags & os.O_DIRECTORY and _last_is_link(dir_fd, parts):
-            raise _errno_error(errno.ELOOP, rel) from None
-        raise
+    # One name needs no openat2: O_NOFOLLOW refuses a link as the last component, and a
+    # name can neither be '..' nor lead through another folder (split checked). A plain
+    # openat skips the ctypes call, which costs as much again as the open itself.
+    fd = None if len(parts) == 1 else _openat2_beneath(dir_fd, rel, parts, flags, mode)
     if fd is not None:
         return fd
     # component by component: every folder on the way opened O_NOFOLLOW | O_DIRECTORY
@@ -180,6 +179,16 @@ def open_beneath(dir_fd: int, rel: str, flags: int = os.O_RDONLY, mode: int = 0o
     finally:
         if current != dir_fd:
             os.close(current)
+
+
+def _openat2_beneath(dir_fd: int, rel: str, parts: list[str], flags: int, mode: int) -> int | None:
+    try:
+        return _openat2(dir_fd, rel, flags, mode)
+    except NotADirectoryError:
+        # O_DIRECTORY | O_NOFOLLOW on a link says ENOTDIR, not ELOOP: name it a link
+        if flags & os.O_DIRECTORY and _last_is_link(dir_fd, parts):
+            raise _errno_error(errno.ELOOP, rel) from None
+        raise
 
 
 def _last_is_link(dir_fd: int, parts: list[str]) -> bool:
@@ -225,6 +234,13 @@ def open_regular(dir_fd: int, rel: str, flags: int = os.O_RDONLY, mode: int = 0o
     keeps a FIFO swapped in from blocking, and ENXIO (a FIFO without reader, a socket)
     says NotRegular too.
     """
+    return open_regular_stat(dir_fd, rel, flags, mode)[0]
+
+
+def open_regular_stat(
+    dir_fd: int, rel: str, flags: int = os.O_RDONLY, mode: int = 0o644
+) -> tuple[int, os.stat_result]:
+    """open_regular, and the fstat of what was opened (its size, for a read)."""
     parts = split(rel)
     try:
         if len(parts) == 1:
@@ -240,11 +256,12 @@ def open_regular(dir_fd: int, rel: str, flags: int = os.O_RDONLY, mode: int = 0o
         raise
 
 
-def _open_regular_in(folder: int, name: str, flags: int, mode: int) -> int:
+def _open_regular_in(folder: int, name: str, flags: int, mode: int) -> tuple[int, os.stat_result]:
     try:
         st = os.stat(name, dir_fd=folder, follow_symlinks=False)
     except FileNotFoundError:
-        pass  # open_beneath creates it (O_CREAT) or says it is missing
+        if not flags & os.O_CREAT:
+            raise  # nothing to open: the open would only say so again
     else:
         if not (stat.S_ISREG(st.st_mode) or _is_dir_or_link(st.st_mode)):
             raise NotRegular(errno.EINVAL, f"not a regular file ({kind(st.st_mode)})", name)
@@ -264,7 +281,7 @@ def _open_regular_in(folder: int, name: str, flags: int, mode: int) -> int:
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
         raise NotRegular(errno.EINVAL, f"not a regular file ({kind(st.st_mode)})", name)
-    return fd
+    return fd, st
 
 
 def _is_dir_or_link(mode: int) -> bool:
@@ -272,28 +289,38 @@ def _is_dir_or_link(mode: int) -> bool:
     return stat.S_ISDIR(mode) or stat.S_ISLNK(mode)
 
 
+_KINDS = {
+    stat.S_IFREG: "file",
+    stat.S_IFDIR: "folder",
+    stat.S_IFLNK: "symbolic link",
+    stat.S_IFIFO: "named pipe",
+    stat.S_IFSOCK: "socket",
+}
+
+
 def kind(mode: int) -> str:
     """A word for what an inode is, for error messages."""
-    if stat.S_ISREG(mode):
-        return "file"
-    if stat.S_ISDIR(mode):
-        return "folder"
-    if stat.S_ISLNK(mode):
-        return "symbolic link"
-    if stat.S_ISFIFO(mode):
-        return "named pipe"
-    if stat.S_ISSOCK(mode):
-        return "socket"
-    return "device"
+    return _KINDS.get(stat.S_IFMT(mode), "device")
 
 
-def read_fd(fd: int, limit: int, name: str = "") -> bytes:
-    """All of an open regular file, or TooLarge if it holds more than limit bytes."""
-    size = os.fstat(fd).st_size
+def read_fd(fd: int, limit: int, name: str = "", size: int | None = None) -> bytes:
+    """All of an open regular file, or TooLarge if it holds more than limit bytes.
+
+    size is the file's size if the caller has just taken its fstat (saves one here).
+    """
+    if size is None:
+        size = os.fstat(fd).st_size
     if size > limit:
         raise TooLarge(errno.EFBIG, f"larger than {limit} bytes", name)
-    chunks = []
-    total = 0
+    # one read of a byte more than the file holds: getting exactly its size back means
+    # the file ended there (a regular file reads short only at its end)
+    first = os.read(fd, size + 1)
+    if len(first) == size:
+        return first
+    chunks = [first]
+    total = len(first)
+    if total > limit:
+        raise TooLarge(errno.EFBIG, f"larger than {limit} bytes", name)
     # read one byte past the limit: a file growing while it is read is caught too
     while chunk := os.read(fd, min(max(size, 1 << 16), limit + 1 - total)):
         chunks.append(chunk)
@@ -310,11 +337,11 @@ def read_file(dir_fd: int, rel: str, limit: int) -> bytes | None:
     rather than treated as missing: the caller says what is wrong with the job.
     """
     try:
-        fd = open_regular(dir_fd, rel)
+        fd, st = open_regular_stat(dir_fd, rel)
     except FileNotFoundError:
         return None
     try:
-        return read_fd(fd, limit, rel)
+        return read_fd(fd, limit, rel, st.st_size)
     finally:
         os.close(fd)
 

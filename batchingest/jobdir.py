@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import os
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from batchingest import fs
 from batchingest.jobfile import JOB_FILE, JOB_LIMIT, JobFile, JobFileError, now_rfc3339, parse
+from batchingest.store import LOCK_FILE  # the processor's lock: hidden, never listed or served
 
 if TYPE_CHECKING:
     from batchingest.runner import TaskResult
@@ -29,6 +31,7 @@ __all__ = [
     "LOG_FILE",
     "WEBHOOK_FILE",
     "LogError",
+    "LogTail",
     "append_log",
     "failure_record",
     "finished_record",
@@ -36,16 +39,37 @@ __all__ = [
     "log_line",
     "open_folder",
     "open_log",
+    "read_log_tail",
     "record_failure",
     "save_job",
 ]
 
 LOG_FILE = "LOG"
 WEBHOOK_FILE = "WEBHOOK"
-# The processor's lock (see store.py); hidden, so never listed or served.
-LOCK_FILE = ".lock"
 # The job's history (events.py): hidden, so never listed, served or uploaded over.
 EVENTS_FILE = ".events"
+
+
+@dataclass(frozen=True)
+class LogTail:
+    """The end of a job's LOG: at most `cap` bytes of it, decoded leniently."""
+
+    text: str
+    size: int  # the whole LOG's length in bytes
+    cut: bool  # whether the LOG was longer than what `text` holds
+
+
+def read_log_tail(dir_fd: int, cap: int) -> LogTail:
+    """The last `cap` bytes of the job's LOG (empty if there is none).
+
+    The one LOG tail reader: it reads through the job folder's descriptor, so a LOG that
+    is a link or a FIFO raises fs.UnsafePath / fs.NotRegular instead of being read.
+    """
+    found = fs.read_tail(dir_fd, LOG_FILE, cap)
+    if found is None:
+        return LogTail("", 0, False)
+    data, size = found
+    return LogTail(data.decode("utf-8", errors="replace"), size, size > len(data))
 
 
 class LogError(Exception):

@@ -206,8 +206,11 @@ class Held:
         Compared by inode: while our descriptor keeps the file open its inode number
         cannot be given to another file. Opened rather than stat-ed, since an open
         makes NFS look the name up again (close-to-open) where a stat may be cached.
-        Only a missing or different `.lease` is a loss; another error (no descriptors
-        left, a sick mount) is raised, since it proves nothing.
+        Only a missing or different `.lease` is a loss; another error (a sick mount) is
+        raised, since it proves nothing. With no descriptor left to open it with, it is
+        stat-ed: jobs held while the process is out of descriptors could otherwise never
+        be moved on and free theirs (their renewals still stamp it, through our own
+        descriptor, so no other host takes it over meanwhile).
         """
         if not self.lost:
             try:
@@ -215,6 +218,12 @@ class Held:
             except (FileNotFoundError, fs.UnsafePath, fs.NotRegular):
                 self.lost = True
                 return False
+            except OSError as e:
+                if e.errno not in (errno.EMFILE, errno.ENFILE):
+                    raise
+                st = fs.lstat(dir_fd, LEASE)
+                self.lost = self.fd < 0 or st is None or not fs.same_inode(st, os.fstat(self.fd))
+                return not self.lost
             try:
                 self.lost = self.fd < 0 or not fs.same_inode(os.fstat(fd), os.fstat(self.fd))
             finally:

@@ -33,6 +33,8 @@ JOB: ContextVar[str | None] = ContextVar("batchingest_job", default=None)
 # the fields of an access line, in the order they are written
 ACCESS_FIELDS = ("method", "route", "status", "bytes", "duration_ms", "token")
 _TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# an access line's fields in text: "method={method} route={route} ..."
+_TEXT_PAIRS = " ".join(f"{key}={{{key}}}" for key in ACCESS_FIELDS)
 
 
 def parse_format(value: str) -> str:
@@ -100,6 +102,8 @@ class AccessLines:
         self.stream: TextIO | None = None  # None: not set up, go through logging
         self.json = False
         self._pending: list[str] = []
+        self._second = -1
+        self._second_text = ""
 
     def add(self, message: str, fields: dict[str, object]) -> None:
         created = time.time()
@@ -107,8 +111,8 @@ class AccessLines:
             head = {"time": rfc3339(created), "level": "info", "logger": ACCESS_LOGGER}
             line = json.dumps({**head, "message": message, **fields}, ensure_ascii=False)
         else:
-            at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(created))
-            pairs = " ".join(f"{k}={fields[k]}" for k in ACCESS_FIELDS)
+            at = self._local_second(int(created))
+            pairs = _TEXT_PAIRS.format_map(fields)
             line = f"{at},{int(created * 1000) % 1000:03d} INFO {ACCESS_LOGGER}: {message} {pairs}"
         self._pending.append(line + "\n")
         if len(self._pending) == 1:
@@ -116,6 +120,13 @@ class AccessLines:
                 asyncio.get_running_loop().call_soon(self.flush)
             except RuntimeError:  # no loop here: now
                 self.flush()
+
+    def _local_second(self, second: int) -> str:
+        # the date and time of the line, formatted once a second, not once a line
+        if second != self._second:
+            self._second_text = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+            self._second = second
+        return self._second_text
 
     def flush(self) -> None:
         lines, self._pending = self._pending, []

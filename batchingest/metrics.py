@@ -38,6 +38,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from batchingest import fs, staging, transfers
 from batchingest.store import STATES, Store
 
 if TYPE_CHECKING:
@@ -197,21 +198,88 @@ def downloaded(n: int) -> None:
     DOWNLOADED.inc(n)
 
 
-def staged(n: int) -> None:
-    STAGED.inc(n)
+# -- bytes the built-in tasks copy ----------------------------------------------------------
+# The stage and transfer tasks copy in their own processes, so no hook in this process
+# sees their bytes. Each run rewrites a progress file in the job folder with what it
+# copied, counted from 0 by each run (staging's bytes_copied; a transfer's
+# bytes_transferred, files found in sync left out). The processor reads that file when
+# the run ends, bounded and through the job folder's descriptor, and adds its figure;
+# a file the run did not rewrite (it never started, or a site's own task of that name
+# keeps no such file) adds nothing, so a job run again is never counted twice.
 
 
-def transferred(n: int) -> None:
-    TRANSFERRED.inc(n)
+def _stage_copied(dir_fd: int) -> int:
+    progress = staging.read_progress(dir_fd)
+    return progress.bytes_copied if progress is not None else 0
+
+
+def _transfer_copied(dir_fd: int) -> int:
+    n = transfers.read_progress(dir_fd).get("bytes_transferred")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 0
+
+
+_COPIES = {
+    "stage": (staging.PROGRESS, _stage_copied, STAGED),
+    "transfer": (transfers.PROGRESS, _transfer_copied, TRANSFERRED),
+}
+
+
+def _version(dir_fd: int, name: str) -> tuple[int, ...] | None:
+    # a replaced file has another inode or change time (write_atomic renames a new file)
+    try:
+        st = fs.lstat(dir_fd, name)
+    except OSError:
+        return None
+    return None if st is None else (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def progress_mark(dir_fd: int, task: str) -> tuple[int, ...] | None:
+    """Before a run of task: which version of its progress file the job holds (None:
+    none yet, or a task that copies nothing), for task_copied to compare with."""
+    copies = _COPIES.get(task)
+    return None if copies is None else _version(dir_fd, copies[0])
+
+
+def task_copied(dir_fd: int, task: str, mark: tuple[int, ...] | None) -> None:
+    """After a run of task: the bytes it copied, if it rewrote its progress file."""
+    copies = _COPIES.get(task)
+    if copies is None:
+        return
+    name, copied, counter = copies
+    now = _version(dir_fd, name)
+    if now is not None and now != mark:
+        counter.inc(copied(dir_fd))
 
 
 def staging_request(status: str) -> None:
     STAGING_REQUESTS.labels(status).inc()
 
 
+# The series of each (method, route, status) once looked up: labels() validates and
+# locks on every call, which costs more than the count itself. A method is whatever a
+# client sends, so any word outside HTTP's own is counted as OTHER: a client must not
+# be able to make series without end.
+_HTTP_SERIES: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+HTTP_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"}
+)
+
+
 def http_request(method: str, route: str, status: int, seconds: float) -> None:
-    HTTP_REQUESTS.labels(method, route, str(status)).inc()
-    HTTP_DURATION.labels(method, route).observe(seconds)
+    if method not in HTTP_METHODS:
+        method = "OTHER"
+    key = (method, route, status)
+    series = _HTTP_SERIES.get(key)
+    if series is None:
+        if len(_HTTP_SERIES) >= 1000:
+            _HTTP_SERIES.clear()
+        series = (
+            HTTP_REQUESTS.labels(method, route, str(status)),
+            HTTP_DURATION.labels(method, route),
+        )
+        _HTTP_SERIES[key] = series
+    series[0].inc()
+    series[1].observe(seconds)
 
 
 # -- read from disk at scrape time ----------------------------------------------------------
@@ -276,9 +344,15 @@ def exposition() -> bytes:
 OPENAPI_PATHS = {
     "/metrics": {
         "get": {
+            "operationId": "getMetrics",
             "summary": "Prometheus metrics (text format); Prometheus sends the token as a bearer",
             "tags": ["operations"],
-            "responses": {"200": {"description": "text/plain; version=0.0.4"}},
+            "responses": {
+                "200": {
+                    "description": "Prometheus text format 0.0.4",
+                    "content": {"text/plain": {"schema": {"type": "string"}}},
+                }
+            },
         }
     }
 }

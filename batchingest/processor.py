@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import os
 import threading
@@ -44,14 +43,14 @@ from batchingest.runner import (
     log_line,
     run_task,
 )
-from batchingest.store import SWEEP_AFTER, Hold, Job, JobNotFound, Store, StoreError
+from batchingest.store import SHORTAGE, SWEEP_AFTER, Hold, Job, JobNotFound, Store, StoreError
 
-# The process is out of descriptors, memory or buffers: no fault of the job's. Such a job
-# goes back to queue/ and the processor pauses; no job content can cause these errors.
-_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 # A finish that keeps failing while the service stops is given up after this many tries:
 # the job stays in processing/ and the next start returns it to queue/.
 _FINISH_TRIES_WHEN_STOPPING = 3
+# After a shortage of descriptors or memory, the jobs in flight stay capped (see
+# Scheduler.shortage) until this many seconds pass without another.
+SHORTAGE_CAP_FOR = 30.0
 # A claim that failed for another reason (a job folder whose .lock cannot be opened, say)
 # is not tried again sooner than this, so a bad job costs a log line now and then.
 _CLAIM_RETRY = 30.0
@@ -64,7 +63,9 @@ class LeaseLost(Exception):
 
 
 def out_of_resources(e: BaseException) -> bool:
-    return isinstance(e, CannotSpawn) or (isinstance(e, OSError) and e.errno in _OUT_OF_RESOURCES)
+    """The process is out of descriptors, memory or buffers: no fault of the job's. Such a
+    job goes back to queue/ and the processor pauses; no job content causes these."""
+    return isinstance(e, CannotSpawn) or (isinstance(e, OSError) and e.errno in SHORTAGE)
 
 
 class Scheduler:
@@ -89,6 +90,10 @@ class Scheduler:
         self._scan_backoff = Backoff()
         self._scan_not_before = 0.0
         self._paused_until = 0.0
+        # jobs in flight at most since the process last ran short (None: no cap): every
+        # worker taking a job at once after a pause would run short again together
+        self._most: int | None = None
+        self._most_until = 0.0
         self._closed = False
         self._idle = 0  # workers waiting for something to take
         self.scan_error: str | None = None  # the last listing failed with this
@@ -109,6 +114,21 @@ class Scheduler:
         """Hand out nothing new for a while (the process is out of resources)."""
         with self._cond:
             self._paused_until = max(self._paused_until, self._clock() + seconds)
+
+    def shortage(self) -> None:
+        """The process ran short of descriptors or memory: half as many jobs at once as
+        are in flight now (at least one), one more for each job that goes through, and
+        no cap once SHORTAGE_CAP_FOR seconds pass without another shortage."""
+        with self._cond:
+            self._most = max(1, len(self._in_flight) // 2)
+            self._most_until = self._clock() + SHORTAGE_CAP_FOR
+
+    def went_through(self) -> None:
+        """A job went through: one more may be in flight at once."""
+        with self._cond:
+            if self._most is not None:
+                self._most += 1
+                self._cond.notify_all()
 
     @property
     def blind(self) -> bool:
@@ -155,6 +175,8 @@ class Scheduler:
         """The worker is through with name; if it may still be queued, wait retry_in s."""
         with self._cond:
             self._in_flight.discard(name)
+            if self._most is not None:
+                self._cond.notify_all()  # a worker waiting under the cap may go on
             if retry_in is None:
                 self._not_before.pop(name, None)
             else:
@@ -163,7 +185,12 @@ class Scheduler:
     # -- under the lock -----------------------------------------------------------
 
     def _pop(self) -> str | None:
-        if self._clock() < self._paused_until:
+        now = self._clock()
+        if now < self._paused_until:
+            return None
+        if self._most is not None and now >= self._most_until:
+            self._most = None
+        if self._most is not None and len(self._in_flight) >= self._most:
             return None
         while self._pending:
             name = self._pending.popleft()
@@ -439,10 +466,12 @@ class Processor:
         self._finish(hold, state, t0)
         if state != "queue":
             self._resources.reset()
+            self.scheduler.went_through()
         return None
 
     def _trouble(self, e: BaseException) -> float:
         """The process is out of resources: claim nothing for a while, longer each time."""
+        self.scheduler.shortage()
         delay = self.scheduler.paused_for()
         if delay > 0:
             return delay  # the same shortage seen by another worker: one pause counts once
@@ -644,6 +673,7 @@ class Processor:
         with self._running_lock:
             self._running[hold.name] = process
         watch = self._watcher.watch(hold.dir_fd, process, deadline)
+        copy_mark = metrics.progress_mark(hold.dir_fd, task)
         metrics.WORKERS_BUSY.inc()
         try:
             return run_task(
@@ -661,6 +691,7 @@ class Processor:
         finally:
             self._watcher.unwatch(watch)
             metrics.WORKERS_BUSY.dec()
+            metrics.task_copied(hold.dir_fd, task, copy_mark)
             with self._running_lock:
                 self._running.pop(hold.name, None)
 

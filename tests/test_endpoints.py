@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import uuid
 from pathlib import Path
@@ -236,9 +237,12 @@ def test_mkdir_and_rename(world: tuple[Endpoint, Path]) -> None:
     with pytest.raises(PathError) as e:
         endpoints.rename(ep, ["new", "b.txt"], ["sub"])
     assert e.value.kind == "exists"
-    with pytest.raises(PathError) as e:
+    with pytest.raises(PathError) as e:  # refused as rename(2) would refuse it
         endpoints.rename(ep, ["new"], ["new", "inner"])
-    assert e.value.kind == "invalid"
+    assert (e.value.kind, e.value.errno) == ("os", errno.EINVAL)
+    with pytest.raises(PathError) as e:  # but a missing folder is said first
+        endpoints.rename(ep, ["gone"], ["gone", "inner"])
+    assert e.value.kind == "missing"
     # a link is renamed itself; what it points at stays where it is
     endpoints.rename(ep, ["out-file"], ["sub", "renamed-link"])
     assert os.readlink(ep.path / "sub" / "renamed-link") == str(tmp / "outside" / "sentinel")

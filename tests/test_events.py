@@ -116,6 +116,29 @@ def test_history_never_follows_a_link_or_opens_a_fifo(job_dir: tuple[Path, int])
         events.read_history(fd)
 
 
+def test_count_follows_every_change_of_the_history(job_dir: tuple[Path, int]) -> None:
+    path, fd = job_dir
+    assert events.count(fd) == 0
+    os.close(events.append_history(fd, line(Code.CREATED)))
+    assert events.count(fd) == 1
+    assert events.count(fd) == 1  # counted before: the same answer
+    os.close(events.append_history(fd, line(Code.QUEUED, "queue")))
+    assert events.count(fd) == 2
+    # replaced by another file of the same size: counted again, not taken from before
+    (path / "other").write_bytes(b"a\n" * (len(line()) + len(line(Code.QUEUED, "queue"))))
+    os.replace(path / "other", path / EVENTS_FILE)
+    assert events.count(fd) == len(line()) + len(line(Code.QUEUED, "queue"))
+    # a link to a history counted before is never followed, a FIFO never opened
+    (path / EVENTS_FILE).write_bytes(line() * 3)
+    assert events.count(fd) == 3
+    os.replace(path / EVENTS_FILE, path / "real")
+    (path / EVENTS_FILE).symlink_to(path / "real")
+    assert events.count(fd) == 0
+    (path / EVENTS_FILE).unlink()
+    os.mkfifo(path / EVENTS_FILE)
+    assert events.count(fd) == 0
+
+
 # -- the feed -------------------------------------------------------------------------------
 
 

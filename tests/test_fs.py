@@ -38,10 +38,12 @@ def _kernel_has_openat2() -> bool:
     fs._openat2_works = None
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            Path(tmp, "probe").write_bytes(b"")
+            # two components: one name is opened without openat2
+            Path(tmp, "sub").mkdir()
+            Path(tmp, "sub", "probe").write_bytes(b"")
             fd = fs.open_root(tmp)
             try:
-                os.close(fs.open_beneath(fd, "probe"))
+                os.close(fs.open_beneath(fd, "sub/probe"))
             finally:
                 os.close(fd)
         return fs._openat2_works is True
@@ -342,6 +344,21 @@ def test_read_fd_limits(tree: Tree) -> None:
     fd = os.open(tree.jail / "none", os.O_RDONLY)
     try:
         assert fs.read_fd(fd, 0) == b""
+    finally:
+        os.close(fd)
+
+
+def test_read_fd_with_a_stale_size_reads_the_whole_file(tree: Tree) -> None:
+    # the size a caller took from fstat before the file grew: the read goes on past it
+    (tree.jail / "grew").write_bytes(b"x" * 103)
+    fd = os.open(tree.jail / "grew", os.O_RDONLY)
+    try:
+        assert fs.read_fd(fd, 200, "grew", size=3) == b"x" * 103
+        os.lseek(fd, 0, os.SEEK_SET)
+        with pytest.raises(fs.TooLarge):
+            fs.read_fd(fd, 50, "grew", size=3)
+        os.lseek(fd, 0, os.SEEK_SET)
+        assert fs.read_fd(fd, 200, "grew", size=103) == b"x" * 103
     finally:
         os.close(fd)
 

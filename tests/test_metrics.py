@@ -98,6 +98,23 @@ def test_requests_are_counted_by_route_template_not_path(root: Path) -> None:
     assert value(text, name, method="GET", route=access.UNMATCHED, status="401") >= 1
 
 
+def test_made_up_methods_share_one_series(root: Path) -> None:
+    application, _ = make_app(root)
+    for word in ("BREW", "WHEN", "X-1"):
+        call(application, word, "/jobs/a")
+    text = scrape(application)
+    assert "BREW" not in text and "WHEN" not in text
+    name = "batchingest_http_requests_total"
+    assert (
+        sum(
+            value(text, name, method="OTHER", route=r, status=s)
+            for r in ("/jobs/{id}", access.UNMATCHED)
+            for s in ("405", "400", "401")
+        )
+        >= 3
+    )
+
+
 def test_access_line_names_the_token_by_label_only(
     root: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

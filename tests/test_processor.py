@@ -22,7 +22,7 @@ from live_service import make_job, wait_for, write_task
 
 from batchingest.config import Config
 from batchingest.health import Progress
-from batchingest.processor import Processor, Scheduler
+from batchingest.processor import SHORTAGE_CAP_FOR, Processor, Scheduler
 from batchingest.store import Store
 
 # -- the Scheduler ------------------------------------------------------------------
@@ -148,6 +148,28 @@ def test_pause_hands_out_nothing_until_it_ends() -> None:
     assert s.paused_for() == 0
     s = _reopened(s)
     assert s.take() == "a"
+
+
+def test_after_a_shortage_fewer_jobs_are_in_flight_until_jobs_go_through() -> None:
+    """Workers that all take a job at once after a pause run short again together (four
+    workers held four jobs and waited on each other for descriptors for good)."""
+    clock = Clock()
+    s = Scheduler(Listing("a", "b", "c", "d", "e", "f"), clock)
+    assert [s.take() for _ in range(4)] == ["a", "b", "c", "d"]
+    s.shortage()  # half of the four in flight, from now on
+    s.done("a", retry_in=0)
+    s.done("b", retry_in=0)
+    s.done("c", retry_in=0)
+    assert s.take() == "e"  # d and e: two in flight
+    assert take_now(s) is None
+    s = _reopened(s)
+    s.went_through()  # one more
+    assert s.take() == "f"
+    assert take_now(s) is None
+    s = _reopened(s)
+    clock.now += SHORTAGE_CAP_FOR  # no shortage for that long: no cap
+    s.wake()
+    assert s.take() in ("a", "b", "c")
 
 
 def test_close_releases_waiting_workers() -> None:

@@ -319,8 +319,8 @@ def test_archive_symlink_swapped_in_after_the_request_is_refused(
 @pytest.mark.parametrize(
     ("manifest", "expect"),
     [(None, "no MANIFEST.json"),
-     ('{"files": [{"id": "x", "path": "../../etc/passwd", "size": 1}]}', "'..' path component"),
-     ('{"files": [{"id": "x", "path": "/etc/passwd", "size": 1}]}', "absolute path")],
+     ('{"files": [{"id": "x", "path": "../../etc/passwd", "size": 1}]}', "'..' path segment"),
+     ('{"files": [{"id": "x", "path": "/etc/passwd", "size": 1}]}', "not relative")],
 )  # fmt: skip
 def test_bad_manifest_fails_before_copying(area: Area, manifest: str | None, expect: str) -> None:
     if manifest is not None:

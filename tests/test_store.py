@@ -844,3 +844,41 @@ def test_open_job_gives_the_folder_and_refuses_a_link(store: Store, tmp_path: Pa
     (store.root / "error" / "l").symlink_to(tmp_path)
     with pytest.raises(OSError):
         store.open_job(Job("l", State.ERROR, store.root / "error" / "l"))
+
+
+SHORT_OF_DESCRIPTORS = r"""
+import errno, logging, os, resource, sys
+from batchingest.store import Store
+logging.basicConfig(level=logging.WARNING)
+store = Store(sys.argv[1])
+spare = []
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+try:
+    while True:
+        spare.append(os.open("/dev/null", os.O_RDONLY))
+except OSError as e:
+    assert e.errno == errno.EMFILE
+for claim in (store.claim, lambda name: store.recover()):
+    try:
+        claim("short")
+    except OSError as e:
+        print("raised", errno.errorcode[e.errno], type(e).__name__)
+for fd in spare:
+    os.close(fd)
+hold = store.claim("short")
+print("claimed" if hold is not None else "not claimed")
+"""
+
+
+def test_out_of_descriptors_a_lock_is_not_blamed_and_the_job_is_claimed_later(
+    store: Store,
+) -> None:
+    put(store, "queue", "short")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    p = subprocess.run([sys.executable, "-c", SHORT_OF_DESCRIPTORS, str(store.root)], env=env,
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    # the shortage itself is raised, for the caller to say so and try again later
+    assert p.stdout.splitlines() == ["raised EMFILE OSError", "raised EMFILE OSError", "claimed"]
+    assert "fix or remove" not in p.stderr
+    assert (store.root / "processing" / "short").is_dir()

@@ -305,10 +305,11 @@ def test_static_files_are_a_fixed_set(app: tuple[ASGIApp, Store]) -> None:
     assert_error(call(app[0], "GET", "/ui/static/a/b", token=None), 404, "NotFound")
 
 
-def test_openapi_lists_the_dashboard(app: tuple[ASGIApp, Store]) -> None:
+def test_openapi_leaves_out_the_dashboard(app: tuple[ASGIApp, Store]) -> None:
+    """The dashboard's pages and /ui/api/ are its own, changing with its script: not part
+    of the API's contract."""
     paths = call(app[0], "GET", "/openapi.json").json()["paths"]
-    assert "post" in paths["/ui/api/requeue-failed"]
-    assert paths["/ui/login"]["get"]["security"] == []
+    assert not [p for p in paths if p == "/ui" or p.startswith("/ui/")]
 
 
 def test_entries_follow_a_job_that_moves_while_listed(root: Path, store: Store) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from batchingest import fs
+from batchingest.jobdir import read_log_tail
 from batchingest.webhooks.events import (
     LOG_CAP,
     MAX_URLS,
@@ -19,7 +20,6 @@ from batchingest.webhooks.events import (
     build_body,
     error_log,
     lane_key,
-    read_log_tail,
     read_urls,
     read_webhook,
 )
@@ -89,7 +89,7 @@ def _refusal(fd: int) -> str:
 def test_log_tail_is_bounded_and_never_follows_a_link(
     job: Path, job_fd: int, tmp_path: Path
 ) -> None:
-    assert read_log_tail(job_fd).text == ""
+    assert read_log_tail(job_fd, LOG_CAP).text == ""
     (job / "LOG").write_bytes(b"FIRST\n" + b"x" * 100 + b"\nLAST\n")
     tail = read_log_tail(job_fd, 10)
     assert (tail.text, tail.size, tail.cut) == ("xxxx\nLAST\n", 112, True)
@@ -100,7 +100,7 @@ def test_log_tail_is_bounded_and_never_follows_a_link(
     outside.write_text("outside content\n")
     (job / "LOG").symlink_to(outside)
     with pytest.raises(fs.UnsafePath):
-        read_log_tail(job_fd)
+        read_log_tail(job_fd, LOG_CAP)
     text, cut = error_log(job_fd)
     assert text.startswith("[LOG not read: a symbolic link") and not cut
     assert "outside content" not in text

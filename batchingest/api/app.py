@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
+import random
 import re
 from typing import Any
 from urllib.parse import unquote
@@ -23,7 +23,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from batchingest import __version__, logs, metrics
-from batchingest.api import auth, docs, events, files, jobs, openapi, staccato
+from batchingest.api import auth, docs, events, files, jobs, openapi, staccato, stuck
 from batchingest.api.access import TOKEN_LABEL, AccessLog
 from batchingest.api.errors import MAPPED, ApiError, api_error_of
 from batchingest.api.paths import job_name, unsafe_url_path
@@ -56,7 +56,8 @@ _HTTP_CODES = {
 
 
 def _new_request_id() -> str:
-    return os.urandom(8).hex()
+    # ids need to be unique, not secret: no system call for them (random reseeds on fork)
+    return f"{random.getrandbits(64):016x}"
 
 
 def error_body(
@@ -86,11 +87,13 @@ class ApiMiddleware:
         checker: auth.TokenChecker,
         dts: auth.DtsSecret | None = None,
         jdp: bool = False,
+        direct: jobs.DirectJobInfo | None = None,
     ) -> None:
         self.app = app
         self.checker = checker
         self.dts = dts
         self.jdp = jdp
+        self.direct = direct  # GET /jobs/{id} without the router
 
     def allowed(self, scope: Scope, path: str) -> bool:
         """May this request go on: a public route, an API token, or a DTS credential."""
@@ -148,7 +151,8 @@ class ApiMiddleware:
             await refusal(scope, receive, send_with_id)
             return
         try:
-            await self.app(scope, receive, send_with_id)
+            if self.direct is None or not await self.direct(scope, send_with_id):
+                await self.app(scope, receive, send_with_id)
         except ClientDisconnect:
             log.info("request %s: client went away", request_id)
         except Exception:
@@ -289,10 +293,10 @@ def create_app(cfg: Config, store: Store, readiness: Readiness | None = None) ->
         {
             **staging_paths,
             **globus.OPENAPI_PATHS,
-            **ui.OPENAPI_PATHS,
             **events.OPENAPI_PATHS,
             **staccato.OPENAPI_PATHS,
             **metrics.OPENAPI_PATHS,
+            **stuck.OPENAPI_PATHS,
         },
         staging_ids_are_paths=cfg.catalog is None,
     )
@@ -306,12 +310,19 @@ def create_app(cfg: Config, store: Store, readiness: Readiness | None = None) ->
         *ui.routes(cfg, store),
         *staccato.routes(cfg, store),
         *metrics.routes(store),
+        *stuck.routes(cfg, store),
     ]
     return Starlette(
         routes=routes,
         middleware=[
             Middleware(AccessLog),  # outermost: it sees every answer, 401s and 500s too
-            Middleware(ApiMiddleware, checker=checker, dts=dts, jdp=cfg.dts_dialect == "jdp"),
+            Middleware(
+                ApiMiddleware,
+                checker=checker,
+                dts=dts,
+                jdp=cfg.dts_dialect == "jdp",
+                direct=jobs.direct_info(store, routes),
+            ),
         ],
         exception_handlers={
             **dict.fromkeys(MAPPED, _api_error),

@@ -7,6 +7,7 @@ import json
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import msgspec
 from anyio import to_thread
 from starlette.requests import Request
 from starlette.responses import Response
@@ -17,8 +18,6 @@ from batchingest.store import Job, Store
 
 T = TypeVar("T")
 
-# Jobs whose files the API will not change: a processor may be about to run them.
-
 
 def json_dumps(data: Any) -> bytes:
     """A compact JSON document ending in a newline, so that outputs of consecutive
@@ -28,6 +27,12 @@ def json_dumps(data: Any) -> bytes:
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(json_dumps(data), status, headers, media_type="application/json")
+
+
+def model_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """A document of api/models.py (or a list of them), encoded as its model says."""
+    body = msgspec.json.encode(data) + b"\n"
+    return Response(body, status, headers, media_type="application/json")
 
 
 def find_job(store: Store, name: str) -> Job:

@@ -8,19 +8,20 @@ up to 16 MiB); a page of the feed is one seek and a bounded read, done on the lo
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 from collections.abc import AsyncIterator
 from typing import Any
 
-from anyio import to_thread
+import msgspec
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
 from batchingest import events, fs
+from batchingest.api import models, openapi
+from batchingest.api.common import model_response, run_blocking
 from batchingest.api.errors import ApiError
-from batchingest.api.jobs import json_response
+from batchingest.api.openapi import Op, param
 from batchingest.api.paths import job_name
 from batchingest.config import Config
 from batchingest.store import Job, JobBusy, Store
@@ -34,7 +35,7 @@ STREAM_KEEPALIVE = 15.0
 
 def _number(request: Request, key: str, default: int, most: int | None = None) -> int:
     raw = request.query_params.get(key)
-    if raw is None or raw == "":
+    if raw is None:  # given empty, it is not a number: 400, as the spec's integer says
         return default
     if not raw.isdigit() or len(raw) > 9:
         raise ApiError(400, "InvalidParameter", f"{key} must be a whole number, not {raw[:50]!r}")
@@ -66,8 +67,13 @@ def _history(store: Store, job: Job) -> list[dict[str, Any]]:
         os.close(dir_fd)
 
 
-def _listed(event: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    return {"DATA_TYPE": "event", **event, **extra}
+def _listed(event: dict[str, Any]) -> models.Event:
+    """A recorded event (its fields' types checked as it was read) as its document."""
+    return msgspec.convert({"DATA_TYPE": "event", **event}, models.Event)
+
+
+def _in_feed(event: dict[str, Any], at: events.Cursor) -> models.FeedEvent:
+    return msgspec.convert({"DATA_TYPE": "event", **event, "cursor": at.text}, models.FeedEvent)
 
 
 def routes(cfg: Config, store: Store) -> list[BaseRoute]:
@@ -87,31 +93,29 @@ def routes(cfg: Config, store: Store) -> list[BaseRoute]:
         limit = _number(request, "limit", DEFAULT_LIMIT, MAX_LIMIT)
         offset = _number(request, "offset", 0)
         try:
-            found = await to_thread.run_sync(store.read, name, lambda job: _history(store, job))
+            found = await run_blocking(store.read, name, lambda job: _history(store, job))
         except JobBusy as e:
             raise ApiError(409, "JobBusy", str(e)) from None
         if found is None:
             raise ApiError(404, "JobNotFound", f"no job named {name!r}")
         history = found[1]
         page = [_listed(e) for e in history[offset : offset + limit]]
-        body = {"DATA_TYPE": "event_list", "total": len(history), "offset": offset,
-                "limit": limit, "DATA": page}  # fmt: skip
-        return json_response(body)
+        return model_response(models.JobEventList("event_list", len(history), offset, limit, page))
 
     async def all_events(request: Request) -> Response:
         accept = request.headers.get("accept", "")
         after = _cursor(request.query_params.get("after"))
+        resume = _cursor(request.headers.get("last-event-id"))  # 400 if malformed, always
         if "text/event-stream" in accept:
-            resume = _cursor(request.headers.get("last-event-id")) or after
-            return _stream(feed(), resume)
+            return _stream(feed(), resume or after)
         limit = _number(request, "limit", DEFAULT_LIMIT, MAX_LIMIT)
         try:
             page, more = feed().read(after, limit)
         except events.BadCursor as e:
             raise ApiError(400, "InvalidCursor", str(e)) from None
-        data = [_listed(e, cursor=c.text) for e, c in page]
+        data = [_in_feed(e, c) for e, c in page]
         next_cursor = page[-1][1].text if more else None
-        return json_response({"DATA_TYPE": "event_list", "DATA": data, "next_cursor": next_cursor})
+        return model_response(models.FeedEventList("event_list", data, next_cursor))
 
     return [
         Route("/jobs/{id}/events", job_events, methods=["GET"]),
@@ -134,8 +138,8 @@ def _stream(feed: events.Feed, resume: events.Cursor | None) -> Response:
         while True:
             page, more = feed.read(cursor, DEFAULT_LIMIT)
             for event, at in page:
-                data = json.dumps(_listed(event, cursor=at.text), ensure_ascii=False)
-                yield f"id: {at.text}\ndata: {data}\n\n".encode()
+                data = msgspec.json.encode(_in_feed(event, at))
+                yield f"id: {at.text}\ndata: ".encode() + data + b"\n\n"
             if page:
                 cursor, quiet = page[-1][1], 0.0
             if more:
@@ -150,21 +154,31 @@ def _stream(feed: events.Feed, resume: events.Cursor | None) -> Response:
     return StreamingResponse(lines(), media_type="text/event-stream", headers=headers)
 
 
-OPENAPI_PATHS: dict[str, Any] = {
-    "/jobs/{id}/events": {
-        "get": {
-            "summary": "The job's history, oldest first: event_list with total, offset, "
-            "limit (default 100, at most 1000)",
-            "tags": ["events"],
-            "responses": {"200": {"description": "event_list"}},
-        }
-    },
-    "/events": {
-        "get": {
-            "summary": "Every job's events after a cursor (after=, limit=); with Accept: "
-            "text/event-stream, a stream of server-sent events (Last-Event-ID resumes)",
-            "tags": ["events"],
-            "responses": {"200": {"description": "event_list with next_cursor"}},
-        }
+_LIMIT = param(
+    "limit",
+    "query",
+    f"at most this many (default {DEFAULT_LIMIT})",
+    {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT},
+)
+_CURSOR = {"type": "string", "pattern": r"^([0-9a-f]{20})?$"}
+_FEED = {
+    "description": "event_list with next_cursor; with Accept: text/event-stream, server-sent "
+    "events whose id: is the cursor",
+    "content": {
+        "application/json": {"schema": models.ref(models.FeedEventList)},
+        "text/event-stream": {"schema": {"type": "string"}},
     },
 }
+OPS = (
+    Op("get", "/jobs/{id}/events", "getJobEvents", "events", "the job's history, oldest first",
+       {"200": models.JobEventList}, ("InvalidName", "InvalidPath", "InvalidParameter",
+                                      "JobNotFound", "JobBusy"),
+       (openapi.JOB_ID, _LIMIT, param("offset", "query", "skip this many events first",
+                                      {"type": "integer", "minimum": 0, "maximum": 999_999_999}))),
+    Op("get", "/events", "getEvents", "events",
+       "every job's events after a cursor (from the start without one)", {"200": _FEED},
+       ("InvalidParameter", "InvalidCursor"),
+       (param("after", "query", "the cursor of the last event seen", _CURSOR), _LIMIT,
+        param("Last-Event-ID", "header", "a stream's cursor to resume from", _CURSOR))),
+)  # fmt: skip
+OPENAPI_PATHS = openapi.paths(OPS)

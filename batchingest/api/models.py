@@ -134,6 +134,109 @@ class StagingStatus(msgspec.Struct, omit_defaults=True):
     message: Annotated[str, Meta(description="why it failed (only when failed)")] = ""
 
 
+# -- job history (api/events.py) --------------------------------------------------------
+
+Cursor = Annotated[str, Meta(pattern=r"^[0-9a-f]{20}$", description="a place in the feed")]
+
+
+class Event(msgspec.Struct, forbid_unknown_fields=False):
+    """One event of a job's history, as recorded (batchingest.events.make_event)."""
+
+    DATA_TYPE: Literal["event"]
+    code: str
+    time: Annotated[str, Meta(description="RFC 3339 UTC to the millisecond")]
+    is_error: bool
+    description: str
+    details: dict[str, Any]
+    state: Annotated[str, Meta(description="the job's status word after the event")]
+
+
+class FeedEvent(Event, forbid_unknown_fields=False):
+    """An event of the root-wide feed: the job it happened to, and where it is."""
+
+    job: Annotated[str, Meta(description="the job's name when it happened")]
+    cursor: Cursor
+
+
+class JobEventList(msgspec.Struct):
+    """GET /jobs/{id}/events: a page of the job's history, oldest first."""
+
+    DATA_TYPE: Literal["event_list"]
+    total: Annotated[int, Meta(ge=0)]
+    offset: Annotated[int, Meta(ge=0)]
+    limit: Annotated[int, Meta(ge=1)]
+    DATA: list[Event]
+
+
+class FeedEventList(msgspec.Struct):
+    """GET /events: every job's events after a cursor; next_cursor while there are more."""
+
+    DATA_TYPE: Literal["event_list"]
+    DATA: list[FeedEvent]
+    next_cursor: Cursor | None
+
+
+# -- Staccato transfers (api/staccato.py) -------------------------------------------------
+
+# A file:// URL of an absolute path on this machine (no host but localhost, no query or
+# fragment), '/'-separated names that are not empty, in URL characters; percent escapes
+# only of printable ASCII other than '/' and '\', or of whole UTF-8 characters. A
+# name of 255 characters at most (so never over 255 bytes decoded).
+_HEX = "[0-9A-Fa-f]"
+_CONT = "%[89ABab][0-9A-Fa-f]"
+_ESCAPE = (
+    f"%(2[0-9A-Ea-e]|[34]{_HEX}|5[0-9ABDEFabdef]|6{_HEX}|7[0-9A-Ea-e])"
+    f"|%[Cc][2-9A-Fa-f]{_CONT}|%[Dd]{_HEX}{_CONT}"
+    f"|%[Ee]0%[ABab]{_HEX}{_CONT}|%[Ee][1-9A-Ca-cEeFf]{_CONT}{_CONT}|%[Ee][Dd]%[89][0-9A-Fa-f]{_CONT}"
+    f"|%[Ff]0%[9ABab]{_HEX}{_CONT}{_CONT}|%[Ff][1-3]{_CONT}{_CONT}{_CONT}|%[Ff]4%8{_HEX}{_CONT}{_CONT}"
+)
+_URL_NAME = rf"([-!$&'()*+,.0-9:;=@A-Z_a-z~]|{_ESCAPE}){{1,255}}"
+FILE_URL_PATTERN = rf"^[Ff][Ii][Ll][Ee]://(localhost)?(/{_URL_NAME})+/?$"
+FileUrl = Annotated[
+    str, Meta(pattern=FILE_URL_PATTERN, description="file:// URL of a path in an endpoint folder")
+]
+Offset = Annotated[int, Meta(ge=0, description="a byte offset")]
+EndOffset = Annotated[int, Meta(ge=-1, description="a byte offset; -1: the end of the source")]
+
+
+class TransferRequest(msgspec.Struct, forbid_unknown_fields=False):
+    """POST /v1/transfers: copy [start_offset, end_offset) of a file into the same bytes
+    of another, both inside endpoint folders."""
+
+    source_url: FileUrl
+    destination_url: FileUrl
+    start_offset: Offset | None = None
+    end_offset: EndOffset | None = None
+    source_options: dict[str, Any] | None = None
+    destination_options: dict[str, Any] | None = None
+
+
+class TransferAction(msgspec.Struct, forbid_unknown_fields=False):
+    """POST /v1/transfers/{id}/action."""
+
+    xferaction: Annotated[Literal["cancel"], Meta(description="the one action")]
+
+
+TransferState = Literal[
+    "STATE_NEW", "STATE_RUNNING", "STATE_CANCELING", "STATE_CANCELED", "STATE_ERRORING",
+    "STATE_ERROR", "STATE_COMPLETE", "STATE_DELETED",
+]  # fmt: skip
+
+
+class Transfer(msgspec.Struct):
+    """A Staccato transfer: a job named by its id."""
+
+    id: Annotated[str, Meta(pattern=UUID_PATTERN)]
+    source_url: str
+    destination_url: str
+    state: TransferState
+    progress: Annotated[int, Meta(ge=0, description="bytes copied and flushed")]
+    start_offset: Offset
+    end_offset: EndOffset
+    source_options: dict[str, Any]
+    destination_options: dict[str, Any]
+
+
 MODELS: tuple[type[msgspec.Struct], ...] = (
     Error,
     Job,
@@ -156,15 +259,32 @@ def decode(model: type[T], body: bytes, code: str = "InvalidRequest") -> T:
     try:
         return msgspec.json.decode(body, type=model)
     except msgspec.ValidationError as e:
-        raise ApiError(400, code, f"request body: {e}") from None
+        if "got `float`" not in str(e):
+            raise ApiError(400, code, f"request body: {e}") from None
     except msgspec.DecodeError as e:
         raise ApiError(400, code, f"request body is not valid JSON: {e}") from None
+    # JSON Schema counts 5.0 as an integer, so the server does too (and nothing else:
+    # msgspec's lax mode would also take "5")
+    try:
+        return msgspec.convert(_integral(msgspec.json.decode(body)), type=model)
+    except msgspec.ValidationError as e:
+        raise ApiError(400, code, f"request body: {e}") from None
+
+
+def _integral(node: Any) -> Any:
+    if isinstance(node, float) and node.is_integer() and abs(node) < 2**63:
+        return int(node)
+    if isinstance(node, dict):
+        return {k: _integral(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_integral(v) for v in node]
+    return node
 
 
 def schemas(*extra: type[Any]) -> dict[str, Any]:
     """The components/schemas of every model (and of extra ones), with $refs into it."""
     _, components = msgspec.json.schema_components(
-        (*MODELS, *extra), ref_template="#/components/schemas/{name}"
+        (*MODELS, *REFERENCED.values(), *extra), ref_template="#/components/schemas/{name}"
     )
     _complete(components)
     return components
@@ -186,5 +306,10 @@ def _complete(node: Any) -> None:
             _complete(value)
 
 
+# every model a spec has referred to, by name: schemas() gives theirs too
+REFERENCED: dict[str, type[Any]] = {}
+
+
 def ref(model: type[Any]) -> dict[str, str]:
+    REFERENCED.setdefault(model.__name__, model)
     return {"$ref": f"#/components/schemas/{model.__name__}"}

@@ -1,21 +1,23 @@
 """The OpenAPI 3.1 description served at `/openapi.json`.
 
-The operations are written here (the routes are plain functions); the documents come
-from the typed models of batchingest.api.models, the same ones that validate request
-bodies, and the name and path patterns are the ones the server enforces. A test checks
-that every route of the app appears here, so the two cannot drift apart unnoticed.
+Operations are rows of tables (`Op`): the job, file, service and staging ones here, the
+others beside their routes (api/globus/spec.py, api/staccato.py, api/events.py), each
+module's `paths(OPS)` given to `spec()` as `extra_paths`. The documents come from the
+typed models of batchingest.api.models (and api/globus/models.py), the same ones that
+decode request bodies, and the name and path patterns are the ones the server enforces.
+A test checks that every route of the app appears here, so the two cannot drift apart.
 
-Adding an operation: `operation("getThing", "tag", "summary", params=[...],
-responses={"200": json_body(models.ref(Thing), "the thing")}, errors=("ThingNotFound",))`
-under its path in the `extra_paths` given to `spec()`; put its documents in models.py
-(a msgspec.Struct, listed in `models.MODELS` or passed to `spec(extra_models=...)`) and
-its error codes in `ERRORS`. 401 is added unless the operation is public, and any
-operation lacking an operationId or tags gets one derived from its method and path.
+Adding an operation: a row `Op("get", "/things/{id}", "getThing", "tag", "summary",
+{"200": Thing}, errors=("ThingNotFound",), params=(...))` in its module's table; its
+documents in a models module (a msgspec.Struct: `ref()` puts it in the components), its
+error codes in `ERRORS`. 401 is added unless the operation is public, 500 always, and
+HEAD beside every GET.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from batchingest.api import models
@@ -42,7 +44,7 @@ ERRORS = {
     "Conflict": "409: the job's folder changed during an upload, or the name is taken by "
     "something that is not a job folder",
     "PayloadTooLarge": "413: larger than --max-upload",
-    "RangeNotSatisfiable": "416: the Range starts beyond the end of the file",
+    "RangeNotSatisfiable": "416: the Range (or a transfer's start) is beyond the end of the file",
     "InsufficientStorage": "507: the disk is full; nothing was changed",
     "InternalError": "500: unexpected; the log has the request id",
     "NotReady": "503: the service cannot take and run jobs now; the log says why",
@@ -64,10 +66,31 @@ ERRORS = {
     "StagingRequestFailed": "500: the staging job could not be created",
     "StagingNotConfigured": "503: the service runs without --archive and --staging",
     "CatalogUnavailable": "503: the catalog file cannot be read",
+    # job history (api/events.py)
+    "InvalidCursor": "400: after= or Last-Event-ID is not a cursor of this feed",
+    # the transfer APIs: Staccato (api/staccato.py) and Globus (api/globus/)
+    "EndpointsNotConfigured": "503: the service runs without --endpoint",
+    "OutsideEndpoints": "403: a URL leads outside every endpoint folder, or the endpoint is "
+    "read-only",
+    "SourceNotFound": "404: the source is not a regular file",
+    "TransferNotFound": "404: no transfer with this id",
+    "IllegalTransition": "400: the transfer's state does not allow it (Staccato's code)",
+    "AuthenticationFailed": "401: no token, or a wrong one (under /globus/)",
+    "ClientError.BadRequest": "400: a malformed parameter or body",
+    "ClientError.NotFound": "404: no such path on the endpoint, or no such route",
+    "ClientError.MethodNotAllowed": "405: the route exists but not with this method",
+    "ClientError.RequestTooLarge": "413: a body over the route's limit",
+    "EndpointNotFound": "404: no endpoint with this id or name",
+    "TaskNotFound": "404: no task with this id",
+    "PermissionDenied": "403: the endpoint is read-only",
+    "NotImplemented": "501: a Globus feature this service does not serve",
+    **{
+        f"ExternalError.{failed}{reason}": "502: the file operation failed on the endpoint"
+        for failed in ("DirListingFailed", "StatFailed", "MkdirFailed", "RenameFailed")
+        for reason in ("", ".Exists", ".NotDirectory", ".PermissionDenied")
+    },
 }
 
-# Paths the server also answers, as aliases of a documented one: not in the document, so
-# that a generated client has one function per operation.
 # What GET /jobs's query parameters may be, as the server reads them (api/query.py). Days
 # up to 28 only, so that every date the pattern admits exists.
 _KEY = "(name|status|created|modified)"
@@ -85,7 +108,9 @@ _CLAUSE = (
 )
 _FILTER = f"^({_CLAUSE}(/{_CLAUSE})*)?$"
 
-ALIASES = {"/jobs/": "/jobs", "/jobs/{id}/files/": "/jobs/{id}/files", "/ui/": "/ui"}
+# Paths the server also answers, as aliases of a documented one: not in the document, so
+# that a generated client has one function per operation.
+ALIASES = {"/jobs/": "/jobs", "/jobs/{id}/files/": "/jobs/{id}/files"}
 # Paths readable without a token: they hold nothing secret.
 PUBLIC = ("/healthz", "/readyz", "/openapi.json", "/docs")
 
@@ -128,6 +153,7 @@ def operation(
     params: list[dict[str, Any]] | None = None,
     body: dict[str, Any] | None = None,
     public: bool = False,
+    unauthorized: str = "Unauthorized",
 ) -> dict[str, Any]:
     op: dict[str, Any] = {"operationId": op_id, "tags": [tag], "summary": summary}
     if params:
@@ -135,7 +161,8 @@ def operation(
     if body is not None:
         op["requestBody"] = body
     # any operation may fail unexpectedly: a 500 naming the request id
-    op["responses"] = {**responses, **error_responses(*errors, "InternalError", public=public)}
+    codes = (*errors, "InternalError") if public else (unauthorized, *errors, "InternalError")
+    op["responses"] = {**responses, **error_responses(*codes, public=True)}
     if public:
         op["security"] = []
     return op
@@ -157,7 +184,7 @@ def head_of(get: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-_ID = param(
+JOB_ID = param(
     "id",
     "path",
     "job name: 1-255 of A-Z a-z 0-9 . _ -, not starting with '.'",
@@ -204,342 +231,211 @@ _FILE_HEADERS = {
 }
 
 
-def _files_paths() -> dict[str, Any]:
-    file_get = operation(
-        "getFile",
-        "files",
-        "a file's bytes (Range supported), or a folder's names",
-        params=[_ID, _READ_PATH, _RANGE, _IF_RANGE, _IF_NONE_MATCH, _IF_MODIFIED_SINCE],
-        responses={
-            "200": {
-                "description": "the file's bytes, or a JSON array of the names in a folder",
-                "headers": _FILE_HEADERS,
-                "content": {
-                    "application/octet-stream": {"schema": _BINARY},
-                    "application/json": {"schema": _NAMES},
-                },
-            },
-            "206": {
-                "description": "the requested byte range",
-                "headers": _FILE_HEADERS,
-                "content": {"application/octet-stream": {"schema": _BINARY}},
-            },
-            "304": {"description": "If-None-Match or If-Modified-Since: not modified"},
-        },
-        errors=("InvalidName", "InvalidPath", "JobNotFound", "FileNotFound", "RangeNotSatisfiable"),
-    )
-    names_get = operation(
-        "getFileNames",
-        "files",
-        "names in the job folder, sorted; hidden files never appear",
-        params=[_ID],
-        responses={"200": json_body(_NAMES, "names")},
-        errors=("InvalidName", "InvalidPath", "JobNotFound"),
-    )
-    upload = operation(
-        "putFile",
-        "files",
-        "upload a file (streamed; renamed into place when complete)",
-        params=[_ID, _PATH, _DIGEST],
-        # no body at all uploads an empty file
-        body={"required": False, "content": {"application/octet-stream": {"schema": _BINARY}}},
-        responses={
-            "201": json_body(models.ref(models.Uploaded), "created"),
-            "200": json_body(models.ref(models.Uploaded), "replaced"),
-        },
-        errors=(
-            "InvalidName",
-            "InvalidPath",
-            "InvalidJobFile",
-            "InvalidDigest",
-            "DigestMismatch",
-            "JobNotFound",
-            "JobBusy",
-            "IsADirectory",
-            "NotADirectory",
-            "Conflict",
-            "PayloadTooLarge",
-            "InsufficientStorage",
-        ),
-    )
-    delete = operation(
-        "deleteFile",
-        "files",
-        "remove a file or an empty folder (?recursive=true for any folder)",
-        params=[
-            _ID,
-            _PATH,
-            param("recursive", "query", "true: remove a folder and all in it", {"type": "boolean"}),
-        ],
-        responses={"204": {"description": "gone (also if it never existed)"}},
-        errors=(
-            "InvalidName",
-            "InvalidPath",
-            "InvalidParameter",
-            "JobNotFound",
-            "JobBusy",
-            "NotEmpty",
-        ),
-    )
-    return {
-        "/jobs/{id}/files": {"get": names_get, "head": head_of(names_get)},
-        "/jobs/{id}/files/{path}": {
-            "get": file_get,
-            "head": head_of(file_get),
-            "put": upload,
-            "delete": delete,
-        },
-    }
+@dataclass(frozen=True)
+class Op:
+    """One operation, as a row of a table: `paths(rows)` makes the spec's paths of them.
+
+    ok maps a status to its answer: a model (a JSON document of it), a JSON Schema, or
+    a whole response object (a dict with a description).
+    """
+
+    method: str
+    path: str
+    op_id: str
+    tag: str
+    summary: str
+    ok: dict[str, Any]
+    errors: tuple[str, ...] = ()
+    params: tuple[dict[str, Any], ...] = ()
+    body: Any = None
+    public: bool = False
 
 
-def _jobs_paths() -> dict[str, Any]:
-    statuses = "|".join((*models.STATUSES, "data"))
-    jobs_get = operation(
-        "getJobs",
-        "jobs",
-        "every job, sorted by name",
-        params=[
-            param(
-                "status",
-                "query",
-                "comma-separated statuses, e.g. queue,error",
-                {"type": "string", "pattern": rf"^\s*({statuses})?\s*(,\s*({statuses})?\s*)*$"},
-            ),
-            param(
-                "limit",
-                "query",
-                "at most this many jobs",
-                {"type": "integer", "minimum": 0, "maximum": 999_999_999},
-            ),
-            param(
-                "offset",
-                "query",
-                "skip this many jobs first",
-                {"type": "integer", "minimum": 0, "maximum": 999_999_999},
-            ),
-            param(
-                "orderby",
-                "query",
-                "comma-separated name, status, created or modified, each optionally "
-                "followed by asc or desc, e.g. 'status,modified desc'; status words sort "
-                "alphabetically; the default is by name",
-                {"type": "string", "pattern": _ORDERBY},
-            ),
-            param(
-                "filter",
-                "query",
-                "clauses FIELD:VALUE joined by '/', all of which must hold, e.g. "
-                "'status:queue,error/modified:2026-01-01,2026-02-01/name:~batch-'; "
-                "name: a list of names, =NAME, !=NAME, ~PREFIX or !~PREFIX; status: a "
-                "list of statuses; created, modified: FROM,TO, inclusive, either end "
-                "may be empty, as YYYY-MM-DD, YYYY-MM-DD HH:MM:SS or RFC 3339 (UTC when "
-                "no zone is given). Several filter parameters are alternatives.",
-                {"type": "string", "pattern": _FILTER},
-            ),
-            param(
-                "fields",
-                "query",
-                "comma-separated Name, Status, Created, Modified: the fields of each job "
-                "(default Name,Status)",
-                {"type": "string", "pattern": _FIELDS},
-            ),
-        ],
-        responses={
-            "200": {
-                **json_body({"type": "array", "items": models.ref(models.JobRow)}, "jobs"),
-                "headers": {
-                    "X-Total-Count": {"schema": {"type": "integer"}},
-                    "Link": {
-                        "schema": {"type": "string"},
-                        "description": '<...>; rel="next" when paging',
-                    },
-                },
-            },
-        },
-        errors=("InvalidParameter",),
-    )
-    info = models.ref(models.JobInfo)
-    job_get = operation(
-        "getJob",
-        "jobs",
-        "a job's status and task lists",
-        params=[_ID],
-        responses={"200": json_body(info, "the job")},
-        errors=("InvalidName", "InvalidPath", "JobNotFound"),
-    )
-    return {
-        "/jobs": {"get": jobs_get, "head": head_of(jobs_get)},
-        "/jobs/{id}": {
-            "get": job_get,
-            "head": head_of(job_get),
-            "put": operation(
-                "putJob",
-                "jobs",
-                "create an empty job in data/ (idempotent; the body is ignored)",
-                params=[_ID],
-                responses={
-                    "201": json_body(info, "created"),
-                    "200": json_body(info, "it existed; nothing changed"),
-                },
-                errors=("InvalidName", "InvalidPath", "Conflict"),
-            ),
-            "delete": operation(
-                "deleteJob",
-                "jobs",
-                "remove the job and all its files",
-                params=[_ID],
-                responses={"204": {"description": "gone (also if it never existed)"}},
-                errors=("InvalidName", "InvalidPath", "JobBusy"),
-            ),
-        },
-        "/jobs/{id}/queue": {
-            "post": operation(
-                "queueJob",
-                "jobs",
-                "move the job from data/, error/ or success/ to queue/",
-                params=[_ID],
-                responses={
-                    "202": json_body(info, "queued"),
-                    "200": json_body(info, "already queued or processing"),
-                },
-                errors=("InvalidName", "InvalidPath", "JobNotFound", "JobBusy", "DeadlinePassed"),
-            )
-        },
-        "/jobs/{id}/cancel": {
-            "post": operation(
-                "cancelJob",
-                "jobs",
-                "cancel a queued job (back to data/) or a processing one (to error/)",
-                params=[_ID],
-                responses={"202": json_body(info, "cancel requested; a queued job is ready again")},
-                errors=(
-                    "InvalidName",
-                    "InvalidPath",
-                    "JobNotFound",
-                    "JobNotCancellable",
-                    "JobBusy",
-                ),
-            )
-        },
-    }
+def answer(what: Any, description: str) -> dict[str, Any]:
+    """A response: what is a model or a JSON Schema (a JSON body), or a response object."""
+    if isinstance(what, dict) and "description" in what:
+        return what
+    return json_body(models.ref(what) if isinstance(what, type) else what, description)
 
 
-def _service_paths() -> dict[str, Any]:
-    def simple(op_id: str, summary: str, model: Any, public: bool = True) -> dict[str, Any]:
-        get = operation(
-            op_id,
-            "service",
-            summary,
-            public=public,
-            responses={"200": json_body(models.ref(model), summary)},
+def request_body(body: Any) -> dict[str, Any]:
+    """A required JSON body of a model, or a requestBody object as it is."""
+    if isinstance(body, type):
+        return {"required": True, "content": {"application/json": {"schema": models.ref(body)}}}
+    return dict(body)
+
+
+def paths(rows: tuple[Op, ...] | list[Op]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for row in rows:
+        responses = {status: answer(what, row.summary) for status, what in row.ok.items()}
+        op = operation(
+            row.op_id,
+            row.tag,
+            row.summary,
+            responses=responses,
+            errors=row.errors,
+            params=list(row.params) or None,
+            body=None if row.body is None else request_body(row.body),
+            public=row.public,
+            unauthorized="AuthenticationFailed"
+            if row.path.startswith("/globus/")
+            else "Unauthorized",
         )
-        return {"get": get, "head": head_of(get)}
+        out.setdefault(row.path, {})[row.method] = op
+    return out
 
-    ready = simple("getReadyz", "readiness: can take and run jobs now", models.Health)
-    ready["get"]["responses"].update(error_responses("NotReady", public=True))
-    ready["head"] = head_of(ready["get"])
-    spec_get = operation(
-        "getOpenapi",
-        "service",
-        "this document",
-        public=True,
-        responses={"200": json_body({"type": "object"}, "OpenAPI 3.1")},
-    )
-    docs_get = operation(
-        "getDocs",
-        "service",
-        "this document as a page to read",
-        public=True,
-        responses={
-            "200": {"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}}
-        },
-    )
+
+def links(op_ids: tuple[str, ...], param: str, pointer: str) -> dict[str, Any]:
+    """OpenAPI links: the operations that take `param` from the answer at `pointer`."""
     return {
-        "/": simple("getService", "service name and version", models.ServiceInfo, False),
-        "/healthz": simple("getHealthz", "liveness: the process answers", models.Health),
-        "/readyz": ready,
-        "/openapi.json": {"get": spec_get, "head": head_of(spec_get)},
-        "/docs": {"get": docs_get, "head": head_of(docs_get)},
+        op: {"operationId": op, "parameters": {param: f"$response.body#/{pointer}"}}
+        for op in op_ids
     }
 
 
-def _staging_paths(ids_are_paths: bool) -> dict[str, Any]:
+def with_links(what: Any, description: str, found: dict[str, Any]) -> dict[str, Any]:
+    return {**answer(what, description), "links": found}
+
+
+_JOB = ("InvalidName", "InvalidPath")
+_FILE_OK = {
+    "description": "the file's bytes, or a JSON array of the names in a folder",
+    "headers": _FILE_HEADERS,
+    "content": {
+        "application/octet-stream": {"schema": _BINARY},
+        "application/json": {"schema": _NAMES},
+    },
+}
+_RANGE_OK = {
+    "description": "the requested byte range",
+    "headers": _FILE_HEADERS,
+    "content": {"application/octet-stream": {"schema": _BINARY}},
+}
+_NOT_MODIFIED = {"description": "If-None-Match or If-Modified-Since: not modified"}
+_GONE = {"description": "gone (also if it never existed)"}
+_UPLOAD_ERRORS = (*_JOB, "InvalidJobFile", "InvalidDigest", "DigestMismatch", "JobNotFound",
+                  "JobBusy", "IsADirectory", "NotADirectory", "Conflict", "PayloadTooLarge",
+                  "InsufficientStorage")  # fmt: skip
+_RECURSIVE = param("recursive", "query", "true: remove a folder and all in it", {"type": "boolean"})
+_PAGE = {"type": "integer", "minimum": 0, "maximum": 999_999_999}
+_STATUS_WORDS = "|".join((*models.STATUSES, "data"))
+_STATUS_LIST = rf"^\s*({_STATUS_WORDS})?\s*(,\s*({_STATUS_WORDS})?\s*)*$"
+_LIST_PARAMS = (
+    param("status", "query", "comma-separated statuses, e.g. queue,error",
+          {"type": "string", "pattern": _STATUS_LIST}),
+    param("limit", "query", "at most this many jobs", _PAGE),
+    param("offset", "query", "skip this many jobs first", _PAGE),
+    param("orderby", "query", "comma-separated name, status, created or modified, each "
+          "optionally followed by asc or desc, e.g. 'status,modified desc'; status words sort "
+          "alphabetically; the default is by name", {"type": "string", "pattern": _ORDERBY}),
+    param("filter", "query", "clauses FIELD:VALUE joined by '/', all of which must hold, e.g. "
+          "'status:queue,error/modified:2026-01-01,2026-02-01/name:~batch-'; name: a list of "
+          "names, =NAME, !=NAME, ~PREFIX or !~PREFIX; status: a list of statuses; created, "
+          "modified: FROM,TO, inclusive, either end may be empty, as YYYY-MM-DD, YYYY-MM-DD "
+          "HH:MM:SS or RFC 3339 (UTC when no zone is given). Several filter parameters are "
+          "alternatives.", {"type": "string", "pattern": _FILTER}),
+    param("fields", "query", "comma-separated Name, Status, Created, Modified: the fields of "
+          "each job (default Name,Status)", {"type": "string", "pattern": _FIELDS}),
+)  # fmt: skip
+_LISTED = {
+    **json_body({"type": "array", "items": models.ref(models.JobRow)}, "jobs"),
+    "headers": {
+        "X-Total-Count": {"schema": {"type": "integer"}},
+        "Link": {"schema": {"type": "string"}, "description": '<...>; rel="next" when paging'},
+    },
+}
+_INFO = models.JobInfo
+# what a created job's Name leads to
+_ON_JOB = links(("getJob", "headJob", "queueJob", "cancelJob", "deleteJob", "getFileNames",
+                 "getJobEvents"), "id", "Name")  # fmt: skip
+JOB_OPS = (
+    Op("get", "/jobs", "getJobs", "jobs", "every job, sorted by name", {"200": _LISTED},
+       ("InvalidParameter",), _LIST_PARAMS),
+    Op("get", "/jobs/{id}", "getJob", "jobs", "a job's status and task lists", {"200": _INFO},
+       (*_JOB, "JobNotFound"), (JOB_ID,)),
+    Op("put", "/jobs/{id}", "putJob", "jobs",
+       "create an empty job in data/ (idempotent; the body is ignored)",
+       {"201": with_links(_INFO, "created", _ON_JOB),
+        "200": with_links(_INFO, "it existed; nothing changed", _ON_JOB)},
+       (*_JOB, "Conflict"), (JOB_ID,)),
+    Op("delete", "/jobs/{id}", "deleteJob", "jobs", "remove the job and all its files",
+       {"204": _GONE}, (*_JOB, "JobBusy"), (JOB_ID,)),
+    Op("post", "/jobs/{id}/queue", "queueJob", "jobs",
+       "move the job from data/, error/ or success/ to queue/",
+       {"202": _INFO, "200": answer(_INFO, "already queued or processing")},
+       (*_JOB, "JobNotFound", "JobBusy", "DeadlinePassed"), (JOB_ID,)),
+    Op("post", "/jobs/{id}/cancel", "cancelJob", "jobs",
+       "cancel a queued job (back to data/) or a processing one (to error/)", {"202": _INFO},
+       (*_JOB, "JobNotFound", "JobNotCancellable", "JobBusy"), (JOB_ID,)),
+    Op("get", "/jobs/{id}/files", "getFileNames", "files",
+       "names in the job folder, sorted; hidden files never appear", {"200": _NAMES},
+       (*_JOB, "JobNotFound"), (JOB_ID,)),
+    Op("get", "/jobs/{id}/files/{path}", "getFile", "files",
+       "a file's bytes (Range supported), or a folder's names",
+       {"200": _FILE_OK, "206": _RANGE_OK, "304": _NOT_MODIFIED},
+       (*_JOB, "JobNotFound", "FileNotFound", "RangeNotSatisfiable"),
+       (JOB_ID, _READ_PATH, _RANGE, _IF_RANGE, _IF_NONE_MATCH, _IF_MODIFIED_SINCE)),
+    # no body at all uploads an empty file
+    Op("put", "/jobs/{id}/files/{path}", "putFile", "files",
+       "upload a file (streamed; renamed into place when complete)",
+       {"201": answer(models.Uploaded, "created"), "200": answer(models.Uploaded, "replaced")},
+       _UPLOAD_ERRORS, (JOB_ID, _PATH, _DIGEST),
+       {"required": False, "content": {"application/octet-stream": {"schema": _BINARY}}}),
+    Op("delete", "/jobs/{id}/files/{path}", "deleteFile", "files",
+       "remove a file or an empty folder (?recursive=true for any folder)", {"204": _GONE},
+       (*_JOB, "InvalidParameter", "JobNotFound", "JobBusy", "NotEmpty"),
+       (JOB_ID, _PATH, _RECURSIVE)),
+)  # fmt: skip
+
+_DOCS_PAGE = {"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}}
+SERVICE_OPS = (
+    Op("get", "/", "getService", "service", "service name and version",
+       {"200": models.ServiceInfo}),
+    Op("get", "/healthz", "getHealthz", "service", "liveness: the process answers",
+       {"200": models.Health}, public=True),
+    Op("get", "/readyz", "getReadyz", "service", "readiness: can take and run jobs now",
+       {"200": models.Health}, ("NotReady",), public=True),
+    Op("get", "/openapi.json", "getOpenapi", "service", "this document",
+       {"200": answer({"type": "object"}, "OpenAPI 3.1")}, public=True),
+    Op("get", "/docs", "getDocs", "service", "this document as a page to read",
+       {"200": _DOCS_PAGE}, public=True),
+)  # fmt: skip
+
+_REQUEST_ID = {"type": "string", "pattern": models.UUID_PATTERN}
+_STATUS_ERRORS = ("InvalidRequestId", "InvalidPath", "StagingRequestNotFound", "JobBusy",
+                  "StagingNotConfigured")  # fmt: skip
+_CREATE_ERRORS = ("InvalidRequest", "InvalidId", "FilesNotFound", "IdempotencyConflict",
+                  "RequestTooLarge", "IdempotencyKeyReused", "StagingRequestFailed",
+                  "StagingNotConfigured", "CatalogUnavailable")  # fmt: skip
+_KEY_PARAM = param("Idempotency-Key", "header",
+                   "1-255 characters; the same key within 24 h returns the same request_id",
+                   {"type": "string", "minLength": 1, "maxLength": 255})  # fmt: skip
+
+
+_STATUS_OPS = ("getStaging", "getStagingByQuery", "headStaging", "headStagingByQuery")
+
+
+def staging_ops(ids_are_paths: bool) -> tuple[Op, ...]:
     """The DTS staging provider's routes (batchingest/api/staging.py); without a catalog
     the ids are archive paths (ids_are_paths)."""
-    request_id = {"type": "string", "pattern": models.UUID_PATTERN}
-    key = param(
-        "Idempotency-Key",
-        "header",
-        "1-255 characters; the same key within 24 h returns the same request_id",
-        {"type": "string", "minLength": 1, "maxLength": 255},
+    status = models.StagingStatus
+    created = with_links(
+        models.StagingCreated,
+        "staging job created",
+        links(_STATUS_OPS, "id", "request_id"),
     )
-    status_errors = (
-        "InvalidRequestId",
-        "InvalidPath",
-        "StagingRequestNotFound",
-        "JobBusy",
-        "StagingNotConfigured",
-    )
-    status = {"200": json_body(models.ref(models.StagingStatus), "status of the staging request")}
-    by_query = operation(
-        "getStagingByQuery",
-        "staging",
-        "status of a staging request",
-        params=[param("id", "query", "the request id", request_id) | {"required": True}],
-        responses=status,
-        errors=status_errors,
-    )
-    by_path = operation(
-        "getStaging",
-        "staging",
-        "status of a staging request",
-        params=[param("id", "path", "the request id", request_id)],
-        responses=status,
-        errors=status_errors,
-    )
-    create = operation(
-        "createStaging",
-        "staging",
-        "ask for files to be copied from the archive into the staging area",
-        params=[key],
-        body={
-            "required": True,
-            "content": {
-                "application/json": {
-                    "schema": models.ref(
-                        models.StagingPathsRequest if ids_are_paths else models.StagingRequest
-                    )
-                }
-            },
-        },
-        responses={
-            "201": {
-                **json_body(models.ref(models.StagingCreated), "staging job created"),
-                "links": {
-                    op_id: {
-                        "operationId": op_id,
-                        "parameters": {"id": "$response.body#/request_id"},
-                    }
-                    for op_id in ("getStaging", "getStagingByQuery")
-                },
-            }
-        },
-        errors=(
-            "InvalidRequest",
-            "InvalidId",
-            "FilesNotFound",
-            "IdempotencyConflict",
-            "RequestTooLarge",
-            "IdempotencyKeyReused",
-            "StagingRequestFailed",
-            "StagingNotConfigured",
-            "CatalogUnavailable",
-        ),
-    )
-    return {
-        "/dts/staging": {"post": create, "get": by_query, "head": head_of(by_query)},
-        "/dts/staging/{id}": {"get": by_path, "head": head_of(by_path)},
-    }
+    by_query = param("id", "query", "the request id", _REQUEST_ID) | {"required": True}
+    asked = models.StagingPathsRequest if ids_are_paths else models.StagingRequest
+    return (
+        Op("post", "/dts/staging", "createStaging", "staging",
+           "ask for files to be copied from the archive into the staging area",
+           {"201": created}, _CREATE_ERRORS, (_KEY_PARAM,), asked),
+        Op("get", "/dts/staging", "getStagingByQuery", "staging", "status of a staging request",
+           {"200": status}, _STATUS_ERRORS, (by_query,)),
+        Op("get", "/dts/staging/{id}", "getStaging", "staging", "status of a staging request",
+           {"200": status}, _STATUS_ERRORS, (param("id", "path", "the request id", _REQUEST_ID),)),
+    )  # fmt: skip
 
 
 _TEMPLATE = re.compile(r"{([^}]+)}")
@@ -571,21 +467,16 @@ def spec(
     *,
     staging_ids_are_paths: bool = True,
 ) -> dict[str, Any]:
-    paths = {
-        **_service_paths(),
-        **_jobs_paths(),
-        **_files_paths(),
-        **_staging_paths(staging_ids_are_paths),
-    }
-    paths.update(extra_paths or {})
-    for path, ops in paths.items():
+    found = paths((*SERVICE_OPS, *JOB_OPS, *staging_ops(staging_ids_are_paths)))
+    found.update(extra_paths or {})
+    for path, ops in found.items():
         _complete(path, ops)
-        # Starlette answers HEAD wherever it answers GET (the Globus API has none of its own)
-        if "get" in ops and "head" not in ops and not path.startswith("/globus/"):
+        # Starlette answers HEAD wherever it answers GET
+        if "get" in ops and "head" not in ops:
             ops["head"] = head_of(ops["get"])
     schemas = models.schemas(*extra_models)
     schemas["Error"]["properties"]["code"]["enum"] = sorted(ERRORS)
-    tags = sorted({t for ops in paths.values() for op in ops.values() for t in op.get("tags", ())})
+    tags = sorted({t for ops in found.values() for op in ops.values() for t in op.get("tags", ())})
     return {
         "openapi": "3.1.0",
         "info": {
@@ -596,7 +487,7 @@ def spec(
             "X-Request-Id.",
         },
         "tags": [{"name": t} for t in tags],
-        "paths": paths,
+        "paths": found,
         "components": {
             "schemas": schemas,
             "securitySchemes": {

@@ -14,8 +14,8 @@ COMPLETE, DELETED (deleted by its client: still answered by id, no longer listed
 
 from __future__ import annotations
 
-import json
 import os
+import re
 import stat
 import time
 import uuid
@@ -27,8 +27,10 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute
 
 from batchingest import endpoints, fs, transfers
-from batchingest.api.common import by_method, json_response, read_body, run_blocking
+from batchingest.api import models
+from batchingest.api.common import by_method, model_response, read_body, run_blocking
 from batchingest.api.errors import ApiError
+from batchingest.api.openapi import Op, answer, links, param, paths, with_links
 from batchingest.config import Config
 from batchingest.endpoints import Endpoint, Endpoints, PathError
 from batchingest.store import State, Store
@@ -44,11 +46,16 @@ def bad(message: str) -> ApiError:
     return ApiError(400, "InvalidRequest", message)
 
 
+def unsatisfiable(message: str) -> ApiError:
+    """A well-formed range the source cannot give (no schema can say so): as for a Range."""
+    return ApiError(416, "RangeNotSatisfiable", message)
+
+
 def outside(message: str) -> ApiError:
     return ApiError(403, "OutsideEndpoints", message)
 
 
-def state_of(snap: transfers.Snapshot) -> str:
+def state_of(snap: transfers.Snapshot) -> models.TransferState:
     if snap.deleted:
         return "STATE_DELETED"
     state = snap.job.state
@@ -64,19 +71,19 @@ def state_of(snap: transfers.Snapshot) -> str:
     return "STATE_NEW"
 
 
-def document(snap: transfers.Snapshot) -> dict[str, Any]:
+def document(snap: transfers.Snapshot) -> models.Transfer:
     req = snap.request
-    return {
-        "id": snap.job.name,
-        "source_url": req.get("source_url"),
-        "destination_url": req.get("destination_url"),
-        "state": state_of(snap),
-        "progress": int(snap.progress.get("progress") or 0),
-        "start_offset": req.get("start_offset"),
-        "end_offset": req.get("end_offset"),
-        "source_options": req.get("source_options") or {},
-        "destination_options": req.get("destination_options") or {},
-    }
+    return models.Transfer(
+        id=snap.job.name,
+        source_url=req.get("source_url") or "",
+        destination_url=req.get("destination_url") or "",
+        state=state_of(snap),
+        progress=int(snap.progress.get("progress") or 0),
+        start_offset=int(req.get("start_offset") or 0),
+        end_offset=int(req.get("end_offset", -1)),
+        source_options=req.get("source_options") or {},
+        destination_options=req.get("destination_options") or {},
+    )
 
 
 def file_path(url: Any, what: str) -> str:
@@ -107,24 +114,6 @@ def locate(registry: Endpoints, path: str, what: str) -> tuple[Endpoint, list[st
     if found is None or not found[1]:
         raise outside(f"{what}: {path[:200]!r} is not a file inside an endpoint folder")
     return found
-
-
-def _offset(body: dict[str, Any], key: str, default: int) -> int:
-    value = body.get(key, default)
-    if value is None:
-        return default
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise bad(f"{key} must be an integer")
-    if value < 0 and value != -1:
-        raise bad(f"{key} must be 0 or more (or -1: the end), not {value}")
-    return value
-
-
-def _options(body: dict[str, Any], key: str) -> dict[str, Any]:
-    value = body.get(key) or {}
-    if not isinstance(value, dict):
-        raise bad(f"{key} must be a JSON object")
-    return value
 
 
 def check_source(ep: Endpoint, parts: list[str]) -> int:
@@ -179,35 +168,33 @@ class StaccatoApi:
 
     async def create(self, request: Request) -> Response:
         self.configured()
-        body = await _body(request)
-        src_ep, src = locate(self.registry, file_path(body.get("source_url"), "source_url"),
-                             "source_url")  # fmt: skip
-        dst_ep, dst = locate(self.registry, file_path(body.get("destination_url"),
-                             "destination_url"), "destination_url")  # fmt: skip
-        start, end = _offset(body, "start_offset", 0), _offset(body, "end_offset", -1)
-        if start == -1:
-            raise bad("start_offset must be 0 or more")
+        body = models.decode(models.TransferRequest, await _body(request))
+        src_ep, src = locate(self.registry, file_path(body.source_url, "source_url"), "source_url")
+        dst_ep, dst = locate(self.registry, file_path(body.destination_url, "destination_url"),
+                             "destination_url")  # fmt: skip
+        start = body.start_offset or 0
+        end = -1 if body.end_offset is None else body.end_offset
         if end != -1 and start > end:
-            raise bad(f"start_offset {start} is after end_offset {end}")
+            raise unsatisfiable(f"start_offset {start} is after end_offset {end}")
         size = await run_blocking(check_source, src_ep, src)
         if start > size:
-            raise bad(f"start_offset {start} is beyond the source's size ({size} bytes)")
+            raise unsatisfiable(f"start_offset {start} is beyond the source's size ({size} bytes)")
         await run_blocking(check_destination, dst_ep, dst)
         name = str(uuid.uuid4())
         req = {
             "kind": "staccato", "id": name, "request_time": transfers.now_text(),
             "created_ns": time.time_ns(),  # the list's order
-            "source_url": body["source_url"], "destination_url": body["destination_url"],
+            "source_url": body.source_url, "destination_url": body.destination_url,
             "source_endpoint": src_ep.name, "destination_endpoint": dst_ep.name,
             "source_parts": src, "destination_parts": dst,
             "start_offset": start, "end_offset": end,
-            "source_options": _options(body, "source_options"),
-            "destination_options": _options(body, "destination_options"),
+            "source_options": body.source_options or {},
+            "destination_options": body.destination_options or {},
         }  # fmt: skip
         await run_blocking(transfers.create, self.store, name, req, None)
         snap = await run_blocking(transfers.snapshot, self.store, name)
         assert snap is not None
-        return json_response(document(snap), 201, {"Location": f"/v1/transfers/{name}"})
+        return model_response(document(snap), 201, {"Location": f"/v1/transfers/{name}"})
 
     async def find(self, request: Request) -> transfers.Snapshot:
         self.configured()
@@ -222,20 +209,17 @@ class StaccatoApi:
         return snap
 
     async def get(self, request: Request) -> Response:
-        return json_response(document(await self.find(request)))
+        return model_response(document(await self.find(request)))
 
     async def action(self, request: Request) -> Response:
         snap = await self.find(request)
-        body = await _body(request)
-        action = body.get("xferaction")
-        if action != "cancel":
-            raise bad(f"unknown xferaction {str(action)[:50]!r}; the one action is 'cancel'")
+        models.decode(models.TransferAction, await _body(request))  # the one action: cancel
         state = state_of(snap)
         if state not in CANCELABLE:
             raise ApiError(400, "IllegalTransition", f"cannot cancel a transfer in {state}")
         await run_blocking(transfers.request_cancel, self.store, snap.job.name)
         now = await run_blocking(transfers.snapshot, self.store, snap.job.name)
-        return json_response(document(now or snap), 202)
+        return model_response(document(now or snap), 202)
 
     async def delete(self, request: Request) -> Response:
         snap = await self.find(request)
@@ -247,17 +231,17 @@ class StaccatoApi:
 
     async def listing(self, request: Request) -> Response:
         self.configured()
-        raw = request.query_params.get("limit") or "100"
+        raw = request.query_params.get("limit", "100")
         if not raw.isdigit() or not 1 <= int(raw) <= LIST_LIMIT:
             raise bad(f"limit must be from 1 to {LIST_LIMIT}")
         after = request.query_params.get("next") or ""
         docs, more = await run_blocking(self._page, int(raw), after)
         headers = {}
         if more:
-            headers["Link"] = f'</v1/transfers?limit={raw}&next={docs[-1]["id"]}>; rel="next"'
-        return json_response(docs, 200, headers)
+            headers["Link"] = f'</v1/transfers?limit={raw}&next={docs[-1].id}>; rel="next"'
+        return model_response(docs, 200, headers)
 
-    def _page(self, limit: int, after: str) -> tuple[list[dict[str, Any]], bool]:
+    def _page(self, limit: int, after: str) -> tuple[list[models.Transfer], bool]:
         """Transfers in creation order after the one named `after`, deleted ones left out."""
         rows = sorted((int(req.get("created_ns") or 0), name, req)
                       for name, _, req in self.requests.listing()
@@ -266,9 +250,11 @@ class StaccatoApi:
         if after:
             names = [name for _, name, _ in rows]
             if after not in names:
-                raise bad(f"next: no transfer {after[:100]!r}")
+                if not re.fullmatch(models.UUID_PATTERN, after):
+                    raise bad(f"next: not a transfer id: {after[:100]!r}")
+                raise ApiError(404, "TransferNotFound", f"next: no transfer {after}")
             start = names.index(after) + 1
-        docs: list[dict[str, Any]] = []
+        docs: list[models.Transfer] = []
         for _, name, req in rows[start:]:
             snap = transfers.snapshot(self.store, name, req)
             if snap is None or snap.deleted:
@@ -279,15 +265,8 @@ class StaccatoApi:
         return docs, False
 
 
-async def _body(request: Request) -> dict[str, Any]:
-    body = await read_body(request, MAX_BODY, "PayloadTooLarge")
-    try:
-        doc = json.loads(body)
-    except (UnicodeDecodeError, ValueError):
-        raise bad("the body must be a JSON object") from None
-    if not isinstance(doc, dict):
-        raise bad("the body must be a JSON object")
-    return doc
+async def _body(request: Request) -> bytes:
+    return await read_body(request, MAX_BODY, "PayloadTooLarge")
 
 
 def routes(cfg: Config, store: Store) -> list[BaseRoute]:
@@ -299,25 +278,38 @@ def routes(cfg: Config, store: Store) -> list[BaseRoute]:
     ]
 
 
-_DOC = {"description": "a transfer document", "content": {"application/json": {}}}
-_ERR = {"description": "error document", "content": {"application/json": {}}}
-
-
-def _op(summary: str, status: str = "200") -> dict[str, Any]:
-    return {"summary": summary, "tags": ["staccato"],
-            "responses": {status: _DOC, "default": _ERR}}  # fmt: skip
-
-
-OPENAPI_PATHS: dict[str, Any] = {
-    "/v1/transfers": {
-        "get": _op("Staccato transfers in creation order (limit, next; Link rel=next)"),
-        "post": _op("Request a byte-range transfer between file:// URLs in endpoints", "201"),
-    },
-    "/v1/transfers/{id}": {
-        "get": _op("One transfer"),
-        "delete": _op("Delete a completed, canceled or failed transfer", "204"),
-    },
-    "/v1/transfers/{id}/action": {
-        "post": _op('{"xferaction": "cancel"}: cancel a new or running transfer', "202"),
-    },
+_ID = param("id", "path", "a transfer id", {"type": "string", "pattern": models.UUID_PATTERN})
+_CONFIG = ("EndpointsNotConfigured",)
+_FOUND = ("TransferNotFound", *_CONFIG)
+_BY_ID = links(("getTransfer", "headTransfer", "deleteTransfer", "actOnTransfer"), "id", "id")
+_LIST = (
+    param("limit", "query", "at most this many (default 100)",
+          {"type": "integer", "minimum": 1, "maximum": LIST_LIMIT}),
+    param("next", "query", "the id of the last transfer of the page before",
+          {"type": "string", "pattern": f"^({models.UUID_PATTERN[1:-1]})?$"}),
+)  # fmt: skip
+_LISTED = {
+    **answer({"type": "array", "items": models.ref(models.Transfer)}, "transfers"),
+    "headers": {"Link": {"schema": {"type": "string"}, "description": '<...>; rel="next"'}},
 }
+OPS = (
+    Op("get", "/v1/transfers", "listTransfers", "staccato",
+       "transfers in creation order, deleted ones left out", {"200": _LISTED},
+       ("InvalidRequest", "TransferNotFound", *_CONFIG), _LIST),
+    Op("post", "/v1/transfers", "createTransfer", "staccato",
+       "copy a byte range between file:// URLs in endpoint folders, as a job",
+       {"201": with_links(models.Transfer, "created", _BY_ID)},
+       ("InvalidRequest", "OutsideEndpoints", "SourceNotFound", "PayloadTooLarge",
+        "RangeNotSatisfiable", *_CONFIG),
+       (), models.TransferRequest),
+    Op("get", "/v1/transfers/{id}", "getTransfer", "staccato", "one transfer",
+       {"200": models.Transfer}, _FOUND, (_ID,)),
+    Op("delete", "/v1/transfers/{id}", "deleteTransfer", "staccato",
+       "delete a completed, canceled or failed transfer (it is still answered by id)",
+       {"204": {"description": "deleted"}}, ("IllegalTransition", *_FOUND), (_ID,)),
+    Op("post", "/v1/transfers/{id}/action", "actOnTransfer", "staccato",
+       "cancel a new or running transfer", {"202": models.Transfer},
+       ("InvalidRequest", "IllegalTransition", "PayloadTooLarge", *_FOUND), (_ID,),
+       models.TransferAction),
+)  # fmt: skip
+OPENAPI_PATHS = paths(OPS)

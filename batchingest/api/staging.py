@@ -166,7 +166,11 @@ class StagingApi:
         made (in a thread), so a durable alias can never point at a job not yet asked for.
         """
         resolver = self.enabled()
-        entries = await run_blocking(resolve, resolver, ids)
+        try:
+            entries = await run_blocking(resolve, resolver, ids)
+        except ApiError:
+            metrics.staging_request("rejected")  # invalid or unknown ids: nothing made
+            raise
         request_id = str(uuid.uuid4())
         if key is not None:
             try:
@@ -184,6 +188,7 @@ class StagingApi:
         except OSError as e:
             if key is not None:
                 await run_blocking(self.keys.forget, key, request_id)
+            metrics.staging_request("failed")
             log.error("staging request %s: cannot create its job: %s", request_id, e)
             raise ApiError(
                 500, "StagingRequestFailed", f"cannot create the staging job: {e.strerror or e}"
@@ -205,6 +210,7 @@ class StagingApi:
                 "IdempotencyKeyReused",
                 "this Idempotency-Key was used for a request with other ids",
             )
+        metrics.staging_request("replayed")
         request_id = str(record.get("request_id"))
         return json_response(
             {"request_id": request_id},

@@ -41,6 +41,7 @@ from batchingest import fs
 from batchingest.config import env_bool
 from batchingest.copyengine import FALLBACK_ERRNOS as _FALLBACK_ERRNOS
 from batchingest.copyengine import copy_fd, copy_pieces, sha256_fd
+from batchingest.paths import is_within
 from batchingest.staging import (
     MANIFEST,
     PROGRESS,
@@ -51,7 +52,6 @@ from batchingest.staging import (
     Progress,
     RealDirs,
     StagingError,
-    is_within,
     load_manifest,
     manifest_limit,
     read_progress,
@@ -252,6 +252,7 @@ class Stager:
             self.progress.bytes_staged += entry.size
             if how == "copied":
                 self.copied += 1
+                self.progress.bytes_copied += entry.size
             else:
                 self.skipped += 1
             self.out.append(f"{how} {entry.path} ({entry.size} bytes)")
@@ -577,6 +578,7 @@ def record_error(job_fd: int, message: str) -> None:
     print(f"ERROR stage: {message}", flush=True)
     progress = read_progress(job_fd) or Progress()
     progress.error = message
+    progress.bytes_copied = 0  # this run copied nothing
     try:
         write_progress(job_fd, progress, durable=True)
     except OSError as e:

@@ -4,14 +4,13 @@ See the package's docstring for how the token is kept and sent."""
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jinja2
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
-from starlette.templating import Jinja2Templates
 
 from batchingest import __version__
 from batchingest.api.common import json_response, run_blocking
@@ -20,6 +19,9 @@ from batchingest.api.paths import job_name, segments
 from batchingest.config import Config
 from batchingest.store import STATE_OF_STATUS, State, Store
 from batchingest.ui import data
+
+if TYPE_CHECKING:
+    from starlette.templating import Jinja2Templates
 
 HERE = Path(__file__).parent
 PAGE_HEADERS = {
@@ -92,13 +94,21 @@ class Dashboard:
 
     def __init__(self, store: Store) -> None:
         self.store = store
+        self.times = data.ChangeTimes(store)
+        self.files = static_files()
+
+    @cached_property
+    def templates(self) -> Jinja2Templates:
+        """Made at the first page asked for: Jinja2 costs the service ~1.5 MiB of memory,
+        which an install whose dashboard nobody opens need not pay."""
+        import jinja2
+        from starlette.templating import Jinja2Templates
+
         # every value a template prints is escaped: job names, messages
         env = jinja2.Environment(
             loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True, auto_reload=False
         )
-        self.templates = Jinja2Templates(env=env)
-        self.times = data.ChangeTimes(store)
-        self.files = static_files()
+        return Jinja2Templates(env=env)
 
     def page(self, request: Request, template: str, **context: Any) -> Response:
         context.update(version=__version__)
@@ -164,46 +174,3 @@ def routes(cfg: Config, store: Store) -> list[BaseRoute]:
         Route("/ui/api/requeue-failed", ui.requeue_failed, methods=["POST"]),
         Route("/ui/static/{name}", ui.static, methods=["GET"]),
     ]
-
-
-def _page(summary: str) -> dict[str, Any]:
-    return {
-        "get": {
-            "summary": summary,
-            "security": [],
-            "responses": {"200": {"description": "HTML", "content": {"text/html": {}}}},
-        }
-    }
-
-
-def _json(method: str, summary: str, params: tuple[str, ...] = ()) -> dict[str, Any]:
-    op: dict[str, Any] = {
-        "summary": summary,
-        "responses": {
-            "200": {"description": "JSON", "content": {"application/json": {}}},
-            "400": {"description": "a bad parameter"},
-            "401": {"description": "no valid token"},
-        },
-    }
-    if params:
-        op["parameters"] = [
-            {"name": p, "in": "path" if p == "id" else "query", "required": p == "id",
-             "schema": {"type": "string"}}
-            for p in params
-        ]  # fmt: skip
-    return {method: op}
-
-
-OPENAPI_PATHS: dict[str, Any] = {
-    "/ui": _page("The dashboard: overview (a page without data; the token is typed there)"),
-    "/ui/login": _page("The dashboard: log in with an API token"),
-    "/ui/jobs": _page("The dashboard: the job list"),
-    "/ui/jobs/{id}": _page("The dashboard: one job"),
-    "/ui/static/{name}": _page("The dashboard's script and style sheet"),
-    "/ui/api/overview": _json("get", "Jobs per state, the last hour, running and staging"),
-    "/ui/api/jobs": _json(
-        "get", "A page of jobs: filtered, sorted", ("status", "q", "sort", "offset", "limit")
-    ),
-    "/ui/api/jobs/{id}/entries": _json("get", "Names in a job's folder", ("id", "path")),
-    "/ui/api/requeue-failed": _json("post", "Move every job in error/ back to queue/"),
-}

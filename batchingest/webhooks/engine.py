@@ -33,8 +33,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-
-import httpx
+from typing import TYPE_CHECKING
 
 from batchingest import events, fs, logs, metrics
 from batchingest.config import Config
@@ -51,6 +50,9 @@ from batchingest.webhooks.events import (
 )
 from batchingest.webhooks.outbox import Event, Outbox, Writer
 from batchingest.webhooks.send import AllowList, BadTarget, Result, Target, parse_target, post
+
+if TYPE_CHECKING:
+    import httpx  # imported at the first delivery (see Webhooks._http)
 
 log = logging.getLogger("batchingest.webhooks")
 
@@ -137,7 +139,8 @@ class Webhooks:
         self.writer: Writer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
-        self._client: httpx.AsyncClient | None = None
+        self._client: httpx.AsyncClient | None = None  # made at the first delivery
+        self._running = False
         self._sem = asyncio.Semaphore(CONCURRENCY)
         self._lanes: dict[tuple[str, str], _Lane] = {}
         # event file -> URL indexes not yet done, for the events queued in lanes
@@ -285,30 +288,43 @@ class Webhooks:
         self._set_loop(asyncio.get_running_loop())
         if self.outbox is None:
             self.attach()
-        limits = httpx.Limits(max_connections=CONCURRENCY, max_keepalive_connections=CONCURRENCY)
-        # trust_env off: no proxy or .netrc from the environment can change where (or
-        # with which credentials) an event goes, or get around the allow-list
-        async with httpx.AsyncClient(
-            timeout=self.cfg.webhook_timeout, limits=limits, trust_env=False
-        ) as client:
-            self._client = client
-            self._scan()
-            try:
-                while not stop.is_set():
-                    self._beat()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), HEARTBEAT)
-            finally:
+        self._running = True
+        self._scan()
+        try:
+            while not stop.is_set():
+                self._beat()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), HEARTBEAT)
+        finally:
+            self._running = False
+            tasks = [lane.task for lane in self._lanes.values() if lane.task is not None]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self._lanes.clear()
+            self._open.clear()
+            if self._client is not None:
+                await self._client.aclose()
                 self._client = None
-                tasks = [lane.task for lane in self._lanes.values() if lane.task is not None]
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-                self._lanes.clear()
-                self._open.clear()
-                if self.writer is not None:
-                    # moves made while stopping (requeued jobs) get their events written
-                    await asyncio.to_thread(self.writer.flush, 5.0)
+            if self.writer is not None:
+                # moves made while stopping (requeued jobs) get their events written
+                await asyncio.to_thread(self.writer.flush, 5.0)
+
+    def _http(self) -> httpx.AsyncClient:
+        """The HTTP client, made at the first delivery: httpx costs the service a few MiB
+        of memory, which an install that sends no webhooks need not pay."""
+        if self._client is None:
+            import httpx
+
+            limits = httpx.Limits(
+                max_connections=CONCURRENCY, max_keepalive_connections=CONCURRENCY
+            )
+            # trust_env off: no proxy or .netrc from the environment can change where (or
+            # with which credentials) an event goes, or get around the allow-list
+            self._client = httpx.AsyncClient(
+                timeout=self.cfg.webhook_timeout, limits=limits, trust_env=False
+            )
+        return self._client
 
     def _scan(self) -> None:
         """Queue every delivery already in the outbox, oldest first."""
@@ -330,7 +346,7 @@ class Webhooks:
     def _add(self, events: list[Event], markers: dict[str, set[int]] | None = None) -> None:
         """Put events in their lanes (on the loop); markers: URLs done before a restart."""
         self._done_writing(events)
-        if self._client is None or self.outbox is None:
+        if not self._running or self.outbox is None:
             return  # not running yet (the start-up scan finds the files) or stopping
         for event in events:
             if event.file in self._open:
@@ -442,10 +458,9 @@ class Webhooks:
             return e
         except OSError as e:
             return Result(error=f"cannot resolve {target.host}: {e.strerror or e}")
-        assert self._client is not None
         async with self._sem:
             return await post(
-                self._client,
+                self._http(),
                 target,
                 body,
                 event_id=delivery.event.event_id,

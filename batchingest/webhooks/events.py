@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 import re
 import socket
-from dataclasses import dataclass
 from typing import Any
 
 import batchingest
 from batchingest import fs, jobfile
+from batchingest.jobdir import read_log_tail
 from batchingest.store import STATUS_OF_STATE
 
 WEBHOOK_FILE = "WEBHOOK"
@@ -76,28 +76,6 @@ def lane_key(job_name: str) -> str:
     """
     # cut to the length the store keeps of a long name when it adds a suffix
     return _SUFFIX.sub("", job_name)[:249]
-
-
-@dataclass(frozen=True)
-class LogTail:
-    """The end of a job's LOG: at most `cap` bytes of it, decoded leniently."""
-
-    text: str
-    size: int  # the whole LOG's length in bytes
-    cut: bool  # whether the LOG was longer than what `text` holds
-
-
-def read_log_tail(dir_fd: int, cap: int = LOG_CAP) -> LogTail:
-    """The last `cap` bytes of the job's LOG (empty if there is none).
-
-    The one LOG tail reader: it reads through the job folder's descriptor, so a LOG that
-    is a link or a FIFO raises fs.UnsafePath / fs.NotRegular instead of being read.
-    """
-    found = fs.read_tail(dir_fd, LOG_FILE, cap)
-    if found is None:
-        return LogTail("", 0, False)
-    data, size = found
-    return LogTail(data.decode("utf-8", errors="replace"), size, size > len(data))
 
 
 def error_log(dir_fd: int, cap: int = LOG_CAP) -> tuple[str, bool]:

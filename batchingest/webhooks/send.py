@@ -21,10 +21,12 @@ import socket
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-
-import httpx
+from typing import TYPE_CHECKING
 
 import batchingest
+
+if TYPE_CHECKING:
+    import httpx  # imported where used: a service with no webhooks need not load it
 
 # An answer is read (to reuse the connection) up to this many bytes, then cut off.
 ANSWER_READ_MAX = 64 * 1024
@@ -54,6 +56,8 @@ class Target:
 
 def parse_target(raw: str) -> Target:
     """Parse a WEBHOOK line; a URL without a scheme is taken as http://."""
+    import httpx
+
     text = raw if "://" in raw else "http://" + raw
     try:
         url = httpx.URL(text)
@@ -264,17 +268,8 @@ def _retry_after(value: str | None) -> float | None:
         return None  # an HTTP date: rare for webhooks, the backoff applies
 
 
-async def post(
-    client: httpx.AsyncClient,
-    target: Target,
-    body: bytes,
-    *,
-    event_id: str,
-    secret: str | None,
-    timeout: float,
-    address: str | None = None,
-) -> Result:
-    """POST body once; never raises for network trouble, reports it in the Result."""
+def _headers(target: Target, body: bytes, event_id: str, secret: str | None) -> dict[str, str]:
+    """The headers of one POST: its event id, the target's credentials, the signatures."""
     headers = {
         "Content-Type": "application/json",
         "User-Agent": f"batchingest/{batchingest.__version__}",
@@ -290,6 +285,23 @@ async def post(
         headers["webhook-id"] = event_id
         headers["webhook-timestamp"] = ts
         headers["webhook-signature"] = sign_standard(secret, event_id, ts, body)
+    return headers
+
+
+async def post(
+    client: httpx.AsyncClient,
+    target: Target,
+    body: bytes,
+    *,
+    event_id: str,
+    secret: str | None,
+    timeout: float,
+    address: str | None = None,
+) -> Result:
+    """POST body once; never raises for network trouble, reports it in the Result."""
+    import httpx
+
+    headers = _headers(target, body, event_id, secret)
     url = target.url
     extensions: dict[str, str] = {}
     if address is not None:

@@ -1,28 +1,36 @@
-"""HTTP API benchmarks: bulk transfer against `cp`, request rate, job listings.
+"""HTTP API benchmarks: bulk transfers against floors, memory, request rate, listings.
 
 Starts the real service (`batchingest serve --no-processor`) on a temporary jobs root and
-measures, medians of several runs:
-- upload of a 1 GiB file with `curl -T` next to `cp` of the same file on the same disk,
-  and next to the same curl against a bare socket server (the floor curl itself sets),
-  and download with `curl -o` (to the same disk) next to the same `cp`; the page cache is
-  written back (`sync`) before each timed copy so one run's dirty pages do not slow the next;
-- the service's peak RSS during the uploads and during the downloads (VmHWM, reset
-  between phases through /proc/PID/clear_refs where allowed);
+measures:
+- upload of a BENCH_SIZE_MIB file with `curl -T` against the floor a Python service can
+  reach here: a plain asyncio server (standard loop, an asyncio.Protocol) that parses
+  just enough HTTP/1.1 (Content-Length or chunked) and writes every piece it receives
+  to a file (`python api.py floor-server DIR`, its own process); download with
+  `curl -o FILE` against a bare socket server sending the file with sendfile(2).
+  Floor and service alternate run by run (which goes first alternates too); before
+  every timed step the previous step's output is deleted, the page cache is written
+  back (`sync`) and the machine left alone for SETTLE seconds. Each run gives a ratio
+  (floor time / our time); min, median and max are printed, and a warning when a
+  floor's own times spread more than 2x;
+- the service's CPU seconds per GiB moved (from /proc/PID/stat), much steadier than
+  wall-clock on a shared machine, next to the upload floor's;
+- the service's RSS (/proc/PID/status): idle (VmRSS after start), and the peak (VmHWM,
+  reset through /proc/PID/clear_refs where allowed) during the uploads and during the
+  downloads;
 - `GET /jobs/{id}` with 8 concurrent connections (wrk if installed, else a multi-process
   Python load generator, which is slower than the server and so gives a lower bound);
 - `GET /jobs` with 10,000 jobs in success/, and `GET /jobs?limit=100`.
 
-Environment: BENCH_RUNS (default 3), BENCH_SIZE_MIB (default 1024), BENCH_DIR (where the
+Environment: BENCH_RUNS (default 5), BENCH_SIZE_MIB (default 512), BENCH_DIR (where the
 jobs root and the test file go; default the system temp folder).
-
-Wall-clock figures swing with whatever else the machine runs; the service's own CPU
-seconds per GiB moved (from /proc/PID/stat) hardly do, so they are printed too. To
-compare two versions in one sitting, run this twice, once with `PYTHONPATH=/other/tree`:
-the service subprocess then runs that tree's code.
+To compare two versions in one sitting, run this twice, once with
+`PYTHONPATH=/other/tree`: the service subprocess then runs that tree's code (without it,
+this file's own tree, whatever the current folder).
 """
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import multiprocessing
 import os
@@ -35,20 +43,27 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 
 from live_service import TOKEN, Service
 
-RUNS = int(os.environ.get("BENCH_RUNS", "3"))
-SIZE = int(os.environ.get("BENCH_SIZE_MIB", "1024")) << 20
+RUNS = int(os.environ.get("BENCH_RUNS", "5"))
+SIZE = int(os.environ.get("BENCH_SIZE_MIB", "512")) << 20
+SETTLE = 1.0
 LOAD_SECONDS = 5
 LIST_JOBS = 10_000
 
 
-def timed(cmd: list[str]) -> float:
+def timed(cmd: list[str], before: list[Path]) -> float:
+    """Seconds cmd takes, from a quiet start: `before` (the previous outputs) deleted,
+    dirty pages written back, SETTLE seconds of rest."""
+    for path in before:
+        path.unlink(missing_ok=True)
     subprocess.run(["sync"], check=True)
+    time.sleep(SETTLE)
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - t0
@@ -62,9 +77,10 @@ def reset_peak(pid: int) -> bool:
         return False
 
 
-def peak_rss_mb(pid: int) -> float:
+def rss_mib(pid: int, field: str = "VmHWM") -> float:
+    """VmRSS (now) or VmHWM (peak) of the process, MiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -85,12 +101,8 @@ def make_file(path: Path, size: int) -> None:
 
 
 class RawPeer:
-    """The floor for curl on this machine: a bare socket server that only moves bytes.
-
-    GET answers with sendfile(2) of a file, PUT reads the body with recv_into and drops
-    it; no HTTP library, no hashing, no disk writes. Measured in the same run, it shows
-    how much of each transfer time is curl and the loopback itself.
-    """
+    """The download floor: a bare socket server answering GET with sendfile(2) of a file;
+    no HTTP library, no checks. It shows how much of a download is curl and the loopback."""
 
     def __init__(self, source: Path) -> None:
         self.source = source
@@ -105,91 +117,222 @@ class RawPeer:
             except OSError:
                 return
             with conn:
-                self._one(conn)
-
-    def _one(self, conn: socket.socket) -> None:
-        head = b""
-        while b"\r\n\r\n" not in head:
-            head += conn.recv(65536)
-        head, _, rest = head.partition(b"\r\n\r\n")
-        if head.startswith(b"GET"):
-            size = self.source.stat().st_size
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
-            with open(self.source, "rb") as f:
-                conn.sendfile(f)
-            return
-        length = 0
-        for line in head.split(b"\r\n"):
-            if line.lower().startswith(b"content-length:"):
-                length = int(line.split(b":")[1])
-        if b"100-continue" in head.lower():
-            conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
-        got = len(rest)
-        buf = bytearray(4 << 20)
-        while got < length:
-            n = conn.recv_into(buf)
-            if not n:
-                return
-            got += n
-        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    head += conn.recv(65536)
+                size = self.source.stat().st_size
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+                with open(self.source, "rb") as f:
+                    conn.sendfile(f)
 
     def close(self) -> None:
         self.sock.close()
 
 
+class FloorUpload(asyncio.Protocol):
+    """The upload floor: one request body written to a file as it arrives, 201.
+
+    Just enough HTTP/1.1 for `curl -T`: the head's Content-Length or chunked coding and
+    Expect: 100-continue. Every piece received is written at once with os.write (the
+    standard loop reads at most 256 KiB at a time); nothing is hashed or checked.
+    """
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+        self.buf = bytearray()
+        self.fd = -1
+        self.left = 0  # body bytes still to come (Content-Length), or of this chunk
+        self.chunked = False
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if self.fd < 0:
+            self.buf += data
+            head, sep, rest = bytes(self.buf).partition(b"\r\n\r\n")
+            if not sep:
+                return
+            self.buf = bytearray()
+            self._start(head)
+            data = rest
+        if self.chunked:
+            self.buf += data
+            self._chunks()
+        else:
+            self._write(data[: self.left])
+            self.left -= min(len(data), self.left)
+            if not self.left:
+                self._done()
+
+    def _start(self, head: bytes) -> None:
+        self.left, self.chunked = 0, False
+        for line in head.split(b"\r\n")[1:]:
+            key, _, value = line.partition(b":")
+            key, value = key.strip().lower(), value.strip().lower()
+            if key == b"content-length":
+                self.left = int(value)
+            elif key == b"transfer-encoding":
+                self.chunked = b"chunked" in value
+            elif key == b"expect" and value == b"100-continue":
+                assert self.transport is not None
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        name = os.path.join(self.folder, f"floor-{time.monotonic_ns()}")
+        self.fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        if not self.left and not self.chunked:
+            self._done()
+
+    def _chunks(self) -> None:
+        """Chunked coding: a size line, that many bytes, CRLF; size 0 ends the body.
+        (Not the measured path: `curl -T FILE` sends a Content-Length.)"""
+        while self.fd >= 0:
+            if self.left:
+                n = min(self.left, len(self.buf))
+                self._write(self.buf[:n])
+                del self.buf[:n]
+                self.left -= n
+                if self.left:
+                    return
+            end = self.buf.find(b"\r\n")
+            if end < 0:
+                return
+            line = bytes(self.buf[:end]).split(b";")[0].strip()
+            del self.buf[: end + 2]
+            if line:  # an empty line is the CRLF after a chunk's data
+                self.left = int(line, 16)
+                if not self.left:
+                    self._done()
+
+    def _write(self, data: bytes | bytearray) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view) :]
+
+    def _done(self) -> None:
+        os.close(self.fd)
+        self.fd = -1
+        self.buf = bytearray()
+        assert self.transport is not None
+        self.transport.write(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
+
+
+def floor_server(folder: str) -> None:
+    """`python api.py floor-server DIR`: serve FloorUpload, print the port, run until killed."""
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda: FloorUpload(folder), "127.0.0.1", 0)
+        print(server.sockets[0].getsockname()[1], flush=True)
+        await server.serve_forever()
+
+    asyncio.run(serve())
+
+
+def cpu_of(pid: int, cmd: list[str], before: list[Path]) -> tuple[float, float]:
+    """(seconds, CPU seconds of process pid) of a timed step."""
+    cpu = service_cpu(pid)
+    seconds = timed(cmd, before)
+    return seconds, service_cpu(pid) - cpu
+
+
+class Runs:
+    """Paired runs of a floor and ours: times and CPU seconds of each, run by run."""
+
+    def __init__(self) -> None:
+        self.floor: list[float] = []
+        self.ours: list[float] = []
+        self.floor_cpu: list[float] = []
+        self.ours_cpu: list[float] = []
+
+    def add(self, floor: tuple[float, float], ours: tuple[float, float]) -> None:
+        self.floor.append(floor[0])
+        self.floor_cpu.append(floor[1])
+        self.ours.append(ours[0])
+        self.ours_cpu.append(ours[1])
+
+    def ratios(self) -> list[float]:
+        """floor time / our time, per run: above 1, ours was faster."""
+        return [f / o for f, o in zip(self.floor, self.ours, strict=True)]
+
+
+Step = Callable[[], tuple[float, float]]
+
+
+def paired(floor: Step, ours: Step) -> Runs:
+    """RUNS rounds of both; which goes first alternates, so neither always follows the other."""
+    runs = Runs()
+    for i in range(RUNS):
+        if i % 2:
+            o = ours()
+            f = floor()
+        else:
+            f = floor()
+            o = ours()
+        runs.add(f, o)
+    return runs
+
+
+def uploads(svc: Service, src: Path, work: Path) -> Runs:
+    assert svc.proc is not None
+    pid = svc.proc.pid
+    folder = work / "floor"
+    folder.mkdir()
+    server = subprocess.Popen(
+        [sys.executable, __file__, "floor-server", str(folder)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert server.stdout is not None
+        port = int(server.stdout.readline())
+        curl = ["curl", "-sS", "--fail", "-o", "/dev/null", "-T", str(src)]
+        ours_url = f"{svc.url}/jobs/bench/files/big.bin"
+        ours_file = svc.root / "data" / "bench" / "big.bin"
+        return paired(
+            lambda: cpu_of(server.pid, [*curl, f"http://127.0.0.1:{port}/x"],
+                           list(folder.iterdir())),
+            lambda: cpu_of(pid, [*curl, "-H", f"X-Api-Token: {TOKEN}", ours_url], [ours_file]),
+        )  # fmt: skip
+    finally:
+        server.kill()
+        server.wait()
+
+
+def downloads(svc: Service, src: Path, work: Path) -> Runs:
+    assert svc.proc is not None
+    pid = svc.proc.pid
+    peer = RawPeer(src)
+    out = work / "down.bin"
+    curl = ["curl", "-sS", "--fail", "-o", str(out)]
+    try:
+        return paired(
+            lambda: cpu_of(pid, [*curl, f"http://127.0.0.1:{peer.port}/x"], [out]),
+            lambda: cpu_of(pid, [*curl, "-H", f"X-Api-Token: {TOKEN}",
+                                 f"{svc.url}/jobs/bench/files/big.bin"], [out]),
+        )  # fmt: skip
+    finally:
+        peer.close()
+        out.unlink(missing_ok=True)
+
+
 def transfers(svc: Service, work: Path) -> dict[str, object]:
     assert svc.proc is not None
     pid = svc.proc.pid
+    idle = rss_mib(pid, "VmRSS")
     src = work / "source.bin"
     make_file(src, SIZE)
     with svc.client() as c:
         c.put("/jobs/bench")
-    url = f"{svc.url}/jobs/bench/files/big.bin"
-    auth = ["-H", f"X-Api-Token: {TOKEN}"]
-    curl = ["curl", "-sS", "--fail", *auth]
-    peer = RawPeer(src)
-    raw_url = f"http://127.0.0.1:{peer.port}/x"
-    cp_up, up, raw_up, cp_down, down, raw_down, down_null = [], [], [], [], [], [], []
-    up_cpu, down_cpu = [], []
     can_reset = reset_peak(pid)
-    for _ in range(RUNS):
-        cp_up.append(timed(["cp", str(src), str(work / "copy.bin")]))
-        (work / "copy.bin").unlink()
-        before = service_cpu(pid)
-        up.append(timed([*curl, "-o", "/dev/null", "-T", str(src), url]))
-        up_cpu.append(service_cpu(pid) - before)
-        raw_up.append(timed([*curl, "-o", "/dev/null", "-T", str(src), raw_url]))
-    up_rss = peak_rss_mb(pid)
+    up = uploads(svc, src, work)
+    up_rss = rss_mib(pid)
+    with svc.client() as c:
+        c.put("/jobs/bench/files/big.bin", content=src.read_bytes())
     reset_peak(pid)
-    for _ in range(RUNS):
-        cp_down.append(timed(["cp", str(src), str(work / "copy.bin")]))
-        (work / "copy.bin").unlink()
-        down.append(timed([*curl, "-o", str(work / "down.bin"), url]))
-        (work / "down.bin").unlink()
-        before = service_cpu(pid)
-        down_null.append(timed([*curl, "-o", "/dev/null", url]))
-        down_cpu.append(service_cpu(pid) - before)
-        raw_down.append(timed([*curl, "-o", str(work / "down.bin"), raw_url]))
-        (work / "down.bin").unlink()
-    down_rss = peak_rss_mb(pid)
-    peer.close()
+    down = downloads(svc, src, work)
+    down_rss = rss_mib(pid)
     src.unlink()
-    mib = SIZE / (1 << 20)
-    return {
-        "cp_up": statistics.median(cp_up),
-        "up": statistics.median(up),
-        "cp_down": statistics.median(cp_down),
-        "down": statistics.median(down),
-        "raw_up": statistics.median(raw_up),
-        "raw_down": statistics.median(raw_down),
-        "down_null": statistics.median(down_null),
-        "mib": mib,
-        "up_cpu": statistics.median(up_cpu) * 1024 / mib,
-        "down_cpu": statistics.median(down_cpu) * 1024 / mib,
-        "up_rss": up_rss,
-        "down_rss": down_rss,
-        "rss_note": "" if can_reset else " (peak since start)",
-    }
+    return {"up": up, "down": down, "idle": idle, "up_rss": up_rss, "down_rss": down_rss,
+            "rss_note": "" if can_reset else " (peak since start)"}  # fmt: skip
 
 
 def wrk_load(url: str) -> tuple[float, float, float, str] | None:
@@ -272,7 +415,11 @@ def main() -> None:
     try:
         root = work / "root"
         (root / "tasks").mkdir(parents=True)
-        svc = Service(root, "--no-processor", "--log-level", "warning")
+        # the service runs the tree PYTHONPATH names, else this one: never the current
+        # folder's (python -m puts it first), nor the virtualenv's installed copy
+        tree = os.environ.get("PYTHONPATH") or str(Path(__file__).resolve().parents[2])
+        env = {"PYTHONPATH": tree, "PYTHONSAFEPATH": "1"}
+        svc = Service(root, "--no-processor", "--log-level", "warning", env=env)
         svc.start()
         try:
             t = transfers(svc, work)
@@ -283,50 +430,64 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    mib = float(t["mib"])  # type: ignore[arg-type]
-    up_ratio = float(t["cp_up"]) / float(t["up"])  # type: ignore[arg-type]
-    down_ratio = float(t["cp_down"]) / float(t["down"])  # type: ignore[arg-type]
-
-    def rate(seconds: object) -> str:
-        return f"{mib / float(seconds):,.0f} MiB/s"  # type: ignore[arg-type]
-
-    print(f"## HTTP API ({RUNS} runs of {mib:.0f} MiB, medians; load: {load[3]})")
+    up: Runs = t["up"]  # type: ignore[assignment]
+    down: Runs = t["down"]  # type: ignore[assignment]
+    mib = SIZE / (1 << 20)
+    idle = float(t["idle"])  # type: ignore[arg-type]
+    print(f"## HTTP API ({RUNS} runs of {mib:.0f} MiB, min-median-max; load: {load[3]})")
     print()
-    print("| measure | result | same run | target |")
-    print("|---|---|---|---|")
+    print("| measure | batchingest | floor, same runs | ours / floor | target |")
+    print("|---|---|---|---|---|")
     print(
-        f"| upload `curl -T` (incl. SHA-256) | {rate(t['up'])} | cp {rate(t['cp_up'])}: "
-        f"**{up_ratio:.2f}x cp** | >= 0.3x cp |"
+        f"| upload `curl -T` (SHA-256, unnamed file, commit) | {rates(up.ours)} | asyncio "
+        f"server writing the body: {rates(up.floor)} | **{spread(up.ratios())}** | >= 0.9x |"
     )
     print(
-        f"| download `curl -o` | {rate(t['down'])} | cp {rate(t['cp_down'])}: "
-        f"**{down_ratio:.2f}x cp** | >= 0.6x cp |"
+        f"| download `curl -o FILE` | {rates(down.ours)} | sendfile(2) server: "
+        f"{rates(down.floor)} | **{spread(down.ratios())}** | no regression |"
     )
     print(
-        f"| download `curl -o /dev/null` | {rate(t['down_null'])} | "
-        f"{float(t['cp_down']) / float(t['down_null']):.2f}x cp |  |"  # type: ignore[arg-type]
+        f"| CPU per GiB, upload | {per_gib(up.ours_cpu)} | asyncio server: "
+        f"{per_gib(up.floor_cpu)} | | |"
     )
-    print(
-        f"| floor: `curl -T` into a bare socket | {rate(t['raw_up'])} | "
-        f"{float(t['cp_up']) / float(t['raw_up']):.2f}x cp |  |"  # type: ignore[arg-type]
-    )
-    print(
-        f"| floor: `curl -o` from sendfile(2) | {rate(t['raw_down'])} | "
-        f"{float(t['cp_down']) / float(t['raw_down']):.2f}x cp |  |"  # type: ignore[arg-type]
-    )
-    print(
-        f"| service CPU per GiB, upload / download | {t['up_cpu']:.2f} / {t['down_cpu']:.2f} s"
-        " | steadier than wall-clock on a busy machine | |"
-    )
-    print(f"| peak RSS during uploads{t['rss_note']} | {t['up_rss']:.0f} MB | | < 150 MB |")
-    print(f"| peak RSS during downloads{t['rss_note']} | {t['down_rss']:.0f} MB | | < 150 MB |")
+    print(f"| CPU per GiB, download | {per_gib(down.ours_cpu)} | | | |")
+    print(f"| RSS idle (VmRSS after start) | {idle:.1f} MiB | | | <= 35 MiB |")
+    for phase in ("up", "down"):
+        peak = float(t[f"{phase}_rss"])  # type: ignore[arg-type]
+        print(
+            f"| peak RSS during {phase}loads{t['rss_note']} | {peak:.1f} MiB "
+            f"(idle + {peak - idle:.1f}) | | | <= idle + 16 MiB |"
+        )
     print(
         f"| GET /jobs/{{id}}, 8 connections | {load[0]:,.0f} req/s | p50 {load[1]:.2f} ms, "
-        f"p99 {load[2]:.2f} ms | >= 5,000 req/s, p99 <= 20 ms |"
+        f"p99 {load[2]:.2f} ms | | >= 5,000 req/s, p99 <= 20 ms |"
     )
-    print(f"| GET /jobs, {LIST_JOBS:,} jobs | p50 {full:.1f} ms | | p50 <= 40 ms |")
-    print(f"| GET /jobs?limit=100, {LIST_JOBS:,} jobs | p50 {page:.2f} ms | | p50 <= 10 ms |")
+    print(f"| GET /jobs, {LIST_JOBS:,} jobs | p50 {full:.1f} ms | | | p50 <= 40 ms |")
+    print(f"| GET /jobs?limit=100, {LIST_JOBS:,} jobs | p50 {page:.2f} ms | | | p50 <= 10 ms |")
+    for label, runs in (("upload", up), ("download", down)):
+        low, high = min(runs.floor), max(runs.floor)
+        if high > 2 * low:
+            print(f"\nWarning: the {label} floor's times spread over 2x ({low:.2f}-{high:.2f} s)")
+
+
+def spread(values: list[float], unit: str = "x", scale: float = 1.0) -> str:
+    """min-median-max of values (times scale), e.g. 0.61-0.74-0.80x."""
+    low, mid, high = (v * scale for v in (min(values), statistics.median(values), max(values)))
+    return f"{low:.2f}-{mid:.2f}-{high:.2f}{unit}"
+
+
+def rates(seconds: list[float]) -> str:
+    mib = SIZE / (1 << 20)
+    got = sorted(mib / s for s in seconds)
+    return f"{got[0]:,.0f}-{statistics.median(got):,.0f}-{got[-1]:,.0f} MiB/s"
+
+
+def per_gib(cpu: list[float]) -> str:
+    return spread(cpu, " s", (1 << 30) / SIZE)
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["floor-server"]:
+        floor_server(sys.argv[2])
+    else:
+        main()

@@ -9,20 +9,32 @@ min-median-max over rounds that alternate between the two trees.
 
 Without BENCH_OTHER only this tree is measured. BENCH_RUNS rounds (default 5),
 BENCH_REQUESTS requests a round (default 20000).
+
+Where wrk is installed (and BENCH_HTTP is not 0), the same request is then sent over
+HTTP to the real service (`serve --no-processor`, uvicorn) of each tree in turn, with 8
+connections for BENCH_HTTP_SECONDS (default 5) a round: req/s, p50 and p99 as wrk sees
+them, and the service's CPU (user + system, from /proc) per request. The services run
+from a temporary folder, so `python -m` imports the tree named by PYTHONPATH.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve()
 TREE = HERE.parents[2]
 RUNS = int(os.environ.get("BENCH_RUNS", "5"))
 REQUESTS = int(os.environ.get("BENCH_REQUESTS", "20000"))
+HTTP_SECONDS = int(os.environ.get("BENCH_HTTP_SECONDS", "5"))
+sys.path.insert(0, str(TREE / "tests"))
 
 CHILD = r"""
 import asyncio, json, os, sys, tempfile, time
@@ -36,6 +48,18 @@ store = Store(root)
 store.init()
 job = store.create("job-0001")[0]
 (job.path / "JOB").write_text(json.dumps({"Todo": ["a", "b"], "Finished": []}))
+# a history of six events, as a job has after a run (trees without histories ignore it)
+event = {"code": "QUEUED", "time": "2026-12-01T12:00:00.000Z", "is_error": False,
+         "description": "The job was queued.", "details": {"by": "api"}, "state": "queue"}
+(job.path / ".events").write_text("".join(json.dumps(event) + "\n" for _ in range(6)))
+# the service's log set up as `serve` does (access lines on), written to /dev/null
+try:
+    from batchingest import logs
+except ImportError:
+    logs = None
+if logs is not None and hasattr(logs, "setup"):
+    sys.stderr = open(os.devnull, "w")
+    logs.setup("info")
 os.environ["BATCHINGEST_TOKENS"] = "t"
 app = create_app(Config(root=root, tokens=["t"]), store)
 scope = {"type": "http", "method": "GET", "path": "/jobs/job-0001", "raw_path": b"/jobs/job-0001",
@@ -71,8 +95,85 @@ def rate(tree: Path) -> float:
     return float(out.strip().splitlines()[-1])
 
 
-def summary(values: list[float]) -> str:
-    return f"{min(values):,.0f} / {statistics.median(values):,.0f} / {max(values):,.0f}"
+def service_cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wrk(url: str, seconds: int) -> str:
+    from live_service import TOKEN
+
+    cmd = ["wrk", "-t2", "-c8", f"-d{seconds}s", "--latency", "-H", f"X-Api-Token: {TOKEN}", url]
+    return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+
+
+def wrk_ms(out: str, label: str) -> float:
+    m = re.search(rf"^\s*{label}\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+    return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)] if m else 0.0
+
+
+def http_round(tree: Path) -> tuple[float, float, float, float] | None:
+    """req/s, p50 ms, p99 ms and service CPU µs per request of one wrk run on tree;
+    None if that tree's service does not start (an old tree without today's options)."""
+    from live_service import Service
+
+    work = Path(tempfile.mkdtemp(prefix="bench-request-cpu-"))
+    here = os.getcwd()
+    os.chdir(work)  # `python -m` puts the working folder first on the path
+    try:
+        (work / "root" / "tasks").mkdir(parents=True)
+        svc = Service(work / "root", "--no-processor", env={"PYTHONPATH": str(tree)})
+        try:
+            svc.start()
+        except RuntimeError as e:
+            print(f"\n(no HTTP figures for {tree}: {str(e).splitlines()[-1]})")
+            svc.stop()
+            return None
+        try:
+            with svc.client() as client:
+                assert client.put("/jobs/bench").status_code == 201
+            job = work / "root" / "data" / "bench"
+            (job / "JOB").write_text(json.dumps({"Todo": ["a", "b"], "Finished": []}))
+            url = f"{svc.url}/jobs/bench"
+            wrk(url, 1)  # warm up
+            assert svc.proc is not None
+            cpu0 = service_cpu(svc.proc.pid)
+            out = wrk(url, HTTP_SECONDS)
+            cpu = service_cpu(svc.proc.pid) - cpu0
+        finally:
+            svc.stop()
+    finally:
+        os.chdir(here)
+        shutil.rmtree(work, ignore_errors=True)
+    done = re.search(r"(\d+) requests in", out)
+    n = int(done.group(1)) if done else 0
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    rate = float(rps.group(1)) if rps else 0.0
+    return rate, wrk_ms(out, "50%"), wrk_ms(out, "99%"), cpu / max(n, 1) * 1e6
+
+
+def http_table(other: str | None) -> None:
+    trees = ([Path(other)] if other else []) + [TREE]
+    runs: dict[Path, list[tuple[float, float, float, float]]] = {t: [] for t in trees}
+    for _ in range(RUNS):
+        for tree in list(trees):
+            found = http_round(tree)
+            if found is None:
+                trees.remove(tree)
+            else:
+                runs[tree].append(found)
+    print(f"\n## GET /jobs/{{id}} over HTTP, wrk 8 connections, {HTTP_SECONDS} s a round")
+    print("(min / median / max)\n")
+    print("| tree | req/s | p50 ms | p99 ms | service CPU µs per request |")
+    print("|---|---|---|---|---|")
+    for tree in trees:
+        cols = [summary([r[i] for r in runs[tree]], ".2f" if i in (1, 2) else ",.0f")
+                for i in range(4)]  # fmt: skip
+        print(f"| {'this tree' if tree == TREE else tree} | {' | '.join(cols)} |")
+
+
+def summary(values: list[float], fmt: str = ",.0f") -> str:
+    return f"{min(values):{fmt}} / {statistics.median(values):{fmt}} / {max(values):{fmt}}"
 
 
 def main() -> None:
@@ -92,6 +193,12 @@ def main() -> None:
     if other:
         ratio = statistics.median(ours) / statistics.median(theirs)
         print(f"\nthis tree / other, medians: {ratio:.2f}x")
+        # each round's pair ran back to back, under much the same load
+        rounds = [a / b for a, b in zip(ours, theirs, strict=True)]
+        spread = f"{min(rounds):.2f} / {statistics.median(rounds):.2f} / {max(rounds):.2f}"
+        print(f"this tree / other, round by round (min / median / max): {spread}")
+    if shutil.which("wrk") and os.environ.get("BENCH_HTTP", "1") != "0":
+        http_table(other)
 
 
 if __name__ == "__main__":

@@ -123,8 +123,8 @@ def test_every_command_prints_the_same_from_a_root_and_from_the_service(
         assert p.returncode == 0, p.stderr
         status[flags[0]] = json.loads(p.stdout)
     local, remote = status["--root"], status["--url"]
-    assert local["stuck"] == ["left-behind"] and remote["stuck"] is None  # HTTP cannot tell
-    for key in ("counts", "total", "processing", "error"):
+    assert local["stuck"] == ["left-behind"]
+    for key in ("counts", "total", "processing", "error", "stuck"):
         assert local[key] == remote[key], key
     assert local["counts"] == {"ready": 1, "queue": 0, "processing": 1, "success": 1, "error": 2}
 
@@ -274,12 +274,54 @@ def test_tokens_and_unreachable_services_are_clear_errors(
     assert p.returncode == USAGE and b"give --url or --root, not both" in p.stderr
 
 
-def test_status_over_http_says_it_cannot_tell_stuck_jobs(api: Service, root: Path) -> None:
+def test_status_over_http_names_the_stuck_jobs(api: Service, root: Path) -> None:
+    place(root, "processing", "left-behind")
     p = cli("status", "--url", api.url, env={"BATCHINGEST_TOKEN": TOKEN})
     assert p.returncode == 0, p.stderr
-    lines = p.stdout.decode().splitlines()
-    assert lines[0] == f"service {api.url}"
-    assert "stuck: not known over HTTP (run status with --root on the service's machine)" in lines
+    text = p.stdout.decode()
+    assert text.startswith(f"service {api.url}\n")
+    assert "stuck (in processing/, no live holder):\n  left-behind\n" in text
+
+
+def plant_lease(job: Path, host: str, pid: int, age: float, boot: str = "another-boot") -> None:
+    """A `.lease` as a holder writes it (see batchingest.lease), last renewed age s ago."""
+    doc = {"Host": host, "Boot": boot, "Pid": pid, "Token": "t" * 32, "Claimed": "",
+           "Renewed": "", "Expires": ""}  # fmt: skip
+    (job / ".lease").write_text(json.dumps(doc))
+    (job / ".lock").write_bytes(b"")  # free: locks are not shared between these hosts
+    then = time.time() - age
+    os.utime(job / ".lease", (then, then))
+
+
+def test_status_judges_leases_as_the_processor_does_both_ways(root: Path) -> None:
+    import socket
+
+    from batchingest.lease import boot_id
+
+    write_task(root / "tasks", "start", "sleep 60\n")
+    # recovery runs at the start only: the jobs planted later stay where they are
+    with Service(root, "--poll-interval", "3600", "--lease-timeout", "30", "--grace", "1") as svc:
+        place(root, "queue", "held")
+        wait_for(lambda: (root / "processing" / "held" / "LOG").exists(), what="the task")
+        gone = subprocess.Popen(["true"])
+        gone.wait()  # a pid that no process has any more
+        plant_lease(place(root, "processing", "stale"), "elsewhere", 1, age=3600)
+        plant_lease(place(root, "processing", "renewed"), "elsewhere", 1, age=0)
+        plant_lease(place(root, "processing", "dead"), socket.gethostname(), gone.pid, 0, boot_id())
+        place(root, "processing", "bare")  # no lock, no lease
+        runs = [cli("status", *flags, env={**env, "BATCHINGEST_LEASE_TIMEOUT": "30"})
+                for flags, env in both(root, svc)]  # fmt: skip
+        reports = [cli("status", "--json", *flags, env={**env, "BATCHINGEST_LEASE_TIMEOUT": "30"})
+                   for flags, env in both(root, svc)]  # fmt: skip
+        assert (root / "processing" / "held" / ".lease").exists()
+    assert all(p.returncode == 0 for p in runs + reports), [p.stderr for p in runs + reports]
+    local, remote = (json.loads(p.stdout) for p in reports)
+    # held by the live processor; another host's lease renewed within --lease-timeout: alive
+    assert local["stuck"] == ["bare", "dead", "stale"]
+    assert {**local, "source": ""} == {**remote, "source": ""}
+    local_text, remote_text = (p.stdout.decode().split("\n", 1)[1] for p in runs)
+    assert local_text == remote_text
+    assert "stuck (in processing/, no live holder):\n  bare\n  dead\n  stale\n" in local_text
 
 
 # -- routes being added: job history and cancel ------------------------------------------

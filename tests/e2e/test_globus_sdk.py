@@ -385,8 +385,10 @@ def test_rename(world: World, tc: TransferClient) -> None:
     assert (real / "b").read_text() == "B" and (real / "d" / "a2").read_text() == "A"
     err = api_error(lambda: tc.operation_rename("data", path + "gone", path + "x"))
     assert (err.http_status, err.code) == (404, "ClientError.NotFound")
+    # a well-formed request the file system refuses (rename(2): EINVAL), as Globus says
     err = api_error(lambda: tc.operation_rename("data", path + "d", path + "d/inside"))
-    assert (err.http_status, err.code) == (400, "ClientError.BadRequest")
+    assert (err.http_status, err.code) == (502, "ExternalError.RenameFailed")
+    assert "into itself" in err.message
     assert sorted(os.listdir(real)) == ["b", "d"]
 
 

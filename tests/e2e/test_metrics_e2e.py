@@ -115,3 +115,50 @@ def test_webhook_deliveries_are_counted_and_logged_with_their_job(root: Path) ->
     records = [json.loads(line) for line in log.splitlines() if line.strip()]
     about = [r for r in records if r["logger"] == "batchingest.webhooks"]
     assert about and all(r.get("job") == "hooked" for r in about), about
+
+
+def test_bytes_staged_and_transferred_are_counted_once(tmp_path: Path) -> None:
+    archive, staging, data = tmp_path / "archive", tmp_path / "staging", tmp_path / "data"
+    for folder in (archive, staging, data):
+        folder.mkdir()
+    (archive / "a.bin").write_bytes(os.urandom(100_000))
+    (data / "whole.bin").write_bytes(os.urandom(5000))
+    args = ("--archive", str(archive), "--staging", str(staging), "--endpoint", f"data={data}")
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+
+    def scrape(svc: Service) -> tuple[float, float]:
+        text = httpx.get(f"{svc.url}/metrics", headers=bearer).text
+        return (value(text, "batchingest_staged_bytes_total"),
+                value(text, "batchingest_transferred_bytes_total"))  # fmt: skip
+
+    def stage(c: httpx.Client) -> None:
+        rid = c.post("/dts/staging", json={"ids": ["a.bin"]}).json()["request_id"]
+        wait_for(lambda: c.get("/dts/staging", params={"id": rid}).json()["status"] == "ready",
+                 what="staging to be ready")  # fmt: skip
+
+    with Service(tmp_path / "root", *args) as svc, svc.client() as c:
+        assert scrape(svc) == (0, 0)
+        stage(c)
+        assert scrape(svc) == (100_000, 0)
+        stage(c)  # the file is staged already: nothing is copied
+        assert scrape(svc) == (100_000, 0)
+        assert c.post("/dts/staging", json={"ids": ["../a.bin"]}).status_code == 400
+        for _ in range(2):
+            r = c.post("/dts/staging", json={"ids": ["a.bin"]}, headers={"Idempotency-Key": "k1"})
+            assert r.status_code in (200, 201), r.text
+        text = httpx.get(f"{svc.url}/metrics", headers=bearer).text
+        requests = "batchingest_staging_requests_total"
+        assert [value(text, requests, status=s) for s in ("accepted", "replayed", "rejected")] == [
+            3,
+            1,
+            1,
+        ]
+        r = c.post("/v1/transfers", json={
+            "source_url": f"file://{data / 'whole.bin'}", "destination_url":
+            f"file://{data / 'part.bin'}", "start_offset": 1000, "end_offset": 4000,
+        })  # fmt: skip
+        assert r.status_code == 201, r.text
+        tid = r.json()["id"]
+        wait_for(lambda: c.get(f"/v1/transfers/{tid}").json()["state"] == "STATE_COMPLETE",
+                 what="the transfer to complete")  # fmt: skip
+        assert scrape(svc) == (100_000, 3000)

@@ -354,8 +354,8 @@ def test_few_descriptors_delay_jobs_but_never_fail_or_lose_them(root: Path) -> N
     write_task(root / "tasks", "start", "echo ran\n")
     count = 60
     # the service alone holds about 22 descriptors (event feed, outbox, inotify, pipes):
-    # 36 leave two workers short at every step of a job
-    svc = Service(root, "--workers", "2", api=False, prefix=["prlimit", "--nofile=36", "--"])
+    # 40 leave four workers short at every step of a job
+    svc = Service(root, "--workers", "4", api=False, prefix=["prlimit", "--nofile=40", "--"])
     with svc:
         for i in range(count):
             drop(root, f"j{i:02d}")

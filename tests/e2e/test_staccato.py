@@ -112,8 +112,8 @@ def test_bad_requests(place: Place) -> None:
     src.write_bytes(b"0123456789")
     good = {"source_url": place.url(src), "destination_url": place.url(place.data / "d.txt")}
     for change in (
-        {"start_offset": -2}, {"end_offset": -5}, {"start_offset": 11}, {"start_offset": "1"},
-        {"start_offset": 5, "end_offset": 3}, {"start_offset": -1}, {"end_offset": True},
+        {"start_offset": -2}, {"end_offset": -5}, {"start_offset": "1"},
+        {"start_offset": -1}, {"end_offset": True},
         {"source_url": "http://example.org/x"}, {"source_url": "s3://bucket/x"},
         {"source_url": "not a url"}, {"source_url": 5}, {"destination_url": None},
         {"source_url": "file://otherhost" + str(src)}, {"source_url": "file:relative/x"},
@@ -137,6 +137,10 @@ def test_bad_requests(place: Place) -> None:
         assert r.status_code == 403, (change, r.text)
         assert UNSEEN not in r.text
     assert post(c, **{**good, "source_url": place.url(place.data / "nope")}).status_code == 404
+    # well-formed, but not a range of this source
+    for change in ({"start_offset": 11}, {"start_offset": 5, "end_offset": 3}):
+        r = post(c, **{**good, **change})
+        assert (r.status_code, r.json()["code"]) == (416, "RangeNotSatisfiable"), r.text
     assert c.post("/v1/transfers", content=b"{").status_code == 400
     assert c.get("/v1/transfers/" + "0" * 8).status_code == 404
     assert c.get("/v1/transfers/4b86e181-8c83-447e-aada-af9232af7da0").status_code == 404

@@ -14,14 +14,13 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Match, Route
 
 from batchingest.api.errors import ApiError
-from batchingest.api.globus import operations, tasks, unsupported
+from batchingest.api.globus import operations, spec, tasks, unsupported
 from batchingest.api.globus.documents import PREFIX, VERSION_PREFIX
 from batchingest.config import Config
 from batchingest.endpoints import Endpoints
@@ -29,7 +28,9 @@ from batchingest.store import Store
 
 log = logging.getLogger("batchingest.api.globus")
 Handler = Callable[[Request], Awaitable[Response]]
-_ALL_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+# OPTIONS too: on a served path the fallback's 405 lists every method served there,
+# where Starlette's own would list only those of the first route of the path
+_ALL_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 
 def error(request: Request, exc: ApiError) -> Response:
@@ -66,14 +67,19 @@ def _fallback(served: list[Route]) -> Handler:
     refused = [(re.compile(_pattern(path)), why) for path, why in unsupported.UNSUPPORTED]
 
     async def fallback(request: Request) -> Response:
+        # a path served with other methods: 405 listing them (RFC 9110), before any 501
+        allowed = {m for r in served if r.matches(request.scope)[0] == Match.PARTIAL
+                   for m in r.methods or ()}  # fmt: skip
+        if allowed:
+            message = f"{request.method} is not allowed on {request.url.path}"
+            allow = {"Allow": ", ".join(sorted(allowed))}
+            return error(request, ApiError(405, "ClientError.MethodNotAllowed", message,
+                                           headers=allow))  # fmt: skip
         path = request.url.path.removeprefix(PREFIX)
         for pattern, why in refused:
             if pattern.fullmatch(path):
                 message = f"{request.method} {request.url.path}: {why}"
                 return error(request, ApiError(501, "NotImplemented", message))
-        if any(route.matches(request.scope)[0] == Match.PARTIAL for route in served):
-            message = f"{request.method} is not allowed on {request.url.path}"
-            return error(request, ApiError(405, "ClientError.MethodNotAllowed", message))
         return error(request, ApiError(404, "ClientError.NotFound", f"no resource {path}"))
 
     return fallback
@@ -103,30 +109,4 @@ def routes(cfg: Config, store: Store) -> list[BaseRoute]:
     return [*served, fallback]
 
 
-_ERROR = {"description": "Globus error document", "content": {"application/json": {}}}
-
-
-def _openapi_paths() -> dict[str, Any]:
-    paths: dict[str, Any] = {}
-    documented = [*operations.DOCUMENTED, *[(p, d, m) for p, _, m, d in tasks.ROUTES]]
-    for path, summary, methods in documented:
-        ops = paths.setdefault(PREFIX + path, {})
-        for method in methods:
-            ops[method.lower()] = {
-                "summary": summary,
-                "tags": ["globus"],
-                "responses": {"200": {"description": "a Globus document"}, "default": _ERROR},
-            }
-    paths[f"{PREFIX}/{{path}}"] = {
-        m.lower(): {
-            "summary": "Globus routes not served: 501 NotImplemented (ACLs, "
-            "bookmarks, sharing, ...), 405 or 404",
-            "tags": ["globus"],
-            "responses": {"default": _ERROR},
-        }
-        for m in _ALL_METHODS
-    }
-    return paths
-
-
-OPENAPI_PATHS = _openapi_paths()
+OPENAPI_PATHS = spec.OPENAPI_PATHS  # the Globus operations in /openapi.json

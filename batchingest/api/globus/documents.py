@@ -6,12 +6,12 @@ import functools
 import grp
 import pwd
 import stat
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from starlette.requests import Request
 
-from batchingest.api.common import json_response as json_response
 from batchingest.endpoints import Endpoint, Item
 
 PREFIX = "/globus"
@@ -100,39 +100,36 @@ def endpoint_doc(ep: Endpoint) -> dict[str, Any]:
     }
 
 
-def file_type(mode: int) -> str | None:
-    """Globus's word for an inode; None for what is never served (FIFO, device, socket).
+# Globus's word for an inode. A symbolic link is never followed, so it can never be used
+# as what it points at: Globus calls such a link `invalid_symlink`.
+_FILE_TYPES = {stat.S_IFDIR: "dir", stat.S_IFREG: "file", stat.S_IFLNK: "invalid_symlink"}
 
-    A symbolic link is never followed, so it can never be used as what it points at:
-    Globus calls such a link `invalid_symlink`.
-    """
-    if stat.S_ISDIR(mode):
-        return "dir"
-    if stat.S_ISREG(mode):
-        return "file"
-    if stat.S_ISLNK(mode):
-        return "invalid_symlink"
-    return None
+
+def file_type(mode: int) -> str | None:
+    """Globus's word for an inode; None for what is never served (FIFO, device, socket)."""
+    return _FILE_TYPES.get(stat.S_IFMT(mode))
 
 
 def timestamp(seconds: float) -> str:
     return datetime.fromtimestamp(int(seconds), UTC).strftime("%Y-%m-%d %H:%M:%S+00:00")
 
 
-@functools.lru_cache(maxsize=256)
 def user_name(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
+    return _account_name(pwd.getpwuid, uid)
 
 
-@functools.lru_cache(maxsize=256)
 def group_name(gid: int) -> str:
+    return _account_name(grp.getgrgid, gid)
+
+
+@functools.lru_cache(maxsize=512)
+def _account_name(lookup: Callable[[int], Sequence[Any]], number: int) -> str:
+    """The name of a user or group (the first field of its passwd or group entry); the
+    number itself where the system knows no such account (files from another host)."""
     try:
-        return grp.getgrgid(gid).gr_name
+        return str(lookup(number)[0])
     except KeyError:
-        return str(gid)
+        return str(number)
 
 
 def file_doc(item: Item, times: bool = True) -> dict[str, Any]:

@@ -2,25 +2,24 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
 from batchingest import endpoints
-from batchingest.api.common import read_body
+from batchingest.api import models as api_models
+from batchingest.api.common import json_response, read_body, run_blocking
 from batchingest.api.errors import ApiError
-from batchingest.api.globus import documents, query
-from batchingest.api.globus.documents import json_response
+from batchingest.api.globus import documents, models, query
 from batchingest.endpoints import Endpoint, Endpoints, Item, PathError
 
 log = logging.getLogger("batchingest.api.globus")
 Handler = Callable[[Request], Awaitable[Response]]
+T = TypeVar("T")
 
 MAX_BODY = 64 << 10
 LS_LIMIT = 100_000  # Globus's default and largest ls page
@@ -58,20 +57,11 @@ def split(raw: Any, what: str = "path") -> list[str]:
         raise ApiError(400, "ClientError.BadRequest", e.message) from None
 
 
-async def read_json(request: Request, data_type: str) -> dict[str, Any]:
-    """A small JSON object body whose DATA_TYPE, if given, is data_type."""
-    body = await read_body(request, MAX_BODY, "ClientError.RequestTooLarge")
-    try:
-        doc = json.loads(body)
-    except (UnicodeDecodeError, ValueError):
-        raise query.bad(f"the body must be a JSON {data_type} document") from None
-    if not isinstance(doc, dict):
-        raise query.bad(f"the body must be a JSON {data_type} document")
-    if doc.get("DATA_TYPE", data_type) != data_type:
-        raise query.bad(f"DATA_TYPE must be {data_type!r}, not {doc.get('DATA_TYPE')!r}")
-    if doc.get("local_user") is not None:
-        raise query.bad("local_user is not supported: files are read and written as the service")
-    return doc
+async def read_doc(request: Request, model: type[T], limit: int = MAX_BODY) -> T:
+    """The body as one of the documents of globus/models.py: 400 saying where it is
+    wrong if it is not one (the rules /openapi.json shows)."""
+    body = await read_body(request, limit, "ClientError.RequestTooLarge")
+    return api_models.decode(model, body, "ClientError.BadRequest")
 
 
 class GlobusApi:
@@ -98,7 +88,7 @@ class GlobusApi:
         for name in request.query_params:
             if name.startswith("filter_") and name not in ("filter_fulltext", "filter_scope"):
                 raise query.bad(f"{name} is not supported here")
-        scope = request.query_params.get("filter_scope") or "all"
+        scope = request.query_params.get("filter_scope", "all")
         if scope not in SCOPES_ALL + SCOPES_NONE:
             raise query.bad(f"unknown filter_scope {scope[:50]!r}")
         limit = query.integer(request, "limit", 25, 1, SEARCH_LIMIT)
@@ -129,14 +119,14 @@ class GlobusApi:
         keys = query.order_keys(request)
         fields = query.fields(request)
         try:
-            page, total = await run_in_threadpool(
+            page, total = await run_blocking(
                 _ls_page, ep, parts, hidden, test, keys, (offset, limit), fields
             )
         except PathError as e:
             raise path_error("ls", e) from None
         shown = endpoints.show_path(parts, folder=True)
         # a page may hold 100,000 entries: encode it off the event loop too
-        return await run_in_threadpool(json_response, {
+        return await run_blocking(json_response, {
             "DATA_TYPE": "file_list",
             "DATA": page,
             "path": shown,
@@ -154,17 +144,17 @@ class GlobusApi:
         ep = self.endpoint(request)
         parts = split(request.query_params.get("path", ""))
         try:
-            doc = await run_in_threadpool(_stat_doc, ep, parts)
+            doc = await run_blocking(_stat_doc, ep, parts)
         except PathError as e:
             raise path_error("stat", e) from None
         return json_response(documents.select_fields(doc, query.fields(request)))
 
     async def mkdir(self, request: Request) -> Response:
         ep = self.endpoint(request)
-        doc = await read_json(request, "mkdir")
-        parts = split(doc.get("path"))
+        doc = await read_doc(request, models.Mkdir)
+        parts = split(doc.path)
         try:
-            await run_in_threadpool(endpoints.make_folder, ep, parts)
+            await run_blocking(endpoints.make_folder, ep, parts)
         except PathError as e:
             raise path_error("mkdir", e) from None
         message = "The directory was created successfully"
@@ -173,11 +163,11 @@ class GlobusApi:
 
     async def rename(self, request: Request) -> Response:
         ep = self.endpoint(request)
-        doc = await read_json(request, "rename")
-        old = split(doc.get("old_path"), "old_path")
-        new = split(doc.get("new_path"), "new_path")
+        doc = await read_doc(request, models.Rename)
+        old = split(doc.old_path, "old_path")
+        new = split(doc.new_path, "new_path")
         try:
-            await run_in_threadpool(endpoints.rename, ep, old, new)
+            await run_blocking(endpoints.rename, ep, old, new)
         except PathError as e:
             raise path_error("rename", e) from None
         message = "File or directory renamed successfully"
@@ -214,6 +204,10 @@ class GlobusApi:
             "oauth_server": None,
         })  # fmt: skip
 
+    async def not_served(self, request: Request) -> Response:
+        why = "endpoints are configured on the service's command line (--endpoint NAME=DIR)"
+        raise ApiError(501, "NotImplemented", f"{request.method} {request.url.path}: {why}")
+
     def routes(self) -> list[tuple[str, Handler, list[str]]]:
         return [(path, getattr(self, name), methods) for path, name, methods, _ in ROUTES]
 
@@ -223,6 +217,7 @@ _OP = "/v0.10/operation/endpoint/{endpoint}"
 # (path below /globus, GlobusApi method, HTTP methods, what it does)
 ROUTES: list[tuple[str, str, list[str], str]] = [
     (_EP, "get_endpoint", ["GET"], "an endpoint document, by id or name"),
+    (_EP, "not_served", ["PUT", "DELETE"], "updating or deleting an endpoint: 501"),
     ("/v0.10/endpoint_search", "endpoint_search", ["GET"], "endpoints matching filter_fulltext"),
     (f"{_OP}/ls", "ls", ["GET"], "list a folder (path, show_hidden, filter, orderby, paging)"),
     (f"{_OP}/stat", "stat", ["GET"], "one file, folder or link, never followed"),
@@ -233,7 +228,6 @@ ROUTES: list[tuple[str, str, list[str], str]] = [
     (f"{_EP}/activate", "activate", ["POST"], "always AlreadyActivated"),
     (f"{_EP}/activation_requirements", "activation_requirements", ["GET"], "none: always active"),
 ]
-DOCUMENTED = [(path, summary, methods) for path, _, methods, summary in ROUTES]
 
 
 def _ls_page(

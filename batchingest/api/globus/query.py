@@ -37,7 +37,7 @@ def bad(message: str) -> ApiError:
 
 def integer(request: Request, name: str, default: int, low: int, high: int) -> int:
     raw = request.query_params.get(name)
-    if raw is None or raw == "":
+    if raw is None:  # given empty, it is not an integer: 400, as the spec's type says
         return default
     try:
         value = int(raw)
@@ -50,7 +50,7 @@ def integer(request: Request, name: str, default: int, low: int, high: int) -> i
 
 def boolean(request: Request, name: str, default: bool) -> bool:
     raw = request.query_params.get(name)
-    if raw is None or raw == "":
+    if raw is None:
         return default
     if raw.lower() in ("1", "true", "yes"):
         return True

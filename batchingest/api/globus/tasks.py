@@ -17,21 +17,18 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
 from batchingest import endpoints, fs, transfers
-from batchingest.api import common
+from batchingest.api.common import json_response, run_blocking
 from batchingest.api.errors import ApiError
-from batchingest.api.globus import documents, query
-from batchingest.api.globus.documents import json_response
-from batchingest.api.globus.operations import split
+from batchingest.api.globus import documents, models, query
+from batchingest.api.globus.operations import read_doc, split
 from batchingest.endpoints import Endpoint, Endpoints
 from batchingest.store import Job, State, Store
 
 MAX_BODY = 16 << 20  # a transfer may list many items
-MAX_ITEMS = 100_000
 LIST_LIMIT = 1000
 EVENT_LIMIT = 1000
 TRANSFERS_PAGE = 1000
@@ -45,37 +42,7 @@ def task_not_found(task_id: str) -> ApiError:
     return ApiError(404, "TaskNotFound", f"Task {task_id[:100]!r} not found")
 
 
-async def read_body(request: Request, data_type: str) -> dict[str, Any]:
-    body = await common.read_body(request, MAX_BODY, "ClientError.RequestTooLarge")
-    try:
-        doc = json.loads(body)
-    except (UnicodeDecodeError, ValueError):
-        raise query.bad(f"the body must be a JSON {data_type} document") from None
-    if not isinstance(doc, dict) or doc.get("DATA_TYPE", data_type) != data_type:
-        raise query.bad(f"the body must be a JSON object with DATA_TYPE {data_type!r}")
-    return doc
-
-
-def _text(doc: dict[str, Any], key: str, *, required: bool = False, most: int = 256) -> str | None:
-    value = doc.get(key)
-    if value is None and not required:
-        return None
-    if not isinstance(value, str) or not value or len(value) > most:
-        raise query.bad(f"{key} must be a string of 1 to {most} characters")
-    return value
-
-
-def _flag(doc: dict[str, Any], key: str) -> bool:
-    value = doc.get(key, False)
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise query.bad(f"{key} must be true or false")
-    return value
-
-
-def _deadline(doc: dict[str, Any]) -> str | None:
-    raw = _text(doc, "deadline")
+def _deadline(raw: str | None) -> str | None:
     if raw is None:
         return None
     try:
@@ -84,28 +51,14 @@ def _deadline(doc: dict[str, Any]) -> str | None:
         raise query.bad(f"deadline is not a date and time: {raw[:50]!r}") from None
 
 
-def _sync_level(doc: dict[str, Any]) -> int | None:
-    raw = doc.get("sync_level")
-    if raw is None:
-        return None
-    if isinstance(raw, str) and raw in SYNC_LEVELS:
-        return SYNC_LEVELS[raw]
-    if isinstance(raw, int) and not isinstance(raw, bool) and 0 <= raw <= 3:
-        return raw
-    raise query.bad("sync_level must be 0-3 or exists, size, mtime, checksum")
+def _sync_level(raw: int | str | None) -> int | None:
+    return SYNC_LEVELS[raw] if isinstance(raw, str) else raw
 
 
-def _items(doc: dict[str, Any], item_type: str) -> list[dict[str, Any]]:
-    items = doc.get("DATA")
-    if not isinstance(items, list) or not items:
-        raise query.bad("DATA must be a non-empty list of items")
-    if len(items) > MAX_ITEMS:
-        raise query.bad(f"at most {MAX_ITEMS} items in one task")
-    for i, item in enumerate(items):
-        if not isinstance(item, dict) or item.get("DATA_TYPE", item_type) != item_type:
-            kind = item.get("DATA_TYPE") if isinstance(item, dict) else type(item).__name__
-            raise query.bad(f"DATA[{i}] must be a {item_type}, not {kind!r}")
-    return items
+def _check_path(raw: str, key: str) -> None:
+    split(raw, key)
+    if endpoints.SERVICE_PREFIX in raw:
+        raise query.bad(f"{key}: names starting with {endpoints.SERVICE_PREFIX} are the service's")
 
 
 class TaskApi:
@@ -134,71 +87,67 @@ class TaskApi:
 
     async def submit_transfer(self, request: Request) -> Response:
         self.configured()
-        doc = await read_body(request, "transfer")
-        if doc.get("encrypt_data"):
+        doc = await read_doc(request, models.TransferSubmission, MAX_BODY)
+        if doc.encrypt_data:
             raise ApiError(501, "NotImplemented", "encryption has no meaning between local folders")
-        src = self.endpoint(doc.get("source_endpoint"), write=False)
-        dst = self.endpoint(doc.get("destination_endpoint"), write=True)
-        items = []
-        for item in _items(doc, "transfer_item"):
-            for key in ("source_path", "destination_path"):
-                split(item.get(key), key)
-                if endpoints.SERVICE_PREFIX in str(item.get(key)):
-                    raise query.bad(
-                        f"{key}: names starting with {endpoints.SERVICE_PREFIX} are the service's"
-                    )
-            items.append(
-                {
-                    "source_path": item["source_path"],
-                    "destination_path": item["destination_path"],
-                    "recursive": bool(item.get("recursive")),
-                }
-            )
+        src = self.endpoint(doc.source_endpoint, write=False)
+        dst = self.endpoint(doc.destination_endpoint, write=True)
+        for item in doc.DATA:
+            _check_path(item.source_path, "source_path")
+            _check_path(item.destination_path, "destination_path")
         fields = {
             "source_endpoint": src.name,
             "destination_endpoint": dst.name,
-            "items": items,
-            "sync_level": _sync_level(doc),
-            "verify_checksum": _flag(doc, "verify_checksum"),
-            "preserve_timestamp": _flag(doc, "preserve_timestamp"),
-            "delete_destination_extra": _flag(doc, "delete_destination_extra"),
+            "items": [
+                {
+                    "source_path": i.source_path,
+                    "destination_path": i.destination_path,
+                    "recursive": bool(i.recursive),
+                }
+                for i in doc.DATA
+            ],
+            "sync_level": _sync_level(doc.sync_level),
+            "verify_checksum": bool(doc.verify_checksum),
+            "preserve_timestamp": bool(doc.preserve_timestamp),
+            "delete_destination_extra": bool(doc.delete_destination_extra),
         }
         return await self._submit(request, doc, "transfer", fields)
 
     async def submit_delete(self, request: Request) -> Response:
         self.configured()
-        doc = await read_body(request, "delete")
-        ep = self.endpoint(doc.get("endpoint"), write=True)
-        items = []
-        for item in _items(doc, "delete_item"):
-            if not split(item.get("path")):
+        doc = await read_doc(request, models.DeleteSubmission, MAX_BODY)
+        ep = self.endpoint(doc.endpoint, write=True)
+        for item in doc.DATA:
+            if not split(item.path):
                 raise query.bad("/ is the endpoint folder itself: it is never deleted")
-            items.append({"path": item["path"]})
         fields = {
             "endpoint": ep.name,
-            "items": items,
-            "recursive": _flag(doc, "recursive"),
-            "ignore_missing": _flag(doc, "ignore_missing"),
+            "items": [{"path": item.path} for item in doc.DATA],
+            "recursive": bool(doc.recursive),
+            "ignore_missing": bool(doc.ignore_missing),
         }
         return await self._submit(request, doc, "delete", fields)
 
     async def _submit(
-        self, request: Request, doc: dict[str, Any], kind: str, fields: dict[str, Any]
+        self,
+        request: Request,
+        doc: models.Submission,
+        kind: str,
+        fields: dict[str, Any],
     ) -> Response:
-        submission = _text(doc, "submission_id", required=True)
-        assert submission is not None
+        submission = doc.submission_id
         task_id = transfers.task_id_for(submission)
-        deadline = _deadline(doc)
+        deadline = _deadline(doc.deadline)
         req = {
             "kind": kind,
             "id": task_id,
             "submission_id": submission,
-            "label": _text(doc, "label", most=128),
+            "label": doc.label,
             "request_time": transfers.now_text(),
             "deadline": deadline,
             **fields,
         }
-        created = await run_in_threadpool(transfers.create, self.store, task_id, req, deadline)
+        created = await run_blocking(transfers.create, self.store, task_id, req, deadline)
         code, status = ("Accepted", 202) if created else ("Duplicate", 200)
         if created:
             message = f"The {kind} has been accepted and a task has been created and queued"
@@ -228,7 +177,7 @@ class TaskApi:
         self.configured()
         task_id = request.path_params["task_id"]
         name = _task_name(task_id)
-        snap = await run_in_threadpool(transfers.snapshot, self.store, name) if name else None
+        snap = await run_blocking(transfers.snapshot, self.store, name) if name else None
         if snap is None or snap.request.get("kind") not in ("transfer", "delete"):
             raise task_not_found(task_id)
         return snap
@@ -247,7 +196,7 @@ class TaskApi:
         fields = query.fields(request)
         spec = json.dumps([request.query_params.getlist("filter"), keys])
         window = (offset, limit)
-        page, total = await run_in_threadpool(self._page, test, keys, spec, window, fields)
+        page, total = await run_blocking(self._page, test, keys, spec, window, fields)
         return json_response({"DATA_TYPE": "task_list", "DATA": page, "length": len(page),
                               "limit": limit, "offset": offset, "total": total})  # fmt: skip
 
@@ -298,7 +247,7 @@ class TaskApi:
         snap = await self.snapshot(request)
         limit = query.integer(request, "limit", 10, 0, EVENT_LIMIT)
         offset = query.integer(request, "offset", 0, 0, 1 << 40)
-        events = await run_in_threadpool(task_events, self.store, snap)
+        events = await run_blocking(task_events, self.store, snap)
         page = events[offset : offset + limit]
         return json_response(
             {
@@ -314,7 +263,7 @@ class TaskApi:
     async def successful_transfers(self, request: Request) -> Response:
         snap = await self.snapshot(request)
         marker = query.integer(request, "marker", 0, 0, 1 << 40)
-        lines = await run_in_threadpool(_transferred, self.store, snap.job)
+        lines = await run_blocking(_transferred, self.store, snap.job)
         page = []
         for line in lines[marker : marker + TRANSFERS_PAGE]:
             try:
@@ -337,14 +286,14 @@ class TaskApi:
         name = snap.job.name
         active = snap.job.state in (State.QUEUE, State.PROCESSING)
         if active:
-            await run_in_threadpool(transfers.request_cancel, self.store, name)
+            await run_blocking(transfers.request_cancel, self.store, name)
             waited = time.monotonic() + CANCEL_WAIT
             while time.monotonic() < waited:
-                now = await run_in_threadpool(transfers.snapshot, self.store, name)
+                now = await run_blocking(transfers.snapshot, self.store, name)
                 if now is None or now.job.state not in (State.QUEUE, State.PROCESSING):
                     break
                 await asyncio.sleep(0.05)
-            later = await run_in_threadpool(transfers.snapshot, self.store, name)
+            later = await run_blocking(transfers.snapshot, self.store, name)
             snap = later if later is not None else snap
         fatal = snap.fatal or {}
         if not active:
