@@ -7,6 +7,7 @@ import ctypes
 import logging
 import signal
 import socket
+import sys
 import threading
 import time
 
@@ -78,6 +79,8 @@ class ServiceFailed(Exception):
 
 def _open_store(cfg: Config) -> Store:
     store = Store(cfg.root)
+    if cfg.force_polling:  # no inotify at all: the state folders are listed when they change
+        store.watch_from = sys.maxsize
     try:
         store.init(sweep_jobs=False)
     except StoreError as e:
