@@ -24,8 +24,10 @@ each measure with its floor in the same run:
 
 Environment: BENCH_RUNS (default 3), BENCH_DIR (default the system temp folder),
 BENCH_SWEEP_WAIT (seconds to wait for the start's background sweep to end before
-measuring, default 120). To compare with another tree in one sitting, run it again with
-PYTHONPATH=/other/tree (and BENCH_SWEEP_WAIT=0 for a tree that sweeps before it answers).
+measuring, default 120). The service runs the tree of the working directory (`python -m`
+puts it ahead of PYTHONPATH): to compare with another tree in one sitting, run this
+script again from that tree's folder (BENCH_SWEEP_WAIT=0 for a tree that sweeps before
+it answers).
 """
 
 from __future__ import annotations
