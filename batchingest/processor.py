@@ -27,6 +27,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from batchingest import arrivals, control, events, jobdir, jobfile, lease, logs, metrics
@@ -41,7 +42,7 @@ from batchingest.runner import (
     log_line,
     run_task,
 )
-from batchingest.store import SHORTAGE, Hold, Job, JobNotFound, Store, StoreError
+from batchingest.store import SHORTAGE, SWEEP_AFTER, Hold, Job, JobNotFound, Store, StoreError
 
 # A finish that keeps failing while the service stops is given up after this many tries:
 # the job stays in processing/ and the next start returns it to queue/.
@@ -269,6 +270,10 @@ class Processor:
         self._stopping = threading.Event()
         self._running: dict[str, TaskProcess] = {}
         self._running_lock = threading.Lock()
+        # the latest listing of queue/ whose hand-queued jobs await their QUEUED event
+        self._seen_next: list[str] | None = None
+        self._seen_lock = threading.Lock()
+        self._seen_pool = ThreadPoolExecutor(1, thread_name_prefix="batchingest-seen")
         # steps failing right now (a job that cannot be finished, say): no heartbeat
         self._failing: set[str] = set()
         self._resources = Backoff(base=0.5, cap=30.0)
@@ -287,16 +292,11 @@ class Processor:
         """Process jobs until stop is set, then stop gracefully (see --grace)."""
         # expected from now on: a processor that never gets going is not ready either
         self.progress.beat("processor", self.stale_after)
-        try:
-            swept = await asyncio.to_thread(control.sweep, self.store)
-        except Exception as e:  # a leftover request only cancels a job moved back by hand
-            log.warning("sweeping leftover cancel requests failed: %s", e)
-        else:
-            if swept:
-                log.info("removed %d leftover cancel request(s) of finished jobs", swept)
         helpers = [
             asyncio.create_task(self._watch(stop), name="watch-queue"),
             asyncio.create_task(self._tick(stop), name="poll-queue"),
+            # it opens every finished job (seconds with 100,000): not before the first pickup
+            asyncio.create_task(self._sweep_cancels(), name="sweep-cancels"),
         ]
         # Plain threads rather than one event-loop round trip per job: a job is mostly
         # blocking system calls, and handing each one back to the loop costs more than
@@ -322,6 +322,17 @@ class Processor:
         await asyncio.gather(*helpers, return_exceptions=True)
         self._watcher.close()
         self._control.close()
+        self._seen_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _sweep_cancels(self) -> None:
+        await asyncio.sleep(SWEEP_AFTER)  # the first claims come first
+        try:
+            swept = await asyncio.to_thread(control.sweep, self.store)
+        except Exception as e:  # a leftover request only cancels a job moved back by hand
+            log.warning("sweeping leftover cancel requests failed: %s", e)
+        else:
+            if swept:
+                log.info("removed %d leftover cancel request(s) of finished jobs", swept)
 
     async def _join(self) -> None:
         """Let running tasks finish for --grace seconds, then stop them; wait for all."""
@@ -388,6 +399,9 @@ class Processor:
         Each round that went well is the processor's heartbeat.
         """
         backoff = Backoff(base=self.cfg.poll_interval or 0.5, cap=60.0)
+        # the deadlines of a long queue take a while to read: not before the first claims
+        # (each claim checks its own job's deadline)
+        first = True
         while not stop.is_set():
             delay = self.cfg.poll_interval
             try:
@@ -401,9 +415,11 @@ class Processor:
                     log.info("recovered %d job(s) left in processing/", len(recovered))
                 self._beat()
             try:
-                await asyncio.to_thread(self._deadlines.expire)
+                if not first:
+                    await asyncio.to_thread(self._deadlines.expire)
             except Exception as e:  # the next poll tries again; claims check deadlines too
                 log.warning("looking for queued jobs past their deadline failed: %s", e)
+            first = False
             self.scheduler.wake()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay)
@@ -499,10 +515,28 @@ class Processor:
             return state
 
     def _queued(self) -> list[str]:
-        """Names in queue/, oldest first; jobs moved there by hand get their QUEUED event."""
+        """Names in queue/, oldest first; jobs moved there by hand get their QUEUED event.
+
+        Those events are written by one helper thread, not on the way to the first
+        claim: 10,000 jobs moved in by hand take seconds to record, and a job claimed
+        before its turn gets its QUEUED from the claim (events.Recorder._claimed).
+        """
         names = self.store.queued()
-        events.seen_queued(self.store, names)
+        with self._seen_lock:
+            idle = self._seen_next is None
+            self._seen_next = names
+        if idle:
+            self._seen_pool.submit(self._record_seen)
         return names
+
+    def _record_seen(self) -> None:
+        with self._seen_lock:
+            names, self._seen_next = self._seen_next, None
+        if names is not None:
+            try:
+                events.seen_queued(self.store, names)
+            except Exception:  # the claims write what is missing
+                log.exception("recording jobs queued by hand failed")
 
     def _finish(self, hold: Hold, state: str, t0: float) -> None:
         """Move the job out of processing/ and release it; log how it went."""

@@ -8,6 +8,9 @@ import logging
 import os
 import signal
 import socket
+import sys
+import threading
+import time
 
 import uvicorn
 from starlette.types import ASGIApp
@@ -15,7 +18,7 @@ from starlette.types import ASGIApp
 from batchingest.config import Config
 from batchingest.connections import Limits, connection_budget, limited_protocol
 from batchingest.health import Progress, Readiness
-from batchingest.store import Store, StoreError
+from batchingest.store import SWEEP_AFTER, Store, StoreError
 
 log = logging.getLogger("batchingest")
 
@@ -81,18 +84,35 @@ class ServiceFailed(Exception):
 
 def _open_store(cfg: Config) -> Store:
     store = Store(cfg.root)
+    if cfg.force_polling:  # no inotify at all: the state folders are listed when they change
+        store.watch_from = sys.maxsize
     try:
-        store.init()
+        store.init(sweep_jobs=False)
     except StoreError as e:
         raise StartError(str(e)) from e
-    if cfg.api:
-        from batchingest.api.upload import sweep_uploads
-
-        # what uploads cut short by a kill -9 left behind (where unnamed files are not used)
-        swept = sweep_uploads(store)
-        if swept:
-            log.info("removed %d upload temporaries left by an earlier run", swept)
+    # the job folders are swept once the service runs: with 100,000 jobs that takes
+    # seconds, and nothing needs it first (a leftover `.lock` or temporary in a job
+    # stops no claim, upload or listing)
+    threading.Thread(target=_sweep_jobs, args=(store, cfg.api), name="sweep", daemon=True).start()
     return store
+
+
+def _sweep_jobs(store: Store, api: bool) -> None:
+    time.sleep(SWEEP_AFTER)  # the first listings and claims come first
+    t0 = time.monotonic()
+    try:
+        swept = store.sweep_jobs()
+        if swept:
+            log.info("removed %d leftover(s) of interrupted work in job folders", swept)
+        if api:
+            from batchingest.api.upload import sweep_uploads
+
+            # what uploads cut short by a kill -9 left (where unnamed files are not used)
+            sweep_uploads(store)
+    except Exception:  # a leftover stays until the next start; nothing depends on it
+        log.exception("sweeping the job folders failed")
+    else:
+        log.info("job folders swept for leftovers in %.1fs", time.monotonic() - t0)
 
 
 async def serve(cfg: Config) -> None:

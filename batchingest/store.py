@@ -37,6 +37,7 @@ import logging
 import os
 import re
 import stat
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -45,7 +46,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TypeVar
 
-from batchingest import fs, lease
+from batchingest import fs, lease, listings
 from batchingest.fs import rename_noreplace
 
 log = logging.getLogger("batchingest.store")
@@ -116,6 +117,12 @@ _TEMP = re.compile(r"\..+\.[A-Za-z0-9_]{8,12}\.tmp")
 # A temporary this old cannot belong to a write still going on (they take milliseconds),
 # even one by another service sharing the root.
 SWEEP_AGE = 60.0
+# Seconds after a service starts at which its job folders are swept (sweep_jobs): the
+# first listing of queue/ and the first claims should not share the interpreter with it.
+SWEEP_AFTER = 3.0
+# A state folder with this many entries or more is watched (batchingest.listings) rather
+# than listed again whenever it changes; below it a listing costs under 2 ms.
+WATCH_FROM = 2_000
 
 
 class StoreError(Exception):
@@ -315,6 +322,11 @@ class Store:
         # state -> (folder identity, sorted names): see job_names()
         self._names_cache: dict[str, tuple[tuple[int, int, int, int], list[str]]] = {}
         self._count_cache: dict[str, tuple[tuple[int, int, int, int], int]] = {}  # job_count()
+        # the state folders' names kept by inotify once one is large (see _from_watch)
+        self.watch_from = WATCH_FROM
+        self._watched: listings.Watched | None = None
+        self._watch_lock = threading.Lock()
+        self._watch_given_up = False
         self._root_fd = -1
         self._lock_warned: set[str] = set()
         # who holds jobs here, and after how long another host may take a lease over
@@ -385,8 +397,12 @@ class Store:
         """
         return self.root / f".{name}"
 
-    def init(self) -> None:
+    def init(self, *, sweep_jobs: bool = True) -> None:
         """Create missing state folders, check them, sweep crash leftovers.
+
+        With sweep_jobs False the job folders are left for the caller to sweep later
+        (sweep_jobs()): looking into 100,000 of them takes seconds, which the service
+        spends after it has started, not before.
 
         StoreError if the root cannot be used, or if a state folder or the trash is a
         symbolic link or not a folder: a rename would take jobs out of the root, and
@@ -404,7 +420,10 @@ class Store:
             raise StoreError(f"jobs root {self.root} is not usable: {e.strerror or e}") from e
         for name in (*STATES, TRASH):
             self._check_own_folder(name, missing_ok=name == TRASH)
-        self.sweep()
+        if sweep_jobs:
+            self.sweep()
+        else:
+            self._sweep_root()
 
     def _check_own_folder(self, name: str, *, missing_ok: bool) -> None:
         try:
@@ -471,12 +490,20 @@ class Store:
     def job_names(self, state: str) -> builtins.list[str]:
         """Sorted names of the jobs in one state, reused while the folder is unchanged.
 
+        Once a state folder holds WATCH_FROM entries, the state folders are watched
+        (batchingest.listings) and the names come from there, exact at every call
+        without a rescan however often the folders change. Until then, or where
+        inotify cannot be used:
+
         Paging `GET /jobs?limit=100` over 10,000 jobs must not rescan every entry: the
         listing is kept with the folder's (inode, nlink, mtime, ctime) and reused while
         those are the same. A listing is only kept when the folder had not changed for a
         second before the scan began, so two changes within one timestamp tick cannot
         hide behind an unchanged mtime.
         """
+        listed = self._from_watch(lambda w: w.names(state))
+        if listed is not None:
+            return listed
         cache = self._names_cache
         path = self.state_dir(state)
         started = time.time_ns()
@@ -494,6 +521,8 @@ class Store:
             if valid_name(e.name) and e.is_dir(follow_symlinks=False)
         ]
         names.sort()  # callers share this list: never change it
+        if len(names) >= self.watch_from:
+            self._watch()
         # any entry change sets mtime to now, so an old mtime cannot hide a later one
         if started - st.st_mtime_ns > 1_000_000_000:
             cache[state] = (key, names)
@@ -506,8 +535,12 @@ class Store:
 
         Reuses job_names()'s listing or an earlier count while the folder is unchanged
         (the same rules); otherwise counts without sorting, and checks all names with
-        one match over them (cheaper than a match per name).
+        one match over them (cheaper than a match per name). A large root's counts come
+        from the inotify-kept listings (batchingest.listings), exact and without a scan.
         """
+        watched = self._from_watch(lambda w: w.count(state))
+        if watched is not None:
+            return watched
         started = time.time_ns()
         try:
             st = os.stat(self.state_dir(state))
@@ -527,7 +560,57 @@ class Store:
             count = sum(1 for n in names if valid_name(n))
         if started - st.st_mtime_ns > 1_000_000_000:
             self._count_cache[state] = (key, count)
+        if count >= self.watch_from:
+            self._watch()
         return count
+
+    def name_changes(
+        self, state: str, old: builtins.list[str], new: builtins.list[str]
+    ) -> dict[str, bool] | None:
+        """The names added (True) or removed (False) between two listings job_names()
+        gave for a state; None when that is not known (then compare the two)."""
+        if not isinstance(old, listings.Names) or not isinstance(new, listings.Names):
+            return None
+        return self._from_watch(lambda w: w.changes(state, old, new))
+
+    def _from_watch(self, read: Callable[[listings.Watched], T]) -> T | None:
+        """read() of the inotify-kept listings, exact at this moment; None while the
+        state folders are not watched."""
+        watched = self._watched
+        if watched is None:
+            return None
+        try:
+            return read(watched)
+        except (OSError, fs.UnsafePath) as e:  # a state folder went or is a link now
+            log.warning("state folders are listed by scanning from now on: %s", e.strerror or e)
+            self._unwatch(watched)
+            return None
+
+    def _watch(self) -> None:
+        """Start keeping the state folders' listings by inotify (batchingest.listings).
+
+        Not where inotify misses other machines' changes (a shared file system), and
+        given up on for good where it cannot be had: scanning still gives true listings.
+        """
+        with self._watch_lock:
+            if self._watched is not None or self._watch_given_up:
+                return
+            self._watch_given_up = True  # unless it works below
+            if lease.watch_mode(self.root, False) is not None:
+                return
+            try:
+                self._watched = listings.Watched(self.root_fd, STATES, valid_name)
+            except (OSError, fs.UnsafePath) as e:
+                log.info("state folders are listed by scanning: %s", e.strerror or e)
+                return
+            self._watch_given_up = False
+
+    def _unwatch(self, watched: listings.Watched) -> None:
+        with self._watch_lock:
+            if self._watched is watched:
+                self._watched = None
+                self._watch_given_up = True
+        watched.close()
 
     def jobs(self, states: Iterable[str] | None = None) -> builtins.list[Job]:
         """Jobs in the given states (all by default), sorted by name.
@@ -541,6 +624,14 @@ class Store:
             jobs.extend(Job(name, state, base / name) for name in self.job_names(state))
         jobs.sort(key=lambda j: (j.name, STATES.index(j.state)))
         return jobs
+
+    def each_job(self, states: Iterable[str]) -> Iterator[Job]:
+        """Every job of the given states, state by state, made one at a time: a pass over
+        100,000 jobs does not hold 100,000 Job objects (and their paths) at once."""
+        for state in map(State, states):
+            base = f"{self.state_dir(state)}/"
+            for name in self.job_names(state):
+                yield Job(name, state, Path(base + name))
 
     def queued(self) -> builtins.list[str]:
         """Names of jobs in queue/, oldest first (folder mtime, then name).
@@ -866,12 +957,28 @@ class Store:
         seconds old, and `.lock` files nobody holds (earlier versions left one in every
         job). Jobs in processing/ are swept by recover(), once their holder is known dead.
         """
+        removed = self._sweep_root() + self.sweep_jobs()
+        if removed:
+            log.info("removed %d leftover(s) of interrupted work in %s", removed, self.root)
+        return removed
+
+    def _sweep_root(self) -> int:
+        """The trash and init's `.probe-*` files: what sweep() removes outside job folders."""
         removed = self._empty_trash()
         for entry in fs.entries(self.root_fd, hidden=True):
             if entry.name.startswith(".probe-") and entry.is_file:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(entry.name, dir_fd=self.root_fd)
                     removed += 1
+        return removed
+
+    def sweep_jobs(self) -> int:
+        """The job folders' part of sweep(): stale temporaries and free `.lock` files.
+
+        Safe while processors and the API run: a `.lock` is only removed while its
+        lock is ours for that moment (a claim meanwhile fails and is tried again).
+        """
+        removed = 0
         for state in (State.DATA, State.QUEUE, State.SUCCESS, State.ERROR):
             for name in self.job_names(state):
                 try:
@@ -884,8 +991,6 @@ class Store:
                     log.warning("cannot sweep %s/%s: %s", state, name, e.strerror or e)
                 finally:
                     os.close(dir_fd)
-        if removed:
-            log.info("removed %d leftover(s) of interrupted work in %s", removed, self.root)
         return removed
 
     def _empty_trash(self) -> int:

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import random
 import statistics
 import time
 import tomllib
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -325,3 +327,20 @@ def test_entries_follow_a_job_that_moves_while_listed(root: Path, store: Store) 
     store.open_job = claimed_meanwhile  # type: ignore[method-assign]
     assert data.folder_entries(store, "j", []) == [{"name": "f", "type": "file", "size": 1}]
     assert moves
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_listing_changed_in_place_equals_one_built_anew(seed: int) -> None:
+    rng = random.Random(seed)
+    ids = [str(uuid.UUID(int=rng.getrandbits(128))) for _ in range(30)]
+    pool = [f"job-{i}" for i in range(300)] + ids  # staging requests among them
+    times = {n: float(rng.randrange(1000)) + rng.random() for n in rng.sample(pool, 200)}
+    old = data.Listing(sorted(times), times)
+    gone = rng.sample(sorted(times), 40)
+    new = {n: float(rng.randrange(1000)) for n in pool if n not in times and rng.random() < 0.3}
+    after = {n: t for n, t in times.items() if n not in gone} | new
+    changed = old.changed(sorted(after), gone, new)
+    fresh = data.Listing(sorted(after), after)
+    for part in ("times", "by_time", "stamps", "latest", "requests"):
+        assert getattr(changed, part) == getattr(fresh, part), part
+    assert old.times == times and len(old.by_time) == 200  # the old one is left as it was

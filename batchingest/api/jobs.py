@@ -7,15 +7,12 @@ less than handing them to a thread would.
 
 from __future__ import annotations
 
-import heapq
 import os
-from collections.abc import Iterator
-from itertools import islice, repeat
 from typing import Any
 from urllib.parse import urlencode
 
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 from starlette.types import Scope, Send
 
@@ -28,7 +25,6 @@ from batchingest.api.paths import job_name
 from batchingest.config import Config
 from batchingest.store import (
     BUSY,
-    STATES,
     STATUS_OF_STATE,
     Job,
     Store,
@@ -36,7 +32,6 @@ from batchingest.store import (
     valid_name,
 )
 
-_STATE_RANK = {s: i for i, s in enumerate(STATES)}
 # JOB is read whole to show it; the processor refuses larger ones too
 
 
@@ -149,12 +144,6 @@ def _count(request: Request, key: str) -> int | None:
     return int(raw)
 
 
-def _listing(page: Iterator[tuple[str, str]]) -> bytes:
-    # names and statuses are plain [A-Za-z0-9._-]: nothing needs escaping
-    rows = ",".join([f'{{"Name":"{n}","Status":"{STATUS_OF_STATE[s]}"}}' for n, s in page])
-    return f"[{rows}]\n".encode()
-
-
 _PAGING = ("limit", "offset")
 
 
@@ -173,24 +162,17 @@ class JobRoutes:
             return await self._queried(request, per_state, offset, limit)
         total = sum(len(names) for _, names in per_state)
         stop = None if limit is None else offset + limit
-        nonempty = [(s, names) for s, names in per_state if names]
-        page: Iterator[tuple[str, str]]
-        if len(nonempty) == 1:
-            state, names = nonempty[0]
-            page = zip(names[offset:stop], repeat(state))
-        else:
-            # each state's names are sorted already: merge, and stop after the page
-            merged: Iterator[tuple[str, int, str]] = heapq.merge(
-                *[zip(names, repeat(_STATE_RANK[s]), repeat(s)) for s, names in nonempty]
-            )
-            page = ((n, s) for n, _, s in islice(merged, offset, stop))
+        rows = joblist.page(per_state, offset, stop)
         headers = {"X-Total-Count": str(total)}
         if limit is not None and offset + limit < total:
             query = {"limit": str(limit), "offset": str(offset + limit)}
             if "status" in request.query_params:
                 query["status"] = request.query_params["status"]
             headers["Link"] = f'</jobs?{urlencode(query)}>; rel="next"'
-        return Response(_listing(page), 200, headers, media_type="application/json")
+        shown = (total if stop is None else min(stop, total)) - offset
+        if shown > joblist.STREAM_FROM:  # sent as it is rendered: memory stays bounded
+            return StreamingResponse(joblist.chunks(rows), 200, headers, "application/json")
+        return Response(joblist.body(rows), 200, headers, media_type="application/json")
 
     async def _queried(
         self,

@@ -254,7 +254,7 @@ def sweep_uploads(store: Store, min_age: float = 2.0) -> int:
     seconds (just created, not locked yet), is kept. Returns how many were removed.
     """
     removed = 0
-    for job in store.list(("data", "success", "error")):
+    for job in store.each_job(("data", "success", "error")):
         try:
             job_fd = store.open_job(job)
         except OSError:

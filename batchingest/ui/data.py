@@ -36,6 +36,8 @@ MAX_ENTRIES = 2000  # names of one folder the file view lists
 NAMED = 20  # names shown per group on the overview
 # Staging requests are jobs named by their request id (batchingest.staging).
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+# Past this many jobs come or gone, a state's Listing is built again rather than changed.
+_UPDATE_MOST = 2_000
 SORTS = ("name", "-name", "state", "-state", "changed", "-changed")
 
 
@@ -56,16 +58,39 @@ class Listing:
     by_time: list[tuple[float, str]] = field(default_factory=list)  # (time, name), ascending
 
     def __post_init__(self) -> None:
-        self.by_time = sorted((t, n) for n, t in self.times.items())
-        self.stamps = [t for t, _ in self.by_time]
+        if not self.by_time:
+            self.by_time = sorted((t, n) for n, t in self.times.items())
+            self.stamps = [t for t, _ in self.by_time]
+            self.requests = sorted(
+                ((t, n) for n, t in self.times.items() if is_request(n)), reverse=True
+            )
         self.latest = self.by_time[: -NAMED - 1 : -1]
-        self.requests = sorted(
-            ((t, n) for n, t in self.times.items() if is_request(n)), reverse=True
-        )
 
     def since(self, t: float) -> int:
         """How many arrived at t or later."""
         return len(self.stamps) - bisect.bisect_left(self.stamps, t)
+
+    def changed(self, names: list[str], gone: list[str], new: dict[str, float]) -> Listing:
+        """This listing with the jobs gone taken out and the new ones put in, each in
+        its place: a few bisections each, where building it again sorts every job."""
+        times = dict(self.times)
+        by_time, stamps = self.by_time.copy(), self.stamps.copy()
+        requests = self.requests.copy()
+        for name in gone:
+            row = (times.pop(name), name)
+            i = bisect.bisect_left(by_time, row)
+            del by_time[i], stamps[i]
+            if is_request(name):
+                requests.remove(row)
+        for name, t in new.items():
+            times[name] = t
+            i = bisect.bisect_left(by_time, (t, name))
+            by_time.insert(i, (t, name))
+            stamps.insert(i, t)
+            if is_request(name):
+                requests.append((t, name))
+        requests.sort(reverse=True)
+        return Listing(names, times, stamps, [], requests, by_time)
 
 
 def is_request(name: str) -> bool:
@@ -93,11 +118,20 @@ class ChangeTimes:
             if old is not None and old.names is names:
                 return old
             before = old.times if old is not None else {}
-            times = {n: before[n] for n in names if n in before}
-            missing = [n for n in names if n not in times]
-            if missing:
-                times.update(stat_times(self.store, state, missing))
-            self._cache[state] = Listing(names, times)
+            changes = None if old is None else self.store.name_changes(state, old.names, names)
+            if changes is not None:  # the store knows what changed: look at those only
+                gone = [n for n in changes if n in before]  # a job back again: its new time
+                new = stat_times(self.store, state, [n for n, there in changes.items() if there])
+            else:
+                now = set(names)  # set differences run at C speed
+                gone = list(before.keys() - now)
+                new = stat_times(self.store, state, now - before.keys())
+            if old is not None and len(gone) + len(new) <= _UPDATE_MOST:
+                self._cache[state] = old.changed(names, gone, new)
+            else:
+                times = {n: before[n] for n in names if n in before and n not in gone}
+                times.update(new)
+                self._cache[state] = Listing(names, times)
             return self._cache[state]
 
     def of(self, state: State) -> dict[str, float]:

@@ -192,6 +192,8 @@ def test_kill_9_then_restart_leaves_no_temporaries_and_no_locks(root: Path, tmp_
     svc2 = Service(root, api=False).start()
     try:
         assert wait_landed(root, "k") == "success"
+        # finished jobs are swept in the background, a few seconds after the start
+        wait_for(lambda: "job folders swept" in svc2.log(), what="the sweep of job folders")
     finally:
         svc2.stop()
     assert not any(c.exists() for c in controls)
