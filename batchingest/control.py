@@ -77,15 +77,16 @@ class Deadline:
 
 
 def _record(
-    store: Store, name: str, code: str, *, task: str | None = None, deadline: str = ""
-) -> None:
+    store: Store, name: str, code: str, *, task: str | None = None, deadline: str = "",
+    by: str = "api",
+) -> None:  # fmt: skip
     """Put an event in the job's history (and a line in the service log)."""
     from batchingest import events, metrics  # both import the store: keep this module light
 
     what = f"task {task}" if task else f"deadline {deadline}" if deadline else ""
     log.info("job %s: %s%s", name, code, f" ({what})" if what else "")
     if code == CANCEL_REQUESTED:
-        events.cancel_requested(store, name)
+        events.cancel_requested(store, name, by)
     elif code == CANCELED:
         events.canceled(store, name, task)
         metrics.cancel()
@@ -227,7 +228,7 @@ def sweep(store: Store) -> int:
 # -- the API's side ------------------------------------------------------------------
 
 
-def request_cancel(store: Store, name: str, reason: str = API_REASON) -> Job:
+def request_cancel(store: Store, name: str, reason: str = API_REASON, *, by: str = "api") -> Job:
     """Cancel a queued or processing job; the job as it is now (for a 202).
 
     The request is left in the job folder first, so whoever holds or takes the job acts
@@ -246,7 +247,7 @@ def request_cancel(store: Store, name: str, reason: str = API_REASON) -> Job:
             continue  # moved meanwhile: look again
         try:
             write_request(fd, reason)
-            _record(store, name, CANCEL_REQUESTED)
+            _record(store, name, CANCEL_REQUESTED, by=by)
             if job.state == State.QUEUE:
                 back = store.unqueue(name)
                 if back is not None:
@@ -262,11 +263,22 @@ def request_cancel(store: Store, name: str, reason: str = API_REASON) -> Job:
                 # stop it makes is not taken for the job having finished meanwhile
                 wake_watchers()
                 return now
+            if now is not None and now.state == State.ERROR and _stopped_by_cancel(fd):
+                return now  # a holder elsewhere (another process, host) was quicker
             clear(fd)  # it finished meanwhile: nothing is left to cancel
             raise NotCancellable(now or job)
         finally:
             os.close(fd)
     raise JobBusy(f"job {name!r} keeps changing state")
+
+
+def _stopped_by_cancel(dir_fd: int) -> bool:
+    """Whether the job's last task was recorded as canceled (by whoever held it)."""
+    try:
+        finished = jobdir.load_job(dir_fd).finished
+    except (OSError, JobFileError):
+        return False
+    return bool(finished) and finished[-1].get("Status") == "canceled"
 
 
 # -- the holder's side ---------------------------------------------------------------

@@ -17,7 +17,10 @@ import os
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from batchingest import events, filetimes, fs, jobfile
+import msgspec
+
+from batchingest import control, events, filetimes, fs, jobfile
+from batchingest.api import models
 from batchingest.store import Job, JobBusy, JobNotFound, Store, parse_statuses
 
 FAILURE = 1  # the command could not do what was asked (exit status)
@@ -157,16 +160,51 @@ class LocalSource:
         return job.status, moved
 
     def cancel(self, name: str) -> dict[str, Any]:
-        raise CommandError("cancel needs a running service for now: use --url")
+        """Leave a cancel request in the job, as the API does: whichever processor holds
+        the job (in a service on this root, or on another host) stops it; a queued job is
+        taken back to data/ at once. The events are recorded here, as the API records its.
+        """
+        recorder = events.Recorder(self.store)
+        recorder.attach()
+        try:
+            job = control.request_cancel(
+                self.store, name, "canceled from the command line", by="command line"
+            )
+        except JobNotFound:
+            raise no_job(name) from None
+        except control.NotCancellable as e:
+            raise CommandError(str(e)) from None
+        except JobBusy as e:
+            raise CommandError(str(e)) from None
+        finally:
+            recorder.close()
+        return {"Name": job.name, "Status": job.status}
 
     def events(self, after: str | None, limit: int) -> tuple[list[dict[str, Any]], str | None]:
-        raise CommandError("events need a running service for now: use --url")
+        """A page of the root's feed, each event as GET /events gives it."""
+        feed = events.Feed(self.store.root_fd, ".events", create=False)
+        try:
+            start = None if after is None else events.Cursor.parse(after)
+            page, more = feed.read(start, limit)
+        except (events.BadCursor, ValueError) as e:
+            raise CommandError(f"invalid cursor {after!r}: {e}", USAGE) from None
+        finally:
+            feed.close()
+        found = [feed_document(event, at.text) for event, at in page]
+        return found, page[-1][1].text if more else None
 
     def stuck(self) -> list[str] | None:
         return self.store.stuck()
 
     def close(self) -> None:
         pass
+
+
+def feed_document(event: dict[str, Any], cursor: str) -> dict[str, Any]:
+    """An event of the feed as GET /events answers it (the same fields, in its order)."""
+    document = msgspec.convert({"DATA_TYPE": "event", **event, "cursor": cursor}, models.FeedEvent)
+    found: dict[str, Any] = msgspec.to_builtins(document)
+    return found
 
 
 def check_states(value: str | None) -> list[str]:

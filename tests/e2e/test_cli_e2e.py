@@ -333,34 +333,58 @@ def _route_missing(svc: Service, method: str, path: str) -> bool:
     return r.status_code in (404, 405) and r.json().get("code") in ("NotFound", "MethodNotAllowed")
 
 
-def test_events_and_cancel_say_so_where_the_service_lacks_them(api: Service, root: Path) -> None:
-    place(root, "queue", "waiting")
-    env = {"BATCHINGEST_TOKEN": TOKEN}
-    checked = 0
-    if _route_missing(api, "GET", "/events"):
-        p = cli("events", "--url", api.url, env=env)
-        assert p.returncode == FAILURE and p.stdout == b""
-        assert p.stderr.decode() == (
-            f"batchingest events: error: the service at {api.url} has no job history "
-            "(GET /events) (an older version)\n"
+def test_events_and_cancel_work_on_a_root_as_through_the_service(root: Path) -> None:
+    write_task(root / "tasks", "start", "sleep 60\n")
+    with Service(root) as svc:
+        place(root, "queue", "long")
+        wait_for(lambda: (root / "processing" / "long").is_dir(), what="the job to start")
+        p = cli("cancel", "long", "--root", str(root))
+        assert p.returncode == 0 and p.stderr == b"", p.stderr.decode()
+        # the holder, in the service, may stop it before the command looks again
+        assert p.stdout in (
+            b"long: cancel requested (status processing)\n",
+            b"long: cancel requested (status error)\n",
         )
-        checked += 1
-    if _route_missing(api, "POST", "/jobs/waiting/cancel"):
-        p = cli("cancel", "waiting", "--url", api.url, env=env)
+        # the service holding the job finds the request and stops the task
+        wait_for(lambda: (root / "error" / "long").is_dir(), what="the job to be canceled")
+        p = cli("cancel", "long", "--root", str(root))
         assert p.returncode == FAILURE
-        assert b"has no way to cancel a job" in p.stderr
-        assert (root / "queue" / "waiting").is_dir()
-        checked += 1
-    # on a root, both need a running service for now
-    p = cli("events", "--root", str(root))
-    assert p.returncode == FAILURE and b"events need a running service for now" in p.stderr
-    p = cli("cancel", "waiting", "--root", str(root))
-    assert p.returncode == FAILURE and b"cancel needs a running service for now" in p.stderr
-    if not checked:
-        pytest.skip(
-            "the service has GET /events and POST /jobs/{id}/cancel now: "
-            "test_events_list_job_history and test_cancel_stops_a_job test them"
+        assert p.stderr == (
+            b"batchingest cancel: error: job 'long' is error: "
+            b"only a queued or processing job can be canceled\n"
         )
+
+        def codes() -> list[str]:
+            p = cli("events", "--json", "--root", str(root))
+            assert p.returncode == 0, p.stderr
+            return [e["code"] for e in json.loads(p.stdout) if e["job"] == "long"]
+
+        def settled() -> list[str] | None:
+            """The job's codes once CANCELED is in and nothing more came for a while."""
+            first = codes()
+            time.sleep(0.3)
+            return first if "CANCELED" in first and first == codes() else None
+
+        wait_for(settled, what="the job's events to settle")
+        p = same(root, svc, "events", "--json")
+        feed = [e for e in json.loads(p.stdout) if e["job"] == "long"]
+        asked = [e for e in feed if e["code"] == "CANCEL_REQUESTED"]
+        assert [e["details"]["by"] for e in asked] == ["command line"]
+        assert "CANCELED" in [e["code"] for e in feed]
+        assert same(root, svc, "events").stdout.count(b"  long  ") == len(feed)
+        p = cli("events", "--root", str(root), "--after", "nonsense")
+        assert p.returncode == USAGE and b"invalid cursor 'nonsense'" in p.stderr
+
+
+def test_cancel_on_a_root_takes_a_queued_job_back(root: Path) -> None:
+    with Service(root, "--no-processor"):
+        place(root, "queue", "waiting")
+        p = cli("cancel", "waiting", "--root", str(root))
+        assert (p.returncode, p.stderr) == (0, b"")
+        assert (root / "data" / "waiting").is_dir()
+        p = cli("events", "--json", "--root", str(root))
+        codes = [e["code"] for e in json.loads(p.stdout) if e["job"] == "waiting"]
+        assert codes[-2:] == ["CANCEL_REQUESTED", "CANCELED"]
 
 
 def test_events_list_job_history(root: Path) -> None:
