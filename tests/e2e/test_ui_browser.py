@@ -263,17 +263,9 @@ def test_follow_log_live(root: Path, page: Any, tmp_path: Path) -> None:
         screenshot(page, tmp_path, "ui-job.png")
 
 
-def _cancel_route(svc: Service) -> bool:
-    with svc.client() as c:
-        r = c.post("/jobs/no-such-job/cancel")
-    return not (r.status_code in (404, 405) and r.headers.get("x-error-code") != "JobNotFound")
-
-
 def test_cancel_running_job(root: Path, page: Any) -> None:
     write_task(root / "tasks", "start", "echo started; sleep 60\n")
     with Service(root) as svc:
-        if not _cancel_route(svc):
-            pytest.skip("this service has no POST /jobs/{id}/cancel yet (it answers 404)")
         queue_job(root, "long-1")
         log_in(page, svc, "/ui/jobs/long-1")
         text_is(page, "#job-status", "processing")
@@ -286,20 +278,6 @@ def test_cancel_running_job(root: Path, page: Any) -> None:
         )
         with svc.client() as c:
             assert c.get("/jobs/long-1").json()["Status"] not in ("processing", "queue")
-
-
-def test_cancel_unavailable_says_so(root: Path, page: Any) -> None:
-    write_task(root / "tasks", "start", "sleep 60\n")
-    with Service(root) as svc:
-        if _cancel_route(svc):
-            pytest.skip("this service has POST /jobs/{id}/cancel: see test_cancel_running_job")
-        queue_job(root, "long-2")
-        log_in(page, svc, "/ui/jobs/long-2")
-        text_is(page, "#job-status", "processing")
-        page.click("#act-cancel")
-        answer_dialog(page, yes=True)
-        text_is(page, "#act-result", "Cancel is not available on this service.")
-        assert page.is_disabled("#act-cancel")
 
 
 def test_queue_and_delete_ask_first(root: Path, page: Any) -> None:
