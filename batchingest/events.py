@@ -59,6 +59,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
+import msgspec
+
 from batchingest import fs
 from batchingest.jobdir import EVENTS_FILE
 from batchingest.store import FINAL, InvalidName, Job, State, Store, StoreError
@@ -151,12 +153,17 @@ def make_event(
     }
 
 
-# one encoder: json.dumps with options builds a new one on every call
-_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+# compact UTF-8 JSON, a few times cheaper than json's; json (escaping all but ASCII)
+# for what msgspec will not write: ints beyond 64 bits, lone surrogates
+_ENCODER = msgspec.json.Encoder()
+_ASCII_ENCODER = json.JSONEncoder(separators=(",", ":"))
 
 
 def _dumps(data: dict[str, Any]) -> bytes:
-    return _ENCODER.encode(data).encode() + b"\n"
+    try:
+        return _ENCODER.encode(data) + b"\n"
+    except (TypeError, OverflowError, UnicodeError, msgspec.EncodeError):
+        return _ASCII_ENCODER.encode(data).encode() + b"\n"
 
 
 def encode(event: dict[str, Any]) -> bytes:
@@ -215,14 +222,19 @@ def _open_append(dir_fd: int, name: str) -> int:
 def _end_torn_line(fd: int) -> int:
     """fd, after closing a torn last line (a crash mid-write) with a newline; closed on
     error."""
+    return _end_torn_line_sized(fd)[0]
+
+
+def _end_torn_line_sized(fd: int) -> tuple[int, int]:
+    """_end_torn_line, and the file's size after it."""
     try:
         size = os.fstat(fd).st_size
         if size and os.pread(fd, 1, size - 1) != b"\n":
-            os.write(fd, b"\n")
+            size += os.write(fd, b"\n")
     except BaseException:
         os.close(fd)
         raise
-    return fd
+    return fd, size
 
 
 def open_history(dir_fd: int) -> int:
@@ -231,13 +243,18 @@ def open_history(dir_fd: int) -> int:
     A torn last line (a crash mid-write) is closed with a newline first. Raises
     fs.UnsafePath or fs.NotRegular (a link, FIFO, folder) and other OSErrors.
     """
+    return open_history_sized(dir_fd)[0]
+
+
+def open_history_sized(dir_fd: int) -> tuple[int, int]:
+    """open_history, and the file's size then (0: new or empty, nothing to read back)."""
     try:
         fd = _open_append(dir_fd, EVENTS_FILE)
     except OSError as e:
         if e.errno == errno.ENXIO:  # a FIFO nobody reads: open says so before any check
             raise fs.NotRegular(errno.EINVAL, "not a regular file (named pipe)", EVENTS_FILE) from e
         raise
-    return _end_torn_line(fd)
+    return _end_torn_line_sized(fd)
 
 
 def append_history(dir_fd: int, line: bytes) -> int:
@@ -328,10 +345,9 @@ def last_state(dir_fd: int) -> str | None:
     return _last_state_in(found[0])
 
 
-def _last_state_of(fd: int) -> str | None:
-    """last_state of a history open for reading (the end of the file)."""
+def _last_state_of(fd: int, size: int) -> str | None:
+    """last_state of a history open for reading, `size` bytes long (just opened)."""
     try:
-        size = os.fstat(fd).st_size
         return _last_state_in(os.pread(fd, _TAIL, max(0, size - _TAIL))) if size else None
     except OSError:
         return None
@@ -754,17 +770,19 @@ class Recorder:
         whether it is still linked is looked at after one, not before every event.
         """
         if held is None:
-            return (None if dir_fd is None else self._open_history(name, dir_fd)), True
+            opened = None if dir_fd is None else self._open_history(name, dir_fd)
+            return (None if opened is None else opened[0]), True
         fd = self._held.get(held)
         if fd is not None and (not after_task or os.fstat(fd).st_nlink > 0):
             return fd, False
         if dir_fd is None:
             return None, True
         self.release(held)  # none yet, or a task removed the file: a new one
-        fd = self._open_history(name, dir_fd)
-        if fd is not None:
-            self._held[held] = fd
-        return fd, False
+        opened = self._open_history(name, dir_fd)
+        if opened is None:
+            return None, False
+        self._held[held] = opened[0]
+        return opened[0], False
 
     def release(self, held: str) -> None:
         """The job held as `held` left processing/: close its kept history."""
@@ -778,9 +796,10 @@ class Recorder:
             self._flusher.forget(name)
         os.close(fd)
 
-    def _open_history(self, name: str, dir_fd: int) -> int | None:
+    def _open_history(self, name: str, dir_fd: int) -> tuple[int, int] | None:
+        """open_history_sized, or None (said once per job) if it cannot be kept."""
         try:
-            return open_history(dir_fd)
+            return open_history_sized(dir_fd)
         except OSError as e:
             if name not in self._warned:
                 self._warned.add(name)
@@ -936,12 +955,13 @@ class Recorder:
 
     def _seen_by_hand(self, name: str, dir_fd: int) -> None:
         """QUEUED (by hand) for a job found in queue/; its history kept for the claim."""
-        fd = self._open_history(name, dir_fd)
-        if fd is None:  # not kept (a link, say): the feed still gets the event
+        opened = self._open_history(name, dir_fd)
+        if opened is None:  # not kept (a link, say): the feed still gets the event
             for code, text, details in self._hand_queued(None):
                 self.record(name, None, code, "queue", text, details, durable=True)
         else:
-            last = _last_state_of(fd)
+            fd, size = opened
+            last = _last_state_of(fd, size)
             if last == State.PROCESSING.status:
                 # just moved out of processing/ (a recovery, a stopping service) and that
                 # move's own event not written yet: not by hand. A job moved from there by

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import msgspec
 
 from batchingest import fs
 from batchingest.store import valid_name
@@ -44,7 +47,27 @@ class JobFile:
         return data
 
     def dumps(self) -> bytes:
-        return (json.dumps(self.to_json(), indent=2) + "\n").encode()
+        """JOB as json.dumps(indent=2) writes it, byte for byte.
+
+        json's indented output is its slow pure-Python encoder; msgspec's compact output
+        re-indented is the same text wherever both escape and print alike, and json is
+        kept for the rest (non-ASCII and DEL, numbers with an exponent, NaN, ints
+        beyond 64 bits, which msgspec writes otherwise).
+        """
+        data = self.to_json()
+        try:
+            compact = _ENCODER.encode(data)
+        except (TypeError, OverflowError, msgspec.EncodeError):
+            compact = b"\x7f"  # not encodable by msgspec: json's turn
+        if compact.isascii() and not _JSON_WRITES_OTHERWISE.search(compact):
+            return msgspec.json.format(compact, indent=2) + b"\n"
+        return (json.dumps(data, indent=2) + "\n").encode()
+
+
+_ENCODER = msgspec.json.Encoder()
+# what msgspec writes unlike json (ensure_ascii, float repr): an exponent, NaN or an
+# infinity (null), DEL; a string merely containing these only costs the slow path
+_JSON_WRITES_OTHERWISE = re.compile(rb"[0-9][eE]|null|\x7f")
 
 
 def now_rfc3339() -> str:

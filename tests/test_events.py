@@ -58,6 +58,19 @@ def test_event_fields_and_line_bound() -> None:
     assert len(events.encode(events.make_event(Code.FAILED, "error", "d", many))) <= events.MAX_LINE
 
 
+def test_any_details_make_one_line_that_reads_back() -> None:
+    # what msgspec will not write (an int beyond 64 bits, a lone surrogate from a file
+    # name) still makes one line; other text stays UTF-8, not escaped
+    details = {"big": 2**70, "path": "caf\u00e9/\udc80", "line": "a\nb", "nan": float("nan")}
+    encoded = events.encode(events.make_event(Code.FILE_UPLOADED, "ready", "F.", details))
+    assert encoded.count(b"\n") == 1 and encoded.endswith(b"\n")
+    back = events.decode(encoded)
+    assert back is not None and back["details"]["big"] == 2**70
+    assert back["details"]["path"] == "caf\u00e9/\udc80" and back["details"]["line"] == "a\nb"
+    plain = events.encode(events.make_event(Code.FILE_UPLOADED, "ready", "F.", {"p": "caf\u00e9"}))
+    assert "caf\u00e9".encode() in plain and events.decode(plain) is not None
+
+
 def test_decode_refuses_what_is_not_an_event() -> None:
     raw = line()
     good = json.loads(raw)

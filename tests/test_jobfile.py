@@ -241,3 +241,19 @@ def test_load_by_path_refuses_links(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         jobfile.load(tmp_path / "linked-job")
     assert jobfile.load(tmp_path / "gone") == JobFile()  # a job that moved on reads empty
+
+
+@settings(max_examples=300)
+@given(job_files, st.dictionaries(st.text(max_size=5), st.floats() | st.integers(), max_size=3))
+def test_job_is_written_as_json_indents_it(job: JobFile, numbers: dict[str, Any]) -> None:
+    # the fast path must not change one byte of what tools and curators have always read
+    # (non-ASCII escaped, NaN, exponents, ints beyond 64 bits included)
+    job.extra.update({f"n{k}": v for k, v in numbers.items()})
+    assert job.dumps() == (json.dumps(job.to_json(), indent=2) + "\n").encode()
+
+
+def test_plain_job_takes_the_fast_path_and_reads_alike() -> None:
+    job = JobFile(todo=["a"], finished=[{"Name": "b", "Status": "ok"}], extra={"X": [1, {}]})
+    expected = '{\n  "Todo": [\n    "a"\n  ],\n  "Finished": [\n    {\n      "Name": "b",'
+    assert job.dumps().decode().startswith(expected)
+    assert job.dumps().endswith(b'"X": [\n    1,\n    {}\n  ]\n}\n')

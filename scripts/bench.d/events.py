@@ -85,6 +85,30 @@ def throughput(base: Path, with_events: bool) -> tuple[float, float]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def create_cost(base: Path) -> float:
+    """CPU seconds to create one empty file in a fresh folder here: what a job's first
+    event costs at least, since its history is a new file in the job's folder."""
+    folder = Path(tempfile.mkdtemp(dir=base))
+    fds = []
+    for i in range(JOBS):
+        (folder / f"j{i}").mkdir()
+        fds.append(os.open(folder / f"j{i}", os.O_RDONLY | os.O_DIRECTORY))
+    t0 = time.thread_time()
+    for fd in fds:
+        os.close(os.open(".events", os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644, dir_fd=fd))
+    cost = (time.thread_time() - t0) / JOBS
+    for fd in fds:
+        os.close(fd)
+    shutil.rmtree(folder, ignore_errors=True)
+    return cost
+
+
+def spread(values: list[float], scale: float = 1.0, digits: int = 0) -> str:
+    """min / median / max"""
+    parts = (min(values), statistics.median(values), max(values))
+    return " / ".join(f"{v * scale:,.{digits}f}" for v in parts)
+
+
 def fill_feed(root: Path) -> list[str]:
     """FEED_EVENTS lines in SEGMENTS past hours; a cursor of every 1000th event."""
     folder = root / ".events"
@@ -160,7 +184,7 @@ def pct(values: list[float], q: float) -> float:
 def main() -> None:
     base = Path(tempfile.mkdtemp(prefix="batchingest-bench-"))
     try:
-        with_rates, without_rates, with_cpu, without_cpu = [], [], [], []
+        with_rates, without_rates, with_cpu, without_cpu, creates = [], [], [], [], []
         for _ in range(RUNS):
             rate, cpu = throughput(base, False)
             without_rates.append(rate)
@@ -168,6 +192,9 @@ def main() -> None:
             rate, cpu = throughput(base, True)
             with_rates.append(rate)
             with_cpu.append(cpu)
+            creates.append(create_cost(base))
+        rate_ratios = [w / o for w, o in zip(with_rates, without_rates, strict=True)]
+        cpu_ratios = [w / o for w, o in zip(with_cpu, without_cpu, strict=True)]
         with_rate, without_rate = statistics.median(with_rates), statistics.median(without_rates)
         cpu_with, cpu_without = statistics.median(with_cpu), statistics.median(without_cpu)
         after, oldest, floor, size = feed_latency(base)
@@ -186,6 +213,15 @@ def main() -> None:
         print(
             f"| service CPU per job (all its threads, not the task) | with: "
             f"{cpu_with * 1e6:.0f} µs | without: {cpu_without * 1e6:.0f} µs | |"
+        )
+        print(
+            f"| round by round, min / median / max | jobs/s with over without: "
+            f"{spread(rate_ratios, digits=2)}x | CPU per job with over without: "
+            f"{spread(cpu_ratios, digits=2)}x | |"
+        )
+        print(
+            f"| creating one empty file in a fresh folder (the floor of a new history), "
+            f"CPU | {spread(creates, 1e6)} µs | | |"
         )
         print(
             f"| `GET /events?after=&limit=100`, {FEED_EVENTS:,} events ({size >> 20} MiB) "
