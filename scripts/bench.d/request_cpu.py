@@ -15,6 +15,9 @@ HTTP to the real service (`serve --no-processor`, uvicorn) of each tree in turn,
 connections for BENCH_HTTP_SECONDS (default 5) a round: req/s, p50 and p99 as wrk sees
 them, and the service's CPU (user + system, from /proc) per request. The services run
 from a temporary folder, so `python -m` imports the tree named by PYTHONPATH.
+BENCH_API_PROCESSES (e.g. "1,2") runs this tree once per value of `--api-processes`
+in each round (the other tree with its default); the ratio of each to the other tree's
+req/s, round by round, is printed too.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ TREE = HERE.parents[2]
 RUNS = int(os.environ.get("BENCH_RUNS", "5"))
 REQUESTS = int(os.environ.get("BENCH_REQUESTS", "20000"))
 HTTP_SECONDS = int(os.environ.get("BENCH_HTTP_SECONDS", "5"))
+API_PROCESSES = [int(n) for n in os.environ.get("BENCH_API_PROCESSES", "1").split(",")]
 sys.path.insert(0, str(TREE / "tests"))
 
 CHILD = r"""
@@ -96,8 +100,13 @@ def rate(tree: Path) -> float:
 
 
 def service_cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU seconds of the service and its extra API processes (their children)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    total = 0
+    for each in [pid, *map(int, children)]:
+        fields = Path(f"/proc/{each}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def wrk(url: str, seconds: int) -> str:
@@ -112,7 +121,7 @@ def wrk_ms(out: str, label: str) -> float:
     return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)] if m else 0.0
 
 
-def http_round(tree: Path) -> tuple[float, float, float, float] | None:
+def http_round(tree: Path, processes: int = 1) -> tuple[float, float, float, float] | None:
     """req/s, p50 ms, p99 ms and service CPU µs per request of one wrk run on tree;
     None if that tree's service does not start (an old tree without today's options)."""
     from live_service import Service
@@ -122,7 +131,8 @@ def http_round(tree: Path) -> tuple[float, float, float, float] | None:
     os.chdir(work)  # `python -m` puts the working folder first on the path
     try:
         (work / "root" / "tasks").mkdir(parents=True)
-        svc = Service(work / "root", "--no-processor", env={"PYTHONPATH": str(tree)})
+        extra = ["--api-processes", str(processes)] if processes > 1 else []
+        svc = Service(work / "root", "--no-processor", *extra, env={"PYTHONPATH": str(tree)})
         try:
             svc.start()
         except RuntimeError as e:
@@ -153,23 +163,35 @@ def http_round(tree: Path) -> tuple[float, float, float, float] | None:
 
 
 def http_table(other: str | None) -> None:
-    trees = ([Path(other)] if other else []) + [TREE]
-    runs: dict[Path, list[tuple[float, float, float, float]]] = {t: [] for t in trees}
+    """Rounds alternate the trees; this tree once per BENCH_API_PROCESSES value."""
+    kinds: list[tuple[Path, int]] = ([(Path(other), 1)] if other else []) + [
+        (TREE, n) for n in API_PROCESSES
+    ]
+    runs: dict[tuple[Path, int], list[tuple[float, float, float, float]]] = {k: [] for k in kinds}
     for _ in range(RUNS):
-        for tree in list(trees):
-            found = http_round(tree)
+        for kind in list(kinds):
+            found = http_round(*kind)
             if found is None:
-                trees.remove(tree)
+                kinds.remove(kind)
             else:
-                runs[tree].append(found)
+                runs[kind].append(found)
     print(f"\n## GET /jobs/{{id}} over HTTP, wrk 8 connections, {HTTP_SECONDS} s a round")
     print("(min / median / max)\n")
-    print("| tree | req/s | p50 ms | p99 ms | service CPU µs per request |")
-    print("|---|---|---|---|---|")
-    for tree in trees:
-        cols = [summary([r[i] for r in runs[tree]], ".2f" if i in (1, 2) else ",.0f")
+    print("| tree | API processes | req/s | p50 ms | p99 ms | service CPU µs per request |")
+    print("|---|---|---|---|---|---|")
+    for kind in kinds:
+        cols = [summary([r[i] for r in runs[kind]], ".2f" if i in (1, 2) else ",.0f")
                 for i in range(4)]  # fmt: skip
-        print(f"| {'this tree' if tree == TREE else tree} | {' | '.join(cols)} |")
+        name = "this tree" if kind[0] == TREE else kind[0]
+        print(f"| {name} | {kind[1]} | {' | '.join(cols)} |")
+    base = runs.get((Path(other), 1)) if other else None
+    if base:
+        print()
+        for kind in kinds:
+            if kind[0] == TREE and len(runs[kind]) == len(base):
+                rounds = [a[0] / b[0] for a, b in zip(runs[kind], base, strict=True)]
+                print(f"req/s of this tree with {kind[1]} API process(es) / other, round by "
+                      f"round (min / median / max): {summary(rounds, '.2f')}")  # fmt: skip
 
 
 def summary(values: list[float], fmt: str = ",.0f") -> str:
