@@ -24,34 +24,21 @@ inotify instances are all taken), the store keeps scanning instead (Store.job_na
 from __future__ import annotations
 
 import bisect
-import ctypes
-import errno
+import contextlib
 import os
-import struct
 import threading
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable
 
+from inotify_simple import Event, INotify, flags
+
 from batchingest import fs
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
-IN_MOVED_FROM, IN_MOVED_TO, IN_CREATE, IN_DELETE = 0x40, 0x80, 0x100, 0x200
-IN_DELETE_SELF, IN_MOVE_SELF, IN_UNMOUNT, IN_Q_OVERFLOW, IN_IGNORED = (
-    0x400,
-    0x800,
-    0x2000,
-    0x4000,
-    0x8000,
-)
-IN_ONLYDIR, IN_ISDIR = 0x01000000, 0x40000000
-_ADDED = IN_CREATE | IN_MOVED_TO
-_GONE = IN_DELETE | IN_MOVED_FROM
-_BROKEN = IN_DELETE_SELF | IN_MOVE_SELF | IN_UNMOUNT | IN_Q_OVERFLOW | IN_IGNORED
-_MASK = _ADDED | _GONE | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR
-_EVENT = struct.Struct("iIII")
-_READ_SIZE = 1 << 20
+_ADDED = flags.CREATE | flags.MOVED_TO
+_GONE = flags.DELETE | flags.MOVED_FROM
+_BROKEN = flags.DELETE_SELF | flags.MOVE_SELF | flags.UNMOUNT | flags.Q_OVERFLOW | flags.IGNORED
+_MASK = _ADDED | _GONE | flags.DELETE_SELF | flags.MOVE_SELF | flags.ONLYDIR
 # Past this many changed names since the last sorted listing, sorting the whole set
 # again is cheaper than inserting each name into a copy of the old list.
 _RESORT_AFTER = 2_000
@@ -94,11 +81,11 @@ class Watched:
         self._root_fd = root_fd
         self._accept = accept
         self._lock = threading.Lock()
-        self._fd = _libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
-        if self._fd < 0:
-            err = ctypes.get_errno()
-            raise Unavailable(err, f"inotify: {os.strerror(err)}")
-        self._closer = weakref.finalize(self, os.close, self._fd)
+        try:
+            self._inotify = INotify(nonblocking=True)
+        except OSError as e:
+            raise Unavailable(e.errno, f"inotify: {e.strerror}") from None
+        self._closer = weakref.finalize(self, self._inotify.close)
         self._wds: dict[int, str] = {}
         self._folders: dict[str, _Folder] = {}
         try:
@@ -113,7 +100,9 @@ class Watched:
     def _watch_all(self, folders: list[str]) -> None:
         """Watch each folder (through a descriptor opened beneath the root), then scan it."""
         for wd in self._wds:
-            _libc.inotify_rm_watch(self._fd, wd)
+            # EINVAL: the kernel dropped the watch already (its folder went)
+            with contextlib.suppress(OSError):
+                self._inotify.rm_watch(wd)
         # versions go on across a rescan, with no changes known from before it
         versions = {name: f.sorted.version + 1 for name, f in self._folders.items()}
         self._wds, self._folders = {}, {}
@@ -121,10 +110,10 @@ class Watched:
             dir_fd = fs.open_dir(self._root_fd, folder)
             try:
                 magic = f"/proc/self/fd/{dir_fd}".encode()
-                wd = _libc.inotify_add_watch(self._fd, magic, _MASK)
-                if wd < 0:
-                    err = ctypes.get_errno()
-                    raise Unavailable(err, f"inotify watch: {os.strerror(err)}")
+                try:
+                    wd = self._inotify.add_watch(magic, _MASK)
+                except OSError as e:
+                    raise Unavailable(e.errno, f"inotify watch: {e.strerror}") from None
                 self._wds[wd] = folder
                 self._folders[folder] = _Folder(self._scan(dir_fd))
                 self._folders[folder].sorted.version = versions.get(folder, 0)
@@ -138,29 +127,21 @@ class Watched:
     def _drain(self) -> None:
         """Apply every queued event; scan everything again if they cannot be trusted."""
         broken = False
-        while True:
-            try:
-                data = os.read(self._fd, _READ_SIZE)
-            except BlockingIOError:
-                break
-            broken |= self._apply(data)
+        while events := self._inotify.read(timeout=0):
+            broken |= self._apply(events)
         if broken:
             self._watch_all(list(self._folders))
 
-    def _apply(self, data: bytes) -> bool:
-        """Apply a buffer of events; True if one says the events cannot be trusted."""
-        broken, at = False, 0
-        while at < len(data):
-            wd, mask, _, size = _EVENT.unpack_from(data, at)
-            raw = data[at + _EVENT.size : at + _EVENT.size + size]
-            at += _EVENT.size + size
+    def _apply(self, events: list[Event]) -> bool:
+        """Apply events read at once; True if one says the events cannot be trusted."""
+        broken = False
+        for wd, mask, _, name in events:
             if mask & _BROKEN:
                 # IN_IGNORED of a watch we removed ourselves (a rescan) is expected
                 broken |= wd == -1 or wd in self._wds
                 continue
             folder = self._folders.get(self._wds.get(wd, ""))
-            name = os.fsdecode(raw.split(b"\0", 1)[0])
-            if folder is None or not (mask & IN_ISDIR) or not self._accept(name):
+            if folder is None or not (mask & flags.ISDIR) or not self._accept(name):
                 continue
             present = bool(mask & _ADDED)
             (folder.names.add if present else folder.names.discard)(name)
@@ -213,8 +194,3 @@ def _update(new: list[str], changes: dict[str, bool]) -> None:
             new.insert(i, name)
         elif not present and there:
             del new[i]
-
-
-def inotify_error(e: OSError) -> bool:
-    """Whether an error means inotify is not to be had here (rather than a real fault)."""
-    return isinstance(e, Unavailable) or e.errno in (errno.EMFILE, errno.ENOSPC, errno.ENOSYS)
