@@ -317,8 +317,14 @@ def read_history(dir_fd: int, limit: int = HISTORY_READ_LIMIT) -> list[dict[str,
     return parse_lines(data)
 
 
+# noted about a job wherever it is (events.note): their state is its status when noted,
+# not a move, so a webhook's result landing after `mv error/x queue/` must not read as
+# "already queued" and hide that move's QUEUED
+NOT_MOVES = frozenset({Code.WEBHOOK_DELIVERED, Code.WEBHOOK_FAILED, Code.CANCEL_REQUESTED})
+
+
 def last_state(dir_fd: int) -> str | None:
-    """The state after the job's last recorded event; None if unknown or unreadable."""
+    """The state after the job's last recorded move; None if unknown or unreadable."""
     try:
         found = fs.read_tail(dir_fd, EVENTS_FILE, _TAIL)
     except OSError:
@@ -341,7 +347,7 @@ def _last_state_in(tail: bytes) -> str | None:
     lines = tail.split(b"\n")[:-1]  # the part after the last newline is torn
     for line in reversed(lines):  # the newest event that is one: no need to parse the rest
         event = decode(line)
-        if event is not None:
+        if event is not None and event["code"] not in NOT_MOVES:
             return event["state"]  # type: ignore[no-any-return]
     return None
 
