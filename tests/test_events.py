@@ -586,3 +586,16 @@ def test_a_late_webhook_event_does_not_hide_a_move_by_hand(
         got = [e for e in history(store, name) if e["code"] in ("QUEUED", "CLAIMED")]
         assert codes(got) == ["QUEUED", "CLAIMED", "QUEUED", "CLAIMED"], name
         assert got[2]["details"] == {"by": "hand", "from": "error"}
+
+
+def test_a_listing_just_after_the_claims_rename_writes_no_second_queued(
+    store: Store, recorder: Recorder
+) -> None:
+    """A job seen in queue/ (its QUEUED written, its history kept) is claimed; a listing
+    taken after the rename is handled before the claim's events: still one QUEUED."""
+    (store.root / "queue" / "t").mkdir()
+    events.seen_queued(store, store.queued())
+    assert "t" in recorder._waiting
+    recorder._ends_queued.discard("t")  # what that listing's handling does first
+    run_held(store, "t", "success")
+    assert codes(history(store, "t")) == ["QUEUED", "CLAIMED", "SUCCEEDED"]
