@@ -419,7 +419,9 @@ class QueuedDeadlines:
     """Sends queued jobs past their deadline back to data/ (the processor, every poll).
 
     JOB of each queued job is read once and remembered with the identity of the folder
-    and of JOB, so a poll over a long queue costs a few system calls a job. A job that
+    (its ctime moves when it leaves queue/ and comes back) and of JOB (device, inode,
+    size, mtime and ctime: replaced or written to), so a poll over a long queue costs an
+    open beneath queue/, an fstat and an lstat a job, no path built. A job that
     entered queue/ less than `settle` seconds ago is left for the next poll: a claim
     checks the deadline too, and most jobs are claimed sooner than that, so their JOB
     is not read twice.
@@ -437,11 +439,9 @@ class QueuedDeadlines:
         names = self.store.job_names(State.QUEUE)
         queued = set(names)
         self._seen = {n: v for n, v in self._seen.items() if n in queued}
+        due = self._due(names, now)
         expired = []
-        for name in names:
-            deadline = self._deadline(name, now)
-            if deadline is None or deadline.at > now:
-                continue
+        for name, deadline in due:
             job = self.store.unqueue(name)
             if job is None:
                 continue  # being claimed: the processor checks the deadline there
@@ -459,9 +459,25 @@ class QueuedDeadlines:
             expired.append(name)
         return expired
 
-    def _deadline(self, name: str, now: float) -> Deadline | None:
+    def _due(self, names: list[str], now: float) -> list[tuple[str, Deadline]]:
+        """The queued jobs whose deadline has passed, each opened beneath queue/ by name."""
         try:
-            fd = self.store.open_job(Job(name, State.QUEUE, self.store.job_path(State.QUEUE, name)))
+            queue_fd = self.store.open_state_dir(State.QUEUE)
+        except OSError:
+            return []
+        due = []
+        try:
+            for name in names:
+                deadline = self._deadline(queue_fd, name, now)
+                if deadline is not None and deadline.at <= now:
+                    due.append((name, deadline))
+        finally:
+            os.close(queue_fd)
+        return due
+
+    def _deadline(self, queue_fd: int, name: str, now: float) -> Deadline | None:
+        try:
+            fd = fs.open_dir(queue_fd, name)
         except (OSError, ValueError):
             return None  # taken meanwhile, or not a job
         try:
@@ -469,7 +485,16 @@ class QueuedDeadlines:
             if now - st.st_ctime < self.settle:
                 return None  # just queued: the claim, or the next poll, looks
             jst = fs.lstat(fd, JOB_FILE)
-            key = (st.st_ino, st.st_ctime_ns, jst and (jst.st_ino, jst.st_mtime_ns, jst.st_size))
+            # the folder's ctime changes when it is moved (left and came back); JOB's
+            # identity when it is replaced or written to, even within one mtime tick
+            job_key = jst and (
+                jst.st_dev,
+                jst.st_ino,
+                jst.st_size,
+                jst.st_mtime_ns,
+                jst.st_ctime_ns,
+            )
+            key = (st.st_dev, st.st_ino, st.st_ctime_ns, job_key)
             seen = self._seen.get(name)
             if seen is not None and seen[0] == key:
                 return seen[1]

@@ -334,8 +334,14 @@ def read_history(dir_fd: int, limit: int = HISTORY_READ_LIMIT) -> list[dict[str,
     return parse_lines(data)
 
 
+# noted about a job wherever it is (events.note): their state is its status when noted,
+# not a move, so a webhook's result landing after `mv error/x queue/` must not read as
+# "already queued" and hide that move's QUEUED
+NOT_MOVES = frozenset({Code.WEBHOOK_DELIVERED, Code.WEBHOOK_FAILED, Code.CANCEL_REQUESTED})
+
+
 def last_state(dir_fd: int) -> str | None:
-    """The state after the job's last recorded event; None if unknown or unreadable."""
+    """The state after the job's last recorded move; None if unknown or unreadable."""
     try:
         found = fs.read_tail(dir_fd, EVENTS_FILE, _TAIL)
     except OSError:
@@ -357,7 +363,7 @@ def _last_state_in(tail: bytes) -> str | None:
     lines = tail.split(b"\n")[:-1]  # the part after the last newline is torn
     for line in reversed(lines):  # the newest event that is one: no need to parse the rest
         event = decode(line)
-        if event is not None:
+        if event is not None and event["code"] not in NOT_MOVES:
             return event["state"]  # type: ignore[no-any-return]
     return None
 
@@ -853,7 +859,8 @@ class Recorder:
             dir_fd = None if kept else self._open_moved(job)
             held = job.name if claimed else original
             try:
-                for code, description, details in self._planned(job, old_state, original, dir_fd):
+                planned = self._planned(job, old_state, original, dir_fd, kept)
+                for code, description, details in planned:
                     # a QUEUED written late (a hand-queued job, seen when taken) says queue
                     state = "queue" if code is Code.QUEUED else job.status
                     self.record(job.name, dir_fd, code, state, description, details,
@@ -896,11 +903,11 @@ class Recorder:
             return None
 
     def _planned(
-        self, job: Job, old: str | None, original: str | None, dir_fd: int | None
+        self, job: Job, old: str | None, original: str | None, dir_fd: int | None, kept: bool
     ) -> _Planned:
         new = job.state
         if old == State.QUEUE and new == State.PROCESSING:
-            return self._claimed(job.name, dir_fd)
+            return self._claimed(job.name, dir_fd, seen=kept)
         if old == State.PROCESSING and new == State.QUEUE:
             self._ends_queued.add(job.name)
             if original is not None:
@@ -986,9 +993,16 @@ class Recorder:
             details["from"] = last
         return [(Code.QUEUED, "Queued by hand: found in queue/.", details)]
 
-    def _claimed(self, name: str, dir_fd: int | None) -> _Planned:
+    def _claimed(self, name: str, dir_fd: int | None, seen: bool = False) -> _Planned:
+        """CLAIMED, after a QUEUED (by hand) if the job was not seen queued.
+
+        `seen`: its history was kept since it was seen in queue/, so its QUEUED is written.
+        A listing taken just after the claim's rename may already have taken the name out
+        of _ends_queued (that runs in the helper thread, without the job's lock): the
+        kept history says it all the same, and no second QUEUED is written.
+        """
         planned: _Planned = []
-        if name in self._ends_queued:
+        if seen or name in self._ends_queued:
             self._ends_queued.discard(name)
         elif dir_fd is not None:  # not seen queued by this process: look
             planned = self._hand_queued(last_state(dir_fd))

@@ -385,3 +385,51 @@ def test_leftover_requests_of_finished_jobs_are_swept(root: Path, store: Store) 
     assert (root / "queue" / "in-queue" / CANCEL_FILE).exists()  # still to be acted on
     for state in ("data", "error", "success"):
         assert not (root / state / f"in-{state}" / CANCEL_FILE).exists()
+
+
+def test_a_queued_jobs_deadline_is_read_again_when_its_job_changes(
+    root: Path, store: Store
+) -> None:
+    """JOB is read once and remembered; a deadline added later is still honoured."""
+    for name in ("later", "replaced"):
+        drop(root, name, json.dumps({"Todo": ["start"]}))
+    deadlines = control.QueuedDeadlines(store, default=None)
+    assert deadlines.expire() == []  # both seen: no deadline
+    job = root / "queue" / "later" / "JOB"
+    stamp = job.stat().st_mtime_ns
+    with job.open("r+") as f:  # written in place, its mtime put back: its ctime moved
+        f.write(json.dumps({"Todo": ["start"], "Deadline": rfc3339(-1)}))
+    os.utime(job, ns=(stamp, stamp))
+    fresh = root.parent / "JOB.new"
+    fresh.write_text(json.dumps({"Todo": ["start"], "Deadline": rfc3339(-1)}))
+    os.replace(fresh, root / "queue" / "replaced" / "JOB")  # a new file in its place
+    assert sorted(deadlines.expire()) == ["later", "replaced"]
+    assert sorted(os.listdir(root / "data")) == ["later", "replaced"]
+
+
+def test_a_job_that_leaves_queue_and_comes_back_is_read_again(root: Path, store: Store) -> None:
+    drop(root, "back")
+    deadlines = control.QueuedDeadlines(store, default=None)
+    assert deadlines.expire() == []
+    os.rename(root / "queue" / "back", root / "error" / "back")
+    assert deadlines.expire() == []  # gone: forgotten
+    (root / "error" / "back" / "JOB").write_text(
+        json.dumps({"Todo": ["start"], "Deadline": rfc3339(-1)})
+    )
+    os.rename(root / "error" / "back", root / "queue" / "back")
+    assert deadlines.expire() == ["back"]
+
+
+def test_the_default_deadline_counts_from_entering_queue_again(root: Path, store: Store) -> None:
+    """A job seen queued, moved out and back, has its default counted from its return."""
+    drop(root, "again")
+    deadlines = control.QueuedDeadlines(store, default=30)
+    first = (root / "queue" / "again").stat().st_ctime
+    assert deadlines.expire(now=first + 29) == []
+    time.sleep(0.05)
+    os.rename(root / "queue" / "again", root / "data" / "again")
+    os.rename(root / "data" / "again", root / "queue" / "again")
+    back = (root / "queue" / "again").stat().st_ctime
+    assert back > first
+    assert deadlines.expire(now=first + 30.01) == []  # 30 s from its return, not before
+    assert deadlines.expire(now=back + 31) == ["again"]

@@ -577,3 +577,38 @@ def test_a_history_is_handed_to_the_flusher_once_a_batch(store: Store) -> None:
             os.close(copy)
         os.close(fd)
         feed.close()
+
+
+def test_a_late_webhook_event_does_not_hide_a_move_by_hand(
+    store: Store, recorder: Recorder
+) -> None:
+    """A webhook's result noted after `mv error/h queue/` carries the status "queue" but is
+    no move: the job still gets its QUEUED (by hand, from error), seen or claimed."""
+    for name in ("seen", "claimed"):
+        store.create(name)
+        events.queue(store, name)
+        run_held(store, name, "error")
+        os.rename(store.root / "error" / name, store.root / "queue" / name)  # by hand
+        events.webhook_failed(store, name, "error", "http://127.0.0.1:9/", "refused")
+        events.note(store, name, Code.CANCEL_REQUESTED, "Cancel requested.", {"by": "api"})
+        assert history(store, name)[-1]["state"] == "queue"
+    events.seen_queued(store, ["seen"])
+    run_held(store, "seen", "success")
+    run_held(store, "claimed", "success")
+    for name in ("seen", "claimed"):
+        got = [e for e in history(store, name) if e["code"] in ("QUEUED", "CLAIMED")]
+        assert codes(got) == ["QUEUED", "CLAIMED", "QUEUED", "CLAIMED"], name
+        assert got[2]["details"] == {"by": "hand", "from": "error"}
+
+
+def test_a_listing_just_after_the_claims_rename_writes_no_second_queued(
+    store: Store, recorder: Recorder
+) -> None:
+    """A job seen in queue/ (its QUEUED written, its history kept) is claimed; a listing
+    taken after the rename is handled before the claim's events: still one QUEUED."""
+    (store.root / "queue" / "t").mkdir()
+    events.seen_queued(store, store.queued())
+    assert "t" in recorder._waiting
+    recorder._ends_queued.discard("t")  # what that listing's handling does first
+    run_held(store, "t", "success")
+    assert codes(history(store, "t")) == ["QUEUED", "CLAIMED", "SUCCEEDED"]
