@@ -78,6 +78,9 @@ class Receiver:
 
         class Server(ThreadingHTTPServer):
             allow_reuse_address = True
+            # socketserver's backlog of 5 drops connections when a burst of deliveries
+            # arrives at once (they then fail with a reset and wait for their retry)
+            request_queue_size = 128
             address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
 
         self.server = Server((host, port), Handler)
