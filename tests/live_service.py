@@ -200,3 +200,17 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def task_pids(root: Path) -> list[int]:
+    """Processes working in a job folder under root (the tasks the service started)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cwd = os.readlink(f"/proc/{entry}/cwd")
+            except OSError:
+                continue
+            if cwd.startswith(str(root) + "/"):
+                pids.append(int(entry))
+    return pids

@@ -26,7 +26,7 @@ import pytest
 from globus_sdk import TransferAPIError, TransferClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from live_service import TOKEN, Service
+from live_service import TOKEN, Service, task_pids
 from test_api_paths import _PIECES as JOB_API_PIECES
 from test_api_paths import ATTACKS as JOB_API_ATTACKS
 
@@ -930,17 +930,3 @@ def test_kill_9_mid_transfer_still_succeeds(slow: Moves) -> None:
         name = f"part{i:02d}"
         assert (slow.dst / "k" / name).read_bytes() == (slow.src / "many" / name).read_bytes()
     assert not [p for p in slow.dst.rglob(".batchingest-*")]
-
-
-def task_pids(root: Path) -> list[int]:
-    """Processes working in a job folder under root (the tasks the service started)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                cwd = os.readlink(f"/proc/{entry}/cwd")
-            except OSError:
-                continue
-            if cwd.startswith(str(root) + "/"):
-                pids.append(int(entry))
-    return pids

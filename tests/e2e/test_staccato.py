@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
-from live_service import Service
+from live_service import Service, task_pids
 
 pytestmark = pytest.mark.e2e
 
@@ -215,20 +215,6 @@ def test_list_delete_and_illegal_transitions(place: Place) -> None:
     assert c.get(f"/jobs/{later[1]}").json()["Status"] == "ready"
     c.post(f"/v1/transfers/{later[0]}/action", json={"xferaction": "cancel"})
     wait_state(c, later[0], ("STATE_CANCELED",))
-
-
-def task_pids(root: Path) -> list[int]:
-    """Processes working in a job folder under root (the tasks the service started)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                cwd = os.readlink(f"/proc/{entry}/cwd")
-            except OSError:
-                continue
-            if cwd.startswith(str(root) + "/"):
-                pids.append(int(entry))
-    return pids
 
 
 def test_progress_survives_kill_9(tmp_path: Path) -> None:
