@@ -63,7 +63,7 @@ import msgspec
 
 from batchingest import fs
 from batchingest.jobdir import EVENTS_FILE
-from batchingest.store import FINAL, InvalidName, Job, State, Store, StoreError
+from batchingest.store import FEED, FINAL, InvalidName, Job, State, Store, StoreError
 
 if TYPE_CHECKING:
     from batchingest.runner import TaskResult
@@ -693,7 +693,7 @@ class Recorder:
         the removal of old files, wherever it points).
         """
         try:
-            self.feed = Feed(self.store.root_fd, ".events", keep_days=self.keep_days)
+            self.feed = Feed(self.store.root_fd, FEED, keep_days=self.keep_days)
         except OSError as e:
             where = self.store.service_path("events")
             raise StoreError(f"{where} cannot be the event feed's folder: {e.strerror}") from e

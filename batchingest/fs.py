@@ -192,9 +192,8 @@ def _openat2_beneath(dir_fd: int, rel: str, parts: list[str], flags: int, mode: 
 
 
 def _last_is_link(dir_fd: int, parts: list[str]) -> bool:
-    """Whether the last of parts (beneath dir_fd, no link on the way) is a link."""
-    if len(parts) == 1:
-        return _is_link(dir_fd, parts[0])
+    """Whether the last of parts (two or more: one name is never opened through
+    openat2) beneath dir_fd, with no link on the way, is a link."""
     try:
         parent = open_beneath(dir_fd, "/".join(parts[:-1]), os.O_RDONLY | os.O_DIRECTORY)
     except OSError:

@@ -21,7 +21,7 @@ import msgspec
 
 from batchingest import control, events, filetimes, fs, jobfile
 from batchingest.api import models
-from batchingest.store import Job, JobBusy, JobNotFound, Store, parse_statuses
+from batchingest.store import FEED, Job, JobBusy, JobNotFound, Store, parse_statuses
 
 FAILURE = 1  # the command could not do what was asked (exit status)
 USAGE = 2  # a bad flag, name or setting: nothing was contacted or changed
@@ -172,9 +172,7 @@ class LocalSource:
             )
         except JobNotFound:
             raise no_job(name) from None
-        except control.NotCancellable as e:
-            raise CommandError(str(e)) from None
-        except JobBusy as e:
+        except (control.NotCancellable, JobBusy) as e:
             raise CommandError(str(e)) from None
         finally:
             recorder.close()
@@ -182,7 +180,7 @@ class LocalSource:
 
     def events(self, after: str | None, limit: int) -> tuple[list[dict[str, Any]], str | None]:
         """A page of the root's feed, each event as GET /events gives it."""
-        feed = events.Feed(self.store.root_fd, ".events", create=False)
+        feed = events.Feed(self.store.root_fd, FEED, create=False)
         try:
             start = None if after is None else events.Cursor.parse(after)
             page, more = feed.read(start, limit)
@@ -190,7 +188,7 @@ class LocalSource:
             raise CommandError(f"invalid cursor {after!r}: {e}", USAGE) from None
         finally:
             feed.close()
-        found = [feed_document(event, at.text) for event, at in page]
+        found = [msgspec.to_builtins(models.feed_event(event, at.text)) for event, at in page]
         return found, page[-1][1].text if more else None
 
     def stuck(self) -> list[str] | None:
@@ -198,13 +196,6 @@ class LocalSource:
 
     def close(self) -> None:
         pass
-
-
-def feed_document(event: dict[str, Any], cursor: str) -> dict[str, Any]:
-    """An event of the feed as GET /events answers it (the same fields, in its order)."""
-    document = msgspec.convert({"DATA_TYPE": "event", **event, "cursor": cursor}, models.FeedEvent)
-    found: dict[str, Any] = msgspec.to_builtins(document)
-    return found
 
 
 def check_states(value: str | None) -> list[str]:

@@ -107,6 +107,8 @@ SHORTAGE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 # with the job and outlives a restart of whoever holds it.
 CANCEL_FILE = ".cancel"
 TRASH = ".trash"
+# The root-wide feed of job events (batchingest.events.Feed): hourly files in this folder
+FEED = ".events"
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,255}")
 # valid_name() for many names at once, each followed by a newline
 _NAMES = re.compile(r"(?:[A-Za-z0-9_-][A-Za-z0-9._-]{0,254}\n)*")

@@ -24,7 +24,7 @@ from batchingest.api.errors import ApiError
 from batchingest.api.openapi import Op, param
 from batchingest.api.paths import job_name
 from batchingest.config import Config
-from batchingest.store import Job, JobBusy, Store
+from batchingest.store import FEED, Job, JobBusy, Store
 
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
@@ -72,17 +72,13 @@ def _listed(event: dict[str, Any]) -> models.Event:
     return msgspec.convert({"DATA_TYPE": "event", **event}, models.Event)
 
 
-def _in_feed(event: dict[str, Any], at: events.Cursor) -> models.FeedEvent:
-    return msgspec.convert({"DATA_TYPE": "event", **event, "cursor": at.text}, models.FeedEvent)
-
-
 def routes(cfg: Config, store: Store) -> list[BaseRoute]:
     feeds: list[events.Feed] = []
 
     def feed() -> events.Feed:
         """The feed, for reading; opened once it exists (a fresh root has none yet)."""
         if not feeds or feeds[0].dir_fd < 0:
-            found = events.Feed(store.root_fd, ".events", create=False)
+            found = events.Feed(store.root_fd, FEED, create=False)
             if found.dir_fd < 0:
                 return found
             feeds[:] = [found]
@@ -113,7 +109,7 @@ def routes(cfg: Config, store: Store) -> list[BaseRoute]:
             page, more = feed().read(after, limit)
         except events.BadCursor as e:
             raise ApiError(400, "InvalidCursor", str(e)) from None
-        data = [_in_feed(e, c) for e, c in page]
+        data = [models.feed_event(e, c.text) for e, c in page]
         next_cursor = page[-1][1].text if more else None
         return model_response(models.FeedEventList("event_list", data, next_cursor))
 
@@ -138,7 +134,7 @@ def _stream(feed: events.Feed, resume: events.Cursor | None) -> Response:
         while True:
             page, more = feed.read(cursor, DEFAULT_LIMIT)
             for event, at in page:
-                data = msgspec.json.encode(_in_feed(event, at))
+                data = msgspec.json.encode(models.feed_event(event, at.text))
                 yield f"id: {at.text}\ndata: ".encode() + data + b"\n\n"
             if page:
                 cursor, quiet = page[-1][1], 0.0

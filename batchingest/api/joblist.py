@@ -157,9 +157,10 @@ def _split(lists: Sequence[tuple[int, list[str]]], k: int) -> list[int]:
         while lo < hi:
             mid = (lo + hi) // 2
             before = [_before(other, r, names[mid], rank) for r, other in lists]
-            if sum(before) < k:
+            ahead = sum(before)
+            if ahead < k:
                 lo = mid + 1
-            elif sum(before) > k:
+            elif ahead > k:
                 hi = mid
             else:
                 return before

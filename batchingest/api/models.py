@@ -158,6 +158,11 @@ class FeedEvent(Event, forbid_unknown_fields=False):
     cursor: Cursor
 
 
+def feed_event(event: dict[str, Any], cursor: str) -> FeedEvent:
+    """A recorded event of the feed (batchingest.events.Feed.read) as its document."""
+    return msgspec.convert({"DATA_TYPE": "event", **event, "cursor": cursor}, FeedEvent)
+
+
 class JobEventList(msgspec.Struct):
     """GET /jobs/{id}/events: a page of the job's history, oldest first."""
 

@@ -23,8 +23,9 @@ from batchingest.store import Store
 
 
 def routes(cfg: Config, store: Store) -> list[BaseRoute]:
+    me = lease.Owner.here(cfg.host_id)  # the host name and boot id do not change
+
     async def stuck(request: Request) -> Response:
-        me = lease.Owner.here(cfg.host_id)
         names = await run_blocking(store.stuck, me, cfg.lease_timeout)
         return json_response({"stuck": names})
 

@@ -129,7 +129,8 @@ class ChangeTimes:
             if old is not None and len(gone) + len(new) <= _UPDATE_MOST:
                 self._cache[state] = old.changed(names, gone, new)
             else:
-                times = {n: before[n] for n in names if n in before and n not in gone}
+                dropped = set(gone)
+                times = {n: before[n] for n in names if n in before and n not in dropped}
                 times.update(new)
                 self._cache[state] = Listing(names, times)
             return self._cache[state]
