@@ -99,13 +99,22 @@ def copy_flushing(
     that follows has one step left. Measured on a shared virtual disk this beat `cp`
     then fsync, parallel pieces each with their writeback started, and one plain copy.
     after_step(n) runs after each step (progress, cancel checks). Returns the bytes
-    copied (fewer than size if the source got shorter); copy_file_range errors are raised
-    for the caller to fall back on copy_fd.
+    copied (fewer than size if the source got shorter). Where copy_file_range is refused
+    between these two files from the start (another file system, FUSE, an old kernel),
+    the file is copied by copy_fd, which finds what works, as one step.
     """
     done = 0
     before = -1  # where the step before this one starts
     while done < size:
-        n = os.copy_file_range(src, dst, min(STEP, size - done), done, done)
+        try:
+            n = os.copy_file_range(src, dst, min(STEP, size - done), done, done)
+        except OSError as e:
+            if done or e.errno not in FALLBACK_ERRNOS:
+                raise
+            copied = copy_fd(src, dst, size)
+            if after_step is not None and copied:
+                after_step(copied)
+            return copied
         if n == 0:
             break
         fs.sync_file_range(dst, done, n)

@@ -196,3 +196,29 @@ def test_copy_flushing_copies_in_steps_and_reports_each(
         os.close(dst)
     assert steps == [64 << 10] * 3 + [123]
     assert (tmp_path / "dst").read_bytes() == data
+
+
+def test_a_large_copy_between_file_systems_falls_back_to_a_plain_copy(tmp_path: Path) -> None:
+    """copy_file_range refuses (EXDEV) between /dev/shm and the test's folder: the large
+    file's stepped copy must then copy it the plain way, and report it as one step."""
+    if not Path("/dev/shm").is_dir() or os.stat("/dev/shm").st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("no second file system (/dev/shm) to copy from here")
+    import shutil
+    import tempfile
+
+    shm = Path(tempfile.mkdtemp(prefix="batchingest-test-", dir="/dev/shm"))
+    try:
+        data = os.urandom(copyengine.LARGE + 12345)
+        (shm / "src").write_bytes(data)
+        src = os.open(shm / "src", os.O_RDONLY)
+        dst = os.open(tmp_path / "dst", os.O_WRONLY | os.O_CREAT, 0o600)
+        steps: list[int] = []
+        try:
+            copied = copyengine.copy_flushing(src, dst, len(data), steps.append)
+        finally:
+            os.close(src)
+            os.close(dst)
+        assert copied == len(data) and sum(steps) == len(data)
+        assert (tmp_path / "dst").read_bytes() == data
+    finally:
+        shutil.rmtree(shm)

@@ -44,9 +44,9 @@ from pathlib import Path
 
 from batchingest import fs
 from batchingest.config import env_bool
-from batchingest.copyengine import FALLBACK_ERRNOS as _FALLBACK_ERRNOS
 from batchingest.copyengine import (
     GROUP_BYTES,
+    LARGE,
     copy_fd,
     copy_flushing,
     group_size,
@@ -71,7 +71,6 @@ from batchingest.staging import (
 )
 
 PROGRESS_EVERY = 0.5
-LARGE = 8 << 20  # files this big are flushed on their own
 # What a worker thread takes at a time: enough to keep the threads busy, few enough
 # that none is left with a long tail.
 CHUNK_FILES = 64
@@ -335,13 +334,7 @@ class Stager:
     def copy(self, src: int, dst: int, size: int) -> int:
         if size < LARGE or not hasattr(os, "copy_file_range"):
             return copy_fd(src, dst, size)
-        try:
-            return copy_flushing(src, dst, size)
-        except OSError as e:
-            if e.errno not in _FALLBACK_ERRNOS:
-                raise
-        os.ftruncate(dst, 0)  # no copy_file_range here: start again the plain way
-        return copy_fd(src, dst, size)
+        return copy_flushing(src, dst, size)
 
     def create(self, folder: Folder, target: str, mode: int) -> Pending:
         """An empty temporary file for target: unnamed if possible, else hidden and locked.
