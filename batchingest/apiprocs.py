@@ -83,8 +83,14 @@ class Channel:
         self._next = 0
 
     def call(self, request: dict[str, Any], timeout: float = CALL_TIMEOUT) -> dict[str, Any]:
-        """The main process's answer; OSError when it is gone or does not answer."""
-        with self._lock:
+        """The main process's answer; OSError when it is gone or does not answer.
+
+        The wait for the channel counts against timeout too: a short call (a wake, a
+        readiness look) must not wait behind a move that waits for an fsync.
+        """
+        if not self._lock.acquire(timeout=timeout):
+            raise TimeoutError(errno.ETIMEDOUT, "the main process is busy with another call")
+        try:
             self._next += 1
             ident = self._next
             self.sock.settimeout(timeout)
@@ -96,6 +102,8 @@ class Channel:
                 answer: dict[str, Any] = json.loads(data)
                 if answer.get("id") == ident:  # not a late answer to a call that timed out
                     return answer
+        finally:
+            self._lock.release()
 
     def move(self, name: str, src: str, dst: str) -> Job:
         """Store.mover: the main process renames, and its listeners see the move."""
@@ -132,9 +140,9 @@ async def serve_extra(cfg: Config, channel: Channel, sock: socket.socket, death_
     from batchingest.api.app import create_app
     from batchingest.events import Recorder
     from batchingest.health import Readiness
-    from batchingest.service import http_config
+    from batchingest.service import http_config, store_for
 
-    store = Store(cfg.root)
+    store = store_for(cfg)
     store.mover = channel.move
     control.WAKE_ELSEWHERE.append(channel.wake)
     recorder = Recorder(store, cfg.events_keep)

@@ -126,7 +126,9 @@ class Readiness:
         return cls(store.root, probe, min_free, progress)
 
     async def reasons(self) -> list[str]:
-        reasons = [f"{name} is not making progress" for name in self.progress.stale()]
+        # off the loop: in an extra API process the look asks the main process
+        stale = await asyncio.to_thread(self.progress.stale)
+        reasons = [f"{name} is not making progress" for name in stale]
         reasons += await self._probe()
         self._report(reasons)
         return reasons

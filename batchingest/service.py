@@ -82,10 +82,16 @@ class ServiceFailed(Exception):
     """A part of the service (API, processor, webhooks) ended while nothing asked it to."""
 
 
-def _open_store(cfg: Config) -> Store:
+def store_for(cfg: Config) -> Store:
+    """The store of a process serving cfg (the main one or an extra API process)."""
     store = Store(cfg.root)
     if cfg.force_polling:  # no inotify at all: the state folders are listed when they change
         store.watch_from = sys.maxsize
+    return store
+
+
+def _open_store(cfg: Config) -> Store:
+    store = store_for(cfg)
     try:
         store.init(sweep_jobs=False)
     except StoreError as e:

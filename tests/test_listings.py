@@ -206,3 +206,20 @@ def test_live_service_gauges_after_hand_moves(tmp_path: Path) -> None:
         assert counts(client) == {"success": 2_497, "error": 2, "data": 1}
         names = [r["Name"] for r in client.get("/jobs?status=error").json()]
         assert names == ["job-00000", "job-00002"]
+
+
+def test_force_polling_never_watches_in_any_process_of_the_service(root: Path) -> None:
+    """--force-polling (NFS: inotify misses other hosts' moves) holds for every store the
+    service makes, the extra API processes' included: each is made by store_for."""
+    from batchingest.config import Config
+    from batchingest.service import store_for
+    from batchingest.store import WATCH_FROM
+
+    for i in range(WATCH_FROM + 1):  # large enough to be watched
+        (root / "success" / f"s{i}").mkdir()
+    forced = store_for(Config(root=root, force_polling=True))
+    assert len(forced.job_names("success")) == WATCH_FROM + 1
+    assert forced._watched is None  # listed, never watched
+    usual = store_for(Config(root=root))
+    assert len(usual.job_names("success")) == WATCH_FROM + 1
+    assert usual._watched is not None
