@@ -108,11 +108,12 @@ class AccessLines:
 
     def add(self, message: str, fields: dict[str, object]) -> None:
         created = time.time()
-        if self.pid is not None:
-            fields = {**fields, "pid": self.pid}
         if self.json:
             head = {"time": rfc3339(created), "level": "info", "logger": ACCESS_LOGGER}
-            line = json.dumps({**head, "message": message, **fields}, ensure_ascii=False)
+            document = {**head, "message": message, **fields}
+            if self.pid is not None:
+                document["pid"] = self.pid
+            line = json.dumps(document, ensure_ascii=False)
         else:
             at = self._local_second(int(created))
             pairs = _TEXT_PAIRS.format_map(fields)

@@ -38,11 +38,11 @@ from typing import TYPE_CHECKING
 from batchingest import events, fs, logs, metrics
 from batchingest.config import Config
 from batchingest.health import Progress
+from batchingest.jobdir import LOG_FILE
 from batchingest.jobfile import now_rfc3339
 from batchingest.store import BUSY, InvalidName, Job, Store
 from batchingest.webhooks.events import (
     EVENT_STATES,
-    LOG_FILE,
     WebhookRefused,
     build_body,
     lane_key,

@@ -16,11 +16,10 @@ from typing import Any
 import batchingest
 from batchingest import fs, jobfile
 from batchingest.jobdir import read_log_tail
+from batchingest.jobfile import JOB_FILE
 from batchingest.store import STATUS_OF_STATE
 
 WEBHOOK_FILE = "WEBHOOK"
-LOG_FILE = "LOG"
-JOB_FILE = "JOB"
 # A WEBHOOK is a short list of URLs: more than this is refused, not half-used.
 WEBHOOK_MAX_BYTES = 64 * 1024
 MAX_URLS = 16
