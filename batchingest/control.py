@@ -487,13 +487,7 @@ class QueuedDeadlines:
             jst = fs.lstat(fd, JOB_FILE)
             # the folder's ctime changes when it is moved (left and came back); JOB's
             # identity when it is replaced or written to, even within one mtime tick
-            job_key = jst and (
-                jst.st_dev,
-                jst.st_ino,
-                jst.st_size,
-                jst.st_mtime_ns,
-                jst.st_ctime_ns,
-            )
+            job_key = jst and fs.version(jst)
             key = (st.st_dev, st.st_ino, st.st_ctime_ns, job_key)
             seen = self._seen.get(name)
             if seen is not None and seen[0] == key:

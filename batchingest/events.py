@@ -275,10 +275,6 @@ _COUNTS: dict[tuple[int, int, int, int, int], int] = {}
 _COUNTS_KEPT = 10_000
 
 
-def _count_key(st: os.stat_result) -> tuple[int, int, int, int, int]:
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
 def count(dir_fd: int, limit: int = HISTORY_READ_LIMIT) -> int:
     """How many events the job's history holds (whole lines, of its last `limit` bytes).
 
@@ -291,7 +287,7 @@ def count(dir_fd: int, limit: int = HISTORY_READ_LIMIT) -> int:
         return 0
     if not stat.S_ISREG(st.st_mode):
         return 0
-    known = _COUNTS.get(_count_key(st))
+    known = _COUNTS.get(fs.version(st))
     if known is not None and limit == HISTORY_READ_LIMIT:
         return known
     try:
@@ -305,7 +301,7 @@ def count(dir_fd: int, limit: int = HISTORY_READ_LIMIT) -> int:
     if limit == HISTORY_READ_LIMIT:
         if len(_COUNTS) >= _COUNTS_KEPT:
             _COUNTS.clear()
-        _COUNTS[_count_key(st)] = lines
+        _COUNTS[fs.version(st)] = lines
     return lines
 
 

@@ -691,6 +691,12 @@ def same_inode(a: os.stat_result, b: os.stat_result) -> bool:
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
+def version(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    """What changes when a file is replaced or written to, even within one mtime tick:
+    a key for what was read from it."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 def one_name(name: str) -> str:
     """name if it is a single path component (see split); UnsafePath otherwise."""
     if len(split(name)) != 1:

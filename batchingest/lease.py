@@ -220,11 +220,7 @@ class Held:
         over meanwhile).
         """
         if not self.lost and self.local:
-            try:
-                st = os.stat(LEASE, dir_fd=dir_fd, follow_symlinks=False)
-            except FileNotFoundError:
-                st = None
-            self.lost = self.fd < 0 or st is None or not fs.same_inode(st, self._st)
+            self._check_by_lstat(dir_fd)
         elif not self.lost:
             try:
                 fd = fs.open_regular(dir_fd, LEASE)
@@ -234,14 +230,17 @@ class Held:
             except OSError as e:
                 if e.errno not in (errno.EMFILE, errno.ENFILE):
                     raise
-                st = fs.lstat(dir_fd, LEASE)
-                self.lost = self.fd < 0 or st is None or not fs.same_inode(st, os.fstat(self.fd))
+                self._check_by_lstat(dir_fd)
                 return not self.lost
             try:
                 self.lost = self.fd < 0 or not fs.same_inode(os.fstat(fd), os.fstat(self.fd))
             finally:
                 os.close(fd)
         return not self.lost
+
+    def _check_by_lstat(self, dir_fd: int) -> None:
+        st = fs.lstat(dir_fd, LEASE)
+        self.lost = self.fd < 0 or st is None or not fs.same_inode(st, self._st)
 
     def drop(self, dir_fd: int) -> None:
         """Remove `.lease` if it is still ours, and close it.
