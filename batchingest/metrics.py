@@ -365,23 +365,6 @@ def _multiprocess_registry() -> CollectorRegistry:
     return _MULTIPROCESS[0]
 
 
-OPENAPI_PATHS = {
-    "/metrics": {
-        "get": {
-            "operationId": "getMetrics",
-            "summary": "Prometheus metrics (text format); Prometheus sends the token as a bearer",
-            "tags": ["operations"],
-            "responses": {
-                "200": {
-                    "description": "Prometheus text format 0.0.4",
-                    "content": {"text/plain": {"schema": {"type": "string"}}},
-                }
-            },
-        }
-    }
-}
-
-
 def routes(store: Store) -> list[BaseRoute]:
     """GET /metrics; behind the API's token check like every other route."""
     from starlette.requests import Request

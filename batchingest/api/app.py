@@ -295,7 +295,6 @@ def create_app(cfg: Config, store: Store, readiness: Readiness | None = None) ->
             **globus.OPENAPI_PATHS,
             **events.OPENAPI_PATHS,
             **staccato.OPENAPI_PATHS,
-            **metrics.OPENAPI_PATHS,
             **stuck.OPENAPI_PATHS,
         },
         staging_ids_are_paths=cfg.catalog is None,

@@ -286,10 +286,10 @@ def _integral(node: Any) -> Any:
     return node
 
 
-def schemas(*extra: type[Any]) -> dict[str, Any]:
-    """The components/schemas of every model (and of extra ones), with $refs into it."""
+def schemas() -> dict[str, Any]:
+    """The components/schemas of every model, with $refs into it."""
     _, components = msgspec.json.schema_components(
-        (*MODELS, *REFERENCED.values(), *extra), ref_template="#/components/schemas/{name}"
+        (*MODELS, *REFERENCED.values()), ref_template="#/components/schemas/{name}"
     )
     _complete(components)
     return components

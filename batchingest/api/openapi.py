@@ -16,7 +16,6 @@ HEAD beside every GET.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -400,6 +399,10 @@ SERVICE_OPS = (
        {"200": answer({"type": "object"}, "OpenAPI 3.1")}, public=True),
     Op("get", "/docs", "getDocs", "service", "this document as a page to read",
        {"200": _DOCS_PAGE}, public=True),
+    Op("get", "/metrics", "getMetrics", "operations",
+       "Prometheus metrics (text format); Prometheus sends the token as a bearer",
+       {"200": {"description": "Prometheus text format 0.0.4",
+                "content": {"text/plain": {"schema": {"type": "string"}}}}}),
 )  # fmt: skip
 
 _REQUEST_ID = {"type": "string", "pattern": models.UUID_PATTERN}
@@ -438,43 +441,19 @@ def staging_ops(ids_are_paths: bool) -> tuple[Op, ...]:
     )  # fmt: skip
 
 
-_TEMPLATE = re.compile(r"{([^}]+)}")
-
-
-def _complete(path: str, ops: dict[str, Any]) -> None:
-    """An operationId, a tag and its path parameters for operations given without them
-    (routes documented elsewhere, e.g. the Globus ones)."""
-    for method, op in ops.items():
-        if not isinstance(op, dict) or "responses" not in op:
-            continue
-        if "operationId" not in op:
-            words = re.findall(r"[A-Za-z0-9]+", path.replace("v0.10", ""))
-            op["operationId"] = method + "".join(w[:1].upper() + w[1:] for w in words)
-        op.setdefault("tags", [path.strip("/").split("/")[0] or "service"])
-        if op.get("security") != [] and "401" not in op["responses"]:
-            # a route of another module that needs a token: its 401 (and 500) as everywhere
-            op["responses"] = {**error_responses("InternalError"), **op["responses"]}
-        declared = {p.get("name") for p in op.get("parameters", []) if p.get("in") == "path"}
-        for name in _TEMPLATE.findall(path):
-            if name not in declared:
-                op.setdefault("parameters", []).append(param(name, "path", name))
-
-
 def spec(
     version: str,
     extra_paths: dict[str, Any] | None = None,
-    extra_models: tuple[type[Any], ...] = (),
     *,
     staging_ids_are_paths: bool = True,
 ) -> dict[str, Any]:
     found = paths((*SERVICE_OPS, *JOB_OPS, *staging_ops(staging_ids_are_paths)))
     found.update(extra_paths or {})
-    for path, ops in found.items():
-        _complete(path, ops)
+    for ops in found.values():
         # Starlette answers HEAD wherever it answers GET
         if "get" in ops and "head" not in ops:
             ops["head"] = head_of(ops["get"])
-    schemas = models.schemas(*extra_models)
+    schemas = models.schemas()
     schemas["Error"]["properties"]["code"]["enum"] = sorted(ERRORS)
     tags = sorted({t for ops in found.values() for op in ops.values() for t in op.get("tags", ())})
     return {
