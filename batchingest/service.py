@@ -170,7 +170,7 @@ async def _serve(cfg: Config) -> None:
         server = uvicorn.Server(http_config(cfg, app))
         runners.append(asyncio.create_task(server.serve(sockets=[sock]), name="api"))
         log.info("HTTP API on http://%s:%d", cfg.host, cfg.port)
-        if cfg.api_processes > 1:
+        if shared:
             runners.append(_api_processes(cfg, store, progress, stop))
     if cfg.processor:
         from batchingest.processor import Processor

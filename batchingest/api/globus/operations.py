@@ -14,7 +14,7 @@ from batchingest import endpoints
 from batchingest.api import models as api_models
 from batchingest.api.common import json_response, read_body, run_blocking
 from batchingest.api.errors import ApiError
-from batchingest.api.globus import documents, models, query
+from batchingest.api.globus import documents, models, query, unsupported
 from batchingest.endpoints import Endpoint, Endpoints, Item, PathError
 
 log = logging.getLogger("batchingest.api.globus")
@@ -205,7 +205,7 @@ class GlobusApi:
         })  # fmt: skip
 
     async def not_served(self, request: Request) -> Response:
-        why = "endpoints are configured on the service's command line (--endpoint NAME=DIR)"
+        why = unsupported.CONFIGURED
         raise ApiError(501, "NotImplemented", f"{request.method} {request.url.path}: {why}")
 
     def routes(self) -> list[tuple[str, Handler, list[str]]]:

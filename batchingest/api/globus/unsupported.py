@@ -1,7 +1,8 @@
 """Globus features that are not served: each answers a clear 501, never a silent success.
 
 The fallback route of batchingest.api.globus answers every path that matches one of
-these (any method that is not served by a real route).
+these (a path served for other methods answers 405 first: PUT and DELETE of an
+endpoint are real routes answering 501, GlobusApi.not_served).
 
 Tasks are served (tasks.py); the rest (managing endpoints,
 sharing, ACLs, roles, bookmarks, servers, pause rules, tunnels...) has no meaning for
@@ -10,15 +11,14 @@ folders configured on the command line.
 
 from __future__ import annotations
 
-_CONFIGURED = "endpoints are configured on the service's command line (--endpoint NAME=DIR)"
+CONFIGURED = "endpoints are configured on the service's command line (--endpoint NAME=DIR)"
 
 # (path below /globus, why it is not served)
 UNSUPPORTED: list[tuple[str, str]] = [
     ("/v0.10/task/{task_id}/pause_info", "pause rules are not supported"),
     ("/v0.10/task/{task_id}/skipped_errors", "skip_source_errors is not supported"),
     ("/v0.10/endpoint_manager/{rest:path}", "administrator routes are not served"),
-    ("/v0.10/endpoint", _CONFIGURED),
-    ("/v0.10/endpoint/{endpoint}", _CONFIGURED),  # PUT, DELETE: GET is served
+    ("/v0.10/endpoint", CONFIGURED),
     ("/v0.10/endpoint/{endpoint}/deactivate", "endpoints here are always active"),
     ("/v0.10/endpoint/{endpoint}/server_list", "endpoints here have no GridFTP servers"),
     ("/v0.10/endpoint/{endpoint}/server/{rest:path}", "endpoints here have no GridFTP servers"),
