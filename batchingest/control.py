@@ -206,25 +206,6 @@ def check(dir_fd: int, deadline: Deadline | None, now: float | None = None) -> S
     return None
 
 
-def sweep(store: Store) -> int:
-    """Remove the cancel requests left in data/, success/ and error/ (a crash between a
-    canceled job's last move and the removal of its request); the count removed."""
-    removed = 0
-    for state in (State.DATA, State.SUCCESS, State.ERROR):
-        for name in store.job_names(state):
-            try:
-                fd = store.open_job(Job(name, state, store.job_path(state, name)))
-            except (OSError, ValueError):
-                continue
-            try:
-                if fs.lstat(fd, CANCEL_FILE) is not None:
-                    clear(fd)
-                    removed += 1
-            finally:
-                os.close(fd)
-    return removed
-
-
 # -- the API's side ------------------------------------------------------------------
 
 

@@ -42,7 +42,7 @@ from batchingest.runner import (
     log_line,
     run_task,
 )
-from batchingest.store import SHORTAGE, SWEEP_AFTER, Hold, Job, JobNotFound, Store, StoreError
+from batchingest.store import SHORTAGE, Hold, Job, JobNotFound, Store, StoreError
 
 # A finish that keeps failing while the service stops is given up after this many tries:
 # the job stays in processing/ and the next start returns it to queue/.
@@ -295,8 +295,6 @@ class Processor:
         helpers = [
             asyncio.create_task(self._watch(stop), name="watch-queue"),
             asyncio.create_task(self._tick(stop), name="poll-queue"),
-            # it opens every finished job (seconds with 100,000): not before the first pickup
-            asyncio.create_task(self._sweep_cancels(), name="sweep-cancels"),
         ]
         # Plain threads rather than one event-loop round trip per job: a job is mostly
         # blocking system calls, and handing each one back to the loop costs more than
@@ -323,16 +321,6 @@ class Processor:
         self._watcher.close()
         self._control.close()
         self._seen_pool.shutdown(wait=False, cancel_futures=True)
-
-    async def _sweep_cancels(self) -> None:
-        await asyncio.sleep(SWEEP_AFTER)  # the first claims come first
-        try:
-            swept = await asyncio.to_thread(control.sweep, self.store)
-        except Exception as e:  # a leftover request only cancels a job moved back by hand
-            log.warning("sweeping leftover cancel requests failed: %s", e)
-        else:
-            if swept:
-                log.info("removed %d leftover cancel request(s) of finished jobs", swept)
 
     async def _join(self) -> None:
         """Let running tasks finish for --grace seconds, then stop them; wait for all."""

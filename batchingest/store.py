@@ -981,7 +981,10 @@ class Store:
         return removed
 
     def sweep_jobs(self) -> int:
-        """The job folders' part of sweep(): stale temporaries and free `.lock` files.
+        """The job folders' part of sweep(): stale temporaries, free `.lock` files, and
+        the cancel requests left in finished or ready jobs (a crash between a canceled
+        job's last move and the removal of its request: moved back to queue/ by hand,
+        such a job must not be canceled again).
 
         Safe while processors and the API run: a `.lock` is only removed while its
         lock is ours for that moment (a claim meanwhile fails and is tried again).
@@ -994,7 +997,9 @@ class Store:
                 except (OSError, fs.UnsafePath):
                     continue  # moved on meanwhile
                 try:
-                    removed += self._sweep_job(dir_fd, min_age=SWEEP_AGE, locks=True)
+                    removed += self._sweep_job(
+                        dir_fd, min_age=SWEEP_AGE, locks=True, requests=state != State.QUEUE
+                    )
                 except OSError as e:  # an unreadable job: leave it, it is not fatal
                     log.warning("cannot sweep %s/%s: %s", state, name, e.strerror or e)
                 finally:
@@ -1016,14 +1021,20 @@ class Store:
             os.close(trash_fd)
         return removed
 
-    def _sweep_job(self, dir_fd: int, *, min_age: float, locks: bool) -> int:
-        """Remove stale temporaries (and, with locks, a free `.lock`) in one job folder."""
+    def _sweep_job(
+        self, dir_fd: int, *, min_age: float, locks: bool, requests: bool = False
+    ) -> int:
+        """Remove stale temporaries (and, with locks, a free `.lock`; with requests, a
+        cancel request) in one job folder."""
         removed = 0
         now = time.time()
         for entry in fs.entries(dir_fd, hidden=True):
             try:
                 if entry.name == LOCK_FILE and locks:
                     removed += _drop_free_lock(dir_fd)
+                elif entry.name == CANCEL_FILE and requests:
+                    os.unlink(CANCEL_FILE, dir_fd=dir_fd)
+                    removed += 1
                 elif entry.is_file and _TEMP.fullmatch(entry.name):
                     st = os.stat(entry.name, dir_fd=dir_fd, follow_symlinks=False)
                     if now - st.st_mtime >= min_age:

@@ -381,7 +381,7 @@ def test_leftover_requests_of_finished_jobs_are_swept(root: Path, store: Store) 
     for state in ("data", "error", "success", "queue"):
         (root / state / f"in-{state}").mkdir()
         (root / state / f"in-{state}" / CANCEL_FILE).write_text("{}")
-    assert control.sweep(store) == 3
+    assert store.sweep_jobs() == 3
     assert (root / "queue" / "in-queue" / CANCEL_FILE).exists()  # still to be acted on
     for state in ("data", "error", "success"):
         assert not (root / state / f"in-{state}" / CANCEL_FILE).exists()
