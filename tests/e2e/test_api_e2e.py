@@ -389,8 +389,9 @@ def test_upload_waits_for_a_brief_holder_instead_of_409(api: Service, root: Path
 
     with api.client() as c:
         assert c.put("/jobs/j").status_code == 201
-        fd = os.open(root / "data" / "j" / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-        fcntl.flock(fd, fcntl.LOCK_EX)  # as another upload committing would
+        # as another upload committing would (a local root: the folder's own lock)
+        fd = os.open(root / "data" / "j", os.O_RDONLY | os.O_DIRECTORY)
+        fcntl.flock(fd, fcntl.LOCK_EX)
         threading.Timer(0.5, os.close, (fd,)).start()
         t0 = time.monotonic()
         r = c.put("/jobs/j/files/a.txt", content=b"a")
