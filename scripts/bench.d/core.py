@@ -132,8 +132,9 @@ def fork_exec_floor() -> float:
 
 
 def fs_floor(base: Path, threads: int) -> float:
-    """The file-system steps of a job without its task: lock file, claim rename, LOG,
-    JOB rewritten with fsync, final rename. What a durable processor cannot go below."""
+    """The file-system steps of a job without its task: the folder's lock, claim rename,
+    LOG, JOB rewritten with fsync, final rename. What a durable processor cannot go below."""
+    import fcntl
     from concurrent.futures import ThreadPoolExecutor
 
     root = fresh_root(base)
@@ -143,7 +144,8 @@ def fs_floor(base: Path, threads: int) -> float:
 
     def job(i: int) -> None:
         q, p = f"{root}/queue/j{i}", f"{root}/processing/j{i}"
-        lock = os.open(q + "/.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        lock = os.open(q, os.O_RDONLY | os.O_DIRECTORY)
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         os.rename(q, p)
         with open(p + "/JOB", "rb") as f:
             f.read()
