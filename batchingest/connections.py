@@ -28,6 +28,14 @@ not a public interface: the stream is offered only while they are all there, so 
 uvicorn that changes them makes uploads fall back to receive(), which always works.
 tests/e2e/test_limits.py checks each limit, and tests/e2e/test_upload_stream_e2e.py the
 stream, against the uvicorn that is installed.
+
+And it sends a response's head with the first piece of its body (`OneSend`): uvicorn
+writes the status line and headers, then the body, with a send() each, which for a small
+answer is two trips through the TCP stack (and two wake-ups of the client) where one
+does. That too needs only the transport interface (uvicorn writes through
+`protocol.transport`) and one method of uvicorn's protocol (`on_response_complete`,
+called once each response is over); tests/e2e/test_one_send.py checks the answers,
+send() by send(), against the uvicorn that is installed.
 """
 
 from __future__ import annotations
@@ -40,7 +48,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -109,6 +117,72 @@ def _warn_refusing(limit: int) -> None:
     if now - _last_warning[0] >= WARN_EVERY:
         _last_warning[0] = now
         log.warning("refusing connections: %d are open (--max-connections)", limit)
+
+
+# an interim answer, written before the head it must not be joined to
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+class OneSend:
+    """A connection's transport as uvicorn writes to it: the head of each response
+    waits for the first piece of its body and goes out with it, in one send().
+
+    The head is the first write after a response began (or the connection opened). It
+    is held until the next write, a close, the end of the response (a HEAD request's
+    or a 204's head has no body after it) or, at the latest, the event loop's next
+    turn, so a streaming body that takes its time does not hold the head back. Every
+    write goes through here, so the order of the bytes on the wire is always the order
+    of the writes.
+    """
+
+    __slots__ = ("transport", "_loop", "_head", "_expect_head")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self.transport = transport
+        self._loop = loop
+        self._head: bytes | None = None
+        self._expect_head = True
+
+    def write(self, data: bytes) -> None:
+        head = self._head
+        if head is not None:
+            self._head = None
+            self.transport.writelines((head, data))  # one writev: no copy of a large body
+        elif self._expect_head and data != _CONTINUE:
+            self._expect_head = False
+            self._head = data
+            self._loop.call_soon(self.flush)
+        else:
+            self.transport.write(data)
+
+    def flush(self) -> None:
+        head = self._head
+        if head is not None:
+            self._head = None
+            if not self.transport.is_closing():  # a lost connection: nothing to send to
+                self.transport.write(head)
+
+    def response_done(self) -> None:
+        """The response is over: out with its head if it is still here; the next write
+        is the next response's head."""
+        self.flush()
+        self._expect_head = True
+
+    def close(self) -> None:
+        self.flush()
+        self.transport.close()
+
+    def is_closing(self) -> bool:
+        return self.transport.is_closing()
+
+    def pause_reading(self) -> None:
+        self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self.transport.resume_reading()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)  # get_extra_info, set_protocol, ...
 
 
 # scope["extensions"][BODY_STREAM](): the rest of the body as a BodyStream, or None
@@ -184,8 +258,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._counted = False
-        self._conn: asyncio.Transport | None = None
-        self._head_timer: asyncio.TimerHandle | None = None
+        self._conn: OneSend | None = None
+        self._head_timer: asyncio.TimerHandle | None = None  # at or before the deadline
+        self._head_deadline: float | None = None  # loop time; None: not reading a head
         self._head_bytes: int | None = 0  # None: not reading a request head
         self._stream: BodyStream | None = None
         self._stream_cycle: object = None
@@ -198,8 +273,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             return  # uvicorn never sees it
         self.open_connections[0] += 1
         self._counted = True
-        self._conn = transport
-        super().connection_made(transport)
+        self._conn = OneSend(transport, self.loop)
+        super().connection_made(cast(asyncio.Transport, self._conn))
         self._start_head()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -208,10 +283,18 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._counted = False
         self.open_connections[0] -= 1
         self._stop_head()
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
         super().connection_lost(exc)
         if self._stream is not None:
             self._stream.lose()
             self._stream = self._stream_cycle = None
+
+    def on_response_complete(self) -> None:
+        if self._conn is not None:
+            self._conn.response_done()
+        super().on_response_complete()
 
     def data_received(self, data: bytes) -> None:
         if not self._counted:
@@ -268,17 +351,28 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         return stream
 
     def _start_head(self) -> None:
-        if self._head_timer is None:
+        if self._head_deadline is None:
             self._head_bytes = 0
-            self._head_timer = asyncio.get_running_loop().call_later(
-                self.limits.header_timeout, self._refuse, TOO_SLOW
-            )
+            self._head_deadline = self.loop.time() + self.limits.header_timeout
+            if self._head_timer is None:
+                self._head_timer = self.loop.call_at(self._head_deadline, self._head_due)
 
     def _stop_head(self) -> None:
-        self._head_bytes = None
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        # the timer stays: on a keep-alive connection the next head would start another,
+        # and a timer made and cancelled per request costs more than one that looks
+        self._head_bytes = self._head_deadline = None
+
+    def _head_due(self) -> None:
+        """The head timer: a head still unread at its deadline is refused (408); one
+        begun after the timer was set has a later deadline, and the timer waits for it."""
+        self._head_timer = None
+        deadline = self._head_deadline
+        if deadline is None:
+            return
+        if self.loop.time() + 0.001 >= deadline:  # timers may fire a little early
+            self._refuse(TOO_SLOW)
+        else:
+            self._head_timer = self.loop.call_at(deadline, self._head_due)
 
     def _refuse(self, answer: bytes) -> None:
         self._stop_head()
