@@ -135,7 +135,7 @@ class OneSend:
     of the writes.
     """
 
-    __slots__ = ("transport", "_loop", "_head", "_expect_head")
+    __slots__ = ("_expect_head", "_head", "_loop", "transport")
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         self.transport = transport
