@@ -48,6 +48,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any, cast
 
 from starlette.requests import ClientDisconnect
@@ -162,6 +163,11 @@ class OneSend:
             if not self.transport.is_closing():  # a lost connection: nothing to send to
                 self.transport.write(head)
 
+    def write_whole(self, head: bytes, body: bytes) -> None:
+        """A whole answer, head and body, in one send() (after a head still held)."""
+        self.flush()
+        self.transport.writelines((head, body))
+
     def response_done(self) -> None:
         """The response is over: out with its head if it is still here; the next write
         is the next response's head."""
@@ -243,10 +249,25 @@ class BodyStream:
 _CYCLE_ATTRIBUTES = ("body", "more_body", "disconnected", "response_complete")
 
 
-def limited_protocol(limits: Limits) -> type[asyncio.Protocol]:
-    """The protocol class for one server: its limits, and its own connection count."""
-    attrs = {"limits": limits, "open_connections": [0]}
+# A request's answer from its head alone, without the ASGI app: given the method, the
+# request target as sent (path and query) and the headers, the status, headers and body
+# of the answer, or None to leave the request to the app (api.app.QuickJobInfo).
+Quick = Callable[
+    [str, bytes, list[tuple[bytes, bytes]]], tuple[int, list[tuple[bytes, bytes]], bytes] | None
+]
+# headers of a request that has a body (unless Content-Length is 0)
+_BODY_HEADERS = (b"content-length", b"transfer-encoding")
+
+
+def limited_protocol(limits: Limits, quick: Quick | None = None) -> type[asyncio.Protocol]:
+    """The protocol class for one server: its limits, its own connection count, and
+    what it answers at once (`quick`, see LimitedHttpToolsProtocol.answer_at_once)."""
+    attrs = {"limits": limits, "open_connections": [0], "quick": quick and staticmethod(quick)}
     return type("LimitedHttpToolsProtocol", (LimitedHttpToolsProtocol,), attrs)
+
+
+def _status_line(status: int) -> bytes:
+    return b"HTTP/1.1 %d %s\r\n" % (status, HTTPStatus(status).phrase.encode())
 
 
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
@@ -254,6 +275,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     limits = Limits()
     open_connections = [0]  # shared by the connections of one server
+    quick: Quick | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -264,6 +286,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes: int | None = 0  # None: not reading a request head
         self._stream: BodyStream | None = None
         self._stream_cycle: object = None
+        self._answered = False  # the request being parsed was answered at its head
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         if self.open_connections[0] >= self.limits.max_connections:
@@ -308,10 +331,13 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     # httptools parser callbacks
     def on_message_begin(self) -> None:
         self._start_head()
+        self._answered = False
         super().on_message_begin()
 
     def on_headers_complete(self) -> None:
         self._stop_head()
+        if self.quick is not None and self.answer_at_once(self.quick):
+            return
         super().on_headers_complete()
         cycle = self.cycle
         self._stream = self._stream_cycle = None  # any stream was an earlier request's
@@ -327,10 +353,58 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             super().on_body(body)
 
     def on_message_complete(self) -> None:
+        if self._answered:
+            return  # no cycle of uvicorn's for it
         super().on_message_complete()
         if self._stream is not None and self._streaming():
             self._stream.end()
             self._stream = self._stream_cycle = None
+
+    def answer_at_once(self, quick: Quick) -> bool:
+        """Answer the request whose head just arrived with `quick`, on the spot: no
+        request cycle, no task, no ASGI messages. Only a request without a body, while
+        no answer before it is still being sent (so answers keep the requests' order).
+        True if it was answered; False: uvicorn runs the app for it as always."""
+        conn = self._conn
+        parser = self.parser
+        cycle = self.cycle
+        if (
+            conn is None
+            or (cycle is not None and not cycle.response_complete)
+            or self.pipeline
+            or self.root_path
+            or parser.should_upgrade()
+            or any(k in _BODY_HEADERS and v != b"0" for k, v in self.headers)
+        ):
+            return False
+        if conn.is_closing():  # after a `Connection: close` request: no more answers
+            self._answered = True
+            return True
+        method = parser.get_method().decode("ascii")
+        try:
+            answer = quick(method, self.url, self.headers)
+        except Exception:
+            log.exception("a quick answer to %s %r failed; the app answers it", method, self.url)
+            return False
+        if answer is None:
+            return False
+        status, headers, body = answer
+        keep_alive = parser.get_http_version() != "1.0" and parser.should_keep_alive()
+        head = [_status_line(status)]
+        for name, value in (*self.server_state.default_headers, *headers):
+            head += (name, b": ", value, b"\r\n")
+        head.append(b"\r\n" if keep_alive else b"connection: close\r\n\r\n")
+        self._answered = True
+        self.server_state.total_requests += 1
+        conn.write_whole(b"".join(head), b"" if method == "HEAD" else body)
+        if not keep_alive:
+            conn.close()
+        else:  # as uvicorn does after each answer
+            self._unset_keepalive_if_required()
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler
+            )
+        return True
 
     def _streaming(self) -> bool:
         """Is the body now parsed the one a stream takes, still wanted?"""

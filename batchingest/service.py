@@ -61,7 +61,8 @@ def http_config(cfg: Config, app: ASGIApp) -> uvicorn.Config:
     )
     return uvicorn.Config(
         app,
-        http=limited_protocol(limits),
+        # GET /jobs/{id} answered by the protocol itself (api.app.QuickJobInfo)
+        http=limited_protocol(limits, getattr(app, "quick", None)),
         timeout_keep_alive=cfg.keep_alive,  # type: ignore[arg-type]  # a float works
         log_config=None,
         access_log=False,
