@@ -32,10 +32,17 @@ stream, against the uvicorn that is installed.
 And it sends a response's head with the first piece of its body (`OneSend`): uvicorn
 writes the status line and headers, then the body, with a send() each, which for a small
 answer is two trips through the TCP stack (and two wake-ups of the client) where one
-does. That too needs only the transport interface (uvicorn writes through
+does. That needs only the transport interface (uvicorn writes through
 `protocol.transport`) and one method of uvicorn's protocol (`on_response_complete`,
-called once each response is over); tests/e2e/test_one_send.py checks the answers,
-send() by send(), against the uvicorn that is installed.
+called once each response is over).
+
+Last, it answers some requests from their head alone, without the ASGI app (`quick`,
+LimitedHttpToolsProtocol.answer_at_once; GET /jobs/{id}, api.app.QuickJobInfo): a
+request cycle, a task and the ASGI messages through the middleware cost more CPU than
+the job's info. That relies on uvicorn's per-request state (`cycle`, `pipeline`,
+`headers`, `url`, the keep-alive timer): tests/test_connections.py checks both against
+the uvicorn that is installed, send() by send(), and tests/e2e/test_quick_e2e.py that
+the service's answers, access lines and metrics are the app's.
 """
 
 from __future__ import annotations
