@@ -11,6 +11,7 @@ import importlib
 import logging
 import random
 import re
+import sys
 import time
 from typing import Any
 from urllib.parse import unquote
@@ -280,12 +281,15 @@ BODY_BUFFER = 2 << 20
 
 
 def _larger_body_buffer() -> None:
+    # h11's module only where it is in use already: the service's protocol is httptools'
     for module in ("uvicorn.protocols.http.httptools_impl", "uvicorn.protocols.http.h11_impl"):
-        try:
-            mod = importlib.import_module(module)
-        except ImportError:
-            continue
-        if getattr(mod, "HIGH_WATER_LIMIT", BODY_BUFFER) < BODY_BUFFER:
+        mod = sys.modules.get(module)
+        if mod is None and module.endswith("httptools_impl"):
+            try:
+                mod = importlib.import_module(module)
+            except ImportError:
+                continue
+        if mod is not None and getattr(mod, "HIGH_WATER_LIMIT", BODY_BUFFER) < BODY_BUFFER:
             mod.HIGH_WATER_LIMIT = BODY_BUFFER  # type: ignore[attr-defined]
 
 
