@@ -767,6 +767,41 @@ def test_job_info_is_answered_before_routing_as_the_route_would(
     assert_error(call(app, "GET", "/jobs/j", token="wrong"), 401, "Unauthorized")
 
 
+def test_job_info_follows_every_change_of_job_it_does_not_read_again(
+    api: tuple[ASGIApp, Store],
+) -> None:
+    """An unchanged JOB is not read again (its lstat says so); any change is seen."""
+    app, store = api
+    job, _ = store.create("j")
+    path = job.path / "JOB"
+
+    def todo() -> object:
+        reply = call(app, "GET", "/jobs/j")
+        assert reply.status == 200
+        return json.loads(reply.body).get("Todo")
+
+    path.write_text('{"Todo": ["aa"], "Finished": []}')
+    assert todo() == ["aa"] and todo() == ["aa"]
+    # the same size and the same mtime, written in place: ctime still moves
+    st = path.stat()
+    with open(path, "r+b") as f:
+        f.write(b'{"Todo": ["bb"]')
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert todo() == ["bb"]
+    # replaced by another file of the same size
+    tmp = job.path / "JOB.new"
+    tmp.write_text('{"Todo": ["cc"], "Finished": []}')
+    os.replace(tmp, path)
+    assert todo() == ["cc"]
+    # replaced by a FIFO: never opened, reported
+    path.unlink()
+    os.mkfifo(path)
+    reply = call(app, "GET", "/jobs/j")
+    assert reply.status == 200 and "JobError" in json.loads(reply.body)
+    path.unlink()
+    assert todo() == ["start"]  # no JOB: the default task list
+
+
 def test_delete_busy_job(api: tuple[ASGIApp, Store], root: Path) -> None:
     app, store = api
     store.create("j")

@@ -8,6 +8,7 @@ less than handing them to a thread would.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlencode
@@ -75,23 +76,47 @@ def folder_info_json(name: str, state: str, job_fd: int) -> bytes:
 
     For a JOB that reads well (nearly always) the document is put together from its
     parts: the name, status and times need no escaping, and the task lists of a JOB seen
-    before are taken as they were encoded then (_task_lists). Anything else goes the
+    before are taken as they were encoded then (_task_lists), JOB itself not even read
+    again while its lstat says it is what it was (_job_tasks). Anything else goes the
     long way, through folder_info.
     """
     times = filetimes.shown_times(job_fd)
     count = events.count(job_fd)
-    try:
-        raw = fs.read_file(job_fd, jobfile.JOB_FILE, jobfile.JOB_LIMIT)
-    except OSError:
-        tasks = None
-    else:
-        tasks = _task_lists(raw)
+    tasks = _job_tasks(job_fd)
     if tasks is None:
         return json_dumps(folder_info(name, state, job_fd))
     created, modified = _json_text(times[0]), _json_text(times[1])
     status = STATUS_OF_STATE[state]
     head = f'{{"Name":"{name}","Status":"{status}","Created":{created},"Modified":{modified}'
     return b'%s,"Events":%d,%s}\n' % (head.encode(), count, tasks)
+
+
+# fs.version of a JOB -> its task lists (_task_lists): an unchanged JOB is not opened
+_TASKS_OF_VERSION: dict[tuple[int, int, int, int, int], bytes] = {}
+
+
+def _job_tasks(job_fd: int) -> bytes | None:
+    """_task_lists of the JOB in job_fd; None where it is not valid or cannot be read."""
+    try:
+        st = os.stat(jobfile.JOB_FILE, dir_fd=job_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return _task_lists(None)
+    except OSError:
+        return None
+    key = fs.version(st)
+    tasks = _TASKS_OF_VERSION.get(key)
+    if tasks is not None:
+        return tasks
+    try:  # a link, FIFO or device is refused here, as always
+        tasks = _task_lists(fs.read_file(job_fd, jobfile.JOB_FILE, jobfile.JOB_LIMIT))
+    except OSError:
+        return None
+    # read after the lstat: what is kept is never older than the key it is kept under
+    if tasks is not None and stat.S_ISREG(st.st_mode) and st.st_size <= _TASK_LISTS_LARGEST:
+        if len(_TASKS_OF_VERSION) >= _TASK_LISTS_KEPT:
+            _TASKS_OF_VERSION.clear()
+        _TASKS_OF_VERSION[key] = tasks
+    return tasks
 
 
 def _json_text(value: str | None) -> str:
