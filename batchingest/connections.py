@@ -256,6 +256,53 @@ class BodyStream:
 _CYCLE_ATTRIBUTES = ("body", "more_body", "disconnected", "response_complete")
 
 
+class LazyTimer:
+    """A deadline that is set and cleared once a request, with one timer behind it.
+
+    Setting or clearing the deadline makes no timer (making one and cancelling it for
+    every request of a keep-alive connection costs more than the rest of the bookkeeping);
+    the timer, when it fires, calls `due` if the deadline it finds has passed, waits again
+    if it moved later, and does nothing if it was cleared.
+    """
+
+    __slots__ = ("_deadline", "_due", "_handle", "_loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, due: Callable[[], None]) -> None:
+        self._loop = loop
+        self._due = due
+        self._deadline: float | None = None  # loop time
+        self._handle: asyncio.TimerHandle | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._deadline is not None
+
+    def set(self, seconds: float) -> None:
+        self._deadline = self._loop.time() + seconds
+        if self._handle is None:
+            self._handle = self._loop.call_at(self._deadline, self._fire)
+
+    def clear(self) -> None:
+        self._deadline = None
+
+    def cancel(self) -> None:
+        self._deadline = None
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _fire(self) -> None:
+        self._handle = None
+        deadline = self._deadline
+        if deadline is None:
+            return
+        if self._loop.time() + 0.001 >= deadline:  # timers may fire a little early
+            self._deadline = None
+            self._due()
+        else:
+            self._handle = self._loop.call_at(deadline, self._fire)
+
+
 # A request's answer from its head alone, without the ASGI app: given the method, the
 # request target as sent (path and query) and the headers, the status, headers and body
 # of the answer, or None to leave the request to the app (api.app.QuickJobInfo).
@@ -288,8 +335,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._counted = False
         self._conn: OneSend | None = None
-        self._head_timer: asyncio.TimerHandle | None = None  # at or before the deadline
-        self._head_deadline: float | None = None  # loop time; None: not reading a head
+        self._head_timer = LazyTimer(self.loop, lambda: self._refuse(TOO_SLOW))
+        # an idle connection after a quick answer (uvicorn's own timer after its answers)
+        self._idle_timer = LazyTimer(self.loop, self.timeout_keep_alive_handler)
         self._head_bytes: int | None = 0  # None: not reading a request head
         self._stream: BodyStream | None = None
         self._stream_cycle: object = None
@@ -313,9 +361,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._counted = False
         self.open_connections[0] -= 1
         self._stop_head()
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        self._head_timer.cancel()
+        self._idle_timer.cancel()
         super().connection_lost(exc)
         if self._stream is not None:
             self._stream.lose()
@@ -329,6 +376,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if not self._counted:
             return
+        self._idle_timer.clear()
         super().data_received(data)
         if self._head_bytes is not None and self._conn and not self._conn.is_closing():
             self._head_bytes += len(data)
@@ -406,11 +454,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         conn.write_whole(b"".join(head), b"" if method == "HEAD" else body)
         if not keep_alive:
             conn.close()
-        else:  # as uvicorn does after each answer
-            self._unset_keepalive_if_required()
-            self.timeout_keep_alive_task = self.loop.call_later(
-                self.timeout_keep_alive, self.timeout_keep_alive_handler
-            )
+        else:  # closed if idle for --keep-alive, as uvicorn does after its answers
+            self._idle_timer.set(self.timeout_keep_alive)
         return True
 
     def _streaming(self) -> bool:
@@ -432,28 +477,13 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         return stream
 
     def _start_head(self) -> None:
-        if self._head_deadline is None:
+        if not self._head_timer.running:
             self._head_bytes = 0
-            self._head_deadline = self.loop.time() + self.limits.header_timeout
-            if self._head_timer is None:
-                self._head_timer = self.loop.call_at(self._head_deadline, self._head_due)
+            self._head_timer.set(self.limits.header_timeout)
 
     def _stop_head(self) -> None:
-        # the timer stays: on a keep-alive connection the next head would start another,
-        # and a timer made and cancelled per request costs more than one that looks
-        self._head_bytes = self._head_deadline = None
-
-    def _head_due(self) -> None:
-        """The head timer: a head still unread at its deadline is refused (408); one
-        begun after the timer was set has a later deadline, and the timer waits for it."""
-        self._head_timer = None
-        deadline = self._head_deadline
-        if deadline is None:
-            return
-        if self.loop.time() + 0.001 >= deadline:  # timers may fire a little early
-            self._refuse(TOO_SLOW)
-        else:
-            self._head_timer = self.loop.call_at(deadline, self._head_due)
+        self._head_bytes = None
+        self._head_timer.clear()
 
     def _refuse(self, answer: bytes) -> None:
         self._stop_head()

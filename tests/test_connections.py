@@ -356,3 +356,28 @@ def test_the_head_timeout_holds_on_a_keep_alive_connection(quick: Quickly | None
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def test_a_connection_idle_after_quick_answers_is_closed_after_keep_alive() -> None:
+    sock = socket.create_server(("127.0.0.1", 0))
+    protocol = limited_protocol(Limits(), Quickly())
+    config = uvicorn.Config(
+        Counting(), http=protocol, log_config=None, lifespan="off", timeout_keep_alive=0.5
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=asyncio.run, args=(server.serve(sockets=[sock]),))
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.01)
+        with socket.create_connection(sock.getsockname(), timeout=10) as s:
+            for i in range(5):  # busy for 1.2 s, longer than keep-alive: stays open
+                s.sendall(get(f"/q/{i}"))
+                assert f"/q/{i}".encode() in s.recv(65536)
+                time.sleep(0.3)
+            t0 = time.monotonic()
+            assert s.recv(65536) == b""  # then idle: closed
+            assert 0.1 < time.monotonic() - t0 < 3
+    finally:
+        server.should_exit = True
+        thread.join(10)
