@@ -48,12 +48,14 @@ def recording(protocol: type[asyncio.Protocol], writes: Writes) -> type[asyncio.
 
 
 @contextmanager
-def serving(app: Any, quick: Quick | None = None) -> Iterator[tuple[int, Writes]]:
+def serving(
+    app: Any, quick: Quick | None = None, limits: Limits | None = None, **settings: Any
+) -> Iterator[tuple[int, Writes]]:
     """uvicorn with the service's protocol on a free port: (port, its writes)."""
     writes: Writes = []
     sock = socket.create_server(("127.0.0.1", 0))
-    protocol = recording(limited_protocol(Limits(), quick), writes)
-    config = uvicorn.Config(app, http=protocol, log_config=None, lifespan="off")
+    protocol = recording(limited_protocol(limits or Limits(), quick), writes)
+    config = uvicorn.Config(app, http=protocol, log_config=None, lifespan="off", **settings)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=asyncio.run, args=(server.serve(sockets=[sock]),))
     thread.start()
@@ -332,52 +334,32 @@ def test_what_quick_does_not_take_goes_to_the_app() -> None:
 def test_the_head_timeout_holds_on_a_keep_alive_connection(quick: Quickly | None) -> None:
     """One head timer a connection: a head begun long after the timer was set still
     gets its full time, and a head that never ends is still refused."""
-    sock = socket.create_server(("127.0.0.1", 0))
-    protocol = limited_protocol(Limits(header_timeout=0.5), quick)
-    config = uvicorn.Config(Counting(), http=protocol, log_config=None, lifespan="off")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=asyncio.run, args=(server.serve(sockets=[sock]),))
-    thread.start()
-    try:
-        while not server.started:
-            time.sleep(0.01)
-        with socket.create_connection(sock.getsockname(), timeout=10) as s:
-            s.sendall(get("/q/1"))
-            assert b"/q/1" in s.recv(65536)
-            time.sleep(0.3)  # the next head begins 0.3 s into the first timer's 0.5 s
-            s.sendall(b"GET /q/2 HTTP/1.1\r\nHo")
-            time.sleep(0.35)  # past the first timer, within this head's own time
-            s.sendall(b"st: x\r\n\r\n")
-            assert b"/q/2" in s.recv(65536)
-            s.sendall(b"GET /q/3 HTTP/1.1\r\n")  # and never the rest
-            t0 = time.monotonic()
-            refused = s.recv(65536)
-            assert refused.startswith(b"HTTP/1.1 408") and time.monotonic() - t0 < 3
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    with (
+        serving(Counting(), quick, Limits(header_timeout=0.5)) as (port, _),
+        socket.create_connection(("127.0.0.1", port), timeout=10) as s,
+    ):
+        s.sendall(get("/q/1"))
+        assert b"/q/1" in s.recv(65536)
+        time.sleep(0.3)  # the next head begins 0.3 s into the first timer's 0.5 s
+        s.sendall(b"GET /q/2 HTTP/1.1\r\nHo")
+        time.sleep(0.35)  # past the first timer, within this head's own time
+        s.sendall(b"st: x\r\n\r\n")
+        assert b"/q/2" in s.recv(65536)
+        s.sendall(b"GET /q/3 HTTP/1.1\r\n")  # and never the rest
+        t0 = time.monotonic()
+        refused = s.recv(65536)
+        assert refused.startswith(b"HTTP/1.1 408") and time.monotonic() - t0 < 3
 
 
 def test_a_connection_idle_after_quick_answers_is_closed_after_keep_alive() -> None:
-    sock = socket.create_server(("127.0.0.1", 0))
-    protocol = limited_protocol(Limits(), Quickly())
-    config = uvicorn.Config(
-        Counting(), http=protocol, log_config=None, lifespan="off", timeout_keep_alive=0.5
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=asyncio.run, args=(server.serve(sockets=[sock]),))
-    thread.start()
-    try:
-        while not server.started:
-            time.sleep(0.01)
-        with socket.create_connection(sock.getsockname(), timeout=10) as s:
-            for i in range(5):  # busy for 1.2 s, longer than keep-alive: stays open
-                s.sendall(get(f"/q/{i}"))
-                assert f"/q/{i}".encode() in s.recv(65536)
-                time.sleep(0.3)
-            t0 = time.monotonic()
-            assert s.recv(65536) == b""  # then idle: closed
-            assert 0.1 < time.monotonic() - t0 < 3
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    with (
+        serving(Counting(), Quickly(), timeout_keep_alive=0.5) as (port, _),
+        socket.create_connection(("127.0.0.1", port), timeout=10) as s,
+    ):
+        for i in range(5):  # busy for 1.2 s, longer than keep-alive: stays open
+            s.sendall(get(f"/q/{i}"))
+            assert f"/q/{i}".encode() in s.recv(65536)
+            time.sleep(0.3)
+        t0 = time.monotonic()
+        assert s.recv(65536) == b""  # then idle: closed
+        assert 0.1 < time.monotonic() - t0 < 3
