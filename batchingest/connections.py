@@ -418,8 +418,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def answer_at_once(self, quick: Quick) -> bool:
         """Answer the request whose head just arrived with `quick`, on the spot: no
         request cycle, no task, no ASGI messages. Only a request without a body, while
-        no answer before it is still being sent (so answers keep the requests' order).
-        True if it was answered; False: uvicorn runs the app for it as always."""
+        no answer before it is still being sent (so answers keep the requests' order)
+        and the client reads what it is sent (so one that only sends cannot make answers
+        pile up here). True if it was answered; False: uvicorn runs the app for it."""
         conn = self._conn
         parser = self.parser
         cycle = self.cycle
@@ -427,6 +428,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             conn is None
             or (cycle is not None and not cycle.response_complete)
             or self.pipeline
+            or self.flow.write_paused  # the client is not reading: uvicorn's path waits
             or self.root_path
             or parser.should_upgrade()
             or any(k in _BODY_HEADERS and v != b"0" for k, v in self.headers)

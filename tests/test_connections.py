@@ -42,6 +42,8 @@ def recording(protocol: type[asyncio.Protocol], writes: Writes) -> type[asyncio.
 
     class Recording(protocol):  # type: ignore[valid-type,misc]
         def connection_made(self, transport: asyncio.Transport) -> None:
+            # small socket buffers: a client that does not read is felt at once
+            transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
             super().connection_made(Recorder(transport))
 
     return Recording
@@ -363,3 +365,30 @@ def test_a_connection_idle_after_quick_answers_is_closed_after_keep_alive() -> N
         t0 = time.monotonic()
         assert s.recv(65536) == b""  # then idle: closed
         assert 0.1 < time.monotonic() - t0 < 3
+
+
+@pytest.mark.parametrize("every_app", [7, 0])
+def test_a_client_that_does_not_read_gets_every_answer_in_order_at_last(every_app: int) -> None:
+    """Many pipelined requests, read only once all are sent: once the socket's buffers
+    are full the protocol stops answering at once and uvicorn's path, which waits for
+    the client, takes over (answers do not pile up in memory); every answer still
+    comes, in order. every_app: every so many a request only the app answers."""
+    app = Counting()
+    requests = [
+        f"/app/{i}" if every_app and i % every_app == 0 else f"/q/{i:05}" for i in range(2000)
+    ]
+    with (
+        serving(app, Quickly()) as (port, _),
+        socket.create_connection(("127.0.0.1", port), timeout=60) as s,
+    ):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.sendall(b"".join(get(path) for path in requests))
+        time.sleep(0.5)  # the server answers into a full socket meanwhile
+        data = b""
+        while len(answers_in(data)) < len(requests):
+            chunk = s.recv(1 << 20)
+            assert chunk, "closed early"
+            data += chunk
+    bodies = [body.split()[-1].decode() for _, body in answers_in(data)]
+    assert bodies == requests
+    assert app.calls > (len(requests) // every_app if every_app else 0)
