@@ -166,7 +166,9 @@ async def serve_extra(cfg: Config, channel: Channel, sock: socket.socket, death_
 def main(argv: list[str]) -> int:
     """`python -m batchingest.apiprocs CHANNEL_FD DEATH_FD` (the main process starts
     it; the settings come over the channel)."""
-    from batchingest import logs
+    from batchingest import lean, logs
+
+    lean.service_packages()  # before uvicorn and prometheus-client are imported
     from batchingest.cli import _loop_factory
     from batchingest.service import StartError, bind
 

@@ -10,8 +10,9 @@ submodule (and what it imports; a submodule's `from . import values` too). The f
 time a name the package itself defines is asked for (`uvicorn.Config`, `from
 prometheus_client import Counter`: anything that is not a submodule), its `__init__`
 runs after all, so other code that uses the package the usual way (tests, libraries)
-sees no difference. batchingest's own __init__ sets this up for uvicorn and
-prometheus-client, before any of its modules imports them.
+sees no difference. The service's processes set this up (`service_packages`) before
+anything imports those packages; elsewhere (tests, operator commands, tasks) they are
+imported as usual.
 
 A package already imported stays as it is; one that is not installed is left for the
 import that follows to report.
@@ -22,9 +23,15 @@ from __future__ import annotations
 import importlib.util
 import sys
 import threading
-from typing import Any
 
 _lock = threading.RLock()
+
+
+def service_packages() -> None:
+    """What `batchingest serve` and its extra API processes use of uvicorn and
+    prometheus-client, without the rest: called before either is imported."""
+    lazy_package("uvicorn", Config="config", Server="server")
+    lazy_package("prometheus_client")
 
 
 def lazy_package(name: str, **names: str) -> None:
@@ -43,7 +50,7 @@ def lazy_package(name: str, **names: str) -> None:
         module = importlib.util.module_from_spec(spec)
         loader = spec.loader
 
-        def __getattr__(attr: str) -> Any:  # a module's own, as PEP 562 has it
+        def __getattr__(attr: str) -> object:  # a module's own, as PEP 562 has it
             if attr in names:
                 return getattr(importlib.import_module(f"{name}.{names[attr]}"), attr)
             submodule = f"{name}.{attr}"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 # what the packages' __init__ would import and the service never uses
 NOT_LOADED = (
@@ -27,16 +28,18 @@ def run(code: str) -> str:
     return done.stdout
 
 
-def test_the_service_does_not_load_what_it_does_not_use() -> None:
+def test_the_service_does_not_load_what_it_does_not_use(tmp_path: Path) -> None:
     out = run(f"""
         import sys
         from pathlib import Path
-        import tempfile
-        import batchingest.cli, batchingest.service, batchingest.metrics, batchingest.webhooks
+        from batchingest import cli
+        # `serve` sets up the packages, imports the service, then stops: no such root
+        assert cli.main(["serve", "--root", {str(tmp_path / "missing")!r}]) == 2
+        import batchingest.metrics, batchingest.webhooks, batchingest.service
         from batchingest.api.app import create_app
         from batchingest.config import Config
         from batchingest.store import Store
-        root = Path(tempfile.mkdtemp()) / "root"
+        root = Path({str(tmp_path / "root")!r})
         store = Store(root)
         store.init()
         cfg = Config(root=root, tokens=["t"])
@@ -48,6 +51,8 @@ def test_the_service_does_not_load_what_it_does_not_use() -> None:
 
 def test_the_packages_work_as_usual_after() -> None:
     out = run("""
+        from batchingest import lean
+        lean.service_packages()
         import batchingest.service, batchingest.metrics
         import uvicorn
         from prometheus_client import Counter, generate_latest, CollectorRegistry
@@ -64,6 +69,8 @@ def test_the_packages_work_as_usual_after() -> None:
 def test_a_package_imported_before_is_left_as_it_is() -> None:
     out = run("""
         import uvicorn, sys
+        from batchingest import lean
+        lean.service_packages()
         import batchingest.service
         print("click" in sys.modules, uvicorn.Server is batchingest.service.Server)
     """)
