@@ -48,6 +48,7 @@ the service's answers, access lines and metrics are the app's.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import resource
@@ -320,6 +321,7 @@ def limited_protocol(limits: Limits, quick: Quick | None = None) -> type[asyncio
     return type("LimitedHttpToolsProtocol", (LimitedHttpToolsProtocol,), attrs)
 
 
+@functools.cache
 def _status_line(status: int) -> bytes:
     return b"HTTP/1.1 %d %s\r\n" % (status, HTTPStatus(status).phrase.encode())
 
