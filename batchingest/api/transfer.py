@@ -26,7 +26,6 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from email.utils import formatdate, parsedate_to_datetime
-from typing import Any
 
 from starlette.datastructures import Headers
 from starlette.requests import ClientDisconnect, Request
@@ -46,7 +45,7 @@ BUFFERS = 3
 WRITE_PIECE = 256 << 10
 # A body read straight from the socket is read into buffers of this size (each read
 # at most one), written at once, and hashed by a thread of its own
-HASH_BUFFER = int(os.environ.get("BATCHINGEST_HASH_BUF", 1 << 20))
+HASH_BUFFER = 1 << 20
 HASH_BUFFERS = 4
 READ_CHUNK = 1 << 20
 
@@ -212,6 +211,7 @@ async def _from_socket(body: SocketBody, first: bytes, fd: int, max_upload: int)
         while not work.done():
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.wait([work])
+        work.exception()  # the thread's ClientDisconnect: this task was cancelled anyway
         raise
     metrics.uploaded(got.size)
     return got
@@ -220,10 +220,12 @@ async def _from_socket(body: SocketBody, first: bytes, fd: int, max_upload: int)
 class _HashThread:
     """The SHA-256 of buffers, in the order given, on a thread of its own, so that it
     overlaps the reading and writing of the next ones. Buffers come back once hashed;
-    there are HASH_BUFFERS of them."""
+    there are HASH_BUFFERS of them. `first` is hashed before the thread starts."""
 
-    def __init__(self, hasher: Any) -> None:
-        self.hasher = hasher
+    def __init__(self, first: list[bytes]) -> None:
+        self.hasher = hashlib.sha256()
+        for data in first:
+            self.hasher.update(data)
         self.free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
         self.full: queue.SimpleQueue[tuple[bytearray, int] | None] = queue.SimpleQueue()
         for _ in range(HASH_BUFFERS):
@@ -261,11 +263,9 @@ class _Sink:
         self.fd = fd
         self.size = 0
         self.failed: OSError | None = None
-        hasher = hashlib.sha256()
         for data in first:
-            hasher.update(data)
             self._write(memoryview(data))
-        self.hashing = _HashThread(hasher)
+        self.hashing = _HashThread(first)
         self.buf = self.hashing.take()
         self.filled = 0
 
