@@ -26,7 +26,8 @@ measures:
 Environment: BENCH_RUNS (default 5), BENCH_SIZE_MIB (default 512), BENCH_DIR (where the
 jobs root and the test file go; default the system temp folder), BENCH_PARTS (default
 `transfers,load,listing`: which of the three to measure; `transfers` alone takes about
-a minute).
+a minute), BENCH_OTHER (another tree, e.g. an older checkout: its service's uploads
+are measured too, in the same rounds against the same floor).
 To compare two versions in one sitting, run this twice, once with
 `PYTHONPATH=/other/tree`: the service subprocess then runs that tree's code (without it,
 this file's own tree, whatever the current folder).
@@ -61,6 +62,7 @@ SETTLE = 1.0
 LOAD_SECONDS = 5
 LIST_JOBS = 10_000
 PARTS = os.environ.get("BENCH_PARTS", "transfers,load,listing").split(",")
+OTHER = os.environ.get("BENCH_OTHER", "")
 
 
 def timed(cmd: list[str], before: list[Path]) -> float:
@@ -278,39 +280,52 @@ class Runs:
 Step = Callable[[], tuple[float, float]]
 
 
-def paired(floor: Step, ours: Step) -> Runs:
-    """RUNS rounds of both; which goes first alternates, so neither always follows the other."""
-    runs = Runs()
+def rounds(steps: list[Step]) -> list[list[tuple[float, float]]]:
+    """RUNS rounds of every step, each step's results in a list; the order rotates
+    round by round, so no step always follows the same one."""
+    got: list[list[tuple[float, float]]] = [[] for _ in steps]
     for i in range(RUNS):
-        if i % 2:
-            o = ours()
-            f = floor()
-        else:
-            f = floor()
-            o = ours()
+        for k in range(len(steps)):
+            j = (i + k) % len(steps)
+            got[j].append(steps[j]())
+    return got
+
+
+def runs_of(floor: list[tuple[float, float]], ours: list[tuple[float, float]]) -> Runs:
+    runs = Runs()
+    for f, o in zip(floor, ours, strict=True):
         runs.add(f, o)
     return runs
 
 
-def uploads(svc: Service, src: Path, work: Path) -> Runs:
-    assert svc.proc is not None
-    pid = svc.proc.pid
+def paired(floor: Step, ours: Step) -> Runs:
+    return runs_of(*rounds([floor, ours]))
+
+
+def uploads(svc: Service, src: Path, work: Path, other: Service | None) -> list[Runs]:
+    """Uploads into the floor and the service (and the other tree's service, if any),
+    round by round: [ours against the floor, the other tree's against the same floor]."""
     folder = work / "floor"
     folder.mkdir()
     server = subprocess.Popen(
         [sys.executable, __file__, "floor-server", str(folder)], stdout=subprocess.PIPE, text=True
     )
+    curl = ["curl", "-sS", "--fail", "-o", "/dev/null", "-T", str(src)]
+
+    def into(service: Service) -> Step:
+        assert service.proc is not None
+        pid, url = service.proc.pid, f"{service.url}/jobs/bench/files/big.bin"
+        out = service.root / "data" / "bench" / "big.bin"
+        return lambda: cpu_of(pid, [*curl, "-H", f"X-Api-Token: {TOKEN}", url], [out])
+
     try:
         assert server.stdout is not None
         port = int(server.stdout.readline())
-        curl = ["curl", "-sS", "--fail", "-o", "/dev/null", "-T", str(src)]
-        ours_url = f"{svc.url}/jobs/bench/files/big.bin"
-        ours_file = svc.root / "data" / "bench" / "big.bin"
-        return paired(
-            lambda: cpu_of(server.pid, [*curl, f"http://127.0.0.1:{port}/x"],
-                           list(folder.iterdir())),
-            lambda: cpu_of(pid, [*curl, "-H", f"X-Api-Token: {TOKEN}", ours_url], [ours_file]),
-        )  # fmt: skip
+        floor = lambda: cpu_of(server.pid, [*curl, f"http://127.0.0.1:{port}/x"],  # noqa: E731
+                               list(folder.iterdir()))  # fmt: skip
+        steps = [floor, into(svc)] + ([into(other)] if other is not None else [])
+        got = rounds(steps)
+        return [runs_of(got[0], theirs) for theirs in got[1:]]
     finally:
         server.kill()
         server.wait()
@@ -341,8 +356,13 @@ def transfers(svc: Service, work: Path) -> dict[str, object]:
     make_file(src, SIZE)
     with svc.client() as c:
         c.put("/jobs/bench")
+    other = start_other(work)
     can_reset = reset_peak(pid)
-    up = uploads(svc, src, work)
+    try:
+        up, *up_other = uploads(svc, src, work, other)
+    finally:
+        if other is not None:
+            other.stop()
     up_rss = rss_mib(pid)
     with svc.client() as c:
         c.put("/jobs/bench/files/big.bin", content=src.read_bytes())
@@ -351,7 +371,21 @@ def transfers(svc: Service, work: Path) -> dict[str, object]:
     down_rss = rss_mib(pid)
     src.unlink()
     return {"up": up, "down": down, "idle": idle, "up_rss": up_rss, "down_rss": down_rss,
-            "rss_note": "" if can_reset else " (peak since start)"}  # fmt: skip
+            "rss_note": "" if can_reset else " (peak since start)",
+            "up_other": up_other[0] if up_other else None}  # fmt: skip
+
+
+def start_other(work: Path) -> Service | None:
+    """The service of the tree BENCH_OTHER names, on a root of its own, or None."""
+    if not OTHER:
+        return None
+    root = work / "other-root"
+    (root / "tasks").mkdir(parents=True)
+    env = {"PYTHONPATH": OTHER, "PYTHONSAFEPATH": "1"}
+    other = Service(root, "--no-processor", "--log-level", "warning", env=env).start()
+    with other.client() as c:
+        c.put("/jobs/bench")
+    return other
 
 
 def wrk(url: str, seconds: float) -> tuple[float, float, float, int]:
@@ -510,6 +544,12 @@ def print_transfers(t: dict[str, object]) -> None:
         f"{per_gib(up.floor_cpu)}; plus SHA-256 alone ({sha * (1 << 30) / SIZE:.2f} s): "
         f"{per_gib(with_sha)} | {spread(to_floor)} of floor + SHA-256 | |"
     )
+    other: Runs | None = t["up_other"]  # type: ignore[assignment]
+    if other is not None:
+        print(
+            f"| upload, BENCH_OTHER's tree | {rates(other.ours)}, CPU per GiB "
+            f"{per_gib(other.ours_cpu)} | the same floor runs | **{spread(other.ratios())}** | |"
+        )
     print(f"| CPU per GiB, download | {per_gib(down.ours_cpu)} | | | |")
     print(f"| RSS idle (VmRSS after start) | {idle:.1f} MiB | | | <= 35 MiB |")
     for phase in ("up", "down"):
