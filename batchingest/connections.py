@@ -210,20 +210,22 @@ class SocketBody:
     def read_into(self, view: memoryview) -> int:
         """Up to len(view) bytes of the body into view (blocking); 0 once all is read.
         ClientDisconnect if the client goes first, or once stop() was called."""
-        want = min(len(view), self.remaining)
-        while want:
+        if not self.remaining:
+            return 0
+        if not view:
+            raise ValueError("no room to read the body into")
+        while True:
             try:
-                n = os.readv(self._fd, [view[:want]])
+                n = os.readv(self._fd, [view[: self.remaining]])
             except BlockingIOError:
                 self._wait()
                 continue
-            except ConnectionError:
+            except (ConnectionError, TimeoutError):
                 raise ClientDisconnect() from None
             if not n:
                 raise ClientDisconnect()
             self.remaining -= n
             return n
-        return 0
 
     def _wait(self) -> None:
         while not self._stopped:
@@ -365,12 +367,15 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def _open_socket_body(self, cycle: Any) -> SocketBody | None:
         """The rest of cycle's body as a SocketBody, if it has a Content-Length and
         nothing else reads it; the server stops reading the socket until it is released."""
+        conn = self._conn
+        current = cycle is self.cycle and cycle.more_body and not cycle.disconnected
+        taken = self._stream_cycle is cycle or self._socket_body is not None
+        if conn is None or conn.is_closing() or not current or taken:
+            return None
         length = _content_length(cycle.scope["headers"])
-        sock = self._conn.get_extra_info("socket") if self._conn is not None else None
-        if (cycle is not self.cycle or cycle.disconnected or not cycle.more_body
-                or self._stream_cycle is cycle or self._socket_body is not None
-                or length is None or length <= self._body_seen or sock is None
-                or self._conn is None or self._conn.is_closing()):  # fmt: skip
+        sock = conn.get_extra_info("socket")
+        tls = conn.get_extra_info("sslcontext") is not None  # the socket holds TLS records
+        if length is None or length <= self._body_seen or sock is None or tls:
             return None
         self.flow.pause_reading()
         head = bytes(cycle.body)

@@ -35,6 +35,7 @@ from batchingest.connections import (
     BODY_STREAM,
     Limits,
     SocketBody,
+    _content_length,
     limited_protocol,
 )
 
@@ -242,3 +243,24 @@ def test_a_socket_body_not_read_to_its_end_closes_the_connection() -> None:
                 got += more
     assert 0 < read[0] <= 1000
     assert got == b""
+
+
+@pytest.mark.parametrize(
+    ("headers", "length"),
+    [
+        ([(b"content-length", b"12")], 12),
+        ([(b"host", b"x"), (b"content-length", b"0")], 0),
+        ([], None),
+        ([(b"content-length", b"12"), (b"content-length", b"12")], None),
+        ([(b"content-length", b"12"), (b"transfer-encoding", b"chunked")], None),
+        ([(b"transfer-encoding", b"chunked")], None),
+        ([(b"content-length", b"-1")], None),
+        ([(b"content-length", b"1 2")], None),
+    ],
+)
+def test_only_one_plain_content_length_lets_a_body_be_read_from_the_socket(
+    headers: list[tuple[bytes, bytes]], length: int | None
+) -> None:
+    """The socket is read for exactly the declared bytes; anything ambiguous is left to
+    the parser, which knows the framing."""
+    assert _content_length(headers) == length
