@@ -191,18 +191,22 @@ async def _pieces(request: Request, first: bytes, more: bool) -> AsyncIterator[b
 
 
 async def _from_socket(body: SocketBody, first: bytes, fd: int, max_upload: int) -> Upload:
-    """The body read, hashed and written by one thread of its own (_copy_from_socket).
+    """The body read and written by a thread of its own, hashed by another
+    (_copy_from_socket).
 
     The connection is released when the thread ends, whatever happens to this task;
     fd stays in use until then, so this returns only after it, even when cancelled.
     """
-    loop = asyncio.get_running_loop()
-    pool = ThreadPoolExecutor(1, thread_name_prefix="upload")
     size = len(first) + len(body.head) + body.remaining
-    if max_upload and size > max_upload:  # check_length refused it already
-        body.release()
-        raise too_large(max_upload)
-    work = loop.run_in_executor(pool, _copy_from_socket, body, [first, body.head], fd)
+    try:
+        if max_upload and size > max_upload:  # check_length refused it already
+            raise too_large(max_upload)
+        pool = ThreadPoolExecutor(1, thread_name_prefix="upload")
+        args = (body, [first, body.head], fd)
+        work = asyncio.get_running_loop().run_in_executor(pool, _copy_from_socket, *args)
+    except BaseException:
+        body.release()  # no thread will: the connection must not stay paused
+        raise
     work.add_done_callback(lambda _: body.release())
     pool.shutdown(wait=False)
     try:
