@@ -30,9 +30,11 @@ The rest of a body with a Content-Length can be taken further (`SocketBody`, thr
 `BODY_SOCKET`): the server stops reading the socket, the handler reads the body from it
 in a thread, and when all of it is read a new parser takes the connection's next
 request (the old one never saw those bytes); if the body is not read to its end, the
-connection is closed. That needs uvicorn's `parser` and `flow` too.
+connection is closed. That needs uvicorn's `parser` and `flow` too (checked by
+tests/test_upload_stream.py and tests/e2e/test_upload_stream_e2e.py).
+
 tests/e2e/test_limits.py checks each limit, and tests/e2e/test_upload_stream_e2e.py the
-stream and the socket body, against the uvicorn that is installed.
+stream, against the uvicorn that is installed.
 """
 
 from __future__ import annotations
@@ -174,9 +176,6 @@ class BodyStream:
             await self._wake.wait()
 
 
-# what of uvicorn's request cycle a BodyStream relies on
-_CYCLE_ATTRIBUTES = ("body", "more_body", "disconnected", "response_complete")
-
 # scope["extensions"][BODY_SOCKET](): the rest of a Content-Length body, to be read
 # straight from the socket (SocketBody), or None
 BODY_SOCKET = "batchingest.body_socket"
@@ -258,6 +257,10 @@ def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
     return length
 
 
+# what of uvicorn's request cycle a BodyStream relies on
+_CYCLE_ATTRIBUTES = ("body", "more_body", "disconnected", "response_complete")
+
+
 def limited_protocol(limits: Limits) -> type[asyncio.Protocol]:
     """The protocol class for one server: its limits, and its own connection count."""
     attrs = {"limits": limits, "open_connections": [0]}
@@ -272,14 +275,14 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._body_seen = 0  # bytes of this request's body the parser handed over
+        self._socket_body: SocketBody | None = None
         self._counted = False
         self._conn: asyncio.Transport | None = None
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_bytes: int | None = 0  # None: not reading a request head
         self._stream: BodyStream | None = None
         self._stream_cycle: object = None
-        self._body_seen = 0  # bytes of this request's body the parser handed over
-        self._socket_body: SocketBody | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         if self.open_connections[0] >= self.limits.max_connections:
