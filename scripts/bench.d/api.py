@@ -15,7 +15,7 @@ measures:
 - the service's CPU seconds per GiB moved (from /proc/PID/stat), much steadier than
   wall-clock on a shared machine, next to the upload floor's and to the floor's plus
   SHA-256 alone (hashlib over the same bytes in this process, the least an upload that
-  is hashed can cost);
+  is hashed can cost), and split into the event loop's thread and the others;
 - the service's RSS (/proc/PID/status): idle (VmRSS after start), and the peak (VmHWM,
   reset through /proc/PID/clear_refs where allowed) during the uploads and during the
   downloads;
@@ -251,10 +251,58 @@ def sha256_cpu(rounds: int = 3) -> float:
 
 
 def cpu_of(pid: int, cmd: list[str], before: list[Path]) -> tuple[float, float]:
-    """(seconds, CPU seconds of process pid) of a timed step."""
+    """(seconds, CPU seconds of process pid) of a timed step. The CPU of pid's main
+    thread (the event loop's) and of its other threads, apart, goes to LOOP_CPU[pid]."""
     cpu = service_cpu(pid)
-    seconds = timed(cmd, before)
+    with ThreadCpu(pid) as threads:
+        seconds = timed(cmd, before)
+    LOOP_CPU.setdefault(pid, []).append(threads.split())
     return seconds, service_cpu(pid) - cpu
+
+
+# (loop thread, other threads) CPU seconds of each step, by pid
+LOOP_CPU: dict[int, list[tuple[float, float]]] = {}
+
+
+class ThreadCpu:
+    """CPU seconds each thread of a process used during a step: sampled every 20 ms,
+    since an upload's threads end with it and take their figures along (so what a
+    thread did in its last 20 ms is missed)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.first = self._read()
+        self.last = dict(self.first)
+        self.done = threading.Event()
+        self.sampler = threading.Thread(target=self._sample, daemon=True)
+
+    def _read(self) -> dict[int, float]:
+        got = {}
+        for task in Path(f"/proc/{self.pid}/task").iterdir():
+            try:
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # the thread ended
+            got[int(task.name)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return got
+
+    def _sample(self) -> None:
+        while not self.done.wait(0.02):
+            self.last.update(self._read())
+        self.last.update(self._read())
+
+    def __enter__(self) -> ThreadCpu:
+        self.sampler.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+        self.sampler.join()
+
+    def split(self) -> tuple[float, float]:
+        used = {tid: cpu - self.first.get(tid, 0.0) for tid, cpu in self.last.items()}
+        loop = used.pop(self.pid, 0.0)
+        return loop, sum(used.values())
 
 
 class Runs:
@@ -372,7 +420,8 @@ def transfers(svc: Service, work: Path) -> dict[str, object]:
     src.unlink()
     return {"up": up, "down": down, "idle": idle, "up_rss": up_rss, "down_rss": down_rss,
             "rss_note": "" if can_reset else " (peak since start)",
-            "up_other": up_other[0] if up_other else None}  # fmt: skip
+            "up_other": up_other[0] if up_other else None, "pid": pid,
+            "other_pid": other.proc.pid if other is not None and other.proc else None}  # fmt: skip
 
 
 def start_other(work: Path) -> Service | None:
@@ -544,6 +593,12 @@ def print_transfers(t: dict[str, object]) -> None:
         f"{per_gib(up.floor_cpu)}; plus SHA-256 alone ({sha * (1 << 30) / SIZE:.2f} s): "
         f"{per_gib(with_sha)} | {spread(to_floor)} of floor + SHA-256 | |"
     )
+    for label, pid in (("this tree", t["pid"]), ("BENCH_OTHER's tree", t.get("other_pid"))):
+        splits = LOOP_CPU.get(pid, [])[:RUNS]  # type: ignore[call-overload]  # uploads come first
+        if splits:
+            loop, rest = per_gib([a for a, _ in splits]), per_gib([b for _, b in splits])
+            print(f"| upload CPU per GiB, {label}: loop thread, other threads | {loop}, "
+                  f"{rest} | | | |")  # fmt: skip
     other: Runs | None = t["up_other"]  # type: ignore[assignment]
     if other is not None:
         print(
