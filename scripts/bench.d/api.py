@@ -95,7 +95,12 @@ def rss_mib(pid: int, field: str = "VmHWM") -> float:
 
 def service_cpu(pid: int) -> float:
     """User + system CPU seconds the process has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return stat_cpu(Path(f"/proc/{pid}/stat"))
+
+
+def stat_cpu(stat: Path) -> float:
+    """User + system CPU seconds in a /proc stat file (a process's or a thread's)."""
+    fields = stat.read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -280,10 +285,9 @@ class ThreadCpu:
         got = {}
         for task in Path(f"/proc/{self.pid}/task").iterdir():
             try:
-                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                got[int(task.name)] = stat_cpu(task / "stat")
             except OSError:
                 continue  # the thread ended
-            got[int(task.name)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
         return got
 
     def _sample(self) -> None:
