@@ -40,7 +40,6 @@ stream, against the uvicorn that is installed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -401,8 +400,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self._conn.close()
             return
         self.parser = httptools.HttpRequestParser(self)
-        with contextlib.suppress(AttributeError):  # as uvicorn sets its own parser up
-            self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
+        lenient = getattr(self.parser, "set_dangerous_leniencies", None)  # httptools 0.6.3+
+        if lenient is not None:  # as uvicorn sets its own parser up
+            lenient(lenient_data_after_close=True)
         self.on_message_complete()
         self.flow.resume_reading()
 
