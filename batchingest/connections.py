@@ -26,6 +26,13 @@ handler once per socket read. That needs uvicorn's own request cycle (`body`,
 `more_body`, `disconnected`, `response_complete`) and flow control (`flow`), which are
 not a public interface: the stream is offered only while they are all there, so a
 uvicorn that changes them makes uploads fall back to receive(), which always works.
+The rest of a body with a Content-Length can be taken further (`SocketBody`, through
+`BODY_SOCKET`): the server stops reading the socket, the handler reads the body from it
+in a thread, and when all of it is read a new parser takes the connection's next
+request (the old one never saw those bytes); if the body is not read to its end, the
+connection is closed. That needs uvicorn's `parser` and `flow` too (checked by
+tests/test_upload_stream.py and tests/e2e/test_upload_stream_e2e.py).
+
 tests/e2e/test_limits.py checks each limit, and tests/e2e/test_upload_stream_e2e.py the
 stream, against the uvicorn that is installed.
 
@@ -51,7 +58,9 @@ import asyncio
 import functools
 import json
 import logging
+import os
 import resource
+import select
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -59,14 +68,15 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, cast
 
+import httptools
 from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 log = logging.getLogger("batchingest.api")
 
 # Descriptors one connection may hold at once: its socket, plus a file being sent or an
-# upload's temporary file and its folder.
-FDS_PER_CONNECTION = 3
+# upload's temporary file, its folder and a duplicate of the socket (SocketBody).
+FDS_PER_CONNECTION = 4
 
 
 @dataclass(frozen=True)
@@ -253,6 +263,87 @@ class BodyStream:
             await self._wake.wait()
 
 
+# scope["extensions"][BODY_SOCKET](): the rest of a Content-Length body, to be read
+# straight from the socket (SocketBody), or None
+BODY_SOCKET = "batchingest.body_socket"
+# how often a read waiting for the client looks whether it was told to stop
+_STOP_POLL_MS = 250
+
+
+class SocketBody:
+    """The rest of one Content-Length request body, read by its handler from the
+    connection's socket in a thread of its own while the server does not read it: no
+    event-loop turn, parser callback or copy per piece, just read(2) into the
+    handler's buffer. `head` is what the server had read already.
+
+    `read_into` runs in that thread; `release` runs on the loop once no thread reads
+    any more, always: with the whole body read, the connection goes on to its next
+    request; otherwise (the client went, or `stop` was called) it is closed. The
+    socket is read through a duplicate of its descriptor, so a connection closed
+    meanwhile can never make the thread read another file that got its number.
+    """
+
+    def __init__(self, fd: int, head: bytes, remaining: int,
+                 done: Callable[[SocketBody], None]) -> None:  # fmt: skip
+        self.head = head
+        self.remaining = remaining
+        self._fd = fd
+        self._done = done
+        self._stopped = False
+        self._poll = select.poll()
+        self._poll.register(fd, select.POLLIN)
+
+    def read_into(self, view: memoryview) -> int:
+        """Up to len(view) bytes of the body into view (blocking); 0 once all is read.
+        ClientDisconnect if the client goes first, or once stop() was called."""
+        if not self.remaining:
+            return 0
+        if not view:
+            raise ValueError("no room to read the body into")
+        while True:
+            try:
+                n = os.readv(self._fd, [view[: self.remaining]])
+            except BlockingIOError:
+                self._wait()
+                continue
+            except (ConnectionError, TimeoutError):
+                raise ClientDisconnect() from None
+            if not n:
+                raise ClientDisconnect()
+            self.remaining -= n
+            return n
+
+    def _wait(self) -> None:
+        while not self._stopped:
+            if self._poll.poll(_STOP_POLL_MS):
+                return
+        raise ClientDisconnect()
+
+    def stop(self) -> None:
+        """Make a read that waits for the client give up (within _STOP_POLL_MS)."""
+        self._stopped = True
+
+    def release(self) -> None:
+        """Give the connection back (on the loop, once no thread reads any more)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+            self._done(self)
+
+
+def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    """The one Content-Length of a request without Transfer-Encoding, else None."""
+    length = None
+    for name, value in headers:
+        if name == b"transfer-encoding" or (name == b"content-length" and length is not None):
+            return None
+        if name == b"content-length":
+            if not value.isdigit():
+                return None
+            length = int(value)
+    return length
+
+
 # what of uvicorn's request cycle a BodyStream relies on
 _CYCLE_ATTRIBUTES = ("body", "more_body", "disconnected", "response_complete")
 
@@ -335,6 +426,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._body_seen = 0  # bytes of this request's body the parser handed over
+        self._socket_body: SocketBody | None = None
         self._counted = False
         self._conn: OneSend | None = None
         self._head_timer = LazyTimer(self.loop, lambda: self._refuse(TOO_SLOW))
@@ -369,6 +462,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if self._stream is not None:
             self._stream.lose()
             self._stream = self._stream_cycle = None
+        if self._socket_body is not None:
+            self._socket_body.stop()
 
     def on_response_complete(self) -> None:
         if self._conn is not None:
@@ -398,11 +493,15 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().on_headers_complete()
         cycle = self.cycle
         self._stream = self._stream_cycle = None  # any stream was an earlier request's
+        self._body_seen = 0
         if hasattr(self, "flow") and all(hasattr(cycle, a) for a in _CYCLE_ATTRIBUTES):
             extensions: dict[str, Any] = cycle.scope.setdefault("extensions", {})  # type: ignore[assignment]
             extensions[BODY_STREAM] = lambda: self._open_stream(cycle)
+            if hasattr(self, "parser"):
+                extensions[BODY_SOCKET] = lambda: self._open_socket_body(cycle)
 
     def on_body(self, body: bytes) -> None:
+        self._body_seen += len(body)
         stream = self._stream
         if stream is not None and self._streaming():
             stream.feed(body)
@@ -479,6 +578,46 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         else:
             stream.end()
         return stream
+
+    def _open_socket_body(self, cycle: Any) -> SocketBody | None:
+        """The rest of cycle's body as a SocketBody, if it has a Content-Length and
+        nothing else reads it; the server stops reading the socket until it is released."""
+        conn = self._conn
+        current = cycle is self.cycle and cycle.more_body and not cycle.disconnected
+        taken = self._stream_cycle is cycle or self._socket_body is not None
+        if conn is None or conn.is_closing() or not current or taken:
+            return None
+        length = _content_length(cycle.scope["headers"])
+        sock = conn.get_extra_info("socket")
+        tls = conn.get_extra_info("sslcontext") is not None  # the socket holds TLS records
+        if length is None or length <= self._body_seen or sock is None or tls:
+            return None
+        self.flow.pause_reading()
+        head = bytes(cycle.body)
+        cycle.body = bytearray()
+        remaining = length - self._body_seen
+        done = lambda body: self._socket_body_done(cycle, body)  # noqa: E731
+        self._socket_body = SocketBody(os.dup(sock.fileno()), head, remaining, done)
+        return self._socket_body
+
+    def _socket_body_done(self, cycle: Any, body: SocketBody) -> None:
+        """The parser never saw what a SocketBody read: with all of it read, a new
+        parser takes the next request and the body is complete; else the connection
+        cannot go on."""
+        if body is not self._socket_body:
+            return
+        self._socket_body = None
+        if self._conn is None or self._conn.is_closing():
+            return
+        if body.remaining or cycle is not self.cycle:
+            self._conn.close()
+            return
+        self.parser = httptools.HttpRequestParser(self)
+        lenient = getattr(self.parser, "set_dangerous_leniencies", None)  # httptools 0.6.3+
+        if lenient is not None:  # as uvicorn sets its own parser up
+            lenient(lenient_data_after_close=True)
+        self.on_message_complete()
+        self.flow.resume_reading()
 
     def _start_head(self) -> None:
         if not self._head_timer.running:
