@@ -222,3 +222,79 @@ def test_a_large_copy_between_file_systems_falls_back_to_a_plain_copy(tmp_path: 
         assert (tmp_path / "dst").read_bytes() == data
     finally:
         shutil.rmtree(shm)
+
+
+KILL_AT_SECOND_SYNCFS = """
+import os, signal
+from batchingest.tasks import transfer
+real_syncfs_group = transfer.syncfs_group
+calls = []
+
+def syncfs_group(copies, fd):
+    calls.append(copies)
+    if len(calls) > 1:
+        # a group copied, neither flushed nor named: the crash this test is about
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_syncfs_group(copies, fd)
+
+transfer.syncfs_group = syncfs_group
+transfer.main()
+"""
+
+
+@pytest.mark.parametrize("unnamed", ["1", "0"])
+def test_a_transfer_killed_before_a_groups_syncfs_names_no_file_of_it(
+    tmp_path: Path, unnamed: str
+) -> None:
+    """Only copies whose group was flushed have names (and TRANSFERRED lines); the group
+    killed before its syncfs leaves none, and a rerun of the job finishes the rest."""
+    src, dst, job = tmp_path / "src", tmp_path / "dst", tmp_path / "job"
+    for d in (src, dst, job):
+        d.mkdir()
+    names = [f"t/d{i % 4}/f{i}" for i in range(900)]
+    for rel in names:
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_bytes(os.urandom(4096))
+    tree = {"source_path": "/t", "destination_path": "/c", "recursive": True}
+    request = {"kind": "transfer", "id": str(uuid.uuid4()), "source_endpoint": "src",
+               "destination_endpoint": "dst", "items": [tree]}  # fmt: skip
+    (job / transfers.REQUEST).write_text(json.dumps(request))
+    env = dict(os.environ, BATCHINGEST_TRANSFER_UNNAMED=unnamed,
+               BATCHINGEST_TRANSFER_ENDPOINTS=json.dumps([["src", str(src), True],
+                                                          ["dst", str(dst), False]]))  # fmt: skip
+
+    def few_descriptors() -> None:  # groups of (700 - 256) // 2 = 222 copies
+        resource.setrlimit(resource.RLIMIT_NOFILE, (700, 700))
+
+    crashed = subprocess.run([sys.executable, "-c", KILL_AT_SECOND_SYNCFS], cwd=job, env=env,
+                             preexec_fn=few_descriptors, capture_output=True,
+                             timeout=120)  # fmt: skip
+    assert crashed.returncode == -signal.SIGKILL, crashed.stdout
+    named = [rel for rel in names if (dst / "c" / rel.removeprefix("t/")).exists()]
+    assert 0 < len(named) < len(names)  # the first group only
+    for rel in named:
+        assert (dst / "c" / rel.removeprefix("t/")).read_bytes() == (src / rel).read_bytes()
+    lines = (job / transfers.TRANSFERRED).read_text().splitlines()
+    recorded = {json.loads(line)["destination_path"] for line in lines}
+    assert recorded == {"/c/" + rel.removeprefix("t/") for rel in named}
+    leftovers = [p for p in dst.rglob("*") if p.name.startswith(".batchingest")]
+    assert (leftovers == []) == (unnamed == "1")  # unnamed copies vanish with the process
+    again = subprocess.run([sys.executable, "-m", "batchingest.tasks.transfer"], cwd=job,
+                           env=env, preexec_fn=few_descriptors, capture_output=True, text=True,
+                           timeout=120)  # fmt: skip
+    assert again.returncode == 0, again.stdout + again.stderr
+    for rel in names:
+        assert (dst / "c" / rel.removeprefix("t/")).read_bytes() == (src / rel).read_bytes()
+    assert not [p for p in dst.rglob("*") if p.name.startswith(".batchingest")]
+
+
+@pytest.mark.parametrize("task", ["stage", "transfer"])
+def test_a_built_in_task_starts_without_the_services_modules(task: str) -> None:
+    """A task starts once per request: it imports neither the service's settings, logging
+    and asyncio nor the store (about half of its start-up CPU time)."""
+    heavy = ["asyncio", "batchingest.config", "batchingest.store", "batchingest.jobdir"]
+    code = (f"import sys, batchingest.tasks.{task}; "
+            f"print([m for m in {heavy!r} if m in sys.modules])")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60)  # fmt: skip
+    assert out.stdout.strip() == "[]"

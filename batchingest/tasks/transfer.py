@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Any
 
 from batchingest import fs, transfers
-from batchingest.config import env_bool
 from batchingest.copyengine import (
     LARGE,
     copy_fd,
@@ -52,6 +51,7 @@ from batchingest.copyengine import (
     syncfs_group,
 )
 from batchingest.endpoints import SERVICE_PREFIX, Endpoint, Endpoints, PathError, split_path
+from batchingest.flags import env_bool
 
 SAVE_EVERY = 0.5
 PARALLEL = 2  # files copied at the same time
