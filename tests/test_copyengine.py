@@ -6,7 +6,6 @@ Everything happens in folders under tmp_path.
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import resource
@@ -142,18 +141,18 @@ def test_a_crash_between_copy_and_naming_shows_no_incomplete_file(
     assert not [p for p in staging.rglob("*") if p.name.startswith(TEMP_PREFIX)]
 
 
-@pytest.mark.parametrize("unnamed", ["1", "0"])
-def test_transfer_of_many_files_in_groups_under_a_low_descriptor_limit(
-    tmp_path: Path, unnamed: str
-) -> None:
+def transfer_job(
+    tmp_path: Path, unnamed: str, contents: list[bytes]
+) -> tuple[Path, Path, Path, list[str], dict[str, str]]:
+    """A transfer job copying the folder /t of endpoint src (its files d0..d3/fN hold
+    contents) to /c of endpoint dst: (src, dst, job, the files' paths, the environment)."""
     src, dst, job = tmp_path / "src", tmp_path / "dst", tmp_path / "job"
     for d in (src, dst, job):
         d.mkdir()
-    names = [f"t/d{i % 4}/f{i}" for i in range(900)]
-    for i, rel in zip(itertools.count(), names, strict=False):
+    names = [f"t/d{i % 4}/f{i}" for i in range(len(contents))]
+    for rel, content in zip(names, contents, strict=True):
         (src / rel).parent.mkdir(parents=True, exist_ok=True)
-        (src / rel).write_text(str(i))
-    (src / "t" / "big").write_bytes(os.urandom(copyengine.LARGE + 5))
+        (src / rel).write_bytes(content)
     tree = {"source_path": "/t", "destination_path": "/c", "recursive": True}
     request = {"kind": "transfer", "id": str(uuid.uuid4()), "source_endpoint": "src",
                "destination_endpoint": "dst", "items": [tree]}  # fmt: skip
@@ -161,18 +160,28 @@ def test_transfer_of_many_files_in_groups_under_a_low_descriptor_limit(
     env = dict(os.environ, BATCHINGEST_TRANSFER_UNNAMED=unnamed,
                BATCHINGEST_TRANSFER_ENDPOINTS=json.dumps([["src", str(src), True],
                                                           ["dst", str(dst), False]]))  # fmt: skip
+    return src, dst, job, names, env
 
-    def few_descriptors() -> None:  # groups of (700 - 256) // 2 = 222 copies
-        resource.setrlimit(resource.RLIMIT_NOFILE, (700, 700))
 
+def few_descriptors() -> None:  # a transfer's groups of (700 - 256) // 2 = 222 copies
+    resource.setrlimit(resource.RLIMIT_NOFILE, (700, 700))
+
+
+@pytest.mark.parametrize("unnamed", ["1", "0"])
+def test_transfer_of_many_files_in_groups_under_a_low_descriptor_limit(
+    tmp_path: Path, unnamed: str
+) -> None:
+    contents = [str(i).encode() for i in range(900)]
+    src, dst, job, names, env = transfer_job(tmp_path, unnamed, contents)
+    (src / "t" / "big").write_bytes(os.urandom(copyengine.LARGE + 5))
     done = subprocess.run([sys.executable, "-m", "batchingest.tasks.transfer"], cwd=job, env=env,
                           preexec_fn=few_descriptors, capture_output=True, text=True,
                           timeout=120)  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     progress = json.loads((job / transfers.PROGRESS).read_text())
     assert progress["files_transferred"] == len(names) + 1
-    for i, rel in enumerate(names):
-        assert (dst / "c" / rel.removeprefix("t/")).read_text() == str(i)
+    for content, rel in zip(contents, names, strict=True):
+        assert (dst / "c" / rel.removeprefix("t/")).read_bytes() == content
     assert (dst / "c" / "big").read_bytes() == (src / "t" / "big").read_bytes()
     assert not [p for p in dst.rglob("*") if p.name.startswith(".batchingest")]
 
@@ -248,24 +257,8 @@ def test_a_transfer_killed_before_a_groups_syncfs_names_no_file_of_it(
 ) -> None:
     """Only copies whose group was flushed have names (and TRANSFERRED lines); the group
     killed before its syncfs leaves none, and a rerun of the job finishes the rest."""
-    src, dst, job = tmp_path / "src", tmp_path / "dst", tmp_path / "job"
-    for d in (src, dst, job):
-        d.mkdir()
-    names = [f"t/d{i % 4}/f{i}" for i in range(900)]
-    for rel in names:
-        (src / rel).parent.mkdir(parents=True, exist_ok=True)
-        (src / rel).write_bytes(os.urandom(4096))
-    tree = {"source_path": "/t", "destination_path": "/c", "recursive": True}
-    request = {"kind": "transfer", "id": str(uuid.uuid4()), "source_endpoint": "src",
-               "destination_endpoint": "dst", "items": [tree]}  # fmt: skip
-    (job / transfers.REQUEST).write_text(json.dumps(request))
-    env = dict(os.environ, BATCHINGEST_TRANSFER_UNNAMED=unnamed,
-               BATCHINGEST_TRANSFER_ENDPOINTS=json.dumps([["src", str(src), True],
-                                                          ["dst", str(dst), False]]))  # fmt: skip
-
-    def few_descriptors() -> None:  # groups of (700 - 256) // 2 = 222 copies
-        resource.setrlimit(resource.RLIMIT_NOFILE, (700, 700))
-
+    contents = [os.urandom(4096) for _ in range(900)]
+    src, dst, job, names, env = transfer_job(tmp_path, unnamed, contents)
     crashed = subprocess.run([sys.executable, "-c", KILL_AT_SECOND_SYNCFS], cwd=job, env=env,
                              preexec_fn=few_descriptors, capture_output=True,
                              timeout=120)  # fmt: skip
