@@ -294,11 +294,10 @@ class Run:
         """Copy one regular file to dst_dir/dst_name (a hidden copy, renamed later)."""
         self.add("files")
         try:
-            src = fs.open_regular(src_dir, src_name)
+            src, st = fs.open_regular_stat(src_dir, src_name)
         except OSError as e:
             raise ItemError(f"{record}: cannot be read ({e.strerror or e})") from None
         try:
-            st = os.fstat(src)
             if self.in_sync(src, st, dst_dir, dst_name):
                 self.add("files_skipped")
                 return
