@@ -8,8 +8,9 @@ DRAIN_KIB, at most DRAIN_WAIT seconds), floors and ours alternate run by run (th
 rotating, so that none always follows another), and each is reported as min-median-max
 with the ratio of medians and the per-run paired ratios. A floor whose max/min exceeds 2
 is flagged: its ratio says little. The CPU time of each step is kept too (a floor's: its
-processes'; ours: the service's and its tasks', from /proc), since CPU time moves far
-less with other people's load on the machine than wall time does.
+processes'; ours: the service's and its tasks', from /proc): it usually moves less with
+other people's load than wall time, though on a contended VM the system time of these
+page-cache copies grows with the contention too (min against min then says most).
 
 Settings: BENCH_RUNS (runs of each step, default 5), BENCH_SCALE (default 1: one 2 GiB
 file and 10,000 files of 4 KiB in 100 folders; 0.1 for a quick check), BENCH_DIR (the
