@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from batchingest.flags import env_bool as env_bool
+from batchingest.flags import parse_bool
 from batchingest.logs import parse_format
 
 ENV_PREFIX = "BATCHINGEST_"
@@ -31,28 +33,6 @@ class ConfigError(Exception):
 
 
 # -- parsers: each takes the text of a flag or variable and raises on a bad value --------
-
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("0", "false", "no", "off", "")
-
-
-def parse_bool(value: str) -> bool:
-    """The one reading of a boolean setting, for the service and the tasks it runs."""
-    v = value.strip().lower()
-    if v in _TRUE:
-        return True
-    if v in _FALSE:
-        return False
-    raise ValueError(f"not a boolean: {value!r} (use 1/true/yes or 0/false/no)")
-
-
-def env_bool(name: str, default: bool, environ: Mapping[str, str] | None = None) -> bool:
-    """A boolean variable as `parse_bool` reads it; unset or empty means `default`."""
-    raw = (os.environ if environ is None else environ).get(name, "")
-    try:
-        return default if raw.strip() == "" else parse_bool(raw)
-    except ValueError as e:
-        raise ValueError(f"bad {name}: {e}") from None
 
 
 def _checked(name: str, parse: Callable[[str], Any], ok: Callable[[Any], bool], why: str) -> Any:

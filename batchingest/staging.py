@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 from batchingest import fs
-from batchingest.jobdir import read_log_tail
 from batchingest.paths import InvalidPath, is_within, relpath_segments
 
 log = logging.getLogger("batchingest.staging")
@@ -395,6 +394,9 @@ def last_log_line(dir_fd: int, limit: int = LOG_TAIL) -> str | None:
     The service's own `---- task X: error, exit status 1 ----` markers say less than
     the task's last words, so they are used only when the task said nothing.
     """
+    # imported here: the stage task, which starts once per request, never needs it
+    from batchingest.jobdir import read_log_tail
+
     try:
         tail = read_log_tail(dir_fd, limit)
     except OSError:  # a link, a FIFO, a folder: no words to show

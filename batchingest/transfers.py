@@ -24,10 +24,14 @@ import threading
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from batchingest import fs, jobdir, jobfile
-from batchingest.store import Job, State, Store
+from batchingest import fs
+
+# The transfer task, which starts once per request, needs only the files' names and
+# readers of this module; the store and the JOB file are imported where they are used.
+if TYPE_CHECKING:
+    from batchingest.store import Job, State, Store
 
 REQUEST = "TRANSFER.json"
 PROGRESS = "TRANSFER-PROGRESS.json"
@@ -86,6 +90,8 @@ class Snapshot:
     @property
     def fatal(self) -> dict[str, str] | None:
         """Why the transfer failed, once it has: from the task, or from a stopped run."""
+        from batchingest.store import State
+
         found = self.progress.get("fatal_error")
         if isinstance(found, dict):
             return {"code": str(found.get("code")), "description": str(found.get("description"))}
@@ -153,6 +159,8 @@ def snapshot(store: Store, name: str, request: dict[str, Any] | None = None) -> 
 
     request may be passed when it is already known (it never changes once written).
     """
+    from batchingest import jobdir
+    from batchingest.store import State
 
     def look(job: Job) -> Snapshot | None:
         try:
@@ -189,6 +197,8 @@ def create(store: Store, name: str, request: dict[str, Any], deadline: str | Non
     The job is built in data/ and queued once complete, so a processor never sees half
     of it; a failure removes it again.
     """
+    from batchingest import jobdir, jobfile
+
     job, created = store.create(name)
     if not created:
         return False
@@ -286,6 +296,8 @@ class Requests:
         From the store's cached name listings, with no stat or Path per known job:
         task_list lists 10,000 of them on every call.
         """
+        from batchingest.store import Job, State
+
         out = []
         for state in State:
             base = self.store.state_dir(state)

@@ -6,7 +6,6 @@ Everything happens in folders under tmp_path.
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import resource
@@ -142,18 +141,18 @@ def test_a_crash_between_copy_and_naming_shows_no_incomplete_file(
     assert not [p for p in staging.rglob("*") if p.name.startswith(TEMP_PREFIX)]
 
 
-@pytest.mark.parametrize("unnamed", ["1", "0"])
-def test_transfer_of_many_files_in_groups_under_a_low_descriptor_limit(
-    tmp_path: Path, unnamed: str
-) -> None:
+def transfer_job(
+    tmp_path: Path, unnamed: str, contents: list[bytes]
+) -> tuple[Path, Path, Path, list[str], dict[str, str]]:
+    """A transfer job copying the folder /t of endpoint src (its files d0..d3/fN hold
+    contents) to /c of endpoint dst: (src, dst, job, the files' paths, the environment)."""
     src, dst, job = tmp_path / "src", tmp_path / "dst", tmp_path / "job"
     for d in (src, dst, job):
         d.mkdir()
-    names = [f"t/d{i % 4}/f{i}" for i in range(900)]
-    for i, rel in zip(itertools.count(), names, strict=False):
+    names = [f"t/d{i % 4}/f{i}" for i in range(len(contents))]
+    for rel, content in zip(names, contents, strict=True):
         (src / rel).parent.mkdir(parents=True, exist_ok=True)
-        (src / rel).write_text(str(i))
-    (src / "t" / "big").write_bytes(os.urandom(copyengine.LARGE + 5))
+        (src / rel).write_bytes(content)
     tree = {"source_path": "/t", "destination_path": "/c", "recursive": True}
     request = {"kind": "transfer", "id": str(uuid.uuid4()), "source_endpoint": "src",
                "destination_endpoint": "dst", "items": [tree]}  # fmt: skip
@@ -161,18 +160,28 @@ def test_transfer_of_many_files_in_groups_under_a_low_descriptor_limit(
     env = dict(os.environ, BATCHINGEST_TRANSFER_UNNAMED=unnamed,
                BATCHINGEST_TRANSFER_ENDPOINTS=json.dumps([["src", str(src), True],
                                                           ["dst", str(dst), False]]))  # fmt: skip
+    return src, dst, job, names, env
 
-    def few_descriptors() -> None:  # groups of (700 - 256) // 2 = 222 copies
-        resource.setrlimit(resource.RLIMIT_NOFILE, (700, 700))
 
+def few_descriptors() -> None:  # a transfer's groups of (700 - 256) // 2 = 222 copies
+    resource.setrlimit(resource.RLIMIT_NOFILE, (700, 700))
+
+
+@pytest.mark.parametrize("unnamed", ["1", "0"])
+def test_transfer_of_many_files_in_groups_under_a_low_descriptor_limit(
+    tmp_path: Path, unnamed: str
+) -> None:
+    contents = [str(i).encode() for i in range(900)]
+    src, dst, job, names, env = transfer_job(tmp_path, unnamed, contents)
+    (src / "t" / "big").write_bytes(os.urandom(copyengine.LARGE + 5))
     done = subprocess.run([sys.executable, "-m", "batchingest.tasks.transfer"], cwd=job, env=env,
                           preexec_fn=few_descriptors, capture_output=True, text=True,
                           timeout=120)  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     progress = json.loads((job / transfers.PROGRESS).read_text())
     assert progress["files_transferred"] == len(names) + 1
-    for i, rel in enumerate(names):
-        assert (dst / "c" / rel.removeprefix("t/")).read_text() == str(i)
+    for content, rel in zip(contents, names, strict=True):
+        assert (dst / "c" / rel.removeprefix("t/")).read_bytes() == content
     assert (dst / "c" / "big").read_bytes() == (src / "t" / "big").read_bytes()
     assert not [p for p in dst.rglob("*") if p.name.startswith(".batchingest")]
 
@@ -222,3 +231,63 @@ def test_a_large_copy_between_file_systems_falls_back_to_a_plain_copy(tmp_path: 
         assert (tmp_path / "dst").read_bytes() == data
     finally:
         shutil.rmtree(shm)
+
+
+KILL_AT_SECOND_SYNCFS = """
+import os, signal
+from batchingest.tasks import transfer
+real_syncfs_group = transfer.syncfs_group
+calls = []
+
+def syncfs_group(copies, fd):
+    calls.append(copies)
+    if len(calls) > 1:
+        # a group copied, neither flushed nor named: the crash this test is about
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_syncfs_group(copies, fd)
+
+transfer.syncfs_group = syncfs_group
+transfer.main()
+"""
+
+
+@pytest.mark.parametrize("unnamed", ["1", "0"])
+def test_a_transfer_killed_before_a_groups_syncfs_names_no_file_of_it(
+    tmp_path: Path, unnamed: str
+) -> None:
+    """Only copies whose group was flushed have names (and TRANSFERRED lines); the group
+    killed before its syncfs leaves none, and a rerun of the job finishes the rest."""
+    contents = [os.urandom(4096) for _ in range(900)]
+    src, dst, job, names, env = transfer_job(tmp_path, unnamed, contents)
+    crashed = subprocess.run([sys.executable, "-c", KILL_AT_SECOND_SYNCFS], cwd=job, env=env,
+                             preexec_fn=few_descriptors, capture_output=True,
+                             timeout=120)  # fmt: skip
+    assert crashed.returncode == -signal.SIGKILL, crashed.stdout
+    named = [rel for rel in names if (dst / "c" / rel.removeprefix("t/")).exists()]
+    assert 0 < len(named) < len(names)  # the first group only
+    for rel in named:
+        assert (dst / "c" / rel.removeprefix("t/")).read_bytes() == (src / rel).read_bytes()
+    lines = (job / transfers.TRANSFERRED).read_text().splitlines()
+    recorded = {json.loads(line)["destination_path"] for line in lines}
+    assert recorded == {"/c/" + rel.removeprefix("t/") for rel in named}
+    leftovers = [p for p in dst.rglob("*") if p.name.startswith(".batchingest")]
+    assert (leftovers == []) == (unnamed == "1")  # unnamed copies vanish with the process
+    again = subprocess.run([sys.executable, "-m", "batchingest.tasks.transfer"], cwd=job,
+                           env=env, preexec_fn=few_descriptors, capture_output=True, text=True,
+                           timeout=120)  # fmt: skip
+    assert again.returncode == 0, again.stdout + again.stderr
+    for rel in names:
+        assert (dst / "c" / rel.removeprefix("t/")).read_bytes() == (src / rel).read_bytes()
+    assert not [p for p in dst.rglob("*") if p.name.startswith(".batchingest")]
+
+
+@pytest.mark.parametrize("task", ["stage", "transfer"])
+def test_a_built_in_task_starts_without_the_services_modules(task: str) -> None:
+    """A task starts once per request: it imports neither the service's settings, logging
+    and asyncio nor the store (about half of its start-up CPU time)."""
+    heavy = ["asyncio", "batchingest.config", "batchingest.store", "batchingest.jobdir"]
+    code = (f"import sys, batchingest.tasks.{task}; "
+            f"print([m for m in {heavy!r} if m in sys.modules])")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60)  # fmt: skip
+    assert out.stdout.strip() == "[]"

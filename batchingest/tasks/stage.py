@@ -43,7 +43,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from batchingest import fs
-from batchingest.config import env_bool
 from batchingest.copyengine import (
     GROUP_BYTES,
     LARGE,
@@ -53,6 +52,7 @@ from batchingest.copyengine import (
     sha256_fd,
     syncfs_group,
 )
+from batchingest.flags import env_bool
 from batchingest.paths import is_within
 from batchingest.staging import (
     MANIFEST,
@@ -574,7 +574,7 @@ class Settings:
 
 
 def _env_flag(name: str, default: bool) -> bool:
-    """A boolean read as the service reads it (config.env_bool), so "no" means off."""
+    """A boolean read as the service reads it (flags.env_bool), so "no" means off."""
     try:
         return env_bool(name, default)
     except ValueError as e:

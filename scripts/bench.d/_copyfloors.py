@@ -7,7 +7,10 @@ pages drained (`sync`, then wait until Dirty + Writeback in /proc/meminfo are be
 DRAIN_KIB, at most DRAIN_WAIT seconds), floors and ours alternate run by run (the order
 rotating, so that none always follows another), and each is reported as min-median-max
 with the ratio of medians and the per-run paired ratios. A floor whose max/min exceeds 2
-is flagged: its ratio says little.
+is flagged: its ratio says little. The CPU time of each step is kept too (a floor's: its
+processes'; ours: the service's and its tasks', from /proc): it usually moves less with
+other people's load than wall time, though on a contended VM the system time of these
+page-cache copies grows with the contention too (min against min then says most).
 
 Settings: BENCH_RUNS (runs of each step, default 5), BENCH_SCALE (default 1: one 2 GiB
 file and 10,000 files of 4 KiB in 100 folders; 0.1 for a quick check), BENCH_DIR (the
@@ -17,6 +20,7 @@ file system, default the temporary folder).
 from __future__ import annotations
 
 import os
+import resource
 import statistics
 import subprocess
 import time
@@ -111,12 +115,35 @@ class Drains:
 DRAINS = Drains()
 
 
-def run_cmd(cmd: list[str]) -> float:
-    """Seconds a command takes, started on a drained disk."""
+@dataclass
+class Timed:
+    """One timed step: wall seconds, and CPU seconds (user + system) of what did the work."""
+
+    seconds: float
+    cpu: float
+
+
+def children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds of a process and of its children it has waited for (/proc/PID/stat):
+    for the service, its own work and that of the tasks it ran."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # fields from the state on: utime, stime, cutime, cstime are the 12th to 15th
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def run_cmd(cmd: list[str]) -> Timed:
+    """Seconds a command takes, started on a drained disk, and its CPU time."""
     DRAINS.drain()
+    cpu = children_cpu()
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True)
-    return time.perf_counter() - t0
+    return Timed(time.perf_counter() - t0, children_cpu() - cpu)
 
 
 def cp_sync(src: Path, dst: Path, recursive: bool) -> list[str]:
@@ -134,6 +161,7 @@ def cp(src: Path, dst: Path, recursive: bool) -> list[str]:
 class Series:
     name: str
     seconds: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
 
     def spread(self) -> float:
         return max(self.seconds) / min(self.seconds)
@@ -143,9 +171,13 @@ class Series:
         xs = sorted(self.seconds, reverse=True)
         return " / ".join(unit(x) for x in (xs[0], statistics.median(xs), xs[-1]))
 
+    def cpu_mmm(self) -> str:
+        xs = sorted(self.cpu)
+        return f"{xs[0]:.2f} / {statistics.median(xs):.2f} / {xs[-1]:.2f} s"
+
 
 def interleave(
-    runs: int, steps: dict[str, Callable[[int], float]], cleanup: Callable[[], None]
+    runs: int, steps: dict[str, Callable[[int], Timed]], cleanup: Callable[[], None]
 ) -> dict[str, Series]:
     """Run every step once per run, the order rotating by one each run.
 
@@ -162,8 +194,11 @@ def interleave(
         DRAINS.quiet += wait_quiet_disk(Path(os.environ.get("BENCH_DIR") or "/tmp"))
         for i in range(len(names)):
             name = names[(run + i) % len(names)]
-            out[name].seconds.append(steps[name](run))
-            print(f"  run {run + 1}/{runs} {name}: {out[name].seconds[-1]:.3f} s", flush=True)
+            timed = steps[name](run)
+            out[name].seconds.append(timed.seconds)
+            out[name].cpu.append(timed.cpu)
+            print(f"  run {run + 1}/{runs} {name}: {timed.seconds:.3f} s, CPU {timed.cpu:.2f} s",
+                  flush=True)  # fmt: skip
     return out
 
 
@@ -174,15 +209,23 @@ def ratio(floor: Series, ours: Series) -> str:
     return f"{med:.2f}x (runs {paired[0]:.2f}/{statistics.median(paired):.2f}/{paired[-1]:.2f})"
 
 
+def cpu_ratio(floor: Series, ours: Series) -> str:
+    """Our CPU time as a multiple of the floor's: medians, then run by run."""
+    med = statistics.median(ours.cpu) / max(statistics.median(floor.cpu), 1e-3)
+    paired = sorted(o / max(f, 1e-3) for f, o in zip(floor.cpu, ours.cpu, strict=True))
+    return f"{med:.2f}x (runs {paired[0]:.2f}/{statistics.median(paired):.2f}/{paired[-1]:.2f})"
+
+
 def table(
     title: str, unit: Callable[[float], str], ours: Series, floors: list[tuple[Series, str]]
 ) -> list[str]:
-    """Markdown rows: ours, then each floor with our ratio to it and its target."""
-    rows = [f"| {title}: {ours.name} | {ours.mmm(unit)} | | |"]
+    """Markdown rows: ours, then each floor with our ratio to it and its target; then the
+    CPU time of each, ours as a multiple of the floor's."""
+    rows = [f"| {title}: {ours.name} | {ours.mmm(unit)} | | | CPU {ours.cpu_mmm()} | |"]
     warnings = []
     for floor, target in floors:
         rows.append(f"| {title}: {floor.name} | {floor.mmm(unit)} | {ratio(floor, ours)} | "
-                    f"{target} |")  # fmt: skip
+                    f"{target} | CPU {floor.cpu_mmm()} | {cpu_ratio(floor, ours)} |")  # fmt: skip
         if floor.spread() > 2:
             warnings.append(f"WARNING: {title}, floor {floor.name} spread {floor.spread():.1f}x "
                             "(max/min > 2): its ratio says little")  # fmt: skip
@@ -192,8 +235,8 @@ def table(
 def header() -> list[str]:
     return [
         "| workload: what | min / median / max | ours vs it: medians (per-run min/median/max) "
-        "| target |",
-        "|---|---|---|---|",
+        "| target | CPU min / median / max | our CPU / its CPU: medians (per run) |",
+        "|---|---|---|---|---|---|",
     ]
 
 

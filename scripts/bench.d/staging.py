@@ -78,11 +78,14 @@ class Bench:
             self.proc.terminate()
             self.proc.wait(60)
 
-    def stage(self, ids: list[str], poll: str = "") -> float:
+    def stage(self, ids: list[str], poll: str = "") -> cf.Timed:
         """Seconds from the POST to the job being done (in success/), on an empty staging
-        area and a drained disk; polls the status meanwhile if poll names the workload."""
+        area and a drained disk, and the service's CPU time meanwhile (its stage task's
+        included); polls the status meanwhile if poll names the workload."""
         cf.DRAINS.drain()
         stop = threading.Event()
+        assert self.proc is not None
+        cpu = cf.process_cpu(self.proc.pid)
         t0 = time.perf_counter()
         r = self.client.post("/dts/staging", json={"ids": ids})
         r.raise_for_status()
@@ -98,12 +101,13 @@ class Bench:
                 raise SystemExit(f"staging failed: {(failed / 'LOG').read_text()[-2000:]}")
             time.sleep(0.002)
         elapsed = time.perf_counter() - t0
+        used = cf.process_cpu(self.proc.pid) - cpu
         stop.set()
         if poller is not None:
             poller.join()
         if self.client.get("/dts/staging", params={"id": rid}).json()["status"] != "ready":
             raise SystemExit("status is not ready")
-        return elapsed
+        return cf.Timed(elapsed, used)
 
     def _poll(self, rid: str, kept: list[float], fresh: list[float], stop: threading.Event) -> None:
         """Alternate a request on a kept-alive connection and one on a new connection."""
@@ -134,8 +138,8 @@ def compare(
 ) -> dict[str, cf.Series]:
     """cp, cp then flush, and staging of the same data, interleaved run by run."""
 
-    def floor(make: Callable[[Path, Path, bool], list[str]], at: str) -> Callable[[int], float]:
-        def step(run: int) -> float:
+    def floor(make: Callable[[Path, Path, bool], list[str]], at: str) -> Callable[[int], cf.Timed]:
+        def step(run: int) -> cf.Timed:
             (b.copies / at).mkdir()
             return cf.run_cmd(make(src, b.copies / at / src.name, recursive))
 

@@ -70,8 +70,9 @@ class Service:
         self.proc.wait(60)
 
 
-def transfer(svc: Service, src: str, dst: str, recursive: bool) -> float:
-    """Seconds from submit_transfer to SUCCEEDED, started on a drained disk.
+def transfer(svc: Service, src: str, dst: str, recursive: bool) -> cf.Timed:
+    """Seconds from submit_transfer to SUCCEEDED, started on a drained disk, and the
+    service's CPU time meanwhile (its transfer task's included).
 
     The end is seen by the task's job landing in success/ (a stat every 5 ms), then
     confirmed with one get_task: asking get_task every few milliseconds, as no client
@@ -80,15 +81,17 @@ def transfer(svc: Service, src: str, dst: str, recursive: bool) -> float:
     cf.DRAINS.drain()
     data = globus_sdk.TransferData(source_endpoint="src", destination_endpoint="dst")
     data.add_item(src, dst, recursive=recursive)
+    cpu = cf.process_cpu(svc.proc.pid)
     t0 = time.perf_counter()
     task_id = svc.tc.submit_transfer(data)["task_id"]
     ends = [svc.root / state / task_id for state in ("success", "error")]
     while not any(p.exists() for p in ends):
         time.sleep(0.005)
     elapsed = time.perf_counter() - t0
+    used = cf.process_cpu(svc.proc.pid) - cpu
     status = svc.tc.get_task(task_id)
     assert status["status"] == "SUCCEEDED", status.data
-    return elapsed
+    return cf.Timed(elapsed, used)
 
 
 def empty(folder: Path) -> None:
@@ -100,14 +103,14 @@ def compare(svc: Service, base: Path, name: str, recursive: bool) -> dict[str, c
     """cp, cp then flush, and a transfer of the same data, interleaved run by run."""
     src, dst, cps = base / "src" / name, base / "dst", base / "cp"
 
-    def floor(make: Callable[[Path, Path, bool], list[str]], at: str) -> Callable[[int], float]:
-        def step(run: int) -> float:
+    def floor(make: Callable[[Path, Path, bool], list[str]], at: str) -> Callable[[int], cf.Timed]:
+        def step(run: int) -> cf.Timed:
             (cps / at).mkdir()
             return cf.run_cmd(make(src, cps / at / name, recursive))
 
         return step
 
-    def ours(run: int) -> float:
+    def ours(run: int) -> cf.Timed:
         shown = f"/{name}/" if recursive else f"/{name}"
         return transfer(svc, shown, shown, recursive)
 
