@@ -310,6 +310,9 @@ def history(store: Store, name: str) -> list[dict[str, object]]:
 
 
 def feed_events(store: Store) -> list[dict[str, object]]:
+    recorder = events.recorder_for(store)
+    if recorder is not None:
+        recorder.flush()  # the feed's lines are written once a tick
     feed = Feed(store.root_fd, ".events", create=False)
     try:
         return [e for e, _ in read_all(feed, None, 100)]
@@ -558,25 +561,34 @@ def test_a_history_removed_while_held_is_started_again(store: Store, recorder: R
     assert recorder._held == {}  # nothing kept open once the job left processing/
 
 
-def test_a_history_is_handed_to_the_flusher_once_a_batch(store: Store) -> None:
-    """Later lines of a job pending a flush ride on it; a closed name is handed anew."""
+def fd_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def test_a_history_is_flushed_once_a_batch_and_closed_after_its_flush(store: Store) -> None:
+    """No copy of a history is made for its flush: one handed twice is flushed once, and
+    given back before its flush it is closed by the flusher after it, not before."""
     feed = Feed(store.root_fd, ".events")
     flusher = events._Flusher(feed)
     flusher.stop()  # no thread to take the batch meanwhile: what is handed stays
-    fd = os.open(store.root / "h", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        flusher.add_history("j", fd)
-        flusher.add_history("j", fd)
-        flusher.add_history("k", fd)
-        assert len(flusher._fds) == 2
-        flusher.forget("j")  # its kept file was closed: the name may be another file's
-        flusher.add_history("j", fd)
-        assert len(flusher._fds) == 3 and all(d != fd for d in flusher._fds)  # copies
-    finally:
-        for copy in flusher._fds:
-            os.close(copy)
-        os.close(fd)
-        feed.close()
+    before = len(os.listdir("/proc/self/fd"))
+    pending = os.open(store.root / "h", os.O_RDWR | os.O_CREAT, 0o644)
+    done = os.open(store.root / "k", os.O_RDWR | os.O_CREAT, 0o644)
+    flusher.sync(pending, 1)
+    flusher.sync(pending, 1)
+    flusher.lines([feed_line("h", 1)])
+    assert flusher._sync == {pending: 1} and len(os.listdir("/proc/self/fd")) == before + 2
+    flusher.retire(pending)  # its flush is still due: kept open until then
+    flusher.retire(done)  # nothing due: closed at once
+    assert fd_open(pending) and not fd_open(done)
+    flusher.flush()
+    assert not fd_open(pending) and flusher._sync == {} and flusher._close == []
+    assert [e["job"] for e, _ in feed.read(None, 10)[0]] == ["h"]
+    feed.close()
 
 
 def test_a_late_webhook_event_does_not_hide_a_move_by_hand(
