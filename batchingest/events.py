@@ -47,14 +47,18 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import functools
+import itertools
 import json
 import logging
+import mmap
 import os
 import re
 import resource
 import socket
 import stat
+import struct
 import threading
 import time
 import weakref
@@ -96,6 +100,9 @@ MAX_PENDING = 512
 # Histories opened when a job was seen in queue/, kept for its claim: at most this many,
 # and an eighth of the descriptors this process may open.
 MAX_WAITING = 1024
+HOST = socket.gethostname()
+# The feed's lines not yet written wait in a spool this large (sparse: see _Spool).
+SPOOL_SIZE = 16 << 20
 _SEGMENT_NAME = re.compile(r"([0-9]{1,12})\.jsonl")
 
 
@@ -483,6 +490,15 @@ class Feed:
 
     # -- reading -------------------------------------------------------------------
 
+    def tail_lines(self, size: int = 4 << 20) -> set[bytes]:
+        """The lines in the last `size` bytes of the two newest segments."""
+        found: set[bytes] = set()
+        for segment in self.segments()[-2:]:
+            tail = fs.read_tail(self.dir_fd, _segment_name(segment), size)
+            if tail is not None:
+                found.update(line + b"\n" for line in tail[0].split(b"\n")[:-1])
+        return found
+
     def segments(self) -> list[int]:
         if self.dir_fd < 0:
             return []
@@ -571,6 +587,116 @@ class Feed:
             os.close(fd)
 
 
+# -- the spool ------------------------------------------------------------------------
+
+_SPOOL_NAME = re.compile(r"\.spool-([0-9]+)-([0-9]+)@(.+)")
+_SPOOLS = itertools.count()  # several recorders of one process have a spool each
+_SPOOL_HEADER = 16  # where the lines not yet in the feed start and end (two u64 values)
+
+
+def _spool_host() -> str:
+    return re.sub(r"[^A-Za-z0-9.-]", "_", HOST)[:64]
+
+
+class _Spool:
+    """The feed's lines not yet written to it, in a file of ROOT/.events mapped into
+    this process's memory (`.spool-<pid>-<n>@<host>`).
+
+    Adding a line is a copy into memory, no system call; the lines stay in the page
+    cache when the process is killed (kill -9), and the next recorder started on this
+    host writes them to the feed (replay_spools). The header holds where the lines not
+    yet written start and end, each an aligned 8-byte value that one store changes: a
+    line counts once `end` is moved past it, and is written once `start` is.
+    """
+
+    def __init__(self, dir_fd: int) -> None:
+        self.name = f".spool-{os.getpid()}-{next(_SPOOLS)}@{_spool_host()}"
+        fd = fs.open_regular(dir_fd, self.name, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # ours while we live
+            os.ftruncate(fd, SPOOL_SIZE)  # sparse: only what is used takes room
+            self._map = mmap.mmap(fd, SPOOL_SIZE)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd, self.dir_fd = fd, dir_fd
+        self._start = self._end = _SPOOL_HEADER
+        self._map[:_SPOOL_HEADER] = struct.pack("<QQ", self._start, self._end)
+
+    def add(self, lines: bytes) -> bool:
+        """Keep lines for the feed (under the caller's lock); False if there is no room."""
+        end = self._end + len(lines)
+        if end > SPOOL_SIZE:
+            return False
+        self._map[self._end : end] = lines
+        struct.pack_into("<Q", self._map, 8, end)  # counted from now on
+        self._end = end
+        return True
+
+    def waiting(self) -> bool:
+        """Whether lines wait to be written (under the caller's lock)."""
+        return self._end > self._start
+
+    def pending(self) -> tuple[bytes, int]:
+        """The lines not yet written, and where they end (under the caller's lock)."""
+        return self._map[self._start : self._end], self._end
+
+    def written(self, upto: int) -> None:
+        """The lines before upto are in the feed (under the caller's lock)."""
+        if upto == self._end:  # all of them: start again at the top; end first, so
+            self._start = self._end = _SPOOL_HEADER  # a kill in between drops nothing
+            struct.pack_into("<Q", self._map, 8, self._end)
+        else:
+            self._start = upto
+        struct.pack_into("<Q", self._map, 0, self._start)
+
+    def close(self) -> None:
+        """Remove the spool (its lines were written) and close it."""
+        with contextlib.suppress(OSError):
+            os.unlink(self.name, dir_fd=self.dir_fd)
+        self._map.close()
+        os.close(self.fd)
+
+
+def replay_spools(feed: Feed) -> int:
+    """Write to the feed the lines that recorders killed on this host left in their
+    spools; the count written. Lines already in the feed's newest part (a kill after
+    the feed was written and before the spool said so) are not written again.
+    """
+    found = (_SPOOL_NAME.fullmatch(n) for n in os.listdir(feed.dir_fd))
+    names = [m.group(0) for m in found if m and m.group(3) == _spool_host()]
+    replayed = 0
+    for name in names:
+        try:
+            fd = fs.open_regular(feed.dir_fd, name, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # its recorder is alive
+            replayed += _replay(feed, fd)
+            os.unlink(name, dir_fd=feed.dir_fd)
+        finally:
+            os.close(fd)
+    return replayed
+
+
+def _replay(feed: Feed, fd: int) -> int:
+    start, end = struct.unpack("<QQ", os.pread(fd, _SPOOL_HEADER, 0).ljust(_SPOOL_HEADER, b"\0"))
+    end = min(end, SPOOL_SIZE, os.fstat(fd).st_size)
+    if not _SPOOL_HEADER <= start < end:
+        return 0
+    data = os.pread(fd, end - start, start)
+    lines = [line + b"\n" for line in data.split(b"\n")[:-1]]
+    there = feed.tail_lines()
+    missing = [line for line in lines if line not in there and decode(line, job=True)]
+    if missing:
+        feed.append(b"".join(missing))
+    return len(missing)
+
+
 # -- the flusher ----------------------------------------------------------------------
 
 
@@ -580,26 +706,30 @@ class _Flusher:
 
     A history handed for a flush stays the recorder's, which gives it back with retire()
     rather than closing it: a descriptor still to be flushed is closed by the flusher
-    after its flush, so no copy of it is ever made.
+    after its flush, so no copy of it is ever made. The feed's lines wait in the spool
+    (or, without one or with it full, in memory) and are written in one write a round.
     """
 
-    def __init__(self, feed: Feed) -> None:
+    def __init__(self, feed: Feed, spool: _Spool | None = None) -> None:
         self.feed = feed
+        self.spool = spool
         self._cond = threading.Condition()
         self._sync: dict[int, int] = {}  # descriptor -> device, flushed in the next batch
         self._flushing: dict[int, int] = {}  # the batch being flushed now
         self._close: list[int] = []  # retired while a flush of theirs was pending
-        self._lines: list[bytes] = []  # the feed's, in the order recorded
+        self._lines: list[bytes] = []  # the feed's that did not go to the spool
         self._waiting = False
         self._stopping = False
         self._one_round = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="batchingest-events", daemon=True)
         self._thread.start()
 
-    def lines(self, lines: list[bytes]) -> None:
+    def lines(self, lines: bytes) -> None:
         """Add lines to the feed with the next batch."""
         with self._cond:
-            self._lines += lines
+            # once one batch is kept in memory the next ones are too, so they stay in order
+            if self._lines or self.spool is None or not self.spool.add(lines):
+                self._lines.append(lines)
             self._wake()
 
     def sync(self, fd: int, device: int) -> None:
@@ -633,7 +763,8 @@ class _Flusher:
         last = 0.0
         while True:
             with self._cond:
-                if not (self._sync or self._close or self._lines or self._stopping):
+                if not (self._sync or self._close or self._lines or self._stopping
+                        or (self.spool is not None and self.spool.waiting())):  # fmt: skip
                     self._waiting = True
                     self._cond.wait(FLUSH_IDLE)
                     self._waiting = False
@@ -655,11 +786,16 @@ class _Flusher:
         """
         with self._one_round:
             with self._cond:
+                spooled, upto = (b"", 0) if self.spool is None else self.spool.pending()
                 lines, self._lines = self._lines, []
                 batch = self._flushing = self._sync
                 closing, self._sync, self._close = self._close, {}, []
                 stopping = self._stopping
-            self._flush(lines, batch)
+            self._write_feed(spooled + b"".join(lines))
+            if self.spool is not None:
+                with self._cond:
+                    self.spool.written(upto)
+            self._flush(batch)
             with self._cond:
                 self._flushing = {}
             for fd in closing:
@@ -670,14 +806,16 @@ class _Flusher:
         """Write and flush everything handed so far, now."""
         self._round()
 
-    def _flush(self, lines: list[bytes], batch: dict[int, int]) -> None:
-        """Write the feed's lines, then fsync each history, or, for many on one file
-        system, one syncfs of it; then the feed, unless that syncfs covered it."""
+    def _write_feed(self, lines: bytes) -> None:
         if lines:
             try:
-                self.feed.append(b"".join(lines))
+                self.feed.append(lines)
             except OSError as e:
-                log.warning("%d events not in the feed: %s", len(lines), e.strerror or e)
+                log.warning("%d events not in the feed: %s", lines.count(b"\n"), e.strerror or e)
+
+    def _flush(self, batch: dict[int, int]) -> None:
+        """fsync each history, or, for many on one file system, one syncfs of it; then
+        the feed, unless that syncfs covered it."""
         by_device: dict[int, list[int]] = {}
         for fd, device in batch.items():
             by_device.setdefault(device, []).append(fd)
@@ -707,7 +845,6 @@ class _Flusher:
 
 # -- the recorder ---------------------------------------------------------------------
 
-HOST = socket.gethostname()
 _Planned = list[tuple[Code, str, dict[str, Any]]]
 _Kept = tuple[int, int]  # a history kept open: its descriptor and its device
 
@@ -756,7 +893,7 @@ class Recorder:
             where = self.store.service_path("events")
             raise StoreError(f"{where} cannot be the event feed's folder: {e.strerror}") from e
         self.feed.prune()
-        self._flusher = _Flusher(self.feed)
+        self._flusher = _Flusher(self.feed, self._open_spool(self.feed))
         self._unsubscribe = self.store.subscribe(self.on_move)
         _RECORDERS[self.store] = self
 
@@ -768,12 +905,26 @@ class Recorder:
             self._unsubscribe = None
         if self._flusher is not None:
             self._flusher.stop()
+            if self._flusher.spool is not None:
+                self._flusher.spool.close()
             self._flusher = None
         if self.feed is not None:
             self.feed.close()
             self.feed = None
         for name in list(self._waiting):
             self._forget_waiting(name)
+
+    @staticmethod
+    def _open_spool(feed: Feed) -> _Spool | None:
+        """This process's spool, after the lines of recorders killed here are replayed."""
+        try:
+            replayed = replay_spools(feed)
+            if replayed:
+                log.info("%d events of a recorder that was killed written to the feed", replayed)
+            return _Spool(feed.dir_fd)
+        except OSError as e:  # the feed's lines are kept in memory until written
+            log.warning("no spool for the event feed: %s", e.strerror or e)
+            return None
 
     def flush(self) -> None:
         """Write the feed's lines gathered so far and flush the histories handed."""
@@ -823,10 +974,7 @@ class Recorder:
             return
         # the same lines with the job's name first (names need no escaping)
         prefix = b'{"job":"' + name.encode() + b'",'
-        try:
-            self.feed.append(b"".join(prefix + line[1:] for line in lines))  # type: ignore[union-attr]
-        except OSError as e:
-            log.warning("%s: events not in the feed: %s", name, e.strerror or e)
+        flusher.lines(b"".join([prefix + line[1:] for line in lines]))
         if kept is not None:
             if durable:
                 flusher.sync(*kept)

@@ -580,7 +580,7 @@ def test_a_history_is_flushed_once_a_batch_and_closed_after_its_flush(store: Sto
     done = os.open(store.root / "k", os.O_RDWR | os.O_CREAT, 0o644)
     flusher.sync(pending, 1)
     flusher.sync(pending, 1)
-    flusher.lines([feed_line("h", 1)])
+    flusher.lines(feed_line("h", 1))
     assert flusher._sync == {pending: 1} and len(os.listdir("/proc/self/fd")) == before + 2
     flusher.retire(pending)  # its flush is still due: kept open until then
     flusher.retire(done)  # nothing due: closed at once
@@ -624,3 +624,71 @@ def test_a_listing_just_after_the_claims_rename_writes_no_second_queued(
     recorder._ends_queued.discard("t")  # what that listing's handling does first
     run_held(store, "t", "success")
     assert codes(history(store, "t")) == ["QUEUED", "CLAIMED", "SUCCEEDED"]
+
+
+# -- the spool: the feed's lines not yet written, across a kill -9 ----------------------------
+
+
+def _record_and_die(root: str, count: int, feed_written: bool) -> None:
+    """A recorder that records `count` events and is killed before its spool says they
+    are in the feed: never written (feed_written False), or written just before."""
+    events._Flusher._run = lambda self: None  # type: ignore[method-assign]
+    if feed_written:
+        events._Spool.written = lambda self, upto: None  # type: ignore[method-assign]
+    store = Store(root)
+    Recorder(store).attach()
+    for n in range(count):
+        events.note(store, "k", Code.TASK_STARTED, f"Task {n} started.", {"n": n})
+    if feed_written:
+        events.recorder_for(store).flush()  # type: ignore[union-attr]
+    os.kill(os.getpid(), 9)
+
+
+@pytest.mark.parametrize("feed_written", [False, True])
+def test_the_feed_catches_up_after_a_kill_nothing_missed_nothing_twice(
+    store: Store, feed_written: bool
+) -> None:
+    """Lines wait in the recorder's spool until the flusher writes them; a recorder
+    started after a kill -9 writes those the feed lacks, once, after a reader's cursor."""
+    store.create("k")
+    first = Recorder(store)
+    first.attach()
+    events.note(store, "k", Code.CREATED, "Created.", {})
+    first.close()
+    feed = Feed(store.root_fd, ".events", create=False)
+    seen, _ = feed.read(None, 100)
+    cursor = seen[-1][1]  # a consumer that read everything so far
+    child = multiprocessing.get_context("fork").Process(
+        target=_record_and_die, args=(str(store.root), 50, feed_written)
+    )
+    child.start()
+    child.join(60)
+    assert child.exitcode == -9
+    assert [n for n in os.listdir(store.root / ".events") if n.startswith(".spool-")]
+    # every event is in the history, the durable record
+    assert [e["details"].get("n") for e in history(store, "k")] == [None, *range(50)]
+    for _ in range(2):  # restarted, twice: the second start finds nothing to add
+        again = Recorder(store)
+        again.attach()
+        again.close()
+        after = read_all(feed, cursor, 1000)
+        assert [e["details"]["n"] for e, _ in after] == list(range(50))
+    assert not [n for n in os.listdir(store.root / ".events") if n.startswith(".spool-")]
+    feed.close()
+
+
+def test_a_live_recorders_spool_is_left_to_it(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store.create("k")
+    live = Recorder(store)
+    monkeypatch.setattr(events._Flusher, "_round", lambda self: False)  # nothing written yet
+    live.attach()
+    events.note(store, "k", Code.TASK_STARTED, "Task 1 started.", {"n": 1})
+    other = Recorder(Store(store.root))  # another recorder started meanwhile on the root
+    other.attach()
+    other.close()
+    assert feed_events(store) == []  # the live one's line is not taken over
+    monkeypatch.undo()
+    live.close()
+    assert [e["details"]["n"] for e in feed_events(store)] == [1]
