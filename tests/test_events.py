@@ -682,8 +682,8 @@ def test_a_live_recorders_spool_is_left_to_it(
 ) -> None:
     store.create("k")
     live = Recorder(store)
-    monkeypatch.setattr(events._Flusher, "_round", lambda self: False)  # nothing written yet
     live.attach()
+    monkeypatch.setattr(live._flusher, "_round", lambda: False)  # nothing written yet
     events.note(store, "k", Code.TASK_STARTED, "Task 1 started.", {"n": 1})
     other = Recorder(Store(store.root))  # another recorder started meanwhile on the root
     other.attach()
