@@ -22,12 +22,20 @@ word) after it.
   written by one holder at a time.) A cursor is the segment and the byte offset after
   an event's line, so `after=` is a seek, never a scan. Segments older than
   `--events-keep` days are removed.
-- **Durability.** Lines are written before the move that caused them returns (the
-  store's listeners run before that). fsync is grouped: at each state change the
-  history file is handed to a flusher thread, which every FLUSH_TICK at most flushes
-  what it was handed and the feed in one batch while the next moves go on, so a move
-  never waits for a disk flush (the rename of the move itself is not fsync-ed either).
-  Task and file events are flushed with the next batch, within FLUSH_IDLE seconds.
+- **Durability.** A job's history is written before the move that caused it returns
+  (the store's listeners run before that): it is the durable record. fsync is grouped:
+  at each state change the history file is handed to a flusher thread, which every
+  FLUSH_TICK at most flushes what it was handed (and the feed) in one batch while the
+  next moves go on, so a move never waits for a disk flush (the rename of the move
+  itself is not fsync-ed either). Task and file events ride on the next state change's
+  flush (or the kernel's writeback).
+- **The feed trails by a tick.** A feed line is not written where it is recorded: it is
+  copied into this process's spool (_Spool, a file of ROOT/.events mapped into memory),
+  and the flusher writes the spool's lines to the feed in one write a round. So the
+  feed may show an event up to a tick after the job's history. The spool is in the page
+  cache, so a kill -9 loses nothing: the next recorder started on this host writes the
+  lines the feed lacks (replay_spools), each once, after any reader's cursor. A power
+  cut loses the last tick of the feed, as it did before, and the histories keep it.
 - **Cost.** A processor keeps the history of a job it holds open from the claim to the
   final move (Recorder._held), so task events are one write each; a job seen in queue/
   keeps it from its QUEUED (Recorder._waiting), and a claim's QUEUED and CLAIMED are one
