@@ -684,6 +684,8 @@ def replay_spools(feed: Feed) -> int:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 continue  # its recorder is alive
+            if os.fstat(fd).st_nlink == 0:
+                continue  # replayed and removed by another recorder starting meanwhile
             replayed += _replay(feed, fd)
             os.unlink(name, dir_fd=feed.dir_fd)
         finally:
