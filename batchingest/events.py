@@ -759,11 +759,6 @@ class _Flusher:
                 return
         os.close(fd)
 
-    def add(self, fd: int, device: int) -> None:
-        """Flush fd with the next batch, then close it."""
-        self.sync(fd, device)
-        self.retire(fd)
-
     def _wake(self) -> None:
         if self._waiting:  # (under the lock) no notify, no system call, while it sleeps
             self._waiting = False
