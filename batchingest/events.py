@@ -22,14 +22,25 @@ word) after it.
   written by one holder at a time.) A cursor is the segment and the byte offset after
   an event's line, so `after=` is a seek, never a scan. Segments older than
   `--events-keep` days are removed.
-- **Durability.** Lines are written before the move that caused them returns (the
-  store's listeners run before that). fsync is grouped: at each state change the
-  history file is handed to a flusher thread, which every FLUSH_TICK at most flushes
-  what it was handed and the feed in one batch while the next moves go on, so a move
-  never waits for a disk flush (the rename of the move itself is not fsync-ed either).
-  Task and file events are flushed with the next batch, within FLUSH_IDLE seconds.
+- **Durability.** A job's history is written before the move that caused it returns
+  (the store's listeners run before that): it is the durable record. fsync is grouped:
+  at each state change the history file is handed to a flusher thread, which every
+  FLUSH_TICK at most flushes what it was handed (and the feed) in one batch while the
+  next moves go on, so a move never waits for a disk flush (the rename of the move
+  itself is not fsync-ed either). Task and file events ride on the next state change's
+  flush (or the kernel's writeback).
+- **The feed trails by a tick.** A feed line is not written where it is recorded: it is
+  copied into this process's spool (_Spool, a file of ROOT/.events mapped into memory),
+  and the flusher writes the spool's lines to the feed in one write a round. So the
+  feed may show an event up to a tick after the job's history. The spool is in the page
+  cache, so a kill -9 loses nothing: the next recorder started on this host writes the
+  lines the feed lacks (replay_spools), each once, after any reader's cursor. A power
+  cut loses the last tick of the feed, as it did before, and the histories keep it.
 - **Cost.** A processor keeps the history of a job it holds open from the claim to the
-  final move (Recorder._held), so task events are one write each.
+  final move (Recorder._held), so task events are one write each; a job seen in queue/
+  keeps it from its QUEUED (Recorder._waiting), and a claim's QUEUED and CLAIMED are one
+  write. A history handed to the flusher is never copied: the recorder gives it back
+  (_Flusher.retire) instead of closing it, and the flusher closes it after its flush.
 
 Who does what: the store listener (`Recorder.on_move`) writes the events of moves
 (QUEUED, CLAIMED, SUCCEEDED, FAILED, RECOVERED, RENAMED); the processor, the API and
@@ -44,13 +55,18 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import functools
+import itertools
 import json
 import logging
+import mmap
 import os
 import re
+import resource
 import socket
 import stat
+import struct
 import threading
 import time
 import weakref
@@ -89,8 +105,12 @@ FLUSH_TICK = 0.05
 # state folders may be mount points: one per file system); fewer are fsync-ed one by one.
 SYNCFS_BATCH = 4
 MAX_PENDING = 512
-# Histories opened when a job was seen in queue/, kept for its claim: at most this many.
-MAX_WAITING = 256
+# Histories opened when a job was seen in queue/, kept for its claim: at most this many,
+# and an eighth of the descriptors this process may open.
+MAX_WAITING = 1024
+HOST = socket.gethostname()
+# The feed's lines not yet written wait in a spool this large (sparse: see _Spool).
+SPOOL_SIZE = 16 << 20
 _SEGMENT_NAME = re.compile(r"([0-9]{1,12})\.jsonl")
 
 
@@ -213,28 +233,22 @@ def status(state: str) -> str:
 # -- a job's history ------------------------------------------------------------------
 
 
-def _open_append(dir_fd: int, name: str) -> int:
+def _open_append(dir_fd: int, name: str) -> tuple[int, os.stat_result]:
     """fs.open_append, but readable too: the last byte says whether a line was torn."""
     # (O_NONBLOCK, which fs adds, changes nothing for a regular file)
-    return fs.open_regular(dir_fd, name, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    return fs.open_regular_stat(dir_fd, name, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
 
 
-def _end_torn_line(fd: int) -> int:
-    """fd, after closing a torn last line (a crash mid-write) with a newline; closed on
-    error."""
-    return _end_torn_line_sized(fd)[0]
-
-
-def _end_torn_line_sized(fd: int) -> tuple[int, int]:
-    """_end_torn_line, and the file's size after it."""
+def _end_torn_line(fd: int, size: int) -> int:
+    """The file's size after closing a torn last line (a crash mid-write) with a newline;
+    fd is closed on error."""
     try:
-        size = os.fstat(fd).st_size
         if size and os.pread(fd, 1, size - 1) != b"\n":
             size += os.write(fd, b"\n")
     except BaseException:
         os.close(fd)
         raise
-    return fd, size
+    return size
 
 
 def open_history(dir_fd: int) -> int:
@@ -243,18 +257,19 @@ def open_history(dir_fd: int) -> int:
     A torn last line (a crash mid-write) is closed with a newline first. Raises
     fs.UnsafePath or fs.NotRegular (a link, FIFO, folder) and other OSErrors.
     """
-    return open_history_sized(dir_fd)[0]
+    return open_history_stat(dir_fd)[0]
 
 
-def open_history_sized(dir_fd: int) -> tuple[int, int]:
-    """open_history, and the file's size then (0: new or empty, nothing to read back)."""
+def open_history_stat(dir_fd: int) -> tuple[int, int, int]:
+    """open_history, the file's size then (0: new or empty, nothing to read back) and
+    its device (for grouped flushes)."""
     try:
-        fd = _open_append(dir_fd, EVENTS_FILE)
+        fd, st = _open_append(dir_fd, EVENTS_FILE)
     except OSError as e:
         if e.errno == errno.ENXIO:  # a FIFO nobody reads: open says so before any check
             raise fs.NotRegular(errno.EINVAL, "not a regular file (named pipe)", EVENTS_FILE) from e
         raise
-    return _end_torn_line_sized(fd)
+    return fd, _end_torn_line(fd, st.st_size), st.st_dev
 
 
 def append_history(dir_fd: int, line: bytes) -> int:
@@ -405,6 +420,7 @@ class Feed:
         self._lock = threading.Lock()
         self._segment = -1
         self._fd = -1
+        self._device = -1
         self.dirty = False
         if create:
             with contextlib.suppress(FileExistsError):
@@ -426,17 +442,27 @@ class Feed:
 
     # -- writing -------------------------------------------------------------------
 
-    def append(self, line: bytes) -> None:
+    def append(self, lines: bytes) -> None:
+        """Append whole lines in one write (on a local file system, never interleaved
+        with another writer's)."""
         with self._lock:
             segment = self.now_segment()
             if segment != self._segment:
                 self._switch(segment)
-            os.write(self._fd, line)
             self.dirty = True
+            written = os.write(self._fd, lines)
+            while written < len(lines):  # a full disk, say: never leave a line torn
+                start = lines.rfind(b"\n", 0, written) + 1
+                if start < written:
+                    os.write(self._fd, b"\n")  # ends the torn piece; its line is rewritten
+                lines = lines[start:]
+                written = os.write(self._fd, lines)
 
     def _switch(self, segment: int) -> None:
         """Open the hour's segment (closing a torn line another writer left) and prune."""
-        fd = _end_torn_line(_open_append(self.dir_fd, _segment_name(segment)))
+        fd, st = _open_append(self.dir_fd, _segment_name(segment))
+        _end_torn_line(fd, st.st_size)
+        self._device = st.st_dev
         if self._fd >= 0:
             with contextlib.suppress(OSError):
                 os.fsync(self._fd)
@@ -444,12 +470,15 @@ class Feed:
         self._fd, self._segment = fd, segment
         self.prune()
 
-    def sync(self) -> None:
-        """fsync the current segment (outside the lock: writers go on meanwhile)."""
+    def sync(self, skip: set[int] | frozenset[int] = frozenset()) -> None:
+        """fsync the current segment (outside the lock: writers go on meanwhile), unless
+        its file system is one of `skip` (flushed whole just now)."""
         with self._lock:
             if not self.dirty or self._fd < 0:
                 return
             self.dirty = False
+            if self._device in skip:
+                return
             fd = os.dup(self._fd)
         try:
             os.fsync(fd)
@@ -468,6 +497,15 @@ class Feed:
         return removed
 
     # -- reading -------------------------------------------------------------------
+
+    def tail_lines(self, size: int = 4 << 20) -> set[bytes]:
+        """The lines in the last `size` bytes of the two newest segments."""
+        found: set[bytes] = set()
+        for segment in self.segments()[-2:]:
+            tail = fs.read_tail(self.dir_fd, _segment_name(segment), size)
+            if tail is not None:
+                found.update(line + b"\n" for line in tail[0].split(b"\n")[:-1])
+        return found
 
     def segments(self) -> list[int]:
         if self.dir_fd < 0:
@@ -557,104 +595,268 @@ class Feed:
             os.close(fd)
 
 
+# -- the spool ------------------------------------------------------------------------
+
+_SPOOL_NAME = re.compile(r"\.spool-([0-9]+)-([0-9]+)@(.+)")
+_SPOOLS = itertools.count()  # several recorders of one process have a spool each
+_SPOOL_HEADER = 16  # where the lines not yet in the feed start and end (two u64 values)
+
+
+def _spool_host() -> str:
+    return re.sub(r"[^A-Za-z0-9.-]", "_", HOST)[:64]
+
+
+class _Spool:
+    """The feed's lines not yet written to it, in a file of ROOT/.events mapped into
+    this process's memory (`.spool-<pid>-<n>@<host>`).
+
+    Adding a line is a copy into memory, no system call; the lines stay in the page
+    cache when the process is killed (kill -9), and the next recorder started on this
+    host writes them to the feed (replay_spools). The header holds where the lines not
+    yet written start and end, each an aligned 8-byte value that one store changes: a
+    line counts once `end` is moved past it, and is written once `start` is.
+    """
+
+    def __init__(self, dir_fd: int) -> None:
+        self.name = f".spool-{os.getpid()}-{next(_SPOOLS)}@{_spool_host()}"
+        fd = fs.open_regular(dir_fd, self.name, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # ours while we live
+            os.ftruncate(fd, SPOOL_SIZE)  # sparse: only what is used takes room
+            self._map = mmap.mmap(fd, SPOOL_SIZE)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd, self.dir_fd = fd, dir_fd
+        self._start = self._end = _SPOOL_HEADER
+        self._map[:_SPOOL_HEADER] = struct.pack("<QQ", self._start, self._end)
+
+    def add(self, lines: bytes) -> bool:
+        """Keep lines for the feed (under the caller's lock); False if there is no room."""
+        end = self._end + len(lines)
+        if end > SPOOL_SIZE:
+            return False
+        self._map[self._end : end] = lines
+        struct.pack_into("<Q", self._map, 8, end)  # counted from now on
+        self._end = end
+        return True
+
+    def waiting(self) -> bool:
+        """Whether lines wait to be written (under the caller's lock)."""
+        return self._end > self._start
+
+    def pending(self) -> tuple[bytes, int]:
+        """The lines not yet written, and where they end (under the caller's lock)."""
+        return self._map[self._start : self._end], self._end
+
+    def written(self, upto: int) -> None:
+        """The lines before upto are in the feed (under the caller's lock)."""
+        if upto == self._end:  # all of them: start again at the top; end first, so
+            self._start = self._end = _SPOOL_HEADER  # a kill in between drops nothing
+            struct.pack_into("<Q", self._map, 8, self._end)
+        else:
+            self._start = upto
+        struct.pack_into("<Q", self._map, 0, self._start)
+
+    def close(self) -> None:
+        """Remove the spool (its lines were written) and close it."""
+        with contextlib.suppress(OSError):
+            os.unlink(self.name, dir_fd=self.dir_fd)
+        self._map.close()
+        os.close(self.fd)
+
+
+def replay_spools(feed: Feed) -> int:
+    """Write to the feed the lines that recorders killed on this host left in their
+    spools; the count written. Lines already in the feed's newest part (a kill after
+    the feed was written and before the spool said so) are not written again.
+    """
+    found = (_SPOOL_NAME.fullmatch(n) for n in os.listdir(feed.dir_fd))
+    names = [m.group(0) for m in found if m and m.group(3) == _spool_host()]
+    replayed = 0
+    for name in names:
+        try:
+            fd = fs.open_regular(feed.dir_fd, name, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # its recorder is alive
+            if os.fstat(fd).st_nlink == 0:
+                continue  # replayed and removed by another recorder starting meanwhile
+            replayed += _replay(feed, fd)
+            os.unlink(name, dir_fd=feed.dir_fd)
+        finally:
+            os.close(fd)
+    return replayed
+
+
+def _replay(feed: Feed, fd: int) -> int:
+    start, end = struct.unpack("<QQ", os.pread(fd, _SPOOL_HEADER, 0).ljust(_SPOOL_HEADER, b"\0"))
+    end = min(end, SPOOL_SIZE, os.fstat(fd).st_size)
+    if not _SPOOL_HEADER <= start < end:
+        return 0
+    data = os.pread(fd, end - start, start)
+    lines = [line + b"\n" for line in data.split(b"\n")[:-1]]
+    there = feed.tail_lines()
+    missing = [line for line in lines if line not in there and decode(line, job=True)]
+    if missing:
+        feed.append(b"".join(missing))
+    return len(missing)
+
+
 # -- the flusher ----------------------------------------------------------------------
 
 
 class _Flusher:
-    """fsyncs the history files handed to it and the feed, in batches, in one thread."""
+    """Writes the feed's lines and fsyncs the histories handed to it, in batches, in one
+    thread: at most once a FLUSH_TICK, so many moves share one flush.
 
-    def __init__(self, feed: Feed) -> None:
+    A history handed for a flush stays the recorder's, which gives it back with retire()
+    rather than closing it: a descriptor still to be flushed is closed by the flusher
+    after its flush, so no copy of it is ever made. The feed's lines wait in the spool
+    (or, without one or with it full, in memory) and are written in one write a round.
+    """
+
+    def __init__(self, feed: Feed, spool: _Spool | None = None) -> None:
         self.feed = feed
+        self.spool = spool
         self._cond = threading.Condition()
-        self._fds: list[int] = []
-        # the histories (by job name) in _fds: one flush covers every line written to a
-        # file before it, so a job's later events need not hand the file over again
-        self._names: set[str] = set()
+        self._sync: dict[int, int] = {}  # descriptor -> device, flushed in the next batch
+        self._flushing: dict[int, int] = {}  # the batch being flushed now
+        self._close: list[int] = []  # retired while a flush of theirs was pending
+        self._lines: list[bytes] = []  # the feed's that did not go to the spool
+        self._waiting = False
         self._stopping = False
+        self._one_round = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="batchingest-events", daemon=True)
         self._thread.start()
 
-    def add_history(self, name: str, fd: int) -> None:
-        """Flush the job's history soon (fd stays the caller's); once per batch and job."""
+    def lines(self, lines: bytes) -> None:
+        """Add lines to the feed with the next batch."""
         with self._cond:
-            if name in self._names:
-                return  # its flush in this batch is still to come: it covers this line too
-            if len(self._fds) < MAX_PENDING:
-                self._names.add(name)
-                self._fds.append(os.dup(fd))
-            self._cond.notify()
+            # once one batch is kept in memory the next ones are too, so they stay in order
+            if self._lines or self.spool is None or not self.spool.add(lines):
+                self._lines.append(lines)
+            self._wake()
 
-    def forget(self, name: str) -> None:
-        """The history kept under name was closed: a file of that name is handed anew."""
+    def sync(self, fd: int, device: int) -> None:
+        """fsync this history with the next batch (fd stays the caller's: see retire)."""
         with self._cond:
-            self._names.discard(name)
+            if fd not in self._sync and len(self._sync) + len(self._close) < MAX_PENDING:
+                # (a disk this far behind: the rest is left to the kernel's writeback
+                # rather than held open)
+                self._sync[fd] = device
+                self._wake()
 
-    def add(self, fd: int | None) -> None:
-        """Flush fd (then close it) and the feed soon; fd None flushes the feed only."""
+    def retire(self, fd: int) -> None:
+        """The caller is done with fd: closed now, or after the flush still due for it."""
         with self._cond:
-            if fd is not None and len(self._fds) >= MAX_PENDING:
-                # a disk this far behind: leave this one to the kernel's writeback
-                # rather than hold more descriptors
-                os.close(fd)
-            elif fd is not None:
-                self._fds.append(fd)
+            if fd in self._sync or fd in self._flushing:
+                self._close.append(fd)
+                return
+        os.close(fd)
+
+    def _wake(self) -> None:
+        if self._waiting:  # (under the lock) no notify, no system call, while it sleeps
+            self._waiting = False
             self._cond.notify()
 
     def _run(self) -> None:
         last = 0.0
         while True:
             with self._cond:
-                if not self._fds and not self._stopping:
+                if not (self._sync or self._close or self._lines or self._stopping
+                        or (self.spool is not None and self.spool.waiting())):  # fmt: skip
+                    self._waiting = True
                     self._cond.wait(FLUSH_IDLE)
+                    self._waiting = False
                 stopping = self._stopping
             # gather what comes within a tick: one flush for many moves, fewer journal
             # commits competing with the processor's own fsync of JOB
             pause = last + FLUSH_TICK - time.monotonic()
             if pause > 0 and not stopping:
                 time.sleep(pause)
-            with self._cond:
-                batch, self._fds = self._fds, []
-                self._names.clear()  # a line written from now on needs the next batch
-                stopping = stopping or self._stopping
             last = time.monotonic()
-            self._flush(batch)
-            if stopping:
+            if self._round():
                 return
 
-    def _flush(self, fds: list[int]) -> None:
-        """fsync each file, or, for many on one file system, one syncfs of it."""
-        by_device: dict[int, list[int]] = {}
-        for fd in fds:
-            try:
-                by_device.setdefault(os.fstat(fd).st_dev, []).append(fd)
-            except OSError:
+    def _round(self) -> bool:
+        """Flush what was handed so far, then close what waited for it; whether to stop.
+
+        One round at a time (flush() may run one too), so the feed keeps the order in
+        which lines were handed.
+        """
+        with self._one_round:
+            with self._cond:
+                spooled, upto = (b"", 0) if self.spool is None else self.spool.pending()
+                lines, self._lines = self._lines, []
+                batch = self._flushing = self._sync
+                closing, self._sync, self._close = self._close, {}, []
+                stopping = self._stopping
+            self._write_feed(spooled + b"".join(lines))
+            if self.spool is not None:
+                with self._cond:
+                    self.spool.written(upto)
+            self._flush(batch)
+            with self._cond:
+                self._flushing = {}
+            for fd in closing:
                 os.close(fd)
-        for group in by_device.values():
+        return stopping
+
+    def flush(self) -> None:
+        """Write and flush everything handed so far, now."""
+        self._round()
+
+    def _write_feed(self, lines: bytes) -> None:
+        if lines:
             try:
-                if not (len(group) >= SYNCFS_BATCH and fs.syncfs(group[0])):
+                self.feed.append(lines)
+            except OSError as e:
+                log.warning("%d events not in the feed: %s", lines.count(b"\n"), e.strerror or e)
+
+    def _flush(self, batch: dict[int, int]) -> None:
+        """fsync each history, or, for many on one file system, one syncfs of it; then
+        the feed, unless that syncfs covered it."""
+        by_device: dict[int, list[int]] = {}
+        for fd, device in batch.items():
+            by_device.setdefault(device, []).append(fd)
+        synced: set[int] = set()
+        for device, group in by_device.items():
+            try:
+                if len(group) >= SYNCFS_BATCH and fs.syncfs(group[0]):
+                    synced.add(device)
+                else:
                     for fd in group:
                         os.fsync(fd)
             except OSError as e:
                 log.warning("cannot flush job histories: %s", e.strerror or e)
-            finally:
-                for fd in group:
-                    os.close(fd)
         try:
-            self.feed.sync()
+            self.feed.sync(skip=synced)
         except OSError as e:
             log.warning("cannot flush the event feed: %s", e.strerror or e)
 
     def stop(self) -> None:
+        """Flush everything handed, close what was retired, and end the thread."""
         with self._cond:
             self._stopping = True
             self._cond.notify()
         self._thread.join()
+        self._round()  # what came during the last round
 
 
 # -- the recorder ---------------------------------------------------------------------
 
-HOST = socket.gethostname()
 _Planned = list[tuple[Code, str, dict[str, Any]]]
+_Kept = tuple[int, int]  # a history kept open: its descriptor and its device
+
+
+def _most_waiting() -> int:
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return MAX_WAITING if soft == resource.RLIM_INFINITY else min(MAX_WAITING, soft // 8)
 
 
 class Recorder:
@@ -671,16 +873,18 @@ class Recorder:
         self._locks = [threading.RLock() for _ in range(64)]
         self._warned: set[str] = set()
         # histories of the jobs this process holds, open from the claim to the final move
-        self._held: dict[str, int] = {}
+        self._held: dict[str, _Kept] = {}
         # histories opened when a job moved in by hand was seen in queue/: its claim here
         # takes the descriptor over (_held) rather than opening the folder and file again
-        self._waiting: dict[str, int] = {}
+        self._waiting: dict[str, _Kept] = {}
         # the names in queue/ at the last look (see seen_queued)
         self._queued: set[str] = set()
         # names whose history this process saw end in the queue state: a claim of one
         # need not read the history to know whether its QUEUED is written
         self._ends_queued: set[str] = set()
         self._queued_lock = threading.Lock()
+        self._most_waiting = _most_waiting()
+        self._pid = os.getpid()
 
     def attach(self) -> None:
         """Open the feed and listen to the store's moves.
@@ -694,7 +898,7 @@ class Recorder:
             where = self.store.service_path("events")
             raise StoreError(f"{where} cannot be the event feed's folder: {e.strerror}") from e
         self.feed.prune()
-        self._flusher = _Flusher(self.feed)
+        self._flusher = _Flusher(self.feed, self._open_spool(self.feed))
         self._unsubscribe = self.store.subscribe(self.on_move)
         _RECORDERS[self.store] = self
 
@@ -706,12 +910,31 @@ class Recorder:
             self._unsubscribe = None
         if self._flusher is not None:
             self._flusher.stop()
+            if self._flusher.spool is not None:
+                self._flusher.spool.close()
             self._flusher = None
         if self.feed is not None:
             self.feed.close()
             self.feed = None
         for name in list(self._waiting):
             self._forget_waiting(name)
+
+    @staticmethod
+    def _open_spool(feed: Feed) -> _Spool | None:
+        """This process's spool, after the lines of recorders killed here are replayed."""
+        try:
+            replayed = replay_spools(feed)
+            if replayed:
+                log.info("%d events of a recorder that was killed written to the feed", replayed)
+            return _Spool(feed.dir_fd)
+        except OSError as e:  # the feed's lines are kept in memory until written
+            log.warning("no spool for the event feed: %s", e.strerror or e)
+            return None
+
+    def flush(self) -> None:
+        """Write the feed's lines gathered so far and flush the histories handed."""
+        if self._flusher is not None:
+            self._flusher.flush()
 
     def lock_of(self, name: str) -> threading.RLock:
         return self._locks[hash(name) % len(self._locks)]
@@ -721,7 +944,7 @@ class Recorder:
     def record(
         self, name: str, dir_fd: int | None, code: Code, state: str, description: str,
         details: dict[str, Any] | None = None, *, durable: bool = False, held: str | None = None,
-        history: int | None = None, after_task: bool = False,
+        history: _Kept | None = None, after_task: bool = False,
     ) -> dict[str, Any]:  # fmt: skip
         """Append one event to the job's history (dir_fd; None: feed only) and the feed.
 
@@ -729,85 +952,88 @@ class Recorder:
         open from the claim to the final move, instead of being opened for each event.
         history: the history already open (the caller keeps it). after_task: a task ran
         since the last event, so the kept history may have been removed (looked at).
+        durable: a state change, fsync-ed with the flusher's next batch.
         """
         event = make_event(code, state, description, details)
-        line = encode(event)
-        fd: int | None = history
-        own = False
-        if history is None:
-            fd, own = self._history_fd(name, dir_fd, held, after_task)
-        if fd is not None:
-            try:
-                os.write(fd, line)  # one write: lines of several writers never interleave
-            except OSError as e:
-                log.warning("%s: event %s not in its history: %s", name, code, e.strerror or e)
-        if self.feed is not None:
-            try:
-                # the same line with the job's name first (names need no escaping)
-                self.feed.append(b'{"job":"' + name.encode() + b'",' + line[1:])
-            except OSError as e:
-                log.warning("%s: event %s not in the feed: %s", name, code, e.strerror or e)
-        if durable and self._flusher is not None:
-            # fsync-ed with the next batch, then closed; out of descriptors, the event is
-            # written all the same, only not flushed with the batch
-            try:
-                if fd is not None and not own:  # kept open under `held` (or name)
-                    self._flusher.add_history(held or name, fd)
-                else:
-                    self._flusher.add(fd)
-            except OSError as e:
-                log.warning("%s: event %s not flushed: %s", name, code, e.strerror or e)
-                if fd is not None and own:
-                    os.close(fd)
-        elif fd is not None and own:
-            os.close(fd)
+        self._write(name, dir_fd, [encode(event)], durable, held, history, after_task)
         return event
+
+    def _write(
+        self, name: str, dir_fd: int | None, lines: list[bytes], durable: bool,
+        held: str | None = None, history: _Kept | None = None, after_task: bool = False,
+    ) -> None:  # fmt: skip
+        """Append lines to the job's history in one write, and hand them to the feed."""
+        kept, own = history, False
+        if kept is None:
+            kept, own = self._history_fd(name, dir_fd, held, after_task)
+        if kept is not None:
+            try:
+                # one write: lines of several writers never interleave
+                os.write(kept[0], lines[0] if len(lines) == 1 else b"".join(lines))
+            except OSError as e:
+                log.warning("%s: events not in its history: %s", name, e.strerror or e)
+        flusher = self._flusher
+        if flusher is None:
+            if kept is not None and own:
+                os.close(kept[0])
+            return
+        # the same lines with the job's name first (names need no escaping)
+        prefix = b'{"job":"' + name.encode() + b'",'
+        flusher.lines(b"".join([prefix + line[1:] for line in lines]))
+        if kept is not None:
+            if durable:
+                flusher.sync(*kept)
+            if own:
+                flusher.retire(kept[0])
 
     def _history_fd(
         self, name: str, dir_fd: int | None, held: str | None, after_task: bool = False
-    ) -> tuple[int | None, bool]:
-        """The history's descriptor, and whether the caller closes it (else it is kept).
+    ) -> tuple[_Kept | None, bool]:
+        """The history's descriptor, and whether the caller gives it up (else it is kept).
 
         Only a task (the job's own code) removes a kept history while the job is held:
         whether it is still linked is looked at after one, not before every event.
         """
         if held is None:
-            opened = None if dir_fd is None else self._open_history(name, dir_fd)
-            return (None if opened is None else opened[0]), True
-        fd = self._held.get(held)
-        if fd is not None and (not after_task or os.fstat(fd).st_nlink > 0):
-            return fd, False
+            return (None if dir_fd is None else self._open_history(name, dir_fd)), True
+        kept = self._held.get(held)
+        if kept is not None and (not after_task or os.fstat(kept[0]).st_nlink > 0):
+            return kept, False
         if dir_fd is None:
             return None, True
         self.release(held)  # none yet, or a task removed the file: a new one
-        opened = self._open_history(name, dir_fd)
-        if opened is None:
-            return None, False
-        self._held[held] = opened[0]
-        return opened[0], False
+        kept = self._open_history(name, dir_fd)
+        if kept is not None:
+            self._held[held] = kept
+        return kept, False
 
     def release(self, held: str) -> None:
-        """The job held as `held` left processing/: close its kept history."""
-        fd = self._held.pop(held, None)
-        if fd is not None:
-            self._close_kept(held, fd)
+        """The job held as `held` left processing/: give up its kept history."""
+        kept = self._held.pop(held, None)
+        if kept is not None:
+            self._give_up(kept[0])
 
-    def _close_kept(self, name: str, fd: int) -> None:
-        """Close a history kept open; its name may stand for another file from now on."""
+    def _give_up(self, fd: int) -> None:
+        """Close a kept history, after the flush still due for it."""
         if self._flusher is not None:
-            self._flusher.forget(name)
-        os.close(fd)
+            self._flusher.retire(fd)
+        else:
+            os.close(fd)
 
-    def _open_history(self, name: str, dir_fd: int) -> tuple[int, int] | None:
-        """open_history_sized, or None (said once per job) if it cannot be kept."""
+    def _open_history(self, name: str, dir_fd: int, sized: list[int] | None = None) -> _Kept | None:
+        """open_history_stat, or None (said once per job) if it cannot be kept; sized
+        gets the file's size."""
         try:
-            return open_history_sized(dir_fd)
+            fd, size, device = open_history_stat(dir_fd)
         except OSError as e:
             if name not in self._warned:
                 self._warned.add(name)
                 why = e.strerror or str(e)
                 log.warning("%s: its history is not kept: %s %s", name, EVENTS_FILE, why)
             return None
+        if sized is not None:
+            sized.append(size)
+        return fd, device
 
     def open_current(self, name: str) -> tuple[Job, int] | None:
         """The job of that name and its folder's descriptor, wherever it is now."""
@@ -856,11 +1082,14 @@ class Recorder:
             held = job.name if claimed else original
             try:
                 planned = self._planned(job, old_state, original, dir_fd, kept)
-                for code, description, details in planned:
-                    # a QUEUED written late (a hand-queued job, seen when taken) says queue
-                    state = "queue" if code is Code.QUEUED else job.status
-                    self.record(job.name, dir_fd, code, state, description, details,
-                                durable=True, held=held)  # fmt: skip
+                # a QUEUED written late (a hand-queued job, seen when taken) says queue
+                lines = [
+                    encode(make_event(code, "queue" if code is Code.QUEUED else job.status,
+                                      description, details))
+                    for code, description, details in planned
+                ]  # fmt: skip
+                if lines:  # one write for a claim's QUEUED and CLAIMED
+                    self._write(job.name, dir_fd, lines, True, held)
             finally:
                 if original is not None:
                     self.release(original)
@@ -869,25 +1098,32 @@ class Recorder:
 
     def _take_waiting(self, name: str) -> bool:
         """The history kept since the job was seen in queue/ becomes the held one."""
-        fd = self._waiting.pop(name, None)
-        if fd is None:
+        kept = self._waiting.pop(name, None)
+        if kept is None:
             return False
         try:
-            alive = os.fstat(fd).st_nlink > 0  # not removed while it waited
+            alive = os.fstat(kept[0]).st_nlink > 0  # not removed while it waited
         except OSError:
             alive = False
         if not alive:
-            self._close_kept(name, fd)
+            self._give_up(kept[0])
             return False
         self.release(name)
-        self._held[name] = fd
+        self._held[name] = kept
         return True
 
     def _forget_waiting(self, name: str) -> None:
         with self.lock_of(name):
-            fd = self._waiting.pop(name, None)
-            if fd is not None:
-                self._close_kept(name, fd)
+            kept = self._waiting.pop(name, None)
+            if kept is not None:
+                self._give_up(kept[0])
+
+    def _keep_waiting(self, name: str, kept: _Kept) -> None:
+        """Keep a queued job's history open for its claim (if there is room)."""
+        if len(self._waiting) < self._most_waiting and name not in self._waiting:
+            self._waiting[name] = kept
+        else:
+            self._give_up(kept[0])
 
     def _open_moved(self, job: Job) -> int | None:
         try:
@@ -958,25 +1194,22 @@ class Recorder:
 
     def _seen_by_hand(self, name: str, dir_fd: int) -> None:
         """QUEUED (by hand) for a job found in queue/; its history kept for the claim."""
-        opened = self._open_history(name, dir_fd)
-        if opened is None:  # not kept (a link, say): the feed still gets the event
+        size: list[int] = []
+        kept = self._open_history(name, dir_fd, size)
+        if kept is None:  # not kept (a link, say): the feed still gets the event
             for code, text, details in self._hand_queued(None):
                 self.record(name, None, code, "queue", text, details, durable=True)
         else:
-            fd, size = opened
-            last = _last_state_of(fd, size)
+            last = _last_state_of(kept[0], size[0])
             if last == State.PROCESSING.status:
                 # just moved out of processing/ (a recovery, a stopping service) and that
                 # move's own event not written yet: not by hand. A job moved from there by
                 # hand gets its QUEUED when it is claimed.
-                self._close_kept(name, fd)
+                self._give_up(kept[0])
                 return
             for code, text, details in self._hand_queued(last):
-                self.record(name, None, code, "queue", text, details, durable=True, history=fd)
-            if len(self._waiting) < MAX_WAITING:
-                self._waiting[name] = fd
-            else:
-                self._close_kept(name, fd)
+                self.record(name, None, code, "queue", text, details, durable=True, history=kept)
+            self._keep_waiting(name, kept)
         self._ends_queued.add(name)
 
     @staticmethod
@@ -1004,9 +1237,8 @@ class Recorder:
             planned = self._hand_queued(last_state(dir_fd))
         else:
             planned = self._hand_queued(None)
-        pid = os.getpid()
-        planned.append((Code.CLAIMED, f"Taken by the processor on {HOST} (pid {pid}).",
-                        {"host": HOST, "pid": pid}))  # fmt: skip
+        planned.append((Code.CLAIMED, f"Taken by the processor on {HOST} (pid {self._pid}).",
+                        {"host": HOST, "pid": self._pid}))  # fmt: skip
         return planned
 
 

@@ -310,6 +310,9 @@ def history(store: Store, name: str) -> list[dict[str, object]]:
 
 
 def feed_events(store: Store) -> list[dict[str, object]]:
+    recorder = events.recorder_for(store)
+    if recorder is not None:
+        recorder.flush()  # the feed's lines are written once a tick
     feed = Feed(store.root_fd, ".events", create=False)
     try:
         return [e for e, _ in read_all(feed, None, 100)]
@@ -558,25 +561,34 @@ def test_a_history_removed_while_held_is_started_again(store: Store, recorder: R
     assert recorder._held == {}  # nothing kept open once the job left processing/
 
 
-def test_a_history_is_handed_to_the_flusher_once_a_batch(store: Store) -> None:
-    """Later lines of a job pending a flush ride on it; a closed name is handed anew."""
+def fd_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def test_a_history_is_flushed_once_a_batch_and_closed_after_its_flush(store: Store) -> None:
+    """No copy of a history is made for its flush: one handed twice is flushed once, and
+    given back before its flush it is closed by the flusher after it, not before."""
     feed = Feed(store.root_fd, ".events")
     flusher = events._Flusher(feed)
     flusher.stop()  # no thread to take the batch meanwhile: what is handed stays
-    fd = os.open(store.root / "h", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        flusher.add_history("j", fd)
-        flusher.add_history("j", fd)
-        flusher.add_history("k", fd)
-        assert len(flusher._fds) == 2
-        flusher.forget("j")  # its kept file was closed: the name may be another file's
-        flusher.add_history("j", fd)
-        assert len(flusher._fds) == 3 and all(d != fd for d in flusher._fds)  # copies
-    finally:
-        for copy in flusher._fds:
-            os.close(copy)
-        os.close(fd)
-        feed.close()
+    before = len(os.listdir("/proc/self/fd"))
+    pending = os.open(store.root / "h", os.O_RDWR | os.O_CREAT, 0o644)
+    done = os.open(store.root / "k", os.O_RDWR | os.O_CREAT, 0o644)
+    flusher.sync(pending, 1)
+    flusher.sync(pending, 1)
+    flusher.lines(feed_line("h", 1))
+    assert flusher._sync == {pending: 1} and len(os.listdir("/proc/self/fd")) == before + 2
+    flusher.retire(pending)  # its flush is still due: kept open until then
+    flusher.retire(done)  # nothing due: closed at once
+    assert fd_open(pending) and not fd_open(done)
+    flusher.flush()
+    assert not fd_open(pending) and flusher._sync == {} and flusher._close == []
+    assert [e["job"] for e, _ in feed.read(None, 10)[0]] == ["h"]
+    feed.close()
 
 
 def test_a_late_webhook_event_does_not_hide_a_move_by_hand(
@@ -612,3 +624,71 @@ def test_a_listing_just_after_the_claims_rename_writes_no_second_queued(
     recorder._ends_queued.discard("t")  # what that listing's handling does first
     run_held(store, "t", "success")
     assert codes(history(store, "t")) == ["QUEUED", "CLAIMED", "SUCCEEDED"]
+
+
+# -- the spool: the feed's lines not yet written, across a kill -9 ----------------------------
+
+
+def _record_and_die(root: str, count: int, feed_written: bool) -> None:
+    """A recorder that records `count` events and is killed before its spool says they
+    are in the feed: never written (feed_written False), or written just before."""
+    events._Flusher._run = lambda self: None  # type: ignore[method-assign]
+    if feed_written:
+        events._Spool.written = lambda self, upto: None  # type: ignore[method-assign]
+    store = Store(root)
+    Recorder(store).attach()
+    for n in range(count):
+        events.note(store, "k", Code.TASK_STARTED, f"Task {n} started.", {"n": n})
+    if feed_written:
+        events.recorder_for(store).flush()  # type: ignore[union-attr]
+    os.kill(os.getpid(), 9)
+
+
+@pytest.mark.parametrize("feed_written", [False, True])
+def test_the_feed_catches_up_after_a_kill_nothing_missed_nothing_twice(
+    store: Store, feed_written: bool
+) -> None:
+    """Lines wait in the recorder's spool until the flusher writes them; a recorder
+    started after a kill -9 writes those the feed lacks, once, after a reader's cursor."""
+    store.create("k")
+    first = Recorder(store)
+    first.attach()
+    events.note(store, "k", Code.CREATED, "Created.", {})
+    first.close()
+    feed = Feed(store.root_fd, ".events", create=False)
+    seen, _ = feed.read(None, 100)
+    cursor = seen[-1][1]  # a consumer that read everything so far
+    child = multiprocessing.get_context("fork").Process(
+        target=_record_and_die, args=(str(store.root), 50, feed_written)
+    )
+    child.start()
+    child.join(60)
+    assert child.exitcode == -9
+    assert [n for n in os.listdir(store.root / ".events") if n.startswith(".spool-")]
+    # every event is in the history, the durable record
+    assert [e["details"].get("n") for e in history(store, "k")] == [None, *range(50)]
+    for _ in range(2):  # restarted, twice: the second start finds nothing to add
+        again = Recorder(store)
+        again.attach()
+        again.close()
+        after = read_all(feed, cursor, 1000)
+        assert [e["details"]["n"] for e, _ in after] == list(range(50))
+    assert not [n for n in os.listdir(store.root / ".events") if n.startswith(".spool-")]
+    feed.close()
+
+
+def test_a_live_recorders_spool_is_left_to_it(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store.create("k")
+    live = Recorder(store)
+    live.attach()
+    monkeypatch.setattr(live._flusher, "_round", lambda: False)  # nothing written yet
+    events.note(store, "k", Code.TASK_STARTED, "Task 1 started.", {"n": 1})
+    other = Recorder(Store(store.root))  # another recorder started meanwhile on the root
+    other.attach()
+    other.close()
+    assert feed_events(store) == []  # the live one's line is not taken over
+    monkeypatch.undo()
+    live.close()
+    assert [e["details"]["n"] for e in feed_events(store)] == [1]

@@ -69,6 +69,18 @@ def read_feed(c: httpx.Client, after: str | None = None, limit: int = 4) -> list
         assert body["next_cursor"] == after
 
 
+def in_feed(c: httpx.Client, *names: str) -> list[dict[str, Any]]:
+    """The whole feed, once it has every named job's last event: the feed's lines are
+    written a tick after the histories' (events.py, Durability)."""
+
+    def done() -> list[dict[str, Any]] | None:
+        got = read_feed(c, None, 1000)
+        ended = {e["job"] for e in got if e["code"] in ("SUCCEEDED", "FAILED")}
+        return got if ended >= set(names) else None
+
+    return wait_for(done, 10, what=f"{', '.join(names)} in the feed")  # type: ignore[no-any-return]
+
+
 def test_every_code_of_an_api_job_in_order(root: Path) -> None:
     write_task(root / "tasks", "start", 'echo addtask:second >> "$JOBCONTROL"\n')
     write_task(root / "tasks", "second", "echo second\n")
@@ -208,6 +220,7 @@ def test_feed_cursor_across_a_restart_misses_nothing_and_repeats_nothing(root: P
             drop(root, f"a{n}")
         for n in range(3):
             finished(c, f"a{n}")
+        in_feed(c, "a0", "a1", "a2")
         before = read_feed(c)
     assert sorted(e["job"] for e in before if e["code"] == "SUCCEEDED") == ["a0", "a1", "a2"]
     last = before[-1]["cursor"]
@@ -216,6 +229,7 @@ def test_feed_cursor_across_a_restart_misses_nothing_and_repeats_nothing(root: P
             drop(root, f"b{n}")
         for n in range(2):
             finished(c, f"b{n}")
+        in_feed(c, "b0", "b1")
         after = read_feed(c, last)
         everything = read_feed(c, None, limit=1000)
         per_job = {name: history(c, name) for name in ("a0", "a1", "a2", "b0", "b1")}
@@ -261,7 +275,7 @@ def test_server_sent_events_resume_with_last_event_id(root: Path) -> None:
     write_task(root / "tasks", "start", "true\n")
     with Service(root) as svc, svc.client() as c:
         drop(root, "old")
-        finished(c, "old")
+        in_feed(c, "old")
         live: list[tuple[str, dict[str, Any]]] = []
         ready = threading.Event()
         reader = threading.Thread(target=lambda: live.extend(sse(c, 4, ready=ready)))
@@ -299,7 +313,7 @@ def test_bad_requests_and_a_planted_history(root: Path, tmp_path: Path) -> None:
         assert outside.read_text() == "precious\n"  # never written through the link
         r = c.get("/jobs/planted/events")
         assert r.status_code == 200 and r.json()["total"] == 0 and r.json()["DATA"] == []
-        assert "SUCCEEDED" in [e["code"] for e in read_feed(c, None, 1000) if e["job"] == "planted"]
+        assert "SUCCEEDED" in [e["code"] for e in in_feed(c, "planted") if e["job"] == "planted"]
         assert job_codes(history(c, "fake"))[-1] == "SUCCEEDED"
         page = c.get("/jobs/fake/events", params={"limit": 2, "offset": 1}).json()
         assert page["limit"] == 2 and page["offset"] == 1 and len(page["DATA"]) == 2
