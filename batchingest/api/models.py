@@ -262,18 +262,28 @@ T = TypeVar("T")
 def decode(model: type[T], body: bytes, code: str = "InvalidRequest") -> T:
     """body as a model: 400 with `code` saying where it is wrong, if it is not one."""
     try:
-        return msgspec.json.decode(body, type=model)
-    except msgspec.ValidationError as e:
-        if "got `float`" not in str(e):
-            raise ApiError(400, code, f"request body: {e}") from None
+        doc = msgspec.json.decode(body)
     except msgspec.DecodeError as e:
         raise ApiError(400, code, f"request body is not valid JSON: {e}") from None
+    try:
+        return msgspec.convert(doc, type=model)
+    except msgspec.ValidationError as e:
+        wrong = e
     # JSON Schema counts 5.0 as an integer, so the server does too (and nothing else:
     # msgspec's lax mode would also take "5")
-    try:
-        return msgspec.convert(_integral(msgspec.json.decode(body)), type=model)
-    except msgspec.ValidationError as e:
-        raise ApiError(400, code, f"request body: {e}") from None
+    if "got `float`" in str(wrong):
+        try:
+            return msgspec.convert(_integral(doc), type=model)
+        except msgspec.ValidationError as e:
+            # an int made here from the float sent, still wrong there: told as sent
+            if not ("got `int`" in str(e) and _where(e) == _where(wrong)):
+                wrong = e
+    raise ApiError(400, code, f"request body: {wrong}") from None
+
+
+def _where(e: msgspec.ValidationError) -> str:
+    """The path a validation error names (`$.a[0]`), or its whole text if none."""
+    return str(e).rpartition(" - at ")[2]
 
 
 def _integral(node: Any) -> Any:
