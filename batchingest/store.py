@@ -33,6 +33,7 @@ import builtins
 import contextlib
 import errno
 import fcntl
+import functools
 import logging
 import os
 import re
@@ -337,7 +338,12 @@ class Store:
         # set in an extra API process (batchingest.apiprocs): its moves are made by the
         # main process, whose listeners order them against the processor's claims
         self.mover: Callable[[str, str, str], Job] | None = None
-        self._local: bool | None = None  # the root on a local file system (see lease)
+
+    @functools.cached_property
+    def shared_fs(self) -> str | None:
+        """The file system of the root if other machines may share it (lease.shared_fs,
+        read once): then queue/ is polled, listings are scanned, leases are opened."""
+        return lease.shared_fs(self.root)
 
     @property
     def root_fd(self) -> int:
@@ -604,7 +610,7 @@ class Store:
             if self._watched is not None or self._watch_given_up:
                 return
             self._watch_given_up = True  # unless it works below
-            if lease.watch_mode(self.root, False) is not None:
+            if self.shared_fs is not None:
                 return
             try:
                 self._watched = listings.Watched(self.root_fd, STATES, valid_name)
@@ -834,9 +840,8 @@ class Store:
         `.lock` we locked is also the live holder's, and must stay.
         """
         try:
-            if self._local is None:
-                self._local = lease.local_fs(self.root)
-            got = lease.acquire(hold.dir_fd, self.owner, self.lease_timeout, clock, self._local)
+            local = self.shared_fs is None
+            got = lease.acquire(hold.dir_fd, self.owner, self.lease_timeout, clock, local)
         except lease.LeaseUnusable as e:
             hold.abandon()
             raise LockUnusable(e.errno or 0, e.strerror) from None
