@@ -191,8 +191,8 @@ class Follower:
     def stop(self) -> bytes:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)  # Ctrl-C: a quiet end
-            self.proc.wait(10)
-        self.thread.join(10)
+            self.proc.wait(60)  # the exit code is checked; a loaded machine may be slow
+        self.thread.join(60)
         return self.proc.stderr.read() if self.proc.stderr else b""
 
 
