@@ -177,7 +177,7 @@ def test_a_frozen_host_does_not_finish_or_move_the_job_it_lost(
     # when it is stopped: so an end of it in the ledger can only be a task left running
     release = tmp_path / "release"
     body = (
-        f'if [ "$BATCHINGEST_HOST_ID" = a ]; then until [ -e {release} ]; do sleep 0.05; done; fi'
+        f'if [ "$BATCHINGEST_HOST_ID" = a ]; then until [ -e "{release}" ]; do sleep 0.05; done; fi'
     )
     write_task(mounts[0] / "tasks", "t", TASK.format(task="t", body=body))
     lease = ("--lease-timeout", "2", "--lease-renew", "0.3")
