@@ -134,7 +134,7 @@ class MainProgress(Progress):
 
 async def serve_extra(cfg: Config, channel: Channel, sock: socket.socket, death_fd: int) -> None:
     """One extra API process: the app on its socket until told to stop."""
-    import uvicorn
+    from uvicorn.server import Server
 
     from batchingest import control
     from batchingest.api.app import create_app
@@ -148,7 +148,7 @@ async def serve_extra(cfg: Config, channel: Channel, sock: socket.socket, death_
     recorder = Recorder(store, cfg.events_keep)
     recorder.attach()
     readiness = Readiness.for_store(store, cfg.min_free, MainProgress(channel))
-    server = uvicorn.Server(http_config(cfg, create_app(cfg, store, readiness)))
+    server = Server(http_config(cfg, create_app(cfg, store, readiness)))
 
     def stop() -> None:
         server.should_exit = True
@@ -166,7 +166,9 @@ async def serve_extra(cfg: Config, channel: Channel, sock: socket.socket, death_
 def main(argv: list[str]) -> int:
     """`python -m batchingest.apiprocs CHANNEL_FD DEATH_FD` (the main process starts
     it; the settings come over the channel)."""
-    from batchingest import logs
+    from batchingest import lean, logs
+
+    lean.service_packages()  # before uvicorn and prometheus-client are imported
     from batchingest.cli import _loop_factory
     from batchingest.service import StartError, bind
 
@@ -202,7 +204,7 @@ def shared_metrics() -> ControlDir:
     """
     from batchingest.runner import METRICS_ENV, ControlDir
 
-    if "prometheus_client" in sys.modules:
+    if "prometheus_client.values" in sys.modules:  # where it is read
         raise RuntimeError("prometheus_client was imported before its multiprocess folder was set")
     folder = ControlDir()
     os.environ[METRICS_ENV] = str(folder.path)

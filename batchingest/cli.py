@@ -53,6 +53,9 @@ def _check_folders(cfg: Config) -> str | None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from batchingest import lean
+
+    lean.service_packages()  # before uvicorn and prometheus-client are imported
     from batchingest.service import ServiceFailed, StartError, serve
 
     try:

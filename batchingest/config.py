@@ -202,6 +202,12 @@ class Config:
     )
     # several hosts on one shared root (see README, "Deployment on shared file systems")
     host_id: str = setting("", "this host's name in job leases", shown="the host name")
+    shared_root: bool = setting(
+        False,
+        "the jobs root is on a local file system here but other machines mount it too "
+        "(exported over NFS, say): give jobs leases as on a shared file system",
+        parse=parse_bool,
+    )
     lease_renew: float = seconds(
         10.0, "seconds between renewals of the leases of held jobs", positive=True
     )

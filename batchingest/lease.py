@@ -5,7 +5,9 @@ shared between the machines mounting the root (NFS with working locks, Lustre wi
 `-o flock`, CephFS). Many shared file systems keep locks local to each client (NFS with
 `local_lock=all`, Lustre without `-o flock`, most FUSE network file systems), and there
 another host's live holder looks dead. So a holder also records a lease, the hidden file
-`.lease` in the job folder (it moves with the folder):
+`.lease` in the job folder (it moves with the folder). On a local file system no other
+host can see the root and the lock alone holds the job: no lease is made there
+(Store.leases; --shared-root for a local root other machines mount too).
 
     {"Host", "Boot", "Pid", "Token", "Claimed", "Renewed", "Expires"}
 

@@ -25,18 +25,13 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    ProcessCollector,
-    disable_created_metrics,
-    generate_latest,
-)
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import Collector
+# submodules, not the package: its __init__ imports its HTTP servers and push client
+# (http.server, urllib.request, wsgiref; see batchingest.lean), and the text format
+# (prometheus_client.exposition, which imports them too) is loaded at the first scrape
+from prometheus_client.metrics import Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.metrics_core import GaugeMetricFamily
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector, CollectorRegistry
 
 from batchingest import fs, staging, transfers
 from batchingest.store import STATES, Store
@@ -347,6 +342,8 @@ def exposition() -> bytes:
     never depends on which process the connection reached. process_* metrics are left
     out then: they would describe only the process that happened to answer.
     """
+    from prometheus_client.exposition import generate_latest
+
     return generate_latest(_multiprocess_registry() if MULTIPROCESS_DIR else REGISTRY)
 
 
@@ -377,6 +374,8 @@ def routes(store: Store) -> list[BaseRoute]:
 
     async def metrics(request: Request) -> Response:
         body = await run_blocking(exposition)
+        from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
         return Response(body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     return [Route("/metrics", metrics, methods=["GET"])]

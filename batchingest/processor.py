@@ -284,6 +284,7 @@ class Processor:
         self._deadlines = control.QueuedDeadlines(store, cfg.default_deadline, cfg.poll_interval)
         store.owner = lease.Owner.here(cfg.host_id)
         store.lease_timeout = cfg.lease_timeout
+        store.leases = True if cfg.shared_root else None
         self._leases = lease.Renewer(cfg.lease_renew, self._lost)
 
     # -- the loops ----------------------------------------------------------------------
@@ -714,7 +715,7 @@ class Processor:
                 control=self._control.file(threading.get_ident()),
                 env=self.env,
                 log_fd=log_fd,
-                hold_fd=hold.fd,
+                hold_fd=hold.lock_fd,
                 timeout=self.cfg.task_timeout,
                 process=process,
                 control_fd=self._control.fd,

@@ -12,8 +12,9 @@ import sys
 import threading
 import time
 
-import uvicorn
 from starlette.types import ASGIApp
+from uvicorn.config import Config as UvicornConfig  # not `uvicorn`: see batchingest.lean
+from uvicorn.server import Server
 
 from batchingest.config import Config
 from batchingest.connections import Limits, connection_budget, limited_protocol
@@ -47,7 +48,7 @@ def bind(host: str, port: int, *, shared: bool = False) -> socket.socket:
     return sock
 
 
-def http_config(cfg: Config, app: ASGIApp) -> uvicorn.Config:
+def http_config(cfg: Config, app: ASGIApp) -> UvicornConfig:
     """uvicorn's settings, with the connection limits of batchingest.connections.
 
     uvicorn installs its own SIGTERM/SIGINT handlers while it serves; they only make it
@@ -59,13 +60,19 @@ def http_config(cfg: Config, app: ASGIApp) -> uvicorn.Config:
         header_timeout=cfg.header_timeout,
         max_header_size=cfg.max_header_size,
     )
-    return uvicorn.Config(
+    return UvicornConfig(
         app,
-        http=limited_protocol(limits),
+        # GET /jobs/{id} answered by the protocol itself (api.app.QuickJobInfo)
+        http=limited_protocol(limits, getattr(app, "quick", None)),
         timeout_keep_alive=cfg.keep_alive,  # type: ignore[arg-type]  # a float works
         log_config=None,
         access_log=False,
         lifespan="off",
+        # X-Forwarded-For/-Proto would only change scope["client"] and ["scheme"], which
+        # nothing here reads (no absolute URLs, no client addresses): one layer less a
+        # request
+        proxy_headers=False,
+        ws="none",  # no WebSocket routes: uvicorn need not look for a library for them
         timeout_graceful_shutdown=5,
     )
 
@@ -157,7 +164,7 @@ async def _serve(cfg: Config) -> None:
     readiness = Readiness.for_store(store, cfg.min_free, progress)
 
     runners: list[asyncio.Task[None]] = []
-    server: uvicorn.Server | None = None
+    server: Server | None = None
     if cfg.api:
         from batchingest.api.app import create_app
 
@@ -167,7 +174,7 @@ async def _serve(cfg: Config) -> None:
         if shared:  # a plain bind first: a port taken, by a service of ours too, stops us
             bind(cfg.host, cfg.port).close()
         sock = bind(cfg.host, cfg.port, shared=shared)
-        server = uvicorn.Server(http_config(cfg, app))
+        server = Server(http_config(cfg, app))
         runners.append(asyncio.create_task(server.serve(sockets=[sock]), name="api"))
         log.info("HTTP API on http://%s:%d", cfg.host, cfg.port)
         if shared:
@@ -199,7 +206,7 @@ def _api_processes(
 
 
 async def _until_stopped(
-    stop: asyncio.Event, runners: list[asyncio.Task[None]], server: uvicorn.Server | None
+    stop: asyncio.Event, runners: list[asyncio.Task[None]], server: Server | None
 ) -> None:
     """Wait for a signal; a part that ends before one stops the rest and is a failure
     (ServiceFailed), so that a supervisor (Restart=on-failure) starts the service again."""

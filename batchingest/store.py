@@ -12,19 +12,25 @@ knows the layout::
 Every state change is one rename inside the root, so a crash never leaves a job in two
 states or half-moved, and an operator can do everything here with `mv`.
 
-A processor marks a job it holds with an exclusive `flock` on the hidden file `.lock`
-inside the job folder, taken *before* the job is renamed into processing/ and kept until
-it has been renamed out again. The lock belongs to the open file, so it moves with the
-folder, it is dropped by the kernel when the holder dies, and task processes inherit it:
-a task orphaned by a killed service keeps the job held until it exits. On Linux NFS
-clients flock is carried out as an NFS byte-range lock, so the same holds across
-machines sharing one root (a dead client's locks expire with its NFS lease).
+A processor marks a job it holds with an exclusive `flock`, taken *before* the job is
+renamed into processing/ and kept until it has been renamed out again. The lock belongs
+to the open file, so it moves with the folder, it is dropped by the kernel when the
+holder dies, and task processes inherit it: a task orphaned by a killed service keeps
+the job held until it exits. Where the root is on a local file system the lock is taken
+on the job folder's own descriptor (Store.folder_locks): nothing is created or removed
+for it. On a shared one it is taken on the hidden file `.lock` inside the job folder,
+since NFS carries flock out as a byte-range lock, which needs a file open for writing;
+so the same holds across machines sharing one root (a dead client's locks expire with
+its NFS lease).
 
 Where locks are not shared between machines, a holder's lock is invisible to the
 others, so holding also takes a lease (batchingest.lease): the hidden `.lease` in the job
 folder, made before the claim's rename, renewed by the holder, taken over by another
 host only once it has expired by the shared file system's clock. Recovery on the
-holder's own machine stays immediate (its lock is free and its pid gone).
+holder's own machine stays immediate (its lock is free and its pid gone). A local file
+system has no other machine to tell, so a claim there makes no lease (Store.leases;
+--shared-root for a local root that other machines mount too); recovery still respects
+a live lease it finds.
 """
 
 from __future__ import annotations
@@ -158,8 +164,14 @@ def check_name(name: str) -> str:
     return name
 
 
-def _lock_taken(dir_fd: int) -> bool | None:
-    """Does a process hold the job's `.lock`? None if it is a link or a special file."""
+def _lock_taken(dir_fd: int, folder: bool = False) -> bool | None:
+    """Does a process hold the job (its folder's lock, or else its `.lock`)? None if
+    `.lock` is a link or a special file."""
+    if folder:
+        if not _lock_dir(dir_fd):
+            return True
+        fcntl.flock(dir_fd, fcntl.LOCK_UN)
+        return False
     try:
         fd = fs.open_regular(dir_fd, LOCK_FILE)
     except FileNotFoundError:
@@ -175,6 +187,23 @@ def _lock_taken(dir_fd: int) -> bool | None:
     finally:
         os.close(fd)  # closing drops the flock we may have taken
     return False
+
+
+def _lock_dir(dir_fd: int) -> bool:
+    """flock the job folder itself without blocking: False if another holds it.
+
+    The lock belongs to dir_fd's open file, so it follows the folder through renames
+    and is inherited by the tasks, as a `.lock` file's is.
+    """
+    try:
+        fcntl.flock(dir_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return False
+        if e.errno in SHORTAGE:
+            raise
+        raise LockUnusable(e.errno or 0, f"its folder cannot be locked ({e.strerror})") from e
+    return True
 
 
 @dataclass(frozen=True)
@@ -219,7 +248,8 @@ class LockUnusable(OSError):
 class Hold:
     """A job this process holds: the open, flock-ed `.lock` file travels with the folder.
 
-    dir_fd is the job folder itself, which follows it through renames too.
+    dir_fd is the job folder itself, which follows it through renames too. Where the
+    folder itself is flock-ed (Store.folder_locks) there is no `.lock`: fd is -1.
     """
 
     name: str
@@ -227,6 +257,11 @@ class Hold:
     fd: int
     dir_fd: int = -1
     lease: lease.Held | None = None
+
+    @property
+    def lock_fd(self) -> int:
+        """The descriptor whose open file carries the lock (tasks inherit it)."""
+        return self.fd if self.fd >= 0 else self.dir_fd
 
     def owned(self) -> bool:
         """Whether the job is still ours to change: our lease is still in place."""
@@ -242,7 +277,8 @@ class Hold:
         self.dir_fd = self.fd = -1
 
     def release(self) -> None:
-        """Remove `.lock` (if it is still ours) and drop the lock.
+        """Remove `.lock` (if it is still ours) and drop the lock (a folder's lock goes
+        with the folder's descriptor: nothing to remove).
 
         The name goes while the lock is still held: anyone who opened the old file
         finds, once they get the lock, that `.lock` is no longer it and backs off (they
@@ -338,12 +374,34 @@ class Store:
         # set in an extra API process (batchingest.apiprocs): its moves are made by the
         # main process, whose listeners order them against the processor's claims
         self.mover: Callable[[str, str, str], Job] | None = None
+        # hold a job by a flock on its folder rather than on a `.lock` file in it; None:
+        # where the root is on a local file system (see local)
+        self.folder_locks: bool | None = None
+        # give a claimed job a lease (`.lease`); None: unless the root is local (no other
+        # host can see it), True for a local root exported to others (--shared-root)
+        self.leases: bool | None = None
 
     @functools.cached_property
     def shared_fs(self) -> str | None:
         """The file system of the root if other machines may share it (lease.shared_fs,
         read once): then queue/ is polled, listings are scanned, leases are opened."""
         return lease.shared_fs(self.root)
+
+    @property
+    def local(self) -> bool:
+        """Whether the root is on a file system of this machine alone (not shared_fs).
+
+        There every holder is a process of this machine, so the folder's own flock
+        tells them all; a shared file system may carry flock out as a byte-range lock
+        (NFS), which needs a file open for writing: `.lock`.
+        """
+        return self.shared_fs is None
+
+    def _folder_locking(self) -> bool:
+        return self.local if self.folder_locks is None else self.folder_locks
+
+    def _leasing(self) -> bool:
+        return not self.local if self.leases is None else self.leases
 
     @property
     def root_fd(self) -> int:
@@ -770,10 +828,10 @@ class Store:
     def _hold(self, state: str, name: str) -> Hold | None:
         """Lock the job at state/NAME: a Hold, or None if it is not there or is held.
 
-        The folder is opened without following links, its `.lock` flock-ed, and then
-        both are checked to be still in place: a job that moved meanwhile, or whose
-        holder released (and removed) the `.lock` we opened, is not ours.
-        LockUnusable if `.lock` cannot be used at all.
+        The folder is opened without following links, it (or its `.lock`, see
+        folder_locks) flock-ed, and then both are checked to be still in place: a job
+        that moved meanwhile, or whose holder released (and removed) the `.lock` we
+        opened, is not ours. LockUnusable if the lock cannot be used at all.
         """
         rel = f"{State(state)}/{check_name(name)}"
         try:
@@ -785,20 +843,23 @@ class Store:
                 raise
             raise LockUnusable(e.errno or 0, f"its folder cannot be opened ({e.strerror})") from e
         try:
-            fd = _lock_at(dir_fd)
+            fd = -1 if self._folder_locking() else _lock_at(dir_fd)
+            locked = fd is not None and (fd >= 0 or _lock_dir(dir_fd))
         except BaseException:
             os.close(dir_fd)
             raise
-        if fd is None:
+        if fd is None or not locked:
             os.close(dir_fd)
             return None
         try:
             here = os.stat(rel, dir_fd=self.root_fd, follow_symlinks=False)
-            in_place = fs.same_inode(here, os.fstat(dir_fd)) and _is_our_lock(dir_fd, fd)
+            in_place = fs.same_inode(here, os.fstat(dir_fd))
+            in_place = in_place and (fd < 0 or _is_our_lock(dir_fd, fd))
         except OSError:
             in_place = False
         if not in_place:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
             os.close(dir_fd)
             return None
         return Hold(name, self.root / rel, fd, dir_fd)
@@ -814,13 +875,15 @@ class Store:
 
         The lease is put in place before the rename: a job another host is claiming (its
         lease is there and alive) is left to it. A job whose `.lock` or `.lease` cannot
-        be used is skipped (logged once), never fatal.
+        be used is skipped (logged once), never fatal. On a local file system there is
+        no other host, and the lock alone holds the job: no lease.
         """
         try:
             hold = self._hold(State.QUEUE, name)
             if hold is None:
                 return None
-            if not self._take_lease(hold, lease.Clock(self.root_fd, self.owner.host)):
+            clock = lease.Clock(self.root_fd, self.owner.host)
+            if self._leasing() and not self._take_lease(hold, clock):
                 return None
         except LockUnusable as e:
             self._unusable(f"queue/{name}", e)
@@ -840,8 +903,7 @@ class Store:
         `.lock` we locked is also the live holder's, and must stay.
         """
         try:
-            local = self.shared_fs is None
-            got = lease.acquire(hold.dir_fd, self.owner, self.lease_timeout, clock, local)
+            got = lease.acquire(hold.dir_fd, self.owner, self.lease_timeout, clock, self.local)
         except lease.LeaseUnusable as e:
             hold.abandon()
             raise LockUnusable(e.errno or 0, e.strerror) from None
@@ -933,10 +995,10 @@ class Store:
     def _held(self, name: str, looks: Looks) -> bool | None:
         """Does a live holder hold this job in processing/? None if it cannot be told.
 
-        Held: some process keeps an exclusive flock on its `.lock` (a non-blocking one
-        of ours is refused; if it succeeds it is dropped at once), or its lease still
-        holds it (lease.stale says so: its pid lives on this host, or it was renewed
-        within --lease-timeout), as recover() judges.
+        Held: some process keeps an exclusive flock on its folder or its `.lock` (a
+        non-blocking one of ours is refused; if it succeeds it is dropped at once), or
+        its lease still holds it (lease.stale says so: its pid lives on this host, or it
+        was renewed within --lease-timeout), as recover() judges.
         """
         try:
             dir_fd = fs.open_dir(self.root_fd, f"processing/{name}")
@@ -945,7 +1007,7 @@ class Store:
         except fs.UnsafePath:
             return None
         try:
-            locked = _lock_taken(dir_fd)
+            locked = _lock_taken(dir_fd, self._folder_locking())
             if locked is not False:
                 return locked
             try:

@@ -30,6 +30,7 @@ from batchingest import filetimes, fs, metrics
 from batchingest.api import auth, jobs, models, openapi
 from batchingest.api.app import create_app
 from batchingest.api.common import json_dumps
+from batchingest.api.errors import ApiError
 from batchingest.config import Config
 from batchingest.paths import InvalidPath, relpath_segments
 from batchingest.store import Store
@@ -767,14 +768,66 @@ def test_job_info_is_answered_before_routing_as_the_route_would(
         assert direct.headers["x-request-id"]
     after = metrics.REGISTRY.get_sample_value("batchingest_http_requests_total", counted)
     assert after == before + 1  # by its route template, as a routed request
+    # a job that is not there: the route's 404, from one look instead of two
+    counted["status"] = "404"
+    before = metrics.REGISTRY.get_sample_value("batchingest_http_requests_total", counted) or 0
+    with pytest.raises(ApiError) as raised:  # the route's answer, before the error handler
+        call(route, "GET", "/jobs/nothere")
+    assert (raised.value.status, raised.value.code) == (404, "JobNotFound")
+    for method in ("GET", "HEAD"):
+        direct = call(app, method, "/jobs/nothere", headers={"X-Request-Id": "r1"})
+        assert direct.status == 404 and direct.headers["x-error-code"] == "JobNotFound"
+        assert json.loads(direct.body) == {
+            "code": "JobNotFound",
+            "message": raised.value.message,
+            "request_id": "r1",
+            "resource": "/jobs/nothere",
+        }
+    after = metrics.REGISTRY.get_sample_value("batchingest_http_requests_total", counted)
+    assert after == before + 1  # the GET, under the route's template
     # without the route the job is still answered, and only what the route would answer
     app.router.routes.remove(route)  # type: ignore[attr-defined]
     assert call(app, "GET", "/jobs/j?anything=1").status == 200
-    assert_error(call(app, "GET", "/jobs/nothere"), 404, "NotFound")  # left to the router
+    assert_error(call(app, "GET", "/jobs/nothere"), 404, "JobNotFound")
     assert_error(call(app, "GET", "/jobs/j/"), 404, "NotFound")
     assert_error(call(app, "POST", "/jobs/j"), 404, "NotFound")
     assert_error(call(app, "GET", "/jobs/.j"), 400, "InvalidName")
     assert_error(call(app, "GET", "/jobs/j", token="wrong"), 401, "Unauthorized")
+
+
+def test_job_info_follows_every_change_of_job_it_does_not_read_again(
+    api: tuple[ASGIApp, Store],
+) -> None:
+    """An unchanged JOB is not read again (its lstat says so); any change is seen."""
+    app, store = api
+    job, _ = store.create("j")
+    path = job.path / "JOB"
+
+    def todo() -> object:
+        reply = call(app, "GET", "/jobs/j")
+        assert reply.status == 200
+        return json.loads(reply.body).get("Todo")
+
+    path.write_text('{"Todo": ["aa"], "Finished": []}')
+    assert todo() == ["aa"] and todo() == ["aa"]
+    # the same size and the same mtime, written in place: ctime still moves
+    st = path.stat()
+    with open(path, "r+b") as f:
+        f.write(b'{"Todo": ["bb"]')
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert todo() == ["bb"]
+    # replaced by another file of the same size
+    tmp = job.path / "JOB.new"
+    tmp.write_text('{"Todo": ["cc"], "Finished": []}')
+    os.replace(tmp, path)
+    assert todo() == ["cc"]
+    # replaced by a FIFO: never opened, reported
+    path.unlink()
+    os.mkfifo(path)
+    reply = call(app, "GET", "/jobs/j")
+    assert reply.status == 200 and "JobError" in json.loads(reply.body)
+    path.unlink()
+    assert todo() == ["start"]  # no JOB: the default task list
 
 
 def test_delete_busy_job(api: tuple[ASGIApp, Store], root: Path) -> None:

@@ -243,10 +243,11 @@ def test_status_names_the_jobs_in_processing_that_nobody_holds(tmp_path: Path) -
     root = jobs_root(tmp_path)
     for name in ("held", "orphan", "free"):
         (root / "processing" / name).mkdir()
-    (root / "processing" / "free" / ".lock").write_bytes(b"")
-    holder = os.open(root / "processing" / "held" / ".lock", os.O_RDWR | os.O_CREAT)
+    (root / "processing" / "free" / ".lock").write_bytes(b"")  # an older version's, free
+    # a local root: a live processor holds a job by a flock on its folder
+    holder = os.open(root / "processing" / "held", os.O_RDONLY | os.O_DIRECTORY)
     try:
-        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a live processor does
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
         p = run("status", "--json", "--root", str(root))
         assert p.returncode == 0, p.stderr
         report = json.loads(p.stdout)
@@ -257,11 +258,11 @@ def test_status_names_the_jobs_in_processing_that_nobody_holds(tmp_path: Path) -
         # looking changed nothing: no job moved, no lock file made, the holder still holds
         assert sorted(os.listdir(root / "processing")) == ["free", "held", "orphan"]
         assert not (root / "processing" / "orphan" / ".lock").exists()
-        other = os.open(root / "processing" / "held" / ".lock", os.O_RDONLY)
+        other = os.open(root / "processing" / "held", os.O_RDONLY | os.O_DIRECTORY)
         with pytest.raises(BlockingIOError):
             fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
         os.close(other)
-        free = os.open(root / "processing" / "free" / ".lock", os.O_RDONLY)
+        free = os.open(root / "processing" / "free", os.O_RDONLY | os.O_DIRECTORY)
         fcntl.flock(free, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released again at once
         os.close(free)
     finally:

@@ -12,10 +12,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import as_shared
 
 from batchingest import lease
 from batchingest.lease import LEASE, Owner
 from batchingest.store import Store
+
+
+@pytest.fixture
+def store(root: Path) -> Store:
+    """Leases are for shared file systems: the store as it is on one."""
+    return as_shared(Store(root))
 
 
 def owner(host: str, pid: int | None = None) -> Owner:
@@ -156,7 +163,7 @@ def test_recovery_leaves_a_live_remote_holder_alone_until_its_lease_expires(
     (store.root / "queue" / "j").mkdir()
     store.owner = owner("a")
     hold = lose_lock(store, "j")
-    other = Store(store.root)
+    other = as_shared(Store(store.root))
     other.owner = owner("b")
     assert other.recover() == []  # the bug of issue 16: a live holder looked dead
     assert os.listdir(store.root / "processing") == ["j"]
@@ -217,7 +224,7 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
 
 
 def test_a_full_disk_still_claims_and_renews_by_mtime(small_fs: Path) -> None:
-    store = Store(small_fs / "root")
+    store = as_shared(Store(small_fs / "root"))
     store.init()
     (small_fs / "root" / "queue" / "j").mkdir()
     fd = os.open(small_fs / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
@@ -319,6 +326,39 @@ def test_a_replaced_lease_is_lost_whichever_way_it_is_checked(
         assert not got.held.is_ours(cfd)
     finally:
         os.close(cfd)
+
+
+def test_on_a_local_root_a_held_job_has_no_lease_unless_the_root_is_exported(root: Path) -> None:
+    """No other host can see a local file system: the folder's lock alone holds the job,
+    and no file is made for it; --shared-root (a local root exported to other machines)
+    gives leases all the same."""
+    store = Store(root)
+    (root / "queue" / "j").mkdir()
+    hold = store.claim("j")
+    assert hold is not None and hold.lease is None and hold.owned()
+    assert os.listdir(root / "processing" / "j") == []
+    store.finish(hold, "success")
+    store.leases = True
+    store.move("j", "success", "queue")
+    hold = store.claim("j")
+    assert hold is not None and hold.lease is not None and hold.owned()
+    assert os.listdir(root / "processing" / "j") == [LEASE]  # and still no .lock
+    store.finish(hold, "success")
+    assert os.listdir(root / "success" / "j") == []
+
+
+def test_a_local_root_still_respects_a_live_lease_when_recovering(root: Path) -> None:
+    """A lease another host left (a root exported without --shared-root on this side,
+    or before it was set) still keeps recovery away while it lives."""
+    remote = as_shared(Store(root))
+    remote.owner = owner("b")
+    (root / "queue" / "j").mkdir()
+    hold = lose_lock(remote, "j")
+    here = Store(root)
+    assert here.recover() == []
+    age(root / "processing" / "j" / LEASE, 61)
+    assert here.recover() == ["j"]
+    hold.abandon()  # type: ignore[attr-defined]
 
 
 def test_the_root_of_the_tests_is_a_local_file_system(tmp_path: Path) -> None:

@@ -316,8 +316,9 @@ def test_a_failing_recovery_scan_keeps_the_poll_loop_and_withholds_the_heartbeat
 
 
 def held(path: Path) -> bool:
-    """Whether someone holds the job's lock (as the processor does while it owns it)."""
-    fd = os.open(path / ".lock", os.O_RDWR)
+    """Whether someone holds the job's lock (as the processor does while it owns it): on
+    the local file system of the tests, a flock on the job folder itself."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -347,18 +348,20 @@ def test_a_failing_finish_keeps_the_job_held_and_retries(
 
 
 def test_a_job_that_cannot_be_claimed_is_not_retried_in_a_loop(
-    root: Path, running: Running, caplog: pytest.LogCaptureFixture
+    root: Path, cfg: Config, shared_fs_store: Store, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A job whose .lock is a folder makes every claim fail: one try, then a long wait."""
+    """A job whose .lock is a folder (on a shared file system, where jobs are held by
+    `.lock`) makes every claim fail: one try, then a long wait."""
     write_task(root / "tasks", "start", "true\n")
     caplog.set_level(logging.WARNING, "batchingest.processor")
     caplog.set_level(logging.WARNING, "batchingest.store")
     build = make_job(root, "bad")
     (build / ".lock").mkdir()
     os.rename(build, root / "queue" / "bad")
-    drop(root, "good")
-    assert wait_for(lambda: landed(root, "good"), 20) == "success"
-    time.sleep(1.0)  # ten polls
+    with Running(cfg, shared_fs_store):
+        drop(root, "good")
+        assert wait_for(lambda: landed(root, "good"), 20) == "success"
+        time.sleep(1.0)  # ten polls
     # said once, by whichever layer found it (the store skips a job whose .lock it
     # cannot use; a claim that raises is retried only after a long wait)
     said = caplog.text.count("job bad: cannot claim it") + caplog.text.count(

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import as_shared
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -551,6 +552,76 @@ def test_processes_race_and_flock_holds_across_processes(root: Path) -> None:
             p.wait()
 
 
+ORPHANING_CLAIMER = r"""
+import subprocess, sys
+from batchingest.store import Store
+hold = Store(sys.argv[1]).claim("j")
+task = subprocess.Popen(["sleep", "60"], pass_fds=(hold.lock_fd,), start_new_session=True)
+print(task.pid, flush=True)
+sys.stdin.read()
+"""
+
+
+def test_kill_9_with_a_task_left_running_keeps_the_folder_locked_until_it_exits(
+    root: Path,
+) -> None:
+    """On a local root the job folder's own flock is the hold: the task inherits it, so a
+    holder killed with -9 leaves its job held by the orphaned task, and only its end
+    lets recovery take the job back (never run beside the orphan)."""
+    store = Store(root)
+    put(store, "queue", "j")
+    argv = [sys.executable, "-c", ORPHANING_CLAIMER, str(root)]
+    claimer = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert claimer.stdout is not None
+    orphan = int(claimer.stdout.readline())
+    try:
+        assert os.listdir(root / "processing" / "j") == ["token"]  # no .lock, no .lease
+        claimer.kill()
+        claimer.wait()
+        assert store.recover() == []  # the orphan holds it
+        with pytest.raises(JobBusy):
+            store.delete("j")
+    finally:
+        os.kill(orphan, 9)
+    for _ in range(200):  # reaped by init, a moment later
+        if not os.path.exists(f"/proc/{orphan}") or "Z" in _proc_state(orphan):
+            break
+        time.sleep(0.01)
+    assert store.recover() == ["j"]
+    assert os.listdir(root / "queue" / "j") == ["token"]
+
+
+def _proc_state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
+def test_a_job_whose_folder_lock_is_held_is_not_claimed_twice(store: Store) -> None:
+    """Another holder's flock on the folder (a processor mid-claim, an upload) keeps a
+    claim, an unqueue and a delete away; a `.lock` planted in the job means nothing."""
+    path = put(store, "queue", "j")
+    (path / ".lock").symlink_to(store.root.parent / "outside")
+    other = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert store.claim("j") is None
+        assert Store(store.root).claim("j") is None
+        assert store.unqueue("j") is None
+        with pytest.raises(JobBusy):
+            store.delete("j")
+    finally:
+        os.close(other)
+    hold = store.claim("j")
+    assert hold is not None and hold.fd == -1 and hold.lock_fd == hold.dir_fd
+    assert store.claim("j") is None and Store(store.root).recover() == []
+    store.finish(hold, "success")
+    assert not (store.root.parent / "outside").exists()
+    assert sorted(os.listdir(store.root / "success" / "j")) == [".lock", "token"]
+
+
 # -- delete -----------------------------------------------------------------------------------
 
 
@@ -580,10 +651,17 @@ def test_delete_refuses_processing(store: Store) -> None:
     assert states_of(store, "j") == ["processing"]
 
 
-def test_delete_refuses_a_held_job(store: Store) -> None:
-    """A job locked by someone (a processor mid-claim, an orphaned task) is not deleted."""
+@pytest.mark.parametrize("shared", [False, True])
+def test_delete_refuses_a_held_job(store: Store, shared: bool) -> None:
+    """A job locked by someone (a processor mid-claim, an orphaned task) is not deleted:
+    by a flock on its folder (a local root) or on its `.lock` (a shared one)."""
+    if shared:
+        as_shared(store)
     path = put(store, "error", "j")
-    fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    if shared:
+        fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    else:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         with pytest.raises(JobBusy, match="held"):
@@ -718,8 +796,9 @@ def test_init_refuses_a_trash_link_and_leaves_its_target_alone(tmp_path: Path) -
 
 
 def test_a_lock_link_creates_nothing_outside_and_the_job_is_skipped(
-    store: Store, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    shared_fs_store: Store, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    store = shared_fs_store
     outside = tmp_path / "outside-lock"
     put(store, "queue", "linked")
     (store.root / "queue" / "linked" / ".lock").symlink_to(outside)
@@ -737,7 +816,8 @@ def test_a_lock_link_creates_nothing_outside_and_the_job_is_skipped(
 
 
 @pytest.mark.parametrize("kind", ["folder", "fifo", "readonly-folder"])
-def test_an_unusable_lock_is_skipped_never_fatal(store: Store, kind: str) -> None:
+def test_an_unusable_lock_is_skipped_never_fatal(shared_fs_store: Store, kind: str) -> None:
+    store = shared_fs_store
     for state in ("queue", "processing", "data"):
         lock = put(store, state, f"bad-{state}") / ".lock"
         if kind == "fifo":
@@ -756,7 +836,8 @@ def test_an_unusable_lock_is_skipped_never_fatal(store: Store, kind: str) -> Non
     assert store.recover() == ["orphan"]
 
 
-def test_a_finished_job_carries_no_lock(store: Store) -> None:
+def test_a_finished_job_carries_no_lock(shared_fs_store: Store) -> None:
+    store = shared_fs_store
     put(store, "queue", "j")
     hold = store.claim("j")
     assert hold is not None and (hold.path / ".lock").exists()
@@ -771,8 +852,9 @@ def test_a_finished_job_carries_no_lock(store: Store) -> None:
     assert sorted(os.listdir(store.root / "queue" / "dead")) == ["token"]
 
 
-def test_a_released_lock_that_someone_still_has_open_holds_nothing(store: Store) -> None:
+def test_a_released_lock_that_someone_still_has_open_holds_nothing(shared_fs_store: Store) -> None:
     """Removing `.lock` on release is safe: a late locker of the old file backs off."""
+    store = shared_fs_store
     put(store, "data", "j")
     hold = store.hold_unqueued("j")
     assert hold is not None

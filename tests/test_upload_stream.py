@@ -1,11 +1,14 @@
 """Uploads' receiving end (api/transfer.receive_into): whatever pieces a body arrives in,
 the file holds exactly the body and the SHA-256 is the body's; limits and write errors
 surface as errors, with the worker threads done before the call returns. And the
-installed uvicorn offers the body stream (batchingest.connections) uploads read from."""
+installed uvicorn offers the body stream and the socket body (batchingest.connections)
+uploads read from, and a connection goes on after a socket body only if it was read to
+its end."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import hashlib
 import itertools
@@ -13,7 +16,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
@@ -22,12 +25,19 @@ import uvicorn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from batchingest.api import transfer
 from batchingest.api.errors import ApiError
 from batchingest.api.transfer import Upload
-from batchingest.connections import BODY_STREAM, Limits, limited_protocol
+from batchingest.connections import (
+    BODY_SOCKET,
+    BODY_STREAM,
+    Limits,
+    SocketBody,
+    _content_length,
+    limited_protocol,
+)
 
 
 async def pieces(parts: list[bytes]) -> AsyncIterator[bytes]:
@@ -99,6 +109,24 @@ def test_a_write_error_surfaces(tmp_path: Path) -> None:
     assert caught.value.errno == errno.EBADF
 
 
+@contextlib.contextmanager
+def serving(app: ASGIApp) -> Iterator[int]:
+    """app on uvicorn with the service's protocol, in a thread; yields the port."""
+    sock = socket.create_server(("127.0.0.1", 0))
+    config = uvicorn.Config(app, http=limited_protocol(Limits()), log_config=None, lifespan="off")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=asyncio.run, args=(server.serve(sockets=[sock]),))
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.01)
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
 def test_the_installed_uvicorn_offers_the_body_stream() -> None:
     """The stream relies on uvicorn's request cycle; were it not offered, uploads would
     still work (through receive()) but slower, so say so here."""
@@ -114,20 +142,125 @@ def test_the_installed_uvicorn_offers_the_body_stream() -> None:
         seen["body"] = first["body"] + b"".join(rest)
         await Response(b"ok")(scope, receive, send)
 
-    sock = socket.create_server(("127.0.0.1", 0))
-    config = uvicorn.Config(app, http=limited_protocol(Limits()), log_config=None, lifespan="off")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=asyncio.run, args=(server.serve(sockets=[sock]),))
-    thread.start()
-    try:
-        while not server.started:
-            time.sleep(0.01)
-        body = os.urandom(5 << 20)
-        url = f"http://127.0.0.1:{sock.getsockname()[1]}/"
-        assert httpx.put(url, content=body, timeout=30).status_code == 200
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
+    body = os.urandom(5 << 20)
+    with serving(app) as port:
+        assert httpx.put(f"http://127.0.0.1:{port}/", content=body, timeout=30).status_code == 200
     assert seen["stream"] == "BodyStream"
     assert seen["body"] == body
+
+
+def read_socket_body(body: SocketBody) -> bytes:
+    got = bytearray()
+    buf = memoryview(bytearray(100_000))
+    while n := body.read_into(buf):
+        got += buf[:n]
+    return bytes(got)
+
+
+async def socket_body_app(scope: Scope, receive: Receive, send: Send) -> None:
+    """Answers a PUT with how its body was read and the body's SHA-256."""
+    if scope["type"] != "http":
+        return
+    first = await receive()
+    body = None
+    if first.get("more_body"):
+        body = scope["extensions"][BODY_SOCKET]()
+    if body is None:
+        how, data = "receive", first["body"]
+        while first.get("more_body"):
+            first = await receive()
+            data += first["body"]
+    else:
+        try:
+            how = "socket"
+            data = first["body"] + body.head + await asyncio.to_thread(read_socket_body, body)
+        finally:
+            body.release()
+    answer = f"{scope['method']} {how} {len(data)} {hashlib.sha256(data).hexdigest()}"
+    await Response(answer.encode())(scope, receive, send)
+
+
+def responses(sock: socket.socket, count: int) -> list[bytes]:
+    """The bodies of count answers with a Content-Length, in order."""
+    data, bodies = b"", []
+    while len(bodies) < count:
+        while b"\r\n\r\n" not in data:
+            more = sock.recv(65536)
+            assert more, "connection closed"
+            data += more
+        head, _, data = data.partition(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        while len(data) < length:
+            data += sock.recv(65536)
+        bodies.append(data[:length])
+        data = data[length:]
+    return bodies
+
+
+def test_a_content_length_body_is_read_from_the_socket_and_the_connection_goes_on() -> None:
+    """The body the server had not parsed is read from the socket; a request sent right
+    behind it (pipelined, in the same packets) is then parsed by a new parser."""
+    body = os.urandom((6 << 20) + 3)
+    put = b"PUT /a HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body)
+    chunked = (
+        b"PUT /b HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+    )
+    with serving(socket_body_app) as port, socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.settimeout(30)
+        sock.sendall(put + body + b"GET /c HTTP/1.1\r\nHost: x\r\n\r\n")
+        first, second = responses(sock, 2)
+        sock.sendall(chunked + put + body)
+        third, fourth = responses(sock, 2)
+    digest = hashlib.sha256(body).hexdigest()
+    assert first.decode() == f"PUT socket {len(body)} {digest}"
+    assert second.decode() == f"GET receive 0 {hashlib.sha256(b'').hexdigest()}"
+    assert third.decode() == f"PUT receive 3 {hashlib.sha256(b'abc').hexdigest()}"
+    assert fourth.decode() == f"PUT socket {len(body)} {digest}"
+
+
+def test_a_socket_body_not_read_to_its_end_closes_the_connection() -> None:
+    """The parser never saw the bytes read from the socket: a body given up half-way
+    (as when the handler was cancelled) ends the connection, answer and all."""
+    read: list[int] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        await receive()
+        body = scope["extensions"][BODY_SOCKET]()
+        read.append(await asyncio.to_thread(body.read_into, memoryview(bytearray(1000))))
+        body.release()
+        await Response(b"too late")(scope, receive, send)
+
+    got = b""
+    with serving(app) as port, socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.settimeout(30)
+        sock.sendall(b"PUT / HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\nx")
+        time.sleep(0.3)
+        with contextlib.suppress(ConnectionError):
+            sock.sendall(b"x" * 99_999)
+            while more := sock.recv(65536):
+                got += more
+    assert 0 < read[0] <= 1000
+    assert got == b""
+
+
+@pytest.mark.parametrize(
+    ("headers", "length"),
+    [
+        ([(b"content-length", b"12")], 12),
+        ([(b"host", b"x"), (b"content-length", b"0")], 0),
+        ([], None),
+        ([(b"content-length", b"12"), (b"content-length", b"12")], None),
+        ([(b"content-length", b"12"), (b"transfer-encoding", b"chunked")], None),
+        ([(b"transfer-encoding", b"chunked")], None),
+        ([(b"content-length", b"-1")], None),
+        ([(b"content-length", b"1 2")], None),
+    ],
+)
+def test_only_one_plain_content_length_lets_a_body_be_read_from_the_socket(
+    headers: list[tuple[bytes, bytes]], length: int | None
+) -> None:
+    """The socket is read for exactly the declared bytes; anything ambiguous is left to
+    the parser, which knows the framing."""
+    assert _content_length(headers) == length

@@ -56,28 +56,36 @@ class AccessLog:
         try:
             await self.app(scope, receive, counting_send)
         finally:
-            seconds = time.perf_counter() - t0
-            route = route_template(scope)
             # status 0: the client went away before any answer began
-            metrics.http_request(scope["method"], route, status, seconds)
-            if logs.ACCESS.stream is not None or log.isEnabledFor(logging.INFO):
-                log_access(scope, route, status, sent, seconds)
+            record(
+                scope["method"],
+                route_template(scope),
+                status,
+                sent,
+                time.perf_counter() - t0,
+                scope.get(REQUEST_ID, ""),
+                scope.get(TOKEN_LABEL, "-"),
+            )
 
 
-def log_access(scope: Scope, route: str, status: int, sent: int, seconds: float) -> None:
-    """The access line: straight to the service log's stream once logs.setup has run
-    (logs.ACCESS), else through logging (an app without the service around it)."""
-    request_id = scope.get(REQUEST_ID, "")
-    fields: dict[str, object] = {
-        "request_id": request_id,
-        "method": scope["method"],
-        "route": route,
-        "status": status,
-        "bytes": sent,
-        "duration_ms": round(seconds * 1000, 3),
-        "token": scope.get(TOKEN_LABEL, "-"),
-    }
-    if logs.ACCESS.stream is not None:
-        logs.ACCESS.add(f"request {request_id}", fields)
-    else:
-        log.info("request %s", request_id, extra=fields)
+def record(
+    method: str, route: str, status: int, sent: int, seconds: float, request_id: str, token: str
+) -> None:
+    """The metrics and the access line of one request (token: its label, never the token)."""
+    metrics.http_request(method, route, status, seconds)
+    if logs.ACCESS.stream is not None or log.isEnabledFor(logging.INFO):
+        fields: dict[str, object] = {
+            "request_id": request_id,
+            "method": method,
+            "route": route,
+            "status": status,
+            "bytes": sent,
+            "duration_ms": round(seconds * 1000, 3),
+            "token": token,
+        }
+        # straight to the service log's stream once logs.setup has run (logs.ACCESS),
+        # else through logging (an app without the service around it)
+        if logs.ACCESS.stream is not None:
+            logs.ACCESS.add(f"request {request_id}", fields)
+        else:
+            log.info("request %s", request_id, extra=fields)

@@ -11,6 +11,8 @@ import importlib
 import logging
 import random
 import re
+import sys
+import time
 from typing import Any
 from urllib.parse import unquote
 
@@ -23,7 +25,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from batchingest import __version__, logs, metrics
-from batchingest.api import auth, docs, events, files, jobs, openapi, staccato, stuck
+from batchingest.api import access, auth, docs, events, files, jobs, openapi, staccato, stuck
 from batchingest.api.access import TOKEN_LABEL, AccessLog
 from batchingest.api.errors import MAPPED, ApiError, api_error_of
 from batchingest.api.paths import job_name, unsafe_url_path
@@ -58,6 +60,15 @@ _HTTP_CODES = {
 def _new_request_id() -> str:
     # ids need to be unique, not secret: no system call for them (random reseeds on fork)
     return f"{random.getrandbits(64):016x}"
+
+
+def request_id_of(headers: list[tuple[bytes, bytes]]) -> str:
+    """The client's X-Request-Id if it is a sane one, else a new id."""
+    request_id = None
+    for key, value in headers:
+        if key == b"x-request-id" and _CLIENT_ID.fullmatch(value):
+            request_id = value.decode()
+    return request_id or _new_request_id()
 
 
 def error_body(
@@ -117,11 +128,7 @@ class ApiMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = None
-        for key, value in scope["headers"]:
-            if key == b"x-request-id" and _CLIENT_ID.fullmatch(value):
-                request_id = value.decode()
-        request_id = request_id or _new_request_id()
+        request_id = request_id_of(scope["headers"])
         scope[REQUEST_ID] = request_id
         logs.REQUEST_ID.set(request_id)  # this request's task and threads: every log line
         rid_header = (b"x-request-id", request_id.encode())
@@ -192,6 +199,43 @@ def _refuse_path(scope: Scope, path: str) -> Response | None:
     return None
 
 
+class QuickJobInfo:
+    """GET and HEAD /jobs/{id}, answered by the HTTP protocol from the request head
+    alone (batchingest.connections, `quick`): no task, no ASGI messages, no middleware.
+
+    It answers only what DirectJobInfo answers behind ApiMiddleware (a job found, or
+    not found), with a valid token, and with the same bytes, headers, access line and
+    metrics as the app; any other request (no token, another route, a name to decode,
+    an error) it leaves to the app, which answers it as always.
+    """
+
+    def __init__(self, checker: auth.TokenChecker, direct: jobs.DirectJobInfo) -> None:
+        self.checker = checker
+        self.direct = direct
+
+    def __call__(
+        self, method: str, target: bytes, headers: list[tuple[bytes, bytes]]
+    ) -> jobs.Answer | None:
+        path, _, _query = target.partition(b"?")
+        # %-escapes and non-ASCII are the app's to decode and refuse
+        if not path.startswith(b"/jobs/") or b"%" in path or not path.isascii():
+            return None
+        t0 = time.perf_counter()
+        token = self.checker.label(headers)
+        if token is None:
+            return None  # the app's 401
+        request_id = request_id_of(headers)
+        scope = {"method": method, "path": path.decode(), REQUEST_ID: request_id}
+        answer = self.direct.answer(scope)
+        if answer is None:
+            return None
+        status, head, body = answer
+        head = [*head, (b"x-request-id", request_id.encode())]
+        route = self.direct.route.path  # type: ignore[attr-defined]
+        access.record(method, route, status, len(body), time.perf_counter() - t0, request_id, token)
+        return status, head, body
+
+
 async def _api_error(request: Request, exc: Exception) -> Response:
     """ApiError, and the store's and access layer's exceptions (errors.api_error_of): every
     route raises them, and they become the JSON error here, in one place."""
@@ -237,12 +281,15 @@ BODY_BUFFER = 2 << 20
 
 
 def _larger_body_buffer() -> None:
+    # h11's module only where it is in use already: the service's protocol is httptools'
     for module in ("uvicorn.protocols.http.httptools_impl", "uvicorn.protocols.http.h11_impl"):
-        try:
-            mod = importlib.import_module(module)
-        except ImportError:
-            continue
-        if getattr(mod, "HIGH_WATER_LIMIT", BODY_BUFFER) < BODY_BUFFER:
+        mod = sys.modules.get(module)
+        if mod is None and module.endswith("httptools_impl"):
+            try:
+                mod = importlib.import_module(module)
+            except ImportError:
+                continue
+        if mod is not None and getattr(mod, "HIGH_WATER_LIMIT", BODY_BUFFER) < BODY_BUFFER:
             mod.HIGH_WATER_LIMIT = BODY_BUFFER  # type: ignore[attr-defined]
 
 
@@ -277,7 +324,7 @@ def _service_routes(spec: dict[str, Any], readiness: Readiness) -> list[BaseRout
     ]
 
 
-def create_app(cfg: Config, store: Store, readiness: Readiness | None = None) -> Starlette:
+def create_app(cfg: Config, store: Store, readiness: Readiness | None = None) -> ApiApp:
     """The app; `readiness` is the service's (with its loops' heartbeats) if given."""
     from batchingest.api import globus  # it imports error_body from here
     from batchingest.ui import routes as ui
@@ -311,7 +358,8 @@ def create_app(cfg: Config, store: Store, readiness: Readiness | None = None) ->
         *metrics.routes(store),
         *stuck.routes(cfg, store),
     ]
-    return Starlette(
+    direct = jobs.direct_info(store, routes, _job_not_found)
+    app = ApiApp(
         routes=routes,
         middleware=[
             Middleware(AccessLog),  # outermost: it sees every answer, 401s and 500s too
@@ -320,7 +368,7 @@ def create_app(cfg: Config, store: Store, readiness: Readiness | None = None) ->
                 checker=checker,
                 dts=dts,
                 jdp=cfg.dts_dialect == "jdp",
-                direct=jobs.direct_info(store, routes),
+                direct=direct,
             ),
         ],
         exception_handlers={
@@ -329,3 +377,16 @@ def create_app(cfg: Config, store: Store, readiness: Readiness | None = None) ->
             HTTPException: _http_error,
         },
     )
+    app.quick = QuickJobInfo(checker, direct)
+    return app
+
+
+class ApiApp(Starlette):
+    """The app, and what the HTTP protocol answers without it (`quick`, for uvicorn's
+    protocol in batchingest.connections; None: everything goes through the app)."""
+
+    quick: QuickJobInfo | None = None
+
+
+def _job_not_found(scope: Scope, message: str) -> Response:
+    return error_body(scope, 404, "JobNotFound", message)

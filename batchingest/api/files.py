@@ -178,7 +178,7 @@ class FileRoutes:
     ) -> tuple[bool, transfer.Upload]:
         """The body into the upload's temporary file, checked, then committed."""
         up.open()
-        got = await transfer.receive_into(up.fd, transfer.body_chunks(request), self.max_upload)
+        got = await transfer.receive_body(request, up.fd, self.max_upload)
         if expected is not None and got.sha256 != expected:
             raise ApiError(
                 400, "DigestMismatch", "the body does not match its Content-Digest sha-256"

@@ -8,6 +8,8 @@ less than handing them to a thread would.
 from __future__ import annotations
 
 import os
+import stat
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlencode
 
@@ -80,13 +82,14 @@ def folder_info_json(name: str, state: str, job_fd: int) -> bytes:
 
     For a JOB that reads well (nearly always) the document is put together from its
     parts: the name, status and times need no escaping, and the task lists of a JOB seen
-    before are taken as they were encoded then (_task_lists). A JOB that cannot be read
+    before are taken as they were encoded then (_task_lists), JOB itself not even read
+    again while its lstat says it is what it was (_job_tasks). A JOB that cannot be read
     or is not valid goes the long way, from what was read here (JOB is read once).
     """
     times = filetimes.shown_times(job_fd)
     count = events.count(job_fd)
     try:
-        tasks = _task_lists(fs.read_file(job_fd, jobfile.JOB_FILE, jobfile.JOB_LIMIT))
+        tasks = _job_tasks(job_fd)
     except (jobfile.JobFileError, OSError) as e:
         info = _head(name, state, times, count)
         info.update(Todo=None, Finished=None, JobError=_reason(e))
@@ -95,6 +98,31 @@ def folder_info_json(name: str, state: str, job_fd: int) -> bytes:
     status = STATUS_OF_STATE[state]
     head = f'{{"Name":"{name}","Status":"{status}","Created":{created},"Modified":{modified}'
     return b'%s,"Events":%d,%s}\n' % (head.encode(), count, tasks)
+
+
+# fs.version of a JOB -> its task lists (_task_lists): an unchanged JOB is not opened
+_TASKS_OF_VERSION: dict[tuple[int, int, int, int, int], bytes] = {}
+
+
+def _job_tasks(job_fd: int) -> bytes:
+    """_task_lists of the JOB in job_fd; JobFileError or OSError where it is not valid or
+    cannot be read (the error says why)."""
+    try:
+        st = os.stat(jobfile.JOB_FILE, dir_fd=job_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return _task_lists(None)
+    key = fs.version(st)
+    tasks = _TASKS_OF_VERSION.get(key)
+    if tasks is not None:
+        return tasks
+    # a link, FIFO or device is refused here, as always
+    tasks = _task_lists(fs.read_file(job_fd, jobfile.JOB_FILE, jobfile.JOB_LIMIT))
+    # read after the lstat: what is kept is never older than the key it is kept under
+    if stat.S_ISREG(st.st_mode) and st.st_size <= _TASK_LISTS_LARGEST:
+        if len(_TASKS_OF_VERSION) >= _TASK_LISTS_KEPT:
+            _TASKS_OF_VERSION.clear()
+        _TASKS_OF_VERSION[key] = tasks
+    return tasks
 
 
 def _json_text(value: str | None) -> str:
@@ -243,22 +271,41 @@ class JobRoutes:
         return json_response(self.info(job), 202)
 
 
+# what DirectJobInfo.answer gives: status, headers and body of a whole answer
+Answer = tuple[int, list[tuple[bytes, bytes]], bytes]
+
+
 class DirectJobInfo:
-    """`GET /jobs/{id}` (and HEAD) answered from ApiMiddleware, past Starlette's routing.
+    """`GET /jobs/{id}` (and HEAD) answered from ApiMiddleware, past Starlette's routing,
+    and from the HTTP protocol itself (app.QuickJobInfo).
 
     The hottest request there is, and the router, the exception middleware, the Request
-    and the Response around it cost as much CPU as the job's info itself. Only a job that
-    is found is answered here, with the bytes and headers the route would send; anything
-    else (no such job, an error reading the folder) is left to the route, which answers
-    it as always. `route` is the `/jobs/{id}` route, for the access line and metrics.
+    and the Response around it cost as much CPU as the job's info itself. A job that is
+    found is answered here with the bytes and headers the route would send, and a job
+    that is not with the route's 404 (`not_found`, the API's error shape); anything else
+    (an error reading the folder) is left to the route, which answers it as always.
+    `route` is the `/jobs/{id}` route, for the access line and metrics.
     """
 
-    def __init__(self, store: Store, route: BaseRoute) -> None:
+    def __init__(
+        self, store: Store, route: BaseRoute, not_found: Callable[[Scope, str], Response]
+    ) -> None:
         self.store = store
         self.route = route
+        self.not_found = not_found
 
     async def __call__(self, scope: Scope, send: Send) -> bool:
         """True if it answered the request; False: route it as usual."""
+        answer = self.answer(scope)
+        if answer is None:
+            return False
+        status, headers, body = answer
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+        return True
+
+    def answer(self, scope: Scope) -> Answer | None:
+        """The answer to scope's request, or None: route it as usual."""
         path: str = scope["path"]
         name = path[6:]  # after "/jobs/": the route's {id} is one non-empty segment
         if (
@@ -269,29 +316,31 @@ class DirectJobInfo:
             or scope.get("root_path")
             or not valid_name(name)
         ):
-            return False
+            return None
         try:
             found = self.store.open_state(name)
-            if found is None:
-                return False
-            state, job_fd = found
-            try:
-                body = folder_info_json(name, state, job_fd)
-            finally:
-                os.close(job_fd)
+            if found is not None:
+                state, job_fd = found
+                try:
+                    body = folder_info_json(name, state, job_fd)
+                finally:
+                    os.close(job_fd)
         except OSError:
-            return False  # the route maps it to its error, as for any request
+            return None  # the route maps it to its error, as for any request
         scope["route"] = self.route
+        if found is None:  # the route's own 404, without looking a second time
+            error = self.not_found(scope, f"no job named {name!r}")
+            return error.status_code, error.raw_headers, bytes(error.body)
         headers = [(b"content-length", b"%d" % len(body)), (b"content-type", b"application/json")]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
-        return True
+        return 200, headers, body
 
 
-def direct_info(store: Store, routes: list[BaseRoute]) -> DirectJobInfo:
+def direct_info(
+    store: Store, routes: list[BaseRoute], not_found: Callable[[Scope, str], Response]
+) -> DirectJobInfo:
     """The DirectJobInfo of an app whose routes are `routes` (jobs.routes among them)."""
     route = next(r for r in routes if getattr(r, "path", None) == "/jobs/{id}")
-    return DirectJobInfo(store, route)
+    return DirectJobInfo(store, route, not_found)
 
 
 def routes(cfg: Config, store: Store) -> list[BaseRoute]:

@@ -1,8 +1,12 @@
 """Moving file bytes over HTTP: streamed uploads to hidden temporary files, and downloads.
 
-Both directions move large chunks through a worker thread (hashing and pread/write
-release the GIL), with the next chunk's disk work overlapping the network work of the
-current one, so the event loop stays free and memory stays at a few chunks.
+The rest of an upload with a Content-Length is read straight from the socket by a
+thread of its own (connections.SocketBody), which writes each read at once and hands
+full buffers to a second thread for the SHA-256: nothing per piece on the event loop,
+and no copies but the two any server that writes what it receives makes. Other bodies
+(chunked) come through the event loop and are copied into buffers hashed and written by
+worker threads. Downloads read the next chunk in a worker thread while the current one
+is sent. Memory stays at a few buffers either way.
 """
 
 from __future__ import annotations
@@ -10,9 +14,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
+import mmap
 import os
+import queue
 import re
+import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator
@@ -27,7 +35,7 @@ from starlette.types import Receive, Scope, Send
 from batchingest import metrics
 from batchingest.api.common import run_blocking
 from batchingest.api.errors import ApiError
-from batchingest.connections import BODY_STREAM
+from batchingest.connections import BODY_SOCKET, BODY_STREAM, SocketBody
 
 # Uploads are copied into buffers of BATCH bytes, each hashed and written in one call:
 # one hand-off to a thread per buffer, not per network chunk. A thread that gives up the
@@ -36,6 +44,10 @@ from batchingest.connections import BODY_STREAM
 BATCH = 2 << 20
 BUFFERS = 3
 WRITE_PIECE = 256 << 10
+# A body read straight from the socket is read into buffers of this size (each read
+# at most one), written at once, and hashed by a thread of its own
+HASH_BUFFER = 1 << 20
+HASH_BUFFERS = 4
 READ_CHUNK = 1 << 20
 
 
@@ -150,20 +162,165 @@ class _Batches:
         self.writing.shutdown(wait=False)
 
 
-async def body_chunks(request: Request) -> AsyncIterator[bytes]:
-    """A request body, piece by piece: the first through receive() (which answers
-    `Expect: 100-continue`), the rest from the server's BodyStream where it offers one
-    (batchingest.connections), else through receive() too."""
+async def receive_body(request: Request, fd: int, max_upload: int) -> Upload:
+    """A request body into fd, hashed. The first piece comes through receive() (which
+    answers `Expect: 100-continue`); the rest of a Content-Length body straight from
+    the socket where the server hands it over (connections.SocketBody), else piece by
+    piece from its BodyStream or, failing that, receive()."""
     message = await request.receive()
     if message["type"] == "http.disconnect":
         raise ClientDisconnect()
-    yield message.get("body", b"")
-    if not message.get("more_body", False):
+    first = message.get("body", b"")
+    more = message.get("more_body", False)
+    extensions = request.scope.get("extensions", {})
+    opener = extensions.get(BODY_SOCKET) if more else None
+    body = opener() if opener is not None else None
+    if body is not None:
+        return await _from_socket(body, first, fd, max_upload)
+    return await receive_into(fd, _pieces(request, first, more), max_upload)
+
+
+async def _pieces(request: Request, first: bytes, more: bool) -> AsyncIterator[bytes]:
+    yield first
+    if not more:
         return
     opener = request.scope.get("extensions", {}).get(BODY_STREAM)
     stream = opener() if opener is not None else None
     async for chunk in stream if stream is not None else request.stream():
         yield chunk
+
+
+async def _from_socket(body: SocketBody, first: bytes, fd: int, max_upload: int) -> Upload:
+    """The body read and written by a thread of its own, hashed by another
+    (_copy_from_socket).
+
+    The connection is released when the thread ends, whatever happens to this task;
+    fd stays in use until then, so this returns only after it, even when cancelled.
+    """
+    size = len(first) + len(body.head) + body.remaining
+    try:
+        if max_upload and size > max_upload:  # check_length refused it already
+            raise too_large(max_upload)
+        pool = ThreadPoolExecutor(1, thread_name_prefix="upload")
+        args = (body, [first, body.head], fd)
+        work = asyncio.get_running_loop().run_in_executor(pool, _copy_from_socket, *args)
+    except BaseException:
+        body.release()  # no thread will: the connection must not stay paused
+        raise
+    work.add_done_callback(lambda _: body.release())
+    pool.shutdown(wait=False)
+    try:
+        got = await asyncio.shield(work)
+    except asyncio.CancelledError:
+        body.stop()
+        while not work.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait([work])
+        work.exception()  # the thread's ClientDisconnect: this task was cancelled anyway
+        raise
+    metrics.uploaded(got.size)
+    return got
+
+
+class _HashThread:
+    """The SHA-256 of buffers, in the order given, on a thread of its own, so that it
+    overlaps the reading and writing of the next ones. Buffers come back once hashed;
+    there are HASH_BUFFERS of them. `first` is hashed before the thread starts."""
+
+    def __init__(self, first: list[bytes]) -> None:
+        self.hasher = hashlib.sha256()
+        for data in first:
+            self.hasher.update(data)
+        self.free: queue.SimpleQueue[mmap.mmap] = queue.SimpleQueue()
+        self.full: queue.SimpleQueue[tuple[mmap.mmap, int] | None] = queue.SimpleQueue()
+        # mapped, not allocated: the heap of a short-lived thread keeps what it freed,
+        # and every upload's threads are new ones (RSS grew 4 MiB an upload)
+        for _ in range(HASH_BUFFERS):
+            self.free.put(mmap.mmap(-1, HASH_BUFFER))
+        self.thread = threading.Thread(target=self._run, name="upload-hash", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (item := self.full.get()) is not None:
+            buf, n = item
+            self.hasher.update(memoryview(buf)[:n])
+            self.free.put(buf)
+
+    def take(self) -> mmap.mmap:
+        return self.free.get()
+
+    def give(self, buf: mmap.mmap, n: int) -> None:
+        self.full.put((buf, n))
+
+    def close(self) -> bytes:
+        """The digest of everything given, once the thread is done (callable again)."""
+        if self.thread.is_alive():
+            self.full.put(None)
+            self.thread.join()
+        return bytes(self.hasher.digest())
+
+
+class _Sink:
+    """Where a body read from the socket goes: each read is written to fd at once, while
+    its bytes are still in the CPU's cache, and each full buffer is hashed by a
+    _HashThread. After a write error the rest of the body is still read, so that the
+    connection can go on, but nothing more is written or hashed; finish() raises it."""
+
+    def __init__(self, fd: int, first: list[bytes]) -> None:
+        self.fd = fd
+        self.size = 0
+        self.failed: OSError | None = None
+        for data in first:
+            self._write(memoryview(data))
+        self.hashing = _HashThread(first)
+        self.buf = self.hashing.take()
+        self.filled = 0
+
+    def space(self) -> memoryview:
+        """Room for the next read: the rest of the current buffer."""
+        if self.filled == len(self.buf):
+            self._pass_on()
+        return memoryview(self.buf)[self.filled :]
+
+    def put(self, n: int) -> None:
+        """n bytes were read into space()."""
+        self._write(memoryview(self.buf)[self.filled : self.filled + n])
+        self.filled += n
+
+    def _write(self, data: memoryview) -> None:
+        self.size += len(data)
+        if self.failed is None:
+            try:
+                _write_all(self.fd, data)
+            except OSError as e:
+                self.failed = e
+
+    def _pass_on(self) -> None:
+        if self.failed is None:
+            self.hashing.give(self.buf, self.filled)
+            self.buf = self.hashing.take()
+        self.filled = 0
+
+    def finish(self) -> Upload:
+        if self.filled:
+            self._pass_on()
+        digest = self.hashing.close()
+        if self.failed is not None:
+            raise self.failed
+        return Upload(self.size, digest)
+
+
+def _copy_from_socket(body: SocketBody, first: list[bytes], fd: int) -> Upload:
+    """Read the rest of the body from the socket, write it and hash it: the work of a
+    plain server that writes what it receives, plus the SHA-256 beside it on a second
+    thread, and nothing per piece on the event loop."""
+    sink = _Sink(fd, first)
+    try:
+        while n := body.read_into(sink.space()):
+            sink.put(n)
+        return sink.finish()
+    finally:
+        sink.hashing.close()
 
 
 async def receive_into(

@@ -13,7 +13,9 @@ measures:
   (floor time / our time); min, median and max are printed, and a warning when a
   floor's own times spread more than 2x;
 - the service's CPU seconds per GiB moved (from /proc/PID/stat), much steadier than
-  wall-clock on a shared machine, next to the upload floor's;
+  wall-clock on a shared machine, next to the upload floor's and to the floor's plus
+  SHA-256 alone (hashlib over the same bytes in this process, the least an upload that
+  is hashed can cost), and split into the event loop's thread and the others;
 - the service's RSS (/proc/PID/status): idle (VmRSS after start), and the peak (VmHWM,
   reset through /proc/PID/clear_refs where allowed) during the uploads and during the
   downloads;
@@ -22,7 +24,10 @@ measures:
 - `GET /jobs` with 10,000 jobs in success/, and `GET /jobs?limit=100`.
 
 Environment: BENCH_RUNS (default 5), BENCH_SIZE_MIB (default 512), BENCH_DIR (where the
-jobs root and the test file go; default the system temp folder).
+jobs root and the test file go; default the system temp folder), BENCH_PARTS (default
+`transfers,load,listing`: which of the three to measure; `transfers` alone takes about
+a minute), BENCH_OTHER (another tree, e.g. an older checkout: its service's uploads
+are measured too, in the same rounds against the same floor).
 To compare two versions in one sitting, run this twice, once with
 `PYTHONPATH=/other/tree`: the service subprocess then runs that tree's code (without it,
 this file's own tree, whatever the current folder).
@@ -31,6 +36,7 @@ this file's own tree, whatever the current folder).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import http.client
 import multiprocessing
 import os
@@ -55,6 +61,8 @@ SIZE = int(os.environ.get("BENCH_SIZE_MIB", "512")) << 20
 SETTLE = 1.0
 LOAD_SECONDS = 5
 LIST_JOBS = 10_000
+PARTS = os.environ.get("BENCH_PARTS", "transfers,load,listing").split(",")
+OTHER = os.environ.get("BENCH_OTHER", "")
 
 
 def timed(cmd: list[str], before: list[Path]) -> float:
@@ -87,7 +95,12 @@ def rss_mib(pid: int, field: str = "VmHWM") -> float:
 
 def service_cpu(pid: int) -> float:
     """User + system CPU seconds the process has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return stat_cpu(Path(f"/proc/{pid}/stat"))
+
+
+def stat_cpu(stat: Path) -> float:
+    """User + system CPU seconds in a /proc stat file (a process's or a thread's)."""
+    fields = stat.read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -229,11 +242,71 @@ def floor_server(folder: str) -> None:
     asyncio.run(serve())
 
 
+def sha256_cpu(rounds: int = 3) -> float:
+    """CPU seconds SHA-256 alone takes over SIZE bytes here (the least of rounds)."""
+    block = memoryview(os.urandom(1 << 20))
+    best = float("inf")
+    for _ in range(rounds):
+        hasher = hashlib.sha256()
+        t0 = time.thread_time()
+        for _ in range(SIZE >> 20):
+            hasher.update(block)
+        best = min(best, time.thread_time() - t0)
+    return best
+
+
 def cpu_of(pid: int, cmd: list[str], before: list[Path]) -> tuple[float, float]:
-    """(seconds, CPU seconds of process pid) of a timed step."""
+    """(seconds, CPU seconds of process pid) of a timed step. The CPU of pid's main
+    thread (the event loop's) and of its other threads, apart, goes to LOOP_CPU[pid]."""
     cpu = service_cpu(pid)
-    seconds = timed(cmd, before)
+    with ThreadCpu(pid) as threads:
+        seconds = timed(cmd, before)
+    LOOP_CPU.setdefault(pid, []).append(threads.split())
     return seconds, service_cpu(pid) - cpu
+
+
+# (loop thread, other threads) CPU seconds of each step, by pid
+LOOP_CPU: dict[int, list[tuple[float, float]]] = {}
+
+
+class ThreadCpu:
+    """CPU seconds each thread of a process used during a step: sampled every 20 ms,
+    since an upload's threads end with it and take their figures along (so what a
+    thread did in its last 20 ms is missed)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.first = self._read()
+        self.last = dict(self.first)
+        self.done = threading.Event()
+        self.sampler = threading.Thread(target=self._sample, daemon=True)
+
+    def _read(self) -> dict[int, float]:
+        got = {}
+        for task in Path(f"/proc/{self.pid}/task").iterdir():
+            try:
+                got[int(task.name)] = stat_cpu(task / "stat")
+            except OSError:
+                continue  # the thread ended
+        return got
+
+    def _sample(self) -> None:
+        while not self.done.wait(0.02):
+            self.last.update(self._read())
+        self.last.update(self._read())
+
+    def __enter__(self) -> ThreadCpu:
+        self.sampler.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+        self.sampler.join()
+
+    def split(self) -> tuple[float, float]:
+        used = {tid: cpu - self.first.get(tid, 0.0) for tid, cpu in self.last.items()}
+        loop = used.pop(self.pid, 0.0)
+        return loop, sum(used.values())
 
 
 class Runs:
@@ -259,39 +332,52 @@ class Runs:
 Step = Callable[[], tuple[float, float]]
 
 
-def paired(floor: Step, ours: Step) -> Runs:
-    """RUNS rounds of both; which goes first alternates, so neither always follows the other."""
-    runs = Runs()
+def rounds(steps: list[Step]) -> list[list[tuple[float, float]]]:
+    """RUNS rounds of every step, each step's results in a list; the order rotates
+    round by round, so no step always follows the same one."""
+    got: list[list[tuple[float, float]]] = [[] for _ in steps]
     for i in range(RUNS):
-        if i % 2:
-            o = ours()
-            f = floor()
-        else:
-            f = floor()
-            o = ours()
+        for k in range(len(steps)):
+            j = (i + k) % len(steps)
+            got[j].append(steps[j]())
+    return got
+
+
+def runs_of(floor: list[tuple[float, float]], ours: list[tuple[float, float]]) -> Runs:
+    runs = Runs()
+    for f, o in zip(floor, ours, strict=True):
         runs.add(f, o)
     return runs
 
 
-def uploads(svc: Service, src: Path, work: Path) -> Runs:
-    assert svc.proc is not None
-    pid = svc.proc.pid
+def paired(floor: Step, ours: Step) -> Runs:
+    return runs_of(*rounds([floor, ours]))
+
+
+def uploads(svc: Service, src: Path, work: Path, other: Service | None) -> list[Runs]:
+    """Uploads into the floor and the service (and the other tree's service, if any),
+    round by round: [ours against the floor, the other tree's against the same floor]."""
     folder = work / "floor"
     folder.mkdir()
     server = subprocess.Popen(
         [sys.executable, __file__, "floor-server", str(folder)], stdout=subprocess.PIPE, text=True
     )
+    curl = ["curl", "-sS", "--fail", "-o", "/dev/null", "-T", str(src)]
+
+    def into(service: Service) -> Step:
+        assert service.proc is not None
+        pid, url = service.proc.pid, f"{service.url}/jobs/bench/files/big.bin"
+        out = service.root / "data" / "bench" / "big.bin"
+        return lambda: cpu_of(pid, [*curl, "-H", f"X-Api-Token: {TOKEN}", url], [out])
+
     try:
         assert server.stdout is not None
         port = int(server.stdout.readline())
-        curl = ["curl", "-sS", "--fail", "-o", "/dev/null", "-T", str(src)]
-        ours_url = f"{svc.url}/jobs/bench/files/big.bin"
-        ours_file = svc.root / "data" / "bench" / "big.bin"
-        return paired(
-            lambda: cpu_of(server.pid, [*curl, f"http://127.0.0.1:{port}/x"],
-                           list(folder.iterdir())),
-            lambda: cpu_of(pid, [*curl, "-H", f"X-Api-Token: {TOKEN}", ours_url], [ours_file]),
-        )  # fmt: skip
+        floor = lambda: cpu_of(server.pid, [*curl, f"http://127.0.0.1:{port}/x"],  # noqa: E731
+                               list(folder.iterdir()))  # fmt: skip
+        steps = [floor, into(svc)] + ([into(other)] if other is not None else [])
+        got = rounds(steps)
+        return [runs_of(got[0], theirs) for theirs in got[1:]]
     finally:
         server.kill()
         server.wait()
@@ -322,8 +408,13 @@ def transfers(svc: Service, work: Path) -> dict[str, object]:
     make_file(src, SIZE)
     with svc.client() as c:
         c.put("/jobs/bench")
+    other = start_other(work)
     can_reset = reset_peak(pid)
-    up = uploads(svc, src, work)
+    try:
+        up, *up_other = uploads(svc, src, work, other)
+    finally:
+        if other is not None:
+            other.stop()
     up_rss = rss_mib(pid)
     with svc.client() as c:
         c.put("/jobs/bench/files/big.bin", content=src.read_bytes())
@@ -332,7 +423,22 @@ def transfers(svc: Service, work: Path) -> dict[str, object]:
     down_rss = rss_mib(pid)
     src.unlink()
     return {"up": up, "down": down, "idle": idle, "up_rss": up_rss, "down_rss": down_rss,
-            "rss_note": "" if can_reset else " (peak since start)"}  # fmt: skip
+            "rss_note": "" if can_reset else " (peak since start)",
+            "up_other": up_other[0] if up_other else None, "pid": pid,
+            "other_pid": other.proc.pid if other is not None and other.proc else None}  # fmt: skip
+
+
+def start_other(work: Path) -> Service | None:
+    """The service of the tree BENCH_OTHER names, on a root of its own, or None."""
+    if not OTHER:
+        return None
+    root = work / "other-root"
+    (root / "tasks").mkdir(parents=True)
+    env = {"PYTHONPATH": OTHER, "PYTHONSAFEPATH": "1"}
+    other = Service(root, "--no-processor", "--log-level", "warning", env=env).start()
+    with other.client() as c:
+        c.put("/jobs/bench")
+    return other
 
 
 def wrk(url: str, seconds: float) -> tuple[float, float, float, int]:
@@ -421,6 +527,9 @@ def listing(svc: Service) -> tuple[float, float]:
 def main() -> None:
     base = Path(os.environ.get("BENCH_DIR") or tempfile.gettempdir())
     work = Path(tempfile.mkdtemp(prefix="bench-api-", dir=base))
+    t: dict[str, object] | None = None
+    load = None
+    lists = None
     try:
         root = work / "root"
         (root / "tasks").mkdir(parents=True)
@@ -431,22 +540,49 @@ def main() -> None:
         svc = Service(root, "--no-processor", "--log-level", "warning", env=env)
         svc.start()
         try:
-            t = transfers(svc, work)
-            load = wrk_load(f"{svc.url}/jobs/bench") or python_load(svc.port, "/jobs/bench")
-            full, page = listing(svc)
+            if "transfers" in PARTS:
+                t = transfers(svc, work)
+            if "load" in PARTS:
+                with svc.client() as c:
+                    c.put("/jobs/bench")
+                url = f"{svc.url}/jobs/bench"
+                load = wrk_load(url) or python_load(svc.port, "/jobs/bench")
+            if "listing" in PARTS:
+                lists = listing(svc)
         finally:
             svc.stop()
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-    up: Runs = t["up"]  # type: ignore[assignment]
-    down: Runs = t["down"]  # type: ignore[assignment]
-    mib = SIZE / (1 << 20)
-    idle = float(t["idle"])  # type: ignore[arg-type]
-    print(f"## HTTP API ({RUNS} runs of {mib:.0f} MiB, min-median-max; load: {load[3]})")
+    print(f"## HTTP API ({RUNS} runs of {SIZE >> 20} MiB, min-median-max)")
     print()
     print("| measure | batchingest | floor, same runs | ours / floor | target |")
     print("|---|---|---|---|---|")
+    if t is not None:
+        print_transfers(t)
+    if load is not None:
+        print(
+            f"| GET /jobs/{{id}}, 8 connections ({load[3]}) | {load[0]:,.0f} req/s | "
+            f"p50 {load[1]:.2f} ms, p99 {load[2]:.2f} ms | | >= 5,000 req/s, p99 <= 20 ms |"
+        )
+    if lists is not None:
+        full, page = lists
+        print(f"| GET /jobs, {LIST_JOBS:,} jobs | p50 {full:.1f} ms | | | p50 <= 40 ms |")
+        print(f"| GET /jobs?limit=100, {LIST_JOBS:,} jobs | p50 {page:.2f} ms | | | p50 <= 10 ms |")
+    if t is not None:
+        for label in ("up", "down"):
+            runs: Runs = t[label]  # type: ignore[assignment]
+            low, high = min(runs.floor), max(runs.floor)
+            if high > 2 * low:
+                print(f"\nWarning: the {label}load floor's times spread over 2x "
+                      f"({low:.2f}-{high:.2f} s)")  # fmt: skip
+
+
+def print_transfers(t: dict[str, object]) -> None:
+    up: Runs = t["up"]  # type: ignore[assignment]
+    down: Runs = t["down"]  # type: ignore[assignment]
+    idle = float(t["idle"])  # type: ignore[arg-type]
+    sha = sha256_cpu()
+    with_sha = [f + sha for f in up.floor_cpu]
     print(
         f"| upload `curl -T` (SHA-256, unnamed file, commit) | {rates(up.ours)} | asyncio "
         f"server writing the body: {rates(up.floor)} | **{spread(up.ratios())}** | >= 0.9x |"
@@ -455,10 +591,24 @@ def main() -> None:
         f"| download `curl -o FILE` | {rates(down.ours)} | sendfile(2) server: "
         f"{rates(down.floor)} | **{spread(down.ratios())}** | no regression |"
     )
+    to_floor = [o / f for o, f in zip(up.ours_cpu, with_sha, strict=True)]
     print(
         f"| CPU per GiB, upload | {per_gib(up.ours_cpu)} | asyncio server: "
-        f"{per_gib(up.floor_cpu)} | | |"
+        f"{per_gib(up.floor_cpu)}; plus SHA-256 alone ({sha * (1 << 30) / SIZE:.2f} s): "
+        f"{per_gib(with_sha)} | {spread(to_floor)} of floor + SHA-256 | |"
     )
+    for label, pid in (("this tree", t["pid"]), ("BENCH_OTHER's tree", t.get("other_pid"))):
+        splits = LOOP_CPU.get(pid, [])[:RUNS]  # type: ignore[call-overload]  # uploads come first
+        if splits:
+            loop, rest = per_gib([a for a, _ in splits]), per_gib([b for _, b in splits])
+            print(f"| upload CPU per GiB, {label}: loop thread, other threads | {loop}, "
+                  f"{rest} | | | |")  # fmt: skip
+    other: Runs | None = t["up_other"]  # type: ignore[assignment]
+    if other is not None:
+        print(
+            f"| upload, BENCH_OTHER's tree | {rates(other.ours)}, CPU per GiB "
+            f"{per_gib(other.ours_cpu)} | the same floor runs | **{spread(other.ratios())}** | |"
+        )
     print(f"| CPU per GiB, download | {per_gib(down.ours_cpu)} | | | |")
     print(f"| RSS idle (VmRSS after start) | {idle:.1f} MiB | | | <= 35 MiB |")
     for phase in ("up", "down"):
@@ -467,16 +617,6 @@ def main() -> None:
             f"| peak RSS during {phase}loads{t['rss_note']} | {peak:.1f} MiB "
             f"(idle + {peak - idle:.1f}) | | | <= idle + 16 MiB |"
         )
-    print(
-        f"| GET /jobs/{{id}}, 8 connections | {load[0]:,.0f} req/s | p50 {load[1]:.2f} ms, "
-        f"p99 {load[2]:.2f} ms | | >= 5,000 req/s, p99 <= 20 ms |"
-    )
-    print(f"| GET /jobs, {LIST_JOBS:,} jobs | p50 {full:.1f} ms | | | p50 <= 40 ms |")
-    print(f"| GET /jobs?limit=100, {LIST_JOBS:,} jobs | p50 {page:.2f} ms | | | p50 <= 10 ms |")
-    for label, runs in (("upload", up), ("download", down)):
-        low, high = min(runs.floor), max(runs.floor)
-        if high > 2 * low:
-            print(f"\nWarning: the {label} floor's times spread over 2x ({low:.2f}-{high:.2f} s)")
 
 
 def spread(values: list[float], unit: str = "x", scale: float = 1.0) -> str:

@@ -3,7 +3,8 @@
 Wall-clock request rates on a shared 2-core machine swing by 2-3x with whatever else
 runs; the CPU time the app spends per request hardly does. This drives the ASGI app
 directly (no sockets, no uvicorn) and reports requests per CPU-second of the process,
-min-median-max over rounds that alternate between the two trees.
+min-median-max over rounds that alternate between the two trees; for a tree whose HTTP
+protocol answers the request from its head (api.app.QuickJobInfo), that call too.
 
     BENCH_OTHER=/path/to/other/checkout .venv/bin/python scripts/bench.d/request_cpu.py
 
@@ -89,14 +90,29 @@ assert status and status[-1] == 200, status[-1:]
 t0 = time.process_time()
 asyncio.run(main(int(sys.argv[1])))
 print(int(sys.argv[1]) / (time.process_time() - t0))
+# a tree whose HTTP protocol answers this request from its head (QuickJobInfo)
+quick = getattr(app, "quick", None)
+if quick is not None:
+    async def answers(n):  # on a loop, as served: access lines written once a turn
+        for _ in range(n):
+            quick("GET", b"/jobs/job-0001", scope["headers"])
+
+    t0 = time.process_time()
+    asyncio.run(answers(int(sys.argv[1])))
+    print("quick", int(sys.argv[1]) / (time.process_time() - t0))
 """
 
 
-def rate(tree: Path) -> float:
+def rate(tree: Path) -> tuple[float, float | None]:
+    """Requests per CPU-second through the ASGI app, and answered from the request head
+    (None: a tree that does not)."""
     env = {**os.environ, "PYTHONPATH": str(tree)}
     out = subprocess.run([sys.executable, "-c", CHILD, str(REQUESTS)], env=env, check=True,
                          capture_output=True, text=True, cwd=tree).stdout  # fmt: skip
-    return float(out.strip().splitlines()[-1])
+    lines = out.strip().splitlines()
+    if lines[-1].startswith("quick "):
+        return float(lines[-2]), float(lines[-1].split()[1])
+    return float(lines[-1]), None
 
 
 def service_cpu(pid: int) -> float:
@@ -202,16 +218,22 @@ def main() -> None:
     other = os.environ.get("BENCH_OTHER")
     ours: list[float] = []
     theirs: list[float] = []
+    quick: list[float] = []  # this tree's answers from the request head
     for _ in range(RUNS):
         if other:
-            theirs.append(rate(Path(other)))
-        ours.append(rate(TREE))
+            theirs.append(rate(Path(other))[0])
+        asgi, at_once = rate(TREE)
+        ours.append(asgi)
+        if at_once is not None:
+            quick.append(at_once)
     print("## GET /jobs/{id}, in process: requests per CPU-second (min / median / max)\n")
     print("| tree | req per CPU-s |")
     print("|---|---|")
     if other:
         print(f"| {other} | {summary(theirs)} |")
     print(f"| this tree | {summary(ours)} |")
+    if quick:
+        print(f"| this tree, answered from the request head (as served) | {summary(quick)} |")
     if other:
         ratio = statistics.median(ours) / statistics.median(theirs)
         print(f"\nthis tree / other, medians: {ratio:.2f}x")

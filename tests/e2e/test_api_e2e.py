@@ -367,13 +367,17 @@ def tiny_tmpfs(where: Path, size: str) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(where)], check=False)
 
 
-def test_disk_full_leaves_previous_content(tmp_path: Path) -> None:
+@pytest.mark.parametrize("length", [False, True])
+def test_disk_full_leaves_previous_content(tmp_path: Path, length: bool) -> None:
+    """Chunked, or with a Content-Length (the body read from the socket: after the
+    failed write the rest is still read, so the answer comes and the connection goes on)."""
+    body = b"x" * (4 << 20)
     with tiny_tmpfs(tmp_path / "small", "2m") as small:
         root = small / "root"
         with Service(root, "--no-processor") as svc, svc.client() as c:
             c.put("/jobs/j")
             assert c.put("/jobs/j/files/f", content=b"previous").status_code == 201
-            r = c.put("/jobs/j/files/f", content=chunks(b"x" * (4 << 20), 256 << 10))
+            r = c.put("/jobs/j/files/f", content=body if length else chunks(body, 256 << 10))
             assert r.status_code == 507, r.text
             assert r.json()["code"] == "InsufficientStorage"
             assert c.get("/jobs/j/files/f").content == b"previous"
@@ -389,8 +393,9 @@ def test_upload_waits_for_a_brief_holder_instead_of_409(api: Service, root: Path
 
     with api.client() as c:
         assert c.put("/jobs/j").status_code == 201
-        fd = os.open(root / "data" / "j" / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-        fcntl.flock(fd, fcntl.LOCK_EX)  # as another upload committing would
+        # as another upload committing would (a local root: the folder's own lock)
+        fd = os.open(root / "data" / "j", os.O_RDONLY | os.O_DIRECTORY)
+        fcntl.flock(fd, fcntl.LOCK_EX)
         threading.Timer(0.5, os.close, (fd,)).start()
         t0 = time.monotonic()
         r = c.put("/jobs/j/files/a.txt", content=b"a")

@@ -60,7 +60,8 @@ def test_cancel_kills_a_task_that_traps_sigterm_and_its_grandchild(root: Path) -
         assert set(entry) == {"Name", "Start", "Finish", "Status", "Reason"}
         log = (job / "LOG").read_text()
         assert "TERM ignored" in log and "---- task start: canceled" in log
-        assert not (job / ".cancel").exists()
+        # removed once the job has left processing/, just after the move
+        wait_for(lambda: not (job / ".cancel").exists(), 5, what="the request removed")
         # nothing left to cancel: 409 saying where the job is
         status, body = cancel(svc, "stubborn")
         assert (status, body["code"], body["status"]) == (409, "JobNotCancellable", "error")

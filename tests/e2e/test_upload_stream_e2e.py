@@ -11,13 +11,15 @@ import os
 import random
 import shutil
 import socket
+import struct
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
-from live_service import TOKEN, Service, copies_in_flight
+from live_service import TOKEN, Service, copies_in_flight, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -52,6 +54,16 @@ def read_response(sock: socket.socket) -> tuple[int, bytes]:
     while len(body) < length:
         body += sock.recv(65536)
     return int(lines[0].split()[1]), body
+
+
+def next_response(answers: BinaryIO) -> tuple[int, bytes]:
+    status = int(answers.readline().split()[1])
+    length = 0
+    while (line := answers.readline()) != b"\r\n":
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    return status, answers.read(length)
 
 
 def put_head(path: str, length: int, digest: str | None = None) -> bytes:
@@ -110,3 +122,61 @@ def test_wrong_digest_lands_nothing_and_the_connection_goes_on(api: Service, roo
         assert status == 201, body
     assert sorted(n for n in os.listdir(job) if not n.startswith(".")) == ["g"]
     assert leftovers(job) == []
+
+
+def test_a_request_right_behind_an_upload_is_answered(api: Service, root: Path) -> None:
+    """The rest of a Content-Length body is read from the socket, past the HTTP parser;
+    a request pipelined right behind it, in the same packets, is still answered."""
+    data = os.urandom((6 << 20) + 11)
+    get = f"GET /jobs/j/files/f HTTP/1.1\r\nHost: x\r\nX-Api-Token: {TOKEN}\r\n\r\n".encode()
+    with socket.create_connection(("127.0.0.1", api.port), timeout=30) as sock:
+        sock.sendall(put_head("/jobs/j/files/f", len(data), digest_of(data)) + data + get)
+        # both answers may come in one read: split them by their heads' lengths
+        with sock.makefile("rb") as answers:
+            status, body = next_response(answers)
+            assert status == 201, body
+            assert json.loads(body)["sha256"] == hashlib.sha256(data).hexdigest()
+            status, body = next_response(answers)
+    assert status == 200
+    assert body == data
+
+
+def test_client_gone_mid_body_leaves_nothing(api: Service, root: Path) -> None:
+    """A client that resets the connection half-way through a body read from the socket:
+    no file, no temporary, and the service goes on."""
+    job = root / "data" / "j"
+    with socket.create_connection(("127.0.0.1", api.port), timeout=30) as sock:
+        sock.sendall(put_head("/jobs/j/files/f", 64 << 20) + os.urandom(8 << 20))
+        wait_for(lambda: leftovers(job), what="the upload's temporary file")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    wait_for(lambda: not leftovers(job), what="the temporary to be gone")
+    assert not (job / "f").exists()
+    with api.client() as c:
+        assert c.put("/jobs/j/files/g", content=b"after").status_code == 201
+    assert "Traceback" not in api.log()
+
+
+@pytest.mark.parametrize("unnamed", ["1", "0"])
+def test_stop_during_a_stalled_upload(root: Path, unnamed: str) -> None:
+    """SIGTERM while a client sends half a body and waits: the upload is cancelled after
+    uvicorn's grace period, the thread reading the socket gives up, the service exits
+    in time and leaves no temporary behind."""
+    svc = Service(root, "--no-processor", env={"BATCHINGEST_UPLOAD_UNNAMED": unnamed}).start()
+    job = root / "data" / "j"
+    try:
+        with svc.client() as c:
+            assert c.put("/jobs/j").status_code == 201
+        sock = socket.create_connection(("127.0.0.1", svc.port), timeout=30)
+        sock.sendall(put_head("/jobs/j/files/f", 64 << 20) + os.urandom(4 << 20))
+        wait_for(lambda: leftovers(job), what="the upload's temporary file")
+        t0 = time.monotonic()
+        assert svc.stop() == 0
+        assert time.monotonic() - t0 < 20
+        sock.close()
+    finally:
+        svc.stop()
+    assert leftovers(job) == []
+    assert not (job / "f").exists()
+    # uvicorn logs the task it cancels once its grace period is over; nothing else
+    assert "timeout graceful shutdown exceeded" in svc.log()
+    assert "never retrieved" not in svc.log()
