@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from live_service import as_at_a_terminal
 
 from batchingest.config import env_of, flag_of, options
 
@@ -430,7 +431,8 @@ def test_events_pages_and_follows_the_event_list() -> None:
 
         base = {k: v for k, v in os.environ.items() if not k.startswith("BATCHINGEST_")}
         proc = subprocess.Popen([*command(), "events", "-f", "--json", "--url", stand_in.url],
-                                env={**base, **env}, stdout=subprocess.PIPE, text=True)  # fmt: skip
+                                env={**base, **env}, stdout=subprocess.PIPE, text=True,
+                                preexec_fn=as_at_a_terminal)  # fmt: skip
         assert proc.stdout is not None
         try:
             seen = [json.loads(proc.stdout.readline()) for _ in range(5)]

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from live_service import TOKEN, Service, free_port, make_job, wait_for, write_task
+from live_service import TOKEN, Service, as_at_a_terminal, free_port, make_job, wait_for, write_task
 
 pytestmark = pytest.mark.e2e
 
@@ -178,6 +178,7 @@ class Follower:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "batchingest.cli", "logs", "-f", *args],
             env={**base, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            preexec_fn=as_at_a_terminal,
         )  # fmt: skip
         self.out = bytearray()
         self.thread = threading.Thread(target=self._read, daemon=True)
