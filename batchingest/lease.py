@@ -323,7 +323,7 @@ def acquire(
 
     A lease found there is taken over only when `stale` says so, through `_take_away`.
     LeaseUnusable if `.lease` is something other than a regular file. local: the root
-    is on a local file system (see local_fs), where the lease is checked by lstat.
+    is on a local file system (see shared_fs), where the lease is checked by lstat.
     """
     broke: str | None = None
     for _ in range(3):
@@ -431,17 +431,26 @@ def fs_type(path: str | os.PathLike[str]) -> int | None:
     return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
 
 
-def local_fs(path: str | os.PathLike[str]) -> bool:
-    """Whether path is on a file system known to be local to this machine (not shared)."""
+def shared_fs(path: str | os.PathLike[str]) -> str | None:
+    """The file system holding path as the log names it, if other machines may share
+    it; None if it is known to be local to this machine.
+
+    The one rule for both uses (inotify, the lease's lstat check): each is right only on
+    a local file system, so one whose type cannot be read counts as shared.
+    """
     kind = fs_type(path)
-    return kind is not None and kind not in _SHARED_FS
+    if kind is None:
+        return "a file system whose type cannot be read"
+    return _SHARED_FS.get(kind)
 
 
-def watch_mode(root: str | os.PathLike[str], force_polling: bool) -> str | None:
-    """Why queue/ must be polled rather than watched with inotify; None: inotify is fine."""
+def watch_mode(shared: str | None, force_polling: bool) -> str | None:
+    """Why queue/ must be polled rather than watched with inotify; None: inotify is fine.
+
+    shared: shared_fs of the jobs root.
+    """
     if force_polling:
         return "--force-polling is set"
-    kind = _SHARED_FS.get(fs_type(root) or 0)
-    if kind is not None:
-        return f"the jobs root is on {kind}, where inotify does not see other machines' changes"
+    if shared is not None:
+        return f"the jobs root is on {shared}, where inotify does not see other machines' changes"
     return None

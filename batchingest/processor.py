@@ -343,7 +343,7 @@ class Processor:
     async def _watch(self, stop: asyncio.Event) -> None:
         """Wake the workers when something arrives in queue/ (inotify, or polling)."""
         queue_dir = self.store.state_dir("queue")
-        why = lease.watch_mode(self.store.root, self.cfg.force_polling)
+        why = lease.watch_mode(self.store.shared_fs, self.cfg.force_polling)
         if why is not None:
             # _tick lists queue/ in full every --poll-interval: pickup never waits for a
             # folder's mtime to change (coarse on network file systems)

@@ -39,6 +39,7 @@ import builtins
 import contextlib
 import errno
 import fcntl
+import functools
 import logging
 import os
 import re
@@ -373,7 +374,6 @@ class Store:
         # set in an extra API process (batchingest.apiprocs): its moves are made by the
         # main process, whose listeners order them against the processor's claims
         self.mover: Callable[[str, str, str], Job] | None = None
-        self._local: bool | None = None  # the root on a local file system (see lease)
         # hold a job by a flock on its folder rather than on a `.lock` file in it; None:
         # where the root is on a local file system (see local)
         self.folder_locks: bool | None = None
@@ -381,17 +381,21 @@ class Store:
         # host can see it), True for a local root exported to others (--shared-root)
         self.leases: bool | None = None
 
+    @functools.cached_property
+    def shared_fs(self) -> str | None:
+        """The file system of the root if other machines may share it (lease.shared_fs,
+        read once): then queue/ is polled, listings are scanned, leases are opened."""
+        return lease.shared_fs(self.root)
+
     @property
     def local(self) -> bool:
-        """Whether the root is on a file system of this machine alone (lease.local_fs).
+        """Whether the root is on a file system of this machine alone (not shared_fs).
 
         There every holder is a process of this machine, so the folder's own flock
         tells them all; a shared file system may carry flock out as a byte-range lock
         (NFS), which needs a file open for writing: `.lock`.
         """
-        if self._local is None:
-            self._local = lease.local_fs(self.root)
-        return self._local
+        return self.shared_fs is None
 
     def _folder_locking(self) -> bool:
         return self.local if self.folder_locks is None else self.folder_locks
@@ -664,7 +668,7 @@ class Store:
             if self._watched is not None or self._watch_given_up:
                 return
             self._watch_given_up = True  # unless it works below
-            if lease.watch_mode(self.root, False) is not None:
+            if self.shared_fs is not None:
                 return
             try:
                 self._watched = listings.Watched(self.root_fd, STATES, valid_name)

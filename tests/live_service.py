@@ -122,6 +122,13 @@ class Service:
         self.stop()
 
 
+def as_at_a_terminal() -> None:
+    """A preexec_fn: SIGINT acts as at a terminal (Ctrl-C stops the command), also where
+    the tests were started with it ignored, which a command inherits and keeps (a
+    shell's job started with `&` and no job control)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def wait_for(predicate, timeout: float = 30, interval: float = 0.02, what: str = "condition"):  # type: ignore[no-untyped-def]
     """Poll until predicate() is truthy; return its value or fail with `what`."""
     deadline = time.monotonic() + timeout

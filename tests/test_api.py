@@ -26,7 +26,7 @@ from live_service import TOKEN
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from batchingest import filetimes, metrics
+from batchingest import filetimes, fs, metrics
 from batchingest.api import auth, jobs, models, openapi
 from batchingest.api.app import create_app
 from batchingest.api.common import json_dumps
@@ -720,6 +720,34 @@ def test_job_info_json_is_the_encoding_of_the_info(
         assert json.loads(expected)["Events"] == 3
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("content", [b"{broken", b'{"Todo": "start"}', b'{"Todo": ["t"]}'])
+def test_job_info_json_reads_job_once(
+    api: tuple[ASGIApp, Store], content: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A JOB that is not valid is read once, as a valid one is: the document is built
+    from what was read, not by reading the job folder again."""
+    _, store = api
+    job, _ = store.create("j")
+    (job.path / "JOB").write_bytes(content)
+    reads: list[str] = []
+    read_file = fs.read_file
+
+    def counted(dir_fd: int, name: str, limit: int) -> bytes | None:
+        reads.append(name)
+        return read_file(dir_fd, name, limit)
+
+    monkeypatch.setattr(fs, "read_file", counted)
+    found = store.open_state("j")
+    assert found is not None
+    state, fd = found
+    try:
+        body = jobs.folder_info_json("j", state, fd)
+    finally:
+        os.close(fd)
+    assert reads == ["JOB"]
+    assert ("JobError" in json.loads(body)) is (content != b'{"Todo": ["t"]}')
 
 
 def test_job_info_is_answered_before_routing_as_the_route_would(

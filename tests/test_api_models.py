@@ -82,6 +82,28 @@ def test_integral_numbers_are_integers_and_nothing_else_is() -> None:
         assert (refused.value.status, refused.value.code) == (400, "ClientError.BadRequest")
 
 
+A, C = '"source_url": "file:///a/b"', '"destination_url": "file:///a/c"'
+
+
+@pytest.mark.parametrize(
+    ("fields", "told"),
+    [
+        ((A, C, '"end_offset": 10.5'), "got `float` - at `$.end_offset`"),
+        ((A, C, '"end_offset": -2.0'), "Expected `int` >= -1 - at `$.end_offset`"),
+        # a float where no number belongs is told as the float it was, not as an int
+        (('"source_url": 5.0', C), "Expected `str`, got `float` - at `$.source_url`"),
+        # an integral float is fine: the fault told is the next one
+        (('"end_offset": 10.0', '"source_url": 5', C), "Expected `str`, got `int`"),
+        ((A, '"end_offset": 10.0'), "missing required field `destination_url`"),
+    ],
+)
+def test_a_refused_float_is_told_as_sent(fields: tuple[str, ...], told: str) -> None:
+    body = ("{" + ", ".join(fields) + "}").encode()
+    with pytest.raises(ApiError) as refused:
+        models.decode(models.TransferRequest, body)
+    assert told in refused.value.message
+
+
 def test_globus_documents_are_their_models(tmp_path: Path) -> None:
     (tmp_path / "f").write_bytes(b"x")
     (tmp_path / "l").symlink_to("f")

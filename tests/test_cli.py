@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from live_service import as_at_a_terminal
 
 from batchingest.config import env_of, flag_of, options
 
@@ -298,7 +299,7 @@ def test_requeue_asks_on_a_terminal_and_shows_a_live_line(tmp_path: Path) -> Non
             elif proc.poll() is not None:
                 break
         os.close(leader)
-        return proc.wait(10), seen
+        return proc.wait(60), seen
 
     status, seen = on_terminal(b"n\n")
     assert status == 1 and b"Move 2 failed job(s) (e1, e2) to queue/? [y/N]" in seen
@@ -430,7 +431,8 @@ def test_events_pages_and_follows_the_event_list() -> None:
 
         base = {k: v for k, v in os.environ.items() if not k.startswith("BATCHINGEST_")}
         proc = subprocess.Popen([*command(), "events", "-f", "--json", "--url", stand_in.url],
-                                env={**base, **env}, stdout=subprocess.PIPE, text=True)  # fmt: skip
+                                env={**base, **env}, stdout=subprocess.PIPE, text=True,
+                                preexec_fn=as_at_a_terminal)  # fmt: skip
         assert proc.stdout is not None
         try:
             seen = [json.loads(proc.stdout.readline()) for _ in range(5)]
@@ -439,7 +441,7 @@ def test_events_pages_and_follows_the_event_list() -> None:
             assert json.loads(proc.stdout.readline()) == stand_in.event(6)
         finally:
             proc.send_signal(signal.SIGINT)
-            assert proc.wait(10) == 130
+            assert proc.wait(60) == 130  # a quiet end, however slowly a loaded machine exits
 
         p = run("cancel", "running", "--url", stand_in.url, env=env)
         assert (p.returncode, p.stdout) == (0, "running: cancel requested (status processing)\n")

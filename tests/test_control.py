@@ -173,7 +173,7 @@ def test_the_watcher_kills_a_task_that_ignores_sigterm_with_its_grandchildren(
         assert 0.4 <= elapsed < 3.0
         assert process.canceled == "stop it"
         assert "TERM ignored" in (job / "LOG").read_text()
-        wait_for(lambda: not alive(task) and not alive(grandchild), 5, what="the group gone")
+        wait_for(lambda: not alive(task) and not alive(grandchild), 30, what="the group gone")
     finally:
         watcher.unwatch(key)
         watcher.close()
@@ -193,7 +193,7 @@ def test_a_request_made_in_this_process_wakes_the_watcher_at_once(tmp_path: Path
         time.sleep(0.2)  # asleep again after the wake-up of its first watch
         control.write_request(fd, "now")
         control.wake_watchers()
-        wait_for(lambda: codes, 5, what="the task to end")
+        wait_for(lambda: codes, 30, what="the task to end")  # its own look: in 60 s
         assert codes == [-signal.SIGTERM] and process.canceled == "now"
     finally:
         watcher.close()

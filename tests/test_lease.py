@@ -200,11 +200,12 @@ def test_the_renewer_keeps_leases_fresh_and_reports_a_lost_one(job: int, tmp_pat
 
 
 def test_watch_mode_says_why_it_polls(tmp_path: Path) -> None:
-    assert lease.watch_mode(tmp_path, True) == "--force-polling is set"
+    assert lease.watch_mode(None, True) == "--force-polling is set"
+    assert lease.watch_mode("NFS", False) == (
+        "the jobs root is on NFS, where inotify does not see other machines' changes")  # fmt: skip
+    assert lease.watch_mode(None, False) is None
     assert isinstance(lease.fs_type(tmp_path), int)
     assert lease.fs_type(tmp_path / "missing") is None
-    if lease.fs_type(tmp_path) not in lease._SHARED_FS:
-        assert lease.watch_mode(tmp_path, False) is None
 
 
 @pytest.fixture
@@ -361,5 +362,9 @@ def test_a_local_root_still_respects_a_live_lease_when_recovering(root: Path) ->
 
 
 def test_the_root_of_the_tests_is_a_local_file_system(tmp_path: Path) -> None:
-    assert lease.local_fs(tmp_path) is (lease.fs_type(tmp_path) not in lease._SHARED_FS)
-    assert lease.local_fs(tmp_path / "missing") is False  # unknown: treated as shared
+    kind = lease.fs_type(tmp_path)
+    assert lease.shared_fs(tmp_path) == lease._SHARED_FS.get(kind or 0)
+    # unknown: treated as shared, by the lease's check and by the choice of inotify
+    assert lease.shared_fs(tmp_path / "missing") == "a file system whose type cannot be read"
+    store = Store(tmp_path)
+    assert store.shared_fs == lease.shared_fs(tmp_path)

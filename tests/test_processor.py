@@ -132,7 +132,7 @@ def test_blind_while_a_worker_waits_and_the_listing_fails() -> None:
     s = Scheduler(listing)
     waiting = threading.Thread(target=s.take, daemon=True)
     waiting.start()
-    wait_for(lambda: s.blind, 5, what="a blind scheduler")
+    wait_for(lambda: s.blind, 30, what="a blind scheduler")
     s.close()
     waiting.join(5)
     assert not s.blind
@@ -260,7 +260,7 @@ def test_jobs_run_in_process(root: Path, running: Running) -> None:
         assert wait_for(lambda i=i: landed(root, f"j{i}"), 20) == "success"
     data = json.loads((root / "success" / "j0" / "JOB").read_text())
     assert [f["Name"] for f in data["Finished"]] == ["start", "two"]
-    wait_for(lambda: "processor" in running.progress._due, 5, what="a heartbeat")
+    wait_for(lambda: "processor" in running.progress._due, 30, what="a heartbeat")
     assert running.progress.stale() == []
 
 
@@ -305,7 +305,7 @@ def test_a_failing_recovery_scan_keeps_the_poll_loop_and_withholds_the_heartbeat
     r = Running(cfg, store)
     r.processor.stale_after = 0.5
     with r:
-        wait_for(lambda: "processor" in r.progress._due, 5, what="a first heartbeat")
+        wait_for(lambda: "processor" in r.progress._due, 30, what="a first heartbeat")
         away = break_folder(root, "processing")
         wait_for(lambda: r.progress.stale() == ["processor"], 10, what="a stale heartbeat")
         assert "recovery scan of processing/ failed" in caplog.text

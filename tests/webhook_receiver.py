@@ -218,4 +218,4 @@ def job_log(store: Store, name: str, lines: int = 1) -> str:
         text = path.read_text() if path.exists() else ""
         return text if text.count(" webhook ") >= lines else ""
 
-    return str(wait_for(read, 5, what=f"{lines} webhook lines in the LOG of {name}"))
+    return str(wait_for(read, 30, what=f"{lines} webhook lines in the LOG of {name}"))

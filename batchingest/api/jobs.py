@@ -58,9 +58,7 @@ def job_info(store: Store, job: Job, job_fd: int | None = None) -> dict[str, Any
 
 def folder_info(name: str, state: str, job_fd: int) -> dict[str, Any]:
     """job_info of the job `name` whose folder, in `state`, is open as job_fd."""
-    info: dict[str, Any] = {"Name": name, "Status": STATUS_OF_STATE[state]}
-    info.update(filetimes.job_times(job_fd))
-    info["Events"] = events.count(job_fd)
+    info = _head(name, state, filetimes.shown_times(job_fd), events.count(job_fd))
     try:
         raw = fs.read_file(job_fd, jobfile.JOB_FILE, jobfile.JOB_LIMIT)
         jf = jobfile.JobFile() if raw is None else jobfile.parse(raw)
@@ -71,20 +69,31 @@ def folder_info(name: str, state: str, job_fd: int) -> dict[str, Any]:
     return info
 
 
+def _head(
+    name: str, state: str, times: tuple[str | None, str | None], count: int
+) -> dict[str, Any]:
+    created, modified = times
+    return {"Name": name, "Status": STATUS_OF_STATE[state], "Created": created,
+            "Modified": modified, "Events": count}  # fmt: skip
+
+
 def folder_info_json(name: str, state: str, job_fd: int) -> bytes:
     """json_dumps(folder_info(name, state, job_fd)), the same bytes, built for less.
 
     For a JOB that reads well (nearly always) the document is put together from its
     parts: the name, status and times need no escaping, and the task lists of a JOB seen
     before are taken as they were encoded then (_task_lists), JOB itself not even read
-    again while its lstat says it is what it was (_job_tasks). Anything else goes the
-    long way, through folder_info.
+    again while its lstat says it is what it was (_job_tasks). A JOB that cannot be read
+    or is not valid goes the long way, from what was read here (JOB is read once).
     """
     times = filetimes.shown_times(job_fd)
     count = events.count(job_fd)
-    tasks = _job_tasks(job_fd)
-    if tasks is None:
-        return json_dumps(folder_info(name, state, job_fd))
+    try:
+        tasks = _job_tasks(job_fd)
+    except (jobfile.JobFileError, OSError) as e:
+        info = _head(name, state, times, count)
+        info.update(Todo=None, Finished=None, JobError=_reason(e))
+        return json_dumps(info)
     created, modified = _json_text(times[0]), _json_text(times[1])
     status = STATUS_OF_STATE[state]
     head = f'{{"Name":"{name}","Status":"{status}","Created":{created},"Modified":{modified}'
@@ -95,24 +104,21 @@ def folder_info_json(name: str, state: str, job_fd: int) -> bytes:
 _TASKS_OF_VERSION: dict[tuple[int, int, int, int, int], bytes] = {}
 
 
-def _job_tasks(job_fd: int) -> bytes | None:
-    """_task_lists of the JOB in job_fd; None where it is not valid or cannot be read."""
+def _job_tasks(job_fd: int) -> bytes:
+    """_task_lists of the JOB in job_fd; JobFileError or OSError where it is not valid or
+    cannot be read (the error says why)."""
     try:
         st = os.stat(jobfile.JOB_FILE, dir_fd=job_fd, follow_symlinks=False)
     except FileNotFoundError:
         return _task_lists(None)
-    except OSError:
-        return None
     key = fs.version(st)
     tasks = _TASKS_OF_VERSION.get(key)
     if tasks is not None:
         return tasks
-    try:  # a link, FIFO or device is refused here, as always
-        tasks = _task_lists(fs.read_file(job_fd, jobfile.JOB_FILE, jobfile.JOB_LIMIT))
-    except OSError:
-        return None
+    # a link, FIFO or device is refused here, as always
+    tasks = _task_lists(fs.read_file(job_fd, jobfile.JOB_FILE, jobfile.JOB_LIMIT))
     # read after the lstat: what is kept is never older than the key it is kept under
-    if tasks is not None and stat.S_ISREG(st.st_mode) and st.st_size <= _TASK_LISTS_LARGEST:
+    if stat.S_ISREG(st.st_mode) and st.st_size <= _TASK_LISTS_LARGEST:
         if len(_TASKS_OF_VERSION) >= _TASK_LISTS_KEPT:
             _TASKS_OF_VERSION.clear()
         _TASKS_OF_VERSION[key] = tasks
@@ -131,15 +137,12 @@ _TASK_LISTS_KEPT = 256
 _TASK_LISTS_LARGEST = 4096
 
 
-def _task_lists(raw: bytes | None) -> bytes | None:
-    """The task lists of a JOB (None: no JOB) as JSON members; None if it is not valid."""
+def _task_lists(raw: bytes | None) -> bytes:
+    """The task lists of a JOB (None: no JOB) as JSON members; JobFileError if invalid."""
     known = _TASK_LISTS.get(raw)
     if known is not None:
         return known
-    try:
-        jf = jobfile.JobFile() if raw is None else jobfile.parse(raw)
-    except jobfile.JobFileError:
-        return None
+    jf = jobfile.JobFile() if raw is None else jobfile.parse(raw)
     tasks = json_dumps({"Todo": jf.todo, "Finished": jf.finished})[1:-2]  # no {, }\n
     if raw is None or len(raw) <= _TASK_LISTS_LARGEST:
         if len(_TASK_LISTS) >= _TASK_LISTS_KEPT:

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from live_service import TOKEN, Service, free_port, make_job, wait_for, write_task
+from live_service import TOKEN, Service, as_at_a_terminal, free_port, make_job, wait_for, write_task
 
 pytestmark = pytest.mark.e2e
 
@@ -178,6 +178,7 @@ class Follower:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "batchingest.cli", "logs", "-f", *args],
             env={**base, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            preexec_fn=as_at_a_terminal,
         )  # fmt: skip
         self.out = bytearray()
         self.thread = threading.Thread(target=self._read, daemon=True)
@@ -191,8 +192,8 @@ class Follower:
     def stop(self) -> bytes:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)  # Ctrl-C: a quiet end
-            self.proc.wait(10)
-        self.thread.join(10)
+            self.proc.wait(60)  # the exit code is checked; a loaded machine may be slow
+        self.thread.join(60)
         return self.proc.stderr.read() if self.proc.stderr else b""
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ import httpx
 import pytest
 from live_service import TOKEN, Service, wait_for, write_task
 
-from e2e.test_staging import Setup, dead, task_processes
+from e2e.test_staging import Setup, dead, kill_task_groups, stall_stage, task_processes
 
 SECRET = "dts-shared-secret-42"
 ORCID = "0000-0002-1825-0097"
@@ -222,19 +221,21 @@ def test_restart_mid_copy_then_ready_and_numbers_not_reused(tmp_path: Path) -> N
     rels = [f"big/f{i}.bin" for i in range(4)]
     for rel in rels:
         setup.add(rel, os.urandom(32 << 20))
+    stalled = stall_stage(setup)
     svc = Service(setup.root, *args(setup, "--stage-parallel", "1"), env=env()).start()
     client = JdpClient(svc.url)
     try:
         number = client.stage_files(rels)
-        wait_for(lambda: setup.in_flight() or setup.temps(), timeout=60, interval=0.001,
-                 what="a copy in flight")  # fmt: skip
+        wait_for(stalled.exists, timeout=120, what="the copy to hang after its first piece")
+        assert setup.in_flight() or setup.temps(), "a copy in flight"
         rid = job_of(setup.root, number)
+        tasks = task_processes(rid)
         svc.kill()
-        for pid in task_processes(rid):
-            os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: all(dead(p) for p in task_processes(rid)), what="the task gone")
+        assert kill_task_groups(tasks), "the stage task was still copying"
+        wait_for(lambda: all(dead(p) for p in tasks), what="the task gone")
     finally:
         svc.stop()
+    (setup.root / "tasks" / "stage").unlink()  # the built-in stage task from now on
     with Service(setup.root, *args(setup), env=env(), port=svc.port) as again:
         client = JdpClient(again.url)
         assert client.wait_ready(number, timeout=120)[-1] == "ready"

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from live_service import Service, make_job, wait_for, write_task
+from live_service import Service, alive, make_job, wait_for, write_task
 
 from batchingest.store import Store
 
@@ -146,7 +146,7 @@ def test_a_killed_host_is_taken_over_after_its_lease_and_never_before(
     b = host(mounts[1], "b", ledger, *lease)
     try:
         drop(mounts[0], "j1", ["slow"])
-        wait_for(lambda: ledger_lines(ledger), 20, what="the task to start on a")
+        wait_for(lambda: ledger_lines(ledger), 60, what="the task to start on a")
         b.start()
         # alive and renewing: b never takes it, however long it runs
         time.sleep(2 * timeout)
@@ -154,11 +154,12 @@ def test_a_killed_host_is_taken_over_after_its_lease_and_never_before(
         assert "recovered" not in b.log()
         kill_tree(a, ledger, "j1")
         killed = time.monotonic()
-        wait_for(lambda: (mounts[1] / "success" / "j1").is_dir(), 30, 0.05, "b to finish j1")
+        wait_for(lambda: "recovered j1" in b.log(), 60, 0.05, "b to take j1 over")
         taken = time.monotonic() - killed
-        # the last renewal was at most `renew` before the kill
+        # the last renewal was at most `renew` before the kill; then one poll (0.2 s)
         assert timeout - renew <= taken <= timeout + 0.2 + 3.0, taken  # + slack for load
         assert "recovered j1: back to queue/ (its lease (a) was not renewed" in b.log()
+        wait_for(lambda: (mounts[1] / "success" / "j1").is_dir(), 60, 0.05, "b to finish j1")
     finally:
         a.stop()
         b.stop()
@@ -172,27 +173,33 @@ def test_a_frozen_host_does_not_finish_or_move_the_job_it_lost(
     mounts: list[Path], tmp_path: Path
 ) -> None:
     ledger = tmp_path / "ledger"
-    body = 'if [ "$BATCHINGEST_HOST_ID" = a ]; then sleep 4; fi'
+    # a's task ends only when the test lets it (however slowly this machine runs), or
+    # when it is stopped: so an end of it in the ledger can only be a task left running
+    release = tmp_path / "release"
+    body = (
+        f'if [ "$BATCHINGEST_HOST_ID" = a ]; then until [ -e "{release}" ]; do sleep 0.05; done; fi'
+    )
     write_task(mounts[0] / "tasks", "t", TASK.format(task="t", body=body))
     lease = ("--lease-timeout", "2", "--lease-renew", "0.3")
     a = host(mounts[0], "a", ledger, *lease).start()
     b = host(mounts[1], "b", ledger, *lease)
     try:
         drop(mounts[0], "j1", ["t"])
-        wait_for(lambda: ledger_lines(ledger), 20, what="the task to start on a")
-        first = ledger_lines(ledger)[0]
+        wait_for(lambda: ledger_lines(ledger), 60, what="the task to start on a")
+        task = int(ledger_lines(ledger)[0][3])
         b.start()
         # freeze a whole: the service and its task (SIGSTOP, as a hung host)
         assert a.proc is not None
         os.kill(a.proc.pid, signal.SIGSTOP)
-        os.killpg(int(first[3]), signal.SIGSTOP)
-        wait_for(lambda: (mounts[1] / "success" / "j1").is_dir(), 30, 0.05, "b to take over")
-        os.killpg(int(first[3]), signal.SIGCONT)
+        os.killpg(task, signal.SIGSTOP)
+        wait_for(lambda: (mounts[1] / "success" / "j1").is_dir(), 60, 0.05, "b to take over")
+        os.killpg(task, signal.SIGCONT)
         os.kill(a.proc.pid, signal.SIGCONT)
-        wait_for(lambda: "leaving the job alone" in a.log(), 10, what="a to see it lost j1")
-        time.sleep(5)  # long enough for a's task to have ended, had it not been stopped
+        wait_for(lambda: "leaving the job alone" in a.log(), 60, what="a to see it lost j1")
+        wait_for(lambda: not alive(task), 60, what="a to stop its task")
         assert a.proc.poll() is None  # a lives on
     finally:
+        release.touch()  # a task left running (the test failed) ends now
         a.stop()
         b.stop()
     events = [(f[2], f[4]) for f in ledger_lines(ledger)]
@@ -210,18 +217,20 @@ def test_on_one_mount_a_dead_holder_is_recovered_at_once(root: Path, tmp_path: P
     body = '[ "$(wc -l < "$LEDGER")" -le 1 ] && sleep 60'  # only the first run is slow
     write_task(root / "tasks", "slow", TASK.format(task="slow", body=body))
     # the same host: both services know each other's pids and boot
+    timeout = 600.0
     a = host(root, "a", ledger).start()
-    b = host(root, "a", ledger, "--lease-timeout", "600")
+    b = host(root, "a", ledger, "--lease-timeout", str(timeout))
     try:
         drop(root, "j1", ["slow"])
-        wait_for(lambda: ledger_lines(ledger), 20, what="the task to start")
+        wait_for(lambda: ledger_lines(ledger), 60, what="the task to start")
         b.start()
         time.sleep(1)
         assert "recovered" not in b.log()  # a lives: its job stays with it
         kill_tree(a, ledger, "j1")
         killed = time.monotonic()
-        wait_for(lambda: "recovered j1" in b.log(), 10, 0.02, "b to recover j1")
-        assert time.monotonic() - killed < 1.0
+        wait_for(lambda: "recovered j1" in b.log(), 60, 0.02, "b to recover j1")
+        # at b's next poll (0.2 s on a quiet machine): far sooner than the lease expires
+        assert time.monotonic() - killed < timeout / 10
         assert "recovered j1: back to queue/ (its processor is gone)" in b.log()
     finally:
         a.stop()

@@ -295,12 +295,13 @@ def test_status_and_version(root: Path) -> None:
 def test_pickup_is_event_driven(root: Path) -> None:
     """With a 60 s poll interval, only the file-system event can wake the processor."""
     write_task(root / "tasks", "start", "true\n")
-    with Service(root, "--poll-interval", "60", api=False):
-        time.sleep(0.3)
+    poll = 60.0
+    with Service(root, "--poll-interval", str(poll), api=False) as svc:
+        wait_for(lambda: "watching queue/ with inotify" in svc.log(), 30, what="the watch")
         t0 = time.monotonic()
         drop(root, "fast")
-        wait_landed(root, "fast", timeout=10)
-        assert time.monotonic() - t0 < 5
+        wait_landed(root, "fast", timeout=poll / 2)
+        assert time.monotonic() - t0 < poll / 2  # the next listing comes a poll later
 
 
 def test_port_in_use_is_a_clear_error(root: Path) -> None:

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import signal
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
-from live_service import TOKEN, Service, copies_in_flight, wait_for
+from live_service import TOKEN, Service, copies_in_flight, wait_for, write_task
 
 from batchingest.staging import TEMP_PREFIX
 
@@ -349,6 +350,50 @@ def test_file_removed_after_the_request_fails_naming_it(tmp_path: Path) -> None:
         api.stop()
 
 
+# The real stage task, on a disk that hangs once its first piece is copied: every
+# copy_file_range after the first makes MARKER and never returns.
+STALLING_STAGE = """\
+import os, runpy, sys, time
+marker = sys.argv.pop()
+real, calls = os.copy_file_range, []
+def hung(*args, **kwargs):
+    calls.append(None)
+    if len(calls) == 1:
+        return real(*args, **kwargs)
+    open(marker, "w").close()
+    while True:
+        time.sleep(60)
+os.copy_file_range = hung
+runpy.run_module("batchingest.tasks.stage", run_name="__main__", alter_sys=True)
+"""
+
+
+def stall_stage(setup: Setup) -> Path:
+    """Make the root's stage task one whose copy hangs after its first piece, so that a
+    copy is in flight for as long as a test needs, however fast or loaded the machine;
+    the marker file it returns appears then. Remove ROOT/tasks/stage to undo it."""
+    wrapper = setup.base / "stalling_stage.py"
+    wrapper.write_text(STALLING_STAGE)
+    marker = setup.base / "stalled"
+    write_task(setup.root / "tasks", "stage", f"exec {sys.executable} {wrapper} {marker}\n")
+    return marker
+
+
+def kill_task_groups(pids: list[int]) -> int:
+    """kill -9 of the process groups of a task's processes; how many were still there.
+
+    The task runs in its own session and would finish the copy as an orphan, holding
+    the job meanwhile; a crash of the whole machine stops it too."""
+    killed = 0
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            group = os.getpgid(pid)
+            assert group != os.getpgrp()
+            os.killpg(group, signal.SIGKILL)
+            killed += 1
+    return killed
+
+
 def task_processes(rid: str) -> list[int]:
     """Processes of the job's task: their environment names the job (a UUID, so unique)."""
     want = f"JOBNAME={rid}".encode()
@@ -375,25 +420,17 @@ def test_service_killed_mid_copy_then_restarted_finishes(tmp_path: Path) -> None
     rels = [f"big/f{i}.bin" for i in range(4)]
     for rel in rels:
         setup.add(rel, os.urandom(64 << 20))
+    stalled = stall_stage(setup)
     svc = Service(setup.root, *setup.args("--stage-parallel", "2", "--stage-verify")).start()
     try:
         with svc.client() as c:
             rid = post(c, rels).json()["request_id"]
-        wait_for(lambda: setup.in_flight() or setup.temps(), timeout=60, interval=0.001,
-                 what="a copy in flight")  # fmt: skip
+        wait_for(stalled.exists, timeout=120, what="the copy to hang after its first piece")
+        assert setup.in_flight() or setup.temps(), "a copy in flight"
         tasks = task_processes(rid)
         assert tasks, "the stage task is running"
         svc.kill()
-        # The task runs in its own session and would finish the copy as an orphan, holding
-        # the job meanwhile; a crash of the whole machine stops it too: kill its group.
-        killed = 0
-        for pid in tasks:
-            with contextlib.suppress(ProcessLookupError):
-                group = os.getpgid(pid)
-                assert group != os.getpgrp()
-                os.killpg(group, signal.SIGKILL)
-                killed += 1
-        assert killed, "the stage task was still copying"
+        assert kill_task_groups(tasks), "the stage task was still copying"
         wait_for(lambda: all(dead(pid) for pid in tasks), what="the stage task to die")
     finally:
         svc.stop()
@@ -402,6 +439,7 @@ def test_service_killed_mid_copy_then_restarted_finishes(tmp_path: Path) -> None
         dst = setup.staging / rel
         if dst.exists():
             assert dst.read_bytes() == (setup.archive / rel).read_bytes()
+    (setup.root / "tasks" / "stage").unlink()  # the built-in stage task from now on
     with Service(setup.root, *setup.args()) as svc2, svc2.client() as c:
         done = wait_status(c, rid, "ready", timeout=120)
     assert done["files_staged"] == 4

@@ -51,7 +51,7 @@ def test_all_four_events_through_the_api(root: Path) -> None:
             assert c.put(f"/jobs/{name}/files/JOB", content=job).status_code in (200, 201)
             assert c.post(f"/jobs/{name}/queue").status_code in (200, 202)
         rx.wait(6)
-        wait_for(lambda: outbox(root) == [], 10, what="outbox to empty")
+        wait_for(lambda: outbox(root) == [], 30, what="outbox to empty")
     # queued through the API: exactly one queue event each, not a second one at the claim
     states = by_job(rx.events())
     assert states == {"good": ["queue", "processing", "success"],
@@ -74,7 +74,7 @@ def test_hand_queued_job_gets_queue_processing_and_final_events(root: Path) -> N
     with Receiver() as rx, Service(root, api=False, env=FAST):
         drop(root, "dropped", f"{rx.url}/h")
         rx.wait(3)
-        wait_for(lambda: outbox(root) == [], 10, what="outbox to empty")
+        wait_for(lambda: outbox(root) == [], 30, what="outbox to empty")
     events = rx.events()
     assert [(e["job_state"], e["previous_state"]) for e in events] == [
         ("queue", None), ("processing", "queue"), ("success", "processing")]  # fmt: skip
@@ -94,24 +94,27 @@ def test_dead_receiver_does_not_delay_jobs(root: Path) -> None:
         wait_for(lambda: landed(root, names), 60, what=f"batch {prefix}")
         return time.monotonic() - started
 
+    timeout = 30.0
     with (
         Receiver() as live,
         Silent() as dead,
-        Service(root, "--webhook-timeout", "30", api=False, env=ALLOW) as svc,
+        Service(root, "--webhook-timeout", str(timeout), api=False, env=ALLOW) as svc,
     ):
         # both write every event to the outbox before the move returns (an fsync of the
         # file and of the folder); only the receiver differs
         with_live = batch("live", live.url)
-        wait_for(lambda: outbox(root) == [], 10, what="live events delivered")
+        wait_for(lambda: outbox(root) == [], 30, what="live events delivered")
         with_dead = batch("dead", dead.url)
         wait_for(
-            lambda: len(outbox(root)) == 60, 10, what="60 pending events"
+            lambda: len(outbox(root)) == 60, 30, what="60 pending events"
         )  # queue, processing and success of each, still pending
         stopped = time.monotonic()
         assert svc.stop() == 0
-        assert time.monotonic() - stopped < 10  # hanging deliveries do not hold up a stop
+        # the dead receiver takes each connection and never answers: a job, or a stop,
+        # that waited for a delivery would wait the whole timeout
+        assert time.monotonic() - stopped < timeout
     print(f"20 jobs: {with_live:.2f}s with a live receiver, {with_dead:.2f}s with a dead one")
-    assert with_dead < 2 * with_live + 1, (with_live, with_dead)
+    assert with_dead < timeout, (with_live, with_dead)
     assert len(outbox(root)) == 60  # kept for the next start
 
 
@@ -127,15 +130,15 @@ def test_receiver_down_across_kill_and_restart_gets_everything(root: Path) -> No
             drop(root, name, f"http://127.0.0.1:{port}/hook")
         wait_for(lambda: landed(root, names), 30, what="jobs to finish")
         # the last event is written just after its job lands
-        wait_for(lambda: len(outbox(root)) == 9, 10, what="nine pending events")
-        wait_for(lambda: "ConnectError" in (root / "success" / "k1" / "LOG").read_text(), 10)
+        wait_for(lambda: len(outbox(root)) == 9, 30, what="nine pending events")
+        wait_for(lambda: "ConnectError" in (root / "success" / "k1" / "LOG").read_text(), 30)
     finally:
         svc.kill()
     assert len(outbox(root)) == 9
     with Receiver(port=port) as rx:
         with Service(root, *args, api=False, env=env):
             rx.wait(9)
-            wait_for(lambda: outbox(root) == [], 10, what="outbox to empty")
+            wait_for(lambda: outbox(root) == [], 30, what="outbox to empty")
         events = rx.events()
     assert by_job(events) == {n: ["queue", "processing", "success"] for n in names}
     assert len({e["event_id"] for e in events}) == 9
@@ -151,7 +154,7 @@ def test_secrets_never_logged_and_signature_verifies(root: Path) -> None:
         with Service(root, "--log-level", "debug", api=False, env=env) as svc:
             drop(root, "secret", f"http://user:{password}@127.0.0.1:{rx.port}/s")
             rx.wait(5)  # queue (after 500, 502), processing, success
-            wait_for(lambda: outbox(root) == [], 10, what="outbox to empty")
+            wait_for(lambda: outbox(root) == [], 30, what="outbox to empty")
             service_log = svc.log()
         job_log = (root / "success" / "secret" / "LOG").read_text()
     token = base64.b64encode(f"user:{password}".encode()).decode()
