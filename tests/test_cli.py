@@ -198,8 +198,7 @@ def test_dependencies_are_what_the_code_imports() -> None:
             for top in {name.split(".")[0] for name in names}:
                 if top not in sys.stdlib_module_names and top != "batchingest":
                     imported |= {d.lower() for d in dists.get(top, [top])}
-    # never imported by name: uvicorn picks its HTTP parser up when it is installed
-    assert imported == declared - {"httptools"}
+    assert imported == declared
 
 
 def test_readme_tables_name_real_flags_and_variables() -> None:
