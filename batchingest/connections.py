@@ -482,6 +482,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     # httptools parser callbacks
     def on_message_begin(self) -> None:
+        # a request pipelined behind a quick answer, in the same read: the connection
+        # is busy again, though data_received cleared the idle timer before that answer
+        self._idle_timer.clear()
         self._start_head()
         self._answered = False
         super().on_message_begin()

@@ -175,6 +175,8 @@ def test_keep_alive_and_pipelined_requests_are_answered_in_order() -> None:
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["path"] == "/slow":
             await asyncio.sleep(0.1)
+        if scope["path"].startswith("/sleep/"):
+            await asyncio.sleep(float(scope["path"].removeprefix("/sleep/")))
         await Response(scope["path"].encode())(scope, receive, send)
 
     with serving(app) as (port, writes):
@@ -259,6 +261,8 @@ class Counting:
         self.calls += 1
         if scope["path"] == "/slow":
             await asyncio.sleep(0.1)
+        if scope["path"].startswith("/sleep/"):
+            await asyncio.sleep(float(scope["path"].removeprefix("/sleep/")))
         await Response(b"app " + scope["path"].encode())(scope, receive, send)
 
 
@@ -365,6 +369,24 @@ def test_a_connection_idle_after_quick_answers_is_closed_after_keep_alive() -> N
         t0 = time.monotonic()
         assert s.recv(65536) == b""  # then idle: closed
         assert 0.1 < time.monotonic() - t0 < 3
+
+
+def test_a_request_pipelined_behind_a_quick_answer_outlives_keep_alive() -> None:
+    """The keep-alive timer set after a quick answer is for an idle connection: a
+    request that arrived with it, in the same read, and takes the app longer than
+    keep-alive still gets its answer."""
+    with (
+        serving(Counting(), Quickly(), timeout_keep_alive=0.5) as (port, _),
+        socket.create_connection(("127.0.0.1", port), timeout=10) as s,
+    ):
+        s.sendall(get("/q/1") + get("/sleep/1.5"))
+        data = b""
+        while len(answers_in(data)) < 2:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    assert [body for _, body in answers_in(data)] == [b"quick /q/1", b"app /sleep/1.5"]
 
 
 @pytest.mark.parametrize("every_app", [7, 0])
