@@ -55,12 +55,14 @@ the service's answers, access lines and metrics are the app's.
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import json
 import logging
 import os
 import resource
 import select
+import socket
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -268,6 +270,12 @@ class BodyStream:
 BODY_SOCKET = "batchingest.body_socket"
 # how often a read waiting for the client looks whether it was told to stop
 _STOP_POLL_MS = 250
+# errors of a read that say the client or the network went (not the service's fault)
+_NETWORK_ERRORS = frozenset(
+    (errno.ECONNABORTED, errno.ECONNRESET, errno.EHOSTDOWN, errno.EHOSTUNREACH,
+     errno.ENETDOWN, errno.ENETRESET, errno.ENETUNREACH, errno.ENOTCONN, errno.EPIPE,
+     errno.EPROTO, errno.ETIMEDOUT)
+)  # fmt: skip
 
 
 class SocketBody:
@@ -301,13 +309,19 @@ class SocketBody:
         if not view:
             raise ValueError("no room to read the body into")
         while True:
+            # looked at before every read: a client sending faster than the body is
+            # written never leaves the socket empty, so _wait alone may never see it
+            if self._stopped:
+                raise ClientDisconnect()
             try:
                 n = os.readv(self._fd, [view[: self.remaining]])
             except BlockingIOError:
                 self._wait()
                 continue
-            except (ConnectionError, TimeoutError):
-                raise ClientDisconnect() from None
+            except OSError as e:
+                if isinstance(e, (ConnectionError, TimeoutError)) or e.errno in _NETWORK_ERRORS:
+                    raise ClientDisconnect() from None
+                raise
             if not n:
                 raise ClientDisconnect()
             self.remaining -= n
@@ -319,9 +333,25 @@ class SocketBody:
                 return
         raise ClientDisconnect()
 
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
+
     def stop(self) -> None:
-        """Make a read that waits for the client give up (within _STOP_POLL_MS)."""
+        """Make the read give up: at its next read, or within _STOP_POLL_MS if it waits
+        for the client. The connection is abandoned (release closes it), so it is shut
+        down here already: the client learns at once, not when the thread is done, and
+        a read then finds the end of the stream."""
         self._stopped = True
+        if self._fd < 0:
+            return
+        sock = socket.socket(fileno=self._fd)  # a socket object that does not close it:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:  # the client has gone already
+            pass
+        finally:
+            sock.detach()
 
     def release(self) -> None:
         """Give the connection back (on the loop, once no thread reads any more)."""
@@ -612,7 +642,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._socket_body = None
         if self._conn is None or self._conn.is_closing():
             return
-        if body.remaining or cycle is not self.cycle:
+        if body.remaining or body.stopped or cycle is not self.cycle:
             self._conn.close()
             return
         self.parser = httptools.HttpRequestParser(self)

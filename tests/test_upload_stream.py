@@ -18,12 +18,14 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import uvicorn
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -110,21 +112,31 @@ def test_a_write_error_surfaces(tmp_path: Path) -> None:
 
 
 @contextlib.contextmanager
-def serving(app: ASGIApp) -> Iterator[int]:
-    """app on uvicorn with the service's protocol, in a thread; yields the port."""
+def running(
+    app: ASGIApp, protocol: type[asyncio.Protocol] | None = None, **settings: Any
+) -> Iterator[tuple[int, uvicorn.Server, threading.Thread]]:
+    """app on uvicorn with the service's protocol, in a thread: (port, server, thread)."""
     sock = socket.create_server(("127.0.0.1", 0))
-    config = uvicorn.Config(app, http=limited_protocol(Limits()), log_config=None, lifespan="off")
+    http = protocol or limited_protocol(Limits())
+    config = uvicorn.Config(app, http=http, log_config=None, lifespan="off", **settings)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=asyncio.run, args=(server.serve(sockets=[sock]),))
     thread.start()
     try:
         while not server.started:
             time.sleep(0.01)
-        yield sock.getsockname()[1]
+        yield sock.getsockname()[1], server, thread
     finally:
         server.should_exit = True
         thread.join(10)
         sock.close()
+
+
+@contextlib.contextmanager
+def serving(app: ASGIApp) -> Iterator[int]:
+    """app on uvicorn with the service's protocol, in a thread; yields the port."""
+    with running(app) as (port, _, _):
+        yield port
 
 
 def test_the_installed_uvicorn_offers_the_body_stream() -> None:
@@ -264,3 +276,149 @@ def test_only_one_plain_content_length_lets_a_body_be_read_from_the_socket(
     """The socket is read for exactly the declared bytes; anything ambiguous is left to
     the parser, which knows the framing."""
     assert _content_length(headers) == length
+
+
+def test_stop_ends_a_read_the_client_keeps_feeding() -> None:
+    """A client sending faster than the body is written never leaves the socket empty:
+    stop() still ends the read at its next read, and the client learns at once that
+    the connection is over (it is abandoned), not once the thread is done."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        server, _ = listener.accept()
+    server.setblocking(False)
+    body = SocketBody(os.dup(server.fileno()), b"", 1 << 40, lambda _: None)
+    sending = threading.Event()
+    sending.set()
+
+    def send() -> None:
+        with contextlib.suppress(OSError):
+            while sending.is_set():
+                client.sendall(b"x" * 65536)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    try:
+        buf = memoryview(bytearray(1 << 16))
+        read = 0
+        while read < 4 << 20:
+            read += body.read_into(buf)
+        time.sleep(0.2)  # the socket's buffers fill up: a read would not wait
+        body.stop()
+        with pytest.raises(ClientDisconnect):
+            body.read_into(buf)
+        client.settimeout(10)
+        assert client.recv(1) == b""  # the end of the stream, not a timeout
+    finally:
+        sending.clear()
+        body.release()
+        server.close()
+        client.close()
+        sender.join(10)
+
+
+class SlowDisk:
+    """The write end of a pipe drained slowly: an upload's file on a disk slower than
+    the network, so the socket it is read from never runs empty."""
+
+    def __init__(self) -> None:
+        self.out, self.fd = os.pipe()
+        self.drained = 0
+        self.thread = threading.Thread(target=self._drain)
+        self.thread.start()
+
+    def _drain(self) -> None:
+        while data := os.read(self.out, 65536):
+            self.drained += len(data)
+            time.sleep(0.005)  # about 12 MB/s
+
+    def close(self) -> None:
+        os.close(self.fd)
+        self.thread.join(30)
+        os.close(self.out)
+
+
+def send_forever(port: int, stop: threading.Event) -> None:
+    """A PUT of a body far larger than is ever sent, as fast as the server takes it."""
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(b"PUT /f HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (1 << 40))
+        while not stop.is_set():
+            s.sendall(b"z" * (1 << 20))
+
+
+@pytest.mark.parametrize("end", ["connection lost", "graceful shutdown over"])
+def test_an_upload_abandoned_while_the_client_sends_ends_without_its_body(end: str) -> None:
+    """An upload read from the socket, slower than the client sends, whose connection is
+    lost (closed by the server) or whose task is cancelled (uvicorn's grace period
+    over): the read ends at once and the upload is not completed, however much more
+    the client would send."""
+    outcome: list[str] = []
+    protocols: list[asyncio.Protocol] = []
+    disk = SlowDisk()
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        try:
+            got = await transfer.receive_body(Request(scope, receive), disk.fd, 0)
+            outcome.append(f"completed {got.size}")
+        except BaseException as e:
+            outcome.append(type(e).__name__)
+            raise
+
+    class Noted(limited_protocol(Limits())):  # type: ignore[misc]
+        def connection_made(self, transport: asyncio.Transport) -> None:
+            protocols.append(self)
+            super().connection_made(transport)
+
+    stop = threading.Event()
+    with running(app, Noted, timeout_graceful_shutdown=0.5) as (port, server, thread):
+        client = threading.Thread(target=send_forever, args=(port, stop))
+        client.start()
+        try:
+            while disk.drained < 2 << 20:
+                time.sleep(0.01)
+            if end == "connection lost":
+                transport = protocols[0].transport  # type: ignore[attr-defined]
+                protocols[0].loop.call_soon_threadsafe(transport.close)  # type: ignore[attr-defined]
+            else:
+                server.should_exit = True
+            deadline = time.monotonic() + 10  # generous: the read ends at its next read
+            while not outcome and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert outcome == ["ClientDisconnect" if end == "connection lost" else "CancelledError"]
+            if end != "connection lost":
+                thread.join(10)
+                assert not thread.is_alive()
+        finally:
+            stop.set()
+            client.join(30)
+            disk.close()
+
+
+@pytest.mark.parametrize(
+    ("error", "disconnect"),
+    [(errno.EHOSTUNREACH, True), (errno.ENETUNREACH, True), (errno.ECONNABORTED, True),
+     (errno.ETIMEDOUT, True), (errno.EBADF, False)],
+)  # fmt: skip
+def test_a_network_error_reading_the_body_is_the_client_gone(
+    monkeypatch: pytest.MonkeyPatch, error: int, disconnect: bool
+) -> None:
+    """The network failing under a read (as an ICMP error on the connection would make
+    it) is the client gone, answered as such, not the service failing; anything else
+    is still an error of the service."""
+    a, b = socket.socketpair()
+    body = SocketBody(os.dup(a.fileno()), b"", 10, lambda _: None)
+
+    def failing(fd: int, buffers: list[memoryview]) -> int:
+        raise OSError(error, os.strerror(error))
+
+    monkeypatch.setattr(os, "readv", failing)
+    try:
+        with pytest.raises(ClientDisconnect if disconnect else OSError) as caught:
+            body.read_into(memoryview(bytearray(10)))
+        assert isinstance(caught.value, ClientDisconnect) == disconnect
+    finally:
+        monkeypatch.undo()
+        body.release()
+        a.close()
+        b.close()
