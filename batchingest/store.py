@@ -171,7 +171,7 @@ def _lock_taken(dir_fd: int, folder: bool = False) -> bool | None:
         if not _lock_dir(dir_fd):
             return True
         fcntl.flock(dir_fd, fcntl.LOCK_UN)
-        return False
+        return _old_lock_held(dir_fd)
     try:
         fd = fs.open_regular(dir_fd, LOCK_FILE)
     except FileNotFoundError:
@@ -184,6 +184,30 @@ def _lock_taken(dir_fd: int, folder: bool = False) -> bool | None:
         if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
             return True
         return None
+    finally:
+        os.close(fd)  # closing drops the flock we may have taken
+    return False
+
+
+def _old_lock_held(dir_fd: int) -> bool:
+    """Whether a process holds the job folder's `.lock` file, where holds are folder locks.
+
+    Versions before folder locks held every job by a flock on `.lock`; a task such a
+    service left running when it was killed with -9 holds its job that way still, and
+    must not see it requeued beside it. Only a regular file already there is opened
+    (never made, never through a link): a link, folder or FIFO of that name is the
+    job's content and holds nothing. A shared lock is enough to see an exclusive one.
+    """
+    try:
+        fd = fs.open_regular(dir_fd, LOCK_FILE)
+    except OSError as e:
+        if e.errno in SHORTAGE:
+            raise
+        return False  # none (the usual case: one failed lstat), or not a lock file
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as e:
+        return e.errno in (errno.EWOULDBLOCK, errno.EAGAIN)
     finally:
         os.close(fd)  # closing drops the flock we may have taken
     return False
@@ -831,7 +855,8 @@ class Store:
         The folder is opened without following links, it (or its `.lock`, see
         folder_locks) flock-ed, and then both are checked to be still in place: a job
         that moved meanwhile, or whose holder released (and removed) the `.lock` we
-        opened, is not ours. LockUnusable if the lock cannot be used at all.
+        opened, is not ours. A folder lock also needs a `.lock` file found there to be
+        free (_old_lock_held). LockUnusable if the lock cannot be used at all.
         """
         rel = f"{State(state)}/{check_name(name)}"
         try:
@@ -844,7 +869,10 @@ class Store:
             raise LockUnusable(e.errno or 0, f"its folder cannot be opened ({e.strerror})") from e
         try:
             fd = -1 if self._folder_locking() else _lock_at(dir_fd)
-            locked = fd is not None and (fd >= 0 or _lock_dir(dir_fd))
+            # a folder lock: an earlier version's holder (an orphaned task) may hold
+            # the `.lock` file instead
+            folder_held = fd == -1 and (_lock_dir(dir_fd) and not _old_lock_held(dir_fd))
+            locked = fd is not None and (fd >= 0 or folder_held)
         except BaseException:
             os.close(dir_fd)
             raise
