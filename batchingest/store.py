@@ -1034,8 +1034,15 @@ class Store:
             return True  # it left processing/ meanwhile: someone is moving it
         except fs.UnsafePath:
             return None
+        except OSError as e:
+            if e.errno in SHORTAGE:
+                raise
+            return None  # a folder that cannot be opened (EACCES): no holder can be told
         try:
-            locked = _lock_taken(dir_fd, self._folder_locking())
+            try:
+                locked = _lock_taken(dir_fd, self._folder_locking())
+            except LockUnusable:
+                return None  # its folder cannot be locked (ENOLCK, say)
             if locked is not False:
                 return locked
             try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -622,6 +623,25 @@ def test_a_job_held_by_an_earlier_versions_lock_file_is_neither_recovered_nor_cl
         os.close(old)
     assert store.stuck() == ["j"]
     assert store.recover() == ["j"]
+
+
+def test_a_folder_that_cannot_be_locked_is_stuck_not_an_error(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job folder the kernel refuses to lock (ENOLCK: out of lock memory, or a file
+    system without flock) cannot be told held or free: GET /stuck lists it for a person
+    rather than failing as a whole."""
+    put(store, "processing", "j")
+    put(store, "processing", "k")
+    real = fcntl.flock
+
+    def refuse_folders(fd: int, op: int) -> None:
+        if os.fstat(fd).st_ino == (store.root / "processing" / "j").stat().st_ino:
+            raise OSError(errno.ENOLCK, "No locks available")
+        real(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", refuse_folders)
+    assert store.stuck() == ["j", "k"]
 
 
 def _proc_state(pid: int) -> str:
