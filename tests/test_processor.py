@@ -369,3 +369,20 @@ def test_a_job_that_cannot_be_claimed_is_not_retried_in_a_loop(
     )
     assert said == 1, caplog.text
     assert (root / "queue" / "bad").is_dir()
+
+
+def test_a_task_finds_its_job_folder_locked_and_locks_a_file_of_its_own(
+    root: Path, running: Running
+) -> None:
+    """As the README says under Tasks: the service holds the job folder's lock while a
+    task runs, so `flock -n .` is busy; a lock file of the task's own is free."""
+    write_task(
+        root / "tasks",
+        "start",
+        "if flock -n . true; then echo folder-free; else echo folder-busy; fi > folder.txt\n"
+        "flock -n my.lock echo own-free > own.txt\n",
+    )
+    drop(root, "j")
+    assert wait_for(lambda: landed(root, "j"), 20) == "success"
+    assert (root / "success" / "j" / "folder.txt").read_text() == "folder-busy\n"
+    assert (root / "success" / "j" / "own.txt").read_text() == "own-free\n"
