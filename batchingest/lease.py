@@ -125,9 +125,17 @@ def read(dir_fd: int) -> Found | None:
         return Found(None, "", st)
 
 
+CLOCK_PREFIX = ".clock-"
+
+
+def clock_name(host: str) -> str:
+    """The probe file of shared_now in the jobs root: one per host."""
+    return CLOCK_PREFIX + re.sub(r"[^A-Za-z0-9._-]", "_", host)[:100]
+
+
 def shared_now(root_fd: int, host: str) -> float:
     """ "Now" on the shared file system's clock: the mtime of a probe file just written."""
-    name = ".clock-" + re.sub(r"[^A-Za-z0-9._-]", "_", host)[:100]
+    name = clock_name(host)
     fd = os.open(name, os.O_RDWR | os.O_CREAT | _FLAGS, 0o644, dir_fd=root_fd)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):

@@ -40,6 +40,7 @@ import contextlib
 import errno
 import fcntl
 import functools
+import itertools
 import logging
 import os
 import re
@@ -1004,6 +1005,28 @@ class Store:
             finally:
                 hold.release()
         return recovered
+
+    def other_hosts(self, limit: int = 100) -> builtins.list[str]:
+        """Other hosts than this one (owner) seen using the root, sorted: the hosts of the
+        leases on the first `limit` jobs in processing/, and of the `.clock-HOST` probe
+        files (lease.shared_now) in the root. Evidence that other machines mount it;
+        what cannot be read is passed over (this is only a look)."""
+        hosts: set[str] = set()
+        mine = lease.clock_name(self.owner.host)
+        with contextlib.suppress(OSError):
+            for probe in fs.entries(self.root_fd, hidden=True):
+                if probe.name.startswith(lease.CLOCK_PREFIX) and probe.name != mine:
+                    hosts.add(probe.name.removeprefix(lease.CLOCK_PREFIX))
+        for job in itertools.islice(self._entries(State.PROCESSING), limit):
+            with contextlib.suppress(OSError):
+                dir_fd = fs.open_dir(self.root_fd, f"processing/{job.name}")
+                try:
+                    found = lease.read(dir_fd)
+                finally:
+                    os.close(dir_fd)
+                if found and found.owner and found.owner.host != self.owner.host:
+                    hosts.add(found.owner.host)
+        return sorted(hosts)
 
     def stuck(
         self, me: lease.Owner | None = None, timeout: float | None = None
