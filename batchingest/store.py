@@ -167,7 +167,8 @@ def check_name(name: str) -> str:
 
 def _lock_taken(dir_fd: int, folder: bool = False) -> bool | None:
     """Does a process hold the job (its folder's lock, or else its `.lock`)? None if
-    `.lock` is a link or a special file."""
+    `.lock` is a link or a special file. With folder locks a `.lock` file held by an
+    earlier version's holder counts too (_old_lock_held)."""
     if folder:
         if not _lock_dir(dir_fd):
             return True
