@@ -125,9 +125,17 @@ def read(dir_fd: int) -> Found | None:
         return Found(None, "", st)
 
 
+CLOCK_PREFIX = ".clock-"
+
+
+def clock_name(host: str) -> str:
+    """The probe file of shared_now in the jobs root: one per host."""
+    return CLOCK_PREFIX + re.sub(r"[^A-Za-z0-9._-]", "_", host)[:100]
+
+
 def shared_now(root_fd: int, host: str) -> float:
     """ "Now" on the shared file system's clock: the mtime of a probe file just written."""
-    name = ".clock-" + re.sub(r"[^A-Za-z0-9._-]", "_", host)[:100]
+    name = clock_name(host)
     fd = os.open(name, os.O_RDWR | os.O_CREAT | _FLAGS, 0o644, dir_fd=root_fd)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -406,7 +414,26 @@ class Renewer:
                 self._on_lost(key)
 
 
-# statfs(2) f_type of file systems where inotify does not see other clients' changes
+# statfs(2) f_type of the file systems known to be local to one machine (linux/magic.h;
+# ZFS, JFS and bcachefs from their own sources). Any other type counts as shared: a
+# shared file system missing from a list (BeeGFS, PanFS, OrangeFS, ...) would otherwise
+# get folder locks and no leases, and its machines would not see each other's claims;
+# a local one missing costs only leases and polling.
+_LOCAL_FS = frozenset({
+    0xEF53,  # ext2, ext3, ext4
+    0x58465342,  # xfs
+    0x9123683E,  # btrfs
+    0x01021994,  # tmpfs
+    0x858458F6,  # ramfs
+    0x2FC12FC1,  # zfs
+    0x794C7630,  # overlayfs
+    0xF2F52010,  # f2fs
+    0xCA451A4E,  # bcachefs
+    0x52654973,  # reiserfs
+    0x3153464A,  # jfs
+})  # fmt: skip
+
+# How the log names the shared file systems it knows; others by their type number.
 _SHARED_FS = {
     0x6969: "NFS",
     0x65735546: "a FUSE file system",
@@ -415,10 +442,14 @@ _SHARED_FS = {
     0x47504653: "GPFS",
     0xFF534D42: "SMB",
     0xFE534D42: "SMB",
+    0x517B: "SMB",
     0x01021997: "9p",
     0x564C: "NCP",
     0x7461636F: "OCFS2",
     0x01161970: "GFS2",
+    0x5346414F: "AFS",
+    0x6B414653: "AFS",
+    0x73757245: "Coda",
 }
 
 
@@ -433,15 +464,22 @@ def fs_type(path: str | os.PathLike[str]) -> int | None:
 
 def shared_fs(path: str | os.PathLike[str]) -> str | None:
     """The file system holding path as the log names it, if other machines may share
-    it; None if it is known to be local to this machine.
+    it; None if it is known to be local to this machine (_LOCAL_FS).
 
-    The one rule for both uses (inotify, the lease's lstat check): each is right only on
-    a local file system, so one whose type cannot be read counts as shared.
+    The one rule for every use (inotify, folder locks, claims without a lease, the
+    lease's lstat check): each is right only on a local file system, so one whose type
+    is not known to be local, or cannot be read, counts as shared.
     """
-    kind = fs_type(path)
+    return shared_kind(fs_type(path))
+
+
+def shared_kind(kind: int | None) -> str | None:
+    """shared_fs for a statfs f_type (None: it could not be read)."""
     if kind is None:
         return "a file system whose type cannot be read"
-    return _SHARED_FS.get(kind)
+    if kind in _LOCAL_FS:
+        return None
+    return _SHARED_FS.get(kind, f"a file system of type {kind:#010x}, not known to be local")
 
 
 def watch_mode(shared: str | None, force_polling: bool) -> str | None:

@@ -293,6 +293,7 @@ class Processor:
         """Process jobs until stop is set, then stop gracefully (see --grace)."""
         # expected from now on: a processor that never gets going is not ready either
         self.progress.beat("processor", self.stale_after)
+        await asyncio.to_thread(self._warn_if_exported)
         helpers = [
             asyncio.create_task(self._watch(stop), name="watch-queue"),
             asyncio.create_task(self._tick(stop), name="poll-queue"),
@@ -322,6 +323,21 @@ class Processor:
         self._watcher.close()
         self._control.close()
         self._seen_pool.shutdown(wait=False, cancel_futures=True)
+
+    def _warn_if_exported(self) -> None:
+        """Say so when a local root shows other hosts at work in it without --shared-root:
+        it is exported (over NFS or SMB), and without leases here the others would take
+        this service's running jobs over at once."""
+        if self.cfg.shared_root or not self.store.local:
+            return
+        others = self.store.other_hosts()
+        if others:
+            log.warning(
+                "the jobs root %s is on a local file system, but other hosts have used it "
+                "(%s): if other machines mount it, start every service on this machine "
+                "with --shared-root, or they will take over the jobs it runs",
+                self.store.root, ", ".join(others[:5]),
+            )  # fmt: skip
 
     async def _join(self) -> None:
         """Let running tasks finish for --grace seconds, then stop them; wait for all."""

@@ -40,6 +40,7 @@ import contextlib
 import errno
 import fcntl
 import functools
+import itertools
 import logging
 import os
 import re
@@ -166,12 +167,13 @@ def check_name(name: str) -> str:
 
 def _lock_taken(dir_fd: int, folder: bool = False) -> bool | None:
     """Does a process hold the job (its folder's lock, or else its `.lock`)? None if
-    `.lock` is a link or a special file."""
+    `.lock` is a link or a special file. With folder locks a `.lock` file held by an
+    earlier version's holder counts too (_old_lock_held)."""
     if folder:
         if not _lock_dir(dir_fd):
             return True
         fcntl.flock(dir_fd, fcntl.LOCK_UN)
-        return False
+        return _old_lock_held(dir_fd)
     try:
         fd = fs.open_regular(dir_fd, LOCK_FILE)
     except FileNotFoundError:
@@ -184,6 +186,30 @@ def _lock_taken(dir_fd: int, folder: bool = False) -> bool | None:
         if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
             return True
         return None
+    finally:
+        os.close(fd)  # closing drops the flock we may have taken
+    return False
+
+
+def _old_lock_held(dir_fd: int) -> bool:
+    """Whether a process holds the job folder's `.lock` file, where holds are folder locks.
+
+    Versions before folder locks held every job by a flock on `.lock`; a task such a
+    service left running when it was killed with -9 holds its job that way still, and
+    must not see it requeued beside it. Only a regular file already there is opened
+    (never made, never through a link): a link, folder or FIFO of that name is the
+    job's content and holds nothing. A shared lock is enough to see an exclusive one.
+    """
+    try:
+        fd = fs.open_regular(dir_fd, LOCK_FILE)
+    except OSError as e:
+        if e.errno in SHORTAGE:
+            raise
+        return False  # none (the usual case: one failed lstat), or not a lock file
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as e:
+        return e.errno in (errno.EWOULDBLOCK, errno.EAGAIN)
     finally:
         os.close(fd)  # closing drops the flock we may have taken
     return False
@@ -831,7 +857,8 @@ class Store:
         The folder is opened without following links, it (or its `.lock`, see
         folder_locks) flock-ed, and then both are checked to be still in place: a job
         that moved meanwhile, or whose holder released (and removed) the `.lock` we
-        opened, is not ours. LockUnusable if the lock cannot be used at all.
+        opened, is not ours. A folder lock also needs a `.lock` file found there to be
+        free (_old_lock_held). LockUnusable if the lock cannot be used at all.
         """
         rel = f"{State(state)}/{check_name(name)}"
         try:
@@ -844,7 +871,10 @@ class Store:
             raise LockUnusable(e.errno or 0, f"its folder cannot be opened ({e.strerror})") from e
         try:
             fd = -1 if self._folder_locking() else _lock_at(dir_fd)
-            locked = fd is not None and (fd >= 0 or _lock_dir(dir_fd))
+            # a folder lock: an earlier version's holder (an orphaned task) may hold
+            # the `.lock` file instead
+            folder_held = fd == -1 and (_lock_dir(dir_fd) and not _old_lock_held(dir_fd))
+            locked = fd is not None and (fd >= 0 or folder_held)
         except BaseException:
             os.close(dir_fd)
             raise
@@ -977,6 +1007,28 @@ class Store:
                 hold.release()
         return recovered
 
+    def other_hosts(self, limit: int = 100) -> builtins.list[str]:
+        """Other hosts than this one (owner) seen using the root, sorted: the hosts of the
+        leases on the first `limit` jobs in processing/, and of the `.clock-HOST` probe
+        files (lease.shared_now) in the root. Evidence that other machines mount it;
+        what cannot be read is passed over (this is only a look)."""
+        hosts: set[str] = set()
+        mine = lease.clock_name(self.owner.host)
+        with contextlib.suppress(OSError):
+            for probe in fs.entries(self.root_fd, hidden=True):
+                if probe.name.startswith(lease.CLOCK_PREFIX) and probe.name != mine:
+                    hosts.add(probe.name.removeprefix(lease.CLOCK_PREFIX))
+        for job in itertools.islice(self._entries(State.PROCESSING), limit):
+            with contextlib.suppress(OSError):
+                dir_fd = fs.open_dir(self.root_fd, f"processing/{job.name}")
+                try:
+                    found = lease.read(dir_fd)
+                finally:
+                    os.close(dir_fd)
+                if found and found.owner and found.owner.host != self.owner.host:
+                    hosts.add(found.owner.host)
+        return sorted(hosts)
+
     def stuck(
         self, me: lease.Owner | None = None, timeout: float | None = None
     ) -> builtins.list[str]:
@@ -1006,8 +1058,15 @@ class Store:
             return True  # it left processing/ meanwhile: someone is moving it
         except fs.UnsafePath:
             return None
+        except OSError as e:
+            if e.errno in SHORTAGE:
+                raise
+            return None  # a folder that cannot be opened (EACCES): no holder can be told
         try:
-            locked = _lock_taken(dir_fd, self._folder_locking())
+            try:
+                locked = _lock_taken(dir_fd, self._folder_locking())
+            except LockUnusable:
+                return None  # its folder cannot be locked (ENOLCK, say)
             if locked is not False:
                 return locked
             try:

@@ -363,8 +363,24 @@ def test_a_local_root_still_respects_a_live_lease_when_recovering(root: Path) ->
 
 def test_the_root_of_the_tests_is_a_local_file_system(tmp_path: Path) -> None:
     kind = lease.fs_type(tmp_path)
-    assert lease.shared_fs(tmp_path) == lease._SHARED_FS.get(kind or 0)
+    assert lease.shared_fs(tmp_path) == lease.shared_kind(kind)
     # unknown: treated as shared, by the lease's check and by the choice of inotify
     assert lease.shared_fs(tmp_path / "missing") == "a file system whose type cannot be read"
     store = Store(tmp_path)
     assert store.shared_fs == lease.shared_fs(tmp_path)
+
+
+@pytest.mark.parametrize("kind", [0xEF53, 0x58465342, 0x9123683E, 0x01021994, 0x2FC12FC1])
+def test_the_known_local_file_systems_are_local(kind: int) -> None:
+    assert lease.shared_kind(kind) is None
+
+
+def test_a_file_system_not_known_to_be_local_counts_as_shared() -> None:
+    """A shared file system missing from any table (BeeGFS here) must get leases and
+    polling, or its machines would not see each other's claims."""
+    assert lease.shared_kind(0x6969) == "NFS"
+    assert lease.shared_kind(0x5346414F) == "AFS"
+    beegfs = lease.shared_kind(0x19830326)
+    assert beegfs == "a file system of type 0x19830326, not known to be local"
+    assert lease.watch_mode(beegfs, False) is not None
+    assert lease.shared_kind(None) == "a file system whose type cannot be read"

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from live_service import make_job, wait_for, write_task
 
+from batchingest import lease
 from batchingest.config import Config
 from batchingest.health import Progress
 from batchingest.processor import SHORTAGE_CAP_FOR, Processor, Scheduler
@@ -369,3 +370,47 @@ def test_a_job_that_cannot_be_claimed_is_not_retried_in_a_loop(
     )
     assert said == 1, caplog.text
     assert (root / "queue" / "bad").is_dir()
+
+
+def test_a_task_finds_its_job_folder_locked_and_locks_a_file_of_its_own(
+    root: Path, running: Running
+) -> None:
+    """As the README says under Tasks: the service holds the job folder's lock while a
+    task runs, so `flock -n .` is busy; a lock file of the task's own is free."""
+    write_task(
+        root / "tasks",
+        "start",
+        "if flock -n . true; then echo folder-free; else echo folder-busy; fi > folder.txt\n"
+        "flock -n my.lock echo own-free > own.txt\n",
+    )
+    drop(root, "j")
+    assert wait_for(lambda: landed(root, "j"), 20) == "success"
+    assert (root / "success" / "j" / "folder.txt").read_text() == "folder-busy\n"
+    assert (root / "success" / "j" / "own.txt").read_text() == "own-free\n"
+
+
+@pytest.mark.parametrize("shared_root", [False, True])
+def test_a_local_root_used_by_other_hosts_is_said_to_need_shared_root(
+    root: Path, store: Store, caplog: pytest.LogCaptureFixture, shared_root: bool
+) -> None:
+    """Another host's lease on a job, and its probe file: the root is exported to
+    machines that see it as shared, so this one needs --shared-root too."""
+    os.rename(make_job(root, "theirs"), root / "processing" / "theirs")
+    dir_fd = os.open(root / "processing" / "theirs", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        other = lease.Owner("elsewhere", "their-boot", 1)
+        got = lease.acquire(dir_fd, other, 60, lambda: time.time(), True)
+        assert got is not None
+        got.held.close()
+    finally:
+        os.close(dir_fd)
+    (root / lease.clock_name("far.example")).write_text("now\n")
+    cfg = Config(root=root, poll_interval=0.1, grace=5, shared_root=shared_root)
+    with caplog.at_level(logging.WARNING, "batchingest.processor"), Running(cfg, store):
+        pass  # the look is made before the processor runs its first job
+    said = [r.getMessage() for r in caplog.records if "--shared-root" in r.getMessage()]
+    if shared_root:
+        assert said == []
+    else:
+        assert len(said) == 1 and "(elsewhere, far.example)" in said[0]
+    assert (root / "processing" / "theirs" / ".lease").exists()  # a live lease: left alone

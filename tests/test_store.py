@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -16,6 +17,7 @@ from conftest import as_shared
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from batchingest import lease
 from batchingest.store import (
     BUSY,
     FINAL,
@@ -589,6 +591,57 @@ def test_kill_9_with_a_task_left_running_keeps_the_folder_locked_until_it_exits(
         time.sleep(0.01)
     assert store.recover() == ["j"]
     assert os.listdir(root / "queue" / "j") == ["token"]
+
+
+def test_a_job_held_by_an_earlier_versions_lock_file_is_neither_recovered_nor_claimed(
+    store: Store,
+) -> None:
+    """Before folder locks a job was held by a flock on its `.lock` file: a task that an
+    earlier version left running when it was killed with -9 still holds it so, and its
+    lease names a dead pid. The job is held until that lock is let go."""
+    path = put(store, "queue", "j")
+    (path / ".lock").write_text("")
+    old = os.open(path / ".lock", os.O_RDWR)
+    fcntl.flock(old, fcntl.LOCK_EX)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    me = lease.Owner.here()
+    dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        clock = lease.Clock(store.root_fd, me.host)
+        got = lease.acquire(dir_fd, lease.Owner(me.host, me.boot, dead.pid), 60, clock, True)
+        assert got is not None
+        got.held.close()
+        assert store.claim("j") is None  # a claim of the old version's, mid-way
+        os.rename(path, store.root / "processing" / "j")
+        assert store.recover() == [] and store.stuck() == []
+        assert states_of(store, "j") == ["processing"]
+        with pytest.raises(JobBusy):
+            store.delete("j")
+    finally:
+        os.close(dir_fd)
+        os.close(old)
+    assert store.stuck() == ["j"]
+    assert store.recover() == ["j"]
+
+
+def test_a_folder_that_cannot_be_locked_is_stuck_not_an_error(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job folder the kernel refuses to lock (ENOLCK: out of lock memory, or a file
+    system without flock) cannot be told held or free: GET /stuck lists it for a person
+    rather than failing as a whole."""
+    put(store, "processing", "j")
+    put(store, "processing", "k")
+    real = fcntl.flock
+
+    def refuse_folders(fd: int, op: int) -> None:
+        if os.fstat(fd).st_ino == (store.root / "processing" / "j").stat().st_ino:
+            raise OSError(errno.ENOLCK, "No locks available")
+        real(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", refuse_folders)
+    assert store.stuck() == ["j", "k"]
 
 
 def _proc_state(pid: int) -> str:
