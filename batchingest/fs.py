@@ -237,12 +237,21 @@ def open_regular(dir_fd: int, rel: str, flags: int = os.O_RDONLY, mode: int = 0o
 
 
 def open_regular_stat(
-    dir_fd: int, rel: str, flags: int = os.O_RDONLY, mode: int = 0o644
+    dir_fd: int, rel: str, flags: int = os.O_RDONLY, mode: int = 0o644, *, listed: bool = False
 ) -> tuple[int, os.stat_result]:
-    """open_regular, and the fstat of what was opened (its size, for a read)."""
+    """open_regular, and the fstat of what was opened (its size, for a read).
+
+    listed: rel is one name that a listing of dir_fd (kinds) has just shown as a regular
+    file, so the lstat before the open is spared. Only a swap since the listing could
+    put something else there, and the open covers that as it covers a swap after the
+    lstat: O_NOFOLLOW refuses a link, O_NONBLOCK keeps a FIFO from blocking, the fstat
+    refuses anything but a regular file before a byte is read. Read-only opens only.
+    """
     parts = split(rel)
     try:
         if len(parts) == 1:
+            if listed and not flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC):
+                return _checked_regular(open_beneath(dir_fd, rel, flags, mode), rel)
             return _open_regular_in(dir_fd, rel, flags, mode)
         # the lstat and the open look in the same folder, opened once
         parent = open_dir(dir_fd, "/".join(parts[:-1]))
@@ -272,6 +281,11 @@ def _open_regular_in(folder: int, name: str, flags: int, mode: int) -> tuple[int
                 errno.ENXIO, "not a regular file (named pipe or socket)", name
             ) from None
         raise
+    return _checked_regular(fd, name)
+
+
+def _checked_regular(fd: int, name: str) -> tuple[int, os.stat_result]:
+    """fd and its fstat if it is a regular file; else closed, and NotRegular."""
     try:
         st = os.fstat(fd)
     except BaseException:
@@ -545,6 +559,26 @@ def entries(dir_fd: int, *, hidden: bool = False) -> Iterator[Entry]:
             except FileNotFoundError:
                 continue
             yield Entry(e.name, st.st_mode, st.st_size)
+
+
+def kinds(dir_fd: int, *, hidden: bool = False) -> Iterator[tuple[str, int]]:
+    """(name, file type bits) of an open folder's entries, as entries gives them but
+    without a stat where the folder says the type (most file systems do): a walk over
+    many small files spares one system call a file. The type is what the listing saw;
+    whoever opens the name checks what it opens (open_regular_stat(listed=True))."""
+    with os.scandir(dir_fd) as it:
+        for e in it:
+            if (not hidden and e.name.startswith(".")) or not _is_text(e.name):
+                continue
+            try:
+                if e.is_file(follow_symlinks=False):
+                    yield e.name, stat.S_IFREG
+                elif e.is_dir(follow_symlinks=False):
+                    yield e.name, stat.S_IFDIR
+                else:
+                    yield e.name, stat.S_IFMT(e.stat(follow_symlinks=False).st_mode)
+            except FileNotFoundError:
+                continue
 
 
 def _is_text(name: str) -> bool:

@@ -325,6 +325,26 @@ def test_open_regular(resolver: str, tree: Tree) -> None:
     assert e.value.filename == "dirlink_in/inner.txt"
 
 
+def test_open_regular_listed_checks_what_it_opens(resolver: str, tree: Tree) -> None:
+    """listed=True spares the lstat, not the checks: a folder, FIFO, device or link found
+    under a name a listing called a file (swapped in since) is refused, without blocking."""
+    fd, st = fs.open_regular_stat(tree.fd, "file.txt", listed=True)
+    try:
+        assert os.read(fd, 100) == b"hello" and st.st_size == 5 and is_nonblocking(fd)
+    finally:
+        os.close(fd)
+    for rel in ("sub", "fifo", *(["null"] if CAN_MKNOD else [])):
+        with deadline(), pytest.raises(fs.NotRegular):
+            fs.open_regular_stat(tree.fd, rel, listed=True)
+    for rel in LINKS:
+        with pytest.raises(fs.UnsafePath):
+            fs.open_regular_stat(tree.fd, rel, listed=True)
+    with pytest.raises(fs.UnsafePath):
+        fs.open_regular_stat(tree.fd, "dirlink_in/inner.txt", listed=True)
+    with deadline(), pytest.raises(fs.NotRegular):  # a write still looks before it opens
+        fs.open_regular_stat(tree.fd, "fifo", os.O_WRONLY, listed=True)
+
+
 # -- reading -------------------------------------------------------------------------------
 
 
@@ -570,6 +590,18 @@ def test_entries(tree: Tree) -> None:
     assert ".hidden" in {e.name for e in fs.entries(tree.fd, hidden=True)}
     # the folder descriptor is still usable, from its start
     assert {e.name for e in fs.entries(tree.fd)} == set(found)
+    os.unlink(os.fsencode(tree.jail) + b"/bad\xff")
+
+
+def test_kinds_says_what_entries_says(tree: Tree) -> None:
+    (tree.jail / ".hidden").write_bytes(b"h")
+    os.close(os.open(os.fsencode(tree.jail) + b"/bad\xff", os.O_CREAT | os.O_WRONLY))
+    for hidden in (False, True):
+        kinds = dict(fs.kinds(tree.fd, hidden=hidden))
+        assert kinds == {e.name: stat.S_IFMT(e.mode) for e in fs.entries(tree.fd, hidden=hidden)}
+        assert (".hidden" in kinds) is hidden
+    assert kinds["file.txt"] == stat.S_IFREG and kinds["sub"] == stat.S_IFDIR
+    assert kinds["link_in"] == stat.S_IFLNK and kinds["fifo"] == stat.S_IFIFO
     os.unlink(os.fsencode(tree.jail) + b"/bad\xff")
 
 

@@ -290,12 +290,21 @@ class Run:
         self.save()
 
     def copy_file(
-        self, src_dir: int, src_name: str, dst_dir: int, dst_name: str, record: str
+        self,
+        src_dir: int,
+        src_name: str,
+        dst_dir: int,
+        dst_name: str,
+        record: str,
+        *,
+        listed: bool = False,
     ) -> None:
-        """Copy one regular file to dst_dir/dst_name (a hidden copy, renamed later)."""
+        """Copy one regular file to dst_dir/dst_name (a hidden copy, renamed later).
+
+        listed: a listing of src_dir has just shown src_name as a regular file."""
         self.add("files")
         try:
-            src, st = fs.open_regular_stat(src_dir, src_name)
+            src, st = fs.open_regular_stat(src_dir, src_name, listed=listed)
         except OSError as e:
             raise ItemError(f"{record}: cannot be read ({e.strerror or e})") from None
         try:
@@ -514,16 +523,16 @@ def walk_folder(
     seen: set[str] = set()
     subfolders: list[list[str]] = []
     files: list[str] = []
-    for entry in sorted(fs.entries(s, hidden=True), key=lambda e: e.name):
-        seen.add(entry.name)
-        s_rel = f"{shown[0]}/{entry.name}"
-        if entry.is_dir:
-            subfolders.append([*parts, entry.name])
-        elif entry.is_file:
-            files.append(entry.name)
+    for name, kind in sorted(fs.kinds(s, hidden=True)):
+        seen.add(name)
+        if stat.S_ISDIR(kind):
+            subfolders.append([*parts, name])
+        elif stat.S_ISREG(kind):
+            files.append(name)
         else:
             print(
-                f"skipped {s_rel}: a {fs.kind(entry.mode)} is never followed or copied", flush=True
+                f"skipped {shown[0]}/{name}: a {fs.kind(kind)} is never followed or copied",
+                flush=True,
             )
     copy_files(run, s, d, shown, files)
     if run.request.get("delete_destination_extra"):
@@ -543,7 +552,8 @@ def copy_files(run: Run, s: int, d: int, shown: tuple[str, str], names: list[str
         for name in piece:
             run.check()
             try:
-                run.copy_file(s, name, d, name, record(f"{shown[0]}/{name}", f"{shown[1]}/{name}"))
+                shown_pair = record(f"{shown[0]}/{name}", f"{shown[1]}/{name}")
+                run.copy_file(s, name, d, name, shown_pair, listed=True)
             except ItemError as e:
                 run.fail(str(e))
 
