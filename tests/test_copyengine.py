@@ -291,3 +291,33 @@ def test_a_built_in_task_starts_without_the_services_modules(task: str) -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=60)  # fmt: skip
     assert out.stdout.strip() == "[]"
+
+
+BOTH_AT_ONCE = """
+import threading
+from batchingest.tasks import transfer
+both = threading.Barrier(2, timeout=20)
+real_copy_file = transfer.Run.copy_file
+
+def copy_file(self, *args, **kwargs):
+    both.wait()  # broken (and the task failed) unless the two files are copied at once
+    return real_copy_file(self, *args, **kwargs)
+
+transfer.Run.copy_file = copy_file
+transfer.main()
+"""
+
+
+def test_a_folder_of_two_files_is_copied_on_two_threads(tmp_path: Path) -> None:
+    """Files are handed to the copying threads in pieces, but a short list is split
+    evenly: two big files in one folder go on two threads, not one after the other."""
+    contents = [os.urandom(4096), os.urandom(4096)]
+    src, dst, job, names, env = transfer_job(tmp_path, "1", contents)
+    for rel in names:  # both in one folder
+        os.rename(src / rel, src / "t" / "d0" / Path(rel).name)
+    done = subprocess.run([sys.executable, "-c", BOTH_AT_ONCE], cwd=job, env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    for rel in names:
+        name = Path(rel).name
+        assert (dst / "c" / "d0" / name).read_bytes() == (src / "t" / "d0" / name).read_bytes()
