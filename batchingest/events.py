@@ -109,7 +109,7 @@ MAX_PENDING = 512
 # and an eighth of the descriptors this process may open.
 MAX_WAITING = 1024
 HOST = socket.gethostname()
-# The feed's lines not yet written wait in a spool this large (sparse: see _Spool).
+# The feed's lines not yet written wait in a spool this large (allocated: see _Spool).
 SPOOL_SIZE = 16 << 20
 _SEGMENT_NAME = re.compile(r"([0-9]{1,12})\.jsonl")
 
@@ -622,9 +622,13 @@ class _Spool:
         fd = fs.open_regular(dir_fd, self.name, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # ours while we live
-            os.ftruncate(fd, SPOOL_SIZE)  # sparse: only what is used takes room
+            # every block given now: a store into a page without one on a full disk is
+            # a SIGBUS that kills the process, where a failed write is only an error
+            os.posix_fallocate(fd, 0, SPOOL_SIZE)
             self._map = mmap.mmap(fd, SPOOL_SIZE)
         except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(self.name, dir_fd=dir_fd)
             os.close(fd)
             raise
         self.fd, self.dir_fd = fd, dir_fd

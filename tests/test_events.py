@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -692,3 +694,46 @@ def test_a_live_recorders_spool_is_left_to_it(
     monkeypatch.undo()
     live.close()
     assert [e["details"]["n"] for e in feed_events(store)] == [1]
+
+
+def test_the_spool_has_its_blocks_from_the_start(store: Store) -> None:
+    """A spool's pages are all given blocks when it is made: a line copied into a page
+    without one on a full disk would be a SIGBUS, not an error."""
+    recorder = Recorder(store)
+    recorder.attach()
+    try:
+        spool = recorder._flusher.spool  # type: ignore[union-attr]
+        assert spool is not None
+        assert os.fstat(spool.fd).st_blocks * 512 >= events.SPOOL_SIZE
+    finally:
+        recorder.close()
+
+
+_NO_ROOM = """
+import resource, signal, sys
+from batchingest import events
+from batchingest.store import Store
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+store = Store(sys.argv[1])
+recorder = events.Recorder(store)
+recorder.attach()
+print(recorder._flusher.spool is None, flush=True)
+for n in range(20):
+    events.note(store, "k", events.Code.TASK_STARTED, f"Task {n} started.", {"n": n})
+recorder.close()
+"""
+
+
+def test_without_room_for_a_spool_the_feed_is_written_without_one(store: Store) -> None:
+    """Where the spool's blocks cannot be had (a full disk; here a file size limit), the
+    recorder runs without a spool: it lives, and every event reaches the feed."""
+    store.create("k")
+    done = subprocess.run(
+        [sys.executable, "-c", _NO_ROOM, str(store.root)], capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True"]
+    assert [e["details"]["n"] for e in feed_events(store)] == list(range(20))
+    assert not [n for n in os.listdir(store.root / ".events") if n.startswith(".spool-")]
