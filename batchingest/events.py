@@ -724,9 +724,11 @@ class _Flusher:
     (or, without one or with it full, in memory) and are written in one write a round.
     """
 
-    def __init__(self, feed: Feed, spool: _Spool | None = None) -> None:
+    def __init__(self, feed: Feed, spool: _Spool | None = None, direct: bool = False) -> None:
         self.feed = feed
         self.spool = spool
+        # lines written to the feed where they are recorded, not with the next batch
+        self.direct = direct
         self._cond = threading.Condition()
         self._sync: dict[int, int] = {}  # descriptor -> device, flushed in the next batch
         self._flushing: dict[int, int] = {}  # the batch being flushed now
@@ -739,12 +741,15 @@ class _Flusher:
         self._thread.start()
 
     def lines(self, lines: bytes) -> None:
-        """Add lines to the feed with the next batch."""
+        """Add lines to the feed with the next batch (direct: now)."""
         with self._cond:
-            # once one batch is kept in memory the next ones are too, so they stay in order
-            if self._lines or self.spool is None or not self.spool.add(lines):
-                self._lines.append(lines)
-            self._wake()
+            if not self.direct:
+                # once one batch is kept in memory the next ones are too: still in order
+                if self._lines or self.spool is None or not self.spool.add(lines):
+                    self._lines.append(lines)
+                self._wake()
+                return
+        self._write_feed(lines)
 
     def sync(self, fd: int, device: int) -> None:
         """fsync this history with the next batch (fd stays the caller's: see retire)."""
@@ -902,7 +907,12 @@ class Recorder:
             where = self.store.service_path("events")
             raise StoreError(f"{where} cannot be the event feed's folder: {e.strerror}") from e
         self.feed.prune()
-        self._flusher = _Flusher(self.feed, self._open_spool(self.feed))
+        # a store whose moves another process makes (an extra API process): that
+        # process's recorder writes their events, so ours are written at once, or a
+        # job's QUEUED could reach the feed before the CREATED recorded here
+        direct = self.store.mover is not None
+        spool = None if direct else self._open_spool(self.feed)
+        self._flusher = _Flusher(self.feed, spool, direct)
         self._unsubscribe = self.store.subscribe(self.on_move)
         _RECORDERS[self.store] = self
 

@@ -737,3 +737,28 @@ def test_without_room_for_a_spool_the_feed_is_written_without_one(store: Store) 
     assert done.stdout.split() == ["True"]
     assert [e["details"]["n"] for e in feed_events(store)] == list(range(20))
     assert not [n for n in os.listdir(store.root / ".events") if n.startswith(".spool-")]
+
+
+def test_a_job_s_events_keep_their_order_in_the_feed_across_api_processes(
+    store: Store,
+) -> None:
+    """An extra API process records the events of its requests; its moves are made, and
+    recorded, by the main process: the feed has them in the job's own order."""
+    api = Store(store.root)
+    api.mover = store.move_here  # an extra API process: the main process moves
+    main_recorder, api_recorder = Recorder(store), Recorder(api)
+    main_recorder.attach()
+    api_recorder.attach()
+    try:
+        job, _ = store.create("j")
+        events.created(api, job)
+        events.file_uploaded(api, "j", "a.txt", 3, "0" * 64)
+        events.queue(api, "j")
+        main_recorder.flush()
+        api_recorder.flush()
+        feed = [e["code"] for e in feed_events(store) if e["job"] == "j"]
+        assert feed == codes(history(store, "j")) == ["CREATED", "FILE_UPLOADED", "QUEUED"]
+        assert api_recorder._flusher.spool is None  # type: ignore[union-attr]
+    finally:
+        api_recorder.close()
+        main_recorder.close()
