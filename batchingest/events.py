@@ -673,28 +673,39 @@ class _Spool:
 def replay_spools(feed: Feed) -> int:
     """Write to the feed the lines that recorders killed on this host left in their
     spools; the count written. Lines already in the feed's newest part (a kill after
-    the feed was written and before the spool said so) are not written again.
+    the feed was written and before the spool said so) are not written again. A spool
+    that cannot be replayed is left (and logged): it never costs this process its own.
     """
     found = (_SPOOL_NAME.fullmatch(n) for n in os.listdir(feed.dir_fd))
     names = [m.group(0) for m in found if m and m.group(3) == _spool_host()]
     replayed = 0
     for name in names:
         try:
-            fd = fs.open_regular(feed.dir_fd, name, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # its recorder is alive
-            if os.fstat(fd).st_nlink == 0:
-                continue  # replayed and removed by another recorder starting meanwhile
-            replayed += _replay(feed, fd)
-            os.unlink(name, dir_fd=feed.dir_fd)
-        finally:
-            os.close(fd)
+            replayed += _replay_spool(feed, name)
+        except OSError as e:
+            log.warning("%s: its events cannot be written to the feed: %s", name, e.strerror or e)
     return replayed
+
+
+def _replay_spool(feed: Feed, name: str) -> int:
+    """Replay one spool and remove it, unless its recorder is alive; the count written."""
+    try:
+        # open for writing: an NFS client takes flock's lock only on such a descriptor
+        fd = fs.open_regular(feed.dir_fd, name, os.O_RDWR)
+    except FileNotFoundError:
+        return 0  # replayed and removed by another recorder starting meanwhile
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return 0  # its recorder is alive
+        if os.fstat(fd).st_nlink == 0:
+            return 0  # replayed and removed by another recorder starting meanwhile
+        replayed = _replay(feed, fd)
+        os.unlink(name, dir_fd=feed.dir_fd)
+        return replayed
+    finally:
+        os.close(fd)
 
 
 def _replay(feed: Feed, fd: int) -> int:

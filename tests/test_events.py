@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import multiprocessing
 import os
@@ -762,3 +763,61 @@ def test_a_job_s_events_keep_their_order_in_the_feed_across_api_processes(
     finally:
         api_recorder.close()
         main_recorder.close()
+
+
+def _flock_as_on_nfs(fd: int, operation: int) -> None:
+    """flock as an NFS client does it: an exclusive lock needs a descriptor open for
+    writing (EBADF otherwise)."""
+    writable = events.fcntl.fcntl(fd, events.fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY
+    if operation & events.fcntl.LOCK_EX and not writable:
+        raise OSError(errno.EBADF, "Bad file descriptor")
+    _real_flock(fd, operation)
+
+
+_real_flock = events.fcntl.flock
+
+
+def test_a_killed_recorders_spool_is_replayed_where_flock_needs_writing(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On NFS an exclusive flock needs the file open for writing: a spool left by a kill
+    is replayed there too, and the recorder starting has a spool of its own."""
+    store.create("k")
+    child = multiprocessing.get_context("fork").Process(
+        target=_record_and_die, args=(str(store.root), 5, False)
+    )
+    child.start()
+    child.join(60)
+    assert child.exitcode == -9
+    monkeypatch.setattr(events.fcntl, "flock", _flock_as_on_nfs)
+    again = Recorder(store)
+    again.attach()
+    try:
+        assert again._flusher.spool is not None  # type: ignore[union-attr]
+        assert [e["details"]["n"] for e in feed_events(store)] == list(range(5))
+    finally:
+        again.close()
+
+
+def test_a_spool_that_cannot_be_replayed_leaves_the_recorder_its_own(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error on one dead spool (an I/O error, say) leaves that spool for a later
+    start; the recorder starting has its own all the same."""
+    dead = store.root / ".events" / f".spool-1-0@{events._spool_host()}"
+    (store.root / ".events").mkdir(exist_ok=True)
+    dead.write_bytes(bytes(16))
+
+    def failing(fd: int, operation: int) -> None:
+        if os.fstat(fd).st_ino == dead.stat().st_ino:
+            raise OSError(errno.EIO, "Input/output error")
+        _real_flock(fd, operation)
+
+    monkeypatch.setattr(events.fcntl, "flock", failing)
+    recorder = Recorder(store)
+    recorder.attach()
+    try:
+        assert recorder._flusher.spool is not None  # type: ignore[union-attr]
+        assert dead.exists()  # left for a later start
+    finally:
+        recorder.close()
