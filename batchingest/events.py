@@ -602,13 +602,14 @@ _SPOOLS = itertools.count()  # several recorders of one process have a spool eac
 _SPOOL_HEADER = 16  # where the lines not yet in the feed start and end (two u64 values)
 
 
-def _spool_host() -> str:
-    return re.sub(r"[^A-Za-z0-9.-]", "_", HOST)[:64]
+def _spool_host(host: str) -> str:
+    """The host id (--host-id, lease.Owner.host) as it is in a spool's name."""
+    return re.sub(r"[^A-Za-z0-9.-]", "_", host)[:64]
 
 
 class _Spool:
     """The feed's lines not yet written to it, in a file of ROOT/.events mapped into
-    this process's memory (`.spool-<pid>-<n>@<host>`).
+    this process's memory (`.spool-<pid>-<n>@<host id>`).
 
     Adding a line is a copy into memory, no system call; the lines stay in the page
     cache when the process is killed (kill -9), and the next recorder started on this
@@ -617,8 +618,8 @@ class _Spool:
     line counts once `end` is moved past it, and is written once `start` is.
     """
 
-    def __init__(self, dir_fd: int) -> None:
-        self.name = f".spool-{os.getpid()}-{next(_SPOOLS)}@{_spool_host()}"
+    def __init__(self, dir_fd: int, host: str) -> None:
+        self.name = f".spool-{os.getpid()}-{next(_SPOOLS)}@{_spool_host(host)}"
         fd = fs.open_regular(dir_fd, self.name, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # ours while we live
@@ -670,21 +671,44 @@ class _Spool:
         os.close(self.fd)
 
 
-def replay_spools(feed: Feed) -> int:
-    """Write to the feed the lines that recorders killed on this host left in their
-    spools; the count written. Lines already in the feed's newest part (a kill after
-    the feed was written and before the spool said so) are not written again. A spool
-    that cannot be replayed is left (and logged): it never costs this process its own.
+def replay_spools(feed: Feed, host: str) -> int:
+    """Write to the feed the lines that recorders killed on this host (its host id) left
+    in their spools; the count written. Lines already in the feed's newest part (a kill
+    after the feed was written and before the spool said so) are not written again. A
+    spool that cannot be replayed is left (and logged): it never costs this process its
+    own. Dead spools of other hosts untouched for the feed's keep_days are removed: their
+    lines would be pruned from the feed by now, and the host may never start again.
     """
-    found = (_SPOOL_NAME.fullmatch(n) for n in os.listdir(feed.dir_fd))
-    names = [m.group(0) for m in found if m and m.group(3) == _spool_host()]
+    oldest = feed.clock() - feed.keep_days * 86400
     replayed = 0
-    for name in names:
+    for found in map(_SPOOL_NAME.fullmatch, os.listdir(feed.dir_fd)):
+        if found is None:
+            continue
+        name = found.group(0)
         try:
-            replayed += _replay_spool(feed, name)
+            if found.group(3) == _spool_host(host):
+                replayed += _replay_spool(feed, name)
+            else:
+                _prune_spool(feed, name, oldest)
         except OSError as e:
             log.warning("%s: its events cannot be written to the feed: %s", name, e.strerror or e)
     return replayed
+
+
+def _prune_spool(feed: Feed, name: str, oldest: float) -> None:
+    """Remove another host's spool last changed before `oldest`, unless it is held."""
+    if os.stat(name, dir_fd=feed.dir_fd, follow_symlinks=False).st_mtime >= oldest:
+        return
+    fd = fs.open_regular(feed.dir_fd, name, os.O_RDWR)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return  # its recorder is alive (and idle that long)
+        if os.fstat(fd).st_nlink:
+            os.unlink(name, dir_fd=feed.dir_fd)
+    finally:
+        os.close(fd)
 
 
 def _replay_spool(feed: Feed, name: str) -> int:
@@ -944,14 +968,15 @@ class Recorder:
         for name in list(self._waiting):
             self._forget_waiting(name)
 
-    @staticmethod
-    def _open_spool(feed: Feed) -> _Spool | None:
-        """This process's spool, after the lines of recorders killed here are replayed."""
+    def _open_spool(self, feed: Feed) -> _Spool | None:
+        """This process's spool, after the lines of recorders killed here are replayed
+        (here: on this host id, which a container recreated under a new name keeps)."""
+        host = self.store.owner.host
         try:
-            replayed = replay_spools(feed)
+            replayed = replay_spools(feed, host)
             if replayed:
                 log.info("%d events of a recorder that was killed written to the feed", replayed)
-            return _Spool(feed.dir_fd)
+            return _Spool(feed.dir_fd, host)
         except OSError as e:  # the feed's lines are kept in memory until written
             log.warning("no spool for the event feed: %s", e.strerror or e)
             return None

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from batchingest import events, fs
+from batchingest import events, fs, lease
 from batchingest.events import Code, Cursor, Feed, Recorder
 from batchingest.jobdir import EVENTS_FILE
 from batchingest.store import Job, Store
@@ -632,13 +632,15 @@ def test_a_listing_just_after_the_claims_rename_writes_no_second_queued(
 # -- the spool: the feed's lines not yet written, across a kill -9 ----------------------------
 
 
-def _record_and_die(root: str, count: int, feed_written: bool) -> None:
-    """A recorder that records `count` events and is killed before its spool says they
-    are in the feed: never written (feed_written False), or written just before."""
+def _record_and_die(root: str, count: int, feed_written: bool, host: str = "") -> None:
+    """A recorder (of a service with that --host-id) that records `count` events and is
+    killed before its spool says they are in the feed: never written (feed_written
+    False), or written just before."""
     events._Flusher._run = lambda self: None  # type: ignore[method-assign]
     if feed_written:
         events._Spool.written = lambda self, upto: None  # type: ignore[method-assign]
     store = Store(root)
+    store.owner = lease.Owner.here(host)
     Recorder(store).attach()
     for n in range(count):
         events.note(store, "k", Code.TASK_STARTED, f"Task {n} started.", {"n": n})
@@ -804,7 +806,7 @@ def test_a_spool_that_cannot_be_replayed_leaves_the_recorder_its_own(
 ) -> None:
     """An error on one dead spool (an I/O error, say) leaves that spool for a later
     start; the recorder starting has its own all the same."""
-    dead = store.root / ".events" / f".spool-1-0@{events._spool_host()}"
+    dead = store.root / ".events" / f".spool-1-0@{events._spool_host(store.owner.host)}"
     (store.root / ".events").mkdir(exist_ok=True)
     dead.write_bytes(bytes(16))
 
@@ -821,3 +823,49 @@ def test_a_spool_that_cannot_be_replayed_leaves_the_recorder_its_own(
         assert dead.exists()  # left for a later start
     finally:
         recorder.close()
+
+
+def _spools(store: Store) -> list[str]:
+    return sorted(n for n in os.listdir(store.root / ".events") if n.startswith(".spool-"))
+
+
+def test_spools_are_replayed_by_the_host_id_not_the_host_name(store: Store) -> None:
+    """A spool left on host id box-a is replayed by a recorder of box-a (a container
+    recreated under a new host name keeps its id), never by one of box-b that happens
+    to have the same host name."""
+    store.create("k")
+    child = multiprocessing.get_context("fork").Process(
+        target=_record_and_die, args=(str(store.root), 3, False, "box-a")
+    )
+    child.start()
+    child.join(60)
+    assert child.exitcode == -9
+    for host, found in (("box-b", []), ("box-a", [0, 1, 2])):
+        store.owner = lease.Owner.here(host)
+        recorder = Recorder(store)
+        recorder.attach()
+        recorder.close()
+        assert [e["details"]["n"] for e in feed_events(store)] == found
+    assert _spools(store) == []
+
+
+def test_dead_spools_of_other_hosts_are_removed_after_events_keep(store: Store) -> None:
+    """A spool another host left and never came back for goes once it is older than the
+    feed's kept days; a newer one, or one its recorder still holds, stays."""
+    spools = store.root / ".events"
+    spools.mkdir(exist_ok=True)
+    old, new = spools / ".spool-7-0@box-c", spools / ".spool-7-0@box-d"
+    for dead in (old, new):
+        dead.write_bytes(bytes(16))
+    week = time.time() - 8 * 86400
+    os.utime(old, (week, week))
+    held = events._Spool(fs.open_dir(store.root_fd, ".events"), "box-e")
+    os.utime(spools / held.name, (week, week))
+    recorder = Recorder(store, keep_days=7)
+    recorder.attach()
+    recorder.close()
+    try:
+        assert _spools(store) == sorted([new.name, held.name])
+    finally:
+        held.close()
+        os.close(held.dir_fd)
