@@ -827,14 +827,16 @@ class _Flusher:
             if self._round():
                 return
 
-    def _round(self) -> bool:
+    def _round(self, final: bool = False) -> bool:
         """Flush what was handed so far, then close what waited for it; whether to stop.
 
         One round at a time (flush() may run one too), so the feed keeps the order in
-        which lines were handed.
+        which lines were handed. final: the last one (stop); lines handed after it are
+        written at once, since nothing would write them from the spool, which is removed.
         """
         with self._one_round:
             with self._cond:
+                self.direct = self.direct or final
                 spooled, upto = (b"", 0) if self.spool is None else self.spool.pending()
                 lines, self._lines = self._lines, []
                 batch = self._flushing = self._sync
@@ -889,7 +891,7 @@ class _Flusher:
             self._stopping = True
             self._cond.notify()
         self._thread.join()
-        self._round()  # what came during the last round
+        self._round(final=True)  # what came during the last round
 
 
 # -- the recorder ---------------------------------------------------------------------

@@ -869,3 +869,18 @@ def test_dead_spools_of_other_hosts_are_removed_after_events_keep(store: Store) 
     finally:
         held.close()
         os.close(held.dir_fd)
+
+
+def test_a_line_recorded_while_the_recorder_closes_reaches_the_feed(store: Store) -> None:
+    """An event recorded after the flusher's last round (another thread, while close()
+    runs) is written to the feed at once, not left in the spool that close() removes."""
+    store.create("k")
+    recorder = Recorder(store)
+    recorder.attach()
+    recorder._flusher.stop()  # type: ignore[union-attr]  # what close() does first
+    events.note(store, "k", Code.TASK_STARTED, "Task 1 started.", {"n": 1})
+    recorder._flusher.spool.close()  # type: ignore[union-attr]  # and then this
+    recorder._flusher.spool = None  # type: ignore[union-attr]
+    recorder.close()
+    assert [e["details"]["n"] for e in feed_events(store)] == [1]
+    assert _spools(store) == []
