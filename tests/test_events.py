@@ -578,6 +578,7 @@ def test_a_history_is_flushed_once_a_batch_and_closed_after_its_flush(store: Sto
     feed = Feed(store.root_fd, ".events")
     flusher = events._Flusher(feed)
     flusher.stop()  # no thread to take the batch meanwhile: what is handed stays
+    flusher.direct = False  # and the lines wait for a round, as with the thread running
     before = len(os.listdir("/proc/self/fd"))
     pending = os.open(store.root / "h", os.O_RDWR | os.O_CREAT, 0o644)
     done = os.open(store.root / "k", os.O_RDWR | os.O_CREAT, 0o644)
