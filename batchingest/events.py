@@ -835,23 +835,34 @@ class _Flusher:
         written at once, since nothing would write them from the spool, which is removed.
         """
         with self._one_round:
+            self._write_lines(final)
             with self._cond:
-                self.direct = self.direct or final
-                spooled, upto = (b"", 0) if self.spool is None else self.spool.pending()
-                lines, self._lines = self._lines, []
                 batch = self._flushing = self._sync
                 closing, self._sync, self._close = self._close, {}, []
                 stopping = self._stopping
-            self._write_feed(spooled + b"".join(lines))
-            if self.spool is not None:
-                with self._cond:
-                    self.spool.written(upto)
             self._flush(batch)
             with self._cond:
                 self._flushing = {}
             for fd in closing:
                 os.close(fd)
         return stopping
+
+    def _write_lines(self, final: bool = False) -> None:
+        """Write the feed's lines handed so far (in a round: under _one_round)."""
+        with self._cond:
+            self.direct = self.direct or final
+            spooled, upto = (b"", 0) if self.spool is None else self.spool.pending()
+            lines, self._lines = self._lines, []
+        self._write_feed(spooled + b"".join(lines))
+        if self.spool is not None:
+            with self._cond:
+                self.spool.written(upto)
+
+    def write_lines(self) -> None:
+        """Write the feed's lines handed so far now, without waiting for the tick; the
+        histories are flushed with the next round as before."""
+        with self._one_round:
+            self._write_lines()
 
     def flush(self) -> None:
         """Write and flush everything handed so far, now."""
@@ -930,6 +941,10 @@ class Recorder:
         self._ends_queued: set[str] = set()
         self._queued_lock = threading.Lock()
         self._most_waiting = _most_waiting()
+        # the main process of several API processes: the API's events (note) are in the
+        # feed before the response, as the extra processes' are, so a client's next
+        # request, served by another process, records its event after them
+        self.notes_at_once = False
         self._pid = os.getpid()
 
     def attach(self) -> None:
@@ -1117,6 +1132,9 @@ class Recorder:
                 self.record(job.name, dir_fd, code, job.status, description, details)
             finally:
                 os.close(dir_fd)
+        flusher = self._flusher
+        if self.notes_at_once and flusher is not None:
+            flusher.write_lines()
 
     # -- moves -------------------------------------------------------------------------
 

@@ -157,6 +157,7 @@ async def _serve(cfg: Config) -> None:
     # "webhooks"; any other loop joins with progress.beat(name, within=seconds)
     progress = Progress()
     recorder = Recorder(store, cfg.events_keep)
+    recorder.notes_at_once = cfg.api and cfg.api_processes > 1
     try:
         recorder.attach()
     except StoreError as e:

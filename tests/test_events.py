@@ -885,3 +885,28 @@ def test_a_line_recorded_while_the_recorder_closes_reaches_the_feed(store: Store
     recorder.close()
     assert [e["details"]["n"] for e in feed_events(store)] == [1]
     assert _spools(store) == []
+
+
+def test_the_main_process_s_api_events_precede_an_extra_process_s_in_the_feed(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With several API processes, a job created through the main one and uploaded to
+    through another has CREATED before FILE_UPLOADED in the feed, however soon the
+    second request came (the main process's flusher has not had its tick here)."""
+    api = Store(store.root)
+    api.mover = store.move_here
+    monkeypatch.setattr(events._Flusher, "_run", lambda self: None)  # no tick meanwhile
+    main_recorder, api_recorder = Recorder(store), Recorder(api)
+    main_recorder.notes_at_once = True  # as serve sets it with --api-processes 2
+    main_recorder.attach()
+    api_recorder.attach()
+    try:
+        job, _ = store.create("j")
+        events.created(store, job)
+        events.file_uploaded(api, "j", "a.txt", 3, "0" * 64)
+        main_recorder.flush()
+        feed = [e["code"] for e in feed_events(store) if e["job"] == "j"]
+        assert feed == codes(history(store, "j")) == ["CREATED", "FILE_UPLOADED"]
+    finally:
+        api_recorder.close()
+        main_recorder.close()
