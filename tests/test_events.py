@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import multiprocessing
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -743,29 +745,41 @@ def test_without_room_for_a_spool_the_feed_is_written_without_one(store: Store) 
     assert not [n for n in os.listdir(store.root / ".events") if n.startswith(".spool-")]
 
 
+@contextlib.contextmanager
+def api_processes(store: Store, notes_at_once: bool = False) -> Iterator[tuple[Store, Recorder]]:
+    """The store and recorder of an extra API process on the root (the main process,
+    `store`, makes its moves), and the main process's recorder: (api store, main's)."""
+    api = Store(store.root)
+    api.mover = store.move_here
+    main_recorder, api_recorder = Recorder(store), Recorder(api)
+    main_recorder.notes_at_once = notes_at_once  # as serve sets it with --api-processes 2
+    main_recorder.attach()
+    api_recorder.attach()
+    try:
+        yield api, main_recorder
+        assert api_recorder._flusher.spool is None  # type: ignore[union-attr]
+    finally:
+        api_recorder.close()
+        main_recorder.close()
+
+
+def job_feed(store: Store, name: str) -> list[object]:
+    return [e["code"] for e in feed_events(store) if e["job"] == name]
+
+
 def test_a_job_s_events_keep_their_order_in_the_feed_across_api_processes(
     store: Store,
 ) -> None:
     """An extra API process records the events of its requests; its moves are made, and
     recorded, by the main process: the feed has them in the job's own order."""
-    api = Store(store.root)
-    api.mover = store.move_here  # an extra API process: the main process moves
-    main_recorder, api_recorder = Recorder(store), Recorder(api)
-    main_recorder.attach()
-    api_recorder.attach()
-    try:
+    with api_processes(store) as (api, main_recorder):
         job, _ = store.create("j")
         events.created(api, job)
         events.file_uploaded(api, "j", "a.txt", 3, "0" * 64)
         events.queue(api, "j")
         main_recorder.flush()
-        api_recorder.flush()
-        feed = [e["code"] for e in feed_events(store) if e["job"] == "j"]
+        feed = job_feed(store, "j")
         assert feed == codes(history(store, "j")) == ["CREATED", "FILE_UPLOADED", "QUEUED"]
-        assert api_recorder._flusher.spool is None  # type: ignore[union-attr]
-    finally:
-        api_recorder.close()
-        main_recorder.close()
 
 
 def _flock_as_on_nfs(fd: int, operation: int) -> None:
@@ -893,20 +907,10 @@ def test_the_main_process_s_api_events_precede_an_extra_process_s_in_the_feed(
     """With several API processes, a job created through the main one and uploaded to
     through another has CREATED before FILE_UPLOADED in the feed, however soon the
     second request came (the main process's flusher has not had its tick here)."""
-    api = Store(store.root)
-    api.mover = store.move_here
     monkeypatch.setattr(events._Flusher, "_run", lambda self: None)  # no tick meanwhile
-    main_recorder, api_recorder = Recorder(store), Recorder(api)
-    main_recorder.notes_at_once = True  # as serve sets it with --api-processes 2
-    main_recorder.attach()
-    api_recorder.attach()
-    try:
+    with api_processes(store, notes_at_once=True) as (api, _):
         job, _ = store.create("j")
         events.created(store, job)
         events.file_uploaded(api, "j", "a.txt", 3, "0" * 64)
-        main_recorder.flush()
-        feed = [e["code"] for e in feed_events(store) if e["job"] == "j"]
-        assert feed == codes(history(store, "j")) == ["CREATED", "FILE_UPLOADED"]
-    finally:
-        api_recorder.close()
-        main_recorder.close()
+        order = job_feed(store, "j")
+        assert order == codes(history(store, "j")) == ["CREATED", "FILE_UPLOADED"]
