@@ -33,9 +33,14 @@ word) after it.
   copied into this process's spool (_Spool, a file of ROOT/.events mapped into memory),
   and the flusher writes the spool's lines to the feed in one write a round. So the
   feed may show an event up to a tick after the job's history. The spool is in the page
-  cache, so a kill -9 loses nothing: the next recorder started on this host writes the
-  lines the feed lacks (replay_spools), each once, after any reader's cursor. A power
-  cut loses the last tick of the feed, as it did before, and the histories keep it.
+  cache, so a kill -9 loses nothing: the next recorder started with this host id
+  (--host-id) writes the lines the feed lacks (replay_spools), each once, after any
+  reader's cursor. A power cut loses the last tick of the feed, as it did before, and
+  the histories keep it. The spool's blocks are allocated when it is made: a store into
+  a page without one on a full disk would be a SIGBUS. An extra API process has no
+  spool and writes its lines at once (its moves are recorded by the main process,
+  whose API events are written at once too then: Recorder.notes_at_once), so a job's
+  events are in the feed in the order its requests were answered.
 - **Cost.** A processor keeps the history of a job it holds open from the claim to the
   final move (Recorder._held), so task events are one write each; a job seen in queue/
   keeps it from its QUEUED (Recorder._waiting), and a claim's QUEUED and CLAIMED are one
