@@ -33,9 +33,14 @@ word) after it.
   copied into this process's spool (_Spool, a file of ROOT/.events mapped into memory),
   and the flusher writes the spool's lines to the feed in one write a round. So the
   feed may show an event up to a tick after the job's history. The spool is in the page
-  cache, so a kill -9 loses nothing: the next recorder started on this host writes the
-  lines the feed lacks (replay_spools), each once, after any reader's cursor. A power
-  cut loses the last tick of the feed, as it did before, and the histories keep it.
+  cache, so a kill -9 loses nothing: the next recorder started with this host id
+  (--host-id) writes the lines the feed lacks (replay_spools), each once, after any
+  reader's cursor. A power cut loses the last tick of the feed, as it did before, and
+  the histories keep it. The spool's blocks are allocated when it is made: a store into
+  a page without one on a full disk would be a SIGBUS. An extra API process has no
+  spool and writes its lines at once (its moves are recorded by the main process,
+  whose API events are written at once too then: Recorder.notes_at_once), so a job's
+  events are in the feed in the order its requests were answered.
 - **Cost.** A processor keeps the history of a job it holds open from the claim to the
   final move (Recorder._held), so task events are one write each; a job seen in queue/
   keeps it from its QUEUED (Recorder._waiting), and a claim's QUEUED and CLAIMED are one
@@ -109,7 +114,7 @@ MAX_PENDING = 512
 # and an eighth of the descriptors this process may open.
 MAX_WAITING = 1024
 HOST = socket.gethostname()
-# The feed's lines not yet written wait in a spool this large (sparse: see _Spool).
+# The feed's lines not yet written wait in a spool this large (allocated: see _Spool).
 SPOOL_SIZE = 16 << 20
 _SEGMENT_NAME = re.compile(r"([0-9]{1,12})\.jsonl")
 
@@ -602,13 +607,14 @@ _SPOOLS = itertools.count()  # several recorders of one process have a spool eac
 _SPOOL_HEADER = 16  # where the lines not yet in the feed start and end (two u64 values)
 
 
-def _spool_host() -> str:
-    return re.sub(r"[^A-Za-z0-9.-]", "_", HOST)[:64]
+def _spool_host(host: str) -> str:
+    """The host id (--host-id, lease.Owner.host) as it is in a spool's name."""
+    return re.sub(r"[^A-Za-z0-9.-]", "_", host)[:64]
 
 
 class _Spool:
     """The feed's lines not yet written to it, in a file of ROOT/.events mapped into
-    this process's memory (`.spool-<pid>-<n>@<host>`).
+    this process's memory (`.spool-<pid>-<n>@<host id>`).
 
     Adding a line is a copy into memory, no system call; the lines stay in the page
     cache when the process is killed (kill -9), and the next recorder started on this
@@ -617,14 +623,18 @@ class _Spool:
     line counts once `end` is moved past it, and is written once `start` is.
     """
 
-    def __init__(self, dir_fd: int) -> None:
-        self.name = f".spool-{os.getpid()}-{next(_SPOOLS)}@{_spool_host()}"
+    def __init__(self, dir_fd: int, host: str) -> None:
+        self.name = f".spool-{os.getpid()}-{next(_SPOOLS)}@{_spool_host(host)}"
         fd = fs.open_regular(dir_fd, self.name, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # ours while we live
-            os.ftruncate(fd, SPOOL_SIZE)  # sparse: only what is used takes room
+            # every block given now: a store into a page without one on a full disk is
+            # a SIGBUS that kills the process, where a failed write is only an error
+            os.posix_fallocate(fd, 0, SPOOL_SIZE)
             self._map = mmap.mmap(fd, SPOOL_SIZE)
         except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(self.name, dir_fd=dir_fd)
             os.close(fd)
             raise
         self.fd, self.dir_fd = fd, dir_fd
@@ -666,31 +676,65 @@ class _Spool:
         os.close(self.fd)
 
 
-def replay_spools(feed: Feed) -> int:
-    """Write to the feed the lines that recorders killed on this host left in their
-    spools; the count written. Lines already in the feed's newest part (a kill after
-    the feed was written and before the spool said so) are not written again.
+def replay_spools(feed: Feed, host: str) -> int:
+    """Write to the feed the lines that recorders killed on this host (its host id) left
+    in their spools; the count written. Lines already in the feed's newest part (a kill
+    after the feed was written and before the spool said so) are not written again. A
+    spool that cannot be replayed is left (and logged): it never costs this process its
+    own. Dead spools of other hosts untouched for the feed's keep_days are removed: their
+    lines would be pruned from the feed by now, and the host may never start again.
     """
-    found = (_SPOOL_NAME.fullmatch(n) for n in os.listdir(feed.dir_fd))
-    names = [m.group(0) for m in found if m and m.group(3) == _spool_host()]
+    oldest = feed.clock() - feed.keep_days * 86400
     replayed = 0
-    for name in names:
-        try:
-            fd = fs.open_regular(feed.dir_fd, name, os.O_RDONLY)
-        except OSError:
+    for found in map(_SPOOL_NAME.fullmatch, os.listdir(feed.dir_fd)):
+        if found is None:
             continue
+        name = found.group(0)
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # its recorder is alive
-            if os.fstat(fd).st_nlink == 0:
-                continue  # replayed and removed by another recorder starting meanwhile
-            replayed += _replay(feed, fd)
-            os.unlink(name, dir_fd=feed.dir_fd)
-        finally:
-            os.close(fd)
+            if found.group(3) == _spool_host(host):
+                replayed += _replay_spool(feed, name)
+            else:
+                _prune_spool(feed, name, oldest)
+        except OSError as e:
+            log.warning("%s: its events cannot be written to the feed: %s", name, e.strerror or e)
     return replayed
+
+
+def _prune_spool(feed: Feed, name: str, oldest: float) -> None:
+    """Remove another host's spool last changed before `oldest`, unless it is held."""
+    if os.stat(name, dir_fd=feed.dir_fd, follow_symlinks=False).st_mtime >= oldest:
+        return
+    fd = fs.open_regular(feed.dir_fd, name, os.O_RDWR)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return  # its recorder is alive (and idle that long)
+        if os.fstat(fd).st_nlink:
+            os.unlink(name, dir_fd=feed.dir_fd)
+    finally:
+        os.close(fd)
+
+
+def _replay_spool(feed: Feed, name: str) -> int:
+    """Replay one spool and remove it, unless its recorder is alive; the count written."""
+    try:
+        # open for writing: an NFS client takes flock's lock only on such a descriptor
+        fd = fs.open_regular(feed.dir_fd, name, os.O_RDWR)
+    except FileNotFoundError:
+        return 0  # replayed and removed by another recorder starting meanwhile
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return 0  # its recorder is alive
+        if os.fstat(fd).st_nlink == 0:
+            return 0  # replayed and removed by another recorder starting meanwhile
+        replayed = _replay(feed, fd)
+        os.unlink(name, dir_fd=feed.dir_fd)
+        return replayed
+    finally:
+        os.close(fd)
 
 
 def _replay(feed: Feed, fd: int) -> int:
@@ -720,9 +764,11 @@ class _Flusher:
     (or, without one or with it full, in memory) and are written in one write a round.
     """
 
-    def __init__(self, feed: Feed, spool: _Spool | None = None) -> None:
+    def __init__(self, feed: Feed, spool: _Spool | None = None, direct: bool = False) -> None:
         self.feed = feed
         self.spool = spool
+        # lines written to the feed where they are recorded, not with the next batch
+        self.direct = direct
         self._cond = threading.Condition()
         self._sync: dict[int, int] = {}  # descriptor -> device, flushed in the next batch
         self._flushing: dict[int, int] = {}  # the batch being flushed now
@@ -735,12 +781,15 @@ class _Flusher:
         self._thread.start()
 
     def lines(self, lines: bytes) -> None:
-        """Add lines to the feed with the next batch."""
+        """Add lines to the feed with the next batch (direct: now)."""
         with self._cond:
-            # once one batch is kept in memory the next ones are too, so they stay in order
-            if self._lines or self.spool is None or not self.spool.add(lines):
-                self._lines.append(lines)
-            self._wake()
+            if not self.direct:
+                # once one batch is kept in memory the next ones are too: still in order
+                if self._lines or self.spool is None or not self.spool.add(lines):
+                    self._lines.append(lines)
+                self._wake()
+                return
+        self._write_feed(lines)
 
     def sync(self, fd: int, device: int) -> None:
         """fsync this history with the next batch (fd stays the caller's: see retire)."""
@@ -783,29 +832,42 @@ class _Flusher:
             if self._round():
                 return
 
-    def _round(self) -> bool:
+    def _round(self, final: bool = False) -> bool:
         """Flush what was handed so far, then close what waited for it; whether to stop.
 
         One round at a time (flush() may run one too), so the feed keeps the order in
-        which lines were handed.
+        which lines were handed. final: the last one (stop); lines handed after it are
+        written at once, since nothing would write them from the spool, which is removed.
         """
         with self._one_round:
+            self._write_lines(final)
             with self._cond:
-                spooled, upto = (b"", 0) if self.spool is None else self.spool.pending()
-                lines, self._lines = self._lines, []
                 batch = self._flushing = self._sync
                 closing, self._sync, self._close = self._close, {}, []
                 stopping = self._stopping
-            self._write_feed(spooled + b"".join(lines))
-            if self.spool is not None:
-                with self._cond:
-                    self.spool.written(upto)
             self._flush(batch)
             with self._cond:
                 self._flushing = {}
             for fd in closing:
                 os.close(fd)
         return stopping
+
+    def _write_lines(self, final: bool = False) -> None:
+        """Write the feed's lines handed so far (in a round: under _one_round)."""
+        with self._cond:
+            self.direct = self.direct or final
+            spooled, upto = (b"", 0) if self.spool is None else self.spool.pending()
+            lines, self._lines = self._lines, []
+        self._write_feed(spooled + b"".join(lines))
+        if self.spool is not None:
+            with self._cond:
+                self.spool.written(upto)
+
+    def write_lines(self) -> None:
+        """Write the feed's lines handed so far now, without waiting for the tick; the
+        histories are flushed with the next round as before."""
+        with self._one_round:
+            self._write_lines()
 
     def flush(self) -> None:
         """Write and flush everything handed so far, now."""
@@ -845,7 +907,7 @@ class _Flusher:
             self._stopping = True
             self._cond.notify()
         self._thread.join()
-        self._round()  # what came during the last round
+        self._round(final=True)  # what came during the last round
 
 
 # -- the recorder ---------------------------------------------------------------------
@@ -884,6 +946,10 @@ class Recorder:
         self._ends_queued: set[str] = set()
         self._queued_lock = threading.Lock()
         self._most_waiting = _most_waiting()
+        # the main process of several API processes: the API's events (note) are in the
+        # feed before the response, as the extra processes' are, so a client's next
+        # request, served by another process, records its event after them
+        self.notes_at_once = False
         self._pid = os.getpid()
 
     def attach(self) -> None:
@@ -898,7 +964,12 @@ class Recorder:
             where = self.store.service_path("events")
             raise StoreError(f"{where} cannot be the event feed's folder: {e.strerror}") from e
         self.feed.prune()
-        self._flusher = _Flusher(self.feed, self._open_spool(self.feed))
+        # a store whose moves another process makes (an extra API process): that
+        # process's recorder writes their events, so ours are written at once, or a
+        # job's QUEUED could reach the feed before the CREATED recorded here
+        direct = self.store.mover is not None
+        spool = None if direct else self._open_spool(self.feed)
+        self._flusher = _Flusher(self.feed, spool, direct)
         self._unsubscribe = self.store.subscribe(self.on_move)
         _RECORDERS[self.store] = self
 
@@ -919,14 +990,15 @@ class Recorder:
         for name in list(self._waiting):
             self._forget_waiting(name)
 
-    @staticmethod
-    def _open_spool(feed: Feed) -> _Spool | None:
-        """This process's spool, after the lines of recorders killed here are replayed."""
+    def _open_spool(self, feed: Feed) -> _Spool | None:
+        """This process's spool, after the lines of recorders killed here are replayed
+        (here: on this host id, which a container recreated under a new name keeps)."""
+        host = self.store.owner.host
         try:
-            replayed = replay_spools(feed)
+            replayed = replay_spools(feed, host)
             if replayed:
                 log.info("%d events of a recorder that was killed written to the feed", replayed)
-            return _Spool(feed.dir_fd)
+            return _Spool(feed.dir_fd, host)
         except OSError as e:  # the feed's lines are kept in memory until written
             log.warning("no spool for the event feed: %s", e.strerror or e)
             return None
@@ -1065,6 +1137,9 @@ class Recorder:
                 self.record(job.name, dir_fd, code, job.status, description, details)
             finally:
                 os.close(dir_fd)
+        flusher = self._flusher
+        if self.notes_at_once and flusher is not None:
+            flusher.write_lines()
 
     # -- moves -------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from starlette.types import ASGIApp
 from uvicorn.config import Config as UvicornConfig  # not `uvicorn`: see batchingest.lean
 from uvicorn.server import Server
 
+from batchingest import lease
 from batchingest.config import Config
 from batchingest.connections import Limits, connection_budget, limited_protocol
 from batchingest.health import Progress, Readiness
@@ -92,6 +93,7 @@ class ServiceFailed(Exception):
 def store_for(cfg: Config) -> Store:
     """The store of a process serving cfg (the main one or an extra API process)."""
     store = Store(cfg.root)
+    store.owner = lease.Owner.here(cfg.host_id)  # the host in leases and event spools
     if cfg.force_polling:  # no inotify at all: the state folders are listed when they change
         store.watch_from = sys.maxsize
     return store
@@ -155,6 +157,7 @@ async def _serve(cfg: Config) -> None:
     # "webhooks"; any other loop joins with progress.beat(name, within=seconds)
     progress = Progress()
     recorder = Recorder(store, cfg.events_keep)
+    recorder.notes_at_once = cfg.api and cfg.api_processes > 1
     try:
         recorder.attach()
     except StoreError as e:

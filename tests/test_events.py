@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import multiprocessing
 import os
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from batchingest import events, fs
+from batchingest import events, fs, lease
 from batchingest.events import Code, Cursor, Feed, Recorder
 from batchingest.jobdir import EVENTS_FILE
 from batchingest.store import Job, Store
@@ -575,6 +580,7 @@ def test_a_history_is_flushed_once_a_batch_and_closed_after_its_flush(store: Sto
     feed = Feed(store.root_fd, ".events")
     flusher = events._Flusher(feed)
     flusher.stop()  # no thread to take the batch meanwhile: what is handed stays
+    flusher.direct = False  # and the lines wait for a round, as with the thread running
     before = len(os.listdir("/proc/self/fd"))
     pending = os.open(store.root / "h", os.O_RDWR | os.O_CREAT, 0o644)
     done = os.open(store.root / "k", os.O_RDWR | os.O_CREAT, 0o644)
@@ -629,13 +635,15 @@ def test_a_listing_just_after_the_claims_rename_writes_no_second_queued(
 # -- the spool: the feed's lines not yet written, across a kill -9 ----------------------------
 
 
-def _record_and_die(root: str, count: int, feed_written: bool) -> None:
-    """A recorder that records `count` events and is killed before its spool says they
-    are in the feed: never written (feed_written False), or written just before."""
+def _record_and_die(root: str, count: int, feed_written: bool, host: str = "") -> None:
+    """A recorder (of a service with that --host-id) that records `count` events and is
+    killed before its spool says they are in the feed: never written (feed_written
+    False), or written just before."""
     events._Flusher._run = lambda self: None  # type: ignore[method-assign]
     if feed_written:
         events._Spool.written = lambda self, upto: None  # type: ignore[method-assign]
     store = Store(root)
+    store.owner = lease.Owner.here(host)
     Recorder(store).attach()
     for n in range(count):
         events.note(store, "k", Code.TASK_STARTED, f"Task {n} started.", {"n": n})
@@ -692,3 +700,217 @@ def test_a_live_recorders_spool_is_left_to_it(
     monkeypatch.undo()
     live.close()
     assert [e["details"]["n"] for e in feed_events(store)] == [1]
+
+
+def test_the_spool_has_its_blocks_from_the_start(store: Store) -> None:
+    """A spool's pages are all given blocks when it is made: a line copied into a page
+    without one on a full disk would be a SIGBUS, not an error."""
+    recorder = Recorder(store)
+    recorder.attach()
+    try:
+        spool = recorder._flusher.spool  # type: ignore[union-attr]
+        assert spool is not None
+        assert os.fstat(spool.fd).st_blocks * 512 >= events.SPOOL_SIZE
+    finally:
+        recorder.close()
+
+
+_NO_ROOM = """
+import resource, signal, sys
+from batchingest import events
+from batchingest.store import Store
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+store = Store(sys.argv[1])
+recorder = events.Recorder(store)
+recorder.attach()
+print(recorder._flusher.spool is None, flush=True)
+for n in range(20):
+    events.note(store, "k", events.Code.TASK_STARTED, f"Task {n} started.", {"n": n})
+recorder.close()
+"""
+
+
+def test_without_room_for_a_spool_the_feed_is_written_without_one(store: Store) -> None:
+    """Where the spool's blocks cannot be had (a full disk; here a file size limit), the
+    recorder runs without a spool: it lives, and every event reaches the feed."""
+    store.create("k")
+    done = subprocess.run(
+        [sys.executable, "-c", _NO_ROOM, str(store.root)], capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True"]
+    assert [e["details"]["n"] for e in feed_events(store)] == list(range(20))
+    assert not [n for n in os.listdir(store.root / ".events") if n.startswith(".spool-")]
+
+
+@contextlib.contextmanager
+def api_processes(store: Store, notes_at_once: bool = False) -> Iterator[tuple[Store, Recorder]]:
+    """The store and recorder of an extra API process on the root (the main process,
+    `store`, makes its moves), and the main process's recorder: (api store, main's)."""
+    api = Store(store.root)
+    api.mover = store.move_here
+    main_recorder, api_recorder = Recorder(store), Recorder(api)
+    main_recorder.notes_at_once = notes_at_once  # as serve sets it with --api-processes 2
+    main_recorder.attach()
+    api_recorder.attach()
+    try:
+        yield api, main_recorder
+        assert api_recorder._flusher.spool is None  # type: ignore[union-attr]
+    finally:
+        api_recorder.close()
+        main_recorder.close()
+
+
+def job_feed(store: Store, name: str) -> list[object]:
+    return [e["code"] for e in feed_events(store) if e["job"] == name]
+
+
+def test_a_job_s_events_keep_their_order_in_the_feed_across_api_processes(
+    store: Store,
+) -> None:
+    """An extra API process records the events of its requests; its moves are made, and
+    recorded, by the main process: the feed has them in the job's own order."""
+    with api_processes(store) as (api, main_recorder):
+        job, _ = store.create("j")
+        events.created(api, job)
+        events.file_uploaded(api, "j", "a.txt", 3, "0" * 64)
+        events.queue(api, "j")
+        main_recorder.flush()
+        feed = job_feed(store, "j")
+        assert feed == codes(history(store, "j")) == ["CREATED", "FILE_UPLOADED", "QUEUED"]
+
+
+def _flock_as_on_nfs(fd: int, operation: int) -> None:
+    """flock as an NFS client does it: an exclusive lock needs a descriptor open for
+    writing (EBADF otherwise)."""
+    writable = events.fcntl.fcntl(fd, events.fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY
+    if operation & events.fcntl.LOCK_EX and not writable:
+        raise OSError(errno.EBADF, "Bad file descriptor")
+    _real_flock(fd, operation)
+
+
+_real_flock = events.fcntl.flock
+
+
+def test_a_killed_recorders_spool_is_replayed_where_flock_needs_writing(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On NFS an exclusive flock needs the file open for writing: a spool left by a kill
+    is replayed there too, and the recorder starting has a spool of its own."""
+    store.create("k")
+    child = multiprocessing.get_context("fork").Process(
+        target=_record_and_die, args=(str(store.root), 5, False)
+    )
+    child.start()
+    child.join(60)
+    assert child.exitcode == -9
+    monkeypatch.setattr(events.fcntl, "flock", _flock_as_on_nfs)
+    again = Recorder(store)
+    again.attach()
+    try:
+        assert again._flusher.spool is not None  # type: ignore[union-attr]
+        assert [e["details"]["n"] for e in feed_events(store)] == list(range(5))
+    finally:
+        again.close()
+
+
+def test_a_spool_that_cannot_be_replayed_leaves_the_recorder_its_own(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error on one dead spool (an I/O error, say) leaves that spool for a later
+    start; the recorder starting has its own all the same."""
+    dead = store.root / ".events" / f".spool-1-0@{events._spool_host(store.owner.host)}"
+    (store.root / ".events").mkdir(exist_ok=True)
+    dead.write_bytes(bytes(16))
+
+    def failing(fd: int, operation: int) -> None:
+        if os.fstat(fd).st_ino == dead.stat().st_ino:
+            raise OSError(errno.EIO, "Input/output error")
+        _real_flock(fd, operation)
+
+    monkeypatch.setattr(events.fcntl, "flock", failing)
+    recorder = Recorder(store)
+    recorder.attach()
+    try:
+        assert recorder._flusher.spool is not None  # type: ignore[union-attr]
+        assert dead.exists()  # left for a later start
+    finally:
+        recorder.close()
+
+
+def _spools(store: Store) -> list[str]:
+    return sorted(n for n in os.listdir(store.root / ".events") if n.startswith(".spool-"))
+
+
+def test_spools_are_replayed_by_the_host_id_not_the_host_name(store: Store) -> None:
+    """A spool left on host id box-a is replayed by a recorder of box-a (a container
+    recreated under a new host name keeps its id), never by one of box-b that happens
+    to have the same host name."""
+    store.create("k")
+    child = multiprocessing.get_context("fork").Process(
+        target=_record_and_die, args=(str(store.root), 3, False, "box-a")
+    )
+    child.start()
+    child.join(60)
+    assert child.exitcode == -9
+    for host, found in (("box-b", []), ("box-a", [0, 1, 2])):
+        store.owner = lease.Owner.here(host)
+        recorder = Recorder(store)
+        recorder.attach()
+        recorder.close()
+        assert [e["details"]["n"] for e in feed_events(store)] == found
+    assert _spools(store) == []
+
+
+def test_dead_spools_of_other_hosts_are_removed_after_events_keep(store: Store) -> None:
+    """A spool another host left and never came back for goes once it is older than the
+    feed's kept days; a newer one, or one its recorder still holds, stays."""
+    spools = store.root / ".events"
+    spools.mkdir(exist_ok=True)
+    old, new = spools / ".spool-7-0@box-c", spools / ".spool-7-0@box-d"
+    for dead in (old, new):
+        dead.write_bytes(bytes(16))
+    week = time.time() - 8 * 86400
+    os.utime(old, (week, week))
+    held = events._Spool(fs.open_dir(store.root_fd, ".events"), "box-e")
+    os.utime(spools / held.name, (week, week))
+    recorder = Recorder(store, keep_days=7)
+    recorder.attach()
+    recorder.close()
+    try:
+        assert _spools(store) == sorted([new.name, held.name])
+    finally:
+        held.close()
+        os.close(held.dir_fd)
+
+
+def test_a_line_recorded_while_the_recorder_closes_reaches_the_feed(store: Store) -> None:
+    """An event recorded after the flusher's last round (another thread, while close()
+    runs) is written to the feed at once, not left in the spool that close() removes."""
+    store.create("k")
+    recorder = Recorder(store)
+    recorder.attach()
+    recorder._flusher.stop()  # type: ignore[union-attr]  # what close() does first
+    events.note(store, "k", Code.TASK_STARTED, "Task 1 started.", {"n": 1})
+    recorder._flusher.spool.close()  # type: ignore[union-attr]  # and then this
+    recorder._flusher.spool = None  # type: ignore[union-attr]
+    recorder.close()
+    assert [e["details"]["n"] for e in feed_events(store)] == [1]
+    assert _spools(store) == []
+
+
+def test_the_main_process_s_api_events_precede_an_extra_process_s_in_the_feed(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With several API processes, a job created through the main one and uploaded to
+    through another has CREATED before FILE_UPLOADED in the feed, however soon the
+    second request came (the main process's flusher has not had its tick here)."""
+    monkeypatch.setattr(events._Flusher, "_run", lambda self: None)  # no tick meanwhile
+    with api_processes(store, notes_at_once=True) as (api, _):
+        job, _ = store.create("j")
+        events.created(store, job)
+        events.file_uploaded(api, "j", "a.txt", 3, "0" * 64)
+        order = job_feed(store, "j")
+        assert order == codes(history(store, "j")) == ["CREATED", "FILE_UPLOADED"]
