@@ -1018,15 +1018,16 @@ class Store:
             for probe in fs.entries(self.root_fd, hidden=True):
                 if probe.name.startswith(lease.CLOCK_PREFIX) and probe.name != mine:
                     hosts.add(probe.name.removeprefix(lease.CLOCK_PREFIX))
-        for job in itertools.islice(self._entries(State.PROCESSING), limit):
-            with contextlib.suppress(OSError):
-                dir_fd = fs.open_dir(self.root_fd, f"processing/{job.name}")
-                try:
-                    found = lease.read(dir_fd)
-                finally:
-                    os.close(dir_fd)
-                if found and found.owner and found.owner.host != self.owner.host:
-                    hosts.add(found.owner.host)
+        with contextlib.suppress(OSError):  # processing/ itself may be unreadable
+            for job in itertools.islice(self._entries(State.PROCESSING), limit):
+                with contextlib.suppress(OSError):
+                    dir_fd = fs.open_dir(self.root_fd, f"processing/{job.name}")
+                    try:
+                        found = lease.read(dir_fd)
+                    finally:
+                        os.close(dir_fd)
+                    if found and found.owner and found.owner.host != self.owner.host:
+                        hosts.add(found.owner.host)
         return sorted(hosts)
 
     def stuck(
