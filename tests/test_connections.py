@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
-import uvicorn
+from in_thread import uvicorn_in_thread
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
@@ -55,19 +55,9 @@ def serving(
 ) -> Iterator[tuple[int, Writes]]:
     """uvicorn with the service's protocol on a free port: (port, its writes)."""
     writes: Writes = []
-    sock = socket.create_server(("127.0.0.1", 0))
     protocol = recording(limited_protocol(limits or Limits(), quick), writes)
-    config = uvicorn.Config(app, http=protocol, log_config=None, lifespan="off", **settings)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=asyncio.run, args=(server.serve(sockets=[sock]),))
-    thread.start()
-    try:
-        while not server.started:
-            time.sleep(0.01)
-        yield sock.getsockname()[1], writes
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    with uvicorn_in_thread(app, protocol, **settings) as (port, _, _):
+        yield port, writes
 
 
 def exchange(port: int, request: bytes, answers: int = 1, head_only: bool = False) -> bytes:

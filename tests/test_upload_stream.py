@@ -25,6 +25,7 @@ import pytest
 import uvicorn
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from in_thread import uvicorn_in_thread
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -116,20 +117,8 @@ def running(
     app: ASGIApp, protocol: type[asyncio.Protocol] | None = None, **settings: Any
 ) -> Iterator[tuple[int, uvicorn.Server, threading.Thread]]:
     """app on uvicorn with the service's protocol, in a thread: (port, server, thread)."""
-    sock = socket.create_server(("127.0.0.1", 0))
-    http = protocol or limited_protocol(Limits())
-    config = uvicorn.Config(app, http=http, log_config=None, lifespan="off", **settings)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=asyncio.run, args=(server.serve(sockets=[sock]),))
-    thread.start()
-    try:
-        while not server.started:
-            time.sleep(0.01)
-        yield sock.getsockname()[1], server, thread
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
+    with uvicorn_in_thread(app, protocol or limited_protocol(Limits()), **settings) as running:
+        yield running
 
 
 @contextlib.contextmanager
