@@ -543,22 +543,25 @@ class Entry:
         return stat.S_ISREG(self.mode)
 
 
-def entries(dir_fd: int, *, hidden: bool = False) -> Iterator[Entry]:
-    """The entries of an open folder (names that are not valid text are skipped).
-
-    os.scandir on a descriptor works on a duplicate, so dir_fd stays usable.
-    """
+def _listed(dir_fd: int, hidden: bool) -> Iterator[os.DirEntry[str]]:
+    """The entries of an open folder that entries and kinds give: hidden names only if
+    asked for, names that are not valid text never (not valid UTF-8: no API can name
+    them, so none lists them). os.scandir on a descriptor works on a duplicate, so
+    dir_fd stays usable."""
     with os.scandir(dir_fd) as it:
         for e in it:
-            if not hidden and e.name.startswith("."):
-                continue
-            if not _is_text(e.name):
-                continue  # not valid UTF-8: no API can name it, so none lists it
-            try:
-                st = e.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            yield Entry(e.name, st.st_mode, st.st_size)
+            if (hidden or not e.name.startswith(".")) and _is_text(e.name):
+                yield e
+
+
+def entries(dir_fd: int, *, hidden: bool = False) -> Iterator[Entry]:
+    """The entries of an open folder, with their lstat's mode and size (see _listed)."""
+    for e in _listed(dir_fd, hidden):
+        try:
+            st = e.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        yield Entry(e.name, st.st_mode, st.st_size)
 
 
 def kinds(dir_fd: int, *, hidden: bool = False) -> Iterator[tuple[str, int]]:
@@ -566,19 +569,16 @@ def kinds(dir_fd: int, *, hidden: bool = False) -> Iterator[tuple[str, int]]:
     without a stat where the folder says the type (most file systems do): a walk over
     many small files spares one system call a file. The type is what the listing saw;
     whoever opens the name checks what it opens (open_regular_stat(listed=True))."""
-    with os.scandir(dir_fd) as it:
-        for e in it:
-            if (not hidden and e.name.startswith(".")) or not _is_text(e.name):
-                continue
-            try:
-                if e.is_file(follow_symlinks=False):
-                    yield e.name, stat.S_IFREG
-                elif e.is_dir(follow_symlinks=False):
-                    yield e.name, stat.S_IFDIR
-                else:
-                    yield e.name, stat.S_IFMT(e.stat(follow_symlinks=False).st_mode)
-            except FileNotFoundError:
-                continue
+    for e in _listed(dir_fd, hidden):
+        try:
+            if e.is_file(follow_symlinks=False):
+                yield e.name, stat.S_IFREG
+            elif e.is_dir(follow_symlinks=False):
+                yield e.name, stat.S_IFDIR
+            else:
+                yield e.name, stat.S_IFMT(e.stat(follow_symlinks=False).st_mode)
+        except FileNotFoundError:
+            continue
 
 
 def _is_text(name: str) -> bool:
