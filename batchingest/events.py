@@ -75,7 +75,7 @@ import struct
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -704,35 +704,39 @@ def _prune_spool(feed: Feed, name: str, oldest: float) -> None:
     """Remove another host's spool last changed before `oldest`, unless it is held."""
     if os.stat(name, dir_fd=feed.dir_fd, follow_symlinks=False).st_mtime >= oldest:
         return
-    fd = fs.open_regular(feed.dir_fd, name, os.O_RDWR)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return  # its recorder is alive (and idle that long)
-        if os.fstat(fd).st_nlink:
+    with _dead_spool(feed, name) as fd:
+        if fd is not None:
             os.unlink(name, dir_fd=feed.dir_fd)
-    finally:
-        os.close(fd)
 
 
 def _replay_spool(feed: Feed, name: str) -> int:
     """Replay one spool and remove it, unless its recorder is alive; the count written."""
+    with _dead_spool(feed, name) as fd:
+        if fd is None:
+            return 0
+        replayed = _replay(feed, fd)
+        os.unlink(name, dir_fd=feed.dir_fd)
+        return replayed
+
+
+@contextlib.contextmanager
+def _dead_spool(feed: Feed, name: str) -> Iterator[int | None]:
+    """The spool `name` opened and locked if its recorder is gone (so no other recorder
+    starting meanwhile takes it too); None if its recorder is alive (it holds the lock)
+    or another removed the spool meanwhile."""
     try:
         # open for writing: an NFS client takes flock's lock only on such a descriptor
         fd = fs.open_regular(feed.dir_fd, name, os.O_RDWR)
     except FileNotFoundError:
-        return 0  # replayed and removed by another recorder starting meanwhile
+        yield None
+        return
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            return 0  # its recorder is alive
-        if os.fstat(fd).st_nlink == 0:
-            return 0  # replayed and removed by another recorder starting meanwhile
-        replayed = _replay(feed, fd)
-        os.unlink(name, dir_fd=feed.dir_fd)
-        return replayed
+            yield None
+            return
+        yield fd if os.fstat(fd).st_nlink else None
     finally:
         os.close(fd)
 
