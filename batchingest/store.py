@@ -174,14 +174,22 @@ def _lock_taken(dir_fd: int, folder: bool = False) -> bool | None:
             return True
         fcntl.flock(dir_fd, fcntl.LOCK_UN)
         return _old_lock_held(dir_fd)
+    return _lock_file_taken(dir_fd, fcntl.LOCK_EX)
+
+
+def _lock_file_taken(dir_fd: int, how: int) -> bool | None:
+    """Does a process hold the job folder's `.lock` file (tried with the flock `how`,
+    without waiting)? False if there is none (a holder makes it before it claims); None
+    if it is a link or a special file (planted: no processor would lock that) or cannot
+    be locked."""
     try:
         fd = fs.open_regular(dir_fd, LOCK_FILE)
     except FileNotFoundError:
-        return False  # a holder makes .lock before it claims
+        return False
     except (fs.UnsafePath, fs.NotRegular):
-        return None  # planted: no processor would lock that
+        return None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, how | fcntl.LOCK_NB)
     except OSError as e:
         if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
             return True
@@ -201,18 +209,11 @@ def _old_lock_held(dir_fd: int) -> bool:
     job's content and holds nothing. A shared lock is enough to see an exclusive one.
     """
     try:
-        fd = fs.open_regular(dir_fd, LOCK_FILE)
+        return _lock_file_taken(dir_fd, fcntl.LOCK_SH) is True
     except OSError as e:
         if e.errno in SHORTAGE:
             raise
-        return False  # none (the usual case: one failed lstat), or not a lock file
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError as e:
-        return e.errno in (errno.EWOULDBLOCK, errno.EAGAIN)
-    finally:
-        os.close(fd)  # closing drops the flock we may have taken
-    return False
+        return False  # cannot be opened: not a lock file anyone holds
 
 
 def _lock_dir(dir_fd: int) -> bool:
