@@ -82,7 +82,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import msgspec
 
-from batchingest import fs
+from batchingest import fs, lease
 from batchingest.jobdir import EVENTS_FILE
 from batchingest.store import FEED, FINAL, InvalidName, Job, State, Store, StoreError
 
@@ -607,11 +607,6 @@ _SPOOLS = itertools.count()  # several recorders of one process have a spool eac
 _SPOOL_HEADER = 16  # where the lines not yet in the feed start and end (two u64 values)
 
 
-def _spool_host(host: str) -> str:
-    """The host id (--host-id, lease.Owner.host) as it is in a spool's name."""
-    return re.sub(r"[^A-Za-z0-9.-]", "_", host)[:64]
-
-
 class _Spool:
     """The feed's lines not yet written to it, in a file of ROOT/.events mapped into
     this process's memory (`.spool-<pid>-<n>@<host id>`).
@@ -624,7 +619,7 @@ class _Spool:
     """
 
     def __init__(self, dir_fd: int, host: str) -> None:
-        self.name = f".spool-{os.getpid()}-{next(_SPOOLS)}@{_spool_host(host)}"
+        self.name = f".spool-{os.getpid()}-{next(_SPOOLS)}@{lease.host_label(host)}"
         fd = fs.open_regular(dir_fd, self.name, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # ours while we live
@@ -691,7 +686,7 @@ def replay_spools(feed: Feed, host: str) -> int:
             continue
         name = found.group(0)
         try:
-            if found.group(3) == _spool_host(host):
+            if found.group(3) == lease.host_label(host):
                 replayed += _replay_spool(feed, name)
             else:
                 _prune_spool(feed, name, oldest)

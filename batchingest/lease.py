@@ -128,9 +128,14 @@ def read(dir_fd: int) -> Found | None:
 CLOCK_PREFIX = ".clock-"
 
 
+def host_label(host: str) -> str:
+    """A host id (Owner.host) as it is in the names of a host's files in the root."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", host)[:100]
+
+
 def clock_name(host: str) -> str:
     """The probe file of shared_now in the jobs root: one per host."""
-    return CLOCK_PREFIX + re.sub(r"[^A-Za-z0-9._-]", "_", host)[:100]
+    return CLOCK_PREFIX + host_label(host)
 
 
 def shared_now(root_fd: int, host: str) -> float:

@@ -821,7 +821,7 @@ def test_a_spool_that_cannot_be_replayed_leaves_the_recorder_its_own(
 ) -> None:
     """An error on one dead spool (an I/O error, say) leaves that spool for a later
     start; the recorder starting has its own all the same."""
-    dead = store.root / ".events" / f".spool-1-0@{events._spool_host(store.owner.host)}"
+    dead = store.root / ".events" / f".spool-1-0@{lease.host_label(store.owner.host)}"
     (store.root / ".events").mkdir(exist_ok=True)
     dead.write_bytes(bytes(16))
 
