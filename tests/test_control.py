@@ -160,7 +160,9 @@ def test_the_watcher_kills_a_task_that_ignores_sigterm_with_its_grandchildren(
     key = watcher.watch(fd, process, None)
     try:
         codes = run_in_thread(process, job, STUBBORN)
-        wait_for(lambda: (job / "grandchild.pid").exists() and (job / "task.pid").exists(), 10)
+        # the shell makes a pid file before it writes the pid into it: wait for the pids
+        written = [job / "grandchild.pid", job / "task.pid"]
+        wait_for(lambda: all(p.exists() and p.read_text().strip() for p in written), 10)
         task = int((job / "task.pid").read_text())
         grandchild = int((job / "grandchild.pid").read_text())
         time.sleep(0.2)
