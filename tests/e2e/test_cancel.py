@@ -46,7 +46,9 @@ def test_cancel_kills_a_task_that_traps_sigterm_and_its_grandchild(root: Path) -
     with Service(root, "--cancel-grace", "1") as svc:
         drop(root, "stubborn")
         running = root / "processing" / "stubborn"
-        wait_for(lambda: (running / "grandchild.pid").exists() and (running / "task.pid").exists())
+        # the shell makes a pid file before it writes the pid into it: wait for the pids
+        written = [running / "grandchild.pid", running / "task.pid"]
+        wait_for(lambda: all(p.exists() and p.read_text().strip() for p in written))
         pids = [int((running / f).read_text()) for f in ("task.pid", "grandchild.pid")]
         status, body = cancel(svc, "stubborn")
         assert (status, body["Name"], body["Status"]) == (202, "stubborn", "processing")
