@@ -42,6 +42,8 @@ log = logging.getLogger("batchingest.control")
 # Seconds between two looks at the running jobs' cancel files: the bulk of the latency
 # from a request to the task being signalled.
 POLL = 0.05
+# Seconds the Watcher goes on looking after the last task it watched ended.
+LINGER = 5.0
 # A request holds one short JSON object; a bigger `.cancel` is not read, only obeyed.
 REQUEST_LIMIT = 4096
 API_REASON = "canceled through the API"
@@ -339,13 +341,14 @@ class Watcher:
         self._closed = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self._asleep = True  # the thread waits for a watch without a timeout
         _WATCHERS.add(self)
 
     def watch(self, dir_fd: int, process: TaskProcess, deadline: Deadline | None) -> int:
         """Watch the job folder dir_fd while process runs; a key for unwatch."""
         key = id(process)
         with self._lock:
-            idle = not self._jobs
+            idle = self._asleep
             self._jobs[key] = (dir_fd, process, deadline)
             if self._thread is None and not self._closed.is_set():
                 self._thread = threading.Thread(
@@ -353,7 +356,7 @@ class Watcher:
                 )
                 self._thread.start()
         if idle:
-            self._wake.set()  # it sleeps while there is nothing to watch
+            self._wake.set()  # it sleeps without a timeout: let it look on
         return key
 
     def unwatch(self, key: int) -> None:
@@ -371,9 +374,16 @@ class Watcher:
             self._thread.join()
 
     def _loop(self) -> None:
+        busy_until = 0.0
         while not self._closed.is_set():
-            # no wake-ups at all while no task runs
-            self._wake.wait(self.interval if self._jobs else None)
+            # Looks go on for LINGER s after the last task ran, so the next task's watch
+            # need not wake this thread (short tasks one after another: a thread switch
+            # each); no wake-ups at all once no task ran for that long.
+            with self._lock:
+                if self._jobs:
+                    busy_until = time.monotonic() + LINGER
+                self._asleep = time.monotonic() >= busy_until
+            self._wake.wait(None if self._asleep else self.interval)
             self._wake.clear()
             if self._closed.is_set():
                 return

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -72,7 +73,18 @@ _JSON_WRITES_OTHERWISE = re.compile(rb"[0-9][eE]|null|\x7f")
 
 def now_rfc3339() -> str:
     """The current UTC time as RFC 3339 with milliseconds, e.g. 2026-11-23T14:10:48.123Z."""
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    global _second
+    ms = time.time_ns() // 1_000_000
+    second, milli = divmod(ms, 1000)
+    head = _second
+    if head[0] != second:
+        # strftime is most of the cost, and every job writes several stamps a second
+        text = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        head = _second = (second, text)  # one tuple: threads see both or neither
+    return f"{head[1]}.{milli:03d}Z"
+
+
+_second: tuple[int, str] = (-1, "")
 
 
 def validate(data: object) -> JobFile:

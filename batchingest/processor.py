@@ -466,7 +466,6 @@ class Processor:
                 return None
             # --default-deadline counts from here; the claim's rename resets the ctime
             entered = control.entered_queue(self.store, name) if self.cfg.default_deadline else None
-            queued_at = metrics.queued_at(self.store, name)
             try:
                 hold = self.store.claim(name)
             except OSError as e:
@@ -478,7 +477,7 @@ class Processor:
             if hold is None:
                 return self.cfg.poll_interval  # held elsewhere, or taken by another processor
             t0 = time.monotonic()
-            metrics.picked_up(queued_at)
+            metrics.picked_up(hold.ctime)
             log.info("job %s picked up", name)
             if hold.lease is not None:
                 self._leases.add(name, hold.dir_fd, hold.lease)

@@ -307,10 +307,14 @@ def fresh_control_file(control: Path, dir_fd: int | None = None) -> None:
     regular file. dir_fd: control's folder, already open (ControlDir.fd).
     """
     folder = fs.open_root(control.parent) if dir_fd is None else dir_fd
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        fs.remove(folder, control.name, recursive=True)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        os.close(os.open(control.name, flags, 0o600, dir_fd=folder))
+        try:
+            # the last task's file is removed after it ran: mostly nothing is there
+            os.close(os.open(control.name, flags, 0o600, dir_fd=folder))
+        except FileExistsError:
+            fs.remove(folder, control.name, recursive=True)
+            os.close(os.open(control.name, flags, 0o600, dir_fd=folder))
     finally:
         if folder != dir_fd:
             os.close(folder)
@@ -329,7 +333,7 @@ def read_control(path: Path, dir_fd: int | None = None) -> tuple[list[str], str]
     except FileNotFoundError:
         return added, ""
     try:
-        raw = fs.read_file(folder, path.name, CONTROL_LIMIT)
+        raw = _read_control_file(folder, path.name)
     except fs.TooLarge:
         return added, f"control file is larger than {CONTROL_LIMIT} bytes"
     except (fs.UnsafePath, fs.NotRegular) as e:
@@ -349,6 +353,18 @@ def read_control(path: Path, dir_fd: int | None = None) -> tuple[list[str], str]
         else:
             return added, f"bad control line {number}: {line[:500]!r} (expected addtask:NAME)"
     return added, ""
+
+
+def _read_control_file(folder: int, name: str) -> bytes | None:
+    """fs.read_file of the control file, without a read of one left empty (most are)."""
+    try:
+        fd, st = fs.open_regular_stat(folder, name)
+    except FileNotFoundError:
+        return None
+    try:
+        return fs.read_fd(fd, CONTROL_LIMIT, name, st.st_size) if st.st_size else b""
+    finally:
+        os.close(fd)
 
 
 def run_task(

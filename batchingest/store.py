@@ -284,6 +284,9 @@ class Hold:
     fd: int
     dir_fd: int = -1
     lease: lease.Held | None = None
+    # the folder's change time when it was taken: a claim's is when the job entered
+    # queue/ (the rename sets it), for the pickup latency
+    ctime: float | None = None
 
     @property
     def lock_fd(self) -> int:
@@ -893,7 +896,7 @@ class Store:
                 os.close(fd)
             os.close(dir_fd)
             return None
-        return Hold(name, self.root / rel, fd, dir_fd)
+        return Hold(name, self.root / rel, fd, dir_fd, ctime=here.st_ctime)
 
     def _unusable(self, where: str, e: LockUnusable) -> None:
         """Say once per job that its `.lock` keeps it from being taken."""
