@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -78,14 +79,40 @@ def resolve(task: str, tasks_dir: Path) -> list[str]:
     if not valid_name(task):
         raise UnknownTask(f"invalid task name {task!r}")
     path = tasks_dir / task
-    if path.is_file():
-        if not os.access(path, os.X_OK):
+    try:
+        st: os.stat_result | None = os.stat(path)
+    except OSError as e:
+        if e.errno not in _NOT_A_FILE:
+            raise
+        st = None
+    if st is not None and stat.S_ISREG(st.st_mode):
+        if not _executable(str(path), st):
             raise UnknownTask(f"task {task} ({path}) is not executable")
         return [str(path)]
     module = BUILTIN.get(task)
     if module is not None:
         return [sys.executable, "-m", f"batchingest.tasks.{module}"]
     raise UnknownTask(f"unknown task {task}")
+
+
+# what Path.is_file() takes for "not a file" rather than raising
+_NOT_A_FILE = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP})
+
+# access(X_OK) answers of task files, by the file's identity: the same task run over and
+# over need not ask again. A chmod, chown or ACL change moves the ctime, a replaced file
+# or link target has another inode, so a changed file is asked about again.
+_EXECUTABLE: dict[tuple[str, int, int, int, int], bool] = {}
+
+
+def _executable(path: str, st: os.stat_result) -> bool:
+    key = (path, st.st_dev, st.st_ino, st.st_mode, st.st_ctime_ns)
+    known = _EXECUTABLE.get(key)
+    if known is None:
+        known = os.access(path, os.X_OK)
+        if len(_EXECUTABLE) >= 256:
+            _EXECUTABLE.clear()
+        _EXECUTABLE[key] = known
+    return known
 
 
 @dataclass
@@ -231,9 +258,13 @@ class ControlDir:
         self.path = Path(tempfile.mkdtemp(prefix=prefix, dir=base))
         self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         fcntl.flock(self.fd, fcntl.LOCK_EX)
+        self._files: dict[object, Path] = {}
 
     def file(self, key: object) -> Path:
-        return self.path / f"{key}.control"
+        path = self._files.get(key)
+        if path is None:  # one per worker thread: made once, not for every task
+            path = self._files[key] = self.path / f"{key}.control"
+        return path
 
     def close(self) -> None:
         if self.fd < 0:

@@ -11,7 +11,11 @@ compares this tree with another instead: --workers 2 only, runs alternating betw
 two trees (each service started with PYTHONPATH set to its tree), jobs/s and the
 service process's own CPU per job (from /proc, its threads but not the tasks), which
 other load on the machine disturbs far less than the rate; and the pickup latency of
-each. BENCH_RUNS rounds (default 3).
+each. BENCH_RUNS rounds (default 3). BENCH_DIR puts the jobs roots in another folder:
+BENCH_DIR=/dev/shm (tmpfs) leaves out what creating files costs the disk at the moment,
+which swings with what was deleted there in the last half minute (ext4 without a journal
+passes over recently freed inodes when it allocates one), so the service's own CPU per
+job is far steadier there.
 """
 
 from __future__ import annotations
@@ -216,7 +220,7 @@ def compare(base: Path, other: Path) -> None:
 
 
 def main() -> None:
-    base = Path(tempfile.mkdtemp(prefix="batchingest-bench-"))
+    base = Path(tempfile.mkdtemp(prefix="batchingest-bench-", dir=os.environ.get("BENCH_DIR")))
     other = os.environ.get("BENCH_OTHER")
     if other:
         try:
