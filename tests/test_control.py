@@ -202,6 +202,28 @@ def test_a_request_made_in_this_process_wakes_the_watcher_at_once(tmp_path: Path
         os.close(fd)
 
 
+def test_a_watch_soon_after_another_is_looked_at_without_a_wake(tmp_path: Path) -> None:
+    first, job = tmp_path / "first", tmp_path / "job"
+    first.mkdir()
+    job.mkdir()
+    first_fd, fd = job_dir_fd(first), job_dir_fd(job)
+    watcher = control.Watcher(grace=5, interval=0.02)
+    try:
+        watcher.unwatch(watcher.watch(first_fd, TaskProcess(), None))  # a task that ended
+        time.sleep(0.2)  # the watcher goes on looking (control.LINGER), not woken again
+        process = TaskProcess()
+        watcher.watch(fd, process, None)
+        codes = run_in_thread(process, job, "echo $$ > pid; exec sleep 30\n")
+        wait_for((job / "pid").exists, 10)
+        control.write_request(fd, "stop")  # no wake_watchers(): its own look finds it
+        wait_for(lambda: codes, 10, what="the task to end")
+        assert codes == [-signal.SIGTERM] and process.canceled == "stop"
+    finally:
+        watcher.close()
+        os.close(fd)
+        os.close(first_fd)
+
+
 def test_the_watcher_stops_a_task_at_its_deadline(tmp_path: Path) -> None:
     job = tmp_path / "job"
     job.mkdir()

@@ -456,6 +456,23 @@ def test_open_append_creates_and_is_blocking(resolver: str, tree: Tree) -> None:
     assert stat.S_IMODE(os.stat(tree.jail / "sub" / "LOG").st_mode) & 0o7 == 0
 
 
+def test_open_append_of_one_name_new_or_old(resolver: str, tree: Tree) -> None:
+    fd = fs.open_append(tree.fd, "LOG", 0o640)  # new: made by one O_EXCL open
+    try:
+        assert not is_nonblocking(fd)  # tasks inherit it as stdout
+        os.write(fd, b"one\n")
+    finally:
+        os.close(fd)
+    fd = fs.open_append(tree.fd, "LOG")  # there already: appended to, not replaced
+    try:
+        assert not is_nonblocking(fd)
+        os.write(fd, b"two\n")
+    finally:
+        os.close(fd)
+    assert (tree.jail / "LOG").read_bytes() == b"one\ntwo\n"
+    assert stat.S_IMODE(os.stat(tree.jail / "LOG").st_mode) & 0o7 == 0
+
+
 def test_open_append_refuses_links_and_folders(resolver: str, tree: Tree) -> None:
     for rel in LINKS + THROUGH_LINKS:
         with pytest.raises(fs.UnsafePath):
@@ -491,6 +508,21 @@ def test_temp_name_is_hidden_and_short_enough() -> None:
     assert name.startswith(".JOB.") and name.endswith(fs.TEMP_SUFFIX)
     assert fs.temp_name("JOB") != name
     assert len(fs.temp_name("n" * 255)) <= 255
+
+
+def test_temp_names_of_a_forked_child_are_not_its_parents() -> None:
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next name, then out at once
+        os.write(w, fs.temp_name("JOB").encode())
+        os._exit(0)
+    os.close(w)
+    try:
+        child = os.read(r, 300).decode()
+    finally:
+        os.close(r)
+        os.waitpid(pid, 0)
+    assert child.startswith(".JOB.") and child != fs.temp_name("JOB")
 
 
 def test_write_atomic(resolver: str, tree: Tree) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +156,16 @@ def test_write_atomic_failure_keeps_the_old_file(tmp_path: Path) -> None:
 
 def test_now_rfc3339() -> None:
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", jobfile.now_rfc3339())
+
+
+def test_now_rfc3339_is_the_current_time_to_the_millisecond() -> None:
+    for _ in range(50):  # across a change of second too (its text is kept per second)
+        before = datetime.now(UTC)
+        before = before.replace(microsecond=before.microsecond // 1000 * 1000)  # to the ms
+        stamp = datetime.strptime(jobfile.now_rfc3339(), "%Y-%m-%dT%H:%M:%S.%f%z")
+        after = datetime.now(UTC)
+        assert before <= stamp <= after
+        time.sleep(0.03)
 
 
 # -- round trips -----------------------------------------------------------------------------

@@ -40,6 +40,22 @@ def test_unknown_invalid_and_not_executable_tasks(tmp_path: Path) -> None:
         resolve("plain", tmp_path)
 
 
+def test_a_task_file_made_executable_or_not_between_runs(tmp_path: Path) -> None:
+    task = tmp_path / "t"
+    task.write_text("#!/bin/sh\n")
+    task.chmod(0o755)
+    assert resolve("t", tmp_path) == [str(task)]
+    task.chmod(0o644)  # the answer kept for the file is not reused once it changed
+    with pytest.raises(UnknownTask, match="not executable"):
+        resolve("t", tmp_path)
+    task.chmod(0o755)
+    assert resolve("t", tmp_path) == [str(task)]
+    task.unlink()
+    task.mkdir()  # a folder of that name is no task file
+    with pytest.raises(UnknownTask, match="unknown task t"):
+        resolve("t", tmp_path)
+
+
 def test_control_lines(tmp_path: Path) -> None:
     control = tmp_path / "control"
     control.write_text("addtask:a\n\n  \naddtask:b-2.x\n")
@@ -50,6 +66,8 @@ def test_control_lines(tmp_path: Path) -> None:
     control.write_text("deltask:a\n")
     assert "bad control line 1" in read_control(control)[1]
     assert read_control(tmp_path / "missing") == ([], "")
+    control.write_text("")
+    assert read_control(control) == ([], "")
 
 
 def test_control_file_that_is_a_link_fifo_or_huge_is_refused_quickly(tmp_path: Path) -> None:

@@ -420,6 +420,15 @@ def test_claim_and_finish(store: Store) -> None:
     hold.release()  # releasing twice is harmless
 
 
+def test_a_claim_carries_when_the_job_entered_queue(store: Store) -> None:
+    put(store, "queue", "j", {})
+    arrived = os.lstat(store.root / "queue" / "j").st_ctime
+    time.sleep(0.02)
+    hold = store.claim("j")
+    assert hold is not None and hold.ctime == arrived  # not the claim's own rename
+    store.finish(hold, "success")
+
+
 def test_claim_of_absent_or_stray(store: Store) -> None:
     assert store.claim("absent") is None
     (store.root / "queue" / "stray").write_text("x")
