@@ -36,6 +36,7 @@ from batchingest.health import Backoff, Progress
 from batchingest.runner import (
     CannotSpawn,
     ControlDir,
+    EncodedEnv,
     TaskProcess,
     TaskResult,
     base_env,
@@ -256,7 +257,7 @@ class Processor:
     def __init__(self, cfg: Config, store: Store, progress: Progress | None = None) -> None:
         self.cfg = cfg
         self.store = store
-        self.env = base_env(cfg.task_env())
+        self.env = EncodedEnv.of(base_env(cfg.task_env()))
         self.progress = progress if progress is not None else Progress()
         # the heartbeat for /readyz comes from the poll loop, once per --poll-interval
         self.stale_after = max(10.0, 5 * cfg.poll_interval)

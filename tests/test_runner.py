@@ -14,10 +14,13 @@ import pytest
 from batchingest.runner import (
     CONTROL_LIMIT,
     ControlDir,
+    EncodedEnv,
+    TaskProcess,
     UnknownTask,
     fresh_control_file,
     read_control,
     resolve,
+    run_task,
     sweep_control_dirs,
 )
 
@@ -54,6 +57,38 @@ def test_a_task_file_made_executable_or_not_between_runs(tmp_path: Path) -> None
     task.mkdir()  # a folder of that name is no task file
     with pytest.raises(UnknownTask, match="unknown task t"):
         resolve("t", tmp_path)
+
+
+@pytest.mark.parametrize("encoded", [False, True])
+def test_a_task_gets_the_environment_given_and_the_job_variables(
+    tmp_path: Path, encoded: bool
+) -> None:
+    tasks, job = tmp_path / "tasks", tmp_path / "job é"
+    tasks.mkdir()
+    job.mkdir()
+    (tasks / "show").write_text('#!/bin/sh\necho "$FOO|$JOBNAME|$JOBPATH|$JOBCONTROL"\n')
+    (tasks / "show").chmod(0o755)
+    env = {"FOO": "bär", "JOBNAME": "overridden", "PATH": os.environ["PATH"]}
+    log_fd = os.open(job / "LOG", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    hold_fd = os.open(job, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        result = run_task(
+            "show",
+            job_dir=job,
+            job_name="j1",
+            tasks_dir=tasks,
+            control=tmp_path / "c.control",
+            env=EncodedEnv.of(env) if encoded else env,
+            log_fd=log_fd,
+            hold_fd=hold_fd,
+            timeout=None,
+            process=TaskProcess(),
+        )
+    finally:
+        os.close(log_fd)
+        os.close(hold_fd)
+    assert result.ok
+    assert f"bär|j1|{job}|{tmp_path / 'c.control'}\n" in (job / "LOG").read_text()
 
 
 def test_control_lines(tmp_path: Path) -> None:
