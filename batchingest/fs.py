@@ -494,6 +494,11 @@ def _rename_noreplace(src: str, dst: str, src_dir_fd: int, dst_dir_fd: int) -> N
     raise FileExistsError(errno.EEXIST, "target exists", dst)
 
 
+def has_syncfs() -> bool:
+    """Whether this system's C library has syncfs (see syncfs)."""
+    return _syncfs is not None
+
+
 def syncfs(fd: int) -> bool:
     """Flush the whole file system holding fd; False if this system has no syncfs."""
     if _syncfs is None:

@@ -305,6 +305,12 @@ def recorder(store: Store) -> Recorder:
     rec.close()
 
 
+@pytest.fixture
+def at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job seen in queue/ by hand gets its QUEUED at that listing, not with its claim."""
+    monkeypatch.setattr(events, "QUEUED_DELAY", 0.0)
+
+
 def history(store: Store, name: str) -> list[dict[str, object]]:
     job = store.get(name)
     fd = store.open_job(job)
@@ -444,7 +450,9 @@ def test_later_codes_can_be_recorded(store: Store, recorder: Recorder) -> None:
     assert all(e["state"] == "ready" for e in got)
 
 
-def test_hand_queued_jobs_are_seen_when_queue_is_listed(store: Store, recorder: Recorder) -> None:
+def test_hand_queued_jobs_are_seen_when_queue_is_listed(
+    store: Store, recorder: Recorder, at_once: None
+) -> None:
     store.create("api")
     events.queue(store, "api")
     run_held(store, "api", "error")
@@ -468,7 +476,7 @@ def test_hand_queued_jobs_are_seen_when_queue_is_listed(store: Store, recorder: 
 
 
 def test_a_history_opened_in_queue_is_the_claims_or_closed(
-    store: Store, recorder: Recorder
+    store: Store, recorder: Recorder, at_once: None
 ) -> None:
     """A hand-queued job's history, opened when seen, serves its claim; else it is closed."""
     for name in ("taken", "moved", "cleaned"):
@@ -620,7 +628,7 @@ def test_a_late_webhook_event_does_not_hide_a_move_by_hand(
 
 
 def test_a_listing_just_after_the_claims_rename_writes_no_second_queued(
-    store: Store, recorder: Recorder
+    store: Store, recorder: Recorder, at_once: None
 ) -> None:
     """A job seen in queue/ (its QUEUED written, its history kept) is claimed; a listing
     taken after the rename is handled before the claim's events: still one QUEUED."""
@@ -914,3 +922,71 @@ def test_the_main_process_s_api_events_precede_an_extra_process_s_in_the_feed(
         events.file_uploaded(api, "j", "a.txt", 3, "0" * 64)
         order = job_feed(store, "j")
         assert order == codes(history(store, "j")) == ["CREATED", "FILE_UPLOADED"]
+
+
+# -- a job queued by hand: QUEUED with the claim, or once it has waited ------------------------
+
+
+def test_a_job_claimed_soon_after_it_is_seen_gets_its_queued_with_the_claim(
+    store: Store, recorder: Recorder
+) -> None:
+    """One open and one write of its history: QUEUED (timed when seen) and CLAIMED."""
+    (store.root / "queue" / "soon").mkdir()
+    events.seen_queued(store, store.queued())
+    assert not (store.root / "queue" / "soon" / EVENTS_FILE).exists()  # nothing yet
+    seen = recorder._seen["soon"][0]
+    time.sleep(0.01)
+    run_held(store, "soon", "success")
+    got = history(store, "soon")
+    assert codes(got) == ["QUEUED", "CLAIMED", "SUCCEEDED"]
+    assert got[0]["details"] == {"by": "hand"} and got[0]["time"] == seen
+    assert str(got[0]["time"]) < str(got[1]["time"])
+    assert recorder._seen == {}
+
+
+def test_a_job_left_waiting_gets_its_queued_from_the_flusher(
+    store: Store, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(events, "QUEUED_DELAY", 0.2)
+    (store.root / "queue" / "waits").mkdir()
+    events.seen_queued(store, store.queued())
+    deadline = time.monotonic() + 10
+    while not (store.root / "queue" / "waits" / EVENTS_FILE).exists():
+        assert time.monotonic() < deadline, "no QUEUED written for a waiting job"
+        time.sleep(0.05)
+    assert codes(history(store, "waits")) == ["QUEUED"]
+    events.seen_queued(store, store.queued())  # seen again: nothing more
+    run_held(store, "waits", "success")
+    assert codes(history(store, "waits")) == ["QUEUED", "CLAIMED", "SUCCEEDED"]
+
+
+def test_jobs_seen_waiting_get_their_queued_when_the_recorder_closes(store: Store) -> None:
+    recorder = Recorder(store)
+    recorder.attach()
+    for name in ("a", "b"):
+        (store.root / "queue" / name).mkdir()
+    events.seen_queued(store, store.queued())
+    (store.root / "queue" / "b").rename(store.root / "data" / "b")  # gone before it is due
+    recorder.close()
+    assert codes(history(store, "a")) == ["QUEUED"]
+    assert not (store.root / "data" / "b" / EVENTS_FILE).exists()
+    assert [e["job"] for e in feed_events(store)] == ["a"]
+
+
+def test_histories_waiting_for_one_syncfs_are_not_kept_open(store: Store) -> None:
+    """Every task's fork copies and closes each open descriptor: of the histories waiting
+    for a batch's syncfs, only SYNCFS_BATCH per file system stay open; all are flushed."""
+    recorder = Recorder(store)
+    recorder.attach()
+    assert recorder._flusher is not None
+    before = len(os.listdir("/proc/self/fd"))
+    with recorder._flusher._one_round:  # no round meanwhile: all wait for the next
+        for i in range(40):
+            (store.root / "queue" / f"h{i}").mkdir()
+            run_held(store, f"h{i}", "success")
+        assert len(os.listdir("/proc/self/fd")) <= before + events.SYNCFS_BATCH
+        assert sum(recorder._flusher._by_fs.values()) >= 40 - events.SYNCFS_BATCH
+    recorder.close()
+    assert len(os.listdir("/proc/self/fd")) <= before
+    assert all(codes(history(store, f"h{i}")) == ["QUEUED", "CLAIMED", "SUCCEEDED"]
+               for i in range(40))  # fmt: skip
