@@ -1386,7 +1386,6 @@ class Recorder:
                         {"host": HOST, "pid": self._pid}))  # fmt: skip
         return planned
 
-
     def _hold_history(self, name: str, dir_fd: int) -> str | None:
         """Open the history of a job just claimed, kept from now on (_held); the state
         after its last move, read from the open file (nothing to read in a new one)."""
