@@ -42,18 +42,23 @@ word) after it.
   whose API events are written at once too then: Recorder.notes_at_once), so a job's
   events are in the feed in the order its requests were answered.
 - **Cost.** A processor keeps the history of a job it holds open from the claim to the
-  final move (Recorder._held), so task events are one write each; a job seen in queue/
-  keeps it from its QUEUED (Recorder._waiting), and a claim's QUEUED and CLAIMED are one
-  write. A history handed to the flusher is never copied: the recorder gives it back
-  (_Flusher.retire) instead of closing it, and the flusher closes it after its flush.
+  final move (Recorder._held), so task events are one write each; a claim opens it
+  through the folder the claim locked (Store.moving_folder). A job seen in queue/ by
+  hand gets its QUEUED with its claim (one write with CLAIMED) unless it waits
+  QUEUED_DELAY; one written before keeps its history open (Recorder._waiting). A history
+  handed to the flusher is never copied: the recorder gives it back (_Flusher.retire)
+  instead of closing it, and the flusher closes it after its flush; one that a batch's
+  syncfs will flush is closed at once, since every task's fork copies and closes each
+  descriptor the process holds.
 
 Who does what: the store listener (`Recorder.on_move`) writes the events of moves
 (QUEUED, CLAIMED, SUCCEEDED, FAILED, RECOVERED, RENAMED); the processor, the API and
 webhook delivery call the small functions at the end of this module (each a no-op where
 no recorder is attached, and never raising). A job moved into queue/ by hand makes no
 store move: when a processor lists queue/ (woken by the watcher, or by its poll), a new
-name whose history does not end in the queue state gets QUEUED (`by: hand`); a job
-taken before any listing saw it gets it just before CLAIMED.
+name whose history does not end in the queue state gets QUEUED (`by: hand`), timed
+then, written with its claim or QUEUED_DELAY later; a job taken before any listing saw
+it gets it just before CLAIMED too.
 """
 
 from __future__ import annotations
