@@ -5,9 +5,10 @@ Cost: 500 queued jobs, each running `true`, through the real processor (in this 
 run (taking turns at going first), so both see the same machine; and the process's CPU
 time per job, which a machine shared with other work disturbs less than the rate. Each
 job gets 5 events (QUEUED, CLAIMED, TASK_STARTED, TASK_SUCCEEDED, SUCCEEDED): 5 lines
-in its history file (QUEUED and CLAIMED in one write when the claim comes first) and 5
-in the feed, written by the flusher thread in one write a round, which also fsyncs the
-histories of the 3 state changes in groups.
+in its history file (QUEUED and CLAIMED in one write when the claim comes within
+events.QUEUED_DELAY of the job being seen in queue/) and 5 in the feed, written by the
+flusher thread in one write a round, which also fsyncs the histories of the state
+changes in groups.
 
 Feed: 1,000,000 events written into 48 hourly segments of a root, then the real service
 started on it; `GET /events?after=<cursor>&limit=100` for 500 cursors spread over the
