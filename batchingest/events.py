@@ -119,6 +119,7 @@ MAX_PENDING = 512
 # claim when that comes within this long, one write with CLAIMED; one still waiting then
 # gets it with the flusher's next round (which comes at least every FLUSH_IDLE).
 QUEUED_DELAY = 1.0
+SEEN_A_ROUND = 256
 # Histories opened when a job was seen in queue/, kept for its claim: at most this many,
 # and an eighth of the descriptors this process may open.
 MAX_WAITING = 64
@@ -776,12 +777,14 @@ class _Flusher:
 
     def __init__(
         self, feed: Feed, spool: _Spool | None = None, direct: bool = False,
-        due: Callable[[bool], None] | None = None,
+        due: Callable[[bool], bool] | None = None,
     ) -> None:  # fmt: skip
         self.feed = feed
         self.spool = spool
-        # called at the start of each round (True: the last): events written late
+        # called at the start of each round (True: the last): events written late;
+        # whether more are due at once (then the next round comes after a tick)
         self.due = due
+        self._more_due = False
         # lines written to the feed where they are recorded, not with the next batch
         self.direct = direct
         self._cond = threading.Condition()
@@ -844,6 +847,7 @@ class _Flusher:
         while True:
             with self._cond:
                 if not (self._sync or self._close or self._lines or self._stopping
+                        or self._more_due
                         or (self.spool is not None and self.spool.waiting())):  # fmt: skip
                     self._waiting = True
                     self._cond.wait(FLUSH_IDLE)
@@ -868,7 +872,7 @@ class _Flusher:
         with self._one_round:
             if self.due is not None:
                 try:
-                    self.due(final)
+                    self._more_due = self.due(final)
                 except Exception:
                     log.exception("writing late events failed")
             self._write_lines(final)
@@ -1008,7 +1012,7 @@ class Recorder:
         # job's QUEUED could reach the feed before the CREATED recorded here
         direct = self.store.mover is not None
         spool = None if direct else self._open_spool(self.feed)
-        self._flusher = _Flusher(self.feed, spool, direct, self._write_seen)
+        self._flusher = _Flusher(self.feed, spool, direct, self._write_seen_in_round)
         self._unsubscribe = self.store.subscribe(self.on_move)
         _RECORDERS[self.store] = self
 
@@ -1317,14 +1321,23 @@ class Recorder:
             seen = self._seen.pop(name, None)
         return None if seen is None else seen[0]
 
-    def _write_seen(self, everything: bool) -> None:
+    def _write_seen_in_round(self, final: bool) -> bool:
+        """The flusher's share: a bounded number a round, which flushes meanwhile wait
+        for (10,000 jobs found queued at start are written over many rounds)."""
+        return self._write_seen(final, None if final else SEEN_A_ROUND)
+
+    def _write_seen(self, everything: bool, most: int | None = None) -> bool:
         """Write QUEUED (by hand) for the jobs seen in queue/ at least QUEUED_DELAY ago
-        (everything: all) and not claimed since; their histories kept for the claim."""
+        (everything: all; most: the oldest that many) and not claimed since; their
+        histories kept for the claim. Whether more were due than written."""
         with self._queued_lock:
             if not self._seen:
-                return
+                return False
             oldest = time.monotonic() - (0.0 if everything else QUEUED_DELAY)
             due = [(name, at) for name, (at, seen) in self._seen.items() if seen <= oldest]
+            more = most is not None and len(due) > most
+            if more:
+                del due[most:]  # (a dict keeps the order they were seen in)
             for name, _ in due:
                 del self._seen[name]
         for name, at in due:
@@ -1340,6 +1353,7 @@ class Recorder:
                     self._seen_by_hand(name, dir_fd, at)
                 finally:
                     os.close(dir_fd)
+        return more
 
     def _seen_by_hand(self, name: str, dir_fd: int, at: str) -> None:
         """QUEUED (by hand) for a job found in queue/; its history kept for the claim."""

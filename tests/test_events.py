@@ -990,3 +990,26 @@ def test_histories_waiting_for_one_syncfs_are_not_kept_open(store: Store) -> Non
     assert len(os.listdir("/proc/self/fd")) <= before
     assert all(codes(history(store, f"h{i}")) == ["QUEUED", "CLAIMED", "SUCCEEDED"]
                for i in range(40))  # fmt: skip
+
+
+def test_the_flusher_writes_waiting_jobs_queued_a_bounded_number_a_round(
+    store: Store, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Flushes wait for a round: 10,000 jobs found queued at start are written over
+    many rounds, the oldest seen first, and none is lost."""
+    monkeypatch.setattr(events, "QUEUED_DELAY", 0.0)
+    monkeypatch.setattr(events, "SEEN_A_ROUND", 3)
+    names = [f"w{i}" for i in range(10)]
+    assert recorder._flusher is not None
+    with recorder._flusher._one_round:  # no round while the names are seen
+        for name in names:
+            (store.root / "queue" / name).mkdir()
+            with recorder._queued_lock:  # seen one after another, as a listing does
+                recorder._seen[name] = (events._now(), time.monotonic())
+        assert recorder._write_seen_in_round(False) is True
+        assert [n for n in names if history(store, n)] == ["w0", "w1", "w2"]
+    deadline = time.monotonic() + 30
+    while not all(history(store, n) for n in names):
+        assert time.monotonic() < deadline, "waiting jobs never got their QUEUED"
+        time.sleep(0.05)
+    assert all(codes(history(store, n)) == ["QUEUED"] for n in names)
