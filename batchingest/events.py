@@ -1514,6 +1514,15 @@ def task_ended(store: Store, hold: Hold, result: TaskResult) -> None:
                     after_task=True)  # fmt: skip
 
 
+def let_go(store: Store, name: str) -> None:
+    """The processor gave up the held job `name` without moving it (another host holds
+    it now): its history, kept open since the claim, is closed."""
+    recorder = _RECORDERS.get(store)
+    if recorder is not None:
+        with recorder.lock_of(name):
+            recorder.release(name)
+
+
 def finishing(store: Store, name: str) -> None:
     """The processor is about to move the held job `name` out of processing/."""
     if store in _RECORDERS:

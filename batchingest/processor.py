@@ -549,6 +549,7 @@ class Processor:
         if state == "lost":
             self._leases.remove(name)
             log.warning("job %s: left alone, another host holds it now", name)
+            events.let_go(self.store, name)
             hold.abandon()
             return
         reason = failure_reason(hold.dir_fd) if state == "error" else ""

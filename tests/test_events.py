@@ -1013,3 +1013,21 @@ def test_the_flusher_writes_waiting_jobs_queued_a_bounded_number_a_round(
         assert time.monotonic() < deadline, "waiting jobs never got their QUEUED"
         time.sleep(0.05)
     assert all(codes(history(store, n)) == ["QUEUED"] for n in names)
+
+
+def test_a_job_given_up_without_a_move_closes_its_kept_history(
+    store: Store, recorder: Recorder
+) -> None:
+    """A job another host took over (its lease lost) is let go: no descriptor stays."""
+    (store.root / "queue" / "lost").mkdir()
+    hold = store.claim("lost")
+    assert hold is not None
+    events.task_started(store, hold, "start")
+    fd = recorder._held["lost"][0]
+    events.let_go(store, "lost")
+    hold.abandon()
+    assert "lost" not in recorder._held
+    recorder.flush()  # a flush still due for it came first
+    history_file = str(store.root / "queue" / "lost" / EVENTS_FILE)
+    with contextlib.suppress(FileNotFoundError):  # closed (or the number reused since)
+        assert not os.readlink(f"/proc/self/fd/{fd}").startswith(history_file)
