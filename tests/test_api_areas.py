@@ -4,6 +4,8 @@ OpenAPI document before any of them is made."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -102,3 +104,30 @@ def test_the_document_lists_every_area_before_any_is_made(tmp_path: Path) -> Non
     made, _ = make(tmp_path, "made")
     areas.expanded(made.routes)  # type: ignore[attr-defined]
     assert call(made, "GET", "/openapi.json").body == call(fresh, "GET", "/openapi.json").body
+
+
+DOCUMENT_AFTER = """
+import sys
+import subprocess
+import sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from test_api import call, make_app
+app, store = make_app(Path({root!r}), endpoints=[("data", Path({root!r}))])
+store.init()
+for path in sys.argv[1:]:
+    call(app, "GET", path)
+sys.stdout.buffer.write(call(app, "GET", "/openapi.json").body)
+"""
+
+
+def test_the_document_is_the_same_whichever_area_came_first(tmp_path: Path) -> None:
+    # fresh interpreters: the areas' modules imported by the first request
+    code = DOCUMENT_AFTER.format(tests=str(Path(__file__).parent), root=str(tmp_path / "root"))
+    bodies = {
+        first: subprocess.run(
+            [sys.executable, "-c", code, *first], capture_output=True, check=True, timeout=60
+        ).stdout
+        for first in [(), ("/globus/v0.10/endpoint/data",), ("/stuck", "/v1/transfers")]
+    }
+    assert len(set(bodies.values())) == 1 and b'"/stuck"' in bodies[()]

@@ -325,19 +325,23 @@ def _service_routes(document: areas.Document, readiness: Readiness) -> list[Base
     ]
 
 
+def _documented() -> dict[str, Any]:
+    """The operations of the areas made at first use (their modules imported now)."""
+    # in this order, whichever area is asked for first: a model's schema takes its place
+    # in the document's components when its module is imported, and the document is
+    # the same whatever the requests before it
+    from batchingest.api import staccato, stuck  # isort: skip
+    from batchingest.api import globus
+
+    return {**globus.OPENAPI_PATHS, **events.OPENAPI_PATHS, **staccato.OPENAPI_PATHS,
+            **stuck.OPENAPI_PATHS}  # fmt: skip
+
+
 def _document(cfg: Config, staging_paths: dict[str, Any]) -> areas.Document:
-    """/openapi.json, from every area's operations (their modules imported then)."""
+    """/openapi.json, from every area's operations."""
 
     def build() -> bytes:
-        from batchingest.api import globus, staccato, stuck
-
-        extra_paths = {
-            **staging_paths,
-            **globus.OPENAPI_PATHS,
-            **events.OPENAPI_PATHS,
-            **staccato.OPENAPI_PATHS,
-            **stuck.OPENAPI_PATHS,
-        }
+        extra_paths = {**staging_paths, **_documented()}
         spec = openapi.spec(__version__, extra_paths, staging_ids_are_paths=cfg.catalog is None)
         return bytes(jobs.json_response(spec).body)
 
@@ -355,6 +359,8 @@ def _areas(cfg: Config, store: Store) -> dict[str, areas.Area]:
 
     def make(module: str) -> Callable[[], list[BaseRoute]]:
         def routes() -> list[BaseRoute]:
+            if module.startswith("batchingest.api."):
+                _documented()
             made: list[BaseRoute] = importlib.import_module(module).routes(cfg, store)
             return made
 
