@@ -52,6 +52,9 @@ def idle_rss(tree: str, args: tuple[str, ...]) -> float:
 
 
 def main() -> None:
+    # `python -m` puts the current folder first on the service's path, before
+    # PYTHONPATH: started from a checkout, every service would run that checkout's code
+    os.chdir(tempfile.gettempdir())
     trees = {"this tree": HERE} | ({"other": OTHER} if OTHER else {})
     got: dict[tuple[str, str], list[float]] = {}
     for run in range(RUNS):
