@@ -295,7 +295,7 @@ def _larger_body_buffer() -> None:
             mod.HIGH_WATER_LIMIT = BODY_BUFFER  # type: ignore[attr-defined]
 
 
-def _service_routes(document: areas.Document, readiness: Readiness) -> list[BaseRoute]:
+def _service_routes(document: areas.Once[bytes], readiness: Readiness) -> list[BaseRoute]:
     """/, /healthz, /readyz, /openapi.json and /docs."""
 
     async def index(request: Request) -> Response:
@@ -314,7 +314,7 @@ def _service_routes(document: areas.Document, readiness: Readiness) -> list[Base
         return jobs.json_response({"status": "ready"})
 
     async def openapi_json(request: Request) -> Response:
-        return Response(document.body, media_type="application/json")
+        return Response(document.get(), media_type="application/json")
 
     return [
         Route("/", index, methods=["GET"]),
@@ -337,7 +337,7 @@ def _documented() -> dict[str, Any]:
             **stuck.OPENAPI_PATHS}  # fmt: skip
 
 
-def _document(cfg: Config, staging_paths: dict[str, Any]) -> areas.Document:
+def _document(cfg: Config, staging_paths: dict[str, Any]) -> areas.Once[bytes]:
     """/openapi.json, from every area's operations."""
 
     def build() -> bytes:
@@ -345,7 +345,7 @@ def _document(cfg: Config, staging_paths: dict[str, Any]) -> areas.Document:
         spec = openapi.spec(__version__, extra_paths, staging_ids_are_paths=cfg.catalog is None)
         return bytes(jobs.json_response(spec).body)
 
-    return areas.Document(build)
+    return areas.Once(build)
 
 
 def _areas(cfg: Config, store: Store) -> dict[str, areas.Area]:

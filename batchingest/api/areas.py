@@ -3,31 +3,53 @@ at its first request: idle memory.
 
 Most installations never call the Globus Transfer API, Staccato, the dashboard or
 GET /stuck, yet their modules (handlers, msgspec models, the Globus operations' part of
-the document) took close to 1 MiB of every API process's memory from its start. An
-`Area` stands in the app's routes, in the place of the routes it stands for, for every
-path under its prefix: the first request whose path is under it imports the area's
-module and makes its routes (`make`), once; from then on it matches and answers exactly
-as those routes, in their order (404, 405 and the area's own fallbacks alike). A path
-outside the prefix never loads anything.
+the document) and the document built at start took about 1.6 MiB of every API
+process's memory. An `Area` stands in the app's routes, in the place of the routes it
+stands for, for every path under its prefix: the first request whose path is under it
+imports the area's module and makes its routes (`make`), once; from then on it matches
+and answers exactly as those routes, in their order (404, 405 and the area's own
+fallbacks alike). A path outside the prefix never loads anything.
 
-What must be known at start stays at start: create_app checks the endpoints (a bad or
-twice given name fails the start, a missing folder is warned of) before any area is
-made. The OpenAPI document (`Document`) is built from every area's table of operations
-at the first GET /openapi.json, so it is the same document as before, whichever routes
-were used or not.
+What must be known at start stays at start: the settings check the endpoint names (a
+bad or twice given one fails the start) and create_app warns of a missing endpoint
+folder, before any area is made. The OpenAPI document (a `Once` in app.py) is built
+from every area's table of operations at the first GET /openapi.json, so it is the
+same document as before, whichever routes were used or not.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from starlette.datastructures import URLPath
 from starlette.routing import BaseRoute, Match, NoMatchFound
 from starlette.types import Receive, Scope, Send
 
 _CHOSEN = "batchingest.area_route"  # scope key: the area's route that matched
+T = TypeVar("T")
+
+
+class Once(Generic[T]):
+    """What `make()` gives, made at the first ask (one thread at a time) and kept."""
+
+    def __init__(self, make: Callable[[], T]) -> None:
+        self._make: Callable[[], T] | None = make
+        self._value: T | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def done(self) -> bool:
+        return self._make is None
+
+    def get(self) -> T:
+        if self._make is not None:
+            with self._lock:
+                if self._make is not None:
+                    self._value = self._make()
+                    self._make = None
+        return self._value  # type: ignore[return-value]  # made above
 
 
 class Area(BaseRoute):
@@ -35,23 +57,16 @@ class Area(BaseRoute):
 
     def __init__(self, prefix: str, make: Callable[[], list[BaseRoute]]) -> None:
         self.prefix = prefix
-        self._make: Callable[[], list[BaseRoute]] | None = make
-        self._routes: list[BaseRoute] = []
-        self._lock = threading.Lock()
+        self._routes = Once(make)
 
     @property
     def routes(self) -> list[BaseRoute]:
         """The area's routes, made now if no request has made them yet."""
-        if self._make is not None:
-            with self._lock:
-                if self._make is not None:
-                    self._routes = self._make()
-                    self._make = None
-        return self._routes
+        return self._routes.get()
 
     @property
     def loaded(self) -> bool:
-        return self._make is None
+        return self._routes.done
 
     def covers(self, path: str) -> bool:
         return path == self.prefix or path.startswith(self.prefix + "/")
@@ -81,24 +96,6 @@ class Area(BaseRoute):
             except NoMatchFound:
                 pass
         raise NoMatchFound(name, path_params)
-
-
-class Document:
-    """The OpenAPI document's bytes, built by `build` at the first request for it."""
-
-    def __init__(self, build: Callable[[], bytes]) -> None:
-        self._build: Callable[[], bytes] | None = build
-        self._body = b""
-        self._lock = threading.Lock()
-
-    @property
-    def body(self) -> bytes:
-        if self._build is not None:
-            with self._lock:
-                if self._build is not None:
-                    self._body = self._build()
-                    self._build = None
-        return self._body
 
 
 def expanded(routes: list[BaseRoute]) -> list[BaseRoute]:
