@@ -2,7 +2,8 @@
 
 Cost: 500 queued jobs, each running `true`, through the real processor (in this process,
 --workers 2) with the events recorder attached and without it, alternating in the same
-run (taking turns at going first), so both see the same machine; and the process's CPU
+run (taking turns at going first), each run started on a drained disk (sync, dirty
+pages written, discards calmed: _copyfloors.py), so both see the same machine; and the process's CPU
 time per job, which a machine shared with other work disturbs less than the rate. Each
 job gets 5 events (QUEUED, CLAIMED, TASK_STARTED, TASK_SUCCEEDED, SUCCEEDED): 5 lines
 in its history file (QUEUED and CLAIMED in one write when the claim comes within
@@ -29,6 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import _copyfloors as cf
 import httpx
 
 from batchingest import events
@@ -82,6 +84,10 @@ def throughput(base: Path, with_events: bool) -> tuple[float, float]:
         job = root / f".j{i:04d}"
         job.mkdir()
         (job / "JOB").write_text('{"Todo": ["true"]}')
+    # each run starts on a drained disk: the jobs just made and the last run's root,
+    # removed (discards, on a file system mounted with `discard`), written out first
+    cf.DRAINS.drain()
+    cf.DRAINS.quiet += cf.wait_quiet_disk(root)
     try:
         return asyncio.run(_throughput(root, with_events))
     finally:
@@ -233,6 +239,7 @@ def main() -> None:
             f"{pct(oldest, 0.5) * 1000:.1f} ms; `GET /healthz`: p50 "
             f"{pct(floor, 0.5) * 1000:.1f} ms | p50 <= 10 ms |"
         )
+        print(f"\n{cf.DRAINS.line()}")
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
