@@ -118,7 +118,7 @@ MAX_PENDING = 512
 # A job found in queue/ by hand gets its QUEUED (timed when it was first seen) with its
 # claim when that comes within this long, one write with CLAIMED; one still waiting then
 # gets it with the flusher's next round (which comes at least every FLUSH_IDLE).
-QUEUED_DELAY = 1.0
+QUEUED_DELAY = 2.0
 SEEN_A_ROUND = 256
 # Histories opened when a job was seen in queue/, kept for its claim: at most this many,
 # and an eighth of the descriptors this process may open.
