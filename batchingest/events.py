@@ -784,7 +784,6 @@ class _Flusher:
         # called at the start of each round (True: the last): events written late;
         # whether more are due at once (then the next round comes after a tick)
         self.due = due
-        self._more_due = False
         # lines written to the feed where they are recorded, not with the next batch
         self.direct = direct
         self._cond = threading.Condition()
@@ -797,6 +796,7 @@ class _Flusher:
         self._flushing: dict[int, int] = {}  # the batch being flushed now
         self._close: list[int] = []  # retired while a flush of theirs was pending
         self._lines: list[bytes] = []  # the feed's that did not go to the spool
+        self._more_due = False
         self._waiting = False
         self._stopping = False
         self._one_round = threading.Lock()
