@@ -31,6 +31,7 @@ from batchingest.api.access import TOKEN_LABEL, AccessLog
 from batchingest.api.errors import MAPPED, ApiError, api_error_of
 from batchingest.api.paths import job_name, unsafe_url_path
 from batchingest.config import Config
+from batchingest.connections import BodyTimeout
 from batchingest.endpoints import Endpoints
 from batchingest.health import Progress, Readiness
 from batchingest.store import Store
@@ -162,6 +163,8 @@ class ApiMiddleware:
         try:
             if self.direct is None or not await self.direct(scope, send_with_id):
                 await self.app(scope, receive, send_with_id)
+        except BodyTimeout:
+            log.warning("request %s: its body stalled past --body-timeout: closed", request_id)
         except ClientDisconnect:
             log.info("request %s: client went away", request_id)
         except Exception:
