@@ -882,12 +882,12 @@ class _Flusher:
         which lines were handed. final: the last one (stop); lines handed after it are
         written at once, since nothing would write them from the spool, which is removed.
         """
+        if self.due is not None:  # (job work: not under _one_round, which notes wait for)
+            try:
+                self._more_due = self.due(final)
+            except Exception:
+                log.exception("writing late events failed")
         with self._one_round:
-            if self.due is not None:
-                try:
-                    self._more_due = self.due(final)
-                except Exception:
-                    log.exception("writing late events failed")
             self._write_lines(final)
             with self._cond:
                 batch = self._flushing = self._sync
@@ -997,6 +997,8 @@ class Recorder:
         # jobs found there by hand whose QUEUED is not written yet: when first seen (the
         # event's time, and monotonic), until their claim or QUEUED_DELAY
         self._seen: dict[str, tuple[str, float]] = {}
+        self._seen_writing = threading.Lock()  # one _write_seen at a time
+        self._seen_closed = False
         # names whose history this process saw end in the queue state: a claim of one
         # need not read the history to know whether its QUEUED is written
         self._ends_queued: set[str] = set()
@@ -1035,6 +1037,8 @@ class Recorder:
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
+        with self._seen_writing:
+            self._seen_closed = True
         if self._flusher is not None:
             self._flusher.stop()
             if self._flusher.spool is not None:
@@ -1193,6 +1197,8 @@ class Recorder:
                 return
             job, dir_fd = found
             try:
+                if job.state == State.QUEUE:
+                    self._queued_before(job.name, dir_fd)
                 self.record(job.name, dir_fd, code, job.status, description, details)
             finally:
                 os.close(dir_fd)
@@ -1212,6 +1218,9 @@ class Recorder:
             claimed = old_state == State.QUEUE and job.state == State.PROCESSING
             # a job this process held, or saw in queue/: its history is open already
             kept = original in self._held or (claimed and self._take_waiting(job.name))
+            if claimed and not kept:
+                # one left by a namesake whose final move never came (removed by hand)
+                self.release(job.name)
             # a claim's folder is open already: the claimer lends it
             lent = self.store.moving_folder() if claimed and not kept else None
             dir_fd = None if kept or lent is not None else self._open_moved(job)
@@ -1219,6 +1228,8 @@ class Recorder:
             held = job.name if claimed else original
             at = self._take_seen(job.name) if claimed else None
             try:
+                if old_state == State.QUEUE and not claimed:  # unqueued (cancel, deadline)
+                    self._queued_before(job.name, folder)
                 planned = self._planned(job, old_state, original, folder, kept)
                 # a QUEUED written late (a hand-queued job, seen when taken) says queue,
                 # and when it was seen
@@ -1334,6 +1345,16 @@ class Recorder:
             seen = self._seen.pop(name, None)
         return None if seen is None else seen[0]
 
+    def _queued_before(self, name: str, dir_fd: int | None) -> None:
+        """The QUEUED (by hand) still waiting for a job seen in queue/ (_seen), written
+        now, before another event of its (under its lock): a note while it waits, or a
+        move out of queue/ other than a claim (a cancel, a deadline)."""
+        at = self._take_seen(name)
+        if at is None or dir_fd is None or name in self._ends_queued:
+            return
+        for code, text, details in self._hand_queued(last_state(dir_fd)):
+            self.record(name, dir_fd, code, "queue", text, details, durable=True, at=at)
+
     def _write_seen_in_round(self, final: bool) -> bool:
         """The flusher's share: a bounded number a round, which flushes meanwhile wait
         for (10,000 jobs found queued at start are written over many rounds)."""
@@ -1342,7 +1363,17 @@ class Recorder:
     def _write_seen(self, everything: bool, most: int | None = None) -> bool:
         """Write QUEUED (by hand) for the jobs seen in queue/ at least QUEUED_DELAY ago
         (everything: all; most: the oldest that many) and not claimed since; their
-        histories kept for the claim. Whether more were due than written."""
+        histories kept for the claim. Whether more were due than written.
+
+        One call at a time: a listing thread's still running when the recorder closes
+        is waited for (and none starts after), so that the last round writes the rest.
+        """
+        with self._seen_writing:
+            if self._seen_closed and not everything:
+                return False
+            return self._write_due(everything, most)
+
+    def _write_due(self, everything: bool, most: int | None) -> bool:
         with self._queued_lock:
             if not self._seen:
                 return False
@@ -1527,6 +1558,7 @@ def task_ended(store: Store, hold: Hold, result: TaskResult) -> None:
                     after_task=True)  # fmt: skip
 
 
+@_quiet
 def let_go(store: Store, name: str) -> None:
     """The processor gave up the held job `name` without moving it (another host holds
     it now): its history, kept open since the claim, is closed."""

@@ -567,7 +567,8 @@ class Processor:
                 hold.abandon()
             else:
                 hold.release()
-        if job is None:
+        if job is None:  # not moved (removed by hand, lost, stopping): not held here now
+            events.let_go(self.store, name)
             return
         metrics.job_finished(job.state)
         log.info(

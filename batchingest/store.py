@@ -927,14 +927,14 @@ class Store:
         except LockUnusable as e:
             self._unusable(f"queue/{name}", e)
             return None
-        self._moving.dir_fd = hold.dir_fd
+        outer, self._moving.dir_fd = self.moving_folder(), hold.dir_fd
         try:
             self._move(name, State.QUEUE, State.PROCESSING)
         except OSError:
             hold.release()
             return None
         finally:
-            self._moving.dir_fd = None
+            self._moving.dir_fd = outer  # (a claim made by a listener of another)
         hold.path = self.job_path(State.PROCESSING, name)
         return hold
 

@@ -7,6 +7,7 @@ import errno
 import json
 import multiprocessing
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -973,9 +974,19 @@ def test_jobs_seen_waiting_get_their_queued_when_the_recorder_closes(store: Stor
     assert [e["job"] for e in feed_events(store)] == ["a"]
 
 
-def test_histories_waiting_for_one_syncfs_are_not_kept_open(store: Store) -> None:
+def test_histories_waiting_for_one_syncfs_are_not_kept_open(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Every task's fork copies and closes each open descriptor: of the histories waiting
     for a batch's syncfs, only SYNCFS_BATCH per file system stay open; all are flushed."""
+    synced: list[int] = []
+    real_syncfs = fs.syncfs
+
+    def syncfs(fd: int) -> bool:
+        synced.append(os.fstat(fd).st_dev)
+        return real_syncfs(fd)
+
+    monkeypatch.setattr(fs, "syncfs", syncfs)
     recorder = Recorder(store)
     recorder.attach()
     assert recorder._flusher is not None
@@ -987,6 +998,7 @@ def test_histories_waiting_for_one_syncfs_are_not_kept_open(store: Store) -> Non
         assert len(os.listdir("/proc/self/fd")) <= before + events.SYNCFS_BATCH
         assert sum(recorder._flusher._by_fs.values()) >= 40 - events.SYNCFS_BATCH
     recorder.close()
+    assert os.stat(store.root / "success").st_dev in synced  # the closed ones' flush
     assert len(os.listdir("/proc/self/fd")) <= before
     assert all(codes(history(store, f"h{i}")) == ["QUEUED", "CLAIMED", "SUCCEEDED"]
                for i in range(40))  # fmt: skip
@@ -1001,13 +1013,16 @@ def test_the_flusher_writes_waiting_jobs_queued_a_bounded_number_a_round(
     monkeypatch.setattr(events, "SEEN_A_ROUND", 3)
     names = [f"w{i}" for i in range(10)]
     assert recorder._flusher is not None
-    with recorder._flusher._one_round:  # no round while the names are seen
+    due, recorder._flusher.due = recorder._flusher.due, None  # no round writes them meanwhile
+    try:
         for name in names:
             (store.root / "queue" / name).mkdir()
             with recorder._queued_lock:  # seen one after another, as a listing does
                 recorder._seen[name] = (events._now(), time.monotonic())
         assert recorder._write_seen_in_round(False) is True
         assert [n for n in names if history(store, n)] == ["w0", "w1", "w2"]
+    finally:
+        recorder._flusher.due = due
     deadline = time.monotonic() + 30
     while not all(history(store, n) for n in names):
         assert time.monotonic() < deadline, "waiting jobs never got their QUEUED"
@@ -1028,6 +1043,45 @@ def test_a_job_given_up_without_a_move_closes_its_kept_history(
     hold.abandon()
     assert "lost" not in recorder._held
     recorder.flush()  # a flush still due for it came first
-    history_file = str(store.root / "queue" / "lost" / EVENTS_FILE)
+    history_file = str(store.root / "processing" / "lost" / EVENTS_FILE)
     with contextlib.suppress(FileNotFoundError):  # closed (or the number reused since)
         assert not os.readlink(f"/proc/self/fd/{fd}").startswith(history_file)
+
+
+def test_a_waiting_queued_comes_before_a_cancel_or_a_note(store: Store, recorder: Recorder) -> None:
+    """A job seen in queue/ by hand, its QUEUED not written yet: taken back to ready
+    (a cancel, a deadline) or noted meanwhile, its QUEUED is written first."""
+    for name in ("back", "noted"):
+        store.create(name)
+        events.queue(store, name)
+        run_held(store, name, "error")
+        os.rename(store.root / "error" / name, store.root / "queue" / name)  # by hand
+    events.seen_queued(store, store.queued())
+    assert codes(history(store, "back"))[-1] == "FAILED"  # nothing yet
+    assert store.unqueue("back") is not None  # as a cancel of a queued job does
+    events.canceled(store, "back")
+    got = history(store, "back")
+    assert codes(got)[-2:] == ["QUEUED", "CANCELED"]
+    assert got[-2]["details"] == {"by": "hand", "from": "error"} and got[-2]["state"] == "queue"
+    events.webhook_failed(store, "noted", "error", "http://127.0.0.1:9/", "refused")
+    run_held(store, "noted", "success")
+    got = history(store, "noted")
+    assert codes(got)[-4:] == ["QUEUED", "WEBHOOK_FAILED", "CLAIMED", "SUCCEEDED"]
+    assert got[-4]["time"] <= got[-3]["time"]  # type: ignore[operator]
+
+
+def test_a_namesake_never_finished_leaves_no_history_to_the_next(
+    store: Store, recorder: Recorder
+) -> None:
+    """A held job removed by hand (its final move never comes): a new job of that name,
+    claimed later, writes its own history, not into the removed one's."""
+    (store.root / "queue" / "c").mkdir()
+    hold = store.claim("c")
+    assert hold is not None
+    events.task_started(store, hold, "start")
+    shutil.rmtree(store.root / "processing" / "c")
+    hold.abandon()
+    store.create("c")
+    events.queue(store, "c")
+    run_held(store, "c", "success")
+    assert codes(history(store, "c")) == ["QUEUED", "CLAIMED", "SUCCEEDED"]
