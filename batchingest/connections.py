@@ -277,7 +277,8 @@ class BodyStream:
             self._wake.clear()
             self._resume()
             try:
-                await asyncio.wait_for(self._wake.wait(), self._idle)
+                async with asyncio.timeout(self._idle):  # (a timer, not a task, a wait)
+                    await self._wake.wait()
             except TimeoutError:
                 if self._drop is not None:
                     self._drop()
