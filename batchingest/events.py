@@ -299,7 +299,24 @@ def open_history_stat(dir_fd: int) -> tuple[int, int, int]:
         if e.errno == errno.ENXIO:  # a FIFO nobody reads: open says so before any check
             raise fs.NotRegular(errno.EINVAL, "not a regular file (named pipe)", EVENTS_FILE) from e
         raise
+    if st.st_nlink > 1:  # linked with another job's too (a job copied with `cp -al`)
+        fd, st = _own_copy(dir_fd, fd, st)
     return fd, _end_torn_line(fd, st.st_size), st.st_dev
+
+
+def _own_copy(dir_fd: int, fd: int, st: os.stat_result) -> tuple[int, os.stat_result]:
+    """A history that is another file's too, replaced in this folder by a copy of it
+    (its last HISTORY_READ_LIMIT bytes, from a whole line on): this job's events then
+    go to this job alone. fd is closed; the copy is opened as _open_append does."""
+    try:
+        start = max(0, st.st_size - HISTORY_READ_LIMIT)
+        data = os.pread(fd, HISTORY_READ_LIMIT, start)
+        if start:
+            data = data[data.find(b"\n") + 1 :]  # the line cut at the start: dropped
+        fs.write_atomic(dir_fd, EVENTS_FILE, data, durable=False, mode=0o644)
+    finally:
+        os.close(fd)
+    return _open_append(dir_fd, EVENTS_FILE)
 
 
 def append_history(dir_fd: int, line: bytes) -> int:

@@ -1085,3 +1085,20 @@ def test_a_namesake_never_finished_leaves_no_history_to_the_next(
     events.queue(store, "c")
     run_held(store, "c", "success")
     assert codes(history(store, "c")) == ["QUEUED", "CLAIMED", "SUCCEEDED"]
+
+
+def test_a_history_hard_linked_with_another_jobs_is_made_this_jobs_own(
+    store: Store, recorder: Recorder
+) -> None:
+    """`cp -al success/a queue/b`: b's events go to b's history alone, which starts as a
+    copy of a's; a's history is left as it was."""
+    (store.root / "queue" / "a").mkdir()
+    run_held(store, "a", "success")
+    before = (store.root / "success" / "a" / EVENTS_FILE).read_bytes()
+    (store.root / "queue" / "b").mkdir()
+    os.link(store.root / "success" / "a" / EVENTS_FILE, store.root / "queue" / "b" / EVENTS_FILE)
+    run_held(store, "b", "success")
+    recorder.flush()
+    assert (store.root / "success" / "a" / EVENTS_FILE).read_bytes() == before
+    assert codes(history(store, "b")) == ["QUEUED", "CLAIMED", "SUCCEEDED"] * 2
+    assert os.stat(store.root / "success" / "b" / EVENTS_FILE).st_nlink == 1
