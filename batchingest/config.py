@@ -239,6 +239,9 @@ class Config:
     keep_alive: float = seconds(
         5.0, "seconds an idle keep-alive connection stays open", positive=True
     )
+    body_timeout: float = seconds(
+        60.0, "seconds a request body may go without a byte; then closed", positive=True
+    )
     min_free: int = setting(
         1 << 30, "GET /readyz fails below this much free space in the root", parse=_size,
         shown="1G",

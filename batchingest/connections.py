@@ -10,7 +10,10 @@ HTTP protocol the service runs is uvicorn's httptools protocol with three limits
 - a request head (request line and headers) must arrive within `header_timeout`
   seconds of its first byte, or of the connection being opened (408, closed);
 - a request head may be at most `max_header_size` bytes (431, closed): it is counted
-  as it arrives, so a huge header costs no more memory than that.
+  as it arrives, so a huge header costs no more memory than that;
+- an upload's body may go at most `body_timeout` seconds without a byte (a client
+  that stalls mid-body holds a connection, a thread and a temporary file): then its
+  connection is closed and the upload dropped (BodyTimeout).
 
 Idle keep-alive connections are closed by uvicorn's own `timeout_keep_alive`.
 
@@ -86,6 +89,12 @@ class Limits:
     max_connections: int = 256
     header_timeout: float = 10.0
     max_header_size: int = 64 << 10
+    body_timeout: float = 60.0
+
+
+class BodyTimeout(ClientDisconnect):
+    """No byte of the request body for `Limits.body_timeout`: the connection is closed,
+    and the request's work dropped as if the client had gone."""
 
 
 def connection_budget(wanted: int, workers: int) -> int:
@@ -223,9 +232,14 @@ class BodyStream:
     stops while more than STREAM_HIGH bytes wait, and ClientDisconnect is raised if
     the client goes."""
 
-    def __init__(self, pause: Callable[[], None], resume: Callable[[], None]) -> None:
+    def __init__(
+        self, pause: Callable[[], None], resume: Callable[[], None],
+        idle: float = 60.0, drop: Callable[[], None] | None = None,
+    ) -> None:  # fmt: skip
         self._pause = pause
         self._resume = resume
+        self._idle = idle  # Limits.body_timeout
+        self._drop = drop  # closes the connection
         self._chunks: deque[bytes] = deque()
         self._queued = 0
         self._done = False
@@ -262,7 +276,13 @@ class BodyStream:
                 raise ClientDisconnect()
             self._wake.clear()
             self._resume()
-            await self._wake.wait()
+            try:
+                async with asyncio.timeout(self._idle):  # (a timer, not a task, a wait)
+                    await self._wake.wait()
+            except TimeoutError:
+                if self._drop is not None:
+                    self._drop()
+                raise BodyTimeout() from None
 
 
 # scope["extensions"][BODY_SOCKET](): the rest of a Content-Length body, to be read
@@ -292,11 +312,12 @@ class SocketBody:
     """
 
     def __init__(self, fd: int, head: bytes, remaining: int,
-                 done: Callable[[SocketBody], None]) -> None:  # fmt: skip
+                 done: Callable[[SocketBody], None], idle: float = 60.0) -> None:  # fmt: skip
         self.head = head
         self.remaining = remaining
         self._fd = fd
         self._done = done
+        self._idle = idle  # Limits.body_timeout
         self._stopped = False
         self._poll = select.poll()
         self._poll.register(fd, select.POLLIN)
@@ -328,9 +349,13 @@ class SocketBody:
             return n
 
     def _wait(self) -> None:
+        give_up = time.monotonic() + self._idle
         while not self._stopped:
             if self._poll.poll(_STOP_POLL_MS):
                 return
+            if time.monotonic() > give_up:
+                self.stop()  # the connection goes with the read (release)
+                raise BodyTimeout()
         raise ClientDisconnect()
 
     @property
@@ -602,7 +627,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         """The rest of cycle's body as a BodyStream; what uvicorn holds comes first."""
         if cycle is not self.cycle or cycle.disconnected:
             return None
-        stream = BodyStream(self.flow.pause_reading, self.flow.resume_reading)
+        stream = BodyStream(self.flow.pause_reading, self.flow.resume_reading,
+                            self.limits.body_timeout, self._drop_connection)  # fmt: skip
         if cycle.body:
             stream.feed(bytes(cycle.body))
             cycle.body = bytearray()
@@ -630,8 +656,14 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         cycle.body = bytearray()
         remaining = length - self._body_seen
         done = lambda body: self._socket_body_done(cycle, body)  # noqa: E731
-        self._socket_body = SocketBody(os.dup(sock.fileno()), head, remaining, done)
+        self._socket_body = SocketBody(os.dup(sock.fileno()), head, remaining, done,
+                                       self.limits.body_timeout)  # fmt: skip
         return self._socket_body
+
+    def _drop_connection(self) -> None:
+        """A body stalled (BodyStream): nothing more is read or answered on it."""
+        if self._conn is not None and not self._conn.is_closing():
+            self._conn.close()
 
     def _socket_body_done(self, cycle: Any, body: SocketBody) -> None:
         """The parser never saw what a SocketBody read: with all of it read, a new

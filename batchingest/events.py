@@ -42,18 +42,23 @@ word) after it.
   whose API events are written at once too then: Recorder.notes_at_once), so a job's
   events are in the feed in the order its requests were answered.
 - **Cost.** A processor keeps the history of a job it holds open from the claim to the
-  final move (Recorder._held), so task events are one write each; a job seen in queue/
-  keeps it from its QUEUED (Recorder._waiting), and a claim's QUEUED and CLAIMED are one
-  write. A history handed to the flusher is never copied: the recorder gives it back
-  (_Flusher.retire) instead of closing it, and the flusher closes it after its flush.
+  final move (Recorder._held), so task events are one write each; a claim opens it
+  through the folder the claim locked (Store.moving_folder). A job seen in queue/ by
+  hand gets its QUEUED with its claim (one write with CLAIMED) unless it waits
+  QUEUED_DELAY; one written before keeps its history open (Recorder._waiting). A history
+  handed to the flusher is never copied: the recorder gives it back (_Flusher.retire)
+  instead of closing it, and the flusher closes it after its flush; one that a batch's
+  syncfs will flush is closed at once, since every task's fork copies and closes each
+  descriptor the process holds.
 
 Who does what: the store listener (`Recorder.on_move`) writes the events of moves
 (QUEUED, CLAIMED, SUCCEEDED, FAILED, RECOVERED, RENAMED); the processor, the API and
 webhook delivery call the small functions at the end of this module (each a no-op where
 no recorder is attached, and never raising). A job moved into queue/ by hand makes no
 store move: when a processor lists queue/ (woken by the watcher, or by its poll), a new
-name whose history does not end in the queue state gets QUEUED (`by: hand`); a job
-taken before any listing saw it gets it just before CLAIMED.
+name whose history does not end in the queue state gets QUEUED (`by: hand`), timed
+then, written with its claim or QUEUED_DELAY later; a job taken before any listing saw
+it gets it just before CLAIMED too.
 """
 
 from __future__ import annotations
@@ -110,9 +115,14 @@ FLUSH_TICK = 0.05
 # state folders may be mount points: one per file system); fewer are fsync-ed one by one.
 SYNCFS_BATCH = 4
 MAX_PENDING = 512
+# A job found in queue/ by hand gets its QUEUED (timed when it was first seen) with its
+# claim when that comes within this long, one write with CLAIMED; one still waiting then
+# gets it with the flusher's next round (which comes at least every FLUSH_IDLE).
+QUEUED_DELAY = 2.0
+SEEN_A_ROUND = 256
 # Histories opened when a job was seen in queue/, kept for its claim: at most this many,
 # and an eighth of the descriptors this process may open.
-MAX_WAITING = 1024
+MAX_WAITING = 64
 HOST = socket.gethostname()
 # The feed's lines not yet written wait in a spool this large (allocated: see _Spool).
 SPOOL_SIZE = 16 << 20
@@ -165,12 +175,14 @@ def _now() -> str:
 
 
 def make_event(
-    code: Code, state: str, description: str, details: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """An event as stored and served; `state` is the job's status word after it."""
+    code: Code, state: str, description: str, details: dict[str, Any] | None = None,
+    at: str | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """An event as stored and served; `state` is the job's status word after it; `at`
+    its time if not now."""
     return {
         "code": str(code),
-        "time": _now(),
+        "time": at or _now(),
         "is_error": code in ERROR_CODES,
         "description": description,
         "details": details or {},
@@ -238,6 +250,9 @@ def status(state: str) -> str:
 # -- a job's history ------------------------------------------------------------------
 
 
+_NEW_HISTORY = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL
+
+
 def _open_append(dir_fd: int, name: str) -> tuple[int, os.stat_result]:
     """fs.open_append, but readable too: the last byte says whether a line was torn."""
     # (O_NONBLOCK, which fs adds, changes nothing for a regular file)
@@ -268,13 +283,40 @@ def open_history(dir_fd: int) -> int:
 def open_history_stat(dir_fd: int) -> tuple[int, int, int]:
     """open_history, the file's size then (0: new or empty, nothing to read back) and
     its device (for grouped flushes)."""
+    try:  # most are new: made here, nothing else can be what is opened
+        fd = fs.open_beneath(dir_fd, EVENTS_FILE, _NEW_HISTORY, 0o644)
+    except FileExistsError:
+        pass  # (a link or FIFO too: O_EXCL never follows or opens it) looked at first
+    else:
+        try:
+            return fd, 0, os.fstat(fd).st_dev
+        except BaseException:
+            os.close(fd)
+            raise
     try:
         fd, st = _open_append(dir_fd, EVENTS_FILE)
     except OSError as e:
         if e.errno == errno.ENXIO:  # a FIFO nobody reads: open says so before any check
             raise fs.NotRegular(errno.EINVAL, "not a regular file (named pipe)", EVENTS_FILE) from e
         raise
+    if st.st_nlink > 1:  # linked with another job's too (a job copied with `cp -al`)
+        fd, st = _own_copy(dir_fd, fd, st)
     return fd, _end_torn_line(fd, st.st_size), st.st_dev
+
+
+def _own_copy(dir_fd: int, fd: int, st: os.stat_result) -> tuple[int, os.stat_result]:
+    """A history that is another file's too, replaced in this folder by a copy of it
+    (its last HISTORY_READ_LIMIT bytes, from a whole line on): this job's events then
+    go to this job alone. fd is closed; the copy is opened as _open_append does."""
+    try:
+        start = max(0, st.st_size - HISTORY_READ_LIMIT)
+        data = os.pread(fd, HISTORY_READ_LIMIT, start)
+        if start:
+            data = data[data.find(b"\n") + 1 :]  # the line cut at the start: dropped
+        fs.write_atomic(dir_fd, EVENTS_FILE, data, durable=False, mode=0o644)
+    finally:
+        os.close(fd)
+    return _open_append(dir_fd, EVENTS_FILE)
 
 
 def append_history(dir_fd: int, line: bytes) -> int:
@@ -763,16 +805,28 @@ class _Flusher:
     (or, without one or with it full, in memory) and are written in one write a round.
     """
 
-    def __init__(self, feed: Feed, spool: _Spool | None = None, direct: bool = False) -> None:
+    def __init__(
+        self, feed: Feed, spool: _Spool | None = None, direct: bool = False,
+        due: Callable[[bool], bool] | None = None,
+    ) -> None:  # fmt: skip
         self.feed = feed
         self.spool = spool
+        # called at the start of each round (True: the last): events written late;
+        # whether more are due at once (then the next round comes after a tick)
+        self.due = due
         # lines written to the feed where they are recorded, not with the next batch
         self.direct = direct
         self._cond = threading.Condition()
         self._sync: dict[int, int] = {}  # descriptor -> device, flushed in the next batch
+        self._per_device: dict[int, int] = {}  # device -> how many of _sync are on it
+        # device -> histories handed for the next batch that its syncfs will flush: a
+        # file system with SYNCFS_BATCH of them kept open needs no more (each open
+        # history is one more descriptor every task's fork copies and closes)
+        self._by_fs: dict[int, int] = {}
         self._flushing: dict[int, int] = {}  # the batch being flushed now
         self._close: list[int] = []  # retired while a flush of theirs was pending
         self._lines: list[bytes] = []  # the feed's that did not go to the spool
+        self._more_due = False
         self._waiting = False
         self._stopping = False
         self._one_round = threading.Lock()
@@ -793,7 +847,13 @@ class _Flusher:
     def sync(self, fd: int, device: int) -> None:
         """fsync this history with the next batch (fd stays the caller's: see retire)."""
         with self._cond:
-            if fd not in self._sync and len(self._sync) + len(self._close) < MAX_PENDING:
+            if fd in self._sync:
+                return
+            if self._per_device.get(device, 0) >= SYNCFS_BATCH and fs.has_syncfs():
+                self._by_fs[device] = self._by_fs.get(device, 0) + 1  # fd not needed
+                return
+            if len(self._sync) + len(self._close) < MAX_PENDING:
+                self._per_device[device] = self._per_device.get(device, 0) + 1
                 # (a disk this far behind: the rest is left to the kernel's writeback
                 # rather than held open)
                 self._sync[fd] = device
@@ -817,6 +877,7 @@ class _Flusher:
         while True:
             with self._cond:
                 if not (self._sync or self._close or self._lines or self._stopping
+                        or self._more_due
                         or (self.spool is not None and self.spool.waiting())):  # fmt: skip
                     self._waiting = True
                     self._cond.wait(FLUSH_IDLE)
@@ -838,13 +899,19 @@ class _Flusher:
         which lines were handed. final: the last one (stop); lines handed after it are
         written at once, since nothing would write them from the spool, which is removed.
         """
+        if self.due is not None:  # (job work: not under _one_round, which notes wait for)
+            try:
+                self._more_due = self.due(final)
+            except Exception:
+                log.exception("writing late events failed")
         with self._one_round:
             self._write_lines(final)
             with self._cond:
                 batch = self._flushing = self._sync
                 closing, self._sync, self._close = self._close, {}, []
+                by_fs, self._by_fs, self._per_device = self._by_fs, {}, {}
                 stopping = self._stopping
-            self._flush(batch)
+            self._flush(batch, by_fs)
             with self._cond:
                 self._flushing = {}
             for fd in closing:
@@ -879,9 +946,10 @@ class _Flusher:
             except OSError as e:
                 log.warning("%d events not in the feed: %s", lines.count(b"\n"), e.strerror or e)
 
-    def _flush(self, batch: dict[int, int]) -> None:
+    def _flush(self, batch: dict[int, int], by_fs: dict[int, int]) -> None:
         """fsync each history, or, for many on one file system, one syncfs of it; then
-        the feed, unless that syncfs covered it."""
+        the feed, unless that syncfs covered it. by_fs: how many more histories on each
+        file system (closed already) its syncfs is to flush."""
         by_device: dict[int, list[int]] = {}
         for fd, device in batch.items():
             by_device.setdefault(device, []).append(fd)
@@ -889,6 +957,9 @@ class _Flusher:
         for device, group in by_device.items():
             try:
                 if len(group) >= SYNCFS_BATCH and fs.syncfs(group[0]):
+                    synced.add(device)
+                elif by_fs.get(device):  # (syncfs failed) the closed ones: all of it
+                    os.sync()
                     synced.add(device)
                 else:
                     for fd in group:
@@ -940,6 +1011,11 @@ class Recorder:
         self._waiting: dict[str, _Kept] = {}
         # the names in queue/ at the last look (see seen_queued)
         self._queued: set[str] = set()
+        # jobs found there by hand whose QUEUED is not written yet: when first seen (the
+        # event's time, and monotonic), until their claim or QUEUED_DELAY
+        self._seen: dict[str, tuple[str, float]] = {}
+        self._seen_writing = threading.Lock()  # one _write_seen at a time
+        self._seen_closed = False
         # names whose history this process saw end in the queue state: a claim of one
         # need not read the history to know whether its QUEUED is written
         self._ends_queued: set[str] = set()
@@ -968,7 +1044,7 @@ class Recorder:
         # job's QUEUED could reach the feed before the CREATED recorded here
         direct = self.store.mover is not None
         spool = None if direct else self._open_spool(self.feed)
-        self._flusher = _Flusher(self.feed, spool, direct)
+        self._flusher = _Flusher(self.feed, spool, direct, self._write_seen_in_round)
         self._unsubscribe = self.store.subscribe(self.on_move)
         _RECORDERS[self.store] = self
 
@@ -978,6 +1054,8 @@ class Recorder:
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
+        with self._seen_writing:
+            self._seen_closed = True
         if self._flusher is not None:
             self._flusher.stop()
             if self._flusher.spool is not None:
@@ -1003,7 +1081,9 @@ class Recorder:
             return None
 
     def flush(self) -> None:
-        """Write the feed's lines gathered so far and flush the histories handed."""
+        """Write the QUEUED of every job seen queued by hand and the feed's lines
+        gathered so far, and flush the histories handed."""
+        self._write_seen(True)
         if self._flusher is not None:
             self._flusher.flush()
 
@@ -1015,7 +1095,7 @@ class Recorder:
     def record(
         self, name: str, dir_fd: int | None, code: Code, state: str, description: str,
         details: dict[str, Any] | None = None, *, durable: bool = False, held: str | None = None,
-        history: _Kept | None = None, after_task: bool = False,
+        history: _Kept | None = None, after_task: bool = False, at: str | None = None,
     ) -> dict[str, Any]:  # fmt: skip
         """Append one event to the job's history (dir_fd; None: feed only) and the feed.
 
@@ -1023,9 +1103,10 @@ class Recorder:
         open from the claim to the final move, instead of being opened for each event.
         history: the history already open (the caller keeps it). after_task: a task ran
         since the last event, so the kept history may have been removed (looked at).
-        durable: a state change, fsync-ed with the flusher's next batch.
+        durable: a state change, fsync-ed with the flusher's next batch. at: its time, if
+        not now.
         """
-        event = make_event(code, state, description, details)
+        event = make_event(code, state, description, details, at)
         self._write(name, dir_fd, [encode(event)], durable, held, history, after_task)
         return event
 
@@ -1133,6 +1214,8 @@ class Recorder:
                 return
             job, dir_fd = found
             try:
+                if job.state == State.QUEUE:
+                    self._queued_before(job.name, dir_fd)
                 self.record(job.name, dir_fd, code, job.status, description, details)
             finally:
                 os.close(dir_fd)
@@ -1152,18 +1235,29 @@ class Recorder:
             claimed = old_state == State.QUEUE and job.state == State.PROCESSING
             # a job this process held, or saw in queue/: its history is open already
             kept = original in self._held or (claimed and self._take_waiting(job.name))
-            dir_fd = None if kept else self._open_moved(job)
+            if claimed and not kept:
+                # one left by a namesake whose final move never came (removed by hand)
+                self.release(job.name)
+            # a claim's folder is open already: the claimer lends it
+            lent = self.store.moving_folder() if claimed and not kept else None
+            dir_fd = None if kept or lent is not None else self._open_moved(job)
+            folder = dir_fd if lent is None else lent
             held = job.name if claimed else original
+            at = self._take_seen(job.name) if claimed else None
             try:
-                planned = self._planned(job, old_state, original, dir_fd, kept)
-                # a QUEUED written late (a hand-queued job, seen when taken) says queue
+                if old_state == State.QUEUE and not claimed:  # unqueued (cancel, deadline)
+                    self._queued_before(job.name, folder)
+                planned = self._planned(job, old_state, original, folder, kept)
+                # a QUEUED written late (a hand-queued job, seen when taken) says queue,
+                # and when it was seen
                 lines = [
-                    encode(make_event(code, "queue" if code is Code.QUEUED else job.status,
-                                      description, details))
+                    encode(make_event(code, "queue", description, details, at)
+                           if code is Code.QUEUED
+                           else make_event(code, job.status, description, details))
                     for code, description, details in planned
                 ]  # fmt: skip
                 if lines:  # one write for a claim's QUEUED and CLAIMED
-                    self._write(job.name, dir_fd, lines, True, held)
+                    self._write(job.name, folder, lines, True, held)
             finally:
                 if original is not None:
                     self.release(original)
@@ -1238,21 +1332,76 @@ class Recorder:
         return []
 
     def seen_queued(self, names: list[str]) -> None:
-        """A processor listed queue/: write QUEUED for the jobs that came in by hand.
+        """A processor listed queue/: note the jobs that came in by hand.
 
-        Only names new since the last look are checked, and a job whose history already
-        ends in the queue state (the API queued it, or it was seen before a restart) gets
-        nothing; one taken meanwhile gets its QUEUED from the claim instead.
+        Only names new since the last look count, and a job whose history already ends
+        in the queue state (the API queued it, or it was seen before a restart) gets
+        nothing. A new one's QUEUED (by hand), timed now, is written with its claim, or
+        once it has waited QUEUED_DELAY (_write_seen): a busy processor opens and writes
+        its history once, not twice.
         """
+        now, at = time.monotonic(), _now()
         with self._queued_lock:
             fresh = [name for name in names if name not in self._queued]
             self._queued = set(names)
             self._ends_queued &= self._queued  # the others left queue/ meanwhile
+            for name in [name for name in self._seen if name not in self._queued]:
+                del self._seen[name]
+            for name in fresh:
+                if name not in self._ends_queued:
+                    self._seen.setdefault(name, (at, now))
             # a copy first: claims in other threads take names out of _waiting meanwhile
             gone = [name for name in list(self._waiting) if name not in self._queued]
         for name in gone:  # taken elsewhere, or moved back by hand: not claimed here
             self._forget_waiting(name)
-        for name in fresh:
+        self._write_seen(False)
+
+    def _take_seen(self, name: str) -> str | None:
+        """When a job now claimed was first seen in queue/, if its QUEUED is not written."""
+        with self._queued_lock:
+            seen = self._seen.pop(name, None)
+        return None if seen is None else seen[0]
+
+    def _queued_before(self, name: str, dir_fd: int | None) -> None:
+        """The QUEUED (by hand) still waiting for a job seen in queue/ (_seen), written
+        now, before another event of its (under its lock): a note while it waits, or a
+        move out of queue/ other than a claim (a cancel, a deadline)."""
+        at = self._take_seen(name)
+        if at is None or dir_fd is None or name in self._ends_queued:
+            return
+        for code, text, details in self._hand_queued(last_state(dir_fd)):
+            self.record(name, dir_fd, code, "queue", text, details, durable=True, at=at)
+
+    def _write_seen_in_round(self, final: bool) -> bool:
+        """The flusher's share: a bounded number a round, which flushes meanwhile wait
+        for (10,000 jobs found queued at start are written over many rounds)."""
+        return self._write_seen(final, None if final else SEEN_A_ROUND)
+
+    def _write_seen(self, everything: bool, most: int | None = None) -> bool:
+        """Write QUEUED (by hand) for the jobs seen in queue/ at least QUEUED_DELAY ago
+        (everything: all; most: the oldest that many) and not claimed since; their
+        histories kept for the claim. Whether more were due than written.
+
+        One call at a time: a listing thread's still running when the recorder closes
+        is waited for (and none starts after), so that the last round writes the rest.
+        """
+        with self._seen_writing:
+            if self._seen_closed and not everything:
+                return False
+            return self._write_due(everything, most)
+
+    def _write_due(self, everything: bool, most: int | None) -> bool:
+        with self._queued_lock:
+            if not self._seen:
+                return False
+            oldest = time.monotonic() - (0.0 if everything else QUEUED_DELAY)
+            due = [(name, at) for name, (at, seen) in self._seen.items() if seen <= oldest]
+            more = most is not None and len(due) > most
+            if more:
+                del due[most:]  # (a dict keeps the order they were seen in)
+            for name, _ in due:
+                del self._seen[name]
+        for name, at in due:
             with self.lock_of(name):
                 if name in self._ends_queued:
                     continue
@@ -1260,19 +1409,20 @@ class Recorder:
                     job = Job(name, State.QUEUE, self.store.job_path(State.QUEUE, name))
                     dir_fd = self.store.open_job(job)
                 except (OSError, ValueError):
-                    continue  # taken (its claim writes it) or gone
+                    continue  # taken (its claim wrote it) or gone
                 try:
-                    self._seen_by_hand(name, dir_fd)
+                    self._seen_by_hand(name, dir_fd, at)
                 finally:
                     os.close(dir_fd)
+        return more
 
-    def _seen_by_hand(self, name: str, dir_fd: int) -> None:
+    def _seen_by_hand(self, name: str, dir_fd: int, at: str) -> None:
         """QUEUED (by hand) for a job found in queue/; its history kept for the claim."""
         size: list[int] = []
         kept = self._open_history(name, dir_fd, size)
         if kept is None:  # not kept (a link, say): the feed still gets the event
             for code, text, details in self._hand_queued(None):
-                self.record(name, None, code, "queue", text, details, durable=True)
+                self.record(name, None, code, "queue", text, details, durable=True, at=at)
         else:
             last = _last_state_of(kept[0], size[0])
             if last == State.PROCESSING.status:
@@ -1282,7 +1432,8 @@ class Recorder:
                 self._give_up(kept[0])
                 return
             for code, text, details in self._hand_queued(last):
-                self.record(name, None, code, "queue", text, details, durable=True, history=kept)
+                self.record(name, None, code, "queue", text, details, durable=True,
+                            history=kept, at=at)  # fmt: skip
             self._keep_waiting(name, kept)
         self._ends_queued.add(name)
 
@@ -1308,12 +1459,23 @@ class Recorder:
         if seen or name in self._ends_queued:
             self._ends_queued.discard(name)
         elif dir_fd is not None:  # not seen queued by this process: look
-            planned = self._hand_queued(last_state(dir_fd))
+            planned = self._hand_queued(self._hold_history(name, dir_fd))
         else:
             planned = self._hand_queued(None)
         planned.append((Code.CLAIMED, f"Taken by the processor on {HOST} (pid {self._pid}).",
                         {"host": HOST, "pid": self._pid}))  # fmt: skip
         return planned
+
+    def _hold_history(self, name: str, dir_fd: int) -> str | None:
+        """Open the history of a job just claimed, kept from now on (_held); the state
+        after its last move, read from the open file (nothing to read in a new one)."""
+        size: list[int] = []
+        kept = self._open_history(name, dir_fd, size)
+        if kept is None:
+            return None
+        self.release(name)
+        self._held[name] = kept
+        return _last_state_of(kept[0], size[0])
 
 
 _RECORDERS: weakref.WeakKeyDictionary[Store, Recorder] = weakref.WeakKeyDictionary()
@@ -1411,6 +1573,16 @@ def task_ended(store: Store, hold: Hold, result: TaskResult) -> None:
         details.update(exit_code=result.exit_code, reason=result.reason)
     recorder.record(hold.name, hold.dir_fd, code, "processing", text, details, held=hold.name,
                     after_task=True)  # fmt: skip
+
+
+@_quiet
+def let_go(store: Store, name: str) -> None:
+    """The processor gave up the held job `name` without moving it (another host holds
+    it now): its history, kept open since the claim, is closed."""
+    recorder = _RECORDERS.get(store)
+    if recorder is not None:
+        with recorder.lock_of(name):
+            recorder.release(name)
 
 
 def finishing(store: Store, name: str) -> None:

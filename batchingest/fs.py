@@ -59,6 +59,7 @@ _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
 _renameat2 = getattr(_libc, "renameat2", None)
 _syncfs = getattr(_libc, "syncfs", None)
+_syncfs_works = True
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
 
@@ -510,13 +511,21 @@ def _rename_noreplace(src: str, dst: str, src_dir_fd: int, dst_dir_fd: int) -> N
     raise FileExistsError(errno.EEXIST, "target exists", dst)
 
 
+def has_syncfs() -> bool:
+    """Whether syncfs works here (see syncfs): the C library has it, and the kernel did
+    not refuse it yet."""
+    return _syncfs is not None and _syncfs_works
+
+
 def syncfs(fd: int) -> bool:
     """Flush the whole file system holding fd; False if this system has no syncfs."""
+    global _syncfs_works
     if _syncfs is None:
         return False
     if _syncfs(fd) != 0:
         err = ctypes.get_errno()
         if err in (errno.ENOSYS, errno.EINVAL):
+            _syncfs_works = False  # (a sandbox without it: each flush would say so)
             return False
         raise OSError(err, os.strerror(err))
     return True

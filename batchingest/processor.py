@@ -549,6 +549,7 @@ class Processor:
         if state == "lost":
             self._leases.remove(name)
             log.warning("job %s: left alone, another host holds it now", name)
+            events.let_go(self.store, name)
             hold.abandon()
             return
         reason = failure_reason(hold.dir_fd) if state == "error" else ""
@@ -566,7 +567,8 @@ class Processor:
                 hold.abandon()
             else:
                 hold.release()
-        if job is None:
+        if job is None:  # not moved (removed by hand, lost, stopping): not held here now
+            events.let_go(self.store, name)
             return
         metrics.job_finished(job.state)
         log.info(

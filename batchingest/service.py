@@ -60,6 +60,7 @@ def http_config(cfg: Config, app: ASGIApp) -> UvicornConfig:
         max_connections=connection_budget(cfg.max_connections, cfg.workers),
         header_timeout=cfg.header_timeout,
         max_header_size=cfg.max_header_size,
+        body_timeout=cfg.body_timeout,
     )
     return UvicornConfig(
         app,

@@ -384,6 +384,8 @@ class Store:
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root).absolute()
         self._listeners: list[Listener] = []
+        # the folder a claim in this thread is moving (see moving_folder)
+        self._moving = threading.local()
         self._warned: set[str] = set()
         self._state_prefixes = tuple(f"{self.root / state}/" for state in STATES)
         self._state_rels = tuple((state, f"{state}/") for state in State)  # open_state()
@@ -772,6 +774,12 @@ class Store:
         self._listeners.append(listener)
         return lambda: self._listeners.remove(listener)
 
+    def moving_folder(self) -> int | None:
+        """For a listener: the moved job folder's descriptor where the mover holds it
+        open (a claim), so the listener need not open the folder again; else None.
+        Valid only while the listener runs (the holder closes it later)."""
+        return getattr(self._moving, "dir_fd", None)
+
     def _notify(self, job: Job, old_state: str | None) -> None:
         for listener in list(self._listeners):
             try:
@@ -922,11 +930,14 @@ class Store:
         except LockUnusable as e:
             self._unusable(f"queue/{name}", e)
             return None
+        outer, self._moving.dir_fd = self.moving_folder(), hold.dir_fd
         try:
             self._move(name, State.QUEUE, State.PROCESSING)
         except OSError:
             hold.release()
             return None
+        finally:
+            self._moving.dir_fd = outer  # (a claim made by a listener of another)
         hold.path = self.job_path(State.PROCESSING, name)
         return hold
 

@@ -7,6 +7,7 @@ import errno
 import json
 import multiprocessing
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -305,6 +306,12 @@ def recorder(store: Store) -> Recorder:
     rec.close()
 
 
+@pytest.fixture
+def at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job seen in queue/ by hand gets its QUEUED at that listing, not with its claim."""
+    monkeypatch.setattr(events, "QUEUED_DELAY", 0.0)
+
+
 def history(store: Store, name: str) -> list[dict[str, object]]:
     job = store.get(name)
     fd = store.open_job(job)
@@ -444,7 +451,9 @@ def test_later_codes_can_be_recorded(store: Store, recorder: Recorder) -> None:
     assert all(e["state"] == "ready" for e in got)
 
 
-def test_hand_queued_jobs_are_seen_when_queue_is_listed(store: Store, recorder: Recorder) -> None:
+def test_hand_queued_jobs_are_seen_when_queue_is_listed(
+    store: Store, recorder: Recorder, at_once: None
+) -> None:
     store.create("api")
     events.queue(store, "api")
     run_held(store, "api", "error")
@@ -468,7 +477,7 @@ def test_hand_queued_jobs_are_seen_when_queue_is_listed(store: Store, recorder: 
 
 
 def test_a_history_opened_in_queue_is_the_claims_or_closed(
-    store: Store, recorder: Recorder
+    store: Store, recorder: Recorder, at_once: None
 ) -> None:
     """A hand-queued job's history, opened when seen, serves its claim; else it is closed."""
     for name in ("taken", "moved", "cleaned"):
@@ -620,7 +629,7 @@ def test_a_late_webhook_event_does_not_hide_a_move_by_hand(
 
 
 def test_a_listing_just_after_the_claims_rename_writes_no_second_queued(
-    store: Store, recorder: Recorder
+    store: Store, recorder: Recorder, at_once: None
 ) -> None:
     """A job seen in queue/ (its QUEUED written, its history kept) is claimed; a listing
     taken after the rename is handled before the claim's events: still one QUEUED."""
@@ -914,3 +923,182 @@ def test_the_main_process_s_api_events_precede_an_extra_process_s_in_the_feed(
         events.file_uploaded(api, "j", "a.txt", 3, "0" * 64)
         order = job_feed(store, "j")
         assert order == codes(history(store, "j")) == ["CREATED", "FILE_UPLOADED"]
+
+
+# -- a job queued by hand: QUEUED with the claim, or once it has waited ------------------------
+
+
+def test_a_job_claimed_soon_after_it_is_seen_gets_its_queued_with_the_claim(
+    store: Store, recorder: Recorder
+) -> None:
+    """One open and one write of its history: QUEUED (timed when seen) and CLAIMED."""
+    (store.root / "queue" / "soon").mkdir()
+    events.seen_queued(store, store.queued())
+    assert not (store.root / "queue" / "soon" / EVENTS_FILE).exists()  # nothing yet
+    seen = recorder._seen["soon"][0]
+    time.sleep(0.01)
+    run_held(store, "soon", "success")
+    got = history(store, "soon")
+    assert codes(got) == ["QUEUED", "CLAIMED", "SUCCEEDED"]
+    assert got[0]["details"] == {"by": "hand"} and got[0]["time"] == seen
+    assert str(got[0]["time"]) < str(got[1]["time"])
+    assert recorder._seen == {}
+
+
+def test_a_job_left_waiting_gets_its_queued_from_the_flusher(
+    store: Store, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(events, "QUEUED_DELAY", 0.2)
+    (store.root / "queue" / "waits").mkdir()
+    events.seen_queued(store, store.queued())
+    deadline = time.monotonic() + 10
+    while not (store.root / "queue" / "waits" / EVENTS_FILE).exists():
+        assert time.monotonic() < deadline, "no QUEUED written for a waiting job"
+        time.sleep(0.05)
+    assert codes(history(store, "waits")) == ["QUEUED"]
+    events.seen_queued(store, store.queued())  # seen again: nothing more
+    run_held(store, "waits", "success")
+    assert codes(history(store, "waits")) == ["QUEUED", "CLAIMED", "SUCCEEDED"]
+
+
+def test_jobs_seen_waiting_get_their_queued_when_the_recorder_closes(store: Store) -> None:
+    recorder = Recorder(store)
+    recorder.attach()
+    for name in ("a", "b"):
+        (store.root / "queue" / name).mkdir()
+    events.seen_queued(store, store.queued())
+    (store.root / "queue" / "b").rename(store.root / "data" / "b")  # gone before it is due
+    recorder.close()
+    assert codes(history(store, "a")) == ["QUEUED"]
+    assert not (store.root / "data" / "b" / EVENTS_FILE).exists()
+    assert [e["job"] for e in feed_events(store)] == ["a"]
+
+
+def test_histories_waiting_for_one_syncfs_are_not_kept_open(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every task's fork copies and closes each open descriptor: of the histories waiting
+    for a batch's syncfs, only SYNCFS_BATCH per file system stay open; all are flushed."""
+    synced: list[int] = []
+    real_syncfs = fs.syncfs
+
+    def syncfs(fd: int) -> bool:
+        synced.append(os.fstat(fd).st_dev)
+        return real_syncfs(fd)
+
+    monkeypatch.setattr(fs, "syncfs", syncfs)
+    recorder = Recorder(store)
+    recorder.attach()
+    assert recorder._flusher is not None
+    before = len(os.listdir("/proc/self/fd"))
+    with recorder._flusher._one_round:  # no round meanwhile: all wait for the next
+        for i in range(40):
+            (store.root / "queue" / f"h{i}").mkdir()
+            run_held(store, f"h{i}", "success")
+        assert len(os.listdir("/proc/self/fd")) <= before + events.SYNCFS_BATCH
+        assert sum(recorder._flusher._by_fs.values()) >= 40 - events.SYNCFS_BATCH
+    recorder.close()
+    assert os.stat(store.root / "success").st_dev in synced  # the closed ones' flush
+    assert len(os.listdir("/proc/self/fd")) <= before
+    assert all(codes(history(store, f"h{i}")) == ["QUEUED", "CLAIMED", "SUCCEEDED"]
+               for i in range(40))  # fmt: skip
+
+
+def test_the_flusher_writes_waiting_jobs_queued_a_bounded_number_a_round(
+    store: Store, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Flushes wait for a round: 10,000 jobs found queued at start are written over
+    many rounds, the oldest seen first, and none is lost."""
+    monkeypatch.setattr(events, "QUEUED_DELAY", 0.0)
+    monkeypatch.setattr(events, "SEEN_A_ROUND", 3)
+    names = [f"w{i}" for i in range(10)]
+    assert recorder._flusher is not None
+    due, recorder._flusher.due = recorder._flusher.due, None  # no round writes them meanwhile
+    try:
+        for name in names:
+            (store.root / "queue" / name).mkdir()
+            with recorder._queued_lock:  # seen one after another, as a listing does
+                recorder._seen[name] = (events._now(), time.monotonic())
+        assert recorder._write_seen_in_round(False) is True
+        assert [n for n in names if history(store, n)] == ["w0", "w1", "w2"]
+    finally:
+        recorder._flusher.due = due
+    deadline = time.monotonic() + 30
+    while not all(history(store, n) for n in names):
+        assert time.monotonic() < deadline, "waiting jobs never got their QUEUED"
+        time.sleep(0.05)
+    assert all(codes(history(store, n)) == ["QUEUED"] for n in names)
+
+
+def test_a_job_given_up_without_a_move_closes_its_kept_history(
+    store: Store, recorder: Recorder
+) -> None:
+    """A job another host took over (its lease lost) is let go: no descriptor stays."""
+    (store.root / "queue" / "lost").mkdir()
+    hold = store.claim("lost")
+    assert hold is not None
+    events.task_started(store, hold, "start")
+    fd = recorder._held["lost"][0]
+    events.let_go(store, "lost")
+    hold.abandon()
+    assert "lost" not in recorder._held
+    recorder.flush()  # a flush still due for it came first
+    history_file = str(store.root / "processing" / "lost" / EVENTS_FILE)
+    with contextlib.suppress(FileNotFoundError):  # closed (or the number reused since)
+        assert not os.readlink(f"/proc/self/fd/{fd}").startswith(history_file)
+
+
+def test_a_waiting_queued_comes_before_a_cancel_or_a_note(store: Store, recorder: Recorder) -> None:
+    """A job seen in queue/ by hand, its QUEUED not written yet: taken back to ready
+    (a cancel, a deadline) or noted meanwhile, its QUEUED is written first."""
+    for name in ("back", "noted"):
+        store.create(name)
+        events.queue(store, name)
+        run_held(store, name, "error")
+        os.rename(store.root / "error" / name, store.root / "queue" / name)  # by hand
+    events.seen_queued(store, store.queued())
+    assert codes(history(store, "back"))[-1] == "FAILED"  # nothing yet
+    assert store.unqueue("back") is not None  # as a cancel of a queued job does
+    events.canceled(store, "back")
+    got = history(store, "back")
+    assert codes(got)[-2:] == ["QUEUED", "CANCELED"]
+    assert got[-2]["details"] == {"by": "hand", "from": "error"} and got[-2]["state"] == "queue"
+    events.webhook_failed(store, "noted", "error", "http://127.0.0.1:9/", "refused")
+    run_held(store, "noted", "success")
+    got = history(store, "noted")
+    assert codes(got)[-4:] == ["QUEUED", "WEBHOOK_FAILED", "CLAIMED", "SUCCEEDED"]
+    assert got[-4]["time"] <= got[-3]["time"]  # type: ignore[operator]
+
+
+def test_a_namesake_never_finished_leaves_no_history_to_the_next(
+    store: Store, recorder: Recorder
+) -> None:
+    """A held job removed by hand (its final move never comes): a new job of that name,
+    claimed later, writes its own history, not into the removed one's."""
+    (store.root / "queue" / "c").mkdir()
+    hold = store.claim("c")
+    assert hold is not None
+    events.task_started(store, hold, "start")
+    shutil.rmtree(store.root / "processing" / "c")
+    hold.abandon()
+    store.create("c")
+    events.queue(store, "c")
+    run_held(store, "c", "success")
+    assert codes(history(store, "c")) == ["QUEUED", "CLAIMED", "SUCCEEDED"]
+
+
+def test_a_history_hard_linked_with_another_jobs_is_made_this_jobs_own(
+    store: Store, recorder: Recorder
+) -> None:
+    """`cp -al success/a queue/b`: b's events go to b's history alone, which starts as a
+    copy of a's; a's history is left as it was."""
+    (store.root / "queue" / "a").mkdir()
+    run_held(store, "a", "success")
+    before = (store.root / "success" / "a" / EVENTS_FILE).read_bytes()
+    (store.root / "queue" / "b").mkdir()
+    os.link(store.root / "success" / "a" / EVENTS_FILE, store.root / "queue" / "b" / EVENTS_FILE)
+    run_held(store, "b", "success")
+    recorder.flush()
+    assert (store.root / "success" / "a" / EVENTS_FILE).read_bytes() == before
+    assert codes(history(store, "b")) == ["QUEUED", "CLAIMED", "SUCCEEDED"] * 2
+    assert os.stat(store.root / "success" / "b" / EVENTS_FILE).st_nlink == 1

@@ -17,6 +17,10 @@ NOT_LOADED = (
     "urllib.request",
     "wsgiref",
     "h11",
+    "logging.handlers",
+    "socketserver",
+    "email.parser",
+    "html.entities",
 )
 
 
@@ -61,6 +65,14 @@ def test_the_packages_work_as_usual_after() -> None:
         Counter("things", "things counted", registry=registry).inc()
         assert b"things_total 1.0" in generate_latest(registry)
         assert callable(uvicorn.run) and uvicorn.Config is batchingest.service.UvicornConfig
+        import logging, logging.config, http.client, html
+        from http import cookies
+        logging.config.dictConfig({"version": 1, "incremental": True})
+        assert http.client.responses[404] == "Not Found" and html.escape("<") == "&lt;"
+        assert cookies.SimpleCookie("a=1")["a"].value == "1"
+        import sys
+        assert sys.modules["http.cookies"] is cookies
+        assert logging.config.__name__ == "logging.config"
         print(uvicorn.__version__)
     """)
     assert out.strip()[0].isdigit()

@@ -13,6 +13,7 @@ import random
 import re
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote
 
@@ -25,11 +26,13 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from batchingest import __version__, logs, metrics
-from batchingest.api import access, auth, docs, events, files, jobs, openapi, staccato, stuck
+from batchingest.api import access, areas, auth, docs, events, files, jobs, openapi
 from batchingest.api.access import TOKEN_LABEL, AccessLog
 from batchingest.api.errors import MAPPED, ApiError, api_error_of
 from batchingest.api.paths import job_name, unsafe_url_path
 from batchingest.config import Config
+from batchingest.connections import BodyTimeout
+from batchingest.endpoints import Endpoints
 from batchingest.health import Progress, Readiness
 from batchingest.store import Store
 from batchingest.ui import public as ui_public
@@ -160,6 +163,8 @@ class ApiMiddleware:
         try:
             if self.direct is None or not await self.direct(scope, send_with_id):
                 await self.app(scope, receive, send_with_id)
+        except BodyTimeout:
+            log.warning("request %s: its body stalled past --body-timeout: closed", request_id)
         except ClientDisconnect:
             log.info("request %s: client went away", request_id)
         except Exception:
@@ -293,9 +298,8 @@ def _larger_body_buffer() -> None:
             mod.HIGH_WATER_LIMIT = BODY_BUFFER  # type: ignore[attr-defined]
 
 
-def _service_routes(spec: dict[str, Any], readiness: Readiness) -> list[BaseRoute]:
+def _service_routes(document: areas.Once[bytes], readiness: Readiness) -> list[BaseRoute]:
     """/, /healthz, /readyz, /openapi.json and /docs."""
-    spec_body = jobs.json_response(spec).body
 
     async def index(request: Request) -> Response:
         return jobs.json_response({"name": "batchingest", "version": __version__})
@@ -313,7 +317,7 @@ def _service_routes(spec: dict[str, Any], readiness: Readiness) -> list[BaseRout
         return jobs.json_response({"status": "ready"})
 
     async def openapi_json(request: Request) -> Response:
-        return Response(spec_body, media_type="application/json")
+        return Response(document.get(), media_type="application/json")
 
     return [
         Route("/", index, methods=["GET"]),
@@ -324,39 +328,78 @@ def _service_routes(spec: dict[str, Any], readiness: Readiness) -> list[BaseRout
     ]
 
 
+def _documented() -> dict[str, Any]:
+    """The operations of the areas made at first use (their modules imported now)."""
+    # in this order, whichever area is asked for first: a model's schema takes its place
+    # in the document's components when its module is imported, and the document is
+    # the same whatever the requests before it
+    from batchingest.api import staccato, stuck  # isort: skip
+    from batchingest.api import globus
+
+    return {**globus.OPENAPI_PATHS, **events.OPENAPI_PATHS, **staccato.OPENAPI_PATHS,
+            **stuck.OPENAPI_PATHS}  # fmt: skip
+
+
+def _document(cfg: Config, staging_paths: dict[str, Any]) -> areas.Once[bytes]:
+    """/openapi.json, from every area's operations."""
+
+    def build() -> bytes:
+        extra_paths = {**staging_paths, **_documented()}
+        spec = openapi.spec(__version__, extra_paths, staging_ids_are_paths=cfg.catalog is None)
+        return bytes(jobs.json_response(spec).body)
+
+    return areas.Once(build)
+
+
+def _areas(cfg: Config, store: Store) -> dict[str, areas.Area]:
+    """The Globus Transfer API, the dashboard, Staccato and /stuck, each made at its
+    first request (see batchingest.api.areas)."""
+    for ep in Endpoints.from_config(cfg):
+        # at start, not at the first Globus request. Not fatal: a network mount may come
+        # later; until then its operations say so (502)
+        if not ep.path.is_dir():
+            log.warning("endpoint %r: %s is not a folder (yet)", ep.name, ep.path)
+
+    def make(module: str) -> Callable[[], list[BaseRoute]]:
+        def routes() -> list[BaseRoute]:
+            if module.startswith("batchingest.api."):
+                _documented()
+            made: list[BaseRoute] = importlib.import_module(module).routes(cfg, store)
+            return made
+
+        return routes
+
+    return {
+        name: areas.Area(prefix, make(module))
+        for name, prefix, module in (
+            ("globus", "/globus", "batchingest.api.globus"),
+            ("ui", "/ui", "batchingest.ui.routes"),
+            ("staccato", "/v1/transfers", "batchingest.api.staccato"),
+            ("stuck", "/stuck", "batchingest.api.stuck"),
+        )
+    }
+
+
 def create_app(cfg: Config, store: Store, readiness: Readiness | None = None) -> ApiApp:
     """The app; `readiness` is the service's (with its loops' heartbeats) if given."""
-    from batchingest.api import globus  # it imports error_body from here
-    from batchingest.ui import routes as ui
-
     _larger_body_buffer()
     if readiness is None:
         readiness = Readiness.for_store(store, cfg.min_free, Progress())
     checker = auth.TokenChecker(auth.load_tokens(cfg, store))
     dts = auth.load_dts_secret(cfg)
     staging_routes, staging_paths = _staging_routes(cfg, store)
-    spec = openapi.spec(
-        __version__,
-        {
-            **staging_paths,
-            **globus.OPENAPI_PATHS,
-            **events.OPENAPI_PATHS,
-            **staccato.OPENAPI_PATHS,
-            **stuck.OPENAPI_PATHS,
-        },
-        staging_ids_are_paths=cfg.catalog is None,
-    )
+    area = _areas(cfg, store)
     routes: list[BaseRoute] = [
         *jobs.routes(cfg, store),
         *files.routes(cfg, store),
         *events.routes(cfg, store),
-        *_service_routes(spec, readiness),
+        *_service_routes(_document(cfg, staging_paths), readiness),
         *staging_routes,
-        *globus.routes(cfg, store),
-        *ui.routes(cfg, store),
-        *staccato.routes(cfg, store),
+        area["globus"],
+        area["ui"],
+        area["staccato"],
         *metrics.routes(store),
-        *stuck.routes(cfg, store),
+        area["stuck"],
     ]
     direct = jobs.direct_info(store, routes, _job_not_found)
     app = ApiApp(

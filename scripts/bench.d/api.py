@@ -41,6 +41,7 @@ import http.client
 import multiprocessing
 import os
 import re
+import resource
 import shutil
 import socket
 import statistics
@@ -72,9 +73,21 @@ def timed(cmd: list[str], before: list[Path]) -> float:
         path.unlink(missing_ok=True)
     subprocess.run(["sync"], check=True)
     time.sleep(SETTLE)
+    cpu = children_cpu()
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    CLIENT_CPU.append(children_cpu() - cpu)
+    return seconds
+
+
+def children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+# the CPU seconds of each timed command (the client, curl), in order
+CLIENT_CPU: list[float] = []
 
 
 def reset_peak(pid: int) -> bool:
@@ -262,7 +275,12 @@ def cpu_of(pid: int, cmd: list[str], before: list[Path]) -> tuple[float, float]:
     with ThreadCpu(pid) as threads:
         seconds = timed(cmd, before)
     LOOP_CPU.setdefault(pid, []).append(threads.split())
+    CLIENT_CPU_OF.setdefault(pid, []).append(CLIENT_CPU[-1])
     return seconds, service_cpu(pid) - cpu
+
+
+# the client's CPU seconds of each step, by the pid of the server it talked to
+CLIENT_CPU_OF: dict[int, list[float]] = {}
 
 
 # (loop thread, other threads) CPU seconds of each step, by pid
@@ -577,6 +595,19 @@ def main() -> None:
                       f"({low:.2f}-{high:.2f} s)")  # fmt: skip
 
 
+def print_ceiling(up: Runs, client: list[float]) -> None:
+    """The most ours / floor can be on this machine, run by run: the floor's time over
+    the least time our upload's CPU and curl's (on the same machine) need spread over
+    every core. A client elsewhere would leave the service every core."""
+    cores = os.cpu_count() or 1
+    if len(client) != len(up.ours):
+        return
+    ceiling = [f / ((o + c) / cores) for f, o, c in zip(up.floor, up.ours_cpu, client, strict=True)]
+    print(f"| upload, the most ours / floor can be on these {cores} cores (floor's time over "
+          f"(our CPU + curl's) / {cores}) | {spread(ceiling)} | curl's CPU per GiB: "
+          f"{per_gib(client)} | | |")  # fmt: skip
+
+
 def print_transfers(t: dict[str, object]) -> None:
     up: Runs = t["up"]  # type: ignore[assignment]
     down: Runs = t["down"]  # type: ignore[assignment]
@@ -597,6 +628,7 @@ def print_transfers(t: dict[str, object]) -> None:
         f"{per_gib(up.floor_cpu)}; plus SHA-256 alone ({sha * (1 << 30) / SIZE:.2f} s): "
         f"{per_gib(with_sha)} | {spread(to_floor)} of floor + SHA-256 | |"
     )
+    print_ceiling(up, CLIENT_CPU_OF.get(t["pid"], [])[:RUNS])  # type: ignore[call-overload]
     for label, pid in (("this tree", t["pid"]), ("BENCH_OTHER's tree", t.get("other_pid"))):
         splits = LOOP_CPU.get(pid, [])[:RUNS]  # type: ignore[call-overload]  # uploads come first
         if splits:

@@ -52,7 +52,9 @@ def start_service(
             *args,
         ],
         stderr=subprocess.DEVNULL,
-        env={**os.environ, "PYTHONPATH": str(tree)},
+        # `python -m` puts the working folder first on the path, ahead of PYTHONPATH:
+        # without PYTHONSAFEPATH a run started in a checkout runs that checkout's code
+        env={**os.environ, "PYTHONPATH": str(tree), "PYTHONSAFEPATH": "1"},
     )
     time.sleep(settle)  # started and idle
     return proc

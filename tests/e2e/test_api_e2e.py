@@ -609,3 +609,22 @@ def test_token_file_others_may_read_is_refused(root: Path, tmp_path: Path) -> No
     svc.stop()
     assert f"token file {tokens} is open to others (mode 0644)" in svc.log()
     assert "file-secret" not in svc.log()
+
+
+def test_the_areas_made_at_first_use_answer_their_first_requests(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    svc = Service(tmp_path / "root", "--no-processor", "--endpoint", f"data={data}")
+    with svc, svc.client() as c:
+        # the document before any area's request lists every area's operations
+        paths = c.get("/openapi.json").json()["paths"]
+        assert {"/stuck", "/v1/transfers", "/globus/v0.10/endpoint/{endpoint}"} <= set(paths)
+        wrong = c.post("/stuck")
+        assert wrong.status_code == 405 and wrong.json()["code"] == "MethodNotAllowed"
+        assert c.get("/stuck").json() == {"stuck": []}
+        endpoint = c.get("/globus/v0.10/endpoint/data")
+        assert endpoint.status_code == 200 and endpoint.json()["DATA_TYPE"] == "endpoint"
+        missing = c.get("/globus/v0.10/nothing")
+        assert missing.headers["X-Transfer-API-Error"] == "ClientError.NotFound"
+        assert c.get("/v1/transfers").json() == []
+        assert c.get("/ui/login").status_code == 200

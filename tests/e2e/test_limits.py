@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from live_service import Service, make_job, wait_for, write_task
+from live_service import TOKEN, Service, make_job, wait_for, write_task
 
 pytestmark = pytest.mark.e2e
 
@@ -218,3 +218,52 @@ def test_a_signal_with_the_api_running_requeues_and_exits_0(root: Path, sig: int
     assert (root / "queue" / "long").is_dir()
     assert "service stopping" in (root / "queue" / "long" / "LOG").read_text()
     assert "stopped" in svc.log()
+
+
+def _stalled_upload(svc: Service, framing: bytes, first: bytes) -> socket.socket:
+    s = connect(svc)
+    s.sendall(
+        b"PUT /jobs/slow/files/big.bin HTTP/1.1\r\nHost: x\r\n"
+        + f"X-Api-Token: {TOKEN}\r\n".encode()
+        + framing
+        + b"\r\n"
+        + first
+    )
+    return s
+
+
+def test_an_upload_whose_body_stalls_is_dropped_and_closed(root: Path) -> None:
+    """A client that stops sending mid-body: after --body-timeout its connection is
+    closed and nothing of the upload is kept (a Content-Length body, read from the
+    socket by a thread, and a chunked one, read through the server)."""
+    with Service(root, "--body-timeout", "1") as svc:
+        with svc.client() as c:
+            assert c.put("/jobs/slow").status_code in (200, 201)
+        length = _stalled_upload(svc, b"Content-Length: 1000000\r\n", b"x" * 70000)
+        chunked = _stalled_upload(
+            svc, b"Transfer-Encoding: chunked\r\n", b"10000\r\n" + b"y" * 0x10000 + b"\r\n"
+        )
+        t0 = time.monotonic()
+        for s in (length, chunked):
+            assert b"HTTP/1.1 2" not in read_all(s)  # closed, never answered a success
+        assert time.monotonic() - t0 < 20
+        with svc.client() as c:
+            assert c.get("/jobs/slow/files/big.bin").status_code == 404
+            assert c.get("/healthz").status_code == 200
+        assert "big.bin" not in os.listdir(root / "data" / "slow")
+        assert svc.log().count("stalled past --body-timeout") == 2
+
+
+def test_a_slow_but_steady_upload_is_not_cut(root: Path) -> None:
+    with Service(root, "--body-timeout", "1") as svc:
+        with svc.client() as c:
+            assert c.put("/jobs/slow").status_code in (200, 201)
+        s = _stalled_upload(svc, b"Content-Length: 12\r\n", b"")
+        for _ in range(6):  # 3 s in all, never 1 s without a byte
+            s.sendall(b"ab")
+            time.sleep(0.5)
+        s.settimeout(10)
+        answer = s.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 20"), answer[:200]
+        with svc.client() as c:
+            assert c.get("/jobs/slow/files/big.bin").content == b"ab" * 6

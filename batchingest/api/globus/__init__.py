@@ -11,7 +11,6 @@ endpoint folder.
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Awaitable, Callable
 
@@ -26,7 +25,6 @@ from batchingest.config import Config
 from batchingest.endpoints import Endpoints
 from batchingest.store import Store
 
-log = logging.getLogger("batchingest.api.globus")
 Handler = Callable[[Request], Awaitable[Response]]
 # OPTIONS too: on a served path the fallback's 405 lists every method served there,
 # where Starlette's own would list only those of the first route of the path
@@ -93,11 +91,7 @@ def _pattern(path: str) -> str:
 
 
 def routes(cfg: Config, store: Store) -> list[BaseRoute]:
-    registry = Endpoints.from_config(cfg)
-    for ep in registry:
-        # not fatal: a network mount may come later; until then its operations say so (502)
-        if not ep.path.is_dir():
-            log.warning("endpoint %r: %s is not a folder (yet)", ep.name, ep.path)
+    registry = Endpoints.from_config(cfg)  # a missing folder: the app warned at start
     api = operations.GlobusApi(registry)
     task_api = tasks.TaskApi(registry, store)
     handlers = [*api.routes(), *[(p, getattr(task_api, n), m) for p, n, m, _ in tasks.ROUTES]]
