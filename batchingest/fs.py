@@ -436,8 +436,14 @@ def write_atomic(
     there is IsADirectoryError); name must be one name, not a path (UnsafePath).
     """
     one_name(name)
-    tmp = temp_name(name)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _SAFE, mode, dir_fd=dir_fd)
+    for attempt in range(3):
+        tmp = temp_name(name)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _SAFE, mode, dir_fd=dir_fd)
+            break
+        except FileExistsError:  # a name taken (by chance, or planted by a guess): another
+            if attempt == 2:
+                raise
     try:
         try:
             os.fchmod(fd, mode)  # the umask must not decide who may read it

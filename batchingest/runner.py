@@ -111,17 +111,26 @@ _NOT_A_FILE = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP})
 # access(X_OK) answers of task files, by the file's identity: the same task run over and
 # over need not ask again. A chmod, chown or ACL change moves the ctime, a replaced file
 # or link target has another inode, so a changed file is asked about again.
-_EXECUTABLE: dict[tuple[str, int, int, int, int], bool] = {}
+_EXECUTABLE: dict[tuple[str, int, int, int, int, int, int], bool] = {}
+
+
+def _key(path: str, st: os.stat_result) -> tuple[str, int, int, int, int, int, int]:
+    return (path, st.st_dev, st.st_ino, st.st_mode, st.st_uid, st.st_gid, st.st_ctime_ns)
 
 
 def _executable(path: str, st: os.stat_result) -> bool:
-    key = (path, st.st_dev, st.st_ino, st.st_mode, st.st_ctime_ns)
+    key = _key(path, st)
     known = _EXECUTABLE.get(key)
     if known is None:
         known = os.access(path, os.X_OK)
-        if len(_EXECUTABLE) >= 256:
-            _EXECUTABLE.clear()
-        _EXECUTABLE[key] = known
+        try:  # kept only if the answer was about that same file (a link not retargeted)
+            same = _key(path, os.stat(path)) == key
+        except OSError:
+            same = False
+        if same:
+            if len(_EXECUTABLE) >= 256:
+                _EXECUTABLE.clear()
+            _EXECUTABLE[key] = known
     return known
 
 

@@ -882,7 +882,11 @@ class Store:
                 raise
             raise LockUnusable(e.errno or 0, f"its folder cannot be opened ({e.strerror})") from e
         try:
-            fd = -1 if self._folder_locking() else _lock_at(dir_fd)
+            folder_lock = self._folder_locking()
+            # when the job entered this folder (pickup latency): taken before a `.lock`
+            # made in it moves the folder's ctime to now
+            entered = None if folder_lock else os.fstat(dir_fd).st_ctime
+            fd = -1 if folder_lock else _lock_at(dir_fd)
             # a folder lock: an earlier version's holder (an orphaned task) may hold
             # the `.lock` file instead
             folder_held = fd == -1 and (_lock_dir(dir_fd) and not _old_lock_held(dir_fd))
@@ -904,7 +908,7 @@ class Store:
                 os.close(fd)
             os.close(dir_fd)
             return None
-        return Hold(name, self.root / rel, fd, dir_fd, ctime=here.st_ctime)
+        return Hold(name, self.root / rel, fd, dir_fd, ctime=entered or here.st_ctime)
 
     def _unusable(self, where: str, e: LockUnusable) -> None:
         """Say once per job that its `.lock` keeps it from being taken."""

@@ -1164,3 +1164,20 @@ def test_a_folder_swapped_with_a_link_out_never_lets_a_call_out(
     # the race was real: the folder moved under the calls, some went through, some
     # met the link and were refused
     assert swaps > 10 and worked > 10 and refused > 10, (swaps, worked, refused)
+
+
+def test_write_atomic_takes_another_temporary_name_when_one_is_taken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A temporary name planted ahead (guessed) is neither used nor overwritten."""
+    (tmp_path / ".JOB.planted.tmp").write_text("mine")
+    names = iter([".JOB.planted.tmp", ".JOB.fresh.tmp"])
+    monkeypatch.setattr(fs, "temp_name", lambda name: next(names))
+    folder = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fs.write_atomic(folder, "JOB", b"{}")
+    finally:
+        os.close(folder)
+    assert (tmp_path / "JOB").read_bytes() == b"{}"
+    assert (tmp_path / ".JOB.planted.tmp").read_text() == "mine"
+    assert not (tmp_path / ".JOB.fresh.tmp").exists()

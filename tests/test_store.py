@@ -420,12 +420,16 @@ def test_claim_and_finish(store: Store) -> None:
     hold.release()  # releasing twice is harmless
 
 
-def test_a_claim_carries_when_the_job_entered_queue(store: Store) -> None:
+@pytest.mark.parametrize("shared", [False, True])
+def test_a_claim_carries_when_the_job_entered_queue(store: Store, shared: bool) -> None:
+    """Not the claim's own rename, nor (a shared root) the `.lock` it makes first."""
+    if shared:
+        as_shared(store)
     put(store, "queue", "j", {})
     arrived = os.lstat(store.root / "queue" / "j").st_ctime
     time.sleep(0.02)
     hold = store.claim("j")
-    assert hold is not None and hold.ctime == arrived  # not the claim's own rename
+    assert hold is not None and hold.ctime == arrived
     store.finish(hold, "success")
 
 
