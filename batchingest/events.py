@@ -1473,8 +1473,7 @@ class Recorder:
         kept = self._open_history(name, dir_fd, size)
         if kept is None:
             return None
-        self.release(name)
-        self._held[name] = kept
+        self._held[name] = kept  # (on_move gave up any kept before)
         return _last_state_of(kept[0], size[0])
 
 
@@ -1577,8 +1576,8 @@ def task_ended(store: Store, hold: Hold, result: TaskResult) -> None:
 
 @_quiet
 def let_go(store: Store, name: str) -> None:
-    """The processor gave up the held job `name` without moving it (another host holds
-    it now): its history, kept open since the claim, is closed."""
+    """The processor gave up the held job `name` without moving it out (another host
+    holds it now, or it was removed): its history, kept open since the claim, is closed."""
     recorder = _RECORDERS.get(store)
     if recorder is not None:
         with recorder.lock_of(name):

@@ -41,7 +41,6 @@ import http.client
 import multiprocessing
 import os
 import re
-import resource
 import shutil
 import socket
 import statistics
@@ -55,6 +54,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 
+from _copyfloors import children_cpu
 from live_service import TOKEN, Service
 
 RUNS = int(os.environ.get("BENCH_RUNS", "5"))
@@ -79,11 +79,6 @@ def timed(cmd: list[str], before: list[Path]) -> float:
     seconds = time.perf_counter() - t0
     CLIENT_CPU.append(children_cpu() - cpu)
     return seconds
-
-
-def children_cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
 
 
 # the CPU seconds of each timed command (the client, curl), in order

@@ -22,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 
+from api import rss_mib
 from live_service import Service
 
 RUNS = int(os.environ.get("BENCH_RUNS", "5"))
@@ -29,13 +30,6 @@ WAIT = float(os.environ.get("BENCH_WAIT", "1"))
 OTHER = os.environ.get("BENCH_OTHER", "")
 HERE = str(Path(__file__).resolve().parents[2])
 VARIANTS = {"serve --no-processor": ("--no-processor",), "serve (default)": ()}
-
-
-def vmrss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
 
 
 def idle_rss(tree: str, args: tuple[str, ...]) -> float:
@@ -46,7 +40,7 @@ def idle_rss(tree: str, args: tuple[str, ...]) -> float:
         try:
             time.sleep(WAIT)
             assert svc.proc is not None
-            return vmrss_mib(svc.proc.pid)
+            return rss_mib(svc.proc.pid, "VmRSS")
         finally:
             svc.stop()
 
