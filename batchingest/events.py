@@ -250,9 +250,6 @@ def status(state: str) -> str:
 # -- a job's history ------------------------------------------------------------------
 
 
-_NEW_HISTORY = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL
-
-
 def _open_append(dir_fd: int, name: str) -> tuple[int, os.stat_result]:
     """fs.open_append, but readable too: the last byte says whether a line was torn."""
     # (O_NONBLOCK, which fs adds, changes nothing for a regular file)
@@ -283,11 +280,9 @@ def open_history(dir_fd: int) -> int:
 def open_history_stat(dir_fd: int) -> tuple[int, int, int]:
     """open_history, the file's size then (0: new or empty, nothing to read back) and
     its device (for grouped flushes)."""
-    try:  # most are new: made here, nothing else can be what is opened
-        fd = fs.open_beneath(dir_fd, EVENTS_FILE, _NEW_HISTORY, 0o644)
-    except FileExistsError:
-        pass  # (a link or FIFO too: O_EXCL never follows or opens it) looked at first
-    else:
+    # most are new; anything already there (a link or FIFO too) is looked at first
+    fd = fs.create_new(dir_fd, EVENTS_FILE, os.O_RDWR | os.O_APPEND)
+    if fd is not None:
         try:
             return fd, 0, os.fstat(fd).st_dev
         except BaseException:

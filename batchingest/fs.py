@@ -375,16 +375,27 @@ def read_tail(dir_fd: int, rel: str, size: int) -> tuple[bytes, int] | None:
         os.close(fd)
 
 
+def create_new(dir_fd: int, name: str, flags: int, mode: int = 0o644) -> int | None:
+    """A regular file `name` (one name) made in dir_fd by this call and opened with flags;
+    None if anything is at that name already. O_CREAT | O_EXCL | O_NOFOLLOW make exactly
+    one file of ours, never through a link and never opening what is there, so there is
+    nothing to look at before or after: one system call."""
+    one_name(name)
+    flags |= os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        return os.open(name, flags, mode, dir_fd=dir_fd)
+    except FileExistsError:
+        return None
+
+
 def open_append(dir_fd: int, rel: str, mode: int = 0o644) -> int:
     """A regular file beneath dir_fd opened for appending, created if missing."""
     if os.sep not in rel:
-        # most often the file is new (a job's LOG): O_EXCL makes exactly one regular file
-        # of ours, never through a link, so there is nothing to look at before or after
-        # (and no O_NONBLOCK to clear): one system call instead of four
-        one_name(rel)
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        with contextlib.suppress(FileExistsError):
-            return os.open(rel, flags, mode, dir_fd=dir_fd)
+        # most often the file is new (a job's LOG): one system call instead of four, and
+        # no O_NONBLOCK to clear
+        fd = create_new(dir_fd, rel, os.O_WRONLY | os.O_APPEND, mode)
+        if fd is not None:
+            return fd
     fd = open_regular(dir_fd, rel, os.O_WRONLY | os.O_APPEND | os.O_CREAT, mode)
     # O_NONBLOCK is harmless on a regular file, but tasks inherit LOG as stdout: clear it
     os.set_blocking(fd, True)

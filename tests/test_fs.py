@@ -1181,3 +1181,23 @@ def test_write_atomic_takes_another_temporary_name_when_one_is_taken(
     assert (tmp_path / "JOB").read_bytes() == b"{}"
     assert (tmp_path / ".JOB.planted.tmp").read_text() == "mine"
     assert not (tmp_path / ".JOB.fresh.tmp").exists()
+
+
+def test_create_new_makes_one_file_of_its_own_or_says_none(tmp_path: Path) -> None:
+    """Anything at the name (a link, dangling or not, a FIFO, a file) is neither followed,
+    opened nor changed."""
+    (tmp_path / "target").write_text("keep")
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    os.mkfifo(tmp_path / "fifo")
+    folder = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for name in ("target", "link", "dangling", "fifo"):
+            assert fs.create_new(folder, name, os.O_WRONLY) is None
+        fd = fs.create_new(folder, "new", os.O_WRONLY, 0o600)
+        assert fd is not None
+        os.close(fd)
+    finally:
+        os.close(folder)
+    assert (tmp_path / "target").read_text() == "keep" and not (tmp_path / "nowhere").exists()
+    assert (tmp_path / "new").stat().st_size == 0
