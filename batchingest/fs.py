@@ -38,7 +38,8 @@ import platform
 import random
 import secrets
 import stat
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -763,6 +764,54 @@ def make_dirs(dir_fd: int, parts: list[str], made: list[str] | None = None) -> i
         raise
 
 
+class Folders:
+    """Descriptors of folders beneath one open top folder, each opened once while room lasts.
+
+    A walk over many files in a few folders (an archive, a staging area) opens each
+    folder once, by opener (open_dir: no link on the way, nothing outside top), and
+    then every file by one name in it. The first `keep` folders stay open until
+    close(); any further one is opened for each use and closed after it, so the
+    descriptors held stay bounded however many folders a request names. "" is top.
+    Safe to share between threads.
+    """
+
+    def __init__(
+        self, top: int, keep: int = 64, opener: Callable[[int, str], int] | None = None
+    ) -> None:
+        self.top = top
+        self.keep = keep
+        self._opener = opener or open_dir
+        self._open: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def open(self, rel: str) -> Iterator[int]:
+        """The descriptor of the folder rel beneath top, for the with block only."""
+        fd = self.top if rel == "" else self._open.get(rel)
+        if fd is not None:
+            yield fd
+            return
+        fd = self._opener(self.top, rel)
+        with self._lock:
+            if rel not in self._open and len(self._open) < self.keep:
+                self._open[rel] = fd
+                fd = -1
+        if fd < 0:
+            yield self._open[rel]
+            return
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        """Close the folders kept open (not top, which the caller owns)."""
+        with self._lock:
+            kept, self._open = self._open, {}
+        for fd in kept.values():
+            os.close(fd)
+
+
 def same_inode(a: os.stat_result, b: os.stat_result) -> bool:
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
@@ -791,21 +840,43 @@ _SYNC_FILE_RANGE_WRITE = 2
 _SYNC_FILE_RANGE_WAIT = 1 | 4  # WAIT_BEFORE | WAIT_AFTER
 
 
-def link_fd(fd: int, target: str | os.PathLike[str], how: str = "empty-path") -> None:
+def link_fd(
+    fd: int, target: str | os.PathLike[str], how: str = "empty-path", *, dir_fd: int = _AT_FDCWD
+) -> None:
     """Give the unnamed (O_TMPFILE) file fd the name target; FileExistsError if taken.
 
     how is "empty-path" (linkat with AT_EMPTY_PATH: needs CAP_DAC_READ_SEARCH) or "proc"
     (linking /proc/self/fd/N: needs /proc, fails across some container mounts). Like
-    link(2) it never replaces an existing name.
+    link(2) it never replaces an existing name, nor follows a link at it. With dir_fd,
+    target is one name in that folder (UnsafePath otherwise).
     """
+    name = os.fspath(target)
+    if dir_fd != _AT_FDCWD:
+        one_name(name)
     if how == "proc":
-        os.link(f"/proc/self/fd/{fd}", target, follow_symlinks=True)
+        os.link(
+            f"/proc/self/fd/{fd}",
+            name,
+            dst_dir_fd=None if dir_fd == _AT_FDCWD else dir_fd,
+            follow_symlinks=True,
+        )
         return
     if _linkat is None:
-        raise OSError(errno.ENOSYS, "no linkat on this system", str(target))
-    if _linkat(fd, b"", _AT_FDCWD, os.fsencode(target), _AT_EMPTY_PATH) != 0:
+        raise OSError(errno.ENOSYS, "no linkat on this system", name)
+    if _linkat(fd, b"", dir_fd, os.fsencode(name), _AT_EMPTY_PATH) != 0:
         err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), str(target))
+        raise OSError(err, os.strerror(err), name)
+
+
+def open_unnamed(dir_fd: int, mode: int = 0o600) -> int:
+    """A new unnamed regular file (O_TMPFILE) in the open folder dir_fd, read-write.
+
+    Nothing is looked up by name: the file is made in the folder the descriptor holds.
+    OSError (EOPNOTSUPP, EISDIR...) where the file system cannot make one.
+    """
+    if not _TMPFILE:
+        raise OSError(errno.EOPNOTSUPP, "no O_TMPFILE on this system")
+    return os.open(".", os.O_RDWR | _TMPFILE | os.O_CLOEXEC, mode, dir_fd=dir_fd)
 
 
 def sync_file_range(fd: int, offset: int, length: int, *, wait: bool = False) -> bool:

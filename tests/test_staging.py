@@ -98,7 +98,8 @@ def test_no_id_resolves_outside_the_archive(
         assert not entries
 
 
-def test_symlinks_leading_outside_do_not_resolve(areas: tuple[Path, Path]) -> None:
+def test_symlinks_do_not_resolve_even_inside_the_archive(areas: tuple[Path, Path]) -> None:
+    """The archive is an endpoint folder, user input: no link is followed, out or not."""
     archive, _ = areas
     outside = archive.parent / "secret.txt"
     (archive / "link.txt").symlink_to(outside)
@@ -107,10 +108,10 @@ def test_symlinks_leading_outside_do_not_resolve(areas: tuple[Path, Path]) -> No
     (archive / "p" / "dirin").symlink_to(archive / "p" / "q")
     ids = ["link.txt", "dirlink/secret.txt", "inside.txt", "p/dirin/a.fastq", "p", "p/q"]
     entries, invalid, unresolved = Resolver(archive).resolve(ids)
-    assert [e.path for e in entries] == ["inside.txt", "p/dirin/a.fastq"]
+    assert entries == []
     assert invalid == []
-    # folders are not regular files
-    assert unresolved == ["link.txt", "dirlink/secret.txt", "p", "p/q"]
+    # links (leading out or not) and folders are not regular files
+    assert unresolved == ids
 
 
 def test_resolve_dedupes_and_reports(areas: tuple[Path, Path]) -> None:
