@@ -53,7 +53,6 @@ from batchingest.copyengine import (
     syncfs_group,
 )
 from batchingest.flags import env_bool
-from batchingest.paths import is_within
 from batchingest.staging import (
     MANIFEST,
     PROGRESS,
@@ -62,11 +61,11 @@ from batchingest.staging import (
     Catalog,
     Entry,
     Progress,
-    RealDirs,
     StagingError,
     load_manifest,
     manifest_limit,
     read_progress,
+    split_rel,
     write_progress,
 )
 
@@ -82,17 +81,24 @@ TARGET_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 
 
 class SourceError(Exception):
-    """One archive file cannot be staged (vanished, unreadable, changed, mismatch)."""
+    """One file cannot be staged (vanished, unreadable, changed, mismatch, or a link,
+    FIFO or device on its way in the archive or in the staging area)."""
 
 
 class TargetError(Exception):
-    """The staging area cannot take files (full, read-only, outside): stop everything."""
+    """The staging area cannot take files (full, read-only): stop everything."""
 
 
-def staged_copy_matches(src: int, target: str) -> bool:
+# Folders each side keeps open (fs.Folders): a request naming more opens the others for
+# each use. Both sides together stay well inside the 256 descriptors group_size leaves
+# beside the waiting copies.
+KEEP_OPEN = 64
+
+
+def staged_copy_matches(src: int, dir_fd: int, name: str) -> bool:
     """Whether an existing staged file has the archive file's SHA-256."""
     try:
-        fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
+        fd = fs.open_regular(dir_fd, name)
     except OSError:
         return False
     try:
@@ -111,68 +117,67 @@ def temp_name(job: str) -> str:
     return f"{TEMP_PREFIX}{job}.{_RUN}-{next(_temp_ids)}{TEMP_SUFFIX}"
 
 
-def probe_unnamed(folder: str) -> str | None:
-    """How unnamed temporary files get a name in folder's file system, or None.
+def probe_unnamed(dir_fd: int) -> str | None:
+    """How unnamed temporary files get a name in the file system of the folder dir_fd,
+    or None.
 
     O_TMPFILE then linkat(2) creates a file with one directory operation instead of the
     two of create-then-rename, and a killed copy leaves nothing behind. linkat with
     AT_EMPTY_PATH needs CAP_DAC_READ_SEARCH; the /proc/self/fd form does not, but fails
     across some container mounts. Without either (NFS, old kernels), hidden named files.
     """
-    if not hasattr(os, "O_TMPFILE"):
-        return None
     try:
-        fd = os.open(folder, os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, 0o600)
+        fd = fs.open_unnamed(dir_fd)
     except OSError:
         return None
     try:
         for how in ("empty-path", "proc"):
-            name = os.path.join(folder, temp_name("probe"))
+            name = temp_name("probe")
             try:
-                fs.link_fd(fd, name, how)
+                fs.link_fd(fd, name, how, dir_fd=dir_fd)
             except OSError:
                 continue
-            _unlink(name)
+            _unlink(dir_fd, name)
             return how
         return None
     finally:
         os.close(fd)
 
 
-def remove_leftovers(folder: str, job: str) -> int:
-    """Remove dead temporary copies in folder: ours, or anyone's unlocked and stale."""
+def remove_leftovers(dir_fd: int, job: str) -> int:
+    """Remove dead temporary copies in the folder dir_fd: ours, or anyone's unlocked and
+    stale. Only regular files are opened (a link or FIFO of that name is left alone)."""
     removed = 0
-    try:
-        it = os.scandir(folder)
-    except OSError:
-        return 0
-    with it:
-        for entry in it:
-            if not (entry.name.startswith(TEMP_PREFIX) and entry.name.endswith(TEMP_SUFFIX)):
-                continue
-            mine = entry.name.startswith(f"{TEMP_PREFIX}{job}.")
-            try:
-                fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            except OSError:
-                continue
-            try:
-                # a live copy holds its lock; the age check covers the instant between
-                # its creation and its lock
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                if mine or time.time() - os.fstat(fd).st_mtime > STALE_AFTER:
-                    os.unlink(entry.path)
-                    removed += 1
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
+    with contextlib.suppress(OSError):
+        for name, kind in fs.kinds(dir_fd, hidden=True):
+            if kind == stat.S_IFREG and name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX):
+                removed += _remove_leftover(dir_fd, name, name.startswith(f"{TEMP_PREFIX}{job}."))
     return removed
 
 
-def already_staged(target: str, st: os.stat_result) -> bool:
+def _remove_leftover(dir_fd: int, name: str, mine: bool) -> int:
+    try:
+        fd, st = fs.open_regular_stat(dir_fd, name, listed=True)
+    except OSError:
+        return 0
+    try:
+        # a live copy holds its lock; the age check covers the instant between its
+        # creation and its lock
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if mine or time.time() - st.st_mtime > STALE_AFTER:
+            os.unlink(name, dir_fd=dir_fd)
+            return 1
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return 0
+
+
+def already_staged(dir_fd: int, name: str, st: os.stat_result) -> bool:
     """The target is a regular file of the source's size and modification time."""
     try:
-        tst = os.lstat(target)
+        tst = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
         return False
     return (
@@ -186,27 +191,33 @@ def already_staged(target: str, st: os.stat_result) -> bool:
 class Pending:
     """A complete copy waiting for its batch's flush before it gets its real name.
 
-    Either an unnamed O_TMPFILE inode kept open (fd) or a named hidden file (tmp).
+    Either an unnamed O_TMPFILE inode kept open (fd) or a named hidden file (tmp), in
+    the staging folder `folder` (relative to the staging area), to be named `name`.
     """
 
-    target: str
+    folder: str
+    name: str
     entry: Entry
     fd: int = -1
     tmp: str = ""
     flushed: bool = False  # fsync-ed on its own (a large file): needs no group
 
-    def discard(self) -> None:
+    def discard(self, targets: fs.Folders) -> None:
         if self.fd >= 0:
             os.close(self.fd)  # an unnamed file disappears with its last descriptor
             self.fd = -1
         if self.tmp:
-            _unlink(self.tmp)
+            # (a folder that cannot be opened again: the next run's sweep removes it)
+            with contextlib.suppress(OSError, TargetError), targets.open(self.folder) as dir_fd:
+                _unlink(dir_fd, self.tmp)
             self.tmp = ""
 
 
 @dataclass
 class Folder:
-    real: str
+    """A staging folder copies go to (its descriptor: Stager.targets)."""
+
+    rel: str
     unnamed: bool  # O_TMPFILE and linkat work here
     fresh: bool = False  # created by this run: nothing in it can be staged already
 
@@ -226,14 +237,22 @@ class Stager:
 
     def __post_init__(self) -> None:
         self.lock = threading.Lock()
-        self.sources = RealDirs(self.archive)
-        self.targets = RealDirs(self.staging)
-        # folders known to exist in the staging area (dict updates are atomic under the GIL)
-        self.made: dict[str, Folder] = {}
+        # Both areas are endpoint folders, so user input: every file is opened by one
+        # name in a folder opened beneath these descriptors, no link followed (fs).
+        self.archive_fd = fs.open_root(self.archive)
+        try:
+            self.staging_fd = fs.open_root(self.staging)
+        except BaseException:
+            os.close(self.archive_fd)
+            raise
+        self.sources = fs.Folders(self.archive_fd, KEEP_OPEN)
+        self.targets = fs.Folders(self.staging_fd, KEEP_OPEN, self._make_folder)
         # BATCHINGEST_STAGE_UNNAMED=0 forces hidden named temporary files
         unnamed = _env_flag("BATCHINGEST_STAGE_UNNAMED", True)
-        self.linker = probe_unnamed(self.targets.root) if unnamed else None
-        self.staging_dev = os.stat(self.targets.root).st_dev
+        self.linker = probe_unnamed(self.staging_fd) if unnamed else None
+        self.staging_dev = os.fstat(self.staging_fd).st_dev
+        # staging folders met so far (dict updates are atomic under the GIL)
+        self.made: dict[str, Folder] = {"": Folder("", self.linker is not None)}
         # complete small copies waiting for one syncfs (guarded by lock)
         self.group: list[Pending] = []
         self.group_bytes = 0
@@ -241,6 +260,12 @@ class Stager:
         # one flush at a time: bounds the copies held open to a group per thread, plus one
         self.flushing = threading.Lock()
         self.named: set[str] = set()  # folders given new names: flushed at the end
+
+    def close(self) -> None:
+        self.sources.close()
+        self.targets.close()
+        os.close(self.archive_fd)
+        os.close(self.staging_fd)
 
     # -- helpers shared by the worker threads ------------------------------------------
 
@@ -275,84 +300,71 @@ class Stager:
             self.errors.append(text)
             self.out.append(f"ERROR {text}")
 
-    def target_dir(self, rel: str) -> Folder:
-        """The real folder the target of rel goes into, created if need be, inside staging."""
-        parent = os.path.dirname(rel)
-        folder = self.made.get(parent)
-        if folder is not None:
-            return folder
-        real = self.targets.real_dir(parent)
-        fresh = False
-        if real is not None and not os.path.isdir(real):
-            fresh = True
-            try:
-                os.makedirs(os.path.join(self.targets.root, parent), exist_ok=True)
-            except OSError as e:
-                raise TargetError(f"cannot create staging folder {parent}: {e.strerror}") from e
-            self.targets.forget(parent)
-            real = self.targets.real_dir(parent)
-        if real is None or not os.path.isdir(real):
-            raise TargetError(f"staging folder of {rel} leads outside the staging area")
-        # another file system mounted inside the staging area gets its own chance to fail
-        unnamed = self.linker is not None and os.stat(real).st_dev == self.staging_dev
-        folder = self.made[parent] = Folder(real, unnamed, fresh)
-        return folder
+    def _make_folder(self, top: int, rel: str) -> int:
+        """Open the staging folder rel (targets' opener), creating what is missing.
+
+        A link or file on the way is UnsafePath or NotADirectoryError (that file fails);
+        any other error is about the staging area (TargetError: stop).
+        """
+        made: list[str] = []
+        try:
+            fd = fs.make_dirs(top, rel.split("/"), made)
+        except (fs.UnsafePath, NotADirectoryError):
+            raise
+        except OSError as e:
+            raise TargetError(f"cannot create staging folder {rel}: {e.strerror}") from None
+        if rel not in self.made:
+            # another file system mounted inside the staging area gets its own chance to fail
+            unnamed = self.linker is not None and os.fstat(fd).st_dev == self.staging_dev
+            self.made[rel] = Folder(rel, unnamed, fresh=made[-1:] == [rel])
+        return fd
 
     def open_source(self, rel: str) -> tuple[int, os.stat_result]:
-        """Open an archive file, never following a link out of the archive.
+        """Open an archive file by one name in its folder, both beneath the archive.
 
-        The file itself is opened without following a link (one call, no lstat first);
-        only if it is a link is it resolved, and followed only if it stays inside.
+        No link is followed, on the way or at the name, whether it leads out or not; a
+        FIFO or device is refused from its lstat, never opened (fs.open_regular_stat).
         """
-        parent, name = os.path.split(rel)
-        real_parent = self.sources.real_dir(parent)
-        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+        parent, name = split_rel(rel)
         try:
-            if real_parent is None:
-                raise OSError(errno.ELOOP, "a link")
-            try:
-                fd = os.open(os.path.join(real_parent, name), flags)
-            except OSError as e:
-                if e.errno != errno.ELOOP:
-                    raise
-                real = self.sources.real_file(rel)
-                if real is None:
-                    raise
-                fd = os.open(real, flags)
+            with self.sources.open(parent) as dir_fd:
+                return fs.open_regular_stat(dir_fd, name)
         except FileNotFoundError:
             raise SourceError("vanished from the archive (No such file or directory)") from None
+        except fs.UnsafePath as e:
+            raise SourceError(f"in the archive: {e.strerror}") from None
+        except fs.NotRegular as e:
+            raise SourceError(f"in the archive: {e.strerror}, not opened") from None
         except OSError as e:
-            if e.errno == errno.ELOOP:
-                raise SourceError("leads outside the archive (symbolic link)") from None
             raise SourceError(f"cannot be read from the archive ({e.strerror})") from None
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            os.close(fd)
-            raise SourceError("is no longer a regular file in the archive")
-        return fd, st
 
     def copy(self, src: int, dst: int, size: int) -> int:
         if size < LARGE or not hasattr(os, "copy_file_range"):
             return copy_fd(src, dst, size)
         return copy_flushing(src, dst, size)
 
-    def create(self, folder: Folder, target: str, mode: int) -> Pending:
-        """An empty temporary file for target: unnamed if possible, else hidden and locked.
+    def create(self, folder: Folder, dir_fd: int, name: str, mode: int) -> Pending:
+        """An empty temporary file for name in the staging folder dir_fd: unnamed if
+        possible, else hidden and locked.
 
         Its permissions are the source's less the umask, as with cp.
         """
-        p = Pending(target, Entry("", "", 0))
+        p = Pending(folder.rel, name, Entry("", "", 0))
         if folder.unnamed:
             try:
-                p.fd = os.open(folder.real, os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, mode)
+                p.fd = fs.open_unnamed(dir_fd, mode)
                 return p
             except OSError:
                 folder.unnamed = False
-        p.tmp = os.path.join(folder.real, temp_name(self.job))
+        tmp = temp_name(self.job)
         try:
-            p.fd = os.open(p.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+            fd = fs.create_new(dir_fd, tmp, os.O_RDWR, mode)
+            if fd is None:
+                raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), tmp)
         except OSError as e:
-            raise TargetError(f"cannot create a file in {folder.real}: {e.strerror}") from None
+            where = folder.rel or "the staging area's top folder"
+            raise TargetError(f"cannot create a file in {where}: {e.strerror}") from None
+        p.fd, p.tmp = fd, tmp
         # the lock tells remove_leftovers in another job's task that this copy is alive
         fcntl.flock(p.fd, fcntl.LOCK_EX)
         return p
@@ -361,92 +373,103 @@ class Stager:
 
     def prepare(self, entry: Entry) -> Pending | None:
         """Copy one file to a temporary file; None if it is already staged."""
-        folder = self.target_dir(entry.path)
-        target = os.path.join(folder.real, os.path.basename(entry.path))
+        parent, name = split_rel(entry.path)
+        try:
+            with self.targets.open(parent) as dir_fd:
+                return self.prepare_in(self.made[parent], dir_fd, name, entry)
+        except (fs.UnsafePath, NotADirectoryError) as e:  # only the folder's open says these
+            raise SourceError(f"staging folder {parent}: {e.strerror}") from None
+
+    def prepare_in(self, folder: Folder, dir_fd: int, name: str, entry: Entry) -> Pending | None:
         src, st = self.open_source(entry.path)
         try:
             # a folder this run created holds nothing yet: saves a lookup per file
-            if not folder.fresh and already_staged(target, st):
+            if not folder.fresh and already_staged(dir_fd, name, st):
                 if not self.verify:
                     self.done(entry, "already staged")
                     return None
                 # with --stage-verify a copy that merely looks right is not trusted
-                if staged_copy_matches(src, target):
+                if staged_copy_matches(src, dir_fd, name):
                     self.done(entry, "already staged, SHA-256 verified")
                     return None
                 with self.lock:
                     self.out.append(f"{entry.path}: staged copy differs from the archive "
                                     "(SHA-256); copying again")  # fmt: skip
-            p = self.create(folder, target, stat.S_IMODE(st.st_mode) & 0o777)
+            p = self.create(folder, dir_fd, name, stat.S_IMODE(st.st_mode) & 0o777)
             p.entry = entry
             try:
-                try:
-                    copied = self.copy(src, p.fd, st.st_size)
-                except OSError as e:
-                    if e.errno in TARGET_ERRNOS:
-                        raise TargetError(f"staging area: {e.strerror}") from None
-                    raise SourceError(f"cannot be copied ({e.strerror})") from None
-                after = os.fstat(src)
-                if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
-                    raise SourceError("changed in the archive while being copied")
-                if copied != st.st_size:
-                    raise SourceError("copy is shorter than the archive file")
-                if self.verify:
-                    a, b = sha256_fd(src), sha256_fd(p.fd)
-                    if a != b:
-                        raise SourceError(f"SHA-256 mismatch: archive {a}, copy {b}")
-                os.utime(p.fd, ns=(st.st_atime_ns, st.st_mtime_ns))
-                if st.st_size >= LARGE:
-                    os.fsync(p.fd)
-                    p.flushed = True
+                self.fill(src, st, p)
             except BaseException:
-                p.discard()
+                p.discard(self.targets)
                 raise
             return p
         finally:
             os.close(src)
 
+    def fill(self, src: int, st: os.stat_result, p: Pending) -> None:
+        """Copy the open archive file src into p, checked, with the source's times."""
+        try:
+            copied = self.copy(src, p.fd, st.st_size)
+        except OSError as e:
+            if e.errno in TARGET_ERRNOS:
+                raise TargetError(f"staging area: {e.strerror}") from None
+            raise SourceError(f"cannot be copied ({e.strerror})") from None
+        after = os.fstat(src)
+        if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
+            raise SourceError("changed in the archive while being copied")
+        if copied != st.st_size:
+            raise SourceError("copy is shorter than the archive file")
+        if self.verify:
+            a, b = sha256_fd(src), sha256_fd(p.fd)
+            if a != b:
+                raise SourceError(f"SHA-256 mismatch: archive {a}, copy {b}")
+        os.utime(p.fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+        if st.st_size >= LARGE:
+            os.fsync(p.fd)
+            p.flushed = True
+
     def commit(self, pending: list[Pending]) -> None:
         """Give flushed copies their real names; a rename or link never shows a partial file."""
         for p in pending:
             try:
-                if p.tmp:
-                    os.rename(p.tmp, p.target)
-                    p.tmp = ""
-                else:
-                    assert self.linker is not None
-                    try:
-                        fs.link_fd(p.fd, p.target, self.linker)
-                    except FileExistsError:
-                        # an older copy is there: replace it in one rename
-                        p.tmp = os.path.join(os.path.dirname(p.target), temp_name(self.job))
-                        fs.link_fd(p.fd, p.tmp, self.linker)
-                        os.rename(p.tmp, p.target)
-                        p.tmp = ""
-            except OSError as e:
-                self.fail(p.entry, f"cannot be put in place in the staging area ({e.strerror})")
+                with self.targets.open(p.folder) as dir_fd:
+                    self.name_copy(p, dir_fd)
+            except (OSError, TargetError) as e:
+                reason = e.strerror if isinstance(e, OSError) else str(e)
+                self.fail(p.entry, f"cannot be put in place in the staging area ({reason})")
                 continue
             finally:
-                p.discard()
-            self.named.add(os.path.dirname(p.target))
+                p.discard(self.targets)
+            self.named.add(p.folder)
             self.done(p.entry, "copied")
+
+    def name_copy(self, p: Pending, dir_fd: int) -> None:
+        """Name p in its folder dir_fd. What is at that name (an older copy, a link) is
+        replaced by one rename, never followed."""
+        if not p.tmp:
+            assert self.linker is not None
+            try:
+                fs.link_fd(p.fd, p.name, self.linker, dir_fd=dir_fd)
+                return
+            except FileExistsError:
+                p.tmp = temp_name(self.job)
+                fs.link_fd(p.fd, p.tmp, self.linker, dir_fd=dir_fd)
+        os.rename(p.tmp, p.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        p.tmp = ""
 
     def flush_names(self) -> None:
         """fsync each folder that got names, and the folders up to the staging area's top
         (some were made by this run): the names are on disk once this returns."""
         folders: set[str] = set()
-        for folder in self.named:
-            while folder not in folders:
-                folders.add(folder)
-                if folder == self.targets.root or not is_within(folder, self.targets.root):
+        for rel in self.named:
+            while rel not in folders:
+                folders.add(rel)
+                if rel == "":
                     break
-                folder = os.path.dirname(folder)
-        for folder in sorted(folders):
-            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+                rel = split_rel(rel)[0]
+        for rel in sorted(folders):
+            with self.targets.open(rel) as dir_fd:
+                os.fsync(dir_fd)
 
     # -- groups of small copies, one syncfs each -----------------------------------------
 
@@ -474,7 +497,7 @@ class Stager:
                         os.fsync(p.fd)
             except OSError as e:
                 for p in pending:
-                    p.discard()
+                    p.discard(self.targets)
                 raise TargetError(f"staging area: {e.strerror}") from None
             self.commit(pending)
 
@@ -488,7 +511,7 @@ class Stager:
             except TargetError as e:
                 self.problem(str(e))
         for p in rest:
-            p.discard()
+            p.discard(self.targets)
 
     # -- a chunk of files, run by one worker thread ---------------------------------------
 
@@ -517,9 +540,9 @@ class Stager:
                     return
 
 
-def _unlink(path: str) -> None:
+def _unlink(dir_fd: int, name: str) -> None:
     with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
+        os.unlink(name, dir_fd=dir_fd)
 
 
 def chunks(entries: list[Entry]) -> Iterator[list[Entry]]:
@@ -633,17 +656,26 @@ def record_error(job_fd: int, message: str) -> None:
         print(f"ERROR stage: {PROGRESS} cannot be written: {e.strerror or e}", flush=True)
 
 
-def sweep(staging: Path, entries: list[Entry], job: str) -> None:
+def sweep(stager: Stager, entries: list[Entry], job: str) -> None:
     """Remove leftovers of a killed copy, only in the folders this job stages into.
 
-    And in the staging area's top folder, where probe_unnamed names its test file.
+    And in the staging area's top folder, where probe_unnamed names its test file. Each
+    folder is opened beneath the staging area without following a link; one that
+    cannot be (missing, a link on the way) holds nothing of ours.
     """
-    real_staging = os.path.realpath(staging)
     removed = 0
-    for parent in sorted({"", *(os.path.dirname(e.path) for e in entries)}):
-        folder = os.path.realpath(os.path.join(staging, parent))
-        if folder == real_staging or is_within(folder, real_staging):
-            removed += remove_leftovers(folder, job)
+    for parent in sorted({"", *(split_rel(e.path)[0] for e in entries)}):
+        if parent == "":
+            removed += remove_leftovers(stager.staging_fd, job)
+            continue
+        try:
+            dir_fd = fs.open_dir(stager.staging_fd, parent)
+        except OSError:
+            continue
+        try:
+            removed += remove_leftovers(dir_fd, job)
+        finally:
+            os.close(dir_fd)
     if removed:
         print(f"stage: removed {removed} temporary files left by an interrupted copy", flush=True)
 
@@ -672,6 +704,8 @@ def copy_all(stager: Stager, entries: list[Entry], job_fd: int, parallel: int) -
             stager.flush_names()
         except OSError as e:
             stager.errors.append(f"staging area: {e.strerror}")
+        except TargetError as e:
+            stager.errors.append(str(e))
 
 
 def run(job_dir: Path) -> int:
@@ -702,6 +736,16 @@ def stage_job(job: str, job_fd: int) -> int:
         record_error(job_fd, f"{PROGRESS} cannot be written: {e.strerror or e}")
         return 2
     stager = Stager(cfg.archive, cfg.staging, job, cfg.verify, progress)
+    try:
+        return stage_files(stager, cfg, entries, unknown, job_fd)
+    finally:
+        stager.close()
+
+
+def stage_files(
+    stager: Stager, cfg: Settings, entries: list[Entry], unknown: list[Entry], job_fd: int
+) -> int:
+    job, progress = stager.job, stager.progress
     started = time.monotonic()
     print(
         f"stage: {progress.files_total} files, {progress.bytes_total} bytes, from "
@@ -711,7 +755,7 @@ def stage_job(job: str, job_fd: int) -> int:
     )
     for entry in unknown:
         stager.problem(f"id {entry.id[:300]!r}: not in the catalog")
-    sweep(cfg.staging, entries, job)
+    sweep(stager, entries, job)
     copy_all(stager, entries, job_fd, cfg.parallel)
     elapsed = time.monotonic() - started
     if stager.errors:
