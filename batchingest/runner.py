@@ -277,7 +277,12 @@ class ControlDir:
         sweep_control_dirs(base)  # a killed service could not remove its own
         prefix = f"{CONTROL_PREFIX}{os.getpid()}-"
         self.path = Path(tempfile.mkdtemp(prefix=prefix, dir=base))
-        self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        # opened by its one name in base (no link followed), not by the path again
+        base_fd = fs.open_root(base)
+        try:
+            self.fd = fs.open_dir(base_fd, self.path.name)
+        finally:
+            os.close(base_fd)
         fcntl.flock(self.fd, fcntl.LOCK_EX)
         self._files: dict[object, Path] = {}
 
@@ -331,9 +336,7 @@ def sweep_control_dirs(base: str | None = None) -> list[str]:
 def _stale(base_fd: int, name: str) -> bool:
     """Ours (same owner), not a link, and nobody holds its lock."""
     try:
-        fd = os.open(
-            name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=base_fd
-        )
+        fd = fs.open_dir(base_fd, name)
     except OSError:
         return False
     try:
@@ -359,14 +362,15 @@ def fresh_control_file(control: Path, dir_fd: int | None = None) -> None:
     regular file. dir_fd: control's folder, already open (ControlDir.fd).
     """
     folder = fs.open_root(control.parent) if dir_fd is None else dir_fd
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        try:
-            # the last task's file is removed after it ran: mostly nothing is there
-            os.close(os.open(control.name, flags, 0o600, dir_fd=folder))
-        except FileExistsError:
+        # the last task's file is removed after it ran: mostly nothing is there
+        fd = fs.create_new(folder, control.name, os.O_WRONLY, 0o600)
+        if fd is None:
             fs.remove(folder, control.name, recursive=True)
-            os.close(os.open(control.name, flags, 0o600, dir_fd=folder))
+            fd = fs.create_new(folder, control.name, os.O_WRONLY, 0o600)
+        if fd is None:  # something came back at once: a task still running
+            raise FileExistsError(errno.EEXIST, "a control file came back", str(control))
+        os.close(fd)
     finally:
         if folder != dir_fd:
             os.close(folder)
