@@ -67,11 +67,3 @@ def relpath_segments(rel: str, *, allow_empty: bool = False) -> list[str]:
         if len(part.encode("utf-8")) > MAX_COMPONENT:
             raise InvalidPath(f"path segment longer than {MAX_COMPONENT} bytes")
     return parts
-
-
-def is_within(path: str, root: str) -> bool:
-    """True if the real path `path` lies inside the real folder `root` (not root itself).
-
-    For code that still resolves paths as strings (realpath) rather than by descriptors.
-    """
-    return path.startswith(root.rstrip("/") + "/")
