@@ -1201,3 +1201,76 @@ def test_create_new_makes_one_file_of_its_own_or_says_none(tmp_path: Path) -> No
         os.close(folder)
     assert (tmp_path / "target").read_text() == "keep" and not (tmp_path / "nowhere").exists()
     assert (tmp_path / "new").stat().st_size == 0
+
+
+# -- Folders, unnamed files ----------------------------------------------------------------
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_folders_keep_a_bounded_number_open_and_refuse_links(tmp_path: Path, resolver: str) -> None:
+    root = tmp_path / "top"
+    for i in range(5):
+        (root / "a" / f"d{i}").mkdir(parents=True)
+        (root / "a" / f"d{i}" / "f").write_bytes(str(i).encode())
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "f").write_bytes(SENTINEL)
+    (root / "a" / "out").symlink_to(outside)
+    (root / "a" / "in").symlink_to(root / "a" / "d0")
+    top = fs.open_root(root)
+    folders = fs.Folders(top, keep=2)
+    before = _open_fds()
+    try:
+        for _ in range(2):  # the second round reuses the kept ones, opens the rest again
+            for i in range(5):
+                with folders.open(f"a/d{i}") as fd:
+                    assert fs.read_file(fd, "f", 10) == str(i).encode()
+            assert _open_fds() == before + 2
+        with folders.open("") as fd:
+            assert fd == top
+        for rel in ("a/out", "a/in", "a/../a/d0", "a/d0/f"):
+            with pytest.raises((fs.UnsafePath, NotADirectoryError)), folders.open(rel):
+                pass
+        # a kept folder moved away and replaced by a link: the descriptor still holds it
+        os.rename(root / "a" / "d0", root / "a" / "moved")
+        (root / "a" / "d0").symlink_to(outside)
+        with folders.open("a/d0") as fd:
+            assert fs.read_file(fd, "f", 100) == b"0"
+    finally:
+        folders.close()
+        os.close(top)
+    assert _open_fds() == before - 1
+
+
+def test_unnamed_file_linked_by_one_name_in_a_folder(tmp_path: Path) -> None:
+    top = fs.open_root(tmp_path)
+    try:
+        try:
+            fd = fs.open_unnamed(top, 0o640)
+        except OSError:
+            pytest.skip("no O_TMPFILE on this file system")
+        try:
+            os.write(fd, b"data")
+            assert os.listdir(tmp_path) == []  # nothing named until linked
+            (tmp_path / "taken").symlink_to(tmp_path / "taken-target")
+            linked = []
+            for how in ("empty-path", "proc"):
+                try:
+                    fs.link_fd(fd, f"named-{how}", how, dir_fd=top)
+                except OSError:
+                    continue  # this way is not allowed here (a capability, /proc)
+                linked.append(how)
+                assert (tmp_path / f"named-{how}").read_bytes() == b"data"
+                with pytest.raises(fs.UnsafePath):
+                    fs.link_fd(fd, "sub/x", how, dir_fd=top)
+                with pytest.raises(FileExistsError):  # a link there is not followed
+                    fs.link_fd(fd, "taken", how, dir_fd=top)
+            assert linked, "neither way of naming an unnamed file works here"
+            assert not (tmp_path / "taken-target").exists()
+        finally:
+            os.close(fd)
+    finally:
+        os.close(top)
