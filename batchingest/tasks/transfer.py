@@ -24,7 +24,6 @@ in `fatal_error`. Exit status 1: some item failed (the first error in `fatal_err
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import itertools
 import json
@@ -102,41 +101,21 @@ class Pending:
             self.tmp = ""
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_linkat = getattr(_libc, "linkat", None)
-_AT_EMPTY_PATH = 0x1000
-
-
-def link_unnamed(fd: int, dir_fd: int, name: str, how: str) -> None:
-    """Give the unnamed (O_TMPFILE) file fd the name dir_fd/name; FileExistsError if taken.
-
-    linkat(AT_EMPTY_PATH) needs CAP_DAC_READ_SEARCH; the /proc/self/fd form does not.
-    """
-    if how == "empty-path" and _linkat is not None:
-        if _linkat(fd, b"", dir_fd, os.fsencode(name), _AT_EMPTY_PATH) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), name)
-        return
-    os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=dir_fd, follow_symlinks=True)
-
-
 def probe_unnamed(dir_fd: int, prefix: str) -> str | None:
     """How unnamed files get names in dir_fd's file system, or None (NFS, old kernels).
 
     An O_TMPFILE copy needs no directory entry until it is linked: one directory
     operation per file instead of a create and a rename, and a killed copy leaves nothing.
     """
-    if not hasattr(os, "O_TMPFILE"):
-        return None
     try:
-        fd = os.open(".", os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+        fd = fs.open_unnamed(dir_fd)
     except OSError:
         return None
     try:
         for how in ("empty-path", "proc"):
             name = f"{prefix}probe-{os.getpid()}.tmp"
             try:
-                link_unnamed(fd, dir_fd, name, how)
+                fs.link_fd(fd, name, how, dir_fd=dir_fd)
             except OSError:
                 continue
             with contextlib.suppress(OSError):
@@ -339,7 +318,7 @@ class Run:
                     self.unnamed = found or ""
         if self.unnamed:
             try:
-                fd = os.open(".", os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, mode, dir_fd=dst_dir)
+                fd = fs.open_unnamed(dst_dir, mode)
                 return Pending(dst_dir, "", name, record, fd)
             except OSError:
                 pass  # another file system mounted below: the named way
@@ -400,11 +379,11 @@ class Run:
         """Give a flushed copy its real name, replacing an older file in one rename."""
         if not p.tmp:
             try:
-                link_unnamed(p.fd, p.dir_fd, p.name, self.unnamed or "proc")
+                fs.link_fd(p.fd, p.name, self.unnamed or "proc", dir_fd=p.dir_fd)
                 return
             except FileExistsError:
                 p.tmp = f"{self.temp_prefix}{os.getpid()}-{next(self.temp_ids)}.tmp"
-                link_unnamed(p.fd, p.dir_fd, p.tmp, self.unnamed or "proc")
+                fs.link_fd(p.fd, p.tmp, self.unnamed or "proc", dir_fd=p.dir_fd)
         os.replace(p.tmp, p.name, src_dir_fd=p.dir_fd, dst_dir_fd=p.dir_fd)
         p.tmp = ""
 
