@@ -188,6 +188,10 @@ def open_source(self, rel):
         for area in (archive, staging):
             os.rename(os.path.join(area, "d"), os.path.join(area, "d.moved"))
             os.symlink(outside, os.path.join(area, "d"))
+    if rel == "e/g":
+        # the file itself, listed as a file, is a link out by the time it is opened
+        os.unlink(os.path.join(archive, "e", "g"))
+        os.symlink(os.path.join(outside, "secret.txt"), os.path.join(archive, "e", "g"))
     return real_open_source(self, rel)
 
 stage.Stager.open_source = open_source
@@ -195,12 +199,16 @@ stage.main()
 """
 
 
-def test_folders_swapped_for_links_mid_run_lead_nowhere(area: Area, outside: Path) -> None:
+def test_folders_and_files_swapped_for_links_mid_run_lead_nowhere(
+    area: Area, outside: Path
+) -> None:
     """What was opened is used by descriptor: a folder swapped for a link after it was
-    opened changes nothing (a path string resolved again would lead out)."""
+    opened changes nothing (a path string resolved again would lead out); a file
+    swapped for a link between the listing and its copy is refused."""
     for name in ("f1", "f2", "f3"):
         area.add(f"d/{name}", name.encode())
-    area.manifest(["d/f1", "d/f2", "d/f3"])
+    area.add("e/g", b"g")
+    area.manifest(["d/f1", "d/f2", "d/f3", "e/g"])
     watch = OpenWatch(outside / "f2")
     before = snapshot(outside)
     p = subprocess.run(
@@ -212,7 +220,8 @@ def test_folders_swapped_for_links_mid_run_lead_nowhere(area: Area, outside: Pat
     assert (area.archive / "d").is_symlink() and (area.staging / "d").is_symlink()
     assert not opened
     assert snapshot(outside) == before
-    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert f"ERROR e/g: in the archive: {LINK_REFUSED}" in p.stdout
     # the copies went on into the staging folder opened at first, from the archive
     # folder opened at first
     staged = staged_files(area, planted=("d",))
