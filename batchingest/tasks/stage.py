@@ -372,39 +372,43 @@ class Stager:
     # -- one file ----------------------------------------------------------------------
 
     def prepare(self, entry: Entry) -> Pending | None:
-        """Copy one file to a temporary file; None if it is already staged."""
-        parent, name = split_rel(entry.path)
-        try:
-            with self.targets.open(parent) as dir_fd:
-                return self.prepare_in(self.made[parent], dir_fd, name, entry)
-        except (fs.UnsafePath, NotADirectoryError) as e:  # only the folder's open says these
-            raise SourceError(f"staging folder {parent}: {e.strerror}") from None
+        """Copy one file to a temporary file; None if it is already staged.
 
-    def prepare_in(self, folder: Folder, dir_fd: int, name: str, entry: Entry) -> Pending | None:
+        The archive file is opened first: one that cannot be staged makes no folder.
+        """
+        parent, name = split_rel(entry.path)
         src, st = self.open_source(entry.path)
         try:
-            # a folder this run created holds nothing yet: saves a lookup per file
-            if not folder.fresh and already_staged(dir_fd, name, st):
-                if not self.verify:
-                    self.done(entry, "already staged")
-                    return None
-                # with --stage-verify a copy that merely looks right is not trusted
-                if staged_copy_matches(src, dir_fd, name):
-                    self.done(entry, "already staged, SHA-256 verified")
-                    return None
-                with self.lock:
-                    self.out.append(f"{entry.path}: staged copy differs from the archive "
-                                    "(SHA-256); copying again")  # fmt: skip
-            p = self.create(folder, dir_fd, name, stat.S_IMODE(st.st_mode) & 0o777)
-            p.entry = entry
-            try:
-                self.fill(src, st, p)
-            except BaseException:
-                p.discard(self.targets)
-                raise
-            return p
+            with self.targets.open(parent) as dir_fd:
+                return self.prepare_in(self.made[parent], dir_fd, name, entry, src, st)
+        except (fs.UnsafePath, NotADirectoryError) as e:  # only the folder's open says these
+            raise SourceError(f"staging folder {parent}: {e.strerror}") from None
         finally:
             os.close(src)
+
+    def prepare_in(
+        self, folder: Folder, dir_fd: int, name: str, entry: Entry, src: int, st: os.stat_result
+    ) -> Pending | None:
+        # a folder this run created holds nothing yet: saves a lookup per file
+        if not folder.fresh and already_staged(dir_fd, name, st):
+            if not self.verify:
+                self.done(entry, "already staged")
+                return None
+            # with --stage-verify a copy that merely looks right is not trusted
+            if staged_copy_matches(src, dir_fd, name):
+                self.done(entry, "already staged, SHA-256 verified")
+                return None
+            with self.lock:
+                self.out.append(f"{entry.path}: staged copy differs from the archive "
+                                "(SHA-256); copying again")  # fmt: skip
+        p = self.create(folder, dir_fd, name, stat.S_IMODE(st.st_mode) & 0o777)
+        p.entry = entry
+        try:
+            self.fill(src, st, p)
+        except BaseException:
+            p.discard(self.targets)
+            raise
+        return p
 
     def fill(self, src: int, st: os.stat_result, p: Pending) -> None:
         """Copy the open archive file src into p, checked, with the source's times."""
