@@ -270,3 +270,21 @@ def test_no_manifest_path_leads_out_of_either_area(tmp_path: Path, paths: list[s
             assert rel not in staged
     assert set(staged) <= set(paths)
     assert code == (0 if len(staged) == len(paths) else 1), out
+
+
+@pytest.mark.parametrize("unnamed", ["1", "0"])
+def test_more_folders_than_are_kept_open(area: Area, unnamed: str) -> None:
+    """Past the folders kept open (stage.KEEP_OPEN a side) each is opened for each use:
+    the copies, their names and the folders' fsyncs all still happen, and a second run
+    finds them staged."""
+    rels = [f"many/d{i:03d}/f" for i in range(150)]
+    for i, rel in enumerate(rels):
+        area.add(rel, str(i).encode())
+    area.manifest(rels)
+    code, out = area.run(BATCHINGEST_STAGE_UNNAMED=unnamed)
+    assert code == 0, out
+    assert staged_files(area) == {rel: str(i).encode() for i, rel in enumerate(rels)}
+    assert area.temps() == []
+    code, out = area.run(BATCHINGEST_STAGE_UNNAMED=unnamed)
+    assert code == 0, out
+    assert out.count("already staged ") == 150
