@@ -781,35 +781,47 @@ class Folders:
         self.top = top
         self.keep = keep
         self._opener = opener or open_dir
-        self._open: dict[str, int] = {}
+        self._open: dict[str, _Opened] = {"": _Opened(top, owned=False)}
         self._lock = threading.Lock()
 
-    @contextlib.contextmanager
-    def open(self, rel: str) -> Iterator[int]:
-        """The descriptor of the folder rel beneath top, for the with block only."""
-        fd = self.top if rel == "" else self._open.get(rel)
-        if fd is not None:
-            yield fd
-            return
+    def open(self, rel: str) -> _Opened:
+        """The folder rel beneath top, as a context manager giving its descriptor for the
+        with block only (a kept folder's costs a lookup: this runs once or twice a file)."""
+        found = self._open.get(rel)
+        if found is not None:
+            return found
         fd = self._opener(self.top, rel)
         with self._lock:
-            if rel not in self._open and len(self._open) < self.keep:
-                self._open[rel] = fd
-                fd = -1
-        if fd < 0:
-            yield self._open[rel]
-            return
-        try:
-            yield fd
-        finally:
-            os.close(fd)
+            if rel not in self._open and len(self._open) <= self.keep:
+                found = self._open[rel] = _Opened(fd, owned=False)
+                return found
+        return _Opened(fd, owned=True)
 
     def close(self) -> None:
         """Close the folders kept open (not top, which the caller owns)."""
         with self._lock:
-            kept, self._open = self._open, {}
-        for fd in kept.values():
-            os.close(fd)
+            kept, self._open = self._open, {"": _Opened(self.top, owned=False)}
+        for rel, opened in kept.items():
+            if rel:
+                os.close(opened.fd)
+
+
+class _Opened:
+    """A folder descriptor for a with block: closed at its end if owned (a folder
+    Folders does not keep), left open otherwise."""
+
+    __slots__ = ("fd", "owned")
+
+    def __init__(self, fd: int, *, owned: bool) -> None:
+        self.fd = fd
+        self.owned = owned
+
+    def __enter__(self) -> int:
+        return self.fd
+
+    def __exit__(self, *exc: object) -> None:
+        if self.owned:
+            os.close(self.fd)
 
 
 def same_inode(a: os.stat_result, b: os.stat_result) -> bool:
