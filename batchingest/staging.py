@@ -155,7 +155,8 @@ class Resolver:
         """Return (entries, invalid, unresolved).
 
         `invalid` are ids that can never be paths (in path mode: absolute, '..', hidden...);
-        `unresolved` are ids naming no regular file inside the archive. Duplicate ids,
+        `unresolved` are ids naming no regular file inside the archive (a link on the
+        way or at the name, a FIFO, a device or a folder included). Duplicate ids,
         and ids naming the same file, give one entry.
         """
         mapping = self.catalog.ids() if self.catalog is not None else None
