@@ -106,7 +106,8 @@ def test_symlinks_do_not_resolve_even_inside_the_archive(areas: tuple[Path, Path
     (archive / "dirlink").symlink_to(archive.parent)
     (archive / "inside.txt").symlink_to(archive / "top.txt")
     (archive / "p" / "dirin").symlink_to(archive / "p" / "q")
-    ids = ["link.txt", "dirlink/secret.txt", "inside.txt", "p/dirin/a.fastq", "p", "p/q"]
+    os.mkfifo(archive / "p" / "pipe")  # looked at, never opened: a writer would wait
+    ids = ["link.txt", "dirlink/secret.txt", "inside.txt", "p/dirin/a.fastq", "p", "p/q", "p/pipe"]
     entries, invalid, unresolved = Resolver(archive).resolve(ids)
     assert entries == []
     assert invalid == []
