@@ -287,6 +287,9 @@ class Processor:
         store.lease_timeout = cfg.lease_timeout
         store.leases = True if cfg.shared_root else None
         self._leases = lease.Renewer(cfg.lease_renew, self._lost)
+        # set once the processor has gone round once (threads started, processing/
+        # recovered, queue/ to be listed): its start-up work is done
+        self.started = asyncio.Event()
 
     # -- the loops ----------------------------------------------------------------------
 
@@ -425,8 +428,10 @@ class Processor:
                     await asyncio.to_thread(self._deadlines.expire)
             except Exception as e:  # the next poll tries again; claims check deadlines too
                 log.warning("looking for queued jobs past their deadline failed: %s", e)
-            first = False
             self.scheduler.wake()
+            if first:
+                self.started.set()
+            first = False
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay)
 

@@ -416,3 +416,22 @@ def test_a_local_root_used_by_other_hosts_is_said_to_need_shared_root(
     else:
         assert len(said) == 1 and "(elsewhere, far.example)" in said[0]
     assert (root / "processing" / "theirs" / ".lease").exists()  # a live lease: left alone
+
+
+def test_started_is_set_once_the_first_round_has_recovered_processing(
+    root: Path, cfg: Config, store: Store
+) -> None:
+    """`started` (the service gives the C heap's free pages back then) comes after the
+    worker threads and the first recovery scan: a job a dead service left in
+    processing/ is back in queue/ or claimed again by then, and runs."""
+    write_task(root / "tasks", "start", "true\n")
+    os.rename(make_job(root, "left"), root / "processing" / "left")
+    running = Running(cfg, store)
+    assert not running.processor.started.is_set()
+    with running:
+        wait_for(running.processor.started.is_set, 10, what="the first round")
+        threads = running.processor._threads
+        assert threads and all(t.is_alive() for t in threads)
+        assert running.progress.stale() == []  # the round's heartbeat came first
+        assert wait_for(lambda: landed(root, "left"), 20, what="the recovered job") == "success"
+    assert running.error is None
