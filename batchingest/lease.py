@@ -381,18 +381,29 @@ class Renewer:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="batchingest-leases", daemon=True)
+        self._started = False
 
     def start(self) -> None:
-        self._thread.start()
+        """Renew from now on; the thread itself comes with the first lease held (a root
+        that makes none, a local one, never needs it)."""
+        with self._lock:
+            self._started = True
+            self._run_if_needed()
 
     def stop(self) -> None:
-        self._stop.set()
+        with self._lock:
+            self._stop.set()
         if self._thread.is_alive():
             self._thread.join()
 
     def add(self, key: str, dir_fd: int, held: Held) -> None:
         with self._lock:
             self._held[key] = (dir_fd, held)
+            self._run_if_needed()
+
+    def _run_if_needed(self) -> None:  # under _lock
+        if self._started and self._held and not self._stop.is_set() and self._thread.ident is None:
+            self._thread.start()
 
     def remove(self, key: str) -> None:
         with self._lock:

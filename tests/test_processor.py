@@ -435,3 +435,30 @@ def test_started_is_set_once_the_first_round_has_recovered_processing(
         assert running.progress.stale() == []  # the round's heartbeat came first
         assert wait_for(lambda: landed(root, "left"), 20, what="the recovered job") == "success"
     assert running.error is None
+
+
+def test_worker_threads_are_started_as_jobs_come(
+    root: Path, cfg: Config, store: Store, tmp_path: Path
+) -> None:
+    """An idle processor has one worker thread; a job taken starts another, so two jobs
+    run side by side (each task waits for the other's), up to 2 x --workers + 2."""
+    met = tmp_path / "met"
+    met.mkdir()
+    write_task(root / "tasks", "start", f"""touch "{met}/$JOBNAME"
+n=0
+while [ "$(ls "{met}" | wc -l)" -lt 2 ] && [ $n -lt 400 ]; do sleep 0.05; n=$((n+1)); done
+[ "$(ls "{met}" | wc -l)" -ge 2 ]
+""")  # fmt: skip
+    with Running(cfg, store) as running:
+        wait_for(running.processor.started.is_set, 10, what="the first round")
+        time.sleep(0.5)  # polls of an empty queue/ start no thread
+        assert len(running.processor._threads) == 1
+        drop(root, "a")
+        drop(root, "b")
+        assert wait_for(lambda: landed(root, "a"), 30, what="a") == "success"
+        assert wait_for(lambda: landed(root, "b"), 30, what="b") == "success"
+        threads = running.processor._threads
+        assert 2 <= len(threads) <= 2 * cfg.workers + 2
+        assert all(t.is_alive() for t in threads)
+    assert sorted(p.name for p in met.iterdir()) == ["a", "b"]
+    assert running.error is None
