@@ -383,11 +383,14 @@ class Renewer:
         self._thread = threading.Thread(target=self._run, name="batchingest-leases", daemon=True)
         self._started = False
 
-    def start(self) -> None:
-        """Renew from now on; the thread itself comes with the first lease held (a root
-        that makes none, a local one, never needs it)."""
+    def start(self, now: bool = False) -> None:
+        """Renew from now on. now: the thread starts here, where a failure to start it
+        stops the service at once; else it comes with the first lease held (a root that
+        makes none, a local one, never needs it)."""
         with self._lock:
             self._started = True
+            if now and not self._stop.is_set() and self._thread.ident is None:
+                self._thread.start()
             self._run_if_needed()
 
     def stop(self) -> None:

@@ -312,8 +312,11 @@ class Processor:
         # Plain threads rather than one event-loop round trip per job: a job is mostly
         # blocking system calls, and handing each one back to the loop costs more than
         # the job itself when tasks are short.
-        self._start_worker()
-        self._leases.start()
+        with self._threads_lock:  # a first worker quick to take a job counts itself
+            self._start_worker()
+        # where leases are made the renewer starts now: started with a job's first lease
+        # instead, a thread that cannot be had would leave that job held and never run
+        self._leases.start(now=self.store.uses_leases)
         log.info(
             "processor running with %d worker(s), tasks in %s", self.cfg.workers, self.cfg.tasks_dir
         )
@@ -484,9 +487,9 @@ class Processor:
                 continue
             if name is None:
                 return
-            self._more_workers()
             retry_in: float | None = self.cfg.poll_interval
             try:
+                self._more_workers()
                 with logs.about_job(name):  # every line logged meanwhile names the job
                     retry_in = self.perform(name)
             except Exception:

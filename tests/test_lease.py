@@ -220,6 +220,19 @@ def test_the_renewer_starts_its_thread_with_the_first_lease(job: int, tmp_path: 
     assert not renewer._thread.is_alive()
 
 
+def test_the_renewer_started_now_runs_before_any_lease() -> None:
+    """Where leases are made the thread starts with the processor: a thread that cannot
+    be had then stops the service at its start, never leaves a claimed job unrenewed."""
+    renewer = lease.Renewer(0.05, lambda key: None)
+    renewer.start(now=True)
+    try:
+        assert renewer._thread.is_alive()
+        renewer.start(now=True)  # a second start starts no second thread
+    finally:
+        renewer.stop()
+    assert not renewer._thread.is_alive()
+
+
 def test_watch_mode_says_why_it_polls(tmp_path: Path) -> None:
     assert lease.watch_mode(None, True) == "--force-polling is set"
     assert lease.watch_mode("NFS", False) == (

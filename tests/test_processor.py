@@ -462,3 +462,16 @@ while [ "$(ls "{met}" | wc -l)" -lt 2 ] && [ $n -lt 400 ]; do sleep 0.05; n=$((n
         assert all(t.is_alive() for t in threads)
     assert sorted(p.name for p in met.iterdir()) == ["a", "b"]
     assert running.error is None
+
+
+@pytest.mark.parametrize("shared_root", [False, True])
+def test_the_lease_renewer_runs_from_the_start_only_where_leases_are_made(
+    root: Path, store: Store, shared_root: bool
+) -> None:
+    cfg = Config(root=root, poll_interval=0.1, grace=5, shared_root=shared_root)
+    with Running(cfg, store) as running:
+        wait_for(running.processor.started.is_set, 10, what="the first round")
+        assert running.processor._leases._thread.is_alive() is shared_root
+        names = [t.name for t in running.processor._threads]
+        assert len(names) == len(set(names)) == 1
+    assert running.error is None
