@@ -138,6 +138,11 @@ class Scheduler:
                 self._cond.notify_all()
 
     @property
+    def idle(self) -> int:
+        """Workers waiting for something to take (read without the lock: a hint)."""
+        return self._idle
+
+    @property
     def blind(self) -> bool:
         """The last listing of queue/ failed and a worker waits for work it cannot see.
 
@@ -264,8 +269,10 @@ class Processor:
         self.scheduler = Scheduler(self._queued)
         # --workers bounds the jobs running tasks; a few more threads let finished jobs do
         # their last JOB fsync and final rename while the next tasks already run, which
-        # is what keeps a disk with slow fsync busy rather than idle
+        # is what keeps a disk with slow fsync busy rather than idle. They are started as
+        # work comes (_more_workers): an idle service has one.
         self._threads: list[threading.Thread] = []
+        self._threads_lock = threading.Lock()
         self._thread_count = 2 * cfg.workers + 2
         self._slots = threading.BoundedSemaphore(cfg.workers)
         self._stopping = threading.Event()
@@ -287,6 +294,9 @@ class Processor:
         store.lease_timeout = cfg.lease_timeout
         store.leases = True if cfg.shared_root else None
         self._leases = lease.Renewer(cfg.lease_renew, self._lost)
+        # set once the processor has gone round once (threads started, processing/
+        # recovered, queue/ to be listed): its start-up work is done
+        self.started = asyncio.Event()
 
     # -- the loops ----------------------------------------------------------------------
 
@@ -302,13 +312,11 @@ class Processor:
         # Plain threads rather than one event-loop round trip per job: a job is mostly
         # blocking system calls, and handing each one back to the loop costs more than
         # the job itself when tasks are short.
-        self._threads = [
-            threading.Thread(target=self._work, name=f"batchingest-worker-{i}", daemon=True)
-            for i in range(self._thread_count)
-        ]
-        for thread in self._threads:
-            thread.start()
-        self._leases.start()
+        with self._threads_lock:  # a first worker quick to take a job counts itself
+            self._start_worker()
+        # where leases are made the renewer starts now: started with a job's first lease
+        # instead, a thread that cannot be had would leave that job held and never run
+        self._leases.start(now=self.store.uses_leases)
         log.info(
             "processor running with %d worker(s), tasks in %s", self.cfg.workers, self.cfg.tasks_dir
         )
@@ -340,13 +348,40 @@ class Processor:
                 self.store.root, ", ".join(others[:5]),
             )  # fmt: skip
 
+    def _start_worker(self) -> None:
+        """One more worker thread (under _threads_lock, or before any runs)."""
+        thread = threading.Thread(
+            target=self._work, name=f"batchingest-worker-{len(self._threads)}", daemon=True
+        )
+        thread.start()
+        self._threads.append(thread)
+
+    def _more_workers(self) -> None:
+        """A worker took a job: start another if none is left waiting for work, up to
+        2 x --workers + 2, so that the next job finds one at once.
+
+        An idle service keeps one thread (each costs ~17 KiB of stack, glibc arena and
+        interpreter state); a burst starts the rest within its first jobs, and they stay.
+        """
+        if len(self._threads) >= self._thread_count or self.scheduler.idle:
+            return  # the usual case once started: no lock taken
+        with self._threads_lock:
+            if self._stopping.is_set() or len(self._threads) >= self._thread_count:
+                return
+            try:
+                self._start_worker()
+            except RuntimeError as e:  # no thread to be had: the next job tries again
+                log.warning("cannot start another worker thread: %s", e)
+
     async def _join(self) -> None:
         """Let running tasks finish for --grace seconds, then stop them; wait for all."""
+        with self._threads_lock:  # _stopping is set: no thread is started after this
+            threads = list(self._threads)
 
         def join_all(deadline: float | None) -> bool:
-            for thread in self._threads:
+            for thread in threads:
                 thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-            return not any(thread.is_alive() for thread in self._threads)
+            return not any(thread.is_alive() for thread in threads)
 
         grace = time.monotonic() + self.cfg.grace
         if not await asyncio.to_thread(join_all, grace):
@@ -425,8 +460,10 @@ class Processor:
                     await asyncio.to_thread(self._deadlines.expire)
             except Exception as e:  # the next poll tries again; claims check deadlines too
                 log.warning("looking for queued jobs past their deadline failed: %s", e)
-            first = False
             self.scheduler.wake()
+            if first:
+                self.started.set()
+            first = False
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay)
 
@@ -452,6 +489,7 @@ class Processor:
                 return
             retry_in: float | None = self.cfg.poll_interval
             try:
+                self._more_workers()
                 with logs.about_job(name):  # every line logged meanwhile names the job
                     retry_in = self.perform(name)
             except Exception:

@@ -432,7 +432,9 @@ class Store:
     def _folder_locking(self) -> bool:
         return self.local if self.folder_locks is None else self.folder_locks
 
-    def _leasing(self) -> bool:
+    @property
+    def uses_leases(self) -> bool:
+        """Whether claims here take leases (a shared root)."""
         return not self.local if self.leases is None else self.leases
 
     @property
@@ -929,7 +931,7 @@ class Store:
             if hold is None:
                 return None
             clock = lease.Clock(self.root_fd, self.owner.host)
-            if self._leasing() and not self._take_lease(hold, clock):
+            if self.uses_leases and not self._take_lease(hold, clock):
                 return None
         except LockUnusable as e:
             self._unusable(f"queue/{name}", e)

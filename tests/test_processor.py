@@ -416,3 +416,62 @@ def test_a_local_root_used_by_other_hosts_is_said_to_need_shared_root(
     else:
         assert len(said) == 1 and "(elsewhere, far.example)" in said[0]
     assert (root / "processing" / "theirs" / ".lease").exists()  # a live lease: left alone
+
+
+def test_started_is_set_once_the_first_round_has_recovered_processing(
+    root: Path, cfg: Config, store: Store
+) -> None:
+    """`started` (the service gives the C heap's free pages back then) comes after the
+    worker threads and the first recovery scan: a job a dead service left in
+    processing/ is back in queue/ or claimed again by then, and runs."""
+    write_task(root / "tasks", "start", "true\n")
+    os.rename(make_job(root, "left"), root / "processing" / "left")
+    running = Running(cfg, store)
+    assert not running.processor.started.is_set()
+    with running:
+        wait_for(running.processor.started.is_set, 10, what="the first round")
+        threads = running.processor._threads
+        assert threads and all(t.is_alive() for t in threads)
+        assert running.progress.stale() == []  # the round's heartbeat came first
+        assert wait_for(lambda: landed(root, "left"), 20, what="the recovered job") == "success"
+    assert running.error is None
+
+
+def test_worker_threads_are_started_as_jobs_come(
+    root: Path, cfg: Config, store: Store, tmp_path: Path
+) -> None:
+    """An idle processor has one worker thread; a job taken starts another, so two jobs
+    run side by side (each task waits for the other's), up to 2 x --workers + 2."""
+    met = tmp_path / "met"
+    met.mkdir()
+    write_task(root / "tasks", "start", f"""touch "{met}/$JOBNAME"
+n=0
+while [ "$(ls "{met}" | wc -l)" -lt 2 ] && [ $n -lt 400 ]; do sleep 0.05; n=$((n+1)); done
+[ "$(ls "{met}" | wc -l)" -ge 2 ]
+""")  # fmt: skip
+    with Running(cfg, store) as running:
+        wait_for(running.processor.started.is_set, 10, what="the first round")
+        time.sleep(0.5)  # polls of an empty queue/ start no thread
+        assert len(running.processor._threads) == 1
+        drop(root, "a")
+        drop(root, "b")
+        assert wait_for(lambda: landed(root, "a"), 30, what="a") == "success"
+        assert wait_for(lambda: landed(root, "b"), 30, what="b") == "success"
+        threads = running.processor._threads
+        assert 2 <= len(threads) <= 2 * cfg.workers + 2
+        assert all(t.is_alive() for t in threads)
+    assert sorted(p.name for p in met.iterdir()) == ["a", "b"]
+    assert running.error is None
+
+
+@pytest.mark.parametrize("shared_root", [False, True])
+def test_the_lease_renewer_runs_from_the_start_only_where_leases_are_made(
+    root: Path, store: Store, shared_root: bool
+) -> None:
+    cfg = Config(root=root, poll_interval=0.1, grace=5, shared_root=shared_root)
+    with Running(cfg, store) as running:
+        wait_for(running.processor.started.is_set, 10, what="the first round")
+        assert running.processor._leases._thread.is_alive() is shared_root
+        names = [t.name for t in running.processor._threads]
+        assert len(names) == len(set(names)) == 1
+    assert running.error is None

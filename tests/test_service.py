@@ -1,4 +1,5 @@
-"""batchingest/service.py: a part that ends on its own is a failure, a signal is not."""
+"""batchingest/service.py: a part that ends on its own is a failure, a signal is not; the
+C heap is trimmed once the start-up is done."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import asyncio
 
 import pytest
 
+from batchingest import service
 from batchingest.service import ServiceFailed, _until_stopped
 
 
@@ -40,3 +42,24 @@ def test_a_stop_request_ends_every_part_quietly() -> None:
         return [t.done() for t in runners]
 
     assert asyncio.run(main()) == [True, True]
+
+
+def test_the_heap_is_trimmed_once_the_processor_has_started() -> None:
+    """Without a processor at once; with one, not before its first round is done
+    (Processor.started: see test_processor)."""
+    trims: list[str] = []
+
+    async def main() -> None:
+        started = asyncio.Event()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(service, "_trim_heap", lambda: trims.append("trimmed"))
+            await service._trim_once_started(None)
+            assert trims == ["trimmed"]
+            waiting = asyncio.create_task(service._trim_once_started(started))
+            await asyncio.sleep(0.05)
+            assert trims == ["trimmed"] and not waiting.done()
+            started.set()
+            await asyncio.wait_for(waiting, 5)
+        assert trims == ["trimmed", "trimmed"]
+
+    asyncio.run(main())

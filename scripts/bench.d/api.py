@@ -27,7 +27,9 @@ Environment: BENCH_RUNS (default 5), BENCH_SIZE_MIB (default 512), BENCH_DIR (wh
 jobs root and the test file go; default the system temp folder), BENCH_PARTS (default
 `transfers,load,listing`: which of the three to measure; `transfers` alone takes about
 a minute), BENCH_OTHER (another tree, e.g. an older checkout: its service's uploads
-are measured too, in the same rounds against the same floor).
+are measured too, in the same rounds against the same floor), BENCH_PROCESSOR=1 (the
+services run with their processor, as the default `serve` does: its idle memory and
+peaks).
 To compare two versions in one sitting, run this twice, once with
 `PYTHONPATH=/other/tree`: the service subprocess then runs that tree's code (without it,
 this file's own tree, whatever the current folder).
@@ -64,6 +66,8 @@ LOAD_SECONDS = 5
 LIST_JOBS = 10_000
 PARTS = os.environ.get("BENCH_PARTS", "transfers,load,listing").split(",")
 OTHER = os.environ.get("BENCH_OTHER", "")
+# BENCH_PROCESSOR=1: the default `serve`, its processor running beside the API
+SERVE_ARGS = () if os.environ.get("BENCH_PROCESSOR") == "1" else ("--no-processor",)
 
 
 def timed(cmd: list[str], before: list[Path]) -> float:
@@ -448,7 +452,7 @@ def start_other(work: Path) -> Service | None:
     root = work / "other-root"
     (root / "tasks").mkdir(parents=True)
     env = {"PYTHONPATH": OTHER, "PYTHONSAFEPATH": "1"}
-    other = Service(root, "--no-processor", "--log-level", "warning", env=env).start()
+    other = Service(root, *SERVE_ARGS, "--log-level", "warning", env=env).start()
     with other.client() as c:
         c.put("/jobs/bench")
     return other
@@ -550,7 +554,7 @@ def main() -> None:
         # folder's (python -m puts it first), nor the virtualenv's installed copy
         tree = os.environ.get("PYTHONPATH") or str(Path(__file__).resolve().parents[2])
         env = {"PYTHONPATH": tree, "PYTHONSAFEPATH": "1"}
-        svc = Service(root, "--no-processor", "--log-level", "warning", env=env)
+        svc = Service(root, *SERVE_ARGS, "--log-level", "warning", env=env)
         svc.start()
         try:
             if "transfers" in PARTS:
