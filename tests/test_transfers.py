@@ -379,3 +379,48 @@ def test_the_task_starts_without_thread_pools_or_checksums() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=60)  # fmt: skip
     assert out.stdout.strip() == "[]"
+
+
+def ask_and_note(run: transfer_task.Run, asked: list[str]) -> None:
+    """Note in asked every name run.in_sync is asked about."""
+    real = run.in_sync
+
+    def in_sync(src: int, st: os.stat_result, dst: int, name: str) -> bool:
+        asked.append(name)
+        return real(src, st, dst, name)
+
+    run.in_sync = in_sync  # type: ignore[method-assign]
+
+
+def test_a_folder_this_run_creates_is_not_asked_whether_files_are_in_sync(
+    place: Place,
+) -> None:
+    """Into a folder the run made, every file is copied without an lstat of its name (a
+    sync level has nothing to compare with there); into one that was there, each is
+    compared and, being the same, skipped."""
+    for d in ("a", "a/b"):
+        (place.src / "tree" / d).mkdir(parents=True)
+        for i in range(3):
+            (place.src / "tree" / d / f"f{i}").write_text(str(i))
+    endpoints = Endpoints([Endpoint("src", place.src, True), Endpoint("dst", place.dst, False)])
+    job_fd = fs.open_root(place.job)
+    asked: list[str] = []
+    try:
+        for rnd in range(2):
+            request = {"kind": "transfer", "id": "t", "source_endpoint": "src",
+                       "destination_endpoint": "dst", "sync_level": 1,
+                       "items": [item("/tree", "/copy", True)]}  # fmt: skip
+            run = transfer_task.Run(job_fd, request, endpoints)
+            ask_and_note(run, asked)
+            try:
+                transfer_task.run_items(run)
+            finally:
+                run.workers.shutdown()
+            assert not run.errors
+            if rnd == 0:
+                assert asked == [] and run.counters["files_transferred"] == 6
+            else:
+                assert len(asked) == 6 and run.counters["files_skipped"] == 6
+    finally:
+        os.close(job_fd)
+    assert (place.dst / "copy" / "a" / "b" / "f2").read_text() == "2"

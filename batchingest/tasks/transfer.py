@@ -351,10 +351,12 @@ class Run:
         record: str,
         *,
         listed: bool = False,
+        fresh: bool = False,
     ) -> None:
         """Copy one regular file to dst_dir/dst_name (a copy named later, by commit).
 
-        listed: a listing of src_dir has just shown src_name as a regular file."""
+        listed: a listing of src_dir has just shown src_name as a regular file. fresh:
+        this run created dst_dir, so nothing there can be in sync (no lstat to ask)."""
         try:
             src, st = fs.open_regular_stat(src_dir, src_name, listed=listed)
         except OSError as e:
@@ -363,7 +365,7 @@ class Run:
         copy: Pending | None = None
         skipped = False
         try:
-            skipped = self.in_sync(src, st, dst_dir, dst_name)
+            skipped = not fresh and self.in_sync(src, st, dst_dir, dst_name)
             if not skipped:
                 copy = self.copy_open(src, st, dst_dir, dst_name, record)
         finally:
@@ -546,20 +548,25 @@ def transfer_item(run: Run, item: dict[str, Any], dirs: list[int]) -> None:
     except OSError as e:
         raise ItemError(f"{src_show}: not a folder that can be read ({e.strerror or e})") from None
     dirs.append(top)
+    made: list[str] = []
     try:
-        dst_top = fs.make_dirs(dst_root, dst_parts)
+        dst_top = fs.make_dirs(dst_root, dst_parts, made)
     except OSError as e:
         raise ItemError(f"{dst_show}: cannot create the folder ({e.strerror or e})") from None
     dirs.append(dst_top)
-    walk(run, top, dst_top, src_show.rstrip("/"), dst_show.rstrip("/"), dirs)
+    shown = (src_show.rstrip("/"), dst_show.rstrip("/"))
+    walk(run, top, dst_top, shown, dirs, fresh=bool(made))
 
 
-def walk(run: Run, src: int, dst: int, src_show: str, dst_show: str, dirs: list[int]) -> None:
+def walk(
+    run: Run, src: int, dst: int, show: tuple[str, str], dirs: list[int], *, fresh: bool
+) -> None:
     """Copy the folder src into dst, folder by folder (a loop, not a recursion).
 
     Folders waiting their turn are kept as paths below src and dst, opened beneath them
     when their turn comes (no link on the way), so a wide tree holds few descriptors;
-    finished folders stay open only until their copies are named.
+    finished folders stay open only until their copies are named. fresh: dst was
+    created by this run (and so every folder made below it).
     """
     stack: list[list[str]] = [[]]
     done: list[int] = []
@@ -567,16 +574,18 @@ def walk(run: Run, src: int, dst: int, src_show: str, dst_show: str, dirs: list[
         while stack:
             parts = stack.pop()
             rel = "/".join(parts)
+            made: list[str] = []
             try:
                 s = fs.open_dir(src, rel) if parts else os.dup(src)
                 done.append(s)
-                d = fs.make_dirs(dst, parts)
+                d = fs.make_dirs(dst, parts, made)
                 done.append(d)
             except OSError as e:
-                run.fail(f"{src_show}/{rel}: {e.strerror or e}")
+                run.fail(f"{show[0]}/{rel}: {e.strerror or e}")
                 continue
-            shown = (f"{src_show}/{rel}".rstrip("/"), f"{dst_show}/{rel}".rstrip("/"))
-            stack.extend(reversed(walk_folder(run, s, d, shown, parts)))
+            shown = (f"{show[0]}/{rel}".rstrip("/"), f"{show[1]}/{rel}".rstrip("/"))
+            fresh_here = fresh or bool(made)  # made: the folder (and any above it) is new
+            stack.extend(reversed(walk_folder(run, s, d, shown, parts, fresh_here)))
             if len(done) > 128 or len(run.pending) >= run.group:
                 run.commit()
                 while done:
@@ -591,11 +600,15 @@ def walk(run: Run, src: int, dst: int, src_show: str, dst_show: str, dirs: list[
 
 
 def walk_folder(
-    run: Run, s: int, d: int, shown: tuple[str, str], parts: list[str]
+    run: Run, s: int, d: int, shown: tuple[str, str], parts: list[str], fresh: bool
 ) -> list[list[str]]:
-    """Copy the files of one folder; return its subfolders (as paths below the top)."""
+    """Copy the files of one folder; return its subfolders (as paths below the top).
+
+    fresh: this run created d, so it holds neither leftovers of an earlier run nor
+    files that could be in sync."""
     run.add("directories")
-    run.remove_leftovers(d)
+    if not fresh:
+        run.remove_leftovers(d)
     seen: set[str] = set()
     subfolders: list[list[str]] = []
     files: list[str] = []
@@ -610,13 +623,15 @@ def walk_folder(
                 f"skipped {shown[0]}/{name}: a {fs.kind(kind)} is never followed or copied",
                 flush=True,
             )
-    copy_files(run, s, d, shown, files)
+    copy_files(run, s, d, shown, files, fresh)
     if run.request.get("delete_destination_extra"):
         remove_extra(run, d, shown[1], seen)
     return subfolders
 
 
-def copy_files(run: Run, s: int, d: int, shown: tuple[str, str], names: list[str]) -> None:
+def copy_files(
+    run: Run, s: int, d: int, shown: tuple[str, str], names: list[str], fresh: bool
+) -> None:
     """Copy the files names of folder s into d on PARALLEL threads (as the stage task does:
     one thread leaves the disk and the kernel's copy idle between system calls).
 
@@ -630,7 +645,7 @@ def copy_files(run: Run, s: int, d: int, shown: tuple[str, str], names: list[str
             run.check()
             try:
                 shown_pair = record(f"{shown[0]}/{name}", f"{shown[1]}/{name}")
-                run.copy_file(s, name, d, name, shown_pair, listed=True)
+                run.copy_file(s, name, d, name, shown_pair, listed=True, fresh=fresh)
             except ItemError as e:
                 run.fail(str(e))
 
