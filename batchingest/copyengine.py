@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import os
 import resource
 from collections.abc import Callable
@@ -128,6 +127,8 @@ def copy_flushing(
 
 
 def sha256_fd(fd: int) -> str:
+    import hashlib  # only for checksums: loading OpenSSL costs every task's start
+
     h = hashlib.sha256()
     os.lseek(fd, 0, os.SEEK_SET)
     while chunk := os.read(fd, 1 << 20):

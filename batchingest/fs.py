@@ -34,10 +34,9 @@ import contextlib
 import ctypes
 import errno
 import os
-import platform
 import random
-import secrets
 import stat
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -45,7 +44,7 @@ from dataclasses import dataclass
 _libc = ctypes.CDLL(None, use_errno=True)
 
 # openat2(2): the syscall number is 437 on every architecture that has it.
-_SYS_OPENAT2 = 437 if platform.system() == "Linux" else None
+_SYS_OPENAT2 = 437 if sys.platform.startswith("linux") else None
 _RESOLVE_NO_MAGICLINKS = 0x02
 _RESOLVE_NO_SYMLINKS = 0x04
 _RESOLVE_BENEATH = 0x08
@@ -254,7 +253,7 @@ def open_regular_stat(
     try:
         if len(parts) == 1:
             if listed and not flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC):
-                return _checked_regular(open_beneath(dir_fd, rel, flags, mode), rel)
+                return _checked_regular(_open_name(dir_fd, rel, flags, mode), rel)
             return _open_regular_in(dir_fd, rel, flags, mode)
         # the lstat and the open look in the same folder, opened once
         parent = open_dir(dir_fd, "/".join(parts[:-1]))
@@ -285,6 +284,17 @@ def _open_regular_in(folder: int, name: str, flags: int, mode: int) -> tuple[int
             ) from None
         raise
     return _checked_regular(fd, name)
+
+
+def _open_name(dir_fd: int, name: str, flags: int, mode: int) -> int:
+    """open_beneath of one name that split has checked, without splitting it again (a
+    recursive transfer opens every file of a tree so): O_NOFOLLOW refuses a link."""
+    try:
+        return os.open(name, flags | _SAFE, mode, dir_fd=dir_fd)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise _errno_error(errno.ELOOP, name) from None
+        raise
 
 
 def _checked_regular(fd: int, name: str) -> tuple[int, os.stat_result]:
@@ -430,8 +440,10 @@ def temp_name(name: str) -> str:
 # Temporary names need to be unlikely to meet, not secret (O_EXCL refuses one that is
 # taken): a generator seeded once, since a getrandom call per name is a system call per
 # JOB saved. Seeded again in a forked child, which must not repeat its parent's names.
-_temp_random = random.Random(secrets.randbits(64))
-os.register_at_fork(after_in_child=lambda: _temp_random.seed(secrets.randbits(64)))
+# Seeded without an argument, random seeds from os.urandom (as secrets would, whose
+# import costs a built-in task's start some milliseconds).
+_temp_random = random.Random()
+os.register_at_fork(after_in_child=lambda: _temp_random.seed())
 
 
 TEMP_SUFFIX = ".tmp"

@@ -101,7 +101,9 @@ def resolve(task: str, tasks_dir: Path) -> list[str]:
         return [str(path)]
     module = BUILTIN.get(task)
     if module is not None:
-        return [sys.executable, "-m", f"batchingest.tasks.{module}"]
+        # -P: the task runs in the job folder, and `-m` would put that folder first on
+        # the module path, so a job holding batchingest/tasks/NAME.py would run its own
+        return [sys.executable, "-P", "-m", f"batchingest.tasks.{module}"]
     raise UnknownTask(f"unknown task {task}")
 
 

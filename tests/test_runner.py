@@ -26,11 +26,28 @@ from batchingest.runner import (
 
 
 def test_tasks_folder_wins_over_a_builtin(tmp_path: Path) -> None:
-    assert resolve("stage", tmp_path) == [sys.executable, "-m", "batchingest.tasks.stage"]
+    assert resolve("stage", tmp_path) == [sys.executable, "-P", "-m", "batchingest.tasks.stage"]
     own = tmp_path / "stage"
     own.write_text("#!/bin/sh\n")
     own.chmod(0o755)
     assert resolve("stage", tmp_path) == [str(own)]
+
+
+@pytest.mark.parametrize("task", ["stage", "transfer"])
+def test_a_job_folder_cannot_replace_a_built_in_task(tmp_path: Path, task: str) -> None:
+    """A built-in task runs in the job folder, whose files are the user's: a package of
+    the service's name among them is never imported in place of the service's own."""
+    job = tmp_path / "job"
+    (job / "batchingest" / "tasks").mkdir(parents=True)
+    (job / "batchingest" / "__init__.py").write_text("")
+    (job / "batchingest" / "tasks" / "__init__.py").write_text("")
+    (job / "batchingest" / "tasks" / f"{task}.py").write_text(
+        "open('USER-CODE-RAN', 'w').close()\n"
+    )
+    cmd = resolve(task, tmp_path / "tasks")
+    done = subprocess.run(cmd, cwd=job, capture_output=True, text=True, timeout=60)
+    assert not (job / "USER-CODE-RAN").exists()
+    assert "ERROR" in done.stdout + done.stderr  # the real task, finding no request
 
 
 def test_unknown_invalid_and_not_executable_tasks(tmp_path: Path) -> None:

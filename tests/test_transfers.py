@@ -6,10 +6,13 @@ folder, endpoints from its environment), on folders inside tmp_path only.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
 import sys
+import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -18,12 +21,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from batchingest import transfers
+from batchingest import fs, transfers
 from batchingest.api import staccato
 from batchingest.api.errors import ApiError
 from batchingest.endpoints import Endpoint, Endpoints
 from batchingest.events import Recorder
 from batchingest.store import Job, State, Store
+from batchingest.tasks import transfer as transfer_task
 
 
 class Place:
@@ -69,10 +73,10 @@ def item(src: str, dst: str, recursive: bool = False) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(
-    ("level", "copied"),
-    [(None, 5), (0, 1), (1, 2), (2, 3), (3, 4)],
+    ("level", "copied", "copied_bytes"),
+    [(None, 5, 6), (0, 1, 1), (1, 2, 3), (2, 3, 4), (3, 4, 5)],
 )
-def test_sync_levels(place: Place, level: int | None, copied: int) -> None:
+def test_sync_levels(place: Place, level: int | None, copied: int, copied_bytes: int) -> None:
     """new: missing; size: other size; old: same size, older mtime, other content; same:
     same size and mtime but other content (only checksum sees it); equal: all equal."""
     for name, content in (
@@ -96,6 +100,7 @@ def test_sync_levels(place: Place, level: int | None, copied: int) -> None:
     assert rc == 0, out
     assert progress["files_transferred"] == copied, out
     assert progress["files_skipped"] == 5 - copied
+    assert progress["files"] == 5 and progress["bytes_transferred"] == copied_bytes
     assert (place.dst / "new").read_bytes() == b"n"
     if level in (None, 1, 2, 3):
         assert (place.dst / "size").read_bytes() == b"ss"
@@ -299,3 +304,123 @@ def test_named_copies_and_their_leftovers(place: Place) -> None:
     names = sorted(os.listdir(place.dst / "copy"))
     assert names == sorted([other.name, *[f"f{i}" for i in range(300)]])
     assert (place.dst / "copy" / "f7").read_text() == "7"
+
+
+@settings(max_examples=300, deadline=None)
+@given(src=st.text(), dst=st.text())
+def test_a_transferred_line_is_what_json_dumps_writes(src: str, dst: str) -> None:
+    """TRANSFERRED lines are written without the encoder where no character needs an
+    escape; every path gives the same line as json.dumps."""
+    line = transfer_task.record(src, dst)
+    assert line == json.dumps({"source_path": src, "destination_path": dst}) + "\n"
+    assert json.loads(line) == {"source_path": src, "destination_path": dst}
+
+
+def test_the_copying_threads_run_every_call_and_raise_the_first_error() -> None:
+    """Every call of a list runs (on both threads at once), all are waited for, and the
+    first exception in the list's order is raised, after the others are done."""
+    copiers = transfer_task.Copiers(2)
+    both = threading.Barrier(2, timeout=20)
+    ran: list[int] = []
+
+    def call(i: int, error: Exception | None = None) -> None:
+        if i < 2:
+            both.wait()  # broken unless the first two calls run at the same time
+        time.sleep(0.01 * (i == 3))  # the last one finishes after the errors are raised
+        ran.append(i)
+        if error is not None:
+            raise error
+
+    try:
+        copiers.run_all([functools.partial(call, i) for i in range(4)])
+        assert sorted(ran) == [0, 1, 2, 3]
+        ran.clear()
+        first, second = ValueError("first"), KeyError("second")
+        calls = [functools.partial(call, 0), functools.partial(call, 1, first),
+                 functools.partial(call, 2, second), functools.partial(call, 3)]  # fmt: skip
+        with pytest.raises(ValueError, match="first"):
+            copiers.run_all(calls)
+        assert sorted(ran) == [0, 1, 2, 3]
+    finally:
+        copiers.shutdown()
+    assert not copiers.threads
+
+
+def test_a_file_that_cannot_be_read_is_counted(place: Place) -> None:
+    """A file gone between the listing and the open fails alone, and still counts among
+    the files; a copied one counts its bytes once it waits to be named."""
+    (place.src / "here").write_bytes(b"1234")
+    job_fd = fs.open_root(place.job)
+    src, dst = fs.open_root(place.src), fs.open_root(place.dst)
+    endpoints = Endpoints([Endpoint("src", place.src, True), Endpoint("dst", place.dst, False)])
+    run = transfer_task.Run(job_fd, {"kind": "transfer", "id": "t"}, endpoints)
+    try:
+        with pytest.raises(transfer_task.ItemError, match="cannot be read"):
+            run.copy_file(src, "gone", dst, "gone", "gone", listed=True)
+        run.copy_file(src, "here", dst, "here", "here", listed=True)
+        assert (run.counters["files"], run.counters["bytes_transferred"]) == (2, 4)
+        assert len(run.pending) == 1 and not (place.dst / "here").exists()
+        run.commit()
+        assert run.counters["files_transferred"] == 1
+        assert (place.dst / "here").read_bytes() == b"1234"
+    finally:
+        run.workers.shutdown()
+        for fd in (job_fd, src, dst):
+            os.close(fd)
+
+
+def test_the_task_starts_without_thread_pools_or_checksums() -> None:
+    """The transfer task imports neither concurrent.futures (and logging) nor hashlib
+    (OpenSSL) nor secrets at its start: milliseconds of every transfer's CPU."""
+    heavy = ["concurrent.futures", "logging", "hashlib", "secrets"]
+    code = (
+        f"import sys, batchingest.tasks.transfer; print([m for m in {heavy!r} if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60)  # fmt: skip
+    assert out.stdout.strip() == "[]"
+
+
+def ask_and_note(run: transfer_task.Run, asked: list[str]) -> None:
+    """Note in asked every name run.in_sync is asked about."""
+    real = run.in_sync
+
+    def in_sync(src: int, st: os.stat_result, dst: int, name: str) -> bool:
+        asked.append(name)
+        return real(src, st, dst, name)
+
+    run.in_sync = in_sync  # type: ignore[method-assign]
+
+
+def test_a_folder_this_run_creates_is_not_asked_whether_files_are_in_sync(
+    place: Place,
+) -> None:
+    """Into a folder the run made, every file is copied without an lstat of its name (a
+    sync level has nothing to compare with there); into one that was there, each is
+    compared and, being the same, skipped."""
+    for d in ("a", "a/b"):
+        (place.src / "tree" / d).mkdir(parents=True)
+        for i in range(3):
+            (place.src / "tree" / d / f"f{i}").write_text(str(i))
+    endpoints = Endpoints([Endpoint("src", place.src, True), Endpoint("dst", place.dst, False)])
+    job_fd = fs.open_root(place.job)
+    asked: list[str] = []
+    try:
+        for rnd in range(2):
+            request = {"kind": "transfer", "id": "t", "source_endpoint": "src",
+                       "destination_endpoint": "dst", "sync_level": 1,
+                       "items": [item("/tree", "/copy", True)]}  # fmt: skip
+            run = transfer_task.Run(job_fd, request, endpoints)
+            ask_and_note(run, asked)
+            try:
+                transfer_task.run_items(run)
+            finally:
+                run.workers.shutdown()
+            assert not run.errors
+            if rnd == 0:
+                assert asked == [] and run.counters["files_transferred"] == 6
+            else:
+                assert len(asked) == 6 and run.counters["files_skipped"] == 6
+    finally:
+        os.close(job_fd)
+    assert (place.dst / "copy" / "a" / "b" / "f2").read_text() == "2"

@@ -25,15 +25,17 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import itertools
 import json
 import os
+import queue
 import signal
 import stat
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, wait
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -126,6 +128,55 @@ def probe_unnamed(dir_fd: int, prefix: str) -> str | None:
         os.close(fd)
 
 
+class Copiers:
+    """The copying threads: run a list of calls on them, wait for all (a thread pool
+    without concurrent.futures, whose import, with logging's, cost every task's start
+    about 10 ms of CPU). Started at the first list: a one-file transfer needs none."""
+
+    def __init__(self, threads: int) -> None:
+        self.size = threads
+        self.threads: list[threading.Thread] = []
+        self.calls: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+
+    def run_all(self, calls: list[Callable[[], None]]) -> None:
+        """Run every call, wait until all are done, then raise the first exception (in the
+        order of calls) if any raised."""
+        if not self.threads:
+            self.threads = [threading.Thread(target=self._work, name=f"copy-{i}", daemon=True)
+                            for i in range(self.size)]  # fmt: skip
+            for t in self.threads:
+                t.start()
+        done = threading.Semaphore(0)
+        raised: list[BaseException | None] = [None] * len(calls)
+
+        def one(i: int, call: Callable[[], None]) -> None:
+            try:
+                call()
+            except BaseException as e:
+                raised[i] = e
+            finally:
+                done.release()
+
+        for i, call in enumerate(calls):
+            self.calls.put(functools.partial(one, i, call))
+        for _ in calls:
+            done.acquire()
+        for e in raised:
+            if e is not None:
+                raise e
+
+    def _work(self) -> None:
+        while (call := self.calls.get()) is not None:
+            call()
+
+    def shutdown(self) -> None:
+        for _ in self.threads:
+            self.calls.put(None)
+        for t in self.threads:
+            t.join()
+        self.threads = []
+
+
 @dataclass
 class Run:
     job_fd: int
@@ -145,8 +196,10 @@ class Run:
         self.last_check = 0.0
         self.temp_ids = itertools.count()
         deadline = self.request.get("deadline")
+        self.verify = bool(self.request.get("verify_checksum"))
+        self.preserve = bool(self.request.get("preserve_timestamp"))
         self.deadline = transfers.parse_time(deadline).timestamp() if deadline else None
-        self.workers = ThreadPoolExecutor(PARALLEL, thread_name_prefix="copy")
+        self.workers = Copiers(PARALLEL)
         self.lock = threading.Lock()
         self.unnamed: str | None = None  # how unnamed copies get names; "" if they cannot
         self.saving = threading.Lock()
@@ -203,10 +256,10 @@ class Run:
             raise Stop("CANCELED", "canceled by request")
 
     def throttle(self, n: int) -> None:
+        if self.max_rate <= 0:
+            return  # the bytes moved matter to the rate limit only
         with self.lock:
             self.moved += n
-        if self.max_rate <= 0:
-            return
         while True:
             self.check()
             ahead = self.moved / self.max_rate - (time.monotonic() - self.started)
@@ -277,35 +330,49 @@ class Run:
         record: str,
         *,
         listed: bool = False,
+        fresh: bool = False,
     ) -> None:
-        """Copy one regular file to dst_dir/dst_name (a hidden copy, renamed later).
+        """Copy one regular file to dst_dir/dst_name (a copy named later, by commit).
 
-        listed: a listing of src_dir has just shown src_name as a regular file."""
-        self.add("files")
+        listed: a listing of src_dir has just shown src_name as a regular file. fresh:
+        this run created dst_dir, so nothing there can be in sync (no lstat to ask)."""
         try:
             src, st = fs.open_regular_stat(src_dir, src_name, listed=listed)
         except OSError as e:
+            self.add("files")
             raise ItemError(f"{record}: cannot be read ({e.strerror or e})") from None
+        copy: Pending | None = None
+        skipped = False
         try:
-            if self.in_sync(src, st, dst_dir, dst_name):
-                self.add("files_skipped")
-                return
-            p = self.create(dst_dir, dst_name, record, stat.S_IMODE(st.st_mode) & 0o777)
-            try:
-                self.fill(src, p.fd, st)
-            except BaseException:
-                p.discard()
-                raise
-            p.flushed = st.st_size >= LARGE
-            if p.tmp:
-                os.close(p.fd)
-                p.fd = -1
-            with self.lock:
-                self.pending.append(p)
-            self.add("bytes_transferred", st.st_size)
-            self.save()  # at most every SAVE_EVERY: clients watch the counters move
+            skipped = not fresh and self.in_sync(src, st, dst_dir, dst_name)
+            if not skipped:
+                copy = self.copy_open(src, st, dst_dir, dst_name, record)
         finally:
             os.close(src)
+            with self.lock:  # one hold for a file's counters and its copy: every file takes it
+                self.counters["files"] += 1
+                self.counters["files_skipped"] += skipped
+                if copy is not None:
+                    self.pending.append(copy)
+                    self.counters["bytes_transferred"] += st.st_size
+        if copy is not None:
+            self.save()  # at most every SAVE_EVERY: clients watch the counters move
+
+    def copy_open(
+        self, src: int, st: os.stat_result, dst_dir: int, dst_name: str, record: str
+    ) -> Pending:
+        """A complete, not yet named copy of the open file src for dst_dir/dst_name."""
+        p = self.create(dst_dir, dst_name, record, stat.S_IMODE(st.st_mode) & 0o777)
+        try:
+            self.fill(src, p.fd, st)
+        except BaseException:
+            p.discard()
+            raise
+        p.flushed = st.st_size >= LARGE
+        if p.tmp:
+            os.close(p.fd)
+            p.fd = -1
+        return p
 
     def create(self, dst_dir: int, name: str, record: str, mode: int) -> Pending:
         """An empty copy for dst_dir/name: unnamed where the file system allows, else hidden."""
@@ -331,12 +398,12 @@ class Run:
         after = os.fstat(src)
         if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
             raise ItemError("the source changed while it was copied")
-        if self.request.get("verify_checksum"):
+        if self.verify:
             a, b = sha256_fd(src), sha256_fd(out)
             self.add("bytes_checksummed", 2 * st.st_size)
             if a != b:
                 raise ItemError(f"checksum mismatch: source {a}, copy {b}")
-        if self.request.get("preserve_timestamp"):
+        if self.preserve:
             os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
         if st.st_size >= LARGE:
             os.fsync(out)
@@ -360,6 +427,7 @@ class Run:
                 p.discard()
             raise
         named: set[int] = set()
+        done = 0
         for p in pending:
             try:
                 self.name(p)
@@ -369,8 +437,9 @@ class Run:
             finally:
                 p.discard()
             named.add(p.dir_fd)
-            self.add("files_transferred")
             self.done_lines.append(p.record)
+            done += 1
+        self.add("files_transferred", done)
         for dir_fd in named:
             os.fsync(dir_fd)
         self.flush_done()
@@ -409,8 +478,17 @@ def _fsync(p: Pending) -> None:
         os.close(fd)
 
 
+def json_text(text: str) -> str:
+    """text as a JSON string, as json.dumps writes it: most paths need no escape, and
+    checking that costs a fifth of the encoder's call (a line is made for every file)."""
+    if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
+        return f'"{text}"'
+    return json.dumps(text)
+
+
 def record(src: str, dst: str) -> str:
-    return json.dumps({"source_path": src, "destination_path": dst}) + "\n"
+    """The TRANSFERRED line of one file: json.dumps of {source_path, destination_path}."""
+    return f'{{"source_path": {json_text(src)}, "destination_path": {json_text(dst)}}}\n'
 
 
 def _open_parent(run: Run, root: int, parts: list[str]) -> int:
@@ -449,20 +527,25 @@ def transfer_item(run: Run, item: dict[str, Any], dirs: list[int]) -> None:
     except OSError as e:
         raise ItemError(f"{src_show}: not a folder that can be read ({e.strerror or e})") from None
     dirs.append(top)
+    made: list[str] = []
     try:
-        dst_top = fs.make_dirs(dst_root, dst_parts)
+        dst_top = fs.make_dirs(dst_root, dst_parts, made)
     except OSError as e:
         raise ItemError(f"{dst_show}: cannot create the folder ({e.strerror or e})") from None
     dirs.append(dst_top)
-    walk(run, top, dst_top, src_show.rstrip("/"), dst_show.rstrip("/"), dirs)
+    shown = (src_show.rstrip("/"), dst_show.rstrip("/"))
+    walk(run, top, dst_top, shown, dirs, fresh=bool(made))
 
 
-def walk(run: Run, src: int, dst: int, src_show: str, dst_show: str, dirs: list[int]) -> None:
+def walk(
+    run: Run, src: int, dst: int, show: tuple[str, str], dirs: list[int], *, fresh: bool
+) -> None:
     """Copy the folder src into dst, folder by folder (a loop, not a recursion).
 
     Folders waiting their turn are kept as paths below src and dst, opened beneath them
     when their turn comes (no link on the way), so a wide tree holds few descriptors;
-    finished folders stay open only until their copies are named.
+    finished folders stay open only until their copies are named. fresh: dst was
+    created by this run (and so every folder made below it).
     """
     stack: list[list[str]] = [[]]
     done: list[int] = []
@@ -470,16 +553,18 @@ def walk(run: Run, src: int, dst: int, src_show: str, dst_show: str, dirs: list[
         while stack:
             parts = stack.pop()
             rel = "/".join(parts)
+            made: list[str] = []
             try:
                 s = fs.open_dir(src, rel) if parts else os.dup(src)
                 done.append(s)
-                d = fs.make_dirs(dst, parts)
+                d = fs.make_dirs(dst, parts, made)
                 done.append(d)
             except OSError as e:
-                run.fail(f"{src_show}/{rel}: {e.strerror or e}")
+                run.fail(f"{show[0]}/{rel}: {e.strerror or e}")
                 continue
-            shown = (f"{src_show}/{rel}".rstrip("/"), f"{dst_show}/{rel}".rstrip("/"))
-            stack.extend(reversed(walk_folder(run, s, d, shown, parts)))
+            shown = (f"{show[0]}/{rel}".rstrip("/"), f"{show[1]}/{rel}".rstrip("/"))
+            fresh_here = fresh or bool(made)  # made: the folder (and any above it) is new
+            stack.extend(reversed(walk_folder(run, s, d, shown, parts, fresh_here)))
             if len(done) > 128 or len(run.pending) >= run.group:
                 run.commit()
                 while done:
@@ -494,11 +579,15 @@ def walk(run: Run, src: int, dst: int, src_show: str, dst_show: str, dirs: list[
 
 
 def walk_folder(
-    run: Run, s: int, d: int, shown: tuple[str, str], parts: list[str]
+    run: Run, s: int, d: int, shown: tuple[str, str], parts: list[str], fresh: bool
 ) -> list[list[str]]:
-    """Copy the files of one folder; return its subfolders (as paths below the top)."""
+    """Copy the files of one folder; return its subfolders (as paths below the top).
+
+    fresh: this run created d, so it holds neither leftovers of an earlier run nor
+    files that could be in sync."""
     run.add("directories")
-    run.remove_leftovers(d)
+    if not fresh:
+        run.remove_leftovers(d)
     seen: set[str] = set()
     subfolders: list[list[str]] = []
     files: list[str] = []
@@ -513,17 +602,19 @@ def walk_folder(
                 f"skipped {shown[0]}/{name}: a {fs.kind(kind)} is never followed or copied",
                 flush=True,
             )
-    copy_files(run, s, d, shown, files)
+    copy_files(run, s, d, shown, files, fresh)
     if run.request.get("delete_destination_extra"):
         remove_extra(run, d, shown[1], seen)
     return subfolders
 
 
-def copy_files(run: Run, s: int, d: int, shown: tuple[str, str], names: list[str]) -> None:
+def copy_files(
+    run: Run, s: int, d: int, shown: tuple[str, str], names: list[str], fresh: bool
+) -> None:
     """Copy the files names of folder s into d on PARALLEL threads (as the stage task does:
     one thread leaves the disk and the kernel's copy idle between system calls).
 
-    A thread is handed up to PIECE files at a time: handing over one costs a future, a
+    A thread is handed up to PIECE files at a time: handing over one costs a call, a
     queue and a wake-up (about 7 µs of CPU a file, against under 1 µs handed over 16 at a
     time); a short list is split evenly, so two big files still go on two threads.
     """
@@ -533,18 +624,17 @@ def copy_files(run: Run, s: int, d: int, shown: tuple[str, str], names: list[str
             run.check()
             try:
                 shown_pair = record(f"{shown[0]}/{name}", f"{shown[1]}/{name}")
-                run.copy_file(s, name, d, name, shown_pair, listed=True)
+                run.copy_file(s, name, d, name, shown_pair, listed=True, fresh=fresh)
             except ItemError as e:
                 run.fail(str(e))
 
     for start in range(0, len(names), CHUNK):
         chunk = names[start : start + CHUNK]
         piece = max(1, min(PIECE, -(-len(chunk) // PARALLEL)))
-        futures = [run.workers.submit(some, chunk[i : i + piece])
-                   for i in range(0, len(chunk), piece)]  # fmt: skip
-        wait(futures)  # every copy is done with s and d before anyone closes them
-        for f in futures:
-            f.result()  # Stop, or a failure of the destination: raised here, in order
+        # every copy is done with s and d before anyone closes them; then Stop, or a
+        # failure of the destination, is raised here, in order
+        run.workers.run_all([functools.partial(some, chunk[i : i + piece])
+                             for i in range(0, len(chunk), piece)])  # fmt: skip
         if len(run.pending) >= run.group:
             run.commit()  # unnamed copies hold a descriptor each until named
 

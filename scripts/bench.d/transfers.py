@@ -14,7 +14,11 @@ invocation, each timed step started on a drained disk (_copyfloors.py):
   200 requests after one warm-up.
 
 BENCH_RUNS (default 5), BENCH_SCALE (default 1), BENCH_DIR: see _copyfloors.py;
-BENCH_TASKS the number of tasks listed (default 10,000).
+BENCH_TASKS the number of tasks listed (default 10,000; 0: none); BENCH_COPIES which copies run
+(`big,small`, the default, or one of them). BENCH_OTHER=/path/to/other/checkout runs
+that tree's service (and so its transfer task) as one more step of every run, on a root
+and a destination folder of its own, with its ratios to the same floors and ours to it.
+Each service runs its own tree's code, its tasks too (PYTHONPATH, PYTHONSAFEPATH).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,6 +40,9 @@ import globus_sdk
 
 TASKS = int(os.environ.get("BENCH_TASKS", "10000"))
 TOKEN = "bench-token-0123456789"
+THIS = Path(__file__).resolve().parents[2]
+OTHER = os.environ.get("BENCH_OTHER", "")
+COPIES = os.environ.get("BENCH_COPIES", "big,small").split(",")
 
 
 def free_port() -> int:
@@ -44,10 +52,12 @@ def free_port() -> int:
 
 
 class Service:
-    def __init__(self, root: Path, *args: str) -> None:
+    def __init__(self, root: Path, *args: str, tree: Path = THIS) -> None:
         self.root = root
         self.port = free_port()
-        env = dict(os.environ, BATCHINGEST_TOKENS=TOKEN)
+        # the tree's own code, also in the tasks it spawns (an editable install would
+        # otherwise give them the installed tree's); the script's folder not on the path
+        env = dict(os.environ, BATCHINGEST_TOKENS=TOKEN, PYTHONPATH=str(tree), PYTHONSAFEPATH="1")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "batchingest.cli", "serve", "--root", str(root), "--init",
              "--port", str(self.port), "--log-level", "warning", *args],
@@ -99,9 +109,12 @@ def empty(folder: Path) -> None:
         shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
-def compare(svc: Service, base: Path, name: str, recursive: bool) -> dict[str, cf.Series]:
-    """cp, cp then flush, and a transfer of the same data, interleaved run by run."""
-    src, dst, cps = base / "src" / name, base / "dst", base / "cp"
+def compare(
+    services: dict[str, Service], base: Path, name: str, recursive: bool
+) -> dict[str, cf.Series]:
+    """cp, cp then flush, and a transfer of the same data by each service, interleaved
+    run by run."""
+    src, cps = base / "src" / name, base / "cp"
 
     def floor(make: Callable[[Path, Path, bool], list[str]], at: str) -> Callable[[int], cf.Timed]:
         def step(run: int) -> cf.Timed:
@@ -110,43 +123,94 @@ def compare(svc: Service, base: Path, name: str, recursive: bool) -> dict[str, c
 
         return step
 
-    def ours(run: int) -> cf.Timed:
-        shown = f"/{name}/" if recursive else f"/{name}"
-        return transfer(svc, shown, shown, recursive)
+    def ours(svc: Service) -> Callable[[int], cf.Timed]:
+        def step(run: int) -> cf.Timed:
+            shown = f"/{name}/" if recursive else f"/{name}"
+            return transfer(svc, shown, shown, recursive)
+
+        return step
 
     def cleanup() -> None:
-        empty(dst)
-        empty(cps)
+        for folder in (*(destination(base, label) for label in services), cps):
+            empty(folder)
 
     r = " -r" if recursive else ""
     steps = {f"cp{r} + sync{' -f' if r else ''}": floor(cf.cp_sync, "synced"),
-             f"cp{r}": floor(cf.cp, "plain"), "batchingest": ours}  # fmt: skip
+             f"cp{r}": floor(cf.cp, "plain")}  # fmt: skip
+    steps.update((label, ours(svc)) for label, svc in services.items())
     return cf.interleave(cf.RUNS, steps, cleanup)
 
 
-def copies(base: Path) -> list[str]:
-    for d in ("src", "dst", "cp"):
-        (base / d).mkdir()
-    cf.make_big(base / "src" / "big.bin")
-    cf.make_tree(base / "src" / "tree")
-    svc = Service(base / "root", "--endpoint", f"src={base / 'src'}",
-                  "--endpoint", f"dst={base / 'dst'}")  # fmt: skip
+def destination(base: Path, label: str) -> Path:
+    """The destination endpoint's folder of the service labelled label."""
+    return base / ("dst" if label == "batchingest" else "dst-other")
+
+
+def start(base: Path) -> dict[str, Service]:
+    """This tree's service, and BENCH_OTHER's if given, each on a root of its own."""
+    trees = {"batchingest": THIS, **({"BENCH_OTHER": Path(OTHER).resolve()} if OTHER else {})}
+    services: dict[str, Service] = {}
     try:
-        big = compare(svc, base, "big.bin", False)
-        small = compare(svc, base, "tree", True)
+        for label, tree in trees.items():
+            dst = destination(base, label)
+            dst.mkdir()
+            services[label] = Service(base / f"root-{dst.name}", "--endpoint",
+                                      f"src={base / 'src'}", "--endpoint", f"dst={dst}",
+                                      tree=tree)  # fmt: skip
+    except BaseException:
+        for svc in services.values():
+            svc.stop()
+        raise
+    return services
+
+
+def rows_of(title: str, unit: Callable[[float], str], series: dict[str, cf.Series],
+            floors: list[tuple[str, str]]) -> list[str]:  # fmt: skip
+    """Our rows against the floors; with BENCH_OTHER, its rows and ours against it."""
+    against = [(series[f], target) for f, target in floors]
+    rows = cf.table(title, unit, series["batchingest"], against)
+    if "BENCH_OTHER" in series:
+        other = series["BENCH_OTHER"]
+        rows += cf.table(title, unit, other, [(s, "") for s, _ in against])
+        rows.append(f"| {title}: batchingest vs BENCH_OTHER ({OTHER}) | | "
+                    f"{cf.ratio(other, series['batchingest'])} | | | "
+                    f"{cf.cpu_ratio(other, series['batchingest'])} |")  # fmt: skip
+    return rows
+
+
+def copies(base: Path) -> list[str]:
+    (base / "src").mkdir()
+    (base / "cp").mkdir()
+    if "big" in COPIES:
+        cf.make_big(base / "src" / "big.bin")
+    if "small" in COPIES:
+        cf.make_tree(base / "src" / "tree")
+    services = start(base)
+    try:
+        big = compare(services, base, "big.bin", False) if "big" in COPIES else {}
+        small = compare(services, base, "tree", True) if "small" in COPIES else {}
     finally:
-        svc.stop()
-    big_title = f"one {cf.BIG_MIB / 1024:g} GiB file, GiB/s"
-    # a transfer is a durable copy (SUCCEEDED once its data is on disk), so its floor is
-    # the durable one, `cp` + `sync`, as for staging; plain `cp` is shown beside it
-    rows = cf.table(big_title, cf.gib_per_s(cf.BIG_MIB), big["batchingest"],
-                    [(big["cp + sync"], ">= 0.9x"), (big["cp"], "")])  # fmt: skip
-    small_title = f"{cf.FILES:,} x 4 KiB in {cf.FOLDERS} folders, files/s"
-    rows += cf.table(small_title, cf.files_per_s(cf.FILES), small["batchingest"],
-                     [(small["cp -r"], ">= 0.5x"), (small["cp -r + sync -f"], "")])  # fmt: skip
-    for label, series in (("big", big), ("small", small)):
-        raw = "; ".join(f"{s.name} {[round(x, 3) for x in s.seconds]}" for s in series.values())
-        rows.append(f"\nraw seconds, {label}: {raw}")
+        for svc in services.values():
+            svc.stop()
+    rows: list[str] = []
+    if big:
+        # a transfer is a durable copy (SUCCEEDED once its data is on disk), so its floor
+        # is the durable one, `cp` + `sync`, as for staging; plain `cp` is shown beside it
+        rows += rows_of(f"one {cf.BIG_MIB / 1024:g} GiB file, GiB/s", cf.gib_per_s(cf.BIG_MIB),
+                        big, [("cp + sync", ">= 0.9x"), ("cp", "")])  # fmt: skip
+    if small:
+        rows += rows_of(f"{cf.FILES:,} x 4 KiB in {cf.FOLDERS} folders, files/s",
+                        cf.files_per_s(cf.FILES), small,
+                        [("cp -r", ">= 0.5x"), ("cp -r + sync -f", "")])  # fmt: skip
+        per_file = []
+        for label, series in small.items():
+            us = sorted(c / cf.FILES * 1e6 for c in series.cpu)
+            per_file.append(f"{label} {us[0]:.0f} / {statistics.median(us):.0f} / {us[-1]:.0f}")
+        rows.append(f"\nCPU per file, small (min / median / max, us): {'; '.join(per_file)}")
+    for label, found in (("big", big), ("small", small)):
+        if found:
+            raw = "; ".join(f"{s.name} {[round(x, 3) for x in s.seconds]}" for s in found.values())
+            rows.append(f"\nraw seconds, {label}: {raw}")
     return rows
 
 
@@ -192,10 +256,11 @@ def main() -> None:
         print(f"## Transfers ({cf.RUNS} runs, interleaved; endpoints on one file system)\n")
         print("\n".join(cf.header() + rows))
         print(f"\n{cf.DRAINS.line()}")
-        print("\n| measure | batchingest | same run | target |")
-        print("|---|---|---|---|")
-        for line in task_list(base):
-            print(line, flush=True)
+        if TASKS:  # BENCH_TASKS=0: the copies only
+            print("\n| measure | batchingest | same run | target |")
+            print("|---|---|---|---|")
+            for line in task_list(base):
+                print(line, flush=True)
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
