@@ -55,7 +55,19 @@ def base_env(extra: Mapping[str, str]) -> dict[str, str]:
     # prometheus-client would write its counters among ours
     env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV and k != METRICS_ENV}
     env.update(extra)
+    if env.get("PYTHONPATH"):
+        env["PYTHONPATH"] = fixed_python_path(env["PYTHONPATH"])
     return env
+
+
+def fixed_python_path(value: str) -> str:
+    """PYTHONPATH with its empty and relative entries made absolute, as the service
+    meant them (against its own working folder). A task runs in its job folder, where
+    `''` or `.` would name that folder: the job's files, which could then stand in for a
+    built-in task's modules (`python -P` leaves PYTHONPATH as it is)."""
+    here = os.getcwd()
+    return os.pathsep.join(os.path.join(here, p) if not os.path.isabs(p) else p
+                           for p in value.split(os.pathsep))  # fmt: skip
 
 
 class EncodedEnv(dict[bytes, bytes]):

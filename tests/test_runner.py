@@ -17,6 +17,7 @@ from batchingest.runner import (
     EncodedEnv,
     TaskProcess,
     UnknownTask,
+    base_env,
     fresh_control_file,
     read_control,
     resolve,
@@ -33,10 +34,18 @@ def test_tasks_folder_wins_over_a_builtin(tmp_path: Path) -> None:
     assert resolve("stage", tmp_path) == [str(own)]
 
 
+@pytest.mark.parametrize("python_path", [None, os.pathsep + "/nowhere", ".", "x:"])
 @pytest.mark.parametrize("task", ["stage", "transfer"])
-def test_a_job_folder_cannot_replace_a_built_in_task(tmp_path: Path, task: str) -> None:
+def test_a_job_folder_cannot_replace_a_built_in_task(
+    tmp_path: Path, task: str, python_path: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A built-in task runs in the job folder, whose files are the user's: a package of
-    the service's name among them is never imported in place of the service's own."""
+    the service's name among them is never imported in place of the service's own, also
+    where the service's PYTHONPATH has an empty or relative entry (which, taken in the
+    job folder, would name it)."""
+    if python_path is not None:
+        monkeypatch.setenv("PYTHONPATH", python_path)
+    env = base_env({})
     job = tmp_path / "job"
     (job / "batchingest" / "tasks").mkdir(parents=True)
     (job / "batchingest" / "__init__.py").write_text("")
@@ -45,7 +54,7 @@ def test_a_job_folder_cannot_replace_a_built_in_task(tmp_path: Path, task: str) 
         "open('USER-CODE-RAN', 'w').close()\n"
     )
     cmd = resolve(task, tmp_path / "tasks")
-    done = subprocess.run(cmd, cwd=job, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(cmd, cwd=job, env=env, capture_output=True, text=True, timeout=60)
     assert not (job / "USER-CODE-RAN").exists()
     assert "ERROR" in done.stdout + done.stderr  # the real task, finding no request
 

@@ -424,3 +424,61 @@ def test_a_folder_this_run_creates_is_not_asked_whether_files_are_in_sync(
     finally:
         os.close(job_fd)
     assert (place.dst / "copy" / "a" / "b" / "f2").read_text() == "2"
+
+
+def test_a_run_killed_in_its_first_copy_is_swept_by_the_next(place: Place) -> None:
+    """The progress file is there before the first copy, so a run killed (-9) during
+    that copy is known to the next as one cut off, which removes its hidden copy."""
+    place.env["BATCHINGEST_TRANSFER_UNNAMED"] = "0"
+    (place.src / "f").write_text("x" * 100)
+    task = str(uuid.uuid4())
+    request = {"kind": "transfer", "id": task, "source_endpoint": "src",
+               "destination_endpoint": "dst", "items": [item("/f", "/f")]}  # fmt: skip
+    (place.job / transfers.REQUEST).write_text(json.dumps(request))
+    slow = dict(place.env, BATCHINGEST_TRANSFER_MAX_RATE="1")  # 100 s for its 100 bytes
+    proc = subprocess.Popen([sys.executable, "-m", "batchingest.tasks.transfer"],
+                            cwd=place.job, env=slow)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not [p for p in place.dst.iterdir() if p.name.startswith(".batchingest-xfer-")]:
+            assert proc.poll() is None and time.monotonic() < deadline, "no copy begun"
+            time.sleep(0.01)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert (place.job / transfers.PROGRESS).exists()
+    rc, progress, out = place.run(id=task, items=[item("/f", "/f")])
+    assert rc == 0 and progress["files_transferred"] == 1, out
+    assert sorted(os.listdir(place.dst)) == ["f"]
+
+
+def test_the_copying_threads_go_on_with_fewer_when_no_more_can_be_started(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A thread the system refuses: the calls run on those started; none at all is an
+    OSError (EAGAIN) the run fails with, and shutdown joins only started threads."""
+    started = 0
+    real_start = threading.Thread.start
+
+    def start_one(self: threading.Thread) -> None:
+        nonlocal started
+        if started >= allowed:
+            raise RuntimeError("can't start new thread")
+        started += 1
+        real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start_one)
+    allowed = 1
+    copiers = transfer_task.Copiers(2)
+    ran: list[int] = []
+    try:
+        copiers.run_all([functools.partial(ran.append, i) for i in range(5)])
+        assert sorted(ran) == [0, 1, 2, 3, 4] and len(copiers.threads) == 1
+    finally:
+        copiers.shutdown()
+    allowed = 0
+    none = transfer_task.Copiers(2)
+    with pytest.raises(OSError, match="no thread could be started"):
+        none.run_all([functools.partial(ran.append, 9)])
+    none.shutdown()
+    assert 9 not in ran

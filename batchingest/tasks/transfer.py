@@ -142,10 +142,7 @@ class Copiers:
         """Run every call, wait until all are done, then raise the first exception (in the
         order of calls) if any raised."""
         if not self.threads:
-            self.threads = [threading.Thread(target=self._work, name=f"copy-{i}", daemon=True)
-                            for i in range(self.size)]  # fmt: skip
-            for t in self.threads:
-                t.start()
+            self._start()
         done = threading.Semaphore(0)
         raised: list[BaseException | None] = [None] * len(calls)
 
@@ -164,6 +161,19 @@ class Copiers:
         for e in raised:
             if e is not None:
                 raise e
+
+    def _start(self) -> None:
+        """Start the threads; fewer if the system gives fewer (none: EAGAIN, which
+        fails the run with its reason instead of a traceback)."""
+        for i in range(self.size):
+            t = threading.Thread(target=self._work, name=f"copy-{i}", daemon=True)
+            try:
+                t.start()
+            except RuntimeError:  # no thread to be had: go on with those started
+                break
+            self.threads.append(t)  # only started ones: shutdown joins each
+        if not self.threads:
+            raise OSError(errno.EAGAIN, "no thread could be started to copy with")
 
     def _work(self) -> None:
         while (call := self.calls.get()) is not None:
@@ -769,6 +779,10 @@ def run(job_dir: Path) -> int:
         return EXIT_FAILED
     max_rate = int(os.environ.get("BATCHINGEST_TRANSFER_MAX_RATE") or 0)
     r = Run(job_fd, request, load_endpoints(), max_rate)
+    if not r.rerun:
+        # there before the first copy: a run cut off from here on is known as one by the
+        # next (Run.rerun), which then sweeps its unfinished copies
+        r.save()
     print(
         f"transfer: {request['kind']} {request.get('id')} started at "
         f"{datetime.now(UTC).isoformat(timespec='seconds')}",
