@@ -43,7 +43,10 @@ word) after it.
   events are in the feed in the order its requests were answered.
 - **Cost.** A processor keeps the history of a job it holds open from the claim to the
   final move (Recorder._held), so task events are one write each; a claim opens it
-  through the folder the claim locked (Store.moving_folder). A job seen in queue/ by
+  through the folder the claim locked (Store.moving_folder), or takes over the one a
+  worker made while it waited for a task slot (Recorder.ready): on a file system where
+  making a file is dear (ext4 without a journal skips recently freed inodes one by one)
+  that is most of a claim's cost, and a slot is not held for it. A job seen in queue/ by
   hand gets its QUEUED with its claim (one write with CLAIMED) unless it waits
   QUEUED_DELAY; one written before keeps its history open (Recorder._waiting). A history
   handed to the flusher is never copied: the recorder gives it back (_Flusher.retire)
@@ -1004,6 +1007,9 @@ class Recorder:
         # histories opened when a job moved in by hand was seen in queue/: its claim here
         # takes the descriptor over (_held) rather than opening the folder and file again
         self._waiting: dict[str, _Kept] = {}
+        # histories made ready by a worker waiting for a task slot (ready()): the claim
+        # takes the descriptor over, so the file is not made on the slot's time
+        self._ready: dict[str, _Kept] = {}
         # the names in queue/ at the last look (see seen_queued)
         self._queued: set[str] = set()
         # jobs found there by hand whose QUEUED is not written yet: when first seen (the
@@ -1061,6 +1067,8 @@ class Recorder:
             self.feed = None
         for name in list(self._waiting):
             self._forget_waiting(name)
+        for name in list(self._ready):
+            self.unready(name)
 
     def _open_spool(self, feed: Feed) -> _Spool | None:
         """This process's spool, after the lines of recorders killed here are replayed
@@ -1230,9 +1238,11 @@ class Recorder:
             claimed = old_state == State.QUEUE and job.state == State.PROCESSING
             # a job this process held, or saw in queue/: its history is open already
             kept = original in self._held or (claimed and self._take_waiting(job.name))
+            ready = None
             if claimed and not kept:
                 # one left by a namesake whose final move never came (removed by hand)
                 self.release(job.name)
+                ready = self._take_ready(job.name)
             # a claim's folder is open already: the claimer lends it
             lent = self.store.moving_folder() if claimed and not kept else None
             dir_fd = None if kept or lent is not None else self._open_moved(job)
@@ -1242,7 +1252,7 @@ class Recorder:
             try:
                 if old_state == State.QUEUE and not claimed:  # unqueued (cancel, deadline)
                     self._queued_before(job.name, folder)
-                planned = self._planned(job, old_state, original, folder, kept)
+                planned = self._planned(job, old_state, original, folder, kept, ready)
                 # a QUEUED written late (a hand-queued job, seen when taken) says queue,
                 # and when it was seen
                 lines = [
@@ -1288,6 +1298,50 @@ class Recorder:
         else:
             self._give_up(kept[0])
 
+    def ready(self, name: str) -> None:
+        """Make the history of a queued job about to be claimed here (a worker took it and
+        waits for a task slot), kept for the claim: a new file costs more than all of a
+        claim's other writes, and is made here off the slot's time. Nothing is written."""
+        with self.lock_of(name):
+            if name in self._ready or name in self._waiting or name in self._held:
+                return
+            if len(self._ready) >= self._most_waiting:
+                return
+            try:
+                job = Job(name, State.QUEUE, self.store.job_path(State.QUEUE, name))
+                dir_fd = self.store.open_job(job)
+            except (OSError, ValueError):
+                return  # taken or gone meanwhile: the claim finds out
+            try:
+                kept = self._open_history(name, dir_fd)
+            finally:
+                os.close(dir_fd)
+            if kept is not None:
+                self._ready[name] = kept
+
+    def unready(self, name: str) -> None:
+        """The job made ready was not claimed here (taken elsewhere, gone, stopping)."""
+        with self.lock_of(name):
+            kept = self._ready.pop(name, None)
+            if kept is not None:
+                self._give_up(kept[0])
+
+    def _take_ready(self, name: str) -> int | None:
+        """The history made ready for this claim becomes the held one; its size now
+        (None: there is none, or it was removed meanwhile and a new one is made)."""
+        kept = self._ready.pop(name, None)
+        if kept is None:
+            return None
+        try:
+            st = os.fstat(kept[0])
+        except OSError:
+            st = None
+        if st is None or st.st_nlink == 0:
+            self._give_up(kept[0])
+            return None
+        self._held[name] = kept
+        return st.st_size
+
     def _open_moved(self, job: Job) -> int | None:
         try:
             return self.store.open_job(job)
@@ -1298,11 +1352,12 @@ class Recorder:
             return None
 
     def _planned(
-        self, job: Job, old: str | None, original: str | None, dir_fd: int | None, kept: bool
-    ) -> _Planned:
+        self, job: Job, old: str | None, original: str | None, dir_fd: int | None, kept: bool,
+        ready: int | None = None,
+    ) -> _Planned:  # fmt: skip
         new = job.state
         if old == State.QUEUE and new == State.PROCESSING:
-            return self._claimed(job.name, dir_fd, seen=kept)
+            return self._claimed(job.name, dir_fd, seen=kept, ready=ready)
         if old == State.PROCESSING and new == State.QUEUE:
             self._ends_queued.add(job.name)
             if original is not None:
@@ -1442,10 +1497,13 @@ class Recorder:
             details["from"] = last
         return [(Code.QUEUED, "Queued by hand: found in queue/.", details)]
 
-    def _claimed(self, name: str, dir_fd: int | None, seen: bool = False) -> _Planned:
+    def _claimed(
+        self, name: str, dir_fd: int | None, seen: bool = False, ready: int | None = None
+    ) -> _Planned:
         """CLAIMED, after a QUEUED (by hand) if the job was not seen queued.
 
         `seen`: its history was kept since it was seen in queue/, so its QUEUED is written.
+        `ready`: the size of its history made ready for the claim (_take_ready), now held.
         A listing taken just after the claim's rename may already have taken the name out
         of _ends_queued (that runs in the helper thread, without the job's lock): the
         kept history says it all the same, and no second QUEUED is written.
@@ -1453,7 +1511,9 @@ class Recorder:
         planned: _Planned = []
         if seen or name in self._ends_queued:
             self._ends_queued.discard(name)
-        elif dir_fd is not None:  # not seen queued by this process: look
+        elif ready is not None:  # not seen queued by this process: look
+            planned = self._hand_queued(_last_state_of(self._held[name][0], ready))
+        elif dir_fd is not None:
             planned = self._hand_queued(self._hold_history(name, dir_fd))
         else:
             planned = self._hand_queued(None)
@@ -1539,6 +1599,22 @@ def seen_queued(store: Store, names: list[str]) -> None:
     recorder = _RECORDERS.get(store)
     if recorder is not None:
         recorder.seen_queued(names)
+
+
+@_quiet
+def ready(store: Store, name: str) -> None:
+    """A worker took the queued job `name` and waits for a task slot (see Recorder.ready)."""
+    recorder = _RECORDERS.get(store)
+    if recorder is not None:
+        recorder.ready(name)
+
+
+@_quiet
+def unready(store: Store, name: str) -> None:
+    """The job made ready was not claimed here after all."""
+    recorder = _RECORDERS.get(store)
+    if recorder is not None:
+        recorder.unready(name)
 
 
 @_quiet

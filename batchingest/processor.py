@@ -500,7 +500,14 @@ class Processor:
 
     def perform(self, name: str) -> float | None:
         """Claim and run one queued job; if it stays in queue/, seconds before trying again."""
-        with _Slot(self._slots) as slot:
+        try:
+            return self._perform_job(name)
+        finally:
+            events.unready(self.store, name)  # (a claim took over any it made ready)
+
+    def _perform_job(self, name: str) -> float | None:
+        # while this thread waits for a slot, the job's history is made for its claim
+        with _Slot(self._slots, lambda: events.ready(self.store, name)) as slot:
             if self._stopping.is_set():
                 return None
             # --default-deadline counts from here; the claim's rename resets the ctime
@@ -814,12 +821,18 @@ class _Run:
 class _Slot:
     """One of the --workers task slots; released early once a job runs no more tasks."""
 
-    def __init__(self, slots: threading.BoundedSemaphore) -> None:
+    def __init__(
+        self, slots: threading.BoundedSemaphore, waiting: Callable[[], None] | None = None
+    ) -> None:
         self._slots = slots
         self._held = False
+        self._waiting = waiting  # called first when there is no slot free at once
 
     def __enter__(self) -> _Slot:
-        self._slots.acquire()
+        if not self._slots.acquire(blocking=False):
+            if self._waiting is not None:
+                self._waiting()
+            self._slots.acquire()
         self._held = True
         return self
 

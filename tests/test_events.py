@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from batchingest import events, fs, lease
+from batchingest import events, fs, lease, processor
 from batchingest.events import Code, Cursor, Feed, Recorder
 from batchingest.jobdir import EVENTS_FILE
 from batchingest.store import Job, Store
@@ -1102,3 +1102,90 @@ def test_a_history_hard_linked_with_another_jobs_is_made_this_jobs_own(
     assert (store.root / "success" / "a" / EVENTS_FILE).read_bytes() == before
     assert codes(history(store, "b")) == ["QUEUED", "CLAIMED", "SUCCEEDED"] * 2
     assert os.stat(store.root / "success" / "b" / EVENTS_FILE).st_nlink == 1
+
+
+# -- a history made ready while a worker waits for a task slot -----------------------------
+
+
+def fd_of(path: Path) -> list[str]:
+    """This process's descriptors open on path."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{fd}") == str(path):
+                found.append(fd)
+    return found
+
+
+def test_a_history_made_ready_is_the_claims_and_written_only_by_it(
+    store: Store, recorder: Recorder
+) -> None:
+    """Made ready (the file, nothing in it), then claimed: the claim writes through that
+    descriptor, a QUEUED by hand from the state the history ended in included."""
+    (store.root / "queue" / "fresh").mkdir()
+    store.create("again")
+    events.queue(store, "again")
+    run_held(store, "again", "error")
+    os.rename(store.root / "error" / "again", store.root / "queue" / "again")  # by hand
+    for name in ("fresh", "again"):
+        events.ready(store, name)
+    fresh = store.root / "queue" / "fresh" / EVENTS_FILE
+    assert fresh.exists() and fresh.read_bytes() == b""  # made, nothing written yet
+    assert len(fd_of(fresh)) == 1 and sorted(recorder._ready) == ["again", "fresh"]
+    run_held(store, "fresh", "success")
+    run_held(store, "again", "success")
+    assert recorder._ready == {} and recorder._held == {}
+    assert codes(history(store, "fresh")) == ["QUEUED", "CLAIMED", "SUCCEEDED"]
+    assert history(store, "fresh")[0]["details"] == {"by": "hand"}
+    got = history(store, "again")
+    assert codes(got) == ["QUEUED", "CLAIMED", "FAILED", "QUEUED", "CLAIMED", "SUCCEEDED"]
+    assert got[3]["details"] == {"by": "hand", "from": "error"}
+    recorder.flush()
+    assert fd_of(store.root / "success" / "fresh" / EVENTS_FILE) == []
+
+
+def test_a_history_made_ready_but_not_claimed_here_is_closed(
+    store: Store, recorder: Recorder
+) -> None:
+    """Taken elsewhere or moved out by hand before the claim: unready closes it, nothing
+    written; one removed before the claim is made again by the claim."""
+    for name in ("elsewhere", "removed"):
+        (store.root / "queue" / name).mkdir()
+        events.ready(store, name)
+    os.rename(store.root / "queue" / "elsewhere", store.root / "data" / "elsewhere")
+    assert store.claim("elsewhere") is None
+    events.unready(store, "elsewhere")
+    history_file = store.root / "data" / "elsewhere" / EVENTS_FILE
+    assert fd_of(history_file) == [] and history_file.read_bytes() == b""
+    (store.root / "queue" / "removed" / EVENTS_FILE).unlink()
+    run_held(store, "removed", "success")
+    assert codes(history(store, "removed")) == ["QUEUED", "CLAIMED", "SUCCEEDED"]
+    assert recorder._ready == {} and recorder._held == {}
+    events.ready(store, "gone")  # not in queue/: nothing made, nothing raised
+    assert recorder._ready == {}
+
+
+def test_a_worker_waiting_for_a_slot_makes_its_jobs_history_ready(tmp_path: Path) -> None:
+    """With every slot taken, the next job's history is made before its claim."""
+    store = Store(tmp_path / "root")
+    store.init()
+    recorder = Recorder(store)
+    recorder.attach()
+    try:
+        (store.root / "queue" / "next").mkdir()
+        slots = threading.BoundedSemaphore(1)
+        slots.acquire()  # the only slot is busy
+        made: list[bool] = []
+
+        def release_later() -> None:
+            time.sleep(0.2)
+            made.append((store.root / "queue" / "next" / EVENTS_FILE).exists())
+            slots.release()
+
+        threading.Thread(target=release_later).start()
+        with processor._Slot(slots, lambda: events.ready(store, "next")):
+            assert made == [True] and "next" in recorder._ready
+        with processor._Slot(slots, lambda: made.append(False)):
+            assert made == [True]  # a slot free at once: no wait, nothing made first
+    finally:
+        recorder.close()
