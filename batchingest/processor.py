@@ -722,6 +722,10 @@ class Processor:
         hold, task = run.hold, run.job.todo[0]
         events.task_started(self.store, hold, task)
         result = self._run_task(hold, task, run.log_fd, run.deadline)
+        if not result.ok or (len(run.job.todo) == 1 and not result.added):
+            # the job runs no more tasks: its slot is free before this task's event is
+            # written and JOB saved, so the next job does not wait for them
+            run.slot.release()
         events.task_ended(self.store, hold, result)
         metrics.task_done(result)
         return result
@@ -740,8 +744,6 @@ class Processor:
         if result.ok:
             job.todo.pop(0)
             job.todo.extend(result.added)
-        if not result.ok or not job.todo:
-            run.slot.release()  # the job runs no more tasks: its slot is free
         self._check_lease(run.hold)
         jobdir.save_job(run.hold.dir_fd, job)
         return None if result.ok else "error"
