@@ -20,11 +20,12 @@ from pathlib import Path
 import pytest
 from live_service import make_job, wait_for, write_task
 
-from batchingest import lease
+from batchingest import events, fs, lease
 from batchingest.config import Config
 from batchingest.health import Progress
 from batchingest.processor import SHORTAGE_CAP_FOR, Processor, Scheduler
-from batchingest.store import Store
+from batchingest.runner import TaskResult
+from batchingest.store import Hold, Store
 
 # -- the Scheduler ------------------------------------------------------------------
 
@@ -475,3 +476,41 @@ def test_the_lease_renewer_runs_from_the_start_only_where_leases_are_made(
         names = [t.name for t in running.processor._threads]
         assert len(names) == len(set(names)) == 1
     assert running.error is None
+
+
+def test_a_jobs_slot_is_free_once_its_last_task_ends(
+    root: Path, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With one slot: a task that is not the job's last keeps it while its event is
+    written; the last one, or a failed one, frees it first (the next job need not wait
+    for the event or the JOB save)."""
+    write_task(root / "tasks", "start", "echo one\n")
+    write_task(root / "tasks", "two", "echo two\n")
+    write_task(root / "tasks", "bad", "exit 1\n")
+    free_at_end: list[tuple[str, int]] = []
+    real = events.task_ended
+
+    def task_ended(store: Store, hold: Hold, result: TaskResult) -> None:
+        free_at_end.append((result.task, slots._value))  # type: ignore[attr-defined]
+        real(store, hold, result)
+
+    monkeypatch.setattr(events, "task_ended", task_ended)
+    recorder = events.Recorder(store)
+    recorder.attach()
+    try:
+        with Running(Config(root=root, poll_interval=0.1, grace=5, workers=1), store) as r:
+            slots = r.processor._slots
+            drop(root, "a", '{"Todo": ["start", "two"]}')
+            assert wait_for(lambda: landed(root, "a"), 20) == "success"
+            drop(root, "b", '{"Todo": ["bad", "two"]}')
+            assert wait_for(lambda: landed(root, "b"), 20) == "error"
+    finally:
+        recorder.close()
+    assert free_at_end == [("start", 0), ("two", 1), ("bad", 1)]
+    folder = fs.open_root(root / "success" / "a")
+    try:
+        codes = [e["code"] for e in events.read_history(folder)]
+    finally:
+        os.close(folder)
+    assert codes == ["QUEUED", "CLAIMED", "TASK_STARTED", "TASK_SUCCEEDED", "TASK_STARTED",
+                     "TASK_SUCCEEDED", "SUCCEEDED"]  # fmt: skip
