@@ -1242,7 +1242,7 @@ class Recorder:
             if claimed and not kept:
                 # one left by a namesake whose final move never came (removed by hand)
                 self.release(job.name)
-                ready = self._take_ready(job.name)
+                ready = self._take_ready(job.name, self.store.moving_folder())
             # a claim's folder is open already: the claimer lends it
             lent = self.store.moving_folder() if claimed and not kept else None
             dir_fd = None if kept or lent is not None else self._open_moved(job)
@@ -1326,17 +1326,22 @@ class Recorder:
             if kept is not None:
                 self._give_up(kept[0])
 
-    def _take_ready(self, name: str) -> int | None:
-        """The history made ready for this claim becomes the held one; its size now
-        (None: there is none, or it was removed meanwhile and a new one is made)."""
+    def _take_ready(self, name: str, folder: int | None) -> int | None:
+        """The history made ready for this claim becomes the held one; its size now.
+
+        None if there is none, or it is not the `.events` of the claimed folder (removed,
+        or its job swapped for a namesake while the worker waited): a new one is opened.
+        """
         kept = self._ready.pop(name, None)
         if kept is None:
             return None
         try:
             st = os.fstat(kept[0])
+            there = None if folder is None else os.stat(EVENTS_FILE, dir_fd=folder,
+                                                        follow_symlinks=False)  # fmt: skip
         except OSError:
-            st = None
-        if st is None or st.st_nlink == 0:
+            there = None
+        if there is None or not fs.same_inode(st, there):
             self._give_up(kept[0])
             return None
         self._held[name] = kept

@@ -1148,8 +1148,9 @@ def test_a_history_made_ready_but_not_claimed_here_is_closed(
     store: Store, recorder: Recorder
 ) -> None:
     """Taken elsewhere or moved out by hand before the claim: unready closes it, nothing
-    written; one removed before the claim is made again by the claim."""
-    for name in ("elsewhere", "removed"):
+    written; one removed, or a job swapped for a namesake, before the claim: the claim
+    writes to the claimed folder's history, never to the one made ready."""
+    for name in ("elsewhere", "removed", "swapped"):
         (store.root / "queue" / name).mkdir()
         events.ready(store, name)
     os.rename(store.root / "queue" / "elsewhere", store.root / "data" / "elsewhere")
@@ -1160,6 +1161,12 @@ def test_a_history_made_ready_but_not_claimed_here_is_closed(
     (store.root / "queue" / "removed" / EVENTS_FILE).unlink()
     run_held(store, "removed", "success")
     assert codes(history(store, "removed")) == ["QUEUED", "CLAIMED", "SUCCEEDED"]
+    os.rename(store.root / "queue" / "swapped", store.root / "data" / "swapped")
+    (store.root / "queue" / "swapped").mkdir()  # another job of that name
+    run_held(store, "swapped", "success")
+    assert (store.root / "data" / "swapped" / EVENTS_FILE).read_bytes() == b""
+    os.rename(store.root / "data" / "swapped", store.root / "data" / "away")
+    assert codes(history(store, "swapped")) == ["QUEUED", "CLAIMED", "SUCCEEDED"]
     assert recorder._ready == {} and recorder._held == {}
     events.ready(store, "gone")  # not in queue/: nothing made, nothing raised
     assert recorder._ready == {}
