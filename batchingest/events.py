@@ -1236,15 +1236,19 @@ class Recorder:
             original = None  # left over from a move that failed: not this job's
         with self.lock_of(original or job.name):
             claimed = old_state == State.QUEUE and job.state == State.PROCESSING
+            # a claim's folder is open already: the claimer lends it
+            claims = self.store.moving_folder() if claimed else None
             # a job this process held, or saw in queue/: its history is open already
-            kept = original in self._held or (claimed and self._take_waiting(job.name))
+            kept = original in self._held or (
+                claimed
+                and self._take_over(self._waiting.pop(job.name, None), job.name, claims) is not None
+            )
             ready = None
             if claimed and not kept:
                 # one left by a namesake whose final move never came (removed by hand)
                 self.release(job.name)
-                ready = self._take_ready(job.name, self.store.moving_folder())
-            # a claim's folder is open already: the claimer lends it
-            lent = self.store.moving_folder() if claimed and not kept else None
+                ready = self._take_over(self._ready.pop(job.name, None), job.name, claims)
+            lent = None if kept else claims
             dir_fd = None if kept or lent is not None else self._open_moved(job)
             folder = dir_fd if lent is None else lent
             held = job.name if claimed else original
@@ -1269,21 +1273,24 @@ class Recorder:
                 if dir_fd is not None:
                     os.close(dir_fd)
 
-    def _take_waiting(self, name: str) -> bool:
-        """The history kept since the job was seen in queue/ becomes the held one."""
-        kept = self._waiting.pop(name, None)
+    def _take_over(self, kept: _Kept | None, name: str, folder: int | None) -> int | None:
+        """A history opened before the claim (seen in queue/, or made ready) becomes the
+        held one; its size now. None (closed) if it is not the `.events` of the claimed
+        folder: removed, or its job swapped for a namesake meanwhile."""
         if kept is None:
-            return False
+            return None
         try:
-            alive = os.fstat(kept[0]).st_nlink > 0  # not removed while it waited
+            st = os.fstat(kept[0])
+            there = None if folder is None else os.stat(EVENTS_FILE, dir_fd=folder,
+                                                        follow_symlinks=False)  # fmt: skip
         except OSError:
-            alive = False
-        if not alive:
+            there = None
+        if there is None or not fs.same_inode(st, there):
             self._give_up(kept[0])
-            return False
+            return None
         self.release(name)
         self._held[name] = kept
-        return True
+        return st.st_size
 
     def _forget_waiting(self, name: str) -> None:
         with self.lock_of(name):
@@ -1325,27 +1332,6 @@ class Recorder:
             kept = self._ready.pop(name, None)
             if kept is not None:
                 self._give_up(kept[0])
-
-    def _take_ready(self, name: str, folder: int | None) -> int | None:
-        """The history made ready for this claim becomes the held one; its size now.
-
-        None if there is none, or it is not the `.events` of the claimed folder (removed,
-        or its job swapped for a namesake while the worker waited): a new one is opened.
-        """
-        kept = self._ready.pop(name, None)
-        if kept is None:
-            return None
-        try:
-            st = os.fstat(kept[0])
-            there = None if folder is None else os.stat(EVENTS_FILE, dir_fd=folder,
-                                                        follow_symlinks=False)  # fmt: skip
-        except OSError:
-            there = None
-        if there is None or not fs.same_inode(st, there):
-            self._give_up(kept[0])
-            return None
-        self._held[name] = kept
-        return st.st_size
 
     def _open_moved(self, job: Job) -> int | None:
         try:
@@ -1508,7 +1494,7 @@ class Recorder:
         """CLAIMED, after a QUEUED (by hand) if the job was not seen queued.
 
         `seen`: its history was kept since it was seen in queue/, so its QUEUED is written.
-        `ready`: the size of its history made ready for the claim (_take_ready), now held.
+        `ready`: the size of its history made ready for the claim (_take_over), now held.
         A listing taken just after the claim's rename may already have taken the name out
         of _ends_queued (that runs in the helper thread, without the job's lock): the
         kept history says it all the same, and no second QUEUED is written.

@@ -1196,3 +1196,19 @@ def test_a_worker_waiting_for_a_slot_makes_its_jobs_history_ready(tmp_path: Path
             assert made == [True]  # a slot free at once: no wait, nothing made first
     finally:
         recorder.close()
+
+
+def test_a_history_kept_since_seen_in_queue_is_not_a_swapped_namesakes(
+    store: Store, recorder: Recorder, at_once: None
+) -> None:
+    """Seen in queue/ (its QUEUED written, the history kept), then moved out by hand and
+    another job of that name moved in: the claim writes to the new job's history."""
+    (store.root / "queue" / "twin").mkdir()
+    events.seen_queued(store, store.queued())
+    assert "twin" in recorder._waiting
+    os.rename(store.root / "queue" / "twin", store.root / "data" / "first")
+    (store.root / "queue" / "twin").mkdir()
+    run_held(store, "twin", "success")
+    assert codes(history(store, "first")) == ["QUEUED"]  # left as it was
+    assert codes(history(store, "twin"))[-2:] == ["CLAIMED", "SUCCEEDED"]
+    assert recorder._waiting == {} and recorder._held == {}
