@@ -1308,22 +1308,30 @@ class Recorder:
     def ready(self, name: str) -> None:
         """Make the history of a queued job about to be claimed here (a worker took it and
         waits for a task slot), kept for the claim: a new file costs more than all of a
-        claim's other writes, and is made here off the slot's time. Nothing is written."""
+        claim's other writes, and is made here off the slot's time. Nothing is written.
+
+        The file is made outside the job's lock, which is one of a few shared by all
+        names: a claim of another job must not wait for it."""
         with self.lock_of(name):
             if name in self._ready or name in self._waiting or name in self._held:
                 return
             if len(self._ready) >= self._most_waiting:
                 return
-            try:
-                job = Job(name, State.QUEUE, self.store.job_path(State.QUEUE, name))
-                dir_fd = self.store.open_job(job)
-            except (OSError, ValueError):
-                return  # taken or gone meanwhile: the claim finds out
-            try:
-                kept = self._open_history(name, dir_fd)
-            finally:
-                os.close(dir_fd)
-            if kept is not None:
+        try:
+            job = Job(name, State.QUEUE, self.store.job_path(State.QUEUE, name))
+            dir_fd = self.store.open_job(job)
+        except (OSError, ValueError):
+            return  # taken or gone meanwhile: the claim finds out
+        try:
+            kept = self._open_history(name, dir_fd)
+        finally:
+            os.close(dir_fd)
+        if kept is None:
+            return
+        with self.lock_of(name):
+            if name in self._ready:  # (only this worker claims it: never expected)
+                self._give_up(kept[0])
+            else:
                 self._ready[name] = kept
 
     def unready(self, name: str) -> None:
