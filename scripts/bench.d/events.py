@@ -1,6 +1,7 @@
 """Event benchmarks: what the job history costs the processor, and reading the feed.
 
-Cost: 500 queued jobs, each running `true`, through the real processor (in this process,
+Cost: 500 queued jobs, each running `true` (BENCH_TASK_SECONDS=S: `sleep S`), through the
+real processor (in this process,
 --workers 2) with the events recorder attached and without it, alternating in the same
 run (taking turns at going first), each run started on a drained disk (sync, dirty
 pages written, discards calmed: _copyfloors.py), so both see the same machine; and the process's CPU
@@ -39,6 +40,9 @@ from batchingest.processor import Processor
 from batchingest.store import Store
 
 RUNS = int(os.environ.get("BENCH_RUNS", "3"))
+# each task sleeps this long instead of running `true` (0: `true`): where the task slots,
+# not the cores, bound the rate, what the history adds to a job's slot is what counts
+TASK_SECONDS = float(os.environ.get("BENCH_TASK_SECONDS", "0"))
 JOBS = 500
 FEED_EVENTS = 1_000_000
 SEGMENTS = 48
@@ -50,7 +54,12 @@ def fresh_root(base: Path) -> Path:
     root = Path(tempfile.mkdtemp(dir=base))
     Store(root).init()
     (root / "tasks").mkdir()
-    os.symlink(shutil.which("true") or "/bin/true", root / "tasks" / "true")
+    task = root / "tasks" / "true"
+    if TASK_SECONDS > 0:
+        task.write_text(f"#!/bin/sh\nexec sleep {TASK_SECONDS}\n")
+        task.chmod(0o755)
+    else:
+        os.symlink(shutil.which("true") or "/bin/true", task)
     return root
 
 
@@ -209,7 +218,8 @@ def main() -> None:
         after, oldest, floor, size = feed_latency(base)
         print("## Events")
         print()
-        print(f"{RUNS} runs, medians; {os.cpu_count()} cores")
+        task = f"each task `sleep {TASK_SECONDS}`" if TASK_SECONDS > 0 else "each task `true`"
+        print(f"{RUNS} runs, medians; {os.cpu_count()} cores; {task}")
         print()
         print("| measure | batchingest | compared with, same run | target |")
         print("|---|---|---|---|")
