@@ -286,11 +286,7 @@ def open_history_stat(dir_fd: int) -> tuple[int, int, int]:
     # most are new; anything already there (a link or FIFO too) is looked at first
     fd = fs.create_new(dir_fd, EVENTS_FILE, os.O_RDWR | os.O_APPEND)
     if fd is not None:
-        try:
-            return fd, 0, os.fstat(fd).st_dev
-        except BaseException:
-            os.close(fd)
-            raise
+        return fd, 0, _device_or_close(fd)
     try:
         fd, st = _open_append(dir_fd, EVENTS_FILE)
     except OSError as e:
@@ -300,6 +296,14 @@ def open_history_stat(dir_fd: int) -> tuple[int, int, int]:
     if st.st_nlink > 1:  # linked with another job's too (a job copied with `cp -al`)
         fd, st = _own_copy(dir_fd, fd, st)
     return fd, _end_torn_line(fd, st.st_size), st.st_dev
+
+
+def _device_or_close(fd: int) -> int:
+    try:
+        return os.fstat(fd).st_dev
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _own_copy(dir_fd: int, fd: int, st: os.stat_result) -> tuple[int, os.stat_result]:
@@ -1285,7 +1289,9 @@ class Recorder:
                                                         follow_symlinks=False)  # fmt: skip
         except OSError:
             there = None
-        if there is None or not fs.same_inode(st, there):
+        # a link made meanwhile (`cp -al`) too: the claim then opens it as any other
+        # (open_history_stat), which gives this job its own copy first
+        if there is None or not fs.same_inode(st, there) or st.st_nlink != 1:
             self._give_up(kept[0])
             return None
         self.release(name)
@@ -1323,7 +1329,12 @@ class Recorder:
         except (OSError, ValueError):
             return  # taken or gone meanwhile: the claim finds out
         try:
-            kept = self._open_history(name, dir_fd)
+            # only a new file: one already there may need mending (a torn last line, a
+            # link to another job's), which is done under the job's lock by the claim
+            fd = fs.create_new(dir_fd, EVENTS_FILE, os.O_RDWR | os.O_APPEND)
+            kept = None if fd is None else (fd, _device_or_close(fd))
+        except OSError:
+            return  # the claim tries again, and says why
         finally:
             os.close(dir_fd)
         if kept is None:

@@ -506,12 +506,17 @@ class Processor:
             events.unready(self.store, name)  # (a claim took over any it made ready)
 
     def _perform_job(self, name: str) -> float | None:
-        # while this thread waits for a slot, the job's history is made for its claim
-        with _Slot(self._slots, lambda: events.ready(self.store, name)) as slot:
+        # --default-deadline counts from here (the claim's rename resets the ctime), read
+        # before the history made while waiting for a slot changes the folder's times
+        entered = control.entered_queue(self.store, name) if self.cfg.default_deadline else None
+
+        def ready() -> None:  # while this thread waits for a slot: the claim's history
+            if not self._stopping.is_set():
+                events.ready(self.store, name)
+
+        with _Slot(self._slots, ready) as slot:
             if self._stopping.is_set():
                 return None
-            # --default-deadline counts from here; the claim's rename resets the ctime
-            entered = control.entered_queue(self.store, name) if self.cfg.default_deadline else None
             try:
                 hold = self.store.claim(name)
             except OSError as e:

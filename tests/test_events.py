@@ -1121,7 +1121,8 @@ def test_a_history_made_ready_is_the_claims_and_written_only_by_it(
     store: Store, recorder: Recorder
 ) -> None:
     """Made ready (the file, nothing in it), then claimed: the claim writes through that
-    descriptor, a QUEUED by hand from the state the history ended in included."""
+    descriptor. A history there already is left to the claim (which mends it under the
+    job's lock if need be): its QUEUED by hand says the state the history ended in."""
     (store.root / "queue" / "fresh").mkdir()
     store.create("again")
     events.queue(store, "again")
@@ -1131,7 +1132,7 @@ def test_a_history_made_ready_is_the_claims_and_written_only_by_it(
         events.ready(store, name)
     fresh = store.root / "queue" / "fresh" / EVENTS_FILE
     assert fresh.exists() and fresh.read_bytes() == b""  # made, nothing written yet
-    assert len(fd_of(fresh)) == 1 and sorted(recorder._ready) == ["again", "fresh"]
+    assert len(fd_of(fresh)) == 1 and sorted(recorder._ready) == ["fresh"]
     run_held(store, "fresh", "success")
     run_held(store, "again", "success")
     assert recorder._ready == {} and recorder._held == {}
@@ -1170,6 +1171,24 @@ def test_a_history_made_ready_but_not_claimed_here_is_closed(
     assert recorder._ready == {} and recorder._held == {}
     events.ready(store, "gone")  # not in queue/: nothing made, nothing raised
     assert recorder._ready == {}
+
+
+def test_a_history_made_ready_then_hard_linked_is_not_written_through(
+    store: Store, recorder: Recorder
+) -> None:
+    """Made ready, then linked into another folder (`cp -al`) before the claim: the claim
+    gives this job its own copy, and the other folder's history gets none of its events."""
+    (store.root / "queue" / "orig").mkdir()
+    events.ready(store, "orig")
+    assert "orig" in recorder._ready
+    (store.root / "data" / "copy").mkdir()
+    os.link(store.root / "queue" / "orig" / EVENTS_FILE, store.root / "data" / "copy" / EVENTS_FILE)
+    run_held(store, "orig", "success")
+    recorder.flush()
+    assert (store.root / "data" / "copy" / EVENTS_FILE).read_bytes() == b""
+    assert codes(history(store, "orig")) == ["QUEUED", "CLAIMED", "SUCCEEDED"]
+    assert os.stat(store.root / "success" / "orig" / EVENTS_FILE).st_nlink == 1
+    assert recorder._ready == {} and recorder._held == {}
 
 
 def test_a_worker_waiting_for_a_slot_makes_its_jobs_history_ready(tmp_path: Path) -> None:
