@@ -61,7 +61,7 @@ def test_any_mix_of_sizes_is_staged_with_one_syncfs_per_group(
     monkeypatch.setenv("BATCHINGEST_STAGE_PARALLEL", str(parallel))
     monkeypatch.setattr(stage, "LARGE", SMALL_LARGE)
     monkeypatch.setattr(copyengine, "STEP", 16 << 10)  # large files in several steps
-    monkeypatch.setattr(stage, "group_size", lambda holders: group)
+    monkeypatch.setattr(stage, "group_size", lambda holders, reserve=0: group)
     flushes: list[int] = []
     real_syncfs = fs.syncfs
 
@@ -119,8 +119,10 @@ def test_a_crash_between_copy_and_naming_shows_no_incomplete_file(
                BATCHINGEST_STAGE_PARALLEL="3", BATCHINGEST_STAGE_UNNAMED=unnamed,
                JOBNAME="job1", JOBPATH=str(job))  # fmt: skip
 
-    def few_descriptors() -> None:  # groups of (400 - 256) // 4 = 36 copies
-        resource.setrlimit(resource.RLIMIT_NOFILE, (400, 400))
+    limit = stage.descriptor_reserve(3) + 4 * 36  # groups of 36 copies (4 holders)
+
+    def few_descriptors() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
 
     crashed = subprocess.run(
         [sys.executable, "-c", KILL_AT_SECOND_GROUP],
