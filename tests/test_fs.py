@@ -17,6 +17,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -27,6 +28,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from modes import unprivileged
 
 from batchingest import fs
 
@@ -289,6 +291,64 @@ def test_open_dir(resolver: str, tree: Tree) -> None:
     for rel in ("dirlink_in", "dirlink_out", "abs_dirlink_out", "dirlink_in/deep"):
         with pytest.raises(fs.UnsafePath):
             fs.open_dir(tree.fd, rel)
+
+
+def test_lookup_dir_is_for_lookups_only(resolver: str, tree: Tree) -> None:
+    fd = fs.lookup_dir(tree.fd, "sub/deep")
+    try:
+        assert fd_path(fd) == str(tree.jail / "sub" / "deep")
+        assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_PATH  # needs search permission only
+        assert fs.lstat(fd, "x") is not None
+        assert fs.read_file(fd, "x", 10) == b"x"
+        # what needs read permission is refused: never list nor fsync such a descriptor
+        with pytest.raises(OSError) as listed:
+            os.listdir(fd)
+        assert listed.value.errno == errno.EBADF
+        with pytest.raises(OSError) as synced:
+            os.fsync(fd)
+        assert synced.value.errno == errno.EBADF
+    finally:
+        os.close(fd)
+    with pytest.raises(NotADirectoryError):
+        fs.lookup_dir(tree.fd, "sub/inner.txt")
+    with pytest.raises(NotADirectoryError):
+        fs.lookup_dir(tree.fd, "fifo")
+    for rel in ("dirlink_in", "dirlink_out", "abs_dirlink_out", "dirlink_in/deep", "sub/../sub"):
+        with pytest.raises(fs.UnsafePath):
+            fs.lookup_dir(tree.fd, rel)
+
+
+SEARCH_ONLY = """
+import os, sys
+from batchingest import fs
+if sys.argv[2] == "fallback":
+    fs._openat2_works = False
+top = fs.open_root(sys.argv[1], fs.LOOKUP)
+assert fs.read_file(top, "sub/deep/x", 10) == b"x"
+assert fs.lstat(top, "sub/deep/x") is not None
+deep = fs.lookup_dir(top, "sub/deep")
+assert fs.read_file(deep, "x", 10) == b"x"
+try:
+    fs.open_dir(top, "sub/deep")  # listing it needs read permission: refused
+except PermissionError:
+    print("ok")
+"""
+
+
+def test_folders_with_search_permission_only_are_passed_through(resolver: str, tree: Tree) -> None:
+    """Looking beneath a 0711 folder needs no read permission on it, as with a path: the
+    folders on the way and those opened for lookups are opened O_PATH."""
+    for rel in ("sub", "sub/deep", ""):
+        (tree.jail / rel).chmod(0o111)
+    try:
+        p = subprocess.run(
+            unprivileged([sys.executable, "-c", SEARCH_ONLY, str(tree.jail), resolver]),
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    finally:
+        for rel in ("", "sub", "sub/deep"):
+            (tree.jail / rel).chmod(0o755)
+    assert p.stdout == "ok\n", p.stderr
 
 
 def test_open_root_is_a_folder_descriptor(tree: Tree) -> None:
