@@ -21,7 +21,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -276,27 +276,27 @@ def test_open_beneath_a_fifo_does_not_block(resolver: str, tree: Tree) -> None:
 # -- open_dir, open_root, open_regular ---------------------------------------------------
 
 
-def test_open_dir(resolver: str, tree: Tree) -> None:
-    fd = fs.open_dir(tree.fd, "sub/deep")
+@pytest.mark.parametrize("opener", [fs.open_dir, fs.lookup_dir])
+def test_open_dir(resolver: str, tree: Tree, opener: Callable[[int, str], int]) -> None:
+    fd = opener(tree.fd, "sub/deep")
     try:
         assert fd_path(fd) == str(tree.jail / "sub" / "deep")
     finally:
         os.close(fd)
     with pytest.raises(NotADirectoryError):
-        fs.open_dir(tree.fd, "file.txt")
+        opener(tree.fd, "file.txt")
     with pytest.raises(NotADirectoryError):
-        fs.open_dir(tree.fd, "fifo")
+        opener(tree.fd, "fifo")
     with pytest.raises(FileNotFoundError):
-        fs.open_dir(tree.fd, "nothere")
-    for rel in ("dirlink_in", "dirlink_out", "abs_dirlink_out", "dirlink_in/deep"):
+        opener(tree.fd, "nothere")
+    for rel in ("dirlink_in", "dirlink_out", "abs_dirlink_out", "dirlink_in/deep", "sub/../sub"):
         with pytest.raises(fs.UnsafePath):
-            fs.open_dir(tree.fd, rel)
+            opener(tree.fd, rel)
 
 
 def test_lookup_dir_is_for_lookups_only(resolver: str, tree: Tree) -> None:
     fd = fs.lookup_dir(tree.fd, "sub/deep")
     try:
-        assert fd_path(fd) == str(tree.jail / "sub" / "deep")
         assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_PATH  # needs search permission only
         assert fs.lstat(fd, "x") is not None
         assert fs.read_file(fd, "x", 10) == b"x"
@@ -309,13 +309,6 @@ def test_lookup_dir_is_for_lookups_only(resolver: str, tree: Tree) -> None:
         assert synced.value.errno == errno.EBADF
     finally:
         os.close(fd)
-    with pytest.raises(NotADirectoryError):
-        fs.lookup_dir(tree.fd, "sub/inner.txt")
-    with pytest.raises(NotADirectoryError):
-        fs.lookup_dir(tree.fd, "fifo")
-    for rel in ("dirlink_in", "dirlink_out", "abs_dirlink_out", "dirlink_in/deep", "sub/../sub"):
-        with pytest.raises(fs.UnsafePath):
-            fs.lookup_dir(tree.fd, rel)
 
 
 SEARCH_ONLY = """
