@@ -764,12 +764,16 @@ def stage_job(job: str, job_fd: int) -> int:
             bytes_total=sum(e.size for e in (*entries, *unknown)),
         )
         write_progress(job_fd, progress)
-        stager = Stager(cfg.archive, cfg.staging, job, cfg.verify, progress)
     except StagingError as e:
         record_error(job_fd, str(e))
         return 2
     except OSError as e:
         record_error(job_fd, f"{PROGRESS} cannot be written: {e.strerror or e}")
+        return 2
+    try:
+        stager = Stager(cfg.archive, cfg.staging, job, cfg.verify, progress)
+    except StagingError as e:  # an area that cannot be opened (open_area)
+        record_error(job_fd, str(e))
         return 2
     try:
         return stage_files(stager, cfg, entries, unknown, job_fd)
