@@ -38,6 +38,7 @@ import random
 import stat
 import sys
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -831,6 +832,39 @@ class Folders:
         for rel, opened in kept.items():
             if rel:
                 os.close(opened.fd)
+
+
+class RecentFolders:
+    """Descriptors of the `keep` folders beneath top used last, for one thread: a walk
+    naming files folder by folder (a staging request's ids) opens each folder once
+    while holding at most `keep`; the least recently used is closed for a new one.
+    Same interface as Folders; "" is top."""
+
+    def __init__(self, top: int, keep: int, opener: Callable[[int, str], int]) -> None:
+        self.top = top
+        self.keep = max(1, keep)
+        self._opener = opener
+        self._top = _Opened(top, owned=False)
+        self._open: OrderedDict[str, _Opened] = OrderedDict()
+
+    def open(self, rel: str) -> _Opened:
+        """The folder rel, as Folders.open; valid until the next call (one thread)."""
+        if not rel:
+            return self._top
+        found = self._open.get(rel)
+        if found is not None:
+            self._open.move_to_end(rel)
+            return found
+        found = self._open[rel] = _Opened(self._opener(self.top, rel), owned=False)
+        if len(self._open) > self.keep:
+            os.close(self._open.popitem(last=False)[1].fd)
+        return found
+
+    def close(self) -> None:
+        """Close the folders held (not top, which the caller owns)."""
+        held, self._open = self._open, OrderedDict()
+        for opened in held.values():
+            os.close(opened.fd)
 
 
 class _Opened:

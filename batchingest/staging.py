@@ -55,8 +55,9 @@ class ArchiveUnavailable(StagingError):
 
 # What an id naming no file meets on its way: anything else is about the archive itself.
 NO_SUCH_FILE = {errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG}
-# Archive folders the resolver keeps open in one request: ids come grouped by folder, so
-# a few cover them, and 40 requests at once hold 160 descriptors, not thousands.
+# Archive folders the resolver keeps open in one request, the last used: ids come
+# grouped by folder, so a few cover them, and 40 requests at once hold 160 descriptors,
+# not thousands.
 RESOLVE_KEEP = 4
 
 
@@ -89,7 +90,7 @@ def split_rel(rel: str) -> tuple[str, str]:
     return parent, name
 
 
-def stat_source(folders: fs.Folders, rel: str) -> os.stat_result | None:
+def stat_source(folders: fs.RecentFolders, rel: str) -> os.stat_result | None:
     """The lstat of the archive file at rel, or None unless it is a regular file there.
 
     The archive is user input like any endpoint folder: its folder is opened beneath the
@@ -187,7 +188,7 @@ class Resolver:
             raise ArchiveUnavailable(
                 f"the archive {self.archive} cannot be opened: {e.strerror}"
             ) from e
-        folders = fs.Folders(top, RESOLVE_KEEP, fs.lookup_dir)  # per request: it may change
+        folders = fs.RecentFolders(top, RESOLVE_KEEP, fs.lookup_dir)  # per request
         try:
             return self._resolve(ids, mapping, folders)
         finally:
@@ -195,7 +196,7 @@ class Resolver:
             os.close(top)
 
     def _resolve(
-        self, ids: Iterable[str], mapping: dict[str, str] | None, folders: fs.Folders
+        self, ids: Iterable[str], mapping: dict[str, str] | None, folders: fs.RecentFolders
     ) -> tuple[list[Entry], list[str], list[str]]:
         entries: list[Entry] = []
         invalid: list[str] = []

@@ -311,6 +311,34 @@ def test_lookup_dir_is_for_lookups_only(resolver: str, tree: Tree) -> None:
         os.close(fd)
 
 
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd")) - 1  # less the listing's own
+
+
+def test_recent_folders_hold_the_last_used_only(tree: Tree) -> None:
+    """A request's ids folder by folder: each folder opened once, at most keep held, the
+    least recently used closed for a new one."""
+    opened: list[str] = []
+
+    def opener(top: int, rel: str) -> int:
+        opened.append(rel)
+        return fs.lookup_dir(top, rel)
+
+    before = open_fds()
+    folders = fs.RecentFolders(tree.fd, 2, opener)
+    for rel in ("sub", "sub", "sub/deep", "sub", "empty", "sub", "sub/deep", ""):
+        with folders.open(rel) as fd:
+            assert fd_path(fd) == str(tree.jail / rel).rstrip("/")
+        assert open_fds() - before <= 2
+    # "sub" stayed (used last but one each time); "sub/deep" was closed for "empty"
+    assert opened == ["sub", "sub/deep", "empty", "sub/deep"]
+    with pytest.raises(fs.UnsafePath):
+        folders.open("dirlink_in")
+    folders.close()
+    assert open_fds() == before
+    os.fstat(tree.fd)  # top is the caller's: still open
+
+
 SEARCH_ONLY = """
 import os, sys
 from batchingest import fs
