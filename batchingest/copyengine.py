@@ -25,6 +25,9 @@ LARGE = 8 << 20  # files this big are copied in steps and flushed on their own
 # smaller (group_size).
 GROUP_FILES = 4096
 GROUP_BYTES = 1 << 30
+# Descriptors group_size leaves for everything but the waiting copies (stdio, the job
+# folder, logs...); a caller holding more (kept folders) passes a larger reserve.
+RESERVED_FDS = 256
 # Fewer copies than this are fsync-ed one by one: a syncfs would also wait for whatever
 # else the file system's other users have written.
 FSYNC_UNDER = 8
@@ -142,14 +145,16 @@ def syncfs_group(copies: int, fd: int) -> bool:
     return copies >= FSYNC_UNDER and fs.syncfs(fd)
 
 
-def group_size(holders: int) -> int:
+def group_size(holders: int, reserve: int = RESERVED_FDS) -> int:
     """Small copies per group such that the copies held open fit the descriptor limit.
 
     holders: how many groups may be open at once (a thread may hold a full one while
-    another is flushed). Raises the soft limit as far as allowed and sizes groups to it.
+    another is flushed); reserve: descriptors the caller holds besides (folders kept
+    open, each thread's source). Raises the soft limit as far as allowed and sizes
+    groups to it.
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = holders * GROUP_FILES + 256
+    want = holders * GROUP_FILES + reserve
     if soft != resource.RLIM_INFINITY and soft < want:
         new = want if hard == resource.RLIM_INFINITY else min(want, hard)
         with contextlib.suppress(ValueError, OSError):
@@ -157,4 +162,4 @@ def group_size(holders: int) -> int:
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     if soft == resource.RLIM_INFINITY:
         return GROUP_FILES
-    return max(1, min(GROUP_FILES, (soft - 256) // holders))
+    return max(1, min(GROUP_FILES, (soft - reserve) // holders))

@@ -38,6 +38,7 @@ import random
 import stat
 import sys
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -65,6 +66,11 @@ _RENAME_NOREPLACE = 1
 
 # Flags every open of user content carries.
 _SAFE = os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+# A folder only looked in (fstatat, openat beneath it) needs search permission, not read
+# (a 0711 folder): O_PATH gives such a descriptor. Never for a folder that is listed or
+# fsync-ed: either is EBADF on it.
+_O_PATH = getattr(os, "O_PATH", 0)
+LOOKUP = (_O_PATH or os.O_RDONLY) | os.O_DIRECTORY
 
 
 class UnsafePath(OSError):
@@ -151,18 +157,21 @@ def open_beneath(dir_fd: int, rel: str, flags: int = os.O_RDONLY, mode: int = 0o
     """
     parts = split(rel)
     flags |= _SAFE
+    if _O_PATH and flags & _O_PATH:
+        flags &= ~os.O_NONBLOCK  # O_PATH takes no other flags: openat2 says EINVAL
     # One name needs no openat2: O_NOFOLLOW refuses a link as the last component, and a
     # name can neither be '..' nor lead through another folder (split checked). A plain
     # openat skips the ctypes call, which costs as much again as the open itself.
     fd = None if len(parts) == 1 else _openat2_beneath(dir_fd, rel, parts, flags, mode)
     if fd is not None:
         return fd
-    # component by component: every folder on the way opened O_NOFOLLOW | O_DIRECTORY
+    # component by component: every folder on the way opened O_NOFOLLOW | O_DIRECTORY, for
+    # lookups only (LOOKUP: search permission is all a path through it needs)
     current = dir_fd
     try:
         for part in parts[:-1]:
             try:
-                nxt = os.open(part, os.O_RDONLY | os.O_DIRECTORY | _SAFE, dir_fd=current)
+                nxt = os.open(part, LOOKUP | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=current)
             except OSError as e:
                 if e.errno == errno.ENOTDIR and _is_link(current, part):
                     raise _errno_error(errno.ELOOP, rel) from None
@@ -197,7 +206,7 @@ def _last_is_link(dir_fd: int, parts: list[str]) -> bool:
     """Whether the last of parts (two or more: one name is never opened through
     openat2) beneath dir_fd, with no link on the way, is a link."""
     try:
-        parent = open_beneath(dir_fd, "/".join(parts[:-1]), os.O_RDONLY | os.O_DIRECTORY)
+        parent = open_beneath(dir_fd, "/".join(parts[:-1]), LOOKUP)
     except OSError:
         return False
     try:
@@ -213,17 +222,24 @@ def _is_link(dir_fd: int, name: str) -> bool:
         return False
 
 
-def open_dir(dir_fd: int, rel: str) -> int:
+def open_dir(dir_fd: int, rel: str, flags: int = os.O_RDONLY | os.O_DIRECTORY) -> int:
     """A descriptor for the folder rel beneath dir_fd (links refused, see open_beneath)."""
     try:
-        return open_beneath(dir_fd, rel, os.O_RDONLY | os.O_DIRECTORY)
+        return open_beneath(dir_fd, rel, flags)
     except NotADirectoryError:
         raise NotADirectoryError(errno.ENOTDIR, "not a folder", rel) from None
 
 
-def open_root(path: str | os.PathLike[str]) -> int:
-    """A descriptor for a trusted top folder (the jobs root, an endpoint folder)."""
-    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+def lookup_dir(dir_fd: int, rel: str) -> int:
+    """open_dir for a folder only looked in, never listed nor fsync-ed (LOOKUP): files
+    are stat-ed and opened beneath it, which needs search permission only."""
+    return open_dir(dir_fd, rel, LOOKUP)
+
+
+def open_root(path: str | os.PathLike[str], flags: int = os.O_RDONLY | os.O_DIRECTORY) -> int:
+    """A descriptor for a trusted top folder (the jobs root, an endpoint folder); flags
+    LOOKUP for one only looked in (an archive: search permission is enough)."""
+    return os.open(path, flags | os.O_CLOEXEC)
 
 
 def open_regular(dir_fd: int, rel: str, flags: int = os.O_RDONLY, mode: int = 0o644) -> int:
@@ -256,7 +272,7 @@ def open_regular_stat(
                 return _checked_regular(_open_name(dir_fd, rel, flags, mode), rel)
             return _open_regular_in(dir_fd, rel, flags, mode)
         # the lstat and the open look in the same folder, opened once
-        parent = open_dir(dir_fd, "/".join(parts[:-1]))
+        parent = lookup_dir(dir_fd, "/".join(parts[:-1]))
         try:
             return _open_regular_in(parent, parts[-1], flags, mode)
         finally:
@@ -570,7 +586,7 @@ def lstat(dir_fd: int, rel: str) -> os.stat_result | None:
         except (FileNotFoundError, NotADirectoryError):
             return None
     try:
-        parent = open_dir(dir_fd, "/".join(parts[:-1]))
+        parent = lookup_dir(dir_fd, "/".join(parts[:-1]))
     except (FileNotFoundError, NotADirectoryError):
         return None
     try:
@@ -816,6 +832,39 @@ class Folders:
         for rel, opened in kept.items():
             if rel:
                 os.close(opened.fd)
+
+
+class RecentFolders:
+    """Descriptors of the `keep` folders beneath top used last, for one thread: a walk
+    naming files folder by folder (a staging request's ids) opens each folder once
+    while holding at most `keep`; the least recently used is closed for a new one.
+    Same interface as Folders; "" is top."""
+
+    def __init__(self, top: int, keep: int, opener: Callable[[int, str], int]) -> None:
+        self.top = top
+        self.keep = max(1, keep)
+        self._opener = opener
+        self._top = _Opened(top, owned=False)
+        self._open: OrderedDict[str, _Opened] = OrderedDict()
+
+    def open(self, rel: str) -> _Opened:
+        """The folder rel, as Folders.open; valid until the next call (one thread)."""
+        if not rel:
+            return self._top
+        found = self._open.get(rel)
+        if found is not None:
+            self._open.move_to_end(rel)
+            return found
+        found = self._open[rel] = _Opened(self._opener(self.top, rel), owned=False)
+        if len(self._open) > self.keep:
+            os.close(self._open.popitem(last=False)[1].fd)
+        return found
+
+    def close(self) -> None:
+        """Close the folders held (not top, which the caller owns)."""
+        held, self._open = self._open, OrderedDict()
+        for opened in held.values():
+            os.close(opened.fd)
 
 
 class _Opened:

@@ -19,6 +19,7 @@ cannot read or write outside the two areas.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -45,6 +46,19 @@ TEMP_SUFFIX = ".tmp"
 
 class StagingError(Exception):
     """Staging cannot be carried out as asked (bad manifest, unreadable catalog...)."""
+
+
+class ArchiveUnavailable(StagingError):
+    """The archive cannot be looked in now (not there, unreadable, out of descriptors, an
+    I/O error): nothing can be said about the ids, so none is called missing."""
+
+
+# What an id naming no file meets on its way: anything else is about the archive itself.
+NO_SUCH_FILE = {errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG}
+# Archive folders the resolver keeps open in one request, the last used: ids come
+# grouped by folder, so a few cover them, and 40 requests at once hold 160 descriptors,
+# not thousands.
+RESOLVE_KEEP = 4
 
 
 def check_relpath(rel: str) -> str:
@@ -76,19 +90,25 @@ def split_rel(rel: str) -> tuple[str, str]:
     return parent, name
 
 
-def stat_source(folders: fs.Folders, rel: str) -> os.stat_result | None:
+def stat_source(folders: fs.RecentFolders, rel: str) -> os.stat_result | None:
     """The lstat of the archive file at rel, or None unless it is a regular file there.
 
     The archive is user input like any endpoint folder: its folder is opened beneath the
     archive's descriptor and the name looked at without following it, so a link on the
     way or at the name (leading out or not), a '..', a FIFO or a device is not a file.
+    ArchiveUnavailable for any other error (EACCES, EIO, EMFILE...): that says nothing
+    about the file, and a "no such file" would be taken as final.
     """
     parent, name = split_rel(rel)
     try:
         with folders.open(parent) as dir_fd:
             st = os.stat(fs.one_name(name), dir_fd=dir_fd, follow_symlinks=False)
-    except OSError:
+    except fs.UnsafePath:
         return None
+    except OSError as e:
+        if e.errno in NO_SUCH_FILE:
+            return None
+        raise ArchiveUnavailable(f"the archive cannot be read at {rel!r}: {e.strerror}") from e
     return st if stat.S_ISREG(st.st_mode) else None
 
 
@@ -157,23 +177,26 @@ class Resolver:
         `invalid` are ids that can never be paths (in path mode: absolute, '..', hidden...);
         `unresolved` are ids naming no regular file inside the archive (a link on the
         way or at the name, a FIFO, a device or a folder included). Duplicate ids,
-        and ids naming the same file, give one entry.
+        and ids naming the same file, give one entry. ArchiveUnavailable when the archive
+        cannot be looked in (see stat_source); StagingError for an unreadable catalog.
         """
         mapping = self.catalog.ids() if self.catalog is not None else None
         try:
-            top = fs.open_root(self.archive)
-        except OSError:  # no archive (yet): no id names a file in it (EBADF on each look)
-            top = -1
-        folders = fs.Folders(top)  # fresh per request: the archive may change
+            # looked in only: a 0711 archive (search, no read) is enough
+            top = fs.open_root(self.archive, fs.LOOKUP)
+        except OSError as e:  # missing (not mounted?), unreadable: not the ids' fault
+            raise ArchiveUnavailable(
+                f"the archive {self.archive} cannot be opened: {e.strerror}"
+            ) from e
+        folders = fs.RecentFolders(top, RESOLVE_KEEP, fs.lookup_dir)  # per request
         try:
             return self._resolve(ids, mapping, folders)
         finally:
             folders.close()
-            if top >= 0:
-                os.close(top)
+            os.close(top)
 
     def _resolve(
-        self, ids: Iterable[str], mapping: dict[str, str] | None, folders: fs.Folders
+        self, ids: Iterable[str], mapping: dict[str, str] | None, folders: fs.RecentFolders
     ) -> tuple[list[Entry], list[str], list[str]]:
         entries: list[Entry] = []
         invalid: list[str] = []

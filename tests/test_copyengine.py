@@ -61,7 +61,7 @@ def test_any_mix_of_sizes_is_staged_with_one_syncfs_per_group(
     monkeypatch.setenv("BATCHINGEST_STAGE_PARALLEL", str(parallel))
     monkeypatch.setattr(stage, "LARGE", SMALL_LARGE)
     monkeypatch.setattr(copyengine, "STEP", 16 << 10)  # large files in several steps
-    monkeypatch.setattr(stage, "group_size", lambda holders: group)
+    monkeypatch.setattr(stage, "group_size", lambda holders, reserve=0: group)
     flushes: list[int] = []
     real_syncfs = fs.syncfs
 
@@ -119,8 +119,10 @@ def test_a_crash_between_copy_and_naming_shows_no_incomplete_file(
                BATCHINGEST_STAGE_PARALLEL="3", BATCHINGEST_STAGE_UNNAMED=unnamed,
                JOBNAME="job1", JOBPATH=str(job))  # fmt: skip
 
-    def few_descriptors() -> None:  # groups of (400 - 256) // 4 = 36 copies
-        resource.setrlimit(resource.RLIMIT_NOFILE, (400, 400))
+    limit = stage.descriptor_reserve(3) + 4 * 36  # groups of 36 copies (4 holders)
+
+    def few_descriptors() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
 
     crashed = subprocess.run(
         [sys.executable, "-c", KILL_AT_SECOND_GROUP],
@@ -321,3 +323,51 @@ def test_a_folder_of_two_files_is_copied_on_two_threads(tmp_path: Path) -> None:
     for rel in names:
         name = Path(rel).name
         assert (dst / "c" / "d0" / name).read_bytes() == (src / "t" / "d0" / name).read_bytes()
+
+
+GROUP_UNDER_LIMIT = """
+import resource, sys
+from batchingest import copyengine
+from batchingest.tasks import stage
+limit, parallel = int(sys.argv[1]), int(sys.argv[2])
+resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+print(copyengine.group_size(parallel + 1, stage.descriptor_reserve(parallel)))
+"""
+
+
+@pytest.mark.parametrize("parallel", [1, 8, 32])
+def test_the_stage_tasks_groups_leave_room_for_its_kept_folders_and_threads(
+    parallel: int,
+) -> None:
+    """Under a low hard limit the groups shrink so that the copies waiting in them (a
+    group per thread and one being flushed), both sides' kept folders, each thread's own
+    descriptors and the usual set-aside all fit."""
+    limit = 700
+    p = subprocess.run([sys.executable, "-c", GROUP_UNDER_LIMIT, str(limit), str(parallel)],
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    group = int(p.stdout)
+    held = (parallel + 1) * group + 2 * stage.KEEP_OPEN + stage.FDS_PER_THREAD * parallel
+    assert group >= 1
+    assert held + copyengine.RESERVED_FDS <= limit
+
+
+def test_many_folders_on_many_threads_under_a_low_descriptor_limit(tmp_path: Path) -> None:
+    """Both sides keep KEEP_OPEN folders open and 16 threads copy: all fits in 700."""
+    rels = [f"d{i:03d}/f{j}" for i in range(150) for j in range(3)]
+    archive, staging, job = tmp_path / "archive", tmp_path / "staging", tmp_path / "job"
+    for d in (archive, staging, job):
+        d.mkdir()
+    for rel in rels:
+        (archive / rel).parent.mkdir(exist_ok=True)
+        (archive / rel).write_bytes(rel.encode())
+    entries, _, _ = Resolver(archive).resolve(rels)
+    (job / MANIFEST).write_bytes(manifest_bytes(entries, archive, staging, "job1"))
+    env = dict(os.environ, BATCHINGEST_ARCHIVE=str(archive), BATCHINGEST_STAGING=str(staging),
+               BATCHINGEST_STAGE_PARALLEL="16", JOBNAME="job1", JOBPATH=str(job))  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "batchingest.tasks.stage"], cwd=job, env=env,
+                          preexec_fn=few_descriptors, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    for rel in rels:
+        assert (staging / rel).read_bytes() == rel.encode()

@@ -17,16 +17,18 @@ import shutil
 import signal
 import stat
 import subprocess
+import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from modes import unprivileged
 
 from batchingest import fs
 
@@ -274,21 +276,100 @@ def test_open_beneath_a_fifo_does_not_block(resolver: str, tree: Tree) -> None:
 # -- open_dir, open_root, open_regular ---------------------------------------------------
 
 
-def test_open_dir(resolver: str, tree: Tree) -> None:
-    fd = fs.open_dir(tree.fd, "sub/deep")
+@pytest.mark.parametrize("opener", [fs.open_dir, fs.lookup_dir])
+def test_open_dir(resolver: str, tree: Tree, opener: Callable[[int, str], int]) -> None:
+    fd = opener(tree.fd, "sub/deep")
     try:
         assert fd_path(fd) == str(tree.jail / "sub" / "deep")
     finally:
         os.close(fd)
     with pytest.raises(NotADirectoryError):
-        fs.open_dir(tree.fd, "file.txt")
+        opener(tree.fd, "file.txt")
     with pytest.raises(NotADirectoryError):
-        fs.open_dir(tree.fd, "fifo")
+        opener(tree.fd, "fifo")
     with pytest.raises(FileNotFoundError):
-        fs.open_dir(tree.fd, "nothere")
-    for rel in ("dirlink_in", "dirlink_out", "abs_dirlink_out", "dirlink_in/deep"):
+        opener(tree.fd, "nothere")
+    for rel in ("dirlink_in", "dirlink_out", "abs_dirlink_out", "dirlink_in/deep", "sub/../sub"):
         with pytest.raises(fs.UnsafePath):
-            fs.open_dir(tree.fd, rel)
+            opener(tree.fd, rel)
+
+
+def test_lookup_dir_is_for_lookups_only(resolver: str, tree: Tree) -> None:
+    fd = fs.lookup_dir(tree.fd, "sub/deep")
+    try:
+        assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_PATH  # needs search permission only
+        assert fs.lstat(fd, "x") is not None
+        assert fs.read_file(fd, "x", 10) == b"x"
+        # what needs read permission is refused: never list nor fsync such a descriptor
+        with pytest.raises(OSError) as listed:
+            os.listdir(fd)
+        assert listed.value.errno == errno.EBADF
+        with pytest.raises(OSError) as synced:
+            os.fsync(fd)
+        assert synced.value.errno == errno.EBADF
+    finally:
+        os.close(fd)
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd")) - 1  # less the listing's own
+
+
+def test_recent_folders_hold_the_last_used_only(tree: Tree) -> None:
+    """A request's ids folder by folder: each folder opened once, at most keep held, the
+    least recently used closed for a new one."""
+    opened: list[str] = []
+
+    def opener(top: int, rel: str) -> int:
+        opened.append(rel)
+        return fs.lookup_dir(top, rel)
+
+    before = open_fds()
+    folders = fs.RecentFolders(tree.fd, 2, opener)
+    for rel in ("sub", "sub", "sub/deep", "sub", "empty", "sub", "sub/deep", ""):
+        with folders.open(rel) as fd:
+            assert fd_path(fd) == str(tree.jail / rel).rstrip("/")
+        assert open_fds() - before <= 2
+    # "sub" stayed (used last but one each time); "sub/deep" was closed for "empty"
+    assert opened == ["sub", "sub/deep", "empty", "sub/deep"]
+    with pytest.raises(fs.UnsafePath):
+        folders.open("dirlink_in")
+    folders.close()
+    assert open_fds() == before
+    os.fstat(tree.fd)  # top is the caller's: still open
+
+
+SEARCH_ONLY = """
+import os, sys
+from batchingest import fs
+if sys.argv[2] == "fallback":
+    fs._openat2_works = False
+top = fs.open_root(sys.argv[1], fs.LOOKUP)
+assert fs.read_file(top, "sub/deep/x", 10) == b"x"
+assert fs.lstat(top, "sub/deep/x") is not None
+deep = fs.lookup_dir(top, "sub/deep")
+assert fs.read_file(deep, "x", 10) == b"x"
+try:
+    fs.open_dir(top, "sub/deep")  # listing it needs read permission: refused
+except PermissionError:
+    print("ok")
+"""
+
+
+def test_folders_with_search_permission_only_are_passed_through(resolver: str, tree: Tree) -> None:
+    """Looking beneath a 0711 folder needs no read permission on it, as with a path: the
+    folders on the way and those opened for lookups are opened O_PATH."""
+    for rel in ("sub", "sub/deep", ""):
+        (tree.jail / rel).chmod(0o111)
+    try:
+        p = subprocess.run(
+            unprivileged([sys.executable, "-c", SEARCH_ONLY, str(tree.jail), resolver]),
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    finally:
+        for rel in ("", "sub", "sub/deep"):
+            (tree.jail / rel).chmod(0o755)
+    assert p.stdout == "ok\n", p.stderr
 
 
 def test_open_root_is_a_folder_descriptor(tree: Tree) -> None:

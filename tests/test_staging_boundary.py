@@ -14,11 +14,13 @@ import time
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from test_staging_task import Area
 
-from batchingest.staging import MANIFEST, Entry, manifest_bytes
+from batchingest import fs
+from batchingest.staging import MANIFEST, TEMP_PREFIX, TEMP_SUFFIX, Entry, manifest_bytes
+from batchingest.tasks.stage import remove_leftovers
 
 LINK_REFUSED = "a symbolic link is in the way (links are never followed)"
 
@@ -228,11 +230,16 @@ def test_folders_and_files_swapped_for_links_mid_run_lead_nowhere(
     assert staged == {f"d.moved/{n}": n.encode() for n in ("f1", "f2", "f3")}
 
 
-_SEGMENT = st.sampled_from(["ok", "f", "..", ".", "", "lnkin", "lnkout", "pipe", "secret.txt"])
+# "sout" is a real folder in the archive but a link out in the staging area: the staging
+# side's refusal is reached (a link of the same name in the archive would fail first)
+_SEGMENT = st.sampled_from(
+    ["ok", "f", "..", ".", "", "lnkin", "lnkout", "sout", "pipe", "secret.txt"]
+)
 _PATH = st.lists(_SEGMENT, min_size=1, max_size=4).map("/".join)
 
 
 @given(paths=st.lists(_PATH, min_size=1, max_size=4, unique=True))
+@example(paths=["sout/f", "ok/f"])  # the staging side's link, always
 @settings(
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
@@ -247,6 +254,8 @@ def test_no_manifest_path_leads_out_of_either_area(tmp_path: Path, paths: list[s
     (area.archive / "lnkin").symlink_to(area.archive / "ok")
     (area.archive / "lnkout").symlink_to(outside)
     (area.staging / "lnkout").symlink_to(outside)
+    area.add("sout/f", b"sout f")
+    (area.staging / "sout").symlink_to(outside)
     watches = [OpenWatch(outside / "pipe"), OpenWatch(area.archive / "ok" / "pipe")]
     before = snapshot(outside)
     hand_manifest(area, paths)
@@ -254,7 +263,7 @@ def test_no_manifest_path_leads_out_of_either_area(tmp_path: Path, paths: list[s
     code, out = area.run()
     assert not any([w.release() for w in watches]), "a FIFO was opened"
     assert snapshot(outside) == before
-    staged = staged_files(area, planted=("lnkout",))
+    staged = staged_files(area, planted=("lnkout", "sout"))
     plain = [p for p in paths if not {"", ".", ".."} & set(p.split("/"))]
     if len(plain) < len(paths):  # a malformed path: the manifest is refused whole
         assert code == 2, out
@@ -262,9 +271,14 @@ def test_no_manifest_path_leads_out_of_either_area(tmp_path: Path, paths: list[s
         assert staged == {}
         return
     for rel in paths:
-        linked = {"lnkin", "lnkout"} & set(rel.split("/")[:-1])
+        folders = rel.split("/")[:-1]
+        linked = {"lnkin", "lnkout"} & set(folders)
         if not linked and (area.archive / rel).is_file() and not (area.archive / rel).is_symlink():
-            assert staged[rel] == (area.archive / rel).read_bytes()
+            if folders[:1] == ["sout"]:  # a file in the archive; its staging folder leads out
+                assert f"ERROR {rel}: staging folder {'/'.join(folders)}: {LINK_REFUSED}" in out
+                assert rel not in staged
+            else:
+                assert staged[rel] == (area.archive / rel).read_bytes()
         else:
             assert f"ERROR {rel}: " in out
             assert rel not in staged
@@ -288,3 +302,77 @@ def test_more_folders_than_are_kept_open(area: Area, unnamed: str) -> None:
     code, out = area.run(BATCHINGEST_STAGE_UNNAMED=unnamed)
     assert code == 0, out
     assert out.count("already staged ") == 150
+
+
+SWAP_THEN_FAIL = """
+import errno, os, sys
+from batchingest.tasks import stage
+
+staging, failing = sys.argv[1:3]
+stage.KEEP_OPEN = 0  # every staging folder opened for each use, then closed
+
+
+def swap():
+    # the copy's folder is moved aside and a link put at its name (inside, here)
+    os.rename(os.path.join(staging, "d"), os.path.join(staging, "d.moved"))
+    os.symlink("d.moved", os.path.join(staging, "d"))
+
+
+class Failing(stage.Stager):
+    def fill(self, src, st, p):
+        if failing == "fill":
+            swap()
+            raise stage.SourceError("failed after the swap")
+        super().fill(src, st, p)
+
+    def name_copy(self, p, dir_fd):
+        if failing == "name":
+            swap()
+            raise OSError(errno.EIO, "failed after the swap")
+        super().name_copy(p, dir_fd)
+
+
+stage.Stager = Failing
+stage.main()
+"""
+
+
+@pytest.mark.parametrize("failing", ["fill", "name"])
+def test_a_failed_copy_leaves_no_temporary_in_a_folder_swapped_meanwhile(
+    area: Area, failing: str
+) -> None:
+    """A copy that fails is removed through the folder descriptor it was made in: a
+    folder swapped for a link meanwhile is not looked up again by name, which would
+    find the link and leave the hidden temporary in the moved folder for ever (the next
+    run's sweep looks in the folder the name leads to)."""
+    area.add("d/f", b"f")
+    area.manifest(["d/f"])
+    p = subprocess.run(
+        [sys.executable, "-c", SWAP_THEN_FAIL, str(area.staging), failing],
+        cwd=area.job, env=area.env(BATCHINGEST_STAGE_UNNAMED="0", BATCHINGEST_STAGE_PARALLEL="1"),
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert "ERROR d/f: " in p.stdout
+    assert (area.staging / "d").is_symlink()
+    assert list((area.staging / "d.moved").iterdir()) == []
+
+
+def test_a_fifo_swapped_in_after_the_leftovers_listing_is_not_opened(
+    area: Area, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """remove_leftovers lstat-s each name it listed before opening it: a FIFO put there
+    since the listing is left alone, never opened (not even O_NONBLOCK)."""
+    name = f"{TEMP_PREFIX}job1.1-0{TEMP_SUFFIX}"
+    watch = OpenWatch(area.staging / name)
+    # the listing as it was a moment before: a regular file of that name
+    monkeypatch.setattr(fs, "kinds", lambda dir_fd, hidden=False: iter([(name, stat.S_IFREG)]))
+    fd = os.open(area.staging, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        removed = remove_leftovers(fd, "job1")
+    finally:
+        os.close(fd)
+    watch.opened.wait(0.5)  # a writer let through by an open says so from its thread
+    assert not watch.release(), "the FIFO was opened"
+    assert removed == 0
+    assert stat.S_ISFIFO((area.staging / name).lstat().st_mode)

@@ -65,6 +65,8 @@ ERRORS = {
     "StagingRequestFailed": "500: the staging job could not be created",
     "StagingNotConfigured": "503: the service runs without --archive and --staging",
     "CatalogUnavailable": "503: the catalog file cannot be read",
+    "ArchiveUnavailable": "503: the archive cannot be looked in now (missing, unreadable, "
+    "out of descriptors, an I/O error); no id was judged",
     # job history (api/events.py)
     "InvalidCursor": "400: after= or Last-Event-ID is not a cursor of this feed",
     # the transfer APIs: Staccato (api/staccato.py) and Globus (api/globus/)
@@ -410,7 +412,8 @@ _STATUS_ERRORS = ("InvalidRequestId", "InvalidPath", "StagingRequestNotFound", "
                   "StagingNotConfigured")  # fmt: skip
 _CREATE_ERRORS = ("InvalidRequest", "InvalidId", "FilesNotFound", "IdempotencyConflict",
                   "RequestTooLarge", "IdempotencyKeyReused", "StagingRequestFailed",
-                  "StagingNotConfigured", "CatalogUnavailable")  # fmt: skip
+                  "StagingNotConfigured", "CatalogUnavailable",
+                  "ArchiveUnavailable")  # fmt: skip
 _KEY_PARAM = param("Idempotency-Key", "header",
                    "1-255 characters; the same key within 24 h returns the same request_id",
                    {"type": "string", "minLength": 1, "maxLength": 255})  # fmt: skip

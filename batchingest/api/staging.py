@@ -30,6 +30,7 @@ from batchingest.api.idempotency import Idempotency, KeyContested
 from batchingest.config import Config
 from batchingest.staging import (
     MANIFEST,
+    ArchiveUnavailable,
     Entry,
     Progress,
     Resolver,
@@ -88,6 +89,9 @@ def resolve(resolver: Resolver, ids: list[str]) -> list[Entry]:
     """The manifest entries of ids; ApiError unless every id names a file."""
     try:
         entries, invalid, unresolved = resolver.resolve(ids)
+    except ArchiveUnavailable as e:
+        log.error("%s", e)
+        raise ApiError(503, "ArchiveUnavailable", f"{e}; try again later") from None
     except StagingError as e:
         log.error("%s", e)
         raise ApiError(503, "CatalogUnavailable", str(e)) from None

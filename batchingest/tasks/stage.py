@@ -46,6 +46,7 @@ from batchingest import fs
 from batchingest.copyengine import (
     GROUP_BYTES,
     LARGE,
+    RESERVED_FDS,
     copy_fd,
     copy_flushing,
     group_size,
@@ -90,9 +91,17 @@ class TargetError(Exception):
 
 
 # Folders each side keeps open (fs.Folders): a request naming more opens the others for
-# each use. Both sides together stay well inside the 256 descriptors group_size leaves
-# beside the waiting copies.
+# each use. group_size sets descriptors aside for both sides' (descriptor_reserve).
 KEEP_OPEN = 64
+# What a worker thread holds open besides the kept folders and waiting copies: the
+# archive file, a folder opened for one use on each side.
+FDS_PER_THREAD = 3
+
+
+def descriptor_reserve(parallel: int) -> int:
+    """Descriptors group_size leaves beside the waiting copies: the usual set-aside
+    (stdio, the job folder, the two areas...), both sides' kept folders, each thread's own."""
+    return RESERVED_FDS + 2 * KEEP_OPEN + FDS_PER_THREAD * parallel
 
 
 def staged_copy_matches(src: int, dir_fd: int, name: str) -> bool:
@@ -157,7 +166,9 @@ def remove_leftovers(dir_fd: int, job: str) -> int:
 
 def _remove_leftover(dir_fd: int, name: str, mine: bool) -> int:
     try:
-        fd, st = fs.open_regular_stat(dir_fd, name, listed=True)
+        # not listed=True: a FIFO swapped in since the listing is refused from its lstat,
+        # never opened
+        fd, st = fs.open_regular_stat(dir_fd, name)
     except OSError:
         return 0
     try:
@@ -202,15 +213,22 @@ class Pending:
     tmp: str = ""
     flushed: bool = False  # fsync-ed on its own (a large file): needs no group
 
-    def discard(self, targets: fs.Folders) -> None:
+    def discard(self, targets: fs.Folders, dir_fd: int | None = None) -> None:
+        """Drop the copy. dir_fd: its folder, still open; without it the folder is opened
+        again by name, which finds nothing of ours if it was swapped meanwhile (the next
+        run's sweep removes what is left)."""
         if self.fd >= 0:
             os.close(self.fd)  # an unnamed file disappears with its last descriptor
             self.fd = -1
-        if self.tmp:
-            # (a folder that cannot be opened again: the next run's sweep removes it)
-            with contextlib.suppress(OSError, TargetError), targets.open(self.folder) as dir_fd:
+        if not self.tmp:
+            return
+        if dir_fd is not None:
+            with contextlib.suppress(OSError):
                 _unlink(dir_fd, self.tmp)
-            self.tmp = ""
+        else:
+            with contextlib.suppress(OSError, TargetError), targets.open(self.folder) as fd:
+                _unlink(fd, self.tmp)
+        self.tmp = ""
 
 
 @dataclass
@@ -239,13 +257,15 @@ class Stager:
         self.lock = threading.Lock()
         # Both areas are endpoint folders, so user input: every file is opened by one
         # name in a folder opened beneath these descriptors, no link followed (fs).
-        self.archive_fd = fs.open_root(self.archive)
+        # The archive is only looked in (fs.LOOKUP): folders with search permission but
+        # no read (0711) serve as they did for paths. The staging side is listed and fsync-ed.
+        self.archive_fd = open_area(self.archive, "archive", fs.LOOKUP)
         try:
-            self.staging_fd = fs.open_root(self.staging)
+            self.staging_fd = open_area(self.staging, "staging area")
         except BaseException:
             os.close(self.archive_fd)
             raise
-        self.sources = fs.Folders(self.archive_fd, KEEP_OPEN)
+        self.sources = fs.Folders(self.archive_fd, KEEP_OPEN, fs.lookup_dir)
         self.targets = fs.Folders(self.staging_fd, KEEP_OPEN, self._make_folder)
         # BATCHINGEST_STAGE_UNNAMED=0 forces hidden named temporary files
         unnamed = _env_flag("BATCHINGEST_STAGE_UNNAMED", True)
@@ -406,7 +426,7 @@ class Stager:
         try:
             self.fill(src, st, p)
         except BaseException:
-            p.discard(self.targets)
+            p.discard(self.targets, dir_fd)  # in the folder the copy was made in
             raise
         return p
 
@@ -437,13 +457,15 @@ class Stager:
         for p in pending:
             try:
                 with self.targets.open(p.folder) as dir_fd:
-                    self.name_copy(p, dir_fd)
+                    try:
+                        self.name_copy(p, dir_fd)
+                    finally:
+                        p.discard(self.targets, dir_fd)  # in the folder just named in
             except (OSError, TargetError) as e:
+                p.discard(self.targets)  # its folder could not be opened: the fd at least
                 reason = e.strerror if isinstance(e, OSError) else str(e)
                 self.fail(p.entry, f"cannot be put in place in the staging area ({reason})")
                 continue
-            finally:
-                p.discard(self.targets)
             self.named.add(p.folder)
             self.done(p.entry, "copied")
 
@@ -542,6 +564,15 @@ class Stager:
                 if e.errno in TARGET_ERRNOS:
                     self.abort.set()
                     return
+
+
+def open_area(path: Path, what: str, flags: int = os.O_RDONLY | os.O_DIRECTORY) -> int:
+    """A descriptor for the archive or the staging area; StagingError if it cannot be
+    opened (unmounted, no permission): the task cannot start."""
+    try:
+        return fs.open_root(path, flags)
+    except OSError as e:
+        raise StagingError(f"the {what} {path} cannot be opened: {e.strerror or e}") from None
 
 
 def _unlink(dir_fd: int, name: str) -> None:
@@ -687,7 +718,7 @@ def sweep(stager: Stager, entries: list[Entry], job: str) -> None:
 def copy_all(stager: Stager, entries: list[Entry], job_fd: int, parallel: int) -> None:
     """Stage every entry on `parallel` threads, saving progress every PROGRESS_EVERY."""
     with ThreadPoolExecutor(parallel, thread_name_prefix="stage") as pool:
-        stager.group_files = group_size(parallel + 1)
+        stager.group_files = group_size(parallel + 1, descriptor_reserve(parallel))
         futures: set[Future[None]] = {pool.submit(stager.run_chunk, c) for c in chunks(entries)}
         last = time.monotonic()
         while futures:
@@ -739,7 +770,11 @@ def stage_job(job: str, job_fd: int) -> int:
     except OSError as e:
         record_error(job_fd, f"{PROGRESS} cannot be written: {e.strerror or e}")
         return 2
-    stager = Stager(cfg.archive, cfg.staging, job, cfg.verify, progress)
+    try:
+        stager = Stager(cfg.archive, cfg.staging, job, cfg.verify, progress)
+    except StagingError as e:  # an area that cannot be opened (open_area)
+        record_error(job_fd, str(e))
+        return 2
     try:
         return stage_files(stager, cfg, entries, unknown, job_fd)
     finally:

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 from live_service import TOKEN, Service, copies_in_flight, wait_for, write_task
+from modes import unprivileged
 
 from batchingest.staging import TEMP_PREFIX
 
@@ -448,3 +449,39 @@ def test_service_killed_mid_copy_then_restarted_finishes(tmp_path: Path) -> None
     assert log.count("stage: done") == 1, log  # only the run after the restart finished
     for rel in rels:
         assert (setup.staging / rel).read_bytes() == (setup.archive / rel).read_bytes()
+
+
+def test_search_only_archive_folders_stage_and_an_unreadable_archive_is_a_503(
+    tmp_path: Path,
+) -> None:
+    """Folders with search permission but no read (0111 here, 0711 in the field) are
+    passed through as a path lookup would; an archive that cannot be looked in is a 503
+    (try again), never a 404 the DTS would take as final. The service runs so that file
+    modes apply to it (tests/modes.py)."""
+    setup = Setup(tmp_path)
+    setup.add("sub/deeper/f", b"deep")
+    setup.add("top", b"top")
+    prefix = unprivileged([])
+    folders = [setup.archive / "sub" / "deeper", setup.archive / "sub", setup.archive]
+    for folder in folders:
+        folder.chmod(0o111)
+    try:
+        with Service(setup.root, *setup.args(), prefix=prefix) as svc, svc.client() as c:
+            r = post(c, ["sub/deeper/f", "top"])
+            assert r.status_code == 201, r.text
+            wait_status(c, r.json()["request_id"], "ready")
+            (setup.archive / "sub").chmod(0o000)  # not even search: sub/deeper/f is unknown
+            r = post(c, ["top", "sub/deeper/f"])
+            assert r.status_code == 503, r.text
+            assert r.json()["code"] == "ArchiveUnavailable"
+            assert "'sub/deeper/f': Permission denied" in r.json()["message"]
+            setup.archive.rename(tmp_path / "unmounted")
+            r = post(c, ["top"])
+            assert r.status_code == 503 and r.json()["code"] == "ArchiveUnavailable", r.text
+            assert len(setup.jobs()) == 1  # the 503s created nothing
+    finally:
+        for folder in folders:
+            moved = tmp_path / "unmounted" / folder.relative_to(setup.archive)
+            (moved if moved.exists() else folder).chmod(0o755)
+    assert (setup.staging / "sub" / "deeper" / "f").read_bytes() == b"deep"
+    assert (setup.staging / "top").read_bytes() == b"top"
