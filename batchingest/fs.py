@@ -159,6 +159,9 @@ def open_beneath(dir_fd: int, rel: str, flags: int = os.O_RDONLY, mode: int = 0o
     flags |= _SAFE
     if _O_PATH and flags & _O_PATH:
         flags &= ~os.O_NONBLOCK  # O_PATH takes no other flags: openat2 says EINVAL
+        # O_PATH | O_NOFOLLOW opens a link at the last name as itself: only folders
+        if not flags & os.O_DIRECTORY:
+            raise ValueError("O_PATH is for folders here: add O_DIRECTORY")
     # One name needs no openat2: O_NOFOLLOW refuses a link as the last component, and a
     # name can neither be '..' nor lead through another folder (split checked). A plain
     # openat skips the ctypes call, which costs as much again as the open itself.

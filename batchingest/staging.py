@@ -54,7 +54,11 @@ class ArchiveUnavailable(StagingError):
 
 
 # What an id naming no file meets on its way: anything else is about the archive itself.
-NO_SUCH_FILE = {errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG}
+# A folder without search permission beneath the archive's top is a fact about the paths
+# through it, which stays so however often the DTS asks again: those are not files here
+# either (the archive's own top that cannot be opened is ArchiveUnavailable).
+NO_SUCH_FILE = {errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG,
+                errno.EACCES, errno.EPERM}  # fmt: skip
 # Archive folders the resolver keeps open in one request, the last used: ids come
 # grouped by folder, so a few cover them, and 40 requests at once hold 160 descriptors,
 # not thousands.
@@ -95,9 +99,10 @@ def stat_source(folders: fs.RecentFolders, rel: str) -> os.stat_result | None:
 
     The archive is user input like any endpoint folder: its folder is opened beneath the
     archive's descriptor and the name looked at without following it, so a link on the
-    way or at the name (leading out or not), a '..', a FIFO or a device is not a file.
-    ArchiveUnavailable for any other error (EACCES, EIO, EMFILE...): that says nothing
-    about the file, and a "no such file" would be taken as final.
+    way or at the name (leading out or not), a '..', a FIFO or a device is not a file,
+    nor is a name in a folder the service may not search. ArchiveUnavailable for any
+    other error (EIO, EMFILE, ESTALE...): that says nothing about the file, and a "no
+    such file" would be taken as final.
     """
     parent, name = split_rel(rel)
     try:

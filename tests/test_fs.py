@@ -1355,3 +1355,18 @@ def test_unnamed_file_linked_by_one_name_in_a_folder(tmp_path: Path) -> None:
             os.close(fd)
     finally:
         os.close(top)
+
+
+def test_o_path_is_for_folders_only(tmp_path: Path) -> None:
+    """O_PATH | O_NOFOLLOW would open a link at the last name as itself: refused unless
+    the caller asks for a folder."""
+    (tmp_path / "f").write_text("x")
+    (tmp_path / "ln").symlink_to("f")
+    top = fs.open_root(tmp_path)
+    try:
+        with pytest.raises(ValueError, match="O_DIRECTORY"):
+            fs.open_beneath(top, "ln", os.O_PATH)
+        with pytest.raises((fs.UnsafePath, NotADirectoryError, OSError)):
+            fs.open_beneath(top, "ln", os.O_PATH | os.O_DIRECTORY)
+    finally:
+        os.close(top)

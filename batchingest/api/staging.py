@@ -90,8 +90,10 @@ def resolve(resolver: Resolver, ids: list[str]) -> list[Entry]:
     try:
         entries, invalid, unresolved = resolver.resolve(ids)
     except ArchiveUnavailable as e:
-        log.error("%s", e)
-        raise ApiError(503, "ArchiveUnavailable", f"{e}; try again later") from None
+        log.error("%s", e)  # where and why, for the operator; the client learns no path
+        raise ApiError(
+            503, "ArchiveUnavailable", "the archive cannot be looked in now; try again later"
+        ) from None
     except StagingError as e:
         log.error("%s", e)
         raise ApiError(503, "CatalogUnavailable", str(e)) from None
