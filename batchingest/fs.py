@@ -955,6 +955,34 @@ def open_unnamed(dir_fd: int, mode: int = 0o600) -> int:
     return os.open(".", os.O_RDWR | _TMPFILE | os.O_CLOEXEC, mode, dir_fd=dir_fd)
 
 
+def probe_unnamed(dir_fd: int, probe_name: str) -> str | None:
+    """How unnamed files (open_unnamed) get a name in the folder dir_fd's file system:
+    "empty-path" or "proc" (link_fd's `how`), or None (NFS, old kernels).
+
+    An O_TMPFILE file needs no directory entry until it is linked: one directory
+    operation per copy instead of a create and a rename, and a killed copy leaves
+    nothing behind. linkat with AT_EMPTY_PATH needs CAP_DAC_READ_SEARCH; the
+    /proc/self/fd form does not, but fails across some container mounts. probe_name (one
+    name, the caller's own temporary kind) is linked and removed again to find out.
+    """
+    try:
+        fd = open_unnamed(dir_fd)
+    except OSError:
+        return None
+    try:
+        for how in ("empty-path", "proc"):
+            try:
+                link_fd(fd, probe_name, how, dir_fd=dir_fd)
+            except OSError:
+                continue
+            with contextlib.suppress(OSError):
+                os.unlink(probe_name, dir_fd=dir_fd)
+            return how
+        return None
+    finally:
+        os.close(fd)
+
+
 def sync_file_range(fd: int, offset: int, length: int, *, wait: bool = False) -> bool:
     """Start writing a range of fd to disk (with wait, also wait until it is written);
     False if unsupported.

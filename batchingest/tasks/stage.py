@@ -126,33 +126,6 @@ def temp_name(job: str) -> str:
     return f"{TEMP_PREFIX}{job}.{_RUN}-{next(_temp_ids)}{TEMP_SUFFIX}"
 
 
-def probe_unnamed(dir_fd: int) -> str | None:
-    """How unnamed temporary files get a name in the file system of the folder dir_fd,
-    or None.
-
-    O_TMPFILE then linkat(2) creates a file with one directory operation instead of the
-    two of create-then-rename, and a killed copy leaves nothing behind. linkat with
-    AT_EMPTY_PATH needs CAP_DAC_READ_SEARCH; the /proc/self/fd form does not, but fails
-    across some container mounts. Without either (NFS, old kernels), hidden named files.
-    """
-    try:
-        fd = fs.open_unnamed(dir_fd)
-    except OSError:
-        return None
-    try:
-        for how in ("empty-path", "proc"):
-            name = temp_name("probe")
-            try:
-                fs.link_fd(fd, name, how, dir_fd=dir_fd)
-            except OSError:
-                continue
-            _unlink(dir_fd, name)
-            return how
-        return None
-    finally:
-        os.close(fd)
-
-
 def remove_leftovers(dir_fd: int, job: str) -> int:
     """Remove dead temporary copies in the folder dir_fd: ours, or anyone's unlocked and
     stale. Only regular files are opened (a link or FIFO of that name is left alone)."""
@@ -269,7 +242,7 @@ class Stager:
         self.targets = fs.Folders(self.staging_fd, KEEP_OPEN, self._make_folder)
         # BATCHINGEST_STAGE_UNNAMED=0 forces hidden named temporary files
         unnamed = _env_flag("BATCHINGEST_STAGE_UNNAMED", True)
-        self.linker = probe_unnamed(self.staging_fd) if unnamed else None
+        self.linker = fs.probe_unnamed(self.staging_fd, temp_name("probe")) if unnamed else None
         self.staging_dev = os.fstat(self.staging_fd).st_dev
         # staging folders met so far (dict updates are atomic under the GIL)
         self.made: dict[str, Folder] = {"": Folder("", self.linker is not None)}
@@ -694,7 +667,7 @@ def record_error(job_fd: int, message: str) -> None:
 def sweep(stager: Stager, entries: list[Entry], job: str) -> None:
     """Remove leftovers of a killed copy, only in the folders this job stages into.
 
-    And in the staging area's top folder, where probe_unnamed names its test file. Each
+    And in the staging area's top folder, where fs.probe_unnamed names its test file. Each
     folder is opened beneath the staging area without following a link; one that
     cannot be (missing, a link on the way) holds nothing of ours.
     """

@@ -103,31 +103,6 @@ class Pending:
             self.tmp = ""
 
 
-def probe_unnamed(dir_fd: int, prefix: str) -> str | None:
-    """How unnamed files get names in dir_fd's file system, or None (NFS, old kernels).
-
-    An O_TMPFILE copy needs no directory entry until it is linked: one directory
-    operation per file instead of a create and a rename, and a killed copy leaves nothing.
-    """
-    try:
-        fd = fs.open_unnamed(dir_fd)
-    except OSError:
-        return None
-    try:
-        for how in ("empty-path", "proc"):
-            name = f"{prefix}probe-{os.getpid()}.tmp"
-            try:
-                fs.link_fd(fd, name, how, dir_fd=dir_fd)
-            except OSError:
-                continue
-            with contextlib.suppress(OSError):
-                os.unlink(name, dir_fd=dir_fd)
-            return how
-        return None
-    finally:
-        os.close(fd)
-
-
 class Copiers:
     """The copying threads: run a list of calls on them, wait for all (a thread pool
     without concurrent.futures, whose import, with logging's, cost every task's start
@@ -391,7 +366,8 @@ class Run:
                 if self.unnamed is None:
                     # BATCHINGEST_TRANSFER_UNNAMED=0 forces hidden named copies
                     allowed = env_bool("BATCHINGEST_TRANSFER_UNNAMED", True)
-                    found = probe_unnamed(dst_dir, self.temp_prefix) if allowed else None
+                    probe = f"{self.temp_prefix}probe-{os.getpid()}.tmp"
+                    found = fs.probe_unnamed(dst_dir, probe) if allowed else None
                     self.unnamed = found or ""
         if self.unnamed:
             try:
