@@ -12,8 +12,10 @@ and once more before each task. inotify would not see other machines' writes.
 A deadline is the JOB field `Deadline` (RFC 3339), or `--default-deadline` seconds from
 the moment the job entered queue/. That moment is the job folder's ctime when it is
 taken: a rename into queue/ sets it (mtime does not change on a rename), and nothing
-else should change a queued folder. A job past its deadline before it runs goes back
-to data/; one running then is stopped like a canceled one and goes to error/.
+else should change a queued folder (a job history made while a worker waits for a slot
+does: events.entered_before_ready gives the time from before it). A job past its
+deadline before it runs goes back to data/; one running then is stopped like a canceled
+one and goes to error/.
 """
 
 from __future__ import annotations
@@ -456,17 +458,22 @@ class QueuedDeadlines:
             queue_fd = self.store.open_state_dir(State.QUEUE)
         except OSError:
             return []
+        from batchingest.events import entered_before_ready  # (light: see _record)
+
         due = []
         try:
             for name in names:
-                deadline = self._deadline(queue_fd, name, now)
+                deadline = self._deadline(queue_fd, name, now, entered_before_ready)
                 if deadline is not None and deadline.at <= now:
                     due.append((name, deadline))
         finally:
             os.close(queue_fd)
         return due
 
-    def _deadline(self, queue_fd: int, name: str, now: float) -> Deadline | None:
+    def _deadline(
+        self, queue_fd: int, name: str, now: float,
+        entered: Callable[[Store, str, float | None], float | None],
+    ) -> Deadline | None:  # fmt: skip
         try:
             fd = fs.open_dir(queue_fd, name)
         except (OSError, ValueError):
@@ -484,7 +491,9 @@ class QueuedDeadlines:
             if seen is not None and seen[0] == key:
                 return seen[1]
             try:
-                deadline = deadline_of(jobdir.load_job(fd), st.st_ctime, self.default)
+                # a history made ready here while a worker waits moved the ctime
+                since = entered(self.store, name, st.st_ctime)
+                deadline = deadline_of(jobdir.load_job(fd), since, self.default)
             except JobFileError:
                 deadline = None  # the processor sends such a job to error/ when it takes it
             self._seen[name] = (key, deadline)

@@ -1014,6 +1014,9 @@ class Recorder:
         # histories made ready by a worker waiting for a task slot (ready()): the claim
         # takes the descriptor over, so the file is not made on the slot's time
         self._ready: dict[str, _Kept] = {}
+        # their folders' ctime before and after the file was made: when the job entered
+        # queue/, which a deadline counts from, is the first (entered_before_ready)
+        self._ready_times: dict[str, tuple[float, float]] = {}
         # the names in queue/ at the last look (see seen_queued)
         self._queued: set[str] = set()
         # jobs found there by hand whose QUEUED is not written yet: when first seen (the
@@ -1248,10 +1251,14 @@ class Recorder:
                 and self._take_over(self._waiting.pop(job.name, None), job.name, claims) is not None
             )
             ready = None
+            if claimed:
+                self._ready_times.pop(job.name, None)
             if claimed and not kept:
                 # one left by a namesake whose final move never came (removed by hand)
                 self.release(job.name)
                 ready = self._take_over(self._ready.pop(job.name, None), job.name, claims)
+            elif claimed:  # the one kept since seen is used: the ready one is not needed
+                self._give_up_ready(job.name)
             lent = None if kept else claims
             dir_fd = None if kept or lent is not None else self._open_moved(job)
             folder = dir_fd if lent is None else lent
@@ -1329,28 +1336,45 @@ class Recorder:
         except (OSError, ValueError):
             return  # taken or gone meanwhile: the claim finds out
         try:
+            before = os.fstat(dir_fd)
             # only a new file: one already there may need mending (a torn last line, a
             # link to another job's), which is done under the job's lock by the claim
             fd = fs.create_new(dir_fd, EVENTS_FILE, os.O_RDWR | os.O_APPEND)
-            kept = None if fd is None else (fd, _device_or_close(fd))
+            if fd is None:
+                return
+            kept = (fd, _device_or_close(fd))
+            # the folder's mtime is the queue's order (Store.queued): kept as it was
+            with contextlib.suppress(OSError):  # (not the owner: EPERM)
+                os.utime(dir_fd, ns=(before.st_atime_ns, before.st_mtime_ns))
+            times = (before.st_ctime, os.fstat(dir_fd).st_ctime)
         except OSError:
             return  # the claim tries again, and says why
         finally:
             os.close(dir_fd)
-        if kept is None:
-            return
         with self.lock_of(name):
             if name in self._ready:  # (only this worker claims it: never expected)
                 self._give_up(kept[0])
             else:
                 self._ready[name] = kept
+                self._ready_times[name] = times
+
+    def entered_before_ready(self, name: str, ctime: float | None) -> float | None:
+        """When the queued job entered queue/, given its folder's ctime now: the ctime
+        from before its history was made ready, if nothing changed the folder since."""
+        with self.lock_of(name):
+            times = self._ready_times.get(name)
+        return times[0] if times is not None and ctime == times[1] else ctime
+
+    def _give_up_ready(self, name: str) -> None:  # under lock_of(name)
+        self._ready_times.pop(name, None)
+        kept = self._ready.pop(name, None)
+        if kept is not None:
+            self._give_up(kept[0])
 
     def unready(self, name: str) -> None:
         """The job made ready was not claimed here (taken elsewhere, gone, stopping)."""
         with self.lock_of(name):
-            kept = self._ready.pop(name, None)
-            if kept is not None:
-                self._give_up(kept[0])
+            self._give_up_ready(name)
 
     def _open_moved(self, job: Job) -> int | None:
         try:
@@ -1617,6 +1641,12 @@ def ready(store: Store, name: str) -> None:
     recorder = _RECORDERS.get(store)
     if recorder is not None:
         recorder.ready(name)
+
+
+def entered_before_ready(store: Store, name: str, ctime: float | None) -> float | None:
+    """When queue/NAME got there, given its ctime now (see Recorder.entered_before_ready)."""
+    recorder = _RECORDERS.get(store)
+    return ctime if recorder is None else recorder.entered_before_ready(name, ctime)
 
 
 @_quiet

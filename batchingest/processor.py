@@ -312,11 +312,12 @@ class Processor:
         # Plain threads rather than one event-loop round trip per job: a job is mostly
         # blocking system calls, and handing each one back to the loop costs more than
         # the job itself when tasks are short.
+        # where leases are made the renewer starts now, before any worker: started with a
+        # job's first lease instead, a thread that cannot be had would leave that job
+        # held and never run
+        self._leases.start(now=self.store.uses_leases)
         with self._threads_lock:  # a first worker quick to take a job counts itself
             self._start_worker()
-        # where leases are made the renewer starts now: started with a job's first lease
-        # instead, a thread that cannot be had would leave that job held and never run
-        self._leases.start(now=self.store.uses_leases)
         log.info(
             "processor running with %d worker(s), tasks in %s", self.cfg.workers, self.cfg.tasks_dir
         )
@@ -506,10 +507,6 @@ class Processor:
             events.unready(self.store, name)  # (a claim took over any it made ready)
 
     def _perform_job(self, name: str) -> float | None:
-        # --default-deadline counts from here (the claim's rename resets the ctime), read
-        # before the history made while waiting for a slot changes the folder's times
-        entered = control.entered_queue(self.store, name) if self.cfg.default_deadline else None
-
         def ready() -> None:  # while this thread waits for a slot: the claim's history
             if not self._stopping.is_set():
                 events.ready(self.store, name)
@@ -517,6 +514,13 @@ class Processor:
         with _Slot(self._slots, ready) as slot:
             if self._stopping.is_set():
                 return None
+            # --default-deadline counts from the job's entry into queue/: its folder's
+            # ctime, read before the claim's rename resets it (the history made ready
+            # while this thread waited for the slot not counted)
+            entered = None
+            if self.cfg.default_deadline:
+                now = control.entered_queue(self.store, name)
+                entered = events.entered_before_ready(self.store, name, now)
             try:
                 hold = self.store.claim(name)
             except OSError as e:

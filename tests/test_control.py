@@ -19,7 +19,7 @@ import pytest
 from live_service import alive, make_job, rfc3339, wait_for, write_task
 from test_processor import Running
 
-from batchingest import control, fs
+from batchingest import control, events, fs
 from batchingest.config import Config
 from batchingest.jobfile import JobFile, JobFileError
 from batchingest.runner import TaskProcess
@@ -457,3 +457,50 @@ def test_the_default_deadline_counts_from_entering_queue_again(root: Path, store
     assert back > first
     assert deadlines.expire(now=first + 30.01) == []  # 30 s from its return, not before
     assert deadlines.expire(now=back + 31) == ["again"]
+
+
+def test_a_history_made_ready_moves_neither_queue_order_nor_deadline(
+    root: Path, store: Store
+) -> None:
+    """A worker waiting for a slot makes the job's history: a new name in the folder,
+    which moves its ctime. The queue's order (the folder's mtime) is kept, and the
+    default deadline still counts from when the job entered queue/."""
+    drop(root, "waits")
+    folder = root / "queue" / "waits"
+    before = folder.stat()
+    recorder = events.Recorder(store)
+    recorder.attach()
+    try:
+        time.sleep(0.05)
+        events.ready(store, "waits")
+        after = folder.stat()
+        assert (folder / events.EVENTS_FILE).exists()
+        assert after.st_mtime_ns == before.st_mtime_ns
+        assert after.st_ctime > before.st_ctime
+        assert events.entered_before_ready(store, "waits", after.st_ctime) == before.st_ctime
+        deadlines = control.QueuedDeadlines(store, default=30)
+        assert deadlines.expire(now=before.st_ctime + 29.99) == []
+        assert deadlines.expire(now=before.st_ctime + 30.01) == ["waits"]
+    finally:
+        recorder.close()
+
+
+def test_a_job_queued_again_while_its_worker_waited_counts_from_its_return(
+    root: Path, store: Store
+) -> None:
+    drop(root, "again")
+    folder = root / "queue" / "again"
+    first = folder.stat().st_ctime
+    recorder = events.Recorder(store)
+    recorder.attach()
+    try:
+        events.ready(store, "again")
+        time.sleep(0.05)
+        os.rename(folder, root / "data" / "again")  # canceled, or moved by hand
+        os.rename(root / "data" / "again", folder)  # and queued again
+        back = folder.stat().st_ctime
+        assert back > first
+        assert events.entered_before_ready(store, "again", back) == back
+        assert control.QueuedDeadlines(store, default=30).expire(now=first + 30.01) == []
+    finally:
+        recorder.close()
