@@ -1012,11 +1012,10 @@ class Recorder:
         # takes the descriptor over (_held) rather than opening the folder and file again
         self._waiting: dict[str, _Kept] = {}
         # histories made ready by a worker waiting for a task slot (ready()): the claim
-        # takes the descriptor over, so the file is not made on the slot's time
-        self._ready: dict[str, _Kept] = {}
-        # their folders' ctime before and after the file was made: when the job entered
+        # takes the descriptor over, so the file is not made on the slot's time; with
+        # the folder's ctime before and after the file was made: when the job entered
         # queue/, which a deadline counts from, is the first (entered_before_ready)
-        self._ready_times: dict[str, tuple[float, float]] = {}
+        self._ready: dict[str, tuple[_Kept, tuple[float, float]]] = {}
         # the names in queue/ at the last look (see seen_queued)
         self._queued: set[str] = set()
         # jobs found there by hand whose QUEUED is not written yet: when first seen (the
@@ -1251,12 +1250,11 @@ class Recorder:
                 and self._take_over(self._waiting.pop(job.name, None), job.name, claims) is not None
             )
             ready = None
-            if claimed:
-                self._ready_times.pop(job.name, None)
             if claimed and not kept:
                 # one left by a namesake whose final move never came (removed by hand)
                 self.release(job.name)
-                ready = self._take_over(self._ready.pop(job.name, None), job.name, claims)
+                made = self._ready.pop(job.name, None)
+                ready = self._take_over(None if made is None else made[0], job.name, claims)
             elif claimed:  # the one kept since seen is used: the ready one is not needed
                 self._give_up_ready(job.name)
             lent = None if kept else claims
@@ -1355,21 +1353,19 @@ class Recorder:
             if name in self._ready:  # (only this worker claims it: never expected)
                 self._give_up(kept[0])
             else:
-                self._ready[name] = kept
-                self._ready_times[name] = times
+                self._ready[name] = (kept, times)
 
     def entered_before_ready(self, name: str, ctime: float | None) -> float | None:
         """When the queued job entered queue/, given its folder's ctime now: the ctime
         from before its history was made ready, if nothing changed the folder since."""
         with self.lock_of(name):
-            times = self._ready_times.get(name)
-        return times[0] if times is not None and ctime == times[1] else ctime
+            made = self._ready.get(name)
+        return made[1][0] if made is not None and ctime == made[1][1] else ctime
 
     def _give_up_ready(self, name: str) -> None:  # under lock_of(name)
-        self._ready_times.pop(name, None)
-        kept = self._ready.pop(name, None)
-        if kept is not None:
-            self._give_up(kept[0])
+        made = self._ready.pop(name, None)
+        if made is not None:
+            self._give_up(made[0][0])
 
     def unready(self, name: str) -> None:
         """The job made ready was not claimed here (taken elsewhere, gone, stopping)."""

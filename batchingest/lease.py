@@ -381,17 +381,12 @@ class Renewer:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="batchingest-leases", daemon=True)
-        self._started = False
 
-    def start(self, now: bool = False) -> None:
-        """Renew from now on. now: the thread starts here, where a failure to start it
-        stops the service at once; else it comes with the first lease held (a root that
-        makes none, a local one, never needs it)."""
+    def start(self) -> None:
+        """Renew from now on (once; not after stop)."""
         with self._lock:
-            self._started = True
-            if now and not self._stop.is_set() and self._thread.ident is None:
+            if not self._stop.is_set() and self._thread.ident is None:
                 self._thread.start()
-            self._run_if_needed()
 
     def stop(self) -> None:
         with self._lock:
@@ -402,11 +397,6 @@ class Renewer:
     def add(self, key: str, dir_fd: int, held: Held) -> None:
         with self._lock:
             self._held[key] = (dir_fd, held)
-            self._run_if_needed()
-
-    def _run_if_needed(self) -> None:  # under _lock
-        if self._started and self._held and not self._stop.is_set() and self._thread.ident is None:
-            self._thread.start()
 
     def remove(self, key: str) -> None:
         with self._lock:

@@ -312,10 +312,11 @@ class Processor:
         # Plain threads rather than one event-loop round trip per job: a job is mostly
         # blocking system calls, and handing each one back to the loop costs more than
         # the job itself when tasks are short.
-        # where leases are made the renewer starts now, before any worker: started with a
-        # job's first lease instead, a thread that cannot be had would leave that job
-        # held and never run
-        self._leases.start(now=self.store.uses_leases)
+        # the renewer runs only where leases are made (a local root makes none), and starts
+        # before any worker: started with a job's first lease instead, a thread that
+        # cannot be had would leave that job held and never run
+        if self.store.uses_leases:
+            self._leases.start()
         with self._threads_lock:  # a first worker quick to take a job counts itself
             self._start_worker()
         log.info(

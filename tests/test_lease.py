@@ -199,38 +199,22 @@ def test_the_renewer_keeps_leases_fresh_and_reports_a_lost_one(job: int, tmp_pat
         renewer.stop()
 
 
-def test_the_renewer_starts_its_thread_with_the_first_lease(job: int, tmp_path: Path) -> None:
-    """A processor whose root makes no leases (a local one) runs no renewing thread."""
+def test_the_renewer_runs_from_its_start_once_and_never_after_stop() -> None:
+    """Started with the processor where leases are made (a local root starts none: see
+    test_processor): a thread that cannot be had then stops the service at its start,
+    never leaves a claimed job unrenewed."""
     renewer = lease.Renewer(0.05, lambda key: None)
     renewer.start()
     try:
-        time.sleep(0.1)
-        assert not renewer._thread.is_alive()
-        a = lease.acquire(job, owner("a"), 60, clock(tmp_path))
-        assert a is not None
-        age(tmp_path / "job" / LEASE, 30)
-        renewer.add("j", job, a.held)
         assert renewer._thread.is_alive()
-        deadline = time.monotonic() + 5
-        while time.time() - os.stat(tmp_path / "job" / LEASE).st_mtime > 5:
-            assert time.monotonic() < deadline, "never renewed"
-            time.sleep(0.01)
+        renewer.start()  # a second start starts no second thread
     finally:
         renewer.stop()
     assert not renewer._thread.is_alive()
-
-
-def test_the_renewer_started_now_runs_before_any_lease() -> None:
-    """Where leases are made the thread starts with the processor: a thread that cannot
-    be had then stops the service at its start, never leaves a claimed job unrenewed."""
-    renewer = lease.Renewer(0.05, lambda key: None)
-    renewer.start(now=True)
-    try:
-        assert renewer._thread.is_alive()
-        renewer.start(now=True)  # a second start starts no second thread
-    finally:
-        renewer.stop()
-    assert not renewer._thread.is_alive()
+    stopped = lease.Renewer(0.05, lambda key: None)
+    stopped.stop()
+    stopped.start()
+    assert not stopped._thread.is_alive()
 
 
 def test_watch_mode_says_why_it_polls(tmp_path: Path) -> None:
