@@ -157,6 +157,20 @@ def cp(src: Path, dst: Path, recursive: bool) -> list[str]:
     return ["cp", "-r", str(src), str(dst)] if recursive else ["cp", str(src), str(dst)]
 
 
+def mmm(xs: list[float], scale: float = 1.0, digits: int = 2) -> str:
+    """min / median / max of xs (each times scale)."""
+    xs = sorted(x * scale for x in xs)
+    return " / ".join(f"{x:.{digits}f}" for x in (xs[0], statistics.median(xs), xs[-1]))
+
+
+def trees(this: Path, name: str = "this tree") -> dict[str, Path]:
+    """This tree, and BENCH_OTHER's (as "BENCH_OTHER") when it is set."""
+    found = {name: this}
+    if os.environ.get("BENCH_OTHER"):
+        found["BENCH_OTHER"] = Path(os.environ["BENCH_OTHER"]).resolve()
+    return found
+
+
 @dataclass
 class Series:
     name: str

@@ -23,6 +23,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import _copyfloors as cf
+
 TREE = Path(__file__).resolve().parents[2]
 RUNS = int(os.environ.get("BENCH_RUNS", "5"))
 FOLDERS, PER_FOLDER, ROUNDS = 100, 100, 5
@@ -52,15 +54,8 @@ def per_id(tree: Path, archive: Path, ids_file: Path, order: str) -> float:
     return float(p.stdout)
 
 
-def mmm(xs: list[float], scale: float = 1.0) -> str:
-    xs = sorted(x * scale for x in xs)
-    return " / ".join(f"{x:.2f}" for x in (xs[0], statistics.median(xs), xs[-1]))
-
-
 def main() -> None:
-    trees = {"this tree": TREE}
-    if os.environ.get("BENCH_OTHER"):
-        trees["BENCH_OTHER"] = Path(os.environ["BENCH_OTHER"]).resolve()
+    trees = cf.trees(TREE)
     base = Path(tempfile.mkdtemp(prefix="bench-resolve-", dir=os.environ.get("BENCH_DIR")))
     try:
         ids = []
@@ -85,7 +80,7 @@ def main() -> None:
     print("| tree | ids | CPU per id, µs (min / median / max) |")
     print("|---|---|---|")
     for (name, order), xs in series.items():
-        print(f"| {name} ({trees[name]}) | {order} | {mmm(xs, 1e6)} |")
+        print(f"| {name} ({trees[name]}) | {order} | {cf.mmm(xs, 1e6)} |")
     if len(trees) == 2:
         print()
         for order in ("grouped", "shuffled"):
@@ -93,7 +88,7 @@ def main() -> None:
             med = statistics.median(ours) / statistics.median(other)
             paired = [o / b for o, b in zip(ours, other, strict=True)]
             print(f"{order}: this tree / BENCH_OTHER {med:.2f}x of the medians "
-                  f"(run by run {mmm(paired)})")  # fmt: skip
+                  f"(run by run {cf.mmm(paired)})")  # fmt: skip
 
 
 if __name__ == "__main__":

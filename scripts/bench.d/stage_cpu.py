@@ -60,15 +60,8 @@ def step(tree: Path, job: Path, archive: Path, staging: Path, run: int) -> cf.Ti
     return cf.Timed(time.perf_counter() - t0, cf.children_cpu() - cpu)
 
 
-def mmm(xs: list[float], scale: float = 1.0, digits: int = 1) -> str:
-    xs = sorted(x * scale for x in xs)
-    return " / ".join(f"{x:.{digits}f}" for x in (xs[0], statistics.median(xs), xs[-1]))
-
-
 def main() -> None:
-    trees = {"this tree": TREE}
-    if os.environ.get("BENCH_OTHER"):
-        trees["BENCH_OTHER"] = Path(os.environ["BENCH_OTHER"]).resolve()
+    trees = cf.trees(TREE)
     base = Path(tempfile.mkdtemp(prefix="bench-stage-cpu-", dir=os.environ.get("BENCH_DIR")))
     try:
         archive, staging = base / "archive", base / "staging"
@@ -97,15 +90,15 @@ def report(trees: dict[str, Path], series: dict[str, cf.Series]) -> None:
     for name, tree in trees.items():
         many, one = series[f"{name}: {cf.FILES} files"], series[f"{name}: 1 file"]
         per_file[name] = [(m - o) / (cf.FILES - 1) for m, o in zip(many.cpu, one.cpu, strict=True)]
-        print(f"| {name} ({tree}) | {mmm(many.cpu, digits=2)} | {mmm(one.cpu, digits=2)} | "
-              f"{mmm(per_file[name], 1e6)} | {mmm(many.seconds, digits=2)} |")  # fmt: skip
+        print(f"| {name} ({tree}) | {cf.mmm(many.cpu)} | {cf.mmm(one.cpu)} | "
+              f"{cf.mmm(per_file[name], 1e6, digits=1)} | {cf.mmm(many.seconds)} |")  # fmt: skip
     if len(trees) == 2:
         ours, other = per_file["this tree"], per_file["BENCH_OTHER"]
         paired = sorted(o / b for o, b in zip(ours, other, strict=True))
         med = statistics.median(ours) / statistics.median(other)
         print()
         print(f"this tree's CPU per file / BENCH_OTHER's: {med:.2f}x of the medians "
-              f"(run by run {mmm(paired, digits=2)})")  # fmt: skip
+              f"(run by run {cf.mmm(paired)})")  # fmt: skip
 
 
 if __name__ == "__main__":
